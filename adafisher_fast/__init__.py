@@ -1,0 +1,6 @@
+"""adafisher-fast: the AdaFisher optimizer (ICLR 2025) with fused Triton and CUDA C++ kernels."""
+from .layers import LayerKind, register_layer
+from .optimizer import AdaFisher, AdaFisherW
+
+__all__ = ["AdaFisher", "AdaFisherW", "LayerKind", "register_layer"]
+__version__ = "0.1.0"

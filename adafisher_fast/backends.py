@@ -1,0 +1,70 @@
+"""The one place that picks the backend (SPEC section 4).
+
+``backend="auto"`` picks, for the model's device: CUDA tensors -> the CUDA C++ extension if it was
+built, else Triton, else the torch reference; CPU tensors -> torch.  ``"torch" | "triton" | "cuda"``
+force one and raise if it cannot run.  The environment variable ``ADAFISHER_BACKEND`` overrides the
+constructor argument.  A backend is a module exposing the six ops of ``reference.py`` with the same
+signatures.
+
+``check=True`` (or ``ADAFISHER_CHECK=1``) wraps the chosen backend so that the torch reference runs
+beside it on copies of every input and a disagreement raises (``check.py``).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+from typing import Optional, Tuple
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "torch", "triton", "cuda")
+OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats", "layer_ema", "fused_step")
+ENV_VAR = "ADAFISHER_BACKEND"
+CHECK_VAR = "ADAFISHER_CHECK"
+# module implementing each GPU backend (filled by fisher_kernels/ and csrc/ + its loader)
+_MODULES = {"triton": "fisher_kernels", "cuda": "adafisher_fast.cuda_backend"}
+
+
+def _try_load(name: str, device: torch.device) -> Tuple[Optional[ModuleType], str]:
+    """(ops module, "") if backend ``name`` can run on ``device``, else (None, why not)."""
+    if name == "torch":
+        return reference, ""
+    interpret = name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type != "cuda" and not interpret:
+        return None, f"it needs CUDA tensors and the model is on {device.type}" + (
+            " (Triton kernels run on the CPU only with TRITON_INTERPRET=1)" if name == "triton" else "")
+    try:
+        mod = importlib.import_module(_MODULES[name])
+    except ImportError as e:
+        return None, f"{_MODULES[name]} cannot be imported ({e})"
+    missing = [op for op in OPS if not callable(getattr(mod, op, None))]
+    if missing:
+        return None, f"{_MODULES[name]} does not implement {', '.join(missing)}"
+    return mod, ""
+
+
+def resolve(backend: str, device: torch.device, check: bool = False) -> Tuple[str, object]:
+    """(name, ops) of the backend to use for a model on ``device``."""
+    name, ops = _pick(os.environ.get(ENV_VAR, backend), device)
+    if check or os.environ.get(CHECK_VAR) == "1":
+        from .check import CheckedOps
+        ops = CheckedOps(ops, name)
+    return name, ops
+
+
+def _pick(backend: str, device: torch.device) -> Tuple[str, ModuleType]:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "auto":
+        mod, why = _try_load(backend, device)
+        if mod is None:
+            raise RuntimeError(f"backend={backend!r} cannot run: {why}")
+        return backend, mod
+    for name in (("cuda", "triton") if device.type == "cuda" else ()) + ("torch",):
+        mod, _ = _try_load(name, device)
+        if mod is not None:
+            return name, mod
+    raise AssertionError("unreachable: the torch backend always loads")

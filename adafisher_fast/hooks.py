@@ -1,0 +1,56 @@
+"""Statistics hooks (SPEC section 3): a forward hook reads the module input and registers a tensor
+hook on the module output for the output gradient.  Never a full backward hook: a tensor hook
+registered before an in-place op (``ReLU(inplace=True)``, ``out += residual``) still receives the
+gradient of the module's own output, so such models work unchanged.
+
+The hooks only add into the flat buffer in ``FisherState``; all accumulation semantics (micro-batches,
+modules called several times) follow from that.
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .state import FisherState, Layer
+
+
+class StatHooks:
+    def __init__(self, fisher: FisherState, ops):
+        self.fisher = fisher
+        self.ops = ops                  # the backend's statistics ops (backends.py)
+        #: set by the optimizer: statistics are gathered on iterations where steps % TCov == 0
+        self.collecting = True
+        self.handles: List[torch.utils.hooks.RemovableHandle] = [
+            lay.module.register_forward_hook(self._forward_hook(lay)) for lay in fisher.layers]
+
+    def _forward_hook(self, lay: Layer):
+        fisher = self.fisher
+
+        def hook(module, inputs, output):
+            if not (self.collecting and torch.is_grad_enabled()) or not inputs:
+                return
+            x = inputs[0].detach()
+            with torch.no_grad():
+                rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
+                fisher.buf[lay.h_count] += rows
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(self._grad_hook(lay))
+
+        return hook
+
+    def _grad_hook(self, lay: Layer):
+        fisher = self.fisher
+
+        def hook(grad):
+            with torch.no_grad():
+                rows = lay.kind.s_stats(lay.module, grad.detach(), fisher.buf[lay.s_acc],
+                                        fisher.preset, self.ops)
+                fisher.buf[lay.s_count] += rows
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()

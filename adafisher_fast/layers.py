@@ -1,0 +1,362 @@
+"""The registry of layer kinds: the one place that says, per module type and preset,
+
+* the layout of its raw H (activation side) and S (output-gradient side) statistics
+  (``factors``: accumulator size and the terms that turn accumulators into H/S, SPEC section 2),
+* how to accumulate them from the module input / output gradient (``h_stats`` / ``s_stats``, which
+  call the backend's ops and return the number of rows they added),
+* how each parameter maps to (row, column) of F (``param_maps``, NOTE: [param map] in reference.py).
+
+Lookup walks the module's class hierarchy, so subclasses inherit their parent's entry and users add a
+layer kind with ``@register_layer(MyModule)`` on a ``LayerKind`` subclass, without editing the package.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+# (src, dst, pow, coef, q): raw[dst] += acc[src] ** pow * coef / count ** q  (LayerTable docstring)
+Term = Tuple[int, int, int, float, int]
+# rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs with offsets local to the layer's S / H
+ParamMap = Tuple[int, int, int, int, int, int, int, int, int, int]
+
+
+@dataclass
+class FactorSpec:
+    """Layout of one factor (H or S) of a layer: ``acc_size`` accumulator entries, ``size`` raw
+    entries, the ``terms`` mapping one to the other.  ``grad_degree`` is the power of the output
+    gradient in the accumulators (0 for H, 2 for sums of squares of s, 1 for plain sums of s): the
+    distributed all-reduce divides by world_size ** grad_degree (SPEC section 6)."""
+    acc_size: int
+    size: int
+    terms: List[Term] = field(default_factory=list)
+    grad_degree: int = 0
+
+
+def mean_terms(n: int, dst0: int = 0, coef: float = 1.0) -> List[Term]:
+    """raw[dst0 + j] = coef * acc[j] / count for j < n."""
+    return [(j, dst0 + j, 1, coef, 1) for j in range(n)]
+
+
+def const_term(dst: int, value: float, q: int = 0) -> Term:
+    """raw[dst] += value / count ** q (pow 0 ignores the accumulator it names)."""
+    return (0, dst, 0, float(value), q)
+
+
+def row_map(rows: int, s_off: int = 0, h_off: int = 0, h_r: int = 1) -> ParamMap:
+    """A vector parameter whose element r uses S[s_off + r] and H[h_off + r * h_r]."""
+    return (rows, 1, s_off, 1, 0, h_off, h_r, 0, rows, 0)
+
+
+class LayerKind:
+    """Base class of a registry entry.  Subclasses fill in the four methods below."""
+    #: layer kinds the authors' released code hooks (the others keep F = 1 under preset="official")
+    released: Tuple[type, ...] = ()
+
+    def supported(self, module: nn.Module, preset) -> bool:
+        return not preset.only_released_layers or isinstance(module, self.released)
+
+    def factors(self, module: nn.Module, preset) -> Tuple[FactorSpec, FactorSpec]:
+        raise NotImplementedError
+
+    def param_maps(self, module: nn.Module, preset) -> Dict[str, ParamMap]:
+        raise NotImplementedError
+
+    def h_stats(self, module: nn.Module, x: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
+        raise NotImplementedError
+
+    def s_stats(self, module: nn.Module, s: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
+        raise NotImplementedError
+
+
+_REGISTRY: Dict[type, LayerKind] = {}
+
+
+def register_layer(*module_types: type):
+    """Class decorator: ``@register_layer(nn.Linear)`` registers one LayerKind instance."""
+    def deco(cls):
+        inst = cls()
+        for t in module_types:
+            _REGISTRY[t] = inst
+        return cls
+    return deco
+
+
+def kind_of(module: nn.Module) -> Optional[LayerKind]:
+    for t in type(module).__mro__:
+        if t in _REGISTRY:
+            return _REGISTRY[t]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+@register_layer(nn.Linear)
+class LinearKind(LayerKind):
+    """H[j] = mean_r x[r, j]^2 (+ bias entry 1), S[o] = mean_r s[r, o]^2; both presets."""
+    released = (nn.Linear,)
+
+    def factors(self, m, preset):
+        n_in, bias = m.in_features, int(m.bias is not None)
+        h = FactorSpec(n_in, n_in + bias, mean_terms(n_in) + ([const_term(n_in, 1.0)] if bias else []))
+        return h, FactorSpec(m.out_features, m.out_features, mean_terms(m.out_features), 2)
+
+    def param_maps(self, m, preset):
+        o, i = m.out_features, m.in_features
+        maps = {"weight": (o, i, 0, 1, 0, 0, 0, 1, o, 0)}
+        if m.bias is not None:
+            maps["bias"] = row_map(o, h_off=i, h_r=0)
+        return maps
+
+    def h_stats(self, m, x, acc, preset, ops):
+        ops.linear_stats(x, acc)
+        return x.numel() // m.in_features
+
+    def s_stats(self, m, s, acc, preset, ops):
+        ops.linear_stats(s, acc)
+        return s.numel() // m.out_features
+
+
+def conv_padding(m: nn.modules.conv._ConvNd, dilation) -> List[Tuple[int, int]]:
+    """(lo, hi) padding per spatial dim, resolving padding='valid' / 'same' as the layer does."""
+    k = m.kernel_size
+    if m.padding == "valid":
+        return [(0, 0)] * len(k)
+    if m.padding == "same":
+        tot = [d * (kk - 1) for d, kk in zip(m.dilation, k)]
+        return [(t // 2, t - t // 2) for t in tot]
+    return [(p, p) for p in m.padding]
+
+
+@register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+class ConvKind(LayerKind):
+    """Patch statistics without im2col; D = C_in/groups * prod(kernel).
+
+    official (Conv2d only): H[j] = sum_{b, group, l} P^2 / (B L D), bias entry groups / D; dilation
+    treated as 1 and zero padding, as the released code does.  paper: H[group, j] = mean_{b,l} P^2
+    with the layer's true geometry, bias entry 1 per group.  S[o] = mean_{b,l} s[b, o, l]^2.
+    """
+    released = (nn.Conv2d,)
+
+    @staticmethod
+    def _dims(m):
+        g = m.groups
+        d = (m.in_channels // g) * math.prod(m.kernel_size)
+        return g, d, int(m.bias is not None)
+
+    def factors(self, m, preset):
+        g, d, b = self._dims(m)
+        if preset.only_released_layers:
+            terms = [(gi * d + j, j, 1, 1.0 / d, 1) for gi in range(g) for j in range(d)]
+            h = FactorSpec(g * d, d + b, terms + ([const_term(d, g / d)] if b else []))
+        else:
+            terms = [(gi * d + j, gi * (d + b) + j, 1, 1.0, 1) for gi in range(g) for j in range(d)]
+            terms += [const_term(gi * (d + b) + d, 1.0) for gi in range(g)] if b else []
+            h = FactorSpec(g * d, g * (d + b), terms)
+        return h, FactorSpec(m.out_channels, m.out_channels, mean_terms(m.out_channels), 2)
+
+    def param_maps(self, m, preset):
+        g, d, b = self._dims(m)
+        o = m.out_channels
+        gr, gs = (o, 0) if preset.only_released_layers else (o // g, d + b)
+        maps = {"weight": (o, d, 0, 1, 0, 0, 0, 1, gr, gs)}
+        if b:
+            maps["bias"] = (o, 1, 0, 1, 0, d, 0, 0, gr, gs)
+        return maps
+
+    def h_stats(self, m, x, acc, preset, ops):
+        if preset.only_released_layers:
+            dilation, mode = (1,) * len(m.kernel_size), "zeros"
+        else:
+            dilation, mode = m.dilation, m.padding_mode
+        if x.dim() == len(m.kernel_size) + 1:       # unbatched input
+            x = x.unsqueeze(0)
+        pad = conv_padding(m, m.dilation)
+        positions = ops.conv_stats(x, acc, m.kernel_size, m.stride, pad, dilation, m.groups, mode)
+        return x.shape[0] * positions
+
+    def s_stats(self, m, s, acc, preset, ops):
+        if s.dim() == len(m.kernel_size) + 1:
+            s = s.unsqueeze(0)
+        ops.linear_stats(s, acc, dim=1)
+        return s.numel() // m.out_channels
+
+
+class NormKind(LayerKind):
+    """Shared by the normalisation layers under preset="paper" (Proposition 3.1):
+    H = [mean_T xhat[c]^2 ; 1 per bias entry], S[c] = mean_T s[c]^2, weight[c] uses S'[c] H'[c]
+    and bias[c] uses S'[c] H'[C + c].  Subclasses say how to view x and s as (rows, C, inner)."""
+
+    def n_features(self, m) -> int:
+        raise NotImplementedError
+
+    def view(self, m, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def factors(self, m, preset):
+        c, b = self.n_features(m), int(getattr(m, "bias", None) is not None)
+        h = FactorSpec(c, c * (1 + b), mean_terms(c) + [const_term(c + j, 1.0) for j in range(c * b)])
+        return h, FactorSpec(c, c, mean_terms(c), 2)
+
+    def param_maps(self, m, preset):
+        c = self.n_features(m)
+        maps = {"weight": row_map(c)}
+        if getattr(m, "bias", None) is not None:
+            maps["bias"] = row_map(c, h_off=c)
+        return maps
+
+    def s_stats(self, m, s, acc, preset, ops):
+        s3 = self.view(m, s)
+        ops.linear_stats(s3, acc, dim=1)
+        return s3.shape[0] * s3.shape[2]
+
+
+@register_layer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+class BatchNormKind(NormKind):
+    """paper: xhat with batch statistics in training mode, running statistics in eval mode.
+    official (BatchNorm2d only): u[c] = sum_{b,y,x} x / (Hh W)^2, H = [sum_c u^2, C] / B^2,
+    S[c] = (sum_{b,y,x} s)^2 / B; weight[c] uses H'[0], bias[c] uses H'[1].  Both are square-of-sum
+    statistics, so the accumulators hold the plain sums and the squares are taken at step()."""
+    released = (nn.BatchNorm2d,)
+
+    def n_features(self, m):
+        return m.num_features
+
+    def view(self, m, t):
+        return t.reshape(t.shape[0], m.num_features, -1)
+
+    def factors(self, m, preset):
+        if not preset.only_released_layers:
+            return super().factors(m, preset)
+        c = m.num_features
+        h = FactorSpec(c, 2, [(j, 0, 2, 1.0, 2) for j in range(c)] + [const_term(1, c, q=2)])
+        return h, FactorSpec(c, c, [(j, j, 2, 1.0, 1) for j in range(c)], 1)
+
+    def param_maps(self, m, preset):
+        if not preset.only_released_layers:
+            return super().param_maps(m, preset)
+        c = m.num_features
+        return {"weight": row_map(c, h_off=0, h_r=0), "bias": row_map(c, h_off=1, h_r=0)}
+
+    def h_stats(self, m, x, acc, preset, ops):
+        x3 = self.view(m, x)
+        if preset.only_released_layers:
+            ops.linear_stats(x3, acc, dim=1, square=False, scale=1.0 / x3.shape[2] ** 2)
+            return x3.shape[0]
+        use_running = not m.training and m.track_running_stats and m.running_mean is not None
+        ops.norm_stats(x3, acc, "channel", 1, m.eps, True,
+                       m.running_mean if use_running else None, m.running_var if use_running else None)
+        return x3.shape[0] * x3.shape[2]
+
+    def s_stats(self, m, s, acc, preset, ops):
+        if not preset.only_released_layers:
+            return super().s_stats(m, s, acc, preset, ops)
+        ops.linear_stats(self.view(m, s), acc, dim=1, square=False)
+        return s.shape[0]
+
+
+@register_layer(nn.LayerNorm)
+class LayerNormKind(NormKind):
+    """paper: per-row statistics over normalized_shape (N elements), H_w/S indexed by those.
+    official: u = sum_{dims != 1} x / M^2 (M = product of the reduced dims but dim 0),
+    H = [sum u^2, size(dim 1)] / B^2, S[d] = (sum_{all dims but last} s[..., d])^2 / B over the last
+    dim; weight/bias use H'[0]/H'[1].  NOTE: u is indexed by dim 1, whose size (a sequence length
+    for 3-D inputs) is unknown until the first call, so under "official" sum u^2 is taken per call
+    and accumulated; one call per step (the released code's setting) is exact."""
+    released = (nn.LayerNorm,)
+
+    def n_features(self, m):
+        return math.prod(m.normalized_shape)
+
+    def view(self, m, t):
+        n = self.n_features(m)
+        return t.reshape(-1, n, 1)
+
+    def factors(self, m, preset):
+        if not preset.only_released_layers:
+            return super().factors(m, preset)
+        d = m.normalized_shape[-1]
+        h = FactorSpec(2, 2, [(0, 0, 1, 1.0, 2), (1, 1, 1, 1.0, 3)])
+        return h, FactorSpec(d, d, [(j, j, 2, 1.0, 1) for j in range(d)], 1)
+
+    def param_maps(self, m, preset):
+        if not preset.only_released_layers:
+            return super().param_maps(m, preset)
+        d = m.normalized_shape[-1]
+        rows = self.n_features(m) // d
+        maps = {"weight": (rows, d, 0, 0, 1, 0, 0, 0, rows, 0)}
+        if m.bias is not None:
+            maps["bias"] = (rows, d, 0, 0, 1, 1, 0, 0, rows, 0)
+        return maps
+
+    def h_stats(self, m, x, acc, preset, ops):
+        if not preset.only_released_layers:
+            x3 = self.view(m, x)
+            ops.norm_stats(x3, acc, "sample", 1, m.eps, True)
+            return x3.shape[0]
+        b, t = x.shape[0], x.shape[1]
+        reduced = math.prod(x.shape[2:])          # M: reduced dims other than dim 0
+        u = torch.zeros(t, dtype=acc.dtype, device=acc.device)
+        ops.linear_stats(x, u, dim=1, square=False, scale=1.0 / reduced ** 2)
+        acc[0] += u.square().sum()
+        acc[1] += t * b
+        return b
+
+    def s_stats(self, m, s, acc, preset, ops):
+        if not preset.only_released_layers:
+            return super().s_stats(m, s, acc, preset, ops)
+        ops.linear_stats(s, acc, dim=-1, square=False)
+        return s.shape[0]
+
+
+@register_layer(nn.GroupNorm)
+class GroupNormKind(NormKind):
+    """paper only: per (sample, group) statistics over (C/G channels, spatial)."""
+
+    def n_features(self, m):
+        return m.num_channels
+
+    def view(self, m, t):
+        return t.reshape(t.shape[0], m.num_channels, -1)
+
+    def h_stats(self, m, x, acc, preset, ops):
+        x3 = self.view(m, x)
+        ops.norm_stats(x3, acc, "sample", m.num_groups, m.eps, True)
+        return x3.shape[0] * x3.shape[2]
+
+
+if hasattr(nn, "RMSNorm"):
+    @register_layer(nn.RMSNorm)
+    class RMSNormKind(LayerNormKind):
+        """paper only: xhat = x / sqrt(mean(x^2) + eps) per row (eps=None: finfo(x.dtype).eps)."""
+        released = ()
+
+        def h_stats(self, m, x, acc, preset, ops):
+            x3 = self.view(m, x)
+            eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+            ops.norm_stats(x3, acc, "sample", 1, eps, False)
+            return x3.shape[0]
+
+
+@register_layer(nn.Embedding)
+class EmbeddingKind(LayerKind):
+    """paper only: H[v] = token frequency, S[d] = mean over tokens of s[d]^2;
+    weight[v, d] uses H'[v] S'[d] (H by row, S by column)."""
+
+    def factors(self, m, preset):
+        v, d = m.num_embeddings, m.embedding_dim
+        return FactorSpec(v, v, mean_terms(v)), FactorSpec(d, d, mean_terms(d), 2)
+
+    def param_maps(self, m, preset):
+        v, d = m.num_embeddings, m.embedding_dim
+        return {"weight": (v, d, 0, 0, 1, 0, 1, 0, v, 0)}
+
+    def h_stats(self, m, x, acc, preset, ops):
+        ops.embedding_stats(x, acc)
+        return x.numel()
+
+    def s_stats(self, m, s, acc, preset, ops):
+        ops.linear_stats(s, acc)
+        return s.numel() // m.embedding_dim

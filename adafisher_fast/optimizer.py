@@ -1,0 +1,245 @@
+"""AdaFisher and AdaFisherW (SPEC section 1): thin classes over the registry (layers.py), the flat
+state (state.py), the hooks (hooks.py) and the backend's ops (backends.py)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+from torch.optim import Optimizer
+
+from .backends import resolve
+from .hooks import StatHooks
+from .presets import PRESETS
+from .state import FisherState
+
+_GROUP_KEYS = ("lr", "beta", "weight_decay")
+
+
+def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
+    def real(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise TypeError(f"{name} must be a finite real number, got {v!r}")
+    for name, v in (("lr", lr), ("beta", beta), ("Lambda", Lambda), ("gamma", gamma),
+                    ("weight_decay", weight_decay)):
+        real(name, v)
+    if lr < 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not 0 <= beta < 1:
+        raise ValueError(f"beta must be in [0, 1), got {beta}")
+    if Lambda <= 0:
+        raise ValueError(f"Lambda must be > 0 (it damps F = S'H' + Lambda), got {Lambda}")
+    if not 0 < gamma <= 1:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    if isinstance(TCov, bool) or not isinstance(TCov, int) or TCov < 1:
+        raise ValueError(f"TCov must be an integer >= 1, got {TCov!r}")
+
+
+def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]):
+    """Every trainable parameter in exactly one group; unlisted ones form a last default group."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p in trainable:
+        if p.is_complex():
+            raise TypeError(f"model: parameter '{names[id(p)]}' is complex; AdaFisher supports real "
+                            f"floating-point parameters only")
+        if not p.is_floating_point():
+            raise TypeError(f"model: parameter '{names[id(p)]}' has dtype {p.dtype}; expected a "
+                            f"floating-point dtype")
+    if param_groups is None:
+        return [{"params": trainable}], names
+    if not isinstance(param_groups, (list, tuple)):
+        raise TypeError(f"param_groups must be a list of dicts, got {type(param_groups).__name__}")
+    allowed = {id(p) for p in trainable}
+    seen, groups = set(), []
+    for i, g in enumerate(param_groups):
+        if not isinstance(g, dict) or "params" not in g:
+            raise TypeError(f"param_groups[{i}] must be a dict with a 'params' entry")
+        extra = set(g) - {"params", *_GROUP_KEYS}
+        if extra:
+            raise ValueError(f"param_groups[{i}] has keys {sorted(extra)}; a group may only override "
+                             f"{_GROUP_KEYS}")
+        ps = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+        for p in ps:
+            if id(p) not in allowed:
+                raise ValueError(f"param_groups[{i}] holds a tensor that is not a trainable "
+                                 f"parameter of the model")
+            if id(p) in seen:
+                raise ValueError(f"param_groups[{i}]: parameter '{names[id(p)]}' is already in an "
+                                 f"earlier group")
+            seen.add(id(p))
+        _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
+        groups.append({**g, "params": ps})
+    rest = [p for p in trainable if id(p) not in seen]
+    if rest:
+        groups.append({"params": rest})
+    return groups, names
+
+
+class AdaFisher(Optimizer):
+    """AdaFisher (Martins Gomes et al., ICLR 2025) with L2 weight decay added to the gradient.
+
+    Args (names and defaults of the authors' released code, so it is a drop-in replacement):
+        model: the ``nn.Module`` to train (not a parameter list: the optimizer hooks its layers).
+        lr, beta: learning rate and momentum of m.
+        Lambda: damping of F = S'[row] * H'[col] + Lambda.
+        gamma: EMA factor of the curvature statistics (its meaning depends on ``preset``).
+        TCov: statistics are gathered on iterations where ``steps % TCov == 0``.
+        weight_decay: L2 (AdaFisher) or decoupled (AdaFisherW) weight decay.
+        dist: all-reduce the statistics across processes (also on with an initialised process group).
+        preset: "official" (the released code's numerics) or "paper" (Algorithm 1 of the paper).
+        backend: "auto", "torch", "triton" or "cuda" (see ``adafisher_fast.backends``).
+        param_groups: optional list of dicts ``{"params": [...], "lr"/"beta"/"weight_decay": ...}``;
+            trainable parameters not listed form a last group with the constructor's values.
+        check: run the torch reference beside the backend on every op and raise on disagreement
+            (also ``ADAFISHER_CHECK=1``); slow, for verifying kernels on your own model.
+    """
+    decoupled = False
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, Lambda: float = 1e-3,
+                 gamma: float = 0.8, TCov: int = 100, weight_decay: float = 0.0, dist: bool = False,
+                 preset: str = "official", backend: str = "auto",
+                 param_groups: Optional[List[Dict[str, Any]]] = None, check: bool = False):
+        if not isinstance(model, nn.Module):
+            kind = "a parameter iterable" if isinstance(model, Iterable) else type(model).__name__
+            raise TypeError(f"model must be an nn.Module (AdaFisher hooks its layers), got {kind}; "
+                            f"pass the model itself, e.g. AdaFisher(model)")
+        _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay)
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        if dist and not (torch_dist.is_available() and torch_dist.is_initialized()):
+            raise ValueError("dist=True needs an initialised torch.distributed process group")
+        groups, self._names = _build_groups(model, param_groups)
+        super().__init__(groups, dict(lr=lr, beta=beta, weight_decay=weight_decay))
+        self.Lambda, self.gamma, self.TCov, self.preset = float(Lambda), float(gamma), TCov, preset
+        self.dist = dist
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.fisher = FisherState(model, PRESETS[preset], params)
+        device = params[0].device if params else torch.device("cpu")
+        self.backend, self._ops = resolve(backend, device, check)
+        self._hooks = StatHooks(self.fisher, self._ops)
+        self.steps = 0
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(preset={self.preset!r}, backend={self.backend!r}, "
+                f"Lambda={self.Lambda}, gamma={self.gamma}, TCov={self.TCov}, "
+                f"hooked_layers={len(self.fisher.layers)})\n" + super().__repr__())
+
+    # ------------------------------------------------------------------------------------------
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears gradients AND the raw statistics gathered since the last step (SPEC 3)."""
+        super().zero_grad(set_to_none)
+        self.fisher.clear()
+
+    def _all_reduce_stats(self) -> None:
+        """One all-reduce of the flat buffer; output-gradient accumulators are divided by
+        world_size ** degree because DDP averages gradients (SPEC section 6)."""
+        if not (self.dist or (torch_dist.is_available() and torch_dist.is_initialized())):
+            return
+        w = torch_dist.get_world_size()
+        if w == 1:
+            return
+        torch_dist.all_reduce(self.fisher.buf)
+        self.fisher.buf.mul_(torch.pow(float(w), -self.fisher.grad_degree))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            if not callable(closure):
+                raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+            with torch.enable_grad():
+                loss = closure()
+        fisher, ops = self.fisher, self._ops
+        if self._hooks.collecting:
+            self._all_reduce_stats()
+            ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac, fisher.initialized,
+                          fisher.counters, PRESETS[self.preset].ema_rule(self.gamma))
+        free_lam = PRESETS[self.preset].free_params_get_lambda
+        params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"parameter '{self._names.get(id(p), '?')}' has a sparse "
+                                     f"gradient; AdaFisher needs dense gradients")
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params.append(p)
+                grads.append(p.grad)
+                moms.append(st["exp_avg"])
+                steps.append(st["step"])
+                meta.append(fisher.meta[id(p)])
+                lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
+                hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
+        if params:
+            ops.fused_step(params, grads, moms, steps, fisher.fac,
+                           torch.tensor(meta, dtype=torch.int64), hyper, self.decoupled)
+        fisher.clear()
+        self.steps += 1
+        self._hooks.collecting = self.steps % self.TCov == 0
+        return loss
+
+    # ------------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        sd = super().state_dict()
+        sd["adafisher"] = {"steps": self.steps, "preset": self.preset, "gamma": self.gamma,
+                           "TCov": self.TCov, "Lambda": self.Lambda, "layers": self.fisher.describe(),
+                           **{k: v.clone() for k, v in self.fisher.tensors().items()}}
+        return sd
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        sd = dict(state_dict)
+        extra = sd.pop("adafisher", None)
+        if extra is None:
+            raise ValueError("state_dict: not an AdaFisher checkpoint (it has no 'adafisher' entry)")
+        if extra["preset"] != self.preset:
+            raise ValueError(f"state_dict: checkpoint has preset={extra['preset']!r}, this optimizer "
+                             f"preset={self.preset!r}")
+        mine, theirs = self.fisher.describe(), extra["layers"]
+        for a, b in zip(mine, theirs):
+            if a != b:
+                raise ValueError(f"state_dict: layer '{a['name']}' ({a['kind']}, H {a['h_size']}, "
+                                 f"S {a['s_size']}) does not match the checkpoint's layer "
+                                 f"'{b['name']}' ({b['kind']}, H {b['h_size']}, S {b['s_size']})")
+        if len(mine) != len(theirs):
+            raise ValueError(f"state_dict: the checkpoint has {len(theirs)} hooked layers, this "
+                             f"model {len(mine)}")
+        super().load_state_dict(sd)
+        for k, v in self.fisher.tensors().items():
+            v.copy_(extra[k])
+        self.steps, self.gamma, self.TCov = extra["steps"], extra["gamma"], extra["TCov"]
+        self.Lambda = extra["Lambda"]
+        self._hooks.collecting = self.steps % self.TCov == 0
+
+    # ------------------------------------------------------------------------------------------
+    def raw_stats(self) -> Dict[str, tuple]:
+        """{module name: (H, S)}: the raw statistics gathered since the last step/zero_grad,
+        finalised as SPEC section 2 defines them (before any EMA or normalisation)."""
+        from .reference import layer_raw
+        raw = layer_raw(self.fisher.buf, self.fisher.table)
+        return {l.name: (raw[l.h_raw].clone(), raw[l.s_raw].clone()) for l in self.fisher.layers}
+
+    def ema_state(self) -> Dict[str, tuple]:
+        """{module name: (H state, S state)}: the EMA vectors of every hooked layer."""
+        st = self.fisher.state
+        return {l.name: (st[l.h_raw].clone(), st[l.s_raw].clone()) for l in self.fisher.layers}
+
+    def diagnostics(self) -> Dict[str, Dict[str, int]]:
+        """{module name: {"stat_iters": n, "nonfinite_skips": k}}: statistics iterations that
+        updated the layer, and those it skipped because its raw statistics were not finite (its
+        state was kept)."""
+        return {l.name: {"stat_iters": it, "nonfinite_skips": sk}
+                for l, (it, sk) in zip(self.fisher.layers, self.fisher.counters.tolist())}
+
+
+class AdaFisherW(AdaFisher):
+    """AdaFisher with decoupled weight decay: p <- p - lr * (m_hat / F + weight_decay * p)."""
+    decoupled = True

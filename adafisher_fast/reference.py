@@ -1,0 +1,268 @@
+"""Torch reference of every AdaFisher operation: the specification that kernels are tested against.
+
+Each function here has a Triton twin in ``fisher_kernels/<op>.py`` and a CUDA twin in
+``csrc/<op>.cu`` with the same signature and semantics.  The reference never bends to match a kernel.
+
+Operations (SPEC section 4):
+
+* ``linear_stats``    per-feature sums (of squares) of a tensor, any leading/trailing dims
+* ``conv_stats``      conv patch sums of squares WITHOUT im2col (Conv1d/2d/3d, any stride/dilation/
+                      groups/padding/padding_mode)
+* ``norm_stats``      sums of xhat^2 of normalisation layers (xhat recomputed from the input)
+* ``embedding_stats`` token frequencies
+* ``layer_ema``       all layers at once: finalise raw H/S, non-finite guard, EMA, min-max
+* ``fused_step``      all parameters at once: momentum, bias correction, weight decay, damped
+                      division by F = S'[row] * H'[col] + Lambda computed per element
+
+All statistics ops ADD into ``out`` (a view of the model's flat raw-statistics buffer, float32, or
+float64 for float64 models) so that micro-batches and repeated module calls accumulate.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+# NOTE: [min-max epsilon] The released code and the paper both normalise with
+# (v - min) / (max - min + 1e-6); the epsilon is part of the numerics (it is why the DDP gradient
+# scale matters, SPEC section 6), so it is a fixed constant, not a knob.
+MINMAX_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics ops
+# ----------------------------------------------------------------------------------------------
+def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,
+                 scale: float = 1.0) -> None:
+    """``out[k] += scale * sum_{all indices but dim} f(x[..., k, ...])``, f = square or identity.
+
+    x: any shape, float16/bfloat16/float32/float64; ``dim`` is the feature axis, ``out`` has
+    ``x.shape[dim]`` entries and the buffer dtype (accumulation happens in ``out.dtype``).
+    Used for Linear H and S (SPEC 2, dim=-1), conv/BatchNorm output-gradient S (dim=1) and the
+    released code's BatchNorm2d/LayerNorm batch sums (square=False).
+    """
+    dim = dim % x.dim()
+    k = x.shape[dim]
+    x3 = x.reshape(math.prod(x.shape[:dim]), k, math.prod(x.shape[dim + 1:]))
+    v = x3.to(out.dtype)
+    if square:
+        v = v * v
+    out.add_(v.sum(dim=(0, 2)), alpha=scale)
+
+
+def conv_out_size(size: int, k: int, stride: int, dilation: int, pad_lo: int, pad_hi: int) -> int:
+    """Number of output positions of one spatial dim of a convolution."""
+    return (size + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1
+
+
+def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
+               stride: Sequence[int], padding: Sequence[Tuple[int, int]],
+               dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:
+    """Conv patch statistics without im2col (SPEC 4.2).
+
+    x: (B, C, *spatial) with d = len(kernel_size) spatial dims; padding: one (lo, hi) pair per
+    spatial dim; padding_mode in {"zeros", "reflect", "replicate", "circular"}.
+    ``out`` ((groups * D,), D = C/groups * prod(kernel_size), laid out (group, channel, *kernel)
+    like a conv weight) gets ``out[g, j] += sum_{b, l} P[b, g, l, j]^2`` where P are the patches
+    of the padded input over the output lattice (strided, dilated).  Returns L, the number of
+    output positions per sample.
+
+    Algorithm: Q = sum_b x^2 (C x spatial, one read of x); padding commutes with the square and the
+    batch sum (it only copies or zeroes positions), so Q is padded instead of x; each kernel offset
+    then sums Q over its output lattice, a strided slice.  Nothing of the patch matrix's size exists.
+    """
+    nd = len(kernel_size)
+    q = x.to(out.dtype).square().sum(0)                         # (C, *spatial)
+    flat_pad = [p for lo_hi in reversed(padding) for p in lo_hi]
+    if any(flat_pad):
+        if padding_mode == "zeros":
+            q = F.pad(q, flat_pad)
+        else:
+            q = F.pad(q.unsqueeze(0), flat_pad, mode=padding_mode).squeeze(0)
+    sizes = [conv_out_size(x.shape[2 + i], kernel_size[i], stride[i], dilation[i], *padding[i])
+             for i in range(nd)]
+    cols = []
+    for offs in itertools.product(*[range(k) for k in kernel_size]):
+        idx = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)
+                    for o, d, s, n in zip(offs, dilation, stride, sizes))
+        cols.append(q[(slice(None),) + idx].sum(dim=tuple(range(1, nd + 1))))
+    out.add_(torch.stack(cols, dim=1).reshape(-1))             # (C, K) == (g, C/g * K)
+    return math.prod(sizes)
+
+
+def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,
+               center: bool = True, mean: Optional[torch.Tensor] = None,
+               var: Optional[torch.Tensor] = None) -> None:
+    """Sums of squared normalised activations, Proposition 3.1 of the paper (SPEC 2, preset paper).
+
+    x: (R, C, I) view of the layer input.  ``out[c] += sum_{r, i} xhat[r, c, i]^2`` where
+    * mode="channel" (BatchNorm): xhat = (x - mean_c) / sqrt(var_c + eps), mean/var over (r, i)
+      (biased variance, as the layer normalises), or the given running ``mean``/``var``;
+    * mode="sample" (LayerNorm R x N x 1, GroupNorm B x C x I, RMSNorm with center=False): per
+      (r, group of C/groups channels) statistics over (channel in group, i).
+    Arithmetic in ``out.dtype``.
+    """
+    v = x.to(out.dtype)
+    r, c, i = v.shape
+    if mode == "channel":
+        if mean is None:
+            mean = v.mean(dim=(0, 2))
+            var = (v - mean[None, :, None]).square().mean(dim=(0, 2))
+        xhat = (v - mean.to(v.dtype)[None, :, None]) * torch.rsqrt(var.to(v.dtype) + eps)[None, :, None]
+    elif mode == "sample":
+        vg = v.reshape(r, groups, (c // groups) * i)
+        mu = vg.mean(dim=2, keepdim=True) if center else torch.zeros_like(vg[..., :1])
+        ms = (vg - mu).square().mean(dim=2, keepdim=True)
+        xhat = ((vg - mu) * torch.rsqrt(ms + eps)).reshape(r, c, i)
+    else:
+        raise ValueError(f"norm_stats: mode must be 'channel' or 'sample', got {mode!r}")
+    out.add_(xhat.square().sum(dim=(0, 2)))
+
+
+def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
+    """Token frequencies: ``out[v] += number of tokens equal to v``.  idx: integer tensor, any shape."""
+    out.add_(torch.bincount(idx.reshape(-1), minlength=out.numel()).to(out.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# step ops
+# ----------------------------------------------------------------------------------------------
+class LayerTable(NamedTuple):
+    """Everything ``layer_ema`` needs to know about the model's layers (built once, on device).
+
+    The flat raw buffer ``buf`` holds ``n_acc`` accumulator entries followed by one row count per
+    factor (a factor is the H or the S vector of one layer).  A factor's raw statistic is
+    ``raw[dst] += buf[src] ** pow * coef / count[factor] ** q`` summed over its terms (one term per
+    accumulator entry, plus constant terms with pow = 0 for bias entries): that one rule covers every
+    layer kind of both presets, including the released code's square-of-sum statistics.
+    """
+    n_acc: int
+    term_src: torch.Tensor      # int64 [T] index into buf
+    term_dst: torch.Tensor      # int64 [T] index into raw/state
+    term_pow: torch.Tensor      # [T] 0, 1 or 2
+    term_coef: torch.Tensor     # [T]
+    term_q: torch.Tensor        # [T] power of the row count dividing the term
+    term_factor: torch.Tensor   # int64 [T] factor whose count divides the term
+    factor_start: torch.Tensor  # int64 [n_factors + 1] offsets of factors in raw/state
+    factor_layer: torch.Tensor  # int64 [n_factors]
+    n_layers: int
+
+
+class EmaRule(NamedTuple):
+    """A preset's EMA as data (SPEC 2): ``state <- prior * decay + v * weight`` where prior is
+    the state, or ones at a factor's first statistics iteration (then decay_first/weight_first),
+    v is min-max(raw) when ``normalise_raw`` else raw, and H'/S' = min-max(state) when
+    ``normalise_state`` else state."""
+    decay: float
+    weight: float
+    decay_first: float
+    weight_first: float
+    normalise_raw: bool
+    normalise_state: bool
+
+
+def _segment_minmax(v: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
+    """Per-segment (v - min) / (max - min + 1e-6) with +inf -> 1, -inf -> 0 first (SPEC 2)."""
+    v = torch.where(v == math.inf, torch.ones_like(v), torch.where(v == -math.inf, torch.zeros_like(v), v))
+    lo = torch.full((n,), math.inf, dtype=v.dtype, device=v.device).scatter_reduce(0, seg, v, "amin")
+    hi = torch.full((n,), -math.inf, dtype=v.dtype, device=v.device).scatter_reduce(0, seg, v, "amax")
+    return (v - lo[seg]) / (hi[seg] - lo[seg] + MINMAX_EPS)
+
+
+def layer_raw(buf: torch.Tensor, table: LayerTable) -> torch.Tensor:
+    """Raw H/S of every factor from the accumulators (flat, factor after factor)."""
+    counts = buf[table.n_acc:]
+    vals = buf[table.term_src].pow(table.term_pow) * table.term_coef \
+        / counts[table.term_factor].pow(table.term_q)
+    n_raw = int(table.factor_start[-1])
+    return torch.zeros(n_raw, dtype=buf.dtype, device=buf.device).index_add_(0, table.term_dst, vals)
+
+
+def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
+              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
+    """One statistics iteration for every layer at once (SPEC 2 and 3), updating in place:
+
+    * ``state`` [n_raw]: the EMA of H and S of all layers (buffer dtype);
+    * ``fac`` [n_raw + 1]: the H'/S' that ``fused_step`` reads, with a constant 1 in the last slot
+      (factor-free parameters point there); factors without statistics yet read as ones;
+    * ``initialized`` [n_factors] bool;
+    * ``counters`` [n_layers, 2] int64: statistics iterations that updated the layer, and
+      non-finite events (iterations the layer skipped).
+
+    A factor with a zero row count (its module was not called) is left as it is.  A layer any of
+    whose counted factors is not finite keeps all of its state and gets one skip counted.
+    """
+    nf = table.factor_layer.numel()
+    sizes = table.factor_start[1:] - table.factor_start[:-1]
+    seg = torch.repeat_interleave(torch.arange(nf, device=buf.device), sizes)
+    raw = layer_raw(buf, table)
+    has = buf[table.n_acc:] > 0
+    bad_factor = has & torch.zeros(nf, dtype=torch.bool, device=buf.device).scatter_reduce(
+        0, seg, ~torch.isfinite(raw), "amax")
+    bad_layer = torch.zeros(table.n_layers, dtype=torch.bool, device=buf.device).scatter_reduce(
+        0, table.factor_layer, bad_factor, "amax")
+    upd = has & ~bad_layer[table.factor_layer]
+    took = torch.zeros(table.n_layers, dtype=torch.bool, device=buf.device).scatter_reduce(
+        0, table.factor_layer, upd, "amax")
+    counters.add_(torch.stack([took, bad_layer], dim=1).to(counters.dtype))
+    v = _segment_minmax(raw, seg, nf) if rule.normalise_raw else raw
+    init_e = initialized[seg]
+    decay = torch.where(init_e, rule.decay, rule.decay_first).to(state.dtype)
+    weight = torch.where(init_e, rule.weight, rule.weight_first).to(state.dtype)
+    prior = torch.where(init_e, state, torch.ones_like(state))
+    new = prior * decay + v * weight
+    state.copy_(torch.where(upd[seg], new, state))
+    initialized.logical_or_(upd)
+    out = _segment_minmax(state, seg, nf) if rule.normalise_state else state
+    fac[:-1].copy_(torch.where(initialized[seg], out, torch.ones_like(out)))
+
+
+# NOTE: [param map] Column layout of the int64 ``meta`` rows that ``fused_step`` reads, one row per
+# parameter viewed as a (rows x cols) matrix: element (r, c) uses
+#   F = fac[s_off + r*s_r + c*s_c] * fac[h_off + r*h_r + c*h_c + (r // h_gr) * h_gs] + Lambda
+# which covers Linear/Conv (S by row, H by column, grouped conv H per group), norm layers
+# (one H entry per row, or H[0]/H[1] for the released code), Embedding (H by row, S by column)
+# and factor-free parameters (both indices at the constant-1 slot).
+META_COLS = ("rows", "cols", "s_off", "s_r", "s_c", "h_off", "h_r", "h_c", "h_gr", "h_gs")
+
+
+def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Tensor:
+    """F of one parameter as a (rows, cols) tensor, from its ``meta`` row (NOTE: [param map])."""
+    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = (int(v) for v in meta)
+    r = torch.arange(rows, device=fac.device)[:, None]
+    c = torch.arange(cols, device=fac.device)[None, :]
+    s_idx = s_off + r * s_r + c * s_c
+    h_idx = h_off + r * h_r + c * h_c + torch.div(r, max(h_gr, 1), rounding_mode="floor") * h_gs
+    return fac[s_idx] * fac[h_idx] + lam
+
+
+def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
+               steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
+               hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
+    """The AdaFisher / AdaFisherW update of every parameter (SPEC 1), in place.
+
+    params/grads/moms: same shapes, params float32/bfloat16/float16/float64 (m in the param dtype,
+    arithmetic in float32, or float64 for float64 params); steps: 0-dim float32 tensors, incremented
+    here; fac: H'/S' from ``layer_ema``; meta: int64 [P, 10] (NOTE: [param map]);
+    hyper: per parameter (lr, beta, weight_decay, Lambda) where Lambda is 0 for the released code's
+    factor-free parameters (F = 1).  Per element:
+        g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
+        p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled))
+    """
+    for p, g, m, t, row, (lr, beta, wd, lam) in zip(params, grads, moms, steps, meta.tolist(), hyper):
+        t += 1
+        work = torch.float64 if p.dtype == torch.float64 else torch.float32
+        pw, gw, mw = p.to(work), g.to(work), m.to(work)
+        if wd != 0 and not decoupled:
+            gw = gw + wd * pw
+        mw = mw * beta + gw * (1 - beta)
+        bc = 1 - beta ** float(t)
+        fd = fisher_diag(fac.to(work), row, lam).reshape(p.shape)
+        upd = mw / bc / fd
+        if decoupled and wd != 0:
+            upd = upd + wd * pw
+        m.copy_(mw)
+        p.copy_(pw - lr * upd)

@@ -1,0 +1,131 @@
+"""The optimizer's curvature state, laid out flat for one-launch kernels (SPEC sections 3-4).
+
+* ``buf``   raw-statistics accumulators of every hooked layer, then one row count per factor;
+            the hooks add into it, ``zero_grad()`` and ``step()`` clear it.
+* ``state`` EMA of the raw H and S of every layer; ``fac`` the H'/S' that the update reads, plus a
+            constant 1 in its last slot for factor-free parameters.
+* ``meta``  per parameter, the (row, column) -> (S', H') index map (NOTE: [param map]).
+
+Everything is derived from the registry in ``layers.py``; nothing here knows a layer type.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from .layers import FactorSpec, LayerKind, kind_of
+from .reference import LayerTable
+
+
+@dataclass
+class Layer:
+    """One hooked module and where its statistics live."""
+    name: str
+    module: nn.Module
+    kind: LayerKind
+    h_acc: slice        # accumulator ranges in buf
+    s_acc: slice
+    h_count: int        # index of the row counts in buf
+    s_count: int
+    h_raw: slice        # ranges in state / fac
+    s_raw: slice
+
+
+class FisherState:
+    def __init__(self, model: nn.Module, preset, params: List[torch.Tensor]):
+        self.preset = preset
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        device = params[0].device if params else torch.device("cpu")
+        trainable = {id(p) for p in params}
+        self.layers: List[Layer] = []
+        local_maps = []                     # (param, layer index, local map)
+        specs: List[FactorSpec] = []
+        claimed = set()
+        unsupported = []
+        for name, m in model.named_modules():
+            kind = kind_of(m)
+            if kind is None:
+                continue
+            maps = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
+                    if isinstance(getattr(m, pn, None), nn.Parameter)
+                    and id(getattr(m, pn)) in trainable and id(getattr(m, pn)) not in claimed}
+            if not maps:
+                continue
+            if not kind.supported(m, preset):
+                unsupported.append(f"{name or '<root>'} ({type(m).__name__})")
+                continue
+            for pn, mp in maps.items():
+                claimed.add(id(getattr(m, pn)))
+                local_maps.append((getattr(m, pn), len(self.layers), mp))
+            h, s = kind.factors(m, preset)
+            specs += [h, s]
+            self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
+        if unsupported:
+            warnings.warn(f"AdaFisher(preset='{preset.name}'): the released code does not hook "
+                          f"{', '.join(unsupported)}; their parameters take plain momentum steps "
+                          f"(F = 1). Use preset='paper' to precondition them.", stacklevel=3)
+
+        # lay the factors out flat: accumulators, then counts; raw/state factor after factor
+        n_acc = sum(sp.acc_size for sp in specs)
+        acc_off = raw_off = 0
+        cols = {k: [] for k in ("src", "dst", "pow", "coef", "q", "factor")}
+        factor_start, degree = [0], []
+        for f, sp in enumerate(specs):
+            for src, dst, pw, coef, q in sp.terms:
+                for k, v in zip(cols, (acc_off + src, raw_off + dst, pw, coef, q, f)):
+                    cols[k].append(v)
+            degree += [sp.grad_degree] * sp.acc_size
+            layer = self.layers[f // 2]
+            acc, raw = slice(acc_off, acc_off + sp.acc_size), slice(raw_off, raw_off + sp.size)
+            if f % 2 == 0:
+                layer.h_acc, layer.h_raw, layer.h_count = acc, raw, n_acc + f
+            else:
+                layer.s_acc, layer.s_raw, layer.s_count = acc, raw, n_acc + f
+            acc_off += sp.acc_size
+            raw_off += sp.size
+            factor_start.append(raw_off)
+        nf = len(specs)
+        i64 = dict(dtype=torch.int64, device=device)
+        fl = dict(dtype=dtype, device=device)
+        self.table = LayerTable(
+            n_acc, torch.tensor(cols["src"], **i64), torch.tensor(cols["dst"], **i64),
+            torch.tensor(cols["pow"], **fl), torch.tensor(cols["coef"], **fl),
+            torch.tensor(cols["q"], **fl), torch.tensor(cols["factor"], **i64),
+            torch.tensor(factor_start, **i64), torch.arange(nf, **i64) // 2, len(self.layers))
+        self.grad_degree = torch.tensor(degree + [0] * nf, **fl)
+        self.buf = torch.zeros(n_acc + nf, **fl)
+        self.state = torch.ones(raw_off, **fl)
+        self.fac = torch.ones(raw_off + 1, **fl)
+        self.initialized = torch.zeros(nf, dtype=torch.bool, device=device)
+        self.counters = torch.zeros(len(self.layers), 2, **i64)   # stat iters, non-finite skips
+        self.one_slot = raw_off
+
+        # per-parameter index maps, made global; everything else is factor-free
+        self.meta: Dict[int, tuple] = {}
+        for p, li, (rows, cols_, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs) in local_maps:
+            lay = self.layers[li]
+            self.meta[id(p)] = (rows, cols_, lay.s_raw.start + s_off, s_r, s_c,
+                                lay.h_raw.start + h_off, h_r, h_c, h_gr, h_gs)
+        self.free = {id(p) for p in params} - set(self.meta)
+        for p in params:
+            if id(p) in self.free:
+                n = p.numel()
+                self.meta[id(p)] = (n, 1, raw_off, 0, 0, raw_off, 0, 0, max(n, 1), 0)
+
+    # ------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        self.buf.zero_()
+
+    def describe(self) -> List[dict]:
+        """Per layer: name, kind and factor sizes (a checkpoint's fingerprint of the model)."""
+        return [{"name": l.name, "kind": type(l.module).__name__,
+                 "h_size": l.h_raw.stop - l.h_raw.start, "s_size": l.s_raw.stop - l.s_raw.start}
+                for l in self.layers]
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return {"state": self.state, "fac": self.fac, "initialized": self.initialized,
+                "counters": self.counters}
