@@ -210,8 +210,10 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     counters.add_(torch.stack([took, bad_layer], dim=1).to(counters.dtype))
     v = _segment_minmax(raw, seg, nf) if rule.normalise_raw else raw
     init_e = initialized[seg]
-    decay = torch.where(init_e, rule.decay, rule.decay_first).to(state.dtype)
-    weight = torch.where(init_e, rule.weight, rule.weight_first).to(state.dtype)
+    # full_like keeps the coefficients in the state dtype (python scalars would go through the
+    # default dtype, float32, and break float64 parity)
+    decay = torch.where(init_e, torch.full_like(state, rule.decay), torch.full_like(state, rule.decay_first))
+    weight = torch.where(init_e, torch.full_like(state, rule.weight), torch.full_like(state, rule.weight_first))
     prior = torch.where(init_e, state, torch.ones_like(state))
     new = prior * decay + v * weight
     state.copy_(torch.where(upd[seg], new, state))
