@@ -50,13 +50,14 @@ class FisherState:
             kind = kind_of(m)
             if kind is None:
                 continue
+            if not kind.supported(m, preset):
+                if any(id(p) in trainable for p in m.parameters(recurse=False)):
+                    unsupported.append(f"{name or '<root>'} ({type(m).__name__})")
+                continue
             maps = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
                     if isinstance(getattr(m, pn, None), nn.Parameter)
                     and id(getattr(m, pn)) in trainable and id(getattr(m, pn)) not in claimed}
             if not maps:
-                continue
-            if not kind.supported(m, preset):
-                unsupported.append(f"{name or '<root>'} ({type(m).__name__})")
                 continue
             for pn, mp in maps.items():
                 claimed.add(id(getattr(m, pn)))
