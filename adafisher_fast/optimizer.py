@@ -155,10 +155,6 @@ class AdaFisher(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fisher, ops = self.fisher, self._ops
-        if self._hooks.collecting:
-            self._all_reduce_stats()
-            ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac, fisher.initialized,
-                          fisher.counters, PRESETS[self.preset].ema_rule(self.gamma))
         free_lam = PRESETS[self.preset].free_params_get_lambda
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
         for group in self.param_groups:
@@ -179,6 +175,11 @@ class AdaFisher(Optimizer):
                 meta.append(fisher.meta[id(p)])
                 lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
                 hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
+        # gradients are validated above, before any state changes: an error leaves nothing half-done
+        if self._hooks.collecting:
+            self._all_reduce_stats()
+            ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac, fisher.initialized,
+                          fisher.counters, PRESETS[self.preset].ema_rule(self.gamma))
         if params:
             ops.fused_step(params, grads, moms, steps, fisher.fac,
                            torch.tensor(meta, dtype=torch.int64), hyper, self.decoupled)

@@ -1,0 +1,96 @@
+"""Bad input gets a clear error naming the argument (SPEC section 7)."""
+import pytest
+import torch
+import torch.nn as nn
+
+from adafisher_fast import AdaFisher, AdaFisherW
+
+
+def _m():
+    return nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+
+
+@pytest.mark.parametrize("kw, exc, pattern", [
+    (dict(lr=-1e-3), ValueError, "lr"),
+    (dict(beta=1.0), ValueError, "beta"),
+    (dict(beta=-0.1), ValueError, "beta"),
+    (dict(gamma=0.0), ValueError, "gamma"),
+    (dict(gamma=1.5), ValueError, "gamma"),
+    (dict(Lambda=0.0), ValueError, "Lambda"),
+    (dict(Lambda=-1.0), ValueError, "Lambda"),
+    (dict(TCov=0), ValueError, "TCov"),
+    (dict(TCov=2.5), ValueError, "TCov"),
+    (dict(weight_decay=-1.0), ValueError, "weight_decay"),
+    (dict(lr=float("nan")), TypeError, "lr"),
+    (dict(preset="adam"), ValueError, "preset"),
+    (dict(backend="jax"), ValueError, "backend"),
+    (dict(param_groups=[{"params": [], "Lambda": 1.0}]), ValueError, "param_groups"),
+    (dict(param_groups="x"), TypeError, "param_groups"),
+])
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_bad_hyperparameters(cls, kw, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        cls(_m(), **kw)
+
+
+def test_parameter_iterable_instead_of_module():
+    with pytest.raises(TypeError, match="model must be an nn.Module.*parameter iterable"):
+        AdaFisher(_m().parameters())
+
+
+def test_parameter_in_two_groups_or_foreign():
+    m = _m()
+    with pytest.raises(ValueError, match=r"param_groups\[1\].*'0.weight'.*earlier group"):
+        AdaFisher(m, param_groups=[{"params": [m[0].weight]}, {"params": [m[0].weight]}])
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*not a trainable parameter"):
+        AdaFisher(m, param_groups=[{"params": [nn.Parameter(torch.ones(2))]}])
+
+
+def test_complex_parameters():
+    m = _m()
+    m.register_parameter("z", nn.Parameter(torch.ones(2, dtype=torch.complex64)))
+    with pytest.raises(TypeError, match="'z' is complex"):
+        AdaFisher(m)
+
+
+def test_closure_must_be_callable():
+    opt = AdaFisher(_m())
+    with pytest.raises(TypeError, match="closure"):
+        opt.step(closure=3)
+
+
+def test_sparse_gradient():
+    m = nn.Sequential(nn.Linear(3, 3), nn.Embedding(5, 3, sparse=True))
+    opt = AdaFisher(m, preset="paper")
+    m[0](torch.randn(2, 3)).sum().backward()
+    m[1](torch.tensor([1, 2])).sum().backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match="'1.weight' has a sparse gradient"):
+        opt.step()
+    # nothing half-updated: parameters, EMA state and counters untouched
+    assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert torch.equal(opt.fisher.state, torch.ones_like(opt.fisher.state))
+    assert opt.fisher.counters.sum() == 0
+
+
+def test_dist_without_process_group():
+    with pytest.raises(ValueError, match="dist=True"):
+        AdaFisher(_m(), dist=True)
+
+
+def test_forced_backend_that_cannot_run():
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+        AdaFisher(_m(), backend="cuda")
+
+
+def test_param_groups_frozen_and_gradless_parameters():
+    m = _m()
+    m[1].bias.requires_grad_(False)
+    opt = AdaFisher(m, lr=0.1, param_groups=[{"params": [m[0].weight], "lr": 0.0}])
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 2]       # frozen bias left out
+    w0, b1 = m[0].weight.detach().clone(), m[1].bias.detach().clone()
+    m(torch.randn(2, 3)).sum().backward()
+    m[0].bias.grad = None                                               # no gradient: skipped
+    opt.step()
+    assert torch.equal(m[0].weight, w0) and torch.equal(m[1].bias, b1)
+    assert m[0].bias not in opt.state and m[1].weight in opt.state

@@ -1,0 +1,82 @@
+"""state_dict round trip (SPEC section 5): 30 steps == 15 + save/load into a new model + 15."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from adafisher_fast import AdaFisher, AdaFisherW
+
+
+def _model(width=6):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 16, width), nn.LayerNorm(width), nn.Linear(width, 3))
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 3, (5,), generator=g))
+            for _ in range(30)]
+
+
+def _run(model, opt, batches, sched=None):
+    for x, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_resume_is_bit_identical(cls, preset):
+    kw = dict(lr=3e-3, TCov=4, weight_decay=1e-2, preset=preset, backend="torch")
+    batches = _batches()
+    m1 = _model()
+    o1 = cls(m1, **kw)
+    s1 = torch.optim.lr_scheduler.StepLR(o1, 7, 0.5)
+    _run(m1, o1, batches, s1)
+
+    m2 = _model()
+    o2 = cls(m2, **kw)
+    s2 = torch.optim.lr_scheduler.StepLR(o2, 7, 0.5)
+    _run(m2, o2, batches[:15], s2)
+    blob = io.BytesIO()
+    torch.save({"model": m2.state_dict(), "opt": o2.state_dict(), "sched": s2.state_dict()}, blob)
+    blob.seek(0)
+    ck = torch.load(blob, weights_only=False)
+    m3 = _model()
+    m3.load_state_dict(ck["model"])
+    o3 = cls(m3, **{**kw, "TCov": 1})          # hyperparameters come from the checkpoint
+    s3 = torch.optim.lr_scheduler.StepLR(o3, 7, 0.5)
+    o3.load_state_dict(ck["opt"])
+    s3.load_state_dict(ck["sched"])
+    assert o3.TCov == 4 and o3.steps == 15
+    _run(m3, o3, batches[15:], s3)
+
+    for (n, a), b in zip(m1.state_dict().items(), m3.state_dict().values()):
+        assert torch.equal(a, b), n
+    for k, v in o1.fisher.tensors().items():
+        assert torch.equal(v, o3.fisher.tensors()[k]), k
+    for p1, p3 in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(o1.state[p1]["exp_avg"], o3.state[p3]["exp_avg"])
+        assert torch.equal(o1.state[p1]["step"], o3.state[p3]["step"])
+
+
+def test_checkpoint_of_another_model_names_the_layer():
+    o_small = AdaFisher(_model(width=6), backend="torch")
+    o_big = AdaFisher(_model(width=8), backend="torch")
+    with pytest.raises(ValueError, match=r"layer '4'.*Linear"):
+        o_big.load_state_dict(o_small.state_dict())
+
+
+def test_checkpoint_of_another_preset_or_optimizer():
+    m = _model()
+    with pytest.raises(ValueError, match="preset"):
+        AdaFisher(m, preset="paper", backend="torch").load_state_dict(
+            AdaFisher(m, backend="torch").state_dict())
+    adam = torch.optim.Adam(m.parameters())
+    with pytest.raises(ValueError, match="not an AdaFisher checkpoint"):
+        AdaFisher(m, backend="torch").load_state_dict(adam.state_dict())
