@@ -99,6 +99,15 @@ class AdaFisher(Optimizer):
             (also ``ADAFISHER_CHECK=1``); slow, for verifying kernels on your own model.
     """
     decoupled = False
+    # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
+    # torch.amp.GradScaler.step() sets ``self.grad_scale`` (None if the user already called
+    # scaler.unscale_) and ``self.found_inf``.  With found_inf the whole step is skipped and that
+    # iteration's statistics are dropped (steps does not advance, so the next iteration gathers
+    # again); otherwise gradients are unscaled here and the gradient-side statistics are divided by
+    # grad_scale ** degree (the same rule as the DDP scale, FactorSpec.grad_degree).  After a manual
+    # scaler.unscale_ the scale is unknown here and the gradient-side statistics keep it; min-max
+    # normalisation removes such a constant factor up to its 1e-6 epsilon.
+    _step_supports_amp_scaling = True
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, Lambda: float = 1e-3,
                  gamma: float = 0.8, TCov: int = 100, weight_decay: float = 0.0, dist: bool = False,
@@ -135,16 +144,20 @@ class AdaFisher(Optimizer):
         super().zero_grad(set_to_none)
         self.fisher.clear()
 
-    def _all_reduce_stats(self) -> None:
-        """One all-reduce of the flat buffer; output-gradient accumulators are divided by
-        world_size ** degree because DDP averages gradients (SPEC section 6)."""
-        if not (self.dist or (torch_dist.is_available() and torch_dist.is_initialized())):
-            return
-        w = torch_dist.get_world_size()
-        if w == 1:
-            return
-        torch_dist.all_reduce(self.fisher.buf)
-        self.fisher.buf.mul_(torch.pow(float(w), -self.fisher.grad_degree))
+    def _reduce_stats(self, grad_scale: Optional[torch.Tensor]) -> None:
+        """One all-reduce of the flat buffer across ranks, then the output-gradient accumulators
+        are divided by (world_size * loss scale) ** degree: DDP averages gradients (SPEC section 6)
+        and GradScaler multiplies them (NOTE: [GradScaler])."""
+        fisher = self.fisher
+        scale = torch.ones((), dtype=fisher.buf.dtype, device=fisher.buf.device)
+        if self.dist or (torch_dist.is_available() and torch_dist.is_initialized()):
+            w = torch_dist.get_world_size()
+            if w > 1:
+                torch_dist.all_reduce(fisher.buf)
+                scale = scale * w
+        if grad_scale is not None:
+            scale = scale * grad_scale.to(fisher.buf)
+        fisher.buf.mul_(torch.pow(scale, -fisher.grad_degree))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -155,6 +168,11 @@ class AdaFisher(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         fisher, ops = self.fisher, self._ops
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf):
+            fisher.clear()
+            return loss
         free_lam = PRESETS[self.preset].free_params_get_lambda
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
         for group in self.param_groups:
@@ -176,8 +194,11 @@ class AdaFisher(Optimizer):
                 lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
                 hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
         # gradients are validated above, before any state changes: an error leaves nothing half-done
+        if grad_scale is not None:
+            for g in grads:
+                g.div_(grad_scale.to(g))
         if self._hooks.collecting:
-            self._all_reduce_stats()
+            self._reduce_stats(grad_scale)
             ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac, fisher.initialized,
                           fisher.counters, PRESETS[self.preset].ema_rule(self.gamma))
         if params:

@@ -1,0 +1,93 @@
+"""Mixed precision (SPEC section 3, issue 6): autocast statistics and torch.amp.GradScaler."""
+import pytest
+import torch
+import torch.nn as nn
+
+from adafisher_fast import AdaFisher, AdaFisherW
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(inplace=True),
+                         nn.Flatten(), nn.Linear(4 * 25, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+
+
+def _batches(n=6):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(6, 2, 5, 5, generator=g), torch.randint(0, 3, (6,), generator=g))
+            for _ in range(n)]
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_grad_scaler_without_overflow_equals_plain_training(preset):
+    """A power-of-two loss scale is exact in float32, so unscaling gradients and statistics inside
+    step() must reproduce unscaled training bit for bit."""
+    plain, scaled = _model(), _model()
+    o1 = AdaFisherW(plain, lr=1e-2, TCov=2, weight_decay=1e-2, preset=preset, backend="torch")
+    o2 = AdaFisherW(scaled, lr=1e-2, TCov=2, weight_decay=1e-2, preset=preset, backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
+    for x, y in _batches():
+        o1.zero_grad()
+        nn.functional.cross_entropy(plain(x), y).backward()
+        o1.step()
+        o2.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(scaled(x), y)).backward()
+        scaler.step(o2)
+        scaler.update()
+    assert scaler.get_scale() > 2.0 ** 12            # the scale did change along the way
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(o1.fisher.state, o2.fisher.state)
+
+
+def test_grad_scaler_overflow_skips_step_and_drops_statistics():
+    model = _model()
+    opt = AdaFisher(model, lr=1e-2, TCov=1, backend="torch")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    x, y = _batches(1)[0]
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y) * 1e36).backward()   # overflows
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() < 2.0 ** 16
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.steps == 0 and not opt.state
+    assert opt.fisher.buf.abs().sum() == 0 and opt.fisher.counters.sum() == 0
+    assert torch.equal(opt.fisher.state, torch.ones_like(opt.fisher.state))
+    opt.zero_grad()                                    # the next iteration trains normally
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    assert opt.steps == 1 and all(d["stat_iters"] == 1 for d in opt.diagnostics().values())
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_bf16_autocast_without_scaler_trains(cls):
+    model = _model()
+    opt = cls(model, lr=1e-3, TCov=1, preset="paper", backend="torch")
+    losses = []
+    for _ in range(3):
+        for x, y in _batches(4):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    assert opt.fisher.buf.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(t).all() for t in (opt.fisher.state, opt.fisher.fac))
+    assert sum(losses[-4:]) < sum(losses[:4])
+    assert all(d["nonfinite_skips"] == 0 for d in opt.diagnostics().values())
+
+
+def test_pure_bf16_parameters_train_without_nans():
+    model = _model().to(torch.bfloat16)
+    opt = AdaFisherW(model, lr=1e-3, TCov=1, weight_decay=1e-2, preset="paper", backend="torch")
+    for x, y in _batches():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x.bfloat16()), y).backward()
+        opt.step()
+    for p in model.parameters():
+        assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
+        assert opt.state[p]["exp_avg"].dtype == torch.bfloat16     # state in the parameter's dtype
