@@ -160,7 +160,7 @@ class ConvKind(LayerKind):
     def param_maps(self, m, preset):
         g, d, b = self._dims(m)
         o = m.out_channels
-        gr, gs = (o, 0) if preset.only_released_layers else (o // g, d + b)
+        gr, gs = (o, 0) if preset.only_released_layers or g == 1 else (o // g, d + b)
         maps = {"weight": (o, d, 0, 1, 0, 0, 0, 1, gr, gs)}
         if b:
             maps["bias"] = (o, 1, 0, 1, 0, d, 0, 0, gr, gs)

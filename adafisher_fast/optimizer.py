@@ -8,6 +8,7 @@ from typing import Any, Dict, Iterable, List, Optional
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .backends import resolve
@@ -78,6 +79,20 @@ def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]
     if rest:
         groups.append({"params": rest})
     return groups, names
+
+
+def _dim0_shard(p: "DTensor", name: str):
+    """(start, length) along dim 0 of this rank's local shard of a DTensor parameter (FSDP2
+    shards dim 0 in torch.chunk pieces; replicated parameters are whole)."""
+    mesh, placements = p.device_mesh, p.placements
+    if len(placements) != 1 or not (placements[0].is_replicate() or placements[0].is_shard(0)):
+        raise NotImplementedError(f"parameter '{name}': placements {placements}; AdaFisher supports "
+                                  f"1-D meshes with Shard(0) (FSDP2) or Replicate")
+    if placements[0].is_replicate():
+        return 0, p.shape[0] if p.dim() else 1
+    chunk = -(-p.shape[0] // mesh.size())
+    start = min(mesh.get_local_rank() * chunk, p.shape[0])
+    return start, p.to_local().shape[0]
 
 
 class AdaFisher(Optimizer):
@@ -186,11 +201,19 @@ class AdaFisher(Optimizer):
                 if not st:
                     st["step"] = torch.tensor(0.0)
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                params.append(p)
-                grads.append(p.grad)
-                moms.append(st["exp_avg"])
+                row = fisher.meta[id(p)]
+                if isinstance(p, DTensor):
+                    start, length = _dim0_shard(p, self._names.get(id(p), "?"))
+                    row = fisher.shard_meta(row, p.shape, start, length, self._names.get(id(p), "?"))
+                    params.append(p.to_local())
+                    grads.append(p.grad.to_local())
+                    moms.append(st["exp_avg"].to_local())
+                else:
+                    params.append(p)
+                    grads.append(p.grad)
+                    moms.append(st["exp_avg"])
                 steps.append(st["step"])
-                meta.append(fisher.meta[id(p)])
+                meta.append(row)
                 lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
                 hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
         # gradients are validated above, before any state changes: an error leaves nothing half-done

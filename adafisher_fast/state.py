@@ -10,6 +10,7 @@ Everything is derived from the registry in ``layers.py``; nothing here knows a l
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Dict, List
@@ -118,6 +119,29 @@ class FisherState:
                 self.meta[id(p)] = (n, 1, raw_off, 0, 0, raw_off, 0, 0, max(n, 1), 0)
 
     # ------------------------------------------------------------------------------------------
+    @staticmethod
+    def shard_meta(row: tuple, full_shape, start: int, length: int, name: str) -> tuple:
+        """The map row of the dim-0 slice [start, start + length) of a parameter (an FSDP2 shard).
+
+        The shard is rows [ro, ro + n) of the (rows x cols) view when dim-0 slices are whole rows;
+        the offsets shift by ro.  A grouped-conv shard must start on a group boundary or lie within
+        one group."""
+        rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = row
+        inner = math.prod(full_shape[1:])
+        if inner % cols:
+            raise NotImplementedError(f"parameter '{name}': a dim-0 shard does not cover whole rows "
+                                      f"of its ({rows} x {cols}) Fisher view")
+        ro, n = start * inner // cols, length * inner // cols
+        h_off += ro * h_r + (ro // h_gr) * h_gs
+        if h_gs and ro % h_gr:
+            if (ro + n - 1) // h_gr != ro // h_gr:
+                raise NotImplementedError(
+                    f"parameter '{name}': its dim-0 shard (rows {ro}..{ro + n - 1}) starts inside a "
+                    f"conv group of {h_gr} rows and spans the next; shard grouped convs on group "
+                    f"boundaries (or use preset='official')")
+            h_gr, h_gs = max(n, 1), 0           # the shard lies within one group
+        return (n, cols, s_off + ro * s_r, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs)
+
     def clear(self) -> None:
         self.buf.zero_()
 

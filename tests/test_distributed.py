@@ -67,3 +67,51 @@ def test_ddp_two_ranks_match_single_process(tmp_path, cls_name, preset, with_ln)
     for a, b in zip(r0["params"], model.parameters()):
         torch.testing.assert_close(a, b.detach(), rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(r0["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
+
+
+def _fsdp_worker(rank, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = _model(with_ln=True)
+        for m in model:
+            if any(True for _ in m.parameters()):
+                fully_shard(m)
+        fully_shard(model)
+        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+        _train(model, opt, _batches(), rank, WORLD)
+        full = [p.full_tensor().detach() for p in model.parameters()]
+        if rank == 0:
+            torch.save({"params": full, "state": opt.fisher.state.clone()},
+                       os.path.join(out_dir, "fsdp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_shards_match_single_process(tmp_path):
+    """fully_shard (FSDP2) parameters are DTensors sharded on dim 0: each rank updates its rows
+    with the matching rows of S' (odd sizes: Linear(75, 6) over 2 ranks, LayerNorm(6), Linear(6, 3))."""
+    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    got = torch.load(tmp_path / "fsdp.pt")
+    model = _model(with_ln=True)
+    opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+    _train(model, opt, _batches())
+    for a, b in zip(got["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
+
+
+def test_shard_meta_row_offsets():
+    """Grouped conv (paper): weight (O=8, D) in 2 groups of 4 rows; H laid out per group."""
+    from adafisher_fast.state import FisherState
+    row = (8, 5, 100, 1, 0, 200, 0, 1, 4, 6)          # rows, cols, S at 100+r, H at 200+c+(r//4)*6
+    assert FisherState.shard_meta(row, (8, 5), 4, 4, "w") == (4, 5, 104, 1, 0, 206, 0, 1, 4, 6)
+    assert FisherState.shard_meta(row, (8, 5), 0, 4, "w") == (4, 5, 100, 1, 0, 200, 0, 1, 4, 6)
+    # rows 5..6 lie inside group 1: H offset of group 1, no group term
+    assert FisherState.shard_meta(row, (8, 5), 5, 2, "w") == (2, 5, 105, 1, 0, 206, 0, 1, 2, 0)
+    with pytest.raises(NotImplementedError, match="inside a conv group"):
+        FisherState.shard_meta(row, (8, 5), 3, 5, "w")
+    # LayerNorm(official) weight of shape (3, 4, 5) viewed (12, 5), H'[0] for every element
+    ln = (12, 5, 0, 0, 1, 7, 0, 0, 12, 0)
+    assert FisherState.shard_meta(ln, (3, 4, 5), 2, 1, "ln") == (4, 5, 0, 0, 1, 7, 0, 0, 12, 0)
