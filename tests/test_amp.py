@@ -47,7 +47,11 @@ def test_grad_scaler_overflow_skips_step_and_drops_statistics():
     x, y = _batches(1)[0]
     before = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
-    scaler.scale(nn.functional.cross_entropy(model(x), y) * 1e36).backward()   # overflows
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = model(x)
+        assert out.dtype == torch.float16
+    # a huge loss times the scale overflows the float16 activation gradients
+    scaler.scale(nn.functional.cross_entropy(out.float(), y) * 1e36).backward()
     scaler.step(opt)
     scaler.update()
     assert scaler.get_scale() < 2.0 ** 16
@@ -56,9 +60,12 @@ def test_grad_scaler_overflow_skips_step_and_drops_statistics():
     assert opt.fisher.buf.abs().sum() == 0 and opt.fisher.counters.sum() == 0
     assert torch.equal(opt.fisher.state, torch.ones_like(opt.fisher.state))
     opt.zero_grad()                                    # the next iteration trains normally
-    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = nn.functional.cross_entropy(model(x).float(), y)
+    scaler.scale(loss).backward()
     scaler.step(opt)
     assert opt.steps == 1 and all(d["stat_iters"] == 1 for d in opt.diagnostics().values())
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
