@@ -174,6 +174,38 @@ class AdaFisher(Optimizer):
             scale = scale * grad_scale.to(fisher.buf)
         fisher.buf.mul_(torch.pow(scale, -fisher.grad_degree))
 
+    def _gather(self):
+        """Lists for ``fused_step`` over the parameters that have a gradient (local shards of
+        DTensors); raises on a bad gradient before any state changes."""
+        fisher, free_lam = self.fisher, PRESETS[self.preset].free_params_get_lambda
+        params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                name = self._names.get(id(p), "?")
+                if p.grad.is_sparse:
+                    raise ValueError(f"parameter '{name}' has a sparse gradient; AdaFisher needs "
+                                     f"dense gradients")
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.tensor(0.0)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                # Lambda is 0 for the released code's factor-free parameters (F = 1)
+                lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
+                row, m, g = fisher.meta[id(p)], st["exp_avg"], p.grad
+                if isinstance(p, DTensor):
+                    start, length = _dim0_shard(p, name)
+                    row = fisher.shard_meta(row, p.shape, start, length, name)
+                    p, m, g = p.to_local(), m.to_local(), g.to_local()
+                params.append(p)
+                grads.append(g)
+                moms.append(m)
+                steps.append(st["step"])
+                meta.append(row)
+                hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
+        return params, grads, moms, steps, torch.tensor(meta, dtype=torch.int64), hyper
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -182,51 +214,23 @@ class AdaFisher(Optimizer):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
             with torch.enable_grad():
                 loss = closure()
-        fisher, ops = self.fisher, self._ops
-        grad_scale = getattr(self, "grad_scale", None)
+        fisher = self.fisher
+        grad_scale = getattr(self, "grad_scale", None)          # NOTE: [GradScaler]
         found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf):
             fisher.clear()
             return loss
-        free_lam = PRESETS[self.preset].free_params_get_lambda
-        params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"parameter '{self._names.get(id(p), '?')}' has a sparse "
-                                     f"gradient; AdaFisher needs dense gradients")
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.tensor(0.0)
-                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                row = fisher.meta[id(p)]
-                if isinstance(p, DTensor):
-                    start, length = _dim0_shard(p, self._names.get(id(p), "?"))
-                    row = fisher.shard_meta(row, p.shape, start, length, self._names.get(id(p), "?"))
-                    params.append(p.to_local())
-                    grads.append(p.grad.to_local())
-                    moms.append(st["exp_avg"].to_local())
-                else:
-                    params.append(p)
-                    grads.append(p.grad)
-                    moms.append(st["exp_avg"])
-                steps.append(st["step"])
-                meta.append(row)
-                lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
-                hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
-        # gradients are validated above, before any state changes: an error leaves nothing half-done
+        params, grads, moms, steps, meta, hyper = self._gather()
         if grad_scale is not None:
             for g in grads:
                 g.div_(grad_scale.to(g))
         if self._hooks.collecting:
             self._reduce_stats(grad_scale)
-            ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac, fisher.initialized,
-                          fisher.counters, PRESETS[self.preset].ema_rule(self.gamma))
+            self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
+                                fisher.initialized, fisher.counters,
+                                PRESETS[self.preset].ema_rule(self.gamma))
         if params:
-            ops.fused_step(params, grads, moms, steps, fisher.fac,
-                           torch.tensor(meta, dtype=torch.int64), hyper, self.decoupled)
+            self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled)
         fisher.clear()
         self.steps += 1
         self._hooks.collecting = self.steps % self.TCov == 0
