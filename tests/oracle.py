@@ -291,18 +291,18 @@ def param_F(m, pname, p, Hp, Sp, Lambda):
             return Sp[:, None] * Hp[None, :m.in_features] + Lambda
         return Sp * Hp[-1] + Lambda
     if isinstance(m, CONV):
-        out = p.shape[0]
-        if Hp.numel() == p[0].numel() + (1 if m.bias is not None else 0):    # official: one H
-            D = p[0].numel()
+        out = m.weight.shape[0]
+        D = m.weight[0].numel()
+        if Hp.numel() == D + (1 if m.bias is not None else 0):    # official: one H for all groups
             if pname == "weight":
                 return (Sp[:, None] * Hp[None, :D] + Lambda).reshape(p.shape)
             return Sp * Hp[-1] + Lambda
         g = m.groups
-        D = p[0].numel()
         Hg = Hp.reshape(g, -1)
         grp = torch.arange(out) // (out // g)
         if pname == "weight":
             return (Sp[:, None] * Hg[grp, :D] + Lambda).reshape(p.shape)
+        assert Hg.shape[1] == D + 1
         return Sp * Hg[grp, D] + Lambda
     if isinstance(m, nn.Embedding):
         return Hp[:, None] * Sp[None, :] + Lambda
