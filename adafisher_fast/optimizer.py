@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from .backends import resolve
 from .hooks import StatHooks
 from .presets import PRESETS
+from .report import curvature_report
 from .state import FisherState
 
 _GROUP_KEYS = ("lr", "beta", "weight_decay")
@@ -280,6 +281,11 @@ class AdaFisher(Optimizer):
         """{module name: (H state, S state)}: the EMA vectors of every hooked layer."""
         st = self.fisher.state
         return {l.name: (st[l.h_raw].clone(), st[l.s_raw].clone()) for l in self.fisher.layers}
+
+    def curvature_report(self) -> List[dict]:
+        """One flat dict per hooked layer: H', S' and F statistics and the curvature share
+        (``adafisher_fast.report``; render with ``adafisher_fast.format_report``)."""
+        return curvature_report(self)
 
     def diagnostics(self) -> Dict[str, Dict[str, int]]:
         """{module name: {"stat_iters": n, "nonfinite_skips": k}}: statistics iterations that
