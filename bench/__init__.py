@@ -1,0 +1,1 @@
+"""adafisher-fast benchmark suite: `python -m bench` (see bench/README.md)."""

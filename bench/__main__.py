@@ -1,0 +1,69 @@
+"""``python -m bench [--device cpu|cuda] [--smoke] [--out DIR] [--only ops|e2e] [--ops a,b]
+[--backends torch,triton,cuda]``: the whole benchmark suite, one command (see bench/README.md)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from pathlib import Path
+
+OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats", "layer_ema", "fused_step")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda if available, else cpu (cpu implies --smoke)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, a few iterations (seconds)")
+    ap.add_argument("--full-cpu", action="store_true",
+                    help="on CPU, run the real shapes instead of the smoke ones (slow)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results folder (default bench/results/<device-name>-<date>/)")
+    ap.add_argument("--only", choices=("ops", "e2e"), default=None)
+    ap.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
+    ap.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,cuda")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if dev == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    device = torch.device(dev)
+    smoke = args.smoke or (dev == "cpu" and not args.full_cpu)
+    if dev == "cpu":
+        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+    from .harness import Harness, default_out_dir
+    from . import report
+    out = args.out or default_out_dir(device)
+    h = Harness(device, smoke, out, args.backends.split(",") if args.backends else None,
+                verbose=not args.quiet)
+    t0 = time.perf_counter()
+    print(f"# bench: {h.env['gpu']} torch {h.env['torch']} triton {h.env['triton']} "
+          f"smoke={smoke} -> {out}", flush=True)
+    h.peak_bandwidth()
+    ops = args.ops.split(",") if args.ops else list(OPS)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        ap.error(f"--ops: unknown {sorted(unknown)}")
+    if args.only in (None, "ops"):
+        for op in ops:
+            mod = importlib.import_module(f"bench.bench_{op}")
+            with h.guard(kind="op", op=op, case="*", backend="*"):
+                mod.run(h)
+    if args.only in (None, "e2e"):
+        from . import bench_e2e
+        with h.guard(kind="e2e", op="e2e", case="*", backend="*"):
+            bench_e2e.run(h)
+    written = report.write(h.rows, out)
+    n_err = sum(r["status"] == "error" for r in h.rows)
+    print(f"# {len(h.rows)} rows ({n_err} errors) in {time.perf_counter() - t0:.1f} s: "
+          f"{h.jsonl}, " + ", ".join(str(p) for p in written), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Helpers shared by the kernel benchmarks."""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SMOKE_CASES = 4     # cases per op kept in smoke runs (the first ones, then evenly spread)
+
+
+def dtypes(h) -> List[str]:
+    """Input dtypes of the statistics ops: fp32 and bf16 (autocast activations) on GPU."""
+    return ["float32"] if h.smoke or not h.cuda else ["float32", "bfloat16"]
+
+
+def thin(h, items: list) -> list:
+    """Smoke runs keep a few evenly spread cases: same code, seconds."""
+    if not h.smoke or len(items) <= SMOKE_CASES:
+        return items
+    step = len(items) / SMOKE_CASES
+    return [items[int(i * step)] for i in range(SMOKE_CASES)]
+
+
+def nbytes(shape, dtype: torch.dtype) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n * torch.empty((), dtype=dtype).element_size()
