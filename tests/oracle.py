@@ -308,7 +308,8 @@ def param_F(m, pname, p, Hp, Sp, Lambda):
         return Hp[:, None] * Sp[None, :] + Lambda
     # normalisation layers
     if Hp.numel() == 2:                                      # official BatchNorm2d / LayerNorm
-        return (Sp * Hp[0 if pname == "weight" else 1] + Lambda).reshape(p.shape)
+        # S has one entry per element of the last dim; it broadcasts against the parameter
+        return torch.broadcast_to(Sp * Hp[0 if pname == "weight" else 1] + Lambda, p.shape)
     n = p.numel()
     if pname == "weight":
         return (Sp * Hp[:n] + Lambda).reshape(p.shape)

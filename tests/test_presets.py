@@ -264,3 +264,106 @@ def test_trajectory(kind, preset, cls, tcov):
                 close(g[n], w[n], rtol=1e-10, atol=1e-13)
             except AssertionError as e:
                 raise AssertionError(f"step {step} param {n}: {e}")
+
+
+# ----------------------------------------------------------------------------------------------
+# grouped / dilated / padded convs, 1-D and 3-D norms, and a branch first used late
+# ----------------------------------------------------------------------------------------------
+class MiscNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c3 = nn.Conv3d(2, 4, 2, stride=(1, 2, 1))
+        # paper preset, train mode: H_w[c] = var/(var + eps) ~ 1 - eps/var for every channel, so its
+        # min-max divides by a range ~eps/var and amplifies rounding by var/eps; a large eps keeps the
+        # comparison well conditioned at 1e-10
+        self.bn3 = nn.BatchNorm3d(4, eps=0.3)
+        self.cg = nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding=2, padding_mode="reflect")
+        self.dw = nn.Conv2d(6, 6, 3, groups=6, padding="same", padding_mode="circular", bias=False)
+        self.bn2 = nn.BatchNorm2d(6, eps=0.3)
+        self.lnm = nn.LayerNorm((6, 3))
+        self.fc = nn.Linear(18, 5)
+        self.bn1 = nn.BatchNorm1d(5, eps=0.3)
+        self.late = nn.Linear(5, 5)          # used only when the batch says so
+        self.head = nn.Linear(5, 3, bias=False)
+
+    def forward(self, x, use_late):
+        h = torch.relu(self.bn3(self.c3(x)))            # (B, 4, 3, 3, 3)
+        h = h.flatten(2, 3)                              # (B, 4, 9, 3)
+        h = self.cg(h)                                   # (B, 6, 9, 3)
+        h = self.bn2(self.dw(h))
+        h = h.mean(2)                                    # (B, 6, 3)
+        h = self.bn1(self.fc(self.lnm(h).flatten(1)))
+        if use_late:
+            h = h + torch.tanh(self.late(h))
+        return self.head(h)
+
+
+def _misc_batches(n, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 2, 4, 6, 4, generator=g, dtype=D64), torch.randint(0, 3, (4,), generator=g), i >= 3)
+            for i in range(n)]
+
+
+def misc_loss(model, batch):
+    x, y, use_late = batch
+    return F.cross_entropy(model(x, use_late), y)
+
+
+@pytest.mark.parametrize("tcov", [1, 2])
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW], ids=["AdaFisher", "AdaFisherW"])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_trajectory_misc(preset, cls, tcov):
+    torch.manual_seed(0)
+    m1 = MiscNet().to(D64)
+    m2 = copy.deepcopy(m1)
+    batches = _misc_batches(12)
+    kw = dict(lr=3e-3, beta=0.85, Lambda=2e-3, gamma=0.6, TCov=tcov, weight_decay=0.03, preset=preset)
+    opt = cls(m1, backend="torch", **kw)
+    got = []
+    for b in batches:
+        opt.zero_grad()
+        misc_loss(m1, b).backward()
+        opt.step()
+        got.append({n: p.detach().clone() for n, p in m1.named_parameters()})
+    want, oopt = oracle.trajectory(m2, batches, misc_loss, decoupled=(cls is AdaFisherW), **kw)
+    for step, (g, w) in enumerate(zip(got, want)):
+        for n in w:
+            try:
+                close(g[n], w[n], rtol=1e-10, atol=1e-13)
+            except AssertionError as e:
+                raise AssertionError(f"step {step} param {n}: {e}")
+    ema = opt.ema_state()
+    for name, (Hs, Ss) in oopt.ema.items():
+        close(ema[name][0], Hs, rtol=1e-10)
+        close(ema[name][1], Ss, rtol=1e-10)
+
+
+def test_oracle_patches_match_unfold():
+    """Self-check of the oracle's patch extraction against F.unfold (2-D, zero padding)."""
+    torch.manual_seed(0)
+    for groups, stride, dil, pad in ((1, 1, 1, 0), (2, 2, 2, 1), (4, 1, 3, 2)):
+        m = nn.Conv2d(4, 8, (3, 2), groups=groups, stride=stride, dilation=dil, padding=pad).to(D64)
+        x = torch.randn(2, 4, 11, 9, dtype=D64)
+        P = oracle.conv_patches(x, m, official=False)             # (B, g, L, D)
+        U = F.unfold(x, (3, 2), dilation=dil, padding=pad, stride=stride)   # (B, C*kh*kw, L)
+        B, _, L = U.shape
+        U = U.reshape(B, groups, -1, L).transpose(2, 3)
+        close(P, U, rtol=0, atol=0)
+        # and the patches reproduce the convolution itself
+        out = torch.einsum("bgld,god->bgol", P, m.weight.reshape(groups, 8 // groups, -1)).reshape(B, 8, L)
+        close(out + m.bias[None, :, None], m(x).reshape(B, 8, -1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_oracle_patches_reproduce_conv(mode):
+    """Self-check: the oracle's patches (padding_mode, 'same', stride, dilation, groups) reproduce conv1d/3d."""
+    torch.manual_seed(0)
+    for m, x in ((nn.Conv1d(4, 6, 3, groups=2, stride=2, dilation=2, padding=2, padding_mode=mode), torch.randn(2, 4, 13)),
+                 (nn.Conv3d(2, 4, 3, padding="same", padding_mode=mode), torch.randn(2, 2, 4, 5, 3))):
+        m = m.to(D64)
+        x = x.to(D64)
+        P = oracle.conv_patches(x, m, official=False)
+        B, g, L, D = P.shape
+        O = m.out_channels
+        out = torch.einsum("bgld,god->bgol", P, m.weight.reshape(g, O // g, -1)).reshape(B, O, L)
+        close(out + m.bias[None, :, None], m(x).reshape(B, O, -1), rtol=1e-12)
