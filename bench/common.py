@@ -6,7 +6,7 @@ from typing import List
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SMOKE_CASES = 4     # cases per op kept in smoke runs (the first ones, then evenly spread)
+SMOKE_CASES = 2     # cases per op kept in smoke runs (the first ones, then evenly spread)
 
 
 def dtypes(h) -> List[str]:

@@ -185,6 +185,7 @@ class Harness:
             t = f"{row['time_ms']:.4f} ms" if row["time_ms"] is not None else status
             bw = f"  {gbps:8.1f} GB/s" if gbps else ""
             pk = f" ({row['pct_peak']:.0f}%)" if row["pct_peak"] else ""
+            case = f"{case} {extra['optimizer']}" if "optimizer" in extra else case
             print(f"[{kind}] {op:16s} {backend:12s} {case:40s} {dtype:9s} {t}{bw}{pk}"
                   + (f"  -- {note}" if note else ""), flush=True)
         return row
