@@ -33,8 +33,16 @@ def main(argv=None) -> int:
         ap.error("--device cuda: no CUDA device is available")
     device = torch.device(dev)
     smoke = args.smoke or (dev == "cpu" and not args.full_cpu)
+    threads = torch.get_num_threads()
     if dev == "cpu":
         torch.set_num_threads(1)        # shared CI machines: one thread is faster and steadier
+    try:
+        return _run(args, ap, device, smoke)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, ap, device, smoke) -> int:
 
     from .harness import Harness, default_out_dir
     from . import report

@@ -79,11 +79,12 @@ def workloads(h: Harness):
 def _optimizers(h: Harness):
     """[(label, anchor key, backend, factory(model) -> optimizer)]."""
     from adafisher_fast import AdaFisher, AdaFisherW
-    out = [("sgd", "sgd", "torch",
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True)),
-           ("adamw", "adamw", "torch",
+    # AdamW first: every later row of the workload gets its ratio to it
+    out = [("adamw", "adamw", "torch",
             lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01,
-                                        **({"fused": True} if h.cuda else {"foreach": True})))]
+                                        **({"fused": True} if h.cuda else {"foreach": True}))),
+           ("sgd", "sgd", "torch",
+            lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True))]
     ok, missing = available_backends(h)
     for name, why in missing:
         h.add(kind="e2e", op=OP, case="*", backend=name, status="skipped", note=why)
