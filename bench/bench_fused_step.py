@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .harness import Case, Harness, run_cases
+from .harness import Harness, LazyCase, run_cases
 from .optsetup import OptSetup, model_sets, n_params
 
 OP = "fused_step"
@@ -27,32 +27,39 @@ BYTES_PER_PARAM_NEEDED = 20
 SLACK_BYTES = 6 * 2 ** 30
 
 
-def run(h: Harness) -> None:
+def cases(h: Harness):
+    out = []
     for label, factory in model_sets(h.smoke):
         n = n_params(factory)
-        free = h.free_memory_bytes()
         need = n * BYTES_PER_PARAM_NEEDED + SLACK_BYTES
-        if free is not None and need > free:
-            h.add(kind="op", op=OP, case=label, backend="*", shape=[n], dtype="float32",
-                  status="skipped", note=f"needs ~{need / 2 ** 30:.1f} GiB, "
-                                         f"{free / 2 ** 30:.1f} GiB free")
-            continue
-        with h.guard(kind="op", op=OP, case=label, backend="setup", shape=[n]):
+
+        def setup(factory=factory, label=label, need=need):
+            free = h.free_memory_bytes()
+            if free is not None and need > free:
+                return dict(label=label, shape=[n], why=f"needs ~{need / 2 ** 30:.1f} GiB, "
+                                                        f"{free / 2 ** 30:.1f} GiB free")
             s = OptSetup(factory, h.device)
 
-            def build(ops, s=s):
+            def build(ops):
                 return lambda: ops.fused_step(s.params, s.grads, s.moms, s.steps, s.opt.fisher.fac,
                                               s.meta, s.hyper, False)
 
-            def adamw(s=s):
+            def adamw():
                 kw = {"fused": True} if h.cuda else {"foreach": True}
                 opt = torch.optim.AdamW(s.params, lr=1e-4, weight_decay=1e-4, **kw)
                 return opt.step, 7 * s.numel * s.elsize
 
-            case = Case(f"{label} ({s.numel / 1e6:.1f}M, {len(s.params)} tensors)", [s.numel],
-                        str(s.params[0].dtype).replace("torch.", ""), 5 * s.numel * s.elsize,
-                        build, baselines=[("adamw", adamw)], n_tensors=len(s.params))
-            run_cases(h, OP, [case], ratio_to="adamw")
-            del s, case
-            if h.cuda:
-                torch.cuda.empty_cache()
+            return dict(label=f"{label} ({s.numel / 1e6:.1f}M, {len(s.params)} tensors)",
+                        shape=[s.numel], dtype=str(s.params[0].dtype)[6:],
+                        bytes=5 * s.numel * s.elsize, build=build, baselines=[("adamw", adamw)],
+                        extra=dict(n_tensors=len(s.params)), keep=s)
+        out.append(LazyCase(label, setup))
+    return out
+
+
+def run(h: Harness) -> None:
+    for c in cases(h):
+        run_cases(h, OP, [c], ratio_to="adamw")
+        c.release()
+        if h.cuda:
+            torch.cuda.empty_cache()

@@ -13,7 +13,7 @@ from __future__ import annotations
 from adafisher_fast.presets import PRESETS
 
 from . import models
-from .harness import Case, Harness, run_cases
+from .harness import Harness, LazyCase, run_cases
 from .optsetup import OptSetup
 
 OP = "layer_ema"
@@ -26,23 +26,31 @@ def _models(smoke: bool):
     return [("r18", models.resnet18_cifar), ("r50", models.resnet50), ("gpt2-small", models.gpt2_small)]
 
 
-def run(h: Harness) -> None:
+def cases(h: Harness):
+    out = []
     for label, factory in _models(h.smoke):
         for preset in ("official", "paper"):
-            with h.guard(kind="op", op=OP, case=f"{label} {preset}", backend="setup"):
+            def setup(factory=factory, preset=preset, label=label):
                 s = OptSetup(factory, h.device, preset)
                 f = s.opt.fisher
                 es = f.buf.element_size()
                 t = f.table.term_src.numel()
-                nbytes = es * (f.buf.numel() + 2 * f.state.numel() + f.fac.numel()) + t * (24 + 3 * es)
                 rule = PRESETS[preset].ema_rule(0.8)
 
-                def build(ops, f=f, rule=rule):
+                def build(ops):
                     return lambda: ops.layer_ema(f.buf, f.table, f.state, f.fac, f.initialized,
                                                  f.counters, rule)
 
-                case = Case(f"{label} {preset} ({len(f.layers)} layers, {f.state.numel()} entries)",
-                            [len(f.layers), f.state.numel()], str(f.buf.dtype).replace("torch.", ""),
-                            nbytes, build, layers=len(f.layers), terms=t)
-                run_cases(h, OP, [case])
-                del s, f
+                nbytes = es * (f.buf.numel() + 2 * f.state.numel() + f.fac.numel()) + t * (24 + 3 * es)
+                return dict(label=f"{label} {preset} ({len(f.layers)} layers, {f.state.numel()} entries)",
+                            shape=[len(f.layers), f.state.numel()], dtype=str(f.buf.dtype)[6:],
+                            bytes=nbytes, build=build, extra=dict(layers=len(f.layers), terms=t),
+                            keep=s)
+            out.append(LazyCase(f"{label} {preset}", setup))
+    return out
+
+
+def run(h: Harness) -> None:
+    for c in cases(h):
+        run_cases(h, OP, [c])
+        c.release()

@@ -249,6 +249,31 @@ class Case:
         self.build, self.baselines, self.extra = build, list(baselines), extra
 
 
+class LazyCase:
+    """A case whose inputs are big (a whole model's optimizer): ``setup()`` runs on first use and
+    returns Case's fields as a dict (plus ``keep``: what to hold alive; or ``why``: cannot run
+    here, reported as a skipped row); ``release()`` frees it."""
+
+    def __init__(self, label: str, setup: Callable[[], Dict[str, Any]]):
+        self.label, self._setup, self._case, self._keep = label, setup, None, None
+
+    def get(self):
+        if self._case is None:
+            d = self._setup()
+            if "why" in d:
+                self._case = d
+            else:
+                self._keep = d.pop("keep", None)
+                extra = d.pop("extra", {})
+                self._case = Case(**d, **extra)
+        return self._case
+
+    def release(self) -> None:
+        self._case = self._keep = None
+        import gc
+        gc.collect()
+
+
 def run_cases(h: Harness, op: str, cases: List[Case], ratio_to: Optional[str] = None) -> None:
     """Time every case on every backend that loads (and its baselines); ``ratio_to``: the
     baseline whose time each row is divided by (column ``ratio``)."""
@@ -256,6 +281,12 @@ def run_cases(h: Harness, op: str, cases: List[Case], ratio_to: Optional[str] = 
     for name, why in missing:
         h.add(kind="op", op=op, case="*", backend=name, status="skipped", note=why)
     for c in cases:
+        if isinstance(c, LazyCase):
+            lazy = c
+            with h.guard(kind="op", op=op, case=lazy.label, backend="setup"):
+                c = lazy.get()
+            if c is None:
+                continue
         if isinstance(c, dict):     # a case that cannot run here: {"label", "why"}
             h.add(kind="op", op=op, case=c["label"], backend="*", shape=c.get("shape"),
                   status="skipped", note=c["why"])

@@ -8,6 +8,7 @@ Identical shapes are merged into one case, labelled with the layers that share i
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 from typing import Dict, List, Tuple
 
 from . import models
@@ -18,6 +19,7 @@ def _conv_geometry(m):
     return tuple(m.kernel_size), tuple(m.stride), pad, tuple(m.dilation), m.groups
 
 
+@lru_cache(maxsize=None)
 def conv_cases(smoke: bool) -> List[Dict]:
     """[{label, x_shape, kernel_size, stride, padding, dilation, groups, out_shape, layers}]."""
     if smoke:
@@ -53,6 +55,7 @@ def conv_cases(smoke: bool) -> List[Dict]:
 ANCHOR_CONV = {(64, 64, 56, 56, 3, 1): (3.76, 0.074), (256, 64, 32, 32, 3, 1): (5.67, 0.094)}
 
 
+@lru_cache(maxsize=None)
 def conv_out_cases(smoke: bool) -> List[Tuple[str, Tuple[int, ...]]]:
     """[(label, shape)] of the conv output gradients (the S statistic: linear_stats, dim=1)."""
     merged: "OrderedDict[tuple, List[str]]" = OrderedDict()
