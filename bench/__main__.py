@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("ops", "e2e"), default=None)
     ap.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
     ap.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,cuda")
+    ap.add_argument("--append", action="store_true",
+                    help="add to the folder's results.jsonl instead of starting it afresh (to split "
+                         "a run: --only ops, then --only e2e --append); the table covers all rows")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -48,7 +51,7 @@ def _run(args, ap, device, smoke) -> int:
     from . import report
     out = args.out or default_out_dir(device)
     h = Harness(device, smoke, out, args.backends.split(",") if args.backends else None,
-                verbose=not args.quiet)
+                verbose=not args.quiet, append=args.append)
     t0 = time.perf_counter()
     print(f"# bench: {h.env['gpu']} torch {h.env['torch']} triton {h.env['triton']} "
           f"smoke={smoke} -> {out}", flush=True)
@@ -66,7 +69,7 @@ def _run(args, ap, device, smoke) -> int:
         from . import bench_e2e
         with h.guard(kind="e2e", op="e2e", case="*", backend="*"):
             bench_e2e.run(h)
-    written = report.write(h.rows, out)
+    written = report.write(report.load(out), out)
     n_err = sum(r["status"] == "error" for r in h.rows)
     print(f"# {len(h.rows)} rows ({n_err} errors) in {time.perf_counter() - t0:.1f} s: "
           f"{h.jsonl}, " + ", ".join(str(p) for p in written), flush=True)

@@ -63,7 +63,7 @@ def quantile(xs: List[float], q: float) -> float:
 
 class Harness:
     def __init__(self, device: torch.device, smoke: bool, out_dir: Path,
-                 backends: Optional[List[str]] = None, verbose: bool = True):
+                 backends: Optional[List[str]] = None, verbose: bool = True, append: bool = False):
         self.device = device
         self.smoke = smoke
         self.out_dir = Path(out_dir)
@@ -79,7 +79,8 @@ class Harness:
         if device.type == "cuda":
             self._flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device=device)
         self.jsonl = self.out_dir / "results.jsonl"
-        self.jsonl.write_text("")
+        if not append or not self.jsonl.exists():
+            self.jsonl.write_text("")
 
     # --------------------------------------------------------------------------------------
     @property

@@ -43,7 +43,8 @@ class OptSetup:
             p.grad = torch.randn_like(p).mul_(1e-3)
         fisher = self.opt.fisher
         fisher.buf.uniform_(0.1, 1.0)      # accumulators and row counts > 0: every layer updates
-        self.params, self.grads, self.moms, self.steps, meta, self.hyper = self.opt._gather()
-        self.meta = meta.to(device)
+        # meta stays where the optimizer's step() puts it (a CPU tensor), so the kernels are timed
+        # on exactly what they receive in training
+        self.params, self.grads, self.moms, self.steps, self.meta, self.hyper = self.opt._gather()
         self.numel = sum(p.numel() for p in self.params)
         self.elsize = self.params[0].element_size()
