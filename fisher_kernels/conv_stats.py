@@ -1,0 +1,102 @@
+"""Triton twin of ``reference.conv_stats``: conv patch sums of squares WITHOUT im2col (SPEC 4.2).
+
+x: (B, C, *spatial), d = 1, 2 or 3 spatial dims, float16/bfloat16/float32 (float64 buffers fall
+back to the reference).  out: (groups * D,) float32, D = C/groups * prod(kernel), laid out like a
+conv weight (channel, *kernel).  Returns L, the output positions per sample.
+
+Two launches, neither of the patch matrix's size:
+1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x);
+2. one program per (channel, kernel offset) sums Q over that offset's output lattice (strided,
+   dilated).  Zero padding is applied by masking; reflect/replicate/circular pad the small map Q
+   with torch first (padding commutes with the square and the batch sum: it only copies or zeroes
+   positions).  1-D/2-D convs run as 3-D ones with unit leading dims.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from adafisher_fast import reference
+from .linear_stats import _launch as _sum_over_batch
+
+BLOCK_L = 512   # output positions per inner iteration
+
+
+@triton.jit
+def _lattice_sum_kernel(q_ptr, out_ptr, S0, S1, S2, P0, P1, P2, K0, K1, K2, D0, D1, D2,
+                        T0, T1, T2, N0, N1, N2, BLOCK_L: tl.constexpr):
+    """Program (c, koff): out[c * K + koff] += sum_l Q[c, o*dil + l*stride - pad] (0 outside)."""
+    c = tl.program_id(0)
+    koff = tl.program_id(1)
+    k2 = koff % K2
+    k1 = (koff // K2) % K1
+    k0 = koff // (K1 * K2)
+    base = q_ptr + c.to(tl.int64) * S0 * S1 * S2
+    L = N0 * N1 * N2
+    acc = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    for l0 in range(0, L, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)
+        lm = l < L
+        i2 = l % N2
+        i1 = (l // N2) % N1
+        i0 = l // (N1 * N2)
+        y0 = k0 * D0 + i0 * T0 - P0
+        y1 = k1 * D1 + i1 * T1 - P1
+        y2 = k2 * D2 + i2 * T2 - P2
+        ok = lm & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1) & (y2 >= 0) & (y2 < S2)
+        v = tl.load(base + (y0.to(tl.int64) * S1 + y1) * S2 + y2, mask=ok, other=0.0)
+        acc += v
+    K = K0 * K1 * K2
+    dst = out_ptr + c * K + koff
+    tl.store(dst, tl.load(dst) + tl.sum(acc, axis=0))
+
+
+def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
+               stride: Sequence[int], padding: Sequence[Tuple[int, int]],
+               dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:
+    """Same signature and semantics as ``reference.conv_stats`` (see the module docstring)."""
+    nd = len(kernel_size)
+    if out.dtype != torch.float32 or x.dtype == torch.float64 or not out.is_contiguous():
+        return reference.conv_stats(x, out, kernel_size, stride, padding, dilation, groups,
+                                    padding_mode)
+    if nd not in (1, 2, 3) or x.dim() != nd + 2:
+        raise ValueError(f"conv_stats: x must be (B, C, *spatial) with {nd} spatial dims, got "
+                         f"shape {tuple(x.shape)}")
+    if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+        raise ValueError(f"conv_stats: unknown padding_mode {padding_mode!r}")
+    b, c = x.shape[:2]
+    spatial = list(x.shape[2:])
+    sizes = [reference.conv_out_size(spatial[i], kernel_size[i], stride[i], dilation[i],
+                                     *padding[i]) for i in range(nd)]
+    n_pos = math.prod(sizes)
+    ktot = math.prod(kernel_size)
+    if out.numel() != c * ktot:
+        raise ValueError(f"conv_stats: out has {out.numel()} entries, expected C * prod(kernel) = "
+                         f"{c * ktot}")
+    if x.numel() == 0 or n_pos <= 0:
+        return max(n_pos, 0)
+    q = torch.zeros(c * math.prod(spatial), dtype=torch.float32, device=x.device)
+    _sum_over_batch(x.reshape(b, -1, 1).contiguous(), q, True, 1.0)
+    q = q.view(c, *spatial)
+    pads = [tuple(p) for p in padding]
+    if padding_mode != "zeros" and any(p for lo_hi in pads for p in lo_hi):
+        flat_pad = [p for lo_hi in reversed(pads) for p in lo_hi]
+        q = F.pad(q.unsqueeze(0), flat_pad, mode=padding_mode).squeeze(0).contiguous()
+        spatial = list(q.shape[1:])
+        pads = [(0, 0)] * nd
+    # run as 3-D: unit leading dims
+    lead = 3 - nd
+    S = [1] * lead + spatial
+    P = [0] * lead + [p[0] for p in pads]
+    K = [1] * lead + list(kernel_size)
+    D = [1] * lead + list(dilation)
+    T = [1] * lead + list(stride)
+    N = [1] * lead + sizes
+    _lattice_sum_kernel[(c, ktot)](q, out, *S, *P, *K, *D, *T, *N, BLOCK_L=BLOCK_L)
+    return n_pos

@@ -1,0 +1,35 @@
+"""Triton twin of ``reference.embedding_stats``: ``out[v] += number of tokens equal to v``.
+
+idx: integer tensor of any shape; out: float32 (float64 falls back to the reference).  One atomic
+add of 1 per token; out-of-range tokens are ignored here (the reference's bincount would fail).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from adafisher_fast import reference
+
+BLOCK = 1024   # tokens per program: a large batch x sequence fills the GPU with few programs
+
+
+@triton.jit
+def _embedding_stats_kernel(idx_ptr, out_ptr, n, V, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tok = tl.load(idx_ptr + offs, mask=m, other=0).to(tl.int64)
+    ok = m & (tok >= 0) & (tok < V)
+    ones = tl.full((BLOCK,), 1.0, tl.float32)
+    tl.atomic_add(out_ptr + tok, ones, mask=ok)
+
+
+def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
+    """Same signature and semantics as ``reference.embedding_stats``."""
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        return reference.embedding_stats(idx, out)
+    flat = idx.reshape(-1).contiguous()
+    n = flat.numel()
+    if n == 0:
+        return
+    _embedding_stats_kernel[(triton.cdiv(n, BLOCK),)](flat, out, n, out.numel(), BLOCK=BLOCK)

@@ -1,0 +1,183 @@
+"""Triton twin of ``reference.fused_step``: the AdaFisher / AdaFisherW update of every parameter.
+
+Per element (SPEC 1), math in float32, state (m) in the parameter dtype:
+    g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
+    F = fac[s_off + r*s_r + c*s_c] * fac[h_off + r*h_r + c*h_c + (r // h_gr) * h_gs] + Lambda
+    p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled))
+with (r, c) the element's position in the parameter's (rows x cols) view (NOTE: [param map] in
+reference.py).  Each element of p, g and m is read once and p, m written once; F is computed from
+the small fac vector, never materialised.
+
+NOTE: [pointer tables] On a GPU the update is ONE launch per (param dtype, grad dtype) pair -- one
+launch for a model in one dtype: a block table maps each program to (parameter, block), and an int64
+table holds each parameter's data pointers (p, g, m), its meta row and its hyper-parameters
+(lr, beta, 1 - beta, wd, Lambda, bias correction).  The Triton interpreter (TRITON_INTERPRET=1,
+CPU tests) cannot dereference raw integers as pointers, so there the same element body runs with one
+launch per parameter, taking the tensors themselves; the arithmetic is shared (``_update``).
+float64 parameters go through the reference (parity runs).  Non-contiguous gradients are read
+through a contiguous copy; non-contiguous parameters/momenta are updated in a contiguous copy that
+is copied back.  Steps are incremented here (0-dim tensors, as the reference does).
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from adafisher_fast import reference
+
+BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
+N_META = 10           # columns of a meta row (reference.META_COLS)
+N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, bias correction
+
+
+N_META_C: tl.constexpr = tl.constexpr(N_META)     # the same numbers, visible inside kernels
+N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+            DECOUPLED: tl.constexpr):
+    mask = offs < n
+    cols = tl.load(meta_ptr + 1)
+    s_off = tl.load(meta_ptr + 2)
+    s_r = tl.load(meta_ptr + 3)
+    s_c = tl.load(meta_ptr + 4)
+    h_off = tl.load(meta_ptr + 5)
+    h_r = tl.load(meta_ptr + 6)
+    h_c = tl.load(meta_ptr + 7)
+    h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
+    h_gs = tl.load(meta_ptr + 9)
+    r = offs // cols
+    c = offs % cols
+    s_idx = s_off + r * s_r + c * s_c
+    h_idx = h_off + r * h_r + c * h_c + (r // h_gr) * h_gs
+    fs = tl.load(fac_ptr + s_idx, mask=mask, other=1.0).to(tl.float32)
+    fh = tl.load(fac_ptr + h_idx, mask=mask, other=1.0).to(tl.float32)
+    fd = fs * fh + lam
+    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    pw = p.to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if not DECOUPLED:
+        g = g + wd * pw
+    m = m * beta + g * omb
+    upd = m / bc / fd
+    if DECOUPLED:
+        upd = upd + wd * pw
+    tl.store(m_ptr + offs, m.to(p.dtype), mask=mask)
+    tl.store(p_ptr + offs, (pw - lr * upd).to(p.dtype), mask=mask)
+
+
+@triton.jit
+def _fused_step_one_kernel(p_ptr, g_ptr, m_ptr, fac_ptr, meta_ptr, n, lr, beta, omb, wd, lam, bc,
+                           DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+    """Interpreter path: one parameter per launch (NOTE: [pointer tables])."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+            DECOUPLED)
+
+
+@triton.jit
+def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper, fac_ptr,
+                             P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                             DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+    """GPU path: every parameter of one dtype pair in one launch (NOTE: [pointer tables])."""
+    pid = tl.program_id(0)
+    i = tl.load(block_param + pid)
+    start = tl.load(block_start + pid)
+    p_ptr = tl.load(ptrs + 3 * i).to(tl.pointer_type(P_DTYPE))
+    g_ptr = tl.load(ptrs + 3 * i + 1).to(tl.pointer_type(G_DTYPE))
+    m_ptr = tl.load(ptrs + 3 * i + 2).to(tl.pointer_type(P_DTYPE))
+    n = tl.load(numels + i)
+    hp = hyper + N_HYPER_C * i
+    lr = tl.load(hp)
+    beta = tl.load(hp + 1)
+    omb = tl.load(hp + 2)
+    wd = tl.load(hp + 3)
+    lam = tl.load(hp + 4)
+    bc = tl.load(hp + 5)
+    offs = start + tl.arange(0, BLOCK)
+    _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
+            bc, DECOUPLED)
+
+
+_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
+               steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
+               hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
+    """Same signature and semantics as ``reference.fused_step`` (see the module docstring)."""
+    n = len(params)
+    if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
+        raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
+                         "same length")
+    meta_rows = meta.tolist()
+    ref_idx, groups = [], {}
+    for i, (p, g, m) in enumerate(zip(params, grads, moms)):
+        if p.dtype not in _TL or g.dtype not in _TL or m.dtype != p.dtype:
+            ref_idx.append(i)
+        else:
+            groups.setdefault((p.dtype, g.dtype), []).append(i)
+    if ref_idx:
+        reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
+                             [moms[i] for i in ref_idx], [steps[i] for i in ref_idx], fac,
+                             meta[ref_idx], [hyper[i] for i in ref_idx], decoupled)
+    if not groups:
+        return
+    dev = fac.device
+    fac_c = fac.contiguous()
+    for (pdt, gdt), idx in groups.items():
+        work = []              # (i, p, g, m, copy-back targets)
+        hyp_rows = []
+        for i in idx:
+            p, g, m, t = params[i], grads[i], moms[i], steps[i]
+            if p.shape != g.shape or p.shape != m.shape:
+                raise ValueError(f"fused_step: parameter {i} has shape {tuple(p.shape)}, its "
+                                 f"gradient {tuple(g.shape)} and momentum {tuple(m.shape)}")
+            t += 1
+            lr, beta, wd, lam = hyper[i]
+            bc = 1 - beta ** float(t)
+            if p.numel() == 0:
+                continue
+            pc = p if p.is_contiguous() else p.contiguous()
+            mc = m if m.is_contiguous() else m.contiguous()
+            gc = g if g.is_contiguous() else g.contiguous()
+            work.append((i, pc, gc, mc, p, m))
+            hyp_rows.append((lr, beta, 1 - beta, wd, lam, bc))
+        if not work:
+            continue
+        if _interpreting() or dev.type != "cuda":
+            for (i, pc, gc, mc, _, _), (lr, beta, omb, wd, lam, bc) in zip(work, hyp_rows):
+                row = torch.tensor(meta_rows[i], dtype=torch.int64, device=pc.device)
+                nel = pc.numel()
+                _fused_step_one_kernel[(triton.cdiv(nel, BLOCK),)](
+                    pc, gc, mc, fac_c, row, nel, float(lr), float(beta), float(omb), float(wd),
+                    float(lam), float(bc), DECOUPLED=bool(decoupled), BLOCK=BLOCK)
+        else:
+            nblk = [triton.cdiv(w[1].numel(), BLOCK) for w in work]
+            block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
+            block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk])
+            ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
+                                dtype=torch.int64)
+            numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
+            mrows = torch.tensor([meta_rows[w[0]] for w in work], dtype=torch.int64)
+            hyp = torch.tensor(hyp_rows, dtype=torch.float32)
+            packed = [t.pin_memory().to(dev, non_blocking=True) for t in
+                      (block_param.to(torch.int32), block_start, ptrs, numels, mrows, hyp)]
+            _fused_step_table_kernel[(int(block_param.numel()),)](
+                *packed, fac_c, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled),
+                BLOCK=BLOCK)
+        for i, pc, gc, mc, p, m in work:
+            if pc is not p:
+                p.copy_(pc)
+            if mc is not m:
+                m.copy_(mc)

@@ -1,0 +1,177 @@
+"""Triton twin of ``reference.layer_ema``: one launch, one program per LAYER (SPEC 2-4).
+
+Each program, for each of its factors (the H and S of the layer):
+1. finalises the raw statistic from the accumulators with the LayerTable's terms,
+   ``raw[dst] += buf[src] ** pow * coef / count ** q`` (scattered with atomic adds into a scratch
+   vector, read back after a barrier);
+2. checks that every counted factor is finite (a non-finite one makes the whole layer keep its
+   state and counts one skip);
+3. applies the preset's EmaRule (+inf -> 1, -inf -> 0 then min-max of raw or state), writes
+   ``state``, ``initialized``, ``fac`` (ones for factors without statistics) and ``counters``.
+
+NOTE: [one program per layer] the non-finite guard is per layer, across its factors, so the layer
+is the unit of work; factors are small (a few thousand entries) and the programs are independent.
+float64 buffers fall back to the reference (parity runs); the per-layer factor and per-factor term
+ranges are derived from the table once and cached on it.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from adafisher_fast import reference
+from adafisher_fast.reference import MINMAX_EPS, EmaRule, LayerTable
+
+BLOCK = 256
+
+
+@triton.jit
+def _ema_minmax(v_ptr, start, end, BLOCK: tl.constexpr):
+    """(min, max) over v[start:end] after +inf -> 1, -inf -> 0."""
+    lo = tl.full((BLOCK,), float("inf"), tl.float32)
+    hi = tl.full((BLOCK,), float("-inf"), tl.float32)
+    for s in range(start, end, BLOCK):
+        o = s + tl.arange(0, BLOCK)
+        m = o < end
+        v = tl.load(v_ptr + o, mask=m, other=0.0, volatile=True)
+        v = tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 0.0, v))
+        lo = tl.minimum(lo, tl.where(m, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(m, v, float("-inf")))
+    return tl.min(lo, axis=0), tl.max(hi, axis=0)
+
+
+@triton.jit
+def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_start,
+                      factor_start, layer_factors, layer_fstart, raw_ptr, state_ptr, fac_ptr,
+                      init_ptr, counters_ptr, decay, weight, decay_first, weight_first,
+                      NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr):
+    layer = tl.program_id(0)
+    f0 = tl.load(layer_fstart + layer)
+    f1 = tl.load(layer_fstart + layer + 1)
+    # 1. raw statistics of every factor of the layer
+    for fi in range(f0, f1):
+        f = tl.load(layer_factors + fi)
+        cnt = tl.load(buf_ptr + n_acc + f)
+        ts = tl.load(term_start + f)
+        te = tl.load(term_start + f + 1)
+        for s in range(ts, te, BLOCK):
+            o = s + tl.arange(0, BLOCK)
+            m = o < te
+            src = tl.load(t_src + o, mask=m, other=0)
+            dst = tl.load(t_dst + o, mask=m, other=0)
+            pw = tl.load(t_pow + o, mask=m, other=0.0)
+            coef = tl.load(t_coef + o, mask=m, other=0.0)
+            q = tl.load(t_q + o, mask=m, other=0.0)
+            b = tl.load(buf_ptr + src, mask=m, other=0.0)
+            bp = tl.where(pw == 0.0, 1.0, tl.where(pw == 1.0, b, b * b))
+            cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt,
+                                                  tl.where(q == 2.0, cnt * cnt, cnt * cnt * cnt)))
+            tl.atomic_add(raw_ptr + dst, bp * coef / cq, mask=m)
+    tl.debug_barrier()
+    # 2. non-finite guard over the counted factors
+    bad = 0
+    for fi in range(f0, f1):
+        f = tl.load(layer_factors + fi)
+        cnt = tl.load(buf_ptr + n_acc + f)
+        st = tl.load(factor_start + f)
+        en = tl.load(factor_start + f + 1)
+        nbad = tl.zeros((BLOCK,), dtype=tl.int32)
+        for s in range(st, en, BLOCK):
+            o = s + tl.arange(0, BLOCK)
+            m = o < en
+            v = tl.load(raw_ptr + o, mask=m, other=0.0, volatile=True)
+            nbad += (m & ((v != v) | (v == float("inf")) | (v == float("-inf")))).to(tl.int32)
+        if cnt > 0:
+            bad = bad | (tl.sum(nbad, axis=0) > 0).to(tl.int32)
+    # 3. EMA, then H'/S'
+    took = 0
+    for fi in range(f0, f1):
+        f = tl.load(layer_factors + fi)
+        cnt = tl.load(buf_ptr + n_acc + f)
+        st = tl.load(factor_start + f)
+        en = tl.load(factor_start + f + 1)
+        init = tl.load(init_ptr + f) != 0
+        upd = (cnt > 0) & (bad == 0)
+        if upd:
+            lo = 0.0
+            scl = 1.0
+            if NORM_RAW:
+                lo, hi = _ema_minmax(raw_ptr, st, en, BLOCK)
+                scl = hi - lo + 1e-6
+            dc = tl.where(init, decay, decay_first)
+            wt = tl.where(init, weight, weight_first)
+            for s in range(st, en, BLOCK):
+                o = s + tl.arange(0, BLOCK)
+                m = o < en
+                v = tl.load(raw_ptr + o, mask=m, other=0.0, volatile=True)
+                if NORM_RAW:
+                    v = tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 0.0, v))
+                    v = (v - lo) / scl
+                old = tl.load(state_ptr + o, mask=m, other=1.0)
+                prior = tl.where(init, old, 1.0)
+                tl.store(state_ptr + o, prior * dc + v * wt, mask=m)
+            tl.store(init_ptr + f, 1)
+            init = True
+            took = 1
+        tl.debug_barrier()
+        lo2 = 0.0
+        scl2 = 1.0
+        if NORM_STATE:
+            lo2, hi2 = _ema_minmax(state_ptr, st, en, BLOCK)
+            scl2 = hi2 - lo2 + 1e-6
+        for s in range(st, en, BLOCK):
+            o = s + tl.arange(0, BLOCK)
+            m = o < en
+            v = tl.load(state_ptr + o, mask=m, other=0.0, volatile=True)
+            if NORM_STATE:
+                v = tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 0.0, v))
+                v = (v - lo2) / scl2
+            tl.store(fac_ptr + o, tl.where(init, v, 1.0), mask=m)
+    c0 = tl.load(counters_ptr + 2 * layer)
+    c1 = tl.load(counters_ptr + 2 * layer + 1)
+    tl.store(counters_ptr + 2 * layer, c0 + took)
+    tl.store(counters_ptr + 2 * layer + 1, c1 + bad)
+
+
+def _ranges(table: LayerTable):
+    """(term order, term_start, layer_factors, layer_fstart), cached on the table's tensors."""
+    cached = getattr(table.term_factor, "_af_ranges", None)
+    if cached is not None:
+        return cached
+    dev = table.term_factor.device
+    nf = table.factor_layer.numel()
+    order = torch.argsort(table.term_factor, stable=True)
+    tcount = torch.bincount(table.term_factor, minlength=nf)
+    term_start = torch.zeros(nf + 1, dtype=torch.int64, device=dev)
+    term_start[1:] = torch.cumsum(tcount, 0)
+    layer_factors = torch.argsort(table.factor_layer, stable=True)
+    fcount = torch.bincount(table.factor_layer, minlength=table.n_layers)
+    layer_fstart = torch.zeros(table.n_layers + 1, dtype=torch.int64, device=dev)
+    layer_fstart[1:] = torch.cumsum(fcount, 0)
+    cols = tuple(t[order].contiguous() for t in (table.term_src, table.term_dst))
+    cols += tuple(t[order].to(torch.float32).contiguous()
+                  for t in (table.term_pow, table.term_coef, table.term_q))
+    cached = (cols, term_start, layer_factors.contiguous(), layer_fstart)
+    table.term_factor._af_ranges = cached
+    return cached
+
+
+def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
+              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
+    """Same signature and semantics as ``reference.layer_ema`` (see the module docstring)."""
+    if buf.dtype != torch.float32 or state.dtype != torch.float32:
+        return reference.layer_ema(buf, table, state, fac, initialized, counters, rule)
+    if table.n_layers == 0 or table.factor_layer.numel() == 0:
+        return
+    for name, t in (("buf", buf), ("state", state), ("fac", fac), ("initialized", initialized),
+                    ("counters", counters)):
+        if not t.is_contiguous():
+            raise ValueError(f"layer_ema: {name} must be contiguous")
+    cols, term_start, layer_factors, layer_fstart = _ranges(table)
+    raw = torch.zeros(state.numel(), dtype=torch.float32, device=buf.device)
+    _layer_ema_kernel[(table.n_layers,)](
+        buf, table.n_acc, *cols, term_start, table.factor_start, layer_factors, layer_fstart,
+        raw, state, fac, initialized.view(torch.uint8), counters,
+        float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
+        NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state), BLOCK=BLOCK)
