@@ -1,9 +1,9 @@
 """Microbenchmark of ``norm_stats`` (SPEC 4.3): sums of xhat^2 of normalisation layers, xhat
 recomputed from the input in one read.
 
-Cases: the BatchNorm2d inputs of ResNet-18 CIFAR at batch 256 and of ResNet-50's first stage at
-batch 64 (mode="channel", x viewed as (B, C, H*W)), and GPT-2 small's LayerNorm at 16 x 1024
-tokens (mode="sample", x viewed as (R, 768, 1)); fp32 and bf16.
+Cases: the BatchNorm2d inputs (= the conv outputs) of ResNet-50 at batch 64 x 224x224 and of
+ResNet-18 CIFAR at batch 256 (mode="channel", x viewed as (B, C, H*W)), and GPT-2 small's LayerNorm
+at 16 x 1024 tokens (mode="sample", x viewed as (R, 768, 1)); fp32 and bf16.
 
 Bytes model:
 

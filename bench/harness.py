@@ -297,6 +297,7 @@ def run_cases(h: Harness, op: str, cases: List[Case], ratio_to: Optional[str] = 
                [(n, (lambda m=m: c.build(m))) for n, m in ok]
         for name, make in runs:
             with h.guard(kind="op", op=op, case=c.label, backend=name, shape=c.shape, dtype=c.dtype):
+                h.reset_peak_memory()
                 fn, nbytes = make(), c.bytes
                 if isinstance(fn, tuple):           # (fn, bytes) when a baseline moves more
                     fn, nbytes = fn
@@ -305,7 +306,9 @@ def run_cases(h: Harness, op: str, cases: List[Case], ratio_to: Optional[str] = 
                 del fn
                 base_ms[name] = t["time_ms"]
                 ratio = (t["time_ms"] / base_ms[ratio_to]) if ratio_to in base_ms else None
+                # peak over this case's inputs + the op's temporaries (im2col's patch matrix)
                 h.add(kind="op", op=op, case=c.label, backend=name, shape=c.shape, dtype=c.dtype,
-                      timing=t, bytes=nbytes, ratio=ratio, ratio_to=ratio_to, **c.extra)
+                      timing=t, bytes=nbytes, ratio=ratio, ratio_to=ratio_to,
+                      peak_mem_mib=h.peak_memory_mib(), **c.extra)
         if h.cuda:
             torch.cuda.empty_cache()
