@@ -124,13 +124,15 @@ def _time_config(h, wname, mk_model, mk_batch, make_opt, amp):
     warmup = 1 if h.smoke else 10
     iters = h.iters(100, 5, 2)
     h.reset_peak_memory()
-    t0 = time.perf_counter()
     for i in range(warmup):
+        if i == warmup // 2:            # the second half of warm-up estimates an iteration's time
+            h.sync()
+            t0 = time.perf_counter()
         fwd_bwd(i)
         opt.step()
         opt.zero_grad(set_to_none=True)
     h.sync()
-    per_iter = (time.perf_counter() - t0) / warmup
+    per_iter = (time.perf_counter() - t0) / (warmup - warmup // 2)
     if not h.smoke:
         # NOTE: [e2e budget] ~E2E_BUDGET_S of timed iterations per configuration (20 to 100):
         # 56 configurations must fit, with the kernel benchmarks, in one 10-minute GPU command

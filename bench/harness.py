@@ -100,13 +100,14 @@ class Harness:
         """Median/quantiles in ms of ``fn()`` over ``iters`` calls (module docstring)."""
         warmup = warmup if warmup is not None else (1 if self.smoke else 10)
         iters = iters if iters is not None else self.iters(100, 10, 3)
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        # one more call, after warm-up (the first calls include JIT compilation and autotuning)
         t0 = time.perf_counter()
         fn()
         self.sync()
         first = time.perf_counter() - t0
-        for _ in range(warmup - 1):
-            fn()
-        self.sync()
         if not self.smoke and first * iters > self.budget_s:
             # NOTE: [time budget] slow cases (the torch reference on 1B parameters) get fewer
             # iterations, never fewer than 5, so that one case cannot eat the whole session
