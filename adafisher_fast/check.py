@@ -1,0 +1,136 @@
+"""``CheckedOps``: run the torch reference beside a backend on every op and raise on disagreement.
+
+Enabled by ``AdaFisher(model, ..., check=True)`` or ``ADAFISHER_CHECK=1`` (``backends.resolve``
+wraps the chosen backend).  Each call runs the reference (``adafisher_fast.reference``) on clones
+of the tensors the op writes, runs the backend on the real ones, and compares every written tensor
+(and ``conv_stats``' return value).  A disagreement raises ``RuntimeError`` naming the backend, the
+op, where (the ``out`` slice offset in the flat statistics buffer, the parameter index, or the
+layer-state tensor) and the max abs/rel error.  It costs a second evaluation of every op: a
+debugging switch, not a production mode.
+
+NOTE: [check tolerances] ``|kernel - ref| <= atol + rtol * |ref|`` elementwise with
+``atol = rtol * max|ref|`` (so entries much smaller than the largest are judged against the
+tensor's scale: parallel sums differ from torch's in summation order):
+* float64 results: rtol 1e-9; float32 results from float32 inputs: rtol 1e-4 (sums over up to
+  ~1e6 terms in a different order; float32 eps is 1.2e-7);
+* float16/bfloat16 inputs (statistics accumulate in float32, so the inputs' own rounding is shared
+  by both sides): rtol 1e-3; float16/bfloat16 parameters and momenta (fused_step stores them in the
+  parameter dtype, where one rounding flip is one ulp): rtol 2 ulp of that dtype
+  (float16 2e-3, bfloat16 1.6e-2).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from . import reference
+
+_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2 * 2.0 ** -10,
+         torch.bfloat16: 2 * 2.0 ** -7}
+LOW_PRECISION_INPUT_RTOL = 1e-3
+
+
+def _rtol(result_dtype: torch.dtype, input_dtype: Optional[torch.dtype] = None) -> float:
+    r = _RTOL.get(result_dtype, 1e-4)
+    if input_dtype in (torch.float16, torch.bfloat16):
+        r = max(r, LOW_PRECISION_INPUT_RTOL)
+    return r
+
+
+def compare(got: torch.Tensor, ref: torch.Tensor, rtol: float):
+    """(ok, max abs error, max rel error) of ``got`` against ``ref`` (NOTE: [check tolerances])."""
+    if got.shape != ref.shape:
+        return False, float("inf"), float("inf")
+    if got.dtype == torch.bool or not got.is_floating_point():
+        diff = (got.to(torch.int64) - ref.to(torch.int64)).abs()
+        err = float(diff.max()) if diff.numel() else 0.0
+        return err == 0, err, err
+    if got.numel() == 0:
+        return True, 0.0, 0.0
+    g, r = got.double(), ref.double()
+    same = (g == r) | (torch.isnan(g) & torch.isnan(r))
+    diff = torch.where(same, torch.zeros_like(g), (g - r).abs())
+    finite = torch.isfinite(r)
+    scale = float(r[finite].abs().max()) if bool(finite.any()) else 0.0
+    tol = rtol * scale + rtol * r.abs()
+    ok = bool((diff <= tol).all())
+    abs_err = float(diff.max())
+    rel_err = float((diff / r.abs().clamp_min(1e-300)).max())
+    return ok, abs_err, rel_err
+
+
+class CheckedOps:
+    """A backend's ops module wrapped so that each op is checked against the torch reference."""
+
+    def __init__(self, ops: Any, name: str):
+        self._ops = ops
+        self.name = name
+
+    def __getattr__(self, attr):            # anything else the module exposes
+        return getattr(self._ops, attr)
+
+    def __repr__(self) -> str:
+        return f"CheckedOps({self.name})"
+
+    # ------------------------------------------------------------------------------------------
+    def _fail(self, op: str, where: str, abs_err: float, rel_err: float, rtol: float):
+        raise RuntimeError(f"adafisher check: backend {self.name!r} op {op} disagrees with the "
+                           f"torch reference {where}: max abs error {abs_err:.3g}, max rel error "
+                           f"{rel_err:.3g} (rtol {rtol:.3g}, NOTE: [check tolerances] in check.py)")
+
+    def _check(self, op, got, ref, rtol, where):
+        ok, a, r = compare(got, ref, rtol)
+        if not ok:
+            self._fail(op, where, a, r, rtol)
+
+    @staticmethod
+    def _where_out(out: torch.Tensor) -> str:
+        return f"(out = buffer slice at offset {out.storage_offset()}, {out.numel()} entries)"
+
+    def _stats(self, op: str, x: torch.Tensor, out: torch.Tensor, *args):
+        ref_out = out.detach().clone()
+        ref_ret = getattr(reference, op)(x, ref_out, *args)
+        ret = getattr(self._ops, op)(x, out, *args)
+        where = self._where_out(out)
+        if ret != ref_ret:
+            raise RuntimeError(f"adafisher check: backend {self.name!r} op {op} returned {ret!r}, "
+                               f"the torch reference {ref_ret!r} {where}")
+        in_dtype = x.dtype if x.is_floating_point() else None
+        self._check(op, out, ref_out, _rtol(out.dtype, in_dtype), where)
+        return ret
+
+    def linear_stats(self, x, out, dim=-1, square=True, scale=1.0):
+        return self._stats("linear_stats", x, out, dim, square, scale)
+
+    def conv_stats(self, x, out, kernel_size, stride, padding, dilation, groups,
+                   padding_mode="zeros"):
+        return self._stats("conv_stats", x, out, kernel_size, stride, padding, dilation, groups,
+                           padding_mode)
+
+    def norm_stats(self, x, out, mode, groups, eps, center=True, mean=None, var=None):
+        return self._stats("norm_stats", x, out, mode, groups, eps, center, mean, var)
+
+    def embedding_stats(self, idx, out):
+        return self._stats("embedding_stats", idx, out)
+
+    def layer_ema(self, buf, table, state, fac, initialized, counters, rule):
+        ref = [t.clone() for t in (state, fac, initialized, counters)]
+        reference.layer_ema(buf, table, *ref, rule)
+        self._ops.layer_ema(buf, table, state, fac, initialized, counters, rule)
+        for nm, got, want in zip(("state", "fac", "initialized", "counters"),
+                                 (state, fac, initialized, counters), ref):
+            self._check("layer_ema", got, want, _rtol(got.dtype) if got.is_floating_point() else 0,
+                        f"(tensor {nm})")
+
+    def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled):
+        rp = [p.detach().clone() for p in params]
+        rm = [m.detach().clone() for m in moms]
+        rs = [t.clone() for t in steps]
+        reference.fused_step(rp, grads, rm, rs, fac, meta, hyper, decoupled)
+        self._ops.fused_step(params, grads, moms, steps, fac, meta, hyper, decoupled)
+        for i, (p, m, t) in enumerate(zip(params, moms, steps)):
+            where = f"(parameter {i} of {len(params)}, shape {tuple(p.shape)}, meta row {meta[i].tolist()})"
+            self._check("fused_step", p, rp[i], _rtol(p.dtype), where + " parameter")
+            self._check("fused_step", m, rm[i], _rtol(m.dtype), where + " momentum")
+            self._check("fused_step", t, rs[i], 0.0, where + " step count")
