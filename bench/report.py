@@ -28,6 +28,7 @@ def markdown(rows: List[Dict]) -> str:
     if peak:
         lines += [f"Peak bandwidth (100% of `% peak`): {peak[0]['gbps']:.1f} GB/s "
                   f"({peak[0]['case']}).", ""]
+    lines += targets(rows)
     ops = [r for r in rows if r["kind"] == "op"]
     by_op: "OrderedDict[str, List[Dict]]" = OrderedDict()
     for r in ops:
@@ -70,6 +71,68 @@ def markdown(rows: List[Dict]) -> str:
                 f"| {_f(r.get('anchor_peak_mem_mib'), '{}')} | {status}{r.get('note') or ''} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def targets(rows: List[Dict]) -> List[str]:
+    """SPEC section 8 targets, checked on this run's rows (per kernel backend)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    kern = sorted({r["backend"] for r in ok if r["backend"] in ("torch", "triton", "cuda")},
+                  key=("cuda", "triton", "torch").index)
+    out = ["## SPEC 8 targets in this run", "",
+           "| target | " + " | ".join(kern) + " |", "|---|" + "---|" * len(kern)]
+
+    def cell(vals, fmt, good):
+        if not vals:
+            return "-"
+        v = vals
+        return f"{fmt.format(v)} {'PASS' if good(v) else 'FAIL'}"
+
+    def worst(pred, key, agg):
+        return {b: (agg([r[key] for r in ok if r["backend"] == b and pred(r) and r.get(key) is not None])
+                    if any(r["backend"] == b and pred(r) and r.get(key) is not None for r in ok) else None)
+                for b in kern}
+
+    specs = [
+        ("conv_stats: slowest speedup vs im2col (>= 30x)",
+         worst(lambda r: r["op"] == "conv_stats", "ratio", max), "{:.1f}x", lambda v: v <= 1 / 30,
+         lambda v: 1 / v),
+        ("conv_stats: lowest % of peak bandwidth (> 70%)",
+         worst(lambda r: r["op"] == "conv_stats", "pct_peak", min), "{:.0f}%", lambda v: v > 70, None),
+        ("fused_step 100M+ params: lowest % of peak (> 80%)",
+         worst(lambda r: r["op"] == "fused_step" and (r.get("shape") or [0])[0] >= 1e8, "pct_peak", min),
+         "{:.0f}%", lambda v: v > 80, None),
+        ("fused_step: worst time / AdamW fused step (<= 0.8)",
+         worst(lambda r: r["op"] == "fused_step", "ratio", max), "{:.2f}", lambda v: v <= 0.8, None),
+    ]
+    for wl, tc, lim in (("resnet18", 1, 1.06), ("resnet18", 100, 1.0), ("gpt4", 1, 1.03),
+                        ("gpt4", 100, 1.0)):
+        specs.append((f"{wl} fp32 TCov={tc}: worst iteration / AdamW (<= {lim})",
+                      worst(lambda r, wl=wl, tc=tc: r["kind"] == "e2e" and r.get("workload") == wl
+                            and r["dtype"] == "float32"
+                            and (r.get("optimizer") or "").endswith(f"TCov={tc}"), "ratio", max),
+                      "{:.3f}", lambda v, lim=lim: v <= lim, None))
+    for wl in ("resnet18", "gpt4"):
+        specs.append((f"{wl} fp32: worst step() / AdamW step() (<= 0.8, TCov=100)",
+                      worst(lambda r, wl=wl: r["kind"] == "e2e" and r.get("workload") == wl
+                            and r["dtype"] == "float32"
+                            and (r.get("optimizer") or "").endswith("TCov=100"), "step_ratio", max),
+                      "{:.2f}", lambda v: v <= 0.8, None))
+        adam = [r.get("peak_mem_mib") for r in ok if r["kind"] == "e2e" and r.get("workload") == wl
+                and r["dtype"] == "float32" and r.get("optimizer") == "adamw"]
+        if adam and adam[0] is not None:
+            specs.append((f"{wl} fp32: worst peak MiB (<= AdamW's {adam[0]:.0f})",
+                          worst(lambda r, wl=wl: r["kind"] == "e2e" and r.get("workload") == wl
+                                and r["dtype"] == "float32"
+                                and "TCov" in (r.get("optimizer") or ""), "peak_mem_mib", max),
+                          "{:.0f}", lambda v, a=adam[0]: v <= a, None))
+    for name, vals, fmt, good, show in specs:
+        cells = []
+        for b in kern:
+            v = vals[b]
+            cells.append("-" if v is None else
+                         f"{fmt.format(show(v) if show else v)} {'PASS' if good(v) else 'FAIL'}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return out + ["", "(`smoke` runs: tiny shapes on whatever device, the verdicts mean nothing.)", ""]
 
 
 def plots(rows: List[Dict], out_dir: Path) -> List[Path]:
