@@ -284,7 +284,7 @@ def run_cases(h: Harness, op: str, cases: List[Case], ratio_to: Optional[str] = 
         h.add(kind="op", op=op, case="*", backend=name, status="skipped", note=why)
     for c in cases:
         if isinstance(c, LazyCase):
-            lazy = c
+            lazy, c = c, None
             with h.guard(kind="op", op=op, case=lazy.label, backend="setup"):
                 c = lazy.get()
             if c is None:
