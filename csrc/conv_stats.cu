@@ -1,0 +1,71 @@
+// conv_stats (reference.conv_stats, SPEC 4.2): conv patch sums of squares WITHOUT im2col.
+//   out[c * K + kofs] += sum_{b, l} xpad[b, c, l * stride + kofs * dilation]^2
+// x: (B, C, *spatial) contiguous, nd = 1..3, fp16/bf16/fp32/fp64; out/work: float32 or float64.
+// NOTE: [conv lattice sums] Two launches:
+//  1. Q[c, pos] = sum_b x[b, c, pos]^2 (the column reduce of reduce.cuh over B rows, one read of x);
+//  2. one block per (channel, kernel offset) sums Q over that offset's output lattice.  Padding
+//     commutes with the square and the batch sum (it only copies or zeroes positions), so it is
+//     applied to Q's coordinates on the fly: zeros -> skipped, reflect/replicate/circular -> the
+//     source position torch.nn.functional.pad would copy.  Nothing of the patch matrix's size exists.
+#include <algorithm>
+#include "reduce.cuh"
+
+namespace adafisher {
+
+__device__ __forceinline__ int64_t pad_source(int64_t j, int64_t n, int mode) {
+  if (j >= 0 && j < n) return j;
+  switch (mode) {
+    case 1: return j < 0 ? -j : 2 * (n - 1) - j;           // reflect (pad < n, as torch requires)
+    case 2: return j < 0 ? 0 : n - 1;                      // replicate
+    case 3: return ((j % n) + n) % n;                      // circular
+    default: return -1;                                    // zeros
+  }
+}
+
+template <typename A>
+__global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out, ConvGeom g, int64_t kprod,
+                                    int64_t L) {
+  __shared__ A sh[32];
+  const int64_t c = blockIdx.x / kprod, kofs = blockIdx.x - c * kprod;
+  int64_t off[3] = {0, 0, 0};
+  int64_t rem = kofs;
+  for (int d = g.nd - 1; d >= 0; --d) { off[d] = rem % g.kernel[d]; rem /= g.kernel[d]; }
+  int64_t plane = 1;
+  for (int d = 0; d < g.nd; ++d) plane *= g.size[d];
+  const A* qc = q + c * plane;
+  A acc = 0;
+  for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+    int64_t r = l, src = 0, stride_src = 1;
+    bool ok = true;
+    int64_t coord[3];
+    for (int d = g.nd - 1; d >= 0; --d) { coord[d] = r % g.out_size[d]; r /= g.out_size[d]; }
+    for (int d = g.nd - 1; d >= 0; --d) {
+      const int64_t j = pad_source(coord[d] * g.stride[d] + off[d] * g.dilation[d] - g.pad_lo[d], g.size[d], g.mode);
+      ok = ok && j >= 0;
+      src += j * stride_src;
+      stride_src *= g.size[d];
+    }
+    if (ok) acc += qc[src];
+  }
+  acc = block_sum<A>(acc, sh);
+  if (threadIdx.x == 0) out[blockIdx.x] += acc;   // one block per entry: no atomic needed
+}
+
+cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
+                              int64_t C, const ConvGeom& g, cudaStream_t s) {
+  int64_t plane = 1, kprod = 1, L = 1;
+  for (int d = 0; d < g.nd; ++d) { plane *= g.size[d]; kprod *= g.kernel[d]; L *= g.out_size[d]; }
+  if (C == 0 || kprod == 0) return cudaSuccess;
+  AF_DISPATCH_ACC(ot, A,
+    AF_DISPATCH_IN(xt, T,
+      launch_reduce<T, A>(static_cast<const T*>(x), static_cast<A*>(work), B, C * plane, 1, true, A(1),
+                          Affine{0, nullptr, nullptr, 1}, s));
+    if (L > 0) {
+      const int threads = L >= 256 ? 256 : (L >= 64 ? 64 : 32);
+      conv_lattice_kernel<A><<<(unsigned)(C * kprod), threads, 0, s>>>(static_cast<const A*>(work),
+                                                                        static_cast<A*>(out), g, kprod, L);
+    });
+  return cudaGetLastError();
+}
+
+}  // namespace adafisher

@@ -1,0 +1,126 @@
+// fused_step (reference.fused_step, SPEC 1): the AdaFisher / AdaFisherW update of every parameter of
+// one dtype in ONE launch.  Per element, arithmetic in float32 (state in the param dtype):
+//   g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
+//   p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled)),  F = S'[row] * H'[col] + Lambda
+// with F's indices from the parameter's `meta` row (NOTE: [param map] in reference.py).
+// NOTE: [step chunks] Multi-tensor apply as in ATen's MultiTensorApply.cuh: the binding lists every
+// (tensor, chunk of kStepChunk elements) pair; block b handles chunk b.  A chunk whose p/g/m are
+// 16-byte aligned moves 16 bytes per load (4 fp32 or 8 bf16/fp16), the rest (and the tail) goes
+// element by element.  Each block reads its tensor's step t (the old value) and uses t + 1; the last
+// block to finish (atomic ticket on done_counter) increments every step tensor and re-arms the
+// counter, so no block can see a half-updated step and the whole step stays one launch.
+// Python scalars are rounded to float32 where torch's reference rounds them (1 - beta and
+// 1 - beta^t computed in double), and __fmul_rn/__fadd_rn keep the compiler from contracting the
+// reference's separate multiply and add into FMAs, so fp32 results match the reference closely.
+#include <algorithm>
+#include "common.cuh"
+
+namespace adafisher {
+
+struct StepCoef { float lr, beta, omb, bc, wd, lam; bool l2, dec; };
+
+template <typename F>
+__device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int64_t e) {
+  const int64_t cols = mt[1];
+  const int64_t r = cols > 0 ? e / cols : 0, c = e - r * cols;
+  const int64_t s_idx = mt[2] + r * mt[3] + c * mt[4];
+  const int64_t gr = mt[8] > 1 ? mt[8] : 1;
+  const int64_t h_idx = mt[5] + r * mt[6] + c * mt[7] + (r / gr) * mt[9];
+  return static_cast<float>(fac[s_idx]) * static_cast<float>(fac[h_idx]);
+}
+
+__device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd, const StepCoef& k) {
+  if (k.l2) g = __fadd_rn(g, __fmul_rn(k.wd, p));
+  m = __fadd_rn(__fmul_rn(m, k.beta), __fmul_rn(g, k.omb));
+  float u = __fdiv_rn(__fdiv_rn(m, k.bc), __fadd_rn(fd, k.lam));
+  if (k.dec) u = __fadd_rn(u, __fmul_rn(k.wd, p));
+  p = __fadd_rn(p, -__fmul_rn(k.lr, u));
+}
+
+template <typename T, typename F>
+__global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __restrict__ tensors, int64_t n_tensors,
+                                                         const StepChunk* __restrict__ chunks, int64_t n_chunks,
+                                                         const F* __restrict__ fac, const int64_t* __restrict__ meta,
+                                                         bool decoupled, unsigned int* done) {
+  __shared__ int64_t mt[10];
+  if (blockIdx.x < n_chunks) {
+    const StepChunk ch = chunks[blockIdx.x];
+    const StepTensor& ts = tensors[ch.tensor];
+    if (threadIdx.x < 10) mt[threadIdx.x] = meta[ts.row * 10 + threadIdx.x];
+    const double t = static_cast<double>(*ts.step) + 1.0;
+    StepCoef k;
+    k.lr = (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);
+    k.bc = (float)(1.0 - pow(ts.beta, t)); k.wd = (float)ts.wd; k.lam = (float)ts.lam;
+    k.l2 = ts.wd != 0.0 && !decoupled; k.dec = ts.wd != 0.0 && decoupled;
+    __syncthreads();
+    T* p = static_cast<T*>(ts.p);
+    const T* g = static_cast<const T*>(ts.g);
+    T* m = static_cast<T*>(ts.m);
+    const int64_t lo = (int64_t)ch.chunk * kStepChunk;
+    const int64_t hi = min(ts.numel, lo + kStepChunk);
+    constexpr int V = 16 / sizeof(T);
+    const bool aligned = ((reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |
+                           reinterpret_cast<uintptr_t>(m)) & 15) == 0;
+    int64_t e0 = lo;
+    if (aligned) {
+      const int64_t nv = (hi - lo) / V;
+      for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
+        const int64_t e = lo + v * V;
+        union U { uint4 u; T x[V]; } pu, gu, mu;
+        pu.u = *reinterpret_cast<const uint4*>(p + e);
+        gu.u = *reinterpret_cast<const uint4*>(g + e);
+        mu.u = *reinterpret_cast<const uint4*>(m + e);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          float pf = to_f<T>(pu.x[j]), mf = to_f<T>(mu.x[j]);
+          step_elem(pf, to_f<T>(gu.x[j]), mf, fisher_at<F>(fac, mt, e + j), k);
+          pu.x[j] = from_f<T>(pf); mu.x[j] = from_f<T>(mf);
+        }
+        *reinterpret_cast<uint4*>(p + e) = pu.u;
+        *reinterpret_cast<uint4*>(m + e) = mu.u;
+      }
+      e0 = lo + nv * V;
+    }
+    for (int64_t e = e0 + threadIdx.x; e < hi; e += blockDim.x) {
+      float pf = to_f<T>(p[e]), mf = to_f<T>(m[e]);
+      step_elem(pf, to_f<T>(g[e]), mf, fisher_at<F>(fac, mt, e), k);
+      p[e] = from_f<T>(pf); m[e] = from_f<T>(mf);
+    }
+  }
+  // last block out increments every step (NOTE: [step chunks])
+  __syncthreads();
+  __shared__ bool last;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    for (int64_t i = threadIdx.x; i < n_tensors; i += blockDim.x) *tensors[i].step += 1.0f;
+    if (threadIdx.x == 0) *done = 0u;
+  }
+}
+
+cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
+                              int64_t n_chunks, DType pt, const void* fac, DType ft, const int64_t* meta,
+                              bool decoupled, unsigned int* done_counter, cudaStream_t s) {
+  if (n_tensors == 0) return cudaSuccess;
+  const unsigned grid = (unsigned)std::max<int64_t>(n_chunks, 1);
+  AF_DISPATCH_ACC(ft, F,
+    switch (pt) {
+      case DType::F32:
+        fused_step_kernel<float, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
+            static_cast<const F*>(fac), meta, decoupled, done_counter); break;
+      case DType::F16:
+        fused_step_kernel<__half, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
+            static_cast<const F*>(fac), meta, decoupled, done_counter); break;
+      case DType::BF16:
+        fused_step_kernel<__nv_bfloat16, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
+            static_cast<const F*>(fac), meta, decoupled, done_counter); break;
+      default: return cudaErrorInvalidValue;
+    });
+  return cudaGetLastError();
+}
+
+}  // namespace adafisher

@@ -1,0 +1,68 @@
+// Thin launcher layer of the AdaFisher CUDA kernels: raw pointers, sizes and a cudaStream_t.
+// No torch include here: csrc/bindings.cpp adapts torch tensors to these calls, and the CMake
+// build (CMakeLists.txt) compiles the kernels + launchers alone as a static library.
+// Every function returns the cudaError_t of its launch(es) (cudaGetLastError after launching).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace adafisher {
+
+// Element types crossing the launcher boundary (half/bfloat16 stay opaque void* here).
+enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, F64 = 3, I32 = 4, I64 = 5 };
+
+// linear_stats: x viewed as contiguous (A, K, I); out[k] += scale * sum_{a,i} f(x[a,k,i]),
+// f = square or identity.  out is float32 or float64 (acc). reference.linear_stats.
+cudaError_t launch_linear_stats(const void* x, DType xt, void* out, DType ot, int64_t A, int64_t K,
+                                int64_t I, bool square, double scale, cudaStream_t s);
+
+// conv_stats (SPEC 4.2, im2col-free): x contiguous (B, C, *spatial) with nd = 1..3 spatial dims.
+// work: n = C * prod(spatial) zero-initialised entries of type ot (the batch-reduced map Q).
+// out: (C * prod(kernel)) entries, layout (channel, *kernel) == (group, C/g, *kernel).
+struct ConvGeom {
+  int nd;
+  int64_t size[3], kernel[3], stride[3], dilation[3], pad_lo[3], out_size[3];
+  int mode;  // 0 zeros, 1 reflect, 2 replicate, 3 circular
+};
+cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
+                              int64_t C, const ConvGeom& g, cudaStream_t s);
+
+// norm_stats: x contiguous (R, C, I).  work: 2 * max(C, R * groups) + 2 entries of type ot.
+// mode 0 = "channel" (mean/var given or NULL -> batch statistics), 1 = "sample".
+// mean/var (if given) have dtype mt and C entries.
+cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
+                              int64_t C, int64_t I, int mode, int64_t groups, double eps, bool center,
+                              const void* mean, const void* var, DType mt, cudaStream_t s);
+
+// embedding_stats: out[idx[j]] += 1 for j < n; idx int32/int64, out-of-range indices are ignored.
+cudaError_t launch_embedding_stats(const void* idx, DType it, int64_t n, void* out, DType ot,
+                                   int64_t n_out, cudaStream_t s);
+
+// layer_ema (reference.layer_ema): one block per layer.  Terms given as CSR by destination:
+// term_ptr [n_raw + 1] into the term arrays sorted by dst.  All float arrays have type ot.
+struct EmaArgs {
+  const void* buf; int64_t n_acc;
+  const int64_t* term_ptr; const int64_t* term_src; const void* term_pow; const void* term_coef;
+  const void* term_q; const int64_t* term_factor;
+  const int64_t* factor_start; const int64_t* factor_layer; int64_t n_factors; int64_t n_layers;
+  void* state; void* fac; bool* initialized; int64_t* counters; void* raw_work;
+  double decay, weight, decay_first, weight_first; bool normalise_raw, normalise_state;
+};
+cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s);
+
+// fused_step: one launch over every parameter of one dtype (multi-tensor apply, NOTE in
+// fused_step.cu).  `tensors` and `chunks` live in device memory (built by the binding).
+struct StepTensor {
+  void* p; const void* g; void* m; float* step;  // step: 0-dim float32, incremented by the launch
+  int64_t numel;
+  int64_t row;                      // row of `meta` (int64 [P, 10], NOTE: [param map])
+  double lr, beta, wd, lam;         // doubles: rounded to float32 exactly where torch rounds them
+};
+struct StepChunk { int32_t tensor; int32_t chunk; };
+constexpr int64_t kStepChunk = 65536;  // elements per chunk (see NOTE: [step chunks])
+// done_counter: one zero-initialised unsigned int in device memory, left at zero by the launch.
+cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
+                              int64_t n_chunks, DType pt, const void* fac, DType ft, const int64_t* meta,
+                              bool decoupled, unsigned int* done_counter, cudaStream_t s);
+
+}  // namespace adafisher

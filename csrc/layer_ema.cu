@@ -1,0 +1,116 @@
+// layer_ema (reference.layer_ema, SPEC 2 and 3): one launch for every layer's statistics iteration.
+// NOTE: [ema blocks] One block per layer (a layer's factors must agree on the non-finite guard):
+//  1. raw of each of its factors from the accumulators, raw[e] = sum over the terms with dst == e
+//     (CSR by destination, built once per LayerTable by cuda_backend.py) of
+//     buf[src]^pow * coef / count[factor]^q, written to raw_work; finiteness reduced per factor;
+//  2. the layer is bad if a factor with a non-zero row count is not finite; counters[layer] +=
+//     (took, bad);
+//  3. every factor with statistics in a good layer: state = prior * decay + v * weight, prior = state
+//     (or ones at the first iteration, with decay_first/weight_first), v = min-max(raw) or raw;
+//  4. fac = min-max(state) or state where initialized, else 1.
+// min-max = (v - min) / (max - min + 1e-6) after +inf -> 1 and -inf -> 0 (NOTE: [min-max epsilon]).
+// All arithmetic in the buffer dtype (float32 or float64).  NaN in a *state* (not reachable through
+// the guard) is ignored by the CUDA min/max where torch's amin/amax would propagate it.
+#include <algorithm>
+#include "common.cuh"
+
+namespace adafisher {
+
+template <typename A> __device__ __forceinline__ A pw(A x, A p) {
+  if (p == A(0)) return A(1);
+  if (p == A(1)) return x;
+  if (p == A(2)) return x * x;
+  return pow(x, p);
+}
+template <typename A> __device__ __forceinline__ A deinf(A v) {
+  return isinf(v) ? (v > 0 ? A(1) : A(0)) : v;
+}
+constexpr double kMinMaxEps = 1e-6;  // reference.MINMAX_EPS
+
+template <typename A>
+__global__ void layer_ema_kernel(EmaArgs a) {
+  __shared__ A sh[32];
+  __shared__ int bad_sh;
+  const int64_t layer = blockIdx.x;
+  const A* buf = static_cast<const A*>(a.buf);
+  const A* counts = buf + a.n_acc;
+  const A* tpow = static_cast<const A*>(a.term_pow);
+  const A* tcoef = static_cast<const A*>(a.term_coef);
+  const A* tq = static_cast<const A*>(a.term_q);
+  A* raw = static_cast<A*>(a.raw_work);
+  A* state = static_cast<A*>(a.state);
+  A* fac = static_cast<A*>(a.fac);
+  const A inf = A(INFINITY);
+  if (threadIdx.x == 0) bad_sh = 0;
+  __syncthreads();
+  // 1-2: raw values and the guard
+  for (int64_t f = 0; f < a.n_factors; ++f) {
+    if (a.factor_layer[f] != layer) continue;
+    const int64_t lo = a.factor_start[f], hi = a.factor_start[f + 1];
+    A finite = 1;
+    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+      A v = 0;
+      for (int64_t t = a.term_ptr[e]; t < a.term_ptr[e + 1]; ++t)
+        v += pw<A>(buf[a.term_src[t]], tpow[t]) * tcoef[t] / pw<A>(counts[a.term_factor[t]], tq[t]);
+      raw[e] = v;
+      if (!isfinite(v)) finite = 0;
+    }
+    finite = block_min<A>(finite, sh);
+    if (threadIdx.x == 0 && counts[f] > 0 && finite == A(0)) bad_sh = 1;
+  }
+  __syncthreads();
+  const bool bad = bad_sh != 0;
+  int took = 0;
+  // 3-4: EMA and fac
+  for (int64_t f = 0; f < a.n_factors; ++f) {
+    if (a.factor_layer[f] != layer) continue;
+    const int64_t lo = a.factor_start[f], hi = a.factor_start[f + 1];
+    const bool upd = counts[f] > 0 && !bad;
+    const bool init = a.initialized[f];
+    if (upd) {
+      took = 1;
+      A rlo = 0, rden = 1;
+      if (a.normalise_raw) {
+        A mn = inf, mx = -inf;
+        for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+          const A v = deinf<A>(raw[e]); mn = fmin(mn, v); mx = fmax(mx, v);
+        }
+        rlo = block_min<A>(mn, sh); rden = block_max<A>(mx, sh) - rlo + A(kMinMaxEps);
+      }
+      const A decay = init ? A(a.decay) : A(a.decay_first);
+      const A weight = init ? A(a.weight) : A(a.weight_first);
+      for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+        const A v = a.normalise_raw ? (deinf<A>(raw[e]) - rlo) / rden : raw[e];
+        const A prior = init ? state[e] : A(1);
+        state[e] = prior * decay + v * weight;
+      }
+    }
+    const bool now_init = init || upd;
+    A slo = 0, sden = 1;
+    if (a.normalise_state && now_init) {
+      A mn = inf, mx = -inf;
+      for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+        const A v = deinf<A>(state[e]); mn = fmin(mn, v); mx = fmax(mx, v);
+      }
+      slo = block_min<A>(mn, sh); sden = block_max<A>(mx, sh) - slo + A(kMinMaxEps);
+    }
+    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+      if (!now_init) fac[e] = A(1);
+      else fac[e] = a.normalise_state ? (deinf<A>(state[e]) - slo) / sden : state[e];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && upd) a.initialized[f] = true;
+  }
+  if (threadIdx.x == 0) {
+    a.counters[2 * layer] += took;
+    a.counters[2 * layer + 1] += bad ? 1 : 0;
+  }
+}
+
+cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s) {
+  if (a.n_layers == 0) return cudaSuccess;
+  AF_DISPATCH_ACC(ot, A, layer_ema_kernel<A><<<(unsigned)a.n_layers, 512, 0, s>>>(a));
+  return cudaGetLastError();
+}
+
+}  // namespace adafisher

@@ -1,0 +1,77 @@
+// norm_stats (reference.norm_stats, Proposition 3.1 of the paper): out[c] += sum_{r,i} xhat[r,c,i]^2.
+// x: (R, C, I) contiguous, fp16/bf16/fp32/fp64; out/work/arithmetic: float32 or float64.
+// NOTE: [norm passes] Everything goes through the column reduce of reduce.cuh with an affine map:
+//  * channel mode, batch statistics: mean = reduce(x) / N, var = reduce((x - mean)^2) / N (two
+//    passes, as the reference: biased variance), then out += reduce(((x - mean) * rsqrt(var+eps))^2);
+//  * channel mode, running statistics given: one pass with the given mean/var;
+//  * sample mode: one block per (r, group) computes mu (if center) and rsqrt(ms + eps) over its
+//    C/groups * I contiguous entries, then one reduce pass.
+#include <algorithm>
+#include "reduce.cuh"
+
+namespace adafisher {
+
+template <typename A, typename M>
+__global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs, int64_t C, A inv_n, A eps,
+                                      int stage) {
+  // stage 0: mu = sum / N (in place); 1: rs = rsqrt(sum_sq / N + eps); 2: from given mean/var
+  for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += (int64_t)gridDim.x * blockDim.x) {
+    if (stage == 0) mu[c] *= inv_n;
+    else if (stage == 1) rs[c] = A(1) / sqrt(rs[c] * inv_n + eps);
+    else { mu[c] = static_cast<A>(mean[c]); rs[c] = A(1) / sqrt(static_cast<A>(var[c]) + eps); }
+  }
+}
+
+template <typename T, typename A>
+__global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, int64_t n, A eps, bool center) {
+  __shared__ A sh[32];
+  const T* xr = x + (int64_t)blockIdx.x * n;
+  A m = 0;
+  if (center) {
+    A s = 0;
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += load_as<A, T>(xr, j);
+    m = block_sum<A>(s, sh) / A(n);
+  }
+  A s2 = 0;
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) { A v = load_as<A, T>(xr, j) - m; s2 += v * v; }
+  s2 = block_sum<A>(s2, sh) / A(n);
+  if (threadIdx.x == 0) { mu[blockIdx.x] = m; rs[blockIdx.x] = A(1) / sqrt(s2 + eps); }
+}
+
+cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
+                              int64_t C, int64_t I, int mode, int64_t groups, double eps, bool center,
+                              const void* mean, const void* var, DType mt, cudaStream_t s) {
+  if (R == 0 || C == 0 || I == 0) return cudaSuccess;
+  AF_DISPATCH_ACC(ot, A, AF_DISPATCH_IN(xt, T, {
+    const T* xp = static_cast<const T*>(x);
+    A* o = static_cast<A*>(out);
+    A* w = static_cast<A*>(work);
+    if (mode == 0) {
+      A* mu = w; A* rs = w + C;
+      const unsigned g = (unsigned)std::min<int64_t>(cdiv(C, 256), 1024);
+      if (mean == nullptr) {
+        cudaMemsetAsync(w, 0, 2 * C * sizeof(A), s);
+        const A inv_n = A(1) / A(R * I);
+        launch_reduce<T, A>(xp, mu, R, C, I, false, A(1), Affine{0, nullptr, nullptr, 1}, s);
+        channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(nullptr, nullptr, mu, rs, C, inv_n, A(eps), 0);
+        // rs holds sum (x - mu)^2 until stage 1 turns it into rsqrt(var + eps)
+        launch_reduce<T, A>(xp, rs, R, C, I, true, A(1), Affine{3, mu, nullptr, 1}, s);
+        channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(nullptr, nullptr, mu, rs, C, inv_n, A(eps), 1);
+      } else {
+        AF_DISPATCH_ACC(mt, M,
+          channel_coeffs_kernel<A, M><<<g, 256, 0, s>>>(static_cast<const M*>(mean), static_cast<const M*>(var),
+                                                         mu, rs, C, A(1), A(eps), 2));
+      }
+      launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{1, mu, rs, 1}, s);
+    } else {
+      if (groups <= 0 || C % groups != 0) return cudaErrorInvalidValue;
+      A* mu = w; A* rs = w + R * groups;
+      const int64_t n = (C / groups) * I;
+      sample_coeffs_kernel<T, A><<<(unsigned)(R * groups), 256, 0, s>>>(xp, mu, rs, n, A(eps), center);
+      launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{2, mu, rs, groups}, s);
+    }
+  }));
+  return cudaGetLastError();
+}
+
+}  // namespace adafisher
