@@ -4,13 +4,14 @@ x: any shape, float16/bfloat16/float32 (float64 buffers fall back to the torch r
 float64 path exists for parity tests, not speed); viewed as (A, K, B) with K = x.shape[dim].
 ``out[k] += scale * sum_{a, b} f(x[a, k, b])``, f = square or identity, accumulated in float32.
 
-Grid: (cdiv(K, BLOCK_K), cdiv(B, BLOCK_B), SPLIT_A).  Each program sums a (BLOCK_K x BLOCK_B) tile
-over its share of the A rows in registers, reduces over B and adds its partial sum with one atomic
+Grid: (cdiv(K, BLOCK_K), cdiv(B, BLOCK_B), SPLIT_A).  Each program sums (BLOCK_A x BLOCK_K x BLOCK_B)
+tiles over its share of the A rows in registers (NOTE: [tile shape]), reduces over B and adds its partial sum with one atomic
 add per feature (NOTE: [atomic partial sums]).
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -22,31 +23,54 @@ from adafisher_fast import reference
 # MAX_SPLIT_A programs so that large inputs fill the GPU; partial sums meet in ``out`` through
 # atomic adds (order-dependent in the last float32 bit, like any parallel reduction).
 MAX_SPLIT_A = 64
+TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 4 warps
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _linear_stats_kernel(x_ptr, out_ptr, A, K, B, rows_per_prog, scale,
-                         SQUARE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+def _linear_stats_kernel(x_ptr, out_ptr, A, K, B, rows_per_prog, scale, SQUARE: tl.constexpr,
+                         BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b])."""
     pid_k = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_a = tl.program_id(2)
+    offs_a = tl.arange(0, BLOCK_A)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    mask = (offs_k[:, None] < K) & (offs_b[None, :] < B)
-    tile = offs_k[:, None].to(tl.int64) * B + offs_b[None, :]
-    acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
+    kb = (offs_k[None, :, None] < K) & (offs_b[None, None, :] < B)
+    tile = offs_k[None, :, None].to(tl.int64) * B + offs_b[None, None, :]
+    acc = tl.zeros((BLOCK_A, BLOCK_K, BLOCK_B), dtype=tl.float32)
     a0 = pid_a * rows_per_prog
     a1 = tl.minimum(a0 + rows_per_prog, A)
     row_stride = tl.cast(K, tl.int64) * B
-    x_row = x_ptr + a0.to(tl.int64) * row_stride + tile
-    for a in range(a0, a1):
-        v = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
-        x_row += row_stride
+    for s in range(a0, a1, BLOCK_A):
+        rows = s + offs_a
+        mask = (rows[:, None, None] < a1) & kb
+        v = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * row_stride + tile, mask=mask,
+                    other=0.0).to(tl.float32)
         if SQUARE:
             v = v * v
         acc += v
-    tot = tl.sum(acc, axis=1) * scale
+    tot = tl.sum(tl.sum(acc, axis=2), axis=0) * scale
     tl.atomic_add(out_ptr + offs_k, tot, mask=offs_k < K)
+
+
+def tiles(a: int, k: int, b: int):
+    """(BLOCK_A, BLOCK_K, BLOCK_B, rows per program, grid) of the (A, K, B) column reduction.
+
+    NOTE: [tile shape] about TILE elements per step: B (contiguous) first, up to 128, then K, then
+    rows of A; A is split over at most MAX_SPLIT_A programs (1 under the interpreter, where programs
+    run one after the other and only add Python overhead)."""
+    block_b = min(triton.next_power_of_2(b), 128)
+    block_k = max(1, min(triton.next_power_of_2(k), TILE // block_b))
+    block_a = max(1, min(triton.next_power_of_2(a), TILE // (block_b * block_k)))
+    split = 1 if _interpreting() else max(1, min(MAX_SPLIT_A, triton.cdiv(a, block_a)))
+    rows = triton.cdiv(a, split)
+    grid = (triton.cdiv(k, block_k), triton.cdiv(b, block_b), triton.cdiv(a, rows))
+    return block_a, block_k, block_b, rows, grid
 
 
 def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float) -> None:
@@ -54,13 +78,9 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float) -> 
     a, k, b = x3.shape
     if x3.numel() == 0:
         return
-    block_b = min(triton.next_power_of_2(b), 128)
-    block_k = max(1, min(triton.next_power_of_2(k), 2048 // block_b))
-    split = max(1, min(MAX_SPLIT_A, a))
-    rows = triton.cdiv(a, split)
-    grid = (triton.cdiv(k, block_k), triton.cdiv(b, block_b), triton.cdiv(a, rows))
+    block_a, block_k, block_b, rows, grid = tiles(a, k, b)
     _linear_stats_kernel[grid](x3, out, a, k, b, rows, float(scale), SQUARE=square,
-                               BLOCK_K=block_k, BLOCK_B=block_b)
+                               BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b)
 
 
 def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .linear_stats import MAX_SPLIT_A, _launch as _column_sums
+from .linear_stats import _launch as _column_sums, tiles
 
 BLOCK_ROW = 1024
 
@@ -48,46 +48,47 @@ def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, n, eps, CENTER: tl.constexpr, BLO
 
 @triton.jit
 def _xhat_sq_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG,
-                    PER_ROW: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                    PER_ROW: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_B: tl.constexpr):
     """out[k] += sum_{a, b} ((x[a, k, b] - mu[s]) * rs[s])^2 with s = k (PER_ROW False) or
-    s = a * G + k // CG (PER_ROW True)."""
+    s = a * G + k // CG (PER_ROW True); tiles as in linear_stats (NOTE: [tile shape])."""
     pid_k = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_a = tl.program_id(2)
+    offs_a = tl.arange(0, BLOCK_A)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     km = offs_k < K
-    mask = km[:, None] & (offs_b[None, :] < B)
-    tile = offs_k[:, None].to(tl.int64) * B + offs_b[None, :]
-    acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
-    if not PER_ROW:
-        mu = tl.load(mu_ptr + offs_k, mask=km, other=0.0)
-        rs = tl.load(rs_ptr + offs_k, mask=km, other=0.0)
+    kb = km[None, :, None] & (offs_b[None, None, :] < B)
+    tile = offs_k[None, :, None].to(tl.int64) * B + offs_b[None, None, :]
+    acc = tl.zeros((BLOCK_A, BLOCK_K, BLOCK_B), dtype=tl.float32)
     a0 = pid_a * rows_per_prog
     a1 = tl.minimum(a0 + rows_per_prog, A)
     row_stride = tl.cast(K, tl.int64) * B
-    x_row = x_ptr + a0.to(tl.int64) * row_stride + tile
-    for a in range(a0, a1):
+    for s in range(a0, a1, BLOCK_A):
+        rows = s + offs_a
+        rm = rows < a1
+        mask = rm[:, None, None] & kb
         if PER_ROW:
-            s = a * G + offs_k // CG
-            mu = tl.load(mu_ptr + s, mask=km, other=0.0)
-            rs = tl.load(rs_ptr + s, mask=km, other=0.0)
-        v = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
-        x_row += row_stride
-        xh = (v - mu[:, None]) * rs[:, None]
+            si = rows[:, None] * G + offs_k[None, :] // CG
+            sm = rm[:, None] & km[None, :]
+            mu = tl.load(mu_ptr + si, mask=sm, other=0.0)[:, :, None]
+            rs = tl.load(rs_ptr + si, mask=sm, other=0.0)[:, :, None]
+        else:
+            mu = tl.load(mu_ptr + offs_k, mask=km, other=0.0)[None, :, None]
+            rs = tl.load(rs_ptr + offs_k, mask=km, other=0.0)[None, :, None]
+        v = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * row_stride + tile, mask=mask,
+                    other=0.0).to(tl.float32)
+        xh = (v - mu) * rs
         acc += tl.where(mask, xh * xh, 0.0)
-    tl.atomic_add(out_ptr + offs_k, tl.sum(acc, axis=1), mask=km)
+    tl.atomic_add(out_ptr + offs_k, tl.sum(tl.sum(acc, axis=2), axis=0), mask=km)
 
 
 def _xhat_sq(x3, out, mu, rs, per_row, g, cg):
     a, k, b = x3.shape
-    block_b = min(triton.next_power_of_2(b), 128)
-    block_k = max(1, min(triton.next_power_of_2(k), 2048 // block_b))
-    split = max(1, min(MAX_SPLIT_A, a))
-    rows = triton.cdiv(a, split)
-    grid = (triton.cdiv(k, block_k), triton.cdiv(b, block_b), triton.cdiv(a, rows))
+    block_a, block_k, block_b, rows, grid = tiles(a, k, b)
     _xhat_sq_kernel[grid](x3, out, mu, rs, a, k, b, rows, g, cg, PER_ROW=per_row,
-                          BLOCK_K=block_k, BLOCK_B=block_b)
+                          BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b)
 
 
 def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,
