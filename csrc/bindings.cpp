@@ -1,0 +1,300 @@
+// torch binding of the AdaFisher CUDA kernels: registers the six ops as torch custom ops in the
+// `adafisher` namespace (CUDA implementations here; fake implementations for torch.compile are
+// registered from Python in adafisher_fast/cuda_backend.py).  Every op mutates its outputs in place
+// and returns nothing; the mutated arguments are marked (a!) in the schemas.  This file only checks
+// and adapts tensors: the kernels live in csrc/<op>.cu behind csrc/launchers.h.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+#include "launchers.h"
+
+namespace adafisher {
+namespace {
+
+DType float_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    default: TORCH_CHECK(false, "adafisher::", op, ": ", name, " must be float16/bfloat16/float32/float64, got ",
+                         t.scalar_type());
+  }
+  return DType::F32;
+}
+
+DType acc_dtype(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "adafisher::", op, ": ", name,
+              " must be float32 or float64 (the statistics buffer dtype), got ", t.scalar_type());
+  return t.scalar_type() == at::kFloat ? DType::F32 : DType::F64;
+}
+
+void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "adafisher::", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device() == ref.device(), "adafisher::", op, ": ", name, " is on ", t.device(),
+              " but the other tensors are on ", ref.device());
+}
+
+void check_out(const at::Tensor& out, const at::Tensor& ref, const char* op, int64_t n) {
+  check_cuda(out, ref, op, "out");
+  TORCH_CHECK(out.dim() == 1 && out.is_contiguous(), "adafisher::", op, ": out must be a contiguous 1-D view");
+  TORCH_CHECK(out.numel() == n, "adafisher::", op, ": out has ", out.numel(), " entries, expected ", n);
+}
+
+void check_launch(cudaError_t e, const char* op) {
+  TORCH_CHECK(e == cudaSuccess, "adafisher::", op, ": kernel launch failed: ", cudaGetErrorString(e));
+}
+
+void linear_stats(const at::Tensor& x, const at::Tensor& out, int64_t dim, bool square, double scale) {
+  TORCH_CHECK(x.dim() >= 1, "adafisher::linear_stats: x must have at least one dimension");
+  const int64_t nd = x.dim();
+  TORCH_CHECK(dim >= -nd && dim < nd, "adafisher::linear_stats: dim ", dim, " out of range for ", nd, "-d x");
+  dim = (dim + nd) % nd;
+  check_cuda(x, x, "linear_stats", "x");
+  check_out(out, x, "linear_stats", x.size(dim));
+  const DType xt = float_dtype(x, "linear_stats", "x"), ot = acc_dtype(out, "linear_stats", "out");
+  if (x.numel() == 0) return;
+  const at::Tensor xc = x.contiguous();
+  int64_t A = 1, I = 1;
+  for (int64_t i = 0; i < dim; ++i) A *= x.size(i);
+  for (int64_t i = dim + 1; i < nd; ++i) I *= x.size(i);
+  c10::cuda::CUDAGuard guard(x.device());
+  check_launch(launch_linear_stats(xc.data_ptr(), xt, out.data_ptr(), ot, A, x.size(dim), I, square, scale,
+                                   c10::cuda::getCurrentCUDAStream()), "linear_stats");
+}
+
+// padding: flattened (lo, hi) pairs, one per spatial dim; padding_mode 0 zeros, 1 reflect,
+// 2 replicate, 3 circular.
+void conv_stats(const at::Tensor& x, const at::Tensor& out, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t padding_mode) {
+  const int64_t nd = static_cast<int64_t>(kernel_size.size());
+  TORCH_CHECK(nd >= 1 && nd <= 3, "adafisher::conv_stats: 1 to 3 spatial dims supported, got ", nd);
+  TORCH_CHECK(x.dim() == nd + 2, "adafisher::conv_stats: x must be (B, C, *spatial) with ", nd,
+              " spatial dims, got shape ", x.sizes());
+  TORCH_CHECK((int64_t)stride.size() == nd && (int64_t)dilation.size() == nd && (int64_t)padding.size() == 2 * nd,
+              "adafisher::conv_stats: stride/dilation need ", nd, " entries and padding ", 2 * nd);
+  TORCH_CHECK(padding_mode >= 0 && padding_mode <= 3, "adafisher::conv_stats: bad padding_mode ", padding_mode);
+  TORCH_CHECK(groups >= 1 && x.size(1) % groups == 0, "adafisher::conv_stats: groups ", groups,
+              " must divide the channel count ", x.size(1));
+  check_cuda(x, x, "conv_stats", "x");
+  ConvGeom g{};
+  g.nd = static_cast<int>(nd);
+  g.mode = static_cast<int>(padding_mode);
+  int64_t kprod = 1, plane = 1;
+  for (int64_t d = 0; d < nd; ++d) {
+    g.size[d] = x.size(2 + d); g.kernel[d] = kernel_size[d]; g.stride[d] = stride[d];
+    g.dilation[d] = dilation[d]; g.pad_lo[d] = padding[2 * d];
+    TORCH_CHECK(g.kernel[d] >= 1 && g.stride[d] >= 1 && g.dilation[d] >= 1,
+                "adafisher::conv_stats: kernel_size, stride and dilation must be positive");
+    if (padding_mode == 1)
+      TORCH_CHECK(padding[2 * d] < g.size[d] && padding[2 * d + 1] < g.size[d],
+                  "adafisher::conv_stats: reflect padding must be smaller than the input size");
+    g.out_size[d] = (g.size[d] + padding[2 * d] + padding[2 * d + 1] - g.dilation[d] * (g.kernel[d] - 1) - 1) /
+                        g.stride[d] + 1;
+    TORCH_CHECK(g.out_size[d] >= 1, "adafisher::conv_stats: empty output along spatial dim ", d);
+    kprod *= g.kernel[d]; plane *= g.size[d];
+  }
+  check_out(out, x, "conv_stats", x.size(1) * kprod);
+  const DType xt = float_dtype(x, "conv_stats", "x"), ot = acc_dtype(out, "conv_stats", "out");
+  if (x.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor work = at::zeros({x.size(1) * plane}, out.options());
+  check_launch(launch_conv_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), x.size(0), x.size(1), g,
+                                 c10::cuda::getCurrentCUDAStream()), "conv_stats");
+}
+
+// mode 0 = "channel", 1 = "sample"
+void norm_stats(const at::Tensor& x, const at::Tensor& out, int64_t mode, int64_t groups, double eps, bool center,
+                const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& var) {
+  TORCH_CHECK(x.dim() == 3, "adafisher::norm_stats: x must be an (R, C, I) view, got shape ", x.sizes());
+  TORCH_CHECK(mode == 0 || mode == 1, "adafisher::norm_stats: mode must be 0 (channel) or 1 (sample)");
+  check_cuda(x, x, "norm_stats", "x");
+  check_out(out, x, "norm_stats", x.size(1));
+  const DType xt = float_dtype(x, "norm_stats", "x"), ot = acc_dtype(out, "norm_stats", "out");
+  const int64_t R = x.size(0), C = x.size(1), I = x.size(2);
+  TORCH_CHECK(mode == 0 || (groups >= 1 && C % groups == 0), "adafisher::norm_stats: groups ", groups,
+              " must divide C = ", C);
+  TORCH_CHECK(mean.has_value() == var.has_value(), "adafisher::norm_stats: give both mean and var or neither");
+  at::Tensor m, v;
+  DType mt = DType::F32;
+  if (mean.has_value()) {
+    TORCH_CHECK(mode == 0, "adafisher::norm_stats: running mean/var only apply to mode channel");
+    m = mean->contiguous(); v = var->to(m.scalar_type()).contiguous();
+    check_cuda(m, x, "norm_stats", "mean"); check_cuda(v, x, "norm_stats", "var");
+    TORCH_CHECK(m.numel() == C && v.numel() == C, "adafisher::norm_stats: mean/var need C = ", C, " entries");
+    mt = acc_dtype(m, "norm_stats", "mean");
+  }
+  if (x.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor work = at::empty({2 * std::max(C, R * groups) + 2}, out.options());
+  check_launch(launch_norm_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), R, C, I,
+                                 static_cast<int>(mode), groups, eps, center,
+                                 m.defined() ? m.data_ptr() : nullptr, v.defined() ? v.data_ptr() : nullptr, mt,
+                                 c10::cuda::getCurrentCUDAStream()), "norm_stats");
+}
+
+void embedding_stats(const at::Tensor& idx, const at::Tensor& out) {
+  check_cuda(idx, idx, "embedding_stats", "idx");
+  TORCH_CHECK(idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt,
+              "adafisher::embedding_stats: idx must be int64 or int32, got ", idx.scalar_type());
+  check_cuda(out, idx, "embedding_stats", "out");
+  TORCH_CHECK(out.dim() == 1 && out.is_contiguous(), "adafisher::embedding_stats: out must be a contiguous 1-D view");
+  const DType ot = acc_dtype(out, "embedding_stats", "out");
+  if (idx.numel() == 0) return;
+  c10::cuda::CUDAGuard guard(idx.device());
+  const at::Tensor ic = idx.contiguous();
+  check_launch(launch_embedding_stats(ic.data_ptr(), idx.scalar_type() == at::kLong ? DType::I64 : DType::I32,
+                                      ic.numel(), out.data_ptr(), ot, out.numel(), c10::cuda::getCurrentCUDAStream()),
+               "embedding_stats");
+}
+
+void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr, const at::Tensor& term_src,
+               const at::Tensor& term_pow, const at::Tensor& term_coef, const at::Tensor& term_q,
+               const at::Tensor& term_factor, const at::Tensor& factor_start, const at::Tensor& factor_layer,
+               int64_t n_layers, const at::Tensor& state, const at::Tensor& fac, const at::Tensor& initialized,
+               const at::Tensor& counters, double decay, double weight, double decay_first, double weight_first,
+               bool normalise_raw, bool normalise_state) {
+  const char* op = "layer_ema";
+  check_cuda(buf, buf, op, "buf");
+  const DType ot = acc_dtype(buf, op, "buf");
+  const int64_t nf = factor_layer.numel(), n_raw = state.numel();
+  for (const auto* t : {&term_ptr, &term_src, &term_pow, &term_coef, &term_q, &term_factor, &factor_start,
+                        &factor_layer, &state, &fac, &initialized, &counters}) {
+    check_cuda(*t, buf, op, "table/state tensor");
+    TORCH_CHECK(t->is_contiguous(), "adafisher::layer_ema: table and state tensors must be contiguous");
+  }
+  for (const auto* t : {&term_ptr, &term_src, &term_factor, &factor_start, &factor_layer, &counters})
+    TORCH_CHECK(t->scalar_type() == at::kLong, "adafisher::layer_ema: index tensors and counters must be int64");
+  for (const auto* t : {&term_pow, &term_coef, &term_q, &state, &fac})
+    TORCH_CHECK(t->scalar_type() == buf.scalar_type(), "adafisher::layer_ema: term_pow/coef/q, state and fac must "
+                "have the buffer dtype ", buf.scalar_type(), ", got ", t->scalar_type());
+  TORCH_CHECK(initialized.scalar_type() == at::kBool && initialized.numel() == nf,
+              "adafisher::layer_ema: initialized must be bool [n_factors]");
+  TORCH_CHECK(buf.numel() == n_acc + nf, "adafisher::layer_ema: buf has ", buf.numel(), " entries, expected n_acc + ",
+              "n_factors = ", n_acc + nf);
+  TORCH_CHECK(factor_start.numel() == nf + 1 && fac.numel() == n_raw + 1 && term_ptr.numel() == n_raw + 1,
+              "adafisher::layer_ema: factor_start [n_factors+1], fac [n_raw+1] and term_ptr [n_raw+1] expected");
+  TORCH_CHECK(counters.dim() == 2 && counters.size(0) == n_layers && counters.size(1) == 2,
+              "adafisher::layer_ema: counters must be int64 [n_layers, 2]");
+  c10::cuda::CUDAGuard guard(buf.device());
+  at::Tensor raw = at::empty({std::max<int64_t>(n_raw, 1)}, buf.options());
+  EmaArgs a{};
+  a.buf = buf.data_ptr(); a.n_acc = n_acc;
+  a.term_ptr = term_ptr.data_ptr<int64_t>(); a.term_src = term_src.data_ptr<int64_t>();
+  a.term_pow = term_pow.data_ptr(); a.term_coef = term_coef.data_ptr(); a.term_q = term_q.data_ptr();
+  a.term_factor = term_factor.data_ptr<int64_t>(); a.factor_start = factor_start.data_ptr<int64_t>();
+  a.factor_layer = factor_layer.data_ptr<int64_t>(); a.n_factors = nf; a.n_layers = n_layers;
+  a.state = state.data_ptr(); a.fac = fac.data_ptr(); a.initialized = initialized.data_ptr<bool>();
+  a.counters = counters.data_ptr<int64_t>(); a.raw_work = raw.data_ptr();
+  a.decay = decay; a.weight = weight; a.decay_first = decay_first; a.weight_first = weight_first;
+  a.normalise_raw = normalise_raw; a.normalise_state = normalise_state;
+  check_launch(launch_layer_ema(a, ot, c10::cuda::getCurrentCUDAStream()), op);
+}
+
+// one zero-initialised ticket counter per device for fused_step (NOTE: [step chunks]); the kernel
+// leaves it at zero, so launches on one stream can share it.
+unsigned int* done_counter(const at::Device& dev) {
+  static std::mutex mu;
+  static std::vector<at::Tensor> counters;
+  std::lock_guard<std::mutex> lock(mu);
+  const size_t i = static_cast<size_t>(dev.index());
+  if (counters.size() <= i) counters.resize(i + 1);
+  if (!counters[i].defined()) counters[i] = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(dev));
+  return reinterpret_cast<unsigned int*>(counters[i].data_ptr<int>());
+}
+
+void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms, at::TensorList steps,
+                const at::Tensor& fac, const at::Tensor& meta, at::ArrayRef<double> lr, at::ArrayRef<double> beta,
+                at::ArrayRef<double> wd, at::ArrayRef<double> lam, bool decoupled) {
+  const char* op = "fused_step";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n && moms.size() == n && steps.size() == n && lr.size() == n && beta.size() == n &&
+              wd.size() == n && lam.size() == n, "adafisher::fused_step: params, grads, moms, steps and the ",
+              "hyper-parameter lists must have the same length");
+  if (n == 0) return;
+  check_cuda(fac, params[0], op, "fac");
+  check_cuda(meta, params[0], op, "meta");
+  const DType ft = acc_dtype(fac, op, "fac");
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == 10 &&
+              meta.is_contiguous(), "adafisher::fused_step: meta must be contiguous int64 [P, 10]");
+  std::vector<std::vector<StepTensor>> by_type(3);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor &p = params[i], &g = grads[i], &m = moms[i], &t = steps[i];
+    for (const at::Tensor* u : {&p, &g, &m, &t}) check_cuda(*u, params[0], op, "params/grads/moms/steps");
+    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
+                "adafisher::fused_step: params must be float32/bfloat16/float16 (float64 goes through the torch "
+                "reference in cuda_backend.py), got ", p.scalar_type(), " for parameter ", i);
+    TORCH_CHECK(g.scalar_type() == p.scalar_type() && m.scalar_type() == p.scalar_type(),
+                "adafisher::fused_step: grad and momentum of parameter ", i, " must have the param dtype ",
+                p.scalar_type());
+    TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes(), "adafisher::fused_step: parameter ", i,
+                " has grad/momentum shapes that differ from ", p.sizes());
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous(),
+                "adafisher::fused_step: parameter ", i, " and its grad/momentum must be contiguous");
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
+    TORCH_CHECK(p.numel() / kStepChunk < (int64_t)INT32_MAX, "adafisher::fused_step: parameter too large");
+    StepTensor s{};
+    s.p = p.data_ptr(); s.g = g.data_ptr(); s.m = m.data_ptr(); s.step = t.data_ptr<float>();
+    s.numel = p.numel(); s.row = static_cast<int64_t>(i);
+    s.lr = lr[i]; s.beta = beta[i]; s.wd = wd[i]; s.lam = lam[i];
+    const int k = p.scalar_type() == at::kFloat ? 0 : (p.scalar_type() == at::kHalf ? 1 : 2);
+    by_type[k].push_back(s);
+  }
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const DType types[3] = {DType::F32, DType::F16, DType::BF16};
+  for (int k = 0; k < 3; ++k) {
+    const auto& ts = by_type[k];
+    if (ts.empty()) continue;
+    std::vector<StepChunk> chunks;
+    for (size_t i = 0; i < ts.size(); ++i)
+      for (int64_t c = 0; c * kStepChunk < ts[i].numel; ++c)
+        chunks.push_back(StepChunk{static_cast<int32_t>(i), static_cast<int32_t>(c)});
+    // one pinned host block -> one async copy: [StepTensor x n][StepChunk x n_chunks]
+    const size_t tb = ts.size() * sizeof(StepTensor), cb = chunks.size() * sizeof(StepChunk);
+    at::Tensor host = at::empty({static_cast<int64_t>(tb + cb)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), ts.data(), tb);
+    if (cb) std::memcpy(static_cast<uint8_t*>(host.data_ptr()) + tb, chunks.data(), cb);
+    at::Tensor dev = host.to(params[0].device(), /*non_blocking=*/true);
+    const uint8_t* d = dev.data_ptr<uint8_t>();
+    check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
+                                   reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],
+                                   fac.data_ptr(), ft, meta.data_ptr<int64_t>(), decoupled,
+                                   done_counter(params[0].device()), stream), op);
+  }
+}
+
+}  // namespace
+}  // namespace adafisher
+
+TORCH_LIBRARY(adafisher, m) {
+  m.def("linear_stats(Tensor x, Tensor(a!) out, int dim, bool square, float scale) -> ()");
+  m.def("conv_stats(Tensor x, Tensor(a!) out, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
+        "int groups, int padding_mode) -> ()");
+  m.def("norm_stats(Tensor x, Tensor(a!) out, int mode, int groups, float eps, bool center, Tensor? mean, "
+        "Tensor? var) -> ()");
+  m.def("embedding_stats(Tensor idx, Tensor(a!) out) -> ()");
+  m.def("layer_ema(Tensor buf, int n_acc, Tensor term_ptr, Tensor term_src, Tensor term_pow, Tensor term_coef, "
+        "Tensor term_q, Tensor term_factor, Tensor factor_start, Tensor factor_layer, int n_layers, "
+        "Tensor(a!) state, Tensor(b!) fac, Tensor(c!) initialized, Tensor(d!) counters, float decay, float weight, "
+        "float decay_first, float weight_first, bool normalise_raw, bool normalise_state) -> ()");
+  m.def("fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, Tensor(c!)[] steps, Tensor fac, "
+        "Tensor meta, float[] lr, float[] beta, float[] wd, float[] lam, bool decoupled) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(adafisher, CUDA, m) {
+  m.impl("linear_stats", &adafisher::linear_stats);
+  m.impl("conv_stats", &adafisher::conv_stats);
+  m.impl("norm_stats", &adafisher::norm_stats);
+  m.impl("embedding_stats", &adafisher::embedding_stats);
+  m.impl("layer_ema", &adafisher::layer_ema);
+  m.impl("fused_step", &adafisher::fused_step);
+}
