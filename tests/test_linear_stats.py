@@ -1,0 +1,64 @@
+"""linear_stats kernels against the torch reference (odd shapes, every dim, fp32/bf16/fp16)."""
+import pytest
+import torch
+
+from adafisher_fast import reference
+from conftest import device
+
+# (dtype, rtol): low-precision inputs are upcast before squaring on both sides, so only the
+# float32 summation order differs (NOTE: [check tolerances] in adafisher_fast/check.py)
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((7, 13), -1), ((3, 5, 33), -1),
+                                       ((2, 7, 5, 3), 1), ((13, 7), 0), ((4, 129, 3), 1)])
+@pytest.mark.parametrize("square,scale", [(True, 1.0), (False, 0.25)])
+def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device()).to(dtype)
+    k = x.shape[dim]
+    base = torch.rand(k + 3, device=device())
+    want, got = base.clone(), base.clone()
+    reference.linear_stats(x, want[1:1 + k], dim, square, scale)
+    kernel_ops.linear_stats(x, got[1:1 + k], dim, square, scale)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+def test_linear_stats_noncontiguous_and_empty(kernel_ops):
+    x = torch.randn(9, 6, device=device()).t()          # non-contiguous
+    want, got = torch.zeros(6, device=device()), torch.zeros(6, device=device())
+    reference.linear_stats(x, want, 0)
+    kernel_ops.linear_stats(x, got, 0)
+    torch.testing.assert_close(got, want)
+    e = torch.zeros(0, 5, device=device())
+    out = torch.ones(5, device=device())
+    kernel_ops.linear_stats(e, out)
+    assert torch.equal(out, torch.ones(5, device=device()))
+
+
+def test_linear_stats_float64_matches_exactly(kernel_ops):
+    x = torch.randn(7, 5, dtype=torch.float64, device=device())
+    want = torch.zeros(5, dtype=torch.float64, device=device())
+    got = want.clone()
+    reference.linear_stats(x, want)
+    kernel_ops.linear_stats(x, got)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,dim", [((256, 4096), -1), ((16, 256, 4097), -1),
+                                       ((64, 256, 56, 56), 1), ((8192, 1025), -1)])
+def test_linear_stats_gpu_large(kernel_ops, shape, dim, dtype):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    k = x.shape[dim]
+    want = torch.zeros(k, dtype=torch.float64, device="cuda")
+    reference.linear_stats(x.double(), want, dim)
+    got = torch.zeros(k, device="cuda")
+    kernel_ops.linear_stats(x, got, dim)
+    lp = torch.zeros(k, device="cuda")
+    reference.linear_stats(x, lp, dim)
+    err_ref = (lp.double() - want).abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * err_ref + 1e-6 * want.abs().max().item()
