@@ -149,7 +149,7 @@ def plots(rows: List[Dict], out_dir: Path) -> List[Path]:
         cases = list(OrderedDict.fromkeys(f"{r['case']} {r['dtype']}" for r in rs))
         backs = list(OrderedDict.fromkeys(r["backend"] for r in rs))
         use_pct = all(r.get("pct_peak") is not None for r in rs)
-        fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(cases) * max(1, len(backs)) / 2), 4.5))
+        fig, ax = plt.subplots(figsize=(min(24, max(6, 0.12 * len(cases) * max(1, len(backs)))), 5))
         w = 0.8 / max(1, len(backs))
         for i, b in enumerate(backs):
             vals = {f"{r['case']} {r['dtype']}": (r["pct_peak"] if use_pct else r["time_ms"])
