@@ -1,0 +1,96 @@
+"""conv_stats kernels (no im2col) against the torch reference: Conv1d/2d/3d, stride, dilation,
+groups (1, 2, depthwise), every padding_mode, fp32/bf16/fp16 inputs."""
+import pytest
+import torch
+
+from adafisher_fast import reference
+from conftest import device
+
+MODES = ["zeros", "reflect", "replicate", "circular"]
+CASES = [
+    # spatial, kernel, stride, padding (lo, hi) per dim, dilation, channels, groups
+    ((13,), (3,), (1,), [(1, 1)], (1,), 4, 1),
+    ((33,), (5,), (2,), [(2, 2)], (2,), 6, 2),
+    ((7, 13), (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 4, 1),
+    ((7, 13), (3, 2), (2, 1), [(1, 1), (0, 1)], (2, 1), 4, 2),
+    ((9, 9), (3, 3), (2, 2), [(2, 2), (2, 2)], (2, 2), 6, 6),      # depthwise
+    ((1, 7), (1, 3), (1, 2), [(0, 0), (1, 1)], (1, 1), 3, 1),
+    ((5, 6, 7), (3, 3, 3), (1, 2, 1), [(1, 1), (1, 1), (1, 1)], (1, 1, 2), 4, 2),
+]
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
+
+
+@pytest.mark.parametrize("spatial,kernel,stride,padding,dilation,c,groups", CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_conv_stats(kernel_ops, spatial, kernel, stride, padding, dilation, c, groups, mode):
+    torch.manual_seed(0)
+    x = torch.randn((2, c) + spatial, device=device())
+    n = c * torch.Size(kernel).numel()
+    want = torch.rand(n, device=device())
+    got = want.clone()
+    lw = reference.conv_stats(x, want, kernel, stride, padding, dilation, groups, mode)
+    lg = kernel_ops.conv_stats(x, got, kernel, stride, padding, dilation, groups, mode)
+    assert lg == lw
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+@pytest.mark.parametrize("batch", [1, 7])
+def test_conv_stats_dtypes(kernel_ops, dtype, rtol, batch):
+    torch.manual_seed(1)
+    x = torch.randn(batch, 3, 11, 13, device=device()).to(dtype)
+    want = torch.zeros(3 * 9, device=device())
+    got = want.clone()
+    reference.conv_stats(x, want, (3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1), 1, "reflect")
+    kernel_ops.conv_stats(x, got, (3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1), 1, "reflect")
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+def test_conv_stats_matches_unfold_definition(kernel_ops):
+    """The patch statistic by its definition (explicit unfold, float64) for a strided dilated conv."""
+    torch.manual_seed(2)
+    x = torch.randn(3, 4, 9, 10, device=device())
+    cols = torch.nn.functional.unfold(x.double(), (3, 3), dilation=2, padding=2, stride=2)
+    want = cols.square().sum(dim=(0, 2))
+    got = torch.zeros(4 * 9, device=device())
+    kernel_ops.conv_stats(x, got, (3, 3), (2, 2), [(2, 2), (2, 2)], (2, 2), 2, "zeros")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# ResNet-50 conv shapes (batch 32 at 224x224): (C_in, H, kernel, stride, padding)
+RESNET50 = [(3, 224, 7, 2, 3), (64, 56, 1, 1, 0), (64, 56, 3, 1, 1), (128, 56, 3, 2, 1),
+            (256, 28, 1, 1, 0), (256, 14, 3, 1, 1), (512, 7, 3, 1, 1), (1024, 14, 1, 2, 0)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("c,h,k,s,p", RESNET50)
+def test_conv_stats_gpu_resnet50(kernel_ops, c, h, k, s, p, dtype):
+    x = torch.randn(32, c, h, h, device="cuda").to(dtype)
+    args = ((k, k), (s, s), [(p, p), (p, p)], (1, 1), 1, "zeros")
+    want = torch.zeros(c * k * k, dtype=torch.float64, device="cuda")
+    reference.conv_stats(x.double(), want, *args)
+    lp = torch.zeros(c * k * k, device="cuda")
+    reference.conv_stats(x, lp, *args)
+    got = torch.zeros(c * k * k, device="cuda")
+    kernel_ops.conv_stats(x, got, *args)
+    err_ref = (lp.double() - want).abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * err_ref + 1e-6 * want.abs().max().item()
+
+
+@pytest.mark.gpu
+def test_conv_stats_gpu_no_im2col_memory(kernel_ops):
+    """Peak memory of conv_stats stays far below the im2col patch matrix (B*L*C*k*k floats)."""
+    x = torch.randn(64, 64, 56, 56, device="cuda")
+    out = torch.zeros(64 * 9, device="cuda")
+    args = ((3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros")
+    kernel_ops.conv_stats(x, out, *args)             # warm-up: compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    kernel_ops.conv_stats(x, out, *args)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    im2col = 64 * 56 * 56 * 64 * 9 * 4
+    assert extra <= x.numel() * 4 // 8 + (1 << 20), (extra, im2col)   # Q is C*H*W floats
