@@ -1,0 +1,61 @@
+"""norm_stats kernels against the torch reference: BatchNorm (batch and running statistics),
+LayerNorm, GroupNorm, RMSNorm (center=False); fp32/bf16/fp16 inputs."""
+import pytest
+import torch
+
+from adafisher_fast import reference
+from conftest import device
+
+DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 13, 1), (3, 6, 33), (13, 2, 7)])
+@pytest.mark.parametrize("mode,groups,center", [("channel", 1, True), ("sample", 1, True),
+                                                ("sample", 2, True), ("sample", 1, False)])
+def test_norm_stats(kernel_ops, shape, mode, groups, center, dtype, rtol):
+    if shape[1] % groups:
+        pytest.skip("groups must divide channels")
+    torch.manual_seed(0)
+    x = (torch.randn(shape, device=device()) * 3 + 1).to(dtype)
+    want = torch.rand(shape[1], device=device())
+    got = want.clone()
+    reference.norm_stats(x, want, mode, groups, 1e-5, center)
+    kernel_ops.norm_stats(x, got, mode, groups, 1e-5, center)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_stats_running(kernel_ops, dtype):
+    torch.manual_seed(1)
+    x = torch.randn(5, 7, 13, device=device()).to(dtype)
+    mean, var = torch.randn(7, device=device()), torch.rand(7, device=device()) + 0.1
+    want = torch.zeros(7, device=device())
+    got = want.clone()
+    reference.norm_stats(x, want, "channel", 1, 1e-3, True, mean, var)
+    kernel_ops.norm_stats(x, got, "channel", 1, 1e-3, True, mean, var)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_norm_stats_bad_mode(kernel_ops):
+    with pytest.raises(ValueError, match="mode"):
+        kernel_ops.norm_stats(torch.ones(2, 3, 1, device=device()), torch.zeros(3, device=device()),
+                              "row", 1, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,mode,groups", [((64, 256, 3136), "channel", 1),
+                                               ((4096, 4096, 1), "sample", 1),
+                                               ((32, 512, 1025), "sample", 32)])
+def test_norm_stats_gpu_large(kernel_ops, shape, mode, groups, dtype):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    want = torch.zeros(shape[1], dtype=torch.float64, device="cuda")
+    reference.norm_stats(x.double(), want, mode, groups, 1e-5)
+    lp = torch.zeros(shape[1], device="cuda")
+    reference.norm_stats(x, lp, mode, groups, 1e-5)
+    got = torch.zeros(shape[1], device="cuda")
+    kernel_ops.norm_stats(x, got, mode, groups, 1e-5)
+    err_ref = (lp.double() - want).abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2 * err_ref + 1e-6 * want.abs().max().item()
