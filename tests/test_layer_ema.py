@@ -1,0 +1,64 @@
+"""layer_ema kernels against the torch reference on the LayerTables of real models (both presets),
+over several statistics iterations, with layers not called, non-finite statistics and counters."""
+import pytest
+import torch
+import torch.nn as nn
+
+from adafisher_fast import AdaFisher, reference
+from adafisher_fast.presets import PRESETS
+from conftest import device
+
+pytestmark = [pytest.mark.filterwarnings("ignore:.*released code does not hook"),
+              pytest.mark.filterwarnings("ignore:divide by zero")]   # interpreter: 1/count with count 0
+
+
+def _model():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, groups=1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3, groups=2),
+                         nn.Flatten(), nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3, bias=False),
+                         nn.Embedding(11, 3), nn.GroupNorm(2, 4), nn.Conv1d(4, 4, 3))
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_layer_ema(kernel_ops, preset):
+    torch.manual_seed(0)
+    opt = AdaFisher(_model().to(device()), preset=preset, backend="torch")
+    f = opt.fisher
+    rule = PRESETS[preset].ema_rule(0.8)
+    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
+    got = [t.clone() for t in want]
+    n_acc = f.table.n_acc
+    for it in range(4):
+        buf = torch.rand_like(f.buf) * 3
+        if it == 1:
+            buf[n_acc] = 0                          # first factor's module not called
+        if it == 2 and n_acc > 1:
+            buf[1] = float("inf")                   # a non-finite statistic: layer keeps its state
+        if it == 3:
+            buf[n_acc:] = torch.randint(1, 5, (buf.numel() - n_acc,)).to(buf)
+        reference.layer_ema(buf, f.table, *want, rule)
+        kernel_ops.layer_ema(buf, f.table, *got, rule)
+        for w, g in zip(want, got):
+            if w.is_floating_point():
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(g, w)
+    assert int(want[3][:, 1].sum()) >= 1            # the non-finite event was counted
+
+
+@pytest.mark.gpu
+def test_layer_ema_gpu_many_layers(kernel_ops):
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(32)], nn.Embedding(50257, 64))
+    opt = AdaFisher(model.cuda(), preset="paper", backend="torch")
+    f = opt.fisher
+    rule = PRESETS["paper"].ema_rule(0.8)
+    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
+    got = [t.clone() for t in want]
+    for _ in range(3):
+        buf = torch.rand_like(f.buf) + 0.5
+        reference.layer_ema(buf, f.table, *want, rule)
+        kernel_ops.layer_ema(buf, f.table, *got, rule)
+    for w, g in zip(want, got):
+        if w.is_floating_point():
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(g, w)
