@@ -1,11 +1,41 @@
 """Installs adafisher_fast (+ the Triton kernels in fisher_kernels).  The CUDA C++ extension in csrc/
 is built when a CUDA-enabled torch and nvcc are present; elsewhere it is skipped with a message and
 the package works with the torch and Triton backends.  ADAFISHER_NO_CUDA=1 skips the build."""
+import os
+
 from setuptools import find_packages, setup
 
 
 def cuda_extensions():
-    return [], {}
+    """([CUDAExtension], {"build_ext": BuildExtension}) when torch is CUDA-enabled, nvcc is found
+    (CUDA_HOME) and ADAFISHER_NO_CUDA != 1; else ([], {}) with a message.  Architectures come from
+    TORCH_CUDA_ARCH_LIST (default "8.0;9.0": A100 and H100).  See csrc/README.md."""
+    if os.environ.get("ADAFISHER_NO_CUDA") == "1":
+        print("adafisher-fast: ADAFISHER_NO_CUDA=1, skipping the CUDA extension")
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError as e:
+        print(f"adafisher-fast: torch is not importable at build time ({e}); skipping the CUDA "
+              "extension (build it with `pip install --no-build-isolation -e .`)")
+        return [], {}
+    if torch.version.cuda is None or CUDA_HOME is None:
+        why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc (CUDA_HOME) not found"
+        print(f"adafisher-fast: {why}; skipping the CUDA extension (torch and Triton backends only)")
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = [os.path.join("csrc", "bindings.cpp")] + sorted(
+        os.path.join("csrc", f) for f in os.listdir(os.path.join(here, "csrc")) if f.endswith(".cu"))
+    ext = CUDAExtension(
+        name="adafisher_fast._C",
+        sources=sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
+                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+    )
+    return [ext], {"build_ext": BuildExtension}
 
 
 ext_modules, cmdclass = cuda_extensions()

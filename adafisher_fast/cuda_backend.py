@@ -1,0 +1,164 @@
+"""The CUDA C++ backend: the six ops of ``reference.py`` with the same Python signatures, running the
+kernels of ``csrc/<op>.cu`` through the torch custom ops ``torch.ops.adafisher.*`` that
+``csrc/bindings.cpp`` registers (compiled into ``adafisher_fast._C`` by setup.py).
+
+Build (on a machine with a CUDA torch and nvcc; no network needed)::
+
+    pip install --no-build-isolation -e .        # or: python setup.py build_ext --inplace
+
+Importing this module raises ImportError with that hint when the extension is not built, which the
+dispatcher (backends.py) turns into "backend 'cuda' cannot run" / falls back under ``auto``.
+
+Fake implementations of every op are registered here so that the ops trace under torch.compile
+(they mutate their ``out``/state arguments in place and return nothing).
+
+Documented fallbacks to the torch reference (the kernels do not cover them):
+* ``fused_step`` parameters in float64, non-contiguous, or whose grad/momentum dtype differs from
+  the parameter's (float64 models keep the reference's float64 arithmetic exactly).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from . import reference
+from .reference import EmaRule, LayerTable
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.adafisher.*)
+except ImportError as e:  # pragma: no cover - depends on the build
+    raise ImportError(
+        "adafisher_fast._C (the CUDA C++ extension) is not built: build it on a machine with a "
+        "CUDA-enabled torch and nvcc with `pip install --no-build-isolation -e .` or "
+        f"`python setup.py build_ext --inplace` (csrc/README.md). ({e})") from e
+
+_ops = torch.ops.adafisher
+_PAD_MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
+_NORM_MODES = {"channel": 0, "sample": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# fake implementations (torch.compile): in-place ops with no outputs
+# ---------------------------------------------------------------------------------------------
+def _register_fakes() -> None:
+    def nothing(*args, **kwargs):
+        return None
+    for name in ("linear_stats", "conv_stats", "norm_stats", "embedding_stats", "layer_ema", "fused_step"):
+        try:
+            torch.library.register_fake(f"adafisher::{name}")(nothing)
+        except RuntimeError:      # already registered (module reloaded)
+            pass
+
+
+_register_fakes()
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics ops
+# ---------------------------------------------------------------------------------------------
+def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,
+                 scale: float = 1.0) -> None:
+    """reference.linear_stats on the GPU (csrc/linear_stats.cu)."""
+    _ops.linear_stats(x, out, int(dim), bool(square), float(scale))
+
+
+def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
+               stride: Sequence[int], padding: Sequence[Tuple[int, int]],
+               dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:
+    """reference.conv_stats on the GPU (csrc/conv_stats.cu); returns L, the output positions."""
+    if padding_mode not in _PAD_MODES:
+        raise ValueError(f"conv_stats: padding_mode must be one of {tuple(_PAD_MODES)}, got {padding_mode!r}")
+    flat = [int(p) for lo_hi in padding for p in lo_hi]
+    _ops.conv_stats(x, out, [int(k) for k in kernel_size], [int(s) for s in stride], flat,
+                    [int(d) for d in dilation], int(groups), _PAD_MODES[padding_mode])
+    return math.prod(reference.conv_out_size(x.shape[2 + i], kernel_size[i], stride[i], dilation[i],
+                                             *padding[i]) for i in range(len(kernel_size)))
+
+
+def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,
+               center: bool = True, mean=None, var=None) -> None:
+    """reference.norm_stats on the GPU (csrc/norm_stats.cu)."""
+    if mode not in _NORM_MODES:
+        raise ValueError(f"norm_stats: mode must be 'channel' or 'sample', got {mode!r}")
+    if mean is not None:
+        mean, var = mean.to(out.dtype), var.to(out.dtype)
+    _ops.norm_stats(x, out, _NORM_MODES[mode], int(groups), float(eps), bool(center), mean, var)
+
+
+def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
+    """reference.embedding_stats on the GPU (csrc/embedding_stats.cu)."""
+    _ops.embedding_stats(idx, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# step ops
+# ---------------------------------------------------------------------------------------------
+# NOTE: [term CSR] layer_ema's kernel sums each raw entry's terms itself (no atomics, one block per
+# layer), so the terms are sorted by destination once per LayerTable and cached by the identity of
+# its term_dst storage (the cache holds a reference, so the pointer cannot be reused meanwhile).
+_CSR: Dict[Tuple, Tuple] = {}
+
+
+def _term_csr(table: LayerTable, n_raw: int):
+    key = (table.term_dst.data_ptr(), table.term_dst.numel(), n_raw, str(table.term_dst.device))
+    hit = _CSR.get(key)
+    if hit is not None and hit[0] is table.term_dst:
+        return hit[1]
+    order = torch.argsort(table.term_dst, stable=True)
+    counts = torch.bincount(table.term_dst, minlength=n_raw)
+    ptr = torch.zeros(n_raw + 1, dtype=torch.int64, device=table.term_dst.device)
+    ptr[1:] = torch.cumsum(counts, 0)
+    csr = (ptr, table.term_src[order].contiguous(), table.term_pow[order].contiguous(),
+           table.term_coef[order].contiguous(), table.term_q[order].contiguous(),
+           table.term_factor[order].contiguous())
+    if len(_CSR) >= 16:
+        _CSR.pop(next(iter(_CSR)))
+    _CSR[key] = (table.term_dst, csr)
+    return csr
+
+
+def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
+              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
+    """reference.layer_ema on the GPU in one launch (csrc/layer_ema.cu)."""
+    ptr, src, pw, coef, q, factor = _term_csr(table, state.numel())
+    _ops.layer_ema(buf, int(table.n_acc), ptr, src, pw, coef, q, factor,
+                   table.factor_start, table.factor_layer, int(table.n_layers), state, fac,
+                   initialized, counters, float(rule.decay), float(rule.weight),
+                   float(rule.decay_first), float(rule.weight_first), bool(rule.normalise_raw),
+                   bool(rule.normalise_state))
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernel_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> bool:
+    return (p.is_cuda and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and m.dtype == p.dtype
+            and p.is_contiguous() and m.is_contiguous() and t.dtype == torch.float32 and t.is_cuda)
+
+
+def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
+               steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
+               hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
+    """reference.fused_step on the GPU: one launch per parameter dtype over all parameters
+    (csrc/fused_step.cu); float64 (or otherwise unsupported) parameters go through the reference."""
+    n = len(params)
+    if n == 0:
+        return
+    ok = [_kernel_ok(p, g, m, t) for p, g, m, t in zip(params, grads, moms, steps)]
+    if all(ok):
+        idx = None
+    else:
+        idx = [i for i in range(n) if ok[i]]
+        rest = [i for i in range(n) if not ok[i]]
+        reference.fused_step([params[i] for i in rest], [grads[i] for i in rest], [moms[i] for i in rest],
+                             [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled)
+        if not idx:
+            return
+        params, grads, moms, steps = ([lst[i] for i in idx] for lst in (params, grads, moms, steps))
+        hyper = [hyper[i] for i in idx]
+        meta = meta[idx]
+    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
+    _ops.fused_step(params, grads, moms, steps, fac, meta.contiguous(), lr, beta, wd, lam, bool(decoupled))
