@@ -1,0 +1,101 @@
+"""fused_step kernels against the torch reference over several steps: every param-map kind,
+fp32/bf16/fp16 parameters, L2 and decoupled weight decay, non-contiguous tensors, a zero-size
+parameter last; parameters, momenta and step counts compared."""
+import pytest
+import torch
+
+from adafisher_fast import reference
+from conftest import device
+
+# (param dtype, rtol): one rounding of the stored parameter / momentum in its own dtype
+DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 2 * 2.0 ** -7), (torch.float16, 2 * 2.0 ** -10)]
+
+
+def _problem(dtype):
+    """Parameters with map rows like layers.py builds: Linear weight/bias, grouped conv weight,
+    norm weight (H per row), Embedding (H by row, S by column), released-code H'[0] maps, a
+    factor-free parameter and a zero-size one."""
+    n_fac = 64
+    specs = [  # shape, meta row
+        ((5, 7), (5, 7, 0, 1, 0, 5, 0, 1, 5, 0)),
+        ((5,), (5, 1, 0, 1, 0, 12, 0, 0, 5, 0)),
+        ((4, 2, 3, 1), (4, 6, 13, 1, 0, 17, 0, 1, 2, 7)),
+        ((13,), (13, 1, 31, 1, 0, 44, 1, 0, 13, 0)),
+        ((3, 4), (3, 4, 20, 0, 1, 57, 1, 0, 3, 0)),
+        ((6,), (6, 1, 24, 1, 0, 60, 0, 0, 6, 0)),
+        ((33, 1), (33, 1, n_fac, 0, 0, n_fac, 0, 0, 33, 0)),
+        ((0, 3), (0, 3, n_fac, 0, 0, n_fac, 0, 0, 1, 0)),
+    ]
+    params = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
+    grads = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
+    moms = [torch.randn(s, device=device()).to(dtype) * 0.1 for s, _ in specs]
+    fac = torch.cat([torch.rand(n_fac, device=device()), torch.ones(1, device=device())])
+    meta = torch.tensor([m for _, m in specs], dtype=torch.int64)
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * 6 + [(1e-2, 0.8, 0.0, 0.0), (1e-2, 0.9, 0.1, 1e-3)]
+    return params, grads, moms, fac, meta, hyper
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_step(kernel_ops, dtype, rtol, decoupled):
+    torch.manual_seed(0)
+    params, grads, moms, fac, meta, hyper = _problem(dtype)
+    want = ([p.clone() for p in params], [m.clone() for m in moms],
+            [torch.tensor(float(i)) for i in range(len(params))])
+    got = ([p.clone() for p in params], [m.clone() for m in moms],
+           [torch.tensor(float(i)) for i in range(len(params))])
+    for _ in range(3):
+        reference.fused_step(want[0], grads, want[1], want[2], fac, meta, hyper, decoupled)
+        kernel_ops.fused_step(got[0], grads, got[1], got[2], fac, meta, hyper, decoupled)
+        for w, g in zip(want[0] + want[1], got[0] + got[1]):
+            scale = w.abs().max().item() if w.numel() else 0.0
+            torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale)
+        assert [t.item() for t in got[2]] == [t.item() for t in want[2]]
+        # the next step starts from the same state on both sides
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            a.copy_(b)
+
+
+def test_fused_step_noncontiguous(kernel_ops):
+    torch.manual_seed(1)
+    p = torch.randn(6, 5, device=device()).t()               # (5, 6), non-contiguous
+    g = torch.randn(6, 5, device=device()).t()
+    m = torch.zeros(6, 5, device=device()).t()
+    fac = torch.rand(12, device=device())
+    meta = torch.tensor([[5, 6, 0, 1, 0, 5, 0, 1, 5, 0]])
+    pw, mw, tw = p.clone(), m.clone(), [torch.tensor(0.0)]
+    reference.fused_step([pw], [g], [mw], tw, fac, meta, [(0.1, 0.9, 0.0, 1e-3)], False)
+    tg = [torch.tensor(0.0)]
+    kernel_ops.fused_step([p], [g], [m], tg, fac, meta, [(0.1, 0.9, 0.0, 1e-3)], False)
+    torch.testing.assert_close(p, pw)
+    torch.testing.assert_close(m, mw)
+    assert tg[0].item() == 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
+    """A 1e8-element parameter set: a 4096x4096 Linear, many small tensors, one odd-sized one."""
+    torch.manual_seed(0)
+    shapes = [(4096, 4096)] * 5 + [(4097,)] * 64 + [(1000, 17137)] + [(0,)]
+    n_fac = 4096 * 2 + 2
+    rows = []
+    for s in shapes:
+        r, c = (s[0], s[1]) if len(s) == 2 else (s[0], 1)
+        if s == (4096, 4096):
+            rows.append((r, c, 0, 1, 0, 4096, 0, 1, r, 0))
+        else:
+            rows.append((r * c, 1, n_fac, 0, 0, n_fac, 0, 0, max(r * c, 1), 0))
+    params = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    grads = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+    moms = [torch.zeros(s, device="cuda").to(dtype) for s in shapes]
+    fac = torch.cat([torch.rand(n_fac, device="cuda"), torch.ones(1, device="cuda")])
+    meta = torch.tensor(rows, dtype=torch.int64)
+    hyper = [(1e-3, 0.9, 0.01, 1e-3)] * len(shapes)
+    pw, mw = [p.clone() for p in params], [m.clone() for m in moms]
+    tw, tg = [torch.tensor(0.0) for _ in shapes], [torch.tensor(0.0) for _ in shapes]
+    reference.fused_step(pw, grads, mw, tw, fac, meta, hyper, True)
+    kernel_ops.fused_step(params, grads, moms, tg, fac, meta, hyper, True)
+    for a, b in zip(params + moms, pw + mw):
+        scale = b.abs().max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
