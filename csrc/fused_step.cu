@@ -10,14 +10,15 @@
 // block to finish (atomic ticket on done_counter) increments every step tensor and re-arms the
 // counter, so no block can see a half-updated step and the whole step stays one launch.
 // Python scalars are rounded to float32 where torch's reference rounds them (1 - beta and
-// 1 - beta^t computed in double), and __fmul_rn/__fadd_rn keep the compiler from contracting the
+// 1 - beta^t computed in double; m / bc as m * (1 / bc) like torch's CUDA division by a
+// CPU scalar), and __fmul_rn/__fadd_rn keep the compiler from contracting the
 // reference's separate multiply and add into FMAs, so fp32 results match the reference closely.
 #include <algorithm>
 #include "common.cuh"
 
 namespace adafisher {
 
-struct StepCoef { float lr, beta, omb, bc, wd, lam; bool l2, dec; };
+struct StepCoef { float lr, beta, omb, inv_bc, wd, lam; bool l2, dec; };
 
 template <typename F>
 __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int64_t e) {
@@ -32,7 +33,7 @@ __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int6
 __device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd, const StepCoef& k) {
   if (k.l2) g = __fadd_rn(g, __fmul_rn(k.wd, p));
   m = __fadd_rn(__fmul_rn(m, k.beta), __fmul_rn(g, k.omb));
-  float u = __fdiv_rn(__fdiv_rn(m, k.bc), __fadd_rn(fd, k.lam));
+  float u = __fdiv_rn(__fmul_rn(m, k.inv_bc), __fadd_rn(fd, k.lam));
   if (k.dec) u = __fadd_rn(u, __fmul_rn(k.wd, p));
   p = __fadd_rn(p, -__fmul_rn(k.lr, u));
 }
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
     const double t = static_cast<double>(*ts.step) + 1.0;
     StepCoef k;
     k.lr = (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);
-    k.bc = (float)(1.0 - pow(ts.beta, t)); k.wd = (float)ts.wd; k.lam = (float)ts.lam;
+    k.inv_bc = __fdiv_rn(1.0f, (float)(1.0 - pow(ts.beta, t)));  // as torch's CUDA div by a scalar k.wd = (float)ts.wd; k.lam = (float)ts.lam;
     k.l2 = ts.wd != 0.0 && !decoupled; k.dec = ts.wd != 0.0 && decoupled;
     __syncthreads();
     T* p = static_cast<T*>(ts.p);

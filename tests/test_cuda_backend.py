@@ -226,15 +226,8 @@ def test_three_backends_agree_on_a_short_run(name, opt_cls, preset):
 def test_fused_step_one_launch_many_tensors(dtype, decoupled):
     """Odd sizes, one past a chunk, misaligned views (scalar path), a zero-size tensor last."""
     ops = _cuda_ops()
-    from adafisher_fast.cuda_backend import _ops as raw  # noqa: F401
     torch.manual_seed(0)
     sizes = [(1, 1), (7, 13), (33, 5), (4096, 4096), (1, 65537), (13,), (0, 3)]
-    base = torch.randn(sum(torch.Size(s).numel() for s in sizes) + 1, device="cuda")
-    params, off = [], 1                                           # offset 1: misaligned storage
-    for s in sizes:
-        k = torch.Size(s).numel()
-        params.append(base[off:off + k].view(s).to(dtype) if dtype != torch.float32 else base[off:off + k].view(s))
-        off += k
     n_fac = 5000
     fac = torch.rand(n_fac + 1, device="cuda") + 0.1
     fac[-1] = 1
@@ -246,21 +239,30 @@ def test_fused_step_one_launch_many_tensors(dtype, decoupled):
     meta = torch.tensor(meta, device="cuda", dtype=torch.int64)
     hyper = [(1e-2, 0.9, 1e-2, 1e-3)] * len(sizes)
 
-    def clone_all():
-        return ([p.clone() for p in params], [torch.randn_like(p, dtype=torch.float32).to(dtype) * 0 + p for p in params],
-                [torch.randn_like(p) for p in params], [torch.zeros((), device="cuda") for _ in params])
+    def lists(offset):
+        """(params, grads, moms, steps); offset 1 puts every tensor 2-4 bytes off 16-byte alignment."""
+        g = torch.Generator(device="cuda").manual_seed(1)
+        out = []
+        for _ in range(3):
+            ts = []
+            for s in sizes:
+                k = torch.Size(s).numel()
+                store = torch.empty(k + offset, device="cuda", dtype=dtype)
+                store[offset:] = torch.randn(k, device="cuda", generator=g).to(dtype)
+                ts.append(store[offset:].view(s))
+            out.append(ts)
+        return out + [[torch.zeros((), device="cuda") for _ in sizes]]
 
-    torch.manual_seed(1)
-    a = clone_all()
-    b = tuple([t.clone() for t in lst] for lst in a)
-    for _ in range(3):
-        reference.fused_step(*a, fac, meta, hyper, decoupled)
-        ops.fused_step(*b, fac, meta, hyper, decoupled)
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
-    for la, lb in zip(a, b):
-        for x, y in zip(la, lb):
-            torch.testing.assert_close(y, x, **tol)
-    assert all(float(t) == 3 for t in b[3])
+    for offset in (0, 1):
+        a, b = lists(offset), lists(offset)
+        for _ in range(3):
+            reference.fused_step(*a, fac, meta, hyper, decoupled)
+            ops.fused_step(*b, fac, meta, hyper, decoupled)
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+        for la, lb in zip(a, b):
+            for x, y in zip(la, lb):
+                torch.testing.assert_close(y, x, **tol)
+        assert all(float(t) == 3 for t in b[3])
 
 
 @pytest.mark.gpu
