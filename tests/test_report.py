@@ -64,7 +64,7 @@ def run(opt_cls, preset, steps=3):
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_report_matches_hand_computed(opt_cls, preset):
     opt, expected = run(opt_cls, preset)
-    rows = curvature_report(opt)
+    rows = opt.curvature_report()
     assert [r["name"] for r in rows] == ["0", "2"]
     for r, e in zip(rows, expected):
         assert r["kind"] == "Linear" and r["preset"] == preset
