@@ -135,7 +135,8 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _kernel_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> bool:
     return (p.is_cuda and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and m.dtype == p.dtype
-            and p.is_contiguous() and m.is_contiguous() and t.dtype == torch.float32 and t.is_cuda)
+            and p.is_contiguous() and m.is_contiguous() and t.dtype == torch.float32 and t.numel() == 1
+            and (t.is_cpu or t.device == p.device))
 
 
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
@@ -161,4 +162,4 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         meta = meta[idx]
     grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
-    _ops.fused_step(params, grads, moms, steps, fac, meta.contiguous(), lr, beta, wd, lam, bool(decoupled))
+    _ops.fused_step(params, grads, moms, steps, fac, meta, lr, beta, wd, lam, bool(decoupled))

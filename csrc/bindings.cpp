@@ -221,14 +221,19 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
               "hyper-parameter lists must have the same length");
   if (n == 0) return;
   check_cuda(fac, params[0], op, "fac");
-  check_cuda(meta, params[0], op, "meta");
   const DType ft = acc_dtype(fac, op, "fac");
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == 10 &&
-              meta.is_contiguous(), "adafisher::fused_step: meta must be contiguous int64 [P, 10]");
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == 10,
+              "adafisher::fused_step: meta must be int64 [P, 10]");
+  // the meta rows travel inside the tensor table (one H2D copy); a CUDA meta costs a sync here
+  const at::Tensor meta_h = meta.to(at::kCPU).contiguous();
+  const int64_t* mrows = meta_h.data_ptr<int64_t>();
+  std::vector<at::Tensor> host_steps;
   std::vector<std::vector<StepTensor>> by_type(3);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = moms[i], &t = steps[i];
-    for (const at::Tensor* u : {&p, &g, &m, &t}) check_cuda(*u, params[0], op, "params/grads/moms/steps");
+    for (const at::Tensor* u : {&p, &g, &m}) check_cuda(*u, params[0], op, "params/grads/moms");
+    TORCH_CHECK(t.is_cpu() || t.device() == p.device(), "adafisher::fused_step: step ", i,
+                " must be on the CPU or on the parameter's device");
     TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
                 "adafisher::fused_step: params must be float32/bfloat16/float16 (float64 goes through the torch "
                 "reference in cuda_backend.py), got ", p.scalar_type(), " for parameter ", i);
@@ -242,8 +247,15 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
     TORCH_CHECK(p.numel() / kStepChunk < (int64_t)INT32_MAX, "adafisher::fused_step: parameter too large");
     StepTensor s{};
-    s.p = p.data_ptr(); s.g = g.data_ptr(); s.m = m.data_ptr(); s.step = t.data_ptr<float>();
-    s.numel = p.numel(); s.row = static_cast<int64_t>(i);
+    s.p = p.data_ptr(); s.g = g.data_ptr(); s.m = m.data_ptr();
+    if (t.is_cpu()) {
+      s.step = nullptr; s.t_host = static_cast<double>(*t.data_ptr<float>()) + 1.0;
+      host_steps.push_back(t);
+    } else {
+      s.step = t.data_ptr<float>(); s.t_host = 0.0;
+    }
+    s.numel = p.numel();
+    for (int j = 0; j < 10; ++j) s.meta[j] = mrows[i * 10 + j];
     s.lr = lr[i]; s.beta = beta[i]; s.wd = wd[i]; s.lam = lam[i];
     const int k = p.scalar_type() == at::kFloat ? 0 : (p.scalar_type() == at::kHalf ? 1 : 2);
     by_type[k].push_back(s);
@@ -267,9 +279,10 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const uint8_t* d = dev.data_ptr<uint8_t>();
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
                                    reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],
-                                   fac.data_ptr(), ft, meta.data_ptr<int64_t>(), decoupled,
+                                   fac.data_ptr(), ft, decoupled,
                                    done_counter(params[0].device()), stream), op);
   }
+  for (const at::Tensor& t : host_steps) *t.data_ptr<float>() += 1.0f;   // as the reference's t += 1
 }
 
 }  // namespace

@@ -6,9 +6,11 @@
 // NOTE: [step chunks] Multi-tensor apply as in ATen's MultiTensorApply.cuh: the binding lists every
 // (tensor, chunk of kStepChunk elements) pair; block b handles chunk b.  A chunk whose p/g/m are
 // 16-byte aligned moves 16 bytes per load (4 fp32 or 8 bf16/fp16), the rest (and the tail) goes
-// element by element.  Each block reads its tensor's step t (the old value) and uses t + 1; the last
+// element by element.  F's index map (the meta row) travels in the tensor table.  Each block reads
+// its tensor's step t (the old value) and uses t + 1; the last
 // block to finish (atomic ticket on done_counter) increments every step tensor and re-arms the
-// counter, so no block can see a half-updated step and the whole step stays one launch.
+// counter, so no block can see a half-updated step and the whole step stays one launch.  Steps
+// kept on the host (torch.optim's default, 0-dim CPU tensors) are read and incremented by the binding.
 // Python scalars are rounded to float32 where torch's reference rounds them (1 - beta and
 // 1 - beta^t computed in double; m / bc as m * (1 / bc) like torch's CUDA division by a
 // CPU scalar), and __fmul_rn/__fadd_rn keep the compiler from contracting the
@@ -41,14 +43,14 @@ __device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd,
 template <typename T, typename F>
 __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __restrict__ tensors, int64_t n_tensors,
                                                          const StepChunk* __restrict__ chunks, int64_t n_chunks,
-                                                         const F* __restrict__ fac, const int64_t* __restrict__ meta,
+                                                         const F* __restrict__ fac,
                                                          bool decoupled, unsigned int* done) {
   __shared__ int64_t mt[10];
   if (blockIdx.x < n_chunks) {
     const StepChunk ch = chunks[blockIdx.x];
     const StepTensor& ts = tensors[ch.tensor];
-    if (threadIdx.x < 10) mt[threadIdx.x] = meta[ts.row * 10 + threadIdx.x];
-    const double t = static_cast<double>(*ts.step) + 1.0;
+    if (threadIdx.x < 10) mt[threadIdx.x] = ts.meta[threadIdx.x];
+    const double t = ts.step != nullptr ? static_cast<double>(*ts.step) + 1.0 : ts.t_host;
     StepCoef k;
     k.lr = (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);
     k.inv_bc = __fdiv_rn(1.0f, (float)(1.0 - pow(ts.beta, t)));  // as torch's CUDA div by a scalar k.wd = (float)ts.wd; k.lam = (float)ts.lam;
@@ -98,13 +100,14 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
   __syncthreads();
   if (last) {
     __threadfence();
-    for (int64_t i = threadIdx.x; i < n_tensors; i += blockDim.x) *tensors[i].step += 1.0f;
+    for (int64_t i = threadIdx.x; i < n_tensors; i += blockDim.x)
+      if (tensors[i].step != nullptr) *tensors[i].step += 1.0f;
     if (threadIdx.x == 0) *done = 0u;
   }
 }
 
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
-                              int64_t n_chunks, DType pt, const void* fac, DType ft, const int64_t* meta,
+                              int64_t n_chunks, DType pt, const void* fac, DType ft,
                               bool decoupled, unsigned int* done_counter, cudaStream_t s) {
   if (n_tensors == 0) return cudaSuccess;
   const unsigned grid = (unsigned)std::max<int64_t>(n_chunks, 1);
@@ -112,13 +115,13 @@ cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, cons
     switch (pt) {
       case DType::F32:
         fused_step_kernel<float, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), meta, decoupled, done_counter); break;
+            static_cast<const F*>(fac), decoupled, done_counter); break;
       case DType::F16:
         fused_step_kernel<__half, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), meta, decoupled, done_counter); break;
+            static_cast<const F*>(fac), decoupled, done_counter); break;
       case DType::BF16:
         fused_step_kernel<__nv_bfloat16, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), meta, decoupled, done_counter); break;
+            static_cast<const F*>(fac), decoupled, done_counter); break;
       default: return cudaErrorInvalidValue;
     });
   return cudaGetLastError();

@@ -53,16 +53,20 @@ cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s);
 // fused_step: one launch over every parameter of one dtype (multi-tensor apply, NOTE in
 // fused_step.cu).  `tensors` and `chunks` live in device memory (built by the binding).
 struct StepTensor {
-  void* p; const void* g; void* m; float* step;  // step: 0-dim float32, incremented by the launch
+  void* p; const void* g; void* m;
+  float* step;       // device 0-dim float32 step, read (t = step + 1) and incremented by the launch;
+                     // nullptr when the step lives on the host: then t_host is t and the binding
+                     // increments the host tensor
+  double t_host;
   int64_t numel;
-  int64_t row;                      // row of `meta` (int64 [P, 10], NOTE: [param map])
+  int64_t meta[10];                 // the parameter's row of NOTE: [param map] (reference.py)
   double lr, beta, wd, lam;         // doubles: rounded to float32 exactly where torch rounds them
 };
 struct StepChunk { int32_t tensor; int32_t chunk; };
 constexpr int64_t kStepChunk = 65536;  // elements per chunk (see NOTE: [step chunks])
 // done_counter: one zero-initialised unsigned int in device memory, left at zero by the launch.
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
-                              int64_t n_chunks, DType pt, const void* fac, DType ft, const int64_t* meta,
+                              int64_t n_chunks, DType pt, const void* fac, DType ft,
                               bool decoupled, unsigned int* done_counter, cudaStream_t s);
 
 }  // namespace adafisher

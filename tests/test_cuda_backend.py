@@ -223,7 +223,8 @@ def test_three_backends_agree_on_a_short_run(name, opt_cls, preset):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_fused_step_one_launch_many_tensors(dtype, decoupled):
+@pytest.mark.parametrize("step_device", ["cpu", "cuda"])
+def test_fused_step_one_launch_many_tensors(dtype, decoupled, step_device):
     """Odd sizes, one past a chunk, misaligned views (scalar path), a zero-size tensor last."""
     ops = _cuda_ops()
     torch.manual_seed(0)
@@ -251,7 +252,7 @@ def test_fused_step_one_launch_many_tensors(dtype, decoupled):
                 store[offset:] = torch.randn(k, device="cuda", generator=g).to(dtype)
                 ts.append(store[offset:].view(s))
             out.append(ts)
-        return out + [[torch.zeros((), device="cuda") for _ in sizes]]
+        return out + [[torch.zeros((), device=step_device) for _ in sizes]]
 
     for offset in (0, 1):
         a, b = lists(offset), lists(offset)
