@@ -32,8 +32,8 @@ def cuda_extensions():
         name="adafisher_fast._C",
         sources=sources,
         include_dirs=[os.path.join(here, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+        # no -std flag: BuildExtension picks the C++ standard the installed torch's headers need
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
     )
     return [ext], {"build_ext": BuildExtension}
 
