@@ -289,6 +289,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
 }  // namespace adafisher
 
 TORCH_LIBRARY(adafisher, m) {
+  // the fake (torch.compile) implementations live in this Python module; torch imports it on demand
+  m.set_python_module("adafisher_fast.cuda_backend");
   m.def("linear_stats(Tensor x, Tensor(a!) out, int dim, bool square, float scale) -> ()");
   m.def("conv_stats(Tensor x, Tensor(a!) out, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "int groups, int padding_mode) -> ()");
