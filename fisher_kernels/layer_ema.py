@@ -70,7 +70,9 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_sta
             tl.atomic_add(raw_ptr + dst, bp * coef / cq, mask=m)
     tl.debug_barrier()
     # 2. non-finite guard over the counted factors
-    bad = 0
+    # loop-carried flags start as int32 tensors (a Python 0 would be a constexpr, which compiled
+    # Triton refuses to re-assign inside loops / runtime ifs)
+    bad = layer * 0
     for fi in range(f0, f1):
         f = tl.load(layer_factors + fi)
         cnt = tl.load(buf_ptr + n_acc + f)
@@ -82,10 +84,9 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_sta
             m = o < en
             v = tl.load(raw_ptr + o, mask=m, other=0.0, volatile=True)
             nbad += (m & ((v != v) | (v == float("inf")) | (v == float("-inf")))).to(tl.int32)
-        if cnt > 0:
-            bad = bad | (tl.sum(nbad, axis=0) > 0).to(tl.int32)
+        bad = bad | ((cnt > 0) & (tl.sum(nbad, axis=0) > 0)).to(tl.int32)
     # 3. EMA, then H'/S'
-    took = 0
+    took = layer * 0
     for fi in range(f0, f1):
         f = tl.load(layer_factors + fi)
         cnt = tl.load(buf_ptr + n_acc + f)
@@ -112,8 +113,8 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_sta
                 prior = tl.where(init, old, 1.0)
                 tl.store(state_ptr + o, prior * dc + v * wt, mask=m)
             tl.store(init_ptr + f, 1)
-            init = True
-            took = 1
+        init = init | upd
+        took = took | upd.to(tl.int32)
         tl.debug_barrier()
         lo2 = 0.0
         scl2 = 1.0
