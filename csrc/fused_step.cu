@@ -25,7 +25,12 @@ struct StepCoef { float lr, beta, omb, inv_bc, wd, lam; bool l2, dec; };
 template <typename F>
 __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int64_t e) {
   const int64_t cols = mt[1];
-  const int64_t r = cols > 0 ? e / cols : 0, c = e - r * cols;
+  int64_t r;
+  if (e <= INT32_MAX && cols <= INT32_MAX)   // 32-bit division: ~4x cheaper than 64-bit on the GPU
+    r = cols > 0 ? static_cast<int64_t>(static_cast<uint32_t>(e) / static_cast<uint32_t>(cols)) : 0;
+  else
+    r = cols > 0 ? e / cols : 0;
+  const int64_t c = e - r * cols;
   const int64_t s_idx = mt[2] + r * mt[3] + c * mt[4];
   const int64_t gr = mt[8] > 1 ? mt[8] : 1;
   const int64_t h_idx = mt[5] + r * mt[6] + c * mt[7] + (r / gr) * mt[9];
