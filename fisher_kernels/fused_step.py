@@ -44,7 +44,7 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-            DECOUPLED: tl.constexpr):
+            DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr):
     mask = offs < n
     cols = tl.load(meta_ptr + 1)
     s_off = tl.load(meta_ptr + 2)
@@ -69,7 +69,13 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, 
     if not DECOUPLED:
         g = g + wd * pw
     m = m * beta + g * omb
-    upd = m / bc / fd
+    if TORCH_CUDA_DIV:
+        # NOTE: [division rounding] torch on CUDA divides a tensor by a CPU scalar as a multiply by
+        # its correctly rounded reciprocal, and divides tensors with IEEE division; Triton's "/" is
+        # the approximate div.full.f32.  div_rn reproduces the reference's rounding on the GPU.
+        upd = tl.math.div_rn(m * tl.math.div_rn(1.0, bc), fd)
+    else:
+        upd = m / bc / fd
     if DECOUPLED:
         upd = upd + wd * pw
     tl.store(m_ptr + offs, m.to(p.dtype), mask=mask)
@@ -82,7 +88,7 @@ def _fused_step_one_kernel(p_ptr, g_ptr, m_ptr, fac_ptr, meta_ptr, n, lr, beta, 
     """Interpreter path: one parameter per launch (NOTE: [pointer tables])."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-            DECOUPLED)
+            DECOUPLED, False)
 
 
 @triton.jit
@@ -106,7 +112,7 @@ def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper
     bc = tl.load(hp + 5)
     offs = start + tl.arange(0, BLOCK)
     _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
-            bc, DECOUPLED)
+            bc, DECOUPLED, True)
 
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
