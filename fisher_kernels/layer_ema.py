@@ -27,6 +27,12 @@ BLOCK = 256
 
 
 @triton.jit
+def _clip_inf(v):
+    """+inf -> 1, -inf -> 0, as the min-max normalisation does first (SPEC 2)."""
+    return tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 0.0, v))
+
+
+@triton.jit
 def _ema_minmax(v_ptr, start, end, BLOCK: tl.constexpr):
     """(min, max) over v[start:end] after +inf -> 1, -inf -> 0."""
     lo = tl.full((BLOCK,), float("inf"), tl.float32)
@@ -35,7 +41,7 @@ def _ema_minmax(v_ptr, start, end, BLOCK: tl.constexpr):
         o = s + tl.arange(0, BLOCK)
         m = o < end
         v = tl.load(v_ptr + o, mask=m, other=0.0, volatile=True)
-        v = tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 0.0, v))
+        v = _clip_inf(v)
         lo = tl.minimum(lo, tl.where(m, v, float("inf")))
         hi = tl.maximum(hi, tl.where(m, v, float("-inf")))
     return tl.min(lo, axis=0), tl.max(hi, axis=0)
@@ -107,7 +113,7 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_sta
                 m = o < en
                 v = tl.load(raw_ptr + o, mask=m, other=0.0, volatile=True)
                 if NORM_RAW:
-                    v = tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 0.0, v))
+                    v = _clip_inf(v)
                     v = (v - lo) / scl
                 old = tl.load(state_ptr + o, mask=m, other=1.0)
                 prior = tl.where(init, old, 1.0)
@@ -126,7 +132,7 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_sta
             m = o < en
             v = tl.load(state_ptr + o, mask=m, other=0.0, volatile=True)
             if NORM_STATE:
-                v = tl.where(v == float("inf"), 1.0, tl.where(v == float("-inf"), 0.0, v))
+                v = _clip_inf(v)
                 v = (v - lo2) / scl2
             tl.store(fac_ptr + o, tl.where(init, v, 1.0), mask=m)
     c0 = tl.load(counters_ptr + 2 * layer)
