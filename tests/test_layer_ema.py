@@ -18,6 +18,15 @@ def _model():
                          nn.Embedding(11, 3), nn.GroupNorm(2, 4), nn.Conv1d(4, 4, 3))
 
 
+
+def _assert_same_state(got, want):
+    """state, fac (float, to float32 rounding), initialized, counters (exact)."""
+    for w, g in zip(want, got):
+        if w.is_floating_point():
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(g, w)
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_layer_ema(kernel_ops, preset):
     torch.manual_seed(0)
@@ -37,11 +46,7 @@ def test_layer_ema(kernel_ops, preset):
             buf[n_acc:] = torch.randint(1, 5, (buf.numel() - n_acc,)).to(buf)
         reference.layer_ema(buf, f.table, *want, rule)
         kernel_ops.layer_ema(buf, f.table, *got, rule)
-        for w, g in zip(want, got):
-            if w.is_floating_point():
-                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-            else:
-                assert torch.equal(g, w)
+        _assert_same_state(got, want)
     assert int(want[3][:, 1].sum()) >= 1            # the non-finite event was counted
 
 
@@ -57,8 +62,4 @@ def test_layer_ema_gpu_many_layers(kernel_ops):
         buf = torch.rand_like(f.buf) + 0.5
         reference.layer_ema(buf, f.table, *want, rule)
         kernel_ops.layer_ema(buf, f.table, *got, rule)
-    for w, g in zip(want, got):
-        if w.is_floating_point():
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
-        else:
-            assert torch.equal(g, w)
+    _assert_same_state(got, want)

@@ -214,12 +214,13 @@ def loss_fn(model, batch):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
-def _run_package(model, batches, cls, **kw):
+def _run_package(model, batches, cls, loss=None, **kw):
+    loss = loss or loss_fn
     opt = cls(model, backend="torch", **kw)
     traj = []
     for b in batches:
         opt.zero_grad()
-        loss_fn(model, b).backward()
+        loss(model, b).backward()
         opt.step()
         traj.append({n: p.detach().clone() for n, p in model.named_parameters()})
     return traj, opt
@@ -321,13 +322,7 @@ def test_trajectory_misc(preset, cls, tcov):
     m2 = copy.deepcopy(m1)
     batches = _misc_batches(12)
     kw = dict(lr=3e-3, beta=0.85, Lambda=2e-3, gamma=0.6, TCov=tcov, weight_decay=0.03, preset=preset)
-    opt = cls(m1, backend="torch", **kw)
-    got = []
-    for b in batches:
-        opt.zero_grad()
-        misc_loss(m1, b).backward()
-        opt.step()
-        got.append({n: p.detach().clone() for n, p in m1.named_parameters()})
+    got, opt = _run_package(m1, batches, cls, loss=misc_loss, **kw)
     want, oopt = oracle.trajectory(m2, batches, misc_loss, decoupled=(cls is AdaFisherW), **kw)
     for step, (g, w) in enumerate(zip(got, want)):
         for n in w:
