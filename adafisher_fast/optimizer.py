@@ -113,6 +113,8 @@ class AdaFisher(Optimizer):
             trainable parameters not listed form a last group with the constructor's values.
         check: run the torch reference beside the backend on every op and raise on disagreement
             (also ``ADAFISHER_CHECK=1``); slow, for verifying kernels on your own model.
+        capturable: keep step counts on the parameters' device so that ``step()`` never syncs with
+            the host and a whole iteration can be captured in a CUDA graph (NOTE: [capturable]).
     """
     decoupled = False
     # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
@@ -124,11 +126,23 @@ class AdaFisher(Optimizer):
     # scaler.unscale_ the scale is unknown here and the gradient-side statistics keep it; min-max
     # normalisation removes such a constant factor up to its 1e-6 epsilon.
     _step_supports_amp_scaling = True
+    # NOTE: [capturable] With capturable=True nothing in step() reads a device value on the host:
+    # step counts are 0-dim float32 tensors on the parameter's device and every backend computes
+    # the bias correction 1 - beta^t from them on the device; layer_ema reads only tables built once
+    # (LayerTable.build), and the kernels' pointer tables are cached on the device, keyed by the
+    # pointers (fisher_kernels/fused_step.py, csrc/bindings.cpp).  So forward + backward + step can
+    # be captured with torch.cuda.graph and replayed.  What replay cannot do is run Python: the TCov
+    # gating (``steps % TCov``, NOTE: [TCov gating]) and ``self.steps`` do not advance during
+    # replay, so a captured graph always does what it did at capture.  With TCov > 1 capture two
+    # graphs, one on a statistics iteration and one on a plain one, and replay the first every TCov
+    # iterations (README, "torch.compile and CUDA graphs").  GradScaler's skip reads found_inf on
+    # the host, so it cannot be captured (bf16 autocast needs no scaler).
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, Lambda: float = 1e-3,
                  gamma: float = 0.8, TCov: int = 100, weight_decay: float = 0.0, dist: bool = False,
                  preset: str = "official", backend: str = "auto",
-                 param_groups: Optional[List[Dict[str, Any]]] = None, check: bool = False):
+                 param_groups: Optional[List[Dict[str, Any]]] = None, check: bool = False,
+                 capturable: bool = False):
         if not isinstance(model, nn.Module):
             kind = "a parameter iterable" if isinstance(model, Iterable) else type(model).__name__
             raise TypeError(f"model must be an nn.Module (AdaFisher hooks its layers), got {kind}; "
@@ -139,7 +153,12 @@ class AdaFisher(Optimizer):
         if dist and not (torch_dist.is_available() and torch_dist.is_initialized()):
             raise ValueError("dist=True needs an initialised torch.distributed process group")
         groups, self._names = _build_groups(model, param_groups)
-        super().__init__(groups, dict(lr=lr, beta=beta, weight_decay=weight_decay))
+        if not isinstance(capturable, bool):
+            raise TypeError(f"capturable must be a bool, got {capturable!r}")
+        # "capturable" as a group default makes torch's load_state_dict keep steps on the device
+        super().__init__(groups, dict(lr=lr, beta=beta, weight_decay=weight_decay,
+                                      capturable=capturable))
+        self.capturable = capturable
         self.Lambda, self.gamma, self.TCov, self.preset = float(Lambda), float(gamma), TCov, preset
         self.dist = dist
         params = [p for g in self.param_groups for p in g["params"]]
@@ -190,7 +209,8 @@ class AdaFisher(Optimizer):
                                      f"dense gradients")
                 st = self.state[p]
                 if not st:
-                    st["step"] = torch.tensor(0.0)
+                    st["step"] = torch.zeros((), dtype=torch.float32,
+                                             device=p.device if self.capturable else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # Lambda is 0 for the released code's factor-free parameters (F = 1)
                 lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
@@ -218,6 +238,11 @@ class AdaFisher(Optimizer):
         fisher = self.fisher
         grad_scale = getattr(self, "grad_scale", None)          # NOTE: [GradScaler]
         found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and torch.cuda.is_available() and \
+                torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("AdaFisher.step: GradScaler's inf check reads found_inf on the host "
+                               "and cannot be captured in a CUDA graph; capture without a "
+                               "GradScaler (e.g. bf16 autocast) (NOTE: [capturable])")
         if found_inf is not None and bool(found_inf):
             fisher.clear()
             return loss
@@ -262,6 +287,8 @@ class AdaFisher(Optimizer):
         if len(mine) != len(theirs):
             raise ValueError(f"state_dict: the checkpoint has {len(theirs)} hooked layers, this "
                              f"model {len(mine)}")
+        # this optimizer's capturable decides where the loaded step counts live
+        sd["param_groups"] = [{**g, "capturable": self.capturable} for g in sd["param_groups"]]
         super().load_state_dict(sd)
         for k, v in self.fisher.tensors().items():
             v.copy_(extra[k])

@@ -149,6 +149,19 @@ class LayerTable(NamedTuple):
     factor_start: torch.Tensor  # int64 [n_factors + 1] offsets of factors in raw/state
     factor_layer: torch.Tensor  # int64 [n_factors]
     n_layers: int
+    seg: torch.Tensor           # int64 [n_raw] factor of each raw/state entry
+    n_raw: int                  # entries of raw/state (static, so no op reads a size back)
+
+    @classmethod
+    def build(cls, n_acc, term_src, term_dst, term_pow, term_coef, term_q, term_factor,
+              factor_start, factor_layer, n_layers) -> "LayerTable":
+        """The table with ``seg`` and ``n_raw`` derived once, on the host (no op ever syncs);
+        ``factor_start`` is a host list or CPU tensor, the table lives on term_src's device."""
+        fs = torch.as_tensor(factor_start, dtype=torch.int64)
+        seg = torch.repeat_interleave(torch.arange(fs.numel() - 1), fs.diff())
+        dev = term_src.device
+        return cls(n_acc, term_src, term_dst, term_pow, term_coef, term_q, term_factor,
+                   fs.to(dev), factor_layer, n_layers, seg.to(dev), int(fs[-1]))
 
 
 class EmaRule(NamedTuple):
@@ -177,8 +190,7 @@ def layer_raw(buf: torch.Tensor, table: LayerTable) -> torch.Tensor:
     counts = buf[table.n_acc:]
     vals = buf[table.term_src].pow(table.term_pow) * table.term_coef \
         / counts[table.term_factor].pow(table.term_q)
-    n_raw = int(table.factor_start[-1])
-    return torch.zeros(n_raw, dtype=buf.dtype, device=buf.device).index_add_(0, table.term_dst, vals)
+    return torch.zeros(table.n_raw, dtype=buf.dtype, device=buf.device).index_add_(0, table.term_dst, vals)
 
 
 def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
@@ -195,9 +207,7 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     A factor with a zero row count (its module was not called) is left as it is.  A layer any of
     whose counted factors is not finite keeps all of its state and gets one skip counted.
     """
-    nf = table.factor_layer.numel()
-    sizes = table.factor_start[1:] - table.factor_start[:-1]
-    seg = torch.repeat_interleave(torch.arange(nf, device=buf.device), sizes)
+    nf, seg = table.factor_layer.numel(), table.seg
     raw = layer_raw(buf, table)
     has = buf[table.n_acc:] > 0
     bad_factor = has & torch.zeros(nf, dtype=torch.bool, device=buf.device).scatter_reduce(
@@ -248,7 +258,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
 
     params/grads/moms: same shapes, params float32/bfloat16/float16/float64 (m in the param dtype,
     arithmetic in float32, or float64 for float64 params); steps: 0-dim float32 tensors, incremented
-    here; fac: H'/S' from ``layer_ema``; meta: int64 [P, 10] (NOTE: [param map]);
+    here (on the CPU, or on the parameter's device when capturable); fac: H'/S' from ``layer_ema``;
+    meta: int64 [P, 10] CPU tensor (NOTE: [param map]);
     hyper: per parameter (lr, beta, weight_decay, Lambda) where Lambda is 0 for the released code's
     factor-free parameters (F = 1).  Per element:
         g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
@@ -261,7 +272,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         if wd != 0 and not decoupled:
             gw = gw + wd * pw
         mw = mw * beta + gw * (1 - beta)
-        bc = 1 - beta ** float(t)
+        # a 0-dim tensor on the step's device: no host read of t (capturable, NOTE: [capturable])
+        bc = 1 - torch.pow(beta, t.to(torch.float64))
         fd = fisher_diag(fac.to(work), row, lam).reshape(p.shape)
         upd = mw / bc / fd
         if decoupled and wd != 0:

@@ -93,11 +93,11 @@ class FisherState:
         nf = len(specs)
         i64 = dict(dtype=torch.int64, device=device)
         fl = dict(dtype=dtype, device=device)
-        self.table = LayerTable(
+        self.table = LayerTable.build(
             n_acc, torch.tensor(cols["src"], **i64), torch.tensor(cols["dst"], **i64),
             torch.tensor(cols["pow"], **fl), torch.tensor(cols["coef"], **fl),
             torch.tensor(cols["q"], **fl), torch.tensor(cols["factor"], **i64),
-            torch.tensor(factor_start, **i64), torch.arange(nf, **i64) // 2, len(self.layers))
+            factor_start, torch.arange(nf, **i64) // 2, len(self.layers))
         self.grad_degree = torch.tensor(degree + [0] * nf, **fl)
         self.buf = torch.zeros(n_acc + nf, **fl)
         self.state = torch.ones(raw_off, **fl)

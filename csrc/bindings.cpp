@@ -9,7 +9,10 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <list>
 #include <mutex>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "launchers.h"
@@ -211,6 +214,30 @@ unsigned int* done_counter(const at::Device& dev) {
   return reinterpret_cast<unsigned int*>(counters[i].data_ptr<int>());
 }
 
+// NOTE: [table cache] The fused_step tables (StepTensor + StepChunk bytes) are uploaded once and
+// kept on the device, keyed by their bytes: a training loop with device steps (capturable) builds
+// the same bytes every step, so it makes no host-to-device copy after the first, and a CUDA graph
+// captured after a warm-up step replays a table that stays alive.  (Host steps put t in the bytes,
+// so they upload every step, as before.)
+at::Tensor device_table(std::string bytes, const at::Device& dev) {
+  static std::mutex mu;
+  static std::list<std::pair<std::string, at::Tensor>> cache;      // most recent first, at most 8
+  bytes.push_back(static_cast<char>(dev.index()));
+  std::lock_guard<std::mutex> lock(mu);
+  for (auto it = cache.begin(); it != cache.end(); ++it) {
+    if (it->first == bytes) {
+      cache.splice(cache.begin(), cache, it);
+      return cache.front().second;
+    }
+  }
+  at::Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
+  cache.emplace_front(std::move(bytes), host.to(dev, /*non_blocking=*/true));
+  if (cache.size() > 8) cache.pop_back();
+  return cache.front().second;
+}
+
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms, at::TensorList steps,
                 const at::Tensor& fac, const at::Tensor& meta, at::ArrayRef<double> lr, at::ArrayRef<double> beta,
                 at::ArrayRef<double> wd, at::ArrayRef<double> lam, bool decoupled) {
@@ -246,7 +273,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
                 "adafisher::fused_step: parameter ", i, " and its grad/momentum must be contiguous");
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
     TORCH_CHECK(p.numel() / kStepChunk < (int64_t)INT32_MAX, "adafisher::fused_step: parameter too large");
-    StepTensor s{};
+    StepTensor s;
+    std::memset(&s, 0, sizeof(s));     // padding too: the bytes are a cache key (NOTE: [table cache])
     s.p = p.data_ptr(); s.g = g.data_ptr(); s.m = m.data_ptr();
     if (t.is_cpu()) {
       s.step = nullptr; s.t_host = static_cast<double>(*t.data_ptr<float>()) + 1.0;
@@ -270,12 +298,12 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     for (size_t i = 0; i < ts.size(); ++i)
       for (int64_t c = 0; c * kStepChunk < ts[i].numel; ++c)
         chunks.push_back(StepChunk{static_cast<int32_t>(i), static_cast<int32_t>(c)});
-    // one pinned host block -> one async copy: [StepTensor x n][StepChunk x n_chunks]
+    // one block on the device: [StepTensor x n][StepChunk x n_chunks] (NOTE: [table cache])
     const size_t tb = ts.size() * sizeof(StepTensor), cb = chunks.size() * sizeof(StepChunk);
-    at::Tensor host = at::empty({static_cast<int64_t>(tb + cb)}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-    std::memcpy(host.data_ptr(), ts.data(), tb);
-    if (cb) std::memcpy(static_cast<uint8_t*>(host.data_ptr()) + tb, chunks.data(), cb);
-    at::Tensor dev = host.to(params[0].device(), /*non_blocking=*/true);
+    std::string bytes(tb + cb, '\0');
+    std::memcpy(&bytes[0], ts.data(), tb);
+    if (cb) std::memcpy(&bytes[tb], chunks.data(), cb);
+    const at::Tensor dev = device_table(std::move(bytes), params[0].device());
     const uint8_t* d = dev.data_ptr<uint8_t>();
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
                                    reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],

@@ -11,7 +11,11 @@ the small fac vector, never materialised.
 NOTE: [pointer tables] On a GPU the update is ONE launch per (param dtype, grad dtype) pair -- one
 launch for a model in one dtype: a block table maps each program to (parameter, block), and an int64
 table holds each parameter's data pointers (p, g, m), its meta row and its hyper-parameters
-(lr, beta, 1 - beta, wd, Lambda, bias correction).  The Triton interpreter (TRITON_INTERPRET=1,
+(lr, beta, 1 - beta, wd, Lambda, log2 beta).  The tables live on the device and are cached, keyed
+by the pointers, meta rows and hyper-parameters, so a training loop uploads them once (and a CUDA
+graph replays them safely, NOTE: [capturable] in optimizer.py).  The step counts t come in a
+separate float32 vector (stacked on the device when the steps live there, else uploaded), and the
+kernel computes 1 - beta^t = 1 - exp2(t * log2 beta) in float32 (relative error ~1e-7).  The Triton interpreter (TRITON_INTERPRET=1,
 CPU tests) cannot dereference raw integers as pointers, so there the same element body runs with one
 launch per parameter, taking the tensors themselves; the arithmetic is shared (``_update``).
 float64 parameters go through the reference (parity runs).  Non-contiguous gradients are read
@@ -20,8 +24,9 @@ is copied back.  Steps are incremented here (0-dim tensors, as the reference doe
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import triton
@@ -31,7 +36,7 @@ from adafisher_fast import reference
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
 N_META = 10           # columns of a meta row (reference.META_COLS)
-N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, bias correction
+N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, log2(beta)
 
 
 N_META_C: tl.constexpr = tl.constexpr(N_META)     # the same numbers, visible inside kernels
@@ -92,7 +97,7 @@ def _fused_step_one_kernel(p_ptr, g_ptr, m_ptr, fac_ptr, meta_ptr, n, lr, beta, 
 
 
 @triton.jit
-def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper, fac_ptr,
+def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper, tvals, fac_ptr,
                              P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                              DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
     """GPU path: every parameter of one dtype pair in one launch (NOTE: [pointer tables])."""
@@ -109,7 +114,7 @@ def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper
     omb = tl.load(hp + 2)
     wd = tl.load(hp + 3)
     lam = tl.load(hp + 4)
-    bc = tl.load(hp + 5)
+    bc = 1.0 - tl.exp2(tl.load(tvals + i) * tl.load(hp + 5))
     offs = start + tl.arange(0, BLOCK)
     _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
             bc, DECOUPLED, True)
@@ -132,6 +137,9 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         if p.dtype not in _TL or g.dtype not in _TL or m.dtype != p.dtype:
             ref_idx.append(i)
         else:
+            if p.shape != g.shape or p.shape != m.shape:
+                raise ValueError(f"fused_step: parameter {i} has shape {tuple(p.shape)}, its "
+                                 f"gradient {tuple(g.shape)} and momentum {tuple(m.shape)}")
             groups.setdefault((p.dtype, g.dtype), []).append(i)
     if ref_idx:
         reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
@@ -139,51 +147,83 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                              meta[ref_idx], [hyper[i] for i in ref_idx], decoupled)
     if not groups:
         return
-    dev = fac.device
     fac_c = fac.contiguous()
     for (pdt, gdt), idx in groups.items():
-        work = []              # (i, p, g, m, copy-back targets)
-        hyp_rows = []
+        work = []              # (i, p, g, m, step, copy-back targets), non-empty parameters
         for i in idx:
-            p, g, m, t = params[i], grads[i], moms[i], steps[i]
-            if p.shape != g.shape or p.shape != m.shape:
-                raise ValueError(f"fused_step: parameter {i} has shape {tuple(p.shape)}, its "
-                                 f"gradient {tuple(g.shape)} and momentum {tuple(m.shape)}")
-            t += 1
-            lr, beta, wd, lam = hyper[i]
-            bc = 1 - beta ** float(t)
-            if p.numel() == 0:
-                continue
-            pc = p if p.is_contiguous() else p.contiguous()
-            mc = m if m.is_contiguous() else m.contiguous()
-            gc = g if g.is_contiguous() else g.contiguous()
-            work.append((i, pc, gc, mc, p, m))
-            hyp_rows.append((lr, beta, 1 - beta, wd, lam, bc))
-        if not work:
-            continue
-        if _interpreting() or dev.type != "cuda":
-            for (i, pc, gc, mc, _, _), (lr, beta, omb, wd, lam, bc) in zip(work, hyp_rows):
-                row = torch.tensor(meta_rows[i], dtype=torch.int64, device=pc.device)
-                nel = pc.numel()
-                _fused_step_one_kernel[(triton.cdiv(nel, BLOCK),)](
-                    pc, gc, mc, fac_c, row, nel, float(lr), float(beta), float(omb), float(wd),
-                    float(lam), float(bc), DECOUPLED=bool(decoupled), BLOCK=BLOCK)
+            p, g, m = params[i], grads[i], moms[i]
+            if p.numel():
+                work.append((i, p.contiguous(), g.contiguous(), m.contiguous(), steps[i], p, m))
+        if _interpreting() or fac.device.type != "cuda":
+            _step_one_by_one(work, [steps[i] for i in idx if params[i].numel() == 0], fac_c,
+                             meta_rows, hyper, decoupled)
         else:
-            nblk = [triton.cdiv(w[1].numel(), BLOCK) for w in work]
-            block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
-            block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk])
-            ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
-                                dtype=torch.int64)
-            numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
-            mrows = torch.tensor([meta_rows[w[0]] for w in work], dtype=torch.int64)
-            hyp = torch.tensor(hyp_rows, dtype=torch.float32)
-            packed = [t.pin_memory().to(dev, non_blocking=True) for t in
-                      (block_param.to(torch.int32), block_start, ptrs, numels, mrows, hyp)]
-            _fused_step_table_kernel[(int(block_param.numel()),)](
-                *packed, fac_c, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled),
-                BLOCK=BLOCK)
-        for i, pc, gc, mc, p, m in work:
+            _step_tables(work, [steps[i] for i in idx if params[i].numel() == 0], fac_c,
+                         meta_rows, hyper, decoupled, pdt, gdt)
+        for _, pc, _, mc, _, p, m in work:
             if pc is not p:
                 p.copy_(pc)
             if mc is not m:
                 m.copy_(mc)
+
+
+def _step_one_by_one(work, empty_steps, fac, meta_rows, hyper, decoupled) -> None:
+    """Interpreter path: one launch per parameter, bias correction on the host."""
+    for t in empty_steps:
+        t += 1
+    for i, pc, gc, mc, t, _, _ in work:
+        t += 1
+        lr, beta, wd, lam = hyper[i]
+        row = torch.tensor(meta_rows[i], dtype=torch.int64, device=pc.device)
+        nel = pc.numel()
+        _fused_step_one_kernel[(triton.cdiv(nel, BLOCK),)](
+            pc, gc, mc, fac, row, nel, float(lr), float(beta), float(1 - beta), float(wd),
+            float(lam), float(1 - beta ** float(t)), DECOUPLED=bool(decoupled), BLOCK=BLOCK)
+
+
+# NOTE: [pointer tables]: device tables by (dtype pair, pointers, meta rows, hyper-parameters)
+_TABLES: Dict[tuple, Tuple[int, List[torch.Tensor]]] = {}
+_MAX_TABLES = 8
+
+
+def _device_tables(work, meta_rows, hyper, dev, pdt, gdt) -> Tuple[int, List[torch.Tensor]]:
+    key = (pdt, gdt, str(dev)) + tuple(
+        (pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), pc.numel(), *meta_rows[i], *hyper[i])
+        for i, pc, gc, mc, _, _, _ in work)
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit
+    nblk = [triton.cdiv(w[1].numel(), BLOCK) for w in work]
+    block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
+    block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk])
+    ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
+                        dtype=torch.int64)
+    numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
+    mrows = torch.tensor([meta_rows[w[0]] for w in work], dtype=torch.int64)
+    hyp = torch.tensor([(lr, beta, 1 - beta, wd, lam, math.log2(beta) if beta > 0 else -math.inf)
+                        for lr, beta, wd, lam in (hyper[w[0]] for w in work)], dtype=torch.float32)
+    tables = [t.to(dev) for t in (block_param.to(torch.int32), block_start, ptrs, numels, mrows, hyp)]
+    if len(_TABLES) >= _MAX_TABLES:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = (int(block_param.numel()), tables)
+    return _TABLES[key]
+
+
+def _step_tables(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) -> None:
+    """GPU path: one launch over every parameter of the dtype pair (NOTE: [pointer tables])."""
+    dev = fac.device
+    steps = [w[4] for w in work]
+    if all(t.device == dev for t in steps + empty_steps):      # capturable: no host read of t
+        torch._foreach_add_(steps + empty_steps, 1.0)
+        tvals = torch.stack(steps) if steps else None
+    else:
+        for t in steps + empty_steps:
+            t += 1
+        tvals = torch.tensor([float(t) for t in steps], dtype=torch.float32).pin_memory().to(
+            dev, non_blocking=True)
+    if not work:
+        return
+    n_blocks, tables = _device_tables(work, meta_rows, hyper, dev, pdt, gdt)
+    _fused_step_table_kernel[(n_blocks,)](
+        *tables, tvals, fac, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled),
+        BLOCK=BLOCK)

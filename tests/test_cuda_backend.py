@@ -92,7 +92,7 @@ def norm(x, out, mode, groups, eps, center, mean, var): R.norm_stats(x, out, ["c
 def emb(idx, out): R.embedding_stats(idx, out)
 def ema(buf, n_acc, ptr, src, pw, coef, q, fac_, fs, fl, nl, state, fac, init, counters, d, w, d1, w1, nr, ns):
     dst = torch.repeat_interleave(torch.arange(ptr.numel()-1), ptr[1:]-ptr[:-1])
-    t = R.LayerTable(n_acc, src, dst, pw, coef, q, fac_, fs, fl, nl)
+    t = R.LayerTable.build(n_acc, src, dst, pw, coef, q, fac_, fs, fl, nl)
     R.layer_ema(buf, t, state, fac, init, counters, R.EmaRule(d, w, d1, w1, nr, ns))
 def step(params, grads, moms, steps, fac, meta, lr, beta, wd, lam, dec):
     R.fused_step(params, grads, moms, steps, fac, meta, list(zip(lr, beta, wd, lam)), dec)
