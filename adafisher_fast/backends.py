@@ -8,6 +8,9 @@ signatures.
 
 ``check=True`` (or ``ADAFISHER_CHECK=1``) wraps the chosen backend so that the torch reference runs
 beside it on copies of every input and a disagreement raises (``check.py``).
+
+The chosen ops are wrapped once more so that torch.compile sees each op as a custom op
+(``custom_ops.py``, NOTE: [compiled ops]).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import reference
+from .custom_ops import STATS_OPS, CompileAwareOps
 
 BACKENDS = ("auto", "torch", "triton", "cuda")
 OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats", "layer_ema", "fused_step")
@@ -49,10 +53,12 @@ def _try_load(name: str, device: torch.device) -> Tuple[Optional[ModuleType], st
 def resolve(backend: str, device: torch.device, check: bool = False) -> Tuple[str, object]:
     """(name, ops) of the backend to use for a model on ``device``."""
     name, ops = _pick(os.environ.get(ENV_VAR, backend), device)
-    if check or os.environ.get(CHECK_VAR) == "1":
+    check = check or os.environ.get(CHECK_VAR) == "1"
+    if check:
         from .check import CheckedOps
         ops = CheckedOps(ops, name)
-    return name, ops
+    traced = STATS_OPS if name == "torch" and not check else ()
+    return name, CompileAwareOps(ops, f"adafisher_{name}" + ("_checked" if check else ""), traced)
 
 
 def _pick(backend: str, device: torch.device) -> Tuple[str, ModuleType]:

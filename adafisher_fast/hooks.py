@@ -19,7 +19,16 @@ class StatHooks:
     def __init__(self, fisher: FisherState, ops):
         self.fisher = fisher
         self.ops = ops                  # the backend's statistics ops (backends.py)
-        #: set by the optimizer: statistics are gathered on iterations where steps % TCov == 0
+        # NOTE: [TCov gating] Whether an iteration gathers statistics is the Python bool
+        # ``collecting`` (steps % TCov == 0), read by the forward hook.  torch.compile inlines the
+        # hooks and guards on that bool, so a compiled model has exactly two graphs, with
+        # statistics (hook ops and output-gradient tensor hooks) and without, and switches between
+        # them by guard without recompiling (tests/test_compile.py counts them).  A tensor flag
+        # would keep one graph but make every iteration pay for masked statistics, or need
+        # data-dependent control flow (a graph break).  The counter lives here, not on the
+        # optimizer, because dynamo drops int attribute writes on torch.optim.Optimizer objects
+        # inside a compiled step() (seen on torch 2.13), which would freeze the gating.
+        self.steps = 0
         self.collecting = True
         self.handles: List[torch.utils.hooks.RemovableHandle] = [
             lay.module.register_forward_hook(self._forward_hook(lay)) for lay in fisher.layers]
@@ -49,6 +58,10 @@ class StatHooks:
                 fisher.buf[lay.s_count] += rows
 
         return hook
+
+    def set_steps(self, steps: int, TCov: int) -> None:
+        self.steps = steps
+        self.collecting = steps % TCov == 0
 
     def remove(self) -> None:
         for h in self.handles:

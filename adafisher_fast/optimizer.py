@@ -166,7 +166,11 @@ class AdaFisher(Optimizer):
         device = params[0].device if params else torch.device("cpu")
         self.backend, self._ops = resolve(backend, device, check)
         self._hooks = StatHooks(self.fisher, self._ops)
-        self.steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Number of ``step()`` calls that updated the parameters (NOTE: [TCov gating])."""
+        return self._hooks.steps
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(preset={self.preset!r}, backend={self.backend!r}, "
@@ -258,8 +262,7 @@ class AdaFisher(Optimizer):
         if params:
             self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled)
         fisher.clear()
-        self.steps += 1
-        self._hooks.collecting = self.steps % self.TCov == 0
+        self._hooks.set_steps(self.steps + 1, self.TCov)
         return loss
 
     # ------------------------------------------------------------------------------------------
@@ -292,9 +295,8 @@ class AdaFisher(Optimizer):
         super().load_state_dict(sd)
         for k, v in self.fisher.tensors().items():
             v.copy_(extra[k])
-        self.steps, self.gamma, self.TCov = extra["steps"], extra["gamma"], extra["TCov"]
-        self.Lambda = extra["Lambda"]
-        self._hooks.collecting = self.steps % self.TCov == 0
+        self.gamma, self.TCov, self.Lambda = extra["gamma"], extra["TCov"], extra["Lambda"]
+        self._hooks.set_steps(extra["steps"], self.TCov)
 
     # ------------------------------------------------------------------------------------------
     def raw_stats(self) -> Dict[str, tuple]:

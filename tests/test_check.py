@@ -28,7 +28,7 @@ def test_check_passes_on_kernels(kernel_ops, preset):
     name = dict((id(m), n) for n, m in kernel_backends())[id(kernel_ops)]
     model = _model()
     opt = AdaFisherW(model, lr=1e-2, preset=preset, backend=name, check=True, TCov=1)
-    assert isinstance(opt._ops, CheckedOps)
+    assert isinstance(opt._ops._ops, CheckedOps)
     _train(opt, model)
 
 
@@ -52,7 +52,7 @@ def test_check_env_var_and_fused_step(monkeypatch):
     monkeypatch.setenv("ADAFISHER_CHECK", "1")
     model = _model()
     opt = AdaFisher(model, backend="torch")
-    assert isinstance(opt._ops, CheckedOps)
+    assert isinstance(opt._ops._ops, CheckedOps)
     from adafisher_fast import reference
     real = reference.fused_step
 
@@ -65,7 +65,7 @@ def test_check_env_var_and_fused_step(monkeypatch):
             real(params, *args)
             params[0].add_(1e-3)
 
-    opt._ops._ops = Wrong()
+    opt._ops._ops._ops = Wrong()
     with pytest.raises(RuntimeError, match=r"fused_step.*parameter 0"):
         _train(opt, model, steps=1)
 

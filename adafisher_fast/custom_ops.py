@@ -1,0 +1,130 @@
+"""Every backend's six ops as torch custom ops, ``torch.ops.adafisher_<backend>.<op>``, with fake
+implementations, so that a compiled model or a compiled ``step()`` calls them without graph breaks.
+
+NOTE: [compiled ops] Eager code calls a backend's Python launchers directly: a custom op costs a
+dispatcher round trip per call, which the hooks would pay on every layer.  While torch.compile
+traces (``torch.compiler.is_compiling()``, a constant to dynamo) the same calls go through the
+custom ops instead: dynamo cannot trace a Triton launcher or the CUDA binding's host-side table
+building, and it need not trace an opaque op whose fake implementation says "writes its mutable
+arguments in place, returns nothing".  The torch backend's statistics ops are plain tensor code, so
+dynamo traces them (inductor fuses them into the model's kernels); its ``layer_ema`` and
+``fused_step`` read their tables on the host and go through custom ops like every other backend's.
+Non-tensor arguments are flattened to schema types here (padding pairs, LayerTable, EmaRule,
+hyper-parameter tuples) and rebuilt inside the op.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch import Tensor
+
+from .reference import EmaRule, LayerTable, conv_out_size
+
+STATS_OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats")
+_REGISTERED: Dict[str, Any] = {}
+
+
+def _register(ns: str, ops: Any) -> Any:
+    """Define ``ns::<op>`` for the six ops, each calling ``ops.<op>`` (looked up at call time)."""
+    def define(name, mutates, fn):
+        op = torch.library.custom_op(f"{ns}::{name}", mutates_args=mutates)(fn)
+        op.register_fake(lambda *args, **kwargs: None)
+
+    def linear_stats(x: Tensor, out: Tensor, dim: int, square: bool, scale: float) -> None:
+        ops.linear_stats(x, out, dim, square, scale)
+
+    def conv_stats(x: Tensor, out: Tensor, kernel_size: List[int], stride: List[int],
+                   padding: List[int], dilation: List[int], groups: int, padding_mode: str) -> None:
+        pairs = [(padding[2 * i], padding[2 * i + 1]) for i in range(len(kernel_size))]
+        ops.conv_stats(x, out, kernel_size, stride, pairs, dilation, groups, padding_mode)
+
+    def norm_stats(x: Tensor, out: Tensor, norm_mode: str, groups: int, eps: float, center: bool,
+                   mean: Optional[Tensor], var: Optional[Tensor]) -> None:
+        # not "mode": torch's fake-tensor dispatch passes a keyword of that name
+        ops.norm_stats(x, out, norm_mode, groups, eps, center, mean, var)
+
+    def embedding_stats(idx: Tensor, out: Tensor) -> None:
+        ops.embedding_stats(idx, out)
+
+    def layer_ema(buf: Tensor, table: List[Tensor], sizes: List[int], state: Tensor, fac: Tensor,
+                  initialized: Tensor, counters: Tensor, coefs: List[float],
+                  normalise: List[bool]) -> None:
+        n_acc, n_layers, n_raw = sizes
+        tab = LayerTable(n_acc, *table[:8], n_layers, table[8], n_raw)
+        ops.layer_ema(buf, tab, state, fac, initialized, counters, EmaRule(*coefs, *normalise))
+
+    def fused_step(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
+                   steps: List[Tensor], fac: Tensor, meta: Tensor, hyper: List[float],
+                   decoupled: bool) -> None:
+        rows = [tuple(hyper[4 * i:4 * i + 4]) for i in range(len(params))]
+        ops.fused_step(params, grads, moms, steps, fac, meta, rows, decoupled)
+
+    for name, mutates, fn in (
+            ("linear_stats", ("out",), linear_stats), ("conv_stats", ("out",), conv_stats),
+            ("norm_stats", ("out",), norm_stats), ("embedding_stats", ("out",), embedding_stats),
+            ("layer_ema", ("state", "fac", "initialized", "counters"), layer_ema),
+            ("fused_step", ("params", "moms", "steps"), fused_step)):
+        define(name, mutates, fn)
+    return getattr(torch.ops, ns)
+
+
+class CompileAwareOps:
+    """A backend's ops as the hooks and ``step()`` call them (NOTE: [compiled ops]): straight to
+    the backend in eager mode, through ``torch.ops.adafisher_<ns>`` while torch.compile traces.
+    ``traced`` names the ops that dynamo traces itself (the torch backend's statistics)."""
+
+    def __init__(self, ops: Any, ns: str, traced=()):
+        self._ops, self._traced = ops, frozenset(traced)
+        if ns not in _REGISTERED:
+            _REGISTERED[ns] = _register(ns, ops)
+        self._lib = _REGISTERED[ns]
+
+    def __getattr__(self, attr):            # anything else the wrapped ops expose
+        return getattr(self._ops, attr)
+
+    def __repr__(self) -> str:
+        return f"CompileAwareOps({self._ops!r})"
+
+    def _eager(self, op: str) -> bool:
+        return op in self._traced or not torch.compiler.is_compiling()
+
+    def linear_stats(self, x, out, dim=-1, square=True, scale=1.0):
+        if self._eager("linear_stats"):
+            return self._ops.linear_stats(x, out, dim, square, scale)
+        self._lib.linear_stats(x, out, dim, square, float(scale))
+
+    def conv_stats(self, x, out, kernel_size, stride, padding, dilation, groups,
+                   padding_mode="zeros"):
+        if self._eager("conv_stats"):
+            return self._ops.conv_stats(x, out, kernel_size, stride, padding, dilation, groups,
+                                        padding_mode)
+        self._lib.conv_stats(x, out, list(kernel_size), list(stride),
+                             [p for lo_hi in padding for p in lo_hi], list(dilation), groups,
+                             padding_mode)
+        return math.prod([conv_out_size(x.shape[2 + i], k, stride[i], dilation[i], *padding[i])
+                          for i, k in enumerate(kernel_size)])
+
+    def norm_stats(self, x, out, mode, groups, eps, center=True, mean=None, var=None):
+        if self._eager("norm_stats"):
+            return self._ops.norm_stats(x, out, mode, groups, eps, center, mean, var)
+        self._lib.norm_stats(x, out, mode, groups, float(eps), center, mean, var)
+
+    def embedding_stats(self, idx, out):
+        if self._eager("embedding_stats"):
+            return self._ops.embedding_stats(idx, out)
+        self._lib.embedding_stats(idx, out)
+
+    def layer_ema(self, buf, table, state, fac, initialized, counters, rule):
+        if self._eager("layer_ema"):
+            return self._ops.layer_ema(buf, table, state, fac, initialized, counters, rule)
+        self._lib.layer_ema(buf, list(table[1:9]) + [table.seg],
+                            [table.n_acc, table.n_layers, table.n_raw], state, fac, initialized,
+                            counters, [float(c) for c in rule[:4]], [bool(b) for b in rule[4:]])
+
+    def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled):
+        if self._eager("fused_step"):
+            return self._ops.fused_step(params, grads, moms, steps, fac, meta, hyper, decoupled)
+        self._lib.fused_step(params, grads, moms, steps, fac, meta,
+                             [float(v) for row in hyper for v in row], decoupled)

@@ -1,0 +1,283 @@
+"""AdaFisher under torch.compile and CUDA graphs (NOTE: [compiled ops], [TCov gating], [capturable]).
+
+CPU: compiled models (fullgraph, so any graph break fails) and compiled ``step()`` against eager runs
+of the same seed in float64 (the torch backend) or float32 (Triton kernels under the interpreter);
+the graph count over 3 * TCov steps; a capturable step on the meta device, where any read of a
+device value on the host raises.  GPU (``-m gpu``): CUDA-graph replay against eager, and
+``mode="reduce-overhead"``.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._dynamo.testing import CompileCounterWithBackend
+
+from adafisher_fast import AdaFisher, AdaFisherW
+from adafisher_fast.backends import _try_load
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Every test compiles the same forward/step code objects on new instances: start each
+    from an empty cache so dynamo's recompile limit counts one test's graphs only."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class AllKinds(nn.Module):
+    """Every layer kind the issue lists, and an in-place ReLU after a hooked module."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1)
+        self.ln = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.c2 = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.act = nn.ReLU(inplace=True)
+        self.lin = nn.Linear(32, 5)
+
+    def forward(self, idx):
+        h = self.c1(self.emb(idx).transpose(1, 2)).transpose(1, 2)        # (B, 8, 8)
+        h = self.rms(self.ln(h))
+        h = self.act(self.gn(self.bn(self.c2(h.unsqueeze(1)))))           # (B, 4, 8, 8)
+        return self.lin(h.mean(1).flatten(1)[:, :32])
+
+
+def _batches(n, b=3):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randint(0, 11, (b, 8), generator=g), torch.randint(0, 5, (b,), generator=g))
+            for _ in range(n)]
+
+
+def _pair(opt_cls, preset, dtype, backend="torch", **kw):
+    """(eager model, eager opt), (model to compile, its opt): same initial weights."""
+    torch.manual_seed(0)
+    model = AllKinds().to(dtype)
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # official: unhooked kinds warn
+        opts = [opt_cls(m, lr=1e-3, TCov=2, weight_decay=1e-2, preset=preset, backend=backend,
+                        **kw) for m in (model, twin)]
+    return (model, opts[0]), (twin, opts[1])
+
+
+def _train(model, opt, batches, step=None):
+    for idx, y in batches:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(idx), y).backward()
+        (step or opt.step)()
+
+
+def _assert_same(eager, compiled, rtol):
+    (m0, o0), (m1, o1) = eager, compiled
+    for (n, a), b in zip(m0.named_parameters(), m1.parameters()):
+        torch.testing.assert_close(b, a, rtol=rtol, atol=rtol, msg=n)
+    for n in o0.ema_state():
+        for a, b in zip(o0.ema_state()[n], o1.ema_state()[n]):
+            torch.testing.assert_close(b, a, rtol=rtol, atol=rtol, msg=n)
+    assert o1.diagnostics() == o0.diagnostics()
+    assert o1.steps == o0.steps
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW])
+def test_compiled_model_matches_eager_without_graph_breaks(opt_cls, preset):
+    """fullgraph=True: a graph break anywhere (hooks, tensor hooks, ops) raises."""
+    eager, (twin, opt) = _pair(opt_cls, preset, torch.float64)
+    batches = _batches(6)
+    _train(*eager, batches)
+    _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches)
+    _assert_same(eager, (twin, opt), 1e-9)
+    assert all(d["stat_iters"] == 3 for d in opt.diagnostics().values())   # gathered in-graph
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_compiled_step_matches_eager(preset):
+    eager, (twin, opt) = _pair(AdaFisherW, preset, torch.float64)
+    batches = _batches(6)
+    _train(*eager, batches)
+    _train(twin, opt, batches, step=torch.compile(opt.step, fullgraph=True, backend="aot_eager"))
+    _assert_same(eager, (twin, opt), 1e-9)
+
+
+def test_inductor_model_and_step():
+    """The default backend compiles both (slow on CPU: one configuration)."""
+    eager, (twin, opt) = _pair(AdaFisher, "paper", torch.float64)
+    batches = _batches(4)
+    _train(*eager, batches)
+    _train(torch.compile(twin, fullgraph=True), opt, batches,
+           step=torch.compile(opt.step, fullgraph=True))
+    _assert_same(eager, (twin, opt), 1e-9)
+
+
+@pytest.mark.parametrize("TCov", [1, 3])
+def test_tcov_gating_uses_at_most_two_graphs(TCov):
+    """NOTE: [TCov gating]: over 3 * TCov steps, one graph with statistics and one without."""
+    _, (twin, opt) = _pair(AdaFisher, "paper", torch.float64)
+    opt.TCov = TCov
+    counter = CompileCounterWithBackend("aot_eager")
+    _train(torch.compile(twin, fullgraph=True, backend=counter), opt, _batches(3 * TCov))
+    assert counter.frame_count == min(TCov, 2)
+    assert opt.diagnostics()["lin"]["stat_iters"] == 3
+
+
+def test_triton_ops_compile_as_custom_ops(monkeypatch):
+    """The Triton launchers run inside compiled graphs as torch.ops.adafisher_triton.* ops
+    (NOTE: [compiled ops]); float32 against the eager Triton run."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if _try_load("triton", torch.device("cpu"))[0] is None:
+        pytest.skip("triton is not installed")
+    eager, (twin, opt) = _pair(AdaFisher, "official", torch.float32, backend="triton")
+    assert opt.backend == "triton"
+    batches = _batches(3)
+    _train(*eager, batches)
+    _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches,
+           step=torch.compile(opt.step, fullgraph=True, backend="aot_eager"))
+    _assert_same(eager, (twin, opt), 1e-4)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_capturable_step_never_reads_the_device(preset):
+    """On the meta device every host read of a tensor value (item, bool, tolist, a data-dependent
+    size) raises, so three statistics steps passing show that step() with capturable=True does
+    not synchronise (NOTE: [capturable])."""
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 6 * 6, 5), nn.LayerNorm(5))
+    opt = AdaFisherW(model, TCov=1, preset=preset, capturable=True, backend="torch",
+                     weight_decay=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.randn(2, 3, 8, 8, device="meta")).square().sum().backward()
+        opt.step()
+    assert all(st["step"].device.type == "meta" for st in opt.state.values())
+
+
+def test_capturable_is_a_bool_and_survives_load_state_dict():
+    model = nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="capturable must be a bool"):
+        AdaFisher(model, capturable=1)
+    opt = AdaFisher(model)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    twin = AdaFisher(model, capturable=True)
+    twin.load_state_dict(opt.state_dict())
+    assert twin.capturable and all(g["capturable"] for g in twin.param_groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: CUDA graphs
+# ----------------------------------------------------------------------------------------------
+def _gpu_backends():
+    return [b for b in ("torch", "triton", "cuda")
+            if torch.cuda.is_available() and _try_load(b, torch.device("cuda"))[0] is not None]
+
+
+def _cuda_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                         nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 7 * 7, 10),
+                         nn.LayerNorm(10)).cuda()
+
+
+def _cuda_batches(n):
+    g = torch.Generator().manual_seed(2)
+    return [(torch.randn(16, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (16,), generator=g).cuda())
+            for _ in range(n)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("TCov", [1, 4])
+def test_cuda_graph_replay_equals_eager(backend, TCov):
+    """50 replayed iterations (forward + backward + step captured whole) equal 50 eager ones:
+    parameters and every state tensor.  With TCov > 1 two graphs are captured, one on a statistics
+    iteration and one on a plain one, and replay picks by iteration (NOTE: [capturable])."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    n, warm = 50, 3
+    batches = _cuda_batches(n)
+    ref = _cuda_model()
+    model = copy.deepcopy(ref)
+    kw = dict(lr=1e-3, TCov=TCov, preset="paper", backend=backend, capturable=True)
+    opt_ref, opt = AdaFisher(ref, **kw), AdaFisher(model, **kw)
+
+    def iteration(m, o, x, y):
+        o.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+
+    for x, y in batches:
+        iteration(ref, opt_ref, x, y)
+
+    sx, sy = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(warm):                   # eager warm-up iterations 0..warm-1
+            sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
+            iteration(model, opt, sx, sy)
+    torch.cuda.current_stream().wait_stream(side)
+    # capture runs no kernel, so the device state stays at iteration `warm`; only Python moves
+    graphs = {}
+    for collect in sorted({i % TCov == 0 for i in range(warm, n)}, reverse=True):
+        opt._hooks.collecting = collect
+        graphs[collect] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[collect]):
+            iteration(model, opt, sx, sy)
+    for i in range(warm, n):
+        sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
+        graphs[i % TCov == 0].replay()
+    torch.cuda.synchronize()
+    opt._hooks.set_steps(n, TCov)             # replay runs no Python: the counter is ours to move
+    assert opt.steps == opt_ref.steps
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    for a, b in zip(ref.buffers(), model.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for k, v in opt_ref.fisher.tensors().items():
+        torch.testing.assert_close(opt.fisher.tensors()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+    for p_ref, p in zip(ref.parameters(), model.parameters()):
+        for k in ("step", "exp_avg"):
+            torch.testing.assert_close(opt.state[p][k], opt_ref.state[p_ref][k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_reduce_overhead_compile(backend):
+    """torch.compile(mode="reduce-overhead") (CUDA graphs under inductor) trains like eager."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    batches = _cuda_batches(12)
+    ref = _cuda_model()
+    model = copy.deepcopy(ref)
+    kw = dict(lr=1e-3, TCov=3, preset="paper", backend=backend, capturable=True)
+    opt_ref, opt = AdaFisher(ref, **kw), AdaFisher(model, **kw)
+    cmodel = torch.compile(model, mode="reduce-overhead")
+    for (m, o) in ((ref, opt_ref), (cmodel, opt)):
+        for x, y in batches:
+            o.zero_grad()
+            nn.functional.cross_entropy(m(x), y).backward()
+            o.step()
+    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+    assert opt.diagnostics() == opt_ref.diagnostics()
+
+
+@pytest.mark.gpu
+def test_grad_scaler_inside_capture_raises_clearly():
+    model = _cuda_model()
+    opt = AdaFisher(model, capturable=True)
+    x, y = _cuda_batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.found_inf = torch.zeros((), device="cuda")      # what GradScaler.step sets
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        with pytest.raises(RuntimeError, match="GradScaler"):
+            opt.step()
