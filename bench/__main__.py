@@ -1,5 +1,6 @@
 """``python -m bench [--device cpu|cuda] [--smoke] [--out DIR] [--only ops|e2e] [--ops a,b]
-[--backends torch,triton,cuda]``: the whole benchmark suite, one command (see bench/README.md)."""
+[--backends torch,triton,cuda] [--modes eager,compile,cudagraph]``: the whole benchmark suite,
+one command (see bench/README.md)."""
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,19 @@ def main(argv=None) -> int:
     ap.add_argument("--only", choices=("ops", "e2e"), default=None)
     ap.add_argument("--ops", default=None, help=f"comma-separated subset of {','.join(OPS)}")
     ap.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,cuda")
+    ap.add_argument("--modes", default=None,
+                    help="end-to-end execution modes, comma-separated subset of "
+                         "eager,compile,cudagraph (default: all three on cuda; eager,compile on "
+                         "cpu, where cudagraph cannot run)")
     ap.add_argument("--append", action="store_true",
                     help="add to the folder's results.jsonl instead of starting it afresh (to split "
                          "a run: --only ops, then --only e2e --append); the table covers all rows")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    from .bench_e2e import MODES
+    if args.modes is not None and set(args.modes.split(",")) - set(MODES):
+        ap.error(f"--modes: unknown {sorted(set(args.modes.split(',')) - set(MODES))}; "
+                 f"known: {','.join(MODES)}")
 
     import torch
     dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -67,7 +76,7 @@ def _run(args, ap, device, smoke) -> int:
     if args.only in (None, "e2e"):
         from . import bench_e2e
         with h.guard(kind="e2e", op="e2e", case="*", backend="*"):
-            bench_e2e.run(h)
+            bench_e2e.run(h, args.modes.split(",") if args.modes else None)
     written = report.write(report.load(out), out)
     n_err = sum(r["status"] == "error" for r in h.rows)
     print(f"# {len(h.rows)} rows ({n_err} errors) in {time.perf_counter() - t0:.1f} s: "

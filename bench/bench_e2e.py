@@ -15,7 +15,23 @@ around both, one sync at the end).  Columns: ``time_ms`` = median iteration, ``s
 ``step()``, ``peak_mem_mib`` = torch.cuda.max_memory_allocated over warm-up and timed iterations
 (model, activations, gradients, optimizer state), ``ratio`` = time / AdamW time of the same
 workload and dtype (the headline), ``step_ratio`` = step_ms / AdamW step_ms.  Anchor figures of
-the released code (SPEC 8, H100, fp32) are added to the matching rows as ``anchor_*``.
+the released code (SPEC 8, H100, fp32) are added to the matching eager rows as ``anchor_*``.
+
+Execution modes (column ``mode``; ``--modes``; NOTE: [e2e modes]):
+* ``eager``: the loop above, as it always was.
+* ``compile``: the model wrapped in ``torch.compile(model)`` (forward and backward compiled, the
+  statistics hooks traced into the graph), ``step()`` eager.  Backend ``inductor``, except in smoke
+  runs: ``aot_eager`` (dynamo + AOT autograd, no code generation), which keeps the CPU smoke run in
+  seconds while still tracing the hooks forward and backward (``compile_backend`` column).
+  ``torch.compiler.reset()`` before each configuration, so no configuration inherits another's
+  graphs or runs into dynamo's recompile limit; the warm-up iterations include the compilation
+  (``setup_s``), the timed ones do not.
+* ``cudagraph`` (CUDA only): the whole iteration (``zero_grad(set_to_none=False)``, forward,
+  backward, ``step()``) captured with ``torch.cuda.graph`` after eager warm-up on a side stream, then
+  replayed on static input tensors (NOTE: [cudagraph mode]).  AdamW(fused=True, capturable=True),
+  AdaFisher(capturable=True).  One event pair around each replay: ``step_ms`` is not measured.
+The compile and cudagraph modes run AdamW(fused) and AdaFisher at TCov=1 and TCov=100 on every
+backend (``MODE_OPTIMIZERS``); ``ratio`` is always to AdamW in the same mode, workload and dtype.
 """
 from __future__ import annotations
 
@@ -50,6 +66,25 @@ E2E_BUDGET_S = 2.5      # NOTE: [e2e budget]
 SMOKE_AMP = ("adamw", "AdaFisher TCov=1")
 TARGETS = {("resnet18", 1): 1.06, ("resnet18", 100): 1.0, ("gpt4", 1): 1.03, ("gpt4", 100): 1.0}
 
+# NOTE: [e2e modes] execution modes (module docstring); the default is every mode the device runs
+MODES = ("eager", "compile", "cudagraph")
+# the compile and cudagraph modes measure AdamW(fused) and AdaFisher at both TCov (not SGD or
+# AdaFisherW, which differ from these only in the step's arithmetic): half the compilations
+MODE_OPTIMIZERS = ("adamw", "AdaFisher TCov=1", "AdaFisher TCov=100")
+# torch.compile backend: inductor is what users run; smoke runs use aot_eager (dynamo + AOT
+# autograd traced forward and backward, hooks included, but no code generation or C++ compiler)
+COMPILE_BACKEND, SMOKE_COMPILE_BACKEND = "inductor", "aot_eager"
+# smoke runs compile one workload, fp32, two optimizers: tracing the tiny ResNet-18 with its 41
+# hooked layers takes ~18 s under aot_eager on a 2-core CI host, the tiny GPT ~5 s
+SMOKE_COMPILE = ("gpt4", ("adamw", "AdaFisher TCov=1"))
+CUDAGRAPH_CPU_NOTE = ("cudagraph mode not run: CUDA graphs (torch.cuda.graph) need a CUDA device; "
+                      "this run is on the CPU")
+
+
+def default_modes(h: Harness):
+    """eager, compile and cudagraph on CUDA; eager and compile elsewhere."""
+    return MODES if h.cuda else ("eager", "compile")
+
 
 def workloads(h: Harness):
     """[(name, model factory, batch factory)]."""
@@ -78,24 +113,28 @@ def workloads(h: Harness):
 
 
 def _optimizers(h: Harness):
-    """[(label, anchor key, backend, factory(model) -> optimizer)]."""
+    """[(label, anchor key, backend, factory(model, capturable) -> optimizer)]; ``capturable``
+    (cudagraph mode) keeps the step counts on the device."""
     from adafisher_fast import AdaFisher, AdaFisherW
     # AdamW first: every later row of the workload gets its ratio to it
     out = [("adamw", "adamw", "torch",
-            lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.01,
-                                        **({"fused": True} if h.cuda else {"foreach": True}))),
+            lambda m, capturable=False: torch.optim.AdamW(
+                m.parameters(), lr=1e-3, weight_decay=0.01,
+                **({"fused": True, "capturable": capturable} if h.cuda else {"foreach": True}))),
            ("sgd", "sgd", "torch",
-            lambda m: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, foreach=True))]
+            lambda m, capturable=False: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9,
+                                                        foreach=True))]
     ok, missing = available_backends(h)
     for name, why in missing:
         h.add(kind="e2e", op=OP, case="*", backend=name, status="skipped", note=why)
     for name, _ in ok:
         for cls in (AdaFisher, AdaFisherW):
             for tcov in (1, 100):
-                def make(m, cls=cls, tcov=tcov, name=name):
+                def make(m, capturable=False, cls=cls, tcov=tcov, name=name):
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
-                        return cls(m, lr=1e-3, TCov=tcov, weight_decay=5e-4, backend=name)
+                        return cls(m, lr=1e-3, TCov=tcov, weight_decay=5e-4, backend=name,
+                                   capturable=capturable)
                 label = f"{cls.__name__} TCov={tcov}"
                 out.append((label, label, name, make))
     return out
@@ -109,21 +148,45 @@ def _loss(name, model, batch):
     return F.cross_entropy(out.float(), y)
 
 
-def _time_config(h, wname, mk_model, mk_batch, make_opt, amp):
+def compile_backend(h: Harness) -> str:
+    return SMOKE_COMPILE_BACKEND if h.smoke else COMPILE_BACKEND
+
+
+def _time_config(h, wname, mk_model, mk_batch, make_opt, amp, mode="eager"):
+    """(timing, step ms or None, peak MiB, parameter count, extra columns) of one configuration."""
     torch.manual_seed(0)
     model = mk_model().to(h.device)
-    opt = make_opt(model)
+    opt = make_opt(model, capturable=mode == "cudagraph")
     batches = [mk_batch() for _ in range(2)]
     ctx = (lambda: torch.autocast(h.device.type, dtype=torch.bfloat16)) if amp else nullcontext
+    extra = {}
+    net = model                 # what the forward calls: the model, or its compiled wrapper
+    if mode == "compile":
+        # the optimizer hooked the model's layers above; dynamo traces those hooks.  A fresh dynamo
+        # state per configuration (NOTE: [e2e modes])
+        torch.compiler.reset()
+        extra["compile_backend"] = compile_backend(h)
+        net = torch.compile(model, backend=extra["compile_backend"])
 
     def fwd_bwd(i):
         with ctx():
-            loss = _loss(wname, model, batches[i % 2])
+            loss = _loss(wname, net, batches[i % 2])
         loss.backward()
 
     warmup = 1 if h.smoke else 10
+    if mode == "compile":
+        # TCov > 1 compiles twice (statistics iteration 0, plain iteration 1): both before timing
+        warmup = max(warmup, 2)
     iters = h.iters(100, 5, 2)
     h.reset_peak_memory()
+    if mode == "cudagraph":
+        t, n_graphs, setup_s = _time_cudagraph(h, wname, model, opt, batches, ctx, warmup, iters)
+        peak = h.peak_memory_mib()
+        n = sum(p.numel() for p in model.parameters())
+        del model, opt, batches
+        gc.collect()
+        return t, None, peak, n, {"graphs": n_graphs, "setup_s": setup_s}
+    t_setup = time.perf_counter()
     for i in range(warmup):
         if i == warmup // 2:            # the second half of warm-up estimates an iteration's time
             h.sync()
@@ -133,9 +196,11 @@ def _time_config(h, wname, mk_model, mk_batch, make_opt, amp):
         opt.zero_grad(set_to_none=True)
     h.sync()
     per_iter = (time.perf_counter() - t0) / (warmup - warmup // 2)
+    extra["setup_s"] = time.perf_counter() - t_setup
     if not h.smoke:
         # NOTE: [e2e budget] ~E2E_BUDGET_S of timed iterations per configuration (20 to 100):
-        # 56 configurations must fit, with the kernel benchmarks, in one 10-minute GPU command
+        # the 56 eager configurations must fit, with the kernel benchmarks, in one 10-minute GPU
+        # command (compile and cudagraph modes: 28 configurations each)
         iters = max(20, min(iters, int(E2E_BUDGET_S / max(per_iter, 1e-6))))
     it_ms, st_ms = [], []
     if h.cuda:
@@ -162,36 +227,172 @@ def _time_config(h, wname, mk_model, mk_batch, make_opt, amp):
             st_ms.append((t2 - t1) * 1e3)
     peak = h.peak_memory_mib()
     n = sum(p.numel() for p in model.parameters())
-    del model, opt, batches
+    del model, opt, batches, net
     gc.collect()
-    return summarize(it_ms), summarize(st_ms)["time_ms"], peak, n
+    return summarize(it_ms), summarize(st_ms)["time_ms"], peak, n, extra
 
 
-def run(h: Harness) -> None:
+# NOTE: [cudagraph mode] Whole-iteration capture, as in PyTorch's "whole network capture" recipe:
+# * warm-up: ``warmup`` eager iterations on a side stream (cuBLAS/cuDNN handles and workspaces,
+#   Triton JIT, optimizer state, AdaFisher's cached device tables all created there, on the stream
+#   the capture then uses), the default stream waiting for it afterwards;
+# * the captured iteration is ``zero_grad(set_to_none=False)``, forward, backward, ``step()``.
+#   Gradients keep their storage: the warm-up allocated them, the graph zeroes them (a captured
+#   memset; AdaFisher.zero_grad also clears its statistics buffer) and backward accumulates into
+#   them.  Nothing allocated inside a capture outlives its replay, and AdaFisher's fused_step finds
+#   the device pointer table it cached during warm-up (keyed by the parameters', gradients' and
+#   momenta's data pointers: NOTE: [pointer tables] in fisher_kernels/fused_step.py) instead of
+#   uploading a new one mid-capture;
+# * inputs: static tensors, ``copy_``-ed from the workload's batches before each replay (outside the
+#   timed region, as the eager loop feeds ready batches);
+# * TCov > 1: a replay runs no Python, so neither ``opt.steps`` nor the TCov gating
+#   (``opt._hooks.collecting``, NOTE: [TCov gating]) advances during replay: a graph always does
+#   what it did at capture.  So two graphs are captured, one with ``collecting = True`` (hooks
+#   gather statistics, step() runs layer_ema) and one with ``collecting = False``, the flag set by
+#   hand before each capture, and the replay loop picks by its own count ``k`` of device steps:
+#   the statistics graph when ``k % TCov == 0``, as eager step() would.  The two captures share one
+#   memory pool: each graph writes every temporary before reading it, and no tensor allocated
+#   during a capture stays alive, so replaying them in any order is safe, and the pool holds one
+#   iteration's activations rather than two;
+# * capture also runs step()'s Python once per graph (``opt.steps`` advances) without running
+#   anything on the device: ``steps`` and ``collecting`` are put back to the device's count
+#   afterwards (``opt._hooks.set_steps``).
+def _time_cudagraph(h, wname, model, opt, batches, ctx, warmup, iters):
+    """(timing, number of graphs, setup seconds) of the replayed whole-iteration graph(s)."""
+    from adafisher_fast import AdaFisher
+    dev = h.device
+    fisher = isinstance(opt, AdaFisher)
+    tcov = opt.TCov if fisher else 1
+    static = [t.clone() for t in batches[0]]
+
+    def load(k):
+        for s, b in zip(static, batches[k % 2]):
+            s.copy_(b)
+
+    def iteration():
+        opt.zero_grad(set_to_none=False)
+        with ctx():
+            loss = _loss(wname, model, static)
+        loss.backward()
+        opt.step()
+
+    t_setup = time.perf_counter()
+    warmup = max(warmup, 3)             # the PyTorch recipe warms up at least 3 iterations
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):
+        for k in range(warmup):
+            load(k)
+            iteration()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    k = warmup                          # device steps so far (the TCov schedule of eager step())
+    graphs, pool = {}, None
+    for collecting in ((True, False) if tcov > 1 else (True,)):
+        if fisher:
+            opt._hooks.collecting = collecting
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, pool=pool, stream=side):
+                iteration()
+        except Exception as e:
+            # a host sync inside the capture surfaces as "operation failed due to a previous error
+            # during capture" from capture_end: report the first error, and which graph
+            root = e
+            while root.__context__ is not None:
+                root = root.__context__
+            raise RuntimeError(f"capture of the {'statistics' if collecting else 'plain'} graph "
+                               f"failed: {type(root).__name__}: {root}") from e
+        pool = g.pool()
+        graphs[collecting] = g
+    if fisher:                          # capture ran step()'s Python, not its kernels
+        opt._hooks.set_steps(k, tcov)   # steps = k, collecting = k % TCov == 0
+
+    def replay():
+        nonlocal k
+        graphs[k % tcov == 0].replay()
+        k += 1
+
+    # a few untimed replays (a graph's first launch uploads it); they also estimate the budget
+    n_est = 1 if h.smoke else 5
+    load(k)
+    replay()
+    h.sync()
+    t0 = time.perf_counter()
+    for _ in range(n_est):
+        load(k)
+        replay()
+    h.sync()
+    per_iter = (time.perf_counter() - t0) / n_est
+    setup_s = time.perf_counter() - t_setup
+    if not h.smoke:                     # NOTE: [e2e budget]
+        iters = max(20, min(iters, int(E2E_BUDGET_S / max(per_iter, 1e-6))))
+    ev = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(iters)]
+    for i in range(iters):
+        load(k)
+        ev[i][0].record()
+        replay()
+        ev[i][1].record()
+    torch.cuda.synchronize(dev)
+    it_ms = [a.elapsed_time(b) for a, b in ev]
+    return summarize(it_ms), (2 if tcov > 1 else 1), setup_s
+
+
+def _selected(h: Harness, mode: str, wname: str, amp: bool, label: str) -> bool:
+    """Whether this run measures (mode, workload, dtype, optimizer)."""
+    if mode != "eager" and label not in MODE_OPTIMIZERS:
+        return False
+    if h.smoke:
+        if mode == "eager":
+            return not amp or label in SMOKE_AMP
+        return not amp and wname == SMOKE_COMPILE[0] and label in SMOKE_COMPILE[1]
+    return True
+
+
+def run(h: Harness, modes=None) -> None:
+    """Every workload x dtype x optimizer in each of ``modes`` (default ``default_modes(h)``),
+    mode by mode: all eager rows first (a compiler or capture failure cannot cost them)."""
+    requested = tuple(modes) if modes else default_modes(h)
+    unknown = set(requested) - set(MODES)
+    if unknown:
+        raise ValueError(f"unknown e2e modes {sorted(unknown)}; known: {', '.join(MODES)}")
+    if not h.cuda and (modes is None or "cudagraph" in requested):
+        # never a silent skip: one row (table.md) and one printed line
+        h.add(kind="e2e", op=OP, case="*", backend="*", status="skipped", mode="cudagraph",
+              note=CUDAGRAPH_CPU_NOTE)
+        if not h.verbose:
+            print(f"# e2e: {CUDAGRAPH_CPU_NOTE}", flush=True)
+    run_modes = [m for m in MODES if m in requested and (m != "cudagraph" or h.cuda)]
     opts = _optimizers(h)
-    for wname, mk_model, mk_batch, desc in workloads(h):
-        for amp in (False, True):
-            dt = "bf16-autocast" if amp else "float32"
-            base = {}
-            for label, key, backend, make_opt in opts:
-                if h.smoke and amp and label not in SMOKE_AMP:
-                    continue
-                case = f"{wname} {desc}"
-                with h.guard(kind="e2e", op=OP, case=case, backend=backend, dtype=dt):
-                    t, step_ms, peak, n = _time_config(h, wname, mk_model, mk_batch, make_opt, amp)
-                    if label == "adamw":
-                        base = {"time_ms": t["time_ms"], "step_ms": step_ms}
-                    extra = {"optimizer": label, "workload": wname, "step_ms": step_ms,
-                             "peak_mem_mib": peak, "n_params": n}
-                    if base:
-                        extra["ratio"] = t["time_ms"] / base["time_ms"]
-                        extra["step_ratio"] = step_ms / base["step_ms"] if base["step_ms"] else None
-                    if "TCov=" in label:
-                        extra["target_ratio"] = TARGETS.get((wname, int(label.split("=")[1])))
-                    if not amp:
-                        for k, v in ANCHORS.get((wname, key), {}).items():
-                            extra[f"anchor_{k}"] = v
-                    h.add(kind="e2e", op=OP, case=case, backend=backend, dtype=dt,
-                          timing=t, shape=desc, **extra)
-                if h.cuda:
-                    torch.cuda.empty_cache()
+    wls = workloads(h)
+    for mode in run_modes:
+        for wname, mk_model, mk_batch, desc in wls:
+            for amp in (False, True):
+                dt = "bf16-autocast" if amp else "float32"
+                base = {}               # AdamW of this mode, workload and dtype
+                for label, key, backend, make_opt in opts:
+                    if not _selected(h, mode, wname, amp, label):
+                        continue
+                    case = f"{wname} {desc}"
+                    with h.guard(kind="e2e", op=OP, case=case, backend=backend, dtype=dt,
+                                 optimizer=label, workload=wname, mode=mode):
+                        t, step_ms, peak, n, more = _time_config(h, wname, mk_model, mk_batch,
+                                                                 make_opt, amp, mode)
+                        if label == "adamw":
+                            base = {"time_ms": t["time_ms"], "step_ms": step_ms}
+                        extra = {"optimizer": label, "workload": wname, "mode": mode,
+                                 "step_ms": step_ms, "peak_mem_mib": peak, "n_params": n, **more}
+                        if base:
+                            extra["ratio"] = t["time_ms"] / base["time_ms"]
+                            extra["step_ratio"] = (step_ms / base["step_ms"]
+                                                   if step_ms and base["step_ms"] else None)
+                        if "TCov=" in label and mode == "eager":     # SPEC 8: eager targets
+                            extra["target_ratio"] = TARGETS.get((wname, int(label.split("=")[1])))
+                        if not amp and mode == "eager":
+                            for k, v in ANCHORS.get((wname, key), {}).items():
+                                extra[f"anchor_{k}"] = v
+                        h.add(kind="e2e", op=OP, case=case, backend=backend, dtype=dt,
+                              timing=t, shape=desc, **extra)
+                    if h.cuda:
+                        torch.cuda.empty_cache()
+    if "compile" in run_modes:
+        torch.compiler.reset()

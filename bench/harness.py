@@ -188,14 +188,17 @@ class Harness:
             bw = f"  {gbps:8.1f} GB/s" if gbps else ""
             pk = f" ({row['pct_peak']:.0f}%)" if row["pct_peak"] else ""
             case = f"{case} {extra['optimizer']}" if "optimizer" in extra else case
+            case = f"{case} [{extra['mode']}]" if extra.get("mode", "eager") != "eager" else case
             print(f"[{kind}] {op:16s} {backend:12s} {case:40s} {dtype:9s} {t}{bw}{pk}"
                   + (f"  -- {note}" if note else ""), flush=True)
         return row
 
-    def guard(self, *, kind: str, op: str, case: str, backend: str, shape=None, dtype: str = ""):
-        """Context manager: an exception inside becomes an ``error`` row (the run goes on)."""
+    def guard(self, *, kind: str, op: str, case: str, backend: str, shape=None, dtype: str = "",
+              **extra):
+        """Context manager: an exception inside becomes an ``error`` row (the run goes on);
+        ``extra``: more columns of that row (e2e: optimizer, workload, mode)."""
         return _Guard(self, dict(kind=kind, op=op, case=case, backend=backend, shape=shape,
-                                 dtype=dtype))
+                                 dtype=dtype, **extra))
 
 
 class _Guard:

@@ -57,6 +57,28 @@ def test_every_op_and_e2e_measured(smoke):
     assert any(r.get("anchor_time_ms") == 70.5 for r in e2e)
 
 
+def test_e2e_modes_ratio_to_adamw_in_the_same_mode(smoke):
+    """eager and compile rows (compile: aot_eager in smoke runs), each row's ratio taken to AdamW
+    of its own mode, workload and dtype; cudagraph is a skipped row on CPU, with the reason."""
+    out, rows = smoke
+    e2e = [r for r in rows if r["kind"] == "e2e" and r["status"] == "ok"]
+    assert {r["mode"] for r in e2e} == {"eager", "compile"}
+    comp = [r for r in e2e if r["mode"] == "compile"]
+    assert {"adamw", "AdaFisher TCov=1"} <= {r["optimizer"] for r in comp}
+    base = {(r["mode"], r["workload"], r["dtype"]): r["time_ms"] for r in e2e
+            if r["optimizer"] == "adamw"}
+    for r in e2e:
+        assert r["ratio"] == pytest.approx(r["time_ms"] / base[r["mode"], r["workload"], r["dtype"]])
+    for r in comp:
+        assert r["compile_backend"] == "aot_eager" and r["setup_s"] > 0
+        assert "anchor_time_ms" not in r and "target_ratio" not in r    # eager-only figures
+    graph = [r for r in rows if r["kind"] == "e2e" and r.get("mode") == "cudagraph"]
+    assert len(graph) == 1 and graph[0]["status"] == "skipped" and "CUDA" in graph[0]["note"]
+    md = (out / "table.md").read_text()
+    assert "| float32 | compile | AdaFisher TCov=1 | torch |" in md
+    assert "**skipped** cudagraph mode not run" in md
+
+
 def test_table_and_plots(smoke):
     out, _ = smoke
     md = (out / "table.md").read_text()
