@@ -123,8 +123,10 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
 
 
 def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
-    """Token frequencies: ``out[v] += number of tokens equal to v``.  idx: integer tensor, any shape."""
-    out.add_(torch.bincount(idx.reshape(-1), minlength=out.numel()).to(out.dtype))
+    """Token frequencies: ``out[v] += number of tokens equal to v``.  idx: integer tensor, any shape.
+    (index_add_, not bincount: bincount sizes its output from the data, a host read on CUDA.)"""
+    flat = idx.reshape(-1)
+    out.index_add_(0, flat, torch.ones((), dtype=out.dtype, device=out.device).expand(flat.numel()))
 
 
 # ----------------------------------------------------------------------------------------------
