@@ -142,6 +142,16 @@ def test_triton_ops_compile_as_custom_ops(monkeypatch):
     _assert_same(eager, (twin, opt), 1e-4)
 
 
+def test_check_mode_compiles():
+    """check=True runs inside the graph as adafisher_torch_checked ops (compared on the host)."""
+    eager, (twin, opt) = _pair(AdaFisher, "paper", torch.float64, check=True)
+    batches = _batches(2)
+    _train(*eager, batches)
+    _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches,
+           step=torch.compile(opt.step, fullgraph=True, backend="aot_eager"))
+    _assert_same(eager, (twin, opt), 1e-9)
+
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_capturable_step_never_reads_the_device(preset):
     """On the meta device every host read of a tensor value (item, bool, tolist, a data-dependent
