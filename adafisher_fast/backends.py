@@ -52,13 +52,13 @@ def _try_load(name: str, device: torch.device) -> Tuple[Optional[ModuleType], st
 
 def resolve(backend: str, device: torch.device, check: bool = False) -> Tuple[str, object]:
     """(name, ops) of the backend to use for a model on ``device``."""
-    name, ops = _pick(os.environ.get(ENV_VAR, backend), device)
-    check = check or os.environ.get(CHECK_VAR) == "1"
-    if check:
+    name, mod = _pick(os.environ.get(ENV_VAR, backend), device)
+    if check or os.environ.get(CHECK_VAR) == "1":
         from .check import CheckedOps
-        ops = CheckedOps(ops, name)
-    traced = STATS_OPS if name == "torch" and not check else ()
-    return name, CompileAwareOps(ops, f"adafisher_{name}" + ("_checked" if check else ""), traced)
+        make, ns, traced = (lambda: CheckedOps(mod, name)), f"adafisher_{name}_checked", ()
+    else:
+        make, ns, traced = (lambda: mod), f"adafisher_{name}", STATS_OPS if name == "torch" else ()
+    return name, CompileAwareOps(make(), ns, make, traced)
 
 
 def _pick(backend: str, device: torch.device) -> Tuple[str, ModuleType]:

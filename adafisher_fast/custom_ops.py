@@ -72,13 +72,15 @@ def _register(ns: str, ops: Any) -> Any:
 
 class CompileAwareOps:
     """A backend's ops as the hooks and ``step()`` call them (NOTE: [compiled ops]): straight to
-    the backend in eager mode, through ``torch.ops.adafisher_<ns>`` while torch.compile traces.
-    ``traced`` names the ops that dynamo traces itself (the torch backend's statistics)."""
+    ``ops`` in eager mode, through the custom ops ``torch.ops.<ns>`` while torch.compile traces.
+    Those are registered once per process, calling ``make_ops()`` (built then, so no optimizer's
+    own ``ops`` object is shared with the others).  ``traced`` names the ops that dynamo traces
+    itself (the torch backend's statistics)."""
 
-    def __init__(self, ops: Any, ns: str, traced=()):
+    def __init__(self, ops: Any, ns: str, make_ops, traced=()):
         self._ops, self._traced = ops, frozenset(traced)
         if ns not in _REGISTERED:
-            _REGISTERED[ns] = _register(ns, ops)
+            _REGISTERED[ns] = _register(ns, make_ops())
         self._lib = _REGISTERED[ns]
 
     def __getattr__(self, attr):            # anything else the wrapped ops expose
