@@ -134,8 +134,8 @@ class AdaFisher(Optimizer):
     # be captured with torch.cuda.graph and replayed.  What replay cannot do is run Python: the TCov
     # gating (``steps % TCov``, NOTE: [TCov gating]) and ``self.steps`` do not advance during
     # replay, so a captured graph always does what it did at capture.  With TCov > 1 capture two
-    # graphs, one on a statistics iteration and one on a plain one, and replay the first every TCov
-    # iterations (README, "torch.compile and CUDA graphs").  GradScaler's skip reads found_inf on
+    # graphs, one on a statistics iteration and one on a plain one (``set_steps``), and replay the
+    # first every TCov iterations (README, "torch.compile and CUDA graphs").  GradScaler's skip reads found_inf on
     # the host, so it cannot be captured (bf16 autocast needs no scaler).
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, Lambda: float = 1e-3,
@@ -171,6 +171,15 @@ class AdaFisher(Optimizer):
     def steps(self) -> int:
         """Number of ``step()`` calls that updated the parameters (NOTE: [TCov gating])."""
         return self._hooks.steps
+
+    def set_steps(self, steps: int) -> None:
+        """Set the step counter, and with it whether the next iteration gathers statistics
+        (``steps % TCov == 0``).  For CUDA-graph loops, where replay runs no Python: capture the
+        statistics graph after ``set_steps(0)``, the plain one after ``set_steps(1)``, and after
+        replaying call ``set_steps(iterations done)`` (NOTE: [capturable])."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+        self._hooks.set_steps(steps, self.TCov)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(preset={self.preset!r}, backend={self.backend!r}, "

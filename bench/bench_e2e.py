@@ -246,17 +246,17 @@ def _time_config(h, wname, mk_model, mk_batch, make_opt, amp, mode="eager"):
 # * inputs: static tensors, ``copy_``-ed from the workload's batches before each replay (outside the
 #   timed region, as the eager loop feeds ready batches);
 # * TCov > 1: a replay runs no Python, so neither ``opt.steps`` nor the TCov gating
-#   (``opt._hooks.collecting``, NOTE: [TCov gating]) advances during replay: a graph always does
-#   what it did at capture.  So two graphs are captured, one with ``collecting = True`` (hooks
-#   gather statistics, step() runs layer_ema) and one with ``collecting = False``, the flag set by
-#   hand before each capture, and the replay loop picks by its own count ``k`` of device steps:
+#   (NOTE: [TCov gating]) advances during replay: a graph always does
+#   what it did at capture.  So two graphs are captured, one after ``opt.set_steps(0)`` (hooks
+#   gather statistics, step() runs layer_ema) and one after ``opt.set_steps(1)`` (plain), and the
+#   replay loop picks by its own count ``k`` of device steps:
 #   the statistics graph when ``k % TCov == 0``, as eager step() would.  The two captures share one
 #   memory pool: each graph writes every temporary before reading it, and no tensor allocated
 #   during a capture stays alive, so replaying them in any order is safe, and the pool holds one
 #   iteration's activations rather than two;
 # * capture also runs step()'s Python once per graph (``opt.steps`` advances) without running
-#   anything on the device: ``steps`` and ``collecting`` are put back to the device's count
-#   afterwards (``opt._hooks.set_steps``).
+#   anything on the device: the counter is put back to the device's count
+#   afterwards (``opt.set_steps``).
 def _time_cudagraph(h, wname, model, opt, batches, ctx, warmup, iters):
     """(timing, number of graphs, setup seconds) of the replayed whole-iteration graph(s)."""
     from adafisher_fast import AdaFisher
@@ -289,7 +289,7 @@ def _time_cudagraph(h, wname, model, opt, batches, ctx, warmup, iters):
     graphs, pool = {}, None
     for collecting in ((True, False) if tcov > 1 else (True,)):
         if fisher:
-            opt._hooks.collecting = collecting
+            opt.set_steps(0 if collecting else 1)
         g = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(g, pool=pool, stream=side):
@@ -305,7 +305,7 @@ def _time_cudagraph(h, wname, model, opt, batches, ctx, warmup, iters):
         pool = g.pool()
         graphs[collecting] = g
     if fisher:                          # capture ran step()'s Python, not its kernels
-        opt._hooks.set_steps(k, tcov)   # steps = k, collecting = k % TCov == 0
+        opt.set_steps(k)                # steps = k: the next iteration gathers iff k % TCov == 0
 
     def replay():
         nonlocal k

@@ -174,6 +174,8 @@ def test_capturable_is_a_bool_and_survives_load_state_dict():
     model = nn.Linear(3, 2)
     with pytest.raises(TypeError, match="capturable must be a bool"):
         AdaFisher(model, capturable=1)
+    with pytest.raises(ValueError, match="steps must be an integer >= 0"):
+        AdaFisher(model).set_steps(-1)
     opt = AdaFisher(model)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
@@ -238,7 +240,7 @@ def test_cuda_graph_replay_equals_eager(backend, TCov):
     # capture runs no kernel, so the device state stays at iteration `warm`; only Python moves
     graphs = {}
     for collect in sorted({i % TCov == 0 for i in range(warm, n)}, reverse=True):
-        opt._hooks.collecting = collect
+        opt.set_steps(0 if collect else 1)
         graphs[collect] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graphs[collect]):
             iteration(model, opt, sx, sy)
@@ -246,7 +248,7 @@ def test_cuda_graph_replay_equals_eager(backend, TCov):
         sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
         graphs[i % TCov == 0].replay()
     torch.cuda.synchronize()
-    opt._hooks.set_steps(n, TCov)             # replay runs no Python: the counter is ours to move
+    opt.set_steps(n)                          # replay runs no Python: the counter is ours to move
     assert opt.steps == opt_ref.steps
     for (name, a), b in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
