@@ -24,6 +24,12 @@ def cuda_extensions():
         why = "torch is a CPU-only build" if torch.version.cuda is None else "nvcc (CUDA_HOME) not found"
         print(f"adafisher-fast: {why}; skipping the CUDA extension (torch and Triton backends only)")
         return [], {}
+    if not os.path.exists(os.path.join(CUDA_HOME, "include", "cuda_runtime_api.h")):
+        # torch guesses CUDA_HOME from `which nvcc`; a wrapper script in /usr/local/bin gives
+        # /usr/local, whose headers the C++ binding file then cannot find
+        raise SystemExit(f"adafisher-fast: CUDA_HOME={CUDA_HOME} has no include/cuda_runtime_api.h; "
+                         "set CUDA_HOME to the CUDA toolkit root (e.g. /usr/local/cuda), or "
+                         "ADAFISHER_NO_CUDA=1 to skip the CUDA extension")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
     here = os.path.dirname(os.path.abspath(__file__))
     sources = [os.path.join("csrc", "bindings.cpp")] + sorted(

@@ -3,6 +3,8 @@
 // registered from Python in adafisher_fast/cuda_backend.py).  Every op mutates its outputs in place
 // and returns nothing; the mutated arguments are marked (a!) in the schemas.  This file only checks
 // and adapts tensors: the kernels live in csrc/<op>.cu behind csrc/launchers.h.
+#include <Python.h>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -340,4 +342,12 @@ TORCH_LIBRARY_IMPL(adafisher, CUDA, m) {
   m.impl("embedding_stats", &adafisher::embedding_stats);
   m.impl("layer_ema", &adafisher::layer_ema);
   m.impl("fused_step", &adafisher::fused_step);
+}
+
+// `import adafisher_fast._C` (cuda_backend.py) loads this library, which runs the registrations
+// above.  The module itself is empty: the ops are reached through torch.ops.adafisher, so there
+// is no pybind11 here, only the init function that Python's import requires.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
 }
