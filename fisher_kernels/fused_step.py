@@ -47,9 +47,42 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _table_path(fac: torch.Tensor) -> bool:
+    """One launch over pointer tables (GPU), or one launch per parameter (interpreter)."""
+    return fac.device.type == "cuda" and not _interpreting()
+
+
 @triton.jit
-def _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-            DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr):
+def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """(r, c, r // h_gr) of elements start + [0, BLOCK) of a row-major (rows x cols) parameter.
+
+    NOTE: [row division] A 64-bit integer division is a ~70-instruction subroutine call on the GPU,
+    a 32-bit one a few multiplies.  So the 64-bit divisions happen once per program, on the block's
+    first element, and each element divides only its 32-bit offset within (a row, the block):
+    c0 + j < cols + BLOCK and rem0 + dr < h_gr + BLOCK fit 32 bits unless WIDE (cols or h_gr
+    of 2^31 - BLOCK or more, chosen on the host), which divides in 64 bits per element."""
+    if WIDE:
+        offs = start + tl.arange(0, BLOCK)
+        r = offs // cols
+        c = offs - r * cols
+        rg = r // h_gr
+    else:
+        r0 = start // cols
+        cols32 = cols.to(tl.int32)
+        local = (start - r0 * cols).to(tl.int32) + tl.arange(0, BLOCK)
+        dr = local // cols32
+        c = local - dr * cols32
+        r = r0 + dr
+        g0 = r0 // h_gr
+        rg = g0 + ((r0 - g0 * h_gr).to(tl.int32) + dr) // h_gr.to(tl.int32)
+    return r, c, rg
+
+
+@triton.jit
+def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+            DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr, BLOCK: tl.constexpr,
+            WIDE: tl.constexpr):
+    offs = start + tl.arange(0, BLOCK)
     mask = offs < n
     cols = tl.load(meta_ptr + 1)
     s_off = tl.load(meta_ptr + 2)
@@ -60,10 +93,9 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, 
     h_c = tl.load(meta_ptr + 7)
     h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
     h_gs = tl.load(meta_ptr + 9)
-    r = offs // cols
-    c = offs % cols
+    r, c, rg = _rows_cols(start, cols, h_gr, BLOCK, WIDE)
     s_idx = s_off + r * s_r + c * s_c
-    h_idx = h_off + r * h_r + c * h_c + (r // h_gr) * h_gs
+    h_idx = h_off + r * h_r + c * h_c + rg * h_gs
     fs = tl.load(fac_ptr + s_idx, mask=mask, other=1.0).to(tl.float32)
     fh = tl.load(fac_ptr + h_idx, mask=mask, other=1.0).to(tl.float32)
     fd = fs * fh + lam
@@ -89,17 +121,16 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, 
 
 @triton.jit
 def _fused_step_one_kernel(p_ptr, g_ptr, m_ptr, fac_ptr, meta_ptr, n, lr, beta, omb, wd, lam, bc,
-                           DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+                           DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Interpreter path: one parameter per launch (NOTE: [pointer tables])."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-            DECOUPLED, False)
+    _update(p_ptr, g_ptr, m_ptr, fac_ptr, tl.program_id(0).to(tl.int64) * BLOCK, n, meta_ptr, lr,
+            beta, omb, wd, lam, bc, DECOUPLED, False, BLOCK, WIDE)
 
 
 @triton.jit
 def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper, tvals, fac_ptr,
                              P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                             DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+                             DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """GPU path: every parameter of one dtype pair in one launch (NOTE: [pointer tables])."""
     pid = tl.program_id(0)
     i = tl.load(block_param + pid)
@@ -115,9 +146,16 @@ def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper
     wd = tl.load(hp + 3)
     lam = tl.load(hp + 4)
     bc = 1.0 - tl.exp2(tl.load(tvals + i) * tl.load(hp + 5))
-    offs = start + tl.arange(0, BLOCK)
-    _update(p_ptr, g_ptr, m_ptr, fac_ptr, offs, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
-            bc, DECOUPLED, True)
+    _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
+            bc, DECOUPLED, True, BLOCK, WIDE)
+
+
+I32_LIMIT = 2 ** 31 - BLOCK    # NOTE: [row division]: cols and h_gr below this divide in 32 bits
+
+
+def _wide(rows) -> bool:
+    """Whether some meta row (NOTE: [param map]) needs 64-bit per-element division."""
+    return any(max(row[1], row[8]) >= I32_LIMIT for row in rows)
 
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -154,7 +192,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
             p, g, m = params[i], grads[i], moms[i]
             if p.numel():
                 work.append((i, p.contiguous(), g.contiguous(), m.contiguous(), steps[i], p, m))
-        if _interpreting() or fac.device.type != "cuda":
+        if not _table_path(fac):
             _step_one_by_one(work, [steps[i] for i in idx if params[i].numel() == 0], fac_c,
                              meta_rows, hyper, decoupled)
         else:
@@ -178,7 +216,8 @@ def _step_one_by_one(work, empty_steps, fac, meta_rows, hyper, decoupled) -> Non
         nel = pc.numel()
         _fused_step_one_kernel[(triton.cdiv(nel, BLOCK),)](
             pc, gc, mc, fac, row, nel, float(lr), float(beta), float(1 - beta), float(wd),
-            float(lam), float(1 - beta ** float(t)), DECOUPLED=bool(decoupled), BLOCK=BLOCK)
+            float(lam), float(1 - beta ** float(t)), DECOUPLED=bool(decoupled), BLOCK=BLOCK,
+            WIDE=_wide([meta_rows[i]]))
 
 
 # NOTE: [pointer tables]: device tables by (dtype pair, pointers, meta rows, hyper-parameters)
@@ -226,4 +265,4 @@ def _step_tables(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) 
     n_blocks, tables = _device_tables(work, meta_rows, hyper, dev, pdt, gdt)
     _fused_step_table_kernel[(n_blocks,)](
         *tables, tvals, fac, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled),
-        BLOCK=BLOCK)
+        BLOCK=BLOCK, WIDE=_wide([meta_rows[w[0]] for w in work]))

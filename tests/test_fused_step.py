@@ -1,6 +1,8 @@
 """fused_step kernels against the torch reference over several steps: every param-map kind,
 fp32/bf16/fp16 parameters, L2 and decoupled weight decay, non-contiguous tensors, a zero-size
 parameter last; parameters, momenta and step counts compared."""
+import importlib
+
 import pytest
 import torch
 
@@ -70,6 +72,35 @@ def test_fused_step_noncontiguous(kernel_ops):
     torch.testing.assert_close(p, pw)
     torch.testing.assert_close(m, mw)
     assert tg[0].item() == 1.0
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_fused_step_blocks_across_rows(kernel_ops, wide, monkeypatch):
+    """Parameters of several kernel blocks whose rows and groups straddle block boundaries, so
+    each block starts mid-row and mid-group (NOTE: [row division] in fisher_kernels/fused_step.py);
+    wide=True forces the Triton kernel's 64-bit per-element division path."""
+    if wide:
+        mod = importlib.import_module(kernel_ops.fused_step.__module__)
+        if not hasattr(mod, "I32_LIMIT"):
+            pytest.skip("the 64-bit division switch is the Triton kernel's")
+        monkeypatch.setattr(mod, "I32_LIMIT", 1)
+    torch.manual_seed(2)
+    specs = [((300, 7), (300, 7, 0, 1, 0, 300, 0, 1, 30, 7)),      # grouped-conv H: 10 groups
+             ((3, 1000), (3, 1000, 370, 1, 0, 373, 0, 1, 3, 0)),    # rows longer than a block
+             ((250, 9), (250, 9, 1373, 0, 1, 1382, 1, 0, 250, 0))]  # Embedding: H by row
+    fac = torch.rand(1632, device=device()) + 0.1
+    meta = torch.tensor([m for _, m in specs], dtype=torch.int64)
+    params = [torch.randn(s, device=device()) for s, _ in specs]
+    grads = [torch.randn(s, device=device()) for s, _ in specs]
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(specs)
+    want = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    got = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    reference.fused_step(*want[:1], grads, want[1], [torch.tensor(0.0) for _ in specs], fac, meta,
+                         hyper, False)
+    kernel_ops.fused_step(*got[:1], grads, got[1], [torch.tensor(0.0) for _ in specs], fac, meta,
+                          hyper, False)
+    for w, g in zip(want[0] + want[1], got[0] + got[1]):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6 * w.abs().max().item())
 
 
 @pytest.mark.gpu

@@ -1,0 +1,221 @@
+"""Compile every Triton kernel launch of the backend to GPU machine code, on a machine with no GPU.
+
+The interpreter (TRITON_INTERPRET=1, the CPU tests) runs kernels as numpy code and accepts things the
+compiler rejects (a loop-carried value that changes type, a block too large for shared memory or
+registers, a constexpr used as a runtime value...).  This script closes that gap without a GPU: it
+patches ``JITFunction.run`` to record the launches instead of running them, drives the real launchers
+(and, through the optimizer, the real hooks and step) on CPU tensors over the shapes and dtypes the
+GPU tests and benchmarks use, and compiles each distinct (kernel, argument types, constexprs) for
+each target with ``triton.compile(..., target=GPUTarget("cuda", sm, 32))`` down to a cubin (ptxas).
+
+Usage: ``python tests/triton_codegen.py --arch 80 --arch 90 [--json FILE]``; exit status 1 if any
+compilation failed or a kernel needs more shared memory than the target has.  Must run without
+TRITON_INTERPRET (tests/test_triton_codegen.py runs it in a subprocess).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import re
+import subprocess
+import tempfile
+import traceback
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    sys.exit("triton_codegen.py compiles real kernels: run it without TRITON_INTERPRET=1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import fisher_kernels  # noqa: E402
+fs = importlib.import_module("fisher_kernels.fused_step")
+from adafisher_fast import AdaFisher, AdaFisherW  # noqa: E402
+from bench import models  # noqa: E402
+
+# opt-in shared memory per block (bytes), CUDA C programming guide, compute capabilities table
+SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+        torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8",
+        torch.bool: "*i1"}
+
+
+def _arg_type(name, value) -> str:
+    if isinstance(value, torch.Tensor):
+        if value.dtype not in _PTR:
+            raise TypeError(f"argument {name}: no Triton pointer type for {value.dtype}")
+        return _PTR[value.dtype]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"argument {name}: unexpected runtime value {value!r}")
+
+
+@contextmanager
+def recording():
+    """Within: launches are recorded into the yielded dict, keyed by their compile signature."""
+    seen = {}
+    orig = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        names = self.arg_names
+        bound = dict(zip(names, args), **kwargs)
+        sig, const = {}, {}
+        for p in self.params:
+            v = bound[p.name]
+            if p.is_constexpr:
+                sig[p.name], const[p.name] = "constexpr", v
+            else:
+                sig[p.name] = _arg_type(p.name, v)
+        key = (self.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in const.items()))
+        seen.setdefault(key, (self, sig, const))
+
+    JITFunction.run = run
+    try:
+        yield seen
+    finally:
+        JITFunction.run = orig
+
+
+def _stats_calls(dev="cpu"):
+    """Direct launcher calls: every statistics op in float32/bfloat16/float16 over odd and large
+    shapes, every conv dimensionality and padding mode, both norm modes."""
+    e = dict(device=dev)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for shape, dim in (((16 * 1024, 768), -1), ((16 * 1024, 3072), -1), ((7, 13), -1),
+                           ((256, 64, 1024), 1), ((33, 1, 7), 1), ((64, 2048, 49), 1)):
+            x = torch.empty(shape, dtype=dt, **e)
+            for square in (True, False):
+                fisher_kernels.linear_stats(x, torch.zeros(shape[dim], **e), dim, square, 0.5)
+        for c, sp, k, st, pad, dil, g, mode in (
+                (3, (224, 224), (7, 7), (2, 2), ((3, 3), (3, 3)), (1, 1), 1, "zeros"),
+                (64, (56, 56), (3, 3), (1, 1), ((1, 1), (1, 1)), (1, 1), 1, "zeros"),
+                (256, (56, 56), (1, 1), (1, 1), ((0, 0), (0, 0)), (1, 1), 1, "zeros"),
+                (512, (28, 28), (3, 3), (2, 2), ((1, 1), (1, 1)), (2, 2), 32, "reflect"),
+                (8, (33,), (5,), (2,), ((2, 2),), (1,), 8, "circular"),
+                (4, (7, 9, 5), (3, 3, 3), (1, 2, 1), ((1, 1),) * 3, (1, 1, 1), 2, "replicate"),
+                (16, (13, 13), (11, 11), (1, 1), ((5, 5), (5, 5)), (1, 1), 1, "zeros")):
+            ktot = 1
+            for kk in k:
+                ktot *= kk
+            fisher_kernels.conv_stats(torch.empty(8, c, *sp, dtype=dt, **e),
+                                      torch.zeros(c * ktot, **e), k, st, pad, dil, g, mode)
+        for r, c, i in ((16 * 1024, 768, 1), (64, 256, 56 * 56), (3, 7, 13)):
+            x = torch.empty(r, c, i, dtype=dt, **e)
+            for mode, groups in (("channel", 1), ("sample", 1), ("sample", c if c % 4 else 4)):
+                fisher_kernels.norm_stats(x, torch.zeros(c, **e), mode, groups, 1e-5)
+            fisher_kernels.norm_stats(x, torch.zeros(c, **e), "sample", 1, 1e-5, center=False)
+            fisher_kernels.norm_stats(x, torch.zeros(c, **e), "channel", 1, 1e-5,
+                                      mean=torch.zeros(c, **e), var=torch.ones(c, **e))
+    for idt in (torch.int64, torch.int32):
+        fisher_kernels.embedding_stats(torch.zeros(16, 1024, dtype=idt, **e), torch.zeros(50257, **e))
+
+
+def _optimizer_runs(dev="cpu"):
+    """The real hooks, layer_ema and the one-launch fused step (its GPU table path), per preset and
+    optimizer, on the benchmark models; parameters in float32, bfloat16 and float16."""
+    real_table_path = fs._table_path
+    fs._table_path = lambda fac: True
+    try:
+        for preset in ("official", "paper"):
+            for cls in (AdaFisher, AdaFisherW):
+                for make, inp in ((lambda: models.resnet18_cifar(width=16),
+                                   lambda: torch.randn(4, 3, 32, 32)),
+                                  (lambda: models.GPT(vocab=97, d=64, n_layer=1, n_head=2, block_size=16),
+                                   lambda: torch.randint(0, 97, (2, 16)))):
+                    model = make().to(dev)
+                    opt = cls(model, preset=preset, backend="torch", TCov=1)
+                    opt._ops._ops = fisher_kernels
+                    out = model(inp().to(dev))
+                    out.float().square().mean().backward()
+                    opt.step()
+        meta = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 0, 0, 1]] * 2)
+        for dt in (torch.float32, torch.bfloat16, torch.float16):
+            for gdt in {dt, torch.float32}:
+                ps = [torch.zeros(n, dtype=dt) for n in (5, 3000)]
+                for decoupled in (False, True):
+                    fisher_kernels.fused_step(
+                        ps, [torch.zeros_like(p, dtype=gdt) for p in ps],
+                        [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps],
+                        torch.ones(2), meta, [(1e-3, 0.9, 1e-4, 1e-3)] * 2, decoupled)
+    finally:
+        fs._table_path = real_table_path
+    fs._step_one_by_one(                                   # the interpreter path's kernel
+        [(0, torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.zeros(()), None, None)], [],
+        torch.ones(2), [[1, 1, 0, 0, 0, 1, 0, 0, 0, 1]], [(1e-3, 0.9, 0.0, 1e-3)], True)
+
+
+def _resources(cubin: bytes) -> dict:
+    """Registers per thread and local memory (spills) per thread, read by cuobjdump."""
+    tool = triton.knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True).stdout
+    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL):(\d+)", out)}
+    return {"registers": found.get("reg"), "local_bytes": found.get("local")}
+
+
+def compile_all(seen, arches):
+    rows, ok = [], True
+    for (name, _, _), (fn, sig, const) in sorted(seen.items(), key=lambda kv: kv[0][0]):
+        for arch in arches:
+            row = dict(kernel=name, arch=f"sm_{arch}", signature=sig,
+                       constexprs={k: str(v) for k, v in const.items()})
+            try:
+                k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32))
+                row.update(shared=k.metadata.shared, num_warps=k.metadata.num_warps,
+                           **_resources(k.asm["cubin"]))
+                limit = SMEM_LIMIT.get(arch)
+                if limit is not None and k.metadata.shared > limit:
+                    row["error"] = f"needs {k.metadata.shared} B of shared memory, sm_{arch} has {limit}"
+            except Exception as e:                     # noqa: BLE001 - reported, then exit 1
+                row["error"] = "".join(traceback.format_exception_only(type(e), e)).strip()[-2000:]
+            ok &= "error" not in row
+            rows.append(row)
+    return rows, ok
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90")
+    ap.add_argument("--json", help="write one JSON line per compilation here")
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    with recording() as seen:
+        _stats_calls()
+        _optimizer_runs()
+    rows, ok = compile_all(seen, a.arch or [80, 90])
+    kernels = sorted({r["kernel"] for r in rows})
+    print(f"triton {triton.__version__}: {len(seen)} launch configurations of {len(kernels)} kernels "
+          f"({', '.join(kernels)}), {len(rows)} compilations")
+    for r in rows:
+        if r.get("local_bytes"):
+            print(f"spills: {r['kernel']} {r['arch']} {r['constexprs']}: {r['registers']} registers, "
+                  f"{r['local_bytes']} B local memory per thread")
+        if "error" in r:
+            print(f"FAILED {r['kernel']} {r['arch']} {r['constexprs']}: {r['error']}")
+    if a.json:
+        with open(a.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
