@@ -14,6 +14,34 @@ import torch
 
 from .state import FisherState, Layer
 
+try:        # torch >= 2.13: dynamo traces a hook on an intermediate tensor as a higher-order op
+    from torch._higher_order_ops.register_hook import register_hook_op  # noqa: F401
+    _DYNAMO_TRACES_TENSOR_HOOKS = True
+except ImportError:
+    _DYNAMO_TRACES_TENSOR_HOOKS = False
+
+
+class _GradTap(torch.autograd.Function):
+    """NOTE: [grad tap] Under torch.compile on torch < 2.13, dynamo rewrites ``register_hook`` on
+    an intermediate tensor into an autograd.Function that returns its input as a view, so any
+    in-place op after the module (``ReLU(inplace=True)``) is rejected, and its graph rewrite
+    moves the placeholder of a tensor the hook closes over (our statistics buffer) behind its
+    first use (torch 2.11: "referenced nonexistent value").  There the forward hook returns this
+    instead: a copy of the output whose backward passes the gradient through after handing it
+    to the statistics hook.  The copy costs one write of the output, only while compiling on
+    those versions and only on statistics iterations (NOTE: [TCov gating]); eager mode and newer
+    torch keep the tensor hook, which copies nothing."""
+
+    @staticmethod
+    def forward(ctx, output, hook):
+        ctx.hook = hook
+        return output.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.hook(grad)
+        return grad, None
+
 
 class StatHooks:
     def __init__(self, fisher: FisherState, ops):
@@ -44,6 +72,8 @@ class StatHooks:
                 rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
                 fisher.buf[lay.h_count] += rows
             if isinstance(output, torch.Tensor) and output.requires_grad:
+                if torch.compiler.is_compiling() and not _DYNAMO_TRACES_TENSOR_HOOKS:
+                    return _GradTap.apply(output, self._grad_hook(lay))   # NOTE: [grad tap]
                 output.register_hook(self._grad_hook(lay))
 
         return hook

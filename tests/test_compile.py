@@ -98,6 +98,20 @@ def test_compiled_model_matches_eager_without_graph_breaks(opt_cls, preset):
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
+def test_grad_tap_path_matches_eager(preset, monkeypatch):
+    """NOTE: [grad tap]: the path torch < 2.13 takes under compile (forced here on any torch):
+    same parameters and statistics, no graph break, with the in-place ReLU after a hooked module."""
+    from adafisher_fast import hooks
+    monkeypatch.setattr(hooks, "_DYNAMO_TRACES_TENSOR_HOOKS", False)
+    eager, (twin, opt) = _pair(AdaFisherW, preset, torch.float64)
+    batches = _batches(4)
+    _train(*eager, batches)
+    _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches)
+    _assert_same(eager, (twin, opt), 1e-9)
+    assert all(d["stat_iters"] == 2 for d in opt.diagnostics().values())
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
 def test_compiled_step_matches_eager(preset):
     eager, (twin, opt) = _pair(AdaFisherW, preset, torch.float64)
     batches = _batches(6)
