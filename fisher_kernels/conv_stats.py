@@ -6,8 +6,8 @@ conv weight (channel, *kernel).  Returns L, the output positions per sample.
 
 Two launches, neither of the patch matrix's size:
 1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x);
-2. one program per (channel, block of kernel offsets) sums Q over that offset's output lattice (strided,
-   dilated).  Zero padding is applied by masking; reflect/replicate/circular pad the small map Q
+2. one program per (channel, block of output positions, block of kernel offsets) sums Q over
+   that part of each offset's output lattice (strided, dilated) and adds it atomically.  Zero padding is applied by masking; reflect/replicate/circular pad the small map Q
    with torch first (padding commutes with the square and the batch sum: it only copies or zeroes
    positions).  1-D/2-D convs run as 3-D ones with unit leading dims.
 """
@@ -25,16 +25,20 @@ import triton.language as tl
 from adafisher_fast import reference
 from .linear_stats import _launch as _sum_over_batch
 
-TILE = 4096     # (kernel offsets x output positions) per inner iteration of a program
+TILE = 2048     # (kernel offsets x output positions) per program
 MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
 
 
 @triton.jit
 def _lattice_sum_kernel(q_ptr, out_ptr, S0, S1, S2, P0, P1, P2, K0, K1, K2, D0, D1, D2,
-                        T0, T1, T2, N0, N1, N2, BLOCK_KO: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Program (c, block of kernel offsets): out[c * K + koff] += sum_l Q[c, koff*dil + l*stride -
-    pad] over the output lattice l, Q read as 0 outside the map (zero padding)."""
-    c = tl.program_id(0)
+                        T0, T1, T2, N0, N1, N2, N_LBLK, BLOCK_KO: tl.constexpr,
+                        BLOCK_L: tl.constexpr):
+    """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
+    l-block of the output lattice of Q[c, koff*dil + l*stride - pad], Q read as 0 outside the map
+    (zero padding).  NOTE: [lattice split] one tile per program, added atomically: a channel per
+    program would leave a 3-channel first layer with a handful of programs on a GPU of 132 SMs."""
+    c = tl.program_id(0) // N_LBLK
+    lb = tl.program_id(0) % N_LBLK
     K = K0 * K1 * K2
     koff = tl.program_id(1) * BLOCK_KO + tl.arange(0, BLOCK_KO)
     km = koff < K
@@ -42,22 +46,18 @@ def _lattice_sum_kernel(q_ptr, out_ptr, S0, S1, S2, P0, P1, P2, K0, K1, K2, D0, 
     k1 = (koff // K2) % K1
     k0 = koff // (K1 * K2)
     base = q_ptr + tl.cast(c, tl.int64) * S0 * S1 * S2
-    L = N0 * N1 * N2
-    acc = tl.zeros((BLOCK_KO, BLOCK_L), dtype=tl.float32)
-    for l0 in range(0, L, BLOCK_L):
-        l = l0 + tl.arange(0, BLOCK_L)
-        lm = l < L
-        i2 = l % N2
-        i1 = (l // N2) % N1
-        i0 = l // (N1 * N2)
-        y0 = k0[:, None] * D0 + (i0 * T0)[None, :] - P0
-        y1 = k1[:, None] * D1 + (i1 * T1)[None, :] - P1
-        y2 = k2[:, None] * D2 + (i2 * T2)[None, :] - P2
-        ok = (km[:, None] & lm[None, :] & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1)
-              & (y2 >= 0) & (y2 < S2))
-        acc += tl.load(base + (y0.to(tl.int64) * S1 + y1) * S2 + y2, mask=ok, other=0.0)
-    dst = out_ptr + c * K + koff
-    tl.store(dst, tl.load(dst, mask=km, other=0.0) + tl.sum(acc, axis=1), mask=km)
+    l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+    lm = l < N0 * N1 * N2
+    i2 = l % N2
+    i1 = (l // N2) % N1
+    i0 = l // (N1 * N2)
+    y0 = k0[:, None] * D0 + (i0 * T0)[None, :] - P0
+    y1 = k1[:, None] * D1 + (i1 * T1)[None, :] - P1
+    y2 = k2[:, None] * D2 + (i2 * T2)[None, :] - P2
+    ok = (km[:, None] & lm[None, :] & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1)
+          & (y2 >= 0) & (y2 < S2))
+    v = tl.load(base + (y0.to(tl.int64) * S1 + y1) * S2 + y2, mask=ok, other=0.0)
+    tl.atomic_add(out_ptr + tl.cast(c, tl.int64) * K + koff, tl.sum(v, axis=1), mask=km)
 
 
 def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
@@ -103,6 +103,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     N = [1] * lead + sizes
     block_ko = min(triton.next_power_of_2(ktot), MAX_KO)
     block_l = max(1, min(triton.next_power_of_2(n_pos), TILE // block_ko))
-    _lattice_sum_kernel[(c, triton.cdiv(ktot, block_ko))](q, out, *S, *P, *K, *D, *T, *N,
-                                                         BLOCK_KO=block_ko, BLOCK_L=block_l)
+    n_lblk = triton.cdiv(n_pos, block_l)
+    _lattice_sum_kernel[(c * n_lblk, triton.cdiv(ktot, block_ko))](
+        q, out, *S, *P, *K, *D, *T, *N, n_lblk, BLOCK_KO=block_ko, BLOCK_L=block_l)
     return n_pos
