@@ -242,9 +242,12 @@ def test_ema_state(kind, tcov, preset):
     _, oopt = oracle.trajectory(m2, batches, loss_fn, **kw)
     got = popt.ema_state()
     assert set(oopt.ema) <= set(got), (set(oopt.ema), set(got))
+    # 15 steps of training amplify float64 rounding (summation orders differ between the oracle
+    # and the package, and between torch versions): fc's H differs by 1.1e-10 relative to its
+    # scale on torch 2.13 and 4.2e-10 on torch 2.11, hence 1e-9
     for name, (Hs, Ss) in oopt.ema.items():
-        close(got[name][0], Hs, rtol=1e-10)
-        close(got[name][1], Ss, rtol=1e-10)
+        close(got[name][0], Hs, rtol=1e-9)
+        close(got[name][1], Ss, rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------
