@@ -120,6 +120,27 @@ def test_compiled_step_matches_eager(preset):
     _assert_same(eager, (twin, opt), 1e-9)
 
 
+def test_inductor_step_updates_in_place():
+    """The ops mutate parameters, momenta and state in place (custom ops with mutates_args);
+    inductor must call them on the real tensors, not on functionalized copies: the compiled
+    step allocates nothing of a parameter's size (peak memory stays that of eager)."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    x = torch.randn(8, 300)
+    model(x).square().mean().backward()
+    opt.step()                                  # state exists: the compiled step is the steady one
+    model(x).square().mean().backward()
+    weight = model[0].weight.detach().clone()
+    _, codes = run_and_get_code(torch.compile(opt.step, fullgraph=True))
+    code = "\n".join(codes)
+    assert "fused_step" in code and "layer_ema" in code
+    assert "(200, 300)" in code                 # the parameter is an input of the graph...
+    assert "empty_strided_cpu((200, 300)" not in code and ".clone()" not in code   # ...never copied
+    assert not torch.equal(model[0].weight, weight)                  # and was updated in place
+
+
 def test_inductor_model_and_step():
     """The default backend compiles both (slow on CPU: one configuration)."""
     eager, (twin, opt) = _pair(AdaFisher, "paper", torch.float64)
