@@ -82,9 +82,11 @@ def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
 @triton.jit
 def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
             DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr, BLOCK: tl.constexpr,
-            WIDE: tl.constexpr):
+            WIDE: tl.constexpr, MASKED: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
-    mask = offs < n
+    mask = (offs < n) if MASKED else None            # unmasked: a full block (NOTE: [vector loads])
+    zero = 0.0 if MASKED else None
+    one = 1.0 if MASKED else None
     cols = tl.load(meta_ptr + 1)
     s_off = tl.load(meta_ptr + 2)
     s_r = tl.load(meta_ptr + 3)
@@ -97,13 +99,13 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd,
     r, c, rg = _rows_cols(start, cols, h_gr, BLOCK, WIDE)
     s_idx = s_off + r * s_r + c * s_c
     h_idx = h_off + r * h_r + c * h_c + rg * h_gs
-    fs = tl.load(fac_ptr + s_idx, mask=mask, other=1.0).to(tl.float32)
-    fh = tl.load(fac_ptr + h_idx, mask=mask, other=1.0).to(tl.float32)
+    fs = tl.load(fac_ptr + s_idx, mask=mask, other=one).to(tl.float32)
+    fh = tl.load(fac_ptr + h_idx, mask=mask, other=one).to(tl.float32)
     fd = fs * fh + lam
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0)
+    p = tl.load(p_ptr + offs, mask=mask, other=zero)
     pw = p.to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=zero).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask, other=zero).to(tl.float32)
     if not DECOUPLED:
         g = g + wd * pw
     m = m * beta + g * omb
@@ -124,14 +126,20 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd,
 def _fused_step_one_kernel(p_ptr, g_ptr, m_ptr, fac_ptr, meta_ptr, n, lr, beta, omb, wd, lam, bc,
                            DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Interpreter path: one parameter per launch (NOTE: [pointer tables])."""
-    _update(p_ptr, g_ptr, m_ptr, fac_ptr, tl.program_id(0).to(tl.int64) * BLOCK, n, meta_ptr, lr,
-            beta, omb, wd, lam, bc, DECOUPLED, False, BLOCK, WIDE)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    if start + BLOCK <= n:                  # the table kernel's two bodies (NOTE: [vector loads])
+        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+                DECOUPLED, False, BLOCK, WIDE, False)
+    else:
+        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+                DECOUPLED, False, BLOCK, WIDE, True)
 
 
 @triton.jit
 def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper, tvals, fac_ptr,
                              P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                             DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+                             DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+                             ALIGNED: tl.constexpr):
     """GPU path: every parameter of one dtype pair in one launch (NOTE: [pointer tables])."""
     pid = tl.program_id(0)
     i = tl.load(block_param + pid)
@@ -147,8 +155,22 @@ def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper
     wd = tl.load(hp + 3)
     lam = tl.load(hp + 4)
     bc = 1.0 - tl.exp2(tl.load(tvals + i) * tl.load(hp + 5))
-    _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
-            bc, DECOUPLED, True, BLOCK, WIDE)
+    # NOTE: [vector loads] pointers from a table carry no alignment, and a mask bound of unknown
+    # divisibility varies per element: either makes every load and store 4 bytes wide.  With
+    # every p/g/m pointer 16-byte aligned (ALIGNED, checked on the host) and the bound of a full
+    # block a multiple of BLOCK, they move 16 bytes; only each parameter's last block is ragged.
+    start = tl.multiple_of(start, BLOCK)
+    if ALIGNED:
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        m_ptr = tl.multiple_of(m_ptr, 16)
+    meta_i = meta + N_META_C * i
+    if start + BLOCK <= n:
+        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_i, lr, beta, omb, wd, lam, bc,
+                DECOUPLED, True, BLOCK, WIDE, False)
+    else:
+        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_i, lr, beta, omb, wd, lam, bc,
+                DECOUPLED, True, BLOCK, WIDE, True)
 
 
 I32_LIMIT = 2 ** 31 - BLOCK    # NOTE: [row division]: cols and h_gr below this divide in 32 bits
@@ -266,4 +288,5 @@ def _step_tables(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) 
     n_blocks, tables = _device_tables(work, meta_rows, hyper, dev, pdt, gdt)
     _fused_step_table_kernel[(n_blocks,)](
         *tables, tvals, fac, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled),
-        BLOCK=BLOCK, WIDE=_wide([meta_rows[w[0]] for w in work]))
+        BLOCK=BLOCK, WIDE=_wide([meta_rows[w[0]] for w in work]),
+        ALIGNED=all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4]))
