@@ -19,10 +19,15 @@ import triton.language as tl
 
 from adafisher_fast import reference
 
-# NOTE: [atomic partial sums] the A axis (rows: batch x positions) is split over at most
-# MAX_SPLIT_A programs so that large inputs fill the GPU; partial sums meet in ``out`` through
-# atomic adds (order-dependent in the last float32 bit, like any parallel reduction).
-MAX_SPLIT_A = 64
+# NOTE: [atomic partial sums] the A axis (rows: batch x positions) is split so that the grid
+# has about TARGET_PROGRAMS programs (the CUDA kernel's ~2048 blocks of 256 threads, in programs
+# of 128): a Linear input (B = 1) of 16k rows x 768 features was 64 programs under the old fixed
+# split, under half of an H100's 132 SMs.  Partial sums meet in ``out`` through atomic adds
+# (order-dependent in the last float32 bit, like any parallel reduction); MAX_BLOCK_K keeps the
+# tile narrow in K when B is small, so that the split costs few atomics (one per feature per
+# program).  Unmeasured yet on a GPU: the benchmark's linear_stats rows decide.
+TARGET_PROGRAMS = 1024
+MAX_BLOCK_K = 128
 TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 4 warps
 
 
@@ -61,14 +66,17 @@ def _linear_stats_kernel(x_ptr, out_ptr, A, K, B, rows_per_prog, scale, SQUARE: 
 def tiles(a: int, k: int, b: int):
     """(BLOCK_A, BLOCK_K, BLOCK_B, rows per program, grid) of the (A, K, B) column reduction.
 
-    NOTE: [tile shape] about TILE elements per step: B (contiguous) first, up to 128, then K, then
-    rows of A; A is split over at most MAX_SPLIT_A programs (1 under the interpreter, where programs
-    run one after the other and only add Python overhead)."""
+    NOTE: [tile shape] about TILE elements per step: B (contiguous) first, up to 128, then K (up
+    to MAX_BLOCK_K), then rows of A; A is split over the programs (NOTE: [atomic partial sums]),
+    not at all under the interpreter, where programs run one after the other and only add
+    Python overhead."""
     block_b = min(triton.next_power_of_2(b), 128)
-    block_k = max(1, min(triton.next_power_of_2(k), TILE // block_b))
+    block_k = max(1, min(triton.next_power_of_2(k), TILE // block_b, MAX_BLOCK_K))
     block_a = max(1, min(triton.next_power_of_2(a), TILE // (block_b * block_k)))
-    split = 1 if _interpreting() else max(1, min(MAX_SPLIT_A, triton.cdiv(a, block_a)))
-    rows = triton.cdiv(a, split)
+    tiles_kb = triton.cdiv(k, block_k) * triton.cdiv(b, block_b)
+    split = 1 if _interpreting() else max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles_kb),
+                                                 triton.cdiv(a, block_a)))
+    rows = triton.cdiv(triton.cdiv(a, split), block_a) * block_a     # whole tiles per program
     grid = (triton.cdiv(k, block_k), triton.cdiv(b, block_b), triton.cdiv(a, rows))
     return block_a, block_k, block_b, rows, grid
 
