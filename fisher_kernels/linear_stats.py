@@ -36,16 +36,20 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _linear_stats_kernel(x_ptr, out_ptr, A, K, B, rows_per_prog, scale, SQUARE: tl.constexpr,
-                         BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b])."""
+def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG, scale,
+                          SQUARE: tl.constexpr, AFFINE: tl.constexpr, BLOCK_A: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+    """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b]), with
+    f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
+    or s = a * G + k // CG (AFFINE 2); AFFINE 0 reads neither mu nor rs."""
     pid_k = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_a = tl.program_id(2)
     offs_a = tl.arange(0, BLOCK_A)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    kb = (offs_k[None, :, None] < K) & (offs_b[None, None, :] < B)
+    km = offs_k < K
+    kb = km[None, :, None] & (offs_b[None, None, :] < B)
     tile = offs_k[None, :, None].to(tl.int64) * B + offs_b[None, None, :]
     acc = tl.zeros((BLOCK_A, BLOCK_K, BLOCK_B), dtype=tl.float32)
     a0 = pid_a * rows_per_prog
@@ -53,14 +57,25 @@ def _linear_stats_kernel(x_ptr, out_ptr, A, K, B, rows_per_prog, scale, SQUARE: 
     row_stride = tl.cast(K, tl.int64) * B
     for s in range(a0, a1, BLOCK_A):
         rows = s + offs_a
-        mask = (rows[:, None, None] < a1) & kb
+        rm = rows < a1
+        mask = rm[:, None, None] & kb
         v = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * row_stride + tile, mask=mask,
                     other=0.0).to(tl.float32)
+        if AFFINE == 1:
+            mu = tl.load(mu_ptr + offs_k, mask=km, other=0.0)[None, :, None]
+            rs = tl.load(rs_ptr + offs_k, mask=km, other=0.0)[None, :, None]
+            v = tl.where(mask, (v - mu) * rs, 0.0)
+        elif AFFINE == 2:
+            si = rows[:, None] * G + offs_k[None, :] // CG
+            sm = rm[:, None] & km[None, :]
+            mu = tl.load(mu_ptr + si, mask=sm, other=0.0)[:, :, None]
+            rs = tl.load(rs_ptr + si, mask=sm, other=0.0)[:, :, None]
+            v = tl.where(mask, (v - mu) * rs, 0.0)
         if SQUARE:
             v = v * v
         acc += v
     tot = tl.sum(tl.sum(acc, axis=2), axis=0) * scale
-    tl.atomic_add(out_ptr + offs_k, tot, mask=offs_k < K)
+    tl.atomic_add(out_ptr + offs_k, tot, mask=km)
 
 
 def tiles(a: int, k: int, b: int):
@@ -81,14 +96,16 @@ def tiles(a: int, k: int, b: int):
     return block_a, block_k, block_b, rows, grid
 
 
-def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float) -> None:
-    """x3: contiguous (A, K, B); out: contiguous float32 (K,)."""
+def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, affine: int = 0,
+            mu: torch.Tensor = None, rs: torch.Tensor = None, g: int = 1, cg: int = 1) -> None:
+    """x3: contiguous (A, K, B); out: contiguous float32 (K,); affine/mu/rs/g/cg: see the kernel."""
     a, k, b = x3.shape
     if x3.numel() == 0:
         return
     block_a, block_k, block_b, rows, grid = tiles(a, k, b)
-    _linear_stats_kernel[grid](x3, out, a, k, b, rows, float(scale), SQUARE=square,
-                               BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b)
+    _column_reduce_kernel[grid](x3, out, out if mu is None else mu, out if rs is None else rs, a, k,
+                                b, rows, g, cg, float(scale), SQUARE=square, AFFINE=affine,
+                                BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b)
 
 
 def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,

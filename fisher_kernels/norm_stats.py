@@ -7,8 +7,8 @@ reference).  ``out[c] += sum_{r, i} xhat[r, c, i]^2`` in float32, xhat recompute
 * mode="sample" (LayerNorm, GroupNorm, RMSNorm with center=False): per (r, group) statistics.
 
 Kernels: ``_row_moments_kernel`` (one program per (r, group): mean and 1/sqrt(var + eps), two passes
-over one contiguous row) and ``_xhat_sq_kernel`` (the tiled column reduction of ``linear_stats``
-with the affine normalisation applied before squaring).  Channel statistics reuse the reduction
+over one contiguous row) and the tiled column reduction of ``linear_stats`` with the affine
+normalisation applied before squaring (its AFFINE modes, as csrc's NOTE: [column reduce]).  Channel statistics reuse the reduction
 itself: mean = sum x / N, var = sum (x - mean)^2 / N, as the reference computes them.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .linear_stats import _launch as _column_sums, tiles
+from .linear_stats import _launch
 
 BLOCK_ROW = 1024
 
@@ -46,49 +46,9 @@ def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, n, eps, CENTER: tl.constexpr, BLO
     tl.store(rs_ptr + row, 1.0 / tl.sqrt(ms + eps))
 
 
-@triton.jit
-def _xhat_sq_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG,
-                    PER_ROW: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_B: tl.constexpr):
-    """out[k] += sum_{a, b} ((x[a, k, b] - mu[s]) * rs[s])^2 with s = k (PER_ROW False) or
-    s = a * G + k // CG (PER_ROW True); tiles as in linear_stats (NOTE: [tile shape])."""
-    pid_k = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_a = tl.program_id(2)
-    offs_a = tl.arange(0, BLOCK_A)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    km = offs_k < K
-    kb = km[None, :, None] & (offs_b[None, None, :] < B)
-    tile = offs_k[None, :, None].to(tl.int64) * B + offs_b[None, None, :]
-    acc = tl.zeros((BLOCK_A, BLOCK_K, BLOCK_B), dtype=tl.float32)
-    a0 = pid_a * rows_per_prog
-    a1 = tl.minimum(a0 + rows_per_prog, A)
-    row_stride = tl.cast(K, tl.int64) * B
-    for s in range(a0, a1, BLOCK_A):
-        rows = s + offs_a
-        rm = rows < a1
-        mask = rm[:, None, None] & kb
-        if PER_ROW:
-            si = rows[:, None] * G + offs_k[None, :] // CG
-            sm = rm[:, None] & km[None, :]
-            mu = tl.load(mu_ptr + si, mask=sm, other=0.0)[:, :, None]
-            rs = tl.load(rs_ptr + si, mask=sm, other=0.0)[:, :, None]
-        else:
-            mu = tl.load(mu_ptr + offs_k, mask=km, other=0.0)[None, :, None]
-            rs = tl.load(rs_ptr + offs_k, mask=km, other=0.0)[None, :, None]
-        v = tl.load(x_ptr + rows[:, None, None].to(tl.int64) * row_stride + tile, mask=mask,
-                    other=0.0).to(tl.float32)
-        xh = (v - mu) * rs
-        acc += tl.where(mask, xh * xh, 0.0)
-    tl.atomic_add(out_ptr + offs_k, tl.sum(tl.sum(acc, axis=2), axis=0), mask=km)
-
-
 def _xhat_sq(x3, out, mu, rs, per_row, g, cg):
-    a, k, b = x3.shape
-    block_a, block_k, block_b, rows, grid = tiles(a, k, b)
-    _xhat_sq_kernel[grid](x3, out, mu, rs, a, k, b, rows, g, cg, PER_ROW=per_row,
-                          BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b)
+    """out[k] += sum of ((x - mu) * rs)^2, mu/rs per channel or per (row, group)."""
+    _launch(x3, out, True, 1.0, 2 if per_row else 1, mu, rs, g, cg)
 
 
 def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,
@@ -108,7 +68,7 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
         if mean is None:
             n = r * i
             s1 = torch.zeros(c, **f32)
-            _column_sums(x3, s1, False, 1.0)
+            _launch(x3, s1, False, 1.0)
             mu = s1 / n
             s2 = torch.zeros(c, **f32)
             _xhat_sq(x3, s2, mu, torch.ones(c, **f32), False, 1, 1)
