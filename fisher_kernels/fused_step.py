@@ -58,8 +58,9 @@ def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
 
     NOTE: [row division] A 64-bit integer division compiles to a 32-bit fast path plus a
     subroutine for wide operands, and per element that code cost the kernel 168 registers per
-    thread (under 100 now; tests/triton_codegen.py reports them).  So the 64-bit divisions happen once
-    per program, on the block's first element, and each element divides only its 32-bit offset:
+    thread (under 100 without it; tests/triton_codegen.py reports them).  So the 64-bit
+    divisions happen once per program, on the block's first element, and each element divides
+    only its 32-bit offset:
     c0 + j < cols + BLOCK and rem0 + dr < h_gr + BLOCK fit 32 bits unless WIDE (cols or h_gr
     of 2^31 - BLOCK or more, chosen on the host), which divides in 64 bits per element."""
     if WIDE:
