@@ -38,12 +38,18 @@ CLASSES = 10
 LR = {"official": 3e-4, "paper": 1e-3}
 WEIGHT_DECAY = 5e-4
 
-# --- tolerances of check_curves (see its docstring) ---
-EARLY = 50                  # steps compared one by one
-EARLY_REL, EARLY_ABS = 0.05, 0.02
+# --- tolerances of check_curves (see its docstring), calibrated on a CPU on 2026-11-24: the
+# torch reference (official preset, AdaFisher, these settings) against itself with every initial
+# weight scaled by 1 + 1e-7 * N(0, 1), the size of a kernel's float32 rounding differences.  The
+# per-step relative difference stayed <= 0.7% over the first 10 steps, but reached 3.5% by step
+# 20 and 6.7% by step 50; the means of the last 20 losses were 0.303 and 0.294 (of the last 40:
+# 0.395 and 0.343); the final losses 0.18 and 0.35.  The trajectories decorrelate within ~20
+# steps, so only the first steps can be compared one by one, and the tail only as a mean, loosely:
+# the per-step noise of the tail (std ~0.1 around 0.3) gives a mean of 20 a ~10% spread. ---
+EARLY = 10                  # steps compared one by one
+EARLY_REL, EARLY_ABS = 0.02, 0.005
 TAIL = 20                   # steps whose mean is compared
-TAIL_REL, TAIL_ABS = 0.05, 0.02
-FINAL_REL, FINAL_ABS = 0.15, 0.03
+TAIL_REL, TAIL_ABS = 0.3, 0.05
 # --- the reference must learn: mean of the last TAIL losses < DECREASE * mean of the first 5 ---
 DECREASE = 0.5
 
@@ -133,22 +139,17 @@ def check_curves(ref: Sequence[float], got: Sequence[float], name: str = "backen
     differences are amplified by training: the trajectories separate roughly exponentially, and
     after a few hundred steps two runs are only as close as two runs of the same recipe.  So:
 
-    * steps [0, early): compared one by one, |got - ref| <= max(EARLY_REL * ref, EARLY_ABS).  Early on
-      the perturbation is still far below the loss's own scale, so 5% is a loose bound for a
-      correct backend, but a wrong curvature (F off by a factor, statistics of the wrong layer, a
-      missing bias correction) changes every update from step 0 on and moves the curve by far more
-      (skipping the division by F makes the steps lr instead of ~lr/Lambda: the curve stays flat).
+    * steps [0, early): compared one by one, |got - ref| <= max(EARLY_REL * ref, EARLY_ABS).  Over
+      the first 10 steps a 1e-7 perturbation moved the loss by at most 0.7%; a wrong curvature
+      (F off by a factor, statistics of the wrong layer, a missing bias correction) changes every
+      update from step 0 on.
     * the last ``tail`` steps: means compared, |mean(got) - mean(ref)| <= max(TAIL_REL * mean(ref),
-      TAIL_ABS).  The mean over 20 steps (20 different batches) averages away the
-      batch-to-batch noise; what is left is where training ended up, which a correct backend
-      reproduces to a few percent and a wrong one does not.  The absolute floor keeps the check
-      meaningful once the loss is small, where a few percent of it is below the run-to-run noise.
-    * the final loss: one step, so noisier: FINAL_REL relative, FINAL_ABS absolute floor.
-
-    Each check can fail: a curve that differs from the reference by more than the noise of a
-    correct run (e.g. a backend that skipped the curvature division, or used last step's
-    statistics) exceeds them; ``tests/test_resnet18_gpu.py`` was checked on a CPU by perturbing
-    the reference (see the report of the change that added it).
+      TAIL_ABS).  By then two correct runs are as far apart as two runs of the same recipe (see
+      the calibration above the constants), so this only catches a backend that trains
+      differently: one that does not learn (a flat curve near ln 10 = 2.30 against ~0.3), or
+      learns much slower or diverges.
+    No single-step check at the end: the last step's loss differed by 2x between two correct runs.
+    The per-op tests and ``test_three_backends_agree_on_a_short_run`` are the precise checks.
     """
     assert len(got) == len(ref), (name, len(got), len(ref))
     early = min(early, len(ref))
@@ -160,9 +161,6 @@ def check_curves(ref: Sequence[float], got: Sequence[float], name: str = "backen
     mr, mg = _mean(ref[-tail:]), _mean(got[-tail:])
     assert abs(mg - mr) <= max(TAIL_REL * mr, TAIL_ABS), (
         f"{name}: mean loss of the last {tail} steps {mg:.4f}, torch reference {mr:.4f}")
-    fr, fg = ref[-1], got[-1]
-    assert abs(fg - fr) <= max(FINAL_REL * fr, FINAL_ABS), (
-        f"{name}: final loss {fg:.4f}, torch reference {fr:.4f}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -204,3 +202,17 @@ def test_resnet18_backend_matches_torch_curve(preset, opt_cls, backend):
     ref = _reference_curve(preset, opt_cls)
     got = train_curve(backend, preset, opt_cls, device="cuda")
     check_curves(ref, got, backend)
+
+
+def test_check_curves_accepts_noise_and_rejects_wrong_training():
+    """CPU check of the assertion logic on synthetic curves (the GPU tests above use it)."""
+    ref = [2.4 - 2.1 * t / 199 for t in range(200)]                 # 2.4 -> 0.3
+    close = [v * (1.005 if t < EARLY else 1.2) for t, v in enumerate(ref)]
+    check_curves(ref, close)
+    check_decrease(ref)
+    for wrong in ([2.3] * 200,                                          # does not learn
+                  [v * (1.05 if t < EARLY else 1.0) for t, v in enumerate(ref)]):   # step 0 on
+        with pytest.raises(AssertionError):
+            check_curves(ref, wrong)
+    with pytest.raises(AssertionError):
+        check_decrease([2.3] * 200)
