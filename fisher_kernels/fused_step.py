@@ -81,9 +81,9 @@ def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
 
 
 @triton.jit
-def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-            DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr, BLOCK: tl.constexpr,
-            WIDE: tl.constexpr, MASKED: tl.constexpr):
+def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+                  DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr, BLOCK: tl.constexpr,
+                  WIDE: tl.constexpr, MASKED: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     mask = (offs < n) if MASKED else None            # unmasked: a full block (NOTE: [vector loads])
     zero = 0.0 if MASKED else None
@@ -124,16 +124,25 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd,
 
 
 @triton.jit
+def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+            DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr, BLOCK: tl.constexpr,
+            WIDE: tl.constexpr):
+    """The block [start, start + BLOCK) of one parameter: unmasked when it is full, masked when
+    it is the parameter's ragged last block (NOTE: [vector loads])."""
+    if start + BLOCK <= n:
+        _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
+                      bc, DECOUPLED, TORCH_CUDA_DIV, BLOCK, WIDE, False)
+    else:
+        _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
+                      bc, DECOUPLED, TORCH_CUDA_DIV, BLOCK, WIDE, True)
+
+
+@triton.jit
 def _fused_step_one_kernel(p_ptr, g_ptr, m_ptr, fac_ptr, meta_ptr, n, lr, beta, omb, wd, lam, bc,
                            DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """Interpreter path: one parameter per launch (NOTE: [pointer tables])."""
-    start = tl.program_id(0).to(tl.int64) * BLOCK
-    if start + BLOCK <= n:                  # the table kernel's two bodies (NOTE: [vector loads])
-        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-                DECOUPLED, False, BLOCK, WIDE, False)
-    else:
-        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-                DECOUPLED, False, BLOCK, WIDE, True)
+    _update(p_ptr, g_ptr, m_ptr, fac_ptr, tl.program_id(0).to(tl.int64) * BLOCK, n, meta_ptr, lr,
+            beta, omb, wd, lam, bc, DECOUPLED, False, BLOCK, WIDE)
 
 
 @triton.jit
@@ -165,13 +174,8 @@ def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
-    meta_i = meta + N_META_C * i
-    if start + BLOCK <= n:
-        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_i, lr, beta, omb, wd, lam, bc,
-                DECOUPLED, True, BLOCK, WIDE, False)
-    else:
-        _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_i, lr, beta, omb, wd, lam, bc,
-                DECOUPLED, True, BLOCK, WIDE, True)
+    _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
+            bc, DECOUPLED, True, BLOCK, WIDE)
 
 
 I32_LIMIT = 2 ** 31 - BLOCK    # NOTE: [row division]: cols and h_gr below this divide in 32 bits
