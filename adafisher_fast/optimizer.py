@@ -135,8 +135,8 @@ class AdaFisher(Optimizer):
     # gating (``steps % TCov``, NOTE: [TCov gating]) and ``self.steps`` do not advance during
     # replay, so a captured graph always does what it did at capture.  With TCov > 1 capture two
     # graphs, one on a statistics iteration and one on a plain one (``set_steps``), and replay the
-    # first every TCov iterations (README, "torch.compile and CUDA graphs").  GradScaler's skip reads found_inf on
-    # the host, so it cannot be captured (bf16 autocast needs no scaler).
+    # first every TCov iterations (README, "torch.compile and CUDA graphs").  GradScaler's skip
+    # reads found_inf on the host, so it cannot be captured (bf16 autocast needs no scaler).
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, Lambda: float = 1e-3,
                  gamma: float = 0.8, TCov: int = 100, weight_decay: float = 0.0, dist: bool = False,

@@ -7,8 +7,9 @@ conv weight (channel, *kernel).  Returns L, the output positions per sample.
 Two launches, neither of the patch matrix's size:
 1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x);
 2. one program per (channel, block of output positions, block of kernel offsets) sums Q over
-   that part of each offset's output lattice (strided, dilated) and adds it atomically.  Zero padding is applied by masking; reflect/replicate/circular pad the small map Q
-   with torch first (padding commutes with the square and the batch sum: it only copies or zeroes
+   that part of each offset's output lattice (strided, dilated) and adds it atomically.  Zero
+   padding is applied by masking; reflect/replicate/circular pad the small map Q with torch
+   first (padding commutes with the square and the batch sum: it only copies or zeroes
    positions).  1-D/2-D convs run as 3-D ones with unit leading dims.
 """
 from __future__ import annotations
