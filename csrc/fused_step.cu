@@ -58,7 +58,8 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
     const double t = ts.step != nullptr ? static_cast<double>(*ts.step) + 1.0 : ts.t_host;
     StepCoef k;
     k.lr = (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);
-    k.inv_bc = __fdiv_rn(1.0f, (float)(1.0 - pow(ts.beta, t)));  // as torch's CUDA div by a scalar k.wd = (float)ts.wd; k.lam = (float)ts.lam;
+    k.inv_bc = __fdiv_rn(1.0f, (float)(1.0 - pow(ts.beta, t)));  // as torch's CUDA div by a scalar
+    k.wd = (float)ts.wd; k.lam = (float)ts.lam;
     k.l2 = ts.wd != 0.0 && !decoupled; k.dec = ts.wd != 0.0 && decoupled;
     __syncthreads();
     T* p = static_cast<T*>(ts.p);
