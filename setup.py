@@ -56,7 +56,7 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "numpy", "ninja"],   # ninja: tests/cuda_emu.py builds csrc/
         "demo": ["scikit-learn", "matplotlib", "tqdm", "numpy"],
     },
     ext_modules=ext_modules,

@@ -134,7 +134,8 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _kernel_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> bool:
-    return (p.is_cuda and p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and m.dtype == p.dtype
+    """Whether the kernel takes this parameter (the binding checks devices and raises)."""
+    return (p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and m.dtype == p.dtype
             and p.is_contiguous() and m.is_contiguous() and t.dtype == torch.float32 and t.numel() == 1
             and (t.is_cpu or t.device == p.device))
 

@@ -6,9 +6,19 @@
 #include <Python.h>
 
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+#ifdef ADAFISHER_EMULATE  // the CPU build of NOTE: [CUDA emulator]: this file over CPU tensors
+#include "emu/torch_cuda.h"
+#else
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#define AF_DEVICE_KEY CUDA
+namespace adafisher {
+constexpr at::DeviceType kDeviceType = at::kCUDA;
+constexpr const char* kDeviceName = "CUDA";
+inline bool host_step(const at::Tensor& t) { return t.is_cpu(); }
+}  // namespace adafisher
+#endif
 
 #include <cstring>
 #include <list>
@@ -41,7 +51,8 @@ DType acc_dtype(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_cuda(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "adafisher::", op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.device().type() == kDeviceType, "adafisher::", op, ": ", name, " must be a ", kDeviceName,
+              " tensor, got device ", t.device());
   TORCH_CHECK(t.device() == ref.device(), "adafisher::", op, ": ", name, " is on ", t.device(),
               " but the other tensors are on ", ref.device());
 }
@@ -210,7 +221,7 @@ unsigned int* done_counter(const at::Device& dev) {
   static std::mutex mu;
   static std::vector<at::Tensor> counters;
   std::lock_guard<std::mutex> lock(mu);
-  const size_t i = static_cast<size_t>(dev.index());
+  const size_t i = static_cast<size_t>(std::max<int>(dev.index(), 0));
   if (counters.size() <= i) counters.resize(i + 1);
   if (!counters[i].defined()) counters[i] = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(dev));
   return reinterpret_cast<unsigned int*>(counters[i].data_ptr<int>());
@@ -233,7 +244,7 @@ at::Tensor device_table(std::string bytes, const at::Device& dev) {
     }
   }
   at::Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
-                              at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+                              at::TensorOptions().dtype(at::kByte).pinned_memory(kDeviceType == at::kCUDA));
   std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
   cache.emplace_front(std::move(bytes), host.to(dev, /*non_blocking=*/true));
   if (cache.size() > 8) cache.pop_back();
@@ -278,7 +289,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     StepTensor s;
     std::memset(&s, 0, sizeof(s));     // padding too: the bytes are a cache key (NOTE: [table cache])
     s.p = p.data_ptr(); s.g = g.data_ptr(); s.m = m.data_ptr();
-    if (t.is_cpu()) {
+    if (host_step(t)) {
       s.step = nullptr; s.t_host = static_cast<double>(*t.data_ptr<float>()) + 1.0;
       host_steps.push_back(t);
     } else {
@@ -335,7 +346,7 @@ TORCH_LIBRARY(adafisher, m) {
         "Tensor meta, float[] lr, float[] beta, float[] wd, float[] lam, bool decoupled) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(adafisher, CUDA, m) {
+TORCH_LIBRARY_IMPL(adafisher, AF_DEVICE_KEY, m) {
   m.impl("linear_stats", &adafisher::linear_stats);
   m.impl("conv_stats", &adafisher::conv_stats);
   m.impl("norm_stats", &adafisher::norm_stats);

@@ -1,16 +1,8 @@
 """Whole-optimizer trajectories: backend="triton" against backend="torch" over 10 steps (TCov=1,
 every step gathers statistics), both presets, AdaFisher and AdaFisherW; parameters and every state
-tensor (opt.state, opt.fisher's EMA state / fac / initialized / counters) compared.
-
-NOTE: [trajectory tolerance] both backends compute every op to float32 rounding (the op tests and
-check=True hold each step to that), but parallel sums round differently and min-max normalisation
-followed by the division by F = S'H' + Lambda amplifies a last-bit difference in a tiny factor
-entry; Lambda=0.1 and lr=1e-3 keep that amplification small so 10-step trajectories agree to
-rtol 1e-4 (relative to each tensor's scale).  The EMA state and H'/S' of the last step are held to
-FISHER_RTOL = 1e-2: min-max of a factor whose entries are close together (H of a conv after
-BatchNorm + ReLU on a 4-sample batch) turns a 1e-6 relative difference of the activations into a
-percent of the normalised range.  Each step's ops are held to the reference at float32 rounding by
-running the triton side with check=True (CheckedOps).
+tensor (opt.state, opt.fisher's EMA state / fac / initialized / counters) compared within NOTE:
+[trajectory tolerance] (conftest.py), with every op of the Triton run held to the reference at
+float32 rounding by check=True (CheckedOps).
 """
 import copy
 
@@ -19,12 +11,9 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW
-from conftest import device
+from conftest import assert_trajectories_close, device
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*released code does not hook")
-# a conv bias before BatchNorm gets a gradient of pure rounding noise (~1e-9): absolute floor
-ABS_FLOOR = 1e-6
-FISHER_RTOL = 1e-2
 
 
 class ConvNet(nn.Module):
@@ -74,14 +63,6 @@ def _run(model, opt, x, y, steps=10):
         opt.step()
 
 
-def _assert_close(got, want, what, rtol=1e-4):
-    if not got.is_floating_point():
-        assert torch.equal(got, want), what
-        return
-    scale = want.abs().max().item() if want.numel() else 0.0
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale + ABS_FLOOR, msg=lambda m: f"{what}: {m}")
-
-
 @pytest.mark.parametrize("model_name", list(MODELS))
 @pytest.mark.parametrize("preset", ["official", "paper"])
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
@@ -101,13 +82,7 @@ def test_triton_matches_torch(model_name, preset, cls):
         assert opt.backend == backend
         _run(model, opt, x, y)
         runs[backend] = (model, opt)
-    (mt, ot), (mk, ok) = runs["torch"], runs["triton"]
-    for (n, a), b in zip(mt.named_parameters(), mk.parameters()):
-        _assert_close(b, a, f"parameter {n}")
-        for k, v in ot.state[a].items():
-            _assert_close(ok.state[b][k], v, f"state {k} of {n}")
-    for k, v in ot.fisher.tensors().items():
-        _assert_close(ok.fisher.tensors()[k], v, f"fisher {k}", rtol=FISHER_RTOL)
+    assert_trajectories_close(runs["triton"], runs["torch"])
 
 
 @pytest.mark.gpu

@@ -1,0 +1,192 @@
+// NOTE: [CUDA emulator] csrc/'s kernels, launchers and bindings.cpp, compiled unchanged as C++ and
+// run on the CPU, so that CPU CI executes the CUDA backend's code against the torch reference
+// (tests/cuda_emu.py builds it; tests/test_cuda_backend.py uses it where no GPU is present).
+//  * Every CUDA thread of a block is a fiber (its own stack, started with makecontext, switched with
+//    _setjmp/_longjmp) on one host thread.  Blocks run one at a time, in reverse order (a kernel
+//    may not depend on block order); a block's fibers run in thread order until each finishes or
+//    waits at a barrier.
+//  * __syncthreads releases when every unfinished thread of the block waits there; a warp shuffle
+//    is two warp barriers around an exchange slot.  Threads that wait at different barriers (a
+//    __syncthreads under a divergent branch, a shuffle with missing lanes) stop the kernel with
+//    cudaErrorLaunchFailure and a message, which the binding's check_launch raises.
+//  * Built with -ftrivial-auto-var-init=pattern: an uninitialised local reads as 0xFE bytes
+//    (-1.7e38 as a float), so a kernel that uses one produces garbage the tests see.
+// Not modelled: memory races between threads (racecheck on the GPU), out-of-bounds accesses
+// (memcheck), warp-synchronous timing, and uninitialised shared memory (statics start at zero).
+#include "cuda_runtime.h"
+
+#include <algorithm>
+#include <csetjmp>
+#include <cstdio>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <ucontext.h>
+#include <vector>
+
+dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace af_emu {
+namespace {
+
+enum class State { kReady, kAtSync, kAtWarp, kDone };
+constexpr size_t kStack = 256 * 1024;   // per thread; pages are committed only where touched
+constexpr unsigned kMaxThreads = 1024;
+
+struct Fiber {
+  jmp_buf jb;
+  ucontext_t uc;
+  dim3 tid;
+  State state;
+  bool started;
+};
+
+std::mutex launch_mutex;
+std::vector<Fiber> fibers;
+std::unique_ptr<char[]> stacks;
+unsigned n_threads = 0, cur = 0;
+jmp_buf scheduler;
+Thunk body = nullptr;
+void* body_ctx = nullptr;
+uint64_t slots[kMaxThreads];            // warp exchange values
+cudaError_t last_error = cudaSuccess;
+std::string last_message;
+
+void wait(State s) {
+  Fiber& f = fibers[cur];
+  f.state = s;
+  if (!_setjmp(f.jb)) _longjmp(scheduler, 1);
+}
+
+void entry() {
+  body(body_ctx);
+  fibers[cur].state = State::kDone;
+  _longjmp(scheduler, 1);
+}
+
+void resume(unsigned t) {
+  Fiber& f = fibers[t];
+  cur = t;
+  threadIdx = f.tid;
+  if (_setjmp(scheduler)) return;
+  if (f.started) _longjmp(f.jb, 1);
+  f.started = true;
+  getcontext(&f.uc);
+  f.uc.uc_stack.ss_sp = stacks.get() + static_cast<size_t>(t) * kStack;
+  f.uc.uc_stack.ss_size = kStack;
+  f.uc.uc_link = nullptr;
+  makecontext(&f.uc, entry, 0);
+  setcontext(&f.uc);
+}
+
+// Release the threads waiting at a barrier every unfinished member of their group reached.
+bool release() {
+  bool all_sync = true, any = false;
+  for (unsigned t = 0; t < n_threads; ++t) {
+    if (fibers[t].state == State::kDone) continue;
+    any = true;
+    all_sync = all_sync && fibers[t].state == State::kAtSync;
+  }
+  if (!any) return false;
+  if (all_sync) {
+    for (auto& f : fibers) if (f.state == State::kAtSync) f.state = State::kReady;
+    return true;
+  }
+  bool released = false;
+  for (unsigned w = 0; w < n_threads; w += 32) {
+    const unsigned hi = std::min(n_threads, w + 32);
+    bool all_warp = true, some = false;
+    for (unsigned t = w; t < hi; ++t) {
+      if (fibers[t].state == State::kDone) continue;
+      some = true;
+      all_warp = all_warp && fibers[t].state == State::kAtWarp;
+    }
+    if (some && all_warp) {
+      for (unsigned t = w; t < hi; ++t) if (fibers[t].state == State::kAtWarp) fibers[t].state = State::kReady;
+      released = true;
+    }
+  }
+  return released;
+}
+
+bool fail(const std::string& msg, cudaError_t e = cudaErrorLaunchFailure) {
+  if (last_error == cudaSuccess) {     // the first error is the one reported
+    last_error = e;
+    last_message = "CUDA emulator: " + msg;
+  }
+  return false;
+}
+
+bool run_block() {
+  for (unsigned t = 0; t < n_threads; ++t) {
+    fibers[t].tid = dim3(t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y));
+    fibers[t].state = State::kReady;
+    fibers[t].started = false;
+  }
+  for (;;) {
+    for (unsigned t = 0; t < n_threads && last_error == cudaSuccess; ++t)
+      if (fibers[t].state == State::kReady) resume(t);
+    if (last_error != cudaSuccess) return false;
+    bool done = true;
+    for (unsigned t = 0; t < n_threads; ++t) done = done && fibers[t].state == State::kDone;
+    if (done) return true;
+    if (!release())
+      return fail("block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+                  std::to_string(blockIdx.z) + "): threads wait at different barriers (__syncthreads "
+                  "in divergent code, or a warp shuffle some lanes of the warp never reach)");
+  }
+}
+
+}  // namespace
+
+void syncthreads() { wait(State::kAtSync); }
+
+void warp_exchange(void* value, size_t bytes, int lane_mask) {
+  std::memcpy(&slots[cur], value, bytes);
+  wait(State::kAtWarp);
+  const unsigned src = cur ^ static_cast<unsigned>(lane_mask);
+  if (lane_mask < 0 || lane_mask > 31 || src >= n_threads || fibers[src].state == State::kDone) {
+    fail("warp shuffle from lane " + std::to_string(src) + ", which is outside the block or has exited");
+    _longjmp(scheduler, 1);
+  }
+  std::memcpy(value, &slots[src], bytes);
+  wait(State::kAtWarp);
+}
+
+cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx) {
+  std::lock_guard<std::mutex> lock(launch_mutex);
+  const uint64_t n = static_cast<uint64_t>(block.x) * block.y * block.z;
+  const uint64_t nb = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
+  if (n == 0 || n > kMaxThreads || nb == 0 || grid.y > 65535 || grid.z > 65535) {
+    fail("invalid launch configuration: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
+         std::to_string(grid.z) + "), block of " + std::to_string(n) + " threads", cudaErrorInvalidConfiguration);
+    return last_error;
+  }
+  if (n > fibers.size()) {
+    fibers.resize(n);
+    stacks.reset(new char[n * kStack]);
+  }
+  n_threads = static_cast<unsigned>(n);
+  body = b;
+  body_ctx = ctx;
+  gridDim = grid;
+  blockDim = block;
+  for (uint64_t i = nb; i-- > 0;) {
+    blockIdx = dim3(static_cast<unsigned>(i % grid.x), static_cast<unsigned>((i / grid.x) % grid.y),
+                    static_cast<unsigned>(i / (static_cast<uint64_t>(grid.x) * grid.y)));
+    if (!run_block()) break;
+  }
+  return last_error;
+}
+
+}  // namespace af_emu
+
+cudaError_t cudaGetLastError() {
+  const cudaError_t e = af_emu::last_error;
+  af_emu::last_error = cudaSuccess;
+  return e;
+}
+
+const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : af_emu::last_message.c_str();
+}

@@ -1,0 +1,86 @@
+"""Build csrc/ for the CPU under the CUDA emulator (NOTE: [CUDA emulator] in csrc/emu/emu.cpp) and
+load it as the CUDA backend, so that tests/test_cuda_backend.py runs the real kernels, launchers and
+bindings.cpp on a machine without a GPU.
+
+The kernel files are copied with each ``kernel<<<config>>>(args)`` rewritten to
+``::af_emu::launch(kernel, config)(args)`` (the one construct C++ cannot parse); nothing else
+changes.  The library registers the ``adafisher`` ops for CPU tensors; ``backend()`` then imports
+``adafisher_fast.cuda_backend`` over it (a stub stands in for the ``_C`` module it imports).
+"""
+from __future__ import annotations
+
+import glob
+import importlib
+import os
+import re
+import sys
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+BUILD = os.path.join(ROOT, "build", "cuda_emu")
+LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+FLAGS = ["-DADAFISHER_EMULATE", "-O1", "-g0", "-ffp-contract=off", "-ftrivial-auto-var-init=pattern",
+         "-U_FORTIFY_SOURCE",       # fortified longjmp refuses to jump between fiber stacks
+         "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+_state = {}
+
+
+def rewrite_launches(src: str) -> tuple:
+    """(source with every triple-chevron launch rewritten, number of launches)."""
+    return LAUNCH.subn(lambda m: f"::af_emu::launch({m[1]}, {m[2]})(", src)
+
+
+def _sources() -> list:
+    os.makedirs(os.path.join(BUILD, "src"), exist_ok=True)
+    out = [os.path.join(CSRC, "emu", "emu.cpp"), os.path.join(CSRC, "bindings.cpp")]
+    # headers launch kernels too; the copies sit beside the .cpp files, so `#include "reduce.cuh"`
+    # finds the rewritten one first
+    for path in sorted(glob.glob(os.path.join(CSRC, "*.cu")) + glob.glob(os.path.join(CSRC, "*.cuh"))):
+        with open(path) as f:
+            src, _ = rewrite_launches(f.read())
+        if "<<<" in src:
+            raise RuntimeError(f"{path}: a launch the emulator's rewrite does not recognise")
+        name = os.path.basename(path)
+        dst = os.path.join(BUILD, "src", name[:-3] + ".cpp" if name.endswith(".cu") else name)
+        text = f'#line 1 "{path}"\n{src}'
+        if not os.path.exists(dst) or open(dst).read() != text:   # keep ninja's timestamps
+            with open(dst, "w") as f:
+                f.write(text)
+        if name.endswith(".cu"):
+            out.append(dst)
+    return out
+
+
+def build(verbose: bool = False) -> str:
+    """Compile and load the emulated library once per process; returns the library path."""
+    if "lib" not in _state:
+        from torch.utils.cpp_extension import load
+        load(name="adafisher_cuda_emu", sources=_sources(), extra_include_paths=[CSRC, os.path.join(CSRC, "emu")],
+             extra_cflags=FLAGS, build_directory=BUILD, is_python_module=False, verbose=verbose)
+        _state["lib"] = os.path.join(BUILD, "adafisher_cuda_emu.so")
+    return _state["lib"]
+
+
+def backend():
+    """adafisher_fast.cuda_backend running on the emulated library (CPU tensors)."""
+    if "mod" not in _state:
+        build()
+        import adafisher_fast
+        saved = {k: sys.modules.get(k) for k in ("adafisher_fast._C", "adafisher_fast.cuda_backend")}
+        sys.modules["adafisher_fast._C"] = types.ModuleType("adafisher_fast._C")
+        try:
+            _state["mod"] = importlib.import_module("adafisher_fast.cuda_backend")
+        finally:   # the package stays as it was: `import adafisher_fast._C` still fails elsewhere
+            for k, v in saved.items():
+                if v is None:
+                    sys.modules.pop(k, None)
+                else:
+                    sys.modules[k] = v
+            for attr in ("_C", "cuda_backend"):
+                adafisher_fast.__dict__.pop(attr, None)
+    return _state["mod"]
+
+
+if __name__ == "__main__":
+    print(build(verbose=True))

@@ -1,0 +1,71 @@
+// Self-test of the CUDA emulator (csrc/emu/, NOTE: [CUDA emulator]); tests/test_cuda_emu.py builds it
+// with g++ after the same launch rewrite as csrc/ and checks what it prints.  Plain CUDA: the same
+// file would run on a device.
+#include <cstdio>
+#include <cuda_runtime.h>
+
+// warp shuffles + shared memory + __syncthreads: every thread gets the block's sum of (tid + 1)
+__global__ void block_sum_kernel(int* out) {
+  __shared__ int warp_sums[32];
+  const int tid = threadIdx.x + threadIdx.y * blockDim.x;
+  const int n = blockDim.x * blockDim.y;
+  int v = tid + 1;
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((tid & 31) == 0) warp_sums[tid >> 5] = v;
+  __syncthreads();
+  int total = 0;
+  for (int w = 0; w < (n + 31) / 32; ++w) total += warp_sums[w];
+  out[blockIdx.x * n + tid] = total;
+}
+
+// every (block, thread) of a 3-d grid of 2-d blocks counts itself once
+__global__ void coverage_kernel(int* hits) {
+  const unsigned b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const unsigned t = threadIdx.x + blockDim.x * threadIdx.y;
+  atomicAdd(hits + b * blockDim.x * blockDim.y + t, 1);
+}
+
+// half of the warp at __syncthreads, the other half at a shuffle: a deadlock on the device
+__global__ void mixed_barrier_kernel(int* out) {
+  int v = threadIdx.x;
+  if (threadIdx.x < 16) {
+    __syncthreads();
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+  } else {
+    v = __shfl_xor_sync(0xffffffffu, v, 1);
+    __syncthreads();
+  }
+  out[threadIdx.x] = v;
+}
+
+__global__ void exited_lane_kernel(int* out) {
+  if (threadIdx.x >= 16) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 16);
+}
+
+int main() {
+  static int out[2 * 96], hits[2 * 3 * 2 * 6];
+  block_sum_kernel<<<2, dim3(32, 3)>>>(out);
+  cudaError_t e = cudaGetLastError();
+  bool ok = e == cudaSuccess;
+  for (int i = 0; i < 2 * 96; ++i) ok = ok && out[i] == 96 * 97 / 2;
+  std::printf("block_sum %s\n", ok ? "ok" : "WRONG");
+
+  coverage_kernel<<<dim3(2, 3, 2), dim3(3, 2)>>>(hits);
+  ok = cudaGetLastError() == cudaSuccess;
+  for (int h : hits) ok = ok && h == 1;
+  std::printf("coverage %s\n", ok ? "ok" : "WRONG");
+
+  mixed_barrier_kernel<<<1, 32>>>(out);
+  e = cudaGetLastError();
+  std::printf("mixed_barrier %d %s\n", (int)e, cudaGetErrorString(e));
+
+  exited_lane_kernel<<<1, 32>>>(out);
+  e = cudaGetLastError();
+  std::printf("exited_lane %d %s\n", (int)e, cudaGetErrorString(e));
+
+  block_sum_kernel<<<1, 2048>>>(out);
+  e = cudaGetLastError();
+  std::printf("too_many_threads %d %s\n", (int)e, cudaGetErrorString(e));
+  return 0;
+}

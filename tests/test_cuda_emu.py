@@ -1,0 +1,38 @@
+"""The CUDA emulator itself (csrc/emu/, NOTE: [CUDA emulator]): tests/cuda_emu_selftest.cu, built with
+g++ after the launch rewrite of tests/cuda_emu.py, must reduce through shuffles and shared memory
+correctly, visit every thread of a 3-d grid once, and stop kernels whose threads meet at different
+barriers or shuffle with an exited lane, or that ask for too many threads, with a clear error."""
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import cuda_emu
+
+
+def test_rewrite_turns_every_launch_into_a_call():
+    src = "k<T, A><<<dim3(g, 2), 256, 0, s>>>(\n  x, y);\nf<<<n, 32>>>(a);"
+    out, n = cuda_emu.rewrite_launches(src)
+    assert n == 2
+    assert out == "::af_emu::launch(k<T, A>, dim3(g, 2), 256, 0, s)(\n  x, y);\n::af_emu::launch(f, n, 32)(a);"
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_emulator_selftest(tmp_path):
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "cuda_emu_selftest.cu")) as f:
+        src, n = cuda_emu.rewrite_launches(f.read())
+    assert n == 5
+    (tmp_path / "selftest.cpp").write_text(src)
+    emu = os.path.join(cuda_emu.CSRC, "emu")
+    exe = tmp_path / "selftest"
+    subprocess.run(["g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-I", emu, os.path.join(emu, "emu.cpp"),
+                    str(tmp_path / "selftest.cpp"), "-o", str(exe)], check=True, timeout=300)
+    lines = dict(line.split(" ", 1) for line in subprocess.run([str(exe)], capture_output=True, text=True,
+                                                                 check=True, timeout=60).stdout.splitlines())
+    assert lines["block_sum"] == "ok"
+    assert lines["coverage"] == "ok"
+    assert lines["mixed_barrier"].startswith("719 CUDA emulator: block (0,0,0): threads wait at different barriers")
+    assert lines["exited_lane"].startswith("719 CUDA emulator: warp shuffle from lane 16")
+    assert lines["too_many_threads"].startswith("9 CUDA emulator: invalid launch configuration")
