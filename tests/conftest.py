@@ -2,7 +2,7 @@
 
 Kernel tests are parametrised over ``kernel_backends()``: every non-reference backend that can run
 here.  On a CPU-only machine Triton kernels run interpreted (TRITON_INTERPRET=1, set before triton is
-imported anywhere); the CUDA extension needs a GPU.
+imported anywhere) and the CUDA backend's sources run under the CUDA emulator (tests/cuda_emu.py).
 """
 import os
 
@@ -22,22 +22,41 @@ def device() -> torch.device:
 
 
 def kernel_backends():
-    """[(name, ops module)] of the backends other than the torch reference that can run here."""
-    out = []
-    for name in ("triton", "cuda"):
-        mod, _ = backends._try_load(name, device())
-        if mod is not None:
-            out.append((name, mod))
-    return out
+    """Names of the backends other than the torch reference whose kernels run here: Triton
+    (interpreted on a CPU) and CUDA (the built extension on a GPU; on a CPU-only machine csrc/
+    under the CUDA emulator, NOTE: [CUDA emulator], built on first use by tests/cuda_emu.py)."""
+    return [name for name in ("triton", "cuda")
+            if emulated(name) or backends._try_load(name, device())[0] is not None]
 
 
-@pytest.fixture(params=[n for n, _ in kernel_backends()] or ["none"])
-def kernel_ops(request):
+def emulated(name: str) -> bool:
+    return name == "cuda" and not torch.cuda.is_available()
+
+
+def kernel_module(name: str, monkeypatch=None):
+    """The ops module of backend ``name``; for the emulated CUDA backend, ``monkeypatch`` (if
+    given) also makes ``backend="cuda"`` resolve to it for CPU models."""
+    if not emulated(name):
+        return backends._try_load(name, device())[0]
+    import cuda_emu
+    mod = cuda_emu.backend()
+    if monkeypatch is not None:
+        load = backends._try_load
+        monkeypatch.setattr(backends, "_try_load", lambda n, d: (mod, "") if n == name else load(n, d))
+    return mod
+
+
+def backend_name(ops) -> str:
+    """"triton" or "cuda" for an ops module from ``kernel_ops``."""
+    return {mod: name for name, mod in backends._MODULES.items()}[ops.__name__]
+
+
+@pytest.fixture(params=kernel_backends() or ["none"])
+def kernel_ops(request, monkeypatch):
     """The ops module of one kernel backend (skips where none can run)."""
-    mods = dict(kernel_backends())
-    if request.param not in mods:
+    if request.param == "none":
         pytest.skip("no kernel backend can run on this machine")
-    return mods[request.param]
+    return kernel_module(request.param, monkeypatch)
 
 
 # NOTE: [trajectory tolerance] Two backends compute every op to float32 rounding (the op tests, and

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.check import CheckedOps, compare
-from conftest import device, kernel_backends
+from conftest import backend_name, device
 
 
 def _train(opt, model, steps=2):
@@ -25,7 +25,7 @@ def _model():
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_check_passes_on_kernels(kernel_ops, preset):
-    name = dict((id(m), n) for n, m in kernel_backends())[id(kernel_ops)]
+    name = backend_name(kernel_ops)
     model = _model()
     opt = AdaFisherW(model, lr=1e-2, preset=preset, backend=name, check=True, TCov=1)
     assert isinstance(opt._ops._ops, CheckedOps)
@@ -33,7 +33,7 @@ def test_check_passes_on_kernels(kernel_ops, preset):
 
 
 def test_check_catches_wrong_kernel(kernel_ops, monkeypatch):
-    name = dict((id(m), n) for n, m in kernel_backends())[id(kernel_ops)]
+    name = backend_name(kernel_ops)
     real = kernel_ops.linear_stats
 
     def wrong(x, out, *args, **kw):

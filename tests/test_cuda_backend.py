@@ -5,7 +5,7 @@ The op tests run the real extension on a GPU and, on a CPU-only machine, the sam
 compiled for the CPU under the CUDA emulator (NOTE: [CUDA emulator], tests/cuda_emu.py); shapes too
 large to emulate are ``gpu``-marked params (``pytest -m "gpu or not gpu"`` on a GPU runs all).
 The generic per-op sweeps live in tests/test_<op>.py (the ``kernel_ops`` fixture includes this
-backend once it loads on a GPU)."""
+backend, emulated or real)."""
 import importlib
 import os
 import subprocess
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW, backends, reference
-from conftest import assert_trajectories_close
+from conftest import assert_trajectories_close, kernel_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_CUDA = torch.cuda.is_available()
@@ -86,8 +86,7 @@ def cuda():
     tests/cuda_emu.py).  Shapes too large to emulate quickly are params marked ``gpu``."""
     if HAS_CUDA:
         return SimpleNamespace(ops=_cuda_ops(), dev=torch.device("cuda"), emulated=False)
-    import cuda_emu
-    return SimpleNamespace(ops=cuda_emu.backend(), dev=torch.device("cpu"), emulated=True)
+    return SimpleNamespace(ops=kernel_module("cuda"), dev=torch.device("cpu"), emulated=True)
 
 
 def gpu_only(*values):
@@ -224,8 +223,7 @@ def test_three_backends_agree_on_a_short_run(cuda, name, opt_cls, preset, monkey
     """On a GPU torch, Triton and CUDA; emulated, torch and CUDA (test_triton_backend.py compares
     interpreted Triton with torch)."""
     if cuda.emulated:
-        load = backends._try_load
-        monkeypatch.setattr(backends, "_try_load", lambda n, d: (cuda.ops, "") if n == "cuda" else load(n, d))
+        kernel_module("cuda", monkeypatch)         # backend="cuda" resolves to the emulated ops
     runs = {}
     for be in ("torch", "triton", "cuda"):
         if be == "triton" and (cuda.emulated or backends._try_load("triton", cuda.dev)[0] is None):
