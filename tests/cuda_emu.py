@@ -2,6 +2,12 @@
 load it as the CUDA backend, so that tests/test_cuda_backend.py runs the real kernels, launchers and
 bindings.cpp on a machine without a GPU.
 
+NOTE: [emulated memcheck] With ADAFISHER_EMU_ASAN=1 the library is built with AddressSanitizer on
+heap accesses (``asan_env()`` gives the environment a process needs: libasan and libstdc++
+preloaded), so a kernel reading or writing past a tensor's allocation stops with a report;
+test_cuda_emu.py runs the CUDA op tests that way.  (A reduce_rows_kernel changed to read one column
+past K was caught.)  Stack checks stay off: ASan cannot follow the emulator's fiber stacks.
+
 The kernel files are copied with each ``kernel<<<config>>>(args)`` rewritten to
 ``::af_emu::launch(kernel, config)(args)`` (the one construct C++ cannot parse); nothing else
 changes.  The library registers the ``adafisher`` ops for CPU tensors; ``backend()`` then imports
@@ -53,13 +59,33 @@ def _sources() -> list:
 
 
 def build(verbose: bool = False) -> str:
-    """Compile and load the emulated library once per process; returns the library path."""
+    """Compile and load the emulated library once per process; returns the library path.
+    ADAFISHER_EMU_ASAN=1 builds it with AddressSanitizer on heap accesses (NOTE: [emulated
+    memcheck]); the process must then run with libasan preloaded."""
     if "lib" not in _state:
         from torch.utils.cpp_extension import load
-        load(name="adafisher_cuda_emu", sources=_sources(), extra_include_paths=[CSRC, os.path.join(CSRC, "emu")],
-             extra_cflags=FLAGS, build_directory=BUILD, is_python_module=False, verbose=verbose)
-        _state["lib"] = os.path.join(BUILD, "adafisher_cuda_emu.so")
+        asan = os.environ.get("ADAFISHER_EMU_ASAN") == "1"
+        name = "adafisher_cuda_emu" + ("_asan" if asan else "")
+        san = ["-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer"] if asan else []
+        build_dir = BUILD + ("_asan" if asan else "")
+        os.makedirs(build_dir, exist_ok=True)
+        load(name=name, sources=_sources(), extra_include_paths=[CSRC, os.path.join(CSRC, "emu")],
+             extra_cflags=FLAGS + san, extra_ldflags=san, build_directory=build_dir, is_python_module=False,
+             verbose=verbose)
+        _state["lib"] = os.path.join(build_dir, name + ".so")
     return _state["lib"]
+
+
+def asan_env(log_path: str) -> dict:
+    """os.environ plus what a process needs to run the ASan build (NOTE: [emulated memcheck]), or
+    {} where gcc has no libasan."""
+    import subprocess
+    libs = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+            for lib in ("libasan.so", "libstdc++.so")]    # libstdc++ first: ASan hooks __cxa_throw
+    if not all(os.path.isabs(lib) for lib in libs):
+        return {}
+    return dict(os.environ, ADAFISHER_EMU_ASAN="1", LD_PRELOAD=" ".join(libs),
+                ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={log_path}")
 
 
 def backend():

@@ -1,10 +1,12 @@
 """The CUDA emulator itself (csrc/emu/, NOTE: [CUDA emulator]): tests/cuda_emu_selftest.cu, built with
 g++ after the launch rewrite of tests/cuda_emu.py, must reduce through shuffles and shared memory
 correctly, visit every thread of a 3-d grid once, and stop kernels whose threads meet at different
-barriers or shuffle with an exited lane, or that ask for too many threads, with a clear error."""
+barriers or shuffle with an exited lane, or that ask for too many threads, with a clear error.
+Then the CUDA op tests under AddressSanitizer (NOTE: [emulated memcheck])."""
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +38,20 @@ def test_emulator_selftest(tmp_path):
     assert lines["mixed_barrier"].startswith("719 CUDA emulator: block (0,0,0): threads wait at different barriers")
     assert lines["exited_lane"].startswith("719 CUDA emulator: warp shuffle from lane 16")
     assert lines["too_many_threads"].startswith("9 CUDA emulator: invalid launch configuration")
+
+
+def test_cuda_ops_under_address_sanitizer(tmp_path):
+    """The CUDA backend's op tests and per-op sweeps, emulated, with every heap access checked."""
+    env = cuda_emu.asan_env(str(tmp_path / "asan"))
+    if not env:
+        pytest.skip("gcc has no libasan here")
+    here = os.path.dirname(os.path.abspath(__file__))
+    tests = ["test_cuda_backend.py", "test_linear_stats.py", "test_conv_stats.py", "test_norm_stats.py",
+             "test_embedding_stats.py", "test_layer_ema.py", "test_fused_step.py"]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton"]
+                       + [os.path.join(here, t) for t in tests],
+                       cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=1200)
+    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    assert "ERROR: AddressSanitizer" not in reports, reports[:4000]
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout
