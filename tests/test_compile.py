@@ -16,6 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.backends import _try_load
+from conftest import backend_name
 
 
 @pytest.fixture(autouse=True)
@@ -162,14 +163,13 @@ def test_tcov_gating_uses_at_most_two_graphs(TCov):
     assert opt.diagnostics()["lin"]["stat_iters"] == 3
 
 
-def test_triton_ops_compile_as_custom_ops(monkeypatch):
-    """The Triton launchers run inside compiled graphs as torch.ops.adafisher_triton.* ops
-    (NOTE: [compiled ops]); float32 against the eager Triton run."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if _try_load("triton", torch.device("cpu"))[0] is None:
-        pytest.skip("triton is not installed")
-    eager, (twin, opt) = _pair(AdaFisher, "official", torch.float32, backend="triton")
-    assert opt.backend == "triton"
+def test_kernel_ops_compile_as_custom_ops(kernel_ops):
+    """The Triton launchers and the CUDA ops (emulated on a CPU) run inside compiled graphs as
+    torch.ops.adafisher_<backend>.* ops (NOTE: [compiled ops]); float32 against the eager run of
+    the same backend."""
+    name = backend_name(kernel_ops)
+    eager, (twin, opt) = _pair(AdaFisher, "official", torch.float32, backend=name)
+    assert opt.backend == name
     batches = _batches(3)
     _train(*eager, batches)
     _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches,
