@@ -2,7 +2,8 @@
 g++ after the launch rewrite of tests/cuda_emu.py, must reduce through shuffles and shared memory
 correctly, visit every thread of a 3-d grid once, and stop kernels whose threads meet at different
 barriers or shuffle with an exited lane, or that ask for too many threads, with a clear error.
-Then the CUDA op tests under AddressSanitizer (NOTE: [emulated memcheck])."""
+Then the CUDA op tests under AddressSanitizer (NOTE: [emulated memcheck]), and a training run on
+the emulated backend with each block's threads run forward and in reverse (a racecheck-lite)."""
 import os
 import shutil
 import subprocess
@@ -10,8 +11,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 import cuda_emu
+from adafisher_fast import AdaFisherW
+from conftest import kernel_module
 
 
 def test_rewrite_turns_every_launch_into_a_call():
@@ -58,3 +62,48 @@ def test_cuda_ops_under_address_sanitizer(tmp_path):
     assert "ERROR: AddressSanitizer" not in reports, reports[:4000]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
+
+
+class _Net(nn.Module):
+    """Every layer kind the CUDA ops serve: Embedding, Linear, Conv1d/2d (stride, groups, circular
+    padding), BatchNorm, GroupNorm, LayerNorm."""
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.conv1 = nn.Conv1d(8, 8, 3, padding=1, groups=2)
+        self.conv2 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, stride=2, padding=1, padding_mode="circular"),
+                                   nn.GroupNorm(4, 8), nn.Flatten())
+        self.head = nn.Sequential(nn.Linear(8 * 4 * 4 + 8, 33), nn.LayerNorm(33), nn.ReLU(), nn.Linear(33, 5))
+
+    def forward(self, tokens, img):
+        seq = self.conv1(self.emb(tokens).transpose(1, 2)).mean(2)
+        return self.head(torch.cat([self.conv2(img), seq], 1))
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_thread_order_does_not_change_results(preset, monkeypatch):
+    """Racecheck-lite (NOTE: [CUDA emulator]): a training run on the emulated CUDA backend gives
+    bitwise the same parameters and state when every block runs its threads in reverse order.
+    A missing __syncthreads between a shared-memory write and another thread's read changes the
+    result in one of the two orders."""
+    if torch.cuda.is_available():
+        pytest.skip("emulator test; on a GPU compute-sanitizer's racecheck runs the real kernels")
+    kernel_module("cuda", monkeypatch)
+    g = torch.Generator().manual_seed(1)
+    tokens, img = torch.randint(0, 11, (16, 6), generator=g), torch.randn(16, 3, 8, 8, generator=g)
+    y = torch.randint(0, 5, (16,), generator=g)
+    runs = []
+    for order in ("forward", "reverse"):
+        monkeypatch.setenv("ADAFISHER_EMU_THREAD_ORDER", order)
+        torch.manual_seed(0)
+        model = _Net()
+        opt = AdaFisherW(model, lr=1e-2, TCov=1, weight_decay=1e-2, preset=preset, backend="cuda")
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(tokens, img), y).backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()]
+                    + [t.clone() for t in opt.fisher.tensors().values()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -9,6 +9,9 @@
 //    is two warp barriers around an exchange slot.  Threads that wait at different barriers (a
 //    __syncthreads under a divergent branch, a shuffle with missing lanes) stop the kernel with
 //    cudaErrorLaunchFailure and a message, which the binding's check_launch raises.
+//  * ADAFISHER_EMU_THREAD_ORDER=reverse runs a block's threads in reverse order between barriers:
+//    a kernel without shared-memory races gives bitwise the same results either way (a
+//    racecheck-lite; test_cuda_emu.py compares whole training runs).
 //  * Built with -ftrivial-auto-var-init=pattern: an uninitialised local reads as 0xFE bytes
 //    (-1.7e38 as a float), so a kernel that uses one produces garbage the tests see.
 // Not modelled: memory races between threads (racecheck on the GPU), out-of-bounds accesses
@@ -18,6 +21,7 @@
 #include <algorithm>
 #include <csetjmp>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -45,6 +49,7 @@ std::mutex launch_mutex;
 std::vector<Fiber> fibers;
 std::unique_ptr<char[]> stacks;
 unsigned n_threads = 0, cur = 0;
+bool reverse_threads = false;
 jmp_buf scheduler;
 Thunk body = nullptr;
 void* body_ctx = nullptr;
@@ -124,8 +129,10 @@ bool run_block() {
     fibers[t].started = false;
   }
   for (;;) {
-    for (unsigned t = 0; t < n_threads && last_error == cudaSuccess; ++t)
+    for (unsigned i = 0; i < n_threads && last_error == cudaSuccess; ++i) {
+      const unsigned t = reverse_threads ? n_threads - 1 - i : i;
       if (fibers[t].state == State::kReady) resume(t);
+    }
     if (last_error != cudaSuccess) return false;
     bool done = true;
     for (unsigned t = 0; t < n_threads; ++t) done = done && fibers[t].state == State::kDone;
@@ -167,6 +174,8 @@ cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx) {
     stacks.reset(new char[n * kStack]);
   }
   n_threads = static_cast<unsigned>(n);
+  const char* order = std::getenv("ADAFISHER_EMU_THREAD_ORDER");
+  reverse_threads = order != nullptr && std::strcmp(order, "reverse") == 0;
   body = b;
   body_ctx = ctx;
   gridDim = grid;
