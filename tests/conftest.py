@@ -82,7 +82,8 @@ def assert_trajectories_close(got, want):
             assert torch.equal(a, b), what
             return
         scale = b.abs().max().item() if b.numel() else 0.0
-        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale + ABS_FLOOR, msg=lambda m: f"{what}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale + ABS_FLOOR,
+                                   msg=lambda m: f"{what}: {m}")
 
     (mg, og), (mw, ow) = got, want
     for (n, b), a in zip(mw.named_parameters(), mg.parameters()):

@@ -123,7 +123,8 @@ def test_linear_stats(cuda, shape, dim, square, dtype, atol, rtol):
 def test_linear_stats_noncontiguous_and_float64_buffer(cuda, acc):
     ops = cuda.ops
     x = torch.randn(33, 13, device=cuda.dev, dtype=acc).t()        # non-contiguous
-    _check_stat(cuda.dev, lambda o: reference.linear_stats(x, o), lambda o: ops.linear_stats(x, o), 33, acc=acc)
+    _check_stat(cuda.dev, lambda o: reference.linear_stats(x, o), lambda o: ops.linear_stats(x, o), 33,
+                acc=acc)
 
 
 CONV_CASES = [
@@ -176,13 +177,13 @@ def test_norm_stats(cuda, case, dtype, atol, rtol):
                 rtol=max(rtol, 1e-4), atol=max(atol, 1e-4))
 
 
-@pytest.mark.parametrize("n,vocab,itype", [(1, 1, torch.int64), (13, 7, torch.int64), gpu_only(4096 * 33, 50257, torch.int64),
-                                           (33, 13, torch.int32)])
+@pytest.mark.parametrize("n,vocab,itype", [(1, 1, torch.int64), (13, 7, torch.int64),
+                                           gpu_only(4096 * 33, 50257, torch.int64), (33, 13, torch.int32)])
 def test_embedding_stats(cuda, n, vocab, itype):
     ops = cuda.ops
     idx = torch.randint(0, vocab, (n,), device=cuda.dev, dtype=itype)
-    _check_stat(cuda.dev, lambda o: reference.embedding_stats(idx.long(), o), lambda o: ops.embedding_stats(idx, o), vocab,
-                rtol=0, atol=0)
+    _check_stat(cuda.dev, lambda o: reference.embedding_stats(idx.long(), o),
+                lambda o: ops.embedding_stats(idx, o), vocab, rtol=0, atol=0)
 
 
 def _models():
@@ -287,7 +288,8 @@ def test_fused_step_one_launch_many_tensors(cuda, dtype, decoupled, step_on, mon
 def test_fused_step_float64_falls_back_to_reference(cuda):
     ops = cuda.ops
     p = torch.randn(7, 13, device=cuda.dev, dtype=torch.float64)
-    args = lambda: ([p.clone()], [p.clone()], [torch.zeros_like(p)], [torch.zeros((), device=cuda.dev)])  # noqa: E731
+    def args():
+        return [p.clone()], [p.clone()], [torch.zeros_like(p)], [torch.zeros((), device=cuda.dev)]
     fac = torch.ones(2, device=cuda.dev, dtype=torch.float64)
     meta = torch.tensor([[7, 13, 1, 0, 0, 1, 0, 0, 1, 0]], device=cuda.dev)
     a, b = args(), args()
@@ -331,7 +333,8 @@ def test_torch_compile_traces_the_custom_ops(cuda):
 
 def test_ops_pass_opcheck(cuda):
     x = torch.randn(7, 13, device=cuda.dev)
-    torch.library.opcheck(torch.ops.adafisher.linear_stats.default, (x, torch.zeros(13, device=cuda.dev), -1, True, 1.0))
+    torch.library.opcheck(torch.ops.adafisher.linear_stats.default,
+                          (x, torch.zeros(13, device=cuda.dev), -1, True, 1.0))
     torch.library.opcheck(torch.ops.adafisher.conv_stats.default,
-                          (torch.randn(2, 3, 7, 7, device=cuda.dev), torch.zeros(27, device=cuda.dev), [3, 3], [1, 1],
-                           [1, 1, 1, 1], [1, 1], 1, 0))
+                          (torch.randn(2, 3, 7, 7, device=cuda.dev), torch.zeros(27, device=cuda.dev), [3, 3],
+                           [1, 1], [1, 1, 1, 1], [1, 1], 1, 0))

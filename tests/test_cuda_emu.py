@@ -22,7 +22,8 @@ def test_rewrite_turns_every_launch_into_a_call():
     src = "k<T, A><<<dim3(g, 2), 256, 0, s>>>(\n  x, y);\nf<<<n, 32>>>(a);"
     out, n = cuda_emu.rewrite_launches(src)
     assert n == 2
-    assert out == "::af_emu::launch(k<T, A>, dim3(g, 2), 256, 0, s)(\n  x, y);\n::af_emu::launch(f, n, 32)(a);"
+    assert out == ("::af_emu::launch(k<T, A>, dim3(g, 2), 256, 0, s)(\n  x, y);\n"
+                   "::af_emu::launch(f, n, 32)(a);")
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
@@ -40,7 +41,8 @@ def test_emulator_selftest(tmp_path):
                                                                  check=True, timeout=60).stdout.splitlines())
     assert lines["block_sum"] == "ok"
     assert lines["coverage"] == "ok"
-    assert lines["mixed_barrier"].startswith("719 CUDA emulator: block (0,0,0): threads wait at different barriers")
+    assert lines["mixed_barrier"].startswith(
+        "719 CUDA emulator: block (0,0,0): threads wait at different barriers")
     assert lines["exited_lane"].startswith("719 CUDA emulator: warp shuffle from lane 16")
     assert lines["too_many_threads"].startswith("9 CUDA emulator: invalid launch configuration")
 

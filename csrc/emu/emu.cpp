@@ -107,7 +107,8 @@ bool release() {
       all_warp = all_warp && fibers[t].state == State::kAtWarp;
     }
     if (some && all_warp) {
-      for (unsigned t = w; t < hi; ++t) if (fibers[t].state == State::kAtWarp) fibers[t].state = State::kReady;
+      for (unsigned t = w; t < hi; ++t)
+        if (fibers[t].state == State::kAtWarp) fibers[t].state = State::kReady;
       released = true;
     }
   }
@@ -165,8 +166,9 @@ cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx) {
   const uint64_t n = static_cast<uint64_t>(block.x) * block.y * block.z;
   const uint64_t nb = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
   if (n == 0 || n > kMaxThreads || nb == 0 || grid.y > 65535 || grid.z > 65535) {
-    fail("invalid launch configuration: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) + "," +
-         std::to_string(grid.z) + "), block of " + std::to_string(n) + " threads", cudaErrorInvalidConfiguration);
+    fail("invalid launch configuration: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) +
+             "," + std::to_string(grid.z) + "), block of " + std::to_string(n) + " threads",
+         cudaErrorInvalidConfiguration);
     return last_error;
   }
   if (n > fibers.size()) {
