@@ -16,7 +16,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.backends import _try_load
-from conftest import backend_name
+from conftest import assert_trajectories_close, backend_name
 
 
 @pytest.fixture(autouse=True)
@@ -246,14 +246,19 @@ def _cuda_batches(n):
 def test_cuda_graph_replay_equals_eager(backend, TCov):
     """50 replayed iterations (forward + backward + step captured whole) equal 50 eager ones:
     parameters and every state tensor.  With TCov > 1 two graphs are captured, one on a statistics
-    iteration and one on a plain one, and replay picks by iteration (NOTE: [capturable])."""
+    iteration and one on a plain one, and replay picks by iteration (NOTE: [capturable]).
+    Compared within NOTE: [trajectory tolerance] (Lambda=0.1): replay runs the eager kernels, but
+    float atomics (and cuDNN's backward) may sum in another order, and a 1e-7 relative
+    difference grows to ~1e-4 in 50 steps at the default Lambda (measured on the CPU).  A capture
+    bug (a frozen step, a wrong graph for the iteration) is far outside it, and the step counters
+    and statistics counters are compared exactly."""
     if backend not in _gpu_backends():
         pytest.skip(f"backend {backend} is not available here")
     n, warm = 50, 3
     batches = _cuda_batches(n)
     ref = _cuda_model()
     model = copy.deepcopy(ref)
-    kw = dict(lr=1e-3, TCov=TCov, preset="paper", backend=backend, capturable=True)
+    kw = dict(lr=1e-3, Lambda=0.1, TCov=TCov, preset="paper", backend=backend, capturable=True)
     opt_ref, opt = AdaFisher(ref, **kw), AdaFisher(model, **kw)
 
     def iteration(m, o, x, y):
@@ -285,27 +290,25 @@ def test_cuda_graph_replay_equals_eager(backend, TCov):
     torch.cuda.synchronize()
     opt.set_steps(n)                          # replay runs no Python: the counter is ours to move
     assert opt.steps == opt_ref.steps
-    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert_trajectories_close((model, opt), (ref, opt_ref))
     for a, b in zip(ref.buffers(), model.buffers()):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
-    for k, v in opt_ref.fisher.tensors().items():
-        torch.testing.assert_close(opt.fisher.tensors()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     for p_ref, p in zip(ref.parameters(), model.parameters()):
-        for k in ("step", "exp_avg"):
-            torch.testing.assert_close(opt.state[p][k], opt_ref.state[p_ref][k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(opt.state[p]["step"], opt_ref.state[p_ref]["step"])
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_reduce_overhead_compile(backend):
-    """torch.compile(mode="reduce-overhead") (CUDA graphs under inductor) trains like eager."""
+    """torch.compile(mode="reduce-overhead") (CUDA graphs under inductor) trains like eager, within
+    NOTE: [trajectory tolerance]: inductor's fused kernels round differently from eager, and at
+    the default Lambda a 1e-7 difference reached 7e-4 in 12 steps (CPU measurement)."""
     if backend not in _gpu_backends():
         pytest.skip(f"backend {backend} is not available here")
     batches = _cuda_batches(12)
     ref = _cuda_model()
     model = copy.deepcopy(ref)
-    kw = dict(lr=1e-3, TCov=3, preset="paper", backend=backend, capturable=True)
+    kw = dict(lr=1e-3, Lambda=0.1, TCov=3, preset="paper", backend=backend, capturable=True)
     opt_ref, opt = AdaFisher(ref, **kw), AdaFisher(model, **kw)
     cmodel = torch.compile(model, mode="reduce-overhead")
     for (m, o) in ((ref, opt_ref), (cmodel, opt)):
@@ -313,8 +316,7 @@ def test_reduce_overhead_compile(backend):
             o.zero_grad()
             nn.functional.cross_entropy(m(x), y).backward()
             o.step()
-    for (name, a), b in zip(ref.named_parameters(), model.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
+    assert_trajectories_close((model, opt), (ref, opt_ref))
     assert opt.diagnostics() == opt_ref.diagnostics()
 
 
