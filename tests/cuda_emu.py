@@ -19,6 +19,7 @@ import glob
 import importlib
 import os
 import re
+import subprocess
 import sys
 import types
 
@@ -79,7 +80,6 @@ def build(verbose: bool = False) -> str:
 def asan_env(log_path: str) -> dict:
     """os.environ plus what a process needs to run the ASan build (NOTE: [emulated memcheck]), or
     {} where gcc has no libasan."""
-    import subprocess
     libs = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
             for lib in ("libasan.so", "libstdc++.so")]    # libstdc++ first: ASan hooks __cxa_throw
     if not all(os.path.isabs(lib) for lib in libs):

@@ -15,7 +15,7 @@ import torch.nn as nn
 
 import cuda_emu
 from adafisher_fast import AdaFisherW
-from conftest import kernel_module
+from conftest import emulated, kernel_module
 
 
 def test_rewrite_turns_every_launch_into_a_call():
@@ -49,7 +49,7 @@ def test_emulator_selftest(tmp_path):
 
 def test_cuda_ops_under_address_sanitizer(tmp_path):
     """The CUDA backend's op tests and per-op sweeps, emulated, with every heap access checked."""
-    if torch.cuda.is_available():
+    if not emulated("cuda"):
         pytest.skip("with a GPU the op tests run the real kernels: compute-sanitizer checks those")
     env = cuda_emu.asan_env(str(tmp_path / "asan"))
     if not env:
@@ -89,7 +89,7 @@ def test_thread_order_does_not_change_results(preset, monkeypatch):
     bitwise the same parameters and state when every block runs its threads in reverse order.
     A missing __syncthreads between a shared-memory write and another thread's read changes the
     result in one of the two orders."""
-    if torch.cuda.is_available():
+    if not emulated("cuda"):
         pytest.skip("emulator test; on a GPU compute-sanitizer's racecheck runs the real kernels")
     kernel_module("cuda", monkeypatch)
     g = torch.Generator().manual_seed(1)

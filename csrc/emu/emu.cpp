@@ -85,17 +85,15 @@ void resume(unsigned t) {
   setcontext(&f.uc);
 }
 
-// Release the threads waiting at a barrier every unfinished member of their group reached.
+// Release the threads waiting at a barrier every unfinished member of their group reached
+// (run_block calls this only while some thread is unfinished).
 bool release() {
-  bool all_sync = true, any = false;
-  for (unsigned t = 0; t < n_threads; ++t) {
-    if (fibers[t].state == State::kDone) continue;
-    any = true;
-    all_sync = all_sync && fibers[t].state == State::kAtSync;
-  }
-  if (!any) return false;
+  bool all_sync = true;
+  for (unsigned t = 0; t < n_threads; ++t)
+    all_sync = all_sync && (fibers[t].state == State::kDone || fibers[t].state == State::kAtSync);
   if (all_sync) {
-    for (auto& f : fibers) if (f.state == State::kAtSync) f.state = State::kReady;
+    for (unsigned t = 0; t < n_threads; ++t)
+      if (fibers[t].state == State::kAtSync) fibers[t].state = State::kReady;
     return true;
   }
   bool released = false;
