@@ -14,7 +14,6 @@ Two launches, neither of the patch matrix's size:
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Sequence, Tuple
 
@@ -24,6 +23,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
+from .host import cdiv, next_pow2
 from .linear_stats import _launch as _sum_over_batch
 
 TILE = 2048     # (kernel offsets x output positions) per program
@@ -102,9 +102,9 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     D = [1] * lead + list(dilation)
     T = [1] * lead + list(stride)
     N = [1] * lead + sizes
-    block_ko = min(triton.next_power_of_2(ktot), MAX_KO)
-    block_l = max(1, min(triton.next_power_of_2(n_pos), TILE // block_ko))
-    n_lblk = triton.cdiv(n_pos, block_l)
-    _lattice_sum_kernel[(c * n_lblk, triton.cdiv(ktot, block_ko))](
+    block_ko = min(next_pow2(ktot), MAX_KO)
+    block_l = max(1, min(next_pow2(n_pos), TILE // block_ko))
+    n_lblk = cdiv(n_pos, block_l)
+    _lattice_sum_kernel[(c * n_lblk, cdiv(ktot, block_ko))](
         q, out, *S, *P, *K, *D, *T, *N, n_lblk, BLOCK_KO=block_ko, BLOCK_L=block_l)
     return n_pos

@@ -10,6 +10,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
+from .host import cdiv
 
 BLOCK = 1024   # tokens per program: a large batch x sequence fills the GPU with few programs
 
@@ -32,4 +33,4 @@ def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
     n = flat.numel()
     if n == 0:
         return
-    _embedding_stats_kernel[(triton.cdiv(n, BLOCK),)](flat, out, n, out.numel(), BLOCK=BLOCK)
+    _embedding_stats_kernel[(cdiv(n, BLOCK),)](flat, out, n, out.numel(), BLOCK=BLOCK)

@@ -10,22 +10,23 @@ the small fac vector, never materialised.
 
 NOTE: [pointer tables] On a GPU the update is ONE launch per (param dtype, grad dtype) pair -- one
 launch for a model in one dtype: a block table maps each program to (parameter, block), and an int64
-table holds each parameter's data pointers (p, g, m), its meta row and its hyper-parameters
-(lr, beta, 1 - beta, wd, Lambda, log2 beta).  The tables live on the device and are cached, keyed
-by the pointers, meta rows and hyper-parameters, so a training loop uploads them once (and a CUDA
-graph replays them safely, NOTE: [capturable] in optimizer.py).  The step counts t come in a
-separate float32 vector (stacked on the device when the steps live there, else uploaded), and the
-kernel computes 1 - beta^t = 1 - exp2(t * log2 beta) in float32 (relative error ~1e-7).  The Triton interpreter (TRITON_INTERPRET=1,
-CPU tests) cannot dereference raw integers as pointers, so there the same element body runs with one
-launch per parameter, taking the tensors themselves; the arithmetic is shared (``_update``).
-float64 parameters go through the reference (parity runs).  Non-contiguous gradients are read
-through a contiguous copy; non-contiguous parameters/momenta are updated in a contiguous copy that
-is copied back.  Steps are incremented here (0-dim tensors, as the reference does).
+table holds each parameter's data pointers (p, g, m) and its meta row, and a float32 table its
+hyper-parameters (lr, beta, 1 - beta, wd, Lambda, log2 beta). The tables live on the device and are
+cached, the first keyed by the pointers and meta rows, the second by value, so a training loop
+uploads them once, an LR schedule only the small second one, always from pinned memory without
+stalling the host; and a CUDA graph replays them safely (NOTE: [capturable] in optimizer.py). The
+step counts t come in a separate float32 vector (stacked on the device when the steps live there,
+else uploaded), and the kernel computes 1 - beta^t = 1 - exp2(t * log2 beta) in float32 (relative
+error ~1e-7). The Triton interpreter (TRITON_INTERPRET=1, CPU tests) cannot dereference raw integers
+as pointers, so there the same element body runs with one launch per parameter, taking the tensors
+themselves; the arithmetic is shared (``_update``).
+float64 parameters go through the reference (parity runs). Non-contiguous gradients are read through
+a contiguous copy; non-contiguous parameters/momenta are updated in a contiguous copy that is copied
+back. Steps are incremented here (0-dim tensors, as the reference does).
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Tuple
 
 import torch
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
+from .host import cdiv, interpreting
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
 N_META = 10           # columns of a meta row (reference.META_COLS)
@@ -43,13 +45,10 @@ N_META_C: tl.constexpr = tl.constexpr(N_META)     # the same numbers, visible in
 N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def _table_path(fac: torch.Tensor) -> bool:
     """One launch over pointer tables (GPU), or one launch per parameter (interpreter)."""
-    return fac.device.type == "cuda" and not _interpreting()
+    return fac.device.type == "cuda" and not interpreting()
 
 
 @triton.jit
@@ -242,38 +241,71 @@ def _step_one_by_one(work, empty_steps, fac, meta_rows, hyper, decoupled) -> Non
         lr, beta, wd, lam = hyper[i]
         row = torch.tensor(meta_rows[i], dtype=torch.int64, device=pc.device)
         nel = pc.numel()
-        _fused_step_one_kernel[(triton.cdiv(nel, BLOCK),)](
+        _fused_step_one_kernel[(cdiv(nel, BLOCK),)](
             pc, gc, mc, fac, row, nel, float(lr), float(beta), float(1 - beta), float(wd),
             float(lam), float(1 - beta ** float(t)), DECOUPLED=bool(decoupled), BLOCK=BLOCK,
             WIDE=_wide([meta_rows[i]]))
 
 
-# NOTE: [pointer tables]: device tables by (dtype pair, pointers, meta rows, hyper-parameters)
-_TABLES: Dict[tuple, Tuple[int, List[torch.Tensor]]] = {}
+# NOTE: [pointer tables]: the block/pointer/meta tables keyed by (dtype pair, device, pointers,
+# meta rows), the hyper-parameter table by value: an LR schedule re-uploads only the latter
+_TABLES: Dict[tuple, tuple] = {}
+_HYPER: Dict[tuple, torch.Tensor] = {}
 _MAX_TABLES = 8
 
 
-def _device_tables(work, meta_rows, hyper, dev, pdt, gdt) -> Tuple[int, List[torch.Tensor]]:
+def _upload(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host table to the device without stalling the host: a copy from pageable memory would
+    wait for the stream (the whole backward pass) first; one from pinned memory is queued."""
+    if dev.type != "cuda":
+        return t.to(dev)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "fused_step: a host table would be uploaded inside this CUDA-graph capture, and the "
+            "graph would replay a stale copy: step counts kept on the host (capturable=False), or "
+            "parameters, gradients or hyper-parameters that no eager step before the capture used; "
+            "capture with capturable=True after an eager step with the same tensors and settings "
+            "(NOTE: [capturable])")
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
+def _cached(cache: dict, key: tuple, build):
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) >= _MAX_TABLES:
+            cache.pop(next(iter(cache)))
+        hit = cache[key] = build()
+    return hit
+
+
+def _device_tables(work, meta_rows, dev, pdt, gdt):
+    """(n_blocks, [block_param, block_start, ptrs, numels, meta], aligned, wide), cached."""
     key = (pdt, gdt, str(dev)) + tuple(
-        (pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), pc.numel(), *meta_rows[i], *hyper[i])
+        (pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), pc.numel(), *meta_rows[i])
         for i, pc, gc, mc, _, _, _ in work)
-    hit = _TABLES.get(key)
-    if hit is not None:
-        return hit
-    nblk = [triton.cdiv(w[1].numel(), BLOCK) for w in work]
-    block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
-    block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk])
-    ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
-                        dtype=torch.int64)
-    numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
-    mrows = torch.tensor([meta_rows[w[0]] for w in work], dtype=torch.int64)
-    hyp = torch.tensor([(lr, beta, 1 - beta, wd, lam, math.log2(beta) if beta > 0 else -math.inf)
-                        for lr, beta, wd, lam in (hyper[w[0]] for w in work)], dtype=torch.float32)
-    tables = [t.to(dev) for t in (block_param.to(torch.int32), block_start, ptrs, numels, mrows, hyp)]
-    if len(_TABLES) >= _MAX_TABLES:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[key] = (int(block_param.numel()), tables)
-    return _TABLES[key]
+
+    def build():
+        nblk = [cdiv(w[1].numel(), BLOCK) for w in work]
+        block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
+        block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk])
+        ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
+                            dtype=torch.int64)
+        numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
+        mrows = torch.tensor([meta_rows[w[0]] for w in work], dtype=torch.int64)
+        tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start, ptrs, numels,
+                                             mrows)]
+        aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
+        return int(block_param.numel()), tables, aligned, _wide([meta_rows[w[0]] for w in work])
+
+    return _cached(_TABLES, key, build)
+
+
+def _hyper_table(work, hyper, dev) -> torch.Tensor:
+    """float32 (P, N_HYPER): lr, beta, 1 - beta, wd, Lambda, log2 beta per parameter, cached."""
+    hyp = tuple(hyper[w[0]] for w in work)
+    return _cached(_HYPER, (str(dev),) + hyp, lambda: _upload(torch.tensor(
+        [(lr, beta, 1 - beta, wd, lam, math.log2(beta) if beta > 0 else -math.inf)
+         for lr, beta, wd, lam in hyp], dtype=torch.float32), dev))
 
 
 def _step_tables(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) -> None:
@@ -286,12 +318,10 @@ def _step_tables(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) 
     else:
         for t in steps + empty_steps:
             t += 1
-        tvals = torch.tensor([float(t) for t in steps], dtype=torch.float32).pin_memory().to(
-            dev, non_blocking=True)
+        tvals = _upload(torch.tensor([float(t) for t in steps], dtype=torch.float32), dev)
     if not work:
         return
-    n_blocks, tables = _device_tables(work, meta_rows, hyper, dev, pdt, gdt)
+    n_blocks, tables, aligned, wide = _device_tables(work, meta_rows, dev, pdt, gdt)
     _fused_step_table_kernel[(n_blocks,)](
-        *tables, tvals, fac, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled),
-        BLOCK=BLOCK, WIDE=_wide([meta_rows[w[0]] for w in work]),
-        ALIGNED=all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4]))
+        *tables, _hyper_table(work, hyper, dev), tvals, fac, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt],
+        DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide, ALIGNED=aligned)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from adafisher_fast.reference import MINMAX_EPS, EmaRule, LayerTable
+from adafisher_fast.reference import EmaRule, LayerTable
 
 BLOCK = 256
 

@@ -11,13 +11,13 @@ add per feature (NOTE: [atomic partial sums]).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from adafisher_fast import reference
+from .host import cdiv, interpreting, next_pow2
 
 # NOTE: [atomic partial sums] the A axis (rows: batch x positions) is split so that the grid
 # has about TARGET_PROGRAMS programs (the CUDA kernel's ~2048 blocks of 256 threads, in programs
@@ -30,9 +30,6 @@ TARGET_PROGRAMS = 1024
 MAX_BLOCK_K = 128
 TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 4 warps
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -85,14 +82,14 @@ def tiles(a: int, k: int, b: int):
     to MAX_BLOCK_K), then rows of A; A is split over the programs (NOTE: [atomic partial sums]),
     not at all under the interpreter, where programs run one after the other and only add
     Python overhead."""
-    block_b = min(triton.next_power_of_2(b), 128)
-    block_k = max(1, min(triton.next_power_of_2(k), TILE // block_b, MAX_BLOCK_K))
-    block_a = max(1, min(triton.next_power_of_2(a), TILE // (block_b * block_k)))
-    tiles_kb = triton.cdiv(k, block_k) * triton.cdiv(b, block_b)
-    split = 1 if _interpreting() else max(1, min(triton.cdiv(TARGET_PROGRAMS, tiles_kb),
-                                                 triton.cdiv(a, block_a)))
-    rows = triton.cdiv(triton.cdiv(a, split), block_a) * block_a     # whole tiles per program
-    grid = (triton.cdiv(k, block_k), triton.cdiv(b, block_b), triton.cdiv(a, rows))
+    block_b = min(next_pow2(b), 128)
+    block_k = max(1, min(next_pow2(k), TILE // block_b, MAX_BLOCK_K))
+    block_a = max(1, min(next_pow2(a), TILE // (block_b * block_k)))
+    tiles_kb = cdiv(k, block_k) * cdiv(b, block_b)
+    split = 1 if interpreting() else max(1, min(cdiv(TARGET_PROGRAMS, tiles_kb),
+                                                 cdiv(a, block_a)))
+    rows = cdiv(cdiv(a, split), block_a) * block_a     # whole tiles per program
+    grid = (cdiv(k, block_k), cdiv(b, block_b), cdiv(a, rows))
     return block_a, block_k, block_b, rows, grid
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
+from .host import next_pow2
 from .linear_stats import _launch
 
 BLOCK_ROW = 1024
@@ -84,5 +85,5 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
     rs = torch.empty(r * groups, **f32)
     n = cg * i
     _row_moments_kernel[(r * groups,)](x3, mu, rs, n, float(eps), CENTER=bool(center),
-                                       BLOCK=min(BLOCK_ROW, triton.next_power_of_2(n)))
+                                       BLOCK=min(BLOCK_ROW, next_pow2(n)))
     _xhat_sq(x3, out, mu, rs, True, groups, cg)

@@ -129,3 +129,72 @@ def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
     for a, b in zip(params + moms, pw + mw):
         scale = b.abs().max().item() if b.numel() else 0.0
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
+
+
+def test_triton_table_path_host_tables(monkeypatch):
+    """The host side of Triton's one-launch GPU path (NOTE: [pointer tables]), which the CPU tests'
+    interpreter cannot run (its kernel dereferences raw pointers): the tables given to the launch
+    cover every element of every parameter once, with its pointers, meta row, hyper-parameters and
+    step; they are cached, an LR change uploads only the hyper-parameter table, and new gradient
+    tensors rebuild the pointer tables."""
+    pytest.importorskip("triton")
+    fs = importlib.import_module("fisher_kernels.fused_step")
+    launches, uploads = [], []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, args, kw))
+
+    upload = fs._upload
+    monkeypatch.setattr(fs, "_fused_step_table_kernel", Recorder())
+    monkeypatch.setattr(fs, "_table_path", lambda fac: True)
+    monkeypatch.setattr(fs, "_TABLES", {})
+    monkeypatch.setattr(fs, "_HYPER", {})
+    monkeypatch.setattr(fs, "_upload", lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
+    store = torch.randn(2 * fs.BLOCK + 10)
+    params = [torch.randn(5, 7), store[: 2 * fs.BLOCK + 9], torch.randn(1)]
+    meta = torch.tensor([[5, 7, 0, 1, 0, 5, 0, 1, 5, 0], [2057, 1, 0, 0, 0, 0, 0, 0, 2057, 0],
+                         [1, 1, 0, 0, 0, 0, 0, 0, 1, 0]])
+    moms = [torch.zeros_like(p) for p in params]
+    steps = [torch.tensor(float(k)) for k in (0, 4, 9)]
+    fac = torch.rand(16)
+    hyper = [(1e-3, 0.9, 0.0, 1e-3), (2e-3, 0.8, 1e-2, 1e-3), (1e-3, 0.95, 0.0, 0.0)]
+
+    def step(grads, hyper):
+        launches.clear()
+        uploads.clear()
+        fs.fused_step(params, grads, moms, steps, fac, meta, hyper, True)
+        assert len(launches) == 1
+        (grid,), args, kw = launches[0]
+        return grid, args, kw
+
+    grads = [torch.randn_like(p) for p in params]
+    grid, (block_param, block_start, ptrs, numels, mrows, hyp, tvals, fac_arg), kw = step(grads, hyper)
+    assert fac_arg is fac
+    starts = {}
+    for b in range(grid):
+        starts.setdefault(int(block_param[b]), []).append(int(block_start[b]))
+    for i, p in enumerate(params):
+        assert sorted(starts[i]) == list(range(0, p.numel(), fs.BLOCK))
+        assert ptrs[i].tolist() == [p.data_ptr(), grads[i].data_ptr(), moms[i].data_ptr()]
+        assert int(numels[i]) == p.numel() and mrows[i].tolist() == meta[i].tolist()
+        lr, beta, wd, lam = hyper[i]
+        want = torch.tensor([lr, beta, 1 - beta, wd, lam, torch.log2(torch.tensor(beta)).item()])
+        torch.testing.assert_close(hyp[i], want)
+    assert tvals.tolist() == [1.0, 5.0, 10.0] and [t.item() for t in steps] == [1.0, 5.0, 10.0]
+    assert kw["DECOUPLED"] and not kw["WIDE"] and kw["ALIGNED"]
+    assert sorted(uploads) == sorted([(grid,), (grid,), (3, 3), (3,), (3, 10), (3, 6)])
+
+    _, args, _ = step(grads, hyper)                                   # same tensors: no upload
+    assert uploads == [] and args[5] is hyp
+    halved = [(lr / 2, *rest) for lr, *rest in hyper]                 # an LR schedule
+    _, args, _ = step(grads, halved)
+    assert uploads == [(3, 6)] and args[2] is ptrs
+    torch.testing.assert_close(args[5][:, 0], hyp[:, 0] / 2)
+    _, args, _ = step([g.clone() for g in grads], hyper)              # new gradient tensors
+    assert (3, 3) in uploads and args[2] is not ptrs and args[5] is hyp
+
+    params[1] = store[1: 2 * fs.BLOCK + 10]                          # 4-byte offset: no 16-byte loads
+    moms[1] = torch.zeros_like(params[1])
+    _, _, kw = step([torch.randn_like(p) for p in params], hyper)
+    assert not kw["ALIGNED"]

@@ -104,3 +104,14 @@ def test_triton_matches_torch_gpu(preset, dtype):
     for a, b in zip(runs["torch"].parameters(), runs["triton"].parameters()):
         scale = a.abs().max().item()
         torch.testing.assert_close(b, a, rtol=tol, atol=tol * scale)
+
+
+def test_host_arithmetic_matches_triton():
+    """fisher_kernels.host's cdiv / next_pow2 (NOTE: [host arithmetic]) agree with triton's own
+    helpers, which the launchers no longer call for their cost."""
+    triton = pytest.importorskip("triton")
+    from fisher_kernels.host import cdiv, next_pow2
+    for n in list(range(0, 70)) + [1023, 1024, 1025, 2 ** 31 - 1, 2 ** 31, 2 ** 40 + 3]:
+        assert next_pow2(max(n, 1)) == triton.next_power_of_2(max(n, 1)), n
+        for d in (1, 2, 7, 16, 1024):
+            assert cdiv(n, d) == triton.cdiv(n, d) == (n + d - 1) // d, (n, d)

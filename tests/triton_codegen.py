@@ -26,7 +26,6 @@ import traceback
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("triton_codegen.py compiles real kernels: run it without TRITON_INTERPRET=1")
