@@ -166,6 +166,7 @@ class AdaFisher(Optimizer):
         device = params[0].device if params else torch.device("cpu")
         self.backend, self._ops = resolve(backend, device, check)
         self._hooks = StatHooks(self.fisher, self._ops)
+        self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
 
     @property
     def steps(self) -> int:
@@ -238,7 +239,9 @@ class AdaFisher(Optimizer):
                 steps.append(st["step"])
                 meta.append(row)
                 hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
-        return params, grads, moms, steps, torch.tensor(meta, dtype=torch.int64), hyper
+        if meta != self._meta[0]:          # the same rows every step unless grads come and go
+            self._meta = (meta, torch.tensor(meta, dtype=torch.int64))
+        return params, grads, moms, steps, self._meta[1], hyper
 
     @torch.no_grad()
     def step(self, closure=None):
