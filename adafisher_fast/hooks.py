@@ -8,7 +8,7 @@ modules called several times) follow from that.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Set
 
 import torch
 
@@ -58,6 +58,9 @@ class StatHooks:
         # inside a compiled step() (seen on torch 2.13), which would freeze the gating.
         self.steps = 0
         self.collecting = True
+        # names of the layers whose forward hook ran in eager statistics iterations, until the
+        # optimizer's first statistics step reads it (NOTE: [silent layers] in optimizer.py)
+        self.fired: Optional[Set[str]] = set()
         self.handles: List[torch.utils.hooks.RemovableHandle] = [
             lay.module.register_forward_hook(self._forward_hook(lay)) for lay in fisher.layers]
 
@@ -67,6 +70,8 @@ class StatHooks:
         def hook(module, inputs, output):
             if not (self.collecting and torch.is_grad_enabled()) or not inputs:
                 return
+            if not torch.compiler.is_compiling() and self.fired is not None:   # no guard on it
+                self.fired.add(lay.name)
             x = inputs[0].detach()
             with torch.no_grad():
                 rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)

@@ -3,6 +3,7 @@ state (state.py), the hooks (hooks.py) and the backend's ops (backends.py)."""
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -239,9 +240,30 @@ class AdaFisher(Optimizer):
                 steps.append(st["step"])
                 meta.append(row)
                 hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
+        if torch.compiler.is_compiling():  # a constant of the graph (torch 2.11 rejects the setattr)
+            return params, grads, moms, steps, torch.tensor(meta, dtype=torch.int64), hyper
         if meta != self._meta[0]:          # the same rows every step unless grads come and go
             self._meta = (meta, torch.tensor(meta, dtype=torch.int64))
         return params, grads, moms, steps, self._meta[1], hyper
+
+    def _warn_silent_layers(self) -> None:
+        """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module
+        itself was never called sees no statistics: nn.MultiheadAttention multiplies by
+        ``out_proj.weight`` directly, never calling its ``out_proj`` Linear.  Its factors keep F =
+        1 + Lambda, which nothing else would reveal, so the first statistics step names such
+        layers, once.  Only eager forwards record their layers (``StatHooks.fired``) and only an
+        eager step() looks: after a compiled forward nothing was recorded and nothing is said."""
+        fired, self._hooks.fired = self._hooks.fired, None
+        if not fired:
+            return
+        owner = self.fisher.owner
+        silent = sorted({owner[id(p)].name for g in self.param_groups for p in g["params"]
+                         if p.grad is not None and id(p) in owner} - fired)
+        if silent:
+            warnings.warn(f"AdaFisher: layer(s) {', '.join(silent)} got gradients in a statistics "
+                          f"iteration without being called as modules (e.g. nn.MultiheadAttention "
+                          f"uses out_proj.weight directly), so they gather no curvature statistics "
+                          f"and their parameters step with F = 1 + Lambda", stacklevel=5)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -267,6 +289,8 @@ class AdaFisher(Optimizer):
             for g in grads:
                 g.div_(grad_scale.to(g))
         if self._hooks.collecting:
+            if not torch.compiler.is_compiling() and self._hooks.fired is not None:
+                self._warn_silent_layers()
             self._reduce_stats(grad_scale)
             self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
                                 fisher.initialized, fisher.counters,

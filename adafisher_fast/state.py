@@ -112,6 +112,7 @@ class FisherState:
             lay = self.layers[li]
             self.meta[id(p)] = (rows, cols_, lay.s_raw.start + s_off, s_r, s_c,
                                 lay.h_raw.start + h_off, h_r, h_c, h_gr, h_gs)
+        self.owner: Dict[int, Layer] = {id(p): self.layers[li] for p, li, _ in local_maps}
         self.free = {id(p) for p in params} - set(self.meta)
         for p in params:
             if id(p) in self.free:

@@ -195,10 +195,46 @@ def test_hooked_module_never_called_keeps_identity_factors():
     w0 = model.unused.weight.detach().clone()
     model(torch.randn(4, 3)).sum().backward()
     g = model.unused.weight.grad.clone()
-    opt.step()
+    with pytest.warns(UserWarning, match=r"layer\(s\) unused got gradients .* F = 1 \+ Lambda"):
+        opt.step()
     # identity factors: F = 1 + Lambda, first step m_hat = g
     torch.testing.assert_close(model.unused.weight, w0 - 0.1 * g / (1 + 1e-3))
     assert opt.diagnostics()["unused"]["stat_iters"] == 0
+
+
+def test_multihead_attention_out_proj_is_named_once(recwarn):
+    """NOTE: [silent layers]: nn.MultiheadAttention never calls its out_proj module, so the first
+    statistics step names that layer, and only it; an unused layer (no gradient) and later steps
+    say nothing."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                                        batch_first=True),
+                          nn.Linear(16, 3), nn.Linear(3, 3))
+    opt = AdaFisherW(model, TCov=1, backend="torch")
+    for _ in range(3):
+        opt.zero_grad()
+        model[:3](torch.randn(2, 5, 8)).sum().backward()
+        opt.step()
+    msgs = [str(w.message) for w in recwarn if "AdaFisher: layer(s)" in str(w.message)]
+    assert msgs == [msgs[0]] and "layer(s) 1.self_attn.out_proj got gradients" in msgs[0]
+    assert opt.diagnostics()["1.self_attn.out_proj"]["stat_iters"] == 0
+    assert opt.diagnostics()["1.linear1"]["stat_iters"] == 3
+
+
+def test_no_silent_layer_warning_for_compiled_or_fully_hooked_models(recwarn):
+    """Every hooked layer called as a module: nothing to say.  A compiled forward runs the hooks
+    inside its graph, where nothing is recorded: nothing is said either (NOTE: [silent layers])."""
+    torch.manual_seed(0)
+    model = Block(inplace=False)
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    model(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    mha = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                                      batch_first=True))
+    opt = AdaFisherW(mha, TCov=1, backend="torch")
+    torch.compile(mha, backend="aot_eager")(torch.randn(2, 5, 8)).sum().backward()
+    opt.step()
+    assert not [w for w in recwarn if "AdaFisher: layer(s)" in str(w.message)]
 
 
 @pytest.mark.parametrize("tcov", [1, 3])
