@@ -45,7 +45,6 @@ N_META_C: tl.constexpr = tl.constexpr(N_META)     # the same numbers, visible in
 N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
 
 
-
 def _table_path(fac: torch.Tensor) -> bool:
     """One launch over pointer tables (GPU), or one launch per parameter (interpreter)."""
     return fac.device.type == "cuda" and not interpreting()

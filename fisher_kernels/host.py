@@ -2,9 +2,9 @@
 
 NOTE: [host arithmetic] ``triton.cdiv`` and ``triton.next_power_of_2`` are ConstexprFunction
 objects (triton 3.6 and 3.9): about 5 us and 3 us per call from Python, against 0.1 us for the
-plain integer expression.  A statistics launch computed its tile shape with a dozen of them, so
-they cost ResNet-18's 82 statistics hooks more than the rest of the hooks' Python.  The launchers
-use these instead.
+plain integer expression.  A statistics launch computed its tile shape with a dozen of them: on
+ResNet-18 (82 statistics hooks, launches stubbed, a 2-core CPU) the hooks' host time fell from 160
+to 99 us per hook with these instead.
 """
 import os
 
@@ -20,8 +20,8 @@ def next_pow2(n: int) -> int:
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, read at import by
-    triton too, so it cannot change while the process runs)."""
+    """Whether Triton runs kernels in its CPU interpreter: TRITON_INTERPRET=1 when the kernels were
+    decorated (at import), which fixed them as interpreted or compiled for the process."""
     return _INTERPRET
 
 
