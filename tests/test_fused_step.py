@@ -150,7 +150,8 @@ def test_triton_table_path_host_tables(monkeypatch):
     monkeypatch.setattr(fs, "_table_path", lambda fac: True)
     monkeypatch.setattr(fs, "_TABLES", {})
     monkeypatch.setattr(fs, "_HYPER", {})
-    monkeypatch.setattr(fs, "_upload", lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
+    monkeypatch.setattr(fs, "_upload",
+                        lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
     store = torch.randn(2 * fs.BLOCK + 10)
     params = [torch.randn(5, 7), store[: 2 * fs.BLOCK + 9], torch.randn(1)]
     meta = torch.tensor([[5, 7, 0, 1, 0, 5, 0, 1, 5, 0], [2057, 1, 0, 0, 0, 0, 0, 0, 2057, 0],
@@ -169,7 +170,8 @@ def test_triton_table_path_host_tables(monkeypatch):
         return grid, args, kw
 
     grads = [torch.randn_like(p) for p in params]
-    grid, (block_param, block_start, ptrs, numels, mrows, hyp, tvals, fac_arg), kw = step(grads, hyper)
+    grid, args, kw = step(grads, hyper)
+    block_param, block_start, ptrs, numels, mrows, hyp, tvals, fac_arg = args
     assert fac_arg is fac
     starts = {}
     for b in range(grid):
@@ -194,7 +196,7 @@ def test_triton_table_path_host_tables(monkeypatch):
     _, args, _ = step([g.clone() for g in grads], hyper)              # new gradient tensors
     assert (3, 3) in uploads and args[2] is not ptrs and args[5] is hyp
 
-    params[1] = store[1: 2 * fs.BLOCK + 10]                          # 4-byte offset: no 16-byte loads
+    params[1] = store[1: 2 * fs.BLOCK + 10]                 # a 4-byte offset: no 16-byte loads
     moms[1] = torch.zeros_like(params[1])
     _, _, kw = step([torch.randn_like(p) for p in params], hyper)
     assert not kw["ALIGNED"]
