@@ -114,8 +114,9 @@ class AdaFisher(Optimizer):
             trainable parameters not listed form a last group with the constructor's values.
         check: run the torch reference beside the backend on every op and raise on disagreement
             (also ``ADAFISHER_CHECK=1``); slow, for verifying kernels on your own model.
-        capturable: keep step counts on the parameters' device so that ``step()`` never syncs with
-            the host and a whole iteration can be captured in a CUDA graph (NOTE: [capturable]).
+        capturable: keep step counts on the parameters' device (the GPU kernel backends always do,
+            NOTE: [device steps]) so that ``step()`` never syncs with the host and a whole
+            iteration can be captured in a CUDA graph (NOTE: [capturable]).
     """
     decoupled = False
     # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
@@ -166,6 +167,12 @@ class AdaFisher(Optimizer):
         self.fisher = FisherState(model, PRESETS[preset], params)
         device = params[0].device if params else torch.device("cpu")
         self.backend, self._ops = resolve(backend, device, check)
+        # NOTE: [device steps] Like torch's fused Adam, the GPU kernels keep the step counts on the
+        # parameters' device even without capturable: incrementing 0-dim CPU tensors and uploading
+        # their values cost two host operations per parameter every step, and the CUDA backend's
+        # table, which carries host steps, could never stay cached.  The kernels' arithmetic is
+        # the same either way; the torch reference on its own keeps them on the CPU.
+        self._device_steps = capturable or (device.type == "cuda" and self.backend != "torch")
         self._hooks = StatHooks(self.fisher, self._ops)
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
 
@@ -225,7 +232,7 @@ class AdaFisher(Optimizer):
                 st = self.state[p]
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32,
-                                             device=p.device if self.capturable else "cpu")
+                                             device=p.device if self._device_steps else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # Lambda is 0 for the released code's factor-free parameters (F = 1)
                 lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
@@ -326,9 +333,14 @@ class AdaFisher(Optimizer):
         if len(mine) != len(theirs):
             raise ValueError(f"state_dict: the checkpoint has {len(theirs)} hooked layers, this "
                              f"model {len(mine)}")
-        # this optimizer's capturable decides where the loaded step counts live
+        # this optimizer decides where the loaded step counts live (NOTE: [device steps])
         sd["param_groups"] = [{**g, "capturable": self.capturable} for g in sd["param_groups"]]
         super().load_state_dict(sd)
+        for p in (p for g in self.param_groups for p in g["params"]):
+            st = self.state.get(p)
+            if st and "step" in st:
+                st["step"] = st["step"].to(p.device if self._device_steps else "cpu",
+                                           torch.float32)
         for k, v in self.fisher.tensors().items():
             v.copy_(extra[k])
         self.gamma, self.TCov, self.Lambda = extra["gamma"], extra["TCov"], extra["Lambda"]

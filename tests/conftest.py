@@ -78,6 +78,7 @@ def assert_trajectories_close(got, want):
     """(model, optimizer) pairs after the same steps: parameters, per-parameter state and every
     fisher tensor agree within NOTE: [trajectory tolerance]."""
     def close(a, b, what, rtol=TRAJ_RTOL):
+        a = a.to(b.device)      # step counts: on the GPU for the kernels, NOTE: [device steps]
         if not b.is_floating_point():
             assert torch.equal(a, b), what
             return

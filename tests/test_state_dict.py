@@ -80,3 +80,37 @@ def test_checkpoint_of_another_preset_or_optimizer():
     adam = torch.optim.Adam(m.parameters())
     with pytest.raises(ValueError, match="not an AdaFisher checkpoint"):
         AdaFisher(m, backend="torch").load_state_dict(adam.state_dict())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_kernel_backends_keep_steps_on_the_device(backend):
+    """NOTE: [device steps]: a GPU kernel backend keeps step counts on the parameters' device
+    (capturable or not), the torch reference on the CPU; a checkpoint of either loads into the
+    other with its counts moved, and training from it goes on."""
+    from conftest import kernel_backends
+    if backend not in kernel_backends():
+        pytest.skip(f"backend {backend} cannot run here")
+    model = _model().cuda()
+    x, y = torch.randn(5, 2, 4, 4, device="cuda"), torch.randint(0, 3, (5,), device="cuda")
+    opts = {name: AdaFisher(model, TCov=1, backend=name) for name in (backend, "torch")}
+    for name, opt in opts.items():
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        want = "cuda" if name != "torch" else "cpu"
+        assert {st["step"].device.type for st in opt.state.values()} == {want}, name
+    oa, ob = opts[backend], opts["torch"]
+    buf = io.BytesIO()
+    torch.save(oa.state_dict(), buf)
+    buf.seek(0)
+    ob.load_state_dict(torch.load(buf))
+    assert {st["step"].device.type for st in ob.state.values()} == {"cpu"}
+    assert all(st["step"].item() == 1.0 for st in ob.state.values())
+    oa.load_state_dict(ob.state_dict())
+    assert {st["step"].device.type for st in oa.state.values()} == {"cuda"}
+    for opt in (oa, ob):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert all(st["step"].item() == 2.0 for st in opt.state.values())
