@@ -31,7 +31,6 @@ MAX_BLOCK_K = 128
 TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 4 warps
 
 
-
 @triton.jit
 def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG, scale,
                           SQUARE: tl.constexpr, AFFINE: tl.constexpr, BLOCK_A: tl.constexpr,
@@ -86,8 +85,7 @@ def tiles(a: int, k: int, b: int):
     block_k = max(1, min(next_pow2(k), TILE // block_b, MAX_BLOCK_K))
     block_a = max(1, min(next_pow2(a), TILE // (block_b * block_k)))
     tiles_kb = cdiv(k, block_k) * cdiv(b, block_b)
-    split = 1 if interpreting() else max(1, min(cdiv(TARGET_PROGRAMS, tiles_kb),
-                                                 cdiv(a, block_a)))
+    split = 1 if interpreting() else max(1, min(cdiv(TARGET_PROGRAMS, tiles_kb), cdiv(a, block_a)))
     rows = cdiv(cdiv(a, split), block_a) * block_a     # whole tiles per program
     grid = (cdiv(k, block_k), cdiv(b, block_b), cdiv(a, rows))
     return block_a, block_k, block_b, rows, grid
