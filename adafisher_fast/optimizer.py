@@ -333,7 +333,8 @@ class AdaFisher(Optimizer):
         if len(mine) != len(theirs):
             raise ValueError(f"state_dict: the checkpoint has {len(theirs)} hooked layers, this "
                              f"model {len(mine)}")
-        # this optimizer decides where the loaded step counts live (NOTE: [device steps])
+        # the groups keep this optimizer's capturable flag, and the loaded step counts go where
+        # this optimizer keeps them (NOTE: [device steps])
         sd["param_groups"] = [{**g, "capturable": self.capturable} for g in sd["param_groups"]]
         super().load_state_dict(sd)
         for p in (p for g in self.param_groups for p in g["params"]):
