@@ -8,21 +8,28 @@ with (r, c) the element's position in the parameter's (rows x cols) view (NOTE: 
 reference.py).  Each element of p, g and m is read once and p, m written once; F is computed from
 the small fac vector, never materialised.
 
-NOTE: [pointer tables] On a GPU the update is ONE launch per (param dtype, grad dtype) pair -- one
-launch for a model in one dtype: a block table maps each program to (parameter, block), and an int64
-table holds each parameter's data pointers (p, g, m) and its meta row, and a float32 table its
-hyper-parameters (lr, beta, 1 - beta, wd, Lambda, log2 beta). The tables live on the device and are
-cached, the first keyed by the pointers and meta rows, the second by value, so a training loop
-uploads them once, an LR schedule only the small second one, always from pinned memory without
-stalling the host; and a CUDA graph replays them safely (NOTE: [capturable] in optimizer.py). The
-step counts t come in a separate float32 vector (stacked on the device when the steps live there,
-else uploaded), and the kernel computes 1 - beta^t = 1 - exp2(t * log2 beta) in float32 (relative
-error ~1e-7). The Triton interpreter (TRITON_INTERPRET=1, CPU tests) cannot dereference raw integers
-as pointers, so there the same element body runs with one launch per parameter, taking the tensors
-themselves; the arithmetic is shared (``_update``).
+NOTE: [pointer tables] The update is ONE launch per (param dtype, grad dtype) pair -- one launch
+for a model in one dtype: a block table maps each program to (parameter, block), an int64 table holds
+each parameter's data pointers (p, g, m) and its meta row, and a float32 table its hyper-parameters
+(lr, beta, 1 - beta, wd, Lambda, log2 beta). The tables live on the device and are cached, the first
+keyed by the pointers and meta rows, the second by value, so a training loop uploads them once, an LR
+schedule only the small second one, always from pinned memory without stalling the host; and a CUDA
+graph replays them safely (NOTE: [capturable] in optimizer.py). The kernel computes the bias
+correction 1 - beta^t = 1 - exp2(t * log2 beta) in float32 (relative error ~1e-7).
+The Triton interpreter (TRITON_INTERPRET=1, CPU tests) runs this same kernel: it dereferences the
+tables' integers as host addresses, so the CPU tests check the GPU's code path.
+
+NOTE: [step tickets] Step counts kept on the kernel's device (float32, as the optimizer keeps them
+for the GPU kernels, NOTE: [device steps]) are read through a table of their addresses: every
+program uses its parameter's t + 1, then takes a ticket (an atomic add on a counter cached with the
+tables); the last program to take one increments every step count and re-arms the counter.  So the
+step is one launch, no program can see a half-updated count, and there is no host read of t.  Step
+counts kept on the host are incremented there and their values uploaded (the csrc twin does the
+same, NOTE: [step chunks] in csrc/fused_step.cu).
+
 float64 parameters go through the reference (parity runs). Non-contiguous gradients are read through
 a contiguous copy; non-contiguous parameters/momenta are updated in a contiguous copy that is copied
-back. Steps are incremented here (0-dim tensors, as the reference does).
+back.
 """
 from __future__ import annotations
 
@@ -34,20 +41,16 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, interpreting
+from .host import cdiv
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
 N_META = 10           # columns of a meta row (reference.META_COLS)
 N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, log2(beta)
+STEP_BLOCK = 256      # step counts the last program increments per iteration (NOTE: [step tickets])
 
 
 N_META_C: tl.constexpr = tl.constexpr(N_META)     # the same numbers, visible inside kernels
 N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
-
-
-def _table_path(fac: torch.Tensor) -> bool:
-    """One launch over pointer tables (GPU), or one launch per parameter (interpreter)."""
-    return fac.device.type == "cuda" and not interpreting()
 
 
 @triton.jit
@@ -80,8 +83,8 @@ def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
 
 @triton.jit
 def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-                  DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr, BLOCK: tl.constexpr,
-                  WIDE: tl.constexpr, MASKED: tl.constexpr):
+                  DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+                  MASKED: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     mask = (offs < n) if MASKED else None            # unmasked: a full block (NOTE: [vector loads])
     zero = 0.0 if MASKED else None
@@ -108,13 +111,10 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
     if not DECOUPLED:
         g = g + wd * pw
     m = m * beta + g * omb
-    if TORCH_CUDA_DIV:
-        # NOTE: [division rounding] torch on CUDA divides a tensor by a CPU scalar as a multiply by
-        # its correctly rounded reciprocal, and divides tensors with IEEE division; Triton's "/" is
-        # the approximate div.full.f32.  div_rn reproduces the reference's rounding on the GPU.
-        upd = tl.math.div_rn(m * tl.math.div_rn(1.0, bc), fd)
-    else:
-        upd = m / bc / fd
+    # NOTE: [division rounding] torch on CUDA divides a tensor by a CPU scalar as a multiply by its
+    # correctly rounded reciprocal, and divides tensors with IEEE division; Triton's "/" is the
+    # approximate div.full.f32.  div_rn reproduces the reference's rounding on the GPU.
+    upd = tl.math.div_rn(m * tl.math.div_rn(1.0, bc), fd)
     if DECOUPLED:
         upd = upd + wd * pw
     tl.store(m_ptr + offs, m.to(p.dtype), mask=mask)
@@ -123,32 +123,25 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
 
 @triton.jit
 def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-            DECOUPLED: tl.constexpr, TORCH_CUDA_DIV: tl.constexpr, BLOCK: tl.constexpr,
-            WIDE: tl.constexpr):
+            DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """The block [start, start + BLOCK) of one parameter: unmasked when it is full, masked when
     it is the parameter's ragged last block (NOTE: [vector loads])."""
     if start + BLOCK <= n:
         _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
-                      bc, DECOUPLED, TORCH_CUDA_DIV, BLOCK, WIDE, False)
+                      bc, DECOUPLED, BLOCK, WIDE, False)
     else:
         _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
-                      bc, DECOUPLED, TORCH_CUDA_DIV, BLOCK, WIDE, True)
+                      bc, DECOUPLED, BLOCK, WIDE, True)
 
 
 @triton.jit
-def _fused_step_one_kernel(p_ptr, g_ptr, m_ptr, fac_ptr, meta_ptr, n, lr, beta, omb, wd, lam, bc,
-                           DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    """Interpreter path: one parameter per launch (NOTE: [pointer tables])."""
-    _update(p_ptr, g_ptr, m_ptr, fac_ptr, tl.program_id(0).to(tl.int64) * BLOCK, n, meta_ptr, lr,
-            beta, omb, wd, lam, bc, DECOUPLED, False, BLOCK, WIDE)
-
-
-@triton.jit
-def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper, tvals, fac_ptr,
-                             P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                             DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-                             ALIGNED: tl.constexpr):
-    """GPU path: every parameter of one dtype pair in one launch (NOTE: [pointer tables])."""
+def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, steps, n_steps, ticket,
+                       fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                       DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+                       ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr, STEP_BLOCK: tl.constexpr):
+    """Every parameter of one dtype pair in one launch (NOTE: [pointer tables]).  ``steps``: the
+    addresses of the n_steps float32 step counts (DEVICE_STEPS, NOTE: [step tickets]), else the
+    float32 values t of the parameters, already incremented on the host."""
     pid = tl.program_id(0)
     i = tl.load(block_param + pid)
     start = tl.load(block_start + pid)
@@ -162,7 +155,11 @@ def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper
     omb = tl.load(hp + 2)
     wd = tl.load(hp + 3)
     lam = tl.load(hp + 4)
-    bc = 1.0 - tl.exp2(tl.load(tvals + i) * tl.load(hp + 5))
+    if DEVICE_STEPS:
+        t = tl.load(tl.load(steps + i).to(tl.pointer_type(tl.float32))) + 1.0
+    else:
+        t = tl.load(steps + i)
+    bc = 1.0 - tl.exp2(t * tl.load(hp + 5))
     # NOTE: [vector loads] pointers from a table carry no alignment, and a mask bound of unknown
     # divisibility varies per element: either makes every load and store 4 bytes wide.  With
     # every p/g/m pointer 16-byte aligned (ALIGNED, checked on the host) and the bound of a full
@@ -173,7 +170,16 @@ def _fused_step_table_kernel(block_param, block_start, ptrs, numels, meta, hyper
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
     _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
-            bc, DECOUPLED, True, BLOCK, WIDE)
+            bc, DECOUPLED, BLOCK, WIDE)
+    if DEVICE_STEPS:
+        tl.debug_barrier()                      # every thread of the program has read its t
+        if tl.atomic_add(ticket, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+            for k in range(0, n_steps, STEP_BLOCK):
+                j = k + tl.arange(0, STEP_BLOCK)
+                on = j < n_steps
+                sp = tl.load(steps + j, mask=on, other=0).to(tl.pointer_type(tl.float32))
+                tl.store(sp, tl.load(sp, mask=on) + 1.0, mask=on)
+            tl.store(ticket, 0)
 
 
 I32_LIMIT = 2 ** 31 - BLOCK    # NOTE: [row division]: cols and h_gr below this divide in 32 bits
@@ -218,32 +224,13 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
             p, g, m = params[i], grads[i], moms[i]
             if p.numel():
                 work.append((i, p.contiguous(), g.contiguous(), m.contiguous(), steps[i], p, m))
-        if not _table_path(fac):
-            _step_one_by_one(work, [steps[i] for i in idx if params[i].numel() == 0], fac_c,
-                             meta_rows, hyper, decoupled)
-        else:
-            _step_tables(work, [steps[i] for i in idx if params[i].numel() == 0], fac_c,
-                         meta_rows, hyper, decoupled, pdt, gdt)
+        _launch(work, [steps[i] for i in idx if params[i].numel() == 0], fac_c, meta_rows, hyper,
+                decoupled, pdt, gdt)
         for _, pc, _, mc, _, p, m in work:
             if pc is not p:
                 p.copy_(pc)
             if mc is not m:
                 m.copy_(mc)
-
-
-def _step_one_by_one(work, empty_steps, fac, meta_rows, hyper, decoupled) -> None:
-    """Interpreter path: one launch per parameter, bias correction on the host."""
-    for t in empty_steps:
-        t += 1
-    for i, pc, gc, mc, t, _, _ in work:
-        t += 1
-        lr, beta, wd, lam = hyper[i]
-        row = torch.tensor(meta_rows[i], dtype=torch.int64, device=pc.device)
-        nel = pc.numel()
-        _fused_step_one_kernel[(cdiv(nel, BLOCK),)](
-            pc, gc, mc, fac, row, nel, float(lr), float(beta), float(1 - beta), float(wd),
-            float(lam), float(1 - beta ** float(t)), DECOUPLED=bool(decoupled), BLOCK=BLOCK,
-            WIDE=_wide([meta_rows[i]]))
 
 
 # NOTE: [pointer tables]: the block/pointer/meta tables keyed by (dtype pair, device, pointers,
@@ -277,9 +264,16 @@ def _cached(cache: dict, key: tuple, build):
     return hit
 
 
-def _device_tables(work, meta_rows, dev, pdt, gdt):
-    """(n_blocks, [block_param, block_start, ptrs, numels, meta], aligned, wide), cached."""
-    key = (pdt, gdt, str(dev)) + tuple(
+def _device_steps(steps, dev) -> bool:
+    """Whether every step count is a float32 tensor on ``dev``: read and incremented by the kernel
+    through its address (NOTE: [step tickets]), else incremented on the host."""
+    return all(t.device == dev and t.dtype == torch.float32 for t in steps)
+
+
+def _device_tables(work, step_ptrs, meta_rows, dev, pdt, gdt):
+    """(n_blocks, [block_param, block_start, ptrs, numels, meta], step address table or None,
+    ticket, aligned, wide), cached by everything they hold."""
+    key = (pdt, gdt, str(dev), step_ptrs) + tuple(
         (pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), pc.numel(), *meta_rows[i])
         for i, pc, gc, mc, _, _, _ in work)
 
@@ -293,8 +287,11 @@ def _device_tables(work, meta_rows, dev, pdt, gdt):
         mrows = torch.tensor([meta_rows[w[0]] for w in work], dtype=torch.int64)
         tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start, ptrs, numels,
                                              mrows)]
+        steps = None if step_ptrs is None else _upload(torch.tensor(step_ptrs, dtype=torch.int64),
+                                                       dev)
         aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
-        return int(block_param.numel()), tables, aligned, _wide([meta_rows[w[0]] for w in work])
+        return (int(block_param.numel()), tables, steps, torch.zeros(1, dtype=torch.int32, device=dev),
+                aligned, _wide([meta_rows[w[0]] for w in work]))
 
     return _cached(_TABLES, key, build)
 
@@ -307,20 +304,26 @@ def _hyper_table(work, hyper, dev) -> torch.Tensor:
          for lr, beta, wd, lam in hyp], dtype=torch.float32), dev))
 
 
-def _step_tables(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) -> None:
-    """GPU path: one launch over every parameter of the dtype pair (NOTE: [pointer tables])."""
+def _launch(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) -> None:
+    """One launch over every parameter of the dtype pair (NOTE: [pointer tables]), which also
+    increments the step counts kept on the device (NOTE: [step tickets])."""
     dev = fac.device
-    steps = [w[4] for w in work]
-    if all(t.device == dev for t in steps + empty_steps):      # capturable: no host read of t
-        torch._foreach_add_(steps + empty_steps, 1.0)
-        tvals = torch.stack(steps) if steps else None
-    else:
-        for t in steps + empty_steps:
-            t += 1
-        tvals = _upload(torch.tensor([float(t) for t in steps], dtype=torch.float32), dev)
-    if not work:
-        return
-    n_blocks, tables, aligned, wide = _device_tables(work, meta_rows, dev, pdt, gdt)
-    _fused_step_table_kernel[(n_blocks,)](
-        *tables, _hyper_table(work, hyper, dev), tvals, fac, P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt],
-        DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide, ALIGNED=aligned)
+    steps = [w[4] for w in work] + empty_steps
+    on_dev = _device_steps(steps, dev)
+    if not work or not on_dev:
+        if on_dev:
+            torch._foreach_add_(steps, 1.0)
+        else:
+            for t in steps:
+                t += 1
+        if not work:
+            return
+    step_ptrs = tuple(t.data_ptr() for t in steps) if on_dev else None
+    n_blocks, tables, step_table, ticket, aligned, wide = _device_tables(
+        work, step_ptrs, meta_rows, dev, pdt, gdt)
+    if not on_dev:
+        step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32), dev)
+    _fused_step_kernel[(n_blocks,)](
+        *tables, _hyper_table(work, hyper, dev), step_table, len(steps), ticket, fac,
+        P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
+        ALIGNED=aligned, DEVICE_STEPS=on_dev, STEP_BLOCK=STEP_BLOCK)

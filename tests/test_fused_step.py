@@ -39,13 +39,21 @@ def _problem(dtype):
 
 @pytest.mark.parametrize("dtype,rtol", DTYPES)
 @pytest.mark.parametrize("decoupled", [False, True])
-def test_fused_step(kernel_ops, dtype, rtol, decoupled):
+@pytest.mark.parametrize("steps_on", ["device", "host"])
+def test_fused_step(kernel_ops, dtype, rtol, decoupled, steps_on, monkeypatch):
+    """steps_on: step counts on the parameters' device, which the Triton kernel increments itself
+    (NOTE: [step tickets] in fisher_kernels/fused_step.py), or on the host (on a CPU machine the
+    Triton backend is told that they are not on its device)."""
     torch.manual_seed(0)
     params, grads, moms, fac, meta, hyper = _problem(dtype)
+    where = device() if steps_on == "device" else "cpu"
+    if steps_on == "host" and backend_name(kernel_ops) == "triton":
+        monkeypatch.setattr(importlib.import_module("fisher_kernels.fused_step"), "_device_steps",
+                            lambda steps, dev: False)
     want = ([p.clone() for p in params], [m.clone() for m in moms],
             [torch.tensor(float(i)) for i in range(len(params))])
     got = ([p.clone() for p in params], [m.clone() for m in moms],
-           [torch.tensor(float(i)) for i in range(len(params))])
+           [torch.tensor(float(i), device=where) for i in range(len(params))])
     for _ in range(3):
         reference.fused_step(want[0], grads, want[1], want[2], fac, meta, hyper, decoupled)
         kernel_ops.fused_step(got[0], grads, got[1], got[2], fac, meta, hyper, decoupled)
@@ -131,12 +139,13 @@ def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
 
 
-def test_triton_table_path_host_tables(monkeypatch):
-    """The host side of Triton's one-launch GPU path (NOTE: [pointer tables]), which the CPU tests'
-    interpreter cannot run (its kernel dereferences raw pointers): the tables given to the launch
-    cover every element of every parameter once, with its pointers, meta row, hyper-parameters and
-    step; they are cached, an LR change uploads only the hyper-parameter table, and new gradient
-    tensors rebuild the pointer tables."""
+@pytest.mark.parametrize("steps_on", ["device", "host"])
+def test_triton_fused_step_tables(monkeypatch, steps_on):
+    """The host side of Triton's one launch (NOTE: [pointer tables]): the tables given to the
+    launch cover every element of every parameter once, with its pointers, meta row,
+    hyper-parameters and step count (the addresses of device steps, the incremented values of
+    host steps); they are cached, an LR change uploads only the hyper-parameter table, and new
+    gradient tensors rebuild the pointer tables."""
     pytest.importorskip("triton")
     fs = importlib.import_module("fisher_kernels.fused_step")
     launches, uploads = [], []
@@ -146,20 +155,22 @@ def test_triton_table_path_host_tables(monkeypatch):
             return lambda *args, **kw: launches.append((grid, args, kw))
 
     upload = fs._upload
-    monkeypatch.setattr(fs, "_fused_step_table_kernel", Recorder())
-    monkeypatch.setattr(fs, "_table_path", lambda fac: True)
+    monkeypatch.setattr(fs, "_fused_step_kernel", Recorder())
     monkeypatch.setattr(fs, "_TABLES", {})
     monkeypatch.setattr(fs, "_HYPER", {})
     monkeypatch.setattr(fs, "_upload",
                         lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
+    if steps_on == "host":
+        monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
     store = torch.randn(2 * fs.BLOCK + 10)
-    params = [torch.randn(5, 7), store[: 2 * fs.BLOCK + 9], torch.randn(1)]
+    params = [torch.randn(5, 7), store[: 2 * fs.BLOCK + 9], torch.randn(1), torch.randn(0)]
     meta = torch.tensor([[5, 7, 0, 1, 0, 5, 0, 1, 5, 0], [2057, 1, 0, 0, 0, 0, 0, 0, 2057, 0],
-                         [1, 1, 0, 0, 0, 0, 0, 0, 1, 0]])
+                         [1, 1, 0, 0, 0, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 0, 1, 0]])
     moms = [torch.zeros_like(p) for p in params]
-    steps = [torch.tensor(float(k)) for k in (0, 4, 9)]
+    steps = [torch.tensor(float(k)) for k in (0, 4, 9, 2)]
     fac = torch.rand(16)
-    hyper = [(1e-3, 0.9, 0.0, 1e-3), (2e-3, 0.8, 1e-2, 1e-3), (1e-3, 0.95, 0.0, 0.0)]
+    hyper = [(1e-3, 0.9, 0.0, 1e-3), (2e-3, 0.8, 1e-2, 1e-3), (1e-3, 0.95, 0.0, 0.0),
+             (1e-3, 0.9, 0.0, 1e-3)]
 
     def step(grads, hyper):
         launches.clear()
@@ -171,27 +182,35 @@ def test_triton_table_path_host_tables(monkeypatch):
 
     grads = [torch.randn_like(p) for p in params]
     grid, args, kw = step(grads, hyper)
-    block_param, block_start, ptrs, numels, mrows, hyp, tvals, fac_arg = args
+    block_param, block_start, ptrs, numels, mrows, hyp, step_table, n_steps, ticket, fac_arg = args
     assert fac_arg is fac
     starts = {}
     for b in range(grid):
         starts.setdefault(int(block_param[b]), []).append(int(block_start[b]))
-    for i, p in enumerate(params):
+    assert sorted(starts) == [0, 1, 2]                                # the empty one has no block
+    for i, p in enumerate(params[:3]):
         assert sorted(starts[i]) == list(range(0, p.numel(), fs.BLOCK))
         assert ptrs[i].tolist() == [p.data_ptr(), grads[i].data_ptr(), moms[i].data_ptr()]
         assert int(numels[i]) == p.numel() and mrows[i].tolist() == meta[i].tolist()
         lr, beta, wd, lam = hyper[i]
         want = torch.tensor([lr, beta, 1 - beta, wd, lam, torch.log2(torch.tensor(beta)).item()])
         torch.testing.assert_close(hyp[i], want)
-    assert tvals.tolist() == [1.0, 5.0, 10.0] and [t.item() for t in steps] == [1.0, 5.0, 10.0]
+    assert n_steps == 4 and ticket.tolist() == [0] and kw["DEVICE_STEPS"] == (steps_on == "device")
+    if steps_on == "device":       # addresses, the kernel increments (the empty one's too)
+        assert step_table.tolist() == [t.data_ptr() for t in steps]
+        assert [t.item() for t in steps] == [0.0, 4.0, 9.0, 2.0]
+    else:                          # incremented here, the values uploaded
+        assert step_table.tolist() == [1.0, 5.0, 10.0]
+        assert [t.item() for t in steps] == [1.0, 5.0, 10.0, 3.0]
     assert kw["DECOUPLED"] and not kw["WIDE"] and kw["ALIGNED"]
-    assert sorted(uploads) == sorted([(grid,), (grid,), (3, 3), (3,), (3, 10), (3, 6)])
+    tables = [(grid,), (grid,), (3, 3), (3,), (3, 10), (3, 6)]
+    assert sorted(uploads) == sorted(tables + [(4,) if steps_on == "device" else (3,)])
 
     _, args, _ = step(grads, hyper)                                   # same tensors: no upload
-    assert uploads == [] and args[5] is hyp
+    assert uploads == ([] if steps_on == "device" else [(3,)]) and args[5] is hyp
     halved = [(lr / 2, *rest) for lr, *rest in hyper]                 # an LR schedule
     _, args, _ = step(grads, halved)
-    assert uploads == [(3, 6)] and args[2] is ptrs
+    assert (3, 6) in uploads and (3, 3) not in uploads and args[2] is ptrs
     torch.testing.assert_close(args[5][:, 0], hyp[:, 0] / 2)
     _, args, _ = step([g.clone() for g in grads], hyper)              # new gradient tensors
     assert (3, 3) in uploads and args[2] is not ptrs and args[5] is hyp

@@ -126,37 +126,36 @@ def _stats_calls(dev="cpu"):
 
 
 def _optimizer_runs(dev="cpu"):
-    """The real hooks, layer_ema and the one-launch fused step (its GPU table path), per preset and
-    optimizer, on the benchmark models; parameters in float32, bfloat16 and float16."""
-    real_table_path = fs._table_path
-    fs._table_path = lambda fac: True
+    """The real hooks, layer_ema and the one-launch fused step, per preset and optimizer, on the
+    benchmark models; parameters in float32, bfloat16 and float16, step counts on the device and
+    on the host."""
+    for preset in ("official", "paper"):
+        for cls in (AdaFisher, AdaFisherW):
+            for make, inp in ((lambda: models.resnet18_cifar(width=16),
+                               lambda: torch.randn(4, 3, 32, 32)),
+                              (lambda: models.GPT(vocab=97, d=64, n_layer=1, n_head=2, block_size=16),
+                               lambda: torch.randint(0, 97, (2, 16)))):
+                model = make().to(dev)
+                opt = cls(model, preset=preset, backend="torch", TCov=1)
+                opt._ops._ops = fisher_kernels
+                out = model(inp().to(dev))
+                out.float().square().mean().backward()
+                opt.step()
+    meta = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 0, 0, 1]] * 2)
+    device_steps = fs._device_steps
     try:
-        for preset in ("official", "paper"):
-            for cls in (AdaFisher, AdaFisherW):
-                for make, inp in ((lambda: models.resnet18_cifar(width=16),
-                                   lambda: torch.randn(4, 3, 32, 32)),
-                                  (lambda: models.GPT(vocab=97, d=64, n_layer=1, n_head=2, block_size=16),
-                                   lambda: torch.randint(0, 97, (2, 16)))):
-                    model = make().to(dev)
-                    opt = cls(model, preset=preset, backend="torch", TCov=1)
-                    opt._ops._ops = fisher_kernels
-                    out = model(inp().to(dev))
-                    out.float().square().mean().backward()
-                    opt.step()
-        meta = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 0, 0, 1]] * 2)
-        for dt in (torch.float32, torch.bfloat16, torch.float16):
-            for gdt in {dt, torch.float32}:
-                ps = [torch.zeros(n, dtype=dt) for n in (5, 3000)]
-                for decoupled in (False, True):
-                    fisher_kernels.fused_step(
-                        ps, [torch.zeros_like(p, dtype=gdt) for p in ps],
-                        [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps],
-                        torch.ones(2), meta, [(1e-3, 0.9, 1e-4, 1e-3)] * 2, decoupled)
+        for on_device in (True, False):
+            fs._device_steps = lambda steps, d: on_device
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                for gdt in {dt, torch.float32}:
+                    ps = [torch.zeros(n, dtype=dt) for n in (5, 3000)]
+                    for decoupled in (False, True):
+                        fisher_kernels.fused_step(
+                            ps, [torch.zeros_like(p, dtype=gdt) for p in ps],
+                            [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps],
+                            torch.ones(2), meta, [(1e-3, 0.9, 1e-4, 1e-3)] * 2, decoupled)
     finally:
-        fs._table_path = real_table_path
-    fs._step_one_by_one(                                   # the interpreter path's kernel
-        [(0, torch.zeros(5), torch.zeros(5), torch.zeros(5), torch.zeros(()), None, None)], [],
-        torch.ones(2), [[1, 1, 0, 0, 0, 1, 0, 0, 0, 1]], [(1e-3, 0.9, 0.0, 1e-3)], True)
+        fs._device_steps = device_steps
 
 
 def _resources(cubin: bytes) -> dict:
