@@ -1,4 +1,7 @@
 """linear_stats kernels against the torch reference (odd shapes, every dim, fp32/bf16/fp16)."""
+import importlib
+import math
+
 import pytest
 import torch
 
@@ -62,3 +65,23 @@ def test_linear_stats_gpu_large(kernel_ops, shape, dim, dtype):
     err_ref = (lp.double() - want).abs().max().item()
     err = (got.double() - want).abs().max().item()
     assert err <= 2 * err_ref + 1e-6 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("shape,dim", [((4100, 3), -1), ((1100, 5, 3), 1)])
+def test_triton_linear_stats_split_rows(monkeypatch, shape, dim):
+    """The GPU's split of the rows over several programs whose partial sums meet through atomic
+    adds (NOTE: [atomic partial sums] in fisher_kernels/linear_stats.py), which the interpreter
+    would not pick on its own, and a last program with a partial tile of rows."""
+    pytest.importorskip("triton")
+    ls = importlib.import_module("fisher_kernels.linear_stats")
+    monkeypatch.setattr(ls, "interpreting", lambda: False)
+    a = math.prod(shape[:dim % len(shape)])
+    k = shape[dim]
+    block_a, _, _, rows, grid = ls.tiles(a, k, math.prod(shape[dim % len(shape) + 1:]))
+    assert grid[2] > 1 and a % rows                     # several programs, the last one partial
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device())
+    want, got = torch.zeros(k, device=device()), torch.zeros(k, device=device())
+    reference.linear_stats(x, want, dim)
+    ls.linear_stats(x, got, dim)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
