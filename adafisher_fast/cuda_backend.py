@@ -154,6 +154,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     else:
         idx = [i for i in range(n) if ok[i]]
         rest = [i for i in range(n) if not ok[i]]
+        reference.check_step_shapes(params, grads, moms)     # before the reference updates any
         reference.fused_step([params[i] for i in rest], [grads[i] for i in rest], [moms[i] for i in rest],
                              [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled)
         if not idx:

@@ -253,6 +253,17 @@ def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Ten
     return fac[s_idx] * fac[h_idx] + lam
 
 
+def check_step_shapes(params: List[torch.Tensor], grads: List[torch.Tensor],
+                      moms: List[torch.Tensor], indices: Optional[Sequence[int]] = None) -> None:
+    """Raise ValueError naming the first parameter (of ``indices``, default all) whose gradient
+    or momentum does not have its shape."""
+    for i in range(len(params)) if indices is None else indices:
+        p, g, m = params[i], grads[i], moms[i]
+        if p.shape != g.shape or p.shape != m.shape:
+            raise ValueError(f"fused_step: parameter {i} has shape {tuple(p.shape)}, its gradient "
+                             f"{tuple(g.shape)} and momentum {tuple(m.shape)}")
+
+
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
                hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
@@ -267,6 +278,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
         p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled))
     """
+    check_step_shapes(params, grads, moms)
     for p, g, m, t, row, (lr, beta, wd, lam) in zip(params, grads, moms, steps, meta.tolist(), hyper):
         t += 1
         work = torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -33,6 +33,7 @@ back.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, List, Tuple
 
@@ -201,31 +202,43 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
         raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
                          "same length")
-    meta_rows = meta.tolist()
+    # NOTE: [step host path] One pass per step over the parameters, reading what the cached tables
+    # are keyed by; everything else (shape checks, table building) happens on a cache miss.  A hit
+    # means the same contiguous p/g/m memory, sizes, steps and meta rows as a checked step, so
+    # the launch is safe as it was then.  All groups are looked up before any of them launches,
+    # so a bad shape raises before any state changes.
     ref_idx, groups = [], {}
-    for i, (p, g, m) in enumerate(zip(params, grads, moms)):
-        if p.dtype not in _TL or g.dtype not in _TL or m.dtype != p.dtype:
-            ref_idx.append(i)
+    for i, p, g, m in zip(range(n), params, grads, moms):
+        pdt, gdt = p.dtype, g.dtype
+        if pdt in _TL and gdt in _TL and m.dtype == pdt:
+            grp = groups.get((pdt, gdt))
+            if grp is None:
+                grp = groups[pdt, gdt] = ([], [], [], [])
+            work, sig, empty, _ = grp
+            nel = p.numel()
+            if nel:
+                pc, gc, mc = p.contiguous(), g.contiguous(), m.contiguous()
+                work.append((i, pc, gc, mc, steps[i], p, m))
+                sig.append((pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), nel))
+            else:
+                empty.append(i)
         else:
-            if p.shape != g.shape or p.shape != m.shape:
-                raise ValueError(f"fused_step: parameter {i} has shape {tuple(p.shape)}, its "
-                                 f"gradient {tuple(g.shape)} and momentum {tuple(m.shape)}")
-            groups.setdefault((p.dtype, g.dtype), []).append(i)
+            ref_idx.append(i)
+    meta_key = _meta_token(meta)
+    fac_c = fac.contiguous()
+    for (pdt, gdt), (work, sig, empty, out) in groups.items():
+        t_all = [w[4] for w in work] + [steps[i] for i in empty]
+        key = (pdt, gdt, str(fac.device), tuple(t.data_ptr() for t in t_all), tuple(sig),
+               tuple(i for i, *_ in work), meta_key)
+        out.append(_cached(_TABLES, key, lambda: _build(work, empty, params, grads, moms, t_all,
+                                                        meta, fac.device)))
     if ref_idx:
+        reference.check_step_shapes(params, grads, moms, ref_idx)
         reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
                              [moms[i] for i in ref_idx], [steps[i] for i in ref_idx], fac,
                              meta[ref_idx], [hyper[i] for i in ref_idx], decoupled)
-    if not groups:
-        return
-    fac_c = fac.contiguous()
-    for (pdt, gdt), idx in groups.items():
-        work = []              # (i, p, g, m, step, copy-back targets), non-empty parameters
-        for i in idx:
-            p, g, m = params[i], grads[i], moms[i]
-            if p.numel():
-                work.append((i, p.contiguous(), g.contiguous(), m.contiguous(), steps[i], p, m))
-        _launch(work, [steps[i] for i in idx if params[i].numel() == 0], fac_c, meta_rows, hyper,
-                decoupled, pdt, gdt)
+    for (pdt, gdt), (work, _, empty, (tables,)) in groups.items():
+        _launch(work, [steps[i] for i in empty], tables, fac_c, hyper, decoupled, pdt, gdt)
         for _, pc, _, mc, _, p, m in work:
             if pc is not p:
                 p.copy_(pc)
@@ -233,8 +246,9 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                 m.copy_(mc)
 
 
-# NOTE: [pointer tables]: the block/pointer/meta tables keyed by (dtype pair, device, pointers,
-# meta rows), the hyper-parameter table by value: an LR schedule re-uploads only the latter
+# NOTE: [pointer tables]: the block/pointer/meta tables keyed by (dtype pair, device, step
+# addresses, pointers and sizes, meta rows), the hyper-parameter table by value: an LR schedule
+# re-uploads only the latter
 _TABLES: Dict[tuple, tuple] = {}
 _HYPER: Dict[tuple, torch.Tensor] = {}
 _MAX_TABLES = 8
@@ -264,36 +278,55 @@ def _cached(cache: dict, key: tuple, build):
     return hit
 
 
+_META_SEEN: tuple = (None, -1, -1)       # the last meta tensor, its _version, its token
+_META_TOKENS: Dict[tuple, int] = {}
+_NEXT_TOKEN = itertools.count()
+
+
+def _meta_token(meta: torch.Tensor) -> int:
+    """A small int standing for the meta rows' values in the table keys: the optimizer passes the
+    same unchanged tensor every step, which is recognised without reading its rows again."""
+    global _META_SEEN
+    seen = _META_SEEN
+    if meta is seen[0] and meta._version == seen[1]:
+        return seen[2]
+    rows = tuple(meta.reshape(-1).tolist())
+    token = _META_TOKENS.get(rows)
+    if token is None:
+        if len(_META_TOKENS) >= 4 * _MAX_TABLES:
+            _META_TOKENS.clear()
+        token = _META_TOKENS[rows] = next(_NEXT_TOKEN)
+    _META_SEEN = (meta, meta._version, token)
+    return token
+
+
 def _device_steps(steps, dev) -> bool:
     """Whether every step count is a float32 tensor on ``dev``: read and incremented by the kernel
     through its address (NOTE: [step tickets]), else incremented on the host."""
     return all(t.device == dev and t.dtype == torch.float32 for t in steps)
 
 
-def _device_tables(work, step_ptrs, meta_rows, dev, pdt, gdt):
-    """(n_blocks, [block_param, block_start, ptrs, numels, meta], step address table or None,
-    ticket, aligned, wide), cached by everything they hold."""
-    key = (pdt, gdt, str(dev), step_ptrs) + tuple(
-        (pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), pc.numel(), *meta_rows[i])
-        for i, pc, gc, mc, _, _, _ in work)
-
-    def build():
-        nblk = [cdiv(w[1].numel(), BLOCK) for w in work]
-        block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
-        block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk])
-        ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
-                            dtype=torch.int64)
-        numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
-        mrows = torch.tensor([meta_rows[w[0]] for w in work], dtype=torch.int64)
-        tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start, ptrs, numels,
-                                             mrows)]
-        steps = None if step_ptrs is None else _upload(torch.tensor(step_ptrs, dtype=torch.int64),
-                                                       dev)
-        aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
-        return (int(block_param.numel()), tables, steps, torch.zeros(1, dtype=torch.int32, device=dev),
-                aligned, _wide([meta_rows[w[0]] for w in work]))
-
-    return _cached(_TABLES, key, build)
+def _build(work, empty, params, grads, moms, steps, meta, dev):
+    """The device tables of one dtype pair after checking its shapes: (n_blocks, [block_param,
+    block_start, ptrs, numels, meta], step address table or None (host steps), ticket, aligned,
+    wide)."""
+    reference.check_step_shapes(params, grads, moms, [w[0] for w in work] + empty)
+    rows = [meta[w[0]].tolist() for w in work]
+    nblk = [cdiv(w[1].numel(), BLOCK) for w in work]
+    block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
+    block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk] or
+                            [torch.zeros(0, dtype=torch.int64)])
+    ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
+                        dtype=torch.int64).reshape(-1, 3)
+    numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
+    tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start, ptrs, numels,
+                                         torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
+    step_ptrs = None
+    if _device_steps(steps, dev):
+        step_ptrs = _upload(torch.tensor([t.data_ptr() for t in steps], dtype=torch.int64), dev)
+    aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    return int(block_param.numel()), tables, step_ptrs, ticket, aligned, _wide(rows)
 
 
 def _hyper_table(work, hyper, dev) -> torch.Tensor:
@@ -304,26 +337,23 @@ def _hyper_table(work, hyper, dev) -> torch.Tensor:
          for lr, beta, wd, lam in hyp], dtype=torch.float32), dev))
 
 
-def _launch(work, empty_steps, fac, meta_rows, hyper, decoupled, pdt, gdt) -> None:
+def _launch(work, empty_steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
     """One launch over every parameter of the dtype pair (NOTE: [pointer tables]), which also
     increments the step counts kept on the device (NOTE: [step tickets])."""
-    dev = fac.device
+    n_blocks, tabs, step_table, ticket, aligned, wide = tables
     steps = [w[4] for w in work] + empty_steps
-    on_dev = _device_steps(steps, dev)
-    if not work or not on_dev:
+    on_dev = step_table is not None
+    if not on_dev:
+        for t in steps:
+            t += 1
+    if not work:                         # only empty parameters: nothing to launch
         if on_dev:
             torch._foreach_add_(steps, 1.0)
-        else:
-            for t in steps:
-                t += 1
-        if not work:
-            return
-    step_ptrs = tuple(t.data_ptr() for t in steps) if on_dev else None
-    n_blocks, tables, step_table, ticket, aligned, wide = _device_tables(
-        work, step_ptrs, meta_rows, dev, pdt, gdt)
+        return
     if not on_dev:
-        step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32), dev)
+        step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32),
+                             fac.device)
     _fused_step_kernel[(n_blocks,)](
-        *tables, _hyper_table(work, hyper, dev), step_table, len(steps), ticket, fac,
+        *tabs, _hyper_table(work, hyper, fac.device), step_table, len(steps), ticket, fac,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
         ALIGNED=aligned, DEVICE_STEPS=on_dev, STEP_BLOCK=STEP_BLOCK)

@@ -48,8 +48,9 @@ def test_fused_step(kernel_ops, dtype, rtol, decoupled, steps_on, monkeypatch):
     params, grads, moms, fac, meta, hyper = _problem(dtype)
     where = device() if steps_on == "device" else "cpu"
     if steps_on == "host" and backend_name(kernel_ops) == "triton":
-        monkeypatch.setattr(importlib.import_module("fisher_kernels.fused_step"), "_device_steps",
-                            lambda steps, dev: False)
+        fs = importlib.import_module("fisher_kernels.fused_step")
+        monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
+        monkeypatch.setattr(fs, "_TABLES", {})
     want = ([p.clone() for p in params], [m.clone() for m in moms],
             [torch.tensor(float(i)) for i in range(len(params))])
     got = ([p.clone() for p in params], [m.clone() for m in moms],
@@ -64,6 +65,25 @@ def test_fused_step(kernel_ops, dtype, rtol, decoupled, steps_on, monkeypatch):
         # the next step starts from the same state on both sides
         for a, b in zip(got[0] + got[1], want[0] + want[1]):
             a.copy_(b)
+
+
+def test_fused_step_bad_shape_changes_nothing(kernel_ops):
+    """A momentum whose shape is not its parameter's raises, naming the parameter, before any
+    parameter (the float64 one the reference updates included) or step count changes."""
+    params = [torch.randn(4, 3, device=device(), dtype=torch.float64),
+              torch.randn(5, device=device()), torch.randn(2, 3, device=device())]
+    grads = [torch.randn_like(p) for p in params]
+    moms = [torch.zeros_like(p) for p in params[:2]] + [torch.zeros(3, 2, device=device())]
+    steps = [torch.tensor(0.0) for _ in params]
+    before = [p.clone() for p in params]
+    meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0], [5, 1, 0, 1, 0, 5, 0, 0, 5, 0],
+                         [2, 3, 0, 1, 0, 2, 0, 1, 2, 0]])
+    for ops in (reference, kernel_ops):
+        with pytest.raises((ValueError, RuntimeError), match="parameter 2 has"):
+            ops.fused_step(params, grads, moms, steps, torch.rand(8, device=device()), meta,
+                           [(0.1, 0.9, 0.0, 1e-3)] * 3, False)
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        assert [t.item() for t in steps] == [0.0, 0.0, 0.0]
 
 
 def test_fused_step_noncontiguous(kernel_ops):
@@ -145,7 +165,7 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     launch cover every element of every parameter once, with its pointers, meta row,
     hyper-parameters and step count (the addresses of device steps, the incremented values of
     host steps); they are cached, an LR change uploads only the hyper-parameter table, and new
-    gradient tensors rebuild the pointer tables."""
+    gradient tensors or changed meta rows rebuild the pointer tables (NOTE: [step host path])."""
     pytest.importorskip("triton")
     fs = importlib.import_module("fisher_kernels.fused_step")
     launches, uploads = [], []
@@ -217,5 +237,9 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
 
     params[1] = store[1: 2 * fs.BLOCK + 10]                 # a 4-byte offset: no 16-byte loads
     moms[1] = torch.zeros_like(params[1])
-    _, _, kw = step([torch.randn_like(p) for p in params], hyper)
+    grads = [torch.randn_like(p) for p in params]
+    _, _, kw = step(grads, hyper)
     assert not kw["ALIGNED"]
+    meta[0, 5] = 6                                          # meta rows changed in place
+    _, args, _ = step(grads, hyper)
+    assert uploads.count((3, 10)) == 1 and args[4][0].tolist() == meta[0].tolist()
