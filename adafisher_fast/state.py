@@ -30,8 +30,8 @@ class Layer:
     kind: LayerKind
     h_acc: slice        # accumulator ranges in buf
     s_acc: slice
-    h_count: int        # index of the row counts in buf
-    s_count: int
+    h_count: slice      # the one-entry ranges of the row counts in buf (an in-place add_ on
+    s_count: slice      # a slice is one kernel; ``buf[i] += n`` is two, an add and a copy back)
     h_raw: slice        # ranges in state / fac
     s_raw: slice
 
@@ -83,10 +83,11 @@ class FisherState:
             degree += [sp.grad_degree] * sp.acc_size
             layer = self.layers[f // 2]
             acc, raw = slice(acc_off, acc_off + sp.acc_size), slice(raw_off, raw_off + sp.size)
+            count = slice(n_acc + f, n_acc + f + 1)
             if f % 2 == 0:
-                layer.h_acc, layer.h_raw, layer.h_count = acc, raw, n_acc + f
+                layer.h_acc, layer.h_raw, layer.h_count = acc, raw, count
             else:
-                layer.s_acc, layer.s_raw, layer.s_count = acc, raw, n_acc + f
+                layer.s_acc, layer.s_raw, layer.s_count = acc, raw, count
             acc_off += sp.acc_size
             raw_off += sp.size
             factor_start.append(raw_off)
