@@ -220,24 +220,27 @@ class AdaFisher(Optimizer):
         """Lists for ``fused_step`` over the parameters that have a gradient (local shards of
         DTensors); raises on a bad gradient before any state changes."""
         fisher, free_lam = self.fisher, PRESETS[self.preset].free_params_get_lambda
+        state, free, rows = self.state, fisher.free, fisher.meta
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
         for group in self.param_groups:
+            lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
             for p in group["params"]:
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                name = self._names.get(id(p), "?")
-                if p.grad.is_sparse:
-                    raise ValueError(f"parameter '{name}' has a sparse gradient; AdaFisher needs "
-                                     f"dense gradients")
-                st = self.state[p]
+                if g.is_sparse:
+                    raise ValueError(f"parameter '{self._names.get(id(p), '?')}' has a sparse "
+                                     f"gradient; AdaFisher needs dense gradients")
+                st = state[p]
                 if not st:
                     st["step"] = torch.zeros((), dtype=torch.float32,
                                              device=p.device if self._device_steps else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 # Lambda is 0 for the released code's factor-free parameters (F = 1)
-                lam = self.Lambda if (free_lam or id(p) not in fisher.free) else 0.0
-                row, m, g = fisher.meta[id(p)], st["exp_avg"], p.grad
+                lam = self.Lambda if (free_lam or id(p) not in free) else 0.0
+                row, m = rows[id(p)], st["exp_avg"]
                 if isinstance(p, DTensor):
+                    name = self._names.get(id(p), "?")
                     start, length = _dim0_shard(p, name)
                     row = fisher.shard_meta(row, p.shape, start, length, name)
                     p, m, g = p.to_local(), m.to_local(), g.to_local()
@@ -246,7 +249,7 @@ class AdaFisher(Optimizer):
                 moms.append(m)
                 steps.append(st["step"])
                 meta.append(row)
-                hyper.append((group["lr"], group["beta"], group["weight_decay"], lam))
+                hyper.append((lr, beta, wd, lam))
         if torch.compiler.is_compiling():  # a constant of the graph (torch 2.11 rejects the setattr)
             return params, grads, moms, steps, torch.tensor(meta, dtype=torch.int64), hyper
         if meta != self._meta[0]:          # the same rows every step unless grads come and go
