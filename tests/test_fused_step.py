@@ -133,7 +133,9 @@ def test_fused_step_blocks_across_rows(kernel_ops, wide, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,rtol", DTYPES)
 def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
-    """A 1e8-element parameter set: a 4096x4096 Linear, many small tensors, one odd-sized one."""
+    """A 1e8-element parameter set: a 4096x4096 Linear, many small tensors, one odd-sized one;
+    step counts on the GPU, which ~10^5 programs per launch read before the last one increments
+    them (NOTE: [step tickets]): after 20 steps every count is 20."""
     torch.manual_seed(0)
     shapes = [(4096, 4096)] * 5 + [(4097,)] * 64 + [(1000, 17137)] + [(0,)]
     n_fac = 4096 * 2 + 2
@@ -151,12 +153,15 @@ def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
     meta = torch.tensor(rows, dtype=torch.int64)
     hyper = [(1e-3, 0.9, 0.01, 1e-3)] * len(shapes)
     pw, mw = [p.clone() for p in params], [m.clone() for m in moms]
-    tw, tg = [torch.tensor(0.0) for _ in shapes], [torch.tensor(0.0) for _ in shapes]
+    tw, tg = [torch.tensor(0.0) for _ in shapes], [torch.tensor(0.0, device="cuda") for _ in shapes]
     reference.fused_step(pw, grads, mw, tw, fac, meta, hyper, True)
     kernel_ops.fused_step(params, grads, moms, tg, fac, meta, hyper, True)
     for a, b in zip(params + moms, pw + mw):
         scale = b.abs().max().item() if b.numel() else 0.0
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * scale)
+    for _ in range(19):
+        kernel_ops.fused_step(params, grads, moms, tg, fac, meta, hyper, True)
+    assert torch.stack(tg).tolist() == [20.0] * len(shapes)
 
 
 @pytest.mark.parametrize("steps_on", ["device", "host"])
