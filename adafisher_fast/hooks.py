@@ -75,7 +75,7 @@ class StatHooks:
             x = inputs[0].detach()
             with torch.no_grad():
                 rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
-                fisher.buf[lay.h_count].add_(rows)
+                fisher.add_rows(lay.h_factor, rows)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 if torch.compiler.is_compiling() and not _DYNAMO_TRACES_TENSOR_HOOKS:
                     return _GradTap.apply(output, self._grad_hook(lay))   # NOTE: [grad tap]
@@ -90,7 +90,9 @@ class StatHooks:
             with torch.no_grad():
                 rows = lay.kind.s_stats(lay.module, grad.detach(), fisher.buf[lay.s_acc],
                                         fisher.preset, self.ops)
-                fisher.buf[lay.s_count].add_(rows)
+                fisher.add_rows(lay.s_factor, rows)
+            if not torch.compiler.is_compiling():
+                fisher.flush_after_backward()
 
         return hook
 

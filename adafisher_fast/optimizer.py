@@ -299,8 +299,10 @@ class AdaFisher(Optimizer):
             for g in grads:
                 g.div_(grad_scale.to(g))
         if self._hooks.collecting:
-            if not torch.compiler.is_compiling() and self._hooks.fired is not None:
-                self._warn_silent_layers()
+            if not torch.compiler.is_compiling():
+                fisher.flush_rows()                     # NOTE: [host row counts]
+                if self._hooks.fired is not None:
+                    self._warn_silent_layers()
             self._reduce_stats(grad_scale)
             self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
                                 fisher.initialized, fisher.counters,
@@ -355,6 +357,7 @@ class AdaFisher(Optimizer):
         """{module name: (H, S)}: the raw statistics gathered since the last step/zero_grad,
         finalised as SPEC section 2 defines them (before any EMA or normalisation)."""
         from .reference import layer_raw
+        self.fisher.flush_rows()
         raw = layer_raw(self.fisher.buf, self.fisher.table)
         return {l.name: (raw[l.h_raw].clone(), raw[l.s_raw].clone()) for l in self.fisher.layers}
 

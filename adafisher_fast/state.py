@@ -1,7 +1,8 @@
 """The optimizer's curvature state, laid out flat for one-launch kernels (SPEC sections 3-4).
 
 * ``buf``   raw-statistics accumulators of every hooked layer, then one row count per factor;
-            the hooks add into it, ``zero_grad()`` and ``step()`` clear it.
+            the hooks add into it (the counts by way of the host, NOTE: [host row counts]),
+            ``zero_grad()`` and ``step()`` clear it.
 * ``state`` EMA of the raw H and S of every layer; ``fac`` the H'/S' that the update reads, plus a
             constant 1 in its last slot for factor-free parameters.
 * ``meta``  per parameter, the (row, column) -> (S', H') index map (NOTE: [param map]).
@@ -30,8 +31,8 @@ class Layer:
     kind: LayerKind
     h_acc: slice        # accumulator ranges in buf
     s_acc: slice
-    h_count: slice      # the one-entry ranges of the row counts in buf (an in-place add_ on
-    s_count: slice      # a slice is one kernel; ``buf[i] += n`` is two, an add and a copy back)
+    h_factor: int       # factor indices: the row counts are buf[n_acc + factor]
+    s_factor: int
     h_raw: slice        # ranges in state / fac
     s_raw: slice
 
@@ -83,11 +84,10 @@ class FisherState:
             degree += [sp.grad_degree] * sp.acc_size
             layer = self.layers[f // 2]
             acc, raw = slice(acc_off, acc_off + sp.acc_size), slice(raw_off, raw_off + sp.size)
-            count = slice(n_acc + f, n_acc + f + 1)
             if f % 2 == 0:
-                layer.h_acc, layer.h_raw, layer.h_count = acc, raw, count
+                layer.h_acc, layer.h_raw, layer.h_factor = acc, raw, f
             else:
-                layer.s_acc, layer.s_raw, layer.s_count = acc, raw, count
+                layer.s_acc, layer.s_raw, layer.s_factor = acc, raw, f
             acc_off += sp.acc_size
             raw_off += sp.size
             factor_start.append(raw_off)
@@ -101,6 +101,9 @@ class FisherState:
             factor_start, torch.arange(nf, **i64) // 2, len(self.layers))
         self.grad_degree = torch.tensor(degree + [0] * nf, **fl)
         self.buf = torch.zeros(n_acc + nf, **fl)
+        self.n_acc = n_acc
+        self.pending = [0] * nf             # row counts not yet in buf (NOTE: [host row counts])
+        self._pending_any = self._flush_queued = False
         self.state = torch.ones(raw_off, **fl)
         self.fac = torch.ones(raw_off + 1, **fl)
         self.initialized = torch.zeros(nf, dtype=torch.bool, device=device)
@@ -144,8 +147,47 @@ class FisherState:
             h_gr, h_gs = max(n, 1), 0           # the shard lies within one group
         return (n, cols, s_off + ro * s_r, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs)
 
+    # NOTE: [host row counts] Each statistics call also counts the rows it added (a Python int
+    # from the shapes).  Added on the device, that was one one-element kernel per hook (82 per
+    # statistics iteration of a ResNet-18), a tenth of the time the statistics may take (SPEC 8).
+    # In eager mode the hooks add it to ``pending`` on the host instead, and ``flush_rows``
+    # uploads all of them with one copy (pinned memory, no stall) and one add: at the end of
+    # every backward pass (an autograd-engine callback queued by the first gradient hook), and in
+    # an eager ``step()`` and ``raw_stats()`` for counts of a forward without a backward.  A
+    # compiled model or a CUDA-graph capture runs no Python on replay, so there the hooks add
+    # on the device, inside the graph, as before.
+    def add_rows(self, f: int, rows) -> None:
+        """Add ``rows`` to the row count of factor ``f`` (NOTE: [host row counts])."""
+        if torch.compiler.is_compiling() or (self.buf.is_cuda and
+                                             torch.cuda.is_current_stream_capturing()):
+            self.buf[self.n_acc + f:self.n_acc + f + 1].add_(rows)
+        else:
+            self.pending[f] += rows
+            self._pending_any = True
+
+    def flush_after_backward(self) -> None:
+        """From a gradient hook: flush the pending row counts when this backward pass ends."""
+        if self._pending_any and not self._flush_queued:
+            self._flush_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.flush_rows)
+
+    def flush_rows(self) -> None:
+        """Move the pending row counts into ``buf`` (NOTE: [host row counts])."""
+        self._flush_queued = False
+        if not self._pending_any:
+            return
+        counts = torch.tensor(self.pending, dtype=self.buf.dtype)
+        if self.buf.is_cuda:
+            counts = counts.pin_memory().to(self.buf.device, non_blocking=True)
+        self.buf[self.n_acc:].add_(counts)
+        self.pending = [0] * len(self.pending)
+        self._pending_any = False
+
     def clear(self) -> None:
         self.buf.zero_()
+        if self._pending_any and not torch.compiler.is_compiling():
+            self.pending = [0] * len(self.pending)
+            self._pending_any = False
 
     def describe(self) -> List[dict]:
         """Per layer: name, kind and factor sizes (a checkpoint's fingerprint of the model)."""

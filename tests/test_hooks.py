@@ -4,6 +4,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adafisher_fast import AdaFisher, AdaFisherW
 
@@ -247,3 +248,40 @@ def test_statistics_only_every_tcov_steps(tcov):
         assert (opt.fisher.buf.abs().sum() > 0) == (step % tcov == 0)
         opt.step()
     assert opt.diagnostics()["0"]["stat_iters"] == len(range(0, 7, tcov))
+
+
+def test_row_counts_reach_the_buffer_once_per_backward():
+    """NOTE: [host row counts]: in eager mode the hooks count rows on the host and each backward
+    pass ends with ONE add of every count into the buffer (not one device op per hook);
+    micro-batches add up; a forward without a backward is counted by raw_stats(); zero_grad
+    drops pending counts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    opt = AdaFisher(model, backend="torch", TCov=1)
+    f = opt.fisher
+    writes = []
+
+    class CountWrites(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            t = args[0] if args else None
+            if (func._schema.is_mutable and isinstance(t, torch.Tensor)
+                    and t.untyped_storage().data_ptr() == f.buf.untyped_storage().data_ptr()
+                    and t.storage_offset() + t.numel() > f.n_acc):
+                writes.append((func.overloadpacket.__name__, t.numel()))
+            return func(*args, **(kwargs or {}))
+
+    def counts():
+        return f.buf[f.n_acc:].tolist()
+
+    with CountWrites():
+        model(torch.randn(7, 4)).sum().backward()
+    assert writes == [("add_", 4)] and counts() == [7.0] * 4 and not any(f.pending)
+    model(torch.randn(2, 4)).sum().backward()                 # a second micro-batch
+    assert counts() == [9.0] * 4
+    model(torch.randn(3, 4))                                  # a forward without a backward
+    assert counts() == [9.0] * 4 and f.pending == [3, 0, 3, 0]
+    opt.raw_stats()
+    assert counts() == [12.0, 9.0, 12.0, 9.0] and not any(f.pending)
+    model(torch.randn(3, 4))
+    opt.zero_grad()
+    assert counts() == [0.0] * 4 and not any(f.pending)
