@@ -10,6 +10,7 @@ add per feature (NOTE: [atomic partial sums]).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -75,6 +76,12 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog
 
 
 def tiles(a: int, k: int, b: int):
+    """``_tiles``, memoised: a training loop asks for the same few shapes every iteration."""
+    return _tiles(a, k, b, interpreting())
+
+
+@functools.lru_cache(maxsize=1024)
+def _tiles(a: int, k: int, b: int, interpret: bool):
     """(BLOCK_A, BLOCK_K, BLOCK_B, rows per program, grid) of the (A, K, B) column reduction.
 
     NOTE: [tile shape] about TILE elements per step: B (contiguous) first, up to 128, then K (up
@@ -85,7 +92,7 @@ def tiles(a: int, k: int, b: int):
     block_k = max(1, min(next_pow2(k), TILE // block_b, MAX_BLOCK_K))
     block_a = max(1, min(next_pow2(a), TILE // (block_b * block_k)))
     tiles_kb = cdiv(k, block_k) * cdiv(b, block_b)
-    split = 1 if interpreting() else max(1, min(cdiv(TARGET_PROGRAMS, tiles_kb), cdiv(a, block_a)))
+    split = 1 if interpret else max(1, min(cdiv(TARGET_PROGRAMS, tiles_kb), cdiv(a, block_a)))
     rows = cdiv(cdiv(a, split), block_a) * block_a     # whole tiles per program
     grid = (cdiv(k, block_k), cdiv(b, block_b), cdiv(a, rows))
     return block_a, block_k, block_b, rows, grid
