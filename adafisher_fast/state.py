@@ -178,6 +178,10 @@ class FisherState:
             return
         counts = torch.tensor(self.pending, dtype=self.buf.dtype)
         if self.buf.is_cuda:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("AdaFisher: row counts gathered before this CUDA-graph capture "
+                                   "would be added again on every replay; call zero_grad() or "
+                                   "step() before capturing (NOTE: [host row counts])")
             counts = counts.pin_memory().to(self.buf.device, non_blocking=True)
         self.buf[self.n_acc:].add_(counts)
         self.pending = [0] * len(self.pending)
@@ -185,9 +189,11 @@ class FisherState:
 
     def clear(self) -> None:
         self.buf.zero_()
-        if self._pending_any and not torch.compiler.is_compiling():
-            self.pending = [0] * len(self.pending)
-            self._pending_any = False
+        if not torch.compiler.is_compiling():
+            if self._pending_any:
+                self.pending = [0] * len(self.pending)
+            # also re-arms the callback of a backward pass that raised before running it
+            self._pending_any = self._flush_queued = False
 
     def describe(self) -> List[dict]:
         """Per layer: name, kind and factor sizes (a checkpoint's fingerprint of the model)."""

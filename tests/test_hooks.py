@@ -254,7 +254,7 @@ def test_row_counts_reach_the_buffer_once_per_backward():
     """NOTE: [host row counts]: in eager mode the hooks count rows on the host and each backward
     pass ends with ONE add of every count into the buffer (not one device op per hook);
     micro-batches add up; a forward without a backward is counted by raw_stats(); zero_grad
-    drops pending counts."""
+    drops pending counts, also those of a backward pass that raised."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = AdaFisher(model, backend="torch", TCov=1)
@@ -285,3 +285,18 @@ def test_row_counts_reach_the_buffer_once_per_backward():
     model(torch.randn(3, 4))
     opt.zero_grad()
     assert counts() == [0.0] * 4 and not any(f.pending)
+
+    class Fails(torch.autograd.Function):      # a backward pass that raises after the hooks ran
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("backward failed")
+
+    with pytest.raises(RuntimeError, match="backward failed"):
+        model(Fails.apply(torch.randn(3, 4, requires_grad=True))).sum().backward()
+    opt.zero_grad()                                           # the next backward flushes again
+    model(torch.randn(5, 4)).sum().backward()
+    assert counts() == [5.0] * 4 and not any(f.pending)
