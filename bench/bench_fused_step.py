@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from adafisher_fast import reference
+
 from .harness import Harness, LazyCase, run_cases
 from .optsetup import OptSetup, model_sets, n_params
 
@@ -45,7 +47,10 @@ def cases(h: Harness):
             s = OptSetup(factory, h.device)
 
             def build(ops):
-                return lambda: ops.fused_step(s.params, s.grads, s.moms, s.steps, s.opt.fisher.fac,
+                # the step counts where the optimizer keeps them for this backend: on the CPU for
+                # the reference, on the parameters' device for the kernels (NOTE: [device steps])
+                steps = s.steps if ops is reference else [t.to(s.params[0].device) for t in s.steps]
+                return lambda: ops.fused_step(s.params, s.grads, s.moms, steps, s.opt.fisher.fac,
                                               s.meta, s.hyper, False)
 
             def adamw():
