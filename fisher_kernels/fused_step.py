@@ -9,15 +9,16 @@ reference.py).  Each element of p, g and m is read once and p, m written once; F
 the small fac vector, never materialised.
 
 NOTE: [pointer tables] The update is ONE launch per (param dtype, grad dtype) pair -- one launch
-for a model in one dtype: a block table maps each program to (parameter, block), an int64 table holds
-each parameter's data pointers (p, g, m) and its meta row, and a float32 table its hyper-parameters
-(lr, beta, 1 - beta, wd, Lambda, log2 beta). The tables live on the device and are cached, the first
-keyed by the pointers and meta rows, the second by value, so a training loop uploads them once, an LR
-schedule only the small second one, always from pinned memory without stalling the host; and a CUDA
-graph replays them safely (NOTE: [capturable] in optimizer.py). The kernel computes the bias
-correction 1 - beta^t = 1 - exp2(t * log2 beta) in float32 (relative error ~1e-7).
-The Triton interpreter (TRITON_INTERPRET=1, CPU tests) runs this same kernel: it dereferences the
-tables' integers as host addresses, so the CPU tests check the GPU's code path.
+for a model in one dtype: a block table maps each program to (parameter, block), an int64 table
+holds each parameter's data pointers (p, g, m) and its meta row, and a float32 table its
+hyper-parameters (lr, beta, 1 - beta, wd, Lambda, log2 beta). The tables live on the device and are
+cached, the first keyed by the pointers, sizes, step addresses and meta rows, the second by value,
+so a training loop uploads them once, an LR schedule only the small second one, always from pinned
+memory without stalling the host; and a CUDA graph replays them safely (NOTE: [capturable] in
+optimizer.py). The kernel computes the bias correction 1 - beta^t = 1 - exp2(t * log2 beta) in
+float32 (relative error ~1e-7).  The Triton interpreter (TRITON_INTERPRET=1, CPU tests) runs this
+same kernel: it dereferences the tables' integers as host addresses, so the CPU tests check the
+GPU's code path (all but the concurrency of its programs).
 
 NOTE: [step tickets] Step counts kept on the kernel's device (float32, as the optimizer keeps them
 for the GPU kernels, NOTE: [device steps]) are read through a table of their addresses: every
