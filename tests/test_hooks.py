@@ -250,12 +250,22 @@ def test_statistics_only_every_tcov_steps(tcov):
     assert opt.diagnostics()["0"]["stat_iters"] == len(range(0, 7, tcov))
 
 
-def test_row_counts_reach_the_buffer_once_per_backward():
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_row_counts_reach_the_buffer_once_per_backward(dev):
     """NOTE: [host row counts]: in eager mode the hooks count rows on the host and each backward
-    pass ends with ONE add of every count into the buffer (not one device op per hook);
+    pass ends with ONE add of every count into the buffer (not one device op per hook; on a GPU
+    the backward may end on autograd's device thread, out of the dispatch mode's sight);
     micro-batches add up; a forward without a backward is counted by raw_stats(); zero_grad
     drops pending counts, also those of a backward pass that raised."""
     torch.manual_seed(0)
+    torch.set_default_device(dev)
+    try:
+        _row_counts(dev)
+    finally:
+        torch.set_default_device(None)
+
+
+def _row_counts(dev):
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
     opt = AdaFisher(model, backend="torch", TCov=1)
     f = opt.fisher
@@ -275,7 +285,8 @@ def test_row_counts_reach_the_buffer_once_per_backward():
 
     with CountWrites():
         model(torch.randn(7, 4)).sum().backward()
-    assert writes == [("add_", 4)] and counts() == [7.0] * 4 and not any(f.pending)
+    assert writes == [("add_", 4)] or (dev == "cuda" and writes == []), writes
+    assert counts() == [7.0] * 4 and not any(f.pending)
     model(torch.randn(2, 4)).sum().backward()                 # a second micro-batch
     assert counts() == [9.0] * 4
     model(torch.randn(3, 4))                                  # a forward without a backward
