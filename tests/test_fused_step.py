@@ -67,6 +67,31 @@ def test_fused_step(kernel_ops, dtype, rtol, decoupled, steps_on, monkeypatch):
             a.copy_(b)
 
 
+def test_fused_step_mixed_dtypes(kernel_ops):
+    """float32, bfloat16 and a float32 parameter with a bfloat16 gradient: one launch (and one
+    step ticket, NOTE: [step tickets]) per dtype pair, or the reference; every count advances
+    once per step."""
+    torch.manual_seed(3)
+    specs = [(torch.float32, torch.float32, 2100), (torch.bfloat16, torch.bfloat16, 1500),
+             (torch.float32, torch.bfloat16, 700), (torch.float32, torch.float32, 5)]
+    params = [torch.randn(n, device=device()).to(pd) for pd, _, n in specs]
+    grads = [torch.randn(n, device=device()).to(gd) for _, gd, n in specs]
+    meta = torch.tensor([[n, 1, 0, 1, 0, 0, 0, 0, n, 0] for *_, n in specs])
+    fac = torch.rand(2100, device=device()) + 0.5
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(specs)
+    want = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    got = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    tw = [torch.tensor(0.0) for _ in specs]
+    tg = [torch.tensor(0.0, device=device()) for _ in specs]
+    for step in (1, 2):
+        reference.fused_step(want[0], grads, want[1], tw, fac, meta, hyper, False)
+        kernel_ops.fused_step(got[0], grads, got[1], tg, fac, meta, hyper, False)
+        assert [t.item() for t in tg] == [float(step)] * len(specs)
+        for w, g in zip(want[0] + want[1], got[0] + got[1]):
+            rtol = 1e-6 if w.dtype == torch.float32 else 2 * 2.0 ** -7
+            torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * w.abs().max().item())
+
+
 def test_fused_step_bad_shape_changes_nothing(kernel_ops):
     """A momentum whose shape is not its parameter's raises, naming the parameter, before any
     parameter (the float64 one the reference updates included) or step count changes."""
