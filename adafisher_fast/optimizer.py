@@ -205,13 +205,14 @@ class AdaFisher(Optimizer):
         """One all-reduce of the flat buffer across ranks, then the output-gradient accumulators
         are divided by (world_size * loss scale) ** degree: DDP averages gradients (SPEC section 6)
         and GradScaler multiplies them (NOTE: [GradScaler])."""
-        fisher = self.fisher
-        scale = torch.ones((), dtype=fisher.buf.dtype, device=fisher.buf.device)
+        fisher, world = self.fisher, 1
         if self.dist or (torch_dist.is_available() and torch_dist.is_initialized()):
-            w = torch_dist.get_world_size()
-            if w > 1:
+            world = torch_dist.get_world_size()
+            if world > 1:
                 torch_dist.all_reduce(fisher.buf)
-                scale = scale * w
+        if world == 1 and grad_scale is None:
+            return                          # nothing to divide by: no kernels
+        scale = torch.full((), world, dtype=fisher.buf.dtype, device=fisher.buf.device)
         if grad_scale is not None:
             scale = scale * grad_scale.to(fisher.buf)
         fisher.buf.mul_(torch.pow(scale, -fisher.grad_degree))
