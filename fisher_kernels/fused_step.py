@@ -214,8 +214,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         if pdt in _TL and gdt in _TL and m.dtype == pdt:
             grp = groups.get((pdt, gdt))
             if grp is None:
-                grp = groups[pdt, gdt] = ([], [], [], [])
-            work, sig, empty, _ = grp
+                grp = groups[pdt, gdt] = ([], [], [])
+            work, sig, empty = grp
             nel = p.numel()
             if nel:
                 pc, gc, mc = p.contiguous(), g.contiguous(), m.contiguous()
@@ -227,19 +227,20 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
             ref_idx.append(i)
     meta_key = _meta_token(meta)
     fac_c = fac.contiguous()
-    for (pdt, gdt), (work, sig, empty, out) in groups.items():
+    launches = []                # (dtype pair, work, its step counts then the empty ones', tables)
+    for (pdt, gdt), (work, sig, empty) in groups.items():
         t_all = [w[4] for w in work] + [steps[i] for i in empty]
         key = (pdt, gdt, str(fac.device), tuple(t.data_ptr() for t in t_all), tuple(sig),
                tuple(i for i, *_ in work), meta_key)
-        out.append(_cached(_TABLES, key, lambda: _build(work, empty, params, grads, moms, t_all,
-                                                        meta, fac.device)))
+        launches.append((pdt, gdt, work, t_all, _cached(_TABLES, key, lambda: _build(
+            work, empty, params, grads, moms, t_all, meta, fac.device))))
     if ref_idx:
         reference.check_step_shapes(params, grads, moms, ref_idx)
         reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
                              [moms[i] for i in ref_idx], [steps[i] for i in ref_idx], fac,
                              meta[ref_idx], [hyper[i] for i in ref_idx], decoupled)
-    for (pdt, gdt), (work, _, empty, (tables,)) in groups.items():
-        _launch(work, [steps[i] for i in empty], tables, fac_c, hyper, decoupled, pdt, gdt)
+    for pdt, gdt, work, t_all, tables in launches:
+        _launch(work, t_all, tables, fac_c, hyper, decoupled, pdt, gdt)
         for _, pc, _, mc, _, p, m in work:
             if pc is not p:
                 p.copy_(pc)
@@ -338,11 +339,11 @@ def _hyper_table(work, hyper, dev) -> torch.Tensor:
          for lr, beta, wd, lam in hyp], dtype=torch.float32), dev))
 
 
-def _launch(work, empty_steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
+def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
     """One launch over every parameter of the dtype pair (NOTE: [pointer tables]), which also
-    increments the step counts kept on the device (NOTE: [step tickets])."""
+    increments the step counts (``work``'s, then the empty parameters') kept on the device
+    (NOTE: [step tickets])."""
     n_blocks, tabs, step_table, ticket, aligned, wide = tables
-    steps = [w[4] for w in work] + empty_steps
     on_dev = step_table is not None
     if not on_dev:
         for t in steps:
