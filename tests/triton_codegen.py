@@ -146,6 +146,7 @@ def _optimizer_runs(dev="cpu"):
     try:
         for on_device in (True, False):
             fs._device_steps = lambda steps, d: on_device
+            fs._TABLES.clear()     # a reused address must not hit a table of the other kind
             for dt in (torch.float32, torch.bfloat16, torch.float16):
                 for gdt in {dt, torch.float32}:
                     ps = [torch.zeros(n, dtype=dt) for n in (5, 3000)]
