@@ -136,8 +136,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _kernel_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> bool:
     """Whether the kernel takes this parameter (the binding checks devices and raises)."""
     return (p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and m.dtype == p.dtype
-            and p.is_contiguous() and m.is_contiguous() and t.dtype == torch.float32 and t.numel() == 1
-            and (t.is_cpu or t.device == p.device))
+            and t.dtype == torch.float32 and t.numel() == 1 and (t.is_cpu or t.device == p.device))
 
 
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
@@ -149,6 +148,13 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     if n == 0:
         return
     ok = [_kernel_ok(p, g, m, t) for p, g, m, t in zip(params, grads, moms, steps)]
+    grads, rows = list(grads), None
+    for i, (p, g, m) in enumerate(zip(params, grads, moms)):
+        if not ok[i] or (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
+            continue
+        rows = meta.tolist() if rows is None else rows
+        tr, grads[i] = reference.kernel_layout(rows[i], p, g, m)   # NOTE: [row transpose]
+        ok[i] = tr > 0
     if all(ok):
         idx = None
     else:
@@ -162,6 +168,5 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         params, grads, moms, steps = ([lst[i] for i in idx] for lst in (params, grads, moms, steps))
         hyper = [hyper[i] for i in idx]
         meta = meta[idx]
-    grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
     lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
     _ops.fused_step(params, grads, moms, steps, fac, meta, lr, beta, wd, lam, bool(decoupled))

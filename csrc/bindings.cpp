@@ -251,6 +251,21 @@ at::Tensor device_table(std::string bytes, const at::Device& dev) {
   return cache.front().second;
 }
 
+// reference.row_transpose: how the kernel walks p, g, m in memory order (NOTE: [row transpose]):
+// 1 row-major (or any dense layout for a factor-free row), T > 1 rows stored transposed, 0 neither
+int64_t row_transpose(const int64_t* row, const at::Tensor& p, const at::Tensor& g, const at::Tensor& m) {
+  if (p.is_contiguous() && g.is_contiguous() && m.is_contiguous()) return 1;
+  if (g.strides() != p.strides() || m.strides() != p.strides()) return 0;
+  if (row[3] == 0 && row[4] == 0 && row[6] == 0 && row[7] == 0 && row[9] == 0)
+    return p.is_non_overlapping_and_dense() ? 1 : 0;
+  const int64_t n = p.dim();
+  if (n < 3 || p.size(1) <= 1 || row[0] != p.size(0) || row[0] * row[1] != p.numel()) return 0;
+  std::vector<int64_t> perm{0};
+  for (int64_t d = 2; d < n; ++d) perm.push_back(d);
+  perm.push_back(1);
+  return p.permute(perm).is_contiguous() ? p.size(1) : 0;
+}
+
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms, at::TensorList steps,
                 const at::Tensor& fac, const at::Tensor& meta, at::ArrayRef<double> lr, at::ArrayRef<double> beta,
                 at::ArrayRef<double> wd, at::ArrayRef<double> lam, bool decoupled) {
@@ -282,8 +297,9 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
                 p.scalar_type());
     TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes(), "adafisher::fused_step: parameter ", i,
                 " has grad/momentum shapes that differ from ", p.sizes());
-    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous(),
-                "adafisher::fused_step: parameter ", i, " and its grad/momentum must be contiguous");
+    const int64_t tr = row_transpose(mrows + i * 10, p, g, m);
+    TORCH_CHECK(tr > 0, "adafisher::fused_step: parameter ", i, " and its grad/momentum must be contiguous ",
+                "or share channels_last strides (NOTE: [row transpose])");
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
     TORCH_CHECK(p.numel() / kStepChunk < (int64_t)INT32_MAX, "adafisher::fused_step: parameter too large");
     StepTensor s;
@@ -297,6 +313,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     }
     s.numel = p.numel();
     for (int j = 0; j < 10; ++j) s.meta[j] = mrows[i * 10 + j];
+    s.meta[10] = tr;
     s.lr = lr[i]; s.beta = beta[i]; s.wd = wd[i]; s.lam = lam[i];
     const int k = p.scalar_type() == at::kFloat ? 0 : (p.scalar_type() == at::kHalf ? 1 : 2);
     by_type[k].push_back(s);

@@ -30,7 +30,16 @@ __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int6
     r = cols > 0 ? static_cast<int64_t>(static_cast<uint32_t>(e) / static_cast<uint32_t>(cols)) : 0;
   else
     r = cols > 0 ? e / cols : 0;
-  const int64_t c = e - r * cols;
+  int64_t c = e - r * cols;
+  const int64_t tr = mt[10];
+  if (tr > 1) {     // position c of a row stored transposed (NOTE: [row transpose] in reference.py)
+    if (cols <= INT32_MAX) {
+      const uint32_t c32 = static_cast<uint32_t>(c), t32 = static_cast<uint32_t>(tr);
+      c = static_cast<int64_t>((c32 % t32) * static_cast<uint32_t>(cols / tr) + c32 / t32);
+    } else {
+      c = (c % tr) * (cols / tr) + c / tr;
+    }
+  }
   const int64_t s_idx = mt[2] + r * mt[3] + c * mt[4];
   const int64_t gr = mt[8] > 1 ? mt[8] : 1;
   const int64_t h_idx = mt[5] + r * mt[6] + c * mt[7] + (r / gr) * mt[9];
@@ -50,11 +59,11 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
                                                          const StepChunk* __restrict__ chunks, int64_t n_chunks,
                                                          const F* __restrict__ fac,
                                                          bool decoupled, unsigned int* done) {
-  __shared__ int64_t mt[10];
+  __shared__ int64_t mt[11];
   if (blockIdx.x < n_chunks) {
     const StepChunk ch = chunks[blockIdx.x];
     const StepTensor& ts = tensors[ch.tensor];
-    if (threadIdx.x < 10) mt[threadIdx.x] = ts.meta[threadIdx.x];
+    if (threadIdx.x < 11) mt[threadIdx.x] = ts.meta[threadIdx.x];
     const double t = ts.step != nullptr ? static_cast<double>(*ts.step) + 1.0 : ts.t_host;
     StepCoef k;
     k.lr = (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);

@@ -59,7 +59,8 @@ struct StepTensor {
                      // increments the host tensor
   double t_host;
   int64_t numel;
-  int64_t meta[10];                 // the parameter's row of NOTE: [param map] (reference.py)
+  int64_t meta[11];                 // the parameter's row of NOTE: [param map] (reference.py), then
+                                    // its layout T (NOTE: [row transpose]: 1 row-major, > 1 transposed)
   double lr, beta, wd, lam;         // doubles: rounded to float32 exactly where torch rounds them
 };
 struct StepChunk { int32_t tensor; int32_t chunk; };

@@ -28,9 +28,10 @@ step is one launch, no program can see a half-updated count, and there is no hos
 counts kept on the host are incremented there and their values uploaded (the csrc twin does the
 same, NOTE: [step chunks] in csrc/fused_step.cu).
 
-float64 parameters go through the reference (parity runs). Non-contiguous gradients are read through
-a contiguous copy; non-contiguous parameters/momenta are updated in a contiguous copy that is copied
-back.
+float64 parameters go through the reference (parity runs).  Contiguous and channels_last parameters
+are updated in place (NOTE: [row transpose] in reference.py), a gradient in another layout read
+through a copy in the parameter's; in other layouts p, g and m are copied contiguous and p, m
+copied back.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ from adafisher_fast import reference
 from .host import cdiv
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
-N_META = 10           # columns of a meta row (reference.META_COLS)
+N_META = 11           # a meta row (reference.META_COLS), then T (NOTE: [row transpose])
 N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, log2(beta)
 STEP_BLOCK = 256      # step counts the last program increments per iteration (NOTE: [step tickets])
 
@@ -56,8 +57,10 @@ N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
 
 
 @triton.jit
-def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
-    """(r, c, r // h_gr) of elements start + [0, BLOCK) of a row-major (rows x cols) parameter.
+def _rows_cols(start, cols, h_gr, tr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    """(r, c, r // h_gr) of elements start + [0, BLOCK) in memory order of a (rows x cols)
+    parameter whose rows are stored row-major (tr = 1) or transposed (tr = T > 1, NOTE: [row
+    transpose] in reference.py).
 
     NOTE: [row division] A 64-bit integer division compiles to a 32-bit fast path plus a
     subroutine for wide operands, and per element that code cost the kernel 168 registers per
@@ -71,6 +74,8 @@ def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
         r = offs // cols
         c = offs - r * cols
         rg = r // h_gr
+        if tr > 1:
+            c = (c % tr) * (cols // tr) + c // tr
     else:
         r0 = start // cols
         cols32 = cols.to(tl.int32)
@@ -80,6 +85,9 @@ def _rows_cols(start, cols, h_gr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
         r = r0 + dr
         g0 = r0 // h_gr
         rg = g0 + ((r0 - g0 * h_gr).to(tl.int32) + dr) // h_gr.to(tl.int32)
+        if tr > 1:
+            tr32 = tr.to(tl.int32)
+            c = (c % tr32) * (cols32 // tr32) + c // tr32
     return r, c, rg
 
 
@@ -100,7 +108,7 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
     h_c = tl.load(meta_ptr + 7)
     h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
     h_gs = tl.load(meta_ptr + 9)
-    r, c, rg = _rows_cols(start, cols, h_gr, BLOCK, WIDE)
+    r, c, rg = _rows_cols(start, cols, h_gr, tl.load(meta_ptr + 10), BLOCK, WIDE)
     s_idx = s_off + r * s_r + c * s_c
     h_idx = h_off + r * h_r + c * h_c + rg * h_gs
     fs = tl.load(fac_ptr + s_idx, mask=mask, other=one).to(tl.float32)
@@ -205,10 +213,10 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                          "same length")
     # NOTE: [step host path] One pass per step over the parameters, reading what the cached tables
     # are keyed by; everything else (shape checks, table building) happens on a cache miss.  A hit
-    # means the same contiguous p/g/m memory, sizes, steps and meta rows as a checked step, so
+    # means the same p/g/m memory, sizes, layouts (T), steps and meta rows as a checked step, so
     # the launch is safe as it was then.  All groups are looked up before any of them launches,
     # so a bad shape raises before any state changes.
-    ref_idx, groups = [], {}
+    ref_idx, groups, rows = [], {}, None
     for i, p, g, m in zip(range(n), params, grads, moms):
         pdt, gdt = p.dtype, g.dtype
         if pdt in _TL and gdt in _TL and m.dtype == pdt:
@@ -218,9 +226,15 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
             work, sig, empty = grp
             nel = p.numel()
             if nel:
-                pc, gc, mc = p.contiguous(), g.contiguous(), m.contiguous()
-                work.append((i, pc, gc, mc, steps[i], p, m))
-                sig.append((pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), nel))
+                pc, gc, mc, tr = p, g, m, 1
+                if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
+                    if rows is None:
+                        rows = meta.tolist()
+                    tr, gc = reference.kernel_layout(rows[i], p, g, m)  # NOTE: [row transpose]
+                    if not tr:
+                        pc, gc, mc, tr = p.contiguous(), g.contiguous(), m.contiguous(), 1
+                work.append((i, pc, gc, mc, steps[i], p, m, tr))
+                sig.append((pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), nel, tr))
             else:
                 empty.append(i)
         else:
@@ -241,7 +255,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                              meta[ref_idx], [hyper[i] for i in ref_idx], decoupled)
     for pdt, gdt, work, t_all, tables in launches:
         _launch(work, t_all, tables, fac_c, hyper, decoupled, pdt, gdt)
-        for _, pc, _, mc, _, p, m in work:
+        for _, pc, _, mc, _, p, m, _ in work:
             if pc is not p:
                 p.copy_(pc)
             if mc is not m:
@@ -313,7 +327,7 @@ def _build(work, empty, params, grads, moms, steps, meta, dev):
     block_start, ptrs, numels, meta], step address table or None (host steps), ticket, aligned,
     wide)."""
     reference.check_step_shapes(params, grads, moms, [w[0] for w in work] + empty)
-    rows = [meta[w[0]].tolist() for w in work]
+    rows = [meta[w[0]].tolist() + [w[7]] for w in work]
     nblk = [cdiv(w[1].numel(), BLOCK) for w in work]
     block_param = torch.repeat_interleave(torch.arange(len(work)), torch.tensor(nblk))
     block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk] or

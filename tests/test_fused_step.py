@@ -127,6 +127,78 @@ def test_fused_step_noncontiguous(kernel_ops):
     assert tg[0].item() == 1.0
 
 
+def _layouts_problem():
+    """(p, g, m) triples in the layouts of NOTE: [row transpose] with meta rows like layers.py's:
+    channels_last Conv2d weights (one block; several blocks with grouped-conv H), a
+    channels_last_3d Conv3d weight, a factor-free channels_last weight, and a channels_last weight
+    whose gradient is contiguous."""
+    cl, cl3 = torch.channels_last, torch.channels_last_3d
+    specs = [  # shape, meta row, memory format of p and m, of g
+        ((5, 3, 3, 3), (5, 27, 0, 1, 0, 5, 0, 1, 5, 0), cl, cl),
+        ((40, 6, 3, 3), (40, 54, 32, 1, 0, 72, 0, 1, 20, 54), cl, cl),  # 2 groups, 2160 elements
+        ((4, 3, 2, 2, 3), (4, 36, 180, 1, 0, 184, 0, 1, 4, 0), cl3, cl3),
+        ((6, 4, 2, 2), (96, 1, 220, 0, 0, 220, 0, 0, 96, 0), cl, cl),   # factor-free
+        ((3, 2, 2, 2), (3, 8, 0, 1, 0, 5, 0, 1, 3, 0), cl, torch.contiguous_format),
+    ]
+    fac = torch.cat([torch.rand(220, device=device()) + 0.1, torch.ones(1, device=device())])
+    meta = torch.tensor([m for _, m, _, _ in specs], dtype=torch.int64)
+    params = [torch.randn(s, device=device()).to(memory_format=f) for s, _, f, _ in specs]
+    grads = [torch.randn(s, device=device()).to(memory_format=f) for s, *_, f in specs]
+    moms = [torch.randn_like(p) * 0.1 for p in params]      # preserve_format, as the optimizer's
+    return params, grads, moms, fac, meta
+
+
+def test_row_transpose():
+    """reference.row_transpose against the layouts it is defined by (NOTE: [row transpose])."""
+    params, grads, moms, _, meta = _layouts_problem()
+    rows = meta.tolist()
+    assert [reference.row_transpose(r, *t) for r, *t in zip(rows, params, grads, moms)] == \
+        [3, 6, 3, 1, 0]
+    tr, g = reference.kernel_layout(rows[4], params[4], grads[4], moms[4])
+    assert tr == 2 and g.stride() == params[4].stride() and torch.equal(g, grads[4])
+    w = torch.randn(4, 3, 3, 3)
+    assert reference.row_transpose(rows[0], w, w, w) == 1
+    t = torch.randn(3, 3, 3, 4).permute(3, 2, 1, 0)       # dense but not channels_last: copied
+    assert reference.row_transpose((4, 27, 0, 1, 0, 4, 0, 1, 4, 0), t, t, t) == 0
+    e = torch.randn(4, 6, 3, 3)[:, ::2]                    # not dense: copied even factor-free
+    assert reference.row_transpose((36, 1, 9, 0, 0, 9, 0, 0, 36, 0), e, e, e) == 0
+
+
+def test_fused_step_memory_layouts(kernel_ops, monkeypatch):
+    """channels_last parameters (NOTE: [row transpose]) are updated by the kernel in place: two
+    steps equal the reference's on contiguous copies, with neither the reference nor a contiguous
+    copy of p/g/m involved, and p/m keep their layouts; a gradient whose strides differ from its
+    parameter's is read through a copy in the parameter's layout."""
+    torch.manual_seed(4)
+    params, grads, moms, fac, meta = _layouts_problem()
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(params)
+    want = ([p.contiguous() for p in params], [m.contiguous() for m in moms],
+            [torch.tensor(0.0) for _ in params])
+    for _ in range(2):
+        reference.fused_step(want[0], [g.contiguous() for g in grads], want[1], want[2], fac, meta,
+                             hyper, False)
+
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+
+    def contiguous(t, *a, **k):
+        if not t.is_contiguous(*a, **k):
+            copies.append(tuple(t.shape))
+        return real_contiguous(t, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", contiguous)
+    monkeypatch.setattr(reference, "fused_step", None)     # the kernel must take every parameter
+    steps = [torch.tensor(0.0, device=device()) for _ in params]
+    got = [p.clone() for p in params], [m.clone() for m in moms]    # clone keeps the layout
+    for _ in range(2):
+        kernel_ops.fused_step(got[0], grads, got[1], steps, fac, meta, hyper, False)
+    assert copies == []
+    for w, g, p in zip(want[0] + want[1], got[0] + got[1], params + moms):
+        assert g.stride() == p.stride()
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6 * w.abs().max().item())
+    assert [t.item() for t in steps] == [2.0] * len(params)
+
+
 @pytest.mark.parametrize("wide", [False, True])
 def test_fused_step_blocks_across_rows(kernel_ops, wide, monkeypatch):
     """Parameters of several kernel blocks whose rows and groups straddle block boundaries, so
@@ -241,7 +313,7 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     for i, p in enumerate(params[:3]):
         assert sorted(starts[i]) == list(range(0, p.numel(), fs.BLOCK))
         assert ptrs[i].tolist() == [p.data_ptr(), grads[i].data_ptr(), moms[i].data_ptr()]
-        assert int(numels[i]) == p.numel() and mrows[i].tolist() == meta[i].tolist()
+        assert int(numels[i]) == p.numel() and mrows[i].tolist() == meta[i].tolist() + [1]
         lr, beta, wd, lam = hyper[i]
         want = torch.tensor([lr, beta, 1 - beta, wd, lam, torch.log2(torch.tensor(beta)).item()])
         torch.testing.assert_close(hyp[i], want)
@@ -253,7 +325,7 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
         assert step_table.tolist() == [1.0, 5.0, 10.0]
         assert [t.item() for t in steps] == [1.0, 5.0, 10.0, 3.0]
     assert kw["DECOUPLED"] and not kw["WIDE"] and kw["ALIGNED"]
-    tables = [(grid,), (grid,), (3, 3), (3,), (3, 10), (3, 6)]
+    tables = [(grid,), (grid,), (3, 3), (3,), (3, fs.N_META), (3, 6)]
     assert sorted(uploads) == sorted(tables + [(4,) if steps_on == "device" else (3,)])
 
     _, args, _ = step(grads, hyper)                                   # same tensors: no upload
@@ -272,4 +344,4 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     assert not kw["ALIGNED"]
     meta[0, 5] = 6                                          # meta rows changed in place
     _, args, _ = step(grads, hyper)
-    assert uploads.count((3, 10)) == 1 and args[4][0].tolist() == meta[0].tolist()
+    assert uploads.count((3, fs.N_META)) == 1 and args[4][0].tolist() == meta[0].tolist() + [1]
