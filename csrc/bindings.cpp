@@ -20,8 +20,10 @@ inline bool host_step(const at::Tensor& t) { return t.is_cpu(); }
 }  // namespace adafisher
 #endif
 
+#include <algorithm>
 #include <cstring>
 #include <list>
+#include <numeric>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -67,6 +69,35 @@ void check_launch(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, "adafisher::", op, ": kernel launch failed: ", cudaGetErrorString(e));
 }
 
+// NOTE: [memory order] (fisher_kernels/host.py): a channels_last activation or gradient is read where
+// it lies.  x's dims from outermost to innermost when x is dense in that order, else empty.
+std::vector<int64_t> memory_order(const at::Tensor& x) {
+  std::vector<int64_t> order(x.dim());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return x.stride(a) > x.stride(b); });
+  if (!x.permute(order).is_contiguous()) order.clear();
+  return order;
+}
+
+// x as contiguous (A, K, I), K = x.size(dim), whose sums over A and I are x's over every other dim:
+// a view of x's memory when x is dense in some dim order, else of a contiguous copy.
+at::Tensor columns_view(const at::Tensor& x, int64_t dim) {
+  at::Tensor xc = x;
+  if (!x.is_contiguous()) {
+    const std::vector<int64_t> order = memory_order(x);
+    if (order.empty()) {
+      xc = x.contiguous();
+    } else {
+      xc = x.permute(order);
+      dim = std::find(order.begin(), order.end(), dim) - order.begin();
+    }
+  }
+  int64_t A = 1, I = 1;
+  for (int64_t i = 0; i < dim; ++i) A *= xc.size(i);
+  for (int64_t i = dim + 1; i < xc.dim(); ++i) I *= xc.size(i);
+  return xc.reshape({A, xc.size(dim), I});
+}
+
 void linear_stats(const at::Tensor& x, const at::Tensor& out, int64_t dim, bool square, double scale) {
   TORCH_CHECK(x.dim() >= 1, "adafisher::linear_stats: x must have at least one dimension");
   const int64_t nd = x.dim();
@@ -76,13 +107,10 @@ void linear_stats(const at::Tensor& x, const at::Tensor& out, int64_t dim, bool 
   check_out(out, x, "linear_stats", x.size(dim));
   const DType xt = float_dtype(x, "linear_stats", "x"), ot = acc_dtype(out, "linear_stats", "out");
   if (x.numel() == 0) return;
-  const at::Tensor xc = x.contiguous();
-  int64_t A = 1, I = 1;
-  for (int64_t i = 0; i < dim; ++i) A *= x.size(i);
-  for (int64_t i = dim + 1; i < nd; ++i) I *= x.size(i);
+  const at::Tensor x3 = columns_view(x, dim);
   c10::cuda::CUDAGuard guard(x.device());
-  check_launch(launch_linear_stats(xc.data_ptr(), xt, out.data_ptr(), ot, A, x.size(dim), I, square, scale,
-                                   c10::cuda::getCurrentCUDAStream()), "linear_stats");
+  check_launch(launch_linear_stats(x3.data_ptr(), xt, out.data_ptr(), ot, x3.size(0), x3.size(1), x3.size(2), square,
+                                   scale, c10::cuda::getCurrentCUDAStream()), "linear_stats");
 }
 
 // padding: flattened (lo, hi) pairs, one per spatial dim; padding_mode 0 zeros, 1 reflect,
@@ -120,7 +148,12 @@ void conv_stats(const at::Tensor& x, const at::Tensor& out, at::IntArrayRef kern
   const DType xt = float_dtype(x, "conv_stats", "x"), ot = acc_dtype(out, "conv_stats", "out");
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
+  // a channels_last x (memory order B, *spatial, C) is read where it lies and Q is (*spatial, C)
+  std::vector<int64_t> cl(nd + 2);
+  cl[0] = 0; cl[nd + 1] = 1;
+  std::iota(cl.begin() + 1, cl.end() - 1, 2);
+  g.channels_last = !x.is_contiguous() && memory_order(x) == cl;
+  const at::Tensor xc = g.channels_last ? x : x.contiguous();
   at::Tensor work = at::zeros({x.size(1) * plane}, out.options());
   check_launch(launch_conv_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), x.size(0), x.size(1), g,
                                  c10::cuda::getCurrentCUDAStream()), "conv_stats");
@@ -149,9 +182,10 @@ void norm_stats(const at::Tensor& x, const at::Tensor& out, int64_t mode, int64_
   }
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
-  const at::Tensor xc = x.contiguous();
+  // channel statistics take any (A, C, I) view (NOTE: [memory order]); sample ones whole rows
+  const at::Tensor xc = mode == 0 ? columns_view(x, 1) : x.contiguous();
   at::Tensor work = at::empty({2 * std::max(C, R * groups) + 2}, out.options());
-  check_launch(launch_norm_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), R, C, I,
+  check_launch(launch_norm_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), xc.size(0), C, xc.size(2),
                                  static_cast<int>(mode), groups, eps, center,
                                  m.defined() ? m.data_ptr() : nullptr, v.defined() ? v.data_ptr() : nullptr, mt,
                                  c10::cuda::getCurrentCUDAStream()), "norm_stats");

@@ -1,8 +1,10 @@
 // conv_stats (reference.conv_stats, SPEC 4.2): conv patch sums of squares WITHOUT im2col.
 //   out[c * K + kofs] += sum_{b, l} xpad[b, c, l * stride + kofs * dilation]^2
-// x: (B, C, *spatial) contiguous, nd = 1..3, fp16/bf16/fp32/fp64; out/work: float32 or float64.
+// x: (B, C, *spatial) contiguous or channels_last, nd = 1..3, fp16/bf16/fp32/fp64; out/work: float32 or
+// float64.
 // NOTE: [conv lattice sums] Two launches:
-//  1. Q[c, pos] = sum_b x[b, c, pos]^2 (the column reduce of reduce.cuh over B rows, one read of x);
+//  1. Q[c, pos] = sum_b x[b, c, pos]^2 (the column reduce of reduce.cuh over B rows, one read of x,
+//     in x's memory order: Q is (pos, c) for a channels_last x, NOTE: [memory order]);
 //  2. one block per (channel, kernel offset) sums Q over that offset's output lattice.  Padding
 //     commutes with the square and the batch sum (it only copies or zeroes positions), so it is
 //     applied to Q's coordinates on the fly: zeros -> skipped, reflect/replicate/circular -> the
@@ -24,15 +26,13 @@ __device__ __forceinline__ int64_t pad_source(int64_t j, int64_t n, int mode) {
 
 template <typename A>
 __global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out, ConvGeom g, int64_t kprod,
-                                    int64_t L) {
+                                    int64_t L, int64_t q_cstride, int64_t q_pstride) {
   __shared__ A sh[32];
   const int64_t c = blockIdx.x / kprod, kofs = blockIdx.x - c * kprod;
   int64_t off[3] = {0, 0, 0};
   int64_t rem = kofs;
   for (int d = g.nd - 1; d >= 0; --d) { off[d] = rem % g.kernel[d]; rem /= g.kernel[d]; }
-  int64_t plane = 1;
-  for (int d = 0; d < g.nd; ++d) plane *= g.size[d];
-  const A* qc = q + c * plane;
+  const A* qc = q + c * q_cstride;
   A acc = 0;
   for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
     int64_t r = l, src = 0, stride_src = 1;
@@ -45,7 +45,7 @@ __global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out
       src += j * stride_src;
       stride_src *= g.size[d];
     }
-    if (ok) acc += qc[src];
+    if (ok) acc += qc[src * q_pstride];
   }
   acc = block_sum<A>(acc, sh);
   if (threadIdx.x == 0) out[blockIdx.x] += acc;   // one block per entry: no atomic needed
@@ -63,7 +63,9 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
     if (L > 0) {
       const int threads = L >= 256 ? 256 : (L >= 64 ? 64 : 32);
       conv_lattice_kernel<A><<<(unsigned)(C * kprod), threads, 0, s>>>(static_cast<const A*>(work),
-                                                                        static_cast<A*>(out), g, kprod, L);
+                                                                        static_cast<A*>(out), g, kprod, L,
+                                                                        g.channels_last ? 1 : plane,
+                                                                        g.channels_last ? C : 1);
     });
   return cudaGetLastError();
 }

@@ -16,13 +16,16 @@ enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, F64 = 3, I32 = 4, I64 = 5 }
 cudaError_t launch_linear_stats(const void* x, DType xt, void* out, DType ot, int64_t A, int64_t K,
                                 int64_t I, bool square, double scale, cudaStream_t s);
 
-// conv_stats (SPEC 4.2, im2col-free): x contiguous (B, C, *spatial) with nd = 1..3 spatial dims.
-// work: n = C * prod(spatial) zero-initialised entries of type ot (the batch-reduced map Q).
+// conv_stats (SPEC 4.2, im2col-free): x (B, C, *spatial) with nd = 1..3 spatial dims, contiguous or
+// channels_last (memory order B, *spatial, C).
+// work: n = C * prod(spatial) zero-initialised entries of type ot (the batch-reduced map Q, laid out
+// like one sample of x).
 // out: (C * prod(kernel)) entries, layout (channel, *kernel) == (group, C/g, *kernel).
 struct ConvGeom {
   int nd;
   int64_t size[3], kernel[3], stride[3], dilation[3], pad_lo[3], out_size[3];
   int mode;  // 0 zeros, 1 reflect, 2 replicate, 3 circular
+  bool channels_last;
 };
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
                               int64_t C, const ConvGeom& g, cudaStream_t s);

@@ -5,7 +5,8 @@ back to the reference).  out: (groups * D,) float32, D = C/groups * prod(kernel)
 conv weight (channel, *kernel).  Returns L, the output positions per sample.
 
 Two launches, neither of the patch matrix's size:
-1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x);
+1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x,
+   in x's memory order, so a channels_last x is not copied: NOTE: [memory order] in host.py);
 2. one program per (channel, block of output positions, block of kernel offsets) sums Q over
    that part of each offset's output lattice (strided, dilated) and adds it atomically.  Zero
    padding is applied by masking; reflect/replicate/circular pad the small map Q with torch
@@ -23,7 +24,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, next_pow2
+from .host import cdiv, memory_order, next_pow2
 from .linear_stats import _launch as _sum_over_batch
 
 TILE = 2048     # (kernel offsets x output positions) per program
@@ -31,12 +32,12 @@ MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
 
 
 @triton.jit
-def _lattice_sum_kernel(q_ptr, out_ptr, S0, S1, S2, P0, P1, P2, K0, K1, K2, D0, D1, D2,
-                        T0, T1, T2, N0, N1, N2, N_LBLK, BLOCK_KO: tl.constexpr,
+def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, K0, K1, K2,
+                        D0, D1, D2, T0, T1, T2, N0, N1, N2, N_LBLK, BLOCK_KO: tl.constexpr,
                         BLOCK_L: tl.constexpr):
     """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
-    l-block of the output lattice of Q[c, koff*dil + l*stride - pad], Q read as 0 outside the map
-    (zero padding).  NOTE: [lattice split] one tile per program, added atomically: a channel per
+    l-block of the output lattice of Q[c, koff*dil + l*stride - pad], Q (C, S0, S1, S2) with
+    strides (QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split] one tile per program, added atomically: a channel per
     program would leave a 3-channel first layer with a handful of programs on a GPU of 132 SMs."""
     c = tl.program_id(0) // N_LBLK
     lb = tl.program_id(0) % N_LBLK
@@ -46,7 +47,7 @@ def _lattice_sum_kernel(q_ptr, out_ptr, S0, S1, S2, P0, P1, P2, K0, K1, K2, D0, 
     k2 = koff % K2
     k1 = (koff // K2) % K1
     k0 = koff // (K1 * K2)
-    base = q_ptr + tl.cast(c, tl.int64) * S0 * S1 * S2
+    base = q_ptr + tl.cast(c, tl.int64) * QC
     l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
     lm = l < N0 * N1 * N2
     i2 = l % N2
@@ -57,7 +58,8 @@ def _lattice_sum_kernel(q_ptr, out_ptr, S0, S1, S2, P0, P1, P2, K0, K1, K2, D0, 
     y2 = k2[:, None] * D2 + (i2 * T2)[None, :] - P2
     ok = (km[:, None] & lm[None, :] & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1)
           & (y2 >= 0) & (y2 < S2))
-    v = tl.load(base + (y0.to(tl.int64) * S1 + y1) * S2 + y2, mask=ok, other=0.0)
+    v = tl.load(base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2, mask=ok,
+                other=0.0)
     tl.atomic_add(out_ptr + tl.cast(c, tl.int64) * K + koff, tl.sum(v, axis=1), mask=km)
 
 
@@ -85,17 +87,24 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
                          f"{c * ktot}")
     if x.numel() == 0 or n_pos <= 0:
         return max(n_pos, 0)
+    # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
+    # (*spatial, C)), read through its strides (NOTE: [memory order])
+    order = None if x.is_contiguous() else memory_order(x)
+    if order is None or order[0] != 0:
+        x, order = x.contiguous(), list(range(nd + 2))
+    xp = x.permute(order)
     q = torch.zeros(c * math.prod(spatial), dtype=torch.float32, device=x.device)
-    _sum_over_batch(x.reshape(b, -1, 1).contiguous(), q, True, 1.0)
-    q = q.view(c, *spatial)
+    _sum_over_batch(xp.reshape(b, -1, 1), q, True, 1.0)
+    q = q.view(xp.shape[1:]).permute([order.index(d) - 1 for d in range(1, nd + 2)])
     pads = [tuple(p) for p in padding]
     if padding_mode != "zeros" and any(p for lo_hi in pads for p in lo_hi):
         flat_pad = [p for lo_hi in reversed(pads) for p in lo_hi]
-        q = F.pad(q.unsqueeze(0), flat_pad, mode=padding_mode).squeeze(0).contiguous()
+        q = F.pad(q.unsqueeze(0), flat_pad, mode=padding_mode).squeeze(0)
         spatial = list(q.shape[1:])
         pads = [(0, 0)] * nd
     # run as 3-D: unit leading dims
     lead = 3 - nd
+    Q = [0] * lead + list(q.stride()[1:])
     S = [1] * lead + spatial
     P = [0] * lead + [p[0] for p in pads]
     K = [1] * lead + list(kernel_size)
@@ -106,5 +115,5 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     block_l = max(1, min(next_pow2(n_pos), TILE // block_ko))
     n_lblk = cdiv(n_pos, block_l)
     _lattice_sum_kernel[(c * n_lblk, cdiv(ktot, block_ko))](
-        q, out, *S, *P, *K, *D, *T, *N, n_lblk, BLOCK_KO=block_ko, BLOCK_L=block_l)
+        q, out, q.stride(0), *Q, *S, *P, *K, *D, *T, *N, n_lblk, BLOCK_KO=block_ko, BLOCK_L=block_l)
     return n_pos

@@ -6,7 +6,11 @@ plain integer expression.  A statistics launch computed its tile shape with a do
 ResNet-18 (82 statistics hooks, launches stubbed, a 2-core CPU) the hooks' host time fell from 160
 to 99 us per hook with these instead.
 """
+import math
 import os
+from typing import List, Optional
+
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -26,3 +30,26 @@ def interpreting() -> bool:
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# NOTE: [memory order] A channels_last model's activations and output gradients, (B, C, *spatial)
+# stored as (B, *spatial, C), are read where they lie.  A sum over every dim but one, or over the
+# batch alone, only needs the dims in memory order, so the launchers view such a tensor as its
+# contiguous permutation instead of copying it: a copy was one more read and write of every conv
+# input and output gradient on each statistics iteration.  csrc/bindings.cpp does the same.
+def memory_order(x: torch.Tensor) -> Optional[List[int]]:
+    """x's dims from outermost to innermost in memory when x is dense in that order (a permutation
+    of it is contiguous: channels_last and the like), else None."""
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def columns_view(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Contiguous (A, K, B), K = x.shape[dim], whose sums over A and B are x's sums over every other
+    dim: a view of x's memory when x is dense in some dim order (NOTE: [memory order]), else of a
+    contiguous copy."""
+    if not x.is_contiguous():
+        order = memory_order(x)
+        if order is not None:
+            x, dim = x.permute(order), order.index(dim)
+    return x.reshape(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])).contiguous()

@@ -11,14 +11,13 @@ add per feature (NOTE: [atomic partial sums]).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, interpreting, next_pow2
+from .host import cdiv, columns_view, interpreting, next_pow2
 
 # NOTE: [atomic partial sums] the A axis (rows: batch x positions) is split so that the grid
 # has about TARGET_PROGRAMS programs (the CUDA kernel's ~2048 blocks of 256 threads, in programs
@@ -115,9 +114,8 @@ def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool
     """Same signature and semantics as ``reference.linear_stats`` (see the module docstring)."""
     if out.dtype == torch.float64 or x.dtype == torch.float64:
         return reference.linear_stats(x, out, dim, square, scale)
-    dim = dim % x.dim()
     k = x.shape[dim]
-    x3 = x.reshape(math.prod(x.shape[:dim]), k, math.prod(x.shape[dim + 1:])).contiguous()
+    x3 = columns_view(x, dim % x.dim())          # NOTE: [memory order]
     if out.is_contiguous() and out.dtype == torch.float32:
         _launch(x3, out, square, scale)
     else:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import next_pow2
+from .host import columns_view, next_pow2
 from .linear_stats import _launch
 
 BLOCK_ROW = 1024
@@ -64,9 +64,9 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
     r, c, i = x.shape
     if x.numel() == 0:
         return
-    x3 = x.contiguous()
     f32 = dict(dtype=torch.float32, device=x.device)
     if mode == "channel":
+        x3 = columns_view(x, 1)        # per-channel statistics: any (A, C, B) (NOTE: [memory order])
         if mean is None:
             n = r * i
             s1 = torch.zeros(c, **f32)
@@ -80,6 +80,7 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
         rs = torch.rsqrt(var_ + eps).contiguous()
         _xhat_sq(x3, out, mu.contiguous(), rs, False, 1, 1)
         return
+    x3 = x.contiguous()                 # the row moments read whole (r, group) rows
     cg = c // groups
     mu = torch.empty(r * groups, **f32)
     rs = torch.empty(r * groups, **f32)

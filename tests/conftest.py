@@ -59,6 +59,19 @@ def kernel_ops(request, monkeypatch):
     return kernel_module(request.param, monkeypatch)
 
 
+COPY_OPS = {"aten::clone", "aten::contiguous"}     # not copy_: the Triton interpreter's own
+
+
+def tensor_copies(fn) -> list:
+    """Names of the dispatcher ops in ``COPY_OPS`` that ``fn()`` runs, from Python or from C++
+    (the CUDA binding's ``x.contiguous()`` too, and a ``reshape`` that must copy): how the layout
+    tests see that a kernel read a tensor where it lies (NOTE: [memory order] in
+    fisher_kernels/host.py)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in COPY_OPS]
+
+
 # NOTE: [trajectory tolerance] Two backends compute every op to float32 rounding (the op tests, and
 # check=True at every step of a trajectory test, hold each op to that), but parallel sums round
 # differently, and min-max normalisation followed by the division by F = S'H' + Lambda amplifies a

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adafisher_fast import reference
-from conftest import device
+from conftest import device, tensor_copies
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 CASES = [
@@ -47,6 +47,27 @@ def test_conv_stats_dtypes(kernel_ops, dtype, rtol, batch):
     reference.conv_stats(x, want, (3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1), 1, "reflect")
     kernel_ops.conv_stats(x, got, (3, 3), (2, 2), [(1, 1), (1, 1)], (1, 1), 1, "reflect")
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("spatial,kernel,stride,padding,dilation,c,groups",
+                         [CASES[3], CASES[4], CASES[6]])
+@pytest.mark.parametrize("mode", ["zeros", "circular"])
+def test_conv_stats_channels_last_not_copied(kernel_ops, spatial, kernel, stride, padding, dilation,
+                                             c, groups, mode):
+    """A channels_last(_3d) input is reduced over the batch where it lies, the per-channel map
+    read through its (*spatial, C) strides: no copy of x (NOTE: [memory order])."""
+    torch.manual_seed(6)
+    fmt = torch.channels_last if len(spatial) == 2 else torch.channels_last_3d
+    x = torch.randn((3, c) + spatial, device=device()).to(memory_format=fmt)
+    assert not x.is_contiguous()
+    want = torch.zeros(c * torch.Size(kernel).numel(), device=device())
+    got = want.clone()
+    reference.conv_stats(x.contiguous(), want, kernel, stride, padding, dilation, groups, mode)
+    copies = tensor_copies(lambda: kernel_ops.conv_stats(x, got, kernel, stride, padding, dilation,
+                                                         groups, mode))
+    # circular padding copies the small (C, *spatial) map, never x
+    assert copies == [] if mode == "zeros" else "aten::clone" not in copies
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_conv_stats_matches_unfold_definition(kernel_ops):

@@ -186,19 +186,27 @@ def test_embedding_stats(cuda, n, vocab, itype):
                 lambda o: ops.embedding_stats(idx, o), vocab, rtol=0, atol=0)
 
 
+def _cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, groups=2, padding_mode="circular", padding=1),
+                         nn.GroupNorm(4, 8), nn.Flatten(), nn.Linear(8 * 4 * 4, 7))
+
+
 def _models():
     torch.manual_seed(0)
     return {
         "mlp": lambda: nn.Sequential(nn.Linear(13, 33), nn.LayerNorm(33), nn.ReLU(), nn.Linear(33, 7)),
-        "cnn": lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                     nn.Conv2d(8, 8, 3, stride=2, groups=2, padding_mode="circular", padding=1),
-                                     nn.GroupNorm(4, 8), nn.Flatten(), nn.Linear(8 * 4 * 4, 7)),
+        "cnn": _cnn,
+        # weights, activations and gradients in channels_last (NOTE: [row transpose], [memory order])
+        "cnn_channels_last": lambda: _cnn().to(memory_format=torch.channels_last),
     }
 
 
 def _data(name, dev):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(16, 13, generator=g) if name == "mlp" else torch.randn(16, 3, 8, 8, generator=g)
+    if name == "cnn_channels_last":
+        x = x.to(memory_format=torch.channels_last)
     return x.to(dev), torch.randint(0, 7, (16,), generator=g).to(dev)
 
 
@@ -217,7 +225,7 @@ def _train(name, dev, backend, opt_cls, steps=8, preset="official", dtype=torch.
     return model, opt
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "cnn_channels_last"])
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW])
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_three_backends_agree_on_a_short_run(cuda, name, opt_cls, preset, monkeypatch):

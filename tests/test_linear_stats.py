@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adafisher_fast import reference
-from conftest import device
+from conftest import device, tensor_copies
 
 # (dtype, rtol): low-precision inputs are upcast before squaring on both sides, so only the
 # float32 summation order differs (NOTE: [check tolerances] in adafisher_fast/check.py)
@@ -38,6 +38,21 @@ def test_linear_stats_noncontiguous_and_empty(kernel_ops):
     out = torch.ones(5, device=device())
     kernel_ops.linear_stats(e, out)
     assert torch.equal(out, torch.ones(5, device=device()))
+
+
+@pytest.mark.parametrize("fmt,dim", [(torch.channels_last, 1), (torch.channels_last, 3),
+                                     (torch.channels_last_3d, 1)])
+def test_linear_stats_channels_last_not_copied(kernel_ops, fmt, dim):
+    """A channels_last tensor (a conv's output gradient, a BatchNorm input) is reduced where it
+    lies, without a copy (NOTE: [memory order] in fisher_kernels/host.py)."""
+    torch.manual_seed(4)
+    shape = (3, 5, 4, 6) if fmt == torch.channels_last else (3, 5, 2, 4, 3)
+    x = torch.randn(shape, device=device()).to(memory_format=fmt)
+    want = torch.zeros(shape[dim], device=device())
+    got = want.clone()
+    reference.linear_stats(x.contiguous(), want, dim)
+    assert tensor_copies(lambda: kernel_ops.linear_stats(x, got, dim)) == []
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_linear_stats_float64_matches_exactly(kernel_ops):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adafisher_fast import reference
-from conftest import device
+from conftest import device, tensor_copies
 
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]
 
@@ -34,6 +34,22 @@ def test_norm_stats_running(kernel_ops, dtype):
     got = want.clone()
     reference.norm_stats(x, want, "channel", 1, 1e-3, True, mean, var)
     kernel_ops.norm_stats(x, got, "channel", 1, 1e-3, True, mean, var)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_norm_stats_channels_last_not_copied(kernel_ops, running):
+    """A BatchNorm2d input in channels_last, viewed (B, C, H*W) as BatchNormKind does, gives the
+    channel statistics without a copy (NOTE: [memory order] in fisher_kernels/host.py)."""
+    torch.manual_seed(5)
+    x = (torch.randn(3, 6, 5, 4, device=device()) * 2 + 1).to(memory_format=torch.channels_last)
+    x3 = x.reshape(3, 6, -1)
+    assert not x3.is_contiguous() and x3.data_ptr() == x.data_ptr()
+    mv = (torch.randn(6, device=device()), torch.rand(6, device=device()) + 0.1) if running else (None, None)
+    want = torch.zeros(6, device=device())
+    got = want.clone()
+    reference.norm_stats(x3.contiguous(), want, "channel", 1, 1e-5, True, *mv)
+    assert tensor_copies(lambda: kernel_ops.norm_stats(x3, got, "channel", 1, 1e-5, True, *mv)) == []
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
