@@ -23,7 +23,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from . import reference
+from . import kernel_host, reference
 from .reference import EmaRule, LayerTable
 
 try:
@@ -148,13 +148,11 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     if n == 0:
         return
     ok = [_kernel_ok(p, g, m, t) for p, g, m, t in zip(params, grads, moms, steps)]
-    grads, rows = list(grads), None
+    grads, meta_key = list(grads), kernel_host.meta_token(meta)
     for i, (p, g, m) in enumerate(zip(params, grads, moms)):
-        if not ok[i] or (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
-            continue
-        rows = meta.tolist() if rows is None else rows
-        tr, grads[i] = reference.kernel_layout(rows[i], p, g, m)   # NOTE: [row transpose]
-        ok[i] = tr > 0
+        if ok[i] and not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
+            tr, grads[i] = kernel_host.layout(i, p, g, m, meta, meta_key)  # NOTE: [row transpose]
+            ok[i] = tr > 0
     if all(ok):
         idx = None
     else:

@@ -264,42 +264,6 @@ def check_step_shapes(params: List[torch.Tensor], grads: List[torch.Tensor],
                              f"{tuple(g.shape)} and momentum {tuple(m.shape)}")
 
 
-# NOTE: [row transpose] The kernels walk p, g and m in memory order.  ``model.to(memory_format=
-# torch.channels_last)`` stores a conv weight (O, I, *k) as (O, *k, I): row r (out channel) is still
-# one run of cols = I * prod(k) elements, but within it memory position q holds column
-# (q % I) * (cols / I) + q // I, a (cols/I x I) transpose.  The kernels take that T = I per parameter,
-# so such a model is updated in place: no copy of p, g and m each step (5 extra passes, and tables
-# rebuilt for every fresh copy's address), and a CUDA graph can capture it.
-def row_transpose(row: Sequence[int], p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> int:
-    """How the kernels can walk p, g and m (same shape) in memory order: 1 row-major (contiguous,
-    or any dense layout when F does not depend on the position: a factor-free row), T > 1 when
-    each row of the (rows x cols) view is stored transposed as above, 0 when they need
-    contiguous copies (other layouts, or g/m strides unlike p's)."""
-    if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():
-        return 1
-    if g.stride() != p.stride() or m.stride() != p.stride():
-        return 0
-    rows, cols, _, s_r, s_c, _, h_r, h_c, _, h_gs = (int(v) for v in row)
-    if s_r == s_c == h_r == h_c == h_gs == 0:
-        order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
-        return int(p.permute(order).is_contiguous())
-    n = p.dim()
-    if (n >= 3 and p.shape[1] > 1 and rows == p.shape[0] and rows * cols == p.numel()
-            and p.permute(0, *range(2, n), 1).is_contiguous()):
-        return p.shape[1]
-    return 0
-
-
-def kernel_layout(row: Sequence[int], p: torch.Tensor, g: torch.Tensor,
-                  m: torch.Tensor) -> Tuple[int, torch.Tensor]:
-    """(T, g) for a kernel's walk over a non-contiguous p, g, m (NOTE: [row transpose]): a gradient
-    whose strides alone differ from p's is first copied into p's layout; T = 0 means that p and
-    m need contiguous copies too."""
-    if g.stride() != p.stride() and m.stride() == p.stride():
-        g = torch.empty_like(p, dtype=g.dtype).copy_(g)     # p's strides, where p is dense
-    return row_transpose(row, p, g, m), g
-
-
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
                hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:

@@ -285,7 +285,7 @@ at::Tensor device_table(std::string bytes, const at::Device& dev) {
   return cache.front().second;
 }
 
-// reference.row_transpose: how the kernel walks p, g, m in memory order (NOTE: [row transpose]):
+// kernel_host.row_transpose: how the kernel walks p, g, m in memory order (NOTE: [row transpose]):
 // 1 row-major (or any dense layout for a factor-free row), T > 1 rows stored transposed, 0 neither
 int64_t row_transpose(const int64_t* row, const at::Tensor& p, const at::Tensor& g, const at::Tensor& m) {
   if (p.is_contiguous() && g.is_contiguous() && m.is_contiguous()) return 1;

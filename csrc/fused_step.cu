@@ -32,7 +32,7 @@ __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int6
     r = cols > 0 ? e / cols : 0;
   int64_t c = e - r * cols;
   const int64_t tr = mt[10];
-  if (tr > 1) {     // position c of a row stored transposed (NOTE: [row transpose] in reference.py)
+  if (tr > 1) {     // position c of a row stored transposed (NOTE: [row transpose], kernel_host.py)
     if (cols <= INT32_MAX) {
       const uint32_t c32 = static_cast<uint32_t>(c), t32 = static_cast<uint32_t>(tr);
       c = static_cast<int64_t>((c32 % t32) * static_cast<uint32_t>(cols / tr) + c32 / t32);

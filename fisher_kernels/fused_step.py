@@ -29,13 +29,12 @@ counts kept on the host are incremented there and their values uploaded (the csr
 same, NOTE: [step chunks] in csrc/fused_step.cu).
 
 float64 parameters go through the reference (parity runs).  Contiguous and channels_last parameters
-are updated in place (NOTE: [row transpose] in reference.py), a gradient in another layout read
-through a copy in the parameter's; in other layouts p, g and m are copied contiguous and p, m
-copied back.
+are updated in place (NOTE: [row transpose] in adafisher_fast/kernel_host.py), a gradient in
+another layout read through a copy in the parameter's; in other layouts p, g and m are copied
+contiguous and p, m copied back.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Dict, List, Tuple
 
@@ -43,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adafisher_fast import reference
+from adafisher_fast import kernel_host, reference
 from .host import cdiv
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
@@ -60,7 +59,7 @@ N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
 def _rows_cols(start, cols, h_gr, tr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
     """(r, c, r // h_gr) of elements start + [0, BLOCK) in memory order of a (rows x cols)
     parameter whose rows are stored row-major (tr = 1) or transposed (tr = T > 1, NOTE: [row
-    transpose] in reference.py).
+    transpose] in adafisher_fast/kernel_host.py).
 
     NOTE: [row division] A 64-bit integer division compiles to a 32-bit fast path plus a
     subroutine for wide operands, and per element that code cost the kernel 168 registers per
@@ -216,7 +215,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     # means the same p/g/m memory, sizes, layouts (T), steps and meta rows as a checked step, so
     # the launch is safe as it was then.  All groups are looked up before any of them launches,
     # so a bad shape raises before any state changes.
-    ref_idx, groups, rows = [], {}, None
+    ref_idx, groups, meta_key = [], {}, kernel_host.meta_token(meta)
     for i, p, g, m in zip(range(n), params, grads, moms):
         pdt, gdt = p.dtype, g.dtype
         if pdt in _TL and gdt in _TL and m.dtype == pdt:
@@ -228,9 +227,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
             if nel:
                 pc, gc, mc, tr = p, g, m, 1
                 if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
-                    if rows is None:
-                        rows = meta.tolist()
-                    tr, gc = reference.kernel_layout(rows[i], p, g, m)  # NOTE: [row transpose]
+                    tr, gc = kernel_host.layout(i, p, g, m, meta, meta_key)  # [row transpose]
                     if not tr:
                         pc, gc, mc, tr = p.contiguous(), g.contiguous(), m.contiguous(), 1
                 work.append((i, pc, gc, mc, steps[i], p, m, tr))
@@ -239,7 +236,6 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                 empty.append(i)
         else:
             ref_idx.append(i)
-    meta_key = _meta_token(meta)
     fac_c = fac.contiguous()
     launches = []                # (dtype pair, work, its step counts then the empty ones', tables)
     for (pdt, gdt), (work, sig, empty) in groups.items():
@@ -292,28 +288,6 @@ def _cached(cache: dict, key: tuple, build):
             cache.pop(next(iter(cache)))
         hit = cache[key] = build()
     return hit
-
-
-_META_SEEN: tuple = (None, -1, -1)       # the last meta tensor, its _version, its token
-_META_TOKENS: Dict[tuple, int] = {}
-_NEXT_TOKEN = itertools.count()
-
-
-def _meta_token(meta: torch.Tensor) -> int:
-    """A small int standing for the meta rows' values in the table keys: the optimizer passes the
-    same unchanged tensor every step, which is recognised without reading its rows again."""
-    global _META_SEEN
-    seen = _META_SEEN
-    if meta is seen[0] and meta._version == seen[1]:
-        return seen[2]
-    rows = tuple(meta.reshape(-1).tolist())
-    token = _META_TOKENS.get(rows)
-    if token is None:
-        if len(_META_TOKENS) >= 4 * _MAX_TABLES:
-            _META_TOKENS.clear()
-        token = _META_TOKENS[rows] = next(_NEXT_TOKEN)
-    _META_SEEN = (meta, meta._version, token)
-    return token
 
 
 def _device_steps(steps, dev) -> bool:

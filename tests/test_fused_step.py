@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 
-from adafisher_fast import reference
+from adafisher_fast import kernel_host, reference
 from conftest import backend_name, device
 
 # (param dtype, rtol): one rounding of the stored parameter / momentum in its own dtype
@@ -149,19 +149,19 @@ def _layouts_problem():
 
 
 def test_row_transpose():
-    """reference.row_transpose against the layouts it is defined by (NOTE: [row transpose])."""
+    """kernel_host.row_transpose against the layouts it is defined by (NOTE: [row transpose])."""
     params, grads, moms, _, meta = _layouts_problem()
     rows = meta.tolist()
-    assert [reference.row_transpose(r, *t) for r, *t in zip(rows, params, grads, moms)] == \
+    assert [kernel_host.row_transpose(r, *t) for r, *t in zip(rows, params, grads, moms)] == \
         [3, 6, 3, 1, 0]
-    tr, g = reference.kernel_layout(rows[4], params[4], grads[4], moms[4])
+    tr, g = kernel_host.layout(4, params[4], grads[4], moms[4], meta, kernel_host.meta_token(meta))
     assert tr == 2 and g.stride() == params[4].stride() and torch.equal(g, grads[4])
     w = torch.randn(4, 3, 3, 3)
-    assert reference.row_transpose(rows[0], w, w, w) == 1
+    assert kernel_host.row_transpose(rows[0], w, w, w) == 1
     t = torch.randn(3, 3, 3, 4).permute(3, 2, 1, 0)       # dense but not channels_last: copied
-    assert reference.row_transpose((4, 27, 0, 1, 0, 4, 0, 1, 4, 0), t, t, t) == 0
+    assert kernel_host.row_transpose((4, 27, 0, 1, 0, 4, 0, 1, 4, 0), t, t, t) == 0
     e = torch.randn(4, 6, 3, 3)[:, ::2]                    # not dense: copied even factor-free
-    assert reference.row_transpose((36, 1, 9, 0, 0, 9, 0, 0, 36, 0), e, e, e) == 0
+    assert kernel_host.row_transpose((36, 1, 9, 0, 0, 9, 0, 0, 36, 0), e, e, e) == 0
 
 
 def test_fused_step_memory_layouts(kernel_ops, monkeypatch):

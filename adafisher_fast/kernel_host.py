@@ -1,0 +1,80 @@
+"""Host-side helpers of the two kernel backends' ``fused_step`` (fisher_kernels/fused_step.py and
+adafisher_fast/cuda_backend.py): which memory layouts the kernels walk in place, and a cheap
+stand-in for the meta rows' values in cache keys.  Nothing here launches anything."""
+from __future__ import annotations
+
+import itertools
+from typing import Dict, Sequence, Tuple
+
+import torch
+
+
+# NOTE: [row transpose] The kernels walk p, g and m in memory order.  ``model.to(memory_format=
+# torch.channels_last)`` stores a conv weight (O, I, *k) as (O, *k, I): row r (out channel) is still
+# one run of cols = I * prod(k) elements, but within it memory position q holds column
+# (q % I) * (cols / I) + q // I, a (cols/I x I) transpose.  The kernels take that T = I per parameter,
+# so such a model is updated in place: no copy of p, g and m each step (5 extra passes, and tables
+# rebuilt for every fresh copy's address), and a CUDA graph can capture it.
+def row_transpose(row: Sequence[int], p: torch.Tensor, g: torch.Tensor, m: torch.Tensor) -> int:
+    """How the kernels can walk p, g and m (same shape) in memory order: 1 row-major (contiguous,
+    or any dense layout when F does not depend on the position: a factor-free row), T > 1 when
+    each row of the (rows x cols) view (meta ``row``, NOTE: [param map]) is stored transposed as
+    above, 0 when they need contiguous copies (other layouts, or g/m strides unlike p's).
+    csrc/bindings.cpp checks the same."""
+    if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():
+        return 1
+    if g.stride() != p.stride() or m.stride() != p.stride():
+        return 0
+    rows, cols, _, s_r, s_c, _, h_r, h_c, _, h_gs = (int(v) for v in row)
+    if s_r == s_c == h_r == h_c == h_gs == 0:
+        order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+        return int(p.permute(order).is_contiguous())
+    n = p.dim()
+    if (n >= 3 and p.shape[1] > 1 and rows == p.shape[0] and rows * cols == p.numel()
+            and p.permute(0, *range(2, n), 1).is_contiguous()):
+        return p.shape[1]
+    return 0
+
+
+_LAYOUTS: Dict[tuple, int] = {}
+
+
+def layout(i: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, meta: torch.Tensor,
+           meta_key: int) -> Tuple[int, torch.Tensor]:
+    """(T, g) of parameter i, a non-contiguous p, g, m: ``row_transpose`` of its meta row, after
+    copying a gradient whose strides alone differ from p's into p's layout.  T = 0 means that p
+    and m need contiguous copies too.  T is remembered by strides and ``meta_key`` (see
+    ``meta_token``): a channels_last model asks the same every step."""
+    if g.stride() != p.stride():
+        if m.stride() == p.stride():
+            g = torch.empty_like(p, dtype=g.dtype).copy_(g)     # p's strides, where p is dense
+        return row_transpose(meta[i].tolist(), p, g, m), g
+    key = (meta_key, i, p.shape, p.stride(), m.stride())
+    tr = _LAYOUTS.get(key)
+    if tr is None:
+        if len(_LAYOUTS) >= 4096:
+            _LAYOUTS.clear()
+        tr = _LAYOUTS[key] = row_transpose(meta[i].tolist(), p, g, m)
+    return tr, g
+
+
+_META_SEEN: tuple = (None, -1, -1)       # the last meta tensor, its _version, its token
+_META_TOKENS: Dict[tuple, int] = {}
+_NEXT_TOKEN = itertools.count()
+
+
+def meta_token(meta: torch.Tensor) -> int:
+    """A small int standing for the meta rows' values in cache keys: the optimizer passes the same
+    unchanged tensor every step, which is recognised without reading its rows again."""
+    global _META_SEEN
+    seen = _META_SEEN
+    if meta is seen[0] and meta._version == seen[1]:
+        return seen[2]
+    rows = tuple(meta.reshape(-1).tolist())
+    token = _META_TOKENS.get(rows)
+    if token is None:
+        if len(_META_TOKENS) >= 32:
+            _META_TOKENS.clear()
+        token = _META_TOKENS[rows] = next(_NEXT_TOKEN)
+    _META_SEEN = (meta, meta._version, token)
+    return token
