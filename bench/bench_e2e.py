@@ -3,7 +3,8 @@
 Workloads (GPU mode; smoke runs use tiny versions of the same models):
 * ResNet-18 CIFAR shape, batch 256 x 3 x 32 x 32, 10 classes, cross-entropy;
 * 4-layer GPT, d=512, T=256, batch 16, vocab 8192, next-token cross-entropy;
-each in fp32 and under bf16 autocast.
+each in fp32 and under bf16 autocast; and ``resnet18-cl``, the ResNet-18 in channels_last, eager
+under bf16 autocast only.
 
 Optimizers: SGD(momentum=0.9, foreach=True), AdamW(fused=True) (foreach on CPU), and AdaFisher /
 AdaFisherW on every backend that loads, at TCov=1 and TCov=100.
@@ -77,6 +78,9 @@ COMPILE_BACKEND, SMOKE_COMPILE_BACKEND = "inductor", "aot_eager"
 # smoke runs compile one workload, fp32, two optimizers: tracing the tiny ResNet-18 with its 41
 # hooked layers takes ~18 s under aot_eager on a 2-core CI host, the tiny GPT ~5 s
 SMOKE_COMPILE = ("gpt4", ("adamw", "AdaFisher TCov=1"))
+# ResNet-18 with weights, inputs (so activations and gradients) in channels_last, as tensor-core
+# training runs it: the kernels read those where they lie (NOTE: [memory order], [row transpose])
+CL_WORKLOAD = "resnet18-cl"
 CUDAGRAPH_CPU_NOTE = ("cudagraph mode not run: CUDA graphs (torch.cuda.graph) need a CUDA device; "
                       "this run is on the CPU")
 
@@ -107,7 +111,13 @@ def workloads(h: Harness):
         idx = torch.randint(0, g["vocab"], (gb, g["block_size"] + 1), device=dev)
         return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
 
+    def r18_cl_batch():
+        x, y = r18_batch()
+        return x.to(memory_format=torch.channels_last), y
+
     return [("resnet18", mk_r18, r18_batch, f"b{b} 3x{hw}x{hw}"),
+            (CL_WORKLOAD, lambda: mk_r18().to(memory_format=torch.channels_last), r18_cl_batch,
+             f"b{b} 3x{hw}x{hw} channels_last"),
             ("gpt4", lambda: models.GPT(**g), gpt_batch,
              f"b{gb} T{g['block_size']} d{g['d']} L{g['n_layer']} V{g['vocab']}")]
 
@@ -341,6 +351,8 @@ def _selected(h: Harness, mode: str, wname: str, amp: bool, label: str) -> bool:
     """Whether this run measures (mode, workload, dtype, optimizer)."""
     if mode != "eager" and label not in MODE_OPTIMIZERS:
         return False
+    if wname == CL_WORKLOAD:        # eager bf16 autocast, the recipe channels_last is for
+        return mode == "eager" and amp and (label in SMOKE_AMP or not h.smoke)
     if h.smoke:
         if mode == "eager":
             return not amp or label in SMOKE_AMP

@@ -49,7 +49,10 @@ def test_every_op_and_e2e_measured(smoke):
     opts = {r["optimizer"] for r in e2e}
     assert {"sgd", "adamw", "AdaFisher TCov=1", "AdaFisher TCov=100", "AdaFisherW TCov=1",
             "AdaFisherW TCov=100"} <= opts
-    assert {r["workload"] for r in e2e} == {"resnet18", "gpt4"}
+    assert {r["workload"] for r in e2e} == {"resnet18", "gpt4", "resnet18-cl"}
+    cl = [r for r in e2e if r["workload"] == "resnet18-cl"]
+    assert {(r["mode"], r["dtype"], r["optimizer"]) for r in cl} == \
+        {("eager", "bf16-autocast", "adamw"), ("eager", "bf16-autocast", "AdaFisher TCov=1")}
     for r in e2e:
         assert r["time_ms"] > 0 and r["step_ms"] > 0 and r["ratio"] > 0
         if r["optimizer"] == "adamw":
