@@ -227,23 +227,24 @@ def _gpu_backends():
             if torch.cuda.is_available() and _try_load(b, torch.device("cuda"))[0] is not None]
 
 
-def _cuda_model():
+def _cuda_model(fmt=torch.contiguous_format):
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
                          nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 7 * 7, 10),
-                         nn.LayerNorm(10)).cuda()
+                         nn.LayerNorm(10)).cuda().to(memory_format=fmt)
 
 
-def _cuda_batches(n):
+def _cuda_batches(n, fmt=torch.contiguous_format):
     g = torch.Generator().manual_seed(2)
-    return [(torch.randn(16, 3, 16, 16, generator=g).cuda(), torch.randint(0, 10, (16,), generator=g).cuda())
-            for _ in range(n)]
+    return [(torch.randn(16, 3, 16, 16, generator=g).cuda().to(memory_format=fmt),
+             torch.randint(0, 10, (16,), generator=g).cuda()) for _ in range(n)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("TCov", [1, 4])
-def test_cuda_graph_replay_equals_eager(backend, TCov):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=str)
+def test_cuda_graph_replay_equals_eager(backend, TCov, fmt):
     """50 replayed iterations (forward + backward + step captured whole) equal 50 eager ones:
     parameters and every state tensor.  With TCov > 1 two graphs are captured, one on a statistics
     iteration and one on a plain one, and replay picks by iteration (NOTE: [capturable]).
@@ -251,12 +252,13 @@ def test_cuda_graph_replay_equals_eager(backend, TCov):
     float atomics (and cuDNN's backward) may sum in another order, and a 1e-7 relative
     difference grows to ~1e-4 in 50 steps at the default Lambda (measured on the CPU).  A capture
     bug (a frozen step, a wrong graph for the iteration) is far outside it, and the step counters
-    and statistics counters are compared exactly."""
+    and statistics counters are compared exactly.  A channels_last model is captured too: its
+    weights are updated in place (NOTE: [row transpose]), so no table upload lands in the capture."""
     if backend not in _gpu_backends():
         pytest.skip(f"backend {backend} is not available here")
     n, warm = 50, 3
-    batches = _cuda_batches(n)
-    ref = _cuda_model()
+    batches = _cuda_batches(n, fmt)
+    ref = _cuda_model(fmt)
     model = copy.deepcopy(ref)
     kw = dict(lr=1e-3, Lambda=0.1, TCov=TCov, preset="paper", backend=backend, capturable=True)
     opt_ref, opt = AdaFisher(ref, **kw), AdaFisher(model, **kw)
