@@ -182,13 +182,16 @@ void norm_stats(const at::Tensor& x, const at::Tensor& out, int64_t mode, int64_
   }
   if (x.numel() == 0) return;
   c10::cuda::CUDAGuard guard(x.device());
-  // channel statistics take any (A, C, I) view (NOTE: [memory order]); sample ones whole rows
-  const at::Tensor xc = mode == 0 ? columns_view(x, 1) : x.contiguous();
+  // read where it lies (NOTE: [memory order]): channel statistics take any (A, C, I) view, sample
+  // ones a contiguous or channels_last (strides (C*I, 1, C)) x
+  const bool cl = mode == 1 && I > 1 && C > 1 && !x.is_contiguous() && x.stride(0) == C * I &&
+                  x.stride(1) == 1 && x.stride(2) == C;
+  const at::Tensor xc = mode == 0 ? columns_view(x, 1) : (cl ? x : x.contiguous());
   at::Tensor work = at::empty({2 * std::max(C, R * groups) + 2}, out.options());
   check_launch(launch_norm_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), xc.size(0), C, xc.size(2),
                                  static_cast<int>(mode), groups, eps, center,
                                  m.defined() ? m.data_ptr() : nullptr, v.defined() ? v.data_ptr() : nullptr, mt,
-                                 c10::cuda::getCurrentCUDAStream()), "norm_stats");
+                                 cl, c10::cuda::getCurrentCUDAStream()), "norm_stats");
 }
 
 void embedding_stats(const at::Tensor& idx, const at::Tensor& out) {

@@ -30,12 +30,14 @@ struct ConvGeom {
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
                               int64_t C, const ConvGeom& g, cudaStream_t s);
 
-// norm_stats: x contiguous (R, C, I).  work: 2 * max(C, R * groups) + 2 entries of type ot.
+// norm_stats: x contiguous (R, C, I), or with channels_last (mode 1 only) strides (C*I, 1, C).
+// work: 2 * max(C, R * groups) + 2 entries of type ot.
 // mode 0 = "channel" (mean/var given or NULL -> batch statistics), 1 = "sample".
 // mean/var (if given) have dtype mt and C entries.
 cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
                               int64_t C, int64_t I, int mode, int64_t groups, double eps, bool center,
-                              const void* mean, const void* var, DType mt, cudaStream_t s);
+                              const void* mean, const void* var, DType mt, bool channels_last,
+                              cudaStream_t s);
 
 // embedding_stats: out[idx[j]] += 1 for j < n; idx int32/int64, out-of-range indices are ignored.
 cudaError_t launch_embedding_stats(const void* idx, DType it, int64_t n, void* out, DType ot,

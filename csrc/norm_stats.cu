@@ -1,11 +1,13 @@
 // norm_stats (reference.norm_stats, Proposition 3.1 of the paper): out[c] += sum_{r,i} xhat[r,c,i]^2.
-// x: (R, C, I) contiguous, fp16/bf16/fp32/fp64; out/work/arithmetic: float32 or float64.
+// x: (R, C, I) contiguous (or, in sample mode, channels_last: strides (C*I, 1, C)), fp16/bf16/fp32/fp64;
+// out/work/arithmetic: float32 or float64.
 // NOTE: [norm passes] Everything goes through the column reduce of reduce.cuh with an affine map:
 //  * channel mode, batch statistics: mean = reduce(x) / N, var = reduce((x - mean)^2) / N (two
 //    passes, as the reference: biased variance), then out += reduce(((x - mean) * rsqrt(var+eps))^2);
 //  * channel mode, running statistics given: one pass with the given mean/var;
 //  * sample mode: one block per (r, group) computes mu (if center) and rsqrt(ms + eps) over its
-//    C/groups * I contiguous entries, then one reduce pass.
+//    C/groups * I entries (contiguous; for a channels_last x, I runs of C/groups channels C apart,
+//    NOTE: [memory order]), then one reduce pass (over x as (R * I, C, 1) when channels_last).
 #include <algorithm>
 #include "reduce.cuh"
 
@@ -22,25 +24,30 @@ __global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs,
   }
 }
 
+// block (r, group): entry j of its row at xr + j, or (runs > 0, channels_last) at
+// xr + (j / runs) * C + j % runs with runs = C / groups
 template <typename T, typename A>
-__global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, int64_t n, A eps, bool center) {
+__global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, int64_t n, A eps, bool center,
+                                     int64_t groups, int64_t C, int64_t runs) {
   __shared__ A sh[32];
-  const T* xr = x + (int64_t)blockIdx.x * n;
+  const int64_t r = blockIdx.x / groups, grp = blockIdx.x - r * groups;
+  const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + (int64_t)blockIdx.x * n;
+  auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
   A m = 0;
   if (center) {
     A s = 0;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += load_as<A, T>(xr, j);
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += load_as<A, T>(xr, at(j));
     m = block_sum<A>(s, sh) / A(n);
   }
   A s2 = 0;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) { A v = load_as<A, T>(xr, j) - m; s2 += v * v; }
+  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) { A v = load_as<A, T>(xr, at(j)) - m; s2 += v * v; }
   s2 = block_sum<A>(s2, sh) / A(n);
   if (threadIdx.x == 0) { mu[blockIdx.x] = m; rs[blockIdx.x] = A(1) / sqrt(s2 + eps); }
 }
 
 cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
                               int64_t C, int64_t I, int mode, int64_t groups, double eps, bool center,
-                              const void* mean, const void* var, DType mt, cudaStream_t s) {
+                              const void* mean, const void* var, DType mt, bool channels_last, cudaStream_t s) {
   if (R == 0 || C == 0 || I == 0) return cudaSuccess;
   AF_DISPATCH_ACC(ot, A, AF_DISPATCH_IN(xt, T, {
     const T* xp = static_cast<const T*>(x);
@@ -67,8 +74,12 @@ cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void
       if (groups <= 0 || C % groups != 0) return cudaErrorInvalidValue;
       A* mu = w; A* rs = w + R * groups;
       const int64_t n = (C / groups) * I;
-      sample_coeffs_kernel<T, A><<<(unsigned)(R * groups), 256, 0, s>>>(xp, mu, rs, n, A(eps), center);
-      launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{2, mu, rs, groups}, s);
+      sample_coeffs_kernel<T, A><<<(unsigned)(R * groups), 256, 0, s>>>(xp, mu, rs, n, A(eps), center, groups,
+                                                                       C, channels_last ? C / groups : 0);
+      if (channels_last)
+        launch_reduce<T, A>(xp, o, R * I, C, 1, true, A(1), Affine{2, mu, rs, groups, I}, s);
+      else
+        launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{2, mu, rs, groups}, s);
     }
   }));
   return cudaGetLastError();

@@ -9,17 +9,18 @@
 namespace adafisher {
 
 struct Affine {
-  int mode;          // 0 none, 1 per channel k, 2 per (a, k / cpg), 3 subtract mu[k] only
+  int mode;          // 0 none, 1 per channel k, 2 per (a / rows_per_sample, k / cpg), 3 subtract mu[k] only
   const void* mu;    // acc type
   const void* rs;    // acc type
   int64_t groups;    // mode 2: number of groups (cpg = K / groups)
+  int64_t rows_per_sample = 1;   // mode 2: rows a of one sample (a channels_last x: its positions)
 };
 
 template <typename A>
 __device__ __forceinline__ A affine_apply(A v, const Affine& af, int64_t a, int64_t k, int64_t K) {
   if (af.mode == 0) return v;
   if (af.mode == 3) return v - static_cast<const A*>(af.mu)[k];
-  int64_t j = af.mode == 1 ? k : a * af.groups + k / (K / af.groups);
+  int64_t j = af.mode == 1 ? k : (a / af.rows_per_sample) * af.groups + k / (K / af.groups);
   return (v - static_cast<const A*>(af.mu)[j]) * static_cast<const A*>(af.rs)[j];
 }
 

@@ -32,12 +32,13 @@ TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 
 
 
 @triton.jit
-def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG, scale,
-                          SQUARE: tl.constexpr, AFFINE: tl.constexpr, BLOCK_A: tl.constexpr,
+def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG, RPS,
+                          scale, SQUARE: tl.constexpr, AFFINE: tl.constexpr, BLOCK_A: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
     """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b]), with
     f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
-    or s = a * G + k // CG (AFFINE 2); AFFINE 0 reads neither mu nor rs."""
+    or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample); AFFINE 0 reads neither mu
+    nor rs."""
     pid_k = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_a = tl.program_id(2)
@@ -62,7 +63,7 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog
             rs = tl.load(rs_ptr + offs_k, mask=km, other=0.0)[None, :, None]
             v = tl.where(mask, (v - mu) * rs, 0.0)
         elif AFFINE == 2:
-            si = rows[:, None] * G + offs_k[None, :] // CG
+            si = (rows // RPS)[:, None] * G + offs_k[None, :] // CG
             sm = rm[:, None] & km[None, :]
             mu = tl.load(mu_ptr + si, mask=sm, other=0.0)[:, :, None]
             rs = tl.load(rs_ptr + si, mask=sm, other=0.0)[:, :, None]
@@ -98,14 +99,16 @@ def _tiles(a: int, k: int, b: int, interpret: bool):
 
 
 def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, affine: int = 0,
-            mu: torch.Tensor = None, rs: torch.Tensor = None, g: int = 1, cg: int = 1) -> None:
-    """x3: contiguous (A, K, B); out: contiguous float32 (K,); affine/mu/rs/g/cg: see the kernel."""
+            mu: torch.Tensor = None, rs: torch.Tensor = None, g: int = 1, cg: int = 1,
+            rps: int = 1) -> None:
+    """x3: contiguous (A, K, B); out: contiguous float32 (K,); affine/mu/rs/g/cg/rps: see the
+    kernel."""
     a, k, b = x3.shape
     if x3.numel() == 0:
         return
     block_a, block_k, block_b, rows, grid = tiles(a, k, b)
     _column_reduce_kernel[grid](x3, out, out if mu is None else mu, out if rs is None else rs, a, k,
-                                b, rows, g, cg, float(scale), SQUARE=square, AFFINE=affine,
+                                b, rows, g, cg, rps, float(scale), SQUARE=square, AFFINE=affine,
                                 BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b)
 
 

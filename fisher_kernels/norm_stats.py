@@ -7,7 +7,8 @@ reference).  ``out[c] += sum_{r, i} xhat[r, c, i]^2`` in float32, xhat recompute
 * mode="sample" (LayerNorm, GroupNorm, RMSNorm with center=False): per (r, group) statistics.
 
 Kernels: ``_row_moments_kernel`` (one program per (r, group): mean and 1/sqrt(var + eps), two passes
-over one contiguous row) and the tiled column reduction of ``linear_stats`` with the affine
+over its entries: one contiguous row, or for a channels_last input runs of C/G channels) and the
+tiled column reduction of ``linear_stats`` with the affine
 normalisation applied before squaring (its AFFINE modes, as csrc's NOTE: [column reduce]).
 Channel statistics reuse the reduction itself: mean = sum x / N, var = sum (x - mean)^2 / N, as
 the reference computes them.
@@ -28,29 +29,36 @@ BLOCK_ROW = 1024
 
 
 @triton.jit
-def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, n, eps, CENTER: tl.constexpr, BLOCK: tl.constexpr):
+def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, n, G, RS, GS, RUN, OS, eps, CENTER: tl.constexpr,
+                        RUNS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program row = (r, group) of G: mean (CENTER) and 1/sqrt(var + eps) of its n entries,
+    entry j at r * RS + group * GS + j, or with RUNS (a channels_last x: runs of RUN = C/G
+    channels, OS = C apart) at r * RS + group * GS + (j // RUN) * OS + j % RUN."""
     row = tl.program_id(0)
-    base = x_ptr + row.to(tl.int64) * n
+    base = x_ptr + (row // G).to(tl.int64) * RS + (row % G).to(tl.int64) * GS
     mu = 0.0
     if CENTER:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for s in range(0, n, BLOCK):
             o = s + tl.arange(0, BLOCK)
-            acc += tl.load(base + o, mask=o < n, other=0.0).to(tl.float32)
+            at = (o // RUN) * OS + o % RUN if RUNS else o
+            acc += tl.load(base + at, mask=o < n, other=0.0).to(tl.float32)
         mu = tl.sum(acc, axis=0) / n
     acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, n, BLOCK):
         o = s + tl.arange(0, BLOCK)
-        v = tl.load(base + o, mask=o < n, other=0.0).to(tl.float32) - mu
+        at = (o // RUN) * OS + o % RUN if RUNS else o
+        v = tl.load(base + at, mask=o < n, other=0.0).to(tl.float32) - mu
         acc2 += tl.where(o < n, v * v, 0.0)
     ms = tl.sum(acc2, axis=0) / n
     tl.store(mu_ptr + row, mu)
     tl.store(rs_ptr + row, 1.0 / tl.sqrt(ms + eps))
 
 
-def _xhat_sq(x3, out, mu, rs, per_row, g, cg):
-    """out[k] += sum of ((x - mu) * rs)^2, mu/rs per channel or per (row, group)."""
-    _launch(x3, out, True, 1.0, 2 if per_row else 1, mu, rs, g, cg)
+def _xhat_sq(x3, out, mu, rs, per_row, g, cg, rps=1):
+    """out[k] += sum of ((x - mu) * rs)^2, mu/rs per channel or per (row, group), rps rows of
+    x3 per row of x."""
+    _launch(x3, out, True, 1.0, 2 if per_row else 1, mu, rs, g, cg, rps)
 
 
 def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,
@@ -80,11 +88,17 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
         rs = torch.rsqrt(var_ + eps).contiguous()
         _xhat_sq(x3, out, mu.contiguous(), rs, False, 1, 1)
         return
-    x3 = x.contiguous()                 # the row moments read whole (r, group) rows
     cg = c // groups
+    n = cg * i
+    # channels_last (the (B, C, H*W) view of a GroupNorm input): x read where it lies as
+    # (B * H*W, C, 1), each (sample, group) in runs of C/G channels (NOTE: [memory order])
+    cl = i > 1 and c > 1 and not x.is_contiguous() and x.stride() == (c * i, 1, c)
+    if not cl:
+        x = x.contiguous()
     mu = torch.empty(r * groups, **f32)
     rs = torch.empty(r * groups, **f32)
-    n = cg * i
-    _row_moments_kernel[(r * groups,)](x3, mu, rs, n, float(eps), CENTER=bool(center),
+    _row_moments_kernel[(r * groups,)](x, mu, rs, n, groups, c * i, cg if cl else n, cg, c,
+                                       float(eps), CENTER=bool(center), RUNS=cl,
                                        BLOCK=min(BLOCK_ROW, next_pow2(n)))
-    _xhat_sq(x3, out, mu, rs, True, groups, cg)
+    x3 = x.permute(0, 2, 1).reshape(r * i, c, 1) if cl else x
+    _xhat_sq(x3, out, mu, rs, True, groups, cg, i if cl else 1)

@@ -37,10 +37,13 @@ def test_norm_stats_running(kernel_ops, dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("running", [False, True])
-def test_norm_stats_channels_last_not_copied(kernel_ops, running):
-    """A BatchNorm2d input in channels_last, viewed (B, C, H*W) as BatchNormKind does, gives the
-    channel statistics without a copy (NOTE: [memory order] in fisher_kernels/host.py)."""
+@pytest.mark.parametrize("mode,groups,center,running", [
+    ("channel", 1, True, False), ("channel", 1, True, True),       # BatchNorm2d
+    ("sample", 1, True, False), ("sample", 3, True, False),        # GroupNorm
+    ("sample", 6, False, False)])
+def test_norm_stats_channels_last_not_copied(kernel_ops, mode, groups, center, running):
+    """A BatchNorm2d or GroupNorm input in channels_last, viewed (B, C, H*W) as their layer kinds
+    do, gives the statistics without a copy (NOTE: [memory order] in fisher_kernels/host.py)."""
     torch.manual_seed(5)
     x = (torch.randn(3, 6, 5, 4, device=device()) * 2 + 1).to(memory_format=torch.channels_last)
     x3 = x.reshape(3, 6, -1)
@@ -48,8 +51,8 @@ def test_norm_stats_channels_last_not_copied(kernel_ops, running):
     mv = (torch.randn(6, device=device()), torch.rand(6, device=device()) + 0.1) if running else (None, None)
     want = torch.zeros(6, device=device())
     got = want.clone()
-    reference.norm_stats(x3.contiguous(), want, "channel", 1, 1e-5, True, *mv)
-    assert tensor_copies(lambda: kernel_ops.norm_stats(x3, got, "channel", 1, 1e-5, True, *mv)) == []
+    reference.norm_stats(x3.contiguous(), want, mode, groups, 1e-5, center, *mv)
+    assert tensor_copies(lambda: kernel_ops.norm_stats(x3, got, mode, groups, 1e-5, center, *mv)) == []
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 

@@ -121,6 +121,13 @@ def _stats_calls(dev="cpu"):
             fisher_kernels.norm_stats(x, torch.zeros(c, **e), "sample", 1, 1e-5, center=False)
             fisher_kernels.norm_stats(x, torch.zeros(c, **e), "channel", 1, 1e-5,
                                       mean=torch.zeros(c, **e), var=torch.ones(c, **e))
+        # channels_last activations, read where they lie (NOTE: [memory order])
+        xcl = torch.empty(8, 64, 28, 28, dtype=dt, **e).to(memory_format=torch.channels_last)
+        fisher_kernels.conv_stats(xcl, torch.zeros(64 * 9, **e), (3, 3), (1, 1), ((1, 1), (1, 1)),
+                                  (1, 1), 1, "zeros")
+        for mode, groups in (("channel", 1), ("sample", 32)):
+            fisher_kernels.norm_stats(xcl.reshape(8, 64, -1), torch.zeros(64, **e), mode, groups,
+                                      1e-5)
     for idt in (torch.int64, torch.int32):
         fisher_kernels.embedding_stats(torch.zeros(16, 1024, dtype=idt, **e), torch.zeros(50257, **e))
 
