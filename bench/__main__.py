@@ -1,5 +1,5 @@
 """``python -m bench [--device cpu|cuda] [--smoke] [--out DIR] [--only ops|e2e] [--ops a,b]
-[--backends torch,triton,cuda] [--modes eager,compile,cudagraph]``: the whole benchmark suite,
+[--backends torch,triton,cuda] [--modes eager,compile,cudagraph] [--time-limit-s S]``: the whole benchmark suite,
 one command (see bench/README.md)."""
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--append", action="store_true",
                     help="add to the folder's results.jsonl instead of starting it afresh (to split "
                          "a run: --only ops, then --only e2e --append); the table covers all rows")
+    ap.add_argument("--time-limit-s", type=float, default=None,
+                    help="start no case after this many seconds; the rest become skipped rows and "
+                         "the table and plots are still written (NOTE: [run deadline])")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     from .bench_e2e import MODES
@@ -59,7 +62,7 @@ def _run(args, ap, device, smoke) -> int:
     from . import report
     out = args.out or default_out_dir(device)
     h = Harness(device, smoke, out, args.backends.split(",") if args.backends else None,
-                verbose=not args.quiet, append=args.append)
+                verbose=not args.quiet, append=args.append, time_limit_s=args.time_limit_s)
     t0 = time.perf_counter()
     print(f"# bench: {h.env['gpu']} torch {h.env['torch']} triton {h.env['triton']} "
           f"smoke={smoke} -> {out}", flush=True)
@@ -68,20 +71,26 @@ def _run(args, ap, device, smoke) -> int:
     unknown = set(ops) - set(OPS)
     if unknown:
         ap.error(f"--ops: unknown {sorted(unknown)}")
-    if args.only in (None, "ops"):
-        for op in ops:
-            mod = importlib.import_module(f"bench.bench_{op}")
-            with h.guard(kind="op", op=op, case="*", backend="*"):
-                mod.run(h)
-    if args.only in (None, "e2e"):
-        from . import bench_e2e
-        with h.guard(kind="e2e", op="e2e", case="*", backend="*"):
-            bench_e2e.run(h, args.modes.split(",") if args.modes else None)
+    interrupted = False
+    try:
+        if args.only in (None, "ops"):
+            for op in ops:
+                mod = importlib.import_module(f"bench.bench_{op}")
+                with h.guard(kind="op", op=op, case="*", backend="*"):
+                    mod.run(h)
+        if args.only in (None, "e2e"):
+            from . import bench_e2e
+            with h.guard(kind="e2e", op="e2e", case="*", backend="*"):
+                bench_e2e.run(h, args.modes.split(",") if args.modes else None)
+    except KeyboardInterrupt:
+        # SIGINT (.ci/gpu's deadline): every row measured so far is in results.jsonl already
+        interrupted = True
+        print("# interrupted: writing the table and plots of the rows measured so far", flush=True)
     written = report.write(report.load(out), out)
     n_err = sum(r["status"] == "error" for r in h.rows)
     print(f"# {len(h.rows)} rows ({n_err} errors) in {time.perf_counter() - t0:.1f} s: "
           f"{h.jsonl}, " + ", ".join(str(p) for p in written), flush=True)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -63,8 +63,13 @@ def quantile(xs: List[float], q: float) -> float:
 
 class Harness:
     def __init__(self, device: torch.device, smoke: bool, out_dir: Path,
-                 backends: Optional[List[str]] = None, verbose: bool = True, append: bool = False):
+                 backends: Optional[List[str]] = None, verbose: bool = True, append: bool = False,
+                 time_limit_s: Optional[float] = None):
         self.device = device
+        # NOTE: [run deadline] with --time-limit-s no case or configuration starts after this
+        # time.monotonic(); those left are ``skipped`` rows, so a run cut short by a per-command
+        # limit still ends with its table and plots and says what it did not measure
+        self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
         self.smoke = smoke
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -86,6 +91,14 @@ class Harness:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    def out_of_time(self, **row) -> bool:
+        """True past the run's deadline (NOTE: [run deadline]), after adding ``row`` as a
+        ``skipped`` row."""
+        if self.deadline is None or time.monotonic() < self.deadline:
+            return False
+        self.add(**row, status="skipped", note="not started: the run's --time-limit-s was reached")
+        return True
 
     def iters(self, gpu: int, cpu: int = 5, smoke: int = 3) -> int:
         """Iteration count for this run: ``smoke`` in smoke runs, ``cpu`` on CPU, else ``gpu``."""
@@ -286,6 +299,8 @@ def run_cases(h: Harness, op: str, cases: List[Case], ratio_to: Optional[str] = 
     for name, why in missing:
         h.add(kind="op", op=op, case="*", backend=name, status="skipped", note=why)
     for c in cases:
+        if h.out_of_time(kind="op", op=op, case=c.label, backend="*"):
+            continue
         if isinstance(c, LazyCase):
             lazy, c = c, None
             with h.guard(kind="op", op=op, case=lazy.label, backend="setup"):

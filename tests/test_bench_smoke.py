@@ -90,3 +90,34 @@ def test_table_and_plots(smoke):
     assert "ratio to AdamW" in md and "released ms/iter" in md
     for png in ["e2e.png"] + [f"ops_{op}.png" for op in OPS]:
         assert (out / png).stat().st_size > 1000, png
+
+
+def test_time_limit_skips_what_it_cannot_start(tmp_path):
+    """--time-limit-s 0 (NOTE: [run deadline]): no case or configuration starts, each is one
+    skipped row saying why, and the table is still written."""
+    assert main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--backends", "torch",
+                 "--quiet", "--time-limit-s", "0", "--modes", "eager"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines() if l]
+    measured = [r for r in rows if r["status"] == "ok"]
+    assert [r["kind"] for r in measured] == ["peak_bw"]
+    late = [r for r in rows if r["status"] == "skipped" and "time-limit" in r["note"]]
+    assert {r["op"] for r in late if r["kind"] == "op"} == set(OPS)
+    e2e = [r for r in late if r["kind"] == "e2e"]
+    assert {r["workload"] for r in e2e} == {"resnet18", "gpt4", "resnet18-cl"}
+    assert {"adamw", "AdaFisher TCov=1"} <= {r["optimizer"] for r in e2e}
+    assert "time-limit" in (tmp_path / "table.md").read_text()
+
+
+def test_interrupt_still_writes_the_table(tmp_path, monkeypatch):
+    """SIGINT (how .ci/gpu stops a stage at its deadline) mid-run: exit status 130, and the rows
+    measured before it are in results.jsonl and table.md."""
+    import bench.bench_norm_stats
+
+    def interrupted(h):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench.bench_norm_stats, "run", interrupted)
+    assert main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--backends", "torch",
+                 "--quiet", "--only", "ops", "--ops", "linear_stats,norm_stats,fused_step"]) == 130
+    rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines() if l]
+    assert {r["op"] for r in rows if r["kind"] == "op"} == {"linear_stats"}
+    assert "## linear_stats" in (tmp_path / "table.md").read_text()
