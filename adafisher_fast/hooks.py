@@ -68,7 +68,10 @@ class StatHooks:
         fisher = self.fisher
 
         def hook(module, inputs, output):
-            if not (self.collecting and torch.is_grad_enabled()) or not inputs:
+            # a deepcopy of the model (an EMA or SWA copy) carries this hook along: its forward
+            # passes must not add into this optimizer's statistics
+            if module is not lay.module or not (self.collecting and torch.is_grad_enabled()) \
+                    or not inputs:
                 return
             if not torch.compiler.is_compiling() and self.fired is not None:   # no guard on it
                 self.fired.add(lay.name)

@@ -42,41 +42,50 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
         raise ValueError(f"TCov must be an integer >= 1, got {TCov!r}")
 
 
-def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]):
-    """Every trainable parameter in exactly one group; unlisted ones form a last default group."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    names = {id(p): n for n, p in model.named_parameters()}
-    for p in trainable:
+def _check_dtypes(params: List[torch.Tensor], names: Dict[int, str]) -> None:
+    for p in params:
         if p.is_complex():
             raise TypeError(f"model: parameter '{names[id(p)]}' is complex; AdaFisher supports real "
                             f"floating-point parameters only")
         if not p.is_floating_point():
             raise TypeError(f"model: parameter '{names[id(p)]}' has dtype {p.dtype}; expected a "
                             f"floating-point dtype")
+
+
+def _check_group(where: str, g: Any, allowed: set, seen: set, names: Dict[int, str]) -> Dict[str, Any]:
+    """A copy of group ``g`` with its params as a list, after checking its keys and values, and
+    that each parameter is in ``allowed`` (ids) and not in ``seen`` (ids, updated)."""
+    if not isinstance(g, dict) or "params" not in g:
+        raise TypeError(f"{where} must be a dict with a 'params' entry")
+    extra = set(g) - {"params", *_GROUP_KEYS}
+    if extra:
+        raise ValueError(f"{where} has keys {sorted(extra)}; a group may only override "
+                         f"{_GROUP_KEYS}")
+    ps = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+    for p in ps:
+        if id(p) not in allowed:
+            raise ValueError(f"{where} holds a tensor that is not a trainable parameter of the "
+                             f"model")
+        if id(p) in seen:
+            raise ValueError(f"{where}: parameter '{names[id(p)]}' is already in an earlier group")
+        seen.add(id(p))
+    _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
+    return {**g, "params": ps}
+
+
+def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]):
+    """Every trainable parameter in exactly one group; unlisted ones form a last default group."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    names = {id(p): n for n, p in model.named_parameters()}
+    _check_dtypes(trainable, names)
     if param_groups is None:
         return [{"params": trainable}], names
     if not isinstance(param_groups, (list, tuple)):
         raise TypeError(f"param_groups must be a list of dicts, got {type(param_groups).__name__}")
     allowed = {id(p) for p in trainable}
-    seen, groups = set(), []
-    for i, g in enumerate(param_groups):
-        if not isinstance(g, dict) or "params" not in g:
-            raise TypeError(f"param_groups[{i}] must be a dict with a 'params' entry")
-        extra = set(g) - {"params", *_GROUP_KEYS}
-        if extra:
-            raise ValueError(f"param_groups[{i}] has keys {sorted(extra)}; a group may only override "
-                             f"{_GROUP_KEYS}")
-        ps = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
-        for p in ps:
-            if id(p) not in allowed:
-                raise ValueError(f"param_groups[{i}] holds a tensor that is not a trainable "
-                                 f"parameter of the model")
-            if id(p) in seen:
-                raise ValueError(f"param_groups[{i}]: parameter '{names[id(p)]}' is already in an "
-                                 f"earlier group")
-            seen.add(id(p))
-        _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
-        groups.append({**g, "params": ps})
+    seen: set = set()
+    groups = [_check_group(f"param_groups[{i}]", g, allowed, seen, names)
+              for i, g in enumerate(param_groups)]
     rest = [p for p in trainable if id(p) not in seen]
     if rest:
         groups.append({"params": rest})
@@ -163,6 +172,7 @@ class AdaFisher(Optimizer):
         self.capturable = capturable
         self.Lambda, self.gamma, self.TCov, self.preset = float(Lambda), float(gamma), TCov, preset
         self.dist = dist
+        self._model = model
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(model, PRESETS[preset], params)
         device = params[0].device if params else torch.device("cpu")
@@ -196,6 +206,33 @@ class AdaFisher(Optimizer):
                 f"hooked_layers={len(self.fisher.layers)})\n" + super().__repr__())
 
     # ------------------------------------------------------------------------------------------
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        """Adds a group of the model's trainable parameters, e.g. layers unfrozen after the
+        optimizer was made (fine-tuning); "params" plus optional "lr", "beta", "weight_decay".
+
+        NOTE: [added groups] The curvature state is laid out for the parameters the optimizer
+        trains (state.py), so a new group rebuilds it: layers that now have trainable parameters
+        get hooks and fresh factors, and every layer that had state keeps all of it (EMA, H'/S',
+        counters, and the statistics gathered since the last step).  The kernels' cached tables
+        key on the new layout.  CUDA graphs captured before hold the old buffers: capture again.
+        """
+        if "fisher" not in self.__dict__:       # Optimizer.__init__ adding the constructor's groups
+            return super().add_param_group(param_group)
+        allowed = {id(p) for p in self._model.parameters() if p.requires_grad}
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        group = _check_group("add_param_group", param_group, allowed, seen, self._names)
+        _check_dtypes(group["params"], self._names)
+        super().add_param_group(group)
+        old, hooks = self.fisher, self._hooks
+        if not torch.compiler.is_compiling():
+            old.flush_rows()                    # NOTE: [host row counts]
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.fisher = FisherState(self._model, PRESETS[self.preset], params, old)
+        hooks.remove()
+        self._hooks = StatHooks(self.fisher, self._ops)
+        self._hooks.set_steps(hooks.steps, self.TCov)
+        self._hooks.fired = hooks.fired
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears gradients AND the raw statistics gathered since the last step (SPEC 3)."""
         super().zero_grad(set_to_none)

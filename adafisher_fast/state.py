@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -38,7 +38,11 @@ class Layer:
 
 
 class FisherState:
-    def __init__(self, model: nn.Module, preset, params: List[torch.Tensor]):
+    def __init__(self, model: nn.Module, preset, params: List[torch.Tensor],
+                 previous: Optional["FisherState"] = None):
+        """The state for ``params`` (the optimizer's, in group order).  ``previous``: the state
+        this one replaces (NOTE: [added groups] in optimizer.py); its layers' contents carry over
+        and only layers it did not warn about are warned about."""
         self.preset = preset
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
         device = params[0].device if params else torch.device("cpu")
@@ -67,6 +71,9 @@ class FisherState:
             h, s = kind.factors(m, preset)
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
+        self.unsupported = unsupported
+        if previous is not None:
+            unsupported = [u for u in unsupported if u not in previous.unsupported]
         if unsupported:
             warnings.warn(f"AdaFisher(preset='{preset.name}'): the released code does not hook "
                           f"{', '.join(unsupported)}; their parameters take plain momentum steps "
@@ -122,6 +129,26 @@ class FisherState:
             if id(p) in self.free:
                 n = p.numel()
                 self.meta[id(p)] = (n, 1, raw_off, 0, 0, raw_off, 0, 0, max(n, 1), 0)
+        if previous is not None:
+            self._adopt(previous)
+
+    def _adopt(self, old: "FisherState") -> None:
+        """Copy, for every layer that ``old`` has too (the same module), its raw statistics and
+        row counts, EMA state, H'/S', initialized flags and counters (NOTE: [added groups])."""
+        before = {id(l.module): (j, l) for j, l in enumerate(old.layers)}
+        for i, new in enumerate(self.layers):
+            j, lay = before.get(id(new.module), (None, None))
+            if lay is None:
+                continue
+            for a, b in ((new.h_acc, lay.h_acc), (new.s_acc, lay.s_acc)):
+                self.buf[a].copy_(old.buf[b])
+            for a, b in ((new.h_raw, lay.h_raw), (new.s_raw, lay.s_raw)):
+                self.state[a].copy_(old.state[b])
+                self.fac[a].copy_(old.fac[b])
+            for a, b in ((new.h_factor, lay.h_factor), (new.s_factor, lay.s_factor)):
+                self.buf[self.n_acc + a].copy_(old.buf[old.n_acc + b])
+                self.initialized[a].copy_(old.initialized[b])
+            self.counters[i].copy_(old.counters[j])
 
     # ------------------------------------------------------------------------------------------
     @staticmethod

@@ -311,3 +311,18 @@ def _row_counts(dev):
     opt.zero_grad()                                           # the next backward flushes again
     model(torch.randn(5, 4)).sum().backward()
     assert counts() == [5.0] * 4 and not any(f.pending)
+
+
+def test_deepcopied_model_adds_nothing():
+    """copy.deepcopy of a hooked model (an EMA or SWA copy, e.g. torch.optim.swa_utils.
+    AveragedModel) carries the forward hooks along; its passes must not reach the optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    opt = AdaFisher(model, preset="paper", backend="torch", TCov=1)
+    twin = copy.deepcopy(model)
+    twin(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert [d["stat_iters"] for d in opt.diagnostics().values()] == [0, 0]
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert [d["stat_iters"] for d in opt.diagnostics().values()] == [1, 1]

@@ -1,0 +1,165 @@
+"""``add_param_group`` after construction (NOTE: [added groups] in optimizer.py): layers unfrozen
+for fine-tuning, or a head added to the model, join the optimizer with hooks and factors of their
+own, while everything the optimizer already held carries over."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from adafisher_fast import AdaFisher, AdaFisherW
+from conftest import assert_trajectories_close, device, kernel_backends, kernel_module
+from oracle import raw_one
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.LayerNorm(6),
+                         nn.Linear(6, 3)).to(device())
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(8, 5, generator=g).to(device()),
+            torch.randint(0, 3, (8,), generator=g).to(device()))
+
+
+def _iteration(model, x, y):
+    nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _steps(model, opt, x, y, n):
+    for _ in range(n):
+        opt.zero_grad()
+        _iteration(model, x, y)
+        opt.step()
+
+
+def _frozen_then_trained(cls, preset, backend="torch", steps=3):
+    """(model, opt) after ``steps`` steps with layer 0 frozen, then forward and backward of the
+    next iteration (statistics gathered, not yet stepped)."""
+    model = _net()
+    model[0].requires_grad_(False)
+    opt = cls(model, lr=1e-2, Lambda=0.1, weight_decay=1e-2, TCov=1, preset=preset,
+              backend=backend)
+    x, y = _data()
+    _steps(model, opt, x, y, steps)
+    opt.zero_grad()
+    _iteration(model, x, y)
+    return model, opt
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_unfrozen_layer_joins_and_nothing_else_changes(cls, preset):
+    model, opt = _frozen_then_trained(cls, preset)
+    twin_model, twin = _frozen_then_trained(cls, preset)     # the same run, never told
+    ema, raw, diag = opt.ema_state(), opt.raw_stats(), opt.diagnostics()
+    assert "0" not in ema
+
+    model[0].requires_grad_(True)
+    opt.add_param_group({"params": model[0].parameters(), "lr": 5e-3})
+    assert [len(g["params"]) for g in opt.param_groups] == [len(twin.param_groups[0]["params"]), 2]
+    assert opt.param_groups[1]["lr"] == 5e-3 and opt.param_groups[1]["beta"] == 0.9
+    for name in ema:                    # every old layer keeps its state and this step's statistics
+        for a, b in zip(opt.ema_state()[name] + opt.raw_stats()[name], ema[name] + raw[name]):
+            assert torch.equal(a, b), name
+        assert opt.diagnostics()[name] == diag[name]
+    assert opt.diagnostics()["0"] == {"stat_iters": 0, "nonfinite_skips": 0}
+    assert [len(m._forward_hooks) for m in model] == [1, 0, 1, 1, 1]    # the old ones removed
+
+    # layer 0 has no gradient in this iteration yet (it was frozen in backward): the old
+    # parameters step exactly as in the optimizer that was never told
+    opt.step()
+    twin.step()
+    for (n, a), b in zip(model.named_parameters(), twin_model.parameters()):
+        assert torch.equal(a, b), n
+    assert opt.steps == twin.steps
+
+    # from the next iteration on, layer 0 gathers statistics and trains
+    w0 = model[0].weight.detach().clone()
+    x, y = _data()
+    opt.zero_grad()
+    grads = []
+
+    def keep_output_grad(module, inputs, out):
+        out.register_hook(grads.append)
+    tap = model[0].register_forward_hook(keep_output_grad)
+    _iteration(model, x, y)
+    tap.remove()
+    want = raw_one(model[0], x.cpu(), grads[0].cpu(), preset)
+    for got, w in zip(opt.raw_stats()["0"], want):
+        torch.testing.assert_close(got.cpu().double(), w, rtol=1e-5, atol=1e-7)
+    opt.step()
+    assert opt.diagnostics()["0"]["stat_iters"] == 1
+    assert not torch.equal(model[0].weight, w0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends() or ["none"])
+def test_kernel_backends_after_add_param_group(backend, monkeypatch):
+    """The kernels' cached tables follow the new layout: the same run on a kernel backend
+    matches the torch reference's (NOTE: [trajectory tolerance])."""
+    if backend == "none":
+        pytest.skip("no kernel backend can run on this machine")
+    kernel_module(backend, monkeypatch)
+    runs = {}
+    for name in ("torch", backend):
+        model, opt = _frozen_then_trained(AdaFisherW, "paper", backend=name)
+        opt.step()
+        model[0].requires_grad_(True)
+        opt.add_param_group({"params": list(model[0].parameters())})
+        _steps(model, opt, *_data(), 3)
+        runs[name] = (model, opt)
+    assert_trajectories_close(runs[backend], runs["torch"])
+
+
+def test_new_head_and_checkpoint_resume():
+    """A module added to the model after the optimizer was made joins through add_param_group;
+    a checkpoint then resumes bit-identically in an optimizer built the same way."""
+    model = _net()
+    opt = AdaFisher(model, preset="paper", TCov=2, backend="torch")
+    x, y = _data()
+    _steps(model, opt, x, y, 3)
+    model.append(nn.Linear(3, 3).to(device()))
+    opt.add_param_group({"params": model[5].parameters()})
+    _steps(model, opt, x, y, 3)
+    assert opt.diagnostics()["5"]["stat_iters"] == 1           # steps 4 of 3..5, TCov=2
+
+    checkpoint = io.BytesIO()           # as saved to disk: no tensor shared with the live run
+    torch.save(opt.state_dict(), checkpoint)
+    clone_model = _net()
+    clone_model.append(nn.Linear(3, 3).to(device()))
+    clone_model.load_state_dict(model.state_dict())
+    clone_model[5].requires_grad_(False)
+    clone = AdaFisher(clone_model, preset="paper", TCov=2, backend="torch")
+    # the checkpoint's layers and groups: the optimizer must be built the same way
+    checkpoint.seek(0)
+    saved = torch.load(checkpoint)
+    with pytest.raises(ValueError, match="5 hooked layers, this model 4"):
+        clone.load_state_dict(saved)
+    clone_model[5].requires_grad_(True)
+    clone.add_param_group({"params": clone_model[5].parameters()})
+    clone.load_state_dict(saved)
+    _steps(model, opt, x, y, 2)
+    _steps(clone_model, clone, x, y, 2)
+    for a, b in zip(model.parameters(), clone_model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_bad_groups_raise_before_any_change():
+    model = _net()
+    model[0].requires_grad_(False)
+    opt = AdaFisher(model, backend="torch")
+    before = (len(opt.param_groups), opt.fisher)
+    cases = [
+        ({"params": [nn.Parameter(torch.ones(2))]}, ValueError, "not a trainable parameter"),
+        ({"params": model[0].parameters()}, ValueError, "not a trainable parameter"),   # frozen
+        ({"params": [model[2].weight]}, ValueError, "'2.weight' is already in an earlier group"),
+        ({"params": [model[2].weight], "Lambda": 1.0}, ValueError, "may only override"),
+        ({"params": [], "lr": -1.0}, ValueError, "lr must be >= 0"),
+        ([model[2].weight], TypeError, "must be a dict with a 'params' entry"),
+    ]
+    for group, exc, pattern in cases:
+        with pytest.raises(exc, match=pattern):
+            opt.add_param_group(group)
+        assert (len(opt.param_groups), opt.fisher) == before
