@@ -218,6 +218,7 @@ class AdaFisher(Optimizer):
         """
         if "fisher" not in self.__dict__:       # Optimizer.__init__ adding the constructor's groups
             return super().add_param_group(param_group)
+        self._names.update({id(p): n for n, p in self._model.named_parameters()})   # new modules
         allowed = {id(p) for p in self._model.parameters() if p.requires_grad}
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         group = _check_group("add_param_group", param_group, allowed, seen, self._names)

@@ -159,6 +159,8 @@ def test_bad_groups_raise_before_any_change():
         ({"params": [], "lr": -1.0}, ValueError, "lr must be >= 0"),
         ([model[2].weight], TypeError, "must be a dict with a 'params' entry"),
     ]
+    model.register_parameter("scale", nn.Parameter(torch.ones(2, dtype=torch.complex64)))
+    cases.append(({"params": [model.scale]}, TypeError, "'scale' is complex"))   # a new name
     for group, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             opt.add_param_group(group)
