@@ -43,6 +43,13 @@ class _GradTap(torch.autograd.Function):
         return grad, None
 
 
+def _device_error(what: str, fisher: FisherState) -> str:
+    return (f"AdaFisher: {what}, but the optimizer keeps its curvature state on {fisher.buf.device}, "
+            f"where the model's parameters were when it was built: build the optimizer after "
+            f"moving the model (model.to(device)); models spread over several devices are not "
+            f"supported")
+
+
 class StatHooks:
     def __init__(self, fisher: FisherState, ops):
         self.fisher = fisher
@@ -76,6 +83,8 @@ class StatHooks:
             if not torch.compiler.is_compiling() and self.fired is not None:   # no guard on it
                 self.fired.add(lay.name)
             x = inputs[0].detach()
+            if x.device != fisher.buf.device:
+                raise RuntimeError(_device_error(f"layer '{lay.name}' ran on {x.device}", fisher))
             with torch.no_grad():
                 rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
                 fisher.add_rows(lay.h_factor, rows)

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .backends import resolve
-from .hooks import StatHooks
+from .hooks import StatHooks, _device_error
 from .presets import PRESETS
 from .report import curvature_report
 from .state import FisherState
@@ -225,8 +225,7 @@ class AdaFisher(Optimizer):
         _check_dtypes(group["params"], self._names)
         super().add_param_group(group)
         old, hooks = self.fisher, self._hooks
-        if not torch.compiler.is_compiling():
-            old.flush_rows()                    # NOTE: [host row counts]
+        old.flush_rows()                        # NOTE: [host row counts]
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(self._model, PRESETS[self.preset], params, old)
         hooks.remove()
@@ -261,6 +260,8 @@ class AdaFisher(Optimizer):
         fisher, free_lam = self.fisher, PRESETS[self.preset].free_params_get_lambda
         state, free, rows = self.state, fisher.free, fisher.meta
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
+        for p in self.param_groups[0]["params"][:1]:    # a model moved after construction
+            self._check_device(p)
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
             for p in group["params"]:
@@ -272,6 +273,7 @@ class AdaFisher(Optimizer):
                                      f"gradient; AdaFisher needs dense gradients")
                 st = state[p]
                 if not st:
+                    self._check_device(p)
                     st["step"] = torch.zeros((), dtype=torch.float32,
                                              device=p.device if self._device_steps else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -294,6 +296,11 @@ class AdaFisher(Optimizer):
         if meta != self._meta[0]:          # the same rows every step unless grads come and go
             self._meta = (meta, torch.tensor(meta, dtype=torch.int64))
         return params, grads, moms, steps, self._meta[1], hyper
+
+    def _check_device(self, p: torch.Tensor) -> None:
+        if p.device != self.fisher.buf.device:
+            raise RuntimeError(_device_error(f"parameter '{self._names.get(id(p), '?')}' is on "
+                                             f"{p.device}", self.fisher))
 
     def _warn_silent_layers(self) -> None:
         """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module

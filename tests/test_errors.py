@@ -94,3 +94,25 @@ def test_param_groups_frozen_and_gradless_parameters():
     opt.step()
     assert torch.equal(m[0].weight, w0) and torch.equal(m[1].bias, b1)
     assert m[0].bias not in opt.state and m[1].weight in opt.state
+
+
+def test_model_moved_after_construction():
+    """The optimizer keeps its curvature state where the parameters were when it was built; a
+    model moved afterwards gets an error that says so, from the hooks and from step(), before
+    anything changes.  On a CPU machine the meta device stands in for the GPU: the hooks see
+    activations there, and step() sees state kept there (model.to("cuda") moves parameters in
+    place, which no CPU-only move does)."""
+    m = _m()
+    opt = AdaFisher(m, backend="torch", TCov=1)
+    with pytest.raises(RuntimeError, match=r"layer '0' ran on meta.*curvature state on cpu.*"
+                                           r"after moving the model"):
+        m.to("meta")(torch.randn(2, 3, device="meta"))
+    m = _m()
+    opt = AdaFisher(m, backend="torch", TCov=1)
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    before = [p.detach().clone() for p in m.parameters()]
+    opt.fisher.buf = opt.fisher.buf.to("meta")
+    with pytest.raises(RuntimeError, match=r"parameter '0.weight' is on cpu.*state on meta"):
+        opt.step()
+    assert opt.steps == 1 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
