@@ -43,6 +43,28 @@ class _GradTap(torch.autograd.Function):
         return grad, None
 
 
+def _inert(module, inputs, output) -> None:
+    """The hook function of a copy of a hooked model (``_ModelHook``): does nothing."""
+
+
+class _ModelHook:
+    """The forward hook a hooked module holds.  NOTE: [model copies] A copy of the model is not
+    the optimizer's model: ``copy.deepcopy(model)`` (EMA and SWA copies, e.g.
+    ``torch.optim.swa_utils.AveragedModel``) and ``torch.save(model)`` take this with ``_inert``
+    as its function, so a copy's forward passes add nothing to the optimizer's statistics, and
+    saving a whole model works (a closure fails it: "Can't pickle local object")."""
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, module, inputs, output):
+        return self.fn(module, inputs, output)
+
+    def __reduce__(self):
+        return _ModelHook, (_inert,)
+
+
 def _device_error(what: str, fisher: FisherState) -> str:
     return (f"AdaFisher: {what}, but the optimizer keeps its curvature state on {fisher.buf.device}, "
             f"where the model's parameters were when it was built: build the optimizer after "
@@ -69,16 +91,14 @@ class StatHooks:
         # optimizer's first statistics step reads it (NOTE: [silent layers] in optimizer.py)
         self.fired: Optional[Set[str]] = set()
         self.handles: List[torch.utils.hooks.RemovableHandle] = [
-            lay.module.register_forward_hook(self._forward_hook(lay)) for lay in fisher.layers]
+            lay.module.register_forward_hook(_ModelHook(self._forward_hook(lay)))
+            for lay in fisher.layers]
 
     def _forward_hook(self, lay: Layer):
         fisher = self.fisher
 
         def hook(module, inputs, output):
-            # a deepcopy of the model (an EMA or SWA copy) carries this hook along: its forward
-            # passes must not add into this optimizer's statistics
-            if module is not lay.module or not (self.collecting and torch.is_grad_enabled()) \
-                    or not inputs:
+            if not (self.collecting and torch.is_grad_enabled()) or not inputs:
                 return
             if not torch.compiler.is_compiling() and self.fired is not None:   # no guard on it
                 self.fired.add(lay.name)

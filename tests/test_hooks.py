@@ -1,5 +1,6 @@
 """Hooks and accumulation semantics (SPEC section 3)."""
 import copy
+import io
 
 import pytest
 import torch
@@ -313,13 +314,21 @@ def _row_counts(dev):
     assert counts() == [5.0] * 4 and not any(f.pending)
 
 
-def test_deepcopied_model_adds_nothing():
-    """copy.deepcopy of a hooked model (an EMA or SWA copy, e.g. torch.optim.swa_utils.
-    AveragedModel) carries the forward hooks along; its passes must not reach the optimizer."""
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_model_copies_add_nothing(how):
+    """NOTE: [model copies] A deep copy (an EMA or SWA copy, e.g. torch.optim.swa_utils.
+    AveragedModel) or a whole-model torch.save of a hooked model works, and the copy's passes do
+    not reach the optimizer."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
     opt = AdaFisher(model, preset="paper", backend="torch", TCov=1)
-    twin = copy.deepcopy(model)
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    else:
+        blob = io.BytesIO()
+        torch.save(model, blob)
+        blob.seek(0)
+        twin = torch.load(blob, weights_only=False)
     twin(torch.randn(3, 4)).sum().backward()
     opt.step()
     assert [d["stat_iters"] for d in opt.diagnostics().values()] == [0, 0]
