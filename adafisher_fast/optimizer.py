@@ -205,6 +205,13 @@ class AdaFisher(Optimizer):
                 f"Lambda={self.Lambda}, gamma={self.gamma}, TCov={self.TCov}, "
                 f"hooked_layers={len(self.fisher.layers)})\n" + super().__repr__())
 
+    def __getstate__(self):
+        # torch.optim.Optimizer pickles defaults, state and param_groups only: a copy would lack
+        # the hooks and the curvature state and fail at its first step()
+        raise TypeError(f"{type(self).__name__} cannot be copied or pickled: it hooks the model's "
+                        f"layers; checkpoint it with state_dict() and load that into an optimizer "
+                        f"built on the restored model")
+
     # ------------------------------------------------------------------------------------------
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Adds a group of the model's trainable parameters, e.g. layers unfrozen after the

@@ -1,4 +1,7 @@
 """Bad input gets a clear error naming the argument (SPEC section 7)."""
+import copy
+import io
+
 import pytest
 import torch
 import torch.nn as nn
@@ -116,3 +119,10 @@ def test_model_moved_after_construction():
     with pytest.raises(RuntimeError, match=r"parameter '0.weight' is on cpu.*state on meta"):
         opt.step()
     assert opt.steps == 1 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_optimizer_copy_or_pickle_says_to_use_state_dict():
+    opt = AdaFisher(_m())
+    for copy_it in (copy.deepcopy, copy.copy, lambda o: torch.save(o, io.BytesIO())):
+        with pytest.raises(TypeError, match="cannot be copied or pickled.*state_dict"):
+            copy_it(opt)
