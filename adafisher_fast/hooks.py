@@ -105,20 +105,39 @@ class StatHooks:
             x = inputs[0].detach()
             if x.device != fisher.buf.device:
                 raise RuntimeError(_device_error(f"layer '{lay.name}' ran on {x.device}", fisher))
-            with torch.no_grad():
-                rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
-                fisher.add_rows(lay.h_factor, rows)
+            # NOTE: [recomputation] A forward inside a backward pass is activation checkpointing
+            # recomputing a segment.  Non-reentrant checkpointing (torch.utils.checkpoint's
+            # use_reentrant=False) already ran this call in the forward pass, and the recomputed
+            # output gets no gradient; reentrant checkpointing ran the forward pass without grad,
+            # and its recomputed output does get the gradient.  So such a call's H statistics
+            # are added by its output-gradient hook, if the gradient arrives: once in both
+            # modes (the released code's per-call statistics, official LayerNorm, counted a
+            # recomputed call twice).  Compiled models recompute in the graph, not through hooks.
+            recompute = (not torch.compiler.is_compiling()
+                         and torch._C._current_graph_task_id() != -1)
+            if not recompute:
+                self._h_stats(lay, module, x)
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 if torch.compiler.is_compiling() and not _DYNAMO_TRACES_TENSOR_HOOKS:
                     return _GradTap.apply(output, self._grad_hook(lay))   # NOTE: [grad tap]
-                output.register_hook(self._grad_hook(lay))
+                output.register_hook(self._grad_hook(lay, (module, x) if recompute else None))
 
         return hook
 
-    def _grad_hook(self, lay: Layer):
+    def _h_stats(self, lay: Layer, module, x: torch.Tensor) -> None:
+        fisher = self.fisher
+        with torch.no_grad():
+            rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
+            fisher.add_rows(lay.h_factor, rows)
+
+    def _grad_hook(self, lay: Layer, recomputed=None):
+        """The output-gradient hook; ``recomputed``: (module, input) of a recomputed call whose H
+        statistics wait for this gradient (NOTE: [recomputation])."""
         fisher = self.fisher
 
         def hook(grad):
+            if recomputed is not None:
+                self._h_stats(lay, *recomputed)
             with torch.no_grad():
                 rows = lay.kind.s_stats(lay.module, grad.detach(), fisher.buf[lay.s_acc],
                                         fisher.preset, self.ops)
