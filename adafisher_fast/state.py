@@ -50,15 +50,17 @@ class FisherState:
         self.layers: List[Layer] = []
         local_maps = []                     # (param, layer index, local map)
         specs: List[FactorSpec] = []
+        # NOTE: [shared parameters] A parameter of several hooked modules (tied input and output
+        # embeddings) takes its factors from the first of them in named_modules() order; the
+        # others gather no statistics for it
         claimed = set()
-        unsupported = []
+        unsupported = []                    # (name, module) the preset does not hook
         for name, m in model.named_modules():
             kind = kind_of(m)
             if kind is None:
                 continue
             if not kind.supported(m, preset):
-                if any(id(p) in trainable for p in m.parameters(recurse=False)):
-                    unsupported.append(f"{name or '<root>'} ({type(m).__name__})")
+                unsupported.append((f"{name or '<root>'} ({type(m).__name__})", m))
                 continue
             maps = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
                     if isinstance(getattr(m, pn, None), nn.Parameter)
@@ -71,6 +73,10 @@ class FisherState:
             h, s = kind.factors(m, preset)
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
+        # only those with a trainable parameter that no hooked layer claimed take F = 1
+        unsupported = [n for n, m in unsupported
+                       if any(id(p) in trainable and id(p) not in claimed
+                              for p in m.parameters(recurse=False))]
         self.unsupported = unsupported
         if previous is not None:
             unsupported = [u for u in unsupported if u not in previous.unsupported]

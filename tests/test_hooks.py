@@ -1,6 +1,7 @@
 """Hooks and accumulation semantics (SPEC section 3)."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -378,3 +379,34 @@ def test_activation_checkpointing_counts_each_call_once(preset, use_reentrant):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0, equal_nan=True, msg=name)
     for a, b in zip(ckpt.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+class _TiedLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wte = nn.Embedding(11, 6)
+        self.ln = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.wte.weight
+
+    def forward(self, idx):
+        return self.head(self.ln(self.wte(idx)))
+
+
+@pytest.mark.parametrize("preset,layers", [("official", ["ln", "head"]), ("paper", ["wte", "ln"])])
+def test_tied_weights_take_the_first_hooked_owner(preset, layers):
+    """NOTE: [shared parameters] tied input/output embeddings: the first module in named_modules()
+    order that the preset hooks owns the weight; the official preset does not hook Embedding, so
+    there the output layer owns it and nothing is said to take F = 1."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # no "plain momentum steps" warning
+        opt = AdaFisher(model, preset=preset, backend="torch", TCov=1)
+    assert list(opt.ema_state()) == layers
+    w0 = model.wte.weight.detach().clone()
+    loss = model(torch.randint(0, 11, (3, 5))).logsumexp(-1).sum()
+    loss.backward()
+    opt.step()
+    assert all(d["stat_iters"] == 1 for d in opt.diagnostics().values())
+    assert not torch.equal(model.wte.weight, w0)
