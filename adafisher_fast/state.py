@@ -37,6 +37,30 @@ class Layer:
     s_raw: slice
 
 
+def _warn_factor_free(owners: Dict[str, Optional[LayerKind]], preset, known) -> None:
+    """NOTE: [factor-free parameters] Trainable parameters that no hooked layer owns step without
+    curvature: F = 1 (official) or 1 + Lambda (paper), steps up to 1/Lambda times smaller than a
+    preconditioned layer's.  One warning at construction names their modules (``owners``: name
+    -> layer kind or None, those in ``known`` already named) and says what would precondition
+    them: preset="paper" for the layer kinds the released code does not hook, a registered layer
+    kind for other module types."""
+    new = {n: k for n, k in owners.items() if n not in known}
+    if not new:
+        return
+    step = "plain momentum steps (F = 1)" if not preset.free_params_get_lambda else \
+        "steps with F = 1 + Lambda"
+    msg = (f"AdaFisher(preset='{preset.name}'): no curvature factors for the parameters of "
+           f"{', '.join(new)}: they take {step}.")
+    released = [n for n, k in new.items() if k is not None]
+    if released:
+        msg += (f" The released code does not hook {', '.join(released)}; preset='paper' "
+                f"preconditions them.")
+    if len(released) < len(new):
+        msg += (" Other module types (and bare nn.Parameters) need a layer kind "
+                "(adafisher_fast.register_layer) to be preconditioned.")
+    warnings.warn(msg, stacklevel=4)
+
+
 class FisherState:
     def __init__(self, model: nn.Module, preset, params: List[torch.Tensor],
                  previous: Optional["FisherState"] = None):
@@ -54,13 +78,9 @@ class FisherState:
         # embeddings) takes its factors from the first of them in named_modules() order; the
         # others gather no statistics for it
         claimed = set()
-        unsupported = []                    # (name, module) the preset does not hook
         for name, m in model.named_modules():
             kind = kind_of(m)
-            if kind is None:
-                continue
-            if not kind.supported(m, preset):
-                unsupported.append((f"{name or '<root>'} ({type(m).__name__})", m))
+            if kind is None or not kind.supported(m, preset):
                 continue
             maps = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
                     if isinstance(getattr(m, pn, None), nn.Parameter)
@@ -73,17 +93,11 @@ class FisherState:
             h, s = kind.factors(m, preset)
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
-        # only those with a trainable parameter that no hooked layer claimed take F = 1
-        unsupported = [n for n, m in unsupported
-                       if any(id(p) in trainable and id(p) not in claimed
-                              for p in m.parameters(recurse=False))]
-        self.unsupported = unsupported
-        if previous is not None:
-            unsupported = [u for u in unsupported if u not in previous.unsupported]
-        if unsupported:
-            warnings.warn(f"AdaFisher(preset='{preset.name}'): the released code does not hook "
-                          f"{', '.join(unsupported)}; their parameters take plain momentum steps "
-                          f"(F = 1). Use preset='paper' to precondition them.", stacklevel=3)
+        self.factor_free = {f"{name or '<root>'} ({type(m).__name__})": kind_of(m)
+                            for name, m in model.named_modules()
+                            if any(id(p) in trainable and id(p) not in claimed
+                                   for p in m.parameters(recurse=False))}
+        _warn_factor_free(self.factor_free, preset, previous.factor_free if previous else {})
 
         # lay the factors out flat: accumulators, then counts; raw/state factor after factor
         n_acc = sum(sp.acc_size for sp in specs)

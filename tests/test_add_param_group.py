@@ -165,3 +165,13 @@ def test_bad_groups_raise_before_any_change():
         with pytest.raises(exc, match=pattern):
             opt.add_param_group(group)
         assert (len(opt.param_groups), opt.fisher) == before
+
+
+def test_new_factor_free_module_is_named(recwarn):
+    model = _net()
+    opt = AdaFisher(model, preset="paper", backend="torch")
+    assert not recwarn.list
+    model.append(nn.PReLU())
+    opt.add_param_group({"params": model[5].parameters()})
+    (w,) = [str(r.message) for r in recwarn.list]
+    assert "no curvature factors for the parameters of 5 (PReLU)" in w

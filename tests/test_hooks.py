@@ -410,3 +410,29 @@ def test_tied_weights_take_the_first_hooked_owner(preset, layers):
     opt.step()
     assert all(d["stat_iters"] == 1 for d in opt.diagnostics().values())
     assert not torch.equal(model.wte.weight, w0)
+
+
+class _PartlyHooked(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(3))
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.up = nn.ConvTranspose2d(3, 3, 2)
+        self.emb = nn.Embedding(4, 3)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_factor_free_parameters_are_named_once(preset, recwarn):
+    """NOTE: [factor-free parameters] one warning at construction names every module whose
+    trainable parameters get no factors, with what would precondition them."""
+    AdaFisher(_PartlyHooked(), preset=preset, backend="torch")
+    (w,) = [str(r.message) for r in recwarn.list]
+    if preset == "official":
+        assert "of <root> (_PartlyHooked), up (ConvTranspose2d), emb (Embedding): they take " \
+               "plain momentum steps (F = 1)." in w
+        assert "The released code does not hook emb (Embedding); preset='paper'" in w
+    else:
+        assert "of <root> (_PartlyHooked), up (ConvTranspose2d): they take steps with F = 1 + " \
+               "Lambda." in w
+        assert "released code" not in w
+    assert "conv" not in w and "adafisher_fast.register_layer" in w
