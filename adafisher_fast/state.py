@@ -37,21 +37,21 @@ class Layer:
     s_raw: slice
 
 
-def _warn_factor_free(owners: Dict[str, Optional[LayerKind]], preset, known) -> None:
+def _warn_factor_free(owners: Dict[str, bool], preset, known) -> None:
     """NOTE: [factor-free parameters] Trainable parameters that no hooked layer owns step without
     curvature: F = 1 (official) or 1 + Lambda (paper), steps up to 1/Lambda times smaller than a
     preconditioned layer's.  One warning at construction names their modules (``owners``: name
-    -> layer kind or None, those in ``known`` already named) and says what would precondition
-    them: preset="paper" for the layer kinds the released code does not hook, a registered layer
-    kind for other module types."""
-    new = {n: k for n, k in owners.items() if n not in known}
+    -> whether its layer kind is one the preset does not hook; those in ``known`` already named)
+    and says what would precondition them: preset="paper" for the layer kinds the released code
+    does not hook, a layer kind for other module types and parameters."""
+    new = {n: unhooked for n, unhooked in owners.items() if n not in known}
     if not new:
         return
     step = "plain momentum steps (F = 1)" if not preset.free_params_get_lambda else \
         "steps with F = 1 + Lambda"
     msg = (f"AdaFisher(preset='{preset.name}'): no curvature factors for the parameters of "
            f"{', '.join(new)}: they take {step}.")
-    released = [n for n, k in new.items() if k is not None]
+    released = [n for n, unhooked in new.items() if unhooked]
     if released:
         msg += (f" The released code does not hook {', '.join(released)}; preset='paper' "
                 f"preconditions them.")
@@ -93,7 +93,8 @@ class FisherState:
             h, s = kind.factors(m, preset)
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
-        self.factor_free = {f"{name or '<root>'} ({type(m).__name__})": kind_of(m)
+        self.factor_free = {f"{name or '<root>'} ({type(m).__name__})":
+                            kind_of(m) is not None and not kind_of(m).supported(m, preset)
                             for name, m in model.named_modules()
                             if any(id(p) in trainable and id(p) not in claimed
                                    for p in m.parameters(recurse=False))}

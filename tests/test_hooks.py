@@ -412,6 +412,12 @@ def test_tied_weights_take_the_first_hooked_owner(preset, layers):
     assert not torch.equal(model.wte.weight, w0)
 
 
+class _ScaledLinear(nn.Linear):
+    def __init__(self):
+        super().__init__(3, 3)
+        self.scale = nn.Parameter(torch.ones(3))       # a parameter its layer kind does not map
+
+
 class _PartlyHooked(nn.Module):
     def __init__(self):
         super().__init__()
@@ -419,6 +425,7 @@ class _PartlyHooked(nn.Module):
         self.conv = nn.Conv2d(3, 3, 1)
         self.up = nn.ConvTranspose2d(3, 3, 2)
         self.emb = nn.Embedding(4, 3)
+        self.lin = _ScaledLinear()
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
@@ -428,11 +435,11 @@ def test_factor_free_parameters_are_named_once(preset, recwarn):
     AdaFisher(_PartlyHooked(), preset=preset, backend="torch")
     (w,) = [str(r.message) for r in recwarn.list]
     if preset == "official":
-        assert "of <root> (_PartlyHooked), up (ConvTranspose2d), emb (Embedding): they take " \
-               "plain momentum steps (F = 1)." in w
+        assert "of <root> (_PartlyHooked), up (ConvTranspose2d), emb (Embedding), lin " \
+               "(_ScaledLinear): they take plain momentum steps (F = 1)." in w
         assert "The released code does not hook emb (Embedding); preset='paper'" in w
     else:
-        assert "of <root> (_PartlyHooked), up (ConvTranspose2d): they take steps with F = 1 + " \
-               "Lambda." in w
+        assert "of <root> (_PartlyHooked), up (ConvTranspose2d), lin (_ScaledLinear): they take " \
+               "steps with F = 1 + Lambda." in w
         assert "released code" not in w
     assert "conv" not in w and "adafisher_fast.register_layer" in w
