@@ -66,10 +66,10 @@ class _ModelHook:
 
 
 def _device_error(what: str, fisher: FisherState) -> str:
-    return (f"AdaFisher: {what}, but the optimizer keeps its curvature state on {fisher.buf.device}, "
-            f"where the model's parameters were when it was built: build the optimizer after "
-            f"moving the model (model.to(device)); models spread over several devices are not "
-            f"supported")
+    return (f"AdaFisher: {what}, but the optimizer keeps its curvature state on "
+            f"{fisher.buf.device}, where the model's parameters were when it was built: build the "
+            f"optimizer after moving the model (model.to(device)); models spread over several "
+            f"devices are not supported")
 
 
 class StatHooks:

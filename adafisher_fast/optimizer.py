@@ -52,7 +52,8 @@ def _check_dtypes(params: List[torch.Tensor], names: Dict[int, str]) -> None:
                             f"floating-point dtype")
 
 
-def _check_group(where: str, g: Any, allowed: set, seen: set, names: Dict[int, str]) -> Dict[str, Any]:
+def _check_group(where: str, g: Any, allowed: set, seen: set,
+                 names: Dict[int, str]) -> Dict[str, Any]:
     """A copy of group ``g`` with its params as a list, after checking its keys and values, and
     that each parameter is in ``allowed`` (ids) and not in ``seen`` (ids, updated)."""
     if not isinstance(g, dict) or "params" not in g:

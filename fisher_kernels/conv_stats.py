@@ -37,8 +37,9 @@ def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, 
                         BLOCK_L: tl.constexpr):
     """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
     l-block of the output lattice of Q[c, koff*dil + l*stride - pad], Q (C, S0, S1, S2) with
-    strides (QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split] one tile per program, added atomically: a channel per
-    program would leave a 3-channel first layer with a handful of programs on a GPU of 132 SMs."""
+    strides (QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split]
+    one tile per program, added atomically: a channel per program would leave a 3-channel first
+    layer with a handful of programs on a GPU of 132 SMs."""
     c = tl.program_id(0) // N_LBLK
     lb = tl.program_id(0) % N_LBLK
     K = K0 * K1 * K2
