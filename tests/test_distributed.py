@@ -2,6 +2,7 @@
 the output-gradient scale 1/world_size undone; 2 CPU processes on gloo must match one process on
 the concatenated batch."""
 import os
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,24 @@ STEPS, WORLD = 10, 2
 # NOTE: [gloo teardown] Each worker waits for its peer before destroy_process_group.  Once (in about
 # 35 runs of the FSDP2 test), rank 1, which tears gloo down while rank 0 is still saving, was killed
 # by SIGABRT ("terminate called without an active exception"); not reproduced in 25 runs under load.
+# A DDP case failed once more in a full-suite run (2026-11-30; not reproduced in 12 runs).  So a
+# rank killed by a signal after it wrote its "done" file (past the barrier: only gloo's teardown
+# was left) does not fail the test; the results it wrote are still checked in full.
+
+
+def _done(out_dir, rank):
+    dist.barrier()
+    open(os.path.join(out_dir, f"done{rank}"), "w").close()
+
+
+def _spawn(fn, out_dir, *args):
+    try:
+        mp.spawn(fn, args=(str(out_dir / "init"), str(out_dir), *args), nprocs=WORLD, join=True)
+    except mp.ProcessExitedException as e:       # NOTE: [gloo teardown]
+        if not e.signal_name or not all((out_dir / f"done{r}").exists() for r in range(WORLD)):
+            raise
+        warnings.warn(f"rank {e.error_index} was killed by {e.signal_name} in gloo's teardown, "
+                      f"after it had finished")
 
 
 def _model(with_ln):
@@ -51,7 +70,7 @@ def _worker(rank, init_file, out_dir, cls_name, preset, with_ln):
         _train(ddp, opt, _batches(), rank, WORLD)
         torch.save({"params": [p.detach() for p in model.parameters()],
                     "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()    # NOTE: [gloo teardown]
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
     finally:
         dist.destroy_process_group()
 
@@ -59,8 +78,7 @@ def _worker(rank, init_file, out_dir, cls_name, preset, with_ln):
 @pytest.mark.parametrize("cls_name, preset, with_ln", [("AdaFisher", "paper", True),
                                                        ("AdaFisherW", "official", False)])
 def test_ddp_two_ranks_match_single_process(tmp_path, cls_name, preset, with_ln):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path), cls_name, preset, with_ln),
-             nprocs=WORLD, join=True)
+    _spawn(_worker, tmp_path, cls_name, preset, with_ln)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD))
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
@@ -89,7 +107,7 @@ def _fsdp_worker(rank, init_file, out_dir):
         if rank == 0:
             torch.save({"params": full, "state": opt.fisher.state.clone()},
                        os.path.join(out_dir, "fsdp.pt"))
-        dist.barrier()    # NOTE: [gloo teardown]
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
     finally:
         dist.destroy_process_group()
 
@@ -97,7 +115,7 @@ def _fsdp_worker(rank, init_file, out_dir):
 def test_fsdp2_shards_match_single_process(tmp_path):
     """fully_shard (FSDP2) parameters are DTensors sharded on dim 0: each rank updates its rows
     with the matching rows of S' (odd sizes: Linear(75, 6) over 2 ranks, LayerNorm(6), Linear(6, 3))."""
-    mp.spawn(_fsdp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    _spawn(_fsdp_worker, tmp_path)
     got = torch.load(tmp_path / "fsdp.pt")
     model = _model(with_ln=True)
     opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
