@@ -100,7 +100,8 @@ class StatHooks:
         def hook(module, inputs, output):
             if not (self.collecting and torch.is_grad_enabled()) or not inputs:
                 return
-            if not torch.compiler.is_compiling() and self.fired is not None:   # no guard on it
+            compiling = torch.compiler.is_compiling()
+            if not compiling and self.fired is not None:   # no guard on it
                 self.fired.add(lay.name)
             x = inputs[0].detach()
             if x.device != fisher.buf.device:
@@ -113,12 +114,11 @@ class StatHooks:
             # are added by its output-gradient hook, if the gradient arrives: once in both
             # modes (the released code's per-call statistics, official LayerNorm, counted a
             # recomputed call twice).  Compiled models recompute in the graph, not through hooks.
-            recompute = (not torch.compiler.is_compiling()
-                         and torch._C._current_graph_task_id() != -1)
+            recompute = not compiling and torch._C._current_graph_task_id() != -1
             if not recompute:
                 self._h_stats(lay, module, x)
             if isinstance(output, torch.Tensor) and output.requires_grad:
-                if torch.compiler.is_compiling() and not _DYNAMO_TRACES_TENSOR_HOOKS:
+                if compiling and not _DYNAMO_TRACES_TENSOR_HOOKS:
                     return _GradTap.apply(output, self._grad_hook(lay))   # NOTE: [grad tap]
                 output.register_hook(self._grad_hook(lay, (module, x) if recompute else None))
 
