@@ -94,7 +94,7 @@ class FisherState:
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
         self.factor_free = {f"{name or '<root>'} ({type(m).__name__})":
-                            kind_of(m) is not None and not kind_of(m).supported(m, preset)
+                            (k := kind_of(m)) is not None and not k.supported(m, preset)
                             for name, m in model.named_modules()
                             if any(id(p) in trainable and id(p) not in claimed
                                    for p in m.parameters(recurse=False))}

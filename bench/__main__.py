@@ -1,6 +1,6 @@
 """``python -m bench [--device cpu|cuda] [--smoke] [--out DIR] [--only ops|e2e] [--ops a,b]
-[--backends torch,triton,cuda] [--modes eager,compile,cudagraph] [--time-limit-s S]``: the whole benchmark suite,
-one command (see bench/README.md)."""
+[--backends torch,triton,cuda] [--modes eager,compile,cudagraph] [--time-limit-s S]``: the whole
+benchmark suite, one command (see bench/README.md)."""
 from __future__ import annotations
 
 import argparse

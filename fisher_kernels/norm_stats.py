@@ -8,8 +8,8 @@ reference).  ``out[c] += sum_{r, i} xhat[r, c, i]^2`` in float32, xhat recompute
 
 Kernels: ``_row_moments_kernel`` (one program per (r, group): mean and 1/sqrt(var + eps), two passes
 over its entries: one contiguous row, or for a channels_last input runs of C/G channels) and the
-tiled column reduction of ``linear_stats`` with the affine
-normalisation applied before squaring (its AFFINE modes, as csrc's NOTE: [column reduce]).
+tiled column reduction of ``linear_stats`` with the affine normalisation applied before squaring
+(its AFFINE modes, as csrc's NOTE: [column reduce]).
 Channel statistics reuse the reduction itself: mean = sum x / N, var = sum (x - mean)^2 / N, as
 the reference computes them.
 """

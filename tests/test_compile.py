@@ -333,4 +333,3 @@ def test_grad_scaler_inside_capture_raises_clearly():
     with torch.cuda.graph(g):
         with pytest.raises(RuntimeError, match="GradScaler"):
             opt.step()
-
