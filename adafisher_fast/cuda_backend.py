@@ -19,7 +19,7 @@ Documented fallbacks to the torch reference (the kernels do not cover them):
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -95,34 +95,10 @@ def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # step ops
 # ---------------------------------------------------------------------------------------------
-# NOTE: [term CSR] layer_ema's kernel sums each raw entry's terms itself (no atomics, one block per
-# layer), so the terms are sorted by destination once per LayerTable and cached by the identity of
-# its term_dst storage (the cache holds a reference, so the pointer cannot be reused meanwhile).
-_CSR: Dict[Tuple, Tuple] = {}
-
-
-def _term_csr(table: LayerTable, n_raw: int):
-    key = (table.term_dst.data_ptr(), table.term_dst.numel(), n_raw, str(table.term_dst.device))
-    hit = _CSR.get(key)
-    if hit is not None and hit[0] is table.term_dst:
-        return hit[1]
-    order = torch.argsort(table.term_dst, stable=True)
-    counts = torch.bincount(table.term_dst, minlength=n_raw)
-    ptr = torch.zeros(n_raw + 1, dtype=torch.int64, device=table.term_dst.device)
-    ptr[1:] = torch.cumsum(counts, 0)
-    csr = (ptr, table.term_src[order].contiguous(), table.term_pow[order].contiguous(),
-           table.term_coef[order].contiguous(), table.term_q[order].contiguous(),
-           table.term_factor[order].contiguous())
-    if len(_CSR) >= 16:
-        _CSR.pop(next(iter(_CSR)))
-    _CSR[key] = (table.term_dst, csr)
-    return csr
-
-
 def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
               initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
     """reference.layer_ema on the GPU in one launch (csrc/layer_ema.cu)."""
-    ptr, src, pw, coef, q, factor = _term_csr(table, state.numel())
+    ptr, src, pw, coef, q, factor = kernel_host.term_csr(table)
     _ops.layer_ema(buf, int(table.n_acc), ptr, src, pw, coef, q, factor,
                    table.factor_start, table.factor_layer, int(table.n_layers), state, fac,
                    initialized, counters, float(rule.decay), float(rule.weight),

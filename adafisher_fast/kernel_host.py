@@ -1,12 +1,43 @@
-"""Host-side helpers of the two kernel backends' ``fused_step`` (fisher_kernels/fused_step.py and
-adafisher_fast/cuda_backend.py): which memory layouts the kernels walk in place, and a cheap
-stand-in for the meta rows' values in cache keys.  Nothing here launches anything."""
+"""Host-side helpers of the two kernel backends (fisher_kernels/ and adafisher_fast/cuda_backend.py):
+``layer_ema``'s terms by destination; for ``fused_step``, which memory layouts the kernels walk in
+place and a cheap stand-in for the meta rows' values in cache keys.  Nothing here launches a
+kernel."""
 from __future__ import annotations
 
 import itertools
 from typing import Dict, Sequence, Tuple
 
 import torch
+
+from .reference import LayerTable
+
+# NOTE: [term CSR] Both kernels of layer_ema sum each raw entry's terms themselves, in term order
+# (no atomics: the same bits on every run, whatever the number of terms per entry), so the terms are
+# sorted by destination once per LayerTable.  The cache is keyed by the address of the table's
+# term_dst and holds that tensor, so the address cannot be reused by another table meanwhile; an
+# address key (not the tensor object) still hits when torch.compile hands the op other tensor
+# objects over the same storage, and a hit launches nothing, so CUDA-graph capture may run it.
+_CSR: Dict[tuple, tuple] = {}
+
+
+def term_csr(table: LayerTable) -> tuple:
+    """(ptr [n_raw + 1], src, pow, coef, q, factor): the table's terms sorted by destination
+    (stably), entry e's terms at ptr[e]:ptr[e + 1]; same dtypes and device as the table."""
+    dst = table.term_dst
+    key = (dst.data_ptr(), dst.numel(), table.n_raw, str(dst.device))
+    hit = _CSR.get(key)
+    if hit is not None:
+        return hit[1]
+    order = torch.argsort(dst, stable=True)
+    ptr = torch.zeros(table.n_raw + 1, dtype=torch.int64, device=dst.device)
+    ptr[1:] = torch.cumsum(torch.bincount(dst, minlength=table.n_raw), 0)
+    csr = (ptr,) + tuple(t[order].contiguous() for t in (table.term_src, table.term_pow,
+                                                          table.term_coef, table.term_q,
+                                                          table.term_factor))
+    if len(_CSR) >= 16:
+        _CSR.pop(next(iter(_CSR)))
+    _CSR[key] = (dst, csr)
+    return csr
 
 
 # NOTE: [row transpose] The kernels walk p, g and m in memory order.  ``model.to(memory_format=

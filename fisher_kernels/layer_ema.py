@@ -2,8 +2,9 @@
 
 Each program, for each of its factors (the H and S of the layer):
 1. finalises the raw statistic from the accumulators with the LayerTable's terms,
-   ``raw[dst] += buf[src] ** pow * coef / count ** q`` (scattered with atomic adds into a scratch
-   vector, read back after a barrier);
+   ``raw[e] = sum over the terms with dst == e of buf[src] ** pow * coef / count ** q`` (each lane
+   sums its entries' terms in order: NOTE: [term CSR]) into a scratch vector, read back after a
+   barrier;
 2. checks that every counted factor is finite (a non-finite one makes the whole layer keep its
    state and counts one skip);
 3. applies the preset's EmaRule (+inf -> 1, -inf -> 0 then min-max of raw or state), writes
@@ -11,8 +12,8 @@ Each program, for each of its factors (the H and S of the layer):
 
 NOTE: [one program per layer] the non-finite guard is per layer, across its factors, so the layer
 is the unit of work; factors are small (a few thousand entries) and the programs are independent.
-float64 buffers fall back to the reference (parity runs); the per-layer factor and per-factor term
-ranges are derived from the table once and cached on it.
+float64 buffers fall back to the reference (parity runs); each layer's factors and the terms by
+destination are derived from the table once and cached.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
+from adafisher_fast.kernel_host import term_csr
 from adafisher_fast.reference import EmaRule, LayerTable
 
 BLOCK = 256
@@ -48,32 +50,37 @@ def _ema_minmax(v_ptr, start, end, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_start,
+def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor,
                       factor_start, layer_factors, layer_fstart, raw_ptr, state_ptr, fac_ptr,
                       init_ptr, counters_ptr, decay, weight, decay_first, weight_first,
                       NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr):
     layer = tl.program_id(0)
     f0 = tl.load(layer_fstart + layer)
     f1 = tl.load(layer_fstart + layer + 1)
-    # 1. raw statistics of every factor of the layer
+    # 1. raw statistics of every factor of the layer: each lane sums its entries' terms in order
     for fi in range(f0, f1):
         f = tl.load(layer_factors + fi)
-        cnt = tl.load(buf_ptr + n_acc + f)
-        ts = tl.load(term_start + f)
-        te = tl.load(term_start + f + 1)
-        for s in range(ts, te, BLOCK):
+        st = tl.load(factor_start + f)
+        en = tl.load(factor_start + f + 1)
+        for s in range(st, en, BLOCK):
             o = s + tl.arange(0, BLOCK)
-            m = o < te
-            src = tl.load(t_src + o, mask=m, other=0)
-            dst = tl.load(t_dst + o, mask=m, other=0)
-            pw = tl.load(t_pow + o, mask=m, other=0.0)
-            coef = tl.load(t_coef + o, mask=m, other=0.0)
-            q = tl.load(t_q + o, mask=m, other=0.0)
-            b = tl.load(buf_ptr + src, mask=m, other=0.0)
-            bp = tl.where(pw == 0.0, 1.0, tl.where(pw == 1.0, b, b * b))
-            cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt,
-                                                  tl.where(q == 2.0, cnt * cnt, cnt * cnt * cnt)))
-            tl.atomic_add(raw_ptr + dst, bp * coef / cq, mask=m)
+            m = o < en
+            t0 = tl.load(t_ptr + o, mask=m, other=0)
+            nt = tl.load(t_ptr + o + 1, mask=m, other=0) - t0
+            v = tl.zeros((BLOCK,), dtype=tl.float32)
+            for j in range(0, tl.max(nt, axis=0)):
+                tm = m & (j < nt)
+                t = t0 + j
+                b = tl.load(buf_ptr + tl.load(t_src + t, mask=tm, other=0), mask=tm, other=0.0)
+                pw = tl.load(t_pow + t, mask=tm, other=0.0)
+                q = tl.load(t_q + t, mask=tm, other=0.0)
+                cnt = tl.load(buf_ptr + n_acc + tl.load(t_factor + t, mask=tm, other=0), mask=tm,
+                              other=1.0)
+                bp = tl.where(pw == 0.0, 1.0, tl.where(pw == 1.0, b, b * b))
+                cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt,
+                                                      tl.where(q == 2.0, cnt * cnt, cnt * cnt * cnt)))
+                v += tl.where(tm, bp * tl.load(t_coef + t, mask=tm, other=0.0) / cq, 0.0)
+            tl.store(raw_ptr + o, v, mask=m)
     tl.debug_barrier()
     # 2. non-finite guard over the counted factors
     # loop-carried flags start as int32 tensors (a Python 0 would be a constexpr, which compiled
@@ -141,26 +148,16 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_src, t_dst, t_pow, t_coef, t_q, term_sta
     tl.store(counters_ptr + 2 * layer + 1, c1 + bad)
 
 
-def _ranges(table: LayerTable):
-    """(term order, term_start, layer_factors, layer_fstart), cached on the table's tensors."""
-    cached = getattr(table.term_factor, "_af_ranges", None)
-    if cached is not None:
-        return cached
-    dev = table.term_factor.device
-    nf = table.factor_layer.numel()
-    order = torch.argsort(table.term_factor, stable=True)
-    tcount = torch.bincount(table.term_factor, minlength=nf)
-    term_start = torch.zeros(nf + 1, dtype=torch.int64, device=dev)
-    term_start[1:] = torch.cumsum(tcount, 0)
-    layer_factors = torch.argsort(table.factor_layer, stable=True)
-    fcount = torch.bincount(table.factor_layer, minlength=table.n_layers)
-    layer_fstart = torch.zeros(table.n_layers + 1, dtype=torch.int64, device=dev)
-    layer_fstart[1:] = torch.cumsum(fcount, 0)
-    cols = tuple(t[order].contiguous() for t in (table.term_src, table.term_dst))
-    cols += tuple(t[order].to(torch.float32).contiguous()
-                  for t in (table.term_pow, table.term_coef, table.term_q))
-    cached = (cols, term_start, layer_factors.contiguous(), layer_fstart)
-    table.term_factor._af_ranges = cached
+def _layers(table: LayerTable):
+    """(layer_factors, layer_fstart): the factors of each layer, cached on the table's tensors."""
+    cached = getattr(table.factor_layer, "_af_layers", None)
+    if cached is None:
+        fcount = torch.bincount(table.factor_layer, minlength=table.n_layers)
+        layer_fstart = torch.zeros(table.n_layers + 1, dtype=torch.int64,
+                                   device=table.factor_layer.device)
+        layer_fstart[1:] = torch.cumsum(fcount, 0)
+        cached = (torch.argsort(table.factor_layer, stable=True).contiguous(), layer_fstart)
+        table.factor_layer._af_layers = cached
     return cached
 
 
@@ -175,10 +172,12 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
                     ("counters", counters)):
         if not t.is_contiguous():
             raise ValueError(f"layer_ema: {name} must be contiguous")
-    cols, term_start, layer_factors, layer_fstart = _ranges(table)
-    raw = torch.zeros(state.numel(), dtype=torch.float32, device=buf.device)
+    ptr, src, pw, coef, q, factor = term_csr(table)     # NOTE: [term CSR]
+    layer_factors, layer_fstart = _layers(table)
+    raw = torch.empty(state.numel(), dtype=torch.float32, device=buf.device)
     _layer_ema_kernel[(table.n_layers,)](
-        buf, table.n_acc, *cols, term_start, table.factor_start, layer_factors, layer_fstart,
+        buf, table.n_acc, ptr, src, *(t.to(torch.float32) for t in (pw, coef, q)), factor,
+        table.factor_start, layer_factors, layer_fstart,
         raw, state, fac, initialized.view(torch.uint8), counters,
         float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
         NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state), BLOCK=BLOCK)
