@@ -69,6 +69,9 @@ void check_launch(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, "adafisher::", op, ": kernel launch failed: ", cudaGetErrorString(e));
 }
 
+// torch.use_deterministic_algorithms(True): reductions not split over blocks (NOTE: [single writer])
+bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
+
 // NOTE: [memory order] (fisher_kernels/host.py): a channels_last activation or gradient is read where
 // it lies.  x's dims from outermost to innermost when x is dense in that order, else empty.
 std::vector<int64_t> memory_order(const at::Tensor& x) {
@@ -110,7 +113,7 @@ void linear_stats(const at::Tensor& x, const at::Tensor& out, int64_t dim, bool 
   const at::Tensor x3 = columns_view(x, dim);
   c10::cuda::CUDAGuard guard(x.device());
   check_launch(launch_linear_stats(x3.data_ptr(), xt, out.data_ptr(), ot, x3.size(0), x3.size(1), x3.size(2), square,
-                                   scale, c10::cuda::getCurrentCUDAStream()), "linear_stats");
+                                   scale, deterministic(), c10::cuda::getCurrentCUDAStream()), "linear_stats");
 }
 
 // padding: flattened (lo, hi) pairs, one per spatial dim; padding_mode 0 zeros, 1 reflect,
@@ -156,7 +159,7 @@ void conv_stats(const at::Tensor& x, const at::Tensor& out, at::IntArrayRef kern
   const at::Tensor xc = g.channels_last ? x : x.contiguous();
   at::Tensor work = at::zeros({x.size(1) * plane}, out.options());
   check_launch(launch_conv_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), x.size(0), x.size(1), g,
-                                 c10::cuda::getCurrentCUDAStream()), "conv_stats");
+                                 deterministic(), c10::cuda::getCurrentCUDAStream()), "conv_stats");
 }
 
 // mode 0 = "channel", 1 = "sample"
@@ -191,7 +194,7 @@ void norm_stats(const at::Tensor& x, const at::Tensor& out, int64_t mode, int64_
   check_launch(launch_norm_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), xc.size(0), C, xc.size(2),
                                  static_cast<int>(mode), groups, eps, center,
                                  m.defined() ? m.data_ptr() : nullptr, v.defined() ? v.data_ptr() : nullptr, mt,
-                                 cl, c10::cuda::getCurrentCUDAStream()), "norm_stats");
+                                 cl, deterministic(), c10::cuda::getCurrentCUDAStream()), "norm_stats");
 }
 
 void embedding_stats(const at::Tensor& idx, const at::Tensor& out) {

@@ -9,12 +9,14 @@
 namespace adafisher {
 
 // Element types crossing the launcher boundary (half/bfloat16 stay opaque void* here).
+//
+// `deterministic` (the statistics launchers): NOTE: [single writer] in reduce.cuh.
 enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, F64 = 3, I32 = 4, I64 = 5 };
 
 // linear_stats: x viewed as contiguous (A, K, I); out[k] += scale * sum_{a,i} f(x[a,k,i]),
 // f = square or identity.  out is float32 or float64 (acc). reference.linear_stats.
 cudaError_t launch_linear_stats(const void* x, DType xt, void* out, DType ot, int64_t A, int64_t K,
-                                int64_t I, bool square, double scale, cudaStream_t s);
+                                int64_t I, bool square, double scale, bool deterministic, cudaStream_t s);
 
 // conv_stats (SPEC 4.2, im2col-free): x (B, C, *spatial) with nd = 1..3 spatial dims, contiguous or
 // channels_last (memory order B, *spatial, C).
@@ -28,7 +30,7 @@ struct ConvGeom {
   bool channels_last;
 };
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
-                              int64_t C, const ConvGeom& g, cudaStream_t s);
+                              int64_t C, const ConvGeom& g, bool deterministic, cudaStream_t s);
 
 // norm_stats: x contiguous (R, C, I), or with channels_last (mode 1 only) strides (C*I, 1, C).
 // work: 2 * max(C, R * groups) + 2 entries of type ot.
@@ -37,7 +39,7 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
 cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
                               int64_t C, int64_t I, int mode, int64_t groups, double eps, bool center,
                               const void* mean, const void* var, DType mt, bool channels_last,
-                              cudaStream_t s);
+                              bool deterministic, cudaStream_t s);
 
 // embedding_stats: out[idx[j]] += 1 for j < n; idx int32/int64, out-of-range indices are ignored.
 cudaError_t launch_embedding_stats(const void* idx, DType it, int64_t n, void* out, DType ot,

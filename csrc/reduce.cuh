@@ -3,6 +3,14 @@
 // f(v) = (v - mu) * rs (optional affine, mu/rs per channel k or per (a, k / cpg)), then squared or
 // not.  Accumulation in A (float32 or float64, the buffer dtype); partial sums of each block meet
 // in `out` through atomicAdd, so out keeps its "ADD into" contract.
+//
+// NOTE: [single writer] Partial sums added atomically in whatever order the blocks finish round
+// differently from run to run (the last bits of a float32 sum).  Under
+// torch.use_deterministic_algorithms(True) the bindings pass deterministic = true and the reduction
+// is not split over blocks (gridDim.y == 1): each out[k] then takes exactly one add per launch, so
+// the bits are the same on every run, at the cost of fewer blocks for tall inputs.  The other
+// statistics kernels are deterministic as they are (conv's lattice and norm's coefficients: one
+// block per entry; embedding's counts: equal addends of 1).
 #pragma once
 #include "common.cuh"
 
@@ -66,17 +74,17 @@ __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ ou
 
 template <typename T, typename A>
 void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool square, A scale,
-                   Affine af, cudaStream_t s) {
+                   Affine af, bool deterministic, cudaStream_t s) {
   if (Ar == 0 || K == 0 || I == 0) return;
   if (I == 1) {
     const int64_t gx = cdiv(K, 32);
     // enough blocks to fill an H100 (132 SMs x ~8 blocks), each row slice >= 64 rows
-    const int64_t gy = std::max<int64_t>(1, std::min<int64_t>(cdiv(Ar, 64), cdiv(2048, gx)));
+    const int64_t gy = deterministic ? 1 : std::max<int64_t>(1, std::min<int64_t>(cdiv(Ar, 64), cdiv(2048, gx)));
     reduce_rows_kernel<T, A><<<dim3((unsigned)gx, (unsigned)std::min<int64_t>(gy, 65535)), dim3(32, 8), 0, s>>>(
         x, out, Ar, K, square, scale, af);
   } else {
     const int64_t n = Ar * I;
-    const int64_t gy = std::max<int64_t>(1, std::min<int64_t>(cdiv(n, 256 * 8), cdiv(2048, K)));
+    const int64_t gy = deterministic ? 1 : std::max<int64_t>(1, std::min<int64_t>(cdiv(n, 256 * 8), cdiv(2048, K)));
     reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)std::min<int64_t>(gy, 65535)), 256, 0, s>>>(
         x, out, Ar, K, I, square, scale, af);
   }

@@ -109,3 +109,48 @@ def test_thread_order_does_not_change_results(preset, monkeypatch):
                     + [t.clone() for t in opt.fisher.tensors().values()])
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def _split_reductions(ops):
+    """(name, out size, call(out)) for each way the CUDA statistics ops split a reduction over
+    blocks (NOTE: [single writer]): rows (I == 1), planes (I > 1), the conv's batch map Q, and
+    norm_stats in both modes; every shape large enough to split."""
+    g = torch.Generator().manual_seed(3)
+    rows, planes = torch.randn(1000, 7, generator=g), torch.randn(40, 5, 300, generator=g)
+    img = torch.randn(130, 3, 5, 5, generator=g)
+    return [("linear_stats rows", 7, lambda o: ops.linear_stats(rows, o, -1, True, 1.0)),
+            ("linear_stats planes", 5, lambda o: ops.linear_stats(planes, o, 1, False, 0.5)),
+            ("conv_stats", 27, lambda o: ops.conv_stats(img, o, (3, 3), (1, 1), [(1, 1), (1, 1)],
+                                                        (1, 1), 1, "zeros")),
+            ("norm_stats channel", 5, lambda o: ops.norm_stats(planes, o, "channel", 1, 1e-5)),
+            ("norm_stats sample", 5, lambda o: ops.norm_stats(planes, o, "sample", 5, 1e-5))]
+
+
+def test_deterministic_algorithms_make_block_order_irrelevant(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) every statistics op gives the same bits
+    whatever order its blocks run in (ADAFISHER_EMU_BLOCK_ORDER, NOTE: [CUDA emulator]); without
+    it each differs, which shows that every case splits and that the orders tried reorder its
+    atomic partial sums."""
+    if not emulated("cuda"):
+        pytest.skip("emulator test; the GPU test test_deterministic_runs_repeat runs the real kernels")
+    ops = kernel_module("cuda")
+    was = torch.are_deterministic_algorithms_enabled()
+    differ = set()
+    try:
+        for det in (True, False):
+            torch.use_deterministic_algorithms(det)
+            for name, n, call in _split_reductions(ops):
+                results = []
+                for seed in (1, 2, 3):
+                    monkeypatch.setenv("ADAFISHER_EMU_BLOCK_ORDER", f"shuffle:{seed}")
+                    out = torch.zeros(n)
+                    call(out)
+                    results.append(out)
+                same = all(torch.equal(results[0], r) for r in results[1:])
+                assert same or not det, f"{name}: block order changed the result"
+                if not same:
+                    differ.add(name)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    cases = {name for name, _, _ in _split_reductions(ops)}
+    assert differ == cases, f"{cases - differ}: block order did not matter even without determinism"

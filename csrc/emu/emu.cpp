@@ -12,6 +12,9 @@
 //  * ADAFISHER_EMU_THREAD_ORDER=reverse runs a block's threads in reverse order between barriers:
 //    a kernel without shared-memory races gives bitwise the same results either way (a
 //    racecheck-lite; test_cuda_emu.py compares whole training runs).
+//  * ADAFISHER_EMU_BLOCK_ORDER=shuffle:SEED runs the blocks of each launch in a random order drawn
+//    from SEED: partial sums meeting through atomicAdd are then added in another order, as on a GPU
+//    where blocks finish when they finish (how test_cuda_emu.py checks NOTE: [single writer]).
 //  * Built with -ftrivial-auto-var-init=pattern: an uninitialised local reads as 0xFE bytes
 //    (-1.7e38 as a float), so a kernel that uses one produces garbage the tests see.
 // Not modelled: races between blocks and warp-synchronous timing (racecheck on the GPU),
@@ -23,8 +26,11 @@
 #include <csetjmp>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
+#include <numeric>
+#include <random>
 #include <string>
 #include <ucontext.h>
 #include <vector>
@@ -47,6 +53,7 @@ struct Fiber {
 };
 
 std::mutex launch_mutex;
+uint64_t launch_count = 0;   // varies the block shuffle between the launches of one run
 std::vector<Fiber> fibers;
 std::unique_ptr<char[]> stacks;
 unsigned n_threads = 0, cur = 0;
@@ -181,7 +188,15 @@ cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx) {
   body_ctx = ctx;
   gridDim = grid;
   blockDim = block;
-  for (uint64_t i = nb; i-- > 0;) {
+  std::vector<uint64_t> blocks(nb);
+  std::iota(blocks.rbegin(), blocks.rend(), uint64_t(0));
+  const char* border = std::getenv("ADAFISHER_EMU_BLOCK_ORDER");
+  if (border != nullptr && std::strncmp(border, "shuffle:", 8) == 0) {
+    std::mt19937_64 rng(std::strtoull(border + 8, nullptr, 10) + launch_count);
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+  }
+  ++launch_count;
+  for (const uint64_t i : blocks) {
     blockIdx = dim3(static_cast<unsigned>(i % grid.x), static_cast<unsigned>((i / grid.x) % grid.y),
                     static_cast<unsigned>(i / (static_cast<uint64_t>(grid.x) * grid.y)));
     if (!run_block()) break;
