@@ -8,7 +8,8 @@
 // differently from run to run (the last bits of a float32 sum).  Under
 // torch.use_deterministic_algorithms(True) the bindings pass deterministic = true and the reduction
 // is not split over blocks (gridDim.y == 1): each out[k] then takes exactly one add per launch, so
-// the bits are the same on every run, at the cost of fewer blocks for tall inputs.  The other
+// the bits are the same on every run, at the cost of fewer blocks for tall inputs (the Triton
+// kernels keep their grid and sum stored partials instead: NOTE: [ordered partials]).  The other
 // statistics kernels are deterministic as they are (conv's lattice and norm's coefficients: one
 // block per entry; embedding's counts: equal addends of 1).
 #pragma once

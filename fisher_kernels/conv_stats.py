@@ -8,7 +8,8 @@ Two launches, neither of the patch matrix's size:
 1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x,
    in x's memory order, so a channels_last x is not copied: NOTE: [memory order] in host.py);
 2. one program per (channel, block of output positions, block of kernel offsets) sums Q over
-   that part of each offset's output lattice (strided, dilated) and adds it atomically.  Zero
+   that part of each offset's output lattice (strided, dilated) and adds it atomically (stores it
+   for an ordered sum under deterministic algorithms: NOTE: [ordered partials] in linear_stats.py).  Zero
    padding is applied by masking; reflect/replicate/circular pad the small map Q with torch
    first (padding commutes with the square and the batch sum: it only copies or zeroes
    positions).  1-D/2-D convs run as 3-D ones with unit leading dims.
@@ -34,12 +35,14 @@ MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
 @triton.jit
 def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, K0, K1, K2,
                         D0, D1, D2, T0, T1, T2, N0, N1, N2, N_LBLK, BLOCK_KO: tl.constexpr,
-                        BLOCK_L: tl.constexpr):
+                        BLOCK_L: tl.constexpr, PARTIAL: tl.constexpr):
     """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
     l-block of the output lattice of Q[c, koff*dil + l*stride - pad], Q (C, S0, S1, S2) with
     strides (QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split]
     one tile per program, added atomically: a channel per program would leave a 3-channel first
-    layer with a handful of programs on a GPU of 132 SMs."""
+    layer with a handful of programs on a GPU of 132 SMs.  PARTIAL (deterministic algorithms):
+    out is an (N_LBLK, C * K) scratch, the program's sums stored in row l-block (NOTE: [ordered
+    partials] in linear_stats.py)."""
     c = tl.program_id(0) // N_LBLK
     lb = tl.program_id(0) % N_LBLK
     K = K0 * K1 * K2
@@ -61,7 +64,12 @@ def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, 
           & (y2 >= 0) & (y2 < S2))
     v = tl.load(base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2, mask=ok,
                 other=0.0)
-    tl.atomic_add(out_ptr + tl.cast(c, tl.int64) * K + koff, tl.sum(v, axis=1), mask=km)
+    at = out_ptr + tl.cast(c, tl.int64) * K + koff
+    if PARTIAL:
+        n_ch = tl.num_programs(0) // N_LBLK
+        tl.store(at + tl.cast(lb, tl.int64) * n_ch * K, tl.sum(v, axis=1), mask=km)
+    else:
+        tl.atomic_add(at, tl.sum(v, axis=1), mask=km)
 
 
 def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
@@ -115,6 +123,11 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     block_ko = min(next_pow2(ktot), MAX_KO)
     block_l = max(1, min(next_pow2(n_pos), TILE // block_ko))
     n_lblk = cdiv(n_pos, block_l)
+    partial = n_lblk > 1 and torch.are_deterministic_algorithms_enabled()
+    dst = out.new_empty(n_lblk, out.numel()) if partial else out
     _lattice_sum_kernel[(c * n_lblk, cdiv(ktot, block_ko))](
-        q, out, q.stride(0), *Q, *S, *P, *K, *D, *T, *N, n_lblk, BLOCK_KO=block_ko, BLOCK_L=block_l)
+        q, dst, q.stride(0), *Q, *S, *P, *K, *D, *T, *N, n_lblk, BLOCK_KO=block_ko, BLOCK_L=block_l,
+        PARTIAL=partial)
+    if partial:
+        out.add_(dst.sum(0))
     return n_pos

@@ -5,8 +5,9 @@ float64 path exists for parity tests, not speed); viewed as (A, K, B) with K = x
 ``out[k] += scale * sum_{a, b} f(x[a, k, b])``, f = square or identity, accumulated in float32.
 
 Grid: (cdiv(K, BLOCK_K), cdiv(B, BLOCK_B), SPLIT_A).  Each program sums (BLOCK_A x BLOCK_K x BLOCK_B)
-tiles over its share of the A rows in registers (NOTE: [tile shape]), reduces over B and adds its partial sum with one atomic
-add per feature (NOTE: [atomic partial sums]).
+tiles over its share of the A rows in registers (NOTE: [tile shape]), reduces over B and adds its
+partial sum with one atomic add per feature (NOTE: [atomic partial sums]), or stores it for a sum in
+a fixed order under deterministic algorithms (NOTE: [ordered partials]).
 """
 from __future__ import annotations
 
@@ -26,6 +27,12 @@ from .host import cdiv, columns_view, interpreting, next_pow2
 # (order-dependent in the last float32 bit, like any parallel reduction); MAX_BLOCK_K keeps the
 # tile narrow in K when B is small, so that the split costs few atomics (one per feature per
 # program).  Unmeasured yet on a GPU: the benchmark's linear_stats rows decide.
+#
+# NOTE: [ordered partials] Atomic adds meet in whatever order the programs finish, so the last bits
+# of a sum change from run to run.  Under torch.use_deterministic_algorithms(True) each program
+# stores its partial sums in a row of a (programs, K) scratch instead, and torch sums the rows in a
+# fixed order into ``out``: the same bits on every run, the same grid, one more small read.
+# (csrc/ does not split such reductions at all then: NOTE: [single writer] in csrc/reduce.cuh.)
 TARGET_PROGRAMS = 1024
 MAX_BLOCK_K = 128
 TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 4 warps
@@ -34,11 +41,11 @@ TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 
 @triton.jit
 def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG, RPS,
                           scale, SQUARE: tl.constexpr, AFFINE: tl.constexpr, BLOCK_A: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, PARTIAL: tl.constexpr):
     """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b]), with
     f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
     or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample); AFFINE 0 reads neither mu
-    nor rs."""
+    nor rs.  PARTIAL: out is a (programs, K) scratch, this program's row stored, not added."""
     pid_k = tl.program_id(0)
     pid_b = tl.program_id(1)
     pid_a = tl.program_id(2)
@@ -72,7 +79,11 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog
             v = v * v
         acc += v
     tot = tl.sum(tl.sum(acc, axis=2), axis=0) * scale
-    tl.atomic_add(out_ptr + offs_k, tot, mask=km)
+    if PARTIAL:
+        row = pid_a * tl.num_programs(1) + pid_b
+        tl.store(out_ptr + row.to(tl.int64) * K + offs_k, tot, mask=km)
+    else:
+        tl.atomic_add(out_ptr + offs_k, tot, mask=km)
 
 
 def tiles(a: int, k: int, b: int):
@@ -107,9 +118,13 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
     if x3.numel() == 0:
         return
     block_a, block_k, block_b, rows, grid = tiles(a, k, b)
-    _column_reduce_kernel[grid](x3, out, out if mu is None else mu, out if rs is None else rs, a, k,
+    partial = grid[1] * grid[2] > 1 and torch.are_deterministic_algorithms_enabled()
+    dst = out.new_empty(grid[1] * grid[2], k) if partial else out     # NOTE: [ordered partials]
+    _column_reduce_kernel[grid](x3, dst, out if mu is None else mu, out if rs is None else rs, a, k,
                                 b, rows, g, cg, rps, float(scale), SQUARE=square, AFFINE=affine,
-                                BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b)
+                                BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b, PARTIAL=partial)
+    if partial:
+        out.add_(dst.sum(0))
 
 
 def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,

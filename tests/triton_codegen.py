@@ -91,11 +91,11 @@ def recording():
         JITFunction.run = orig
 
 
-def _stats_calls(dev="cpu"):
-    """Direct launcher calls: every statistics op in float32/bfloat16/float16 over odd and large
-    shapes, every conv dimensionality and padding mode, both norm modes."""
+def _stats_calls(dev="cpu", dtypes=(torch.float32, torch.bfloat16, torch.float16)):
+    """Direct launcher calls: every statistics op in ``dtypes`` over odd and large shapes, every
+    conv dimensionality and padding mode, both norm modes."""
     e = dict(device=dev)
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
+    for dt in dtypes:
         for shape, dim in (((16 * 1024, 768), -1), ((16 * 1024, 3072), -1), ((7, 13), -1),
                            ((256, 64, 1024), 1), ((33, 1, 7), 1), ((64, 2048, 49), 1)):
             x = torch.empty(shape, dtype=dt, **e)
@@ -206,6 +206,11 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     with recording() as seen:
         _stats_calls()
+        torch.use_deterministic_algorithms(True)    # the PARTIAL kernels (NOTE: [ordered partials])
+        try:
+            _stats_calls(dtypes=(torch.float32,))
+        finally:
+            torch.use_deterministic_algorithms(False)
         _optimizer_runs()
     rows, ok = compile_all(seen, a.arch or [80, 90])
     kernels = sorted({r["kernel"] for r in rows})

@@ -1,0 +1,129 @@
+"""torch.use_deterministic_algorithms(True) and the kernel backends (NOTE: [single writer] in
+csrc/reduce.cuh): every statistics op gives the same bits whatever order its programs or blocks
+run in, and a training run repeats bit for bit.
+
+On a CPU the order is shuffled where it runs one program at a time: the Triton interpreter (with
+the GPU's split of the rows forced, which the interpreter would not pick on its own) and the CUDA
+emulator (ADAFISHER_EMU_BLOCK_ORDER, NOTE: [CUDA emulator]).  On a GPU the hardware's own
+scheduling varies it: the gpu test repeats a training run."""
+import contextlib
+import importlib
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from adafisher_fast import AdaFisherW
+from conftest import emulated, kernel_backends, kernel_module
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def _split_reductions(ops):
+    """(name, out size, call(out)) for each way the statistics ops split a reduction over
+    programs: rows (I == 1), planes (I > 1), the conv's batch map Q and output lattice, and
+    norm_stats in both modes; every shape large enough to split on both backends."""
+    g = torch.Generator().manual_seed(3)
+    rows, planes = torch.randn(1000, 7, generator=g), torch.randn(40, 5, 300, generator=g)
+    img = torch.randn(130, 3, 20, 20, generator=g)
+    return [("linear_stats rows", 7, lambda o: ops.linear_stats(rows, o, -1, True, 1.0)),
+            ("linear_stats planes", 5, lambda o: ops.linear_stats(planes, o, 1, False, 0.5)),
+            ("conv_stats", 27, lambda o: ops.conv_stats(img, o, (3, 3), (1, 1), [(1, 1), (1, 1)],
+                                                        (1, 1), 1, "zeros")),
+            ("norm_stats channel", 5, lambda o: ops.norm_stats(planes, o, "channel", 1, 1e-5)),
+            ("norm_stats sample", 5, lambda o: ops.norm_stats(planes, o, "sample", 5, 1e-5))]
+
+
+def _shuffle_triton_programs(monkeypatch):
+    """A function seed -> None that makes the Triton interpreter run each launch's programs in a
+    random order drawn from seed, with the GPU's split plan forced."""
+    from triton.runtime import interpreter
+    ls = importlib.import_module("fisher_kernels.linear_stats")  # the package exports the function
+    monkeypatch.setattr(ls, "interpreting", lambda: False)
+    builder = interpreter.interpreter_builder
+    set_dim, set_idx = builder.set_grid_dim, builder.set_grid_idx
+    order, rng = {}, random.Random()
+
+    def grid_dim(x, y, z):
+        ids = list(itertools.product(range(x), range(y), range(z)))
+        order.clear()
+        order.update(zip(ids, rng.sample(ids, len(ids))))
+        set_dim(x, y, z)
+
+    monkeypatch.setattr(builder, "set_grid_dim", grid_dim)
+    monkeypatch.setattr(builder, "set_grid_idx", lambda x, y, z: set_idx(*order[(x, y, z)]))
+    return rng.seed
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_program_order_does_not_change_deterministic_results(name, monkeypatch):
+    """Three program orders give the same bits under deterministic algorithms and three different
+    results without (which shows that every case splits and that the orders reorder its atomic
+    partial sums)."""
+    if name == "triton" and "triton" not in kernel_backends():
+        pytest.skip("needs triton")
+    if name == "triton" and torch.cuda.is_available() or name == "cuda" and not emulated("cuda"):
+        pytest.skip("on a GPU the order cannot be chosen: test_deterministic_training_repeats")
+    ops = kernel_module(name)
+    if name == "triton":
+        reorder = _shuffle_triton_programs(monkeypatch)
+    else:
+        def reorder(seed):
+            monkeypatch.setenv("ADAFISHER_EMU_BLOCK_ORDER", f"shuffle:{seed}")
+    differ = set()
+    for det in (True, False):
+        with deterministic(det):
+            for case, n, call in _split_reductions(ops):
+                results = []
+                for seed in (1, 2, 3):
+                    reorder(seed)
+                    out = torch.zeros(n)
+                    call(out)
+                    results.append(out)
+                same = all(torch.equal(results[0], r) for r in results[1:])
+                assert same or not det, f"{case}: program order changed the result"
+                if not same:
+                    differ.add(case)
+    cases = {case for case, _, _ in _split_reductions(ops)}
+    assert differ == cases, f"{cases - differ}: program order did not matter even without determinism"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_deterministic_training_repeats(name, preset, monkeypatch):
+    """Two 5-step runs of a conv + norm + linear model at a batch size whose reductions split
+    give bitwise the same parameters and curvature state under deterministic algorithms."""
+    if name != "torch" and name not in kernel_backends():
+        pytest.skip(f"backend {name} not available here")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")    # else cuBLAS refuses the flag
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 3, 32, 32, generator=g).cuda()
+    y = torch.randint(0, 10, (512,), generator=g).cuda()
+    runs = []
+    with deterministic(True):
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.GroupNorm(4, 32),
+                                  nn.Flatten(), nn.Linear(32 * 16 * 16, 64), nn.LayerNorm(64),
+                                  nn.Linear(64, 10)).cuda()
+            opt = AdaFisherW(model, TCov=1, preset=preset, backend=name)
+            for _ in range(5):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+            runs.append([p.detach().clone() for p in model.parameters()]
+                        + [t.clone() for t in opt.fisher.tensors().values()])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
