@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, memory_order, next_pow2
+from .host import cdiv, memory_order, next_pow2, on_device
 from .linear_stats import _launch as _sum_over_batch
 
 TILE = 2048     # (kernel offsets x output positions) per program
@@ -72,6 +72,7 @@ def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, 
         tl.atomic_add(at, tl.sum(v, axis=1), mask=km)
 
 
+@on_device
 def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
                stride: Sequence[int], padding: Sequence[Tuple[int, int]],
                dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:

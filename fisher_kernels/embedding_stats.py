@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv
+from .host import cdiv, on_device
 
 BLOCK = 1024   # tokens per program: a large batch x sequence fills the GPU with few programs
 
@@ -25,6 +25,7 @@ def _embedding_stats_kernel(idx_ptr, out_ptr, n, V, BLOCK: tl.constexpr):
     tl.atomic_add(out_ptr + tok, ones, mask=ok)
 
 
+@on_device
 def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
     """Same signature and semantics as ``reference.embedding_stats``."""
     if out.dtype != torch.float32 or not out.is_contiguous():

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import kernel_host, reference
-from .host import cdiv
+from .host import cdiv, on_device
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
 N_META = 11           # a meta row (reference.META_COLS), then T (NOTE: [row transpose])
@@ -202,6 +202,7 @@ def _wide(rows) -> bool:
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+@on_device
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
                hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:

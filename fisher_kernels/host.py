@@ -6,6 +6,7 @@ plain integer expression.  A statistics launch computed its tile shape with a do
 ResNet-18 (82 statistics hooks, launches stubbed, a 2-core CPU) the hooks' host time fell from 160
 to 99 us per hook with these instead.
 """
+import functools
 import math
 import os
 from typing import List, Optional
@@ -30,6 +31,27 @@ def interpreting() -> bool:
 
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# NOTE: [launch device] A Triton kernel launches on the *current* CUDA device and its stream, not on
+# its arguments' device.  A model on cuda:1 in a process whose current device is cuda:0 (no
+# torch.cuda.set_device, as in many DDP scripts and notebooks) would otherwise get its kernels on
+# device 0, reading device-1 memory without ordering against device 1's stream.  Each launcher
+# therefore runs under its first tensor's device when that is not the current one (csrc/bindings.cpp
+# takes a CUDAGuard for the same reason).
+def on_device(fn):
+    """Decorator: run ``fn(first, ...)`` with first's CUDA device current (first: a tensor, or a
+    list of tensors whose first element decides)."""
+    @functools.wraps(fn)
+    def launcher(first, *args, **kwargs):
+        t = first[0] if isinstance(first, (list, tuple)) and first else first
+        dev = getattr(t, "device", None)
+        if dev is not None and dev.type == "cuda" and dev.index != torch.cuda.current_device():
+            with torch.cuda.device(dev):
+                return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    return launcher
 
 
 # NOTE: [memory order] A channels_last model's activations and output gradients, (B, C, *spatial)

@@ -24,6 +24,7 @@ import triton.language as tl
 from adafisher_fast import reference
 from adafisher_fast.kernel_host import term_csr
 from adafisher_fast.reference import EmaRule, LayerTable
+from .host import on_device
 
 BLOCK = 256
 
@@ -161,6 +162,7 @@ def _layers(table: LayerTable):
     return cached
 
 
+@on_device
 def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
               initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
     """Same signature and semantics as ``reference.layer_ema`` (see the module docstring)."""

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, columns_view, interpreting, next_pow2
+from .host import cdiv, columns_view, interpreting, next_pow2, on_device
 
 # NOTE: [atomic partial sums] the A axis (rows: batch x positions) is split so that the grid
 # has about TARGET_PROGRAMS programs (the CUDA kernel's ~2048 blocks of 256 threads, in programs
@@ -127,6 +127,7 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
         out.add_(dst.sum(0))
 
 
+@on_device
 def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,
                  scale: float = 1.0) -> None:
     """Same signature and semantics as ``reference.linear_stats`` (see the module docstring)."""

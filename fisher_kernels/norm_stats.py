@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import columns_view, next_pow2
+from .host import columns_view, next_pow2, on_device
 from .linear_stats import _launch
 
 BLOCK_ROW = 1024
@@ -61,6 +61,7 @@ def _xhat_sq(x3, out, mu, rs, per_row, g, cg, rps=1):
     _launch(x3, out, True, 1.0, 2 if per_row else 1, mu, rs, g, cg, rps)
 
 
+@on_device
 def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,
                center: bool = True, mean: Optional[torch.Tensor] = None,
                var: Optional[torch.Tensor] = None) -> None:

@@ -118,3 +118,41 @@ def test_host_arithmetic_matches_triton():
         assert next_pow2(max(n, 1)) == triton.next_power_of_2(max(n, 1)), n
         for d in (1, 2, 7, 16, 1024):
             assert cdiv(n, d) == triton.cdiv(n, d) == (n + d - 1) // d, (n, d)
+
+
+def test_launchers_run_on_their_tensors_device(monkeypatch):
+    """NOTE: [launch device]: every Triton op runs with its first tensor's CUDA device current, so
+    a model on cuda:1 in a process whose current device is cuda:0 launches on cuda:1 (no second
+    GPU here or on the GPU machine: torch.cuda's device switch is stood in for)."""
+    pytest.importorskip("triton")
+    import fisher_kernels
+    from fisher_kernels import host
+    from adafisher_fast.backends import OPS
+    current, switches = [0], []
+
+    class device_guard:                     # stands in for torch.cuda.device
+        def __init__(self, dev):
+            self.index = torch.device(dev).index
+
+        def __enter__(self):
+            switches.append(self.index)
+            self.prev, current[0] = current[0], self.index
+
+        def __exit__(self, *exc):
+            current[0] = self.prev
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+
+    class Stub:
+        def __init__(self, dev):
+            self.device = torch.device(dev)
+
+    probe = host.on_device(lambda first, *args: current[0])
+    assert probe(Stub("cuda:1")) == 1 and current[0] == 0
+    assert probe([Stub("cuda:2"), Stub("cuda:0")], 5) == 2
+    assert probe(Stub("cuda:0")) == 0 and probe(Stub("cpu")) == 0 and probe([]) == 0
+    assert switches == [1, 2]                 # no switch when already current, or for CPU
+    for name in OPS:
+        op = getattr(fisher_kernels, name)
+        assert op.__code__ is probe.__code__ and op.__wrapped__.__name__ == name, name
