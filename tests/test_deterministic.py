@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisherW, reference
-from conftest import emulated, kernel_backends, kernel_module
+from conftest import assert_trajectories_close, emulated, kernel_backends, kernel_module
 
 
 @contextlib.contextmanager
@@ -102,6 +102,37 @@ def test_program_order_does_not_change_deterministic_results(name, monkeypatch):
                     differ.add(case)
     cases = {case for case, _, _ in _split_reductions(ops)}
     assert differ == cases, f"{cases - differ}: program order did not matter even without determinism"
+
+
+@pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
+def test_deterministic_mode_trains_like_default(name, monkeypatch):
+    """A 3-step run of every layer kind under deterministic algorithms equals the default run,
+    finite: no op of the hooks or the step refuses the flag, and nothing reads the NaN that torch
+    then fills fresh torch.empty memory with."""
+    if name != "torch" and name not in kernel_backends():
+        pytest.skip(f"backend {name} not available here")
+    if name != "torch":
+        kernel_module(name, monkeypatch)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")    # else cuBLAS refuses the flag
+    from test_cuda_emu import _Net
+    g = torch.Generator().manual_seed(1)
+    tokens, img = torch.randint(0, 11, (16, 6), generator=g), torch.randn(16, 3, 8, 8, generator=g)
+    y = torch.randn(16, 5, generator=g)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = []
+    for det in (True, False):
+        with deterministic(det):
+            torch.manual_seed(0)
+            model = _Net().to(dev)
+            opt = AdaFisherW(model, lr=1e-3, Lambda=0.1, TCov=1, weight_decay=1e-2, backend=name)
+            for _ in range(3):
+                opt.zero_grad()
+                (model(tokens.to(dev), img.to(dev)) - y.to(dev)).square().mean().backward()
+                opt.step()
+        runs.append((model, opt))
+    for t in list(runs[0][0].parameters()) + list(runs[0][1].fisher.tensors().values()):
+        assert torch.isfinite(t.float()).all()
+    assert_trajectories_close(*runs)            # NOTE: [trajectory tolerance]
 
 
 @pytest.mark.gpu
