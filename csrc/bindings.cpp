@@ -69,8 +69,13 @@ void check_launch(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, "adafisher::", op, ": kernel launch failed: ", cudaGetErrorString(e));
 }
 
-// torch.use_deterministic_algorithms(True): reductions not split over blocks (NOTE: [single writer])
-bool deterministic() { return at::globalContext().deterministicAlgorithms(); }
+// Under torch.use_deterministic_algorithms(True), a scratch for the column reduction's partial sums
+// over K features (NOTE: [ordered partials]); an undefined tensor (atomic adds) otherwise.
+at::Tensor partials(const at::Tensor& out, int64_t K) {
+  if (!at::globalContext().deterministicAlgorithms()) return at::Tensor();
+  return at::empty({reduce_partials_size(K)}, out.options());
+}
+void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
 // NOTE: [memory order] (fisher_kernels/host.py): a channels_last activation or gradient is read where
 // it lies.  x's dims from outermost to innermost when x is dense in that order, else empty.
@@ -112,8 +117,9 @@ void linear_stats(const at::Tensor& x, const at::Tensor& out, int64_t dim, bool 
   if (x.numel() == 0) return;
   const at::Tensor x3 = columns_view(x, dim);
   c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor part = partials(out, x3.size(1));
   check_launch(launch_linear_stats(x3.data_ptr(), xt, out.data_ptr(), ot, x3.size(0), x3.size(1), x3.size(2), square,
-                                   scale, deterministic(), c10::cuda::getCurrentCUDAStream()), "linear_stats");
+                                   scale, ptr_or_null(part), c10::cuda::getCurrentCUDAStream()), "linear_stats");
 }
 
 // padding: flattened (lo, hi) pairs, one per spatial dim; padding_mode 0 zeros, 1 reflect,
@@ -158,8 +164,9 @@ void conv_stats(const at::Tensor& x, const at::Tensor& out, at::IntArrayRef kern
   g.channels_last = !x.is_contiguous() && memory_order(x) == cl;
   const at::Tensor xc = g.channels_last ? x : x.contiguous();
   at::Tensor work = at::zeros({x.size(1) * plane}, out.options());
+  const at::Tensor part = partials(out, x.size(1) * plane);
   check_launch(launch_conv_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), x.size(0), x.size(1), g,
-                                 deterministic(), c10::cuda::getCurrentCUDAStream()), "conv_stats");
+                                 ptr_or_null(part), c10::cuda::getCurrentCUDAStream()), "conv_stats");
 }
 
 // mode 0 = "channel", 1 = "sample"
@@ -191,10 +198,11 @@ void norm_stats(const at::Tensor& x, const at::Tensor& out, int64_t mode, int64_
                   x.stride(1) == 1 && x.stride(2) == C;
   const at::Tensor xc = mode == 0 ? columns_view(x, 1) : (cl ? x : x.contiguous());
   at::Tensor work = at::empty({2 * std::max(C, R * groups) + 2}, out.options());
+  const at::Tensor part = partials(out, C);
   check_launch(launch_norm_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), xc.size(0), C, xc.size(2),
                                  static_cast<int>(mode), groups, eps, center,
-                                 m.defined() ? m.data_ptr() : nullptr, v.defined() ? v.data_ptr() : nullptr, mt,
-                                 cl, deterministic(), c10::cuda::getCurrentCUDAStream()), "norm_stats");
+                                 ptr_or_null(m), ptr_or_null(v), mt,
+                                 cl, ptr_or_null(part), c10::cuda::getCurrentCUDAStream()), "norm_stats");
 }
 
 void embedding_stats(const at::Tensor& idx, const at::Tensor& out) {

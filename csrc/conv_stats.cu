@@ -52,14 +52,14 @@ __global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out
 }
 
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
-                              int64_t C, const ConvGeom& g, bool deterministic, cudaStream_t s) {
+                              int64_t C, const ConvGeom& g, void* partials, cudaStream_t s) {
   int64_t plane = 1, kprod = 1, L = 1;
   for (int d = 0; d < g.nd; ++d) { plane *= g.size[d]; kprod *= g.kernel[d]; L *= g.out_size[d]; }
   if (C == 0 || kprod == 0) return cudaSuccess;
   AF_DISPATCH_ACC(ot, A,
     AF_DISPATCH_IN(xt, T,
       launch_reduce<T, A>(static_cast<const T*>(x), static_cast<A*>(work), B, C * plane, 1, true, A(1),
-                          Affine{0, nullptr, nullptr, 1}, deterministic, s));
+                          Affine{0, nullptr, nullptr, 1}, static_cast<A*>(partials), s));
     if (L > 0) {
       const int threads = L >= 256 ? 256 : (L >= 64 ? 64 : 32);
       conv_lattice_kernel<A><<<(unsigned)(C * kprod), threads, 0, s>>>(static_cast<const A*>(work),

@@ -3,20 +3,35 @@
 // build (CMakeLists.txt) compiles the kernels + launchers alone as a static library.
 // Every function returns the cudaError_t of its launch(es) (cudaGetLastError after launching).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cuda_runtime.h>
 
 namespace adafisher {
 
 // Element types crossing the launcher boundary (half/bfloat16 stay opaque void* here).
-//
-// `deterministic` (the statistics launchers): NOTE: [single writer] in reduce.cuh.
 enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, F64 = 3, I32 = 4, I64 = 5 };
+
+// The column reduction behind linear/conv/norm_stats (NOTE: [column reduce] in reduce.cuh) splits
+// (A, K, I) over reduce_split(A, K, I) blocks per feature: enough blocks to fill an H100 (132 SMs x
+// ~8 blocks), each row slice >= 64 rows (I == 1) or >= 2048 elements (I > 1).
+inline int64_t reduce_split(int64_t A, int64_t K, int64_t I) {
+  auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  const int64_t gy = I == 1 ? std::min(cdiv(A, 64), cdiv(2048, cdiv(K, 32)))
+                            : std::min(cdiv(A * I, 256 * 8), cdiv(2048, K));
+  return std::max<int64_t>(1, std::min<int64_t>(gy, 65535));
+}
+// `partials` (the statistics launchers): nullptr, so that blocks add their sums atomically, or
+// reduce_partials_size(K) entries of type ot for deterministic algorithms (NOTE: [ordered
+// partials]), K being the features of the op's reduction: linear_stats' K, C * prod(spatial) for
+// conv_stats, C for norm_stats.  Covers every split: I == 1 at most cdiv(2048, K/32) * K entries,
+// I > 1 at most cdiv(2048, K) * K.
+inline int64_t reduce_partials_size(int64_t K) { return 2048 * 32 + K + 32; }
 
 // linear_stats: x viewed as contiguous (A, K, I); out[k] += scale * sum_{a,i} f(x[a,k,i]),
 // f = square or identity.  out is float32 or float64 (acc). reference.linear_stats.
 cudaError_t launch_linear_stats(const void* x, DType xt, void* out, DType ot, int64_t A, int64_t K,
-                                int64_t I, bool square, double scale, bool deterministic, cudaStream_t s);
+                                int64_t I, bool square, double scale, void* partials, cudaStream_t s);
 
 // conv_stats (SPEC 4.2, im2col-free): x (B, C, *spatial) with nd = 1..3 spatial dims, contiguous or
 // channels_last (memory order B, *spatial, C).
@@ -30,7 +45,7 @@ struct ConvGeom {
   bool channels_last;
 };
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
-                              int64_t C, const ConvGeom& g, bool deterministic, cudaStream_t s);
+                              int64_t C, const ConvGeom& g, void* partials, cudaStream_t s);
 
 // norm_stats: x contiguous (R, C, I), or with channels_last (mode 1 only) strides (C*I, 1, C).
 // work: 2 * max(C, R * groups) + 2 entries of type ot.
@@ -39,7 +54,7 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
 cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
                               int64_t C, int64_t I, int mode, int64_t groups, double eps, bool center,
                               const void* mean, const void* var, DType mt, bool channels_last,
-                              bool deterministic, cudaStream_t s);
+                              void* partials, cudaStream_t s);
 
 // embedding_stats: out[idx[j]] += 1 for j < n; idx int32/int64, out-of-range indices are ignored.
 cudaError_t launch_embedding_stats(const void* idx, DType it, int64_t n, void* out, DType ot,

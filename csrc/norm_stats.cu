@@ -47,30 +47,31 @@ __global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, int6
 
 cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
                               int64_t C, int64_t I, int mode, int64_t groups, double eps, bool center,
-                              const void* mean, const void* var, DType mt, bool channels_last, bool deterministic,
+                              const void* mean, const void* var, DType mt, bool channels_last, void* partials,
                               cudaStream_t s) {
   if (R == 0 || C == 0 || I == 0) return cudaSuccess;
   AF_DISPATCH_ACC(ot, A, AF_DISPATCH_IN(xt, T, {
     const T* xp = static_cast<const T*>(x);
     A* o = static_cast<A*>(out);
     A* w = static_cast<A*>(work);
+    A* part = static_cast<A*>(partials);
     if (mode == 0) {
       A* mu = w; A* rs = w + C;
       const unsigned g = (unsigned)std::min<int64_t>(cdiv(C, 256), 1024);
       if (mean == nullptr) {
         cudaMemsetAsync(w, 0, 2 * C * sizeof(A), s);
         const A inv_n = A(1) / A(R * I);
-        launch_reduce<T, A>(xp, mu, R, C, I, false, A(1), Affine{0, nullptr, nullptr, 1}, deterministic, s);
+        launch_reduce<T, A>(xp, mu, R, C, I, false, A(1), Affine{0, nullptr, nullptr, 1}, part, s);
         channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(nullptr, nullptr, mu, rs, C, inv_n, A(eps), 0);
         // rs holds sum (x - mu)^2 until stage 1 turns it into rsqrt(var + eps)
-        launch_reduce<T, A>(xp, rs, R, C, I, true, A(1), Affine{3, mu, nullptr, 1}, deterministic, s);
+        launch_reduce<T, A>(xp, rs, R, C, I, true, A(1), Affine{3, mu, nullptr, 1}, part, s);
         channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(nullptr, nullptr, mu, rs, C, inv_n, A(eps), 1);
       } else {
         AF_DISPATCH_ACC(mt, M,
           channel_coeffs_kernel<A, M><<<g, 256, 0, s>>>(static_cast<const M*>(mean), static_cast<const M*>(var),
                                                          mu, rs, C, A(1), A(eps), 2));
       }
-      launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{1, mu, rs, 1}, deterministic, s);
+      launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{1, mu, rs, 1}, part, s);
     } else {
       if (groups <= 0 || C % groups != 0) return cudaErrorInvalidValue;
       A* mu = w; A* rs = w + R * groups;
@@ -78,9 +79,9 @@ cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void
       sample_coeffs_kernel<T, A><<<(unsigned)(R * groups), 256, 0, s>>>(xp, mu, rs, n, A(eps), center, groups,
                                                                        C, channels_last ? C / groups : 0);
       if (channels_last)
-        launch_reduce<T, A>(xp, o, R * I, C, 1, true, A(1), Affine{2, mu, rs, groups, I}, deterministic, s);
+        launch_reduce<T, A>(xp, o, R * I, C, 1, true, A(1), Affine{2, mu, rs, groups, I}, part, s);
       else
-        launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{2, mu, rs, groups}, deterministic, s);
+        launch_reduce<T, A>(xp, o, R, C, I, true, A(1), Affine{2, mu, rs, groups}, part, s);
     }
   }));
   return cudaGetLastError();

@@ -4,14 +4,12 @@
 // not.  Accumulation in A (float32 or float64, the buffer dtype); partial sums of each block meet
 // in `out` through atomicAdd, so out keeps its "ADD into" contract.
 //
-// NOTE: [single writer] Partial sums added atomically in whatever order the blocks finish round
-// differently from run to run (the last bits of a float32 sum).  Under
-// torch.use_deterministic_algorithms(True) the bindings pass deterministic = true and the reduction
-// is not split over blocks (gridDim.y == 1): each out[k] then takes exactly one add per launch, so
-// the bits are the same on every run, at the cost of fewer blocks for tall inputs (the Triton
-// kernels keep their grid and sum stored partials instead: NOTE: [ordered partials]).  The other
-// statistics kernels are deterministic as they are (conv's lattice and norm's coefficients: one
-// block per entry; embedding's counts: equal addends of 1).
+// Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
+// `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
+// sums in row blockIdx.y of a (gridDim.y, K) scratch and sum_partials_kernel adds the rows to out in
+// order: same grid, same bits on every run.  An unsplit one (gridDim.y == 1) adds directly: one add
+// per entry.  The other statistics kernels are deterministic as they are (conv's lattice and norm's
+// coefficients: one block per entry; embedding's counts: equal addends of 1).
 #pragma once
 #include "common.cuh"
 
@@ -35,9 +33,16 @@ __device__ __forceinline__ A affine_apply(A v, const Affine& af, int64_t a, int6
 
 // I == 1: block (32, 8), one column tile of 32 features per blockIdx.x, rows split over
 // threadIdx.y and blockIdx.y (coalesced: a warp reads 32 consecutive features of one row).
+// A block's sum t of feature k: added to out[k], or stored in its row of partials.
+template <typename A>
+__device__ __forceinline__ void emit(A* out, A* partials, int64_t K, int64_t k, A t) {
+  if (partials != nullptr) partials[blockIdx.y * K + k] = t;
+  else atomicAdd(out + k, t);
+}
+
 template <typename T, typename A>
-__global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out, int64_t R, int64_t K,
-                                   bool square, A scale, Affine af) {
+__global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
+                                   int64_t R, int64_t K, bool square, A scale, Affine af) {
   __shared__ A sh[8][33];
   const int64_t k = blockIdx.x * 32 + threadIdx.x;
   A acc = 0;
@@ -52,14 +57,14 @@ __global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out,
   if (threadIdx.y == 0 && k < K) {
     A t = 0;
     for (int y = 0; y < 8; ++y) t += sh[y][threadIdx.x];
-    atomicAdd(out + k, t * scale);
+    emit<A>(out, partials, K, k, t * scale);
   }
 }
 
 // I > 1: one block per (feature k, split), threads stride over the (a, i) plane of that feature.
 template <typename T, typename A>
-__global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ out, int64_t Ar, int64_t K,
-                                     int64_t I, bool square, A scale, Affine af) {
+__global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
+                                     int64_t Ar, int64_t K, int64_t I, bool square, A scale, Affine af) {
   __shared__ A sh[32];
   const int64_t k = blockIdx.x;
   const int64_t n = Ar * I;
@@ -70,25 +75,33 @@ __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ ou
     acc += square ? v * v : v;
   }
   acc = block_sum<A>(acc, sh);
-  if (threadIdx.x == 0) atomicAdd(out + k, acc * scale);
+  if (threadIdx.x == 0) emit<A>(out, partials, K, k, acc * scale);
+}
+
+// out[k] += sum over rows y < n of partials[y * K + k], in order of y.
+template <typename A>
+__global__ void sum_partials_kernel(const A* __restrict__ partials, A* __restrict__ out, int64_t n, int64_t K) {
+  const int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (k >= K) return;
+  A t = 0;
+  for (int64_t y = 0; y < n; ++y) t += partials[y * K + k];
+  out[k] += t;
 }
 
 template <typename T, typename A>
 void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool square, A scale,
-                   Affine af, bool deterministic, cudaStream_t s) {
+                   Affine af, A* partials, cudaStream_t s) {
   if (Ar == 0 || K == 0 || I == 0) return;
-  if (I == 1) {
-    const int64_t gx = cdiv(K, 32);
-    // enough blocks to fill an H100 (132 SMs x ~8 blocks), each row slice >= 64 rows
-    const int64_t gy = deterministic ? 1 : std::max<int64_t>(1, std::min<int64_t>(cdiv(Ar, 64), cdiv(2048, gx)));
-    reduce_rows_kernel<T, A><<<dim3((unsigned)gx, (unsigned)std::min<int64_t>(gy, 65535)), dim3(32, 8), 0, s>>>(
-        x, out, Ar, K, square, scale, af);
-  } else {
-    const int64_t n = Ar * I;
-    const int64_t gy = deterministic ? 1 : std::max<int64_t>(1, std::min<int64_t>(cdiv(n, 256 * 8), cdiv(2048, K)));
-    reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)std::min<int64_t>(gy, 65535)), 256, 0, s>>>(
-        x, out, Ar, K, I, square, scale, af);
-  }
+  const int64_t gy = reduce_split(Ar, K, I);
+  A* part = gy > 1 ? partials : nullptr;
+  if (I == 1)
+    reduce_rows_kernel<T, A><<<dim3((unsigned)cdiv(K, 32), (unsigned)gy), dim3(32, 8), 0, s>>>(
+        x, out, part, Ar, K, square, scale, af);
+  else
+    reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I, square,
+                                                                               scale, af);
+  if (part != nullptr)
+    sum_partials_kernel<A><<<(unsigned)cdiv(K, 256), 256, 0, s>>>(part, out, gy, K);
 }
 
 }  // namespace adafisher

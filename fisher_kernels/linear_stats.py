@@ -30,9 +30,9 @@ from .host import cdiv, columns_view, interpreting, next_pow2, on_device
 #
 # NOTE: [ordered partials] Atomic adds meet in whatever order the programs finish, so the last bits
 # of a sum change from run to run.  Under torch.use_deterministic_algorithms(True) each program
-# stores its partial sums in a row of a (programs, K) scratch instead, and torch sums the rows in a
-# fixed order into ``out``: the same bits on every run, the same grid, one more small read.
-# (csrc/ does not split such reductions at all then: NOTE: [single writer] in csrc/reduce.cuh.)
+# stores its partial sums in a row of a (programs, K) scratch instead, and the rows are summed in a
+# fixed order into ``out``: the same bits on every run, the same grid, one more small read.  Here
+# torch sums them; csrc/reduce.cuh does the same with its own small kernel.
 TARGET_PROGRAMS = 1024
 MAX_BLOCK_K = 128
 TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 4 warps

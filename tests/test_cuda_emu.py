@@ -56,7 +56,7 @@ def test_cuda_ops_under_address_sanitizer(tmp_path):
         pytest.skip("gcc has no libasan here")
     here = os.path.dirname(os.path.abspath(__file__))
     tests = ["test_cuda_backend.py", "test_linear_stats.py", "test_conv_stats.py", "test_norm_stats.py",
-             "test_embedding_stats.py", "test_layer_ema.py", "test_fused_step.py"]
+             "test_embedding_stats.py", "test_layer_ema.py", "test_fused_step.py", "test_deterministic.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton"]
                        + [os.path.join(here, t) for t in tests],
                        cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=1200)

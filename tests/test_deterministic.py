@@ -1,6 +1,6 @@
-"""torch.use_deterministic_algorithms(True) and the kernel backends (NOTE: [single writer] in
-csrc/reduce.cuh): every statistics op gives the same bits whatever order its programs or blocks
-run in, and a training run repeats bit for bit.
+"""torch.use_deterministic_algorithms(True) and the kernel backends (NOTE: [ordered partials] in
+fisher_kernels/linear_stats.py): every statistics op gives the same bits whatever order its
+programs or blocks run in, and a training run repeats bit for bit.
 
 On a CPU the order is shuffled where it runs one program at a time: the Triton interpreter (with
 the GPU's split of the rows forced, which the interpreter would not pick on its own) and the CUDA

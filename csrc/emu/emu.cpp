@@ -14,7 +14,7 @@
 //    racecheck-lite; test_cuda_emu.py compares whole training runs).
 //  * ADAFISHER_EMU_BLOCK_ORDER=shuffle:SEED runs the blocks of each launch in a random order drawn
 //    from SEED: partial sums meeting through atomicAdd are then added in another order, as on a GPU
-//    where blocks finish when they finish (how test_cuda_emu.py checks NOTE: [single writer]).
+//    where blocks finish when they finish (how test_deterministic.py checks NOTE: [ordered partials]).
 //  * Built with -ftrivial-auto-var-init=pattern: an uninitialised local reads as 0xFE bytes
 //    (-1.7e38 as a float), so a kernel that uses one produces garbage the tests see.
 // Not modelled: races between blocks and warp-synchronous timing (racecheck on the GPU),
