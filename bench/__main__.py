@@ -1,10 +1,11 @@
 """``python -m bench [--device cpu|cuda] [--smoke] [--out DIR] [--only ops|e2e] [--ops a,b]
-[--backends torch,triton,cuda] [--modes eager,compile,cudagraph] [--time-limit-s S]``: the whole
-benchmark suite, one command (see bench/README.md)."""
+[--backends torch,triton,cuda] [--modes eager,compile,cudagraph] [--time-limit-s S]
+[--deterministic]``: the whole benchmark suite, one command (see bench/README.md)."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,10 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit-s", type=float, default=None,
                     help="start no case after this many seconds; the rest become skipped rows and "
                          "the table and plots are still written (NOTE: [run deadline])")
+    ap.add_argument("--deterministic", action="store_true",
+                    help="run under torch.use_deterministic_algorithms(True) (NOTE: [ordered "
+                         "partials]), with backends named <name>+det: appended beside a default "
+                         "run, the rows show what reproducibility costs")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     from .bench_e2e import MODES
@@ -47,13 +52,17 @@ def main(argv=None) -> int:
         ap.error("--device cuda: no CUDA device is available")
     device = torch.device(dev)
     smoke = args.smoke or (dev == "cpu" and not args.full_cpu)
-    threads = torch.get_num_threads()
+    threads, det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     if dev == "cpu":
         torch.set_num_threads(1)        # shared CI machines: one thread is faster and steadier
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")   # else cuBLAS refuses the flag
+        torch.use_deterministic_algorithms(True)
     try:
         return _run(args, ap, device, smoke)
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det)
 
 
 def _run(args, ap, device, smoke) -> int:
@@ -62,7 +71,8 @@ def _run(args, ap, device, smoke) -> int:
     from . import report
     out = args.out or default_out_dir(device)
     h = Harness(device, smoke, out, args.backends.split(",") if args.backends else None,
-                verbose=not args.quiet, append=args.append, time_limit_s=args.time_limit_s)
+                verbose=not args.quiet, append=args.append, time_limit_s=args.time_limit_s,
+                backend_suffix="+det" if args.deterministic else "")
     t0 = time.perf_counter()
     print(f"# bench: {h.env['gpu']} torch {h.env['torch']} triton {h.env['triton']} "
           f"smoke={smoke} -> {out}", flush=True)

@@ -64,8 +64,9 @@ def quantile(xs: List[float], q: float) -> float:
 class Harness:
     def __init__(self, device: torch.device, smoke: bool, out_dir: Path,
                  backends: Optional[List[str]] = None, verbose: bool = True, append: bool = False,
-                 time_limit_s: Optional[float] = None):
+                 time_limit_s: Optional[float] = None, backend_suffix: str = ""):
         self.device = device
+        self.backend_suffix = backend_suffix   # "+det" for a --deterministic run's rows
         # NOTE: [run deadline] with --time-limit-s no case or configuration starts after this
         # time.monotonic(); those left are ``skipped`` rows, so a run cut short by a per-command
         # limit still ends with its table and plots and says what it did not measure
@@ -180,6 +181,8 @@ class Harness:
             status: str = "ok", note: str = "", **extra) -> Dict[str, Any]:
         """Append one result row (and write it to results.jsonl at once, so that a crash keeps
         everything measured before it)."""
+        if backend != "*":
+            backend += self.backend_suffix
         row: Dict[str, Any] = {"kind": kind, "op": op, "case": case, "backend": backend,
                                "shape": shape, "dtype": dtype, "status": status, "note": note}
         timing = timing or {}

@@ -121,3 +121,31 @@ def test_interrupt_still_writes_the_table(tmp_path, monkeypatch):
     rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines() if l]
     assert {r["op"] for r in rows if r["kind"] == "op"} == {"linear_stats"}
     assert "## linear_stats" in (tmp_path / "table.md").read_text()
+
+
+def test_deterministic_run_appends_det_rows(tmp_path, monkeypatch):
+    """--deterministic appended beside a default run: every case is timed under
+    torch.use_deterministic_algorithms(True) and its rows are named <backend>+det, next to the
+    default rows in the same table; the flag is off again afterwards."""
+    import torch
+    from bench import harness
+    seen = []
+    timer = harness.Harness.time
+
+    def time(self, fn, *args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return timer(self, fn, *args, **kwargs)
+    monkeypatch.setattr(harness.Harness, "time", time)
+    args = ["--device", "cpu", "--smoke", "--out", str(tmp_path), "--backends", "torch", "--quiet",
+            "--only", "ops", "--ops", "linear_stats,conv_stats"]
+    assert main(args) == 0
+    n_default = len(seen)
+    assert main(args + ["--append", "--deterministic"]) == 0
+    assert not any(seen[:n_default]) and all(seen[n_default:]) and len(seen) == 2 * n_default
+    assert not torch.are_deterministic_algorithms_enabled()
+    rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines() if l]
+    ops = [r for r in rows if r["kind"] == "op"]
+    assert {r["backend"] for r in ops} == {"torch", "torch+det", "im2col", "im2col+det", "floor",
+                                           "floor+det"}
+    assert all(r["status"] == "ok" for r in ops)
+    assert "| torch+det |" in (tmp_path / "table.md").read_text()
