@@ -1,4 +1,4 @@
-"""Host-side helpers of the two kernel backends (fisher_kernels/ and adafisher_fast/cuda_backend.py):
+"""Host-side helpers of the two kernel backends (fisher_kernels/ and cuda_backend.py):
 ``layer_ema``'s terms by destination; for ``fused_step``, which memory layouts the kernels walk in
 place and a cheap stand-in for the meta rows' values in cache keys.  Nothing here launches a
 kernel."""

@@ -9,10 +9,10 @@ Two launches, neither of the patch matrix's size:
    in x's memory order, so a channels_last x is not copied: NOTE: [memory order] in host.py);
 2. one program per (channel, block of output positions, block of kernel offsets) sums Q over
    that part of each offset's output lattice (strided, dilated) and adds it atomically (stores it
-   for an ordered sum under deterministic algorithms: NOTE: [ordered partials] in linear_stats.py).  Zero
-   padding is applied by masking; reflect/replicate/circular pad the small map Q with torch
-   first (padding commutes with the square and the batch sum: it only copies or zeroes
-   positions).  1-D/2-D convs run as 3-D ones with unit leading dims.
+   for an ordered sum under deterministic algorithms: NOTE: [ordered partials] in
+   linear_stats.py).  Zero padding is applied by masking; reflect/replicate/circular pad the
+   small map Q with torch first (padding commutes with the square and the batch sum: it only
+   copies or zeroes positions).  1-D/2-D convs run as 3-D ones with unit leading dims.
 """
 from __future__ import annotations
 

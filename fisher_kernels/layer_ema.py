@@ -78,8 +78,8 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
                 cnt = tl.load(buf_ptr + n_acc + tl.load(t_factor + t, mask=tm, other=0), mask=tm,
                               other=1.0)
                 bp = tl.where(pw == 0.0, 1.0, tl.where(pw == 1.0, b, b * b))
-                cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt,
-                                                      tl.where(q == 2.0, cnt * cnt, cnt * cnt * cnt)))
+                c2 = cnt * cnt
+                cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt, tl.where(q == 2.0, c2, c2 * cnt)))
                 v += tl.where(tm, bp * tl.load(t_coef + t, mask=tm, other=0.0) / cq, 0.0)
             tl.store(raw_ptr + o, v, mask=m)
     tl.debug_barrier()

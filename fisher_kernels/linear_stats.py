@@ -4,10 +4,10 @@ x: any shape, float16/bfloat16/float32 (float64 buffers fall back to the torch r
 float64 path exists for parity tests, not speed); viewed as (A, K, B) with K = x.shape[dim].
 ``out[k] += scale * sum_{a, b} f(x[a, k, b])``, f = square or identity, accumulated in float32.
 
-Grid: (cdiv(K, BLOCK_K), cdiv(B, BLOCK_B), SPLIT_A).  Each program sums (BLOCK_A x BLOCK_K x BLOCK_B)
-tiles over its share of the A rows in registers (NOTE: [tile shape]), reduces over B and adds its
-partial sum with one atomic add per feature (NOTE: [atomic partial sums]), or stores it for a sum in
-a fixed order under deterministic algorithms (NOTE: [ordered partials]).
+Grid: (cdiv(K, BLOCK_K), cdiv(B, BLOCK_B), SPLIT_A).  Each program sums (BLOCK_A x BLOCK_K x
+BLOCK_B) tiles over its share of the A rows in registers (NOTE: [tile shape]), reduces over B and
+adds its partial sum with one atomic add per feature (NOTE: [atomic partial sums]), or stores it
+for a sum in a fixed order under deterministic algorithms (NOTE: [ordered partials]).
 """
 from __future__ import annotations
 
