@@ -31,8 +31,6 @@ __device__ __forceinline__ A affine_apply(A v, const Affine& af, int64_t a, int6
   return (v - static_cast<const A*>(af.mu)[j]) * static_cast<const A*>(af.rs)[j];
 }
 
-// I == 1: block (32, 8), one column tile of 32 features per blockIdx.x, rows split over
-// threadIdx.y and blockIdx.y (coalesced: a warp reads 32 consecutive features of one row).
 // A block's sum t of feature k: added to out[k], or stored in its row of partials.
 template <typename A>
 __device__ __forceinline__ void emit(A* out, A* partials, int64_t K, int64_t k, A t) {
@@ -40,6 +38,8 @@ __device__ __forceinline__ void emit(A* out, A* partials, int64_t K, int64_t k, 
   else atomicAdd(out + k, t);
 }
 
+// I == 1: block (32, 8), one column tile of 32 features per blockIdx.x, rows split over
+// threadIdx.y and blockIdx.y (coalesced: a warp reads 32 consecutive features of one row).
 template <typename T, typename A>
 __global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
                                    int64_t R, int64_t K, bool square, A scale, Affine af) {
