@@ -8,6 +8,7 @@ modules called several times) follow from that.
 """
 from __future__ import annotations
 
+import inspect
 from typing import List, Optional, Set
 
 import torch
@@ -43,7 +44,7 @@ class _GradTap(torch.autograd.Function):
         return grad, None
 
 
-def _inert(module, inputs, output) -> None:
+def _inert(module, inputs, kwargs, output) -> None:
     """The hook function of a copy of a hooked model (``_ModelHook``): does nothing."""
 
 
@@ -58,8 +59,8 @@ class _ModelHook:
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, module, inputs, output):
-        return self.fn(module, inputs, output)
+    def __call__(self, module, inputs, kwargs, output):
+        return self.fn(module, inputs, kwargs, output)
 
     def __reduce__(self):
         return _ModelHook, (_inert,)
@@ -91,19 +92,24 @@ class StatHooks:
         # optimizer's first statistics step reads it (NOTE: [silent layers] in optimizer.py)
         self.fired: Optional[Set[str]] = set()
         self.handles: List[torch.utils.hooks.RemovableHandle] = [
-            lay.module.register_forward_hook(_ModelHook(self._forward_hook(lay)))
+            lay.module.register_forward_hook(_ModelHook(self._forward_hook(lay)), with_kwargs=True)
             for lay in fisher.layers]
 
     def _forward_hook(self, lay: Layer):
         fisher = self.fisher
+        # the module's input also when passed by keyword: ``linear(input=x)``, ``rmsnorm(x=h)``
+        first = next(iter(inspect.signature(lay.module.forward).parameters), None)
 
-        def hook(module, inputs, output):
-            if not (self.collecting and torch.is_grad_enabled()) or not inputs:
+        def hook(module, inputs, kwargs, output):
+            if not (self.collecting and torch.is_grad_enabled()):
+                return
+            x = inputs[0] if inputs else kwargs.get(first)
+            if not isinstance(x, torch.Tensor):
                 return
             compiling = torch.compiler.is_compiling()
             if not compiling and self.fired is not None:   # no guard on it
                 self.fired.add(lay.name)
-            x = inputs[0].detach()
+            x = x.detach()
             if x.device != fisher.buf.device:
                 raise RuntimeError(_device_error(f"layer '{lay.name}' ran on {x.device}", fisher))
             # NOTE: [recomputation] A forward inside a backward pass is activation checkpointing

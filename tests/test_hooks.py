@@ -64,6 +64,54 @@ def test_inplace_relu_and_residual_match_out_of_place(preset):
     assert all(d["stat_iters"] == 5 for d in opts[1].diagnostics().values())
 
 
+class _AllKinds(nn.Module):
+    """Every layer kind, called positionally or, as some model code does, by keyword."""
+
+    def __init__(self, by_keyword: bool):
+        super().__init__()
+        self.by_keyword = by_keyword
+        self.emb, self.c1 = nn.Embedding(7, 4), nn.Conv1d(4, 4, 3, padding=1)
+        self.c2, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.gn, self.ln = nn.GroupNorm(2, 4), nn.LayerNorm(4 * 25 + 4)
+        self.rms, self.head = nn.RMSNorm(4 * 25 + 4), nn.Linear(4 * 25 + 4, 3)
+
+    def call(self, module, x):
+        first = "x" if isinstance(module, nn.RMSNorm) else "input"
+        return module(**{first: x}) if self.by_keyword else module(x)
+
+    def forward(self, tokens, img):
+        seq = self.call(self.c1, self.call(self.emb, tokens).transpose(1, 2)).mean(2)
+        im = self.call(self.gn, self.call(self.bn, self.call(self.c2, img))).flatten(1)
+        return self.call(self.head, self.call(self.rms, self.call(self.ln, torch.cat([im, seq], 1))))
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_modules_called_by_keyword_gather_statistics(preset):
+    """``linear(input=x)``, ``rmsnorm(x=h)``: the forward hook finds the input among the keyword
+    arguments; the run is bitwise the positional one's, statistics included."""
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 7, (6, 5), generator=g), torch.randn(6, 3, 5, 5, generator=g),
+                torch.randint(0, 3, (6,), generator=g)) for _ in range(3)]
+    runs = []
+    for by_keyword in (False, True):
+        torch.manual_seed(0)
+        model = _AllKinds(by_keyword)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # the official preset's unhooked kinds
+            opt = AdaFisher(model, lr=1e-2, TCov=1, preset=preset, backend="torch")
+        for tokens, img, y in batches:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(tokens, img), y).backward()
+            opt.step()
+        runs.append((model, opt))
+    (mp, op), (mk, ok) = runs
+    for (n, a), b in zip(mp.named_parameters(), mk.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=n)
+    for k, v in op.fisher.tensors().items():
+        assert torch.equal(ok.fisher.tensors()[k], v), k
+    assert all(d["stat_iters"] == 3 for d in ok.diagnostics().values())
+
+
 class Mixed(nn.Module):
     """Layers whose statistics do not mix samples (BatchNorm does, so it is left out)."""
 
