@@ -109,9 +109,9 @@ class StatHooks:
             compiling = torch.compiler.is_compiling()
             if not compiling and self.fired is not None:   # no guard on it
                 self.fired.add(lay.name)
-            x = x.detach()
             if x.device != fisher.buf.device:
                 raise RuntimeError(_device_error(f"layer '{lay.name}' ran on {x.device}", fisher))
+            x = lay.kind.h_input(module, x.detach(), output)
             # NOTE: [recomputation] A forward inside a backward pass is activation checkpointing
             # recomputing a segment.  Non-reentrant checkpointing (torch.utils.checkpoint's
             # use_reentrant=False) already ran this call in the forward pass, and the recomputed

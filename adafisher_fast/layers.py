@@ -12,11 +12,14 @@ layer kind with ``@register_layer(MyModule)`` on a ``LayerKind`` subclass, witho
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+
+from .reference import conv_out_size
 
 # (src, dst, pow, coef, q): raw[dst] += acc[src] ** pow * coef / count ** q  (LayerTable docstring)
 Term = Tuple[int, int, int, float, int]
@@ -71,6 +74,11 @@ class LayerKind:
     def s_stats(self, module: nn.Module, s: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
         raise NotImplementedError
 
+    def h_input(self, module: nn.Module, x: torch.Tensor, output) -> torch.Tensor:
+        """What ``h_stats`` reads of a call with input x and this output: x itself, unless a
+        subclass's forward changes the input before the registered operation (optional)."""
+        return x
+
 
 _REGISTRY: Dict[type, LayerKind] = {}
 
@@ -117,6 +125,9 @@ class LinearKind(LayerKind):
     def s_stats(self, m, s, acc, preset, ops):
         ops.linear_stats(s, acc)
         return s.numel() // m.out_features
+
+
+_WARNED_PADDING: set = set()     # conv classes told about NOTE: [padding inside forward]
 
 
 def conv_padding(m: nn.modules.conv._ConvNd, dilation) -> List[Tuple[int, int]]:
@@ -182,6 +193,43 @@ class ConvKind(LayerKind):
             s = s.unsqueeze(0)
         ops.linear_stats(s, acc, dim=1)
         return s.numel() // m.out_channels
+
+    def h_input(self, m, x, output):
+        """NOTE: [padding inside forward] A subclass may pad in its forward and convolve with
+        padding 0: timm's Conv2dSame pads TensorFlow's "SAME" way for each input size.  Its output
+        is then larger than the declared geometry gives, and the patches the statistics must see
+        are those of the padded input: x is zero-padded by the missing amount, total // 2 before
+        (as "SAME" and timm do), with one warning per class.  An output smaller than the declared
+        geometry gives is an error: such a forward is not a convolution of x."""
+        nd = len(m.kernel_size)
+        if not isinstance(output, torch.Tensor) or output.dim() != x.dim():
+            return x
+        pad, extra = conv_padding(m, m.dilation), []
+        for i in range(nd):
+            size, out = x.shape[i - nd], output.shape[i - nd]
+            k, st, d = m.kernel_size[i], m.stride[i], m.dilation[i]
+            if conv_out_size(size, k, st, d, *pad[i]) == out:
+                extra.append(0)
+                continue
+            need = (out - 1) * st + d * (k - 1) + 1 - size - sum(pad[i])
+            if need < 0:
+                raise ValueError(
+                    f"AdaFisher: {type(m).__name__}(kernel_size={m.kernel_size}, stride={m.stride}, "
+                    f"padding={m.padding}, dilation={m.dilation}) returned spatial size "
+                    f"{tuple(output.shape[-nd:])} for input {tuple(x.shape[-nd:])}, smaller than "
+                    f"its geometry gives: its forward is not a convolution of its input; register "
+                    f"a LayerKind for it (adafisher_fast.register_layer)")
+            extra.append(need)
+        if not any(extra):
+            return x
+        if type(m) not in _WARNED_PADDING:
+            _WARNED_PADDING.add(type(m))
+            warnings.warn(f"AdaFisher: {type(m).__name__}'s output is larger than its padding "
+                          f"{m.padding} gives, so its forward pads the input itself; the statistics "
+                          f"assume zero padding, total // 2 before (TensorFlow's 'SAME', as timm's "
+                          f"Conv2dSame), NOTE: [padding inside forward]")
+        flat = [p for e in reversed(extra) for p in (e // 2, e - e // 2)]
+        return torch.nn.functional.pad(x, flat)
 
 
 class NormKind(LayerKind):

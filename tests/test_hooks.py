@@ -499,3 +499,63 @@ def test_factor_free_parameters_are_named_once(preset, recwarn):
                "steps with F = 1 + Lambda." in w
         assert "released code" not in w
     assert "conv" not in w and "adafisher_fast.register_layer" in w
+
+
+class _ConvSame(nn.Conv2d):
+    """timm's Conv2dSame, rewritten: pads TensorFlow's "SAME" way in forward, convolves with
+    padding 0."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(reversed(x.shape[2:]), reversed(self.kernel_size),
+                                 reversed(self.stride), reversed(self.dilation)):
+            tot = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [tot // 2, tot - tot // 2]
+        return nn.functional.conv2d(nn.functional.pad(x, pads), self.weight, self.bias,
+                                    self.stride, 0, self.dilation, self.groups)
+
+
+class _ConvCrop(nn.Conv2d):
+    def forward(self, x):
+        return super().forward(x)[..., 1:, 1:]
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_conv_subclass_padding_inside_forward(preset):
+    """NOTE: [padding inside forward]: a conv subclass that pads in its forward (timm's
+    Conv2dSame) gathers the statistics of the explicitly padded input, as ZeroPad2d + Conv2d
+    does (odd and even sizes, stride 1 and 2, dilation 2), with one warning for the class."""
+    from adafisher_fast import layers
+    layers._WARNED_PADDING.discard(_ConvSame)
+    torch.manual_seed(0)
+    same = nn.ModuleList([_ConvSame(3, 4, 3, stride=2), _ConvSame(4, 4, 4, dilation=2)])
+    explicit = nn.ModuleList([nn.Conv2d(3, 4, 3, stride=2), nn.Conv2d(4, 4, 4, dilation=2)])
+    explicit.load_state_dict(same.state_dict())
+    stats = []
+    for model in (same, explicit):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = AdaFisher(model, TCov=1, preset=preset, backend="torch")
+            for size in (8, 9):
+                x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+                y = model[0](x) if model is same else model[0](nn.functional.pad(
+                    x, [size % 2, 1] * 2 if size % 2 == 0 else [1, 1] * 2))
+                z = model[1](y) if model is same else model[1](nn.functional.pad(y, [3, 3] * 2))
+                z.square().sum().backward()
+        stats.append(opt.raw_stats())
+        told = [w for w in caught if "pads the input itself" in str(w.message)]
+        assert len(told) == (1 if model is same else 0)
+    for (name_s, got), (name_e, want) in zip(stats[0].items(), stats[1].items()):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=0, msg=name_s)
+
+
+def test_conv_subclass_output_smaller_than_its_geometry_is_an_error():
+    model = nn.Sequential(_ConvCrop(3, 4, 3, padding=1))
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    with pytest.raises(ValueError, match="_ConvCrop.*smaller than its geometry gives"):
+        model(torch.randn(2, 3, 6, 6))
+    assert opt.fisher.buf.abs().sum() == 0
