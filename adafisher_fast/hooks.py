@@ -145,8 +145,8 @@ class StatHooks:
             if recomputed is not None:
                 self._h_stats(lay, *recomputed)
             with torch.no_grad():
-                rows = lay.kind.s_stats(lay.module, grad.detach(), fisher.buf[lay.s_acc],
-                                        fisher.preset, self.ops)
+                s = lay.kind.s_input(lay.module, grad.detach())
+                rows = lay.kind.s_stats(lay.module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
                 fisher.add_rows(lay.s_factor, rows)
             if not torch.compiler.is_compiling():
                 fisher.flush_after_backward()

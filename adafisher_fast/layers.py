@@ -79,6 +79,10 @@ class LayerKind:
         subclass's forward changes the input before the registered operation (optional)."""
         return x
 
+    def s_input(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
+        """What ``s_stats`` reads of the output gradient s (optional, as ``h_input``)."""
+        return s
+
 
 _REGISTRY: Dict[type, LayerKind] = {}
 
@@ -321,6 +325,28 @@ class LayerNormKind(NormKind):
     def view(self, m, t):
         n = self.n_features(m)
         return t.reshape(-1, n, 1)
+
+    def h_input(self, m, x, output):
+        return self._normalized_last(m, x)
+
+    def s_input(self, m, s):
+        return self._normalized_last(m, s)
+
+    @staticmethod
+    def _normalized_last(m, t):
+        """NOTE: [channels-first LayerNorm] A subclass may normalise dim 1 of an NC* tensor by
+        permuting around F.layer_norm in its forward (timm's LayerNorm2d, ConvNeXt's norm layers):
+        its input and output gradient are (B, C, *spatial) with normalized_shape (C,).  Such a
+        tensor is read with dim 1 moved last (a copy unless it is channels_last), the layout the
+        layer normalises; trailing dims equal to normalized_shape are read as they are, first."""
+        shape = tuple(m.normalized_shape)
+        if tuple(t.shape[t.dim() - len(shape):]) == shape:
+            return t
+        if len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]:
+            return t.movedim(1, -1)
+        raise ValueError(f"AdaFisher: {type(m).__name__}(normalized_shape={shape}) got a tensor of "
+                         f"shape {tuple(t.shape)}: neither its trailing dims nor dim 1 are "
+                         f"normalized_shape; register a LayerKind for it (adafisher_fast.register_layer)")
 
     def factors(self, m, preset):
         if not preset.only_released_layers:

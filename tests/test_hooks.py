@@ -559,3 +559,69 @@ def test_conv_subclass_output_smaller_than_its_geometry_is_an_error():
     with pytest.raises(ValueError, match="_ConvCrop.*smaller than its geometry gives"):
         model(torch.randn(2, 3, 6, 6))
     assert opt.fisher.buf.abs().sum() == 0
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d (ConvNeXt), rewritten: normalises dim 1 of (B, C, H, W)."""
+
+    def forward(self, x):
+        y = nn.functional.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight,
+                                     self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+class _Permute(nn.Module):
+    def __init__(self, *dims):
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x):
+        return x.permute(*self.dims)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_channels_first_layernorm_subclass(preset, memory_format):
+    """NOTE: [channels-first LayerNorm]: a LayerNorm subclass normalising dim 1 (timm's
+    LayerNorm2d) gathers what permute + nn.LayerNorm + permute does, and trains the same."""
+    torch.manual_seed(0)
+    cf = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _LayerNorm2d(4), nn.ReLU(), nn.Flatten(),
+                       nn.Linear(4 * 25, 3))
+    perm = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Permute(0, 2, 3, 1), nn.LayerNorm(4),
+                         _Permute(0, 3, 1, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3))
+    perm.load_state_dict({k.replace("1.", "2.", 1) if k.startswith("1.") else
+                          k.replace("4.", "6.", 1) if k.startswith("4.") else k: v
+                          for k, v in cf.state_dict().items()})
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 5, 5, generator=g).to(memory_format=memory_format)
+               for _ in range(3)]
+    runs = []
+    for model in (cf, perm):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # the official preset's unhooked kinds
+            opt = AdaFisher(model, lr=1e-2, TCov=1, preset=preset, backend="torch")
+        raw = []
+        for x in batches:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            raw.append(opt.raw_stats())
+            opt.step()
+        runs.append((model, raw))
+    (mc, rc), (mp, rp) = runs
+    for got, want in zip(rc, rp):
+        for (_, g_), (_, w_) in zip(got.items(), want.items()):
+            for a, b in zip(g_, w_):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(mc.parameters(), mp.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_layernorm_subclass_of_another_layout_is_an_error():
+    class Flat(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x.flatten(1))
+    model = nn.Sequential(Flat(12))
+    AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    with pytest.raises(ValueError, match=r"Flat\(normalized_shape=\(12,\)\) got a tensor of shape "
+                                         r"\(2, 3, 4\)"):
+        model(torch.randn(2, 3, 4))
