@@ -44,8 +44,9 @@ class _GradTap(torch.autograd.Function):
         return grad, None
 
 
-def _inert(module, inputs, kwargs, output) -> None:
-    """The hook function of a copy of a hooked model (``_ModelHook``): does nothing."""
+def _inert(*args) -> None:
+    """The hook function of a copy of a hooked model (``_ModelHook``): does nothing (whatever
+    the hook's signature: a model saved before hooks took kwargs passes three arguments)."""
 
 
 class _ModelHook:
@@ -59,8 +60,8 @@ class _ModelHook:
     def __init__(self, fn):
         self.fn = fn
 
-    def __call__(self, module, inputs, kwargs, output):
-        return self.fn(module, inputs, kwargs, output)
+    def __call__(self, *args):          # (module, inputs, kwargs, output)
+        return self.fn(*args)
 
     def __reduce__(self):
         return _ModelHook, (_inert,)
@@ -146,7 +147,8 @@ class StatHooks:
                 self._h_stats(lay, *recomputed)
             with torch.no_grad():
                 s = lay.kind.s_input(lay.module, grad.detach())
-                rows = lay.kind.s_stats(lay.module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
+                rows = lay.kind.s_stats(lay.module, s, fisher.buf[lay.s_acc], fisher.preset,
+                                        self.ops)
                 fisher.add_rows(lay.s_factor, rows)
             if not torch.compiler.is_compiling():
                 fisher.flush_after_backward()

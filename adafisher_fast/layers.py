@@ -218,8 +218,9 @@ class ConvKind(LayerKind):
             need = (out - 1) * st + d * (k - 1) + 1 - size - sum(pad[i])
             if need < 0:
                 raise ValueError(
-                    f"AdaFisher: {type(m).__name__}(kernel_size={m.kernel_size}, stride={m.stride}, "
-                    f"padding={m.padding}, dilation={m.dilation}) returned spatial size "
+                    f"AdaFisher: {type(m).__name__}(kernel_size={m.kernel_size}, "
+                    f"stride={m.stride}, padding={m.padding}, dilation={m.dilation}) returned "
+                    f"spatial size "
                     f"{tuple(output.shape[-nd:])} for input {tuple(x.shape[-nd:])}, smaller than "
                     f"its geometry gives: its forward is not a convolution of its input; register "
                     f"a LayerKind for it (adafisher_fast.register_layer)")
@@ -229,9 +230,9 @@ class ConvKind(LayerKind):
         if type(m) not in _WARNED_PADDING:
             _WARNED_PADDING.add(type(m))
             warnings.warn(f"AdaFisher: {type(m).__name__}'s output is larger than its padding "
-                          f"{m.padding} gives, so its forward pads the input itself; the statistics "
-                          f"assume zero padding, total // 2 before (TensorFlow's 'SAME', as timm's "
-                          f"Conv2dSame), NOTE: [padding inside forward]")
+                          f"{m.padding} gives, so its forward pads the input itself; the "
+                          f"statistics assume zero padding, total // 2 before (TensorFlow's "
+                          f"'SAME', as timm's Conv2dSame), NOTE: [padding inside forward]")
         flat = [p for e in reversed(extra) for p in (e // 2, e - e // 2)]
         return torch.nn.functional.pad(x, flat)
 
@@ -346,7 +347,8 @@ class LayerNormKind(NormKind):
             return t.movedim(1, -1)
         raise ValueError(f"AdaFisher: {type(m).__name__}(normalized_shape={shape}) got a tensor of "
                          f"shape {tuple(t.shape)}: neither its trailing dims nor dim 1 are "
-                         f"normalized_shape; register a LayerKind for it (adafisher_fast.register_layer)")
+                         f"normalized_shape; register a LayerKind for it "
+                         f"(adafisher_fast.register_layer)")
 
     def factors(self, m, preset):
         if not preset.only_released_layers:

@@ -82,7 +82,8 @@ class _AllKinds(nn.Module):
     def forward(self, tokens, img):
         seq = self.call(self.c1, self.call(self.emb, tokens).transpose(1, 2)).mean(2)
         im = self.call(self.gn, self.call(self.bn, self.call(self.c2, img))).flatten(1)
-        return self.call(self.head, self.call(self.rms, self.call(self.ln, torch.cat([im, seq], 1))))
+        h = self.call(self.rms, self.call(self.ln, torch.cat([im, seq], 1)))
+        return self.call(self.head, h)
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
