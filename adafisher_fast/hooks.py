@@ -68,16 +68,20 @@ class _ModelHook:
 
 
 def _device_error(what: str, fisher: FisherState) -> str:
-    return (f"AdaFisher: {what}, but the optimizer keeps its curvature state on "
-            f"{fisher.buf.device}, where the model's parameters were when it was built: build the "
-            f"optimizer after moving the model (model.to(device)); models spread over several "
-            f"devices are not supported")
+    return (f"AdaFisher: {what}, but the optimizer's curvature state is on {fisher.buf.device}. "
+            f"It follows a model moved to one device at the next eager forward, zero_grad(), "
+            f"step() or load_state_dict() (NOTE: [following the model]), not inside a compiled "
+            f"region: call one of them after moving the model, or build the optimizer after "
+            f"model.to(device). Models spread over several devices are not supported")
 
 
 class StatHooks:
-    def __init__(self, fisher: FisherState, ops):
+    def __init__(self, fisher: FisherState, ops, follow):
         self.fisher = fisher
         self.ops = ops                  # the backend's statistics ops (backends.py)
+        # follow(what): moves the optimizer's state to where the model now is, or raises
+        # (NOTE: [following the model] in optimizer.py)
+        self.follow = follow
         # NOTE: [TCov gating] Whether an iteration gathers statistics is the Python bool
         # ``collecting`` (steps % TCov == 0), read by the forward hook.  torch.compile inlines the
         # hooks and guards on that bool, so a compiled model has exactly two graphs, with
@@ -111,7 +115,7 @@ class StatHooks:
             if not compiling and self.fired is not None:   # no guard on it
                 self.fired.add(lay.name)
             if x.device != fisher.buf.device:
-                raise RuntimeError(_device_error(f"layer '{lay.name}' ran on {x.device}", fisher))
+                self.follow(f"layer '{lay.name}' ran on {x.device}")
             x = lay.kind.h_input(module, x.detach(), output)
             # NOTE: [recomputation] A forward inside a backward pass is activation checkpointing
             # recomputing a segment.  Non-reentrant checkpointing (torch.utils.checkpoint's

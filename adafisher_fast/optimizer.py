@@ -177,6 +177,7 @@ class AdaFisher(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(model, PRESETS[preset], params)
         device = params[0].device if params else torch.device("cpu")
+        self._backend_request, self._check_ops = backend, check
         self.backend, self._ops = resolve(backend, device, check)
         # NOTE: [device steps] Like torch's fused Adam, the GPU kernels keep the step counts on the
         # parameters' device even without capturable: incrementing 0-dim CPU tensors and uploading
@@ -184,7 +185,7 @@ class AdaFisher(Optimizer):
         # table, which carries host steps, could never stay cached.  The kernels' arithmetic is
         # the same either way; the torch reference on its own keeps them on the CPU.
         self._device_steps = capturable or (device.type == "cuda" and self.backend != "torch")
-        self._hooks = StatHooks(self.fisher, self._ops)
+        self._hooks = StatHooks(self.fisher, self._ops, self._follow_model)
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
 
     @property
@@ -237,13 +238,14 @@ class AdaFisher(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(self._model, PRESETS[self.preset], params, old)
         hooks.remove()
-        self._hooks = StatHooks(self.fisher, self._ops)
+        self._hooks = StatHooks(self.fisher, self._ops, self._follow_model)
         self._hooks.set_steps(hooks.steps, self.TCov)
         self._hooks.fired = hooks.fired
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears gradients AND the raw statistics gathered since the last step (SPEC 3)."""
         super().zero_grad(set_to_none)
+        self._follow_model()
         self.fisher.clear()
 
     def _reduce_stats(self, grad_scale: Optional[torch.Tensor]) -> None:
@@ -268,8 +270,7 @@ class AdaFisher(Optimizer):
         fisher, free_lam = self.fisher, PRESETS[self.preset].free_params_get_lambda
         state, free, rows = self.state, fisher.free, fisher.meta
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
-        for p in self.param_groups[0]["params"][:1]:    # a model moved after construction
-            self._check_device(p)
+        self._follow_model()
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
             for p in group["params"]:
@@ -281,7 +282,9 @@ class AdaFisher(Optimizer):
                                      f"gradient; AdaFisher needs dense gradients")
                 st = state[p]
                 if not st:
-                    self._check_device(p)
+                    if p.device != fisher.buf.device:   # a model spread over devices
+                        self._follow_model(f"parameter '{self._names.get(id(p), '?')}' is on "
+                                           f"{p.device}")
                     st["step"] = torch.zeros((), dtype=torch.float32,
                                              device=p.device if self._device_steps else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -305,10 +308,35 @@ class AdaFisher(Optimizer):
             self._meta = (meta, torch.tensor(meta, dtype=torch.int64))
         return params, grads, moms, steps, self._meta[1], hyper
 
-    def _check_device(self, p: torch.Tensor) -> None:
-        if p.device != self.fisher.buf.device:
-            raise RuntimeError(_device_error(f"parameter '{self._names.get(id(p), '?')}' is on "
-                                             f"{p.device}", self.fisher))
+    def _follow_model(self, what: Optional[str] = None) -> None:
+        """NOTE: [following the model] The curvature state is made where the parameters are, and
+        a model moved afterwards (``accelerator.prepare`` moves the model after the optimizer was
+        built; a model built on the meta device and then materialised) takes it along: the first
+        forward hook, zero_grad(), step() or load_state_dict() that sees the parameters on another
+        single device moves the curvature state and the momentum there, and backend="auto" picks
+        the backend for that device again.  A model spread over several devices, or a move seen
+        first inside a compiled region, is an error that says what to do."""
+        fisher = self.fisher
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        if first is None or (what is None and first.device == fisher.buf.device):
+            return
+        params = [p for g in self.param_groups for p in g["params"]]
+        devices = {p.device for p in params}
+        dev = first.device
+        if len(devices) > 1 or torch.compiler.is_compiling():
+            where = ", ".join(sorted(str(d) for d in devices))
+            raise RuntimeError(_device_error(what or f"the parameters are on {where}", fisher))
+        if dev == fisher.buf.device:
+            raise RuntimeError(_device_error(what, fisher))     # input elsewhere than the model
+        fisher.to(dev)
+        self.backend, self._ops = resolve(self._backend_request, dev, self._check_ops)
+        self._hooks.ops = self._ops
+        self._device_steps = self.capturable or (dev.type == "cuda" and self.backend != "torch")
+        for p in params:
+            st = self.state.get(p)
+            if st:
+                st["exp_avg"] = st["exp_avg"].to(dev)
+                st["step"] = st["step"].to(dev if self._device_steps else "cpu")
 
     def _warn_silent_layers(self) -> None:
         """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module
@@ -376,6 +404,7 @@ class AdaFisher(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._follow_model()
         sd = dict(state_dict)
         extra = sd.pop("adafisher", None)
         if extra is None:

@@ -249,6 +249,14 @@ class FisherState:
                  "h_size": l.h_raw.stop - l.h_raw.start, "s_size": l.s_raw.stop - l.s_raw.start}
                 for l in self.layers]
 
+    def to(self, device: torch.device) -> None:
+        """Moves every tensor of the state to ``device`` (NOTE: [following the model] in
+        optimizer.py)."""
+        self.table = type(self.table)(*(v.to(device) if isinstance(v, torch.Tensor) else v
+                                        for v in self.table))
+        for name in ("grad_degree", "buf", "state", "fac", "initialized", "counters"):
+            setattr(self, name, getattr(self, name).to(device))
+
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {"state": self.state, "fac": self.fac, "initialized": self.initialized,
                 "counters": self.counters}

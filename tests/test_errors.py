@@ -99,26 +99,38 @@ def test_param_groups_frozen_and_gradless_parameters():
     assert m[0].bias not in opt.state and m[1].weight in opt.state
 
 
-def test_model_moved_after_construction():
-    """The optimizer keeps its curvature state where the parameters were when it was built; a
-    model moved afterwards gets an error that says so, from the hooks and from step(), before
-    anything changes.  On a CPU machine the meta device stands in for the GPU: the hooks see
-    activations there, and step() sees state kept there (model.to("cuda") moves parameters in
-    place, which no CPU-only move does)."""
+def test_model_on_devices_the_state_cannot_follow():
+    """NOTE: [following the model]: the state follows a model moved to one device (tested on the
+    GPU: test_hooks.py); what it cannot follow is an error that says so, before anything changes.
+    On a CPU machine the meta device stands in for a second device: a module moved there runs on
+    new parameters while the optimizer's stay on the CPU (layers running elsewhere than the
+    optimizer's parameters), and a parameter swapped for a meta one makes a spread model."""
     m = _m()
-    opt = AdaFisher(m, backend="torch", TCov=1)
-    with pytest.raises(RuntimeError, match=r"layer '0' ran on meta.*curvature state on cpu.*"
-                                           r"after moving the model"):
+    AdaFisher(m, backend="torch", TCov=1)
+    with pytest.raises(RuntimeError, match=r"layer '0' ran on meta, but the optimizer's curvature "
+                                           r"state is on cpu.*spread over several devices"):
         m.to("meta")(torch.randn(2, 3, device="meta"))
     m = _m()
     opt = AdaFisher(m, backend="torch", TCov=1)
     m(torch.randn(2, 3)).sum().backward()
-    opt.step()
+    stray = nn.Parameter(torch.zeros(2, device="meta"))
+    stray.grad = torch.zeros_like(stray)
+    opt.param_groups[0]["params"][-1] = stray
     before = [p.detach().clone() for p in m.parameters()]
-    opt.fisher.buf = opt.fisher.buf.to("meta")
-    with pytest.raises(RuntimeError, match=r"parameter '0.weight' is on cpu.*state on meta"):
+    with pytest.raises(RuntimeError, match=r"parameter '\?' is on meta, but the optimizer's "
+                                           r"curvature state is on cpu"):
         opt.step()
-    assert opt.steps == 1 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+    assert opt.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+
+
+def test_fisher_state_moves_every_tensor():
+    """FisherState.to (NOTE: [following the model]) leaves no tensor behind."""
+    opt = AdaFisher(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
+                                  nn.Linear(16, 2)), backend="torch")
+    opt.fisher.to("meta")
+    tensors = [v for v in vars(opt.fisher).values() if isinstance(v, torch.Tensor)]
+    tensors += [v for v in opt.fisher.table if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 15 and all(t.device.type == "meta" for t in tensors)
 
 
 def test_optimizer_copy_or_pickle_says_to_use_state_dict():

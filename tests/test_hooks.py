@@ -626,3 +626,34 @@ def test_layernorm_subclass_of_another_layout_is_an_error():
     with pytest.raises(ValueError, match=r"Flat\(normalized_shape=\(12,\)\) got a tensor of shape "
                                          r"\(2, 3, 4\)"):
         model(torch.randn(2, 3, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("steps_on_cpu", [0, 1])
+def test_model_moved_to_the_gpu_after_construction(backend, steps_on_cpu):
+    """NOTE: [following the model], accelerate's order: the optimizer is built on the CPU model
+    (and may step there), then the model moves to the GPU; training goes on as with an optimizer
+    moved by state_dict into one built after the move, on the backend "auto" picks there."""
+    torch.manual_seed(0)
+    moved = Block(inplace=False)
+    ref = copy.deepcopy(moved)
+    opt = AdaFisherW(moved, lr=1e-3, Lambda=0.1, TCov=1, weight_decay=1e-2, backend=backend)
+    ref_opt = AdaFisherW(ref, lr=1e-3, Lambda=0.1, TCov=1, weight_decay=1e-2, backend=backend)
+    batches = _batches(n=4)
+    _train(moved, opt, batches[:steps_on_cpu])
+    _train(ref, ref_opt, batches[:steps_on_cpu])
+    assert opt.backend == "torch"
+    moved.cuda()
+    ref.cuda()
+    ref_opt2 = AdaFisherW(ref, lr=1e-3, Lambda=0.1, TCov=1, weight_decay=1e-2, backend=backend)
+    ref_opt2.load_state_dict(ref_opt.state_dict())
+    gpu = [(x.cuda(), y.cuda()) for x, y in batches[steps_on_cpu:]]
+    _train(moved, opt, gpu)
+    _train(ref, ref_opt2, gpu)
+    assert opt.backend == ref_opt2.backend and opt.fisher.buf.is_cuda
+    assert all(st["exp_avg"].is_cuda for st in opt.state.values())
+    for a, b in zip(moved.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    for k, v in ref_opt2.fisher.tensors().items():
+        torch.testing.assert_close(opt.fisher.tensors()[k], v, rtol=1e-4, atol=1e-6)
