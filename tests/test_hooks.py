@@ -657,3 +657,29 @@ def test_model_moved_to_the_gpu_after_construction(backend, steps_on_cpu):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     for k, v in ref_opt2.fisher.tensors().items():
         torch.testing.assert_close(opt.fisher.tensors()[k], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps_before", [0, 1])
+def test_model_moved_after_construction_takes_the_state_along(steps_before, monkeypatch):
+    """NOTE: [following the model] on a CPU machine: with swap_module_params_on_conversion,
+    model.to("meta") keeps the parameter objects (as model.cuda() does), so the meta device
+    stands in for the GPU.  The next forward hook moves every curvature tensor and the
+    momentum there and training goes on there (values: the gpu test above)."""
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: True)
+    torch.manual_seed(0)
+    model = Block(inplace=False)
+    opt = AdaFisherW(model, TCov=1, backend="auto")
+    _train(model, opt, _batches(n=steps_before))
+    model.to("meta")
+    x = torch.randn(6, 3, 5, 5, device="meta")
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), torch.zeros(6, dtype=torch.long, device="meta")).backward()
+    opt.step()
+    fisher = opt.fisher
+    tensors = [v for v in vars(fisher).values() if isinstance(v, torch.Tensor)]
+    tensors += [v for v in fisher.table if isinstance(v, torch.Tensor)]
+    assert all(t.device.type == "meta" for t in tensors) and opt.backend == "torch"
+    assert len(opt.state) == sum(1 for _ in model.parameters())
+    for st in opt.state.values():
+        assert st["exp_avg"].device.type == "meta" and st["step"].device.type == "cpu"
+    assert opt.steps == steps_before + 1
