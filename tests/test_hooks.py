@@ -673,7 +673,8 @@ def test_model_moved_after_construction_takes_the_state_along(steps_before, monk
     model.to("meta")
     x = torch.randn(6, 3, 5, 5, device="meta")
     opt.zero_grad()
-    nn.functional.cross_entropy(model(x), torch.zeros(6, dtype=torch.long, device="meta")).backward()
+    y = torch.zeros(6, dtype=torch.long, device="meta")
+    nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     fisher = opt.fisher
     tensors = [v for v in vars(fisher).values() if isinstance(v, torch.Tensor)]
