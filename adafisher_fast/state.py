@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,29 @@ def _warn_factor_free(owners: Dict[str, bool], preset, known) -> None:
     warnings.warn(msg, stacklevel=4)
 
 
+def _warn_composite(layers: List[Layer], known: Set[str]) -> Set[str]:
+    """NOTE: [composite layers] A hooked module with submodules of its own (timm's BatchNormAct2d:
+    BatchNorm, then dropout and activation; detectron2's Conv2d with norm and activation) may
+    apply them after the registered operation in its forward.  Its H (from its input) is right,
+    but its S then comes from the gradient after them.  One warning at construction names such
+    modules and their submodules (those in ``known`` already named); returns all of them.
+    torch's parametrizations (weight_norm, spectral_norm) compute the weight, not the output,
+    and are not counted."""
+    names = set()
+    for lay in layers:
+        subs = [n for n, _ in lay.module.named_children() if n != "parametrizations"]
+        if subs:
+            names.add(f"{lay.name} ({type(lay.module).__name__}: {', '.join(subs)})")
+    new = sorted(names - known)
+    if new:
+        warnings.warn(f"AdaFisher: hooked layers with submodules of their own: {', '.join(new)}. "
+                      f"If their forward applies those after the layer's own operation, the "
+                      f"output-gradient statistics (S) are taken after them (NOTE: [composite "
+                      f"layers]); register a layer kind for such a class to be exact.",
+                      stacklevel=4)
+    return names
+
+
 class FisherState:
     def __init__(self, model: nn.Module, preset, params: List[torch.Tensor],
                  previous: Optional["FisherState"] = None):
@@ -99,6 +122,7 @@ class FisherState:
                             if any(id(p) in trainable and id(p) not in claimed
                                    for p in m.parameters(recurse=False))}
         _warn_factor_free(self.factor_free, preset, previous.factor_free if previous else {})
+        self.composite = _warn_composite(self.layers, previous.composite if previous else set())
 
         # lay the factors out flat: accumulators, then counts; raw/state factor after factor
         n_acc = sum(sp.acc_size for sp in specs)

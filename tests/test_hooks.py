@@ -684,3 +684,33 @@ def test_model_moved_after_construction_takes_the_state_along(steps_before, monk
     for st in opt.state.values():
         assert st["exp_avg"].device.type == "meta" and st["step"].device.type == "cpu"
     assert opt.steps == steps_before + 1
+
+
+class _BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, rewritten: BatchNorm, then dropout and activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def test_composite_layers_are_named_once():
+    """NOTE: [composite layers]: a hooked module with submodules of its own is named, with them,
+    in one warning; weight_norm's parametrizations are not such submodules."""
+    from torch.nn.utils.parametrizations import weight_norm
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), _BatchNormAct2d(4), nn.Flatten(),
+                          weight_norm(nn.Linear(16, 2)))
+    with pytest.warns(UserWarning, match=r"submodules of their own: 1 \(_BatchNormAct2d: drop, "
+                                         r"act\)\. If") as caught:
+        opt = AdaFisher(model, preset="paper")
+    assert sum("submodules of their own" in str(w.message) for w in caught) == 1
+    assert "3 (" not in str(caught[0].message)
+    model.append(_BatchNormAct2d(2))
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        opt.add_param_group({"params": list(model[4].parameters())})
+    told = [str(w.message) for w in again if "submodules of their own" in str(w.message)]
+    assert len(told) == 1 and "4 (_BatchNormAct2d" in told[0] and "1 (" not in told[0]
