@@ -103,7 +103,10 @@ class StatHooks:
     def _forward_hook(self, lay: Layer):
         fisher = self.fisher
         # the module's input also when passed by keyword: ``linear(input=x)``, ``rmsnorm(x=h)``
-        first = next(iter(inspect.signature(lay.module.forward).parameters), None)
+        try:
+            first = next(iter(inspect.signature(lay.module.forward).parameters), None)
+        except (TypeError, ValueError):     # a forward replaced by something without a signature
+            first = None
 
         def hook(module, inputs, kwargs, output):
             if not (self.collecting and torch.is_grad_enabled()):
