@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from adafisher_fast import AdaFisher, AdaFisherW
+from conftest import assert_trajectories_close
 
 
 class Block(nn.Module):
@@ -653,10 +654,7 @@ def test_model_moved_to_the_gpu_after_construction(backend, steps_on_cpu):
     _train(ref, ref_opt2, gpu)
     assert opt.backend == ref_opt2.backend and opt.fisher.buf.is_cuda
     assert all(st["exp_avg"].is_cuda for st in opt.state.values())
-    for a, b in zip(moved.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-    for k, v in ref_opt2.fisher.tensors().items():
-        torch.testing.assert_close(opt.fisher.tensors()[k], v, rtol=1e-4, atol=1e-6)
+    assert_trajectories_close((moved, opt), (ref, ref_opt2))     # NOTE: [trajectory tolerance]
 
 
 @pytest.mark.parametrize("steps_before", [0, 1])
