@@ -67,14 +67,6 @@ class _ModelHook:
         return _ModelHook, (_inert,)
 
 
-def _device_error(what: str, fisher: FisherState) -> str:
-    return (f"AdaFisher: {what}, but the optimizer's curvature state is on {fisher.buf.device}. "
-            f"It follows a model moved to one device at the next eager forward, zero_grad(), "
-            f"step() or load_state_dict() (NOTE: [following the model]), not inside a compiled "
-            f"region: call one of them after moving the model, or build the optimizer after "
-            f"model.to(device). Models spread over several devices are not supported")
-
-
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow):
         self.fisher = fisher

@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 
 from .backends import resolve
-from .hooks import StatHooks, _device_error
+from .hooks import StatHooks
 from .presets import PRESETS
 from .report import curvature_report
 from .state import FisherState
@@ -176,15 +176,8 @@ class AdaFisher(Optimizer):
         self._model = model
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(model, PRESETS[preset], params)
-        device = params[0].device if params else torch.device("cpu")
         self._backend_request, self._check_ops = backend, check
-        self.backend, self._ops = resolve(backend, device, check)
-        # NOTE: [device steps] Like torch's fused Adam, the GPU kernels keep the step counts on the
-        # parameters' device even without capturable: incrementing 0-dim CPU tensors and uploading
-        # their values cost two host operations per parameter every step, and the CUDA backend's
-        # table, which carries host steps, could never stay cached.  The kernels' arithmetic is
-        # the same either way; the torch reference on its own keeps them on the CPU.
-        self._device_steps = capturable or (device.type == "cuda" and self.backend != "torch")
+        self._pick_backend(params[0].device if params else torch.device("cpu"))
         self._hooks = StatHooks(self.fisher, self._ops, self._follow_model)
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
 
@@ -308,6 +301,17 @@ class AdaFisher(Optimizer):
             self._meta = (meta, torch.tensor(meta, dtype=torch.int64))
         return params, grads, moms, steps, self._meta[1], hyper
 
+    def _pick_backend(self, device: torch.device) -> None:
+        """The backend and ops for ``device`` (backends.resolve), and where step counts live.
+
+        NOTE: [device steps] Like torch's fused Adam, the GPU kernels keep the step counts on the
+        parameters' device even without capturable: incrementing 0-dim CPU tensors and uploading
+        their values cost two host operations per parameter every step, and the CUDA backend's
+        table, which carries host steps, could never stay cached.  The kernels' arithmetic is
+        the same either way; the torch reference on its own keeps them on the CPU."""
+        self.backend, self._ops = resolve(self._backend_request, device, self._check_ops)
+        self._device_steps = self.capturable or (device.type == "cuda" and self.backend != "torch")
+
     def _follow_model(self, what: Optional[str] = None) -> None:
         """NOTE: [following the model] The curvature state is made where the parameters are, and
         a model moved afterwards (``accelerator.prepare`` moves the model after the optimizer was
@@ -323,15 +327,19 @@ class AdaFisher(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in params}
         dev = first.device
-        if len(devices) > 1 or torch.compiler.is_compiling():
-            where = ", ".join(sorted(str(d) for d in devices))
-            raise RuntimeError(_device_error(what or f"the parameters are on {where}", fisher))
-        if dev == fisher.buf.device:
-            raise RuntimeError(_device_error(what, fisher))     # input elsewhere than the model
+        # spread, compiling, or (with ``what``) the hooked layer ran elsewhere than the model
+        if len(devices) > 1 or torch.compiler.is_compiling() or dev == fisher.buf.device:
+            what = what or f"the parameters are on {', '.join(sorted(str(d) for d in devices))}"
+            raise RuntimeError(
+                f"AdaFisher: {what}, but the optimizer's curvature state is on "
+                f"{fisher.buf.device}. It follows a model moved to one device at the next eager "
+                f"forward, zero_grad(), step() or load_state_dict() (NOTE: [following the "
+                f"model]), not inside a compiled region: call one of them after moving the model, "
+                f"or build the optimizer after model.to(device). Models spread over several "
+                f"devices are not supported")
         fisher.to(dev)
-        self.backend, self._ops = resolve(self._backend_request, dev, self._check_ops)
+        self._pick_backend(dev)
         self._hooks.ops = self._ops
-        self._device_steps = self.capturable or (dev.type == "cuda" and self.backend != "torch")
         for p in params:
             st = self.state.get(p)
             if st:
