@@ -49,6 +49,14 @@ def const_term(dst: int, value: float, q: int = 0) -> Term:
     return (0, dst, 0, float(value), q)
 
 
+def matrix_map(rows: int, cols: int, transposed: bool = False) -> ParamMap:
+    """A (rows, cols) weight whose element (r, c) uses S[r] and H[c] (Linear: out x in), or, with
+    ``transposed``, H[r] and S[c] (Embedding; weights stored in x out)."""
+    if transposed:
+        return (rows, cols, 0, 0, 1, 0, 1, 0, rows, 0)
+    return (rows, cols, 0, 1, 0, 0, 0, 1, rows, 0)
+
+
 def row_map(rows: int, s_off: int = 0, h_off: int = 0, h_r: int = 1) -> ParamMap:
     """A vector parameter whose element r uses S[s_off + r] and H[h_off + r * h_r]."""
     return (rows, 1, s_off, 1, 0, h_off, h_r, 0, rows, 0)
@@ -117,7 +125,7 @@ class LinearKind(LayerKind):
 
     def param_maps(self, m, preset):
         o, i = m.out_features, m.in_features
-        maps = {"weight": (o, i, 0, 1, 0, 0, 0, 1, o, 0)}
+        maps = {"weight": matrix_map(o, i)}
         if m.bias is not None:
             maps["bias"] = row_map(o, h_off=i, h_r=0)
         return maps
@@ -427,7 +435,7 @@ class EmbeddingKind(LayerKind):
 
     def param_maps(self, m, preset):
         v, d = m.num_embeddings, m.embedding_dim
-        return {"weight": (v, d, 0, 0, 1, 0, 1, 0, v, 0)}
+        return {"weight": matrix_map(v, d, transposed=True)}
 
     def h_stats(self, m, x, acc, preset, ops):
         ops.embedding_stats(x, acc)
