@@ -11,33 +11,57 @@ import torch
 
 from .reference import LayerTable
 
+# NOTE: [table cache] What the kernels need of a LayerTable beyond its tensors (its terms by
+# destination, its factors by layer) is derived once per table and cached, keyed by the address of
+# one of the table's tensors and holding that tensor, so the address cannot be reused by another
+# table meanwhile.  An address key (not the tensor object) still hits when torch.compile hands the
+# op other tensor objects over the same storage, and a hit launches nothing, so CUDA-graph capture
+# may run it (the derivations sync: bincount sizes its output on the host).
+_TABLES: Dict[tuple, tuple] = {}
+
+
+def _table_cached(build, table: LayerTable, anchor: torch.Tensor):
+    key = (build, anchor.data_ptr(), anchor.numel(), str(anchor.device))
+    hit = _TABLES.get(key)
+    if hit is not None:
+        return hit[1]
+    value = build(table)
+    if len(_TABLES) >= 32:
+        _TABLES.pop(next(iter(_TABLES)))
+    _TABLES[key] = (anchor, value)
+    return value
+
+
 # NOTE: [term CSR] Both kernels of layer_ema sum each raw entry's terms themselves, in term order
 # (no atomics: the same bits on every run, whatever the number of terms per entry), so the terms are
-# sorted by destination once per LayerTable.  The cache is keyed by the address of the table's
-# term_dst and holds that tensor, so the address cannot be reused by another table meanwhile; an
-# address key (not the tensor object) still hits when torch.compile hands the op other tensor
-# objects over the same storage, and a hit launches nothing, so CUDA-graph capture may run it.
-_CSR: Dict[tuple, tuple] = {}
+# sorted by destination once per LayerTable (NOTE: [table cache]).
+def _build_term_csr(table: LayerTable) -> tuple:
+    dst = table.term_dst
+    order = torch.argsort(dst, stable=True)
+    ptr = torch.zeros(table.n_raw + 1, dtype=torch.int64, device=dst.device)
+    ptr[1:] = torch.cumsum(torch.bincount(dst, minlength=table.n_raw), 0)
+    return (ptr,) + tuple(t[order].contiguous() for t in (table.term_src, table.term_pow,
+                                                          table.term_coef, table.term_q,
+                                                          table.term_factor))
 
 
 def term_csr(table: LayerTable) -> tuple:
     """(ptr [n_raw + 1], src, pow, coef, q, factor): the table's terms sorted by destination
     (stably), entry e's terms at ptr[e]:ptr[e + 1]; same dtypes and device as the table."""
-    dst = table.term_dst
-    key = (dst.data_ptr(), dst.numel(), table.n_raw, str(dst.device))
-    hit = _CSR.get(key)
-    if hit is not None:
-        return hit[1]
-    order = torch.argsort(dst, stable=True)
-    ptr = torch.zeros(table.n_raw + 1, dtype=torch.int64, device=dst.device)
-    ptr[1:] = torch.cumsum(torch.bincount(dst, minlength=table.n_raw), 0)
-    csr = (ptr,) + tuple(t[order].contiguous() for t in (table.term_src, table.term_pow,
-                                                          table.term_coef, table.term_q,
-                                                          table.term_factor))
-    if len(_CSR) >= 16:
-        _CSR.pop(next(iter(_CSR)))
-    _CSR[key] = (dst, csr)
-    return csr
+    return _table_cached(_build_term_csr, table, table.term_dst)
+
+
+def _build_layer_factors(table: LayerTable) -> tuple:
+    fl = table.factor_layer
+    fstart = torch.zeros(table.n_layers + 1, dtype=torch.int64, device=fl.device)
+    fstart[1:] = torch.cumsum(torch.bincount(fl, minlength=table.n_layers), 0)
+    return torch.argsort(fl, stable=True).contiguous(), fstart
+
+
+def layer_factors(table: LayerTable) -> tuple:
+    """(factors [n_factors], fstart [n_layers + 1]): the table's factors sorted by layer (stably),
+    layer l's at fstart[l]:fstart[l + 1]."""
+    return _table_cached(_build_layer_factors, table, table.factor_layer)
 
 
 # NOTE: [row transpose] The kernels walk p, g and m in memory order.  ``model.to(memory_format=

@@ -13,7 +13,7 @@ Each program, for each of its factors (the H and S of the layer):
 NOTE: [one program per layer] the non-finite guard is per layer, across its factors, so the layer
 is the unit of work; factors are small (a few thousand entries) and the programs are independent.
 float64 buffers fall back to the reference (parity runs); each layer's factors and the terms by
-destination are derived from the table once and cached.
+destination are derived from the table once and cached (NOTE: [table cache]).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from adafisher_fast.kernel_host import term_csr
+from adafisher_fast.kernel_host import layer_factors, term_csr
 from adafisher_fast.reference import EmaRule, LayerTable
 from .host import on_device
 
@@ -149,19 +149,6 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
     tl.store(counters_ptr + 2 * layer + 1, c1 + bad)
 
 
-def _layers(table: LayerTable):
-    """(layer_factors, layer_fstart): the factors of each layer, cached on the table's tensors."""
-    cached = getattr(table.factor_layer, "_af_layers", None)
-    if cached is None:
-        fcount = torch.bincount(table.factor_layer, minlength=table.n_layers)
-        layer_fstart = torch.zeros(table.n_layers + 1, dtype=torch.int64,
-                                   device=table.factor_layer.device)
-        layer_fstart[1:] = torch.cumsum(fcount, 0)
-        cached = (torch.argsort(table.factor_layer, stable=True).contiguous(), layer_fstart)
-        table.factor_layer._af_layers = cached
-    return cached
-
-
 @on_device
 def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
               initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
@@ -175,11 +162,11 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
         if not t.is_contiguous():
             raise ValueError(f"layer_ema: {name} must be contiguous")
     ptr, src, pw, coef, q, factor = term_csr(table)     # NOTE: [term CSR]
-    layer_factors, layer_fstart = _layers(table)
+    factors_by_layer, layer_fstart = layer_factors(table)
     raw = torch.empty(state.numel(), dtype=torch.float32, device=buf.device)
     _layer_ema_kernel[(table.n_layers,)](
         buf, table.n_acc, ptr, src, *(t.to(torch.float32) for t in (pw, coef, q)), factor,
-        table.factor_start, layer_factors, layer_fstart,
+        table.factor_start, factors_by_layer, layer_fstart,
         raw, state, fac, initialized.view(torch.uint8), counters,
         float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
         NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state), BLOCK=BLOCK)

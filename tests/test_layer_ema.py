@@ -63,3 +63,30 @@ def test_layer_ema_gpu_many_layers(kernel_ops):
         reference.layer_ema(buf, f.table, *want, rule)
         kernel_ops.layer_ema(buf, f.table, *got, rule)
     _assert_same_state(got, want)
+
+
+def test_table_cache_derives_once_per_table(monkeypatch):
+    """kernel_host.term_csr / layer_factors against loops over the table, and NOTE: [table cache]:
+    a table of other tensor objects over the same storage (what torch.compile hands an op) hits
+    the cache without deriving anything (a derivation syncs, which breaks CUDA-graph capture)."""
+    from adafisher_fast import kernel_host
+    f = AdaFisher(_model(), preset="paper", backend="torch").fisher
+    t = f.table
+    ptr, src, pw, coef, q, factor = kernel_host.term_csr(t)
+    for e in range(t.n_raw):
+        terms = [i for i in range(t.term_dst.numel()) if int(t.term_dst[i]) == e]   # term order
+        assert src[ptr[e]:ptr[e + 1]].tolist() == [int(t.term_src[i]) for i in terms]
+        assert coef[ptr[e]:ptr[e + 1]].tolist() == [float(t.term_coef[i]) for i in terms]
+    order, fstart = kernel_host.layer_factors(t)
+    for layer in range(t.n_layers):
+        want = [i for i in range(t.factor_layer.numel()) if int(t.factor_layer[i]) == layer]
+        assert order[fstart[layer]:fstart[layer + 1]].tolist() == want
+
+    same_storage = t._replace(**{k: v.view_as(v) for k, v in t._asdict().items()
+                                 if isinstance(v, torch.Tensor)})
+    monkeypatch.setattr(torch, "bincount", None)            # any derivation would fail
+    assert kernel_host.term_csr(same_storage)[0] is ptr
+    assert kernel_host.layer_factors(same_storage)[0] is order
+    other = f.table._replace(term_dst=t.term_dst.clone(), factor_layer=t.factor_layer.clone())
+    with pytest.raises(TypeError):                          # a table elsewhere is derived anew
+        kernel_host.term_csr(other)
