@@ -59,6 +59,11 @@ def kernel_ops(request, monkeypatch):
     return kernel_module(request.param, monkeypatch)
 
 
+def fisher_tensors(fisher) -> list:
+    """Every tensor a FisherState holds, its LayerTable's included."""
+    return [v for v in (*vars(fisher).values(), *fisher.table) if isinstance(v, torch.Tensor)]
+
+
 COPY_OPS = {"aten::clone", "aten::contiguous"}     # not copy_: the Triton interpreter's own
 
 

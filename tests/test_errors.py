@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW
+from conftest import fisher_tensors
 
 
 def _m():
@@ -128,8 +129,7 @@ def test_fisher_state_moves_every_tensor():
     opt = AdaFisher(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                                   nn.Linear(16, 2)), backend="torch")
     opt.fisher.to("meta")
-    tensors = [v for v in vars(opt.fisher).values() if isinstance(v, torch.Tensor)]
-    tensors += [v for v in opt.fisher.table if isinstance(v, torch.Tensor)]
+    tensors = fisher_tensors(opt.fisher)
     assert len(tensors) >= 15 and all(t.device.type == "meta" for t in tensors)
 
 

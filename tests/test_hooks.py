@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from adafisher_fast import AdaFisher, AdaFisherW
-from conftest import assert_trajectories_close
+from conftest import assert_trajectories_close, fisher_tensors
 
 
 class Block(nn.Module):
@@ -674,9 +674,7 @@ def test_model_moved_after_construction_takes_the_state_along(steps_before, monk
     y = torch.zeros(6, dtype=torch.long, device="meta")
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
-    fisher = opt.fisher
-    tensors = [v for v in vars(fisher).values() if isinstance(v, torch.Tensor)]
-    tensors += [v for v in fisher.table if isinstance(v, torch.Tensor)]
+    tensors = fisher_tensors(opt.fisher)
     assert all(t.device.type == "meta" for t in tensors) and opt.backend == "torch"
     assert len(opt.state) == sum(1 for _ in model.parameters())
     for st in opt.state.values():
