@@ -245,6 +245,67 @@ class ConvKind(LayerKind):
         return torch.nn.functional.pad(x, flat)
 
 
+@register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+class ConvTransposeKind(LayerKind):
+    """paper only (the released code does not hook it).  NOTE: [transposed conv] A transposed
+    conv is the adjoint of the conv of its geometry: its weight (C_in, C_out/g, *k) has gradient
+    sum_{b,l} x[b, c, l] P[b, l, (o, *k)], with P the patches of the output gradient s that the
+    conv (kernel, stride, padding, dilation) sees, over the lattice of input positions l.  So the
+    sides swap: H[c] = mean_{b,l} x[b, c, l]^2 (+ bias entry 1) from linear_stats, and
+    S[j] = mean_{b,l} P[b, l, j]^2 over j = (o, *k) in one group (D = C_out/g * prod(k)) from
+    conv_stats of s, averaged over the g groups: a parameter map indexes its S side without a
+    group term, so groups > 1 share S (H stays per input channel).  Bias entries follow,
+    S[D + o] = mean over output positions of s[o]^2; weight[c, j] uses H'[c] S'[j],
+    bias[o] uses S'[D + o] H'[C_in]."""
+    released = ()
+
+    @staticmethod
+    def _dims(m):
+        g = m.groups
+        return g, (m.out_channels // g) * math.prod(m.kernel_size), int(m.bias is not None)
+
+    def factors(self, m, preset):
+        g, d, b = self._dims(m)
+        c_in, c_out = m.in_channels, m.out_channels
+        h = FactorSpec(c_in, c_in + b, mean_terms(c_in) + ([const_term(c_in, 1.0)] if b else []))
+        terms = [(gi * d + j, j, 1, 1.0 / g, 1) for gi in range(g) for j in range(d)]
+        terms += [(g * d + o, d + o, 1, 1.0, 1) for o in range(b * c_out)]
+        return h, FactorSpec(g * d + b * c_out, d + b * c_out, terms, 2)
+
+    def param_maps(self, m, preset):
+        g, d, b = self._dims(m)
+        maps = {"weight": matrix_map(m.in_channels, d, transposed=True)}
+        if b:
+            maps["bias"] = row_map(m.out_channels, s_off=d, h_off=m.in_channels, h_r=0)
+        return maps
+
+    def h_stats(self, m, x, acc, preset, ops):
+        if x.dim() == len(m.kernel_size) + 1:       # unbatched input
+            x = x.unsqueeze(0)
+        ops.linear_stats(x, acc, dim=1)
+        return x.numel() // m.in_channels
+
+    def s_stats(self, m, s, acc, preset, ops):
+        nd = len(m.kernel_size)
+        if s.dim() == nd + 1:
+            s = s.unsqueeze(0)
+        g, d, b = self._dims(m)
+        # The lattice of the conv over s has one position per input position, whatever
+        # output_padding < stride added at the end (never read).  output_padding >= stride (only
+        # possible with dilation > stride) adds whole positions: its padding is cut off instead.
+        sc, pad = s, []
+        for i, (p, op, st) in enumerate(zip(m.padding, m.output_padding, m.stride)):
+            cut = op if op >= st else 0
+            if cut > p:
+                sc = sc.narrow(2 + i, 0, sc.shape[2 + i] - (cut - p))
+            pad.append((p, max(p - cut, 0)))
+        positions = ops.conv_stats(sc, acc[:g * d], m.kernel_size, m.stride, pad, m.dilation, g)
+        if b:                       # a mean over output positions, with the factor's count
+            out_positions = math.prod(s.shape[2:])
+            ops.linear_stats(s, acc[g * d:], dim=1, scale=positions / out_positions)
+        return s.shape[0] * positions
+
+
 class NormKind(LayerKind):
     """Shared by the normalisation layers under preset="paper" (Proposition 3.1):
     H = [mean_T xhat[c]^2 ; 1 per bias entry], S[c] = mean_T s[c]^2, weight[c] uses S'[c] H'[c]

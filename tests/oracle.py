@@ -5,6 +5,7 @@ purpose: conv patches are extracted explicitly (padding with ``F.pad``, then ``T
 spatial dim), the layer input x and output gradient s are captured with plain forward hooks plus
 ``retain_grad`` on the outputs, and the update is an explicit per-parameter loop.
 """
+import itertools
 import math
 from typing import Dict, List, Tuple
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 D64 = torch.float64
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 NORM = BN + (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
@@ -22,7 +24,7 @@ NORM = BN + (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 def oracle_kinds(preset):
     if preset == "official":
         return (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
-    return (nn.Linear,) + CONV + NORM + (nn.Embedding,)
+    return (nn.Linear,) + CONV + CONVT + NORM + (nn.Embedding,)
 
 
 def hooked(module, preset):
@@ -130,6 +132,24 @@ def conv_patches(x, m, official):
     return t.reshape(B, g, L, (C // g) * int(math.prod(k)))
 
 
+def transposed_conv_patches(x, s, m):
+    """P (B, C_out, prod(k), *x's spatial) of a transposed conv: P[b, o, k, l] is the element of
+    the zero-padded output gradient that input position l reaches through kernel offset k,
+    s_pad[b, o, l * stride + k * dilation] per dim (test_transposed_conv_patches_give_the_weight_grad
+    checks that they give the weight gradient)."""
+    nd = x.dim() - 2
+    flat = []
+    for d in reversed(range(nd)):
+        flat += [m.padding[d], m.padding[d]]
+    sp = F.pad(s, flat)
+    cols = []
+    for offs in itertools.product(*[range(k) for k in m.kernel_size]):
+        idx = tuple(slice(o * dl, o * dl + st * (n - 1) + 1, st)
+                    for o, dl, st, n in zip(offs, m.dilation, m.stride, x.shape[2:]))
+        cols.append(sp[(slice(None), slice(None)) + idx])
+    return torch.stack(cols, dim=2)
+
+
 # ----------------------------------------------------------------------------------------------
 # raw statistics of one call
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +215,17 @@ def raw_one(m, x, s, preset, training=True):
         if has_bias:
             Hg = torch.cat([Hg, torch.ones(g, 1, dtype=D64)], dim=1)
         return Hg.reshape(-1), S
+    if isinstance(m, CONVT):
+        B, c_out, g = s.shape[0], s.shape[1], m.groups
+        P = transposed_conv_patches(x, s, m)             # (B, C_out, K, *L_in)
+        L = math.prod(x.shape[2:])
+        Sg = (P.reshape(B, g, -1, L) ** 2).sum(dim=(0, 3)) / (B * L)     # (g, C_out/g * K)
+        S = Sg.mean(0)
+        H = (x.transpose(0, 1).reshape(x.shape[1], -1) ** 2).mean(1)
+        if has_bias:
+            H = torch.cat([H, torch.ones(1, dtype=D64)])
+            S = torch.cat([S, (s.transpose(0, 1).reshape(c_out, -1) ** 2).mean(1)])
+        return H, S
     if isinstance(m, nn.Embedding):
         idx = x.reshape(-1).long()
         T = idx.numel()
@@ -304,6 +335,11 @@ def param_F(m, pname, p, Hp, Sp, Lambda):
             return (Sp[:, None] * Hg[grp, :D] + Lambda).reshape(p.shape)
         assert Hg.shape[1] == D + 1
         return Sp * Hg[grp, D] + Lambda
+    if isinstance(m, CONVT):
+        c_in, D = m.weight.shape[0], m.weight[0].numel()
+        if pname == "weight":
+            return (Hp[:c_in, None] * Sp[None, :D] + Lambda).reshape(p.shape)
+        return Sp[D:] * Hp[c_in] + Lambda
     if isinstance(m, nn.Embedding):
         return Hp[:, None] * Sp[None, :] + Lambda
     # normalisation layers

@@ -29,7 +29,8 @@ def _fresh_dynamo():
 
 
 class AllKinds(nn.Module):
-    """Every layer kind the issue lists, and an in-place ReLU after a hooked module."""
+    """Every layer kind the issue lists, a transposed conv, and an in-place ReLU after a hooked
+    module."""
 
     def __init__(self):
         super().__init__()
@@ -39,6 +40,7 @@ class AllKinds(nn.Module):
         self.rms = nn.RMSNorm(8)
         self.c2 = nn.Conv2d(1, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
+        self.up = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1)
         self.gn = nn.GroupNorm(2, 4)
         self.act = nn.ReLU(inplace=True)
         self.lin = nn.Linear(32, 5)
@@ -46,7 +48,7 @@ class AllKinds(nn.Module):
     def forward(self, idx):
         h = self.c1(self.emb(idx).transpose(1, 2)).transpose(1, 2)        # (B, 8, 8)
         h = self.rms(self.ln(h))
-        h = self.act(self.gn(self.bn(self.c2(h.unsqueeze(1)))))           # (B, 4, 8, 8)
+        h = self.act(self.gn(self.up(self.bn(self.c2(h.unsqueeze(1))))))  # (B, 4, 16, 16)
         return self.lin(h.mean(1).flatten(1)[:, :32])
 
 

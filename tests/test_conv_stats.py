@@ -1,10 +1,11 @@
 """conv_stats kernels (no im2col) against the torch reference: Conv1d/2d/3d, stride, dilation,
-groups (1, 2, depthwise), every padding_mode, fp32/bf16/fp16 inputs."""
+groups (1, 2, depthwise), every padding_mode, fp32/bf16/fp16 inputs; the transposed-conv layers
+that call it on their output gradient."""
 import pytest
 import torch
 
-from adafisher_fast import reference
-from conftest import device, tensor_copies
+from adafisher_fast import AdaFisherW, reference
+from conftest import backend_name, device, tensor_copies
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 CASES = [
@@ -118,3 +119,25 @@ def test_conv_stats_gpu_no_im2col_memory(kernel_ops):
     extra = torch.cuda.max_memory_allocated() - base
     im2col = 64 * 56 * 56 * 64 * 9 * 4
     assert extra <= x.numel() * 4 // 8 + (1 << 20), (extra, im2col)   # Q is C*H*W floats
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_transposed_conv_layers_on_kernels(kernel_ops, fmt):
+    """The ConvTranspose kind (NOTE: [transposed conv]) calls conv_stats on the output gradient,
+    into a slice of its accumulators, and on a narrowed view where output_padding >= stride; its
+    weight map is transposed (NOTE: [row transpose] for channels_last): check=True holds every
+    statistics call and step to the reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+        torch.nn.Tanh(),
+        torch.nn.ConvTranspose2d(4, 4, 2, groups=2, dilation=3, output_padding=2),
+    ).to(device(), memory_format=fmt)
+    opt = AdaFisherW(model, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True,
+                     TCov=1)
+    x = torch.randn(2, 3, 5, 4, device=device()).to(memory_format=fmt)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    assert opt.fisher.counters[:, 0].tolist() == [2, 2]

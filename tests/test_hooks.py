@@ -481,7 +481,8 @@ class _PartlyHooked(nn.Module):
         super().__init__()
         self.gain = nn.Parameter(torch.ones(3))
         self.conv = nn.Conv2d(3, 3, 1)
-        self.up = nn.ConvTranspose2d(3, 3, 2)
+        self.up = nn.ConvTranspose2d(3, 3, 2)          # hooked under preset='paper' only
+        self.act = nn.PReLU(3)
         self.emb = nn.Embedding(4, 3)
         self.lin = _ScaledLinear()
 
@@ -493,11 +494,12 @@ def test_factor_free_parameters_are_named_once(preset, recwarn):
     AdaFisher(_PartlyHooked(), preset=preset, backend="torch")
     (w,) = [str(r.message) for r in recwarn.list]
     if preset == "official":
-        assert "of <root> (_PartlyHooked), up (ConvTranspose2d), emb (Embedding), lin " \
-               "(_ScaledLinear): they take plain momentum steps (F = 1)." in w
-        assert "The released code does not hook emb (Embedding); preset='paper'" in w
+        assert "of <root> (_PartlyHooked), up (ConvTranspose2d), act (PReLU), emb (Embedding), " \
+               "lin (_ScaledLinear): they take plain momentum steps (F = 1)." in w
+        assert "The released code does not hook up (ConvTranspose2d), emb (Embedding); " \
+               "preset='paper'" in w
     else:
-        assert "of <root> (_PartlyHooked), up (ConvTranspose2d), lin (_ScaledLinear): they take " \
+        assert "of <root> (_PartlyHooked), act (PReLU), lin (_ScaledLinear): they take " \
                "steps with F = 1 + Lambda." in w
         assert "released code" not in w
     assert "conv" not in w and "adafisher_fast.register_layer" in w

@@ -78,6 +78,21 @@ def _cases():
               lambda: torch.randn(2, 3, 9, 7), True, ("paper",)))
     c.append(("conv1d_k5_same_reflect", lambda: nn.Conv1d(2, 3, kernel_size=5, padding="same", padding_mode="reflect"),
               lambda: torch.randn(2, 2, 33), True, ("paper",)))
+    # transposed conv (paper only: the released code does not hook it)
+    for nd in (1, 2, 3):
+        sp = {1: (9,), 2: (5, 6), 3: (3, 4, 3)}[nd]
+        cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[nd]
+        for name, kw in (("", dict(kernel_size=3)),
+                         ("_s2_p1_op1", dict(kernel_size=3, stride=2, padding=1, output_padding=1)),
+                         ("_groups2_dil2", dict(kernel_size=2, groups=2, dilation=2, padding=1)),
+                         ("_depthwise_nobias", dict(kernel_size=3, groups=4, stride=2, bias=False)),
+                         # output_padding >= stride (dilation > stride): whole positions added
+                         ("_op_ge_stride", dict(kernel_size=2, dilation=3, output_padding=2)),
+                         ("_op_ge_stride_p3", dict(kernel_size=2, dilation=3, output_padding=2,
+                                                   padding=3))):
+            c_out = 4 if "depthwise" in name else 6
+            c.append((f"convT{nd}d{name}", lambda cls=cls, kw=kw, c_out=c_out: cls(4, c_out, **kw),
+                      lambda sp=sp: torch.randn(2, 4, *sp), True, ("paper", "official")))
     # batch norm
     for nd, sp in ((1, ()), (1, (7,)), (2, (5, 7)), (3, (3, 4, 5))):
         cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[nd]
@@ -192,11 +207,22 @@ class EmbNet(nn.Module):
         return self.head(self.norm(torch.tanh(self.fc(self.emb(x)))))
 
 
+class DeconvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1)   # 5 -> 10
+        self.mix = nn.ConvTranspose2d(4, 4, 3, groups=2, dilation=2, padding=2, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.mix(torch.tanh(self.up(x))).mean((2, 3)))
+
+
 def _batches(kind, n, seed=1):
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        if kind == "conv":
+        if kind in ("conv", "deconv"):
             out.append((torch.randn(4, 3, 5, 5, generator=g, dtype=D64), torch.randint(0, 3, (4,), generator=g)))
         elif kind == "conv1d":
             out.append((torch.randn(4, 3, 13, generator=g, dtype=D64), torch.randint(0, 3, (4,), generator=g)))
@@ -205,7 +231,7 @@ def _batches(kind, n, seed=1):
     return out
 
 
-MODELS = {"conv": ConvNet, "conv1d": Conv1dNet, "emb": EmbNet}
+MODELS = {"conv": ConvNet, "conv1d": Conv1dNet, "emb": EmbNet, "deconv": DeconvNet}
 
 
 def loss_fn(model, batch):
@@ -256,7 +282,7 @@ def test_ema_state(kind, tcov, preset):
 @pytest.mark.parametrize("tcov", [1, 2])
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW], ids=["AdaFisher", "AdaFisherW"])
 @pytest.mark.parametrize("preset", ["official", "paper"])
-@pytest.mark.parametrize("kind", ["conv", "conv1d", "emb"])
+@pytest.mark.parametrize("kind", ["conv", "conv1d", "emb", "deconv"])
 def test_trajectory(kind, preset, cls, tcov):
     torch.manual_seed(0)
     m1 = MODELS[kind]().to(D64)
@@ -368,3 +394,26 @@ def test_oracle_patches_reproduce_conv(mode):
         O = m.out_channels
         out = torch.einsum("bgld,god->bgol", P, m.weight.reshape(g, O // g, -1)).reshape(B, O, L)
         close(out + m.bias[None, :, None], m(x).reshape(B, O, -1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("nd", [1, 2, 3])
+def test_oracle_transposed_conv_patches_give_the_weight_grad(nd):
+    """Self-check of NOTE: [transposed conv] as the oracle writes it: sum_{b,l} x[b, c, l] P[b, o, k, l]
+    is autograd's weight gradient (stride, padding, output_padding, dilation, groups)."""
+    torch.manual_seed(0)
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[nd]
+    sp = {1: (7,), 2: (4, 5), 3: (3, 4, 3)}[nd]
+    for kw in (dict(stride=2, padding=1, output_padding=1), dict(dilation=3, output_padding=2),
+               dict(groups=2, dilation=2, padding=2)):
+        m = cls(4, 6, 2, **kw).to(D64)
+        x = torch.randn(2, 4, *sp, dtype=D64)
+        y = m(x)
+        s = torch.randn_like(y)
+        (y * s).sum().backward()
+        P = oracle.transposed_conv_patches(x, s, m)              # (B, O, K, *L)
+        g = m.groups
+        B, O, K = P.shape[:3]
+        Pg = P.reshape(B, g, O // g * K, -1)
+        xg = x.reshape(B, g, 4 // g, -1)
+        want = torch.einsum("bgcl,bgjl->gcj", xg, Pg).reshape(m.weight.shape)
+        close(m.weight.grad, want, rtol=1e-12)
