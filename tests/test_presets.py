@@ -417,3 +417,28 @@ def test_oracle_transposed_conv_patches_give_the_weight_grad(nd):
         xg = x.reshape(B, g, 4 // g, -1)
         want = torch.einsum("bgcl,bgjl->gcj", xg, Pg).reshape(m.weight.shape)
         close(m.weight.grad, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Conv1d(3, 4, 3, stride=2), (3, 9)),
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 5, 6)),
+    (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, output_padding=1), (3, 7)),
+    (lambda: nn.ConvTranspose2d(3, 4, 2, dilation=3, output_padding=2), (3, 4, 5))])
+def test_unbatched_conv_input_is_a_batch_of_one(make, shape, preset):
+    """Convs accept (C, *spatial): their statistics are those of the batch of one."""
+    stats = []
+    for batched in (False, True):
+        torch.manual_seed(0)
+        model = Wrap(make()).to(D64)
+        x = torch.randn(*shape, dtype=D64)
+        opt = AdaFisher(model, TCov=1, preset=preset, backend="torch")
+        opt.zero_grad()
+        out = model(x[None] if batched else x)
+        (out * torch.linspace(-1, 2, out.numel(), dtype=D64).reshape(out.shape)).sum().backward()
+        stats.append(opt.raw_stats().get("layer"))
+    if not oracle.hooked(Wrap(make()).layer, preset):
+        assert stats == [None, None]
+        return
+    for a, b in zip(*stats):
+        close(a, b, rtol=0, atol=0)
