@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW, layers
-from conftest import backend_name
+from conftest import backend_name, device
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -51,10 +51,10 @@ def readme_kind(monkeypatch):
     return scope["Conv1DKind"]
 
 
-def _models(dtype):
+def _models(dtype, dev="cpu"):
     torch.manual_seed(0)
-    lin = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
-    conv = nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(3, 7)).to(dtype)
+    lin = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dev, dtype)
+    conv = nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(3, 7)).to(dev, dtype)
     with torch.no_grad():
         for a, b in ((lin[0], conv[0]), (lin[2], conv[2])):
             b.weight.copy_(a.weight.t())
@@ -64,9 +64,10 @@ def _models(dtype):
 
 def _train(model, opt, steps, dtype):
     g = torch.Generator().manual_seed(1)
+    dev = next(model.parameters()).device
     for _ in range(steps):
-        x = torch.randn(4, 6, 5, generator=g, dtype=dtype)     # leading dims, as in a transformer
-        y = torch.randn(4, 6, 3, generator=g, dtype=dtype)
+        x = torch.randn(4, 6, 5, generator=g, dtype=dtype).to(dev)   # leading dims, as in a GPT
+        y = torch.randn(4, 6, 3, generator=g, dtype=dtype).to(dev)
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
@@ -100,7 +101,7 @@ def test_readme_kind_trains_conv1d_as_the_transposed_linear(readme_kind, preset,
 def test_readme_kind_runs_on_the_kernel_backends(readme_kind, kernel_ops):
     """check=True compares every statistics call and step of the kernel backend with the torch
     reference (issue 3 item 6), so the new kind needs no kernel of its own."""
-    _, conv = _models(torch.float32)
+    _, conv = _models(torch.float32, device())
     opt = AdaFisherW(conv, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True)
     _train(conv, opt, 3, torch.float32)
     assert opt.fisher.state.abs().sum() > 0
