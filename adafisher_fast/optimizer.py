@@ -10,6 +10,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from .backends import resolve
@@ -42,8 +43,13 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
         raise ValueError(f"TCov must be an integer >= 1, got {TCov!r}")
 
 
-def _check_dtypes(params: List[torch.Tensor], names: Dict[int, str]) -> None:
+def _check_params(params: List[torch.Tensor], names: Dict[int, str]) -> None:
     for p in params:
+        if is_lazy(p):
+            raise ValueError(f"model: parameter '{names[id(p)]}' belongs to a lazy module (e.g. "
+                             f"nn.LazyLinear) that has not run yet, so its shape and its layer's "
+                             f"curvature factors are unknown; run one forward pass before "
+                             f"constructing the optimizer (or adding its group)")
         if p.is_complex():
             raise TypeError(f"model: parameter '{names[id(p)]}' is complex; AdaFisher supports real "
                             f"floating-point parameters only")
@@ -78,7 +84,7 @@ def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]
     """Every trainable parameter in exactly one group; unlisted ones form a last default group."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters()}
-    _check_dtypes(trainable, names)
+    _check_params(trainable, names)
     if param_groups is None:
         return [{"params": trainable}], names
     if not isinstance(param_groups, (list, tuple)):
@@ -224,7 +230,7 @@ class AdaFisher(Optimizer):
         allowed = {id(p) for p in self._model.parameters() if p.requires_grad}
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         group = _check_group("add_param_group", param_group, allowed, seen, self._names)
-        _check_dtypes(group["params"], self._names)
+        _check_params(group["params"], self._names)
         super().add_param_group(group)
         old, hooks = self.fisher, self._hooks
         old.flush_rows()                        # NOTE: [host row counts]

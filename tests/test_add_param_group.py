@@ -161,6 +161,9 @@ def test_bad_groups_raise_before_any_change():
     ]
     model.register_parameter("scale", nn.Parameter(torch.ones(2, dtype=torch.complex64)))
     cases.append(({"params": [model.scale]}, TypeError, "'scale' is complex"))   # a new name
+    model.add_module("lazy", nn.LazyLinear(3))
+    cases.append(({"params": model.lazy.parameters()}, ValueError,
+                  "'lazy.weight' belongs to a lazy module"))
     for group, exc, pattern in cases:
         with pytest.raises(exc, match=pattern):
             opt.add_param_group(group)

@@ -57,6 +57,22 @@ def test_complex_parameters():
         AdaFisher(m)
 
 
+def test_lazy_module_must_run_before_the_optimizer_is_made():
+    """An uninitialised parameter has no shape to lay its factors out by: a clear error at
+    construction, not a shape mismatch in the first step(); after one forward it trains."""
+    m = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"'0\.weight' belongs to a lazy module.*forward pass"):
+        AdaFisher(m)
+    x = torch.randn(3, 5)
+    m(x)
+    opt = AdaFisher(m, TCov=1)
+    w0 = m[0].weight.detach().clone()
+    m(x).square().sum().backward()
+    opt.step()
+    assert torch.isfinite(m[0].weight).all() and not torch.equal(m[0].weight, w0)
+    assert "0" in opt.ema_state()
+
+
 def test_closure_must_be_callable():
     opt = AdaFisher(_m())
     with pytest.raises(TypeError, match="closure"):
