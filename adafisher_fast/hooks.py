@@ -13,6 +13,7 @@ from typing import List, Optional, Set
 
 import torch
 
+from .layers import submodules
 from .state import FisherState, Layer
 
 try:        # torch >= 2.13: dynamo traces a hook on an intermediate tensor as a higher-order op
@@ -44,6 +45,15 @@ class _GradTap(torch.autograd.Function):
         return grad, None
 
 
+def _first_param(module: torch.nn.Module) -> Optional[str]:
+    """The name of forward's first parameter: the module's input also when passed by keyword
+    (``linear(input=x)``, ``rmsnorm(x=h)``)."""
+    try:
+        return next(iter(inspect.signature(module.forward).parameters), None)
+    except (TypeError, ValueError):     # a forward replaced by something without a signature
+        return None
+
+
 def _inert(*args) -> None:
     """The hook function of a copy of a hooked model (``_ModelHook``): does nothing (whatever
     the hook's signature: a model saved before hooks took kwargs passes three arguments)."""
@@ -67,6 +77,16 @@ class _ModelHook:
         return _ModelHook, (_inert,)
 
 
+class _Tap:
+    """One composite layer's current call (NOTE: [composite layers]): armed by the layer's forward
+    pre-hook, ``placed`` by the first submodule call with the output-gradient hook's pending list
+    (or True), cleared by the layer's forward hook."""
+    __slots__ = ("armed", "x", "placed")
+
+    def __init__(self):
+        self.armed, self.x, self.placed = False, None, None
+
+
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow):
         self.fisher = fisher
@@ -88,19 +108,54 @@ class StatHooks:
         # names of the layers whose forward hook ran in eager statistics iterations, until the
         # optimizer's first statistics step reads it (NOTE: [silent layers] in optimizer.py)
         self.fired: Optional[Set[str]] = set()
-        self.handles: List[torch.utils.hooks.RemovableHandle] = [
-            lay.module.register_forward_hook(_ModelHook(self._forward_hook(lay)), with_kwargs=True)
-            for lay in fisher.layers]
+        self.handles: List[torch.utils.hooks.RemovableHandle] = []
+        for lay in fisher.layers:
+            first, children = _first_param(lay.module), [c for _, c in submodules(lay.module)]
+            tap = _Tap() if children else None
+            self.handles.append(lay.module.register_forward_hook(
+                _ModelHook(self._forward_hook(lay, first, tap)), with_kwargs=True))
+            if tap is not None:
+                self.handles.append(lay.module.register_forward_pre_hook(
+                    _ModelHook(self._arm_hook(first, tap)), with_kwargs=True))
+                self.handles += [c.register_forward_pre_hook(
+                    _ModelHook(self._submodule_hook(lay, tap)), with_kwargs=True)
+                    for c in children]
 
-    def _forward_hook(self, lay: Layer):
+    def _arm_hook(self, first: Optional[str], tap: _Tap):
+        def hook(module, inputs, kwargs):
+            tap.armed = self.collecting and torch.is_grad_enabled()
+            tap.x = (inputs[0] if inputs else kwargs.get(first)) if tap.armed else None
+        return hook
+
+    def _submodule_hook(self, lay: Layer, tap: _Tap):
+        """The pre-hook of a composite layer's submodules: the first one its forward calls gets
+        the output-gradient hook on its input, unless that is the layer's own input (NOTE:
+        [composite layers] in state.py)."""
+        def hook(child, inputs, kwargs):
+            if not tap.armed:
+                return None
+            tap.armed = False
+            t = inputs[0] if inputs else None
+            if not isinstance(t, torch.Tensor) or t is tap.x or not t.requires_grad:
+                return None
+            if torch.compiler.is_compiling():
+                tap.placed = True
+                if not _DYNAMO_TRACES_TENSOR_HOOKS:                  # NOTE: [grad tap]
+                    return (_GradTap.apply(t, self._grad_hook(lay)),) + inputs[1:], kwargs
+                t.register_hook(self._grad_hook(lay))
+                return None
+            tap.placed = []          # the parent's hook adds a recomputed call's input here
+            t.register_hook(self._grad_hook(lay, tap.placed))
+            return None
+        return hook
+
+    def _forward_hook(self, lay: Layer, first: Optional[str], tap: Optional[_Tap]):
         fisher = self.fisher
-        # the module's input also when passed by keyword: ``linear(input=x)``, ``rmsnorm(x=h)``
-        try:
-            first = next(iter(inspect.signature(lay.module.forward).parameters), None)
-        except (TypeError, ValueError):     # a forward replaced by something without a signature
-            first = None
 
         def hook(module, inputs, kwargs, output):
+            placed = None
+            if tap is not None:
+                placed, tap.placed, tap.armed, tap.x = tap.placed, None, False, None
             if not (self.collecting and torch.is_grad_enabled()):
                 return
             x = inputs[0] if inputs else kwargs.get(first)
@@ -123,10 +178,13 @@ class StatHooks:
             recompute = not compiling and torch._C._current_graph_task_id() != -1
             if not recompute:
                 self._h_stats(lay, module, x)
-            if isinstance(output, torch.Tensor) and output.requires_grad:
+            if placed is not None:               # on a submodule's input (composite layers)
+                if recompute:
+                    placed.append((module, x))
+            elif isinstance(output, torch.Tensor) and output.requires_grad:
                 if compiling and not _DYNAMO_TRACES_TENSOR_HOOKS:
                     return _GradTap.apply(output, self._grad_hook(lay))   # NOTE: [grad tap]
-                output.register_hook(self._grad_hook(lay, (module, x) if recompute else None))
+                output.register_hook(self._grad_hook(lay, [(module, x)] if recompute else None))
 
         return hook
 
@@ -136,14 +194,14 @@ class StatHooks:
             rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
             fisher.add_rows(lay.h_factor, rows)
 
-    def _grad_hook(self, lay: Layer, recomputed=None):
-        """The output-gradient hook; ``recomputed``: (module, input) of a recomputed call whose H
-        statistics wait for this gradient (NOTE: [recomputation])."""
+    def _grad_hook(self, lay: Layer, recomputed: Optional[list] = None):
+        """The output-gradient hook; ``recomputed``: [(module, input)] of a recomputed call whose
+        H statistics wait for this gradient (NOTE: [recomputation]), or None."""
         fisher = self.fisher
 
         def hook(grad):
-            if recomputed is not None:
-                self._h_stats(lay, *recomputed)
+            for args in recomputed or ():
+                self._h_stats(lay, *args)
             with torch.no_grad():
                 s = lay.kind.s_input(lay.module, grad.detach())
                 rows = lay.kind.s_stats(lay.module, s, fisher.buf[lay.s_acc], fisher.preset,

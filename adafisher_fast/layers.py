@@ -92,6 +92,12 @@ class LayerKind:
         return s
 
 
+def submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """A hooked module's own (name, submodule) pairs (NOTE: [composite layers] in state.py);
+    torch's parametrizations compute the weight, not the output, and are not counted."""
+    return [(n, c) for n, c in module.named_children() if n != "parametrizations"]
+
+
 _REGISTRY: Dict[type, LayerKind] = {}
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.nn as nn
 
-from .layers import FactorSpec, LayerKind, kind_of
+from .layers import FactorSpec, LayerKind, kind_of, submodules
 from .reference import LayerTable
 
 
@@ -63,23 +63,28 @@ def _warn_factor_free(owners: Dict[str, bool], preset, known) -> None:
 
 def _warn_composite(layers: List[Layer], known: Set[str]) -> Set[str]:
     """NOTE: [composite layers] A hooked module with submodules of its own (timm's BatchNormAct2d:
-    BatchNorm, then dropout and activation; detectron2's Conv2d with norm and activation) may
-    apply them after the registered operation in its forward.  Its H (from its input) is right,
-    but its S then comes from the gradient after them.  One warning at construction names such
-    modules and their submodules (those in ``known`` already named); returns all of them.
-    torch's parametrizations (weight_norm, spectral_norm) compute the weight, not the output,
-    and are not counted."""
+    batch_norm, then drop and act submodules; detectron2's Conv2d with norm and activation) must
+    take S from the gradient of its operation's result, not of its output after the submodules.
+    The hooks take it at the input of the first submodule its forward calls (hooks.py,
+    ``_submodule_hook``), which is that result when the submodules follow the operation; when
+    that submodule is given the layer's own input (it runs before the operation), at the output.
+    A forward that does otherwise (functional ops between the operation and its first submodule)
+    needs a layer kind of its own, so one warning at construction names such modules and their
+    submodules (those in ``known`` already named); returns all of them.  torch's
+    parametrizations (weight_norm, spectral_norm) compute the weight, not the output, and are
+    not counted (``layers.submodules``)."""
     names = set()
     for lay in layers:
-        subs = [n for n, _ in lay.module.named_children() if n != "parametrizations"]
+        subs = [n for n, _ in submodules(lay.module)]
         if subs:
             names.add(f"{lay.name} ({type(lay.module).__name__}: {', '.join(subs)})")
     new = sorted(names - known)
     if new:
         warnings.warn(f"AdaFisher: hooked layers with submodules of their own: {', '.join(new)}. "
-                      f"If their forward applies those after the layer's own operation, the "
-                      f"output-gradient statistics (S) are taken after them (NOTE: [composite "
-                      f"layers]); register a layer kind for such a class to be exact.",
+                      f"Their output-gradient statistics (S) are taken at the input of the first "
+                      f"submodule their forward calls: exact when the submodules follow the "
+                      f"layer's own operation, as in timm's BatchNormAct2d (NOTE: [composite "
+                      f"layers]); a class whose forward does otherwise needs a layer kind.",
                       stacklevel=4)
     return names
 

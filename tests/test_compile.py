@@ -114,6 +114,24 @@ def test_grad_tap_path_matches_eager(preset, monkeypatch):
     assert all(d["stat_iters"] == 2 for d in opt.diagnostics().values())
 
 
+@pytest.mark.parametrize("grad_tap", [False, True])
+def test_composite_layers_compile(grad_tap, monkeypatch):
+    """NOTE: [composite layers] inside a compiled model: the submodule pre-hook places the
+    output-gradient hook (or, on the [grad tap] path, replaces the submodule's input), with no
+    graph break; the layers train as written out in eager mode."""
+    from adafisher_fast import hooks
+    from test_hooks import _composite_pairs, _train_pair
+    if grad_tap:
+        monkeypatch.setattr(hooks, "_DYNAMO_TRACES_TENSOR_HOOKS", False)
+    for pair in _composite_pairs()[1:3]:         # in-place activation; a hooked submodule
+        comp, plain = pair.values
+        compiled = torch.compile(comp, fullgraph=True, backend="aot_eager")
+        oc, _ = _train_pair((comp, plain), AdaFisherW, "paper", steps=3, wraps=(compiled, None))
+        for a, b in zip(comp.parameters(), plain.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        assert [d["stat_iters"] for d in oc.diagnostics().values()] == [3] * len(oc.fisher.layers)
+
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_compiled_step_matches_eager(preset):
     eager, (twin, opt) = _pair(AdaFisherW, preset, torch.float64)

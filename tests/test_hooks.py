@@ -695,14 +695,112 @@ class _BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(super().forward(x)))
 
 
+class _ConvNormAct(nn.Conv2d):
+    """detectron2's Conv2d, rewritten: the convolution, then its norm (itself a hooked layer) and
+    activation submodules."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3, padding=1)
+        self.norm, self.activation = nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.activation(self.norm(super().forward(x)))
+
+
+class _PadFirstConv(nn.Conv2d):
+    """A submodule that runs before the layer's own operation, on its input."""
+
+    def __init__(self, cin, cout):
+        super().__init__(cin, cout, 3)
+        self.pad = nn.ZeroPad2d(1)
+
+    def forward(self, x):
+        return super().forward(self.pad(x))
+
+
+def _composite_pairs():
+    """(name, composite model, the same layers written out): equal parameters, same layer order."""
+    torch.manual_seed(0)
+    head = lambda: (nn.Flatten(), nn.Linear(4 * 5 * 5, 3))      # noqa: E731
+    out = []
+    for inplace in (False, True):
+        comp = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _BatchNormAct2d(4), *head())
+        comp[1].act = nn.ReLU(inplace=inplace)
+        plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                              nn.ReLU(inplace=inplace), *head())
+        out.append((f"bn_act_inplace{inplace}", comp, plain))
+    out.append(("conv_norm_act", nn.Sequential(_ConvNormAct(3, 4), *head()),
+                nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), *head())))
+    # after a layer, so that the input the submodule is given needs a gradient
+    out.append(("pad_first", nn.Sequential(nn.Conv2d(3, 3, 1), _PadFirstConv(3, 4), *head()),
+                nn.Sequential(nn.Conv2d(3, 3, 1), nn.ZeroPad2d(1), nn.Conv2d(3, 4, 3), *head())))
+    for _, comp, plain in out:
+        with torch.no_grad():
+            for a, b in zip(comp.parameters(), plain.parameters()):
+                a.copy_(b)
+    return [pytest.param(c.double(), p.double(), id=n) for n, c, p in out]
+
+
+def _train_pair(models, cls, preset, steps=4, wraps=(None, None)):
+    opts = []
+    for model in models:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # the composite and padding warnings
+            # Lambda=0.1 keeps the trajectory well conditioned: min-max sends one entry of each
+            # factor to 0, whose elements then step by lr/Lambda
+            opts.append(cls(model, lr=1e-2, Lambda=0.1, TCov=1, weight_decay=1e-2, preset=preset,
+                            backend="torch"))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 3, (4,), generator=g)
+        for model, opt, wrap in zip(models, opts, wraps):
+            opt.zero_grad()
+            nn.functional.cross_entropy((wrap or model)(x), y).backward()
+            opt.step()
+    return opts
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("comp,plain", _composite_pairs())
+def test_composite_layer_takes_s_before_its_submodules(comp, plain, preset, cls):
+    """NOTE: [composite layers]: a layer whose forward applies submodules after its operation
+    trains exactly as the same layers written out, in place activation included; a submodule run
+    before the operation leaves S on the layer's output."""
+    oc, op = _train_pair((comp, plain), cls, preset)
+    for a, b in zip(comp.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for name in ("state", "fac"):
+        torch.testing.assert_close(getattr(oc.fisher, name), getattr(op.fisher, name),
+                                   rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_composite_layer_under_activation_checkpointing(reentrant):
+    """NOTE: [recomputation] with the hook on a submodule's input: counted once, as written out."""
+    comp, plain = _composite_pairs()[0].values
+    # reentrant checkpointing passes gradients only to segments with an input that needs them
+    x0 = torch.zeros((), dtype=torch.float64, requires_grad=True)
+
+    def checkpointed(x):
+        return checkpoint(comp, x + x0, use_reentrant=reentrant)
+
+    oc, _ = _train_pair((comp, plain), AdaFisher, "paper", steps=3, wraps=(checkpointed, None))
+    for a, b in zip(comp.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert [d["stat_iters"] for d in oc.diagnostics().values()] == [3, 3, 3]
+
+
 def test_composite_layers_are_named_once():
     """NOTE: [composite layers]: a hooked module with submodules of its own is named, with them,
-    in one warning; weight_norm's parametrizations are not such submodules."""
+    in one warning (what its S is taken from); weight_norm's parametrizations are not such
+    submodules."""
     from torch.nn.utils.parametrizations import weight_norm
     model = nn.Sequential(nn.Conv2d(3, 4, 3), _BatchNormAct2d(4), nn.Flatten(),
                           weight_norm(nn.Linear(16, 2)))
     with pytest.warns(UserWarning, match=r"submodules of their own: 1 \(_BatchNormAct2d: drop, "
-                                         r"act\)\. If") as caught:
+                                         r"act\)\. Their output-gradient") as caught:
         opt = AdaFisher(model, preset="paper")
     assert sum("submodules of their own" in str(w.message) for w in caught) == 1
     assert "3 (" not in str(caught[0].message)
