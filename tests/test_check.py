@@ -75,3 +75,22 @@ def test_compare_tolerances():
     assert compare(ref * (1 + 1e-6), ref, 1e-4)[0]
     assert not compare(ref + 1e-3, ref, 1e-4)[0]
     assert compare(torch.tensor([float("nan")]), torch.tensor([float("nan")]), 1e-4)[0]
+
+
+def test_check_judges_plain_sums_by_their_terms(kernel_ops):
+    """NOTE: [check tolerances]: channel sums of a zero-mean output gradient (a train-mode
+    BatchNorm's input gradient, through a 1x1 conv: the released code's BatchNorm S of the layer
+    before) are rounding noise on every backend, and agree as such; an error of the terms' scale
+    is still caught."""
+    torch.manual_seed(0)
+    s = torch.randn(4, 8, 56, device=device()) * 1e-3
+    s = s - s.mean(dim=(0, 2), keepdim=True)
+    checked = CheckedOps(kernel_ops, backend_name(kernel_ops))
+    out = torch.zeros(8, device=device())
+    checked.linear_stats(s, out, 1, False)
+    assert out.abs().max() < 1e-6 * s.abs().sum(dim=(0, 2)).max()     # the sums did cancel
+    real = kernel_ops.linear_stats
+    wrong = CheckedOps(type("Wrong", (), {"linear_stats": staticmethod(
+        lambda x, o, *a: (real(x, o, *a), o.add_(1e-3 * x.abs().sum(dim=(0, 2)).max())))})(), "wrong")
+    with pytest.raises(RuntimeError, match="linear_stats"):
+        wrong.linear_stats(s, torch.zeros(8, device=device()), 1, False)
