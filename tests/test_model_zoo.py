@@ -1,9 +1,13 @@
 """Model code written the way vision libraries write it, end to end on every backend.
 
-An EfficientNet built like timm's: "SAME"-padding convs that pad inside forward (NOTE: [padding
-inside forward]), BatchNorm layers that apply their activation as submodules (NOTE: [composite
-layers]), depthwise convs, squeeze-excitation convs on pooled 1x1 maps, residuals, dropout.  Each
-piece has its exact test elsewhere; here they run together, with check=True holding every
+* An EfficientNet built like timm's: "SAME"-padding convs that pad inside forward (NOTE: [padding
+  inside forward]), BatchNorm layers that apply their activation as submodules (NOTE: [composite
+  layers]), depthwise convs, squeeze-excitation convs on pooled 1x1 maps, residuals, dropout.
+* A ConvNeXt stage: LayerNorm2d on channels-first maps (NOTE: [channels-first LayerNorm]), a 7x7
+  depthwise conv, Linear layers on channels-last views, a layer-scale parameter (factor-free).
+* A UNet: GroupNorm, strided convs down, transposed convs up (NOTE: [transposed conv], paper
+  preset), skip concatenations.
+Each piece has its exact test elsewhere; here they run together, with check=True holding every
 statistics call and step of the kernel backends to the torch reference (issue 3 item 6).
 """
 import math
@@ -75,27 +79,76 @@ def efficientnet():
                          nn.Linear(12, 5))
 
 
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: normalises dim 1 of (B, C, H, W)."""
+
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.dw, self.norm = nn.Conv2d(c, c, 7, padding=3, groups=c), nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        h = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        return x + (self.gamma * self.fc2(F.gelu(self.fc1(h)))).permute(0, 3, 1, 2)
+
+
+def convnext():
+    return nn.Sequential(nn.Conv2d(3, 8, 2, 2), LayerNorm2d(8), ConvNeXtBlock(8), LayerNorm2d(8),
+                         nn.Conv2d(8, 12, 2, 2), ConvNeXtBlock(12), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.LayerNorm(12), nn.Linear(12, 5))
+
+
+class UNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        block = lambda cin, cout: nn.Sequential(                                  # noqa: E731
+            nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(2, cout), nn.SiLU())
+        self.enc1, self.down, self.enc2 = block(3, 8), nn.Conv2d(8, 8, 3, 2, 1), block(8, 16)
+        self.up = nn.ConvTranspose2d(16, 8, 3, stride=2, padding=1, output_padding=1)
+        self.dec = block(16, 8)
+        self.out = nn.ConvTranspose2d(8, 5, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        h = self.up(self.enc2(self.down(e1)))
+        return self.out(self.dec(torch.cat([h, e1], 1))).mean((2, 3))
+
+
+# model, hooked layers under (official, paper): the released code hooks Conv2d, BatchNorm2d,
+# LayerNorm and Linear only
+MODELS = {"efficientnet": (efficientnet, (19, 19)), "convnext": (convnext, (14, 14)),
+          "unet": (UNet, (4, 9))}
+
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
-def test_efficientnet_trains_on_every_backend(backend, preset, monkeypatch):
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_trains_on_every_backend(name, backend, preset, monkeypatch):
     if backend != "torch":
         kernel_module(backend, monkeypatch)
+    make, hooked = MODELS[name]
     torch.manual_seed(0)
-    model = efficientnet().to(device())
+    model = make().to(device())
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")         # the composite-layer and padding warnings
+        warnings.simplefilter("ignore")         # composite, padding and factor-free warnings
         opt = AdaFisherW(model, lr=1e-3, weight_decay=1e-2, TCov=1, preset=preset,
                          backend=backend, check=backend != "torch")
         g = torch.Generator().manual_seed(1)
         before = [p.detach().clone() for p in model.parameters()]
         for _ in range(2):
-            x = torch.randn(3, 3, 13, 11, generator=g).to(device())
+            x = torch.randn(3, 3, 12, 10, generator=g).to(device())
             y = torch.randint(0, 5, (3,), generator=g).to(device())
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
             opt.step()
-    hooked = len(opt.fisher.layers)
-    assert hooked == 19                         # every conv and norm layer, and the head
-    assert [d["stat_iters"] for d in opt.diagnostics().values()] == [2] * hooked
+    assert len(opt.fisher.layers) == hooked[preset == "paper"]
+    assert [d["stat_iters"] for d in opt.diagnostics().values()] == [2] * len(opt.fisher.layers)
     assert all(torch.isfinite(p).all() and not torch.equal(p, b)
                for p, b in zip(model.parameters(), before))
