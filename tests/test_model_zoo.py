@@ -7,6 +7,9 @@
   depthwise conv, Linear layers on channels-last views, a layer-scale parameter (factor-free).
 * A UNet: GroupNorm, strided convs down, transposed convs up (NOTE: [transposed conv], paper
   preset), skip concatenations.
+* A ViT: a conv patch embedding, class token and position parameters (factor-free),
+  nn.TransformerEncoderLayer, whose attention uses its out_proj weight without calling the module
+  (NOTE: [silent layers]: it gathers nothing and keeps F = 1 + Lambda).
 Each piece has its exact test elsewhere; here they run together, with check=True holding every
 statistics call and step of the kernel backends to the torch reference (issue 3 item 6).
 """
@@ -121,10 +124,25 @@ class UNet(nn.Module):
         return self.out(self.dec(torch.cat([h, e1], 1))).mean((2, 3))
 
 
+class ViT(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.patch = nn.Conv2d(3, d, 4, 4)
+        self.cls, self.pos = nn.Parameter(torch.zeros(1, 1, d)), nn.Parameter(torch.zeros(1, 7, d))
+        self.encoder = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True,
+                                                  norm_first=True)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        h = self.patch(x).flatten(2).transpose(1, 2)                     # (B, 6, d)
+        h = torch.cat([self.cls.expand(len(h), -1, -1), h], 1) + self.pos
+        return self.head(self.norm(self.encoder(h))[:, 0])
+
+
 # model, hooked layers under (official, paper): the released code hooks Conv2d, BatchNorm2d,
 # LayerNorm and Linear only
 MODELS = {"efficientnet": (efficientnet, (19, 19)), "convnext": (convnext, (14, 14)),
-          "unet": (UNet, (4, 9))}
+          "unet": (UNet, (4, 9)), "vit": (ViT, (8, 8))}
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
@@ -149,6 +167,7 @@ def test_model_trains_on_every_backend(name, backend, preset, monkeypatch):
             F.cross_entropy(model(x), y).backward()
             opt.step()
     assert len(opt.fisher.layers) == hooked[preset == "paper"]
-    assert [d["stat_iters"] for d in opt.diagnostics().values()] == [2] * len(opt.fisher.layers)
+    assert {n: d["stat_iters"] for n, d in opt.diagnostics().items()} == \
+        {lay.name: 0 if lay.name.endswith("out_proj") else 2 for lay in opt.fisher.layers}
     assert all(torch.isfinite(p).all() and not torch.equal(p, b)
                for p, b in zip(model.parameters(), before))
