@@ -1,7 +1,9 @@
 """Statistics hooks (SPEC section 3): a forward hook reads the module input and registers a tensor
-hook on the module output for the output gradient.  Never a full backward hook: a tensor hook
-registered before an in-place op (``ReLU(inplace=True)``, ``out += residual``) still receives the
-gradient of the module's own output, so such models work unchanged.
+hook on the module output for the output gradient (for a layer with submodules of its own, on the
+input of the first submodule its forward calls: NOTE: [composite layers] in state.py).  Never a
+full backward hook: a tensor hook registered before an in-place op (``ReLU(inplace=True)``,
+``out += residual``) still receives the gradient of the module's own output, so such models work
+unchanged.
 
 The hooks only add into the flat buffer in ``FisherState``; all accumulation semantics (micro-batches,
 modules called several times) follow from that.
