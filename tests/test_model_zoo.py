@@ -10,6 +10,8 @@
 * A ViT: a conv patch embedding, class token and position parameters (factor-free),
   nn.TransformerEncoderLayer, whose attention uses its out_proj weight without calling the module
   (NOTE: [silent layers]: it gathers nothing and keeps F = 1 + Lambda).
+* A LLaMA-style decoder: RMSNorm, bias-free attention projections, a SwiGLU MLP, rotary position
+  mixing, and an output head tied to the embedding (NOTE: [shared parameters]).
 Each piece has its exact test elsewhere; here they run together, with check=True holding every
 statistics call and step of the kernel backends to the torch reference (issue 3 item 6).
 """
@@ -139,10 +141,60 @@ class ViT(nn.Module):
         return self.head(self.norm(self.encoder(h))[:, 0])
 
 
-# model, hooked layers under (official, paper): the released code hooks Conv2d, BatchNorm2d,
-# LayerNorm and Linear only
-MODELS = {"efficientnet": (efficientnet, (19, 19)), "convnext": (convnext, (14, 14)),
-          "unet": (UNet, (4, 9)), "vit": (ViT, (8, 8))}
+class LlamaBlock(nn.Module):
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.attn_norm, self.mlp_norm = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.gate, self.up, self.down = (nn.Linear(d, 2 * d, bias=False),
+                                         nn.Linear(d, 2 * d, bias=False),
+                                         nn.Linear(2 * d, d, bias=False))
+
+    def rotate(self, t):
+        b, n, d = t.shape
+        t = t.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+        ang = torch.arange(n, device=t.device)[:, None] * 0.1 * torch.arange(
+            1, t.shape[-1] // 2 + 1, device=t.device)
+        cos, sin = ang.cos(), ang.sin()
+        t1, t2 = t.chunk(2, -1)
+        return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], -1)
+
+    def forward(self, x):
+        h = self.attn_norm(x)
+        q, k = self.rotate(self.q(h)), self.rotate(self.k(h))
+        v = self.v(h).view(q.shape[0], -1, self.heads, q.shape[-1]).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(x.shape))
+        h = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, vocab=5, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.Sequential(LlamaBlock(d), LlamaBlock(d))
+        self.norm, self.head = nn.RMSNorm(d), nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.head(self.norm(self.blocks(self.embed(idx)))).mean(1)
+
+
+def _images(g):
+    return torch.randn(3, 3, 12, 10, generator=g)
+
+
+def _tokens(g):
+    return torch.randint(0, 5, (3, 6), generator=g)
+
+
+# model, its input, hooked layers under (official, paper): the released code hooks Conv2d,
+# BatchNorm2d, LayerNorm and Linear only
+MODELS = {"efficientnet": (efficientnet, _images, (19, 19)),
+          "convnext": (convnext, _images, (14, 14)), "unet": (UNet, _images, (4, 9)),
+          "vit": (ViT, _images, (8, 8)), "llama": (Llama, _tokens, (15, 20))}
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
@@ -151,7 +203,7 @@ MODELS = {"efficientnet": (efficientnet, (19, 19)), "convnext": (convnext, (14, 
 def test_model_trains_on_every_backend(name, backend, preset, monkeypatch):
     if backend != "torch":
         kernel_module(backend, monkeypatch)
-    make, hooked = MODELS[name]
+    make, inputs, hooked = MODELS[name]
     torch.manual_seed(0)
     model = make().to(device())
     with warnings.catch_warnings():
@@ -161,7 +213,7 @@ def test_model_trains_on_every_backend(name, backend, preset, monkeypatch):
         g = torch.Generator().manual_seed(1)
         before = [p.detach().clone() for p in model.parameters()]
         for _ in range(2):
-            x = torch.randn(3, 3, 12, 10, generator=g).to(device())
+            x = inputs(g).to(device())
             y = torch.randint(0, 5, (3,), generator=g).to(device())
             opt.zero_grad()
             F.cross_entropy(model(x), y).backward()
