@@ -132,6 +132,24 @@ def test_composite_layers_compile(grad_tap, monkeypatch):
         assert [d["stat_iters"] for d in oc.diagnostics().values()] == [3] * len(oc.fisher.layers)
 
 
+def test_composite_layers_keep_two_graphs():
+    """The composite-layer hooks' Python state (NOTE: [composite layers]) adds no guard: over 6
+    steps at TCov=2 the compiled model has the two graphs of NOTE: [TCov gating]."""
+    from test_hooks import _composite_pairs
+    comp, _ = _composite_pairs()[1].values
+    counter = CompileCounterWithBackend("aot_eager")
+    opt = AdaFisherW(comp, TCov=2, preset="paper", backend="torch")
+    compiled = torch.compile(comp, fullgraph=True, backend=counter)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        x = torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64)
+        opt.zero_grad()
+        nn.functional.cross_entropy(compiled(x), torch.randint(0, 3, (4,), generator=g)).backward()
+        opt.step()
+    assert counter.frame_count == 2
+    assert [d["stat_iters"] for d in opt.diagnostics().values()] == [3, 3, 3]
+
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_compiled_step_matches_eager(preset):
     eager, (twin, opt) = _pair(AdaFisherW, preset, torch.float64)
