@@ -385,6 +385,45 @@ class BatchNormKind(NormKind):
         return s.shape[0]
 
 
+def _synced(m: nn.SyncBatchNorm) -> bool:
+    """Whether this call normalised with the statistics of every rank's batch (the test
+    SyncBatchNorm.forward makes)."""
+    if not (m.training and torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    return torch.distributed.get_world_size(m.process_group or torch.distributed.group.WORLD) > 1
+
+
+def _global_moments(x3: torch.Tensor, group) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of x3 (R, C, I) over every rank's batch: two
+    all-reduces (sums, then centred squares), traceable by torch.compile."""
+    from torch.distributed import _functional_collectives as funcol
+    group = group or torch.distributed.group.WORLD
+    xs = x3.to(torch.float64 if x3.dtype == torch.float64 else torch.float32)
+    count = xs.new_full((1,), float(x3.shape[0] * x3.shape[2]))
+    tot = funcol.all_reduce(torch.cat([xs.sum((0, 2)), count]), "sum", group)
+    mean = tot[:-1] / tot[-1]
+    m2 = funcol.all_reduce((xs - mean[:, None]).square().sum((0, 2)), "sum", group)
+    return mean, m2 / tot[-1]
+
+
+@register_layer(nn.SyncBatchNorm)
+class SyncBatchNormKind(BatchNormKind):
+    """paper only (the released code hooks nn.BatchNorm2d, which SyncBatchNorm is not): BatchNorm's
+    statistics.  NOTE: [SyncBatchNorm] In multi-process training the layer normalises with the
+    mean and variance of the global batch, so xhat is recomputed with those (two small
+    all-reduces per layer and statistics iteration); H then averages over ranks as every
+    statistic does (SPEC section 6).  In one process it is BatchNorm."""
+    released = ()
+
+    def h_stats(self, m, x, acc, preset, ops):
+        if not _synced(m):
+            return super().h_stats(m, x, acc, preset, ops)
+        x3 = self.view(m, x)
+        mean, var = _global_moments(x3, m.process_group)
+        ops.norm_stats(x3, acc, "channel", 1, m.eps, True, mean, var)
+        return x3.shape[0] * x3.shape[2]
+
+
 @register_layer(nn.LayerNorm)
 class LayerNormKind(NormKind):
     """paper: per-row statistics over normalized_shape (N elements), H_w/S indexed by those.

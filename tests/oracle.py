@@ -17,7 +17,7 @@ D64 = torch.float64
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 NORM = BN + (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
 

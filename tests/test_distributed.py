@@ -91,6 +91,58 @@ def test_ddp_two_ranks_match_single_process(tmp_path, cls_name, preset, with_ln)
     torch.testing.assert_close(r0["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
+def _bn_model(norm):
+    torch.manual_seed(0)
+    # train-mode H_w[c] = var/(var + eps) is within eps/var of 1 for every channel, and min-max
+    # amplifies rounding by var/eps: a large eps keeps the comparison well conditioned
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), norm(3, eps=0.3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 25, 3)).double()
+
+
+def _sync_bn_forward(self, x):
+    """SyncBatchNorm's training forward for CPU tensors (torch's needs a GPU to sync): batch norm
+    with the mean and variance of every rank's batch, through a differentiable all-reduce."""
+    from torch.distributed.nn.functional import all_reduce
+    c, dims = x.shape[1], [0] + list(range(2, x.dim()))
+    tot = all_reduce(torch.cat([x.sum(dims), x.square().sum(dims),
+                                x.new_full((1,), x.numel() / c)]))
+    mean, var = tot[:c] / tot[-1], tot[c:2 * c] / tot[-1] - (tot[:c] / tot[-1]) ** 2
+    shape = [1, c] + [1] * (x.dim() - 2)
+    xhat = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
+    return xhat * self.weight.view(shape) + self.bias.view(shape)
+
+
+def _sync_bn_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        nn.SyncBatchNorm.forward = _sync_bn_forward
+        # DDP refuses SyncBatchNorm in CPU modules for the same reason; its check only checks
+        nn.parallel.DistributedDataParallel._passing_sync_batchnorm_handle = lambda *a: None
+        model = _bn_model(nn.SyncBatchNorm)
+        opt = AdaFisher(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+        _train(nn.parallel.DistributedDataParallel(model), opt, _batches(), rank, WORLD)
+        if rank == 0:
+            torch.save({"params": [p.detach() for p in model.parameters()],
+                        "state": opt.fisher.state.clone()}, os.path.join(out_dir, "sync.pt"))
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batchnorm_two_ranks_match_batchnorm_on_the_whole_batch(tmp_path):
+    """NOTE: [SyncBatchNorm]: H is recomputed with the global batch's statistics, which the layer
+    normalised with, so 2 ranks match one process running BatchNorm2d on the whole batch."""
+    _spawn(_sync_bn_worker, tmp_path)
+    got = torch.load(tmp_path / "sync.pt")
+    model = _bn_model(nn.BatchNorm2d)
+    opt = AdaFisher(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+    _train(model, opt, _batches())
+    for a, b in zip(got["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
+
+
 def _fsdp_worker(rank, init_file, out_dir):
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

@@ -100,6 +100,9 @@ def _cases():
         for tr in (True, False):
             c.append((f"bn{nd}d_{len(sp)}_{'train' if tr else 'eval'}", lambda cls=cls: cls(6),
                       lambda sp=sp: torch.randn(4, 6, *sp) * 2 + 0.5, tr, pre))
+    for tr in (True, False):      # one process: SyncBatchNorm is BatchNorm (paper only)
+        c.append((f"syncbn_{'train' if tr else 'eval'}", lambda: nn.SyncBatchNorm(6),
+                  lambda: torch.randn(4, 6, 5, 7) * 2 + 0.5, tr, ("paper", "official")))
     c.append(("bn2d_noaffine_layer", lambda: nn.BatchNorm2d(5, momentum=0.3), lambda: torch.randn(3, 5, 4, 4), True, both))
     # layer norm
     c.append(("ln_2d", lambda: nn.LayerNorm(7), lambda: torch.randn(5, 7) * 3 + 1, True, both))
