@@ -373,10 +373,15 @@ class BatchNormKind(NormKind):
         if preset.only_released_layers:
             ops.linear_stats(x3, acc, dim=1, square=False, scale=1.0 / x3.shape[2] ** 2)
             return x3.shape[0]
-        use_running = not m.training and m.track_running_stats and m.running_mean is not None
-        ops.norm_stats(x3, acc, "channel", 1, m.eps, True,
-                       m.running_mean if use_running else None, m.running_var if use_running else None)
+        ops.norm_stats(x3, acc, "channel", 1, m.eps, True, *self.moments(m, x3))
         return x3.shape[0] * x3.shape[2]
+
+    def moments(self, m, x3: torch.Tensor):
+        """(mean, var) per channel that the layer normalised x3 (R, C, I) with, or (None, None)
+        for x3's own batch statistics: the running ones in eval mode."""
+        if not m.training and m.track_running_stats and m.running_mean is not None:
+            return m.running_mean, m.running_var
+        return None, None
 
     def s_stats(self, m, s, acc, preset, ops):
         if not preset.only_released_layers:
@@ -415,13 +420,8 @@ class SyncBatchNormKind(BatchNormKind):
     statistic does (SPEC section 6).  In one process it is BatchNorm."""
     released = ()
 
-    def h_stats(self, m, x, acc, preset, ops):
-        if not _synced(m):
-            return super().h_stats(m, x, acc, preset, ops)
-        x3 = self.view(m, x)
-        mean, var = _global_moments(x3, m.process_group)
-        ops.norm_stats(x3, acc, "channel", 1, m.eps, True, mean, var)
-        return x3.shape[0] * x3.shape[2]
+    def moments(self, m, x3):
+        return _global_moments(x3, m.process_group) if _synced(m) else super().moments(m, x3)
 
 
 @register_layer(nn.LayerNorm)
