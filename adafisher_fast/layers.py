@@ -23,7 +23,8 @@ from .reference import conv_out_size
 
 # (src, dst, pow, coef, q): raw[dst] += acc[src] ** pow * coef / count ** q  (LayerTable docstring)
 Term = Tuple[int, int, int, float, int]
-# rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs with offsets local to the layer's S / H
+# rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs with offsets from the start of the layer's
+# S / H (NOTE: [param map] in reference.py)
 ParamMap = Tuple[int, int, int, int, int, int, int, int, int, int]
 
 
@@ -55,6 +56,14 @@ def matrix_map(rows: int, cols: int, transposed: bool = False) -> ParamMap:
     if transposed:
         return (rows, cols, 0, 0, 1, 0, 1, 0, rows, 0)
     return (rows, cols, 0, 1, 0, 0, 0, 1, rows, 0)
+
+
+def cross_matrix_map(rows: int, cols: int, h_size: int, groups: int = 1) -> ParamMap:
+    """A (rows, cols) weight whose element (r, c) uses H[r] and S[group(r) * cols + c], with
+    ``groups`` equal groups of rows (a transposed conv's weight, C_in x D).  F is a product, so
+    the sides may cross (NOTE: [param map] in reference.py): the S-side columns reach H[r] from
+    S's start (-h_size, the size of the layer's H), and the H-side ones S with the group term."""
+    return (rows, cols, -h_size, 1, 0, h_size, 0, 1, rows // groups, cols if groups > 1 else 0)
 
 
 def row_map(rows: int, s_off: int = 0, h_off: int = 0, h_r: int = 1) -> ParamMap:
@@ -256,13 +265,13 @@ class ConvTransposeKind(LayerKind):
     """paper only (the released code does not hook it).  NOTE: [transposed conv] A transposed
     conv is the adjoint of the conv of its geometry: its weight (C_in, C_out/g, *k) has gradient
     sum_{b,l} x[b, c, l] P[b, l, (o, *k)], with P the patches of the output gradient s that the
-    conv (kernel, stride, padding, dilation) sees, over the lattice of input positions l.  So the
-    sides swap: H[c] = mean_{b,l} x[b, c, l]^2 (+ bias entry 1) from linear_stats, and
-    S[j] = mean_{b,l} P[b, l, j]^2 over j = (o, *k) in one group (D = C_out/g * prod(k)) from
-    conv_stats of s, averaged over the g groups: a parameter map indexes its S side without a
-    group term, so groups > 1 share S (H stays per input channel).  Bias entries follow,
-    S[D + o] = mean over output positions of s[o]^2; weight[c, j] uses H'[c] S'[j],
-    bias[o] uses S'[D + o] H'[C_in]."""
+    conv (kernel, stride, padding, dilation) sees in c's group, over the lattice of input
+    positions l.  So the sides swap: H[c] = mean_{b,l} x[b, c, l]^2 (+ bias entry 1) from
+    linear_stats, and S[group, j] = mean_{b,l} P[b, l, j]^2 over j = (o, *k) of that group
+    (D = C_out/g * prod(k) per group) from conv_stats of s.  Bias entries follow,
+    S[g D + o] = mean over output positions of s[o]^2.  weight[c, j] uses H'[c] S'[group(c), j]:
+    the per-group term a map has only on its H side indexes S here (``cross_matrix_map``);
+    bias[o] uses S'[g D + o] H'[C_in]."""
     released = ()
 
     @staticmethod
@@ -274,15 +283,15 @@ class ConvTransposeKind(LayerKind):
         g, d, b = self._dims(m)
         c_in, c_out = m.in_channels, m.out_channels
         h = FactorSpec(c_in, c_in + b, mean_terms(c_in) + ([const_term(c_in, 1.0)] if b else []))
-        terms = [(gi * d + j, j, 1, 1.0 / g, 1) for gi in range(g) for j in range(d)]
-        terms += [(g * d + o, d + o, 1, 1.0, 1) for o in range(b * c_out)]
-        return h, FactorSpec(g * d + b * c_out, d + b * c_out, terms, 2)
+        n_s = g * d + b * c_out
+        return h, FactorSpec(n_s, n_s, mean_terms(n_s), 2)
 
     def param_maps(self, m, preset):
         g, d, b = self._dims(m)
-        maps = {"weight": matrix_map(m.in_channels, d, transposed=True)}
+        c_in = m.in_channels
+        maps = {"weight": cross_matrix_map(c_in, d, c_in + b, groups=g)}
         if b:
-            maps["bias"] = row_map(m.out_channels, s_off=d, h_off=m.in_channels, h_r=0)
+            maps["bias"] = row_map(m.out_channels, s_off=g * d, h_off=c_in, h_r=0)
         return maps
 
     def h_stats(self, m, x, acc, preset, ops):

@@ -239,7 +239,11 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
 #   F = fac[s_off + r*s_r + c*s_c] * fac[h_off + r*h_r + c*h_c + (r // h_gr) * h_gs] + Lambda
 # which covers Linear/Conv (S by row, H by column, grouped conv H per group), norm layers
 # (one H entry per row, or H[0]/H[1] for the released code), Embedding (H by row, S by column)
-# and factor-free parameters (both indices at the constant-1 slot).
+# and factor-free parameters (both indices at the constant-1 slot).  A layer kind gives s_off and
+# h_off from the start of its layer's S and H; a layer's H and S lie next to each other, H first,
+# and F is a product, so either side may index the other factor: a transposed conv's weight takes
+# H per row on the S side and S per group on the H side, the one with a group term
+# (layers.cross_matrix_map).  state.py checks that every index stays in the layer's H and S.
 META_COLS = ("rows", "cols", "s_off", "s_r", "s_c", "h_off", "h_r", "h_c", "h_gr", "h_gs")
 
 

@@ -37,6 +37,29 @@ class Layer:
     s_raw: slice
 
 
+def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
+    """Raise ValueError unless the global map ``row`` of ``p`` (NOTE: [param map] in reference.py)
+    covers p's elements and indexes only its layer's H and S: a layer kind's wrong map would
+    otherwise read other layers' factors, or past the buffer in a kernel."""
+    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = row
+    what = f"AdaFisher: {type(lay.kind).__name__}.param_maps of '{lay.name}' maps '{pname}'"
+    if rows * cols != p.numel() or cols < 1 or h_gr < 1:
+        raise ValueError(f"{what} as ({rows} x {cols}) with h_gr={h_gr}: expected rows * cols = "
+                         f"{p.numel()} (its shape {tuple(p.shape)}), cols >= 1 and h_gr >= 1")
+    if rows == 0:
+        return
+    r = torch.arange(rows)
+    last = cols - 1
+    reach = [s_off + r * s_r + c * s_c for c in (0, last)]
+    reach += [h_off + r * h_r + c * h_c + torch.div(r, h_gr, rounding_mode="floor") * h_gs
+              for c in (0, last)]
+    lo, hi = min(int(t.min()) for t in reach), max(int(t.max()) for t in reach)
+    if lo < lay.h_raw.start or hi >= lay.s_raw.stop:
+        n_h, n_s = lay.h_raw.stop - lay.h_raw.start, lay.s_raw.stop - lay.s_raw.start
+        raise ValueError(f"{what} to factor entries {lo - lay.h_raw.start}..{hi - lay.h_raw.start} "
+                         f"of its layer's H and S, which hold {n_h} + {n_s} entries, H first")
+
+
 def _warn_factor_free(owners: Dict[str, bool], preset, known) -> None:
     """NOTE: [factor-free parameters] Trainable parameters that no hooked layer owns step without
     curvature: F = 1 (official) or 1 + Lambda (paper), steps up to 1/Lambda times smaller than a
@@ -100,7 +123,7 @@ class FisherState:
         device = params[0].device if params else torch.device("cpu")
         trainable = {id(p) for p in params}
         self.layers: List[Layer] = []
-        local_maps = []                     # (param, layer index, local map)
+        local_maps = []                     # (param, layer index, local map, its name)
         specs: List[FactorSpec] = []
         # NOTE: [shared parameters] A parameter of several hooked modules (tied input and output
         # embeddings) takes its factors from the first of them in named_modules() order; the
@@ -117,7 +140,7 @@ class FisherState:
                 continue
             for pn, mp in maps.items():
                 claimed.add(id(getattr(m, pn)))
-                local_maps.append((getattr(m, pn), len(self.layers), mp))
+                local_maps.append((getattr(m, pn), len(self.layers), mp, pn))
             h, s = kind.factors(m, preset)
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
@@ -169,11 +192,12 @@ class FisherState:
 
         # per-parameter index maps, made global; everything else is factor-free
         self.meta: Dict[int, tuple] = {}
-        for p, li, (rows, cols_, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs) in local_maps:
+        for p, li, (rows, cols_, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs), pn in local_maps:
             lay = self.layers[li]
             self.meta[id(p)] = (rows, cols_, lay.s_raw.start + s_off, s_r, s_c,
                                 lay.h_raw.start + h_off, h_r, h_c, h_gr, h_gs)
-        self.owner: Dict[int, Layer] = {id(p): self.layers[li] for p, li, _ in local_maps}
+            _check_map(self.meta[id(p)], p, lay, pn)
+        self.owner: Dict[int, Layer] = {id(p): self.layers[li] for p, li, _, _ in local_maps}
         self.free = {id(p) for p in params} - set(self.meta)
         for p in params:
             if id(p) in self.free:

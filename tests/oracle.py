@@ -220,7 +220,7 @@ def raw_one(m, x, s, preset, training=True):
         P = transposed_conv_patches(x, s, m)             # (B, C_out, K, *L_in)
         L = math.prod(x.shape[2:])
         Sg = (P.reshape(B, g, -1, L) ** 2).sum(dim=(0, 3)) / (B * L)     # (g, C_out/g * K)
-        S = Sg.mean(0)
+        S = Sg.reshape(-1)
         H = (x.transpose(0, 1).reshape(x.shape[1], -1) ** 2).mean(1)
         if has_bias:
             H = torch.cat([H, torch.ones(1, dtype=D64)])
@@ -336,10 +336,11 @@ def param_F(m, pname, p, Hp, Sp, Lambda):
         assert Hg.shape[1] == D + 1
         return Sp * Hg[grp, D] + Lambda
     if isinstance(m, CONVT):
-        c_in, D = m.weight.shape[0], m.weight[0].numel()
+        c_in, D, g = m.weight.shape[0], m.weight[0].numel(), m.groups
         if pname == "weight":
-            return (Hp[:c_in, None] * Sp[None, :D] + Lambda).reshape(p.shape)
-        return Sp[D:] * Hp[c_in] + Lambda
+            grp = torch.arange(c_in) // (c_in // g)
+            return (Hp[:c_in, None] * Sp[:g * D].reshape(g, D)[grp] + Lambda).reshape(p.shape)
+        return Sp[g * D:] * Hp[c_in] + Lambda
     if isinstance(m, nn.Embedding):
         return Hp[:, None] * Sp[None, :] + Lambda
     # normalisation layers

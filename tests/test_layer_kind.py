@@ -105,3 +105,34 @@ def test_readme_kind_runs_on_the_kernel_backends(readme_kind, kernel_ops):
     opt = AdaFisherW(conv, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True)
     _train(conv, opt, 3, torch.float32)
     assert opt.fisher.state.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad,match", [
+    # the README's weight map, one column too many: 5 x 8 is not the weight's 35 elements
+    (lambda nx, nf: layers.matrix_map(nx, nf + 1, transposed=True),
+     r"'0' maps 'weight' as \(5 x 8\) with h_gr=5: expected rows \* cols = 35"),
+    # the S side pointed one entry past the layer's S, into the next layer's factors
+    (lambda nx, nf: (nx, nf, 1, 0, 1, 0, 1, 0, nx, 0),
+     r"'0' maps 'weight' to factor entries 0..13 of its layer's H and S, which hold 6 \+ 7"),
+    # H read from S's start with the wrong H size: -7 is one entry before H[0]
+    (lambda nx, nf: layers.cross_matrix_map(nx, nf, nx + 2),
+     r"'0' maps 'weight' to factor entries -1\.\.13 of its layer's H and S"),
+])
+def test_a_map_outside_its_layer_is_an_error(readme_kind, monkeypatch, bad, match):
+    """A layer kind's parameter map must cover the parameter and index only its own layer's H and
+    S (NOTE: [param map]): otherwise the update would read other layers' factors, or read past the
+    factor buffer in a kernel.  The README kind with one map broken is refused at construction,
+    naming the kind, the layer and the parameter."""
+    good = readme_kind.param_maps
+
+    def param_maps(self, m, preset):
+        maps = good(self, m, preset)
+        maps["weight"] = bad(*m.weight.shape)
+        return maps
+
+    monkeypatch.setattr(readme_kind, "param_maps", param_maps)
+    _, conv = _models(torch.float64)
+    with pytest.raises(ValueError, match="Conv1DKind.param_maps of " + match):
+        AdaFisher(conv, preset="paper")
+    monkeypatch.setattr(readme_kind, "param_maps", good)
+    AdaFisher(conv, preset="paper")          # the README's map passes the same check
