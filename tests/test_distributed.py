@@ -190,3 +190,30 @@ def test_shard_meta_row_offsets():
     # LayerNorm(official) weight of shape (3, 4, 5) viewed (12, 5), H'[0] for every element
     ln = (12, 5, 0, 0, 1, 7, 0, 0, 12, 0)
     assert FisherState.shard_meta(ln, (3, 4, 5), 2, 1, "ln") == (4, 5, 0, 0, 1, 7, 0, 0, 12, 0)
+
+
+@pytest.mark.parametrize("row,shape", [
+    ((8, 5, 100, 1, 0, 200, 0, 1, 4, 6), (8, 5)),          # grouped conv: H per group of 4 rows
+    ((6, 5, 100, 1, 0, 200, 0, 1, 6, 0), (6, 5)),          # Linear
+    # transposed conv, 3 groups of 2 input channels (layers.cross_matrix_map): H per row on the
+    # S side, S per group on the H side
+    ((6, 10, 100, 1, 0, 120, 0, 1, 2, 10), (6, 5, 2)),
+    ((12, 5, 0, 0, 1, 7, 0, 0, 12, 0), (3, 4, 5))])        # LayerNorm (official)
+def test_shard_meta_gives_the_rows_of_the_whole_f(row, shape):
+    """Every dim-0 shard that shard_meta accepts gets F of exactly its rows: reference.fisher_diag
+    of the shard's row against the same rows of fisher_diag of the whole parameter's."""
+    from adafisher_fast.reference import fisher_diag
+    from adafisher_fast.state import FisherState
+    fac = torch.arange(300, dtype=torch.float64) * 0.01 + 0.5
+    whole = fisher_diag(fac, row, 1e-3).reshape(shape)
+    seen = 0
+    for start in range(shape[0]):
+        for length in range(1, shape[0] - start + 1):
+            try:
+                part = FisherState.shard_meta(row, shape, start, length, "w")
+            except NotImplementedError:
+                continue
+            seen += 1
+            got = fisher_diag(fac, part, 1e-3).reshape(length, *shape[1:])
+            torch.testing.assert_close(got, whole[start:start + length], rtol=0, atol=0)
+    assert seen >= shape[0]
