@@ -7,14 +7,15 @@
 * how each parameter maps to (row, column) of F (``param_maps``, NOTE: [param map] in reference.py).
 
 Lookup walks the module's class hierarchy, so subclasses inherit their parent's entry and users add a
-layer kind with ``@register_layer(MyModule)`` on a ``LayerKind`` subclass, without editing the package.
+layer kind with ``@register_layer(MyModule)`` (or the type's name, "module.QualName") on a
+``LayerKind`` subclass, without editing the package.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -107,11 +108,12 @@ def submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     return [(n, c) for n, c in module.named_children() if n != "parametrizations"]
 
 
-_REGISTRY: Dict[type, LayerKind] = {}
+_REGISTRY: Dict[Union[type, str], LayerKind] = {}
 
 
-def register_layer(*module_types: type):
-    """Class decorator: ``@register_layer(nn.Linear)`` registers one LayerKind instance."""
+def register_layer(*module_types: Union[type, str]):
+    """Class decorator: ``@register_layer(nn.Linear)`` registers one LayerKind instance.  A type
+    may also be named "module.QualName", for a library that need not be installed (or imported)."""
     def deco(cls):
         inst = cls()
         for t in module_types:
@@ -122,8 +124,9 @@ def register_layer(*module_types: type):
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
     for t in type(module).__mro__:
-        if t in _REGISTRY:
-            return _REGISTRY[t]
+        kind = _REGISTRY.get(t) or _REGISTRY.get(f"{t.__module__}.{t.__qualname__}")
+        if kind is not None:
+            return kind
     return None
 
 
@@ -132,26 +135,49 @@ def kind_of(module: nn.Module) -> Optional[LayerKind]:
 class LinearKind(LayerKind):
     """H[j] = mean_r x[r, j]^2 (+ bias entry 1), S[o] = mean_r s[r, o]^2; both presets."""
     released = (nn.Linear,)
+    transposed = False          # the weight is stored (out, in); (in, out) if True
+
+    def sizes(self, m) -> Tuple[int, int]:
+        """(in, out) features."""
+        return m.in_features, m.out_features
 
     def factors(self, m, preset):
-        n_in, bias = m.in_features, int(m.bias is not None)
-        h = FactorSpec(n_in, n_in + bias, mean_terms(n_in) + ([const_term(n_in, 1.0)] if bias else []))
-        return h, FactorSpec(m.out_features, m.out_features, mean_terms(m.out_features), 2)
+        n_in, n_out = self.sizes(m)
+        b = int(m.bias is not None)
+        h = FactorSpec(n_in, n_in + b, mean_terms(n_in) + ([const_term(n_in, 1.0)] if b else []))
+        return h, FactorSpec(n_out, n_out, mean_terms(n_out), 2)
 
     def param_maps(self, m, preset):
-        o, i = m.out_features, m.in_features
-        maps = {"weight": matrix_map(o, i)}
+        n_in, n_out = self.sizes(m)
+        w = matrix_map(n_in, n_out, transposed=True) if self.transposed else matrix_map(n_out, n_in)
+        maps = {"weight": w}
         if m.bias is not None:
-            maps["bias"] = row_map(o, h_off=i, h_r=0)
+            maps["bias"] = row_map(n_out, h_off=n_in, h_r=0)
         return maps
 
     def h_stats(self, m, x, acc, preset, ops):
         ops.linear_stats(x, acc)
-        return x.numel() // m.in_features
+        return x.numel() // x.shape[-1]
 
     def s_stats(self, m, s, acc, preset, ops):
         ops.linear_stats(s, acc)
-        return s.numel() // m.out_features
+        return s.numel() // s.shape[-1]
+
+
+@register_layer("transformers.pytorch_utils.Conv1D")
+class HFConv1DKind(LinearKind):
+    """Hugging Face's ``Conv1D`` (GPT-2's projections): y = x @ weight + bias with the weight
+    stored (in, out), a Linear layer transposed; matched by name, so transformers stays optional.
+    Linear's statistics, so both presets hook it: the released code's Linear formulas are the
+    paper's, and left factor-free under "official" (F = 1) a GPT-2's projections would take steps
+    1/Lambda times smaller than its LayerNorms'."""
+    transposed = True
+
+    def supported(self, m, preset):
+        return True
+
+    def sizes(self, m):
+        return tuple(m.weight.shape)
 
 
 _WARNED_PADDING: set = set()     # conv classes told about NOTE: [padding inside forward]

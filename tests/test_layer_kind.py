@@ -1,9 +1,12 @@
-"""A user's layer kind (README, "Adding a layer kind"): the README's example, run as written.
+"""Layer kinds beyond torch.nn: the built-in entry for Hugging Face's ``Conv1D``, found by name, and
+a user's own kind (README, "Adding a layer kind"), the README's example run as written.
 
-Its module, Hugging Face's ``Conv1D`` (transformers is not a dependency), is a Linear layer with the
-weight stored transposed.  So a model of Conv1D layers must train exactly as the same model of
-nn.Linear layers, with every weight transposed: the oracle is the built-in Linear kind, on the
-same data, and the comparison fails if the example maps any weight element to the wrong entry of F.
+The oracles are built-in kinds on equivalent models.  ``Conv1D`` is a Linear layer with its weight
+stored transposed, so a model of Conv1D layers must train exactly as the same model of nn.Linear
+layers with every weight transposed.  timm's ``LayerScale`` multiplies channel c by gamma[c], so it
+must train as a bias-free nn.Linear whose weight is diag(gamma) and whose off-diagonal gradient is
+masked to zero: F on the diagonal of a Linear is S'[c] H'[c] + Lambda, over the same H and S.
+Either comparison fails if a map sends any element to the wrong entry of F.
 """
 import re
 import sys
@@ -21,40 +24,32 @@ from conftest import backend_name, device
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-class Conv1D(nn.Module):
-    """transformers.pytorch_utils.Conv1D: y = x @ weight + bias, weight (nx, nf), bias (nf)."""
+def _conv1d_class(module: str):
+    class Conv1D(nn.Module):
+        """transformers.pytorch_utils.Conv1D: y = x @ weight + bias, weight (nx, nf), bias (nf)."""
 
-    def __init__(self, nf: int, nx: int):
-        super().__init__()
-        self.nf = nf
-        self.weight = nn.Parameter(torch.empty(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
+        def __init__(self, nf: int, nx: int):
+            super().__init__()
+            self.nf = nf
+            self.weight = nn.Parameter(torch.empty(nx, nf))
+            self.bias = nn.Parameter(torch.zeros(nf))
 
-    def forward(self, x):
-        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
-        return y.reshape(*x.shape[:-1], self.nf)
+        def forward(self, x):
+            y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+            return y.reshape(*x.shape[:-1], self.nf)
 
-
-@pytest.fixture
-def readme_kind(monkeypatch):
-    """Runs the README's example against the stand-in Conv1D, in a registry copy that the test
-    throws away; returns the kind class it defines."""
-    monkeypatch.setattr(layers, "_REGISTRY", dict(layers._REGISTRY))
-    fake = types.ModuleType("transformers.pytorch_utils")
-    fake.Conv1D = Conv1D
-    monkeypatch.setitem(sys.modules, "transformers", types.ModuleType("transformers"))
-    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", fake)
-    text = README.read_text()
-    code = re.search(r"<!-- layer-kind-example[^>]*-->\n```python\n(.*?)```", text, re.S).group(1)
-    scope: dict = {}
-    exec(compile(code, str(README), "exec"), scope)
-    return scope["Conv1DKind"]
+    Conv1D.__module__, Conv1D.__qualname__ = module, "Conv1D"
+    return Conv1D
 
 
-def _models(dtype, dev="cpu"):
+Conv1D = _conv1d_class("transformers.pytorch_utils")      # what the built-in kind matches by name
+OtherConv1D = _conv1d_class("mylib.layers")               # the same under another name
+
+
+def _conv1d_models(dtype, dev="cpu", cls=Conv1D):
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dev, dtype)
-    conv = nn.Sequential(Conv1D(7, 5), nn.Tanh(), Conv1D(3, 7)).to(dev, dtype)
+    conv = nn.Sequential(cls(7, 5), nn.Tanh(), cls(3, 7)).to(dev, dtype)
     with torch.no_grad():
         for a, b in ((lin[0], conv[0]), (lin[2], conv[2])):
             b.weight.copy_(a.weight.t())
@@ -62,53 +57,63 @@ def _models(dtype, dev="cpu"):
     return lin, conv
 
 
-def _train(model, opt, steps, dtype):
+def _train(model, opt, steps, dtype, n_in=5, n_out=3):
     g = torch.Generator().manual_seed(1)
     dev = next(model.parameters()).device
     for _ in range(steps):
-        x = torch.randn(4, 6, 5, generator=g, dtype=dtype).to(dev)   # leading dims, as in a GPT
-        y = torch.randn(4, 6, 3, generator=g, dtype=dtype).to(dev)
+        x = torch.randn(4, 6, n_in, generator=g, dtype=dtype).to(dev)   # leading dims, as in a GPT
+        y = torch.randn(4, 6, n_out, generator=g, dtype=dtype).to(dev)
         opt.zero_grad()
         ((model(x) - y) ** 2).mean().backward()
         opt.step()
 
 
-def test_without_a_kind_conv1d_is_named_as_factor_free():
-    _, conv = _models(torch.float64)
+def _same_training(opts, pairs):
+    for want, got in pairs:
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for name in ("state", "fac"):                  # the EMA factors and H'/S' themselves, too
+        torch.testing.assert_close(getattr(opts[1].fisher, name), getattr(opts[0].fisher, name),
+                                   rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------
+# the built-in Conv1D kind
+# ----------------------------------------------------------------------------------------------
+def test_conv1d_is_found_by_its_exact_name():
+    _, conv = _conv1d_models(torch.float64)
+    assert type(layers.kind_of(conv[0])) is layers.HFConv1DKind
+    _, other = _conv1d_models(torch.float64, cls=OtherConv1D)
+    assert layers.kind_of(other[0]) is None
     with pytest.warns(UserWarning, match=r"parameters of 0 \(Conv1D\), 2 \(Conv1D\)"):
-        AdaFisher(conv)
+        AdaFisher(other)
 
 
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
 @pytest.mark.parametrize("preset", ["official", "paper"])
-def test_readme_kind_trains_conv1d_as_the_transposed_linear(readme_kind, preset, cls):
-    lin, conv = _models(torch.float64)
+def test_conv1d_trains_as_the_transposed_linear(preset, cls):
+    lin, conv = _conv1d_models(torch.float64)
     opts = []
     for model in (lin, conv):
         with warnings.catch_warnings():
             warnings.simplefilter("error")            # no factor-free warning: both are hooked
             opts.append(cls(model, lr=1e-2, weight_decay=1e-2, preset=preset, backend="torch"))
         _train(model, opts[-1], 5, torch.float64)
-    for a, b in ((lin[0], conv[0]), (lin[2], conv[2])):
-        assert not torch.equal(b.weight, torch.zeros_like(b.weight))
-        torch.testing.assert_close(b.weight, a.weight.t(), rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(b.bias, a.bias, rtol=1e-12, atol=1e-14)
-    for name in ("state", "fac"):                  # the EMA factors and H'/S' themselves, too
-        torch.testing.assert_close(getattr(opts[1].fisher, name), getattr(opts[0].fisher, name),
-                                   rtol=1e-12, atol=1e-14)
+    assert not torch.equal(conv[0].weight, lin[0].weight.t().detach() * 0)
+    _same_training(opts, [(a.weight.t(), b.weight) for a, b in ((lin[0], conv[0]), (lin[2], conv[2]))]
+                   + [(a.bias, b.bias) for a, b in ((lin[0], conv[0]), (lin[2], conv[2]))])
 
 
-def test_readme_kind_runs_on_the_kernel_backends(readme_kind, kernel_ops):
+def test_conv1d_runs_on_the_kernel_backends(kernel_ops):
     """check=True compares every statistics call and step of the kernel backend with the torch
-    reference (issue 3 item 6), so the new kind needs no kernel of its own."""
-    _, conv = _models(torch.float32, device())
+    reference (issue 3 item 6): a kind needs no kernel of its own."""
+    _, conv = _conv1d_models(torch.float32, device())
     opt = AdaFisherW(conv, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True)
     _train(conv, opt, 3, torch.float32)
     assert opt.fisher.state.abs().sum() > 0
 
 
 @pytest.mark.parametrize("bad,match", [
-    # the README's weight map, one column too many: 5 x 8 is not the weight's 35 elements
+    # the weight map, one column too many: 5 x 8 is not the weight's 35 elements
     (lambda nx, nf: layers.matrix_map(nx, nf + 1, transposed=True),
      r"'0' maps 'weight' as \(5 x 8\) with h_gr=5: expected rows \* cols = 35"),
     # the S side pointed one entry past the layer's S, into the next layer's factors
@@ -118,21 +123,109 @@ def test_readme_kind_runs_on_the_kernel_backends(readme_kind, kernel_ops):
     (lambda nx, nf: layers.cross_matrix_map(nx, nf, nx + 2),
      r"'0' maps 'weight' to factor entries -1\.\.13 of its layer's H and S"),
 ])
-def test_a_map_outside_its_layer_is_an_error(readme_kind, monkeypatch, bad, match):
+def test_a_map_outside_its_layer_is_an_error(monkeypatch, bad, match):
     """A layer kind's parameter map must cover the parameter and index only its own layer's H and
     S (NOTE: [param map]): otherwise the update would read other layers' factors, or read past the
-    factor buffer in a kernel.  The README kind with one map broken is refused at construction,
+    factor buffer in a kernel.  The Conv1D kind with one map broken is refused at construction,
     naming the kind, the layer and the parameter."""
-    good = readme_kind.param_maps
+    good = layers.HFConv1DKind.param_maps
 
     def param_maps(self, m, preset):
         maps = good(self, m, preset)
         maps["weight"] = bad(*m.weight.shape)
         return maps
 
-    monkeypatch.setattr(readme_kind, "param_maps", param_maps)
-    _, conv = _models(torch.float64)
-    with pytest.raises(ValueError, match="Conv1DKind.param_maps of " + match):
+    monkeypatch.setattr(layers.HFConv1DKind, "param_maps", param_maps)
+    _, conv = _conv1d_models(torch.float64)
+    with pytest.raises(ValueError, match="HFConv1DKind.param_maps of " + match):
         AdaFisher(conv, preset="paper")
-    monkeypatch.setattr(readme_kind, "param_maps", good)
-    AdaFisher(conv, preset="paper")          # the README's map passes the same check
+    monkeypatch.setattr(layers.HFConv1DKind, "param_maps", good)
+    AdaFisher(conv, preset="paper")          # the real map passes the same check
+
+
+# ----------------------------------------------------------------------------------------------
+# the README's example
+# ----------------------------------------------------------------------------------------------
+class LayerScale(nn.Module):
+    """timm.layers.LayerScale: y = x * gamma (in place if ``inplace``), gamma (dim,)."""
+
+    def __init__(self, dim: int, init_values: float = 1e-5, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x.mul_(self.gamma) if self.inplace else x * self.gamma
+
+
+class DiagLinear(nn.Linear):
+    """The oracle's LayerScale: a bias-free Linear(n, n) kept diagonal by masking its gradient."""
+
+    def __init__(self, gamma):
+        super().__init__(gamma.numel(), gamma.numel(), bias=False, dtype=gamma.dtype)
+        with torch.no_grad():
+            self.weight.copy_(torch.diag(gamma))
+        eye = torch.eye(gamma.numel(), dtype=gamma.dtype)
+        self.weight.register_hook(lambda g: g * eye)
+
+
+@pytest.fixture
+def readme_kind(monkeypatch):
+    """Runs the README's example against the stand-in LayerScale, in a registry copy that the test
+    throws away; returns the kind class it defines."""
+    monkeypatch.setattr(layers, "_REGISTRY", dict(layers._REGISTRY))
+    fake = types.ModuleType("timm.layers")
+    fake.LayerScale = LayerScale
+    monkeypatch.setitem(sys.modules, "timm", types.ModuleType("timm"))
+    monkeypatch.setitem(sys.modules, "timm.layers", fake)
+    text = README.read_text()
+    code = re.search(r"<!-- layer-kind-example[^>]*-->\n```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, str(README), "exec"), scope)
+    return scope["LayerScaleKind"]
+
+
+def _scale_models(dtype, dev="cpu", inplace=False):
+    torch.manual_seed(0)
+    ls = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), LayerScale(6, 0.5, inplace), nn.Linear(6, 3))
+    with torch.no_grad():
+        ls[2].gamma.copy_(torch.rand(6) + 0.5)
+    ls = ls.to(dev, dtype)
+    diag = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), DiagLinear(ls[2].gamma.detach().cpu()),
+                         nn.Linear(6, 3)).to(dev, dtype)
+    diag.load_state_dict({k.replace("2.gamma", "2.weight"): v for k, v in ls.state_dict().items()
+                          if k != "2.gamma"} | {"2.weight": diag[2].weight}, strict=True)
+    return ls, diag
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_readme_kind_trains_layerscale_as_a_diagonal_linear(readme_kind, cls):
+    ls, diag = _scale_models(torch.float64)
+    opts = []
+    for model in (diag, ls):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")            # no factor-free warning: all are hooked
+            opts.append(cls(model, lr=1e-2, weight_decay=1e-2, preset="paper", backend="torch",
+                            TCov=2))
+        _train(model, opts[-1], 5, torch.float64)
+    assert torch.count_nonzero(diag[2].weight - torch.diag(torch.diagonal(diag[2].weight))) == 0
+    _same_training(opts, [(torch.diagonal(diag[2].weight), ls[2].gamma)]
+                   + [(a.weight, b.weight) for a, b in ((diag[0], ls[0]), (diag[3], ls[3]))])
+    assert opts[1].fisher.counters[:, 0].tolist() == [3, 3, 3]
+
+
+def test_readme_kind_is_paper_only_and_refuses_an_inplace_layerscale(readme_kind):
+    ls, _ = _scale_models(torch.float64)
+    with pytest.warns(UserWarning, match=r"The released code does not hook 2 \(LayerScale\)"):
+        AdaFisher(ls)
+    ls, _ = _scale_models(torch.float64, inplace=True)
+    opt = AdaFisher(ls, preset="paper", TCov=1)
+    with pytest.raises(ValueError, match=r"LayerScale\(inplace=True\): its input is gone"):
+        _train(ls, opt, 1, torch.float64)
+
+
+def test_readme_kind_runs_on_the_kernel_backends(readme_kind, kernel_ops):
+    ls, _ = _scale_models(torch.float32, device())
+    opt = AdaFisherW(ls, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True)
+    _train(ls, opt, 3, torch.float32)
+    assert opt.fisher.counters[:, 0].tolist() == [1, 1, 1]
