@@ -7,9 +7,11 @@
   finite);
 * ``h_min``/``h_mean``/``h_max``: H' over the layer's whole H' vector (bias entries included),
   ``s_min``/``s_mean``/``s_max``: the same for S' (the values the update reads);
-* ``f_min``/``f_mean``/``f_max``: F = S'[row] * H'[col] + Lambda over the elements of the layer's
-  weight (NaN if the layer has no trainable weight);
-* ``curvature_share``: mean over the weight elements of S'H' / F, in [0, 1).  0 means F is just
+* ``f_param``: the layer's largest parameter with curvature factors (its weight for the built-in
+  kinds; ``gamma`` for a LayerScale kind; None if none has factors, e.g. a parametrized weight);
+* ``f_min``/``f_mean``/``f_max``: F = S'[row] * H'[col] + Lambda over the elements of that
+  parameter (NaN without one);
+* ``curvature_share``: mean over those elements of S'H' / F, in [0, 1).  0 means F is just
   Lambda (the step is plain momentum scaled by 1/Lambda); near 1 means the curvature dominates the
   damping.
 
@@ -47,13 +49,15 @@ def curvature_report(opt) -> List[dict]:
     rows = []
     for i, lay in enumerate(fisher.layers):
         h, s = fac[lay.h_raw], fac[lay.s_raw]
-        w = getattr(lay.module, "weight", None)
+        name, w = max(((n, p) for n, p in lay.module.named_parameters(recurse=False)
+                       if fisher.owner.get(id(p)) is lay),
+                      key=lambda np_: np_[1].numel(), default=(None, None))
         row = {"name": lay.name or "<root>", "kind": type(lay.module).__name__,
                "preset": opt.preset, "stat_iters": int(counters[i, 0]),
-               "nonfinite_skips": int(counters[i, 1])}
+               "nonfinite_skips": int(counters[i, 1]), "f_param": name}
         row.update(_mmm(h, "h"))
         row.update(_mmm(s, "s"))
-        if isinstance(w, torch.Tensor) and id(w) in fisher.meta and id(w) not in fisher.free:
+        if w is not None:
             f = fisher_diag(fac, fisher.meta[id(w)], lam)
             row.update(_mmm(f, "f"))
             row["curvature_share"] = float(((f - lam) / f).mean()) if f.numel() else math.nan
@@ -67,8 +71,9 @@ def curvature_report(opt) -> List[dict]:
 def format_report(rows: List[dict]) -> str:
     """A plain-text table of ``curvature_report`` rows (one line per layer)."""
     cols = [("layer", lambda r: r["name"]), ("kind", lambda r: r["kind"]),
-            ("iters", lambda r: str(r["stat_iters"])), ("skips", lambda r: str(r["nonfinite_skips"]))]
-    for k, label in (("h", "H'"), ("s", "S'"), ("f", "F(weight)")):
+            ("iters", lambda r: str(r["stat_iters"])), ("skips", lambda r: str(r["nonfinite_skips"])),
+            ("F of", lambda r: r["f_param"] or "-")]
+    for k, label in (("h", "H'"), ("s", "S'"), ("f", "F")):
         cols.append((f"{label} min/mean/max",
                      lambda r, k=k: "/".join(f"{r[f'{k}_{q}']:.3g}" for q in ("min", "mean", "max"))))
     cols.append(("curv.share", lambda r: f"{r['curvature_share']:.3f}"))

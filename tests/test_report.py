@@ -17,9 +17,11 @@ def minmax(v):
     return (v - v.min()) / (v.max() - v.min() + EPS)
 
 
-def run(opt_cls, preset, steps=3):
+def run(opt_cls, preset, steps=3, weight_norm=False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2, bias=False)).double()
+    if weight_norm:             # layer 0's weight is then computed, and only its bias has factors
+        nn.utils.parametrizations.weight_norm(model[0])
     opt = opt_cls(model, lr=1e-2, Lambda=LAM, gamma=GAMMA, TCov=1, preset=preset,
                   weight_decay=1e-2)
     lin = [model[0], model[2]]
@@ -55,19 +57,30 @@ def run(opt_cls, preset, steps=3):
     expected = []
     for i, m in enumerate(lin):
         hp, sp = state[i] if preset == "official" else map(minmax, state[i])
-        f = sp[:, None] * hp[None, :m.in_features] + LAM
-        expected.append(dict(h=hp, s=sp, f=f, share=((f - LAM) / f).mean()))
+        if weight_norm and i == 0:
+            f, name = sp * hp[-1] + LAM, "bias"
+        else:
+            f, name = sp[:, None] * hp[None, :m.in_features] + LAM, "weight"
+        expected.append(dict(h=hp, s=sp, f=f, share=((f - LAM) / f).mean(), name=name))
     return opt, expected
 
 
+@pytest.mark.parametrize("weight_norm", [False, True])
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW])
 @pytest.mark.parametrize("preset", ["official", "paper"])
-def test_report_matches_hand_computed(opt_cls, preset):
-    opt, expected = run(opt_cls, preset)
+def test_report_matches_hand_computed(opt_cls, preset, weight_norm):
+    """F is reported over the layer's largest parameter with factors: the weight, or the bias of
+    a weight-normed layer (its weight is computed from parameters without factors)."""
+    if weight_norm:
+        with pytest.warns(UserWarning, match=r"0\.parametrizations\.weight"):
+            opt, expected = run(opt_cls, preset, weight_norm=True)
+    else:
+        opt, expected = run(opt_cls, preset)
     rows = opt.curvature_report()
     assert [r["name"] for r in rows] == ["0", "2"]
     for r, e in zip(rows, expected):
-        assert r["kind"] == "Linear" and r["preset"] == preset
+        assert r["kind"].endswith("Linear") and r["preset"] == preset
+        assert r["f_param"] == e["name"]
         assert r["stat_iters"] == 3 and r["nonfinite_skips"] == 0
         for k in ("h", "s", "f"):
             for q, fn in (("min", torch.min), ("mean", torch.mean), ("max", torch.max)):
@@ -92,6 +105,7 @@ def test_report_before_any_statistics_and_plain_types():
         assert r["f_min"] == r["f_max"] == pytest.approx(1.5)
         assert r["curvature_share"] == pytest.approx(1 / 1.5)
         assert all(isinstance(v, (str, int, float)) for v in r.values())
+        assert r["f_param"] == "weight"
 
 
 def test_report_counts_nonfinite_skips():
