@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Set
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from .layers import FactorSpec, LayerKind, kind_of, submodules
 from .reference import LayerTable
@@ -60,25 +61,41 @@ def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
                          f"of its layer's H and S, which hold {n_h} + {n_s} entries, H first")
 
 
-def _warn_factor_free(owners: Dict[str, bool], preset, known) -> None:
+def _factor_free_reason(m: nn.Module, preset) -> str:
+    """Why ``m``'s own trainable parameters have no factors: "released" (its kind is one the
+    preset does not hook), "parametrized" (they compute a hooked layer's weight through a torch
+    parametrization) or "no kind"."""
+    kind = kind_of(m)
+    if kind is not None and not kind.supported(m, preset):
+        return "released"
+    return "parametrized" if isinstance(m, parametrize.ParametrizationList) else "no kind"
+
+
+def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
     """NOTE: [factor-free parameters] Trainable parameters that no hooked layer owns step without
     curvature: F = 1 (official) or 1 + Lambda (paper), steps up to 1/Lambda times smaller than a
     preconditioned layer's.  One warning at construction names their modules (``owners``: name
-    -> whether its layer kind is one the preset does not hook; those in ``known`` already named)
-    and says what would precondition them: preset="paper" for the layer kinds the released code
-    does not hook, a layer kind for other module types and parameters."""
-    new = {n: unhooked for n, unhooked in owners.items() if n not in known}
+    -> ``_factor_free_reason``; those in ``known`` already named) and says what would
+    precondition them: preset="paper" for the layer kinds the released code does not hook, a
+    layer kind for other module types and parameters.  A weight computed by a parametrization
+    (weight_norm, spectral_norm) is not a parameter, and the Fisher of the parameters it is
+    computed from is not the weight's, so those stay factor-free and the warning says so."""
+    new = {n: why for n, why in owners.items() if n not in known}
     if not new:
         return
     step = "plain momentum steps (F = 1)" if not preset.free_params_get_lambda else \
         "steps with F = 1 + Lambda"
     msg = (f"AdaFisher(preset='{preset.name}'): no curvature factors for the parameters of "
            f"{', '.join(new)}: they take {step}.")
-    released = [n for n, unhooked in new.items() if unhooked]
-    if released:
-        msg += (f" The released code does not hook {', '.join(released)}; preset='paper' "
-                f"preconditions them.")
-    if len(released) < len(new):
+    named = {why: [n for n, w in new.items() if w == why] for why in ("released", "parametrized")}
+    if named["released"]:
+        msg += (f" The released code does not hook {', '.join(named['released'])}; "
+                f"preset='paper' preconditions them.")
+    if named["parametrized"]:
+        msg += (f" {', '.join(named['parametrized'])} compute a weight through a torch "
+                f"parametrization (weight_norm, spectral_norm, ...): its curvature factors are "
+                f"not theirs.")
+    if len(named["released"]) + len(named["parametrized"]) < len(new):
         msg += (" Other module types (and bare nn.Parameters) need a layer kind "
                 "(adafisher_fast.register_layer) to be preconditioned.")
     warnings.warn(msg, stacklevel=4)
@@ -144,8 +161,7 @@ class FisherState:
             h, s = kind.factors(m, preset)
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
-        self.factor_free = {f"{name or '<root>'} ({type(m).__name__})":
-                            (k := kind_of(m)) is not None and not k.supported(m, preset)
+        self.factor_free = {f"{name or '<root>'} ({type(m).__name__})": _factor_free_reason(m, preset)
                             for name, m in model.named_modules()
                             if any(id(p) in trainable and id(p) not in claimed
                                    for p in m.parameters(recurse=False))}

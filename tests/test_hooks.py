@@ -503,6 +503,22 @@ def test_factor_free_parameters_are_named_once(preset, recwarn):
                "steps with F = 1 + Lambda." in w
         assert "released code" not in w
     assert "conv" not in w and "adafisher_fast.register_layer" in w
+    assert "parametrization" not in w
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_parameters_behind_a_parametrized_weight_are_named_as_such(preset, recwarn):
+    """A weight computed by weight_norm or spectral_norm is not a parameter: the parameters behind
+    it stay factor-free, and the warning says why rather than asking for a layer kind."""
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(),
+                          nn.utils.parametrizations.spectral_norm(nn.Linear(4, 2)))
+    AdaFisher(model, preset=preset, backend="torch")
+    (w,) = [str(r.message) for r in recwarn.list]
+    names = "0.parametrizations.weight (ParametrizationList), 2.parametrizations.weight " \
+            "(ParametrizationList)"
+    assert f"of {names}: they take" in w
+    assert f" {names} compute a weight through a torch parametrization" in w
+    assert "register_layer" not in w and "released code" not in w
 
 
 class _ConvSame(nn.Conv2d):
