@@ -565,6 +565,38 @@ if hasattr(nn, "RMSNorm"):
             return x3.shape[0]
 
 
+# Hugging Face's RMSNorm classes (module, class): weight * x / sqrt(mean(x^2) + eps) over the last dim
+# (Gemma's scale by 1 + weight, which has the same gradient), eps in variance_epsilon or eps
+_HF_RMSNORMS = (("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("mixtral", "MixtralRMSNorm"),
+                ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3", "Qwen3RMSNorm"),
+                ("qwen3_moe", "Qwen3MoeRMSNorm"), ("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"),
+                ("gemma3", "Gemma3RMSNorm"), ("phi3", "Phi3RMSNorm"), ("olmo2", "Olmo2RMSNorm"),
+                ("t5", "T5LayerNorm"))
+
+
+@register_layer(*(f"transformers.models.{mod}.modeling_{mod}.{cls}" for mod, cls in _HF_RMSNORMS))
+class HFRMSNormKind(NormKind):
+    """paper only, as nn.RMSNorm: Hugging Face's RMSNorm classes (LLaMA, Mistral, Qwen, Gemma, Phi-3,
+    OLMo-2, T5), matched by name, so transformers stays optional.  H_w[c] = mean_T xhat[c]^2 with
+    xhat = x / sqrt(mean(x^2) + eps) over the last dim, S[c] = mean_T s[c]^2."""
+
+    def n_features(self, m):
+        return m.weight.numel()
+
+    def view(self, m, t):
+        return t.reshape(-1, self.n_features(m), 1)
+
+    def param_maps(self, m, preset):        # Gemma's with_scale=False has no weight
+        has_weight = isinstance(getattr(m, "weight", None), nn.Parameter)
+        return super().param_maps(m, preset) if has_weight else {}
+
+    def h_stats(self, m, x, acc, preset, ops):
+        x3 = self.view(m, x)
+        eps = getattr(m, "variance_epsilon", None)
+        ops.norm_stats(x3, acc, "sample", 1, m.eps if eps is None else eps, False)
+        return x3.shape[0]
+
+
 @register_layer(nn.Embedding)
 class EmbeddingKind(LayerKind):
     """paper only: H[v] = token frequency, S[d] = mean over tokens of s[d]^2;

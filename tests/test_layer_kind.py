@@ -103,13 +103,16 @@ def test_conv1d_trains_as_the_transposed_linear(preset, cls):
                    + [(a.bias, b.bias) for a, b in ((lin[0], conv[0]), (lin[2], conv[2]))])
 
 
-def test_conv1d_runs_on_the_kernel_backends(kernel_ops):
+def test_hf_kinds_run_on_the_kernel_backends(kernel_ops):
     """check=True compares every statistics call and step of the kernel backend with the torch
-    reference (issue 3 item 6): a kind needs no kernel of its own."""
-    _, conv = _conv1d_models(torch.float32, device())
-    opt = AdaFisherW(conv, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True)
-    _train(conv, opt, 3, torch.float32)
-    assert opt.fisher.state.abs().sum() > 0
+    reference (issue 3 item 6): a kind needs no kernel of its own.  GPT-2's Conv1D and LLaMA's
+    RMSNorm (below)."""
+    _, conv = _conv1d_models(torch.float32)
+    model = nn.Sequential(conv[0], LlamaRMSNorm(7), conv[2]).to(device())
+    opt = AdaFisherW(model, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True,
+                     TCov=1)
+    _train(model, opt, 3, torch.float32)
+    assert opt.fisher.counters[:, 0].tolist() == [3, 3, 3]
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -229,3 +232,64 @@ def test_readme_kind_runs_on_the_kernel_backends(readme_kind, kernel_ops):
     opt = AdaFisherW(ls, lr=1e-2, preset="paper", backend=backend_name(kernel_ops), check=True)
     _train(ls, opt, 3, torch.float32)
     assert opt.fisher.counters[:, 0].tolist() == [1, 1, 1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face's RMSNorm classes
+# ----------------------------------------------------------------------------------------------
+class LlamaRMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm, as it is written (float32 arithmetic, eps in variance_epsilon)."""
+    __module__ = "transformers.models.llama.modeling_llama"
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class GemmaRMSNorm(nn.Module):
+    """transformers' GemmaRMSNorm: scales by 1 + weight, eps in eps."""
+    __module__ = "transformers.models.gemma.modeling_gemma"
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        output = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (output * (1.0 + self.weight.float())).type_as(x)
+
+
+@pytest.mark.parametrize("hf_cls", [LlamaRMSNorm, GemmaRMSNorm])
+def test_hf_rmsnorm_trains_as_nn_rmsnorm(hf_cls):
+    """Each HF class trains as nn.RMSNorm with the same eps (Gemma's weight + 1 = nn's weight, the
+    same gradient; no weight decay, which would tell them apart).  float32, as the HF classes
+    compute in float32 whatever the input."""
+    eps = 1e-2                          # large enough that a wrong eps shows
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6, eps=eps), nn.Linear(6, 3))
+    hf = nn.Sequential(nn.Linear(5, 6), hf_cls(6, eps=eps), nn.Linear(6, 3))
+    hf.load_state_dict({k: v - (k == "1.weight") * (hf_cls is GemmaRMSNorm)
+                        for k, v in ref.state_dict().items()})
+    opts = []
+    for model in (ref, hf):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")            # no factor-free warning: all are hooked
+            opts.append(AdaFisher(model, lr=1e-2, preset="paper", backend="torch", TCov=1))
+        _train(model, opts[-1], 5, torch.float32)
+    off = 1.0 if hf_cls is GemmaRMSNorm else 0.0
+    assert not torch.equal(ref[1].weight, torch.ones(6))
+    torch.testing.assert_close(hf[1].weight + off, ref[1].weight, rtol=1e-5, atol=1e-6)
+    for name in ("state", "fac"):
+        torch.testing.assert_close(getattr(opts[1].fisher, name), getattr(opts[0].fisher, name),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"The released code does not hook 1 \(" + hf_cls.__name__):
+        AdaFisher(hf)
