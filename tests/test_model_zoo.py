@@ -11,7 +11,8 @@
   nn.TransformerEncoderLayer, whose attention uses its out_proj weight without calling the module
   (NOTE: [silent layers]: it gathers nothing and keeps F = 1 + Lambda).
 * A LLaMA-style decoder: RMSNorm, bias-free attention projections, a SwiGLU MLP, rotary position
-  mixing, and an output head tied to the embedding (NOTE: [shared parameters]).
+  mixing, and an output head tied to the embedding (NOTE: [shared parameters]); and the same
+  fine-tuned with peft-style LoRA adapters, everything else frozen.
 Each piece has its exact test elsewhere; here they run together, with check=True holding every
 statistics call and step of the kernel backends to the torch reference (issue 3 item 6).
 """
@@ -182,6 +183,34 @@ class Llama(nn.Module):
         return self.head(self.norm(self.blocks(self.embed(idx)))).mean(1)
 
 
+class LoraLinear(nn.Module):
+    """peft's LoRA Linear: the frozen base layer plus scaling * B(A(dropout(x))), with A and B in
+    ModuleDicts keyed by adapter name and B starting at zero."""
+
+    def __init__(self, base, r=2, alpha=4):
+        super().__init__()
+        self.base_layer = base
+        self.lora_dropout = nn.ModuleDict({"default": nn.Dropout(0.1)})
+        self.lora_A = nn.ModuleDict({"default": nn.Linear(base.in_features, r, bias=False)})
+        self.lora_B = nn.ModuleDict({"default": nn.Linear(r, base.out_features, bias=False)})
+        nn.init.zeros_(self.lora_B["default"].weight)
+        self.scaling = alpha / r
+
+    def forward(self, x):
+        lora = self.lora_B["default"](self.lora_A["default"](self.lora_dropout["default"](x)))
+        return self.base_layer(x) + lora * self.scaling
+
+
+def llama_lora():
+    """The LLaMA decoder fine-tuned as peft does by default: every weight frozen, LoRA adapters on
+    the q and v projections; only the adapters' Linear layers are hooked."""
+    model = Llama()
+    model.requires_grad_(False)
+    for blk in model.blocks:
+        blk.q, blk.v = LoraLinear(blk.q), LoraLinear(blk.v)
+    return model
+
+
 def _images(g):
     return torch.randn(3, 3, 12, 10, generator=g)
 
@@ -194,7 +223,8 @@ def _tokens(g):
 # BatchNorm2d, LayerNorm and Linear only
 MODELS = {"efficientnet": (efficientnet, _images, (19, 19)),
           "convnext": (convnext, _images, (14, 14)), "unet": (UNet, _images, (4, 9)),
-          "vit": (ViT, _images, (8, 8)), "llama": (Llama, _tokens, (15, 20))}
+          "vit": (ViT, _images, (8, 8)), "llama": (Llama, _tokens, (15, 20)),
+          "llama_lora": (llama_lora, _tokens, (8, 8))}
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
@@ -211,7 +241,7 @@ def test_model_trains_on_every_backend(name, backend, preset, monkeypatch):
         opt = AdaFisherW(model, lr=1e-3, weight_decay=1e-2, TCov=1, preset=preset,
                          backend=backend, check=backend != "torch")
         g = torch.Generator().manual_seed(1)
-        before = [p.detach().clone() for p in model.parameters()]
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
         for _ in range(2):
             x = inputs(g).to(device())
             y = torch.randint(0, 5, (3,), generator=g).to(device())
@@ -221,5 +251,5 @@ def test_model_trains_on_every_backend(name, backend, preset, monkeypatch):
     assert len(opt.fisher.layers) == hooked[preset == "paper"]
     assert {n: d["stat_iters"] for n, d in opt.diagnostics().items()} == \
         {lay.name: 0 if lay.name.endswith("out_proj") else 2 for lay in opt.fisher.layers}
-    assert all(torch.isfinite(p).all() and not torch.equal(p, b)
-               for p, b in zip(model.parameters(), before))
+    for n, p in model.named_parameters():           # trained, or frozen and untouched
+        assert torch.isfinite(p).all() and torch.equal(p, before[n]) != p.requires_grad, n
