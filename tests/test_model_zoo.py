@@ -13,6 +13,8 @@
 * A LLaMA-style decoder: RMSNorm, bias-free attention projections, a SwiGLU MLP, rotary position
   mixing, and an output head tied to the embedding (NOTE: [shared parameters]); and the same
   fine-tuned with peft-style LoRA adapters, everything else frozen.
+* Hugging Face's GPT-2: Conv1D projections (a Linear with its weight stored (in, out), found by
+  name), learned positions, an output head tied to the token embedding.
 Each piece has its exact test elsewhere; here they run together, with check=True holding every
 statistics call and step of the kernel backends to the torch reference (issue 3 item 6).
 """
@@ -211,6 +213,54 @@ def llama_lora():
     return model
 
 
+class Conv1D(nn.Module):
+    """transformers.pytorch_utils.Conv1D (found by name, layers.HFConv1DKind): x @ weight + bias,
+    weight (nx, nf)."""
+    __module__ = "transformers.pytorch_utils"
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.02)
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight)
+        return y.reshape(*x.shape[:-1], self.nf)
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, d, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.c_attn, self.attn_proj = Conv1D(3 * d, d), Conv1D(d, d)
+        self.c_fc, self.mlp_proj = Conv1D(4 * d, d), Conv1D(d, 4 * d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2)
+                   for t in self.c_attn(self.ln_1(x)).split(d, dim=2))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_proj(a.transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+
+class GPT2(nn.Module):
+    """Hugging Face's GPT-2: Conv1D projections, learned positions, a head tied to wte."""
+
+    def __init__(self, vocab=5, d=16, n_pos=8):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(n_pos, d)
+        self.h = nn.Sequential(GPT2Block(d), GPT2Block(d))
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        pos = torch.arange(idx.shape[1], device=idx.device)
+        return self.lm_head(self.ln_f(self.h(self.wte(idx) + self.wpe(pos)))).mean(1)
+
+
 def _images(g):
     return torch.randn(3, 3, 12, 10, generator=g)
 
@@ -224,7 +274,7 @@ def _tokens(g):
 MODELS = {"efficientnet": (efficientnet, _images, (19, 19)),
           "convnext": (convnext, _images, (14, 14)), "unet": (UNet, _images, (4, 9)),
           "vit": (ViT, _images, (8, 8)), "llama": (Llama, _tokens, (15, 20)),
-          "llama_lora": (llama_lora, _tokens, (8, 8))}
+          "llama_lora": (llama_lora, _tokens, (8, 8)), "gpt2": (GPT2, _tokens, (14, 15))}
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
