@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .attention import InProjection
 from .reference import conv_out_size
 
 # (src, dst, pow, coef, q): raw[dst] += acc[src] ** pow * coef / count ** q  (LayerTable docstring)
@@ -178,6 +179,19 @@ class HFConv1DKind(LinearKind):
 
     def sizes(self, m):
         return tuple(m.weight.shape)
+
+
+@register_layer(InProjection)
+class InProjectionKind(LinearKind):
+    """The packed q/k/v projection of an exposed nn.MultiheadAttention (NOTE: [exposed attention]
+    in attention.py): Linear's statistics on its owner's in_proj_weight (3E, E) and in_proj_bias.
+    Both presets hook it, as Conv1D, since it is a Linear layer; the attention's out_proj is one."""
+
+    def supported(self, m, preset):
+        return True
+
+    def sizes(self, m):
+        return m.weight.shape[1], m.weight.shape[0]
 
 
 _WARNED_PADDING: set = set()     # conv classes told about NOTE: [padding inside forward]

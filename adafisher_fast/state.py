@@ -63,11 +63,14 @@ def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
 
 def _factor_free_reason(m: nn.Module, preset) -> str:
     """Why ``m``'s own trainable parameters have no factors: "released" (its kind is one the
-    preset does not hook), "parametrized" (they compute a hooked layer's weight through a torch
-    parametrization) or "no kind"."""
+    preset does not hook), "attention" (an nn.MultiheadAttention, which expose_attention would
+    expose), "parametrized" (they compute a weight through a torch parametrization) or
+    "no kind"."""
     kind = kind_of(m)
     if kind is not None and not kind.supported(m, preset):
         return "released"
+    if type(m) is nn.MultiheadAttention:
+        return "attention"
     return "parametrized" if isinstance(m, parametrize.ParametrizationList) else "no kind"
 
 
@@ -87,15 +90,19 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
         "steps with F = 1 + Lambda"
     msg = (f"AdaFisher(preset='{preset.name}'): no curvature factors for the parameters of "
            f"{', '.join(new)}: they take {step}.")
-    named = {why: [n for n, w in new.items() if w == why] for why in ("released", "parametrized")}
+    named = {why: [n for n, w in new.items() if w == why]
+             for why in ("released", "attention", "parametrized")}
     if named["released"]:
         msg += (f" The released code does not hook {', '.join(named['released'])}; "
                 f"preset='paper' preconditions them.")
+    if named["attention"]:
+        msg += (f" adafisher_fast.expose_attention(model), before making the optimizer, "
+                f"preconditions {', '.join(named['attention'])} (NOTE: [exposed attention]).")
     if named["parametrized"]:
         msg += (f" {', '.join(named['parametrized'])} compute a weight through a torch "
                 f"parametrization (weight_norm, spectral_norm, ...): its curvature factors are "
                 f"not theirs.")
-    if len(named["released"]) + len(named["parametrized"]) < len(new):
+    if sum(map(len, named.values())) < len(new):
         msg += (" Other module types (and bare nn.Parameters) need a layer kind "
                 "(adafisher_fast.register_layer) to be preconditioned.")
     warnings.warn(msg, stacklevel=4)

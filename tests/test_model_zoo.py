@@ -9,7 +9,8 @@
   preset), skip concatenations.
 * A ViT: a conv patch embedding, class token and position parameters (factor-free),
   nn.TransformerEncoderLayer, whose attention uses its out_proj weight without calling the module
-  (NOTE: [silent layers]: it gathers nothing and keeps F = 1 + Lambda).
+  (NOTE: [silent layers]: it gathers nothing and keeps F = 1 + Lambda); and the same with its
+  attention exposed (NOTE: [exposed attention]), whose projections gather statistics.
 * A LLaMA-style decoder: RMSNorm, bias-free attention projections, a SwiGLU MLP, rotary position
   mixing, and an output head tied to the embedding (NOTE: [shared parameters]); and the same
   fine-tuned with peft-style LoRA adapters, everything else frozen.
@@ -26,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adafisher_fast import AdaFisherW
+from adafisher_fast import AdaFisherW, expose_attention
 from conftest import device, kernel_backends, kernel_module
 
 
@@ -261,6 +262,14 @@ class GPT2(nn.Module):
         return self.lm_head(self.ln_f(self.h(self.wte(idx) + self.wpe(pos)))).mean(1)
 
 
+def vit_exposed():
+    """The ViT with its attention exposed (NOTE: [exposed attention]): in_proj and out_proj are
+    hooked Linear layers that gather statistics."""
+    model = ViT()
+    expose_attention(model)
+    return model
+
+
 def _images(g):
     return torch.randn(3, 3, 12, 10, generator=g)
 
@@ -273,7 +282,8 @@ def _tokens(g):
 # BatchNorm2d, LayerNorm and Linear only
 MODELS = {"efficientnet": (efficientnet, _images, (19, 19)),
           "convnext": (convnext, _images, (14, 14)), "unet": (UNet, _images, (4, 9)),
-          "vit": (ViT, _images, (8, 8)), "llama": (Llama, _tokens, (15, 20)),
+          "vit": (ViT, _images, (8, 8)), "vit_exposed": (vit_exposed, _images, (9, 9)),
+          "llama": (Llama, _tokens, (15, 20)),
           "llama_lora": (llama_lora, _tokens, (8, 8)), "gpt2": (GPT2, _tokens, (14, 15))}
 
 
@@ -300,6 +310,7 @@ def test_model_trains_on_every_backend(name, backend, preset, monkeypatch):
             opt.step()
     assert len(opt.fisher.layers) == hooked[preset == "paper"]
     assert {n: d["stat_iters"] for n, d in opt.diagnostics().items()} == \
-        {lay.name: 0 if lay.name.endswith("out_proj") else 2 for lay in opt.fisher.layers}
+        {lay.name: 0 if lay.name.endswith("out_proj") and name == "vit" else 2
+         for lay in opt.fisher.layers}
     for n, p in model.named_parameters():           # trained, or frozen and untouched
         assert torch.isfinite(p).all() and torch.equal(p, before[n]) != p.requires_grad, n
