@@ -198,8 +198,11 @@ def test_exposed_attention_on_the_kernel_backends(kernel_ops):
     assert opt.fisher.counters[:, 0].tolist() == [2, 2, 2]
 
 
-@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_exposed_attention_compiles_without_graph_breaks(compiler):
+# float32 under inductor: torch 2.11's inductor fails the CPU backward of a float64
+# scaled_dot_product_attention ("expected scalar type Double but found Float"), package or not
+@pytest.mark.parametrize("compiler,dtype,tol", [("aot_eager", D64, 1e-9),
+                                                ("inductor", torch.float32, 1e-4)])
+def test_exposed_attention_compiles_without_graph_breaks(compiler, dtype, tol):
     """A compiled model (fullgraph=True) trains as the eager one: the in_proj child and out_proj
     hooks compile with the attention."""
     from torch._dynamo.utils import counters
@@ -207,12 +210,12 @@ def test_exposed_attention_compiles_without_graph_breaks(compiler):
     counters.clear()
     runs = []
     for compiled in (False, True):
-        model, _ = _pair()
+        model = _pair()[0].to(dtype)
         opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
         fwd = torch.compile(model, fullgraph=True, backend=compiler) if compiled else model
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
-            x = torch.randn(N, L, E, generator=g, dtype=D64)
+            x = torch.randn(N, L, E, generator=g, dtype=dtype)
             opt.zero_grad()
             fwd(x).square().mean().backward()
             opt.step()
@@ -220,8 +223,8 @@ def test_exposed_attention_compiles_without_graph_breaks(compiler):
     assert counters["graph_break"] == {}
     (m1, o1), (m2, o2) = runs
     for a, b in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(o2.fisher.state, o1.fisher.state, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol / 1000)
+    torch.testing.assert_close(o2.fisher.state, o1.fisher.state, rtol=tol, atol=tol / 1000)
 
 
 def test_an_unexposed_attention_is_named_with_the_remedy(recwarn):
