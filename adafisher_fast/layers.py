@@ -77,9 +77,12 @@ class LayerKind:
     """Base class of a registry entry.  Subclasses fill in the four methods below."""
     #: layer kinds the authors' released code hooks (the others keep F = 1 under preset="official")
     released: Tuple[type, ...] = ()
+    #: hooked under both presets all the same (a Linear layer in another form)
+    all_presets: bool = False
 
     def supported(self, module: nn.Module, preset) -> bool:
-        return not preset.only_released_layers or isinstance(module, self.released)
+        return (self.all_presets or not preset.only_released_layers
+                or isinstance(module, self.released))
 
     def factors(self, module: nn.Module, preset) -> Tuple[FactorSpec, FactorSpec]:
         raise NotImplementedError
@@ -173,9 +176,7 @@ class HFConv1DKind(LinearKind):
     paper's, and left factor-free under "official" (F = 1) a GPT-2's projections would take steps
     1/Lambda times smaller than its LayerNorms'."""
     transposed = True
-
-    def supported(self, m, preset):
-        return True
+    all_presets = True
 
     def sizes(self, m):
         return tuple(m.weight.shape)
@@ -186,9 +187,7 @@ class InProjectionKind(LinearKind):
     """The packed q/k/v projection of an exposed nn.MultiheadAttention (NOTE: [exposed attention]
     in attention.py): Linear's statistics on its owner's in_proj_weight (3E, E) and in_proj_bias.
     Both presets hook it, as Conv1D, since it is a Linear layer; the attention's out_proj is one."""
-
-    def supported(self, m, preset):
-        return True
+    all_presets = True
 
     def sizes(self, m):
         return m.weight.shape[1], m.weight.shape[0]

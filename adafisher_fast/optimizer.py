@@ -367,11 +367,11 @@ class AdaFisher(Optimizer):
                          if p.grad is not None and id(p) in owner} - fired)
         if silent:
             warnings.warn(f"AdaFisher: layer(s) {', '.join(silent)} got gradients in a statistics "
-                          f"iteration without being called as modules (e.g. nn.MultiheadAttention "
-                          f"uses out_proj.weight directly, unless adafisher_fast.expose_attention "
-                          f"was applied to the model, and an exposed one in cross-attention), so "
-                          f"they gather no curvature statistics and their parameters step with "
-                          f"F = 1 + Lambda", stacklevel=5)
+                          f"iteration without being called as modules, so they gather no "
+                          f"curvature statistics and their parameters step with F = 1 + Lambda (an "
+                          f"nn.MultiheadAttention multiplies by out_proj.weight directly: "
+                          f"adafisher_fast.expose_attention(model) makes its self-attention call "
+                          f"its projections)", stacklevel=5)
 
     @torch.no_grad()
     def step(self, closure=None):
