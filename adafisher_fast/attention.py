@@ -113,14 +113,17 @@ def expose_attention(model: nn.Module) -> List[str]:
     for name, m in model.named_modules():
         if type(m) is not nn.MultiheadAttention:
             continue
-        if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
-            left.append(name or "<root>")
+        why = [what for what, on in (("kdim/vdim", not m._qkv_same_embed_dim),
+                                     ("add_bias_kv", m.bias_k is not None),
+                                     ("add_zero_attn", m.add_zero_attn)) if on]
+        if why:
+            left.append(f"{name or '<root>'} ({', '.join(why)})")
             continue
         m.__class__ = ExposedMultiheadAttention
         m.in_proj = InProjection(m)
         changed.append(name or "<root>")
     if left:
         warnings.warn(f"expose_attention: left {', '.join(left)} as they are: separate q/k/v "
-                      f"weights (kdim/vdim), bias_k/bias_v and add_zero_attn are not supported",
-                      stacklevel=2)
+                      f"weights (kdim/vdim), add_bias_kv and add_zero_attn are not supported, so "
+                      f"their projections get no curvature", stacklevel=2)
     return changed

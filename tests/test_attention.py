@@ -102,7 +102,7 @@ def test_expose_attention_keeps_the_parameters_and_leaves_what_it_cannot_take():
                           nn.MultiheadAttention(E, H, kdim=4, vdim=4),
                           nn.MultiheadAttention(E, H, add_bias_kv=True))
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match=r"left 1, 2 as they are: separate q/k/v weights"):
+    with pytest.warns(UserWarning, match=r"left 1 \(kdim/vdim\), 2 \(add_bias_kv\) as they are"):
         assert expose_attention(model) == ["0.self_attn"]
     assert type(model[0].self_attn) is ExposedMultiheadAttention
     assert type(model[1]) is type(model[2]) is nn.MultiheadAttention
@@ -112,7 +112,7 @@ def test_expose_attention_keeps_the_parameters_and_leaves_what_it_cannot_take():
     assert list(model[0].self_attn.in_proj.parameters()) == []
     clone = copy.deepcopy(model)          # the copy's in_proj reads the copy's parameters
     assert clone[0].self_attn.in_proj.weight is clone[0].self_attn.in_proj_weight
-    with pytest.warns(UserWarning, match="left 1, 2"):
+    with pytest.warns(UserWarning, match=r"left 1 \(kdim/vdim\), 2"):
         assert expose_attention(model) == []              # twice is once
 
 
