@@ -578,19 +578,30 @@ if hasattr(nn, "RMSNorm"):
             return x3.shape[0]
 
 
-# Hugging Face's RMSNorm classes (module, class): weight * x / sqrt(mean(x^2) + eps) over the last dim
-# (Gemma's scale by 1 + weight, which has the same gradient), eps in variance_epsilon or eps
-_HF_RMSNORMS = (("llama", "LlamaRMSNorm"), ("mistral", "MistralRMSNorm"), ("mixtral", "MixtralRMSNorm"),
-                ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen3", "Qwen3RMSNorm"),
-                ("qwen3_moe", "Qwen3MoeRMSNorm"), ("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"),
-                ("gemma3", "Gemma3RMSNorm"), ("phi3", "Phi3RMSNorm"), ("olmo2", "Olmo2RMSNorm"),
-                ("t5", "T5LayerNorm"))
+# Hugging Face's RMSNorm classes (module, class): weight * x / sqrt(mean(x^2) + eps) over the last
+# dim, eps in variance_epsilon or eps; Gemma's and Qwen3-Next's scale by 1 + weight, which has the
+# same gradient.  Each was checked against transformers 5.24.0 by running it on random input.
+_HF_RMSNORMS = (
+    ("llama", "LlamaRMSNorm"), ("llama4", "Llama4TextRMSNorm"), ("mllama", "MllamaTextRMSNorm"),
+    ("mistral", "MistralRMSNorm"), ("mistral3", "Mistral3RMSNorm"),
+    ("ministral", "MinistralRMSNorm"), ("mixtral", "MixtralRMSNorm"),
+    ("qwen2", "Qwen2RMSNorm"), ("qwen2_moe", "Qwen2MoeRMSNorm"), ("qwen2_vl", "Qwen2VLRMSNorm"),
+    ("qwen2_5_vl", "Qwen2_5_VLRMSNorm"), ("qwen3", "Qwen3RMSNorm"), ("qwen3_moe", "Qwen3MoeRMSNorm"),
+    ("qwen3_vl", "Qwen3VLTextRMSNorm"), ("qwen3_next", "Qwen3NextRMSNorm"),
+    ("gemma", "GemmaRMSNorm"), ("gemma2", "Gemma2RMSNorm"), ("gemma3", "Gemma3RMSNorm"),
+    ("gemma3n", "Gemma3nRMSNorm"), ("deepseek_v2", "DeepseekV2RMSNorm"),
+    ("deepseek_v3", "DeepseekV3RMSNorm"), ("phi3", "Phi3RMSNorm"), ("olmo2", "Olmo2RMSNorm"),
+    ("olmo3", "Olmo3RMSNorm"), ("olmoe", "OlmoeRMSNorm"), ("granite", "GraniteRMSNorm"),
+    ("granitemoe", "GraniteMoeRMSNorm"), ("smollm3", "SmolLM3RMSNorm"), ("gpt_oss", "GptOssRMSNorm"),
+    ("glm", "GlmRMSNorm"), ("glm4", "Glm4RMSNorm"), ("helium", "HeliumRMSNorm"),
+    ("t5", "T5LayerNorm"))
 
 
 @register_layer(*(f"transformers.models.{mod}.modeling_{mod}.{cls}" for mod, cls in _HF_RMSNORMS))
 class HFRMSNormKind(NormKind):
-    """paper only, as nn.RMSNorm: Hugging Face's RMSNorm classes (LLaMA, Mistral, Qwen, Gemma, Phi-3,
-    OLMo-2, T5), matched by name, so transformers stays optional.  H_w[c] = mean_T xhat[c]^2 with
+    """paper only, as nn.RMSNorm: Hugging Face's RMSNorm classes (LLaMA, Mistral, Qwen, Gemma,
+    DeepSeek, Phi-3, OLMo, Granite, SmolLM3, gpt-oss, GLM, T5, ...), matched by name, so
+    transformers stays optional.  H_w[c] = mean_T xhat[c]^2 with
     xhat = x / sqrt(mean(x^2) + eps) over the last dim, S[c] = mean_T s[c]^2."""
 
     def n_features(self, m):
