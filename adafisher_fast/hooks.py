@@ -11,6 +11,8 @@ modules called several times) follow from that.
 from __future__ import annotations
 
 import inspect
+import itertools
+import weakref
 from typing import List, Optional, Set
 
 import torch
@@ -79,6 +81,30 @@ class _ModelHook:
         return _ModelHook, (_inert,)
 
 
+# NOTE: [backward statistics] A compiled graph's backward cannot add into the statistics buffer
+# as traced code: AOT autograd makes a mutation of a forward input functional, so the backward
+# would write "the buffer as this graph's forward left it, plus its statistics" back into it,
+# dropping what any other graph added in between (the graph past a graph break, the same graph
+# called again before one backward; torch stops it with "modified by an inplace operation").
+# So under compile the output-gradient hook is this one opaque op, marked side-effecting so that
+# nothing removes it, which runs the eager hook body on the live buffer when the backward runs.
+# The forward hook's statistics stay traced code: a graph's forward runs whole, so its
+# functional update of the buffer is exact, and inductor fuses it into the model's kernels.
+_LIVE: "weakref.WeakValueDictionary[int, StatHooks]" = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@torch.library.custom_op("adafisher::output_grad_stats", mutates_args=())
+def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int) -> None:
+    owner = _LIVE.get(hooks)
+    if owner is not None:                   # None: the optimizer is gone
+        owner._s_stats(owner.fisher.layers[layer], grad)
+
+
+_output_grad_stats.register_fake(lambda grad, hooks, layer: None)
+torch.fx.node.has_side_effect(torch.ops.adafisher.output_grad_stats.default)
+
+
 class _Tap:
     """One composite layer's current call (NOTE: [composite layers]): armed by the layer's forward
     pre-hook, ``placed`` by the first submodule call with the output-gradient hook's pending list
@@ -91,6 +117,8 @@ class _Tap:
 
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow):
+        self.key = next(_KEYS)                  # NOTE: [backward statistics]
+        _LIVE[self.key] = self
         self.fisher = fisher
         self.ops = ops                  # the backend's statistics ops (backends.py)
         # follow(what): moves the optimizer's state to where the model now is, or raises
@@ -198,21 +226,29 @@ class StatHooks:
 
     def _grad_hook(self, lay: Layer, recomputed: Optional[list] = None):
         """The output-gradient hook; ``recomputed``: [(module, input)] of a recomputed call whose
-        H statistics wait for this gradient (NOTE: [recomputation]), or None."""
-        fisher = self.fisher
+        H statistics wait for this gradient (NOTE: [recomputation]), or None.  While compiling,
+        the hook is one opaque op (NOTE: [backward statistics])."""
+        if torch.compiler.is_compiling():
+            key, index = self.key, self.fisher.layers.index(lay)
+
+            def compiled_hook(grad):
+                torch.ops.adafisher.output_grad_stats(grad, key, index)
+            return compiled_hook
 
         def hook(grad):
             for args in recomputed or ():
                 self._h_stats(lay, *args)
-            with torch.no_grad():
-                s = lay.kind.s_input(lay.module, grad.detach())
-                rows = lay.kind.s_stats(lay.module, s, fisher.buf[lay.s_acc], fisher.preset,
-                                        self.ops)
-                fisher.add_rows(lay.s_factor, rows)
-            if not torch.compiler.is_compiling():
-                fisher.flush_after_backward()
+            self._s_stats(lay, grad)
 
         return hook
+
+    def _s_stats(self, lay: Layer, grad: torch.Tensor) -> None:
+        fisher = self.fisher
+        with torch.no_grad():
+            s = lay.kind.s_input(lay.module, grad.detach())
+            rows = lay.kind.s_stats(lay.module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
+            fisher.add_rows(lay.s_factor, rows)
+        fisher.flush_after_backward()
 
     def set_steps(self, steps: int, TCov: int) -> None:
         self.steps = steps

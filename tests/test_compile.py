@@ -114,6 +114,58 @@ def test_grad_tap_path_matches_eager(preset, monkeypatch):
     assert all(d["stat_iters"] == 2 for d in opt.diagnostics().values())
 
 
+class _Broken(AllKinds):
+    """AllKinds with a graph break between its hooked layers, as most real models have one."""
+
+    def forward(self, idx):
+        h = self.emb(idx)
+        torch._dynamo.graph_break()
+        return super().forward(idx) + 0 * h.sum()
+
+
+class _Twice(nn.Module):
+    """A compiled model called on two inputs before one backward (siamese, contrastive losses):
+    ``compile_parts`` compiles ``net`` alone, so its graph runs twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = AllKinds()
+
+    def compile_parts(self, **kw):
+        self.net = torch.compile(self.net, **kw)
+        return self
+
+    def forward(self, idx):
+        return self.net(idx) - 0.5 * self.net(idx.flip(0))
+
+
+@pytest.mark.parametrize("grad_tap", [False, True])
+@pytest.mark.parametrize("compiler,make,fullgraph", [
+    ("aot_eager", _Broken, False), ("inductor", _Broken, False), ("aot_eager", _Twice, True)])
+def test_compiled_statistics_outlive_other_graphs(compiler, make, fullgraph, grad_tap,
+                                                  monkeypatch):
+    """NOTE: [backward statistics] The output-gradient statistics of a compiled graph must add to
+    the live buffer when its backward runs, after other graphs (past a graph break, or the same
+    graph called again) have added theirs: compiled, such models train as in eager mode."""
+    from adafisher_fast import hooks
+    if grad_tap:
+        monkeypatch.setattr(hooks, "_DYNAMO_TRACES_TENSOR_HOOKS", False)
+    torch.manual_seed(0)
+    model = make().double()
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = [AdaFisherW(m, lr=1e-3, TCov=2, preset="paper", backend="torch")
+                for m in (model, twin)]
+    batches = _batches(4)
+    _train(model, opts[0], batches)
+    kw = dict(fullgraph=fullgraph, backend=compiler)
+    _train(twin.compile_parts(**kw) if make is _Twice else torch.compile(twin, **kw), opts[1],
+           batches)
+    _assert_same((model, opts[0]), (twin, opts[1]), 1e-9)
+    assert all(d["stat_iters"] == 2 for d in opts[1].diagnostics().values())
+
+
 @pytest.mark.parametrize("grad_tap", [False, True])
 def test_composite_layers_compile(grad_tap, monkeypatch):
     """NOTE: [composite layers] inside a compiled model: the submodule pre-hook places the
