@@ -1,7 +1,8 @@
 """AdaFisher under torch.compile and CUDA graphs (NOTE: [compiled ops], [TCov gating], [capturable]).
 
-CPU: compiled models (fullgraph, so any graph break fails) and compiled ``step()`` against eager runs
-of the same seed in float64 (the torch backend) or float32 (Triton kernels under the interpreter);
+CPU: compiled models (fullgraph, so any graph break in the hooks fails; and models with graph breaks
+of their own) and compiled ``step()`` against eager runs of the same seed in float64 (the torch
+backend) or float32 (Triton kernels under the interpreter);
 the graph count over 3 * TCov steps; a capturable step on the meta device, where any read of a
 device value on the host raises.  GPU (``-m gpu``): CUDA-graph replay against eager, and
 ``mode="reduce-overhead"``.
