@@ -142,8 +142,9 @@ class StatHooks:
         for lay in fisher.layers:
             first, children = _first_param(lay.module), [c for _, c in submodules(lay.module)]
             tap = _Tap() if children else None
-            self.handles.append(lay.module.register_forward_hook(
-                _ModelHook(self._forward_hook(lay, first, tap)), with_kwargs=True))
+            self.handles += [m.register_forward_hook(
+                _ModelHook(self._forward_hook(lay, first, tap)), with_kwargs=True)
+                for m in [lay.module] + lay.aliases]        # NOTE: [shared parameters]
             if tap is not None:
                 self.handles.append(lay.module.register_forward_pre_hook(
                     _ModelHook(self._arm_hook(first, tap)), with_kwargs=True))
@@ -197,6 +198,8 @@ class StatHooks:
             if x.device != fisher.buf.device:
                 self.follow(f"layer '{lay.name}' ran on {x.device}")
             x = lay.kind.h_input(module, x.detach(), output)
+            if x is None:                        # a call the kind cannot read: gather nothing
+                return
             # NOTE: [recomputation] A forward inside a backward pass is activation checkpointing
             # recomputing a segment.  Non-reentrant checkpointing (torch.utils.checkpoint's
             # use_reentrant=False) already ran this call in the forward pass, and the recomputed

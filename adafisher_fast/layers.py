@@ -96,9 +96,10 @@ class LayerKind:
     def s_stats(self, module: nn.Module, s: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
         raise NotImplementedError
 
-    def h_input(self, module: nn.Module, x: torch.Tensor, output) -> torch.Tensor:
+    def h_input(self, module: nn.Module, x: torch.Tensor, output) -> Optional[torch.Tensor]:
         """What ``h_stats`` reads of a call with input x and this output: x itself, unless a
-        subclass's forward changes the input before the registered operation (optional)."""
+        subclass's forward changes the input before the registered operation, or None for a call
+        the kind cannot read, which then gathers nothing (optional)."""
         return x
 
     def s_input(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
@@ -641,3 +642,39 @@ class EmbeddingKind(LayerKind):
     def s_stats(self, m, s, acc, preset, ops):
         ops.linear_stats(s, acc)
         return s.numel() // m.embedding_dim
+
+    def h_input(self, m, x, output):
+        """NOTE: [embedding lookups] H counts the indices a call looks up, so x must be them.  A
+        subclass with a forward of its own may look up something else: Hugging Face's learned
+        positional embeddings (BART, mBART, Whisper) take the token ids or the input embeddings
+        only for their shape and look up positions.  Such a class is checked once, in eager
+        mode, at its first statistics call: x must be in-range integer indices whose lookup the
+        output is (up to one scale, as a scaled word embedding).  A class that fails gathers
+        nothing, with one warning; a compiled first call is trusted."""
+        if type(m).forward is nn.Embedding.forward or torch.compiler.is_compiling():
+            return x
+        ok = _LOOKUPS.get(type(m))
+        if ok is None:
+            ok = _LOOKUPS[type(m)] = _looks_up(m, x, output)
+            if not ok:
+                warnings.warn(f"AdaFisher: {type(m).__name__}'s forward does not look up the "
+                              f"indices it is given (a positional embedding?), so it gathers no "
+                              f"statistics and its weight steps with its current factors; "
+                              f"register a LayerKind for it (NOTE: [embedding lookups])")
+        return x if ok else None
+
+
+_LOOKUPS: Dict[type, bool] = {}     # Embedding subclasses checked by NOTE: [embedding lookups]
+
+
+def _looks_up(m: nn.Embedding, x: torch.Tensor, output) -> bool:
+    """Whether ``output`` is c * weight[x] for in-range integer indices x and one scalar c."""
+    if (x.dtype not in (torch.int32, torch.int64) or not isinstance(output, torch.Tensor)
+            or tuple(output.shape) != (*x.shape, m.embedding_dim)):
+        return False
+    if x.numel() == 0 or int(x.min()) < 0 or int(x.max()) >= m.num_embeddings:
+        return False
+    ref = torch.nn.functional.embedding(x, m.weight.detach()).to(torch.float64)
+    out = output.detach().to(torch.float64)
+    scale = (out * ref).sum() / (ref * ref).sum().clamp_min(1e-300)
+    return bool(torch.allclose(out, scale * ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max())))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
 import torch
@@ -36,6 +36,8 @@ class Layer:
     s_factor: int
     h_raw: slice        # ranges in state / fac
     s_raw: slice
+    # modules of the same type whose parameters are this module's (NOTE: [shared parameters])
+    aliases: List[nn.Module] = field(default_factory=list)
 
 
 def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
@@ -150,20 +152,27 @@ class FisherState:
         local_maps = []                     # (param, layer index, local map, its name)
         specs: List[FactorSpec] = []
         # NOTE: [shared parameters] A parameter of several hooked modules (tied input and output
-        # embeddings) takes its factors from the first of them in named_modules() order; the
-        # others gather no statistics for it
-        claimed = set()
+        # embeddings) takes its factors from the first of them in named_modules() order.  A
+        # later module of the same type and factors whose parameters are all that layer's (T5's
+        # and BART's encoder and decoder embed_tokens, tied to an unused `shared` Embedding) is
+        # an alias: its calls add to the layer's statistics, as calls of one module do.  The
+        # others (a Linear head tied to an Embedding) gather no statistics for it.
+        claimed: Dict[int, int] = {}            # id(param) -> index of the layer that owns it
         for name, m in model.named_modules():
             kind = kind_of(m)
             if kind is None or not kind.supported(m, preset):
                 continue
-            maps = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
-                    if isinstance(getattr(m, pn, None), nn.Parameter)
-                    and id(getattr(m, pn)) in trainable and id(getattr(m, pn)) not in claimed}
+            mapped = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
+                      if isinstance(getattr(m, pn, None), nn.Parameter)
+                      and id(getattr(m, pn)) in trainable}
+            maps = {pn: mp for pn, mp in mapped.items() if id(getattr(m, pn)) not in claimed}
             if not maps:
+                owner = {claimed[id(getattr(m, pn))] for pn in mapped}
+                if len(owner) == 1 and self._alias(m, kind, preset, self.layers[min(owner)]):
+                    self.layers[min(owner)].aliases.append(m)
                 continue
             for pn, mp in maps.items():
-                claimed.add(id(getattr(m, pn)))
+                claimed[id(getattr(m, pn))] = len(self.layers)
                 local_maps.append((getattr(m, pn), len(self.layers), mp, pn))
             h, s = kind.factors(m, preset)
             specs += [h, s]
@@ -228,6 +237,19 @@ class FisherState:
                 self.meta[id(p)] = (n, 1, raw_off, 0, 0, raw_off, 0, 0, max(n, 1), 0)
         if previous is not None:
             self._adopt(previous)
+
+    @staticmethod
+    def _alias(m: nn.Module, kind: LayerKind, preset, lay: Layer) -> bool:
+        """Whether ``m``, whose mapped parameters all belong to ``lay``, is an alias of it: the
+        same type, factors and parameter maps, every one of its mapped parameters the layer
+        module's own, and no submodules (NOTE: [shared parameters])."""
+        own = lay.module
+        if type(m) is not type(own) or submodules(m) or submodules(own):
+            return False
+        maps = kind.param_maps(m, preset)
+        return (maps == kind.param_maps(own, preset)
+                and kind.factors(m, preset) == kind.factors(own, preset)
+                and all(getattr(m, pn, None) is getattr(own, pn, None) for pn in maps))
 
     def _adopt(self, old: "FisherState") -> None:
         """Copy, for every layer that ``old`` has too (the same module), its raw statistics and

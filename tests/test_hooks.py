@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
-from adafisher_fast import AdaFisher, AdaFisherW
+from adafisher_fast import AdaFisher, AdaFisherW, layers
 from conftest import assert_trajectories_close, fisher_tensors
 
 
@@ -468,6 +468,106 @@ def test_tied_weights_take_the_first_hooked_owner(preset, layers):
     opt.step()
     assert all(d["stat_iters"] == 1 for d in opt.diagnostics().values())
     assert not torch.equal(model.wte.weight, w0)
+
+
+class _Seq2Seq(nn.Module):
+    """T5 / BART in Hugging Face transformers 5: the encoder's and decoder's embed_tokens are
+    Embeddings of their own, tied to a `shared` one that is never called; ``called_shared``
+    writes the same model with both stacks calling `shared` itself."""
+
+    def __init__(self, called_shared=False):
+        super().__init__()
+        self.called_shared = called_shared
+        self.shared = nn.Embedding(11, 6)
+        self.enc_embed, self.dec_embed = nn.Embedding(11, 6), nn.Embedding(11, 6)
+        self.enc_embed.weight = self.dec_embed.weight = self.shared.weight
+        self.enc, self.dec = nn.Linear(6, 6), nn.Linear(6, 11)
+
+    def forward(self, src, tgt):
+        enc_embed, dec_embed = (self.shared, self.shared) if self.called_shared else \
+            (self.enc_embed, self.dec_embed)
+        memory = torch.tanh(self.enc(enc_embed(src))).mean(1, keepdim=True)
+        return self.dec(dec_embed(tgt) + memory)
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_modules_tied_to_a_layer_add_to_its_statistics(cls):
+    """NOTE: [shared parameters] Embeddings tied to an unused one are aliases of its layer: the
+    model trains exactly as the one whose stacks call the shared Embedding itself, where two calls
+    of one module add up (it gathered nothing before: F stayed 1 + Lambda)."""
+    torch.manual_seed(0)
+    tied = _Seq2Seq()
+    oracle = _Seq2Seq(called_shared=True)
+    oracle.load_state_dict(tied.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(0, 11, (3, 5), generator=g), torch.randint(0, 11, (3, 4), generator=g))
+               for _ in range(4)]
+    opts = []
+    for model in (oracle.double(), tied.double()):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # no factor-free or silent-layer warning
+            opts.append(cls(model, lr=1e-2, TCov=1, preset="paper", backend="torch"))
+            for src, tgt in batches:
+                opts[-1].zero_grad()
+                model(src, tgt).logsumexp(-1).sum().backward()
+                opts[-1].step()
+    assert [lay.name for lay in opts[1].fisher.layers] == ["shared", "enc", "dec"]
+    assert opts[1].fisher.layers[0].aliases == [tied.enc_embed, tied.dec_embed]
+    assert opts[1].diagnostics()["shared"]["stat_iters"] == 4
+    for a, b in zip(oracle.parameters(), tied.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(opts[1].fisher.state, opts[0].fisher.state, rtol=1e-12, atol=1e-14)
+
+
+class _LearnedPositions(nn.Embedding):
+    """Hugging Face's BartLearnedPositionalEmbedding: its input gives only the shape; it looks up
+    positions (offset by 2)."""
+
+    def forward(self, input_ids, cache_length=0):
+        bsz, seq_len = input_ids.shape[:2]
+        positions = torch.arange(cache_length, cache_length + seq_len, device=self.weight.device)
+        return super().forward(positions.expand(bsz, -1) + 2)
+
+
+class _ScaledWords(nn.Embedding):
+    """Hugging Face's BartScaledWordEmbedding: a lookup times a constant."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * 4.0
+
+
+class _Bartish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.words, self.positions = _ScaledWords(13, 6), _LearnedPositions(9, 6)
+        self.head = nn.Linear(6, 13)
+
+    def forward(self, ids):
+        h = self.words(ids) + self.positions(ids)                    # as BART's decoder
+        h = h + self.positions(h[:, :, -1])                           # as its encoder: a float input
+        return self.head(torch.tanh(h))
+
+
+def test_embedding_subclasses_that_do_not_look_up_their_input_gather_nothing():
+    """NOTE: [embedding lookups] A positional embedding given token ids (out of its range here)
+    or embeddings gathered index counts from them, or crashed; now it gathers nothing, with one
+    warning, while a scaled word embedding's H is still its token frequencies."""
+    layers._LOOKUPS.clear()
+    torch.manual_seed(0)
+    model = _Bartish().double()
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    ids = torch.randint(0, 13, (3, 5))
+    with pytest.warns(UserWarning, match=r"_LearnedPositions's forward does not look up") as rec:
+        model(ids).logsumexp(-1).sum().backward()
+    assert sum("does not look up" in str(r.message) for r in rec) == 1
+    raw = opt.raw_stats()
+    torch.testing.assert_close(raw["words"][0], torch.bincount(ids.reshape(-1), minlength=13)
+                               .to(torch.float64) / ids.numel(), rtol=1e-12, atol=0)
+    opt.step()
+    assert opt.diagnostics()["positions"]["stat_iters"] == 0
+    assert opt.diagnostics()["words"]["stat_iters"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert layers._LOOKUPS == {_ScaledWords: True, _LearnedPositions: False}
 
 
 class _ScaledLinear(nn.Linear):
