@@ -595,6 +595,7 @@ _HF_RMSNORMS = (
     ("olmo3", "Olmo3RMSNorm"), ("olmoe", "OlmoeRMSNorm"), ("granite", "GraniteRMSNorm"),
     ("granitemoe", "GraniteMoeRMSNorm"), ("smollm3", "SmolLM3RMSNorm"), ("gpt_oss", "GptOssRMSNorm"),
     ("glm", "GlmRMSNorm"), ("glm4", "Glm4RMSNorm"), ("helium", "HeliumRMSNorm"),
+    ("mamba", "MambaRMSNorm"), ("mamba2", "Mamba2RMSNorm"), ("jamba", "JambaRMSNorm"),
     ("t5", "T5LayerNorm"))
 
 
