@@ -9,12 +9,14 @@ no parameters of its own) and ``out_proj``: both are then Linear layers to the o
 parameters stay where they are, so state_dict keys, pretrained weights and checkpoints are
 unchanged.
 
-NOTE: [exposed attention] The exposed forward handles self-attention (query, key and value the
-same tensor: ViT and encoder blocks, decoder self-attention) with every mask and option that
-torch's takes (attn_mask 2-D or 3-D, bool or float; key_padding_mask; need_weights and
-average_attn_weights; is_causal; dropout; batch_first; unbatched input).  Any other call
-(cross-attention) runs torch's own forward, which gathers nothing: the optimizer's warning about
-layers that got gradients without being called names it.  Modules with separate q/k/v weights
+NOTE: [exposed attention] The exposed forward takes every mask and option that torch's takes
+(attn_mask 2-D or 3-D, bool or float; key_padding_mask; need_weights and average_attn_weights;
+is_causal; dropout; batch_first; unbatched input).  Self-attention (query, key and value the same
+tensor: ViT and encoder blocks, decoder self-attention) calls ``in_proj`` on it.  In
+cross-attention the packed weight's q, k and v rows see different inputs, with different row
+counts, which one layer's factors cannot hold: those projections stay functional and gather
+nothing (the optimizer's warning about layers that got gradients without being called names
+``in_proj``), while ``out_proj`` is still called.  Modules with separate q/k/v weights
 (kdim/vdim), bias_k/bias_v or add_zero_attn are left as they are, with a warning.
 """
 from __future__ import annotations
@@ -56,32 +58,40 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
 
 
 class ExposedMultiheadAttention(nn.MultiheadAttention):
-    """nn.MultiheadAttention whose self-attention calls its ``in_proj`` and ``out_proj`` modules
-    (NOTE: [exposed attention]).  Made by ``expose_attention``, not constructed directly."""
+    """nn.MultiheadAttention that calls its ``out_proj`` module, and its ``in_proj`` module in
+    self-attention (NOTE: [exposed attention]).  Made by ``expose_attention``, not constructed
+    directly."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if not (query is key and key is value) or (is_causal and attn_mask is None):
-            # torch's forward: cross-attention, or the error torch raises for is_causal alone
+        if is_causal and attn_mask is None:         # torch's forward raises its own error
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
+        self_attention = query is key and key is value
         batched = query.dim() == 3
-        x = query if batched else query.unsqueeze(0 if self.batch_first else 1)
+        # torch's layout, (length, batch, E)
+        q, k, v = (t if batched else t.unsqueeze(0 if self.batch_first else 1)
+                   for t in (query, key, value))
         if self.batch_first:
-            x = x.transpose(0, 1)
-        n_q, n_b, e = x.shape                               # (L, N, E), as torch's layout
-        h = self.num_heads
+            q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        n_q, n_b, e = q.shape
+        n_k, h = k.shape[0], self.num_heads
         hd = e // h
-        # (L, N, 3E) -> three (N, H, L, hd)
-        q, k, v = (t.reshape(n_q, n_b, h, hd).permute(1, 2, 0, 3)
-                   for t in self.in_proj(x).chunk(3, dim=-1))
-        # one additive mask broadcast to (N, H, L, L); is_causal is a hint that attn_mask is causal
+        if self_attention:
+            q, k, v = self.in_proj(q).chunk(3, dim=-1)
+        else:       # the chunks of the packed weight see three inputs: functional, no statistics
+            bias = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+            q, k, v = (F.linear(t, w, b) for t, w, b in
+                       zip((q, k, v), self.in_proj_weight.chunk(3), bias))
+        # (length, N, E) -> (N, H, length, hd)
+        q, k, v = (t.reshape(t.shape[0], n_b, h, hd).permute(1, 2, 0, 3) for t in (q, k, v))
+        # one additive mask broadcast to (N, H, L, S); is_causal is a hint that attn_mask is causal
         mask = _additive(attn_mask, q.dtype)
         if mask is not None:
-            mask = mask.reshape(n_b, h, n_q, n_q) if mask.dim() == 3 else mask
+            mask = mask.reshape(n_b, h, n_q, n_k) if mask.dim() == 3 else mask
         pad = _additive(key_padding_mask, q.dtype)
         if pad is not None:
-            pad = pad.reshape(n_b, 1, 1, n_q)
+            pad = pad.reshape(n_b, 1, 1, n_k)
             mask = pad if mask is None else mask + pad
         p = self.dropout if self.training else 0.0
         if need_weights:

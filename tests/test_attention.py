@@ -22,15 +22,15 @@ D64 = torch.float64
 E, H, L, N = 8, 2, 5, 3
 
 
-def _masks(kind, batched):
-    """(attn_mask, key_padding_mask, is_causal) of one case."""
+def _masks(kind, batched, s_len):
+    """(attn_mask, key_padding_mask, is_causal) of one case, for S = s_len keys."""
     g = torch.Generator().manual_seed(3)
     n = N if batched else 1
-    causal = torch.ones(L, L, dtype=torch.bool).triu(1)
-    pad = torch.zeros(n, L, dtype=torch.bool)
-    pad[0, -2:] = True                                   # the first sequence is 3 tokens long
+    causal = torch.ones(L, s_len, dtype=torch.bool).triu(1)
+    pad = torch.zeros(n, s_len, dtype=torch.bool)
+    pad[0, -2:] = True                                   # the first sequence is shorter
     pad = pad if batched else pad[0]
-    noise = torch.randn(n * H, L, L, generator=g, dtype=D64)
+    noise = torch.randn(n * H, L, s_len, generator=g, dtype=D64)
     return {"none": (None, None, False),
             "causal_bool": (causal, None, False),
             "causal_hint": (causal, None, True),
@@ -42,6 +42,20 @@ def _masks(kind, batched):
             "causal_and_padding": (causal, pad, True)}[kind]
 
 
+def _inputs(attention, shape):
+    """(query, key, value): one tensor three times, or a query and S = L + 2 keys (values the
+    keys, or a tensor of their own)."""
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(*shape, generator=g, dtype=D64)
+    if attention == "self":
+        return q, q, q
+    kshape = list(shape)
+    kshape[-2 if len(shape) == 3 and shape[0] == N and shape[1] == L else 0] += 2
+    k = torch.randn(*kshape, generator=g, dtype=D64)
+    return q, k, k if attention == "cross_kv" else torch.randn(*kshape, generator=g, dtype=D64)
+
+
+@pytest.mark.parametrize("attention", ["self", "cross_kv", "cross"])
 @pytest.mark.parametrize("kind", ["none", "causal_bool", "causal_hint", "float_2d", "bool_3d",
                                   "float_3d", "padding_bool", "padding_float",
                                   "causal_and_padding"])
@@ -49,24 +63,27 @@ def _masks(kind, batched):
 @pytest.mark.parametrize("batch_first", [False, True])
 @pytest.mark.parametrize("batched", [True, False])
 @pytest.mark.parametrize("bias,dropout", [(True, 0.0), (False, 0.0), (True, 0.3)])
-def test_exposed_attention_computes_torch_attention(kind, need_weights, average, batch_first,
-                                                    batched, bias, dropout):
+def test_exposed_attention_computes_torch_attention(attention, kind, need_weights, average,
+                                                    batch_first, batched, bias, dropout):
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(E, H, dropout=dropout, bias=bias, batch_first=batch_first,
                                 dtype=D64)
     exp = copy.deepcopy(ref)
     assert expose_attention(exp) == ["<root>"]
-    attn_mask, pad, causal = _masks(kind, batched)
+    s_len = L if attention == "self" else L + 2
+    attn_mask, pad, causal = _masks(kind, batched, s_len)
     shape = ((N, L, E) if batch_first else (L, N, E)) if batched else (L, E)
-    x0 = torch.randn(*shape, dtype=D64)
+    inputs = _inputs(attention, shape)
     outs = []
     for m in (ref, exp):
-        x = x0.clone().requires_grad_()
+        leaves = {id(t): t.clone().requires_grad_() for t in inputs}
+        q, k, v = (leaves[id(t)] for t in inputs)             # the same tensor stays the same
         torch.manual_seed(7)                              # the same dropout draws
-        out, w = m(x, x, x, key_padding_mask=pad, need_weights=need_weights, attn_mask=attn_mask,
+        out, w = m(q, k, v, key_padding_mask=pad, need_weights=need_weights, attn_mask=attn_mask,
                    average_attn_weights=average, is_causal=causal)
         grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=D64)
-                                     .reshape(out.shape)).nansum(), [x, *m.parameters()])
+                                     .reshape(out.shape)).nansum(),
+                                    [*leaves.values(), *m.parameters()])
         outs.append((out, w, grads))
     (o1, w1, g1), (o2, w2, g2) = outs
     torch.testing.assert_close(o2, o1, rtol=1e-12, atol=1e-13, equal_nan=True)
@@ -77,23 +94,23 @@ def test_exposed_attention_computes_torch_attention(kind, need_weights, average,
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12, equal_nan=True)
 
 
-def test_cross_attention_and_a_lone_causal_hint_run_torch_attention():
-    """Calls the exposed forward does not take run torch's forward: the same results, and the
-    same error for is_causal without attn_mask; in_proj is not called."""
+def test_which_projections_a_call_runs_as_modules():
+    """Self-attention calls in_proj and out_proj; cross-attention only out_proj (NOTE: [exposed
+    attention]); is_causal without attn_mask gets torch's own error."""
     torch.manual_seed(0)
-    ref = nn.MultiheadAttention(E, H, dtype=D64)
-    exp = copy.deepcopy(ref)
+    exp = nn.MultiheadAttention(E, H, dtype=D64)
     expose_attention(exp)
     calls = []
-    exp.in_proj.register_forward_hook(lambda *a: calls.append(1))
+    exp.in_proj.register_forward_hook(lambda *a: calls.append("in_proj"))
+    exp.out_proj.register_forward_hook(lambda *a: calls.append("out_proj"))
     q, kv = torch.randn(L, N, E, dtype=D64), torch.randn(L + 2, N, E, dtype=D64)
-    for a, b in zip(ref(q, kv, kv), exp(q, kv, kv)):
-        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    exp(q, kv, kv)
+    assert calls == ["out_proj"]
+    calls.clear()
+    exp(q, q, q)
+    assert calls == ["in_proj", "out_proj"]
     with pytest.raises(RuntimeError, match="is_causal"):
         exp(q, q, q, is_causal=True)
-    assert calls == []
-    exp(q, q, q)
-    assert calls == [1]
 
 
 def test_expose_attention_keeps_the_parameters_and_leaves_what_it_cannot_take():
@@ -242,3 +259,21 @@ def test_an_unexposed_attention_is_named_with_the_remedy(recwarn):
     _train(model, opt, 1)
     (w,) = [str(r.message) for r in recwarn.list]
     assert "layer(s) attn.out_proj got gradients" in w and "expose_attention" in w
+
+
+def test_a_decoder_layer_preconditions_all_but_the_cross_attention_in_projection(recwarn):
+    """nn.TransformerDecoderLayer, exposed: self-attention's in_proj and out_proj and the cross-
+    attention's out_proj gather statistics; the cross-attention's in_proj is named as silent."""
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True,
+                                       dtype=D64)
+    assert expose_attention(layer) == ["self_attn", "multihead_attn"]
+    opt = AdaFisher(layer, TCov=1, preset="paper", backend="torch")
+    tgt, memory = torch.randn(N, L, E, dtype=D64), torch.randn(N, L + 2, E, dtype=D64)
+    layer(tgt, memory).square().mean().backward()
+    opt.step()
+    iters = {n: d["stat_iters"] for n, d in opt.diagnostics().items()}
+    assert iters.pop("multihead_attn.in_proj") == 0
+    assert set(iters.values()) == {1} and "multihead_attn.out_proj" in iters
+    (w,) = [str(r.message) for r in recwarn.list]
+    assert "layer(s) multihead_attn.in_proj got gradients" in w
