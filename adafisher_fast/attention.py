@@ -116,9 +116,9 @@ class ExposedMultiheadAttention(nn.MultiheadAttention):
 def expose_attention(model: nn.Module) -> List[str]:
     """Change every nn.MultiheadAttention in ``model`` (exactly that class) to
     ``ExposedMultiheadAttention`` in place, so that AdaFisher preconditions its projections; call
-    it before making the optimizer (and before torch.compile or DDP wrap the model).  Returns the names of the modules changed; those it cannot
-    change (separate q/k/v weights, bias_k/bias_v, add_zero_attn) are named in a warning
-    (NOTE: [exposed attention])."""
+    it before making the optimizer (and before torch.compile or DDP wrap the model).  Returns the
+    names of the modules changed; those it cannot change (separate q/k/v weights, bias_k/bias_v,
+    add_zero_attn) are named in a warning (NOTE: [exposed attention])."""
     changed, left = [], []
     for name, m in model.named_modules():
         if type(m) is not nn.MultiheadAttention:
