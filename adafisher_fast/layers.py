@@ -612,7 +612,7 @@ class HFRMSNormKind(NormKind):
     def view(self, m, t):
         return t.reshape(-1, self.n_features(m), 1)
 
-    def param_maps(self, m, preset):        # Gemma's with_scale=False has no weight
+    def param_maps(self, m, preset):        # Gemma3n's with_scale=False has no weight
         has_weight = isinstance(getattr(m, "weight", None), nn.Parameter)
         return super().param_maps(m, preset) if has_weight else {}
 

@@ -288,3 +288,27 @@ def test_hf_rmsnorm_trains_as_nn_rmsnorm(hf_cls):
     torch.testing.assert_close(hf[1].weight + off, ref[1].weight, rtol=1e-5, atol=1e-6)
     with pytest.warns(UserWarning, match=r"The released code does not hook 1 \(" + hf_cls.__name__):
         AdaFisher(hf)
+
+
+class Gemma3nRMSNorm(nn.Module):
+    """transformers' Gemma3nRMSNorm: with_scale=False (Gemma 3n's v_norm) has no weight."""
+    __module__ = "transformers.models.gemma3n.modeling_gemma3n"
+
+    def __init__(self, dim, eps=1e-6, with_scale=True):
+        super().__init__()
+        self.eps, self.with_scale = eps, with_scale
+        if with_scale:
+            self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float() if self.with_scale else out).type_as(x)
+
+
+def test_a_weightless_hf_rmsnorm_is_no_layer():
+    model = nn.Sequential(nn.Linear(5, 6), Gemma3nRMSNorm(6, with_scale=False),
+                          Gemma3nRMSNorm(6), nn.Linear(6, 3))
+    opt = AdaFisher(model, preset="paper", TCov=1)
+    assert [lay.name for lay in opt.fisher.layers] == ["0", "2", "3"]
+    _train(model, opt, 1, torch.float32)
+    assert opt.fisher.counters[:, 0].tolist() == [1, 1, 1]
