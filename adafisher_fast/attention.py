@@ -4,26 +4,31 @@ torch's nn.MultiheadAttention computes its q/k/v projection with its bare ``in_p
 multiplies by ``out_proj.weight`` without calling ``out_proj``, so no module hook sees either and
 both step without curvature (README, "Only module calls are seen").  ``expose_attention(model)``
 changes the class of each such module in place to ``ExposedMultiheadAttention``, whose forward
-computes the same attention but calls an ``in_proj`` child module (the packed projection, holding
-no parameters of its own) and ``out_proj``: both are then Linear layers to the optimizer.  The
-parameters stay where they are, so state_dict keys, pretrained weights and checkpoints are
-unchanged.
+computes the same attention but calls its q/k/v projections as child modules holding no
+parameters of their own (``InProjection``) and ``out_proj`` as a module: the optimizer then
+preconditions both.  The parameters stay where they are, so state_dict keys, pretrained weights
+and checkpoints are unchanged.
 
 NOTE: [exposed attention] The exposed forward takes every mask and option that torch's takes
 (attn_mask 2-D or 3-D, bool or float; key_padding_mask; need_weights and average_attn_weights;
-is_causal; dropout; batch_first; unbatched input).  Self-attention (query, key and value the same
-tensor: ViT and encoder blocks, decoder self-attention) calls ``in_proj`` on it.  In
-cross-attention the packed weight's q, k and v rows see different inputs, with different row
-counts, which one layer's factors cannot hold: those projections stay functional and gather
-nothing (the optimizer's warning about layers that got gradients without being called names
-``in_proj``), while ``out_proj`` is still called.  Modules with separate q/k/v weights
-(kdim/vdim), bias_k/bias_v or add_zero_attn are left as they are, with a warning.
+is_causal; dropout; batch_first; unbatched input; kdim/vdim; add_bias_kv; add_zero_attn).  The
+q, k and v projections are one layer (``InProjectionKind``): H holds three blocks, the second
+moments of the query's, the key's and the value's features, and S the 3E output rows, so
+F[r, c] = S'[r] * H'[block(r), c] + Lambda, min-max normalised together as one layer's (a
+grouped 1x1 convolution with three groups has this F).  Self-attention (query, key and value the
+same tensor: ViT and encoder blocks, decoder self-attention) calls the ``in_proj`` child once
+with the packed weight, which adds its input's statistics to all three blocks; otherwise
+(cross-attention, kdim/vdim) the children ``in_proj_q``, ``in_proj_k`` and ``in_proj_v`` project
+one input each, aliases of ``in_proj`` that add to their own block.  Query and key may differ in
+length, so a call adds its per-sequence means (sums over its rows / its length) and counts the
+sequences of its batch (the q call's, once): each block holds the mean over its own rows.  Over
+calls of different lengths this weighs sequences, not rows, alike.  add_bias_kv's learned key and
+value are bare parameters, appended after the projections: they stay factor-free.
 """
 from __future__ import annotations
 
 import math
-import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,23 +36,48 @@ import torch.nn.functional as F
 
 
 class InProjection(nn.Module):
-    """x @ in_proj_weight^T + in_proj_bias of the attention that owns it: (..., E) -> (..., 3E).
-    It holds no parameters: ``weight`` and ``bias`` are its owner's."""
+    """The q/k/v projections of the attention that owns it; it holds no parameters (the
+    properties below are its owner's).  ``block`` None: all three on one input with the packed
+    weight, (L, N, E) -> (L, N, 3E); 0, 1 or 2: the q, k or v projection alone, (L, N, E), (L, N,
+    kdim) or (L, N, vdim) -> (L, N, E)."""
 
-    def __init__(self, owner: nn.MultiheadAttention):
+    def __init__(self, owner: nn.MultiheadAttention, block: Optional[int] = None):
         super().__init__()
         object.__setattr__(self, "_owner", owner)     # a plain reference, not a submodule
+        self.block = block
 
     @property
-    def weight(self) -> nn.Parameter:
+    def weight(self) -> Optional[nn.Parameter]:
         return self._owner.in_proj_weight
+
+    @property
+    def q_proj_weight(self) -> Optional[nn.Parameter]:
+        return self._owner.q_proj_weight
+
+    @property
+    def k_proj_weight(self) -> Optional[nn.Parameter]:
+        return self._owner.k_proj_weight
+
+    @property
+    def v_proj_weight(self) -> Optional[nn.Parameter]:
+        return self._owner.v_proj_weight
 
     @property
     def bias(self) -> Optional[nn.Parameter]:
         return self._owner.in_proj_bias
 
+    def widths(self) -> Tuple[int, int, int]:
+        """The input features of the q, k and v projections: (E, kdim, vdim)."""
+        o = self._owner
+        return o.embed_dim, o.kdim, o.vdim
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        if self.block is None:
+            return F.linear(x, self.weight, self.bias)
+        b = self.block
+        w = (self.weight.chunk(3)[b] if self.weight is not None else
+             (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)[b])
+        return F.linear(x, w, None if self.bias is None else self.bias.chunk(3)[b])
 
 
 def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -58,40 +88,47 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
 
 
 class ExposedMultiheadAttention(nn.MultiheadAttention):
-    """nn.MultiheadAttention that calls its ``out_proj`` module, and its ``in_proj`` module in
-    self-attention (NOTE: [exposed attention]).  Made by ``expose_attention``, not constructed
-    directly."""
+    """nn.MultiheadAttention that calls its q/k/v projections and its ``out_proj`` as modules
+    (NOTE: [exposed attention]).  Made by ``expose_attention``, not constructed directly."""
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         if is_causal and attn_mask is None:         # torch's forward raises its own error
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
-        self_attention = query is key and key is value
+        packed = query is key and key is value and self._qkv_same_embed_dim
         batched = query.dim() == 3
-        # torch's layout, (length, batch, E)
+        # torch's layout, (length, batch, features)
         q, k, v = (t if batched else t.unsqueeze(0 if self.batch_first else 1)
                    for t in (query, key, value))
         if self.batch_first:
             q, k, v = (t.transpose(0, 1) for t in (q, k, v))
         n_q, n_b, e = q.shape
-        n_k, h = k.shape[0], self.num_heads
+        h = self.num_heads
         hd = e // h
-        if self_attention:
+        if packed:
             q, k, v = self.in_proj(q).chunk(3, dim=-1)
-        else:       # the chunks of the packed weight see three inputs: functional, no statistics
-            bias = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
-            q, k, v = (F.linear(t, w, b) for t, w, b in
-                       zip((q, k, v), self.in_proj_weight.chunk(3), bias))
+        else:
+            q, k, v = self.in_proj_q(q), self.in_proj_k(k), self.in_proj_v(v)
+        if self.bias_k is not None:                 # one more key and value, learned
+            k = torch.cat([k, self.bias_k.expand(1, n_b, e)])
+            v = torch.cat([v, self.bias_v.expand(1, n_b, e)])
         # (length, N, E) -> (N, H, length, hd)
         q, k, v = (t.reshape(t.shape[0], n_b, h, hd).permute(1, 2, 0, 3) for t in (q, k, v))
-        # one additive mask broadcast to (N, H, L, S); is_causal is a hint that attn_mask is causal
-        mask = _additive(attn_mask, q.dtype)
+        if self.add_zero_attn:                      # one more key and value, zero
+            k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
+        n_k = k.shape[2]
+        extra = (0, int(self.bias_k is not None) + int(self.add_zero_attn))   # keys not masked
+        # torch passes the causal hint on to SDPA when no mask need be merged with attn_mask;
+        # otherwise the hint only says that attn_mask is causal
+        causal = is_causal and key_padding_mask is None and not need_weights
+        mask = None if causal else _additive(attn_mask, q.dtype)
         if mask is not None:
+            mask = F.pad(mask, extra)
             mask = mask.reshape(n_b, h, n_q, n_k) if mask.dim() == 3 else mask
         pad = _additive(key_padding_mask, q.dtype)
         if pad is not None:
-            pad = pad.reshape(n_b, 1, 1, n_k)
+            pad = F.pad(pad, extra).reshape(n_b, 1, 1, n_k)
             mask = pad if mask is None else mask + pad
         p = self.dropout if self.training else 0.0
         if need_weights:
@@ -100,7 +137,7 @@ class ExposedMultiheadAttention(nn.MultiheadAttention):
             w = F.dropout(w, p) if p > 0 else w
             out = w @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, mask, p)
+            out = F.scaled_dot_product_attention(q, k, v, mask, p, is_causal=causal)
             w = None
         out = self.out_proj(out.permute(2, 0, 1, 3).reshape(n_q * n_b, e)).reshape(n_q, n_b, e)
         if self.batch_first:
@@ -117,23 +154,14 @@ def expose_attention(model: nn.Module) -> List[str]:
     """Change every nn.MultiheadAttention in ``model`` (exactly that class) to
     ``ExposedMultiheadAttention`` in place, so that AdaFisher preconditions its projections; call
     it before making the optimizer (and before torch.compile or DDP wrap the model).  Returns the
-    names of the modules changed; those it cannot change (separate q/k/v weights, bias_k/bias_v,
-    add_zero_attn) are named in a warning (NOTE: [exposed attention])."""
-    changed, left = [], []
+    names of the modules changed (NOTE: [exposed attention])."""
+    changed = []
     for name, m in model.named_modules():
         if type(m) is not nn.MultiheadAttention:
             continue
-        why = [what for what, on in (("kdim/vdim", not m._qkv_same_embed_dim),
-                                     ("add_bias_kv", m.bias_k is not None),
-                                     ("add_zero_attn", m.add_zero_attn)) if on]
-        if why:
-            left.append(f"{name or '<root>'} ({', '.join(why)})")
-            continue
         m.__class__ = ExposedMultiheadAttention
-        m.in_proj = InProjection(m)
+        # in_proj first: the layer, whose aliases the others are (NOTE: [shared parameters])
+        for child, block in (("in_proj", None), ("in_proj_q", 0), ("in_proj_k", 1), ("in_proj_v", 2)):
+            m.add_module(child, InProjection(m, block))
         changed.append(name or "<root>")
-    if left:
-        warnings.warn(f"expose_attention: left {', '.join(left)} as they are: separate q/k/v "
-                      f"weights (kdim/vdim), add_bias_kv and add_zero_attn are not supported, so "
-                      f"their projections get no curvature", stacklevel=2)
     return changed

@@ -95,13 +95,14 @@ _KEYS = itertools.count()
 
 
 @torch.library.custom_op("adafisher::output_grad_stats", mutates_args=())
-def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int) -> None:
+def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int) -> None:
+    """``module``: which of the layer's ``modules`` was called."""
     owner = _LIVE.get(hooks)
     if owner is not None:                   # None: the optimizer is gone
-        owner._s_stats(owner.fisher.layers[layer], grad)
+        owner._s_stats(owner.fisher.layers[layer], module, grad)
 
 
-_output_grad_stats.register_fake(lambda grad, hooks, layer: None)
+_output_grad_stats.register_fake(lambda grad, hooks, layer, module: None)
 torch.fx.node.has_side_effect(torch.ops.adafisher.output_grad_stats.default)
 
 
@@ -143,8 +144,8 @@ class StatHooks:
             first, children = _first_param(lay.module), [c for _, c in submodules(lay.module)]
             tap = _Tap() if children else None
             self.handles += [m.register_forward_hook(
-                _ModelHook(self._forward_hook(lay, first, tap)), with_kwargs=True)
-                for m in [lay.module] + lay.aliases]        # NOTE: [shared parameters]
+                _ModelHook(self._forward_hook(lay, which, first, tap)), with_kwargs=True)
+                for which, m in enumerate(lay.modules)]     # NOTE: [shared parameters]
             if tap is not None:
                 self.handles.append(lay.module.register_forward_pre_hook(
                     _ModelHook(self._arm_hook(first, tap)), with_kwargs=True))
@@ -171,16 +172,18 @@ class StatHooks:
                 return None
             if torch.compiler.is_compiling():
                 tap.placed = True
+                hook = self._grad_hook(lay, 0)
                 if not _DYNAMO_TRACES_TENSOR_HOOKS:                  # NOTE: [grad tap]
-                    return (_GradTap.apply(t, self._grad_hook(lay)),) + inputs[1:], kwargs
-                t.register_hook(self._grad_hook(lay))
+                    return (_GradTap.apply(t, hook),) + inputs[1:], kwargs
+                t.register_hook(hook)
                 return None
             tap.placed = []          # the parent's hook adds a recomputed call's input here
-            t.register_hook(self._grad_hook(lay, tap.placed))
+            t.register_hook(self._grad_hook(lay, 0, tap.placed))
             return None
         return hook
 
-    def _forward_hook(self, lay: Layer, first: Optional[str], tap: Optional[_Tap]):
+    def _forward_hook(self, lay: Layer, which: int, first: Optional[str], tap: Optional[_Tap]):
+        """The forward hook of ``lay.modules[which]``."""
         fisher = self.fisher
 
         def hook(module, inputs, kwargs, output):
@@ -216,8 +219,8 @@ class StatHooks:
                     placed.append((module, x))
             elif isinstance(output, torch.Tensor) and output.requires_grad:
                 if compiling and not _DYNAMO_TRACES_TENSOR_HOOKS:
-                    return _GradTap.apply(output, self._grad_hook(lay))   # NOTE: [grad tap]
-                output.register_hook(self._grad_hook(lay, [(module, x)] if recompute else None))
+                    return _GradTap.apply(output, self._grad_hook(lay, which))   # NOTE: [grad tap]
+                output.register_hook(self._grad_hook(lay, which, [(module, x)] if recompute else None))
 
         return hook
 
@@ -227,29 +230,30 @@ class StatHooks:
             rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
             fisher.add_rows(lay.h_factor, rows)
 
-    def _grad_hook(self, lay: Layer, recomputed: Optional[list] = None):
-        """The output-gradient hook; ``recomputed``: [(module, input)] of a recomputed call whose
-        H statistics wait for this gradient (NOTE: [recomputation]), or None.  While compiling,
-        the hook is one opaque op (NOTE: [backward statistics])."""
+    def _grad_hook(self, lay: Layer, which: int, recomputed: Optional[list] = None):
+        """The output-gradient hook of a call of ``lay.modules[which]`` (the layer's module or an
+        alias, NOTE: [shared parameters]); ``recomputed``: [(module, input)] of a recomputed call
+        whose H statistics wait for this gradient (NOTE: [recomputation]), or None.  While
+        compiling, the hook is one opaque op (NOTE: [backward statistics])."""
         if torch.compiler.is_compiling():
             key, index = self.key, self.fisher.layers.index(lay)
 
             def compiled_hook(grad):
-                torch.ops.adafisher.output_grad_stats(grad, key, index)
+                torch.ops.adafisher.output_grad_stats(grad, key, index, which)
             return compiled_hook
 
         def hook(grad):
             for args in recomputed or ():
                 self._h_stats(lay, *args)
-            self._s_stats(lay, grad)
+            self._s_stats(lay, which, grad)
 
         return hook
 
-    def _s_stats(self, lay: Layer, grad: torch.Tensor) -> None:
-        fisher = self.fisher
+    def _s_stats(self, lay: Layer, which: int, grad: torch.Tensor) -> None:
+        fisher, module = self.fisher, lay.modules[which]
         with torch.no_grad():
-            s = lay.kind.s_input(lay.module, grad.detach())
-            rows = lay.kind.s_stats(lay.module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
+            s = lay.kind.s_input(module, grad.detach())
+            rows = lay.kind.s_stats(module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
             fisher.add_rows(lay.s_factor, rows)
         fisher.flush_after_backward()
 

@@ -184,14 +184,62 @@ class HFConv1DKind(LinearKind):
 
 
 @register_layer(InProjection)
-class InProjectionKind(LinearKind):
-    """The packed q/k/v projection of an exposed nn.MultiheadAttention (NOTE: [exposed attention]
-    in attention.py): Linear's statistics on its owner's in_proj_weight (3E, E) and in_proj_bias.
-    Both presets hook it, as Conv1D, since it is a Linear layer; the attention's out_proj is one."""
+class InProjectionKind(LayerKind):
+    """The q, k and v projections of an exposed nn.MultiheadAttention, one layer (NOTE: [exposed
+    attention] in attention.py).  With (E, kdim, vdim) the projections' input widths and
+    w = E + kdim + vdim: H[0:w] = the q, k and v inputs' mean x^2 per feature, one block each (+
+    bias entry 1); S[0:3E] = mean s^2 per output row.  A call adds sums over its L x N rows / L
+    and counts N, the q call's only (an alias's ``block``).  Both presets hook it, as Conv1D:
+    these are Linear layers."""
     all_presets = True
 
-    def sizes(self, m):
-        return m.weight.shape[1], m.weight.shape[0]
+    @staticmethod
+    def _blocks(m) -> List[Tuple[int, int]]:
+        """The (start, size) in H of the blocks ``m`` adds to."""
+        widths = m.widths()
+        starts = [0, widths[0], widths[0] + widths[1]]
+        return [(starts[b], widths[b]) for b in ((0, 1, 2) if m.block is None else (m.block,))]
+
+    def factors(self, m, preset):
+        w, e, b = sum(m.widths()), m.widths()[0], int(m.bias is not None)
+        h = FactorSpec(w, w + b, mean_terms(w) + ([const_term(w, 1.0)] if b else []))
+        return h, FactorSpec(3 * e, 3 * e, mean_terms(3 * e), 2)
+
+    def param_maps(self, m, preset):
+        (e, kd, vd), b = m.widths(), int(m.bias is not None)
+        if m.weight is not None:        # packed (3E, E): row r uses H block r // E
+            maps = {"weight": (3 * e, e, 0, 1, 0, 0, 0, 1, e, e)}
+        else:
+            maps = {"q_proj_weight": matrix_map(e, e),
+                    "k_proj_weight": _shifted(matrix_map(e, kd), e, e),
+                    "v_proj_weight": _shifted(matrix_map(e, vd), 2 * e, e + kd)}
+        if b:
+            maps["bias"] = row_map(3 * e, h_off=e + kd + vd, h_r=0)
+        return maps
+
+    @staticmethod
+    def _add_means(m, t: torch.Tensor, acc: torch.Tensor, blocks, ops) -> int:
+        """acc[start:start + size] += (sum over t's rows of t^2) / L for each (start, size) in
+        ``blocks``; t: (L, N, size).  Returns N for the call that counts (packed or q), else 0."""
+        sums = torch.zeros(t.shape[-1], dtype=acc.dtype, device=acc.device)
+        ops.linear_stats(t, sums)
+        sums /= t.shape[0]
+        for start, size in blocks:
+            acc[start:start + size] += sums
+        return t.shape[1] if m.block in (None, 0) else 0
+
+    def h_stats(self, m, x, acc, preset, ops):
+        return self._add_means(m, x, acc, self._blocks(m), ops)
+
+    def s_stats(self, m, s, acc, preset, ops):
+        e = m.widths()[0]
+        return self._add_means(m, s, acc, [(0, 3 * e)] if m.block is None else [(m.block * e, e)],
+                               ops)
+
+
+def _shifted(mp: ParamMap, s_off: int, h_off: int) -> ParamMap:
+    """``mp`` with its S and H indices moved by s_off and h_off."""
+    return mp[:2] + (mp[2] + s_off,) + mp[3:5] + (mp[5] + h_off,) + mp[6:]
 
 
 _WARNED_PADDING: set = set()     # conv classes told about NOTE: [padding inside forward]

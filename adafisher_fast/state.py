@@ -39,6 +39,11 @@ class Layer:
     # modules of the same type whose parameters are this module's (NOTE: [shared parameters])
     aliases: List[nn.Module] = field(default_factory=list)
 
+    @property
+    def modules(self) -> List[nn.Module]:
+        """The modules whose calls gather this layer's statistics: its own, then the aliases."""
+        return [self.module] + self.aliases
+
 
 def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
     """Raise ValueError unless the global map ``row`` of ``p`` (NOTE: [param map] in reference.py)

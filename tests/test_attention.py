@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from adafisher_fast import AdaFisher, AdaFisherW, expose_attention
 from adafisher_fast.attention import ExposedMultiheadAttention
 from conftest import backend_name, device
+from oracle import factors
 
 D64 = torch.float64
 E, H, L, N = 8, 2, 5, 3
@@ -42,38 +43,29 @@ def _masks(kind, batched, s_len):
             "causal_and_padding": (causal, pad, True)}[kind]
 
 
-def _inputs(attention, shape):
-    """(query, key, value): one tensor three times, or a query and S = L + 2 keys (values the
-    keys, or a tensor of their own)."""
+def _inputs(attention, shape, kdim=E, vdim=E):
+    """(query, key, value): one tensor three times, or a query and S = L + 2 keys of kdim
+    features (values the keys, or a tensor of their own with vdim)."""
     g = torch.Generator().manual_seed(5)
     q = torch.randn(*shape, generator=g, dtype=D64)
     if attention == "self":
         return q, q, q
     kshape = list(shape)
     kshape[-2 if len(shape) == 3 and shape[0] == N and shape[1] == L else 0] += 2
-    k = torch.randn(*kshape, generator=g, dtype=D64)
-    return q, k, k if attention == "cross_kv" else torch.randn(*kshape, generator=g, dtype=D64)
+    k = torch.randn(*kshape[:-1], kdim, generator=g, dtype=D64)
+    return q, k, k if attention == "cross_kv" else torch.randn(*kshape[:-1], vdim, generator=g,
+                                                               dtype=D64)
 
 
-@pytest.mark.parametrize("attention", ["self", "cross_kv", "cross"])
-@pytest.mark.parametrize("kind", ["none", "causal_bool", "causal_hint", "float_2d", "bool_3d",
-                                  "float_3d", "padding_bool", "padding_float",
-                                  "causal_and_padding"])
-@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
-@pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("bias,dropout", [(True, 0.0), (False, 0.0), (True, 0.3)])
-def test_exposed_attention_computes_torch_attention(attention, kind, need_weights, average,
-                                                    batch_first, batched, bias, dropout):
-    torch.manual_seed(0)
-    ref = nn.MultiheadAttention(E, H, dropout=dropout, bias=bias, batch_first=batch_first,
-                                dtype=D64)
+def _check_torch_attention(ref, attention, kind, need_weights, average, batch_first, batched):
+    """The exposed copy of ``ref`` computes what ``ref`` computes: outputs, attention weights and
+    the gradients of the inputs and every parameter, float64."""
     exp = copy.deepcopy(ref)
     assert expose_attention(exp) == ["<root>"]
     s_len = L if attention == "self" else L + 2
     attn_mask, pad, causal = _masks(kind, batched, s_len)
     shape = ((N, L, E) if batch_first else (L, N, E)) if batched else (L, E)
-    inputs = _inputs(attention, shape)
+    inputs = _inputs(attention, shape, ref.kdim, ref.vdim)
     outs = []
     for m in (ref, exp):
         leaves = {id(t): t.clone().requires_grad_() for t in inputs}
@@ -94,18 +86,55 @@ def test_exposed_attention_computes_torch_attention(attention, kind, need_weight
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12, equal_nan=True)
 
 
+KINDS = ["none", "causal_bool", "causal_hint", "float_2d", "bool_3d", "float_3d", "padding_bool",
+         "padding_float", "causal_and_padding"]
+WEIGHTS = [(False, True), (True, True), (True, False)]
+
+
+@pytest.mark.parametrize("attention", ["self", "cross_kv", "cross"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("need_weights,average", WEIGHTS)
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("batched", [True, False])
+@pytest.mark.parametrize("bias,dropout", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_exposed_attention_computes_torch_attention(attention, kind, need_weights, average,
+                                                    batch_first, batched, bias, dropout):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, dropout=dropout, bias=bias, batch_first=batch_first,
+                                dtype=D64)
+    _check_torch_attention(ref, attention, kind, need_weights, average, batch_first, batched)
+
+
+@pytest.mark.parametrize("options,attention", [
+    (dict(kdim=4, vdim=4), "cross_kv"), (dict(kdim=4, vdim=6), "cross"),
+    (dict(kdim=4, vdim=6, bias=False), "cross"), (dict(add_bias_kv=True), "self"),
+    (dict(add_bias_kv=True), "cross"), (dict(add_zero_attn=True), "self"),
+    (dict(add_zero_attn=True, add_bias_kv=True, kdim=4, vdim=6), "cross")])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("need_weights,average", WEIGHTS)
+@pytest.mark.parametrize("batched", [True, False])
+def test_exposed_attention_computes_torch_attention_with_its_options(options, attention, kind,
+                                                                     need_weights, average,
+                                                                     batched):
+    """Separate q/k/v weights (kdim/vdim), a learned key and value (add_bias_kv) and a zero one
+    (add_zero_attn), which lengthen every mask by a column that is not masked."""
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, batch_first=True, dtype=D64, **options)
+    _check_torch_attention(ref, attention, kind, need_weights, average, True, batched)
+
+
 def test_which_projections_a_call_runs_as_modules():
-    """Self-attention calls in_proj and out_proj; cross-attention only out_proj (NOTE: [exposed
-    attention]); is_causal without attn_mask gets torch's own error."""
+    """Self-attention calls in_proj and out_proj; cross-attention in_proj_q, in_proj_k, in_proj_v
+    and out_proj (NOTE: [exposed attention]); is_causal without attn_mask gets torch's error."""
     torch.manual_seed(0)
     exp = nn.MultiheadAttention(E, H, dtype=D64)
     expose_attention(exp)
     calls = []
-    exp.in_proj.register_forward_hook(lambda *a: calls.append("in_proj"))
-    exp.out_proj.register_forward_hook(lambda *a: calls.append("out_proj"))
+    for name in ("in_proj", "in_proj_q", "in_proj_k", "in_proj_v", "out_proj"):
+        getattr(exp, name).register_forward_hook(lambda *a, name=name: calls.append(name))
     q, kv = torch.randn(L, N, E, dtype=D64), torch.randn(L + 2, N, E, dtype=D64)
     exp(q, kv, kv)
-    assert calls == ["out_proj"]
+    assert calls == ["in_proj_q", "in_proj_k", "in_proj_v", "out_proj"]
     calls.clear()
     exp(q, q, q)
     assert calls == ["in_proj", "out_proj"]
@@ -113,24 +142,26 @@ def test_which_projections_a_call_runs_as_modules():
         exp(q, q, q, is_causal=True)
 
 
-def test_expose_attention_keeps_the_parameters_and_leaves_what_it_cannot_take():
+def test_expose_attention_keeps_the_parameters():
     torch.manual_seed(0)
     model = nn.Sequential(nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dtype=D64),
-                          nn.MultiheadAttention(E, H, kdim=4, vdim=4),
-                          nn.MultiheadAttention(E, H, add_bias_kv=True))
+                          nn.MultiheadAttention(E, H, kdim=4, vdim=6),
+                          nn.MultiheadAttention(E, H, add_bias_kv=True, add_zero_attn=True))
     keys = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.warns(UserWarning, match=r"left 1 \(kdim/vdim\), 2 \(add_bias_kv\) as they are"):
-        assert expose_attention(model) == ["0.self_attn"]
-    assert type(model[0].self_attn) is ExposedMultiheadAttention
-    assert type(model[1]) is type(model[2]) is nn.MultiheadAttention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert expose_attention(model) == ["0.self_attn", "1", "2"]
+    assert type(model[0].self_attn) is type(model[1]) is type(model[2]) is ExposedMultiheadAttention
     sd = model.state_dict()
     assert list(sd) == list(keys) and all(torch.equal(sd[k], keys[k]) for k in keys)
-    assert model[0].self_attn.in_proj.weight is model[0].self_attn.in_proj_weight
-    assert list(model[0].self_attn.in_proj.parameters()) == []
-    clone = copy.deepcopy(model)          # the copy's in_proj reads the copy's parameters
-    assert clone[0].self_attn.in_proj.weight is clone[0].self_attn.in_proj_weight
-    with pytest.warns(UserWarning, match=r"left 1 \(kdim/vdim\), 2"):
-        assert expose_attention(model) == []              # twice is once
+    attn = model[0].self_attn
+    assert attn.in_proj.weight is attn.in_proj_q.weight is attn.in_proj_weight
+    assert model[1].in_proj_k.k_proj_weight is model[1].k_proj_weight
+    assert list(attn.in_proj.parameters()) == list(attn.in_proj_v.parameters()) == []
+    clone = copy.deepcopy(model)          # the copy's projections read the copy's parameters
+    assert clone[0].self_attn.in_proj_k.weight is clone[0].self_attn.in_proj_weight
+    assert clone[1].in_proj_v.v_proj_weight is clone[1].v_proj_weight
+    assert expose_attention(model) == []              # twice is once
 
 
 class LinearAttention(nn.Module):
@@ -201,40 +232,94 @@ def test_exposed_attention_trains_as_attention_of_linear_layers(preset, cls):
     for want, got in ((a.in_proj.weight, b.in_proj_weight), (a.in_proj.bias, b.in_proj_bias),
                       (a.out_proj.weight, b.out_proj.weight), (oracle.head.weight, exposed.head.weight)):
         torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
-    for name in ("state", "fac"):
-        torch.testing.assert_close(getattr(opts[1].fisher, name), getattr(opts[0].fisher, name),
-                                   rtol=1e-11, atol=1e-13)
+    # the exposed in_proj's H holds the input's statistics once per q/k/v block (NOTE: [exposed
+    # attention]); the rest of the state is the Linear layers'
+    want, got = opts[0].ema_state(), opts[1].ema_state()
+    h, s = want.pop("attn.in_proj")
+    want["attn.in_proj"] = (torch.cat([h[:E]] * 3 + [h[E:]]), s)
+    for name in want:
+        for w, g in zip(want[name], got[name]):
+            torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
 
 
-def test_exposed_attention_on_the_kernel_backends(kernel_ops):
-    exposed, _ = _pair()
-    exposed = exposed.to(device(), torch.float32)
+class ConvCrossAttention(nn.Module):
+    """The oracle of cross-attention's factors: the q/k/v projections as one 1x1 Conv1d with
+    three groups over query, key and value stacked as channels (equal lengths), whose factors
+    under preset="paper" are H = [H_q, 1, H_k, 1, H_v, 1] and S by output row."""
+
+    def __init__(self, mha):
+        super().__init__()
+        self.out_proj = nn.Linear(E, E, dtype=D64)       # in the exposed module's order
+        self.in_proj = nn.Conv1d(3 * E, 3 * E, 1, groups=3, dtype=D64)
+        with torch.no_grad():
+            self.in_proj.weight.copy_(mha.in_proj_weight[..., None])
+            self.in_proj.bias.copy_(mha.in_proj_bias)
+            self.out_proj.weight.copy_(mha.out_proj.weight)
+            self.out_proj.bias.copy_(mha.out_proj.bias)
+
+    def forward(self, query, key, value):                  # (N, L, E) each
+        qkv = self.in_proj(torch.cat([query, key, value], -1).transpose(1, 2)).transpose(1, 2)
+        q, k, v = (t.reshape(N, L, H, E // H).transpose(1, 2) for t in qkv.chunk(3, -1))
+        a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(E // H), -1) @ v
+        return self.out_proj(a.transpose(1, 2).reshape(N * L, E)).reshape(N, L, E)
+
+
+class CrossNet(Net):
+    def forward(self, x, memory, value):
+        h = self.attn(x, memory, value)
+        return self.head(torch.tanh(h[0] if isinstance(h, tuple) else h)).mean(1)
+
+
+def _cross_pair():
+    """(exposed, oracle) CrossNets: cross-attention, and its grouped-convolution oracle."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True, dtype=D64)
+    exposed, oracle = CrossNet(copy.deepcopy(mha)), CrossNet(ConvCrossAttention(mha))
+    oracle.head.load_state_dict(exposed.head.state_dict())
+    expose_attention(exposed)
+    return exposed, oracle
+
+
+def _inputs_of(model, g, dtype=D64):
+    """A batch for Net (x) or CrossNet (query, key, value), (N, L, E) each."""
+    n = 3 if isinstance(model, CrossNet) else 1
+    return torch.randn(n, N, L, E, generator=g, dtype=dtype).unbind(0)
+
+
+@pytest.mark.parametrize("pair", [_pair, _cross_pair])
+def test_exposed_attention_on_the_kernel_backends(kernel_ops, pair):
+    exposed = pair()[0].to(device(), torch.float32)
     opt = AdaFisherW(exposed, lr=1e-2, TCov=1, preset="paper", backend=backend_name(kernel_ops),
                      check=True)
-    _train(exposed, opt, 2, device(), torch.float32)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        opt.zero_grad()
+        exposed(*(t.to(device()) for t in _inputs_of(exposed, g, torch.float32))).square().mean() \
+            .backward()
+        opt.step()
     assert opt.fisher.counters[:, 0].tolist() == [2, 2, 2]
 
 
 # float32 under inductor: torch 2.11's inductor fails the CPU backward of a float64
 # scaled_dot_product_attention ("expected scalar type Double but found Float"), package or not
+@pytest.mark.parametrize("pair", [_pair, _cross_pair])
 @pytest.mark.parametrize("compiler,dtype,tol", [("aot_eager", D64, 1e-9),
                                                 ("inductor", torch.float32, 1e-4)])
-def test_exposed_attention_compiles_without_graph_breaks(compiler, dtype, tol):
-    """A compiled model (fullgraph=True) trains as the eager one: the in_proj child and out_proj
-    hooks compile with the attention."""
+def test_exposed_attention_compiles_without_graph_breaks(compiler, dtype, tol, pair):
+    """A compiled model (fullgraph=True) trains as the eager one: the projections' hooks compile
+    with the attention, in cross-attention each call's output gradient in its own block."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     runs = []
     for compiled in (False, True):
-        model = _pair()[0].to(dtype)
+        model = pair()[0].to(dtype)
         opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
         fwd = torch.compile(model, fullgraph=True, backend=compiler) if compiled else model
         g = torch.Generator().manual_seed(1)
         for _ in range(3):
-            x = torch.randn(N, L, E, generator=g, dtype=dtype)
             opt.zero_grad()
-            fwd(x).square().mean().backward()
+            fwd(*_inputs_of(model, g, dtype)).square().mean().backward()
             opt.step()
         runs.append((model, opt))
     assert counters["graph_break"] == {}
@@ -261,19 +346,84 @@ def test_an_unexposed_attention_is_named_with_the_remedy(recwarn):
     assert "layer(s) attn.out_proj got gradients" in w and "expose_attention" in w
 
 
-def test_a_decoder_layer_preconditions_all_but_the_cross_attention_in_projection(recwarn):
-    """nn.TransformerDecoderLayer, exposed: self-attention's in_proj and out_proj and the cross-
-    attention's out_proj gather statistics; the cross-attention's in_proj is named as silent."""
+def test_a_decoder_layer_preconditions_every_projection():
+    """nn.TransformerDecoderLayer, exposed: self- and cross-attention projections all gather."""
     torch.manual_seed(0)
     layer = nn.TransformerDecoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True,
                                        dtype=D64)
     assert expose_attention(layer) == ["self_attn", "multihead_attn"]
-    opt = AdaFisher(layer, TCov=1, preset="paper", backend="torch")
-    tgt, memory = torch.randn(N, L, E, dtype=D64), torch.randn(N, L + 2, E, dtype=D64)
-    layer(tgt, memory).square().mean().backward()
-    opt.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # nothing factor-free, no silent layer
+        opt = AdaFisher(layer, TCov=1, preset="paper", backend="torch")
+        tgt, memory = torch.randn(N, L, E, dtype=D64), torch.randn(N, L + 2, E, dtype=D64)
+        layer(tgt, memory).square().mean().backward()
+        opt.step()
     iters = {n: d["stat_iters"] for n, d in opt.diagnostics().items()}
-    assert iters.pop("multihead_attn.in_proj") == 0
-    assert set(iters.values()) == {1} and "multihead_attn.out_proj" in iters
-    (w,) = [str(r.message) for r in recwarn.list]
-    assert "layer(s) multihead_attn.in_proj got gradients" in w
+    assert "multihead_attn.in_proj" in iters and set(iters.values()) == {1}
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_cross_attention_trains_as_a_grouped_convolution(cls):
+    """Cross-attention with query, key and value distinct: the exposed projections are one layer
+    with a block of H per input, as a grouped 1x1 convolution's (NOTE: [exposed attention])."""
+    exposed, oracle = _cross_pair()
+    opts = []
+    for model in (oracle, exposed):
+        opts.append(cls(model, lr=1e-2, weight_decay=1e-2, TCov=2, preset="paper",
+                        backend="torch"))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            x = _inputs_of(model, g)
+            y = torch.randint(0, 3, (N,), generator=g)
+            opts[-1].zero_grad()
+            F.cross_entropy(model(*x), y).backward()
+            opts[-1].step()
+    assert opts[1].fisher.counters[:, 0].tolist() == [3, 3, 3]
+    a, b = oracle.attn, exposed.attn
+    for want, got in ((a.in_proj.weight[..., 0], b.in_proj_weight), (a.in_proj.bias, b.in_proj_bias),
+                      (a.out_proj.weight, b.out_proj.weight), (oracle.head.weight, exposed.head.weight)):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+    h, s = opts[0].ema_state()["attn.in_proj"]
+    h_exposed = torch.cat([h.reshape(3, E + 1)[:, :E].reshape(-1), h[-1:]])
+    for want, got in zip((h_exposed, s), opts[1].ema_state()["attn.in_proj"]):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+
+
+def test_in_projection_statistics_are_each_inputs_means():
+    """Two calls of different lengths and batch sizes before one step, kdim and vdim: H's q, k
+    and v blocks are the means of their own inputs' squares, S's blocks of their projections'
+    output gradients, each call's sums over its rows divided by its length, and the sum over
+    calls divided by the number of sequences (NOTE: [exposed attention])."""
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(E, H, kdim=4, vdim=6, dtype=D64)
+    expose_attention(attn)
+    opt = AdaFisher(attn, TCov=1, preset="paper", backend="torch")
+    outs = {}
+    for name in ("in_proj_q", "in_proj_k", "in_proj_v"):
+        def keep(mod, inp, out, name=name):
+            out.retain_grad()
+            outs.setdefault(name, []).append((inp[0], out))
+        getattr(attn, name).register_forward_hook(keep)
+    sums_h, sums_s, seqs = [0, 0, 0], [0, 0, 0], 0
+    for n_q, n_k, n_b in ((L, L + 2, N), (L + 3, 2, 1)):
+        q = torch.randn(n_q, n_b, E, dtype=D64)
+        k, v = torch.randn(n_k, n_b, 4, dtype=D64), torch.randn(n_k, n_b, 6, dtype=D64)
+        attn(q, k, v)[0].sin().sum().backward()
+        for i, name in enumerate(("in_proj_q", "in_proj_k", "in_proj_v")):
+            x, out = outs[name][-1]
+            sums_h[i] = sums_h[i] + x.square().sum((0, 1)) / x.shape[0]
+            sums_s[i] = sums_s[i] + out.grad.square().sum((0, 1)) / out.shape[0]
+        seqs += n_b
+    h, s = opt.raw_stats()["in_proj"]
+    torch.testing.assert_close(h, torch.cat([torch.cat(sums_h) / seqs, torch.ones(1, dtype=D64)]),
+                               rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(s, torch.cat(sums_s) / seqs, rtol=1e-12, atol=1e-14)
+    # the first step is p -= lr * g / F: each weight's F reads its own blocks of S' and H'
+    before = {n: (p.detach().clone(), p.grad.clone()) for n, p in attn.named_parameters()}
+    opt.step()
+    hp, sp = factors(*opt.ema_state()["in_proj"], "paper")
+    rows, cols = (sp[:E], sp[E:2 * E], sp[2 * E:]), (hp[:E], hp[E:E + 4], hp[E + 4:E + 10])
+    for i, name in enumerate(("q_proj_weight", "k_proj_weight", "v_proj_weight")):
+        p0, g = before[name]
+        torch.testing.assert_close(1e-3 * g / (p0 - getattr(attn, name).detach()),
+                                   rows[i][:, None] * cols[i][None, :] + 1e-3, rtol=1e-8, atol=0)
