@@ -184,64 +184,6 @@ class LinearAttention(nn.Module):
         return self.out_proj(a.transpose(1, 2).reshape(N * L, E)).reshape(N, L, E)
 
 
-class Net(nn.Module):
-    def __init__(self, attn):
-        super().__init__()
-        self.attn = attn
-        self.head = nn.Linear(E, 3, dtype=D64)
-
-    def forward(self, x):
-        h = self.attn(x, x, x, need_weights=False)[0] if isinstance(self.attn, nn.MultiheadAttention) \
-            else self.attn(x)
-        return self.head(torch.tanh(h)).mean(1)
-
-
-def _pair():
-    torch.manual_seed(0)
-    mha = nn.MultiheadAttention(E, H, batch_first=True, dtype=D64)
-    exposed, oracle = Net(copy.deepcopy(mha)), Net(LinearAttention(mha))
-    oracle.head.load_state_dict(exposed.head.state_dict())
-    expose_attention(exposed)
-    return exposed, oracle
-
-
-def _train(model, opt, steps, dev="cpu", dtype=D64):
-    g = torch.Generator().manual_seed(1)
-    for _ in range(steps):
-        x = torch.randn(N, L, E, generator=g, dtype=dtype).to(dev)
-        y = torch.randint(0, 3, (N,), generator=g).to(dev)
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-
-
-@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
-@pytest.mark.parametrize("preset", ["official", "paper"])
-def test_exposed_attention_trains_as_attention_of_linear_layers(preset, cls):
-    exposed, oracle = _pair()
-    opts = []
-    for model in (oracle, exposed):
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")        # nothing factor-free, no silent layer
-            opts.append(cls(model, lr=1e-2, weight_decay=1e-2, TCov=2, preset=preset,
-                            backend="torch"))
-            _train(model, opts[-1], 5)
-    a, b = oracle.attn, exposed.attn
-    assert [lay.name for lay in opts[1].fisher.layers] == ["attn.out_proj", "attn.in_proj", "head"]
-    assert opts[1].fisher.counters[:, 0].tolist() == [3, 3, 3]
-    for want, got in ((a.in_proj.weight, b.in_proj_weight), (a.in_proj.bias, b.in_proj_bias),
-                      (a.out_proj.weight, b.out_proj.weight), (oracle.head.weight, exposed.head.weight)):
-        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
-    # the exposed in_proj's H holds the input's statistics once per q/k/v block (NOTE: [exposed
-    # attention]); the rest of the state is the Linear layers'
-    want, got = opts[0].ema_state(), opts[1].ema_state()
-    h, s = want.pop("attn.in_proj")
-    want["attn.in_proj"] = (torch.cat([h[:E]] * 3 + [h[E:]]), s)
-    for name in want:
-        for w, g in zip(want[name], got[name]):
-            torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
-
-
 class ConvCrossAttention(nn.Module):
     """The oracle of cross-attention's factors: the q/k/v projections as one 1x1 Conv1d with
     three groups over query, key and value stacked as channels (equal lengths), whose factors
@@ -264,48 +206,96 @@ class ConvCrossAttention(nn.Module):
         return self.out_proj(a.transpose(1, 2).reshape(N * L, E)).reshape(N, L, E)
 
 
-class CrossNet(Net):
-    def forward(self, x, memory, value):
-        h = self.attn(x, memory, value)
-        return self.head(torch.tanh(h[0] if isinstance(h, tuple) else h)).mean(1)
+class Net(nn.Module):
+    """A head on self-attention (one input) or cross-attention (query, key and value)."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.attn = attn
+        self.head = nn.Linear(E, 3, dtype=D64)
+
+    def forward(self, *inputs):
+        if isinstance(self.attn, nn.MultiheadAttention):
+            h = self.attn(*(inputs * 3 if len(inputs) == 1 else inputs), need_weights=False)[0]
+        else:
+            h = self.attn(*inputs)
+        return self.head(torch.tanh(h)).mean(1)
 
 
-def _cross_pair():
-    """(exposed, oracle) CrossNets: cross-attention, and its grouped-convolution oracle."""
+def _pair(cross=False):
+    """(exposed, oracle): Nets on one nn.MultiheadAttention, exposed, and on its oracle: self-
+    attention of Linear layers, or with ``cross`` cross-attention of a grouped convolution."""
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(E, H, batch_first=True, dtype=D64)
-    exposed, oracle = CrossNet(copy.deepcopy(mha)), CrossNet(ConvCrossAttention(mha))
+    exposed = Net(copy.deepcopy(mha))
+    oracle = Net((ConvCrossAttention if cross else LinearAttention)(mha))
     oracle.head.load_state_dict(exposed.head.state_dict())
     expose_attention(exposed)
     return exposed, oracle
 
 
-def _inputs_of(model, g, dtype=D64):
-    """A batch for Net (x) or CrossNet (query, key, value), (N, L, E) each."""
-    n = 3 if isinstance(model, CrossNet) else 1
-    return torch.randn(n, N, L, E, generator=g, dtype=dtype).unbind(0)
+def _train(model, opt, steps, cross=False, dev="cpu", dtype=D64):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(3 if cross else 1, N, L, E, generator=g, dtype=dtype).to(dev)
+        y = torch.randint(0, 3, (N,), generator=g).to(dev)
+        opt.zero_grad()
+        F.cross_entropy(model(*x), y).backward()
+        opt.step()
 
 
-@pytest.mark.parametrize("pair", [_pair, _cross_pair])
-def test_exposed_attention_on_the_kernel_backends(kernel_ops, pair):
-    exposed = pair()[0].to(device(), torch.float32)
+def _in_exposed_layout(h, cross):
+    """The oracle's in_proj H as the exposed layer lays it out, [H_q, H_k, H_v, 1]: a Linear's
+    [H, 1] with H once per block, or the grouped conv's [H_q, 1, H_k, 1, H_v, 1]."""
+    if cross:
+        return torch.cat([h.reshape(3, E + 1)[:, :E].reshape(-1), h[-1:]])
+    return torch.cat([h[:E]] * 3 + [h[E:]])
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+@pytest.mark.parametrize("cross,preset", [(False, "official"), (False, "paper"), (True, "paper")])
+def test_exposed_attention_trains_as_its_oracle(cross, preset, cls):
+    """Self-attention trains as attention of Linear layers (the q/k/v blocks of H equal); cross-
+    attention, with query, key and value distinct, as projections by a grouped 1x1 convolution
+    (NOTE: [exposed attention]), which only preset="paper" hooks."""
+    exposed, oracle = _pair(cross)
+    opts = []
+    for model in (oracle, exposed):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")        # nothing factor-free, no silent layer
+            opts.append(cls(model, lr=1e-2, weight_decay=1e-2, TCov=2, preset=preset,
+                            backend="torch"))
+            _train(model, opts[-1], 5, cross)
+    assert [lay.name for lay in opts[1].fisher.layers] == ["attn.out_proj", "attn.in_proj", "head"]
+    assert opts[1].fisher.counters[:, 0].tolist() == [3, 3, 3]
+    a, b = oracle.attn, exposed.attn
+    for want, got in ((a.in_proj.weight.reshape(3 * E, E), b.in_proj_weight),
+                      (a.in_proj.bias, b.in_proj_bias), (a.out_proj.weight, b.out_proj.weight),
+                      (oracle.head.weight, exposed.head.weight)):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
+    want, got = opts[0].ema_state(), opts[1].ema_state()
+    h, s = want["attn.in_proj"]
+    want["attn.in_proj"] = (_in_exposed_layout(h, cross), s)
+    for name in want:
+        for w, g in zip(want[name], got[name]):
+            torch.testing.assert_close(g, w, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_exposed_attention_on_the_kernel_backends(kernel_ops, cross):
+    exposed = _pair(cross)[0].to(device(), torch.float32)
     opt = AdaFisherW(exposed, lr=1e-2, TCov=1, preset="paper", backend=backend_name(kernel_ops),
                      check=True)
-    g = torch.Generator().manual_seed(1)
-    for _ in range(2):
-        opt.zero_grad()
-        exposed(*(t.to(device()) for t in _inputs_of(exposed, g, torch.float32))).square().mean() \
-            .backward()
-        opt.step()
+    _train(exposed, opt, 2, cross, device(), torch.float32)
     assert opt.fisher.counters[:, 0].tolist() == [2, 2, 2]
 
 
 # float32 under inductor: torch 2.11's inductor fails the CPU backward of a float64
 # scaled_dot_product_attention ("expected scalar type Double but found Float"), package or not
-@pytest.mark.parametrize("pair", [_pair, _cross_pair])
+@pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("compiler,dtype,tol", [("aot_eager", D64, 1e-9),
                                                 ("inductor", torch.float32, 1e-4)])
-def test_exposed_attention_compiles_without_graph_breaks(compiler, dtype, tol, pair):
+def test_exposed_attention_compiles_without_graph_breaks(compiler, dtype, tol, cross):
     """A compiled model (fullgraph=True) trains as the eager one: the projections' hooks compile
     with the attention, in cross-attention each call's output gradient in its own block."""
     from torch._dynamo.utils import counters
@@ -313,14 +303,10 @@ def test_exposed_attention_compiles_without_graph_breaks(compiler, dtype, tol, p
     counters.clear()
     runs = []
     for compiled in (False, True):
-        model = pair()[0].to(dtype)
+        model = _pair(cross)[0].to(dtype)
         opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
         fwd = torch.compile(model, fullgraph=True, backend=compiler) if compiled else model
-        g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            opt.zero_grad()
-            fwd(*_inputs_of(model, g, dtype)).square().mean().backward()
-            opt.step()
+        _train(fwd, opt, 3, cross, dtype=dtype)
         runs.append((model, opt))
     assert counters["graph_break"] == {}
     (m1, o1), (m2, o2) = runs
@@ -360,33 +346,6 @@ def test_a_decoder_layer_preconditions_every_projection():
         opt.step()
     iters = {n: d["stat_iters"] for n, d in opt.diagnostics().items()}
     assert "multihead_attn.in_proj" in iters and set(iters.values()) == {1}
-
-
-@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
-def test_cross_attention_trains_as_a_grouped_convolution(cls):
-    """Cross-attention with query, key and value distinct: the exposed projections are one layer
-    with a block of H per input, as a grouped 1x1 convolution's (NOTE: [exposed attention])."""
-    exposed, oracle = _cross_pair()
-    opts = []
-    for model in (oracle, exposed):
-        opts.append(cls(model, lr=1e-2, weight_decay=1e-2, TCov=2, preset="paper",
-                        backend="torch"))
-        g = torch.Generator().manual_seed(1)
-        for _ in range(5):
-            x = _inputs_of(model, g)
-            y = torch.randint(0, 3, (N,), generator=g)
-            opts[-1].zero_grad()
-            F.cross_entropy(model(*x), y).backward()
-            opts[-1].step()
-    assert opts[1].fisher.counters[:, 0].tolist() == [3, 3, 3]
-    a, b = oracle.attn, exposed.attn
-    for want, got in ((a.in_proj.weight[..., 0], b.in_proj_weight), (a.in_proj.bias, b.in_proj_bias),
-                      (a.out_proj.weight, b.out_proj.weight), (oracle.head.weight, exposed.head.weight)):
-        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
-    h, s = opts[0].ema_state()["attn.in_proj"]
-    h_exposed = torch.cat([h.reshape(3, E + 1)[:, :E].reshape(-1), h[-1:]])
-    for want, got in zip((h_exposed, s), opts[1].ema_state()["attn.in_proj"]):
-        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-13)
 
 
 def test_in_projection_statistics_are_each_inputs_means():
