@@ -35,6 +35,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _owners(name: str) -> property:
+    """The owner's attribute ``name``, read as a property of an ``InProjection``."""
+    return property(lambda self: getattr(self._owner, name))
+
+
 class InProjection(nn.Module):
     """The q/k/v projections of the attention that owns it; it holds no parameters (the
     properties below are its owner's).  ``block`` None: all three on one input with the packed
@@ -46,25 +51,11 @@ class InProjection(nn.Module):
         object.__setattr__(self, "_owner", owner)     # a plain reference, not a submodule
         self.block = block
 
-    @property
-    def weight(self) -> Optional[nn.Parameter]:
-        return self._owner.in_proj_weight
-
-    @property
-    def q_proj_weight(self) -> Optional[nn.Parameter]:
-        return self._owner.q_proj_weight
-
-    @property
-    def k_proj_weight(self) -> Optional[nn.Parameter]:
-        return self._owner.k_proj_weight
-
-    @property
-    def v_proj_weight(self) -> Optional[nn.Parameter]:
-        return self._owner.v_proj_weight
-
-    @property
-    def bias(self) -> Optional[nn.Parameter]:
-        return self._owner.in_proj_bias
+    weight = _owners("in_proj_weight")          # the packed (3E, E) weight, or None
+    q_proj_weight = _owners("q_proj_weight")    # separate weights (kdim/vdim), or None
+    k_proj_weight = _owners("k_proj_weight")
+    v_proj_weight = _owners("v_proj_weight")
+    bias = _owners("in_proj_bias")
 
     def widths(self) -> Tuple[int, int, int]:
         """The input features of the q, k and v projections: (E, kdim, vdim)."""
