@@ -84,7 +84,9 @@ class ExposedMultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        if is_causal and attn_mask is None:         # torch's forward raises its own error
+        # without autograd nothing gathers statistics: torch's forward, with its fast paths for
+        # inference; and is_causal without attn_mask gets torch's own error
+        if not torch.is_grad_enabled() or (is_causal and attn_mask is None):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         packed = query is key and key is value and self._qkv_same_embed_dim

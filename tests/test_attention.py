@@ -125,7 +125,8 @@ def test_exposed_attention_computes_torch_attention_with_its_options(options, at
 
 def test_which_projections_a_call_runs_as_modules():
     """Self-attention calls in_proj and out_proj; cross-attention in_proj_q, in_proj_k, in_proj_v
-    and out_proj (NOTE: [exposed attention]); is_causal without attn_mask gets torch's error."""
+    and out_proj (NOTE: [exposed attention]); is_causal without attn_mask gets torch's error, and
+    a forward without autograd torch's forward."""
     torch.manual_seed(0)
     exp = nn.MultiheadAttention(E, H, dtype=D64)
     expose_attention(exp)
@@ -133,6 +134,7 @@ def test_which_projections_a_call_runs_as_modules():
     for name in ("in_proj", "in_proj_q", "in_proj_k", "in_proj_v", "out_proj"):
         getattr(exp, name).register_forward_hook(lambda *a, name=name: calls.append(name))
     q, kv = torch.randn(L, N, E, dtype=D64), torch.randn(L + 2, N, E, dtype=D64)
+    outs = []
     exp(q, kv, kv)
     assert calls == ["in_proj_q", "in_proj_k", "in_proj_v", "out_proj"]
     calls.clear()
@@ -140,6 +142,14 @@ def test_which_projections_a_call_runs_as_modules():
     assert calls == ["in_proj", "out_proj"]
     with pytest.raises(RuntimeError, match="is_causal"):
         exp(q, q, q, is_causal=True)
+    calls.clear()
+    ref = copy.deepcopy(exp)
+    ref.__class__ = nn.MultiheadAttention
+    with torch.no_grad():           # no statistics: torch's forward, bit for bit
+        for m in (exp.eval(), ref.eval()):
+            torch.manual_seed(7)
+            outs.append(m(q, kv, kv))
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 def test_expose_attention_keeps_the_parameters():
