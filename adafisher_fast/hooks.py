@@ -20,23 +20,20 @@ import torch
 from .layers import submodules
 from .state import FisherState, Layer
 
-try:        # torch >= 2.13: dynamo traces a hook on an intermediate tensor as a higher-order op
-    from torch._higher_order_ops.register_hook import register_hook_op  # noqa: F401
-    _DYNAMO_TRACES_TENSOR_HOOKS = True
-except ImportError:
-    _DYNAMO_TRACES_TENSOR_HOOKS = False
-
-
 class _GradTap(torch.autograd.Function):
-    """NOTE: [grad tap] Under torch.compile on torch < 2.13, dynamo rewrites ``register_hook`` on
-    an intermediate tensor into an autograd.Function that returns its input as a view, so any
-    in-place op after the module (``ReLU(inplace=True)``) is rejected, and its graph rewrite
-    moves the placeholder of a tensor the hook closes over (our statistics buffer) behind its
-    first use (torch 2.11: "referenced nonexistent value").  There the forward hook returns this
-    instead: a copy of the output whose backward passes the gradient through after handing it
-    to the statistics hook.  The copy costs one write of the output, only while compiling on
-    those versions and only on statistics iterations (NOTE: [TCov gating]); eager mode and newer
-    torch keep the tensor hook, which copies nothing."""
+    """NOTE: [grad tap] While compiling, the forward hook returns the output through this
+    instead of registering a tensor hook on it: a copy of the output whose backward passes the
+    gradient through after handing it to the statistics hook.  A tensor hook on an intermediate
+    tensor does not compile well on any torch we support.  torch 2.11's dynamo rewrites it into
+    an autograd.Function that returns a view, so an in-place op after the module
+    (``ReLU(inplace=True)``) is rejected, and moves the placeholder of a tensor the hook closes
+    over (our statistics buffer) behind its first use ("referenced nonexistent value").  torch
+    2.13 traces it as a higher-order op, but on Hugging Face's GPT-2 and LLaMA (transformers
+    5.24.0) dynamo then fails whole frames and runs them eagerly: 10 and 11 graphs where AdamW's
+    model has 2 and 1, and these with this function.  Inductor removes the copy as a no-op clone
+    (the same kernels as with the tensor hook, checked on a small MLP); under other backends it
+    costs one write of the output on statistics iterations (NOTE: [TCov gating]).  Eager mode
+    keeps the tensor hook, which copies nothing."""
 
     @staticmethod
     def forward(ctx, output, hook):
@@ -128,7 +125,7 @@ class StatHooks:
         # NOTE: [TCov gating] Whether an iteration gathers statistics is the Python bool
         # ``collecting`` (steps % TCov == 0), read by the forward hook.  torch.compile inlines the
         # hooks and guards on that bool, so a compiled model has exactly two graphs, with
-        # statistics (hook ops and output-gradient tensor hooks) and without, and switches between
+        # statistics (hook ops and grad taps, NOTE: [grad tap]) and without, and switches between
         # them by guard without recompiling (tests/test_compile.py counts them).  A tensor flag
         # would keep one graph but make every iteration pay for masked statistics, or need
         # data-dependent control flow (a graph break).  The counter lives here, not on the
@@ -172,11 +169,8 @@ class StatHooks:
                 return None
             if torch.compiler.is_compiling():
                 tap.placed = True
-                hook = self._grad_hook(lay, 0)
-                if not _DYNAMO_TRACES_TENSOR_HOOKS:                  # NOTE: [grad tap]
-                    return (_GradTap.apply(t, hook),) + inputs[1:], kwargs
-                t.register_hook(hook)
-                return None
+                tapped = _GradTap.apply(t, self._grad_hook(lay, 0))      # NOTE: [grad tap]
+                return (tapped,) + inputs[1:], kwargs
             tap.placed = []          # the parent's hook adds a recomputed call's input here
             t.register_hook(self._grad_hook(lay, 0, tap.placed))
             return None
@@ -218,7 +212,7 @@ class StatHooks:
                 if recompute:
                     placed.append((module, x))
             elif isinstance(output, torch.Tensor) and output.requires_grad:
-                if compiling and not _DYNAMO_TRACES_TENSOR_HOOKS:
+                if compiling:
                     return _GradTap.apply(output, self._grad_hook(lay, which))   # NOTE: [grad tap]
                 output.register_hook(self._grad_hook(lay, which, [(module, x)] if recompute else None))
 

@@ -92,27 +92,13 @@ def _assert_same(eager, compiled, rtol):
 @pytest.mark.parametrize("preset", ["official", "paper"])
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW])
 def test_compiled_model_matches_eager_without_graph_breaks(opt_cls, preset):
-    """fullgraph=True: a graph break anywhere (hooks, tensor hooks, ops) raises."""
+    """fullgraph=True: a graph break anywhere (hooks, grad taps, ops) raises."""
     eager, (twin, opt) = _pair(opt_cls, preset, torch.float64)
     batches = _batches(6)
     _train(*eager, batches)
     _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches)
     _assert_same(eager, (twin, opt), 1e-9)
     assert all(d["stat_iters"] == 3 for d in opt.diagnostics().values())   # gathered in-graph
-
-
-@pytest.mark.parametrize("preset", ["official", "paper"])
-def test_grad_tap_path_matches_eager(preset, monkeypatch):
-    """NOTE: [grad tap]: the path torch < 2.13 takes under compile (forced here on any torch):
-    same parameters and statistics, no graph break, with the in-place ReLU after a hooked module."""
-    from adafisher_fast import hooks
-    monkeypatch.setattr(hooks, "_DYNAMO_TRACES_TENSOR_HOOKS", False)
-    eager, (twin, opt) = _pair(AdaFisherW, preset, torch.float64)
-    batches = _batches(4)
-    _train(*eager, batches)
-    _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches)
-    _assert_same(eager, (twin, opt), 1e-9)
-    assert all(d["stat_iters"] == 2 for d in opt.diagnostics().values())
 
 
 class _Broken(AllKinds):
@@ -140,17 +126,12 @@ class _Twice(nn.Module):
         return self.net(idx) - 0.5 * self.net(idx.flip(0))
 
 
-@pytest.mark.parametrize("grad_tap", [False, True])
 @pytest.mark.parametrize("compiler,make,fullgraph", [
     ("aot_eager", _Broken, False), ("inductor", _Broken, False), ("aot_eager", _Twice, True)])
-def test_compiled_statistics_outlive_other_graphs(compiler, make, fullgraph, grad_tap,
-                                                  monkeypatch):
+def test_compiled_statistics_outlive_other_graphs(compiler, make, fullgraph):
     """NOTE: [backward statistics] The output-gradient statistics of a compiled graph must add to
     the live buffer when its backward runs, after other graphs (past a graph break, or the same
     graph called again) have added theirs: compiled, such models train as in eager mode."""
-    from adafisher_fast import hooks
-    if grad_tap:
-        monkeypatch.setattr(hooks, "_DYNAMO_TRACES_TENSOR_HOOKS", False)
     torch.manual_seed(0)
     model = make().double()
     twin = copy.deepcopy(model)
@@ -167,15 +148,11 @@ def test_compiled_statistics_outlive_other_graphs(compiler, make, fullgraph, gra
     assert all(d["stat_iters"] == 2 for d in opts[1].diagnostics().values())
 
 
-@pytest.mark.parametrize("grad_tap", [False, True])
-def test_composite_layers_compile(grad_tap, monkeypatch):
-    """NOTE: [composite layers] inside a compiled model: the submodule pre-hook places the
-    output-gradient hook (or, on the [grad tap] path, replaces the submodule's input), with no
-    graph break; the layers train as written out in eager mode."""
-    from adafisher_fast import hooks
+def test_composite_layers_compile():
+    """NOTE: [composite layers] inside a compiled model: the submodule pre-hook replaces the
+    submodule's input by a grad tap (NOTE: [grad tap]), with no graph break; the layers train as
+    written out in eager mode."""
     from test_hooks import _composite_pairs, _train_pair
-    if grad_tap:
-        monkeypatch.setattr(hooks, "_DYNAMO_TRACES_TENSOR_HOOKS", False)
     for pair in _composite_pairs()[1:3]:         # in-place activation; a hooked submodule
         comp, plain = pair.values
         compiled = torch.compile(comp, fullgraph=True, backend="aot_eager")
