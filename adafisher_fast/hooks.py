@@ -29,11 +29,11 @@ class _GradTap(torch.autograd.Function):
     (``ReLU(inplace=True)``) is rejected, and moves the placeholder of a tensor the hook closes
     over (our statistics buffer) behind its first use ("referenced nonexistent value").  torch
     2.13 traces it as a higher-order op, but on Hugging Face's GPT-2 and LLaMA (transformers
-    5.24.0) dynamo then fails whole frames and runs them eagerly: 10 and 11 graphs where AdamW's
-    model has 2 and 1, and these with this function.  Inductor removes the copy as a no-op clone
-    (the same kernels as with the tensor hook, checked on a small MLP); under other backends it
-    costs one write of the output on statistics iterations (NOTE: [TCov gating]).  Eager mode
-    keeps the tensor hook, which copies nothing."""
+    5.24.0) dynamo then fails whole frames and runs them eagerly: 10 and 11 graphs, where the
+    models under AdamW compile to 2 and 1, as they do with this function.  Inductor removes the
+    copy as a no-op clone (the same kernels as with the tensor hook, checked on a small MLP);
+    under other backends it costs one write of the output on statistics iterations (NOTE: [TCov
+    gating]).  Eager mode keeps the tensor hook, which copies nothing."""
 
     @staticmethod
     def forward(ctx, output, hook):
