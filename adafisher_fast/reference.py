@@ -247,13 +247,19 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
 META_COLS = ("rows", "cols", "s_off", "s_r", "s_c", "h_off", "h_r", "h_c", "h_gr", "h_gs")
 
 
+def map_indices(meta: Sequence[int], r: torch.Tensor, c: torch.Tensor):
+    """(S index, H index) into ``fac`` of elements (r, c) (broadcast) of the parameter with this
+    ``meta`` row (NOTE: [param map])."""
+    _, _, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = (int(v) for v in meta)
+    return (s_off + r * s_r + c * s_c,
+            h_off + r * h_r + c * h_c + torch.div(r, max(h_gr, 1), rounding_mode="floor") * h_gs)
+
+
 def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Tensor:
     """F of one parameter as a (rows, cols) tensor, from its ``meta`` row (NOTE: [param map])."""
-    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = (int(v) for v in meta)
-    r = torch.arange(rows, device=fac.device)[:, None]
-    c = torch.arange(cols, device=fac.device)[None, :]
-    s_idx = s_off + r * s_r + c * s_c
-    h_idx = h_off + r * h_r + c * h_c + torch.div(r, max(h_gr, 1), rounding_mode="floor") * h_gs
+    rows, cols = int(meta[0]), int(meta[1])
+    s_idx, h_idx = map_indices(meta, torch.arange(rows, device=fac.device)[:, None],
+                               torch.arange(cols, device=fac.device)[None, :])
     return fac[s_idx] * fac[h_idx] + lam
 
 

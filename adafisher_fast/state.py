@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from .layers import FactorSpec, LayerKind, kind_of, submodules
-from .reference import LayerTable
+from .reference import LayerTable, map_indices
 
 
 @dataclass
@@ -49,18 +49,15 @@ def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
     """Raise ValueError unless the global map ``row`` of ``p`` (NOTE: [param map] in reference.py)
     covers p's elements and indexes only its layer's H and S: a layer kind's wrong map would
     otherwise read other layers' factors, or past the buffer in a kernel."""
-    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = row
+    rows, cols, h_gr = row[0], row[1], row[8]
     what = f"AdaFisher: {type(lay.kind).__name__}.param_maps of '{lay.name}' maps '{pname}'"
     if rows * cols != p.numel() or cols < 1 or h_gr < 1:
         raise ValueError(f"{what} as ({rows} x {cols}) with h_gr={h_gr}: expected rows * cols = "
                          f"{p.numel()} (its shape {tuple(p.shape)}), cols >= 1 and h_gr >= 1")
     if rows == 0:
         return
-    r = torch.arange(rows)
-    last = cols - 1
-    reach = [s_off + r * s_r + c * s_c for c in (0, last)]
-    reach += [h_off + r * h_r + c * h_c + torch.div(r, h_gr, rounding_mode="floor") * h_gs
-              for c in (0, last)]
+    # indices are affine in c, so the first and last column bound them
+    reach = map_indices(row, torch.arange(rows)[:, None], torch.tensor([0, cols - 1]))
     lo, hi = min(int(t.min()) for t in reach), max(int(t.max()) for t in reach)
     if lo < lay.h_raw.start or hi >= lay.s_raw.stop:
         n_h, n_s = lay.h_raw.stop - lay.h_raw.start, lay.s_raw.stop - lay.s_raw.start
