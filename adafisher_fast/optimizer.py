@@ -370,8 +370,8 @@ class AdaFisher(Optimizer):
                           f"iteration without being called as modules, so they gather no "
                           f"curvature statistics and their parameters step with F = 1 + Lambda (an "
                           f"nn.MultiheadAttention multiplies by out_proj.weight directly: "
-                          f"adafisher_fast.expose_attention(model) makes its self-attention call "
-                          f"its projections)", stacklevel=5)
+                          f"adafisher_fast.expose_attention(model) makes it call its "
+                          f"projections)", stacklevel=5)
 
     @torch.no_grad()
     def step(self, closure=None):
