@@ -52,12 +52,14 @@ def const_term(dst: int, value: float, q: int = 0) -> Term:
     return (0, dst, 0, float(value), q)
 
 
-def matrix_map(rows: int, cols: int, transposed: bool = False) -> ParamMap:
+def matrix_map(rows: int, cols: int, transposed: bool = False, groups: int = 1,
+               h_group: int = 0) -> ParamMap:
     """A (rows, cols) weight whose element (r, c) uses S[r] and H[c] (Linear: out x in), or, with
-    ``transposed``, H[r] and S[c] (Embedding; weights stored in x out)."""
+    ``transposed``, H[r] and S[c] (Embedding; weights stored in x out).  With ``groups`` equal
+    groups of rows, not transposed: H[group(r) * h_group + c] (a grouped conv's H per group)."""
     if transposed:
         return (rows, cols, 0, 0, 1, 0, 1, 0, rows, 0)
-    return (rows, cols, 0, 1, 0, 0, 0, 1, rows, 0)
+    return (rows, cols, 0, 1, 0, 0, 0, 1, rows // groups, h_group)
 
 
 def cross_matrix_map(rows: int, cols: int, h_size: int, groups: int = 1) -> ParamMap:
@@ -68,9 +70,11 @@ def cross_matrix_map(rows: int, cols: int, h_size: int, groups: int = 1) -> Para
     return (rows, cols, -h_size, 1, 0, h_size, 0, 1, rows // groups, cols if groups > 1 else 0)
 
 
-def row_map(rows: int, s_off: int = 0, h_off: int = 0, h_r: int = 1) -> ParamMap:
-    """A vector parameter whose element r uses S[s_off + r] and H[h_off + r * h_r]."""
-    return (rows, 1, s_off, 1, 0, h_off, h_r, 0, rows, 0)
+def row_map(rows: int, s_off: int = 0, h_off: int = 0, h_r: int = 1, groups: int = 1,
+            h_group: int = 0) -> ParamMap:
+    """A vector parameter whose element r uses S[s_off + r] and H[h_off + r * h_r], plus
+    group(r) * h_group with ``groups`` equal groups of rows."""
+    return (rows, 1, s_off, 1, 0, h_off, h_r, 0, rows // groups, h_group)
 
 
 class LayerKind:
@@ -208,7 +212,7 @@ class InProjectionKind(LayerKind):
     def param_maps(self, m, preset):
         (e, kd, vd), b = m.widths(), int(m.bias is not None)
         if m.weight is not None:        # packed (3E, E): row r uses H block r // E
-            maps = {"weight": (3 * e, e, 0, 1, 0, 0, 0, 1, e, e)}
+            maps = {"weight": matrix_map(3 * e, e, groups=3, h_group=e)}
         else:
             maps = {"q_proj_weight": matrix_map(e, e),
                     "k_proj_weight": _shifted(matrix_map(e, kd), e, e),
@@ -286,10 +290,11 @@ class ConvKind(LayerKind):
     def param_maps(self, m, preset):
         g, d, b = self._dims(m)
         o = m.out_channels
-        gr, gs = (o, 0) if preset.only_released_layers or g == 1 else (o // g, d + b)
-        maps = {"weight": (o, d, 0, 1, 0, 0, 0, 1, gr, gs)}
+        per_group = not preset.only_released_layers and g > 1       # H per group (paper)
+        groups, h_group = (g, d + b) if per_group else (1, 0)
+        maps = {"weight": matrix_map(o, d, groups=groups, h_group=h_group)}
         if b:
-            maps["bias"] = (o, 1, 0, 1, 0, d, 0, 0, gr, gs)
+            maps["bias"] = row_map(o, h_off=d, h_r=0, groups=groups, h_group=h_group)
         return maps
 
     def h_stats(self, m, x, acc, preset, ops):
