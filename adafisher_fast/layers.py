@@ -100,6 +100,12 @@ class LayerKind:
     def s_stats(self, module: nn.Module, s: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
         raise NotImplementedError
 
+    def unreadable(self, module: nn.Module) -> bool:
+        """Whether the module's calls cannot be read as this kind reads them (an nn.Embedding
+        subclass that looks up positions, not its input): such a module gets no hooks and no
+        factors, and the warning at construction names it (optional)."""
+        return False
+
     def h_input(self, module: nn.Module, x: torch.Tensor, output) -> Optional[torch.Tensor]:
         """What ``h_stats`` reads of a call with input x and this output: x itself, unless a
         subclass's forward changes the input before the registered operation, or None for a call
@@ -697,18 +703,25 @@ class EmbeddingKind(LayerKind):
         ops.linear_stats(s, acc)
         return s.numel() // m.embedding_dim
 
+    def unreadable(self, m):
+        return _probe_lookup(m) is False
+
     def h_input(self, m, x, output):
         """NOTE: [embedding lookups] H counts the indices a call looks up, so x must be them.  A
         subclass with a forward of its own may look up something else: Hugging Face's learned
-        positional embeddings (BART, mBART, Whisper) take the token ids or the input embeddings
-        only for their shape and look up positions.  Such a class is checked once, in eager
-        mode, at its first statistics call: x must be in-range integer indices whose lookup the
-        output is (up to one scale, as a scaled word embedding).  A class that fails gathers
-        nothing, with one warning; a compiled first call is trusted."""
-        if type(m).forward is nn.Embedding.forward or torch.compiler.is_compiling():
+        positional embeddings (BART, mBART, OPT, Whisper) take the token ids, the attention mask
+        or the input embeddings only for their shape and look up positions.  So such a class is
+        checked once: x must be in-range integer indices whose lookup the output is (up to one
+        scale, as a scaled word embedding).  The check runs at construction on probe indices
+        (``_probe_lookup``); a class that fails it gets no hooks, and the construction warning
+        names it.  When the probe cannot call the forward (it needs other arguments), the first
+        eager statistics call is checked instead, and a class that fails gathers nothing, with
+        one warning; compiled calls before that gather nothing, since values cannot be read
+        while tracing (a warning at construction says so)."""
+        if type(m).forward is nn.Embedding.forward:
             return x
         ok = _LOOKUPS.get(type(m))
-        if ok is None:
+        if ok is None and not torch.compiler.is_compiling() and x.numel():   # empty: cannot tell
             ok = _LOOKUPS[type(m)] = _looks_up(m, x, output)
             if not ok:
                 warnings.warn(f"AdaFisher: {type(m).__name__}'s forward does not look up the "
@@ -718,11 +731,50 @@ class EmbeddingKind(LayerKind):
         return x if ok else None
 
 
-_LOOKUPS: Dict[type, bool] = {}     # Embedding subclasses checked by NOTE: [embedding lookups]
+# Embedding subclasses with a forward of their own: whether it looks up its input, None while not
+# known (NOTE: [embedding lookups])
+_LOOKUPS: Dict[type, Optional[bool]] = {}
+
+
+def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
+    """Whether ``type(m).forward`` looks up the indices it is given, probed once per class (and
+    a warning when the probe cannot tell)."""
+    cls = type(m)
+    if cls.forward is nn.Embedding.forward:
+        return True
+    if cls not in _LOOKUPS:
+        _LOOKUPS[cls] = _try_lookup(m)
+        if _LOOKUPS[cls] is None:
+            warnings.warn(f"AdaFisher: {cls.__name__}'s forward could not be tried on probe "
+                          f"indices, so whether it looks up the indices it is given is checked "
+                          f"at its first eager statistics call; until then compiled calls "
+                          f"gather nothing (NOTE: [embedding lookups])")
+    return _LOOKUPS[cls]
+
+
+def _try_lookup(m: nn.Embedding) -> Optional[bool]:
+    """``_looks_up`` of the class's forward called on two rows of probe indices (eagerly, without
+    hooks or grad); None when the probe cannot tell: a forward that needs other arguments, a
+    weight without values or with equal probed rows, or max_norm (a lookup would renormalise
+    the rows in place)."""
+    v, w = m.num_embeddings, m.weight
+    if v < 2 or w.is_meta or m.max_norm is not None or tuple(w.shape) != (v, m.embedding_dim):
+        return None
+    row = (torch.arange(min(v, 5), device=w.device) + 1) % v      # not positions 0, 1, ...
+    if torch.unique(w.detach()[row].double(), dim=0).shape[0] < row.numel():
+        return None
+    ids = torch.stack([row, row.flip(0)])
+    try:
+        with torch.no_grad():
+            out = type(m).forward(m, ids)
+    except Exception:       # noqa: BLE001 -- any failure means only that the probe cannot tell
+        return None
+    return _looks_up(m, ids, out)
 
 
 def _looks_up(m: nn.Embedding, x: torch.Tensor, output) -> bool:
-    """Whether ``output`` is c * weight[x] for in-range integer indices x and one scalar c."""
+    """Whether ``output`` is c * weight[x] for in-range integer indices x and one scalar c, to
+    the rounding of the output's dtype (a bfloat16 output rounds c * weight to 2^-8)."""
     if (x.dtype not in (torch.int32, torch.int64) or not isinstance(output, torch.Tensor)
             or tuple(output.shape) != (*x.shape, m.embedding_dim)):
         return False
@@ -731,4 +783,5 @@ def _looks_up(m: nn.Embedding, x: torch.Tensor, output) -> bool:
     ref = torch.nn.functional.embedding(x, m.weight.detach()).to(torch.float64)
     out = output.detach().to(torch.float64)
     scale = (out * ref).sum() / (ref * ref).sum().clamp_min(1e-300)
-    return bool(torch.allclose(out, scale * ref, rtol=1e-3, atol=1e-6 * float(ref.abs().max())))
+    rtol = max(1e-3, torch.finfo(output.dtype).eps) if output.is_floating_point() else 1e-3
+    return bool(torch.allclose(out, scale * ref, rtol=rtol, atol=1e-6 * float(ref.abs().max())))

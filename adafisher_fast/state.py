@@ -67,12 +67,14 @@ def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
 
 def _factor_free_reason(m: nn.Module, preset) -> str:
     """Why ``m``'s own trainable parameters have no factors: "released" (its kind is one the
-    preset does not hook), "attention" (an nn.MultiheadAttention, which expose_attention would
-    expose), "parametrized" (they compute a weight through a torch parametrization) or
-    "no kind"."""
+    preset does not hook), "unreadable" (its kind cannot read its calls), "attention" (an
+    nn.MultiheadAttention, which expose_attention would expose), "parametrized" (they compute a
+    weight through a torch parametrization) or "no kind"."""
     kind = kind_of(m)
     if kind is not None and not kind.supported(m, preset):
         return "released"
+    if kind is not None and kind.unreadable(m):
+        return "unreadable"
     if type(m) is nn.MultiheadAttention:
         return "attention"
     return "parametrized" if isinstance(m, parametrize.ParametrizationList) else "no kind"
@@ -95,10 +97,14 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
     msg = (f"AdaFisher(preset='{preset.name}'): no curvature factors for the parameters of "
            f"{', '.join(new)}: they take {step}.")
     named = {why: [n for n, w in new.items() if w == why]
-             for why in ("released", "attention", "parametrized")}
+             for why in ("released", "unreadable", "attention", "parametrized")}
     if named["released"]:
         msg += (f" The released code does not hook {', '.join(named['released'])}; "
                 f"preset='paper' preconditions them.")
+    if named["unreadable"]:
+        msg += (f" The calls of {', '.join(named['unreadable'])} cannot be read by their layer "
+                f"kind (an nn.Embedding subclass that looks up positions, not its input: NOTE: "
+                f"[embedding lookups]); a layer kind of their own would precondition them.")
     if named["attention"]:
         msg += (f" adafisher_fast.expose_attention(model), before making the optimizer, "
                 f"preconditions {', '.join(named['attention'])} (NOTE: [exposed attention]).")
@@ -162,7 +168,7 @@ class FisherState:
         claimed: Dict[int, int] = {}            # id(param) -> index of the layer that owns it
         for name, m in model.named_modules():
             kind = kind_of(m)
-            if kind is None or not kind.supported(m, preset):
+            if kind is None or not kind.supported(m, preset) or kind.unreadable(m):
                 continue
             mapped = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
                       if isinstance(getattr(m, pn, None), nn.Parameter)

@@ -529,6 +529,13 @@ class _LearnedPositions(nn.Embedding):
         return super().forward(positions.expand(bsz, -1) + 2)
 
 
+class _CachedPositions(_LearnedPositions):
+    """The same with the cache length required, so that the construction's probe cannot call it."""
+
+    def forward(self, input_ids, cache_length):
+        return super().forward(input_ids, cache_length)
+
+
 class _ScaledWords(nn.Embedding):
     """Hugging Face's BartScaledWordEmbedding: a lookup times a constant."""
 
@@ -537,37 +544,109 @@ class _ScaledWords(nn.Embedding):
 
 
 class _Bartish(nn.Module):
-    def __init__(self):
+    def __init__(self, positions):
         super().__init__()
-        self.words, self.positions = _ScaledWords(13, 6), _LearnedPositions(9, 6)
+        self.words, self.positions = _ScaledWords(13, 6), positions(9, 6)
         self.head = nn.Linear(6, 13)
 
     def forward(self, ids):
-        h = self.words(ids) + self.positions(ids)                    # as BART's decoder
-        h = h + self.positions(h[:, :, -1])                           # as its encoder: a float input
+        h = self.words(ids) + self.positions(ids, 0)                 # as BART's decoder
+        h = h + self.positions(h[:, :, -1], 0)                        # as its encoder: a float input
         return self.head(torch.tanh(h))
 
 
-def test_embedding_subclasses_that_do_not_look_up_their_input_gather_nothing():
-    """NOTE: [embedding lookups] A positional embedding given token ids (out of its range here)
-    or embeddings gathered index counts from them, or crashed; now it gathers nothing, with one
-    warning, while a scaled word embedding's H is still its token frequencies."""
+def _bartish(positions, compiled):
+    """A float64 _Bartish, its optimizer (made with warnings recorded) and what it trains."""
     layers._LOOKUPS.clear()
     torch.manual_seed(0)
-    model = _Bartish().double()
-    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    model = _Bartish(positions).double()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    net = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    return model, opt, net, [str(r.message) for r in rec]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_positional_embeddings_are_found_at_construction(compiled):
+    """NOTE: [embedding lookups] A positional embedding given token ids or embeddings gathered
+    index counts from them, or crashed (compiled, where values cannot be checked, it crashed on
+    the float input); now the construction's probe finds that its forward does not look up its
+    input, so it gets no hooks and the construction warning names it, compiled or not, while a
+    scaled word embedding's H is still its token frequencies."""
+    model, opt, net, rec = _bartish(_LearnedPositions, compiled)
+    assert layers._LOOKUPS == {_ScaledWords: True, _LearnedPositions: False}
+    assert any("positions (_LearnedPositions)" in w and "cannot be read by their layer kind" in w
+               for w in rec)
     ids = torch.randint(0, 13, (3, 5))
-    with pytest.warns(UserWarning, match=r"_LearnedPositions's forward does not look up") as rec:
-        model(ids).logsumexp(-1).sum().backward()
-    assert sum("does not look up" in str(r.message) for r in rec) == 1
-    raw = opt.raw_stats()
-    torch.testing.assert_close(raw["words"][0], torch.bincount(ids.reshape(-1), minlength=13)
+    with warnings.catch_warnings(record=True) as calls:
+        warnings.simplefilter("always")
+        net(ids).logsumexp(-1).sum().backward()
+    assert not [r for r in calls if "AdaFisher" in str(r.message)]
+    torch.testing.assert_close(opt.raw_stats()["words"][0], torch.bincount(ids.reshape(-1), minlength=13)
+                               .to(torch.float64) / ids.numel(), rtol=1e-12, atol=0)
+    opt.step()
+    assert "positions" not in opt.diagnostics()
+    assert opt.diagnostics()["words"]["stat_iters"] == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_embedding_subclasses_the_probe_cannot_call_are_checked_at_their_first_call(compiled):
+    """NOTE: [embedding lookups] A forward that needs other arguments is checked at its first
+    eager statistics call: it gathers nothing, with one warning.  Compiled calls cannot check
+    values, so before that they gather nothing (they crashed on the out-of-range token ids and
+    the float input), as the construction's warning says."""
+    model, opt, net, rec = _bartish(_CachedPositions, compiled)
+    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: None}
+    assert [w for w in rec if "could not be tried" in w] == [
+        "AdaFisher: _CachedPositions's forward could not be tried on probe indices, so whether it "
+        "looks up the indices it is given is checked at its first eager statistics call; until "
+        "then compiled calls gather nothing (NOTE: [embedding lookups])"]
+    ids = torch.randint(0, 13, (3, 5))
+    with warnings.catch_warnings(record=True) as calls:
+        warnings.simplefilter("always")
+        net(ids).logsumexp(-1).sum().backward()
+    looked = [str(r.message) for r in calls if "does not look up" in str(r.message)]
+    assert len(looked) == (0 if compiled else 1)
+    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: None if compiled else False}
+    torch.testing.assert_close(opt.raw_stats()["words"][0], torch.bincount(ids.reshape(-1), minlength=13)
                                .to(torch.float64) / ids.numel(), rtol=1e-12, atol=0)
     opt.step()
     assert opt.diagnostics()["positions"]["stat_iters"] == 0
     assert opt.diagnostics()["words"]["stat_iters"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert layers._LOOKUPS == {_ScaledWords: True, _LearnedPositions: False}
+
+
+def test_an_empty_first_call_does_not_decide_the_lookup_check():
+    """NOTE: [embedding lookups] An empty batch cannot tell a lookup; it turned the class's
+    statistics off for good."""
+    model, opt, net, rec = _bartish(_CachedPositions, False)
+    model.words(torch.zeros(0, 4, dtype=torch.long))
+    model.positions(torch.zeros(0, 4, dtype=torch.long), 0)
+    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: None}
+    with pytest.warns(UserWarning, match="_CachedPositions's forward does not look up"):
+        model.positions(torch.zeros(2, 4, dtype=torch.long), 0)
+    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: False}
+
+
+class _GemmaWords(nn.Embedding):
+    """Hugging Face's Gemma embedding: a lookup times sqrt(D), in the weight's dtype."""
+
+    def forward(self, input_ids):
+        return super().forward(input_ids) * torch.tensor(self.embedding_dim ** 0.5, dtype=self.weight.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_scaled_word_embeddings_are_lookups_in_every_dtype(dtype):
+    """NOTE: [embedding lookups] The check allows the output dtype's rounding: a bfloat16
+    Gemma embedding (rounded to 2^-8) was taken for a positional one and left without factors."""
+    layers._LOOKUPS.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(_GemmaWords(100, 48), nn.Linear(48, 3)).to(dtype)
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    assert layers._LOOKUPS == {_GemmaWords: True}
+    assert list(opt.raw_stats()) == ["0", "1"]
 
 
 class _ScaledLinear(nn.Linear):
