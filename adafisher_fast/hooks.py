@@ -2,8 +2,8 @@
 hook on the module output for the output gradient (for a layer with submodules of its own, on the
 input of the first submodule its forward calls: NOTE: [composite layers] in state.py).  Never a
 full backward hook: a tensor hook registered before an in-place op (``ReLU(inplace=True)``,
-``out += residual``) still receives the gradient of the module's own output, so such models work
-unchanged.
+``out += residual``) still receives the gradient of the module's own output (a view output's
+hook goes on its base: NOTE: [view outputs]), so such models work unchanged.
 
 The hooks only add into the flat buffer in ``FisherState``; all accumulation semantics (micro-batches,
 modules called several times) follow from that.
@@ -44,6 +44,24 @@ class _GradTap(torch.autograd.Function):
     def backward(ctx, grad):
         ctx.hook(grad)
         return grad, None
+
+
+def _register_grad_hook(t: torch.Tensor, hook) -> None:
+    """NOTE: [view outputs] ``hook(gradient of t)``, also when t is modified in place later.  A
+    tensor hook stays with the autograd node that made the tensor, and an in-place op after
+    it (``ReLU(inplace=True)``, ``out += residual``) chains that node into the graph, unless the
+    tensor is a view: an in-place op on a view rewrites its base's history and drops the view's
+    node, with its hook.  Linear returns a view on 1-D and 3-D+ inputs (its matmul's result,
+    reshaped), a convolution on unbatched input, so their S was lost.  A view that is its whole
+    base reshaped has the base's gradient reshaped, so the hook goes on the base; other views
+    (not made by the registered layers) keep a hook of their own."""
+    base = t._base
+    if (base is not None and base.numel() == t.numel() and t.is_contiguous() and base.is_contiguous()
+            and t.storage_offset() == base.storage_offset()):
+        shape = t.shape
+        base.register_hook(lambda grad: hook(grad.reshape(shape)))
+    else:
+        t.register_hook(hook)
 
 
 def _first_param(module: torch.nn.Module) -> Optional[str]:
@@ -172,7 +190,7 @@ class StatHooks:
                 tapped = _GradTap.apply(t, self._grad_hook(lay, 0))      # NOTE: [grad tap]
                 return (tapped,) + inputs[1:], kwargs
             tap.placed = []          # the parent's hook adds a recomputed call's input here
-            t.register_hook(self._grad_hook(lay, 0, tap.placed))
+            _register_grad_hook(t, self._grad_hook(lay, 0, tap.placed))
             return None
         return hook
 
@@ -214,7 +232,7 @@ class StatHooks:
             elif isinstance(output, torch.Tensor) and output.requires_grad:
                 if compiling:
                     return _GradTap.apply(output, self._grad_hook(lay, which))   # NOTE: [grad tap]
-                output.register_hook(self._grad_hook(lay, which, [(module, x)] if recompute else None))
+                _register_grad_hook(output, self._grad_hook(lay, which, [(module, x)] if recompute else None))
 
         return hook
 

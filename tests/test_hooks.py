@@ -65,6 +65,31 @@ def test_inplace_relu_and_residual_match_out_of_place(preset):
     assert all(d["stat_iters"] == 5 for d in opts[1].diagnostics().values())
 
 
+@pytest.mark.parametrize("post", ["relu_", "+="])
+@pytest.mark.parametrize("module,shape", [
+    (nn.Linear(4, 3), (2, 5, 4)), (nn.Linear(4, 3), (4,)), (nn.Conv1d(4, 3, 3), (4, 7)),
+    (nn.Conv2d(4, 3, 3), (4, 5, 5)), (nn.Linear(4, 3), (6, 4))])
+def test_inplace_ops_on_view_outputs_keep_their_gradient_statistics(module, shape, post):
+    """NOTE: [view outputs] Linear on 1-D and 3-D inputs and unbatched convolutions return views;
+    an in-place op on one dropped the hook on it, so S gathered no rows.  S is the float64 mean
+    of the squared gradient of the module's own output (the last dim's rows for Linear, the
+    channel's for a convolution)."""
+    torch.manual_seed(0)
+    module = copy.deepcopy(module).double()
+    opt = AdaFisher(module, TCov=1, preset="paper", backend="torch")
+    x = torch.randn(*shape, dtype=torch.float64)
+    out = module(x)
+    if post == "relu_":
+        out.relu_()
+    else:
+        out += 1.0
+    out.sin().sum().backward()
+    plain = module(x).detach().requires_grad_()
+    (g,) = torch.autograd.grad((plain.relu() if post == "relu_" else plain + 1.0).sin().sum(), plain)
+    rows = g.reshape(-1, 3) if isinstance(module, nn.Linear) else g.reshape(3, -1).T
+    torch.testing.assert_close(opt.raw_stats()[""][1], rows.square().mean(0), rtol=1e-12, atol=0)
+
+
 class _AllKinds(nn.Module):
     """Every layer kind, called positionally or, as some model code does, by keyword."""
 
