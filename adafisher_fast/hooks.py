@@ -208,8 +208,10 @@ class StatHooks:
             if not isinstance(x, torch.Tensor):
                 return
             compiling = torch.compiler.is_compiling()
-            if not compiling and self.fired is not None:   # no guard on it
-                self.fired.add(lay.name)
+            if not compiling:
+                fisher.forwarded = True          # NOTE: [forward before zero_grad]
+                if self.fired is not None:       # no guard on it
+                    self.fired.add(lay.name)
             if x.device != fisher.buf.device:
                 self.follow(f"layer '{lay.name}' ran on {x.device}")
             x = lay.kind.h_input(module, x.detach(), output)
@@ -254,7 +256,11 @@ class StatHooks:
                 torch.ops.adafisher.output_grad_stats(grad, key, index, which)
             return compiled_hook
 
+        fisher, generation = self.fisher, self.fisher.generation
+
         def hook(grad):
+            if generation != fisher.generation:     # NOTE: [forward before zero_grad]
+                fisher.adopt_held(lay, generation)
             for args in recomputed or ():
                 self._h_stats(lay, *args)
             self._s_stats(lay, which, grad)

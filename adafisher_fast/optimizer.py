@@ -242,10 +242,13 @@ class AdaFisher(Optimizer):
         self._hooks.fired = hooks.fired
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clears gradients AND the raw statistics gathered since the last step (SPEC 3)."""
+        """Clears gradients AND the raw statistics gathered since the last step (SPEC 3), but
+        not the H of forwards whose backward runs after it, nor anything inside step(closure)
+        (NOTE: [forward before zero_grad] in state.py)."""
         super().zero_grad(set_to_none)
         self._follow_model()
-        self.fisher.clear()
+        if not self.fisher.in_closure:
+            self.fisher.clear(hold=True)
 
     def _reduce_stats(self, grad_scale: Optional[torch.Tensor]) -> None:
         """One all-reduce of the flat buffer across ranks, then the output-gradient accumulators
@@ -379,8 +382,12 @@ class AdaFisher(Optimizer):
         if closure is not None:
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-            with torch.enable_grad():
-                loss = closure()
+            self.fisher.in_closure = True       # NOTE: [forward before zero_grad]
+            try:
+                with torch.enable_grad():
+                    loss = closure()
+            finally:
+                self.fisher.in_closure = False
         fisher = self.fisher
         grad_scale = getattr(self, "grad_scale", None)          # NOTE: [GradScaler]
         found_inf = getattr(self, "found_inf", None)

@@ -224,6 +224,8 @@ class FisherState:
         self.n_acc = n_acc
         self.pending = [0] * nf             # row counts not yet in buf (NOTE: [host row counts])
         self._pending_any = self._flush_queued = False
+        # NOTE: [forward before zero_grad]
+        self.generation, self.forwarded, self.held, self.in_closure = 0, False, None, False
         self.state = torch.ones(raw_off, **fl)
         self.fac = torch.ones(raw_off + 1, **fl)
         self.initialized = torch.zeros(nf, dtype=torch.bool, device=device)
@@ -341,13 +343,49 @@ class FisherState:
         self.pending = [0] * len(self.pending)
         self._pending_any = False
 
-    def clear(self) -> None:
+    # NOTE: [forward before zero_grad] Statistics follow the gradients (SPEC 3): zero_grad() drops
+    # what was gathered since the last step, so that an abandoned forward/backward (a skipped
+    # batch, an evaluation pass with grad enabled) adds nothing to the next step.  But a forward
+    # whose backward runs after zero_grad() (``loss = model(x); opt.zero_grad();
+    # loss.backward()``, a common loop order, and Lightning's closure) gives the step its
+    # gradients, and lost its H.  So zero_grad() after an eager statistics forward keeps a copy
+    # of the buffer (one small device copy, no sync), and the first gradient hook of a call from
+    # before it (the call's generation, counted in clears, is older) adds its layer's held H
+    # back: accumulators and row counts.  Held H that no gradient asks for is dropped at the next
+    # clear.  Inside step(closure), zero_grad() clears only the gradients: the closure's forward
+    # and backward are the step's.  A compiled model's gradient hook is one opaque op that knows
+    # no call's generation, so there a forward before zero_grad() still loses its H (outside a
+    # closure): call zero_grad() before the forward.
+    def clear(self, hold: bool = False) -> None:
+        """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
+        before zero_grad]."""
+        if not torch.compiler.is_compiling():
+            self.held = (self.generation, self.buf.clone(), list(self.pending), set()) \
+                if hold and self.forwarded else None
+            self.generation += 1
+            self.forwarded = False
         self.buf.zero_()
         if not torch.compiler.is_compiling():
             if self._pending_any:
                 self.pending = [0] * len(self.pending)
             # also re-arms the callback of a backward pass that raised before running it
             self._pending_any = self._flush_queued = False
+
+    def adopt_held(self, lay: Layer, generation: int) -> None:
+        """A gradient reached a call of ``lay`` from the forward of ``generation``, before the
+        last clear: the layer takes back the H that clear held (NOTE: [forward before zero_grad])."""
+        held = self.held
+        if held is None or held[0] != generation or lay.h_factor in held[3]:
+            return
+        gen, buf, pending, adopted = held
+        adopted.add(lay.h_factor)
+        count = slice(self.n_acc + lay.h_factor, self.n_acc + lay.h_factor + 1)
+        with torch.no_grad():
+            self.buf[lay.h_acc] += buf[lay.h_acc]
+            self.buf[count] += buf[count]
+        if pending[lay.h_factor]:
+            self.pending[lay.h_factor] += pending[lay.h_factor]
+            self._pending_any = True
 
     def describe(self) -> List[dict]:
         """Per layer: name, kind and factor sizes (a checkpoint's fingerprint of the model)."""
@@ -362,6 +400,7 @@ class FisherState:
                                         for v in self.table))
         for name in ("grad_degree", "buf", "state", "fac", "initialized", "counters"):
             setattr(self, name, getattr(self, name).to(device))
+        self.held = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {"state": self.state, "fac": self.fac, "initialized": self.initialized,

@@ -238,6 +238,70 @@ def test_zero_grad_drops_abandoned_statistics():
     assert opt.fisher.buf.abs().sum() == 0
 
 
+def _train_order(model, opt, batches, order):
+    """The iteration in ``order``: "standard" (zero_grad, forward, backward, step), "reversed"
+    (forward, zero_grad, backward, step) or "closure" (Lightning's: step(closure) whose closure
+    runs forward, zero_grad, backward)."""
+    for x, y in batches:
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            return loss
+        if order == "standard":
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        elif order == "reversed":
+            closure()
+            opt.step()
+        else:
+            opt.step(closure)
+
+
+@pytest.mark.parametrize("order,compiled", [("reversed", False), ("closure", False), ("closure", True)])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_zero_grad_between_forward_and_backward_keeps_the_forwards_statistics(preset, order, compiled):
+    """NOTE: [forward before zero_grad] zero_grad() between a forward and its backward (a common
+    loop order; Lightning's closure) dropped the forward's H: the H state never left its initial
+    ones.  Now the run equals the standard loop's exactly (compiled: with step(closure))."""
+    torch.manual_seed(0)
+    ref = Block(inplace=True).double()
+    other = copy.deepcopy(ref)
+    opts = [AdaFisher(m, lr=1e-2, TCov=2, preset=preset, backend="torch") for m in (ref, other)]
+    batches = [(x.double(), y) for x, y in _batches(n=4)]
+    _train_order(ref, opts[0], batches, "standard")
+    net = torch.compile(other, backend="aot_eager") if compiled else other
+    _train_order(net, opts[1], batches, order)
+    for (n, a), b in zip(ref.named_parameters(), other.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
+    for a, b in zip(opts[0].ema_state().values(), opts[1].ema_state().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(d["stat_iters"] == 2 for d in opts[1].diagnostics().values())
+
+
+@pytest.mark.parametrize("abandoned", ["forward", "forward+backward"])
+def test_zero_grad_still_drops_abandoned_statistics(abandoned):
+    """NOTE: [forward before zero_grad] What zero_grad() holds comes back only to a gradient of a
+    call from before it: an abandoned forward (an evaluation with grad enabled) or forward and
+    backward adds nothing to the next step's statistics."""
+    torch.manual_seed(0)
+    model = Block(inplace=True).double()
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    (x0, y0), (x, y) = [(x.double(), y) for x, y in _batches(n=2)]
+    loss = nn.functional.cross_entropy(model(x0 * 10), y0)
+    if abandoned == "forward+backward":
+        loss.backward()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    got = opt.raw_stats()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, (h, s) in opt.raw_stats().items():
+        torch.testing.assert_close(got[name][0], h, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(got[name][1], s, rtol=0, atol=0, msg=name)
+
+
 def test_nonfinite_statistics_keep_layer_state_and_are_counted():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
