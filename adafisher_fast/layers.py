@@ -103,7 +103,8 @@ class LayerKind:
     def unreadable(self, module: nn.Module) -> bool:
         """Whether the module's calls cannot be read as this kind reads them (an nn.Embedding
         subclass that looks up positions, not its input): such a module gets no hooks and no
-        factors, and the warning at construction names it (optional)."""
+        factors, and the warning at construction names it (optional).  Asked once per module at
+        construction, so a kind may probe the module's class here."""
         return False
 
     def h_input(self, module: nn.Module, x: torch.Tensor, output) -> Optional[torch.Tensor]:
@@ -532,6 +533,44 @@ class SyncBatchNormKind(BatchNormKind):
         return _global_moments(x3, m.process_group) if _synced(m) else super().moments(m, x3)
 
 
+# LayerNorm subclasses with a forward of their own: the dim they normalise, -1 (the trailing
+# dims) or 1, None when the probe could not tell (NOTE: [channels-first LayerNorm])
+_LAYOUTS: Dict[type, Optional[int]] = {}
+
+
+def _probe_layout(m: nn.LayerNorm) -> Optional[int]:
+    cls = type(m)
+    if cls.forward is nn.LayerNorm.forward:
+        return -1
+    if cls not in _LAYOUTS:
+        _LAYOUTS[cls] = _try_layout(m)
+    return _LAYOUTS[cls]
+
+
+def _try_layout(m: nn.LayerNorm) -> Optional[int]:
+    """The dim that ``type(m).forward`` normalises, tried on a (2, a, C) and a (2, C, a, a)
+    probe input (a != C; eagerly, without hooks or grad); None when neither fits."""
+    if len(m.normalized_shape) != 1 or any(p.is_meta for p in m.parameters(recurse=False)):
+        return None
+    c = m.normalized_shape[0]
+    a = 2 if c != 2 else 3
+    p = next(m.parameters(recurse=False), None)
+    dd = dict(dtype=p.dtype, device=p.device) if p is not None else {}
+    g = torch.Generator().manual_seed(0)
+    for dim, shape in ((-1, (2, a, c)), (1, (2, c, a, a))):
+        x = torch.randn(shape, generator=g).to(**dd)
+        try:
+            with torch.no_grad():
+                out = type(m).forward(m, x)
+        except Exception:   # noqa: BLE001 -- any failure means only that this reading does not fit
+            continue
+        want = torch.nn.functional.layer_norm(x.movedim(dim, -1), (c,), m.weight, m.bias, m.eps)
+        if isinstance(out, torch.Tensor) and out.shape == x.shape and torch.allclose(
+                out.float(), want.movedim(-1, dim).float(), rtol=1e-2, atol=1e-2):
+            return dim
+    return None
+
+
 @register_layer(nn.LayerNorm)
 class LayerNormKind(NormKind):
     """paper: per-row statistics over normalized_shape (N elements), H_w/S indexed by those.
@@ -549,6 +588,10 @@ class LayerNormKind(NormKind):
         n = self.n_features(m)
         return t.reshape(-1, n, 1)
 
+    def unreadable(self, m):
+        _probe_layout(m)            # NOTE: [channels-first LayerNorm]: once per class
+        return False
+
     def h_input(self, m, x, output):
         return self._normalized_last(m, x)
 
@@ -561,11 +604,17 @@ class LayerNormKind(NormKind):
         permuting around F.layer_norm in its forward (timm's LayerNorm2d, ConvNeXt's norm layers):
         its input and output gradient are (B, C, *spatial) with normalized_shape (C,).  Such a
         tensor is read with dim 1 moved last (a copy unless it is channels_last), the layout the
-        layer normalises; trailing dims equal to normalized_shape are read as they are, first."""
+        layer normalises.  Which dim a subclass normalises is found at construction by calling
+        its forward on probe inputs (``_probe_layout``): a (B, C, H, W) input with W = C fits
+        both readings.  For a class the probe could not call, trailing dims equal to
+        normalized_shape are read as they are, first."""
         shape = tuple(m.normalized_shape)
+        first = len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]
+        if first and _LAYOUTS.get(type(m)) == 1:
+            return t.movedim(1, -1)
         if tuple(t.shape[t.dim() - len(shape):]) == shape:
             return t
-        if len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]:
+        if first:
             return t.movedim(1, -1)
         raise ValueError(f"AdaFisher: {type(m).__name__}(normalized_shape={shape}) got a tensor of "
                          f"shape {tuple(t.shape)}: neither its trailing dims nor dim 1 are "

@@ -869,19 +869,21 @@ class _Permute(nn.Module):
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_channels_first_layernorm_subclass(preset, memory_format):
+@pytest.mark.parametrize("width", [5, 4])
+def test_channels_first_layernorm_subclass(preset, memory_format, width):
     """NOTE: [channels-first LayerNorm]: a LayerNorm subclass normalising dim 1 (timm's
-    LayerNorm2d) gathers what permute + nn.LayerNorm + permute does, and trains the same."""
+    LayerNorm2d) gathers what permute + nn.LayerNorm + permute does, and trains the same, also
+    when the width equals the channels (it was read as normalising the width)."""
     torch.manual_seed(0)
     cf = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _LayerNorm2d(4), nn.ReLU(), nn.Flatten(),
-                       nn.Linear(4 * 25, 3))
+                       nn.Linear(4 * 5 * width, 3))
     perm = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _Permute(0, 2, 3, 1), nn.LayerNorm(4),
-                         _Permute(0, 3, 1, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3))
+                         _Permute(0, 3, 1, 2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * width, 3))
     perm.load_state_dict({k.replace("1.", "2.", 1) if k.startswith("1.") else
                           k.replace("4.", "6.", 1) if k.startswith("4.") else k: v
                           for k, v in cf.state_dict().items()})
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randn(4, 3, 5, 5, generator=g).to(memory_format=memory_format)
+    batches = [torch.randn(4, 3, 5, width, generator=g).to(memory_format=memory_format)
                for _ in range(3)]
     runs = []
     for model in (cf, perm):
@@ -902,6 +904,28 @@ def test_channels_first_layernorm_subclass(preset, memory_format):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for a, b in zip(mc.parameters(), mp.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+class _FloatLayerNorm(nn.LayerNorm):
+    """open_clip's LayerNormFp32: normalises the trailing dim in float32."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x.float(), self.normalized_shape, self.weight.float(),
+                                        self.bias.float(), self.eps).to(x.dtype)
+
+
+def test_layernorm_subclasses_are_probed_for_their_layout():
+    """NOTE: [channels-first LayerNorm] The construction's probe finds the dim each class
+    normalises; a (B, C, C) input of a trailing-dim class is read as it is."""
+    layers._LAYOUTS.clear()
+    model = nn.Sequential(_LayerNorm2d(3), nn.Flatten(2), _FloatLayerNorm(3)).double()
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    assert layers._LAYOUTS == {_LayerNorm2d: 1, _FloatLayerNorm: -1}
+    x = torch.randn(2, 3, 1, 3, dtype=torch.float64)
+    model(x).square().sum().backward()
+    h = model[1](model[0](x)).detach()           # the trailing norm's input: (2, 3, 3)
+    xhat = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    torch.testing.assert_close(opt.raw_stats()["2"][0][:3], xhat.square().mean((0, 1)), rtol=1e-5, atol=0)
 
 
 def test_layernorm_subclass_of_another_layout_is_an_error():
