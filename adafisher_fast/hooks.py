@@ -137,8 +137,8 @@ class StatHooks:
         _LIVE[self.key] = self
         self.fisher = fisher
         self.ops = ops                  # the backend's statistics ops (backends.py)
-        # follow(what): moves the optimizer's state to where the model now is, or raises
-        # (NOTE: [following the model] in optimizer.py)
+        # follow(): the optimizer's method (or None once it is gone: NOTE: [hook lifetime]) that
+        # moves its state to where the model now is, or raises (NOTE: [following the model])
         self.follow = follow
         # NOTE: [TCov gating] Whether an iteration gathers statistics is the Python bool
         # ``collecting`` (steps % TCov == 0), read by the forward hook.  torch.compile inlines the
@@ -158,9 +158,11 @@ class StatHooks:
         for lay in fisher.layers:
             first, children = _first_param(lay.module), [c for _, c in submodules(lay.module)]
             tap = _Tap() if children else None
+            # prepended: a user's forward hook that replaces the output must not change what
+            # the statistics see (the module's own output and its gradient)
             self.handles += [m.register_forward_hook(
-                _ModelHook(self._forward_hook(lay, which, first, tap)), with_kwargs=True)
-                for which, m in enumerate(lay.modules)]     # NOTE: [shared parameters]
+                _ModelHook(self._forward_hook(lay, which, first, tap)), with_kwargs=True,
+                prepend=True) for which, m in enumerate(lay.modules)]   # NOTE: [shared parameters]
             if tap is not None:
                 self.handles.append(lay.module.register_forward_pre_hook(
                     _ModelHook(self._arm_hook(first, tap)), with_kwargs=True))
@@ -213,7 +215,9 @@ class StatHooks:
                 if self.fired is not None:       # no guard on it
                     self.fired.add(lay.name)
             if x.device != fisher.buf.device:
-                self.follow(f"layer '{lay.name}' ran on {x.device}")
+                follow = self.follow()
+                if follow is not None:
+                    follow(f"layer '{lay.name}' ran on {x.device}")
             x = lay.kind.h_input(module, x.detach(), output)
             if x is None:                        # a call the kind cannot read: gather nothing
                 return

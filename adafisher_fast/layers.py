@@ -538,10 +538,10 @@ class SyncBatchNormKind(BatchNormKind):
 _LAYOUTS: Dict[type, Optional[int]] = {}
 
 
-def _probe_layout(m: nn.LayerNorm) -> Optional[int]:
+def _probe_layout(m: nn.Module) -> Optional[int]:
     cls = type(m)
-    if cls.forward is nn.LayerNorm.forward:
-        return -1
+    if cls.forward is nn.LayerNorm.forward or not isinstance(m, nn.LayerNorm):   # RMSNorms
+        return None
     if cls not in _LAYOUTS:
         _LAYOUTS[cls] = _try_layout(m)
     return _LAYOUTS[cls]

@@ -3,7 +3,9 @@ state (state.py), the hooks (hooks.py) and the backend's ops (backends.py)."""
 from __future__ import annotations
 
 import math
+import sys
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, List, Optional
 
 import torch
@@ -165,6 +167,11 @@ class AdaFisher(Optimizer):
             kind = "a parameter iterable" if isinstance(model, Iterable) else type(model).__name__
             raise TypeError(f"model must be an nn.Module (AdaFisher hooks its layers), got {kind}; "
                             f"pass the model itself, e.g. AdaFisher(model)")
+        # an optimizer made on torch.compile's wrapper hooks and names the model inside it, so
+        # its checkpoints and reports are the plain model's (no "_orig_mod." prefix)
+        compiled = sys.modules.get("torch._dynamo.eval_frame")
+        if compiled is not None and isinstance(model, compiled.OptimizedModule):
+            model = model._orig_mod
         _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -184,7 +191,7 @@ class AdaFisher(Optimizer):
         self.fisher = FisherState(model, PRESETS[preset], params)
         self._backend_request, self._check_ops = backend, check
         self._pick_backend(params[0].device if params else torch.device("cpu"))
-        self._hooks = StatHooks(self.fisher, self._ops, self._follow_model)
+        self._hooks = self._hook()
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
 
     @property
@@ -237,9 +244,18 @@ class AdaFisher(Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(self._model, PRESETS[self.preset], params, old)
         hooks.remove()
-        self._hooks = StatHooks(self.fisher, self._ops, self._follow_model)
+        self._hooks = self._hook()
         self._hooks.set_steps(hooks.steps, self.TCov)
         self._hooks.fired = hooks.fired
+
+    def _hook(self) -> StatHooks:
+        """NOTE: [hook lifetime] The model's hooks hold the optimizer only weakly, so an optimizer
+        the user drops is freed, and then its finalizer removes its hooks.  Before, every
+        optimizer ever made on a model stayed alive, with its momentum, and kept gathering
+        statistics on every forward and backward (LR finders, sweeps, re-made optimizers)."""
+        hooks = StatHooks(self.fisher, self._ops, weakref.WeakMethod(self._follow_model))
+        weakref.finalize(self, hooks.remove)
+        return hooks
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears gradients AND the raw statistics gathered since the last step (SPEC 3), but

@@ -89,6 +89,21 @@ def _assert_same(eager, compiled, rtol):
     assert o1.steps == o0.steps
 
 
+def test_an_optimizer_made_on_the_compiled_wrapper_is_the_plain_models():
+    """An optimizer made on torch.compile's wrapper named its layers "_orig_mod.*", so its
+    checkpoints and the plain model's did not load into each other; it trains as eagerly."""
+    eager, (twin, _) = _pair(AdaFisher, "paper", torch.float64)
+    net = torch.compile(twin, backend="aot_eager")
+    opt = AdaFisher(net, lr=1e-3, TCov=2, weight_decay=1e-2, preset="paper", backend="torch")
+    assert list(opt.diagnostics()) == list(eager[1].diagnostics())
+    batches = _batches(3)
+    _train(*eager, batches)
+    _train(net, opt, batches)
+    _assert_same(eager, (twin, opt), 1e-9)
+    eager[1].load_state_dict(opt.state_dict())
+    opt.load_state_dict(eager[1].state_dict())
+
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW])
 def test_compiled_model_matches_eager_without_graph_breaks(opt_cls, preset):

@@ -123,7 +123,7 @@ def test_model_on_devices_the_state_cannot_follow():
     new parameters while the optimizer's stay on the CPU (layers running elsewhere than the
     optimizer's parameters), and a parameter swapped for a meta one makes a spread model."""
     m = _m()
-    AdaFisher(m, backend="torch", TCov=1)
+    opt = AdaFisher(m, backend="torch", TCov=1)
     with pytest.raises(RuntimeError, match=r"layer '0' ran on meta, but the optimizer's curvature "
                                            r"state is on cpu.*spread over several devices"):
         m.to("meta")(torch.randn(2, 3, device="meta"))

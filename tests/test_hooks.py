@@ -302,6 +302,39 @@ def test_zero_grad_still_drops_abandoned_statistics(abandoned):
         torch.testing.assert_close(got[name][1], s, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_a_dropped_optimizer_removes_its_hooks(trained):
+    """NOTE: [hook lifetime] The model's hooks kept every optimizer made on it alive, gathering
+    statistics on every iteration."""
+    import gc
+    import weakref
+    model = Block(inplace=True)
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    if trained:
+        _train(model, opt, _batches(n=2))
+    gone = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert gone() is None
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    kept = AdaFisher(model, TCov=1, backend="torch")
+    assert sum(len(m._forward_hooks) for m in model.modules()) == len(kept.fisher.layers) > 0
+
+
+def test_a_users_forward_hook_does_not_change_what_the_statistics_see():
+    """The statistics hook runs before the module's other forward hooks: a user hook that
+    replaces the output made S the gradient of the replacement, not of the module's output."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    lin.register_forward_hook(lambda m, i, o: o * torch.tensor([1.0, 0.0, 3.0], dtype=o.dtype))
+    opt = AdaFisher(lin, TCov=1, preset="paper", backend="torch")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    lin(x).sin().sum().backward()
+    out = nn.functional.linear(x, lin.weight, lin.bias).detach().requires_grad_()
+    (g,) = torch.autograd.grad((out * torch.tensor([1.0, 0.0, 3.0], dtype=out.dtype)).sin().sum(), out)
+    torch.testing.assert_close(opt.raw_stats()[""][1], g.square().mean(0), rtol=1e-12, atol=0)
+
+
 def test_nonfinite_statistics_keep_layer_state_and_are_counted():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
@@ -933,7 +966,7 @@ def test_layernorm_subclass_of_another_layout_is_an_error():
         def forward(self, x):
             return super().forward(x.flatten(1))
     model = nn.Sequential(Flat(12))
-    AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")     # noqa: F841 (its hooks)
     with pytest.raises(ValueError, match=r"Flat\(normalized_shape=\(12,\)\) got a tensor of shape "
                                          r"\(2, 3, 4\)"):
         model(torch.randn(2, 3, 4))
