@@ -374,23 +374,35 @@ class AdaFisher(Optimizer):
     def _warn_silent_layers(self) -> None:
         """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module
         itself was never called sees no statistics: nn.MultiheadAttention multiplies by
-        ``out_proj.weight`` directly, never calling its ``out_proj`` Linear.  Its factors keep F =
-        1 + Lambda, which nothing else would reveal, so the first statistics step names such
-        layers, once.  Only eager forwards record their layers (``StatHooks.fired``) and only an
-        eager step() looks: after a compiled forward nothing was recorded and nothing is said."""
+        ``out_proj.weight`` directly, never calling its ``out_proj`` Linear.  Nor does any layer
+        of a model compiled and run before the optimizer was made: dynamo does not guard on
+        hooks, so its graphs keep running without the optimizer's.  Such factors keep F = 1 +
+        Lambda, which nothing else would reveal, so the first statistics step names such layers,
+        once.  Eager forwards record their layers (``StatHooks.fired``); when none did (a
+        compiled model), the row counts in the buffer tell, read once (one sync; not while a
+        CUDA graph is being captured).  A compiled step() says nothing."""
         fired, self._hooks.fired = self._hooks.fired, None
-        if not fired:
+        fisher = self.fisher
+        got = {fisher.owner[id(p)].name for g in self.param_groups for p in g["params"]
+               if p.grad is not None and id(p) in fisher.owner}
+        if fired:
+            silent = got - fired
+        elif fisher.buf.is_cuda and torch.cuda.is_current_stream_capturing():
             return
-        owner = self.fisher.owner
-        silent = sorted({owner[id(p)].name for g in self.param_groups for p in g["params"]
-                         if p.grad is not None and id(p) in owner} - fired)
+        else:
+            rows = fisher.buf[fisher.n_acc:].tolist()
+            silent = {lay.name for lay in fisher.layers
+                      if lay.name in got and not rows[lay.h_factor] and not rows[lay.s_factor]}
         if silent:
-            warnings.warn(f"AdaFisher: layer(s) {', '.join(silent)} got gradients in a statistics "
-                          f"iteration without being called as modules, so they gather no "
-                          f"curvature statistics and their parameters step with F = 1 + Lambda (an "
-                          f"nn.MultiheadAttention multiplies by out_proj.weight directly: "
-                          f"adafisher_fast.expose_attention(model) makes it call its "
-                          f"projections)", stacklevel=5)
+            warnings.warn(f"AdaFisher: layer(s) {', '.join(sorted(silent))} got gradients in a "
+                          f"statistics iteration but gathered no curvature statistics, so their "
+                          f"parameters step with F = 1 + Lambda.  Either the module was not "
+                          f"called: an nn.MultiheadAttention multiplies by out_proj.weight "
+                          f"directly (adafisher_fast.expose_attention(model) makes it call its "
+                          f"projections).  Or the model was compiled and run before the optimizer "
+                          f"was made, and its graphs lack the optimizer's hooks: make the "
+                          f"optimizer first, or call torch._dynamo.reset() after making it "
+                          f"(NOTE: [silent layers])", stacklevel=5)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -397,20 +397,42 @@ def test_multihead_attention_out_proj_is_named_once(recwarn):
     assert opt.diagnostics()["1.linear1"]["stat_iters"] == 3
 
 
-def test_no_silent_layer_warning_for_compiled_or_fully_hooked_models(recwarn):
-    """Every hooked layer called as a module: nothing to say.  A compiled forward runs the hooks
-    inside its graph, where nothing is recorded: nothing is said either (NOTE: [silent layers])."""
+def test_no_silent_layer_warning_for_fully_hooked_models(recwarn):
+    """Every hooked layer called as a module, eager or compiled: nothing to say."""
     torch.manual_seed(0)
-    model = Block(inplace=False)
-    opt = AdaFisher(model, TCov=1, backend="torch")
-    model(torch.randn(2, 3, 5, 5)).sum().backward()
-    opt.step()
+    for compiled in (False, True):
+        model = Block(inplace=False)
+        opt = AdaFisher(model, TCov=1, backend="torch")
+        net = torch.compile(model, backend="aot_eager") if compiled else model
+        net(torch.randn(2, 3, 5, 5)).sum().backward()
+        opt.step()
+    assert not [w for w in recwarn if "AdaFisher: layer(s)" in str(w.message)]
+
+
+def test_silent_layers_of_compiled_models_are_named_from_their_row_counts(recwarn):
+    """NOTE: [silent layers] A compiled forward records no layers, so the row counts tell: the
+    out_proj of a compiled nn.MultiheadAttention is named (it was not), and every layer of a
+    model compiled and run before the optimizer was made (its graphs have no hooks: it trained
+    with F = 1 + Lambda everywhere, silently)."""
+    torch.manual_seed(0)
     mha = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
                                                                       batch_first=True))
     opt = AdaFisherW(mha, TCov=1, backend="torch")
     torch.compile(mha, backend="aot_eager")(torch.randn(2, 5, 8)).sum().backward()
     opt.step()
-    assert not [w for w in recwarn if "AdaFisher: layer(s)" in str(w.message)]
+    early = Block(inplace=False)
+    net = torch.compile(early, backend="aot_eager")
+    net(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt = AdaFisher(early, TCov=1, backend="torch")
+    early.zero_grad()
+    net(torch.randn(2, 3, 5, 5)).sum().backward()
+    opt.step()
+    assert all(d["stat_iters"] == 0 for d in opt.diagnostics().values())
+    msgs = [str(w.message) for w in recwarn if "AdaFisher: layer(s)" in str(w.message)]
+    assert len(msgs) == 2
+    assert "layer(s) 1.self_attn.out_proj got gradients" in msgs[0]
+    assert f"layer(s) {', '.join(sorted(opt.diagnostics()))} got gradients" in msgs[1]
+    assert "torch._dynamo.reset()" in msgs[1]
 
 
 @pytest.mark.parametrize("tcov", [1, 3])
