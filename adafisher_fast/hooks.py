@@ -121,6 +121,19 @@ _output_grad_stats.register_fake(lambda grad, hooks, layer, module: None)
 torch.fx.node.has_side_effect(torch.ops.adafisher.output_grad_stats.default)
 
 
+@torch.library.custom_op("adafisher::flush_rows", mutates_args=("buf",))
+def _flush_rows(buf: torch.Tensor, hooks: int) -> None:
+    """A compiled step()'s ``FisherState.flush_rows``: the row counts that eager hooks left on
+    the host (a forward without a backward, or compiled autograd's backward) reach ``buf``
+    before the step reads it (NOTE: [host row counts])."""
+    owner = _LIVE.get(hooks)
+    if owner is not None:
+        owner.fisher.flush_rows(buf)
+
+
+_flush_rows.register_fake(lambda buf, hooks: None)
+
+
 class _Tap:
     """One composite layer's current call (NOTE: [composite layers]): armed by the layer's forward
     pre-hook, ``placed`` by the first submodule call with the output-gradient hook's pending list

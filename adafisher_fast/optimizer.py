@@ -432,8 +432,10 @@ class AdaFisher(Optimizer):
             for g in grads:
                 g.div_(grad_scale.to(g))
         if self._hooks.collecting:
-            if not torch.compiler.is_compiling():
-                fisher.flush_rows()                     # NOTE: [host row counts]
+            if torch.compiler.is_compiling():           # NOTE: [host row counts]
+                torch.ops.adafisher.flush_rows(fisher.buf, self._hooks.key)
+            else:
+                fisher.flush_rows()
                 if self._hooks.fired is not None:
                     self._warn_silent_layers()
             self._reduce_stats(grad_scale)

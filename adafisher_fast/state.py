@@ -322,24 +322,26 @@ class FisherState:
             self._pending_any = True
 
     def flush_after_backward(self) -> None:
-        """From a gradient hook: flush the pending row counts when this backward pass ends."""
-        if self._pending_any and not self._flush_queued:
+        """From a gradient hook: flush the pending row counts when this backward pass ends (a
+        compiled backward adds its own on the device; step() flushes those of eager forwards)."""
+        if self._pending_any and not self._flush_queued and not torch.compiler.is_compiling():
             self._flush_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.flush_rows)
 
-    def flush_rows(self) -> None:
-        """Move the pending row counts into ``buf`` (NOTE: [host row counts])."""
+    def flush_rows(self, buf: Optional[torch.Tensor] = None) -> None:
+        """Move the pending row counts into ``buf`` (default: ours; NOTE: [host row counts])."""
+        buf = self.buf if buf is None else buf
         self._flush_queued = False
         if not self._pending_any:
             return
-        counts = torch.tensor(self.pending, dtype=self.buf.dtype)
-        if self.buf.is_cuda:
+        counts = torch.tensor(self.pending, dtype=buf.dtype)
+        if buf.is_cuda:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("AdaFisher: row counts gathered before this CUDA-graph capture "
                                    "would be added again on every replay; call zero_grad() or "
                                    "step() before capturing (NOTE: [host row counts])")
-            counts = counts.pin_memory().to(self.buf.device, non_blocking=True)
-        self.buf[self.n_acc:].add_(counts)
+            counts = counts.pin_memory().to(buf.device, non_blocking=True)
+        buf[self.n_acc:].add_(counts)
         self.pending = [0] * len(self.pending)
         self._pending_any = False
 

@@ -204,6 +204,39 @@ def test_compiled_step_matches_eager(preset):
     _assert_same(eager, (twin, opt), 1e-9)
 
 
+def test_compiled_step_reads_the_row_counts_eager_hooks_left_on_the_host():
+    """NOTE: [host row counts] A forward without a backward (a validation loss computed with grad
+    enabled) leaves its row counts on the host; only an eager step() moved them into the buffer,
+    so a compiled step() read the forward's sums without its counts and a later step got them."""
+    (m0, o0), (m1, o1) = _pair(AdaFisherW, "paper", torch.float64)
+    step = torch.compile(o1.step, fullgraph=True, backend="aot_eager")
+    for idx, y in _batches(4):
+        for model, opt, st in ((m0, o0, o0.step), (m1, o1, step)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(idx), y).backward()
+            model(idx.flip(0)).sum()                       # no backward
+            st()
+    _assert_same((m0, o0), (m1, o1), 1e-9)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_compiled_autograd_matches_eager(compiled):
+    """Under compiled autograd without fullgraph, an eager model's gradient hook queued the
+    row-count flush, which compiled autograd refuses ("queue_callback() is only supported ...
+    fullgraph=True"); now compiled backward passes leave the flush to step()."""
+    eager, (twin, opt) = _pair(AdaFisher, "paper", torch.float64)
+    net = torch.compile(twin, backend="aot_eager") if compiled else twin
+    batches = _batches(4)
+    _train(*eager, batches)
+    for idx, y in batches:
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(idx), y)
+        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+        opt.step()
+    _assert_same(eager, (twin, opt), 1e-9)
+
+
 def test_inductor_step_updates_in_place():
     """The ops mutate parameters, momenta and state in place (custom ops with mutates_args);
     inductor must call them on the real tensors, not on functionalized copies: the compiled
