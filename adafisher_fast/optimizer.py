@@ -3,6 +3,7 @@ state (state.py), the hooks (hooks.py) and the backend's ops (backends.py)."""
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 import warnings
 import weakref
@@ -22,11 +23,17 @@ from .report import curvature_report
 from .state import FisherState
 
 _GROUP_KEYS = ("lr", "beta", "weight_decay")
+# what torch's LR schedulers ("initial_lr", for resuming with last_epoch) and users (a group's
+# "name") may add to a group besides its hyper-parameters
+_GROUP_EXTRAS = ("initial_lr", "name")
 
 
 def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
-    def real(name, v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+    def real(name, v):          # numbers.Real: NumPy's scalars too
+        if isinstance(v, torch.Tensor):
+            raise TypeError(f"{name} must be a Python or NumPy real number, got a tensor: the "
+                            f"step's kernels take hyper-parameters by value")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise TypeError(f"{name} must be a finite real number, got {v!r}")
     for name, v in (("lr", lr), ("beta", beta), ("Lambda", Lambda), ("gamma", gamma),
                     ("weight_decay", weight_decay)):
@@ -41,7 +48,7 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-    if isinstance(TCov, bool) or not isinstance(TCov, int) or TCov < 1:
+    if isinstance(TCov, bool) or not isinstance(TCov, numbers.Integral) or TCov < 1:
         raise ValueError(f"TCov must be an integer >= 1, got {TCov!r}")
 
 
@@ -66,20 +73,27 @@ def _check_group(where: str, g: Any, allowed: set, seen: set,
     that each parameter is in ``allowed`` (ids) and not in ``seen`` (ids, updated)."""
     if not isinstance(g, dict) or "params" not in g:
         raise TypeError(f"{where} must be a dict with a 'params' entry")
-    extra = set(g) - {"params", *_GROUP_KEYS}
+    extra = set(g) - {"params", *_GROUP_KEYS, *_GROUP_EXTRAS}
     if extra:
         raise ValueError(f"{where} has keys {sorted(extra)}; a group may only override "
                          f"{_GROUP_KEYS}")
+    if isinstance(g["params"], (set, frozenset)):
+        raise TypeError(f"{where}['params'] is a set, whose order changes from run to run (and "
+                        f"so would checkpoints); give a list")
     ps = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+    mine: set = set()
     for p in ps:
         if id(p) not in allowed:
             raise ValueError(f"{where} holds a tensor that is not a trainable parameter of the "
                              f"model")
         if id(p) in seen:
-            raise ValueError(f"{where}: parameter '{names[id(p)]}' is already in an earlier group")
+            where_else = "twice in this group" if id(p) in mine else "already in an earlier group"
+            raise ValueError(f"{where}: parameter '{names[id(p)]}' is {where_else}")
         seen.add(id(p))
+        mine.add(id(p))
     _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
-    return {**g, "params": ps}
+    # plain floats: a NumPy scalar would not load from a checkpoint with weights_only=True
+    return {**g, **{k: float(g[k]) for k in _GROUP_KEYS if k in g}, "params": ps}
 
 
 def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]):
@@ -175,16 +189,17 @@ class AdaFisher(Optimizer):
         _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        for name, flag in (("capturable", capturable), ("check", check), ("dist", dist)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if dist and not (torch_dist.is_available() and torch_dist.is_initialized()):
             raise ValueError("dist=True needs an initialised torch.distributed process group")
         groups, self._names = _build_groups(model, param_groups)
-        if not isinstance(capturable, bool):
-            raise TypeError(f"capturable must be a bool, got {capturable!r}")
         # "capturable" as a group default makes torch's load_state_dict keep steps on the device
-        super().__init__(groups, dict(lr=lr, beta=beta, weight_decay=weight_decay,
-                                      capturable=capturable))
+        super().__init__(groups, dict(lr=float(lr), beta=float(beta),
+                                      weight_decay=float(weight_decay), capturable=capturable))
         self.capturable = capturable
-        self.Lambda, self.gamma, self.TCov, self.preset = float(Lambda), float(gamma), TCov, preset
+        self.Lambda, self.gamma, self.TCov, self.preset = float(Lambda), float(gamma), int(TCov), preset
         self.dist = dist
         self._model = model
         params = [p for g in self.param_groups for p in g["params"]]

@@ -30,6 +30,10 @@ def _m():
     (dict(backend="jax"), ValueError, "backend"),
     (dict(param_groups=[{"params": [], "Lambda": 1.0}]), ValueError, "param_groups"),
     (dict(param_groups="x"), TypeError, "param_groups"),
+    (dict(lr=torch.tensor(1e-3)), TypeError, "lr must be a Python or NumPy real number"),
+    (dict(check="yes"), TypeError, "check must be a bool"),
+    (dict(capturable=1), TypeError, "capturable must be a bool"),
+    (dict(dist=1), TypeError, "dist must be a bool"),
 ])
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
 def test_bad_hyperparameters(cls, kw, exc, pattern):
@@ -48,6 +52,33 @@ def test_parameter_in_two_groups_or_foreign():
         AdaFisher(m, param_groups=[{"params": [m[0].weight]}, {"params": [m[0].weight]}])
     with pytest.raises(ValueError, match=r"param_groups\[0\].*not a trainable parameter"):
         AdaFisher(m, param_groups=[{"params": [nn.Parameter(torch.ones(2))]}])
+
+
+def test_parameter_twice_in_a_group_or_given_as_a_set():
+    m = _m()
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: parameter '0.weight' is twice in this group"):
+        AdaFisher(m, param_groups=[{"params": [m[0].weight, m[0].weight]}])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\] is a set"):
+        AdaFisher(m, param_groups=[{"params": {m[0].weight, m[0].bias}}])
+
+
+def test_numpy_scalars_and_scheduler_group_keys_are_accepted():
+    """NumPy's scalars are real numbers (stored as floats, which a weights_only checkpoint
+    loads); a group may carry the "initial_lr" that LR schedulers resume from, and a "name"."""
+    np = pytest.importorskip("numpy")
+    m = _m()
+    opt = AdaFisher(m, lr=np.float32(0.5), TCov=np.int64(3), backend="torch",
+                    param_groups=[{"params": [m[0].weight], "lr": np.float64(0.25),
+                                   "initial_lr": 0.25, "name": "first"}])
+    assert [type(g["lr"]) for g in opt.param_groups] == [float, float] and opt.TCov == 3
+    assert [g["lr"] for g in opt.param_groups] == [0.25, 0.5]
+    m(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf, weights_only=True))
+    assert (opt.param_groups[0]["initial_lr"], opt.param_groups[0]["name"]) == (0.25, "first")
 
 
 def test_complex_parameters():
