@@ -419,6 +419,18 @@ class AdaFisher(Optimizer):
                           f"optimizer first, or call torch._dynamo.reset() after making it "
                           f"(NOTE: [silent layers])", stacklevel=5)
 
+    def _only_makes_state(self) -> bool:
+        """NOTE: [checkpoint layout] torch.distributed.checkpoint's get/set_optimizer_state_dict
+        make a fresh optimizer's state by a step with lr 0 and zero gradients.  Such a step
+        can change nothing but the step count, and advancing that shifts the TCov schedule (the
+        next TCov - 1 iterations gather nothing), so it only makes the state.  Checked on a
+        fresh optimizer whose lrs are all 0 only (it reads the gradients, once)."""
+        if self.state or any(g["lr"] != 0 for g in self.param_groups) or self._hooks.fired:
+            return False
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return (bool(grads) and not self.fisher._pending_any and not bool(self.fisher.buf.any())
+                and not any(bool(g.any()) for g in grads))
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -431,6 +443,9 @@ class AdaFisher(Optimizer):
                     loss = closure()
             finally:
                 self.fisher.in_closure = False
+        if not torch.compiler.is_compiling() and self._only_makes_state():
+            self._gather()
+            return loss
         fisher = self.fisher
         grad_scale = getattr(self, "grad_scale", None)          # NOTE: [GradScaler]
         found_inf = getattr(self, "found_inf", None)
@@ -464,19 +479,35 @@ class AdaFisher(Optimizer):
         return loss
 
     # ------------------------------------------------------------------------------------------
+    # NOTE: [checkpoint layout] The curvature state (steps, EMA factors, H'/S', counters and the
+    # layers' fingerprint) is the "adafisher" entry of the first param group, not a top-level
+    # key: torch.distributed.checkpoint's get/set_optimizer_state_dict (FSDP2's checkpoints)
+    # keep only "state" and "param_groups", and a top-level entry was dropped there.  Without
+    # param groups it is top-level; checkpoints written that way load too.
     def state_dict(self) -> Dict[str, Any]:
         sd = super().state_dict()
-        sd["adafisher"] = {"steps": self.steps, "preset": self.preset, "gamma": self.gamma,
-                           "TCov": self.TCov, "Lambda": self.Lambda, "layers": self.fisher.describe(),
-                           **{k: v.clone() for k, v in self.fisher.tensors().items()}}
+        extra = {"steps": self.steps, "preset": self.preset, "gamma": self.gamma,
+                 "TCov": self.TCov, "Lambda": self.Lambda, "layers": self.fisher.describe(),
+                 **{k: v.clone() for k, v in self.fisher.tensors().items()}}
+        if sd["param_groups"]:
+            sd["param_groups"] = [{**sd["param_groups"][0], "adafisher": extra},
+                                  *sd["param_groups"][1:]]
+        else:
+            sd["adafisher"] = extra
         return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._follow_model()
         sd = dict(state_dict)
+        groups = [dict(g) for g in sd.get("param_groups", ())]
         extra = sd.pop("adafisher", None)
+        if groups and "adafisher" in groups[0]:          # NOTE: [checkpoint layout]
+            extra = groups[0].pop("adafisher")
+            sd["param_groups"] = groups
         if extra is None:
-            raise ValueError("state_dict: not an AdaFisher checkpoint (it has no 'adafisher' entry)")
+            raise ValueError("state_dict: not an AdaFisher checkpoint (it has no 'adafisher' entry; "
+                             "torch.distributed.checkpoint keeps it with its default options, not "
+                             "with flatten_optimizer_state_dict=True)")
         if extra["preset"] != self.preset:
             raise ValueError(f"state_dict: checkpoint has preset={extra['preset']!r}, this optimizer "
                              f"preset={self.preset!r}")

@@ -1,5 +1,6 @@
 """state_dict round trip (SPEC section 5): 30 steps == 15 + save/load into a new model + 15."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -63,6 +64,79 @@ def test_resume_is_bit_identical(cls, preset):
     for p1, p3 in zip(m1.parameters(), m3.parameters()):
         assert torch.equal(o1.state[p1]["exp_avg"], o3.state[p3]["exp_avg"])
         assert torch.equal(o1.state[p1]["step"], o3.state[p3]["step"])
+
+
+def _same_run(a, b):
+    (m1, o1), (m2, o2) = a, b
+    for (n, x), y in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(x, y), n
+    for k, v in o1.fisher.tensors().items():
+        assert torch.equal(v, o2.fisher.tensors()[k]), k
+    assert o1.steps == o2.steps
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_distributed_checkpoint_state_dicts_resume_bit_identically(preset, tmp_path):
+    """NOTE: [checkpoint layout] torch.distributed.checkpoint's get/set_optimizer_state_dict
+    (FSDP2's checkpoints) keep only "state" and "param_groups": the curvature state was dropped
+    and the checkpoint refused.  Saved with dcp.save and loaded into a fresh optimizer, whose
+    state DCP first makes with an lr-0 step, training goes on exactly."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    kw = dict(lr=3e-3, TCov=4, preset=preset, backend="torch")
+    batches = _batches()
+    m1 = _model()
+    o1 = AdaFisherW(m1, **kw)
+    _run(m1, o1, batches[:10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # no process group: DCP says it runs on one
+        dcp.save({"model": m1.state_dict(), "optim": get_optimizer_state_dict(m1, o1)},
+                 checkpoint_id=str(tmp_path))
+    m2 = _model()
+    o2 = AdaFisherW(m2, **{**kw, "TCov": 1})
+    ck = {"model": m2.state_dict(), "optim": get_optimizer_state_dict(m2, o2)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # no process group: DCP says it runs on one
+        dcp.load(ck, checkpoint_id=str(tmp_path))
+    m2.load_state_dict(ck["model"])
+    set_optimizer_state_dict(m2, o2, ck["optim"])
+    assert o2.TCov == 4 and o2.steps == 10
+    _run(m1, o1, batches[10:])
+    _run(m2, o2, batches[10:])
+    _same_run((m1, o1), (m2, o2))
+
+
+def test_distributed_checkpoints_state_making_step_changes_nothing():
+    """NOTE: [checkpoint layout] DCP makes a fresh optimizer's state with a step at lr 0 and zero
+    gradients: it advanced the step count, so the first TCov - 1 iterations gathered nothing."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    batches = _batches()[:6]
+    runs = []
+    for via_dcp in (False, True):
+        m = _model()
+        o = AdaFisher(m, TCov=4, preset="paper", backend="torch")
+        if via_dcp:
+            get_optimizer_state_dict(m, o)
+            assert o.steps == 0 and all(torch.equal(o.state[p]["exp_avg"], torch.zeros_like(p))
+                                        for p in m.parameters())
+        _run(m, o, batches)
+        runs.append((m, o))
+    _same_run(*runs)
+
+
+def test_checkpoints_with_a_top_level_curvature_entry_load():
+    """NOTE: [checkpoint layout] Checkpoints written before the curvature state moved into the
+    first param group load as they did."""
+    m1 = _model()
+    o1 = AdaFisher(m1, TCov=2, backend="torch")
+    _run(m1, o1, _batches()[:3])
+    sd = o1.state_dict()
+    assert "adafisher" not in sd and "adafisher" in sd["param_groups"][0]
+    old = {**sd, "param_groups": [dict(g) for g in sd["param_groups"]]}
+    old["adafisher"] = old["param_groups"][0].pop("adafisher")
+    o2 = AdaFisher(_model(), TCov=1, backend="torch")
+    o2.load_state_dict(old)
+    assert o2.TCov == 2 and o2.steps == 3 and "adafisher" not in o2.param_groups[0]
 
 
 def test_checkpoint_of_another_model_names_the_layer():
