@@ -325,6 +325,9 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
   if (n == 0) return;
   check_cuda(fac, params[0], op, "fac");
   const DType ft = acc_dtype(fac, op, "fac");
+  // the kernel indexes fac as a dense vector (NOTE: [param map]); a strided view is read through a
+  // contiguous copy, as the reference and the Triton twin read it (fac is only read here, like meta)
+  const at::Tensor fac_c = fac.contiguous();
   TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == 10,
               "adafisher::fused_step: meta must be int64 [P, 10]");
   // the meta rows travel inside the tensor table (one H2D copy); a CUDA meta costs a sync here
@@ -385,7 +388,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const uint8_t* d = dev.data_ptr<uint8_t>();
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
                                    reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],
-                                   fac.data_ptr(), ft, decoupled,
+                                   fac_c.data_ptr(), ft, decoupled,
                                    done_counter(params[0].device()), stream), op);
   }
   for (const at::Tensor& t : host_steps) *t.data_ptr<float>() += 1.0f;   // as the reference's t += 1
