@@ -4,7 +4,9 @@ x: any shape, float16/bfloat16/float32 (float64 buffers fall back to the torch r
 float64 path exists for parity tests, not speed); viewed as (A, K, B) with K = x.shape[dim].
 ``out[k] += scale * sum_{a, b} f(x[a, k, b])``, f = square or identity, accumulated in float32.
 
-Grid: (cdiv(K, BLOCK_K), cdiv(B, BLOCK_B), SPLIT_A).  Each program sums (BLOCK_A x BLOCK_K x
+Grid: (cdiv(K, BLOCK_K) * cdiv(B, BLOCK_B), SPLIT_A): the (K, B) blocks share axis 0, whose
+limit is 2^31 - 1, for B alone would pass the 65535 of axis 1 at B > 8.4M (a BatchNorm3d's
+per-channel positions of a 256^3 volume).  Each program sums (BLOCK_A x BLOCK_K x
 BLOCK_B) tiles over its share of the A rows in registers (NOTE: [tile shape]), reduces over B and
 adds its partial sum with one atomic add per feature (NOTE: [atomic partial sums]), or stores it
 for a sum in a fixed order under deterministic algorithms (NOTE: [ordered partials]).
@@ -46,9 +48,10 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog
     f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
     or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample); AFFINE 0 reads neither mu
     nor rs.  PARTIAL: out is a (programs, K) scratch, this program's row stored, not added."""
-    pid_k = tl.program_id(0)
-    pid_b = tl.program_id(1)
-    pid_a = tl.program_id(2)
+    n_kb = tl.cdiv(K, BLOCK_K)
+    pid_k = tl.program_id(0) % n_kb
+    pid_b = tl.program_id(0) // n_kb
+    pid_a = tl.program_id(1)
     offs_a = tl.arange(0, BLOCK_A)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -80,7 +83,7 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog
         acc += v
     tot = tl.sum(tl.sum(acc, axis=2), axis=0) * scale
     if PARTIAL:
-        row = pid_a * tl.num_programs(1) + pid_b
+        row = pid_a * tl.cdiv(B, BLOCK_B) + pid_b
         tl.store(out_ptr + row.to(tl.int64) * K + offs_k, tot, mask=km)
     else:
         tl.atomic_add(out_ptr + offs_k, tot, mask=km)
@@ -105,7 +108,7 @@ def _tiles(a: int, k: int, b: int, interpret: bool):
     tiles_kb = cdiv(k, block_k) * cdiv(b, block_b)
     split = 1 if interpret else max(1, min(cdiv(TARGET_PROGRAMS, tiles_kb), cdiv(a, block_a)))
     rows = cdiv(cdiv(a, split), block_a) * block_a     # whole tiles per program
-    grid = (cdiv(k, block_k), cdiv(b, block_b), cdiv(a, rows))
+    grid = (cdiv(k, block_k) * cdiv(b, block_b), cdiv(a, rows))
     return block_a, block_k, block_b, rows, grid
 
 
@@ -118,8 +121,9 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
     if x3.numel() == 0:
         return
     block_a, block_k, block_b, rows, grid = tiles(a, k, b)
-    partial = grid[1] * grid[2] > 1 and torch.are_deterministic_algorithms_enabled()
-    dst = out.new_empty(grid[1] * grid[2], k) if partial else out     # NOTE: [ordered partials]
+    n_rows = cdiv(b, block_b) * grid[1]              # programs per feature
+    partial = n_rows > 1 and torch.are_deterministic_algorithms_enabled()
+    dst = out.new_empty(n_rows, k) if partial else out     # NOTE: [ordered partials]
     _column_reduce_kernel[grid](x3, dst, out if mu is None else mu, out if rs is None else rs, a, k,
                                 b, rows, g, cg, rps, float(scale), SQUARE=square, AFFINE=affine,
                                 BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b, PARTIAL=partial)

@@ -82,18 +82,34 @@ def test_linear_stats_gpu_large(kernel_ops, shape, dim, dtype):
     assert err <= 2 * err_ref + 1e-6 * want.abs().max().item()
 
 
-@pytest.mark.parametrize("shape,dim", [((4100, 3), -1), ((1100, 5, 3), 1)])
-def test_triton_linear_stats_split_rows(monkeypatch, shape, dim):
+def test_triton_linear_stats_grid_fits_the_gpus_limits(monkeypatch):
+    """The (K, B) blocks share grid axis 0 (limit 2^31 - 1): with B on axis 1 (limit 65535) a
+    BatchNorm3d's channel statistics of a 256^3 volume (B = 2^24) could not launch."""
+    pytest.importorskip("triton")
+    ls = importlib.import_module("fisher_kernels.linear_stats")
+    monkeypatch.setattr(ls, "interpreting", lambda: False)
+    for a, k, b in [(2, 32, 256 ** 3), (64, 3, 512 ** 3), (16384, 3072, 1), (1, 802816, 1)]:
+        ls._tiles.cache_clear()
+        block_a, block_k, block_b, rows, grid = ls.tiles(a, k, b)
+        assert grid[0] < 2 ** 31 and grid[1] <= 65535, (a, k, b, grid)
+        assert grid[0] * block_k * block_b >= k * b and grid[1] * rows >= a
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("shape,dim", [((4100, 3), -1), ((1100, 5, 3), 1), ((42, 3, 300), 1)])
+def test_triton_linear_stats_split_rows(monkeypatch, shape, dim, deterministic):
     """The GPU's split of the rows over several programs whose partial sums meet through atomic
-    adds (NOTE: [atomic partial sums] in fisher_kernels/linear_stats.py), which the interpreter
-    would not pick on its own, and a last program with a partial tile of rows."""
+    adds (NOTE: [atomic partial sums] in fisher_kernels/linear_stats.py), or in a fixed order
+    (NOTE: [ordered partials]), which the interpreter would not pick on its own, and a last
+    program with a partial tile of rows; the last shape has three B blocks on grid axis 0."""
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: deterministic)
     pytest.importorskip("triton")
     ls = importlib.import_module("fisher_kernels.linear_stats")
     monkeypatch.setattr(ls, "interpreting", lambda: False)
     a = math.prod(shape[:dim % len(shape)])
     k = shape[dim]
     block_a, _, _, rows, grid = ls.tiles(a, k, math.prod(shape[dim % len(shape) + 1:]))
-    assert grid[2] > 1 and a % rows                     # several programs, the last one partial
+    assert grid[1] > 1 and a % rows                     # several programs, the last one partial
     torch.manual_seed(0)
     x = torch.randn(shape, device=device())
     want, got = torch.zeros(k, device=device()), torch.zeros(k, device=device())
