@@ -100,12 +100,13 @@ class LayerKind:
     def s_stats(self, module: nn.Module, s: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
         raise NotImplementedError
 
-    def unreadable(self, module: nn.Module) -> bool:
-        """Whether the module's calls cannot be read as this kind reads them (an nn.Embedding
-        subclass that looks up positions, not its input): such a module gets no hooks and no
-        factors, and the warning at construction names it (optional).  Asked once per module at
-        construction, so a kind may probe the module's class here."""
-        return False
+    def probe(self, module: nn.Module) -> bool:
+        """Called for each module at construction, where a kind may try the module's class on
+        probe inputs (``probe_call``, once per class): False when its calls cannot be read as this kind reads
+        them (an nn.Embedding subclass that looks up positions, not its input), so that the
+        module gets no hooks and no factors, and the warning at construction names it
+        (optional)."""
+        return True
 
     def h_input(self, module: nn.Module, x: torch.Tensor, output) -> Optional[torch.Tensor]:
         """What ``h_stats`` reads of a call with input x and this output: x itself, unless a
@@ -533,6 +534,16 @@ class SyncBatchNormKind(BatchNormKind):
         return _global_moments(x3, m.process_group) if _synced(m) else super().moments(m, x3)
 
 
+def probe_call(m: nn.Module, x: torch.Tensor):
+    """``type(m).forward(m, x)`` eagerly, without hooks or grad (``LayerKind.probe``); None when
+    it raises: any failure means only that the probe cannot tell."""
+    try:
+        with torch.no_grad():
+            return type(m).forward(m, x)
+    except Exception:       # noqa: BLE001
+        return None
+
+
 # LayerNorm subclasses with a forward of their own: the dim they normalise, -1 (the trailing
 # dims) or 1, None when the probe could not tell (NOTE: [channels-first LayerNorm])
 _LAYOUTS: Dict[type, Optional[int]] = {}
@@ -559,11 +570,7 @@ def _try_layout(m: nn.LayerNorm) -> Optional[int]:
     g = torch.Generator().manual_seed(0)
     for dim, shape in ((-1, (2, a, c)), (1, (2, c, a, a))):
         x = torch.randn(shape, generator=g).to(**dd)
-        try:
-            with torch.no_grad():
-                out = type(m).forward(m, x)
-        except Exception:   # noqa: BLE001 -- any failure means only that this reading does not fit
-            continue
+        out = probe_call(m, x)
         want = torch.nn.functional.layer_norm(x.movedim(dim, -1), (c,), m.weight, m.bias, m.eps)
         if isinstance(out, torch.Tensor) and out.shape == x.shape and torch.allclose(
                 out.float(), want.movedim(-1, dim).float(), rtol=1e-2, atol=1e-2):
@@ -588,9 +595,9 @@ class LayerNormKind(NormKind):
         n = self.n_features(m)
         return t.reshape(-1, n, 1)
 
-    def unreadable(self, m):
+    def probe(self, m):
         _probe_layout(m)            # NOTE: [channels-first LayerNorm]: once per class
-        return False
+        return True
 
     def h_input(self, m, x, output):
         return self._normalized_last(m, x)
@@ -752,8 +759,8 @@ class EmbeddingKind(LayerKind):
         ops.linear_stats(s, acc)
         return s.numel() // m.embedding_dim
 
-    def unreadable(self, m):
-        return _probe_lookup(m) is False
+    def probe(self, m):
+        return _probe_lookup(m) is not False
 
     def h_input(self, m, x, output):
         """NOTE: [embedding lookups] H counts the indices a call looks up, so x must be them.  A
@@ -813,12 +820,8 @@ def _try_lookup(m: nn.Embedding) -> Optional[bool]:
     if torch.unique(w.detach()[row].double(), dim=0).shape[0] < row.numel():
         return None
     ids = torch.stack([row, row.flip(0)])
-    try:
-        with torch.no_grad():
-            out = type(m).forward(m, ids)
-    except Exception:       # noqa: BLE001 -- any failure means only that the probe cannot tell
-        return None
-    return _looks_up(m, ids, out)
+    out = probe_call(m, ids)
+    return None if out is None else _looks_up(m, ids, out)
 
 
 def _looks_up(m: nn.Embedding, x: torch.Tensor, output) -> bool:

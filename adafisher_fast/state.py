@@ -73,7 +73,7 @@ def _factor_free_reason(m: nn.Module, preset) -> str:
     kind = kind_of(m)
     if kind is not None and not kind.supported(m, preset):
         return "released"
-    if kind is not None and kind.unreadable(m):
+    if kind is not None and not kind.probe(m):
         return "unreadable"
     if type(m) is nn.MultiheadAttention:
         return "attention"
@@ -168,7 +168,7 @@ class FisherState:
         claimed: Dict[int, int] = {}            # id(param) -> index of the layer that owns it
         for name, m in model.named_modules():
             kind = kind_of(m)
-            if kind is None or not kind.supported(m, preset) or kind.unreadable(m):
+            if kind is None or not kind.supported(m, preset) or not kind.probe(m):
                 continue
             mapped = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
                       if isinstance(getattr(m, pn, None), nn.Parameter)
