@@ -52,7 +52,7 @@ setup(
     description="AdaFisher optimizer (ICLR 2025) with fused Triton and CUDA C++ kernels",
     packages=find_packages(include=["adafisher_fast", "adafisher_fast.*", "fisher_kernels",
                                     "fisher_kernels.*", "bench", "bench.*"]),
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],

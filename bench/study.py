@@ -9,7 +9,7 @@ Tasks (both run offline, nothing is downloaded):
 * ``charlm``: a 2-block pre-LN character-level transformer (Embedding, learned positions, Linear
   q/k/v, LayerNorm, MLP, Linear head; causal attention through ``scaled_dot_product_attention``) on
   the concatenated reStructuredText dataset descriptions that ship with scikit-learn
-  (``sklearn/datasets/descr/*.rst``, sorted by file name, ~46 KB).  Why this text: it is real English
+  (``sklearn/datasets/descr/*.rst``, sorted by file name, ~43 KB).  Why this text: it is real English
   technical prose (not generated), it is installed with a dependency the project already has, so the
   study runs offline and byte-identically on any machine with the same scikit-learn, and it is small
   enough for a CPU.  The last 10% of the characters are the validation set; reports the mean training
