@@ -776,9 +776,11 @@ class EmbeddingKind(LayerKind):
         while tracing (a warning at construction says so)."""
         if type(m).forward is nn.Embedding.forward:
             return x
-        ok = _LOOKUPS.get(type(m))
+        ok = _PROBED.get(type(m))
+        if ok is None:
+            ok = _CHECKED.get(type(m))
         if ok is None and not torch.compiler.is_compiling() and x.numel():   # empty: cannot tell
-            ok = _LOOKUPS[type(m)] = _looks_up(m, x, output)
+            ok = _CHECKED[type(m)] = _looks_up(m, x, output)
             if not ok:
                 warnings.warn(f"AdaFisher: {type(m).__name__}'s forward does not look up the "
                               f"indices it is given (a positional embedding?), so it gathers no "
@@ -787,9 +789,12 @@ class EmbeddingKind(LayerKind):
         return x if ok else None
 
 
-# Embedding subclasses with a forward of their own: whether it looks up its input, None while not
-# known (NOTE: [embedding lookups])
-_LOOKUPS: Dict[type, Optional[bool]] = {}
+# Embedding subclasses with a forward of their own: whether it looks up its input, by the probe at
+# construction (None: it could not tell) and by the first eager call of a class the probe could
+# not tell.  Only the probe decides which modules are layers, so that the layers of a model, and
+# its checkpoints, do not depend on what ran before in the process (NOTE: [embedding lookups])
+_PROBED: Dict[type, Optional[bool]] = {}
+_CHECKED: Dict[type, bool] = {}
 
 
 def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
@@ -798,14 +803,14 @@ def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
     cls = type(m)
     if cls.forward is nn.Embedding.forward:
         return True
-    if cls not in _LOOKUPS:
-        _LOOKUPS[cls] = _try_lookup(m)
-        if _LOOKUPS[cls] is None:
+    if cls not in _PROBED:
+        _PROBED[cls] = _try_lookup(m)
+        if _PROBED[cls] is None:
             warnings.warn(f"AdaFisher: {cls.__name__}'s forward could not be tried on probe "
                           f"indices, so whether it looks up the indices it is given is checked "
                           f"at its first eager statistics call; until then compiled calls "
                           f"gather nothing (NOTE: [embedding lookups])")
-    return _LOOKUPS[cls]
+    return _PROBED[cls]
 
 
 def _try_lookup(m: nn.Embedding) -> Optional[bool]:

@@ -701,7 +701,8 @@ class _Bartish(nn.Module):
 
 def _bartish(positions, compiled):
     """A float64 _Bartish, its optimizer (made with warnings recorded) and what it trains."""
-    layers._LOOKUPS.clear()
+    layers._PROBED.clear()
+    layers._CHECKED.clear()
     torch.manual_seed(0)
     model = _Bartish(positions).double()
     with warnings.catch_warnings(record=True) as rec:
@@ -719,7 +720,7 @@ def test_positional_embeddings_are_found_at_construction(compiled):
     input, so it gets no hooks and the construction warning names it, compiled or not, while a
     scaled word embedding's H is still its token frequencies."""
     model, opt, net, rec = _bartish(_LearnedPositions, compiled)
-    assert layers._LOOKUPS == {_ScaledWords: True, _LearnedPositions: False}
+    assert layers._PROBED == {_ScaledWords: True, _LearnedPositions: False}
     assert any("positions (_LearnedPositions)" in w and "cannot be read by their layer kind" in w
                for w in rec)
     ids = torch.randint(0, 13, (3, 5))
@@ -742,7 +743,7 @@ def test_embedding_subclasses_the_probe_cannot_call_are_checked_at_their_first_c
     values, so before that they gather nothing (they crashed on the out-of-range token ids and
     the float input), as the construction's warning says."""
     model, opt, net, rec = _bartish(_CachedPositions, compiled)
-    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: None}
+    assert layers._PROBED == {_ScaledWords: True, _CachedPositions: None}
     assert [w for w in rec if "could not be tried" in w] == [
         "AdaFisher: _CachedPositions's forward could not be tried on probe indices, so whether it "
         "looks up the indices it is given is checked at its first eager statistics call; until "
@@ -753,13 +754,18 @@ def test_embedding_subclasses_the_probe_cannot_call_are_checked_at_their_first_c
         net(ids).logsumexp(-1).sum().backward()
     looked = [str(r.message) for r in calls if "does not look up" in str(r.message)]
     assert len(looked) == (0 if compiled else 1)
-    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: None if compiled else False}
+    assert layers._CHECKED == ({} if compiled else {_CachedPositions: False})
     torch.testing.assert_close(opt.raw_stats()["words"][0], torch.bincount(ids.reshape(-1), minlength=13)
                                .to(torch.float64) / ids.numel(), rtol=1e-12, atol=0)
     opt.step()
     assert opt.diagnostics()["positions"]["stat_iters"] == 0
     assert opt.diagnostics()["words"]["stat_iters"] == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # the first call's verdict does not change which modules the next optimizer hooks (it
+    # did, and its checkpoints then did not load into the next one's)
+    again = AdaFisher(_Bartish(_CachedPositions).double(), TCov=1, preset="paper", backend="torch")
+    assert list(again.diagnostics()) == list(opt.diagnostics())
+    again.load_state_dict(opt.state_dict())
 
 
 def test_an_empty_first_call_does_not_decide_the_lookup_check():
@@ -768,10 +774,10 @@ def test_an_empty_first_call_does_not_decide_the_lookup_check():
     model, opt, net, rec = _bartish(_CachedPositions, False)
     model.words(torch.zeros(0, 4, dtype=torch.long))
     model.positions(torch.zeros(0, 4, dtype=torch.long), 0)
-    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: None}
+    assert layers._CHECKED == {}
     with pytest.warns(UserWarning, match="_CachedPositions's forward does not look up"):
         model.positions(torch.zeros(2, 4, dtype=torch.long), 0)
-    assert layers._LOOKUPS == {_ScaledWords: True, _CachedPositions: False}
+    assert layers._CHECKED == {_CachedPositions: False}
 
 
 class _GemmaWords(nn.Embedding):
@@ -785,11 +791,11 @@ class _GemmaWords(nn.Embedding):
 def test_scaled_word_embeddings_are_lookups_in_every_dtype(dtype):
     """NOTE: [embedding lookups] The check allows the output dtype's rounding: a bfloat16
     Gemma embedding (rounded to 2^-8) was taken for a positional one and left without factors."""
-    layers._LOOKUPS.clear()
+    layers._PROBED.clear()
     torch.manual_seed(0)
     model = nn.Sequential(_GemmaWords(100, 48), nn.Linear(48, 3)).to(dtype)
     opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
-    assert layers._LOOKUPS == {_GemmaWords: True}
+    assert layers._PROBED == {_GemmaWords: True}
     assert list(opt.raw_stats()) == ["0", "1"]
 
 
