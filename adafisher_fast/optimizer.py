@@ -416,8 +416,10 @@ class AdaFisher(Optimizer):
                           f"directly (adafisher_fast.expose_attention(model) makes it call its "
                           f"projections).  Or the model was compiled and run before the optimizer "
                           f"was made, and its graphs lack the optimizer's hooks: make the "
-                          f"optimizer first, or call torch._dynamo.reset() after making it "
-                          f"(NOTE: [silent layers])", stacklevel=5)
+                          f"optimizer first, or call torch._dynamo.reset() after making it.  "
+                          f"(A compiled nn.Embedding subclass whose lookups a construction "
+                          f"warning could not check gathers nothing too; NOTE: [silent layers])",
+                          stacklevel=5)
 
     def _only_makes_state(self) -> bool:
         """NOTE: [checkpoint layout] torch.distributed.checkpoint's get/set_optimizer_state_dict
