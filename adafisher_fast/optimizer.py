@@ -539,7 +539,9 @@ class AdaFisher(Optimizer):
     # ------------------------------------------------------------------------------------------
     def raw_stats(self) -> Dict[str, tuple]:
         """{module name: (H, S)}: the raw statistics gathered since the last step/zero_grad,
-        finalised as SPEC section 2 defines them (before any EMA or normalisation)."""
+        finalised as SPEC section 2 defines them (before any EMA or normalisation).  A factor
+        that gathered no rows (no forward or no backward yet) is NaN: a mean over nothing, which
+        the step leaves out of the EMA."""
         from .reference import layer_raw
         self.fisher.flush_rows()
         raw = layer_raw(self.fisher.buf, self.fisher.table)
