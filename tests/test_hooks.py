@@ -57,12 +57,17 @@ def test_inplace_relu_and_residual_match_out_of_place(preset):
     batches = _batches()
     for m, o in zip((ref, inp), opts):
         _train(m, o, batches)
-    for (n, a), b in zip(ref.named_parameters(), inp.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    for a, b in zip(opts[0].ema_state().values(), opts[1].ema_state().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # the statistics did reach the state
-    assert all(d["stat_iters"] == 5 for d in opts[1].diagnostics().values())
+    _assert_same_training((ref, opts[0]), (inp, opts[1]), stat_iters=5)
+
+
+def _assert_same_training(a, b, stat_iters):
+    """Parameters and EMA state bit for bit, and statistics that reached every layer."""
+    (ma, oa), (mb, ob) = a, b
+    for (n, x), y in zip(ma.named_parameters(), mb.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=n)
+    for x, y in zip(oa.ema_state().values(), ob.ema_state().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert all(d["stat_iters"] == stat_iters for d in ob.diagnostics().values())
 
 
 @pytest.mark.parametrize("post", ["relu_", "+="])
@@ -273,11 +278,7 @@ def test_zero_grad_between_forward_and_backward_keeps_the_forwards_statistics(pr
     _train_order(ref, opts[0], batches, "standard")
     net = torch.compile(other, backend="aot_eager") if compiled else other
     _train_order(net, opts[1], batches, order)
-    for (n, a), b in zip(ref.named_parameters(), other.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)
-    for a, b in zip(opts[0].ema_state().values(), opts[1].ema_state().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert all(d["stat_iters"] == 2 for d in opts[1].diagnostics().values())
+    _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=2)
 
 
 @pytest.mark.parametrize("abandoned", ["forward", "forward+backward"])
