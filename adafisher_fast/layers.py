@@ -102,9 +102,9 @@ class LayerKind:
 
     def probe(self, module: nn.Module) -> bool:
         """Called for each module at construction, where a kind may try the module's class on
-        probe inputs (``probe_call``, once per class): False when its calls cannot be read as this kind reads
-        them (an nn.Embedding subclass that looks up positions, not its input), so that the
-        module gets no hooks and no factors, and the warning at construction names it
+        probe inputs (``probe_call``, once per class).  False when its calls cannot be read as
+        this kind reads them (an nn.Embedding subclass that looks up positions, not its input):
+        the module then gets no hooks and no factors, and the warning at construction names it
         (optional)."""
         return True
 
