@@ -53,8 +53,10 @@ def _register_grad_hook(t: torch.Tensor, hook) -> None:
     tensor is a view: an in-place op on a view rewrites its base's history and drops the view's
     node, with its hook.  Linear returns a view on 1-D and 3-D+ inputs (its matmul's result,
     reshaped), a convolution on unbatched input, so their S was lost.  A view that is its whole
-    base reshaped has the base's gradient reshaped, so the hook goes on the base; other views
-    (not made by the registered layers) keep a hook of their own."""
+    base reshaped has the base's gradient reshaped, so the hook goes on the base: for a layer's
+    output that base is the layer's own result, which nothing else uses.  Other views keep a
+    hook of their own, and so does the input of a composite layer's first submodule (NOTE:
+    [composite layers]), whose base may be used elsewhere."""
     base = t._base
     if (base is not None and base.numel() == t.numel() and t.is_contiguous() and base.is_contiguous()
             and t.storage_offset() == base.storage_offset()):
@@ -205,7 +207,7 @@ class StatHooks:
                 tapped = _GradTap.apply(t, self._grad_hook(lay, 0))      # NOTE: [grad tap]
                 return (tapped,) + inputs[1:], kwargs
             tap.placed = []          # the parent's hook adds a recomputed call's input here
-            _register_grad_hook(t, self._grad_hook(lay, 0, tap.placed))
+            t.register_hook(self._grad_hook(lay, 0, tap.placed))
             return None
         return hook
 
