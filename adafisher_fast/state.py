@@ -286,12 +286,19 @@ class FisherState:
 
         The shard is rows [ro, ro + n) of the (rows x cols) view when dim-0 slices are whole rows;
         the offsets shift by ro.  A grouped-conv shard must start on a group boundary or lie within
-        one group."""
+        one group.  A shard inside one row (a vector viewed as one row: preset="official"'s
+        LayerNorm weight) is that row's columns [c0, c0 + size): the offsets shift by c0."""
         rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = row
         inner = math.prod(full_shape[1:])
         if inner % cols:
-            raise NotImplementedError(f"parameter '{name}': a dim-0 shard does not cover whole rows "
-                                      f"of its ({rows} x {cols}) Fisher view")
+            lo, size = start * inner, length * inner
+            r0, c0 = divmod(lo, cols)
+            if size and (lo + size - 1) // cols != r0:
+                raise NotImplementedError(f"parameter '{name}': a dim-0 shard neither covers whole "
+                                          f"rows of its ({rows} x {cols}) Fisher view nor lies "
+                                          f"within one row")
+            return (1 if size else 0, max(size, 1), s_off + r0 * s_r + c0 * s_c, s_r, s_c,
+                    h_off + r0 * h_r + (r0 // h_gr) * h_gs + c0 * h_c, h_r, h_c, 1, 0)
         ro, n = start * inner // cols, length * inner // cols
         h_off += ro * h_r + (ro // h_gr) * h_gs
         if h_gs and ro % h_gr:

@@ -143,7 +143,7 @@ def test_sync_batchnorm_two_ranks_match_batchnorm_on_the_whole_batch(tmp_path):
     torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
-def _fsdp_worker(rank, init_file, out_dir):
+def _fsdp_worker(rank, init_file, out_dir, preset):
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -153,7 +153,7 @@ def _fsdp_worker(rank, init_file, out_dir):
             if any(True for _ in m.parameters()):
                 fully_shard(m)
         fully_shard(model)
-        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset=preset, backend="torch")
         _train(model, opt, _batches(), rank, WORLD)
         full = [p.full_tensor().detach() for p in model.parameters()]
         if rank == 0:
@@ -164,17 +164,28 @@ def _fsdp_worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_fsdp2_shards_match_single_process(tmp_path):
+@pytest.mark.parametrize("preset", ["paper", "official"])
+def test_fsdp2_shards_match_single_process(tmp_path, preset):
     """fully_shard (FSDP2) parameters are DTensors sharded on dim 0: each rank updates its rows
-    with the matching rows of S' (odd sizes: Linear(75, 6) over 2 ranks, LayerNorm(6), Linear(6, 3))."""
-    _spawn(_fsdp_worker, tmp_path)
+    with the matching rows of S' (odd sizes: Linear(75, 6) over 2 ranks, LayerNorm(6), Linear(6, 3)).
+    preset="official" views the LayerNorm weight as one row, which each shard lies within (it
+    raised).  Its LayerNorm statistics are per call, so not those of one process on the whole
+    batch (README, "Exactness limits"): its oracle is DDP on the same 2 ranks."""
+    _spawn(_fsdp_worker, tmp_path, preset)
     got = torch.load(tmp_path / "fsdp.pt")
-    model = _model(with_ln=True)
-    opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
-    _train(model, opt, _batches())
-    for a, b in zip(got["params"], model.parameters()):
-        torch.testing.assert_close(a, b.detach(), rtol=1e-11, atol=1e-13)
-    torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
+    if preset == "official":
+        (tmp_path / "ddp").mkdir()
+        _spawn(_worker, tmp_path / "ddp", "AdaFisherW", preset, True)
+        want = torch.load(tmp_path / "ddp" / "rank0.pt")
+        params, state = want["params"], want["state"]
+    else:
+        model = _model(with_ln=True)
+        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset=preset, backend="torch")
+        _train(model, opt, _batches())
+        params, state = [p.detach() for p in model.parameters()], opt.fisher.state
+    for a, b in zip(got["params"], params):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(got["state"], state, rtol=1e-11, atol=1e-13)
 
 
 def test_shard_meta_row_offsets():
@@ -198,7 +209,10 @@ def test_shard_meta_row_offsets():
     # transposed conv, 3 groups of 2 input channels (layers.cross_matrix_map): H per row on the
     # S side, S per group on the H side
     ((6, 10, 100, 1, 0, 120, 0, 1, 2, 10), (6, 5, 2)),
-    ((12, 5, 0, 0, 1, 7, 0, 0, 12, 0), (3, 4, 5))])        # LayerNorm (official)
+    ((12, 5, 0, 0, 1, 7, 0, 0, 12, 0), (3, 4, 5)),         # LayerNorm (official)
+    # LayerNorm(6) (official): a vector viewed as one row, every shard inside it (it raised)
+    ((1, 6, 0, 0, 1, 7, 0, 0, 1, 0), (6,)),
+    ((1, 6, 10, 0, 1, 7, 0, 1, 1, 0), (6,))])              # a row map with H by column too
 def test_shard_meta_gives_the_rows_of_the_whole_f(row, shape):
     """Every dim-0 shard that shard_meta accepts gets F of exactly its rows: reference.fisher_diag
     of the shard's row against the same rows of fisher_diag of the whole parameter's."""
