@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from .attention import InProjection
 from .reference import conv_out_size
@@ -536,7 +537,10 @@ class SyncBatchNormKind(BatchNormKind):
 
 def probe_call(m: nn.Module, x: torch.Tensor):
     """``type(m).forward(m, x)`` eagerly, without hooks or grad (``LayerKind.probe``); None when
-    it raises: any failure means only that the probe cannot tell."""
+    it raises (any failure means only that the probe cannot tell) or when a parameter of m is
+    sharded (FSDP2's DTensors: a forward outside FSDP's hooks cannot use them)."""
+    if any(isinstance(p, DTensor) for p in m.parameters(recurse=False)):
+        return None
     try:
         with torch.no_grad():
             return type(m).forward(m, x)
@@ -561,7 +565,8 @@ def _probe_layout(m: nn.Module) -> Optional[int]:
 def _try_layout(m: nn.LayerNorm) -> Optional[int]:
     """The dim that ``type(m).forward`` normalises, tried on a (2, a, C) and a (2, C, a, a)
     probe input (a != C; eagerly, without hooks or grad); None when neither fits."""
-    if len(m.normalized_shape) != 1 or any(p.is_meta for p in m.parameters(recurse=False)):
+    if len(m.normalized_shape) != 1 or any(p.is_meta or isinstance(p, DTensor)
+                                           for p in m.parameters(recurse=False)):
         return None
     c = m.normalized_shape[0]
     a = 2 if c != 2 else 3
@@ -819,8 +824,9 @@ def _try_lookup(m: nn.Embedding) -> Optional[bool]:
     weight without values or with equal probed rows, or max_norm (a lookup would renormalise
     the rows in place)."""
     v, w = m.num_embeddings, m.weight
-    if v < 2 or w.is_meta or m.max_norm is not None or tuple(w.shape) != (v, m.embedding_dim):
-        return None
+    if (v < 2 or w.is_meta or isinstance(w, DTensor) or m.max_norm is not None
+            or tuple(w.shape) != (v, m.embedding_dim)):
+        return None             # DTensor: FSDP2's shard (probe_call)
     row = (torch.arange(min(v, 5), device=w.device) + 1) % v      # not positions 0, 1, ...
     if torch.unique(w.detach()[row].double(), dim=0).shape[0] < row.numel():
         return None

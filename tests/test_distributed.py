@@ -91,6 +91,69 @@ def test_ddp_two_ranks_match_single_process(tmp_path, cls_name, preset, with_ln)
     torch.testing.assert_close(r0["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
+class _ScaledWords(nn.Embedding):
+    """A scaled word embedding (Gemma's, BART's): a lookup times a constant."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 2.5
+
+
+class _FloatNorm(nn.LayerNorm):
+    """A LayerNorm with a forward of its own (open_clip's LayerNormFp32)."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def _probed_model():
+    torch.manual_seed(0)
+    return nn.Sequential(_ScaledWords(13, 6), _FloatNorm(6), nn.Flatten(), nn.Linear(24, 3)).double()
+
+
+def _probed_batches():
+    g = torch.Generator().manual_seed(3)
+    return [(torch.randint(0, 13, (8, 4), generator=g), torch.randint(0, 3, (8,), generator=g))
+            for _ in range(4)]
+
+
+def _fsdp_probe_worker(rank, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = _probed_model()
+        for m in model:
+            if any(True for _ in m.parameters()):
+                fully_shard(m)
+        fully_shard(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # the probe cannot try sharded modules: it says so
+            opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
+        _train(model, opt, _probed_batches(), rank, WORLD)
+        full = [p.full_tensor().detach() for p in model.parameters()]
+        if rank == 0:
+            torch.save({"params": full, "state": opt.fisher.state.clone()},
+                       os.path.join(out_dir, "probe.pt"))
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_modules_the_construction_probes_cannot_call(tmp_path):
+    """NOTE: [embedding lookups], [channels-first LayerNorm]: the construction's probes call an
+    Embedding or LayerNorm subclass's forward, which FSDP2's sharded parameters crashed ("mixed
+    torch.Tensor and DTensor").  They now leave sharded modules to the first eager call and the
+    shape rule, and 2 ranks match one process on the whole batch."""
+    _spawn(_fsdp_probe_worker, tmp_path)
+    got = torch.load(tmp_path / "probe.pt")
+    model = _probed_model()
+    opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
+    _train(model, opt, _probed_batches())
+    for a, b in zip(got["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
+
+
 def _bn_model(norm):
     torch.manual_seed(0)
     # train-mode H_w[c] = var/(var + eps) is within eps/var of 1 for every channel, and min-max
