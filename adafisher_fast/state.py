@@ -12,6 +12,7 @@ Everything is derived from the registry in ``layers.py``; nothing here knows a l
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
@@ -63,6 +64,17 @@ def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
         n_h, n_s = lay.h_raw.stop - lay.h_raw.start, lay.s_raw.stop - lay.s_raw.start
         raise ValueError(f"{what} to factor entries {lo - lay.h_raw.start}..{hi - lay.h_raw.start} "
                          f"of its layer's H and S, which hold {n_h} + {n_s} entries, H first")
+
+
+def _model_class(m: nn.Module) -> type:
+    """The module's class as the model defines it: FSDP2's fully_shard swaps in a subclass
+    FSDP<Name>, which named the layers of a sharded model's checkpoints otherwise than an
+    unsharded one's, so that neither loaded into the other (NOTE: [checkpoint layout])."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")        # not imported: nothing is sharded
+    wrapper = getattr(fsdp, "FSDPModule", None)
+    if wrapper is None or not isinstance(m, wrapper):
+        return type(m)
+    return next(c for c in type(m).__mro__ if not issubclass(c, wrapper))
 
 
 def _factor_free_reason(m: nn.Module, preset) -> str:
@@ -398,7 +410,7 @@ class FisherState:
 
     def describe(self) -> List[dict]:
         """Per layer: name, kind and factor sizes (a checkpoint's fingerprint of the model)."""
-        return [{"name": l.name, "kind": type(l.module).__name__,
+        return [{"name": l.name, "kind": _model_class(l.module).__name__,
                  "h_size": l.h_raw.stop - l.h_raw.start, "s_size": l.s_raw.stop - l.s_raw.start}
                 for l in self.layers]
 

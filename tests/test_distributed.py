@@ -220,8 +220,8 @@ def _fsdp_worker(rank, init_file, out_dir, preset):
         _train(model, opt, _batches(), rank, WORLD)
         full = [p.full_tensor().detach() for p in model.parameters()]
         if rank == 0:
-            torch.save({"params": full, "state": opt.fisher.state.clone()},
-                       os.path.join(out_dir, "fsdp.pt"))
+            torch.save({"params": full, "state": opt.fisher.state.clone(),
+                        "layers": opt.fisher.describe()}, os.path.join(out_dir, "fsdp.pt"))
         _done(out_dir, rank)    # NOTE: [gloo teardown]
     finally:
         dist.destroy_process_group()
@@ -249,6 +249,12 @@ def test_fsdp2_shards_match_single_process(tmp_path, preset):
     for a, b in zip(got["params"], params):
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-13)
     torch.testing.assert_close(got["state"], state, rtol=1e-11, atol=1e-13)
+    # the checkpoint fingerprint is the unsharded model's: FSDP2's FSDPLinear was "Linear", so
+    # neither model's checkpoints loaded into the other's optimizer (NOTE: [checkpoint layout])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = AdaFisherW(_model(with_ln=True), preset=preset, backend="torch")
+    assert got["layers"] == plain.fisher.describe()
 
 
 def test_shard_meta_row_offsets():
