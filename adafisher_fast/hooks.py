@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import weakref
-from typing import List, Optional, Set
+from typing import List, Optional
 
 import torch
 
@@ -166,9 +166,6 @@ class StatHooks:
         # inside a compiled step() (seen on torch 2.13), which would freeze the gating.
         self.steps = 0
         self.collecting = True
-        # names of the layers whose forward hook ran in eager statistics iterations, until the
-        # optimizer's first statistics step reads it (NOTE: [silent layers] in optimizer.py)
-        self.fired: Optional[Set[str]] = set()
         self.handles: List[torch.utils.hooks.RemovableHandle] = []
         for lay in fisher.layers:
             first, children = _first_param(lay.module), [c for _, c in submodules(lay.module)]
@@ -227,8 +224,6 @@ class StatHooks:
             compiling = torch.compiler.is_compiling()
             if not compiling:
                 fisher.forwarded = True          # NOTE: [forward before zero_grad]
-                if self.fired is not None:       # no guard on it
-                    self.fired.add(lay.name)
             if x.device != fisher.buf.device:
                 follow = self.follow()
                 if follow is not None:

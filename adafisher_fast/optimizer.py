@@ -207,6 +207,7 @@ class AdaFisher(Optimizer):
         self._backend_request, self._check_ops = backend, check
         self._pick_backend(params[0].device if params else torch.device("cpu"))
         self._hooks = self._hook()
+        self._silent_checked = False        # NOTE: [silent layers]
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
 
     @property
@@ -261,7 +262,6 @@ class AdaFisher(Optimizer):
         hooks.remove()
         self._hooks = self._hook()
         self._hooks.set_steps(hooks.steps, self.TCov)
-        self._hooks.fired = hooks.fired
 
     def _hook(self) -> StatHooks:
         """NOTE: [hook lifetime] The model's hooks hold the optimizer only weakly, so an optimizer
@@ -392,22 +392,20 @@ class AdaFisher(Optimizer):
         ``out_proj.weight`` directly, never calling its ``out_proj`` Linear.  Nor does any layer
         of a model compiled and run before the optimizer was made: dynamo does not guard on
         hooks, so its graphs keep running without the optimizer's.  Such factors keep F = 1 +
-        Lambda, which nothing else would reveal, so the first statistics step names such layers,
-        once.  Eager forwards record their layers (``StatHooks.fired``); when none did (a
-        compiled model), the row counts in the buffer tell, read once (one sync; not while a
-        CUDA graph is being captured).  A compiled step() says nothing."""
-        fired, self._hooks.fired = self._hooks.fired, None
+        Lambda, which nothing else would reveal, so the first eager statistics step names such
+        layers, once: those with gradients and no rows in the all-reduced row counts (one read;
+        a layer another rank ran has rows).  Not with capturable=True, whose step() reads
+        nothing from the device (the construction warning still names an nn.MultiheadAttention),
+        nor on the meta device."""
+        self._silent_checked = True
         fisher = self.fisher
+        if self.capturable or fisher.buf.is_meta:
+            return
         got = {fisher.owner[id(p)].name for g in self.param_groups for p in g["params"]
                if p.grad is not None and id(p) in fisher.owner}
-        if fired:
-            silent = got - fired
-        elif fisher.buf.is_cuda and torch.cuda.is_current_stream_capturing():
-            return
-        else:
-            rows = fisher.buf[fisher.n_acc:].tolist()
-            silent = {lay.name for lay in fisher.layers
-                      if lay.name in got and not rows[lay.h_factor] and not rows[lay.s_factor]}
+        rows = fisher.buf[fisher.n_acc:].tolist()
+        silent = [lay.name for lay in fisher.layers
+                  if lay.name in got and not rows[lay.h_factor] and not rows[lay.s_factor]]
         if silent:
             warnings.warn(f"AdaFisher: layer(s) {', '.join(sorted(silent))} got gradients in a "
                           f"statistics iteration but gathered no curvature statistics, so their "
@@ -427,7 +425,7 @@ class AdaFisher(Optimizer):
         can change nothing but the step count, and advancing that shifts the TCov schedule (the
         next TCov - 1 iterations gather nothing), so it only makes the state.  Checked on a
         fresh optimizer whose lrs are all 0 only (it reads the gradients, once)."""
-        if self.state or any(g["lr"] != 0 for g in self.param_groups) or self._hooks.fired:
+        if self.state or any(g["lr"] != 0 for g in self.param_groups) or self.fisher.forwarded:
             return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         return (bool(grads) and not self.fisher._pending_any and not bool(self.fisher.buf.any())
@@ -468,9 +466,9 @@ class AdaFisher(Optimizer):
                 torch.ops.adafisher.flush_rows(fisher.buf, self._hooks.key)
             else:
                 fisher.flush_rows()
-                if self._hooks.fired is not None:
-                    self._warn_silent_layers()
             self._reduce_stats(grad_scale)
+            if not (self._silent_checked or torch.compiler.is_compiling()):
+                self._warn_silent_layers()
             self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
                                 fisher.initialized, fisher.counters,
                                 PRESETS[self.preset].ema_rule(self.gamma))

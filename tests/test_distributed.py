@@ -154,6 +154,47 @@ def test_fsdp2_modules_the_construction_probes_cannot_call(tmp_path):
     torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.branch, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x, use_branch):
+        h = self.trunk(x)
+        return self.head(self.branch(h) if use_branch else h)
+
+
+def _branch_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = _Branchy().double()
+        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            ddp(torch.randn(3, 4, dtype=torch.float64), rank == 1).sum().backward()
+            opt.step()
+        torch.save({"warnings": [str(r.message) for r in rec],
+                    "iters": opt.diagnostics()["branch"]["stat_iters"]},
+                   os.path.join(out_dir, f"branch{rank}.pt"))
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_layer_only_another_rank_ran_is_not_called_silent(tmp_path):
+    """NOTE: [silent layers] The check read which layers this rank's forwards ran, so rank 0
+    named a branch only rank 1 took, whose statistics the all-reduce did bring; it now reads
+    the all-reduced row counts."""
+    _spawn(_branch_worker, tmp_path)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"branch{r}.pt")
+        assert not [w for w in got["warnings"] if "AdaFisher: layer(s)" in w], got["warnings"]
+        assert got["iters"] == 1
+
+
 def _bn_model(norm):
     torch.manual_seed(0)
     # train-mode H_w[c] = var/(var + eps) is within eps/var of 1 for every channel, and min-max
