@@ -140,6 +140,10 @@ class AdaFisher(Optimizer):
         TCov: statistics are gathered on iterations where ``steps % TCov == 0``.
         weight_decay: L2 (AdaFisher) or decoupled (AdaFisherW) weight decay.
         dist: all-reduce the statistics across processes (also on with an initialised process group).
+        process_group: the ranks whose statistics are averaged: DDP's ``process_group`` when DDP
+            runs on a subgroup, or a one-rank group (``new_group([rank])``) for a model that each
+            rank trains alone.  Default: the mesh group of FSDP2-sharded parameters, else the
+            default group once one is initialised.
         preset: "official" (the released code's numerics) or "paper" (Algorithm 1 of the paper).
         backend: "auto", "torch", "triton" or "cuda" (see ``adafisher_fast.backends``).
         param_groups: optional list of dicts ``{"params": [...], "lr"/"beta"/"weight_decay": ...}``;
@@ -176,7 +180,7 @@ class AdaFisher(Optimizer):
                  gamma: float = 0.8, TCov: int = 100, weight_decay: float = 0.0, dist: bool = False,
                  preset: str = "official", backend: str = "auto",
                  param_groups: Optional[List[Dict[str, Any]]] = None, check: bool = False,
-                 capturable: bool = False):
+                 capturable: bool = False, process_group=None):
         if not isinstance(model, nn.Module):
             kind = "a parameter iterable" if isinstance(model, Iterable) else type(model).__name__
             raise TypeError(f"model must be an nn.Module (AdaFisher hooks its layers), got {kind}; "
@@ -192,8 +196,13 @@ class AdaFisher(Optimizer):
         for name, flag in (("capturable", capturable), ("check", check), ("dist", dist)):
             if not isinstance(flag, bool):
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
-        if dist and not (torch_dist.is_available() and torch_dist.is_initialized()):
-            raise ValueError("dist=True needs an initialised torch.distributed process group")
+        if (dist or process_group is not None) and not (torch_dist.is_available()
+                                                       and torch_dist.is_initialized()):
+            raise ValueError("dist=True and process_group need an initialised torch.distributed "
+                             "process group")
+        if process_group is not None and not isinstance(process_group, torch_dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got "
+                            f"{type(process_group).__name__}")
         groups, self._names = _build_groups(model, param_groups)
         # "capturable" as a group default makes torch's load_state_dict keep steps on the device
         super().__init__(groups, dict(lr=float(lr), beta=float(beta),
@@ -202,6 +211,12 @@ class AdaFisher(Optimizer):
         self.Lambda, self.gamma, self.TCov, self.preset = float(Lambda), float(gamma), int(TCov), preset
         self.dist = dist
         self._model = model
+        # NOTE: [statistics group] the group the statistics are averaged over; None: the default
+        # group, once one is initialised.  FSDP2 shards a parameter over its mesh's group, which
+        # is the data-parallel group even when other groups exist.
+        meshes = [p.device_mesh for g in groups for p in g["params"] if isinstance(p, DTensor)]
+        self._stat_group = process_group if process_group is not None or not meshes or \
+            meshes[0].ndim != 1 else meshes[0].get_group()
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(model, PRESETS[preset], params)
         self._backend_request, self._check_ops = backend, check
@@ -285,11 +300,11 @@ class AdaFisher(Optimizer):
         """One all-reduce of the flat buffer across ranks, then the output-gradient accumulators
         are divided by (world_size * loss scale) ** degree: DDP averages gradients (SPEC section 6)
         and GradScaler multiplies them (NOTE: [GradScaler])."""
-        fisher, world = self.fisher, 1
+        fisher, world, group = self.fisher, 1, self._stat_group
         if self.dist or (torch_dist.is_available() and torch_dist.is_initialized()):
-            world = torch_dist.get_world_size()
+            world = torch_dist.get_world_size(group)        # NOTE: [statistics group]
             if world > 1:
-                torch_dist.all_reduce(fisher.buf)
+                torch_dist.all_reduce(fisher.buf, group=group)
         if world == 1 and grad_scale is None:
             return                          # nothing to divide by: no kernels
         scale = torch.full((), world, dtype=fisher.buf.dtype, device=fisher.buf.device)

@@ -195,6 +195,38 @@ def test_a_layer_only_another_rank_ran_is_not_called_silent(tmp_path):
         assert got["iters"] == 1
 
 
+def _alone_worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        mine = [dist.new_group([r]) for r in range(WORLD)][rank]   # every rank makes every group
+        model = _model(with_ln=True)
+        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper",
+                         backend="torch", process_group=mine)
+        _train(model, opt, _batches()[rank::WORLD])
+        torch.save({"params": [p.detach() for p in model.parameters()],
+                    "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"alone{rank}.pt"))
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_one_rank_statistics_group_trains_each_rank_alone(tmp_path):
+    """NOTE: [statistics group] With a process group initialised the statistics were always
+    averaged over the default group, so ranks training models of their own mixed them (and one
+    rank without an optimizer hung the others).  process_group=new_group([rank]) keeps each
+    rank's statistics its own: each rank matches one process trained on its batches."""
+    _spawn(_alone_worker, tmp_path)
+    for r in range(WORLD):
+        got = torch.load(tmp_path / f"alone{r}.pt")
+        model = _model(with_ln=True)
+        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+        _train(model, opt, _batches()[r::WORLD])
+        for a, b in zip(got["params"], model.parameters()):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-11, atol=1e-13)
+        torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
+
+
 def _bn_model(norm):
     torch.manual_seed(0)
     # train-mode H_w[c] = var/(var + eps) is within eps/var of 1 for every channel, and min-max

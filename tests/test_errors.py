@@ -34,6 +34,7 @@ def _m():
     (dict(check="yes"), TypeError, "check must be a bool"),
     (dict(capturable=1), TypeError, "capturable must be a bool"),
     (dict(dist=1), TypeError, "dist must be a bool"),
+    (dict(process_group=object()), ValueError, "process_group need an initialised"),
 ])
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
 def test_bad_hyperparameters(cls, kw, exc, pattern):
