@@ -3,7 +3,8 @@
 Enabled by ``AdaFisher(model, ..., check=True)`` or ``ADAFISHER_CHECK=1`` (``backends.resolve``
 wraps the chosen backend).  Each call runs the reference (``adafisher_fast.reference``) on clones
 of the tensors the op writes, runs the backend on the real ones, and compares every written tensor
-(and ``conv_stats``' return value).  A disagreement raises ``RuntimeError`` naming the backend, the
+(and ``conv_stats``' return value), and that a statistics op changed nothing of the flat
+statistics buffer outside its ``out`` slice.  A disagreement raises ``RuntimeError`` naming the backend, the
 op, where (the ``out`` slice offset in the flat statistics buffer, the parameter index, or the
 layer-state tensor) and the max abs/rel error.  It costs a second evaluation of every op: a
 debugging switch, not a production mode.
@@ -96,8 +97,19 @@ class CheckedOps:
     def _stats(self, op: str, x: torch.Tensor, out: torch.Tensor, *args, magnitude=0.0):
         ref_out = out.detach().clone()
         ref_ret = getattr(reference, op)(x, ref_out, *args)
+        # out is a slice of the flat statistics buffer: the rest of it must not change
+        base = out._base if out._base is not None and out._base.dim() == 1 \
+            and out.is_contiguous() else None
+        before = base.detach().clone() if base is not None else None
         ret = getattr(self._ops, op)(x, out, *args)
         where = self._where_out(out)
+        if before is not None:
+            lo = out.storage_offset() - base.storage_offset()
+            hi = lo + out.numel()
+            for part in (slice(0, lo), slice(hi, None)):
+                if not torch.equal(before[part], base.detach()[part]):
+                    raise RuntimeError(f"adafisher check: backend {self.name!r} op {op} wrote "
+                                       f"outside its slice of the statistics buffer {where}")
         if ret != ref_ret:
             raise RuntimeError(f"adafisher check: backend {self.name!r} op {op} returned {ret!r}, "
                                f"the torch reference {ref_ret!r} {where}")

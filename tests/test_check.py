@@ -47,6 +47,23 @@ def test_check_catches_wrong_kernel(kernel_ops, monkeypatch):
         _train(opt, model, steps=1)
 
 
+def test_check_catches_a_kernel_writing_outside_its_slice(kernel_ops, monkeypatch):
+    """A statistics op that also wrote the next entry of the flat buffer passed: only its own
+    slice was compared."""
+    name = backend_name(kernel_ops)
+    real = kernel_ops.linear_stats
+
+    def spills(x, out, *args, **kw):
+        real(x, out, *args, **kw)
+        out._base[out.storage_offset() - out._base.storage_offset() + out.numel()] += 1.0
+
+    monkeypatch.setattr(kernel_ops, "linear_stats", spills)
+    model = _model()
+    opt = AdaFisher(model, preset="paper", backend=name, check=True)
+    with pytest.raises(RuntimeError, match=r"linear_stats wrote outside its slice.*offset \d+"):
+        _train(opt, model, steps=1)
+
+
 def test_check_env_var_and_fused_step(monkeypatch):
     """ADAFISHER_CHECK=1 wraps even the torch backend; a wrong fused_step names its parameter."""
     monkeypatch.setenv("ADAFISHER_CHECK", "1")
