@@ -224,6 +224,7 @@ class AdaFisher(Optimizer):
         self._hooks = self._hook()
         self._silent_checked = False        # NOTE: [silent layers]
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
+        self._check_shards()
 
     @property
     def steps(self) -> int:
@@ -277,6 +278,23 @@ class AdaFisher(Optimizer):
         hooks.remove()
         self._hooks = self._hook()
         self._hooks.set_steps(hooks.steps, self.TCov)
+
+    def _check_shards(self) -> None:
+        """Every rank checks every rank's dim-0 shard of each FSDP2 parameter, so that a layout
+        the step cannot use (a grouped conv split inside a group) raises here on all ranks alike;
+        found by the one rank whose shard it is, at its first step, it left the others waiting
+        in the statistics all-reduce."""
+        fisher = self.fisher
+        for p in (p for g in self.param_groups for p in g["params"]):
+            if not isinstance(p, DTensor) or id(p) not in fisher.meta:
+                continue
+            name = self._names.get(id(p), "?")
+            _dim0_shard(p, name)                       # the placements
+            if p.placements[0].is_shard(0):
+                n, size = p.shape[0], p.device_mesh.size()
+                chunk = -(-n // size)
+                for start in (min(r * chunk, n) for r in range(size)):
+                    fisher.shard_meta(fisher.meta[id(p)], p.shape, start, min(chunk, n - start), name)
 
     def _hook(self) -> StatHooks:
         """NOTE: [hook lifetime] The model's hooks hold the optimizer only weakly, so an optimizer

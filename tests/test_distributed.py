@@ -227,6 +227,34 @@ def test_a_one_rank_statistics_group_trains_each_rank_alone(tmp_path):
         torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
+def _bad_shard_worker(rank, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 6, 1, groups=3), nn.Flatten(), nn.Linear(6, 2)).double()
+        fully_shard(model)
+        try:
+            AdaFisher(model, preset="paper", backend="torch")
+            msg = None
+        except NotImplementedError as e:
+            msg = str(e)
+        torch.save(msg, os.path.join(out_dir, f"bad{rank}.pt"))
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_an_unsupported_shard_layout_raises_on_every_rank(tmp_path):
+    """A grouped conv (6 rows in groups of 2) whose rank-1 shard (rows 3..5) starts inside a
+    group: only rank 1 raised, at its first step, while rank 0 waited in the all-reduce.  Every
+    rank now checks every rank's shards at construction."""
+    _spawn(_bad_shard_worker, tmp_path)
+    msgs = [torch.load(tmp_path / f"bad{r}.pt") for r in range(WORLD)]
+    assert all(m is not None and "starts inside a conv group" in m for m in msgs), msgs
+
+
 def _bn_model(norm):
     torch.manual_seed(0)
     # train-mode H_w[c] = var/(var + eps) is within eps/var of 1 for every channel, and min-max
