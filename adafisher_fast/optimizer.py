@@ -277,7 +277,6 @@ class AdaFisher(Optimizer):
         self.fisher = FisherState(self._model, PRESETS[self.preset], params, old)
         hooks.remove()
         self._hooks = self._hook()
-        self._check_shards()
         self._hooks.set_steps(hooks.steps, self.TCov)
 
     def _check_shards(self) -> None:
