@@ -572,7 +572,8 @@ class AdaFisher(Optimizer):
         """{module name: (H, S)}: the raw statistics gathered since the last step/zero_grad,
         finalised as SPEC section 2 defines them (before any EMA or normalisation).  A factor
         that gathered no rows (no forward or no backward yet) is NaN: a mean over nothing, which
-        the step leaves out of the EMA."""
+        the step leaves out of the EMA.  Under DDP/FSDP2 they are this rank's, before the step's
+        all-reduce and gradient scale (NOTE: [statistics group])."""
         from .reference import layer_raw
         self.fisher.flush_rows()
         raw = layer_raw(self.fisher.buf, self.fisher.table)
