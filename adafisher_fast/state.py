@@ -398,7 +398,7 @@ class FisherState:
         held = self.held
         if held is None or held[0] != generation or lay.h_factor in held[3]:
             return
-        gen, buf, pending, adopted = held
+        _, buf, pending, adopted = held
         adopted.add(lay.h_factor)
         count = slice(self.n_acc + lay.h_factor, self.n_acc + lay.h_factor + 1)
         with torch.no_grad():
