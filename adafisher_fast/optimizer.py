@@ -427,7 +427,9 @@ class AdaFisher(Optimizer):
         hooks, so its graphs keep running without the optimizer's.  Such factors keep F = 1 +
         Lambda, which nothing else would reveal, so the first eager statistics step names such
         layers, once: those with gradients and no rows in the all-reduced row counts (one read;
-        a layer another rank ran has rows).  Not with capturable=True, whose step() reads
+        a layer another rank ran has rows).  The same counts show S rows without H rows, a
+        compiled model's forward before zero_grad() (NOTE: [forward before zero_grad]): named
+        too.  Not with capturable=True, whose step() reads
         nothing from the device (the construction warning still names an nn.MultiheadAttention),
         nor on the meta device."""
         self._silent_checked = True
@@ -450,6 +452,14 @@ class AdaFisher(Optimizer):
                           f"optimizer first, or call torch._dynamo.reset() after making it.  "
                           f"(A compiled nn.Embedding subclass whose lookups a construction "
                           f"warning could not check gathers nothing too; NOTE: [silent layers])",
+                          stacklevel=5)
+        no_h = [lay.name for lay in fisher.layers if rows[lay.s_factor] and not rows[lay.h_factor]]
+        if no_h:
+            warnings.warn(f"AdaFisher: layer(s) {', '.join(sorted(no_h))} got output-gradient "
+                          f"statistics but no activation statistics in a statistics iteration: "
+                          f"zero_grad() ran between their forward and backward in a compiled "
+                          f"model, which drops the forward's (NOTE: [forward before zero_grad]); "
+                          f"call zero_grad() before the forward, or use step(closure)",
                           stacklevel=5)
 
     def _only_makes_state(self) -> bool:

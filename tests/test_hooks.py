@@ -281,6 +281,23 @@ def test_zero_grad_between_forward_and_backward_keeps_the_forwards_statistics(pr
     _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=2)
 
 
+@pytest.mark.parametrize("order", ["standard", "reversed", "closure"])
+def test_a_compiled_forward_before_zero_grad_is_named(order, recwarn):
+    """NOTE: [forward before zero_grad] A compiled model's gradient hook cannot tell a call from
+    before zero_grad(), so the reversed order still loses H there: the first statistics step
+    now says so (it was silent); the usual order and step(closure) say nothing."""
+    torch.manual_seed(0)
+    model = Block(inplace=True).double()
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    net = torch.compile(model, backend="aot_eager")
+    _train_order(net, opt, [(x.double(), y) for x, y in _batches(n=2)], order)
+    msgs = [str(w.message) for w in recwarn if "no activation statistics" in str(w.message)]
+    if order == "reversed":
+        assert len(msgs) == 1 and f"layer(s) {', '.join(sorted(opt.diagnostics()))} got" in msgs[0]
+    else:
+        assert not msgs
+
+
 @pytest.mark.parametrize("abandoned", ["forward", "forward+backward"])
 def test_zero_grad_still_drops_abandoned_statistics(abandoned):
     """NOTE: [forward before zero_grad] What zero_grad() holds comes back only to a gradient of a
