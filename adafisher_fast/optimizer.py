@@ -215,8 +215,9 @@ class AdaFisher(Optimizer):
         # group, once one is initialised.  FSDP2 shards a parameter over its mesh's group, which
         # is the data-parallel group even when other groups exist.
         meshes = [p.device_mesh for g in groups for p in g["params"] if isinstance(p, DTensor)]
-        self._stat_group = process_group if process_group is not None or not meshes or \
-            meshes[0].ndim != 1 else meshes[0].get_group()
+        if process_group is None and meshes and meshes[0].ndim == 1:
+            process_group = meshes[0].get_group()
+        self._stat_group = process_group
         params = [p for g in self.param_groups for p in g["params"]]
         self.fisher = FisherState(model, PRESETS[preset], params)
         self._backend_request, self._check_ops = backend, check
