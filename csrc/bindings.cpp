@@ -263,23 +263,14 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
   check_launch(launch_layer_ema(a, ot, c10::cuda::getCurrentCUDAStream()), op);
 }
 
-// one zero-initialised ticket counter per device for fused_step (NOTE: [step chunks]); the kernel
-// leaves it at zero, so launches on one stream can share it.
-unsigned int* done_counter(const at::Device& dev) {
-  static std::mutex mu;
-  static std::vector<at::Tensor> counters;
-  std::lock_guard<std::mutex> lock(mu);
-  const size_t i = static_cast<size_t>(std::max<int>(dev.index(), 0));
-  if (counters.size() <= i) counters.resize(i + 1);
-  if (!counters[i].defined()) counters[i] = at::zeros({1}, at::TensorOptions().dtype(at::kInt).device(dev));
-  return reinterpret_cast<unsigned int*>(counters[i].data_ptr<int>());
-}
-
 // NOTE: [table cache] The fused_step tables (StepTensor + StepChunk bytes) are uploaded once and
 // kept on the device, keyed by their bytes: a training loop with device steps (capturable) builds
 // the same bytes every step, so it makes no host-to-device copy after the first, and a CUDA graph
 // captured after a warm-up step replays a table that stays alive.  (Host steps put t in the bytes,
-// so they upload every step, as before.)
+// so they upload every step, as before.)  The table ends with its launch's ticket counter (NOTE:
+// [step chunks]), uploaded as zero and left at zero by the kernel: a counter per table, not per
+// device, so that two optimizers stepping at once on two streams cannot take each other's tickets
+// (as the Triton twin's counter is cached with its tables, NOTE: [step tickets]).
 at::Tensor device_table(std::string bytes, const at::Device& dev) {
   static std::mutex mu;
   static std::list<std::pair<std::string, at::Tensor>> cache;      // most recent first, at most 8
@@ -379,17 +370,20 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     for (size_t i = 0; i < ts.size(); ++i)
       for (int64_t c = 0; c * kStepChunk < ts[i].numel; ++c)
         chunks.push_back(StepChunk{static_cast<int32_t>(i), static_cast<int32_t>(c)});
-    // one block on the device: [StepTensor x n][StepChunk x n_chunks] (NOTE: [table cache])
+    // one block on the device: [StepTensor x n][StepChunk x n_chunks][ticket counter, 8 bytes]
+    // (NOTE: [table cache]); both sizes are multiples of 8, so the counter is aligned
     const size_t tb = ts.size() * sizeof(StepTensor), cb = chunks.size() * sizeof(StepChunk);
-    std::string bytes(tb + cb, '\0');
+    static_assert(sizeof(StepTensor) % 8 == 0 && sizeof(StepChunk) % 8 == 0, "table alignment");
+    std::string bytes(tb + cb + 8, '\0');
     std::memcpy(&bytes[0], ts.data(), tb);
     if (cb) std::memcpy(&bytes[tb], chunks.data(), cb);
     const at::Tensor dev = device_table(std::move(bytes), params[0].device());
-    const uint8_t* d = dev.data_ptr<uint8_t>();
+    uint8_t* d = dev.data_ptr<uint8_t>();
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
                                    reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],
                                    fac_c.data_ptr(), ft, decoupled,
-                                   done_counter(params[0].device()), stream), op);
+                                   reinterpret_cast<unsigned int*>(d + tb + cb), stream),
+                 op);
   }
   for (const at::Tensor& t : host_steps) *t.data_ptr<float>() += 1.0f;   // as the reference's t += 1
 }

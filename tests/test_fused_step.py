@@ -354,6 +354,38 @@ def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
     assert torch.stack(tg).tolist() == [20.0] * len(shapes)
 
 
+@pytest.mark.gpu
+def test_fused_step_two_streams(kernel_ops):
+    """Two optimizers' steps running at once on two streams (step counts on the GPU): each launch
+    takes tickets on its own counter (NOTE: [step tickets], NOTE: [table cache] in
+    csrc/bindings.cpp), so after 30 steps every count is 30 and each side equals its own run on one
+    stream.  With one counter per device the launches took each other's tickets."""
+    torch.manual_seed(0)
+    n_fac, shape = 2, (256, 65536)          # 256 chunks / 16384 programs per launch: they overlap
+    meta = torch.tensor([(shape[0] * shape[1], 1, n_fac, 0, 0, n_fac, 0, 0, shape[0] * shape[1], 0)],
+                        dtype=torch.int64)
+    fac = torch.cat([torch.rand(n_fac, device="cuda"), torch.ones(1, device="cuda")])
+    hyper = [(1e-3, 0.9, 0.0, 1e-3)]
+    sides = [([torch.randn(shape, device="cuda")], [torch.randn(shape, device="cuda")],
+              [torch.zeros(shape, device="cuda")], [torch.tensor(0.0, device="cuda")]) for _ in range(2)]
+    alone = [tuple([t.clone() for t in lst] for lst in side) for side in sides]
+    for p, g, m, t in alone:
+        for _ in range(30):
+            kernel_ops.fused_step(p, g, m, t, fac, meta, hyper, False)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    for _ in range(30):
+        for s, (p, g, m, t) in zip(streams, sides):
+            with torch.cuda.stream(s):
+                kernel_ops.fused_step(p, g, m, t, fac, meta, hyper, False)
+    torch.cuda.synchronize()
+    for side, want in zip(sides, alone):
+        assert side[3][0].item() == 30.0
+        for a, b in zip(side[0] + side[2], want[0] + want[2]):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("steps_on", ["device", "host"])
 def test_triton_fused_step_tables(monkeypatch, steps_on):
     """The host side of Triton's one launch (NOTE: [pointer tables]): the tables given to the
