@@ -655,6 +655,8 @@ class LayerNormKind(NormKind):
             x3 = self.view(m, x)
             ops.norm_stats(x3, acc, "sample", 1, m.eps, True)
             return x3.shape[0]
+        if x.dim() == 1:                          # unbatched: a batch of one
+            x = x.unsqueeze(0)
         b, t = x.shape[0], x.shape[1]
         reduced = math.prod(x.shape[2:])          # M: reduced dims other than dim 0
         u = torch.zeros(t, dtype=acc.dtype, device=acc.device)
@@ -667,7 +669,7 @@ class LayerNormKind(NormKind):
         if not preset.only_released_layers:
             return super().s_stats(m, s, acc, preset, ops)
         ops.linear_stats(s, acc, dim=-1, square=False)
-        return s.shape[0]
+        return s.shape[0] if s.dim() > 1 else 1
 
 
 @register_layer(nn.GroupNorm)
@@ -689,12 +691,13 @@ class GroupNormKind(NormKind):
 if hasattr(nn, "RMSNorm"):
     @register_layer(nn.RMSNorm)
     class RMSNormKind(LayerNormKind):
-        """paper only: xhat = x / sqrt(mean(x^2) + eps) per row (eps=None: finfo(x.dtype).eps)."""
+        """paper only: xhat = x / sqrt(mean(x^2) + eps) per row.  eps=None is the epsilon of the
+        type torch normalises in (float32 for float16/bfloat16 inputs, as F.rms_norm does)."""
         released = ()
 
         def h_stats(self, m, x, acc, preset, ops):
             x3 = self.view(m, x)
-            eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+            eps = m.eps if m.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
             ops.norm_stats(x3, acc, "sample", 1, eps, False)
             return x3.shape[0]
 

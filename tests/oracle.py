@@ -174,7 +174,8 @@ def norm_xhat(m, x, training):
     if isinstance(m, nn.RMSNorm):
         nd = len(m.normalized_shape)
         dims = list(range(x.dim() - nd, x.dim()))
-        eps = m.eps if m.eps is not None else torch.finfo(x.dtype).eps
+        # eps=None: torch normalises half inputs in float32, with float32's epsilon
+        eps = m.eps if m.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
         return x / torch.sqrt((x ** 2).mean(dim=dims, keepdim=True) + eps)
     if isinstance(m, nn.GroupNorm):
         B, C = x.shape[:2]

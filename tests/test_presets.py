@@ -427,9 +427,12 @@ def test_oracle_transposed_conv_patches_give_the_weight_grad(nd):
     (lambda: nn.Conv1d(3, 4, 3, stride=2), (3, 9)),
     (lambda: nn.Conv2d(3, 4, 3, padding=1), (3, 5, 6)),
     (lambda: nn.ConvTranspose1d(3, 4, 3, stride=2, output_padding=1), (3, 7)),
-    (lambda: nn.ConvTranspose2d(3, 4, 2, dilation=3, output_padding=2), (3, 4, 5))])
-def test_unbatched_conv_input_is_a_batch_of_one(make, shape, preset):
-    """Convs accept (C, *spatial): their statistics are those of the batch of one."""
+    (lambda: nn.ConvTranspose2d(3, 4, 2, dilation=3, output_padding=2), (3, 4, 5)),
+    (lambda: nn.LayerNorm(5), (5,)),
+    (lambda: nn.RMSNorm(5), (5,))])
+def test_unbatched_input_is_a_batch_of_one(make, shape, preset):
+    """Convs accept (C, *spatial), norms a single row: their statistics are those of the batch
+    of one."""
     stats = []
     for batched in (False, True):
         torch.manual_seed(0)
@@ -445,3 +448,18 @@ def test_unbatched_conv_input_is_a_batch_of_one(make, shape, preset):
         return
     for a, b in zip(*stats):
         close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.bfloat16, 2e-2), (torch.float16, 4e-3)])
+def test_rmsnorm_default_eps_in_half_precision(dtype, rtol):
+    """nn.RMSNorm(eps=None) on a float16/bfloat16 input normalises in float32 with float32's
+    epsilon (F.rms_norm): H is the mean square of the layer's own xhat, here where mean(x^2) is
+    near the half types' epsilons (finfo(bfloat16).eps gave H off by 90%)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16, bias=False), nn.RMSNorm(16)).to(dtype)
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    x = (torch.randn(64, 16) * 0.05).to(dtype)
+    model(x).float().sum().backward()
+    with torch.no_grad():
+        want = F.rms_norm(model[0](x), (16,)).double().square().mean(0)   # the layer, weight 1
+    close(opt.raw_stats()["1"][0][:16].double(), want, rtol=rtol)
