@@ -502,9 +502,12 @@ class AdaFisher(Optimizer):
             fisher.clear()
             return loss
         params, grads, moms, steps, meta, hyper = self._gather()
-        if grad_scale is not None:
-            for g in grads:
-                g.div_(grad_scale.to(g))
+        if grad_scale is not None:                      # in float32 at least, as torch's fused Adam:
+            for g in grads:                             # a float16 scale of 2^16 would be inf
+                wide = g.to(torch.promote_types(g.dtype, torch.float32))
+                wide.div_(grad_scale.to(wide))
+                if wide is not g:
+                    g.copy_(wide)
         if self._hooks.collecting:
             if torch.compiler.is_compiling():           # NOTE: [host row counts]
                 torch.ops.adafisher.flush_rows(fisher.buf, self._hooks.key)

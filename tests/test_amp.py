@@ -40,6 +40,32 @@ def test_grad_scaler_without_overflow_equals_plain_training(preset):
     assert torch.equal(o1.fisher.state, o2.fisher.state)
 
 
+@pytest.mark.parametrize("init_scale", [2.0 ** 16, 2.0 ** 20])
+def test_grad_scaler_on_a_float16_model(init_scale):
+    """A float16 model (float16 gradients) under GradScaler's default scale 2^16 and above:
+    step() unscales in float32, as torch's fused Adam, so the momenta are those of training
+    without a scaler (a float16 copy of the scale is inf, and every gradient became 0)."""
+    moms = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=init_scale)):
+        model = _model().half()
+        opt = AdaFisher(model, lr=1e-2, TCov=1, backend="torch")
+        for x, y in _batches(2):
+            opt.zero_grad()
+            # small, so that the scaled float16 gradients do not overflow at these scales
+            loss = nn.functional.cross_entropy(model(x.half()).float(), y) * 1e-2
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+        moms.append([opt.state[p]["exp_avg"].float() for p in model.parameters()])
+    assert scaler.get_scale() == init_scale             # no step was skipped
+    for plain, scaled in zip(*moms):
+        torch.testing.assert_close(scaled, plain, rtol=4 * 2.0 ** -10, atol=1e-6)
+
+
 def test_grad_scaler_overflow_skips_step_and_drops_statistics():
     model = _model()
     opt = AdaFisher(model, lr=1e-2, TCov=1, backend="torch")

@@ -47,6 +47,20 @@ def test_check_catches_wrong_kernel(kernel_ops, monkeypatch):
         _train(opt, model, steps=1)
 
 
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_check_passes_on_non_finite_data(kernel_ops, preset):
+    """An inf in the user's input puts NaN in the statistics buffer: not a kernel's write outside
+    its slice (NaN != NaN for torch.equal).  The step then skips the layers it reached."""
+    model = _model()
+    opt = AdaFisher(model, preset=preset, backend=backend_name(kernel_ops), check=True, TCov=1)
+    x, y = torch.randn(4, 3, 6, 6, device=device()), torch.randint(0, 3, (4,), device=device())
+    x[0, 0, 0, 0] = float("inf")
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert sum(d["nonfinite_skips"] for d in opt.diagnostics().values()) > 0
+
+
 def test_check_catches_a_kernel_writing_outside_its_slice(kernel_ops, monkeypatch):
     """A statistics op that also wrote the next entry of the flat buffer passed: only its own
     slice was compared."""
