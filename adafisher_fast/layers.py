@@ -464,7 +464,7 @@ class BatchNormKind(NormKind):
         return m.num_features
 
     def view(self, m, t):
-        return t.reshape(t.shape[0], m.num_features, -1)
+        return t.reshape(t.shape[0], m.num_features, math.prod(t.shape[2:]))   # 0 rows too
 
     def factors(self, m, preset):
         if not preset.only_released_layers:
@@ -680,7 +680,7 @@ class GroupNormKind(NormKind):
         return m.num_channels
 
     def view(self, m, t):
-        return t.reshape(t.shape[0], m.num_channels, -1)
+        return t.reshape(t.shape[0], m.num_channels, math.prod(t.shape[2:]))   # 0 rows too
 
     def h_stats(self, m, x, acc, preset, ops):
         x3 = self.view(m, x)

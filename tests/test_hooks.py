@@ -1197,3 +1197,23 @@ def test_composite_layers_are_named_once():
         opt.add_param_group({"params": list(model[4].parameters())})
     told = [str(w.message) for w in again if "submodules of their own" in str(w.message)]
     assert len(told) == 1 and "4 (_BatchNormAct2d" in told[0] and "1 (" not in told[0]
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+@pytest.mark.parametrize("train", [True, False])
+def test_an_empty_batch_gathers_nothing(preset, train):
+    """A batch of 0 rows (a detection head without proposals, an expert given no tokens) runs
+    through every norm layer on a statistics iteration: it adds no rows, so the step leaves every
+    layer's state as it was (BatchNorm's and GroupNorm's hooks crashed reshaping it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GroupNorm(2, 4),
+                          nn.Flatten(), nn.Linear(36, 5), nn.BatchNorm1d(5), nn.LayerNorm(5),
+                          nn.RMSNorm(5)).train(train)
+    opt = AdaFisher(model, TCov=1, preset=preset, backend="torch")
+    before = opt.ema_state()
+    opt.zero_grad()
+    model(torch.randn(0, 3, 3, 3)).sum().backward()
+    opt.step()
+    assert all(d["stat_iters"] == 0 for d in opt.diagnostics().values())
+    for name, (h, s) in opt.ema_state().items():
+        assert torch.equal(h, before[name][0]) and torch.equal(s, before[name][1])
