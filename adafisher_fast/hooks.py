@@ -146,6 +146,17 @@ class _Tap:
         self.armed, self.x, self.placed = False, None, None
 
 
+def _transformed(*values) -> bool:
+    """Whether a call runs inside a torch.func transform (grad, vmap, jacrev, ...): its tensors
+    are functorch wrappers, and the gradients it computes never reach ``.grad``, so the step
+    does not use them and the call gathers nothing (adding wrappers into the buffer in place
+    raised).  Not checked while compiling: dynamo traces transforms itself, on fake tensors."""
+    if torch.compiler.is_compiling():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(v, torch.Tensor) and wrapped(v) for v in values)
+
+
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow):
         self.key = next(_KEYS)                  # NOTE: [backward statistics]
@@ -184,8 +195,9 @@ class StatHooks:
 
     def _arm_hook(self, first: Optional[str], tap: _Tap):
         def hook(module, inputs, kwargs):
-            tap.armed = self.collecting and torch.is_grad_enabled()
-            tap.x = (inputs[0] if inputs else kwargs.get(first)) if tap.armed else None
+            x = inputs[0] if inputs else kwargs.get(first)
+            tap.armed = self.collecting and torch.is_grad_enabled() and not _transformed(x)
+            tap.x = x if tap.armed else None
         return hook
 
     def _submodule_hook(self, lay: Layer, tap: _Tap):
@@ -219,7 +231,7 @@ class StatHooks:
             if not (self.collecting and torch.is_grad_enabled()):
                 return
             x = inputs[0] if inputs else kwargs.get(first)
-            if not isinstance(x, torch.Tensor):
+            if not isinstance(x, torch.Tensor) or _transformed(x, output):
                 return
             compiling = torch.compiler.is_compiling()
             if not compiling:

@@ -1217,3 +1217,50 @@ def test_an_empty_batch_gathers_nothing(preset, train):
     assert all(d["stat_iters"] == 0 for d in opt.diagnostics().values())
     for name, (h, s) in opt.ema_state().items():
         assert torch.equal(h, before[name][0]) and torch.equal(s, before[name][1])
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_torch_func_transforms_gather_nothing(preset):
+    """torch.func transforms of the model (per-sample gradients, a Jacobian, vmap) on a
+    statistics iteration: their gradients never reach .grad, so they add nothing, and they run
+    (the hooks added functorch wrappers into the buffer in place, which raised).  A composite
+    layer (NOTE: [composite layers]: a Linear with an activation submodule) and
+    MultiheadAttention included."""
+    from torch.func import functional_call, grad, jacrev, vmap
+
+    class LinearAct(nn.Linear):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.act = nn.GELU()
+
+        def forward(self, x):
+            return self.act(super().forward(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn = LinearAct(4, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+            self.norm, self.out = nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x):                           # x: (B, T, 4)
+            h = self.inp(x)
+            return self.out(self.norm(self.attn(h, h, h, need_weights=False)[0]))
+
+    torch.manual_seed(0)
+    model = Net()
+    opt = AdaFisher(model, TCov=1, preset=preset, backend="torch")
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 5, 2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xb, yb):
+        return (functional_call(model, p, (xb[None],)) - yb[None]).square().mean()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    assert per_sample["out.weight"].shape == (3, 2, 8)
+    assert jacrev(model)(x[:1]).shape == (1, 5, 2, 1, 5, 4)
+    assert vmap(model)(x[:, None]).shape == (3, 1, 5, 2)
+    assert not opt.fisher.buf.any()
+    opt.zero_grad()
+    (model(x) - y).square().mean().backward()
+    assert opt.fisher.buf.any()                         # an ordinary call still gathers
+    opt.step()
