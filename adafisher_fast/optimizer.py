@@ -567,6 +567,7 @@ class AdaFisher(Optimizer):
         if len(mine) != len(theirs):
             raise ValueError(f"state_dict: the checkpoint has {len(theirs)} hooked layers, this "
                              f"model {len(mine)}")
+        self._check_state_shapes(sd)
         # the groups keep this optimizer's capturable flag, and the loaded step counts go where
         # this optimizer keeps them (NOTE: [device steps])
         sd["param_groups"] = [{**g, "capturable": self.capturable} for g in sd["param_groups"]]
@@ -580,6 +581,21 @@ class AdaFisher(Optimizer):
             v.copy_(extra[k])
         self.gamma, self.TCov, self.Lambda = extra["gamma"], extra["TCov"], extra["Lambda"]
         self._hooks.set_steps(extra["steps"], self.TCov)
+
+    def _check_state_shapes(self, sd: Dict[str, Any]) -> None:
+        """A momentum of another shape than its parameter (a resized vocabulary, a factor-free
+        parameter, a conv kernel of the same size): refused before anything loads, as torch's
+        own load_state_dict pairs state with parameters by position and checks no shape."""
+        saved = [i for g in sd.get("param_groups", ()) for i in g["params"]]
+        mine = [p for g in self.param_groups for p in g["params"]]
+        if len(saved) != len(mine):
+            return                      # torch's load_state_dict names the group sizes
+        for i, p in zip(saved, mine):
+            m = sd.get("state", {}).get(i, {}).get("exp_avg")
+            if m is not None and m.shape != p.shape:
+                raise ValueError(f"state_dict: the checkpoint's momentum of parameter "
+                                 f"'{self._names.get(id(p), '?')}' has shape {tuple(m.shape)}, "
+                                 f"the parameter {tuple(p.shape)}")
 
     # ------------------------------------------------------------------------------------------
     def raw_stats(self) -> Dict[str, tuple]:

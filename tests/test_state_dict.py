@@ -146,6 +146,46 @@ def test_checkpoint_of_another_model_names_the_layer():
         o_big.load_state_dict(o_small.state_dict())
 
 
+class _Scaled(nn.Module):
+    """A bare parameter (no layer kind, F = 1 + Lambda) scaling a Linear's output (broadcast)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale, self.lin = nn.Parameter(torch.ones(n)), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+@pytest.mark.parametrize("preset,make,x,name", [
+    ("official", lambda n: nn.Sequential(nn.Embedding(7 + n, 4), nn.Linear(4, 2)),  # factor-free
+     torch.randint(0, 7, (2, 3)), "0.weight"),                                        # vocabulary
+    ("paper", _Scaled, torch.randn(2, 4), "scale"),
+    ("paper", lambda n: nn.Sequential(nn.Conv2d(4, 4, (3, 3) if n == 0 else (1, 9)),  # same H, S
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)),
+     torch.randn(2, 4, 9, 9), "0.weight")])
+def test_checkpoint_with_another_parameter_shape_names_it(preset, make, x, name):
+    """A parameter of another shape whose layer fingerprint matches (or that has no factors) is
+    refused at load, naming it, with nothing loaded: it loaded, and the next step failed after
+    the EMA had moved."""
+    def run(n):
+        torch.manual_seed(0)
+        model = make(n + 1 if make is _Scaled else n)
+        opt = AdaFisher(model, TCov=1, preset=preset, backend="torch")
+        model(x).sum().backward()
+        opt.step()
+        return opt
+
+    first, second = run(0), run(1)
+    before = second.state_dict()
+    with pytest.raises(ValueError, match=rf"momentum of parameter '{name}' has shape"):
+        second.load_state_dict(first.state_dict())
+    after = second.state_dict()
+    assert after["param_groups"][0]["adafisher"]["steps"] == before["param_groups"][0]["adafisher"]["steps"]
+    for k, v in before["state"].items():
+        assert torch.equal(after["state"][k]["exp_avg"], v["exp_avg"])
+
+
 def test_checkpoint_of_another_preset_or_optimizer():
     m = _model()
     with pytest.raises(ValueError, match="preset"):
