@@ -224,6 +224,7 @@ class AdaFisher(Optimizer):
         self._pick_backend(params[0].device if params else torch.device("cpu"))
         self._hooks = self._hook()
         self._silent_checked = False        # NOTE: [silent layers]
+        self._frozen = [p for p in model.parameters() if not p.requires_grad]   # NOTE: [unfrozen]
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
         self._check_shards()
 
@@ -272,6 +273,8 @@ class AdaFisher(Optimizer):
         group = _check_group("add_param_group", param_group, allowed, seen, self._names)
         _check_params(group["params"], self._names)
         super().add_param_group(group)
+        added = {id(p) for p in group["params"]}
+        self._frozen = [p for p in self._frozen if id(p) not in added]
         old, hooks = self.fisher, self._hooks
         old.flush_rows()                        # NOTE: [host row counts]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -420,6 +423,21 @@ class AdaFisher(Optimizer):
                 st["exp_avg"] = st["exp_avg"].to(dev)
                 st["step"] = st["step"].to(dev if self._device_steps else "cpu")
 
+    def _warn_unfrozen(self) -> None:
+        """NOTE: [unfrozen] The optimizer trains the parameters that require gradients when it is
+        made (and those add_param_group adds); torch's optimizers, given model.parameters(), hold
+        frozen ones too and start training them once unfrozen.  A parameter frozen at
+        construction that now has a gradient was unfrozen and is not trained, so statistics
+        steps name it, once (a loop over the frozen parameters, not over the trained ones)."""
+        got = [p for p in self._frozen if p.grad is not None]
+        if not got:
+            return
+        self._frozen = [p for p in self._frozen if p.grad is None]
+        warnings.warn(f"AdaFisher: parameter(s) {', '.join(self._names.get(id(p), '?') for p in got)} "
+                      f"were frozen when the optimizer was made and now have gradients, but the "
+                      f"optimizer does not train them: add them with opt.add_param_group("
+                      f"{{'params': [...]}}) (their layers then get curvature factors)")
+
     def _warn_silent_layers(self) -> None:
         """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module
         itself was never called sees no statistics: nn.MultiheadAttention multiplies by
@@ -514,8 +532,11 @@ class AdaFisher(Optimizer):
             else:
                 fisher.flush_rows()
             self._reduce_stats(grad_scale)
-            if not (self._silent_checked or torch.compiler.is_compiling()):
-                self._warn_silent_layers()
+            if not torch.compiler.is_compiling():
+                if not self._silent_checked:
+                    self._warn_silent_layers()
+                if self._frozen:
+                    self._warn_unfrozen()
             self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
                                 fisher.initialized, fisher.counters,
                                 PRESETS[self.preset].ema_rule(self.gamma))

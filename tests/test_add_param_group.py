@@ -178,3 +178,30 @@ def test_new_factor_free_module_is_named(recwarn):
     opt.add_param_group({"params": model[5].parameters()})
     (w,) = [str(r.message) for r in recwarn.list]
     assert "no curvature factors for the parameters of 5 (PReLU)" in w
+
+
+def test_unfreezing_without_add_param_group_is_named(recwarn):
+    """NOTE: [unfrozen] A layer frozen when the optimizer was made and unfrozen later (gradual
+    unfreezing) gets gradients the optimizer does not use: the next statistics step names its
+    parameters, once, instead of leaving them untrained in silence.  After add_param_group it
+    trains, and nothing more is said."""
+    model = _net()
+    model[0].requires_grad_(False)
+    opt = AdaFisher(model, TCov=2, backend="torch")
+    x, y = _data()
+    _steps(model, opt, x, y, 3)
+    assert not [w for w in recwarn if "frozen" in str(w.message)]
+    model[0].requires_grad_(True)
+    weight = model[0].weight.detach().clone()
+    _steps(model, opt, x, y, 1)                     # steps == 3: not a statistics step
+    assert not [w for w in recwarn if "frozen" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"parameter\(s\) 0.weight, 0.bias were frozen.*add_param_group"):
+        _steps(model, opt, x, y, 1)
+    assert torch.equal(model[0].weight, weight)
+    recwarn.clear()
+    _steps(model, opt, x, y, 2)
+    assert not [w for w in recwarn if "frozen" in str(w.message)]     # once
+    opt.add_param_group({"params": model[0].parameters()})
+    _steps(model, opt, x, y, 2)
+    assert not torch.equal(model[0].weight, weight)
+    assert not [w for w in recwarn if "frozen" in str(w.message)]
