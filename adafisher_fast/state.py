@@ -20,6 +20,8 @@ from typing import Dict, List, Optional, Set
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .layers import FactorSpec, LayerKind, kind_of, submodules
 from .reference import LayerTable, map_indices
@@ -77,6 +79,11 @@ def _model_class(m: nn.Module) -> type:
     return next(c for c in type(m).__mro__ if not issubclass(c, wrapper))
 
 
+# torch.nn.utils.weight_norm / spectral_norm before parametrizations: a forward pre-hook
+# computes the weight from weight_g/weight_v (weight_orig), the module keeps its kind
+_OLD_PARAMETRIZATIONS = (WeightNorm, SpectralNorm)
+
+
 def _factor_free_reason(m: nn.Module, preset) -> str:
     """Why ``m``'s own trainable parameters have no factors: "released" (its kind is one the
     preset does not hook), "unreadable" (its kind cannot read its calls), "attention" (an
@@ -89,7 +96,10 @@ def _factor_free_reason(m: nn.Module, preset) -> str:
         return "unreadable"
     if type(m) is nn.MultiheadAttention:
         return "attention"
-    return "parametrized" if isinstance(m, parametrize.ParametrizationList) else "no kind"
+    if isinstance(m, parametrize.ParametrizationList) or any(
+            isinstance(h, _OLD_PARAMETRIZATIONS) for h in m._forward_pre_hooks.values()):
+        return "parametrized"
+    return "no kind"
 
 
 def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:

@@ -868,6 +868,21 @@ def test_parameters_behind_a_parametrized_weight_are_named_as_such(preset, recwa
     assert "register_layer" not in w and "released code" not in w
 
 
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_old_style_weight_norm_is_named_as_a_parametrization(wrap, recwarn):
+    """torch.nn.utils.weight_norm / spectral_norm (before parametrizations, still common in
+    vocoders and GANs) compute the weight in a forward pre-hook: named as such, not as a module
+    type that needs a layer kind."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)              # the deprecation
+        layer = getattr(nn.utils, wrap)(nn.Linear(3, 4))
+    AdaFisher(nn.Sequential(layer, nn.Tanh(), nn.Linear(4, 2)), backend="torch")
+    (w,) = [str(r.message) for r in recwarn.list if "AdaFisher" in str(r.message)]
+    assert " 0 (Linear) compute a weight through a torch parametrization" in w
+    assert "register_layer" not in w
+
+
 class _ConvSame(nn.Conv2d):
     """timm's Conv2dSame, rewritten: pads TensorFlow's "SAME" way in forward, convolves with
     padding 0."""
