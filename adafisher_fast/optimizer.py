@@ -520,12 +520,11 @@ class AdaFisher(Optimizer):
             fisher.clear()
             return loss
         params, grads, moms, steps, meta, hyper = self._gather()
-        if grad_scale is not None:                      # in float32 at least, as torch's fused Adam:
-            for g in grads:                             # a float16 scale of 2^16 would be inf
-                wide = g.to(torch.promote_types(g.dtype, torch.float32))
-                wide.div_(grad_scale.to(wide))
-                if wide is not g:
-                    g.copy_(wide)
+        if grad_scale is not None and grads:
+            # one launch; float32 arithmetic whatever the gradients' dtype, as GradScaler.unscale_
+            # (a float16 copy of the default scale 2^16 is inf)
+            inv = grad_scale.double().reciprocal().float()
+            torch._foreach_mul_(grads, inv.to(grads[0].device))
         if self._hooks.collecting:
             if torch.compiler.is_compiling():           # NOTE: [host row counts]
                 torch.ops.adafisher.flush_rows(fisher.buf, self._hooks.key)
