@@ -284,7 +284,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         key = (pdt, gdt, str(fac.device), tuple(t.data_ptr() for t in t_all), tuple(sig),
                tuple(i for i, *_ in work), meta_key)
         launches.append((pdt, gdt, work, t_all, _cached(_TABLES, key, lambda: _build(
-            work, empty, params, grads, moms, t_all, meta, fac.device))))
+            work, empty, params, grads, moms, t_all, meta, meta_key, fac.device))))
     if ref_idx:
         reference.check_step_shapes(params, grads, moms, ref_idx)
         reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
@@ -299,10 +299,11 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                 m.copy_(mc)
 
 
-# NOTE: [pointer tables]: the block/pointer/meta tables keyed by (dtype pair, device, step
-# addresses, pointers and sizes, meta rows), the hyper-parameter table by value: an LR schedule
-# re-uploads only the latter
+# NOTE: [pointer tables]: the pointer and step-address tables keyed by (dtype pair, device, step
+# addresses, pointers and sizes, meta rows), the block and meta tables by (device, sizes, layouts,
+# meta rows), the hyper-parameter table by value: an LR schedule re-uploads only the latter
 _TABLES: Dict[tuple, tuple] = {}
+_BLOCKS: Dict[tuple, tuple] = {}
 _HYPER: Dict[tuple, torch.Tensor] = {}
 _MAX_TABLES = 8
 
@@ -337,31 +338,41 @@ def _device_steps(steps, dev) -> bool:
     return all(t.device == dev and t.dtype == torch.float32 for t in steps)
 
 
-def _build(work, empty, params, grads, moms, steps, meta, dev):
-    """The device tables of one dtype pair after checking its shapes: (n_blocks, [block_param,
-    block_start, ptrs, numels, meta], step address table or None (host steps), ticket, aligned,
-    wide); () when every parameter of the pair is zero-size: no launch, so no tables (not None,
-    which ``_cached`` would take for a miss every step)."""
+def _build(work, empty, params, grads, moms, steps, meta, meta_key, dev):
+    """The device tables of one dtype pair after checking its shapes: (block tables, pointer
+    table, step address table or None (host steps), ticket, aligned); () when every parameter of
+    the pair is zero-size: no launch, so no tables (not None, which ``_cached`` would take for a
+    miss every step).  The block tables (one entry per BLOCK elements: 80 MB for 7B parameters)
+    depend on sizes, layouts and meta rows only, so new gradient tensors (``zero_grad()``'s
+    default) rebuild just the pointers; the ticket is per pointer set, so two optimizers stepping
+    at once never share one (NOTE: [step tickets])."""
     reference.check_step_shapes(params, grads, moms, [w[0] for w in work] + empty)
     if not work:
         return ()
+    shape_key = (str(dev), tuple((w[0], w[1].numel(), w[7]) for w in work), meta_key)
+    blocks = _cached(_BLOCKS, shape_key, lambda: _block_tables(work, meta, dev))
+    ptrs = _upload(torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
+                                dtype=torch.int64).reshape(-1, 3), dev)
+    step_ptrs = None
+    if _device_steps(steps, dev):
+        step_ptrs = _upload(torch.tensor([t.data_ptr() for t in steps], dtype=torch.int64), dev)
+    aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
+    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
+    return blocks, ptrs, step_ptrs, ticket, aligned
+
+
+def _block_tables(work, meta, dev):
+    """(n_blocks, block_param, block_start, numels, meta rows with T, wide) on the device."""
     rows = [meta[w[0]].tolist() + [w[7]] for w in work]
     nblk = [cdiv(w[1].numel(), BLOCK) for w in work]
     block_param = torch.repeat_interleave(torch.arange(len(work)),
                                           torch.tensor(nblk, dtype=torch.int64))
     block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk] or
                             [torch.zeros(0, dtype=torch.int64)])
-    ptrs = torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
-                        dtype=torch.int64).reshape(-1, 3)
     numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
-    tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start, ptrs, numels,
+    tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start, numels,
                                          torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
-    step_ptrs = None
-    if _device_steps(steps, dev):
-        step_ptrs = _upload(torch.tensor([t.data_ptr() for t in steps], dtype=torch.int64), dev)
-    aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
-    ticket = torch.zeros(1, dtype=torch.int32, device=dev)
-    return int(block_param.numel()), tables, step_ptrs, ticket, aligned, _wide(rows)
+    return int(block_param.numel()), tables, _wide(rows)
 
 
 def _hyper_table(work, hyper, dev) -> torch.Tensor:
@@ -381,7 +392,7 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
         for t in steps:
             t += 1                  # as the reference's, wherever they are kept
         return
-    n_blocks, tabs, step_table, ticket, aligned, wide = tables
+    (n_blocks, (block_param, block_start, numels, rows), wide), ptrs, step_table, ticket, aligned = tables
     on_dev = step_table is not None
     if not on_dev:
         for t in steps:
@@ -390,6 +401,6 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
         step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32),
                              fac.device)
     _fused_step_kernel[(n_blocks,)](
-        *tabs, _hyper_table(work, hyper, fac.device), step_table, len(steps), ticket, fac,
+        block_param, block_start, ptrs, numels, rows, _hyper_table(work, hyper, fac.device), step_table, len(steps), ticket, fac,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
         ALIGNED=aligned, DEVICE_STEPS=on_dev, STEP_BLOCK=STEP_BLOCK)

@@ -404,6 +404,7 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     upload = fs._upload
     monkeypatch.setattr(fs, "_fused_step_kernel", Recorder())
     monkeypatch.setattr(fs, "_TABLES", {})
+    monkeypatch.setattr(fs, "_BLOCKS", {})
     monkeypatch.setattr(fs, "_HYPER", {})
     monkeypatch.setattr(fs, "_upload",
                         lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
@@ -459,8 +460,9 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     _, args, _ = step(grads, halved)
     assert (3, 6) in uploads and (3, 3) not in uploads and args[2] is ptrs
     torch.testing.assert_close(args[5][:, 0], hyp[:, 0] / 2)
-    _, args, _ = step([g.clone() for g in grads], hyper)              # new gradient tensors
-    assert (3, 3) in uploads and args[2] is not ptrs and args[5] is hyp
+    _, args, _ = step([g.clone() for g in grads], hyper)              # new gradient tensors:
+    assert (3, 3) in uploads and args[2] is not ptrs and args[5] is hyp   # new pointers only
+    assert (grid,) not in uploads and args[0] is block_param and args[8] is not ticket
 
     params[1] = store[1: 2 * fs.BLOCK + 10]                 # a 4-byte offset: no 16-byte loads
     moms[1] = torch.zeros_like(params[1])
