@@ -113,17 +113,17 @@ def layout(i: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, meta: torc
     return tr, g
 
 
-_META_SEEN: tuple = (None, -1, -1)       # the last meta tensor, its _version, its token
+_META_SEEN: Dict[int, tuple] = {}       # id -> (meta tensor, its _version, its token), 8 at most
 _META_TOKENS: Dict[tuple, int] = {}
 _NEXT_TOKEN = itertools.count()
 
 
 def meta_token(meta: torch.Tensor) -> int:
-    """A small int standing for the meta rows' values in cache keys: the optimizer passes the same
-    unchanged tensor every step, which is recognised without reading its rows again."""
-    global _META_SEEN
-    seen = _META_SEEN
-    if meta is seen[0] and meta._version == seen[1]:
+    """A small int standing for the meta rows' values in cache keys: each optimizer passes the
+    same unchanged tensor every step, which is recognised without reading its rows again (for a
+    few optimizers stepping in turn, a GAN's two)."""
+    seen = _META_SEEN.get(id(meta))
+    if seen is not None and seen[0] is meta and meta._version == seen[1]:
         return seen[2]
     rows = tuple(meta.reshape(-1).tolist())
     token = _META_TOKENS.get(rows)
@@ -131,5 +131,7 @@ def meta_token(meta: torch.Tensor) -> int:
         if len(_META_TOKENS) >= 32:
             _META_TOKENS.clear()
         token = _META_TOKENS[rows] = next(_NEXT_TOKEN)
-    _META_SEEN = (meta, meta._version, token)
+    if len(_META_SEEN) >= 8 and id(meta) not in _META_SEEN:
+        _META_SEEN.pop(next(iter(_META_SEEN)))
+    _META_SEEN[id(meta)] = (meta, meta._version, token)
     return token

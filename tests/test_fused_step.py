@@ -241,6 +241,26 @@ def _layouts_problem():
     return params, grads, moms, fac, meta
 
 
+def test_meta_token_remembers_each_optimizers_rows(monkeypatch):
+    """Two optimizers stepping in turn (a GAN's generator and discriminator) pass their own meta
+    tensors: each is read once, not at every step; a tensor changed in place is read again."""
+    reads = []
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            reads.append(key)
+            return super().get(key, default)
+
+    monkeypatch.setattr(kernel_host, "_META_SEEN", {})
+    monkeypatch.setattr(kernel_host, "_META_TOKENS", Counting())
+    a, b = torch.tensor([[1, 2]]), torch.tensor([[3, 4]])
+    tokens = [kernel_host.meta_token(m) for m in (a, b) * 5]
+    assert len(reads) == 2 and tokens == tokens[:2] * 5 and tokens[0] != tokens[1]
+    a[0, 0] = 3
+    a[0, 1] = 4
+    assert kernel_host.meta_token(a) == tokens[1] and len(reads) == 3
+
+
 def test_row_transpose():
     """kernel_host.row_transpose against the layouts it is defined by (NOTE: [row transpose])."""
     params, grads, moms, _, meta = _layouts_problem()
