@@ -32,6 +32,14 @@ def _table_cached(build, table: LayerTable, anchor: torch.Tensor):
     return value
 
 
+def forget(tables: Sequence[LayerTable]) -> None:
+    """Drops what the cache derived from these tables (a dropped optimizer's, a moved state's
+    old one): each entry holds device tensors until 32 newer ones push it out."""
+    anchors = {id(v) for t in tables for v in t if isinstance(v, torch.Tensor)}
+    for key in [k for k, (anchor, _) in _TABLES.items() if id(anchor) in anchors]:
+        del _TABLES[key]
+
+
 # NOTE: [term CSR] Both kernels of layer_ema sum each raw entry's terms themselves, in term order
 # (no atomics: the same bits on every run, whatever the number of terms per entry), so the terms are
 # sorted by destination once per LayerTable (NOTE: [table cache]).

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
 
@@ -23,6 +24,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
+from . import kernel_host
 from .layers import FactorSpec, LayerKind, kind_of, submodules
 from .reference import LayerTable, map_indices
 
@@ -241,6 +243,8 @@ class FisherState:
             torch.tensor(cols["pow"], **fl), torch.tensor(cols["coef"], **fl),
             torch.tensor(cols["q"], **fl), torch.tensor(cols["factor"], **i64),
             factor_start, torch.arange(nf, **i64) // 2, len(self.layers))
+        self._tables = [self.table]         # what the finalizer forgets (kernel_host.forget)
+        weakref.finalize(self, kernel_host.forget, self._tables)
         self.grad_degree = torch.tensor(degree + [0] * nf, **fl)
         self.buf = torch.zeros(n_acc + nf, **fl)
         self.n_acc = n_acc
@@ -427,8 +431,10 @@ class FisherState:
     def to(self, device: torch.device) -> None:
         """Moves every tensor of the state to ``device`` (NOTE: [following the model] in
         optimizer.py)."""
+        kernel_host.forget(self._tables)
         self.table = type(self.table)(*(v.to(device) if isinstance(v, torch.Tensor) else v
                                         for v in self.table))
+        self._tables[:] = [self.table]
         for name in ("grad_degree", "buf", "state", "fac", "initialized", "counters"):
             setattr(self, name, getattr(self, name).to(device))
         self.held = None

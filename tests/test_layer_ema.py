@@ -90,3 +90,27 @@ def test_table_cache_derives_once_per_table(monkeypatch):
     other = f.table._replace(term_dst=t.term_dst.clone(), factor_layer=t.factor_layer.clone())
     with pytest.raises(TypeError):                          # a table elsewhere is derived anew
         kernel_host.term_csr(other)
+
+
+def test_a_dropped_optimizer_leaves_no_cached_tables(kernel_ops):
+    """NOTE: [table cache] The cache holds the tensors it derived from an optimizer's LayerTable
+    (device memory: ~9 MB for GPT-2); a dropped optimizer's entries go with it, and a state moved
+    to another device drops its old table's."""
+    import gc
+
+    from adafisher_fast import kernel_host
+    from conftest import backend_name
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4)).to(device())
+    before = set(kernel_host._TABLES)
+    opt = AdaFisher(model, TCov=1, backend=backend_name(kernel_ops))
+    model(torch.randn(2, 3, device=device())).sum().backward()
+    opt.step()
+    assert set(kernel_host._TABLES) - before
+    opt.fisher.to(device())                              # the old table's entries go
+    assert not set(kernel_host._TABLES) - before
+    model(torch.randn(2, 3, device=device())).sum().backward()
+    opt.step()
+    assert set(kernel_host._TABLES) - before
+    del opt
+    gc.collect()
+    assert not set(kernel_host._TABLES) - before
