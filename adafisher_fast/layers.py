@@ -697,7 +697,9 @@ if hasattr(nn, "RMSNorm"):
 
         def h_stats(self, m, x, acc, preset, ops):
             x3 = self.view(m, x)
-            eps = m.eps if m.eps is not None else torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
+            eps = m.eps
+            if eps is None:
+                eps = torch.finfo(torch.promote_types(x.dtype, torch.float32)).eps
             ops.norm_stats(x3, acc, "sample", 1, eps, False)
             return x3.shape[0]
 
