@@ -235,7 +235,7 @@ class StatHooks:
                 return
             compiling = torch.compiler.is_compiling()
             if not compiling:
-                fisher.forwarded = True          # NOTE: [forward before zero_grad]
+                fisher.note_forward()            # NOTE: [forward before zero_grad]
             if x.device != fisher.buf.device:
                 follow = self.follow()
                 if follow is not None:

@@ -252,6 +252,7 @@ class FisherState:
         self._pending_any = self._flush_queued = False
         # NOTE: [forward before zero_grad]
         self.generation, self.forwarded, self.held, self.in_closure = 0, False, None, False
+        self.backward_done, self.mark = False, None
         self.state = torch.ones(raw_off, **fl)
         self.fac = torch.ones(raw_off + 1, **fl)
         self.initialized = torch.zeros(nf, dtype=torch.bool, device=device)
@@ -359,7 +360,19 @@ class FisherState:
         compiled backward adds its own on the device; step() flushes those of eager forwards)."""
         if self._pending_any and not self._flush_queued and not torch.compiler.is_compiling():
             self._flush_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self.flush_rows)
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+
+    def _end_backward(self) -> None:
+        self.flush_rows()
+        self.backward_done = True           # NOTE: [forward before zero_grad]
+
+    def note_forward(self) -> None:
+        """An eager statistics forward (NOTE: [forward before zero_grad])."""
+        if self.backward_done:
+            self.flush_rows()
+            self.mark = self.buf.clone()
+            self.backward_done = False
+        self.forwarded = True
 
     def flush_rows(self, buf: Optional[torch.Tensor] = None) -> None:
         """Move the pending row counts into ``buf`` (default: ours; NOTE: [host row counts])."""
@@ -387,7 +400,12 @@ class FisherState:
     # of the buffer (one small device copy, no sync), and the first gradient hook of a call from
     # before it (the call's generation, counted in clears, is older) adds its layer's held H
     # back: accumulators and row counts.  Held H that no gradient asks for is dropped at the next
-    # clear.  Inside step(closure), zero_grad() clears only the gradients: the closure's forward
+    # clear.  Only what forwards after the last finished backward added is held: the first
+    # forward after a backward marks the buffer (a copy; gradient accumulation pays one per
+    # micro-batch on statistics iterations), as an abandoned forward + backward before the step's
+    # forward is dropped in the usual order too.  (A grad-enabled forward without a backward, an
+    # evaluation, cannot be told from the step's own: it is held with it.)
+    # Inside step(closure), zero_grad() clears only the gradients: the closure's forward
     # and backward are the step's.  A compiled model's gradient hook is one opaque op that knows
     # no call's generation, so there a forward before zero_grad() still loses its H (outside a
     # closure): call zero_grad() before the forward.
@@ -395,10 +413,15 @@ class FisherState:
         """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
         before zero_grad]."""
         if not torch.compiler.is_compiling():
-            self.held = (self.generation, self.buf.clone(), list(self.pending), set()) \
-                if hold and self.forwarded else None
+            self.held = None
+            if hold and self.forwarded:
+                held = self.buf.clone()
+                if self.mark is not None:       # what came after the last finished backward
+                    held -= self.mark
+                self.held = (self.generation, held, list(self.pending), set())
             self.generation += 1
-            self.forwarded = False
+            self.forwarded = self.backward_done = False
+            self.mark = None
         self.buf.zero_()
         if not torch.compiler.is_compiling():
             if self._pending_any:
