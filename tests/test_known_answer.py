@@ -86,3 +86,34 @@ def test_known_answer_is_not_vacuous():
     b = actual(AdaFisher, "paper", 1.0, 0.0)
     assert all(not torch.equal(p, q) for p, q in zip(a, start))
     assert all(not torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("preset,F", [("official", lambda lam: 1.0), ("paper", lambda lam: 1.0 + lam)])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_factor_free_parameters_step_with_their_presets_F(preset, F, decoupled):
+    """SPEC section 2: a parameter no layer owns (a bare nn.Parameter, a PReLU's) steps with F = 1
+    under preset="official", F = 1 + Lambda under preset="paper": bias-corrected momentum over F,
+    plus weight decay, for three steps from a known gradient."""
+    lr, beta, lam, wd = 0.1, 0.9, 0.5, 0.01
+    scale = nn.Parameter(torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64))
+    act = nn.PReLU(3).double()
+    model = nn.Module()
+    model.scale, model.act = scale, act
+    cls = AdaFisherW if decoupled else AdaFisher
+    opt = cls(model, lr=lr, beta=beta, Lambda=lam, weight_decay=wd, preset=preset, backend="torch")
+    x = torch.tensor([[0.3, -1.2, 2.0]], dtype=torch.float64)
+    want = [p.detach().clone() for p in (scale, act.weight)]
+    moms = [torch.zeros_like(w) for w in want]
+    for t in range(1, 4):
+        opt.zero_grad()
+        model.act(x * model.scale).square().sum().backward()
+        for i, p in enumerate((scale, act.weight)):
+            g = p.grad.detach().clone()
+            if not decoupled:
+                g = g + wd * want[i]
+            moms[i] = beta * moms[i] + (1 - beta) * g
+            update = moms[i] / (1 - beta ** t) / F(lam)
+            want[i] = want[i] - lr * (update + (wd * want[i] if decoupled else 0))
+        opt.step()
+        for w, p in zip(want, (scale, act.weight)):
+            torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-14)

@@ -78,6 +78,11 @@ def _cases():
               lambda: torch.randn(2, 3, 9, 7), True, ("paper",)))
     c.append(("conv1d_k5_same_reflect", lambda: nn.Conv1d(2, 3, kernel_size=5, padding="same", padding_mode="reflect"),
               lambda: torch.randn(2, 2, 33), True, ("paper",)))
+    # even kernels: "same" pads one more after than before
+    c.append(("conv1d_k4_same", lambda: nn.Conv1d(2, 3, kernel_size=4, padding="same"),
+              lambda: torch.randn(2, 2, 11), True, ("paper",)))
+    c.append(("conv2d_k2x4_same", lambda: nn.Conv2d(2, 3, kernel_size=(2, 4), padding="same"),
+              lambda: torch.randn(2, 2, 5, 7), True, both))
     # transposed conv (paper only: the released code does not hook it)
     for nd in (1, 2, 3):
         sp = {1: (9,), 2: (5, 6), 3: (3, 4, 3)}[nd]
@@ -88,6 +93,7 @@ def _cases():
                          ("_depthwise_nobias", dict(kernel_size=3, groups=4, stride=2, bias=False)),
                          # output_padding >= stride (dilation > stride): whole positions added
                          ("_op_ge_stride", dict(kernel_size=2, dilation=3, output_padding=2)),
+                         ("_op_eq_stride", dict(kernel_size=2, stride=2, dilation=3, output_padding=2)),
                          ("_op_ge_stride_p3", dict(kernel_size=2, dilation=3, output_padding=2,
                                                    padding=3))):
             c_out = 4 if "depthwise" in name else 6
