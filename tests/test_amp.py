@@ -124,3 +124,12 @@ def test_pure_bf16_parameters_train_without_nans():
     for p in model.parameters():
         assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
         assert opt.state[p]["exp_avg"].dtype == torch.bfloat16     # state in the parameter's dtype
+
+
+def test_curvature_state_is_float64_when_any_parameter_is():
+    """README's dtype rule: the statistics and curvature state are float64 when the model has
+    float64 parameters, also in a model that mixes float64 and float32 layers."""
+    model = nn.Sequential(nn.Linear(3, 4).double(), nn.Linear(4, 2))
+    opt = AdaFisher(model, backend="torch")
+    assert opt.fisher.buf.dtype == opt.fisher.state.dtype == torch.float64
+    assert AdaFisher(nn.Linear(3, 4), backend="torch").fisher.state.dtype == torch.float32

@@ -24,6 +24,7 @@ def _m():
     (dict(Lambda=-1.0), ValueError, "Lambda"),
     (dict(TCov=0), ValueError, "TCov"),
     (dict(TCov=2.5), ValueError, "TCov"),
+    (dict(TCov=True), ValueError, "TCov"),
     (dict(weight_decay=-1.0), ValueError, "weight_decay"),
     (dict(lr=float("nan")), TypeError, "lr"),
     (dict(preset="adam"), ValueError, "preset"),

@@ -186,6 +186,30 @@ def test_checkpoint_with_another_parameter_shape_names_it(preset, make, x, name)
         assert torch.equal(after["state"][k]["exp_avg"], v["exp_avg"])
 
 
+def test_checkpoint_of_a_model_with_fewer_layers_names_the_counts():
+    """The model adds a hooked layer at the end: the first layers match, and the refusal names
+    the two counts before anything loads (else the flat statistics' sizes clashed after the
+    momentum had loaded)."""
+    small = _model()
+    big = nn.Sequential(*_model(), nn.LayerNorm(3))
+    o_small, o_big = AdaFisher(small, backend="torch"), AdaFisher(big, backend="torch")
+    before = {k: v.clone() for k, v in o_big.fisher.tensors().items()}
+    with pytest.raises(ValueError, match="the checkpoint has 5 hooked layers, this model 6"):
+        o_big.load_state_dict(o_small.state_dict())
+    assert not o_big.state
+    assert all(torch.equal(v, before[k]) for k, v in o_big.fisher.tensors().items())
+
+
+def test_checkpoint_restores_lambda_gamma_and_tcov():
+    """The curvature settings are the checkpoint's, whatever the loading optimizer was built
+    with: its EMA and H'/S' were made with them."""
+    m = _model()
+    saved = AdaFisher(m, Lambda=0.5, gamma=0.7, TCov=3, backend="torch").state_dict()
+    opt = AdaFisher(m, backend="torch")
+    opt.load_state_dict(saved)
+    assert (opt.Lambda, opt.gamma, opt.TCov) == (0.5, 0.7, 3)
+
+
 def test_checkpoint_of_another_preset_or_optimizer():
     m = _model()
     with pytest.raises(ValueError, match="preset"):
