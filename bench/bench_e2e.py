@@ -403,7 +403,7 @@ def run(h: Harness, modes=None) -> None:
                             extra["ratio"] = t["time_ms"] / base["time_ms"]
                             extra["step_ratio"] = (step_ms / base["step_ms"]
                                                    if step_ms and base["step_ms"] else None)
-                        if "TCov=" in label and mode == "eager":     # SPEC 8: eager targets
+                        if "TCov=" in label and mode == "eager" and not amp:   # SPEC 8: fp32
                             extra["target_ratio"] = TARGETS.get((wname, int(label.split("=")[1])))
                         if not amp and mode == "eager":
                             for k, v in ANCHORS.get((wname, key), {}).items():

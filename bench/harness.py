@@ -152,8 +152,11 @@ class Harness:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak_memory_mib(self) -> Optional[float]:
+        """Peak allocated since ``reset_peak_memory``, less the harness's own L2-flush buffer
+        (256 MiB, live the whole run): what the case allocated."""
         if self.cuda:
-            return torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+            flush = self._flush.numel() if self._flush is not None else 0
+            return (torch.cuda.max_memory_allocated(self.device) - flush) / 2 ** 20
         return None
 
     def free_memory_bytes(self) -> Optional[int]:

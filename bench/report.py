@@ -142,8 +142,13 @@ def targets(rows: List[Dict]) -> List[str]:
 
 
 def plots(rows: List[Dict], out_dir: Path) -> List[Path]:
-    """ops_<op>.png: GB/s (or ms where no bytes) per case and backend; e2e.png: ratio to AdamW."""
-    import matplotlib
+    """ops_<op>.png: GB/s (or ms where no bytes) per case and backend; e2e.png: ratio to AdamW.
+    None without matplotlib (not in the package's extras): the JSON lines and table stand."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("bench: matplotlib is not installed, so no plots (pip install matplotlib)")
+        return []
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

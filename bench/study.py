@@ -22,7 +22,7 @@ the parameters of the layers the official preset hooks (Linear, Conv2d, BatchNor
 on the others (F = 1 there), i.e. what AdaFisher official becomes when S'H' << Lambda.  Each runs over
 a small learning-rate grid and 3 seeds; ``--lambdas`` adds paper-preset runs with other Lambda values.
 
-Outputs (``--out``, default bench/results/study-2026-11-24/): ``results.jsonl`` (one JSON object per
+Outputs (``--out``, default bench/results/study-<today>/; the committed run is study-2026-11-24/): ``results.jsonl`` (one JSON object per
 run, loss curve included), ``study.md`` (tables), ``loss_<task>.png`` (mean loss curves over seeds).
 A run "diverges" when its loss becomes non-finite or exceeds 3x its initial loss; it is then stopped.
 """
@@ -292,9 +292,14 @@ def write_outputs(recs, out, tasks, args):
             for (task, arm, lam, lr2), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2] or 0)):
                 if task != t["name"] or lr2 != lr:
                     continue
-                n = min(len(r["curve"]) for r in rs)
-                y = np.mean([r["curve"][:n] for r in rs], axis=0)
+                # the mean of the runs that did not diverge: a diverged run's curve stops early
+                # and cut every other curve to its length
+                ok = [r for r in rs if not r["diverged"]] or rs
+                n = min(len(r["curve"]) for r in ok)
+                y = np.mean([r["curve"][:n] for r in ok], axis=0)
                 label = arm + (f" L={lam:g}" if lam not in (None, 1e-3) else "")
+                if any(r["diverged"] for r in rs):
+                    label += f" ({sum(r['diverged'] for r in rs)}/{len(rs)} diverged)"
                 ax.plot(np.arange(n) * rs[0]["log_every"], y, label=label,
                         ls="--" if arm == "twin" else "-")
             ax.set_title(f"{t['name']}: lr={lr:g}")
@@ -328,8 +333,9 @@ def main(argv=None):
     args.lrs = [float(v) for v in args.lrs.split(",")]
     args.seeds = [int(v) for v in args.seeds.split(",")]
     args.steps = {"digits": args.digits_steps, "charlm": args.charlm_steps}
-    out = args.out or ("/tmp/adafisher-study-quick" if args.quick else
-                       os.path.join(os.path.dirname(__file__), "results", "study-2026-11-24"))
+    # a new dated folder: a rerun must not overwrite the committed results it is compared with
+    out = args.out or ("/tmp/adafisher-study-quick" if args.quick else os.path.join(
+        os.path.dirname(__file__), "results", f"study-{time.strftime('%Y-%m-%d')}"))
     os.makedirs(out, exist_ok=True)
     makers = {"digits": digits_task, "charlm": charlm_task}
     tasks = [makers[n]() for n in args.tasks.split(",")]

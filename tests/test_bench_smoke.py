@@ -149,3 +149,16 @@ def test_deterministic_run_appends_det_rows(tmp_path, monkeypatch):
                                            "floor+det"}
     assert all(r["status"] == "ok" for r in ops)
     assert "| torch+det |" in (tmp_path / "table.md").read_text()
+
+
+def test_plots_are_skipped_without_matplotlib(smoke, monkeypatch, capsys):
+    """matplotlib is in no extra of the package: without it the run keeps its JSON lines and
+    table and says why there are no plots (it crashed at the end of a GPU run)."""
+    import sys
+
+    from bench.report import plots
+    out, _ = smoke
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import raises ImportError
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert plots(rows, out) == []
+    assert "matplotlib is not installed" in capsys.readouterr().out
