@@ -1,5 +1,7 @@
 """Microbenchmark of ``norm_stats`` (SPEC 4.3): sums of xhat^2 of normalisation layers, xhat
-recomputed from the input in one read.
+recomputed from the input.  The bytes model counts one read of x, the least any kernel can do;
+with batch statistics the kernels read it twice (mean, then variance: NOTE: [norm passes] in
+csrc/norm_stats.cu), so those cases reach at most half of the copy bandwidth.
 
 Cases: the BatchNorm2d inputs (= the conv outputs) of ResNet-50 at batch 64 x 224x224 and of
 ResNet-18 CIFAR at batch 256 (mode="channel", x viewed as (B, C, H*W)), and GPT-2 small's LayerNorm

@@ -11,7 +11,8 @@ over its entries: one contiguous row, or for a channels_last input runs of C/G c
 tiled column reduction of ``linear_stats`` with the affine normalisation applied before squaring
 (its AFFINE modes, as csrc's NOTE: [column reduce]).
 Channel statistics reuse the reduction itself: mean = sum x / N, var = sum (x - mean)^2 / N, as
-the reference computes them.
+the reference computes them; then sum xhat^2 = N var / (var + eps) per channel, without a third
+pass over x (NOTE: [norm passes] in csrc/norm_stats.cu).
 """
 from __future__ import annotations
 
@@ -84,10 +85,10 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
             s2 = torch.zeros(c, **f32)
             _xhat_sq(x3, s2, mu, torch.ones(c, **f32), False, 1, 1)
             var_ = s2 / n
-        else:
-            mu, var_ = mean.to(torch.float32), var.to(torch.float32)
-        rs = torch.rsqrt(var_ + eps).contiguous()
-        _xhat_sq(x3, out, mu.contiguous(), rs, False, 1, 1)
+            out += n * var_ / (var_ + eps)          # NOTE: [norm passes]
+            return
+        rs = torch.rsqrt(var.to(torch.float32) + eps).contiguous()
+        _xhat_sq(x3, out, mean.to(torch.float32).contiguous(), rs, False, 1, 1)
         return
     cg = c // groups
     n = cg * i

@@ -1,5 +1,7 @@
 """norm_stats kernels against the torch reference: BatchNorm (batch and running statistics),
 LayerNorm, GroupNorm, RMSNorm (center=False); fp32/bf16/fp16 inputs."""
+import importlib
+
 import pytest
 import torch
 
@@ -78,3 +80,24 @@ def test_norm_stats_gpu_large(kernel_ops, shape, mode, groups, dtype):
     err_ref = (lp.double() - want).abs().max().item()
     err = (got.double() - want).abs().max().item()
     assert err <= 2 * err_ref + 1e-6 * want.abs().max().item()
+
+
+@pytest.mark.parametrize("running", [False, True])
+def test_triton_channel_mode_reads_x_at_most_twice(running, monkeypatch):
+    """NOTE: [norm passes] With batch statistics the sum of xhat^2 per channel is N var /
+    (var + eps): two passes over x (mean, variance), not three; with running statistics one.
+    The result is still the reference's."""
+    pytest.importorskip("triton")
+    ns = importlib.import_module("fisher_kernels.norm_stats")
+    passes = []
+    launch = ns._launch
+    monkeypatch.setattr(ns, "_launch", lambda x3, *a: passes.append(x3.shape) or launch(x3, *a))
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, device=device()) * 2 + 1
+    mean, var = (torch.randn(5, device=device()), torch.rand(5, device=device()) + 0.5) if running \
+        else (None, None)
+    got, want = torch.zeros(5, device=device()), torch.zeros(5, device=device())
+    ns.norm_stats(x, got, "channel", 1, 1e-5, True, mean, var)
+    reference.norm_stats(x, want, "channel", 1, 1e-5, True, mean, var)
+    assert len(passes) == (1 if running else 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
