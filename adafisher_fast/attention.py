@@ -78,6 +78,26 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
 
 
+def _check_masks(attn_mask, key_padding_mask, query, key, heads, batch_first, batched) -> None:
+    """torch's checks of the masks' dtypes and shapes, in torch's words: the exposed forward
+    would otherwise read a malformed mask silently (an integer mask added to the scores, a
+    transposed one reshaped where the sizes fit) where torch's raises."""
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and m.dtype != torch.bool and not m.is_floating_point():
+            raise AssertionError(f"only bool and floating types of {name} are supported")
+    seq = 1 if batch_first and batched else 0
+    n_q, n_s = query.shape[seq], key.shape[seq]
+    n_b = query.shape[1 - seq] if batched else 1
+    if key_padding_mask is not None and batched and tuple(key_padding_mask.shape) != (n_b, n_s):
+        raise AssertionError(f"expecting key_padding_mask shape of {(n_b, n_s)}, but got "
+                             f"{tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        want = (n_q, n_s) if attn_mask.dim() == 2 else (n_b * heads, n_q, n_s)
+        if tuple(attn_mask.shape) != want:
+            raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is "
+                               f"{tuple(attn_mask.shape)}, but should be {want}.")
+
+
 class ExposedMultiheadAttention(nn.MultiheadAttention):
     """nn.MultiheadAttention that calls its q/k/v projections and its ``out_proj`` as modules
     (NOTE: [exposed attention]).  Made by ``expose_attention``, not constructed directly."""
@@ -85,12 +105,18 @@ class ExposedMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
         # without autograd nothing gathers statistics: torch's forward, with its fast paths for
-        # inference; and is_causal without attn_mask gets torch's own error
-        if not torch.is_grad_enabled() or (is_causal and attn_mask is None):
+        # inference (also where grad is on but nothing needs it: a frozen encoder before a
+        # trained head, whose nested-tensor input only those paths take); and is_causal without
+        # attn_mask gets torch's own error
+        if not torch.is_grad_enabled() or (is_causal and attn_mask is None) or \
+                any(t.is_nested for t in (query, key, value)) or not (
+                    any(t.requires_grad for t in (query, key, value)) or
+                    any(p.requires_grad for p in self.parameters())):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
+        batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+        _check_masks(attn_mask, key_padding_mask, query, key, self.num_heads, self.batch_first, batched)
         packed = query is key and key is value and self._qkv_same_embed_dim
-        batched = query.dim() == 3
         # torch's layout, (length, batch, features)
         q, k, v = (t if batched else t.unsqueeze(0 if self.batch_first else 1)
                    for t in (query, key, value))

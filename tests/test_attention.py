@@ -396,3 +396,45 @@ def test_in_projection_statistics_are_each_inputs_means():
         p0, g = before[name]
         torch.testing.assert_close(1e-3 * g / (p0 - getattr(attn, name).detach()),
                                    rows[i][:, None] * cols[i][None, :] + 1e-3, rtol=1e-8, atol=0)
+
+
+@pytest.mark.parametrize("case", ["padding_transposed", "mask_transposed", "padding_uint8",
+                                  "mask_int64"])
+def test_exposed_attention_refuses_the_masks_torch_refuses(case):
+    """A mask torch's forward rejects (integer dtype, a transposed shape whose sizes fit) raised
+    nowhere on the exposed path: an integer mask was added to the scores, a transposed one
+    reshaped into place.  Now both raise the same exception type."""
+    torch.manual_seed(0)
+    n_e, n_l, n_s, n_b = 8, 4, 6, 2
+    ref = nn.MultiheadAttention(n_e, 2, dtype=D64)
+    exposed = copy.deepcopy(ref)
+    expose_attention(exposed)
+    q = torch.randn(n_l, n_b, n_e, dtype=D64, requires_grad=True)
+    kv = torch.randn(n_s, n_b, n_e, dtype=D64)
+    pad = torch.zeros(n_b, n_s, dtype=torch.bool)
+    pad[0, -3:] = True
+    kw = {"padding_transposed": dict(key_padding_mask=pad.t().contiguous()),
+          "mask_transposed": dict(attn_mask=torch.rand(n_b * 2, n_s, n_l) > 0.7),
+          "padding_uint8": dict(key_padding_mask=pad.to(torch.uint8)),
+          "mask_int64": dict(attn_mask=(torch.rand(n_l, n_s) > 0.7).long())}[case]
+    with pytest.raises((AssertionError, RuntimeError)) as want:
+        ref(q, kv, kv, **kw)
+    with pytest.raises(want.type):
+        exposed(q, kv, kv, **kw)
+
+
+def test_a_frozen_exposed_encoder_takes_torchs_fast_path():
+    """Grad enabled but nothing requires it (a frozen encoder before a trained head, in eval
+    mode with a padding mask, so the encoder passes nested tensors): torch's own forward runs,
+    as in nn.MultiheadAttention (the exposed path crashed transposing a nested tensor)."""
+    torch.manual_seed(0)
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 2).eval()
+    enc.requires_grad_(False)
+    enc.layers[0].linear2.register_forward_hook(lambda m, i, o: None)   # no layer fast path
+    exposed = copy.deepcopy(enc)
+    expose_attention(exposed)
+    src = torch.randn(3, 6, 8)
+    pad = torch.zeros(3, 6, dtype=torch.bool)
+    pad[0, -2:] = True
+    torch.testing.assert_close(exposed(src, src_key_padding_mask=pad),
+                               enc(src, src_key_padding_mask=pad))
