@@ -95,7 +95,14 @@ class CompileAwareOps:
     def linear_stats(self, x, out, dim=-1, square=True, scale=1.0):
         if self._eager("linear_stats"):
             return self._ops.linear_stats(x, out, dim, square, scale)
-        self._lib.linear_stats(x, out, dim, square, float(scale))
+        if scale == 1.0:
+            self._lib.linear_stats(x, out, dim, square, 1.0)
+            return
+        # a scale may come from a dynamic shape (official BatchNorm's 1 / (H W)^2): as the op's
+        # float argument it would specialise the graph to it, one recompile per image size
+        part = torch.zeros_like(out)
+        self._lib.linear_stats(x, part, dim, square, 1.0)
+        out.add_(part * scale)
 
     def conv_stats(self, x, out, kernel_size, stride, padding, dilation, groups,
                    padding_mode="zeros"):

@@ -293,6 +293,32 @@ def test_kernel_ops_compile_as_custom_ops(kernel_ops):
     _assert_same(eager, (twin, opt), 1e-4)
 
 
+def test_kernel_ops_compile_once_for_every_image_size(kernel_ops):
+    """preset="official" BatchNorm scales its sums by 1 / (H W)^2: passed to a kernel op as a
+    float argument, the dynamic-shape graph was specialised to each image size (9 frames for 10
+    sizes, then eager); the scale is now applied in the graph: two frames, statistics as eager."""
+    name = backend_name(kernel_ops)
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+        opt = AdaFisher(model, TCov=1, backend=name)
+        counter = CompileCounterWithBackend("aot_eager")
+        net = torch.compile(model, backend=counter, dynamic=True) if compiled else model
+        g = torch.Generator().manual_seed(1)
+        for size in (5, 6, 7, 9):
+            opt.zero_grad()
+            x, y = torch.randn(2, 3, size, size, generator=g), torch.randint(0, 3, (2,), generator=g)
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        runs.append(opt.ema_state())
+    assert counter.frame_count <= 2
+    for layer, (h, s) in runs[1].items():
+        torch.testing.assert_close(h, runs[0][layer][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(s, runs[0][layer][1], rtol=1e-4, atol=1e-6)
+
+
 def test_check_mode_compiles():
     """check=True runs inside the graph as adafisher_torch_checked ops (compared on the host)."""
     eager, (twin, opt) = _pair(AdaFisher, "paper", torch.float64, check=True)
