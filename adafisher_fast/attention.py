@@ -115,7 +115,8 @@ class ExposedMultiheadAttention(nn.MultiheadAttention):
             return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                    average_attn_weights, is_causal)
         batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, self.num_heads)
-        _check_masks(attn_mask, key_padding_mask, query, key, self.num_heads, self.batch_first, batched)
+        _check_masks(attn_mask, key_padding_mask, query, key, self.num_heads, self.batch_first,
+                     batched)
         packed = query is key and key is value and self._qkv_same_embed_dim
         # torch's layout, (length, batch, features)
         q, k, v = (t if batched else t.unsqueeze(0 if self.batch_first else 1)

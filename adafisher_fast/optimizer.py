@@ -433,10 +433,11 @@ class AdaFisher(Optimizer):
         if not got:
             return
         self._frozen = [p for p in self._frozen if p.grad is None]
-        warnings.warn(f"AdaFisher: parameter(s) {', '.join(self._names.get(id(p), '?') for p in got)} "
-                      f"were frozen when the optimizer was made and now have gradients, but the "
-                      f"optimizer does not train them: add them with opt.add_param_group("
-                      f"{{'params': [...]}}) (their layers then get curvature factors)")
+        names = ", ".join(self._names.get(id(p), "?") for p in got)
+        warnings.warn(f"AdaFisher: parameter(s) {names} were frozen when the optimizer was made "
+                      f"and now have gradients, but the optimizer does not train them: add them "
+                      f"with opt.add_param_group({{'params': [...]}}) (their layers then get "
+                      f"curvature factors)")
 
     def _warn_silent_layers(self) -> None:
         """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module

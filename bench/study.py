@@ -22,8 +22,9 @@ the parameters of the layers the official preset hooks (Linear, Conv2d, BatchNor
 on the others (F = 1 there), i.e. what AdaFisher official becomes when S'H' << Lambda.  Each runs over
 a small learning-rate grid and 3 seeds; ``--lambdas`` adds paper-preset runs with other Lambda values.
 
-Outputs (``--out``, default bench/results/study-<today>/; the committed run is study-2026-11-24/): ``results.jsonl`` (one JSON object per
-run, loss curve included), ``study.md`` (tables), ``loss_<task>.png`` (mean loss curves over seeds).
+Outputs (``--out``, default bench/results/study-<today>/; the committed run is
+study-2026-11-24/): ``results.jsonl`` (one JSON object per run, loss curve included), ``study.md``
+(tables), ``loss_<task>.png`` (mean loss curves over the seeds that did not diverge).
 A run "diverges" when its loss becomes non-finite or exceeds 3x its initial loss; it is then stopped.
 """
 from __future__ import annotations

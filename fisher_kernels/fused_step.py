@@ -392,7 +392,8 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
         for t in steps:
             t += 1                  # as the reference's, wherever they are kept
         return
-    (n_blocks, (block_param, block_start, numels, rows), wide), ptrs, step_table, ticket, aligned = tables
+    blocks, ptrs, step_table, ticket, aligned = tables
+    n_blocks, (block_param, block_start, numels, rows), wide = blocks
     on_dev = step_table is not None
     if not on_dev:
         for t in steps:
@@ -401,6 +402,7 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
         step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32),
                              fac.device)
     _fused_step_kernel[(n_blocks,)](
-        block_param, block_start, ptrs, numels, rows, _hyper_table(work, hyper, fac.device), step_table, len(steps), ticket, fac,
+        block_param, block_start, ptrs, numels, rows, _hyper_table(work, hyper, fac.device),
+        step_table, len(steps), ticket, fac,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
         ALIGNED=aligned, DEVICE_STEPS=on_dev, STEP_BLOCK=STEP_BLOCK)
