@@ -429,10 +429,10 @@ class AdaFisher(Optimizer):
         frozen ones too and start training them once unfrozen.  A parameter frozen at
         construction that now has a gradient was unfrozen and is not trained, so statistics
         steps name it, once (a loop over the frozen parameters, not over the trained ones)."""
-        got = [p for p in self._frozen if p.grad is not None]
-        if not got:
+        got = [p for p in self._frozen if p.requires_grad and p.grad is not None]
+        if not got:                      # (a still frozen one may keep an old .grad)
             return
-        self._frozen = [p for p in self._frozen if p.grad is None]
+        self._frozen = [p for p in self._frozen if not (p.requires_grad and p.grad is not None)]
         names = ", ".join(self._names.get(id(p), "?") for p in got)
         warnings.warn(f"AdaFisher: parameter(s) {names} were frozen when the optimizer was made "
                       f"and now have gradients, but the optimizer does not train them: add them "
@@ -491,7 +491,8 @@ class AdaFisher(Optimizer):
         if self.state or any(g["lr"] != 0 for g in self.param_groups) or self.fisher.forwarded:
             return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        return (bool(grads) and not self.fisher._pending_any and not bool(self.fisher.buf.any())
+        return (bool(grads) and not self.fisher._pending_any and self.fisher.before is None
+                and not bool(self.fisher.buf.any())
                 and not any(bool(g.any()) for g in grads))
 
     @torch.no_grad()

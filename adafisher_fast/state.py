@@ -252,7 +252,7 @@ class FisherState:
         self._pending_any = self._flush_queued = False
         # NOTE: [forward before zero_grad]
         self.generation, self.forwarded, self.held, self.in_closure = 0, False, None, False
-        self.backward_done, self.mark = False, None
+        self.backward_done, self.before = False, None
         self.state = torch.ones(raw_off, **fl)
         self.fac = torch.ones(raw_off + 1, **fl)
         self.initialized = torch.zeros(nf, dtype=torch.bool, device=device)
@@ -368,16 +368,23 @@ class FisherState:
 
     def note_forward(self) -> None:
         """An eager statistics forward (NOTE: [forward before zero_grad])."""
-        if self.backward_done:
+        # a backward that raised never ran its queued end-of-backward callback: finished too
+        died = self._flush_queued and torch._C._current_graph_task_id() == -1
+        if self.backward_done or died:
             self.flush_rows()
-            self.mark = self.buf.clone()
+            self.before = self.buf.clone()
+            self.buf.zero_()                # in place: compiled graphs hold this tensor
             self.backward_done = False
         self.forwarded = True
 
     def flush_rows(self, buf: Optional[torch.Tensor] = None) -> None:
-        """Move the pending row counts into ``buf`` (default: ours; NOTE: [host row counts])."""
+        """Move the pending row counts into ``buf`` (default: ours; NOTE: [host row counts]),
+        and what a forward set aside (NOTE: [forward before zero_grad])."""
         buf = self.buf if buf is None else buf
         self._flush_queued = False
+        if self.before is not None:
+            buf.add_(self.before)
+            self.before = None
         if not self._pending_any:
             return
         counts = torch.tensor(self.pending, dtype=buf.dtype)
@@ -401,10 +408,12 @@ class FisherState:
     # before it (the call's generation, counted in clears, is older) adds its layer's held H
     # back: accumulators and row counts.  Held H that no gradient asks for is dropped at the next
     # clear.  Only what forwards after the last finished backward added is held: the first
-    # forward after a backward marks the buffer (a copy; gradient accumulation pays one per
-    # micro-batch on statistics iterations), as an abandoned forward + backward before the step's
-    # forward is dropped in the usual order too.  (A grad-enabled forward without a backward, an
-    # evaluation, cannot be told from the step's own: it is held with it.)
+    # forward after a backward sets the buffer aside (a copy, then zero; gradient accumulation
+    # pays one per micro-batch on statistics iterations) and the end of the next backward, or
+    # any flush, adds it back; zero_grad() drops it.  So an abandoned forward + backward before
+    # the step's forward is dropped, as in the usual order (subtracting a copy instead turned an
+    # overflowed batch's inf into NaN).  A grad-enabled forward without a backward (an
+    # evaluation) cannot be told from the step's own: it is held with it.
     # Inside step(closure), zero_grad() clears only the gradients: the closure's forward
     # and backward are the step's.  A compiled model's gradient hook is one opaque op that knows
     # no call's generation, so there a forward before zero_grad() still loses its H (outside a
@@ -413,15 +422,11 @@ class FisherState:
         """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
         before zero_grad]."""
         if not torch.compiler.is_compiling():
-            self.held = None
-            if hold and self.forwarded:
-                held = self.buf.clone()
-                if self.mark is not None:       # what came after the last finished backward
-                    held -= self.mark
-                self.held = (self.generation, held, list(self.pending), set())
+            self.held = (self.generation, self.buf.clone(), list(self.pending), set()) \
+                if hold and self.forwarded else None
             self.generation += 1
             self.forwarded = self.backward_done = False
-            self.mark = None
+            self.before = None
         self.buf.zero_()
         if not torch.compiler.is_compiling():
             if self._pending_any:
@@ -460,6 +465,8 @@ class FisherState:
         self._tables[:] = [self.table]
         for name in ("grad_degree", "buf", "state", "fac", "initialized", "counters"):
             setattr(self, name, getattr(self, name).to(device))
+        if self.before is not None:
+            self.before = self.before.to(device)
         self.held = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:
