@@ -565,8 +565,7 @@ def _probe_layout(m: nn.Module) -> Optional[int]:
 def _try_layout(m: nn.LayerNorm) -> Optional[int]:
     """The dim that ``type(m).forward`` normalises, tried on a (2, a, C) and a (2, C, a, a)
     probe input (a != C; eagerly, without hooks or grad); None when neither fits."""
-    if len(m.normalized_shape) != 1 or any(p.is_meta or isinstance(p, DTensor)
-                                           for p in m.parameters(recurse=False)):
+    if len(m.normalized_shape) != 1 or any(p.is_meta for p in m.parameters(recurse=False)):
         return None
     c = m.normalized_shape[0]
     a = 2 if c != 2 else 3
@@ -575,10 +574,11 @@ def _try_layout(m: nn.LayerNorm) -> Optional[int]:
     g = torch.Generator().manual_seed(0)
     for dim, shape in ((-1, (2, a, c)), (1, (2, c, a, a))):
         x = torch.randn(shape, generator=g).to(**dd)
-        out = probe_call(m, x)
+        out = probe_call(m, x)          # None for FSDP2's sharded parameters too
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            continue
         want = torch.nn.functional.layer_norm(x.movedim(dim, -1), (c,), m.weight, m.bias, m.eps)
-        if isinstance(out, torch.Tensor) and out.shape == x.shape and torch.allclose(
-                out.float(), want.movedim(-1, dim).float(), rtol=1e-2, atol=1e-2):
+        if torch.allclose(out.float(), want.movedim(-1, dim).float(), rtol=1e-2, atol=1e-2):
             return dim
     return None
 

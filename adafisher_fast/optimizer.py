@@ -7,7 +7,7 @@ import numbers
 import sys
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as torch_dist
@@ -115,6 +115,14 @@ def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]
     return groups, names
 
 
+def _chunk_span(n: int, size: int, rank: int) -> Tuple[int, int]:
+    """(start, length) of ``rank``'s piece of n rows split in ``size`` torch.chunk pieces, as
+    FSDP2's Shard(0) splits dim 0."""
+    chunk = -(-n // size)
+    start = min(rank * chunk, n)
+    return start, min(chunk, n - start)
+
+
 def _dim0_shard(p: "DTensor", name: str):
     """(start, length) along dim 0 of this rank's local shard of a DTensor parameter (FSDP2
     shards dim 0 in torch.chunk pieces; replicated parameters are whole)."""
@@ -124,8 +132,7 @@ def _dim0_shard(p: "DTensor", name: str):
                                   f"1-D meshes with Shard(0) (FSDP2) or Replicate")
     if placements[0].is_replicate():
         return 0, p.shape[0] if p.dim() else 1
-    chunk = -(-p.shape[0] // mesh.size())
-    start = min(mesh.get_local_rank() * chunk, p.shape[0])
+    start, _ = _chunk_span(p.shape[0], mesh.size(), mesh.get_local_rank())
     return start, p.to_local().shape[0]
 
 
@@ -295,10 +302,10 @@ class AdaFisher(Optimizer):
             name = self._names.get(id(p), "?")
             _dim0_shard(p, name)                       # the placements
             if p.placements[0].is_shard(0):
-                n, size = p.shape[0], p.device_mesh.size()
-                chunk = -(-n // size)
-                for start in (min(r * chunk, n) for r in range(size)):
-                    fisher.shard_meta(fisher.meta[id(p)], p.shape, start, min(chunk, n - start), name)
+                size = p.device_mesh.size()
+                for rank in range(size):
+                    start, length = _chunk_span(p.shape[0], size, rank)
+                    fisher.shard_meta(fisher.meta[id(p)], p.shape, start, length, name)
 
     def _hook(self) -> StatHooks:
         """NOTE: [hook lifetime] The model's hooks hold the optimizer only weakly, so an optimizer

@@ -12,8 +12,9 @@ NOTE: [pointer tables] The update is ONE launch per (param dtype, grad dtype) pa
 for a model in one dtype: a block table maps each program to (parameter, block), an int64 table
 holds each parameter's data pointers (p, g, m) and its meta row, and a float32 table its
 hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta). The tables live on the device and are
-cached, the first keyed by the pointers, sizes, step addresses and meta rows, the second by value,
-so a training loop uploads them once, an LR schedule only the small second one, always from pinned
+cached: the block and meta tables by sizes, layouts and meta rows, the pointers by the pointers and
+step addresses, the hyper-parameters by value, so a training loop uploads them once, new gradient
+tensors only the pointers, an LR schedule only the small hyper-parameter table, always from pinned
 memory without stalling the host; and a CUDA graph replays them safely (NOTE: [capturable] in
 optimizer.py). A dtype pair whose parameters are all zero-size launches nothing and uploads no
 table; its step counts advance as the reference's.  The kernel computes the bias correction
@@ -109,8 +110,9 @@ def _bias_correction(t, ln_beta):
     operations (up to the GPU's FMA contraction).  x itself carries two roundings (ln beta,
     computed in float64 on the host and stored as float32, and the product t * ln beta), which
     expm1 passes on without growth for x <= 0.  x is clamped to [-40, 40]: 1 - e^-40 is 1 in
-    float32, and beta = 0 (ln beta = -inf) gives 1 as the reference does.  Measured under the interpreter against float64 over 40,000
-    (beta, t), beta from 0 to 1 - 1e-5 and t up to 1e7: at most 1.6e-7 relative (the former
+    float32, and beta = 0 (ln beta = -inf) gives 1 as the reference does.  Measured under the
+    interpreter against float64 over 40,000 (beta, t), beta from 0 to 1 - 1e-5 and t up to 1e7:
+    at most 1.6e-7 relative (the former
     formula: 2.7e-3).  The csrc twin rounds 1 - pow(beta, t), computed in double, once
     (csrc/fused_step.cu).  Once per program, on scalars: a dozen multiply-adds.  Registers per
     thread (tests/triton_codegen.py, sm_80 and sm_90) as before in every configuration on triton
