@@ -67,10 +67,13 @@ def _check_params(params: List[torch.Tensor], names: Dict[int, str]) -> None:
                             f"floating-point dtype")
 
 
-def _check_group(where: str, g: Any, allowed: set, seen: set,
-                 names: Dict[int, str]) -> Dict[str, Any]:
+def _check_group(where: str, g: Any, model: nn.Module, seen: set, names: Dict[int, str],
+                 skip_frozen: bool) -> Dict[str, Any]:
     """A copy of group ``g`` with its params as a list, after checking its keys and values, and
-    that each parameter is in ``allowed`` (ids) and not in ``seen`` (ids, updated)."""
+    that each item is a parameter of ``model`` (or a (name, parameter) pair, as torch's
+    optimizers take) not in ``seen`` (ids, updated).  A frozen parameter is left out where
+    ``skip_frozen`` (the constructor: SPEC 7 ignores frozen parameters, and NOTE: [unfrozen]
+    names it if it is unfrozen later), else refused (add_param_group: it asked for training)."""
     if not isinstance(g, dict) or "params" not in g:
         raise TypeError(f"{where} must be a dict with a 'params' entry")
     extra = set(g) - {"params", *_GROUP_KEYS, *_GROUP_EXTRAS}
@@ -80,20 +83,36 @@ def _check_group(where: str, g: Any, allowed: set, seen: set,
     if isinstance(g["params"], (set, frozenset)):
         raise TypeError(f"{where}['params'] is a set, whose order changes from run to run (and "
                         f"so would checkpoints); give a list")
-    ps = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
-    mine: set = set()
-    for p in ps:
-        if id(p) not in allowed:
-            raise ValueError(f"{where} holds a tensor that is not a trainable parameter of the "
-                             f"model")
+    if isinstance(g["params"], nn.Module):
+        raise TypeError(f"{where}['params'] is an nn.Module; give its parameters, "
+                        f"module.parameters()")
+    items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
+    of_model = {id(p) for p in model.parameters()}
+    kept, mine = [], set()
+    for i, item in enumerate(items):
+        named = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+        p = item[1] if named else item
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where}['params'][{i}] is {type(item).__name__}; expected a "
+                            f"parameter of the model or a (name, parameter) pair")
+        if id(p) not in of_model:
+            raise ValueError(f"{where}['params'][{i}] is a tensor of shape {tuple(p.shape)} that "
+                             f"is not a parameter of the model")
+        if not p.requires_grad:
+            if skip_frozen:
+                continue
+            raise ValueError(f"{where}: parameter '{names[id(p)]}' is frozen (requires_grad="
+                             f"False); unfreeze it before adding it")
         if id(p) in seen:
             where_else = "twice in this group" if id(p) in mine else "already in an earlier group"
             raise ValueError(f"{where}: parameter '{names[id(p)]}' is {where_else}")
         seen.add(id(p))
         mine.add(id(p))
+        kept.append(item)
+    _check_params([it[1] if isinstance(it, tuple) else it for it in kept], names)
     _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
     # plain floats: a NumPy scalar would not load from a checkpoint with weights_only=True
-    return {**g, **{k: float(g[k]) for k in _GROUP_KEYS if k in g}, "params": ps}
+    return {**g, **{k: float(g[k]) for k in _GROUP_KEYS if k in g}, "params": kept}
 
 
 def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]):
@@ -105,13 +124,13 @@ def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]
         return [{"params": trainable}], names
     if not isinstance(param_groups, (list, tuple)):
         raise TypeError(f"param_groups must be a list of dicts, got {type(param_groups).__name__}")
-    allowed = {id(p) for p in trainable}
     seen: set = set()
-    groups = [_check_group(f"param_groups[{i}]", g, allowed, seen, names)
+    groups = [_check_group(f"param_groups[{i}]", g, model, seen, names, skip_frozen=True)
               for i, g in enumerate(param_groups)]
     rest = [p for p in trainable if id(p) not in seen]
-    if rest:
-        groups.append({"params": rest})
+    if rest:    # named where the user's groups are: torch takes names in all groups or none
+        named = any(isinstance(it, tuple) for g in groups for it in g["params"])
+        groups.append({"params": [(names[id(p)], p) for p in rest] if named else rest})
     return groups, names
 
 
@@ -275,10 +294,9 @@ class AdaFisher(Optimizer):
         if "fisher" not in self.__dict__:       # Optimizer.__init__ adding the constructor's groups
             return super().add_param_group(param_group)
         self._names.update({id(p): n for n, p in self._model.named_parameters()})   # new modules
-        allowed = {id(p) for p in self._model.parameters() if p.requires_grad}
         seen = {id(p) for g in self.param_groups for p in g["params"]}
-        group = _check_group("add_param_group", param_group, allowed, seen, self._names)
-        _check_params(group["params"], self._names)
+        group = _check_group("add_param_group", param_group, self._model, seen, self._names,
+                             skip_frozen=False)
         super().add_param_group(group)
         added = {id(p) for p in group["params"]}
         self._frozen = [p for p in self._frozen if id(p) not in added]

@@ -152,8 +152,9 @@ def test_bad_groups_raise_before_any_change():
     opt = AdaFisher(model, backend="torch")
     before = (len(opt.param_groups), opt.fisher)
     cases = [
-        ({"params": [nn.Parameter(torch.ones(2))]}, ValueError, "not a trainable parameter"),
-        ({"params": model[0].parameters()}, ValueError, "not a trainable parameter"),   # frozen
+        ({"params": [nn.Parameter(torch.ones(2))]}, ValueError,
+         r"\['params'\]\[0\] is a tensor of shape \(2,\) that is not a parameter of the model"),
+        ({"params": model[0].parameters()}, ValueError, "'0.weight' is frozen"),
         ({"params": [model[2].weight]}, ValueError, "'2.weight' is already in an earlier group"),
         ({"params": [model[2].weight], "Lambda": 1.0}, ValueError, "may only override"),
         ({"params": [], "lr": -1.0}, ValueError, "lr must be >= 0"),

@@ -52,8 +52,42 @@ def test_parameter_in_two_groups_or_foreign():
     m = _m()
     with pytest.raises(ValueError, match=r"param_groups\[1\].*'0.weight'.*earlier group"):
         AdaFisher(m, param_groups=[{"params": [m[0].weight]}, {"params": [m[0].weight]}])
-    with pytest.raises(ValueError, match=r"param_groups\[0\].*not a trainable parameter"):
+    with pytest.raises(ValueError, match=r"param_groups\[0\].*not a parameter of the model"):
         AdaFisher(m, param_groups=[{"params": [nn.Parameter(torch.ones(2))]}])
+
+
+def test_group_items_that_are_not_parameters_are_named():
+    m = _m()
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\] is an nn.Module"):
+        AdaFisher(m, param_groups=[{"params": m[0]}])
+    with pytest.raises(TypeError, match=r"param_groups\[0\]\['params'\]\[1\] is Linear"):
+        AdaFisher(m, param_groups=[{"params": [m[0].weight, m[0]]}])
+
+
+def test_frozen_parameters_in_groups_are_left_out_as_torch_skips_them():
+    """The usual no-decay grouping over model.named_parameters() lists frozen parameters too:
+    torch's optimizers hold them and skip them while they have no gradient; AdaFisher leaves them
+    out (SPEC 7) and names them if they are unfrozen later (NOTE: [unfrozen])."""
+    m = _m()
+    m[0].requires_grad_(False)
+    opt = AdaFisher(m, backend="torch", param_groups=[
+        {"params": [m[0].weight, m[-1].weight], "weight_decay": 0.1},
+        {"params": [m[0].bias], "weight_decay": 0.0}])
+    trained = [[id(p) for p in g["params"]] for g in opt.param_groups]
+    assert trained[:2] == [[id(m[-1].weight)], []]
+    assert {i for g in trained for i in g} == {id(p) for p in m.parameters() if p.requires_grad}
+
+
+def test_named_parameter_groups_as_torch_takes_them():
+    """(name, parameter) pairs, as torch's optimizers take them (torch >= 2.6): the group keeps
+    "param_names", and so does the last group of unlisted parameters (torch wants names in all
+    groups or none)."""
+    m = _m()
+    opt = AdaFisher(m, backend="torch", param_groups=[{"params": m[0].named_parameters()}])
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+    rest = [n for n, p in m.named_parameters() if not n.startswith("0.")]
+    assert opt.param_groups[1]["param_names"] == rest
+    assert [id(p) for p in opt.param_groups[0]["params"]] == [id(m[0].weight), id(m[0].bias)]
 
 
 def test_parameter_twice_in_a_group_or_given_as_a_set():
