@@ -103,7 +103,7 @@ class LayerKind:
 
     def probe(self, module: nn.Module) -> bool:
         """Called for each module at construction, where a kind may try the module's class on
-        probe inputs (``probe_call``, once per class).  False when its calls cannot be read as
+        probe inputs (``probe_call``).  False when its calls cannot be read as
         this kind reads them (an nn.Embedding subclass that looks up positions, not its input):
         the module then gets no hooks and no factors, and the warning at construction names it
         (optional)."""
@@ -548,18 +548,18 @@ def probe_call(m: nn.Module, x: torch.Tensor):
         return None
 
 
-# LayerNorm subclasses with a forward of their own: the dim they normalise, -1 (the trailing
-# dims) or 1, None when the probe could not tell (NOTE: [channels-first LayerNorm])
-_LAYOUTS: Dict[type, Optional[int]] = {}
+_LAYOUT = "_adafisher_layout"
 
 
-def _probe_layout(m: nn.Module) -> Optional[int]:
-    cls = type(m)
-    if cls.forward is nn.LayerNorm.forward or not isinstance(m, nn.LayerNorm):   # RMSNorms
-        return None
-    if cls not in _LAYOUTS:
-        _LAYOUTS[cls] = _try_layout(m)
-    return _LAYOUTS[cls]
+def _probe_layout(m: nn.Module) -> None:
+    """Records on a LayerNorm subclass instance with a forward of its own the dim it normalises:
+    -1 (the trailing dims) or 1, None when the probe could not tell (NOTE: [channels-first
+    LayerNorm]).  Per instance, not per class: Hugging Face's ConvNextLayerNorm is one class
+    whose instances normalise either, by their ``data_format``."""
+    if type(m).forward is nn.LayerNorm.forward or not isinstance(m, nn.LayerNorm):   # RMSNorms
+        return
+    if _LAYOUT not in m.__dict__:
+        m.__dict__[_LAYOUT] = _try_layout(m)
 
 
 def _try_layout(m: nn.LayerNorm) -> Optional[int]:
@@ -601,7 +601,7 @@ class LayerNormKind(NormKind):
         return t.reshape(-1, n, 1)
 
     def probe(self, m):
-        _probe_layout(m)            # NOTE: [channels-first LayerNorm]: once per class
+        _probe_layout(m)            # NOTE: [channels-first LayerNorm]
         return True
 
     def h_input(self, m, x, output):
@@ -616,13 +616,13 @@ class LayerNormKind(NormKind):
         permuting around F.layer_norm in its forward (timm's LayerNorm2d, ConvNeXt's norm layers):
         its input and output gradient are (B, C, *spatial) with normalized_shape (C,).  Such a
         tensor is read with dim 1 moved last (a copy unless it is channels_last), the layout the
-        layer normalises.  Which dim a subclass normalises is found at construction by calling
-        its forward on probe inputs (``_probe_layout``): a (B, C, H, W) input with W = C fits
-        both readings.  For a class the probe could not call, trailing dims equal to
+        layer normalises.  Which dim a subclass's instance normalises is found at construction by
+        calling its forward on probe inputs (``_probe_layout``): a (B, C, H, W) input with W = C
+        fits both readings.  For a class the probe could not call, trailing dims equal to
         normalized_shape are read as they are, first."""
         shape = tuple(m.normalized_shape)
         first = len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]
-        if first and _LAYOUTS.get(type(m)) == 1:
+        if first and getattr(m, _LAYOUT, None) == 1:
             return t.movedim(1, -1)
         if tuple(t.shape[t.dim() - len(shape):]) == shape:
             return t

@@ -1061,18 +1061,35 @@ class _FloatLayerNorm(nn.LayerNorm):
                                         self.bias.float(), self.eps).to(x.dtype)
 
 
+class _FormatLayerNorm(nn.LayerNorm):
+    """Hugging Face's ConvNextLayerNorm, rewritten: one class, each instance normalising the dim
+    its data_format says."""
+
+    def __init__(self, c, data_format):
+        super().__init__(c)
+        self.data_format = data_format
+
+    def forward(self, x):
+        if self.data_format == "channels_last":
+            return super().forward(x)
+        return _LayerNorm2d.forward(self, x)
+
+
 def test_layernorm_subclasses_are_probed_for_their_layout():
-    """NOTE: [channels-first LayerNorm] The construction's probe finds the dim each class
-    normalises; a (B, C, C) input of a trailing-dim class is read as it is."""
-    layers._LAYOUTS.clear()
-    model = nn.Sequential(_LayerNorm2d(3), nn.Flatten(2), _FloatLayerNorm(3)).double()
-    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
-    assert layers._LAYOUTS == {_LayerNorm2d: 1, _FloatLayerNorm: -1}
-    x = torch.randn(2, 3, 1, 3, dtype=torch.float64)
-    model(x).square().sum().backward()
-    h = model[1](model[0](x)).detach()           # the trailing norm's input: (2, 3, 3)
-    xhat = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
-    torch.testing.assert_close(opt.raw_stats()["2"][0][:3], xhat.square().mean((0, 1)), rtol=1e-5, atol=0)
+    """NOTE: [channels-first LayerNorm] The construction's probe finds the dim each instance
+    normalises, also where one class's instances differ (the channels-first one first); a (B, C,
+    C) input of a trailing-dim instance is read as it is."""
+    for first, last in ((_LayerNorm2d(3), _FloatLayerNorm(3)),
+                        (_FormatLayerNorm(3, "channels_first"), _FormatLayerNorm(3, "channels_last"))):
+        model = nn.Sequential(first, nn.Flatten(2), last).double()
+        opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+        assert [m.__dict__[layers._LAYOUT] for m in (first, last)] == [1, -1]
+        x = torch.randn(2, 3, 1, 3, dtype=torch.float64)
+        model(x).square().sum().backward()
+        h = model[1](model[0](x)).detach()           # the trailing norm's input: (2, 3, 3)
+        xhat = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+        torch.testing.assert_close(opt.raw_stats()["2"][0][:3], xhat.square().mean((0, 1)),
+                                   rtol=1e-5, atol=0)
 
 
 def test_layernorm_subclass_of_another_layout_is_an_error():
