@@ -20,7 +20,7 @@ from .backends import resolve
 from .hooks import StatHooks
 from .presets import PRESETS
 from .report import curvature_report
-from .state import FisherState
+from .state import FisherState, state_dtype
 
 _GROUP_KEYS = ("lr", "beta", "weight_decay")
 # what torch's LR schedulers ("initial_lr", for resuming with last_epoch) and users (a group's
@@ -420,32 +420,39 @@ class AdaFisher(Optimizer):
         built; a model built on the meta device and then materialised) takes it along: the first
         forward hook, zero_grad(), step() or load_state_dict() that sees the parameters on another
         single device moves the curvature state and the momentum there, and backend="auto" picks
-        the backend for that device again.  A model spread over several devices, or a move seen
+        the backend for that device again.  A model cast to or from float64 takes the state's
+        dtype along (float64 where a parameter is, SPEC 3) and its momentum to the parameters'
+        dtypes, at the next zero_grad(), step() or load_state_dict(), as torch's optimizers keep
+        state in the parameter's dtype.  A model spread over several devices, or a move seen
         first inside a compiled region, is an error that says what to do."""
         fisher = self.fisher
-        first = next((p for g in self.param_groups for p in g["params"]), None)
-        if first is None or (what is None and first.device == fisher.buf.device):
-            return
         params = [p for g in self.param_groups for p in g["params"]]
+        if not params:
+            return
+        dtype, dev = state_dtype(params), params[0].device
+        moved = dev != fisher.buf.device
+        if what is None and not moved and dtype == fisher.buf.dtype:
+            return
         devices = {p.device for p in params}
-        dev = first.device
         # spread, compiling, or (with ``what``) the hooked layer ran elsewhere than the model
-        if len(devices) > 1 or torch.compiler.is_compiling() or dev == fisher.buf.device:
-            what = what or f"the parameters are on {', '.join(sorted(str(d) for d in devices))}"
+        if len(devices) > 1 or torch.compiler.is_compiling() or (what is not None and not moved):
+            what = what or (f"the parameters are on {', '.join(sorted(str(d) for d in devices))} "
+                            f"({str(dtype)[6:]} state)")
             raise RuntimeError(
                 f"AdaFisher: {what}, but the optimizer's curvature state is on "
-                f"{fisher.buf.device}. It follows a model moved to one device at the next eager "
-                f"forward, zero_grad(), step() or load_state_dict() (NOTE: [following the "
-                f"model]), not inside a compiled region: call one of them after moving the model, "
-                f"or build the optimizer after model.to(device). Models spread over several "
-                f"devices are not supported")
-        fisher.to(dev)
+                f"{fisher.buf.device} ({str(fisher.buf.dtype)[6:]}). It follows a model moved "
+                f"to one device (or to float64 and back) at the next eager forward, zero_grad(), "
+                f"step() or load_state_dict() (NOTE: [following the model]), not inside a "
+                f"compiled region: call one of them after moving the model, or build the "
+                f"optimizer after model.to(device). Models spread over several devices are not "
+                f"supported")
+        fisher.to(dev, dtype)
         self._pick_backend(dev)
         self._hooks.ops = self._ops
         for p in params:
             st = self.state.get(p)
             if st:
-                st["exp_avg"] = st["exp_avg"].to(dev)
+                st["exp_avg"] = st["exp_avg"].to(dev, p.dtype)
                 st["step"] = st["step"].to(dev if self._device_steps else "cpu")
 
     def _warn_unfrozen(self) -> None:

@@ -170,6 +170,11 @@ def _warn_composite(layers: List[Layer], known: Set[str]) -> Set[str]:
     return names
 
 
+def state_dtype(params: List[torch.Tensor]) -> torch.dtype:
+    """The curvature state's dtype: float64 when a parameter is (SPEC 3), else float32."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
 class FisherState:
     def __init__(self, model: nn.Module, preset, params: List[torch.Tensor],
                  previous: Optional["FisherState"] = None):
@@ -177,7 +182,7 @@ class FisherState:
         this one replaces (NOTE: [added groups] in optimizer.py); its layers' contents carry over
         and only layers it did not warn about are warned about."""
         self.preset = preset
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+        dtype = state_dtype(params)
         device = params[0].device if params else torch.device("cpu")
         trainable = {id(p) for p in params}
         self.layers: List[Layer] = []
@@ -243,6 +248,9 @@ class FisherState:
             torch.tensor(cols["pow"], **fl), torch.tensor(cols["coef"], **fl),
             torch.tensor(cols["q"], **fl), torch.tensor(cols["factor"], **i64),
             factor_start, torch.arange(nf, **i64) // 2, len(self.layers))
+        # the float columns unrounded, so that a cast to float64 (NOTE: [following the model])
+        # gives the table a float64 construction gives
+        self._terms = torch.tensor([cols["pow"], cols["coef"], cols["q"]], dtype=torch.float64)
         self._tables = [self.table]         # what the finalizer forgets (kernel_host.forget)
         weakref.finalize(self, kernel_host.forget, self._tables)
         self.grad_degree = torch.tensor(degree + [0] * nf, **fl)
@@ -456,17 +464,21 @@ class FisherState:
                  "h_size": l.h_raw.stop - l.h_raw.start, "s_size": l.s_raw.stop - l.s_raw.start}
                 for l in self.layers]
 
-    def to(self, device: torch.device) -> None:
-        """Moves every tensor of the state to ``device`` (NOTE: [following the model] in
-        optimizer.py)."""
+    def to(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Moves every tensor of the state to ``device``, its floating ones in ``dtype`` (NOTE:
+        [following the model] in optimizer.py)."""
+        def to(v):
+            return v.to(device, dtype) if v.is_floating_point() else v.to(device)
         kernel_host.forget(self._tables)
-        self.table = type(self.table)(*(v.to(device) if isinstance(v, torch.Tensor) else v
-                                        for v in self.table))
+        pw, coef, q = self._terms.to(device, dtype)
+        self.table = type(self.table)(*(to(v) if isinstance(v, torch.Tensor) else v
+                                        for v in self.table))._replace(
+            term_pow=pw, term_coef=coef, term_q=q)
         self._tables[:] = [self.table]
         for name in ("grad_degree", "buf", "state", "fac", "initialized", "counters"):
-            setattr(self, name, getattr(self, name).to(device))
+            setattr(self, name, to(getattr(self, name)))
         if self.before is not None:
-            self.before = self.before.to(device)
+            self.before = to(self.before)
         self.held = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:

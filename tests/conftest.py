@@ -60,8 +60,10 @@ def kernel_ops(request, monkeypatch):
 
 
 def fisher_tensors(fisher) -> list:
-    """Every tensor a FisherState holds, its LayerTable's included."""
-    return [v for v in (*vars(fisher).values(), *fisher.table) if isinstance(v, torch.Tensor)]
+    """Every tensor a FisherState holds, its LayerTable's included (not ``_terms``, the float
+    columns of the table kept on the host in float64)."""
+    return [v for k, v in (*vars(fisher).items(), *fisher.table._asdict().items())
+            if isinstance(v, torch.Tensor) and k != "_terms"]
 
 
 COPY_OPS = {"aten::clone", "aten::contiguous"}     # not copy_: the Triton interpreter's own

@@ -208,12 +208,14 @@ def test_model_on_devices_the_state_cannot_follow():
 
 
 def test_fisher_state_moves_every_tensor():
-    """FisherState.to (NOTE: [following the model]) leaves no tensor behind."""
+    """FisherState.to (NOTE: [following the model]) leaves no tensor behind, nor a floating one
+    in another dtype."""
     opt = AdaFisher(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(),
                                   nn.Linear(16, 2)), backend="torch")
-    opt.fisher.to("meta")
+    opt.fisher.to(torch.device("meta"), torch.float64)
     tensors = fisher_tensors(opt.fisher)
     assert len(tensors) >= 15 and all(t.device.type == "meta" for t in tensors)
+    assert all(t.dtype == torch.float64 for t in tensors if t.is_floating_point())
 
 
 def test_optimizer_copy_or_pickle_says_to_use_state_dict():

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from adafisher_fast import AdaFisher, AdaFisherW, layers
-from conftest import assert_trajectories_close, fisher_tensors
+from conftest import assert_trajectories_close, backend_name, fisher_tensors
 
 
 class Block(nn.Module):
@@ -1154,6 +1154,47 @@ def test_model_moved_after_construction_takes_the_state_along(steps_before, monk
     for st in opt.state.values():
         assert st["exp_avg"].device.type == "meta" and st["step"].device.type == "cpu"
     assert opt.steps == steps_before + 1
+
+
+def _cast_after_construction(backend, forward_first):
+    """NOTE: [following the model]: model.double() after the optimizer was made gives float64
+    curvature state and momentum (SPEC 3), as an optimizer made after the cast, also where the
+    cast model's first call is a forward (its statistics then wait for zero_grad()/step() to
+    cast the state: one step's statistics are summed in float32); and model.float() back."""
+    torch.manual_seed(0)
+    cast = Block(inplace=False)
+    made_after = copy.deepcopy(cast).double()
+    opt = AdaFisherW(cast, lr=1e-2, TCov=1, backend=backend)
+    cast.double()
+    ref = AdaFisherW(made_after, lr=1e-2, TCov=1, backend=backend)
+    batches = [(x.double(), y) for x, y in _batches(n=3)]
+    if forward_first:
+        x, y = batches[0]
+        nn.functional.cross_entropy(cast(x), y).backward()
+        nn.functional.cross_entropy(made_after(x), y).backward()
+        opt.step(), ref.step()
+        batches = batches[1:]
+    _train(cast, opt, batches)
+    _train(made_after, ref, batches)
+    assert all(t.dtype == torch.float64 for t in fisher_tensors(opt.fisher) if t.is_floating_point())
+    assert all(st["exp_avg"].dtype == torch.float64 for st in opt.state.values())
+    tol = dict(rtol=1e-5, atol=1e-8) if forward_first else dict(rtol=0, atol=0)
+    for a, b in zip(cast.parameters(), made_after.parameters()):
+        torch.testing.assert_close(a, b, **tol)
+    cast.float()
+    _train(cast, opt, [(x.float(), y) for x, y in batches])
+    assert opt.fisher.buf.dtype == torch.float32
+    assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
+
+
+@pytest.mark.parametrize("forward_first", [False, True])
+def test_model_cast_after_construction_takes_the_state_dtype_along(forward_first):
+    _cast_after_construction("torch", forward_first)
+
+
+@pytest.mark.parametrize("forward_first", [False, True])
+def test_model_cast_after_construction_kernels(forward_first, kernel_ops):
+    _cast_after_construction(backend_name(kernel_ops), forward_first)
 
 
 class _BatchNormAct2d(nn.BatchNorm2d):
