@@ -13,6 +13,7 @@ layer kind with ``@register_layer(MyModule)`` (or the type's name, "module.QualN
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
@@ -131,8 +132,21 @@ _REGISTRY: Dict[Union[type, str], LayerKind] = {}
 
 def register_layer(*module_types: Union[type, str]):
     """Class decorator: ``@register_layer(nn.Linear)`` registers one LayerKind instance.  A type
-    may also be named "module.QualName", for a library that need not be installed (or imported)."""
+    may also be named "module.QualName", for a library that need not be installed (or imported):
+    the module that defines the class, or one that exports it ("timm.layers.LayerScale" for
+    timm.layers.layer_scale.LayerScale), found once that module is imported."""
+    if not module_types:
+        raise TypeError("register_layer needs at least one module type, e.g. "
+                        "@register_layer(nn.Linear)")
+    for t in module_types:
+        if not (isinstance(t, type) and issubclass(t, nn.Module) or
+                isinstance(t, str) and "." in t.strip(".")):
+            raise TypeError(f"register_layer: {t!r} is neither an nn.Module subclass nor a "
+                            f"'module.QualName' string")
+
     def deco(cls):
+        if not (isinstance(cls, type) and issubclass(cls, LayerKind)):
+            raise TypeError(f"register_layer decorates a LayerKind subclass, got {cls!r}")
         inst = cls()
         for t in module_types:
             _REGISTRY[t] = inst
@@ -140,9 +154,23 @@ def register_layer(*module_types: Union[type, str]):
     return deco
 
 
+def _exported(name: str) -> Optional[type]:
+    """The class that the module named by ``name``'s prefix exports under its last part, if that
+    module is imported."""
+    path, _, attr = name.rpartition(".")
+    obj = getattr(sys.modules.get(path), attr, None)
+    return obj if isinstance(obj, type) else None
+
+
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
+    exported = {}
+    for name, kind in _REGISTRY.items():
+        cls = _exported(name) if isinstance(name, str) else None
+        if cls is not None:
+            exported.setdefault(cls, kind)
     for t in type(module).__mro__:
-        kind = _REGISTRY.get(t) or _REGISTRY.get(f"{t.__module__}.{t.__qualname__}")
+        kind = (_REGISTRY.get(t) or _REGISTRY.get(f"{t.__module__}.{t.__qualname__}") or
+                exported.get(t))
         if kind is not None:
             return kind
     return None

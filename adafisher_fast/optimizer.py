@@ -653,20 +653,21 @@ class AdaFisher(Optimizer):
 
     # ------------------------------------------------------------------------------------------
     def raw_stats(self) -> Dict[str, tuple]:
-        """{module name: (H, S)}: the raw statistics gathered since the last step/zero_grad,
-        finalised as SPEC section 2 defines them (before any EMA or normalisation).  A factor
+        """{module name ("<root>" for the model itself, as in every report): (H, S)}: the raw
+        statistics gathered since the last step/zero_grad, finalised as SPEC section 2 defines
+        them (before any EMA or normalisation).  A factor
         that gathered no rows (no forward or no backward yet) is NaN: a mean over nothing, which
         the step leaves out of the EMA.  Under DDP/FSDP2 they are this rank's, before the step's
         all-reduce and gradient scale (NOTE: [statistics group])."""
         from .reference import layer_raw
         self.fisher.flush_rows()
         raw = layer_raw(self.fisher.buf, self.fisher.table)
-        return {l.name: (raw[l.h_raw].clone(), raw[l.s_raw].clone()) for l in self.fisher.layers}
+        return {l.label: (raw[l.h_raw].clone(), raw[l.s_raw].clone()) for l in self.fisher.layers}
 
     def ema_state(self) -> Dict[str, tuple]:
         """{module name: (H state, S state)}: the EMA vectors of every hooked layer."""
         st = self.fisher.state
-        return {l.name: (st[l.h_raw].clone(), st[l.s_raw].clone()) for l in self.fisher.layers}
+        return {l.label: (st[l.h_raw].clone(), st[l.s_raw].clone()) for l in self.fisher.layers}
 
     def curvature_report(self) -> List[dict]:
         """One flat dict per hooked layer: H', S' and F statistics and the curvature share
@@ -677,7 +678,7 @@ class AdaFisher(Optimizer):
         """{module name: {"stat_iters": n, "nonfinite_skips": k}}: statistics iterations that
         updated the layer, and those it skipped because its raw statistics were not finite (its
         state was kept)."""
-        return {l.name: {"stat_iters": it, "nonfinite_skips": sk}
+        return {l.label: {"stat_iters": it, "nonfinite_skips": sk}
                 for l, (it, sk) in zip(self.fisher.layers, self.fisher.counters.tolist())}
 
 

@@ -52,7 +52,7 @@ def curvature_report(opt) -> List[dict]:
         name, w = max(((n, p) for n, p in lay.module.named_parameters(recurse=False)
                        if fisher.owner.get(id(p)) is lay),
                       key=lambda np_: np_[1].numel(), default=(None, None))
-        row = {"name": lay.name or "<root>", "kind": type(lay.module).__name__,
+        row = {"name": lay.label, "kind": type(lay.module).__name__,
                "preset": opt.preset, "stat_iters": int(counters[i, 0]),
                "nonfinite_skips": int(counters[i, 1]), "f_param": name}
         row.update(_mmm(h, "h"))

@@ -45,6 +45,11 @@ class Layer:
     aliases: List[nn.Module] = field(default_factory=list)
 
     @property
+    def label(self) -> str:
+        """The name the user-facing reports key the layer by: "<root>" for the model itself."""
+        return self.name or "<root>"
+
+    @property
     def modules(self) -> List[nn.Module]:
         """The modules whose calls gather this layer's statistics: its own, then the aliases."""
         return [self.module] + self.aliases

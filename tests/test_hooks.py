@@ -92,7 +92,7 @@ def test_inplace_ops_on_view_outputs_keep_their_gradient_statistics(module, shap
     plain = module(x).detach().requires_grad_()
     (g,) = torch.autograd.grad((plain.relu() if post == "relu_" else plain + 1.0).sin().sum(), plain)
     rows = g.reshape(-1, 3) if isinstance(module, nn.Linear) else g.reshape(3, -1).T
-    torch.testing.assert_close(opt.raw_stats()[""][1], rows.square().mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt.raw_stats()["<root>"][1], rows.square().mean(0), rtol=1e-12, atol=0)
 
 
 class _AllKinds(nn.Module):
@@ -402,7 +402,7 @@ def test_a_users_forward_hook_does_not_change_what_the_statistics_see():
     lin(x).sin().sum().backward()
     out = nn.functional.linear(x, lin.weight, lin.bias).detach().requires_grad_()
     (g,) = torch.autograd.grad((out * torch.tensor([1.0, 0.0, 3.0], dtype=out.dtype)).sin().sum(), out)
-    torch.testing.assert_close(opt.raw_stats()[""][1], g.square().mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(opt.raw_stats()["<root>"][1], g.square().mean(0), rtol=1e-12, atol=0)
 
 
 def test_nonfinite_statistics_keep_layer_state_and_are_counted():

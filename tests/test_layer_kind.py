@@ -312,3 +312,35 @@ def test_a_weightless_hf_rmsnorm_is_no_layer():
     assert [lay.name for lay in opt.fisher.layers] == ["0", "2", "3"]
     _train(model, opt, 1, torch.float32)
     assert opt.fisher.counters[:, 0].tolist() == [1, 1, 1]
+
+
+def test_a_kind_registered_by_a_name_that_a_module_exports(monkeypatch, readme_kind):
+    """register_layer("timm.layers.LayerScale"), the path users import from, finds the class
+    that timm.layers exports (defined in timm.layers.layer_scale): it trains as registered by
+    type does.  The name is resolved once the module is imported, not before."""
+    monkeypatch.setattr(layers, "_REGISTRY", {k: v for k, v in layers._REGISTRY.items()
+                                              if k is not LayerScale})
+    assert layers.kind_of(LayerScale(3, 0.5)) is None
+    layers.register_layer("timm.layers.LayerScale")(readme_kind)
+    assert isinstance(layers.kind_of(LayerScale(3, 0.5)), readme_kind)
+    monkeypatch.delitem(sys.modules, "timm.layers")
+    assert layers.kind_of(LayerScale(3, 0.5)) is None
+    ls, diag = _scale_models(torch.float64)
+    monkeypatch.setitem(sys.modules, "timm.layers", types.SimpleNamespace(LayerScale=LayerScale))
+    _train_both(diag, ls, AdaFisher, torch.float64, 1e-12, preset="paper", TCov=1)
+    torch.testing.assert_close(ls[2].gamma, torch.diagonal(diag[2].weight), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("types_, kind, pattern", [
+    ((), "kind", "needs at least one module type"),
+    (("LayerScale",), "kind", r"'LayerScale' is neither an nn.Module subclass nor a "
+                              r"'module.QualName' string"),
+    ((nn.Linear(2, 2),), "kind", "is neither an nn.Module subclass"),
+    ((nn.Linear,), object, "decorates a LayerKind subclass"),
+])
+def test_register_layer_refuses_what_can_never_match(monkeypatch, types_, kind, pattern):
+    monkeypatch.setattr(layers, "_REGISTRY", dict(layers._REGISTRY))
+    before = dict(layers._REGISTRY)
+    with pytest.raises(TypeError, match=pattern):
+        layers.register_layer(*types_)(layers.LinearKind if kind == "kind" else kind)
+    assert layers._REGISTRY == before
