@@ -51,8 +51,15 @@ def _try_load(name: str, device: torch.device) -> Tuple[Optional[ModuleType], st
 
 
 def resolve(backend: str, device: torch.device, check: bool = False) -> Tuple[str, object]:
-    """(name, ops) of the backend to use for a model on ``device``."""
-    name, mod = _pick(os.environ.get(ENV_VAR, backend), device)
+    """(name, ops) of the backend to use for a model on ``device``; ADAFISHER_BACKEND, when set
+    and not empty, overrides ``backend``."""
+    env = os.environ.get(ENV_VAR) or None
+    try:
+        name, mod = _pick(env or backend, device)
+    except (ValueError, RuntimeError) as e:
+        if env is None:
+            raise
+        raise type(e)(f"{ENV_VAR}={env!r} (which overrides backend={backend!r}): {e}") from None
     if check or os.environ.get(CHECK_VAR) == "1":
         from .check import CheckedOps
         make, ns, traced = (lambda: CheckedOps(mod, name)), f"adafisher_{name}_checked", ()

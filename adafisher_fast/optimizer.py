@@ -375,6 +375,10 @@ class AdaFisher(Optimizer):
                 if g.is_sparse:
                     raise ValueError(f"parameter '{self._names.get(id(p), '?')}' has a sparse "
                                      f"gradient; AdaFisher needs dense gradients")
+                if id(p) not in rows:       # appended to param_groups by hand
+                    raise ValueError(f"parameter '{self._names.get(id(p), '?')}' is in "
+                                     f"param_groups but has no curvature layout: add parameters "
+                                     f"with opt.add_param_group(...), not by editing param_groups")
                 st = state[p]
                 if not st:
                     if p.device != fisher.buf.device:   # a model spread over devices

@@ -206,3 +206,23 @@ def test_unfreezing_without_add_param_group_is_named(recwarn):
     _steps(model, opt, x, y, 2)
     assert not torch.equal(model[0].weight, weight)
     assert not [w for w in recwarn if "frozen" in str(w.message)]
+
+
+def test_a_group_appended_by_hand_is_refused_by_name_before_any_change():
+    """Some training libraries append to param_groups directly; AdaFisher must lay out the new
+    parameters' curvature first, so step() names the parameter and says to use add_param_group
+    (a bare KeyError before), before any parameter or state changes."""
+    model = _net()
+    model[0].requires_grad_(False)
+    opt = AdaFisher(model, backend="torch")
+    model[0].requires_grad_(True)
+    opt.param_groups.append({**opt.defaults, "params": list(model[0].parameters())})
+    x, y = _data()
+    _iteration(model, x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"parameter '0.weight' is in param_groups but has no "
+                                         r"curvature layout: add parameters with opt.add_param_group"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert opt.steps == 0          # (earlier parameters may have got their zero state)
+    assert all(not st["exp_avg"].any() and st["step"] == 0 for st in opt.state.values())

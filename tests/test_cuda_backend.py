@@ -47,10 +47,18 @@ def test_auto_on_cpu_picks_torch(monkeypatch):
     assert "backend='torch'" in repr(opt)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU-only behaviour")
 def test_env_var_forces_cuda_on_cpu_raises(monkeypatch):
+    """ADAFISHER_BACKEND overrides backend=, and its errors say so; empty, it is unset."""
     monkeypatch.setenv(backends.ENV_VAR, "cuda")
-    with pytest.raises(RuntimeError, match="backend='cuda' cannot run"):
+    with pytest.raises(RuntimeError, match=r"ADAFISHER_BACKEND='cuda' \(which overrides "
+                                           r"backend='torch'\): backend='cuda' cannot run"):
+        AdaFisher(nn.Linear(3, 2), backend="torch")
+    monkeypatch.setenv(backends.ENV_VAR, "Torch")
+    with pytest.raises(ValueError, match=r"ADAFISHER_BACKEND='Torch' .*got 'Torch'"):
         AdaFisher(nn.Linear(3, 2))
+    monkeypatch.setenv(backends.ENV_VAR, "")
+    assert AdaFisher(nn.Linear(3, 2), backend="torch").backend == "torch"
 
 
 def test_unbuilt_extension_import_error_is_clear():
