@@ -644,10 +644,11 @@ class AdaFisher(Optimizer):
         """A momentum of another shape than its parameter (a resized vocabulary, a factor-free
         parameter, a conv kernel of the same size): refused before anything loads, as torch's
         own load_state_dict pairs state with parameters by position and checks no shape."""
-        saved = [i for g in sd.get("param_groups", ()) for i in g["params"]]
-        mine = [p for g in self.param_groups for p in g["params"]]
-        if len(saved) != len(mine):
+        sizes = [len(g["params"]) for g in sd.get("param_groups", ())]
+        if sizes != [len(g["params"]) for g in self.param_groups]:
             return                      # torch's load_state_dict names the group sizes
+        saved = [i for g in sd["param_groups"] for i in g["params"]]
+        mine = [p for g in self.param_groups for p in g["params"]]
         for i, p in zip(saved, mine):
             m = sd.get("state", {}).get(i, {}).get("exp_avg")
             if m is not None and m.shape != p.shape:
@@ -659,9 +660,8 @@ class AdaFisher(Optimizer):
     def raw_stats(self) -> Dict[str, tuple]:
         """{module name ("<root>" for the model itself, as in every report): (H, S)}: the raw
         statistics gathered since the last step/zero_grad, finalised as SPEC section 2 defines
-        them (before any EMA or normalisation).  A factor
-        that gathered no rows (no forward or no backward yet) is NaN: a mean over nothing, which
-        the step leaves out of the EMA.  Under DDP/FSDP2 they are this rank's, before the step's
+        them (before any EMA or normalisation).  A factor that gathered no rows (no forward or
+        no backward yet) is NaN: a mean over nothing, which the step leaves out of the EMA.  Under DDP/FSDP2 they are this rank's, before the step's
         all-reduce and gradient scale (NOTE: [statistics group])."""
         from .reference import layer_raw
         self.fisher.flush_rows()

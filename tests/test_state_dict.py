@@ -186,6 +186,21 @@ def test_checkpoint_with_another_parameter_shape_names_it(preset, make, x, name)
         assert torch.equal(after["state"][k]["exp_avg"], v["exp_avg"])
 
 
+def test_checkpoint_grouped_otherwise_gets_torchs_group_error():
+    """A run that added a group (add_param_group) resumed by an optimizer with one group: torch's
+    group-count error, not a momentum-shape error that reads as another model's checkpoint."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    model[0].requires_grad_(True)
+    opt.add_param_group({"params": model[0].parameters()})
+    model(torch.randn(4, 6)).sum().backward()
+    opt.step()
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        AdaFisher(model, TCov=1, backend="torch").load_state_dict(opt.state_dict())
+
+
 def test_checkpoint_of_a_model_with_fewer_layers_names_the_counts():
     """The model adds a hooked layer at the end: the first layers match, and the refusal names
     the two counts before anything loads (else the flat statistics' sizes clashed after the
