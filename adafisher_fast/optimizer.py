@@ -438,6 +438,8 @@ class AdaFisher(Optimizer):
         if what is None and not moved and dtype == fisher.buf.dtype:
             return
         devices = {p.device for p in params}
+        if what is not None and not moved:
+            self._check_replaced()
         # spread, compiling, or (with ``what``) the hooked layer ran elsewhere than the model
         if len(devices) > 1 or torch.compiler.is_compiling() or (what is not None and not moved):
             what = what or (f"the parameters are on {', '.join(sorted(str(d) for d in devices))} "
@@ -455,9 +457,29 @@ class AdaFisher(Optimizer):
         self._hooks.ops = self._ops
         for p in params:
             st = self.state.get(p)
-            if st:
+            if st and st["exp_avg"].is_meta and dev.type != "meta":    # NOTE: [meta state]
+                del self.state[p]
+            elif st:
                 st["exp_avg"] = st["exp_avg"].to(dev, p.dtype)
                 st["step"] = st["step"].to(dev if self._device_steps else "cpu")
+
+    def _check_replaced(self) -> None:
+        """Raises when parameters the optimizer holds are no longer the model's: fully_shard,
+        to_empty() (without torch.__future__.set_swap_module_params_on_conversion(True)) and
+        load_state_dict(assign=True) make new parameter objects, and the optimizer would go on
+        gathering statistics for layers whose parameters it never steps."""
+        if torch.compiler.is_compiling():
+            return
+        now = {id(p) for p in self._model.parameters()}
+        gone = [self._names.get(id(p), "?") for g in self.param_groups for p in g["params"]
+                if id(p) not in now]
+        if gone:
+            raise RuntimeError(
+                f"AdaFisher: the model's parameter(s) {', '.join(gone[:5])}"
+                f"{' and others' if len(gone) > 5 else ''} are not the ones the optimizer was made "
+                f"with: fully_shard, to_empty() (unless torch.__future__."
+                f"set_swap_module_params_on_conversion(True)) and load_state_dict(assign=True) make "
+                f"new parameters. Make the optimizer after them (then load its checkpoint)")
 
     def _warn_unfrozen(self) -> None:
         """NOTE: [unfrozen] The optimizer trains the parameters that require gradients when it is
@@ -579,6 +601,8 @@ class AdaFisher(Optimizer):
                                 PRESETS[self.preset].ema_rule(self.gamma))
         if params:
             self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled)
+        elif self._hooks.collecting and not torch.compiler.is_compiling():
+            self._check_replaced()              # statistics, and not one gradient: why?
         fisher.clear()
         self._hooks.set_steps(self.steps + 1, self.TCov)
         return loss

@@ -189,6 +189,12 @@ class FisherState:
         self.preset = preset
         dtype = state_dtype(params)
         device = params[0].device if params else torch.device("cpu")
+        # NOTE: [meta state] on the meta device the state is made on the CPU and then moved:
+        # meta tensors hold no values, and the layout's tables must outlive the model's move off it
+        on_meta, device = device.type == "meta", (torch.device("cpu") if device.type == "meta"
+                                                  else device)
+        if previous is not None and previous.buf.is_meta:
+            previous.to(device, previous.buf.dtype)
         trainable = {id(p) for p in params}
         self.layers: List[Layer] = []
         local_maps = []                     # (param, layer index, local map, its name)
@@ -287,6 +293,9 @@ class FisherState:
                 self.meta[id(p)] = (n, 1, raw_off, 0, 0, raw_off, 0, 0, max(n, 1), 0)
         if previous is not None:
             self._adopt(previous)
+        self._held_off_meta: Optional[dict] = None
+        if on_meta:
+            self.to(torch.device("meta"), dtype)
 
     @staticmethod
     def _alias(m: nn.Module, kind: LayerKind, preset, lay: Layer) -> bool:
@@ -469,21 +478,34 @@ class FisherState:
                  "h_size": l.h_raw.stop - l.h_raw.start, "s_size": l.s_raw.stop - l.s_raw.start}
                 for l in self.layers]
 
+    _MOVED = ("grad_degree", "buf", "state", "fac", "initialized", "counters", "before", "table")
+
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Moves every tensor of the state to ``device``, its floating ones in ``dtype`` (NOTE:
-        [following the model] in optimizer.py)."""
+        [following the model] in optimizer.py).
+
+        NOTE: [meta state] A move to the meta device keeps the tensors it replaces, and a move
+        off it starts from those: meta tensors hold no values, and a model built on the meta
+        device (or moved there) and then materialised (``to_empty``, FSDP2's large-model
+        initialisation) needs its state's tables and initial values back.  What happened on
+        the meta device is dropped with it."""
         def to(v):
             return v.to(device, dtype) if v.is_floating_point() else v.to(device)
+        if device.type == "meta" and not self.buf.is_meta:
+            self._held_off_meta = {k: getattr(self, k) for k in self._MOVED}
+        elif device.type != "meta" and self.buf.is_meta:
+            for k, v in self._held_off_meta.items():
+                setattr(self, k, v)
+            self._held_off_meta = None
         kernel_host.forget(self._tables)
         pw, coef, q = self._terms.to(device, dtype)
         self.table = type(self.table)(*(to(v) if isinstance(v, torch.Tensor) else v
                                         for v in self.table))._replace(
             term_pow=pw, term_coef=coef, term_q=q)
         self._tables[:] = [self.table]
-        for name in ("grad_degree", "buf", "state", "fac", "initialized", "counters"):
-            setattr(self, name, to(getattr(self, name)))
-        if self.before is not None:
-            self.before = to(self.before)
+        for name in self._MOVED[:-1]:
+            v = getattr(self, name)
+            setattr(self, name, None if v is None else to(v))
         self.held = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:

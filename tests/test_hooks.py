@@ -1156,6 +1156,48 @@ def test_model_moved_after_construction_takes_the_state_along(steps_before, monk
     assert opt.steps == steps_before + 1
 
 
+@pytest.mark.parametrize("swap", [True, False])
+def test_model_built_on_meta_then_materialised(swap, monkeypatch):
+    """NOTE: [meta state]: an optimizer made on a meta-device model (FSDP2's large-model
+    initialisation) trains, once to_empty() has materialised the model in place and its
+    checkpoint is loaded, exactly as one made after; to_empty() that makes new parameters is
+    an error that says so, at the first forward (it crashed, or pointed at the device)."""
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: swap)
+    torch.manual_seed(0)
+    ref = Block(inplace=False)
+    ref_opt = AdaFisherW(ref, lr=1e-2, TCov=1, backend="torch")
+    _train(ref, ref_opt, _batches(n=2))
+    with torch.device("meta"):
+        model = Block(inplace=False)
+    opt = AdaFisherW(model, lr=1e-2, TCov=1, backend="torch")
+    model.to_empty(device="cpu")
+    model.load_state_dict(ref.state_dict())
+    if not swap:
+        with pytest.raises(RuntimeError, match=r"parameter\(s\) c1.weight.* are not the ones "
+                                               r"the optimizer was made with.*to_empty\(\)"):
+            _train(model, opt, _batches(n=1))
+        return
+    opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
+    batches = _batches(n=4)[2:]
+    _train(model, opt, batches)
+    _train(ref, ref_opt, batches)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(fisher_tensors(opt.fisher), fisher_tensors(ref_opt.fisher)):
+        assert torch.equal(a, b)
+
+
+def test_parameters_replaced_after_construction_are_named():
+    """load_state_dict(assign=True) makes new parameters: the optimizer's never get a gradient
+    while its hooks go on gathering statistics; the statistics step says why."""
+    model = Block(inplace=False)
+    opt = AdaFisherW(model, TCov=1, backend="torch")
+    model.load_state_dict(copy.deepcopy(model.state_dict()), assign=True)
+    with pytest.raises(RuntimeError, match=r"c1.weight.* are not the ones the optimizer was "
+                                           r"made with.*load_state_dict\(assign=True\)"):
+        _train(model, opt, _batches(n=1))
+
+
 def _cast_after_construction(backend, forward_first):
     """NOTE: [following the model]: model.double() after the optimizer was made gives float64
     curvature state and momentum (SPEC 3), as an optimizer made after the cast, also where the
