@@ -4,7 +4,8 @@
 // NOTE: [norm passes] Everything goes through the column reduce of reduce.cuh with an affine map:
 //  * channel mode, batch statistics: mean = reduce(x) / N, var = reduce((x - mean)^2) / N (two
 //    passes, as the reference: biased variance), then out += N var / (var + eps), which is
-//    sum ((x - mean) * rsqrt(var + eps))^2 over the N entries: no third pass over x;
+//    sum ((x - mean) * rsqrt(var + eps))^2 over the N entries: no third pass over x (0 where var
+//    overflowed to inf around a finite mean: rsqrt(inf) = 0);
 //  * channel mode, running statistics given: one pass with the given mean/var;
 //  * sample mode: one block per (r, group) computes mu (if center) and rsqrt(ms + eps) over its
 //    C/groups * I entries (contiguous; for a channels_last x, I runs of C/groups channels C apart,
@@ -18,10 +19,14 @@ template <typename A, typename M>
 __global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs, int64_t C, A inv_n, A eps,
                                       int stage) {
   // stage 0: mu = sum / N (in place); 1: mu (the output) += N var / (var + eps) with var =
-  // rs / N (rs holds sum (x - mean)^2, NOTE: [norm passes]); 2: from given mean/var
+  // rs / N (rs holds sum (x - mean)^2, NOTE: [norm passes]), 0 where var overflowed around a
+  // finite mean (xhat = 0 there, as the layer's rsqrt(inf) makes it); 2: from given mean/var
   for (int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; c < C; c += (int64_t)gridDim.x * blockDim.x) {
     if (stage == 0) mu[c] *= inv_n;
-    else if (stage == 1) { const A v = rs[c] * inv_n; mu[c] += v / (v + eps) / inv_n; }
+    else if (stage == 1) {
+      const A v = rs[c] * inv_n;
+      mu[c] += (isinf(v) && isfinite(static_cast<A>(mean[c]))) ? A(0) : v / (v + eps) / inv_n;
+    }
     else { mu[c] = static_cast<A>(mean[c]); rs[c] = A(1) / sqrt(static_cast<A>(var[c]) + eps); }
   }
 }
@@ -66,7 +71,7 @@ cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void
         launch_reduce<T, A>(xp, mu, R, C, I, false, A(1), Affine{0, nullptr, nullptr, 1}, part, s);
         channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(nullptr, nullptr, mu, rs, C, inv_n, A(eps), 0);
         launch_reduce<T, A>(xp, rs, R, C, I, true, A(1), Affine{3, mu, nullptr, 1}, part, s);
-        channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(nullptr, nullptr, o, rs, C, inv_n, A(eps), 1);
+        channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(mu, nullptr, o, rs, C, inv_n, A(eps), 1);
       } else {
         AF_DISPATCH_ACC(mt, M,
           channel_coeffs_kernel<A, M><<<g, 256, 0, s>>>(static_cast<const M*>(mean), static_cast<const M*>(var),

@@ -85,7 +85,8 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
             s2 = torch.zeros(c, **f32)
             _xhat_sq(x3, s2, mu, torch.ones(c, **f32), False, 1, 1)
             var_ = s2 / n
-            out += n * var_ / (var_ + eps)          # NOTE: [norm passes]
+            # NOTE: [norm passes]; 0 where var overflowed around a finite mean (rsqrt(inf) = 0)
+            out += n * torch.where(var_.isinf() & mu.isfinite(), 0.0, var_ / (var_ + eps))
             return
         rs = torch.rsqrt(var.to(torch.float32) + eps).contiguous()
         _xhat_sq(x3, out, mean.to(torch.float32).contiguous(), rs, False, 1, 1)

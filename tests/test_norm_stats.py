@@ -39,6 +39,25 @@ def test_norm_stats_running(kernel_ops, dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_stats_overflowing_variance(kernel_ops, dtype):
+    """Channels whose squared deviations overflow float32 (the layer's rsqrt(inf) = 0 makes its
+    xhat 0 there: the reference's sum is 0) with a finite mean, beside a channel whose values
+    are inf (NaN, as the reference): the closed form N var / (var + eps) gave inf / inf = NaN,
+    so the kernels' non-finite guard skipped a layer the reference updated."""
+    torch.manual_seed(2)
+    x = torch.randn(40, 3, 25, device=device())
+    x[:, 0] *= 1e19
+    x[0, 2, 0] = float("inf")
+    x = x.to(dtype)
+    want = torch.zeros(3, device=device())
+    got = want.clone()
+    reference.norm_stats(x, want, "channel", 1, 1e-5, True)
+    kernel_ops.norm_stats(x, got, "channel", 1, 1e-5, True)
+    assert want[0] == 0 and want[2].isnan()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want[1].item(), equal_nan=True)
+
+
 @pytest.mark.parametrize("mode,groups,center,running", [
     ("channel", 1, True, False), ("channel", 1, True, True),       # BatchNorm2d
     ("sample", 1, True, False), ("sample", 3, True, False),        # GroupNorm
