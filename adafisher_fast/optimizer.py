@@ -134,6 +134,31 @@ def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]
     return groups, names
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's and DDP's wrappers, so that an optimizer made on a
+    wrapper hooks and names the plain model (no "_orig_mod." or "module." prefix: its
+    checkpoints and reports are the plain model's); FSDP (v1) refused: it flattens each
+    layer's parameters into one, which no factor layout can read."""
+    compiled = sys.modules.get("torch._dynamo.eval_frame")
+    ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
+    while True:
+        if compiled is not None and isinstance(model, compiled.OptimizedModule):
+            model = model._orig_mod
+        elif ddp is not None and isinstance(model, ddp):
+            model = model.module
+        else:
+            break
+    fsdp = getattr(sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel"),
+                   "FullyShardedDataParallel", None)
+    # FSDP marks its flat parameters, and with use_orig_params the views into them, so
+    if (fsdp is not None and any(isinstance(m, fsdp) for m in model.modules())) or \
+            any(getattr(p, "_fsdp_flattened", False) for p in model.parameters()):
+        raise NotImplementedError("model: FSDP (v1, FullyShardedDataParallel) flattens each "
+                                  "layer's parameters, which AdaFisher's per-layer factors cannot "
+                                  "read; use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
+    return model
+
+
 def _chunk_span(n: int, size: int, rank: int) -> Tuple[int, int]:
     """(start, length) of ``rank``'s piece of n rows split in ``size`` torch.chunk pieces, as
     FSDP2's Shard(0) splits dim 0."""
@@ -211,11 +236,7 @@ class AdaFisher(Optimizer):
             kind = "a parameter iterable" if isinstance(model, Iterable) else type(model).__name__
             raise TypeError(f"model must be an nn.Module (AdaFisher hooks its layers), got {kind}; "
                             f"pass the model itself, e.g. AdaFisher(model)")
-        # an optimizer made on torch.compile's wrapper hooks and names the model inside it, so
-        # its checkpoints and reports are the plain model's (no "_orig_mod." prefix)
-        compiled = sys.modules.get("torch._dynamo.eval_frame")
-        if compiled is not None and isinstance(model, compiled.OptimizedModule):
-            model = model._orig_mod
+        model = _unwrapped(model)
         _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
@@ -226,6 +247,10 @@ class AdaFisher(Optimizer):
                                                        and torch_dist.is_initialized()):
             raise ValueError("dist=True and process_group need an initialised torch.distributed "
                              "process group")
+        if process_group is torch_dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError(f"process_group: this rank ({torch_dist.get_rank()}) is not a member "
+                             f"of the group (new_group returns NON_GROUP_MEMBER to the ranks it "
+                             f"leaves out); give each rank a group it belongs to")
         if process_group is not None and not isinstance(process_group, torch_dist.ProcessGroup):
             raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got "
                             f"{type(process_group).__name__}")
