@@ -50,6 +50,17 @@ def _try_load(name: str, device: torch.device) -> Tuple[Optional[ModuleType], st
     return mod, ""
 
 
+def _env_flag(var: str) -> bool:
+    """An on/off environment variable: 1/true/yes/on or 0/false/no/off (any case), unset or empty
+    for off; anything else is an error, not silently off."""
+    v = os.environ.get(var, "").strip().lower()
+    if v in ("", "0", "false", "no", "off"):
+        return False
+    if v in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{var}={os.environ[var]!r}: expected 1/true/yes/on or 0/false/no/off")
+
+
 def resolve(backend: str, device: torch.device, check: bool = False) -> Tuple[str, object]:
     """(name, ops) of the backend to use for a model on ``device``; ADAFISHER_BACKEND, when set
     and not empty, overrides ``backend``."""
@@ -60,7 +71,7 @@ def resolve(backend: str, device: torch.device, check: bool = False) -> Tuple[st
         if env is None:
             raise
         raise type(e)(f"{ENV_VAR}={env!r} (which overrides backend={backend!r}): {e}") from None
-    if check or os.environ.get(CHECK_VAR) == "1":
+    if check or _env_flag(CHECK_VAR):
         from .check import CheckedOps
         make, ns, traced = (lambda: CheckedOps(mod, name)), f"adafisher_{name}_checked", ()
     else:

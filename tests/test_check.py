@@ -125,3 +125,16 @@ def test_check_judges_plain_sums_by_their_terms(kernel_ops):
         lambda x, o, *a: (real(x, o, *a), o.add_(1e-3 * x.abs().sum(dim=(0, 2)).max())))})(), "wrong")
     with pytest.raises(RuntimeError, match="linear_stats"):
         wrong.linear_stats(s, torch.zeros(8, device=device()), 1, False)
+
+
+@pytest.mark.parametrize("value, on", [("true", True), ("On", True), ("0", False), ("", False),
+                                       ("off", False), ("2", None)])
+def test_check_env_var_values(monkeypatch, value, on):
+    """ADAFISHER_CHECK takes the usual spellings of on and off; another value is an error that
+    names it (ADAFISHER_CHECK=true was silently off)."""
+    monkeypatch.setenv("ADAFISHER_CHECK", value)
+    if on is None:
+        with pytest.raises(ValueError, match=r"ADAFISHER_CHECK='2': expected 1/true/yes/on"):
+            AdaFisher(_model(), backend="torch")
+        return
+    assert isinstance(AdaFisher(_model(), backend="torch")._ops._ops, CheckedOps) == on
