@@ -12,6 +12,7 @@ layer kind with ``@register_layer(MyModule)`` (or the type's name, "module.QualN
 """
 from __future__ import annotations
 
+import fnmatch
 import math
 import sys
 import warnings
@@ -134,7 +135,8 @@ def register_layer(*module_types: Union[type, str]):
     """Class decorator: ``@register_layer(nn.Linear)`` registers one LayerKind instance.  A type
     may also be named "module.QualName", for a library that need not be installed (or imported):
     the module that defines the class, or one that exports it ("timm.layers.LayerScale" for
-    timm.layers.layer_scale.LayerScale), found once that module is imported."""
+    timm.layers.layer_scale.LayerScale), found once that module is imported; or by a pattern of
+    such names with * wildcards (fnmatch), matched after every exact entry."""
     if not module_types:
         raise TypeError("register_layer needs at least one module type, e.g. "
                         "@register_layer(nn.Linear)")
@@ -163,16 +165,22 @@ def _exported(name: str) -> Optional[type]:
 
 
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
-    exported = {}
+    exported, patterns = {}, []
     for name, kind in _REGISTRY.items():
-        cls = _exported(name) if isinstance(name, str) else None
-        if cls is not None:
-            exported.setdefault(cls, kind)
-    for t in type(module).__mro__:
+        if isinstance(name, str) and "*" in name:
+            patterns.append((name, kind))
+        elif isinstance(name, str) and _exported(name) is not None:
+            exported.setdefault(_exported(name), kind)
+    mro = type(module).__mro__
+    for t in mro:
         kind = (_REGISTRY.get(t) or _REGISTRY.get(f"{t.__module__}.{t.__qualname__}") or
                 exported.get(t))
         if kind is not None:
             return kind
+    for t in mro:
+        for pattern, kind in patterns:
+            if fnmatch.fnmatchcase(f"{t.__module__}.{t.__qualname__}", pattern):
+                return kind
     return None
 
 
@@ -734,7 +742,10 @@ if hasattr(nn, "RMSNorm"):
 
 # Hugging Face's RMSNorm classes (module, class): weight * x / sqrt(mean(x^2) + eps) over the last
 # dim, eps in variance_epsilon or eps; Gemma's and Qwen3-Next's scale by 1 + weight, which has the
-# same gradient.  Each was checked against transformers 5.24.0 by running it on random input.
+# same gradient.  Each was checked against transformers 5.24.0 by running it on random input.  The
+# other classes of transformers.models named *RMSNorm are probed (HFRMSNormKind.probe): 186 of
+# its 198 such classes compute one of these two forms (ten have no weight, one scales its input
+# before normalising, one is gated).
 _HF_RMSNORMS = (
     ("llama", "LlamaRMSNorm"), ("llama4", "Llama4TextRMSNorm"), ("mllama", "MllamaTextRMSNorm"),
     ("mistral", "MistralRMSNorm"), ("mistral3", "Mistral3RMSNorm"),
@@ -750,9 +761,16 @@ _HF_RMSNORMS = (
     ("glm", "GlmRMSNorm"), ("glm4", "Glm4RMSNorm"), ("helium", "HeliumRMSNorm"),
     ("mamba", "MambaRMSNorm"), ("mamba2", "Mamba2RMSNorm"), ("jamba", "JambaRMSNorm"),
     ("t5", "T5LayerNorm"))
+_HF_LISTED = tuple(f"transformers.models.{mod}.modeling_{mod}.{cls}" for mod, cls in _HF_RMSNORMS)
+_RMS_FORM = "_adafisher_rms_form"
 
 
-@register_layer(*(f"transformers.models.{mod}.modeling_{mod}.{cls}" for mod, cls in _HF_RMSNORMS))
+def _rms_eps(m: nn.Module) -> Optional[float]:
+    eps = getattr(m, "variance_epsilon", None)
+    return getattr(m, "eps", None) if eps is None else eps
+
+
+@register_layer(*_HF_LISTED, "transformers.models.*RMSNorm")
 class HFRMSNormKind(NormKind):
     """paper only, as nn.RMSNorm: Hugging Face's RMSNorm classes (LLaMA, Mistral, Qwen, Gemma,
     DeepSeek, Phi-3, OLMo, Granite, SmolLM3, gpt-oss, GLM, T5, ...), matched by name, so
@@ -769,11 +787,48 @@ class HFRMSNormKind(NormKind):
         has_weight = isinstance(getattr(m, "weight", None), nn.Parameter)
         return super().param_maps(m, preset) if has_weight else {}
 
+    def probe(self, m):
+        """The classes listed in _HF_RMSNORMS are read as they are.  Another class the name
+        pattern matches is read only if its forward, called on a probe input (once per module),
+        computes weight * xhat or (1 + weight) * xhat with the eps it holds: otherwise (or where
+        it cannot be called: a sharded weight) it is left factor-free and the construction
+        warning names it."""
+        cls = type(m)
+        if f"{cls.__module__}.{cls.__qualname__}" in _HF_LISTED:
+            return True
+        if _RMS_FORM not in m.__dict__:
+            m.__dict__[_RMS_FORM] = _rms_form(m)
+        return m.__dict__[_RMS_FORM]
+
     def h_stats(self, m, x, acc, preset, ops):
         x3 = self.view(m, x)
-        eps = getattr(m, "variance_epsilon", None)
-        ops.norm_stats(x3, acc, "sample", 1, m.eps if eps is None else eps, False)
+        ops.norm_stats(x3, acc, "sample", 1, _rms_eps(m), False)
         return x3.shape[0]
+
+
+def _rms_form(m: nn.Module) -> bool:
+    """Whether ``m``'s forward computes w * xhat or (1 + w) * xhat over the last dim, called on
+    a probe input with a probe weight in place of its own (its weight at initialisation, ones
+    or zeros, would not tell these from scaling the input before normalising it)."""
+    w, eps = getattr(m, "weight", None), _rms_eps(m)
+    if not isinstance(w, nn.Parameter) or not isinstance(eps, float) or w.is_meta or \
+            isinstance(w, DTensor):
+        return False
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, w.numel(), generator=g)
+    probe = torch.rand(w.shape, generator=g) + 0.5
+    try:
+        with torch.no_grad():
+            out = torch.func.functional_call(m, {"weight": probe.to(w)}, (x.to(w),))
+    except Exception:       # noqa: BLE001 (any failure means only that the probe cannot tell)
+        return False
+    if isinstance(out, tuple) and out:
+        out = out[0]
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        return False
+    xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
+    return any(torch.allclose(out.float().cpu(), xhat * scale, rtol=1e-2, atol=1e-2)
+               for scale in (probe, 1 + probe))
 
 
 @register_layer(nn.Embedding)

@@ -271,7 +271,39 @@ class GemmaRMSNorm(nn.Module):
         return (output * (1.0 + self.weight.float())).type_as(x)
 
 
-@pytest.mark.parametrize("hf_cls", [LlamaRMSNorm, GemmaRMSNorm])
+def _unlisted(cls, module, name):
+    """``cls``'s forward in a class of another transformers module, one _HF_RMSNORMS does not
+    list (not a subclass, which the listed name would match): found by the name pattern, read
+    after the probe of its forward."""
+    def __init__(self, dim, eps=1e-6):
+        nn.Module.__init__(self)
+        self.weight = nn.Parameter(torch.zeros(dim) if cls is GemmaRMSNorm else torch.ones(dim))
+        self.eps = self.variance_epsilon = eps
+    return type(name, (nn.Module,), {"__init__": __init__, "forward": cls.forward,
+                                     "__module__": f"transformers.models.{module}.modeling_{module}",
+                                     "__qualname__": name})
+
+
+Qwen3_5RMSNorm = _unlisted(LlamaRMSNorm, "qwen3_5", "Qwen3_5RMSNorm")
+Gemma4RMSNorm = _unlisted(GemmaRMSNorm, "gemma4", "Gemma4RMSNorm")
+
+
+class ScaleFirstRMSNorm(nn.Module):
+    """transformers' MuseSparkTextInputScaledRMSNorm: scales the input by 1 + weight, then
+    normalises; at its initial weight (zeros) it computes what GemmaRMSNorm does."""
+    __module__ = "transformers.models.muse_spark.modeling_muse_spark"
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        y = x * (1.0 + self.weight)
+        return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+@pytest.mark.parametrize("hf_cls", [LlamaRMSNorm, GemmaRMSNorm, Qwen3_5RMSNorm, Gemma4RMSNorm])
 def test_hf_rmsnorm_trains_as_nn_rmsnorm(hf_cls):
     """Each HF class trains as nn.RMSNorm with the same eps (Gemma's weight + 1 = nn's weight, the
     same gradient; no weight decay, which would tell them apart).  float32, as the HF classes
@@ -280,10 +312,10 @@ def test_hf_rmsnorm_trains_as_nn_rmsnorm(hf_cls):
     torch.manual_seed(0)
     ref = nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6, eps=eps), nn.Linear(6, 3))
     hf = nn.Sequential(nn.Linear(5, 6), hf_cls(6, eps=eps), nn.Linear(6, 3))
-    hf.load_state_dict({k: v - (k == "1.weight") * (hf_cls is GemmaRMSNorm)
-                        for k, v in ref.state_dict().items()})
+    gemma = hf_cls.forward is GemmaRMSNorm.forward
+    hf.load_state_dict({k: v - (k == "1.weight") * gemma for k, v in ref.state_dict().items()})
     _train_both(ref, hf, AdaFisher, torch.float32, 1e-5, preset="paper", TCov=1)
-    off = 1.0 if hf_cls is GemmaRMSNorm else 0.0
+    off = 1.0 if gemma else 0.0
     assert not torch.equal(ref[1].weight, torch.ones(6))
     torch.testing.assert_close(hf[1].weight + off, ref[1].weight, rtol=1e-5, atol=1e-6)
     with pytest.warns(UserWarning, match=r"The released code does not hook 1 \(" + hf_cls.__name__):
@@ -303,6 +335,17 @@ class Gemma3nRMSNorm(nn.Module):
     def forward(self, x):
         out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         return (out * self.weight.float() if self.with_scale else out).type_as(x)
+
+
+def test_an_hf_rmsnorm_of_another_form_is_left_factor_free_and_named():
+    """A class the name pattern matches whose forward is not weight * xhat (nor (1 + weight) *
+    xhat) is not read as one: the probe, run with a probe weight (at its initial zeros this one
+    computes Gemma's form), leaves it factor-free, and the construction warning names it."""
+    model = nn.Sequential(nn.Linear(5, 6), ScaleFirstRMSNorm(6), nn.Linear(6, 3))
+    with pytest.warns(UserWarning, match=r"1 \(ScaleFirstRMSNorm\)"):
+        opt = AdaFisher(model, preset="paper", TCov=1)
+    assert [lay.name for lay in opt.fisher.layers] == ["0", "2"]
+    assert torch.equal(model[1].weight, torch.zeros(6))        # the probe left it alone
 
 
 def test_a_weightless_hf_rmsnorm_is_no_layer():
