@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 from torch.distributed.tensor import DTensor
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
@@ -180,7 +181,7 @@ def _dim0_shard(p: "DTensor", name: str):
     return start, p.to_local().shape[0]
 
 
-class AdaFisher(Optimizer):
+class AdaFisher(Optimizer, Joinable):
     """AdaFisher (Martins Gomes et al., ICLR 2025) with L2 weight decay added to the gradient.
 
     Args (names and defaults of the authors' released code, so it is a drop-in replacement):
@@ -278,6 +279,7 @@ class AdaFisher(Optimizer):
         self._frozen = [p for p in model.parameters() if not p.requires_grad]   # NOTE: [unfrozen]
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
         self._check_shards()
+        Joinable.__init__(self)             # NOTE: [uneven inputs]
 
     @property
     def steps(self) -> int:
@@ -581,6 +583,8 @@ class AdaFisher(Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
+        if not torch.compiler.is_compiling():
+            Join.notify_join_context(self)      # NOTE: [uneven inputs]
         if closure is not None:
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
@@ -631,6 +635,38 @@ class AdaFisher(Optimizer):
         fisher.clear()
         self._hooks.set_steps(self.steps + 1, self.TCov)
         return loss
+
+    # ------------------------------------------------------------------------------------------
+    # NOTE: [uneven inputs] torch's Join context lets ranks run different numbers of iterations:
+    # a rank out of batches shadows the collectives of the ranks still training.  step()'s one is
+    # the statistics all-reduce (statistics iterations only), which a joined rank would otherwise
+    # leave the others' to pair with DDP's next collective (gloo aborts, NCCL may mix buffers).
+    # ``Join([ddp, opt])``: the joined rank's hook adds a zero buffer to that all-reduce, updates
+    # its curvature state from the result as the others do (the gradient scale W^degree stays
+    # the initial world's, as DDP's divide_by_initial_world_size), and counts the step, so TCov
+    # gating stays in step on every rank after the context.
+    def join_hook(self, **kwargs) -> JoinHook:
+        return _StepShadow(self)
+
+    @property
+    def join_device(self) -> torch.device:
+        return self.fisher.buf.device
+
+    @property
+    def join_process_group(self):
+        return self._stat_group if self._stat_group is not None else torch_dist.group.WORLD
+
+    def _shadow_step(self) -> None:
+        """What step() does on the other ranks, for a rank that has joined: NOTE: [uneven inputs]."""
+        fisher = self.fisher
+        if self._hooks.collecting:
+            fisher.clear()
+            self._reduce_stats(None)
+            self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
+                                fisher.initialized, fisher.counters,
+                                PRESETS[self.preset].ema_rule(self.gamma))
+            fisher.clear()
+        self._hooks.set_steps(self.steps + 1, self.TCov)
 
     # ------------------------------------------------------------------------------------------
     # NOTE: [checkpoint layout] The curvature state (steps, EMA factors, H'/S', counters and the
@@ -733,6 +769,14 @@ class AdaFisher(Optimizer):
         state was kept)."""
         return {l.label: {"stat_iters": it, "nonfinite_skips": sk}
                 for l, (it, sk) in zip(self.fisher.layers, self.fisher.counters.tolist())}
+
+
+class _StepShadow(JoinHook):
+    def __init__(self, opt: AdaFisher):
+        self.opt = opt
+
+    def main_hook(self) -> None:
+        self.opt._shadow_step()
 
 
 class AdaFisherW(AdaFisher):

@@ -279,6 +279,51 @@ def test_wrappers_made_on_and_groups_a_rank_is_not_in(tmp_path):
                                         "ranks it leaves out); give each rank a group it belongs to")
 
 
+def _join_worker(rank, init_file, out_dir):
+    from torch.distributed.algorithms.join import Join
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model = _model(with_ln=True)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+        batches = _batches()
+        with Join([ddp, opt]):               # rank 0: 5 iterations, rank 1: 3
+            _train(ddp, opt, batches[:5 if rank == 0 else 3], rank, WORLD)
+        torch.save({"params": [p.detach() for p in model.parameters()], "steps": opt.steps,
+                    "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"join{rank}.pt"))
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_join_with_uneven_inputs(tmp_path):
+    """NOTE: [uneven inputs]: under Join([ddp, opt]) rank 1 runs out of batches after 3 of rank
+    0's 5 iterations (2 of them statistics iterations, TCov=2).  The joined rank's hook shadows
+    step()'s statistics all-reduce (it paired with DDP's collectives: gloo aborted) and keeps its
+    curvature state and step count with rank 0's.  Rank 0 matches one process that trains on the
+    whole batch, then on rank 0's half with the loss halved (DDP divides by the initial world
+    size, and the joined rank adds zeros)."""
+    _spawn(_join_worker, tmp_path)
+    got = [torch.load(tmp_path / f"join{r}.pt") for r in range(WORLD)]
+    assert got[0]["steps"] == got[1]["steps"] == 5
+    torch.testing.assert_close(got[1]["state"], got[0]["state"], rtol=0, atol=0)
+    for a, b in zip(got[0]["params"], got[1]["params"]):   # DDP's post hook: the last joiner's
+        assert torch.equal(a, b)
+    model = _model(with_ln=True)
+    opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+    batches = _batches()
+    _train(model, opt, batches[:3])
+    for x, y in batches[3:5]:
+        half = x.shape[0] // WORLD
+        opt.zero_grad()
+        (nn.functional.cross_entropy(model(x[:half]), y[:half]) / WORLD).backward()
+        opt.step()
+    for a, b in zip(got[0]["params"], model.parameters()):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(got[0]["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
+
+
 def _bad_shard_worker(rank, init_file, out_dir):
     from torch.distributed.fsdp import fully_shard
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
