@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
+from torch.nn.utils.stateless import _reparametrize_module as reparametrize
 
 from .attention import InProjection
 from .reference import conv_out_size
@@ -788,16 +789,18 @@ class HFRMSNormKind(NormKind):
         return super().param_maps(m, preset) if has_weight else {}
 
     def probe(self, m):
-        """The classes listed in _HF_RMSNORMS are read as they are.  Another class the name
-        pattern matches is read only if its forward, called on a probe input (once per module),
-        computes weight * xhat or (1 + weight) * xhat with the eps it holds: otherwise (or where
-        it cannot be called: a sharded weight) it is left factor-free and the construction
-        warning names it."""
-        cls = type(m)
-        if f"{cls.__module__}.{cls.__qualname__}" in _HF_LISTED:
+        """The classes listed in _HF_RMSNORMS (and their subclasses: FSDP2's FSDP<Name>) are read
+        as they are.  Another class the name pattern matches is read only if its forward, called
+        on a probe input with a probe weight (once per module), computes weight * xhat or (1 +
+        weight) * xhat with the eps it holds; otherwise it is left factor-free and the
+        construction warning names it."""
+        if any(f"{c.__module__}.{c.__qualname__}" in _HF_LISTED for c in type(m).__mro__):
             return True
         if _RMS_FORM not in m.__dict__:
-            m.__dict__[_RMS_FORM] = _rms_form(m)
+            form = _rms_form(m)
+            if form is None:            # it could not be called: not remembered
+                return False
+            m.__dict__[_RMS_FORM] = form
         return m.__dict__[_RMS_FORM]
 
     def h_stats(self, m, x, acc, preset, ops):
@@ -806,28 +809,28 @@ class HFRMSNormKind(NormKind):
         return x3.shape[0]
 
 
-def _rms_form(m: nn.Module) -> bool:
-    """Whether ``m``'s forward computes w * xhat or (1 + w) * xhat over the last dim, called on
-    a probe input with a probe weight in place of its own (its weight at initialisation, ones
-    or zeros, would not tell these from scaling the input before normalising it)."""
+def _rms_form(m: nn.Module) -> Optional[bool]:
+    """Whether ``type(m).forward`` computes w * xhat or (1 + w) * xhat over the last dim, called
+    eagerly without hooks on a CPU probe input with a CPU probe weight in place of its own (its
+    weight at initialisation, ones or zeros, would not tell these from scaling the input before
+    normalising it; and its own may be on meta or sharded); None when it cannot be called."""
     w, eps = getattr(m, "weight", None), _rms_eps(m)
-    if not isinstance(w, nn.Parameter) or not isinstance(eps, float) or w.is_meta or \
-            isinstance(w, DTensor):
+    if not isinstance(w, nn.Parameter) or not isinstance(eps, float):
         return False
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, w.numel(), generator=g)
     probe = torch.rand(w.shape, generator=g) + 0.5
     try:
-        with torch.no_grad():
-            out = torch.func.functional_call(m, {"weight": probe.to(w)}, (x.to(w),))
+        with torch.no_grad(), reparametrize(m, {"weight": probe}):
+            out = type(m).forward(m, x)
     except Exception:       # noqa: BLE001 (any failure means only that the probe cannot tell)
-        return False
+        return None
     if isinstance(out, tuple) and out:
         out = out[0]
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         return False
     xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
-    return any(torch.allclose(out.float().cpu(), xhat * scale, rtol=1e-2, atol=1e-2)
+    return any(torch.allclose(out.float(), xhat * scale, rtol=1e-3, atol=1e-3)
                for scale in (probe, 1 + probe))
 
 

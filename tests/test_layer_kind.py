@@ -348,6 +348,20 @@ def test_an_hf_rmsnorm_of_another_form_is_left_factor_free_and_named():
     assert torch.equal(model[1].weight, torch.zeros(6))        # the probe left it alone
 
 
+def test_hf_rmsnorms_on_meta_or_subclassed_are_read():
+    """The probe calls the class's forward on a CPU probe weight, whatever the module's own is
+    (on meta: the large-model initialisation; a DTensor: FSDP2), and a subclass of a listed class
+    (FSDP2's FSDP<Name>) is listed: both were left factor-free."""
+    wrapped = type("FSDPLlamaRMSNorm", (LlamaRMSNorm,), {})
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(5, 6), Qwen3_5RMSNorm(6), nn.Linear(6, 6), wrapped(6),
+                              nn.Linear(6, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt = AdaFisher(model, preset="paper")
+    assert [lay.name for lay in opt.fisher.layers] == ["0", "1", "2", "3", "4"]
+
+
 def test_a_weightless_hf_rmsnorm_is_no_layer():
     model = nn.Sequential(nn.Linear(5, 6), Gemma3nRMSNorm(6, with_scale=False),
                           Gemma3nRMSNorm(6), nn.Linear(6, 3))
