@@ -113,7 +113,10 @@ def _check_group(where: str, g: Any, model: nn.Module, seen: set, names: Dict[in
     _check_params([it[1] if isinstance(it, tuple) else it for it in kept], names)
     _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
     # plain floats: a NumPy scalar would not load from a checkpoint with weights_only=True
-    return {**g, **{k: float(g[k]) for k in _GROUP_KEYS if k in g}, "params": kept}
+    out = {**g, **{k: float(g[k]) for k in _GROUP_KEYS if k in g}, "params": kept}
+    if not kept and any(isinstance(it, tuple) for it in items):
+        out["param_names"] = []         # named, all frozen: torch names groups all or none
+    return out
 
 
 def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]):
@@ -130,7 +133,8 @@ def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]
               for i, g in enumerate(param_groups)]
     rest = [p for p in trainable if id(p) not in seen]
     if rest:    # named where the user's groups are: torch takes names in all groups or none
-        named = any(isinstance(it, tuple) for g in groups for it in g["params"])
+        named = any("param_names" in g or any(isinstance(it, tuple) for it in g["params"])
+                    for g in groups)
         groups.append({"params": [(names[id(p)], p) for p in rest] if named else rest})
     return groups, names
 
@@ -321,6 +325,7 @@ class AdaFisher(Optimizer, Joinable):
         """
         if "fisher" not in self.__dict__:       # Optimizer.__init__ adding the constructor's groups
             return super().add_param_group(param_group)
+        self._follow_model()        # a cast since the last step: the state and momentum first
         self._names.update({id(p): n for n, p in self._model.named_parameters()})   # new modules
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         group = _check_group("add_param_group", param_group, self._model, seen, self._names,

@@ -88,6 +88,10 @@ def test_named_parameter_groups_as_torch_takes_them():
     rest = [n for n, p in m.named_parameters() if not n.startswith("0.")]
     assert opt.param_groups[1]["param_names"] == rest
     assert [id(p) for p in opt.param_groups[0]["params"]] == [id(m[0].weight), id(m[0].bias)]
+    m[0].requires_grad_(False)           # a named group left empty stays a named group
+    opt = AdaFisher(m, backend="torch", param_groups=[{"params": m[0].named_parameters()},
+                                                      {"params": m[1].named_parameters()}])
+    assert [g["param_names"] for g in opt.param_groups] == [[], ["weight", "bias"]]
 
 
 def test_parameter_twice_in_a_group_or_given_as_a_set():

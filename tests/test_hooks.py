@@ -1224,6 +1224,8 @@ def _cast_after_construction(backend, forward_first):
     for a, b in zip(cast.parameters(), made_after.parameters()):
         torch.testing.assert_close(a, b, **tol)
     cast.float()
+    opt.add_param_group({"params": []})     # a cast seen first by add_param_group
+    assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
     _train(cast, opt, [(x.float(), y) for x, y in batches])
     assert opt.fisher.buf.dtype == torch.float32
     assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
