@@ -590,32 +590,46 @@ _LAYOUT = "_adafisher_layout"
 
 def _probe_layout(m: nn.Module) -> None:
     """Records on a LayerNorm subclass instance with a forward of its own the dim it normalises:
-    -1 (the trailing dims) or 1, None when the probe could not tell (NOTE: [channels-first
+    -1 (the trailing dims) or 1; nothing when the probe could not tell (NOTE: [channels-first
     LayerNorm]).  Per instance, not per class: Hugging Face's ConvNextLayerNorm is one class
     whose instances normalise either, by their ``data_format``."""
     if type(m).forward is nn.LayerNorm.forward or not isinstance(m, nn.LayerNorm):   # RMSNorms
         return
     if _LAYOUT not in m.__dict__:
-        m.__dict__[_LAYOUT] = _try_layout(m)
+        dim = _try_layout(m)
+        if dim is not None:
+            m.__dict__[_LAYOUT] = dim
+
+
+def probe_on_cpu(m: nn.Module, x: torch.Tensor, params: Dict[str, torch.Tensor]):
+    """``type(m).forward(m, x)`` eagerly, without hooks or grad, with ``params`` (CPU tensors) in
+    place of m's own parameters of those names, wherever those are (on the meta device, sharded
+    by FSDP2, on a GPU); None when it raises (the probe then cannot tell)."""
+    try:
+        with torch.no_grad(), reparametrize(m, params):
+            return type(m).forward(m, x)
+    except Exception:       # noqa: BLE001
+        return None
 
 
 def _try_layout(m: nn.LayerNorm) -> Optional[int]:
     """The dim that ``type(m).forward`` normalises, tried on a (2, a, C) and a (2, C, a, a)
-    probe input (a != C; eagerly, without hooks or grad); None when neither fits."""
-    if len(m.normalized_shape) != 1 or any(p.is_meta for p in m.parameters(recurse=False)):
+    probe input (a != C) with probe parameters; None when neither fits."""
+    if len(m.normalized_shape) != 1:
         return None
     c = m.normalized_shape[0]
     a = 2 if c != 2 else 3
-    p = next(m.parameters(recurse=False), None)
-    dd = dict(dtype=p.dtype, device=p.device) if p is not None else {}
     g = torch.Generator().manual_seed(0)
+    params = {n: torch.rand(p.shape, generator=g) + 0.5
+              for n, p in m.named_parameters(recurse=False)}
     for dim, shape in ((-1, (2, a, c)), (1, (2, c, a, a))):
-        x = torch.randn(shape, generator=g).to(**dd)
-        out = probe_call(m, x)          # None for FSDP2's sharded parameters too
+        x = torch.randn(shape, generator=g)
+        out = probe_on_cpu(m, x, params)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             continue
-        want = torch.nn.functional.layer_norm(x.movedim(dim, -1), (c,), m.weight, m.bias, m.eps)
-        if torch.allclose(out.float(), want.movedim(-1, dim).float(), rtol=1e-2, atol=1e-2):
+        want = torch.nn.functional.layer_norm(x.movedim(dim, -1), (c,), params.get("weight"),
+                                              params.get("bias"), m.eps)
+        if torch.allclose(out.float(), want.movedim(-1, dim), rtol=1e-3, atol=1e-3):
             return dim
     return None
 
@@ -820,10 +834,8 @@ def _rms_form(m: nn.Module) -> Optional[bool]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, w.numel(), generator=g)
     probe = torch.rand(w.shape, generator=g) + 0.5
-    try:
-        with torch.no_grad(), reparametrize(m, {"weight": probe}):
-            out = type(m).forward(m, x)
-    except Exception:       # noqa: BLE001 (any failure means only that the probe cannot tell)
+    out = probe_on_cpu(m, x, {"weight": probe})
+    if out is None:
         return None
     if isinstance(out, tuple) and out:
         out = out[0]

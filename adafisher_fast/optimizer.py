@@ -377,20 +377,20 @@ class AdaFisher(Optimizer, Joinable):
             self.fisher.clear(hold=True)
 
     def _reduce_stats(self, grad_scale: Optional[torch.Tensor]) -> None:
-        """One all-reduce of the flat buffer across ranks, then the output-gradient accumulators
-        are divided by (world_size * loss scale) ** degree: DDP averages gradients (SPEC section 6)
-        and GradScaler multiplies them (NOTE: [GradScaler])."""
+        """The output-gradient accumulators divided by loss scale ** degree (GradScaler
+        multiplies the gradients, NOTE: [GradScaler]), one all-reduce of the flat buffer across
+        ranks, then a division by world_size ** degree (DDP averages gradients, SPEC section 6).
+        The loss scale is taken out before the sum, so that a rank that has joined (NOTE: [uneven
+        inputs]) adds plain zeros."""
         fisher, world, group = self.fisher, 1, self._stat_group
+        if grad_scale is not None:
+            fisher.buf.mul_(torch.pow(grad_scale.to(fisher.buf), -fisher.grad_degree))
         if self.dist or (torch_dist.is_available() and torch_dist.is_initialized()):
             world = torch_dist.get_world_size(group)        # NOTE: [statistics group]
-            if world > 1:
-                torch_dist.all_reduce(fisher.buf, group=group)
-        if world == 1 and grad_scale is None:
-            return                          # nothing to divide by: no kernels
-        scale = torch.full((), world, dtype=fisher.buf.dtype, device=fisher.buf.device)
-        if grad_scale is not None:
-            scale = scale * grad_scale.to(fisher.buf)
-        fisher.buf.mul_(torch.pow(scale, -fisher.grad_degree))
+        if world > 1:
+            torch_dist.all_reduce(fisher.buf, group=group)
+            fisher.buf.mul_(torch.pow(torch.full((), world, dtype=fisher.buf.dtype,
+                                                 device=fisher.buf.device), -fisher.grad_degree))
 
     def _gather(self):
         """Lists for ``fused_step`` over the parameters that have a gradient (local shards of
@@ -487,11 +487,12 @@ class AdaFisher(Optimizer, Joinable):
             raise RuntimeError(
                 f"AdaFisher: {what}, but the optimizer's curvature state is on "
                 f"{fisher.buf.device} ({str(fisher.buf.dtype)[6:]}). It follows a model moved "
-                f"to one device (or to float64 and back) at the next eager forward, zero_grad(), "
-                f"step() or load_state_dict() (NOTE: [following the model]), not inside a "
-                f"compiled region: call one of them after moving the model, or build the "
-                f"optimizer after model.to(device). Models spread over several devices are not "
-                f"supported")
+                f"to one device at the next eager forward, zero_grad(), step() or "
+                f"load_state_dict(), and one cast to or from float64 at the next eager "
+                f"zero_grad(), step() or load_state_dict() (NOTE: [following the model]), not "
+                f"inside a compiled region: call one of them after moving the model, or build "
+                f"the optimizer after model.to(device). Models spread over several devices are "
+                f"not supported")
         fisher.to(dev, dtype)
         self._pick_backend(dev)
         self._hooks.ops = self._ops
@@ -598,6 +599,7 @@ class AdaFisher(Optimizer, Joinable):
         loss = None
         if not torch.compiler.is_compiling():
             Join.notify_join_context(self)      # NOTE: [uneven inputs]
+            self._follow_model()                # (DCP's lr-0 step on a just materialised model)
         if closure is not None:
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
@@ -620,6 +622,8 @@ class AdaFisher(Optimizer, Joinable):
                                "GradScaler (e.g. bf16 autocast) (NOTE: [capturable])")
         if found_inf is not None and bool(found_inf):
             fisher.clear()
+            if self._join_config.enable:    # a joined rank shadows this step: NOTE: [uneven inputs]
+                self._shadow_step()
             return loss
         params, grads, moms, steps, meta, hyper = self._gather()
         if grad_scale is not None and grads:
@@ -657,7 +661,11 @@ class AdaFisher(Optimizer, Joinable):
     # ``Join([ddp, opt])``: the joined rank's hook adds a zero buffer to that all-reduce, updates
     # its curvature state from the result as the others do (the gradient scale W^degree stays
     # the initial world's, as DDP's divide_by_initial_world_size), and counts the step, so TCov
-    # gating stays in step on every rank after the context.
+    # gating stays in step on every rank after the context.  A step that GradScaler skips does
+    # the same while Join is enabled (it cannot tell the joined rank it skipped): the all-reduce
+    # of zeros (every layer skips that statistics iteration) and the step count.  Join runs one
+    # round per DDP forward, so this needs one forward per step(): not no_sync() accumulation,
+    # as for torch's ZeroRedundancyOptimizer.
     def join_hook(self, **kwargs) -> JoinHook:
         return _StepShadow(self)
 
@@ -688,6 +696,7 @@ class AdaFisher(Optimizer, Joinable):
     # keep only "state" and "param_groups", and a top-level entry was dropped there.  Without
     # param groups it is top-level; checkpoints written that way load too.
     def state_dict(self) -> Dict[str, Any]:
+        self._follow_model()            # a model materialised or moved since the last step
         sd = super().state_dict()
         extra = {"steps": self.steps, "preset": self.preset, "gamma": self.gamma,
                  "TCov": self.TCov, "Lambda": self.Lambda, "layers": self.fisher.describe(),
@@ -762,24 +771,28 @@ class AdaFisher(Optimizer, Joinable):
         no backward yet) is NaN: a mean over nothing, which the step leaves out of the EMA.  Under DDP/FSDP2 they are this rank's, before the step's
         all-reduce and gradient scale (NOTE: [statistics group])."""
         from .reference import layer_raw
+        self._follow_model()
         self.fisher.flush_rows()
         raw = layer_raw(self.fisher.buf, self.fisher.table)
         return {l.label: (raw[l.h_raw].clone(), raw[l.s_raw].clone()) for l in self.fisher.layers}
 
     def ema_state(self) -> Dict[str, tuple]:
         """{module name: (H state, S state)}: the EMA vectors of every hooked layer."""
+        self._follow_model()
         st = self.fisher.state
         return {l.label: (st[l.h_raw].clone(), st[l.s_raw].clone()) for l in self.fisher.layers}
 
     def curvature_report(self) -> List[dict]:
         """One flat dict per hooked layer: H', S' and F statistics and the curvature share
         (``adafisher_fast.report``; render with ``adafisher_fast.format_report``)."""
+        self._follow_model()
         return curvature_report(self)
 
     def diagnostics(self) -> Dict[str, Dict[str, int]]:
         """{module name: {"stat_iters": n, "nonfinite_skips": k}}: statistics iterations that
         updated the layer, and those it skipped because its raw statistics were not finite (its
         state was kept)."""
+        self._follow_model()
         return {l.label: {"stat_iters": it, "nonfinite_skips": sk}
                 for l, (it, sk) in zip(self.fisher.layers, self.fisher.counters.tolist())}
 

@@ -132,8 +132,10 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
                 f"preset='paper' preconditions them.")
     if named["unreadable"]:
         msg += (f" The calls of {', '.join(named['unreadable'])} cannot be read by their layer "
-                f"kind (an nn.Embedding subclass that looks up positions, not its input: NOTE: "
-                f"[embedding lookups]); a layer kind of their own would precondition them.")
+                f"kind: its probe found that their forward computes something else (an "
+                f"nn.Embedding subclass that looks up positions, not its input, NOTE: [embedding "
+                f"lookups]; an RMSNorm that scales its input before normalising it), or could "
+                f"not call it; a layer kind of their own would precondition them.")
     if named["attention"]:
         msg += (f" adafisher_fast.expose_attention(model), before making the optimizer, "
                 f"preconditions {', '.join(named['attention'])} (NOTE: [exposed attention]).")

@@ -286,10 +286,17 @@ def _join_worker(rank, init_file, out_dir):
         torch.set_num_threads(1)
         model = _model(with_ln=True)
         ddp = nn.parallel.DistributedDataParallel(model)
-        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+        opt = AdaFisherW(model, lr=1e-2, TCov=1, weight_decay=1e-3, preset="paper", backend="torch")
         batches = _batches()
-        with Join([ddp, opt]):               # rank 0: 5 iterations, rank 1: 3
-            _train(ddp, opt, batches[:5 if rank == 0 else 3], rank, WORLD)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        with Join([ddp, opt]):               # rank 0: 6 iterations, rank 1: 3
+            for i, (x, y) in enumerate(batches[:6 if rank == 0 else 3]):
+                sl = slice(rank * 4, (rank + 1) * 4)
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(ddp(x[sl]), y[sl])
+                scaler.scale(loss * (float("inf") if i == 4 else 1.0)).backward()
+                scaler.step(opt)
+                scaler.update()
         torch.save({"params": [p.detach() for p in model.parameters()], "steps": opt.steps,
                     "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"join{rank}.pt"))
         _done(out_dir, rank)    # NOTE: [gloo teardown]
@@ -299,22 +306,27 @@ def _join_worker(rank, init_file, out_dir):
 
 def test_join_with_uneven_inputs(tmp_path):
     """NOTE: [uneven inputs]: under Join([ddp, opt]) rank 1 runs out of batches after 3 of rank
-    0's 5 iterations (2 of them statistics iterations, TCov=2).  The joined rank's hook shadows
-    step()'s statistics all-reduce (it paired with DDP's collectives: gloo aborted) and keeps its
-    curvature state and step count with rank 0's.  Rank 0 matches one process that trains on the
-    whole batch, then on rank 0's half with the loss halved (DDP divides by the initial world
-    size, and the joined rank adds zeros)."""
+    0's 6 iterations (statistics on each: TCov=1), with a GradScaler whose 5th step overflows on
+    rank 0.  The joined rank's hook shadows step()'s statistics all-reduce (it paired with DDP's
+    collectives: gloo aborted), the skipped step's included, and keeps its curvature state and
+    step count with rank 0's (the loss scale is out before the sum).  Rank 0 matches one process
+    that trains on the whole batch, then on rank 0's half with the loss halved (DDP divides by
+    the initial world size, and the joined rank adds zeros), skipping the 5th batch but counting
+    its step."""
     _spawn(_join_worker, tmp_path)
     got = [torch.load(tmp_path / f"join{r}.pt") for r in range(WORLD)]
-    assert got[0]["steps"] == got[1]["steps"] == 5
+    assert got[0]["steps"] == got[1]["steps"] == 6
     torch.testing.assert_close(got[1]["state"], got[0]["state"], rtol=0, atol=0)
     for a, b in zip(got[0]["params"], got[1]["params"]):   # DDP's post hook: the last joiner's
         assert torch.equal(a, b)
     model = _model(with_ln=True)
-    opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+    opt = AdaFisherW(model, lr=1e-2, TCov=1, weight_decay=1e-3, preset="paper", backend="torch")
     batches = _batches()
     _train(model, opt, batches[:3])
-    for x, y in batches[3:5]:
+    for i, (x, y) in enumerate(batches[3:6], 3):
+        if i == 4:
+            opt.set_steps(opt.steps + 1)        # skipped, and counted as the joined rank counts it
+            continue
         half = x.shape[0] // WORLD
         opt.zero_grad()
         (nn.functional.cross_entropy(model(x[:half]), y[:half]) / WORLD).backward()

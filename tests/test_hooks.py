@@ -1090,6 +1090,10 @@ def test_layernorm_subclasses_are_probed_for_their_layout():
         xhat = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()
         torch.testing.assert_close(opt.raw_stats()["2"][0][:3], xhat.square().mean((0, 1)),
                                    rtol=1e-5, atol=0)
+    with torch.device("meta"):          # probed on CPU probe parameters: a meta model too
+        first, last = _LayerNorm2d(3), _FormatLayerNorm(3, "channels_last")
+    AdaFisher(nn.Sequential(first, nn.Flatten(2), last), preset="paper")
+    assert [m.__dict__[layers._LAYOUT] for m in (first, last)] == [1, -1]
 
 
 def test_layernorm_subclass_of_another_layout_is_an_error():
@@ -1177,6 +1181,12 @@ def test_model_built_on_meta_then_materialised(swap, monkeypatch):
                                                r"the optimizer was made with.*to_empty\(\)"):
             _train(model, opt, _batches(n=1))
         return
+    # before any step: DCP's template (an lr-0 step) and the reports see the state on the CPU
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    get_optimizer_state_dict(model, opt)
+    saved = opt.state_dict()["param_groups"][0]["adafisher"]
+    assert all(v.device.type == "cpu" for v in saved.values() if isinstance(v, torch.Tensor))
+    assert opt.diagnostics()["c1"] == {"stat_iters": 0, "nonfinite_skips": 0}
     opt.load_state_dict(copy.deepcopy(ref_opt.state_dict()))
     batches = _batches(n=4)[2:]
     _train(model, opt, batches)
