@@ -106,7 +106,7 @@ def test_a_dropped_optimizer_leaves_no_cached_tables(kernel_ops):
     model(torch.randn(2, 3, device=device())).sum().backward()
     opt.step()
     assert set(kernel_host._TABLES) - before
-    opt.fisher.to(device())                              # the old table's entries go
+    opt.fisher.to(device(), opt.fisher.buf.dtype)        # the old table's entries go
     assert not set(kernel_host._TABLES) - before
     model(torch.randn(2, 3, device=device())).sum().backward()
     opt.step()
