@@ -279,6 +279,7 @@ class AdaFisher(Optimizer, Joinable):
         self._backend_request, self._check_ops = backend, check
         self._pick_backend(params[0].device if params else torch.device("cpu"))
         self._dtype_probe = next((p for p in params if p.dtype == torch.float64), None)
+        self._seen = self._signature()          # NOTE: [following the model]
         self._hooks = self._hook()
         self._silent_checked = False        # NOTE: [silent layers]
         self._frozen = [p for p in model.parameters() if not p.requires_grad]   # NOTE: [unfrozen]
@@ -458,25 +459,18 @@ class AdaFisher(Optimizer, Joinable):
         forward hook, zero_grad(), step() or load_state_dict() that sees the parameters on another
         single device moves the curvature state and the momentum there, and backend="auto" picks
         the backend for that device again.  A model cast to or from float64 takes the state's
-        dtype along (float64 where a parameter is, SPEC 3) and its momentum to the parameters'
-        dtypes, at the next zero_grad(), step() or load_state_dict(), as torch's optimizers keep
-        state in the parameter's dtype.  A model spread over several devices, or a move seen
+        dtype along (float64 where a parameter is, SPEC 3), and a model cast to any dtype its
+        momentum to the parameters' dtypes, at the next zero_grad(), step() or load_state_dict()
+        (the momentum is kept in the parameter's dtype).  A model spread over several devices, or a move seen
         first inside a compiled region, is an error that says what to do."""
         fisher = self.fisher
-        first = next((p for g in self.param_groups for p in g["params"]), None)
-        # per call, one parameter's device and one's dtype, not all of them (0.7 us, not 100 at
-        # 1000 parameters): the first, and a float64 one while the state is float64 (a cast of
-        # the whole model changes both; a cast of a part after construction is not seen)
-        probe = first if self._dtype_probe is None else self._dtype_probe
-        if first is None or (what is None and first.device == fisher.buf.device and
-                             (probe.dtype == torch.float64) == (fisher.buf.dtype == torch.float64)):
+        seen = self._signature()
+        if seen is None or (what is None and seen == self._seen):
             return
         params = [p for g in self.param_groups for p in g["params"]]
-        dtype, dev = state_dtype(params), first.device
+        dtype, dev = state_dtype(params), params[0].device
         self._dtype_probe = next((p for p in params if p.dtype == torch.float64), None)
         moved = dev != fisher.buf.device
-        if what is None and not moved and dtype == fisher.buf.dtype:
-            return
         devices = {p.device for p in params}
         if what is not None and not moved:
             self._check_replaced()
@@ -488,14 +482,15 @@ class AdaFisher(Optimizer, Joinable):
                 f"AdaFisher: {what}, but the optimizer's curvature state is on "
                 f"{fisher.buf.device} ({str(fisher.buf.dtype)[6:]}). It follows a model moved "
                 f"to one device at the next eager forward, zero_grad(), step() or "
-                f"load_state_dict(), and one cast to or from float64 at the next eager "
+                f"load_state_dict(), and one cast to another dtype at the next eager "
                 f"zero_grad(), step() or load_state_dict() (NOTE: [following the model]), not "
                 f"inside a compiled region: call one of them after moving the model, or build "
                 f"the optimizer after model.to(device). Models spread over several devices are "
                 f"not supported")
-        fisher.to(dev, dtype)
-        self._pick_backend(dev)
-        self._hooks.ops = self._ops
+        if moved or dtype != fisher.buf.dtype:
+            fisher.to(dev, dtype)
+            self._pick_backend(dev)
+            self._hooks.ops = self._ops
         for p in params:
             st = self.state.get(p)
             if st and st["exp_avg"].is_meta and dev.type != "meta":    # NOTE: [meta state]
@@ -503,6 +498,18 @@ class AdaFisher(Optimizer, Joinable):
             elif st:
                 st["exp_avg"] = st["exp_avg"].to(dev, p.dtype)
                 st["step"] = st["step"].to(dev if self._device_steps else "cpu")
+        self._seen = self._signature()
+
+    def _signature(self):
+        """What _follow_model compares per call: the first parameter's device and dtype, and the
+        dtype of a float64 one while there is one.  One or two parameters, not all (0.7 us, not
+        100, at 1000 parameters): a cast or move of the whole model changes them; one of a part
+        after construction is not seen."""
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        if first is None:
+            return None
+        probe = first if self._dtype_probe is None else self._dtype_probe
+        return first.device, first.dtype, probe.dtype
 
     def _check_replaced(self) -> None:
         """Raises when parameters the optimizer holds are no longer the model's: fully_shard,

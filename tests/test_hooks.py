@@ -1239,6 +1239,10 @@ def _cast_after_construction(backend, forward_first):
     _train(cast, opt, [(x.float(), y) for x, y in batches])
     assert opt.fisher.buf.dtype == torch.float32
     assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
+    cast.bfloat16()                     # the momentum in the parameters' dtype, the state float32
+    opt.zero_grad()
+    assert opt.fisher.buf.dtype == torch.float32
+    assert all(st["exp_avg"].dtype == torch.bfloat16 for st in opt.state.values())
 
 
 @pytest.mark.parametrize("forward_first", [False, True])
