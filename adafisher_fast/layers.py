@@ -106,7 +106,7 @@ class LayerKind:
 
     def probe(self, module: nn.Module) -> bool:
         """Called for each module at construction, where a kind may try the module's class on
-        probe inputs (``probe_call``).  False when its calls cannot be read as
+        probe inputs (``probe_call``, ``probe_on_cpu``).  False when its calls cannot be read as
         this kind reads them (an nn.Embedding subclass that looks up positions, not its input):
         the module then gets no hooks and no factors, and the warning at construction names it
         (optional)."""
@@ -170,8 +170,10 @@ def kind_of(module: nn.Module) -> Optional[LayerKind]:
     for name, kind in _REGISTRY.items():
         if isinstance(name, str) and "*" in name:
             patterns.append((name, kind))
-        elif isinstance(name, str) and _exported(name) is not None:
-            exported.setdefault(_exported(name), kind)
+        elif isinstance(name, str):
+            cls = _exported(name)
+            if cls is not None:
+                exported.setdefault(cls, kind)
     mro = type(module).__mro__
     for t in mro:
         kind = (_REGISTRY.get(t) or _REGISTRY.get(f"{t.__module__}.{t.__qualname__}") or

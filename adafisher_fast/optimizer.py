@@ -461,8 +461,8 @@ class AdaFisher(Optimizer, Joinable):
         the backend for that device again.  A model cast to or from float64 takes the state's
         dtype along (float64 where a parameter is, SPEC 3), and a model cast to any dtype its
         momentum to the parameters' dtypes, at the next zero_grad(), step() or load_state_dict()
-        (the momentum is kept in the parameter's dtype).  A model spread over several devices, or a move seen
-        first inside a compiled region, is an error that says what to do."""
+        (the momentum is kept in the parameter's dtype).  A model spread over several devices,
+        or a move seen first inside a compiled region, is an error that says what to do."""
         fisher = self.fisher
         seen = self._signature()
         if seen is None or (what is None and seen == self._seen):
@@ -775,8 +775,9 @@ class AdaFisher(Optimizer, Joinable):
         """{module name ("<root>" for the model itself, as in every report): (H, S)}: the raw
         statistics gathered since the last step/zero_grad, finalised as SPEC section 2 defines
         them (before any EMA or normalisation).  A factor that gathered no rows (no forward or
-        no backward yet) is NaN: a mean over nothing, which the step leaves out of the EMA.  Under DDP/FSDP2 they are this rank's, before the step's
-        all-reduce and gradient scale (NOTE: [statistics group])."""
+        no backward yet) is NaN: a mean over nothing, which the step leaves out of the EMA.
+        Under DDP/FSDP2 they are this rank's, before the step's all-reduce and gradient scale
+        (NOTE: [statistics group])."""
         from .reference import layer_raw
         self._follow_model()
         self.fisher.flush_rows()
