@@ -68,11 +68,11 @@ def _check_params(params: List[torch.Tensor], names: Dict[int, str]) -> None:
                             f"floating-point dtype")
 
 
-def _check_group(where: str, g: Any, model: nn.Module, seen: set, names: Dict[int, str],
+def _check_group(where: str, g: Any, of_model: set, seen: set, names: Dict[int, str],
                  skip_frozen: bool) -> Dict[str, Any]:
     """A copy of group ``g`` with its params as a list, after checking its keys and values, and
-    that each item is a parameter of ``model`` (or a (name, parameter) pair, as torch's
-    optimizers take) not in ``seen`` (ids, updated).  A frozen parameter is left out where
+    that each item is a parameter of the model (ids ``of_model``; or a (name, parameter) pair,
+    as torch's optimizers take) not in ``seen`` (ids, updated).  A frozen parameter is left out where
     ``skip_frozen`` (the constructor: SPEC 7 ignores frozen parameters, and NOTE: [unfrozen]
     names it if it is unfrozen later), else refused (add_param_group: it asked for training)."""
     if not isinstance(g, dict) or "params" not in g:
@@ -88,7 +88,6 @@ def _check_group(where: str, g: Any, model: nn.Module, seen: set, names: Dict[in
         raise TypeError(f"{where}['params'] is an nn.Module; give its parameters, "
                         f"module.parameters()")
     items = [g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"])
-    of_model = {id(p) for p in model.parameters()}
     kept, mine = [], set()
     for i, item in enumerate(items):
         named = isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
@@ -128,8 +127,8 @@ def _build_groups(model: nn.Module, param_groups: Optional[List[Dict[str, Any]]]
         return [{"params": trainable}], names
     if not isinstance(param_groups, (list, tuple)):
         raise TypeError(f"param_groups must be a list of dicts, got {type(param_groups).__name__}")
-    seen: set = set()
-    groups = [_check_group(f"param_groups[{i}]", g, model, seen, names, skip_frozen=True)
+    seen, of_model = set(), set(names)
+    groups = [_check_group(f"param_groups[{i}]", g, of_model, seen, names, skip_frozen=True)
               for i, g in enumerate(param_groups)]
     rest = [p for p in trainable if id(p) not in seen]
     if rest:    # named where the user's groups are: torch takes names in all groups or none
@@ -329,7 +328,8 @@ class AdaFisher(Optimizer, Joinable):
         self._follow_model()        # a cast since the last step: the state and momentum first
         self._names.update({id(p): n for n, p in self._model.named_parameters()})   # new modules
         seen = {id(p) for g in self.param_groups for p in g["params"]}
-        group = _check_group("add_param_group", param_group, self._model, seen, self._names,
+        of_model = {id(p) for p in self._model.parameters()}
+        group = _check_group("add_param_group", param_group, of_model, seen, self._names,
                              skip_frozen=False)
         super().add_param_group(group)
         added = {id(p) for p in group["params"]}
