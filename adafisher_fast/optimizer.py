@@ -341,6 +341,8 @@ class AdaFisher(Optimizer, Joinable):
         hooks.remove()
         self._hooks = self._hook()
         self._hooks.set_steps(hooks.steps, self.TCov)
+        self._dtype_probe = next((p for p in params if p.dtype == torch.float64), None)
+        self._seen = self._signature()      # NOTE: [following the model], for the new layout
 
     def _check_shards(self) -> None:
         """Every rank checks every rank's dim-0 shard of each FSDP2 parameter, so that a layout
@@ -811,6 +813,11 @@ class _StepShadow(JoinHook):
 
     def main_hook(self) -> None:
         self.opt._shadow_step()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        # torch leaves a joinable's config enabled after the context: a step GradScaler skips
+        # later must be skipped, not shadowed (NOTE: [uneven inputs])
+        self.opt._join_config = self.opt._join_config._replace(enable=False)
 
 
 class AdaFisherW(AdaFisher):

@@ -297,8 +297,15 @@ def _join_worker(rank, init_file, out_dir):
                 scaler.scale(loss * (float("inf") if i == 4 else 1.0)).backward()
                 scaler.step(opt)
                 scaler.update()
-        torch.save({"params": [p.detach() for p in model.parameters()], "steps": opt.steps,
-                    "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"join{rank}.pt"))
+        out = {"params": [p.detach() for p in model.parameters()], "steps": opt.steps,
+               "state": opt.fisher.state.clone()}
+        x, y = batches[6]                   # after the context, a skipped step is skipped
+        sl = slice(rank * 4, (rank + 1) * 4)
+        opt.zero_grad()
+        scaler.scale(nn.functional.cross_entropy(ddp(x[sl]), y[sl]) * float("inf")).backward()
+        scaler.step(opt)
+        out["steps_after"] = opt.steps
+        torch.save(out, os.path.join(out_dir, f"join{rank}.pt"))
         _done(out_dir, rank)    # NOTE: [gloo teardown]
     finally:
         dist.destroy_process_group()
@@ -312,10 +319,11 @@ def test_join_with_uneven_inputs(tmp_path):
     step count with rank 0's (the loss scale is out before the sum).  Rank 0 matches one process
     that trains on the whole batch, then on rank 0's half with the loss halved (DDP divides by
     the initial world size, and the joined rank adds zeros), skipping the 5th batch but counting
-    its step."""
+    its step.  After the context, a skipped step is skipped (torch leaves Join's setting on)."""
     _spawn(_join_worker, tmp_path)
     got = [torch.load(tmp_path / f"join{r}.pt") for r in range(WORLD)]
     assert got[0]["steps"] == got[1]["steps"] == 6
+    assert got[0]["steps_after"] == got[1]["steps_after"] == 6
     torch.testing.assert_close(got[1]["state"], got[0]["state"], rtol=0, atol=0)
     for a, b in zip(got[0]["params"], got[1]["params"]):   # DDP's post hook: the last joiner's
         assert torch.equal(a, b)

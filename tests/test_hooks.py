@@ -1245,6 +1245,25 @@ def _cast_after_construction(backend, forward_first):
     assert all(st["exp_avg"].dtype == torch.bfloat16 for st in opt.state.values())
 
 
+def test_a_float64_group_added_then_cast_is_followed():
+    """add_param_group of a float64 head makes the state float64; a cast of the model to float32
+    afterwards takes the state and the momentum along (the per-call check looked at the
+    construction's parameters only)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2).double())
+    model[2].requires_grad_(False)
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    model[2].requires_grad_(True)
+    opt.add_param_group({"params": model[2].parameters()})
+    assert opt.fisher.buf.dtype == torch.float64
+    x = torch.randn(5, 3)
+    model[2](model[1](model[0](x)).double()).sum().backward()
+    opt.step()
+    model.float()
+    opt.zero_grad()
+    assert opt.fisher.buf.dtype == torch.float32
+    assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
+
+
 @pytest.mark.parametrize("forward_first", [False, True])
 def test_model_cast_after_construction_takes_the_state_dtype_along(forward_first):
     _cast_after_construction("torch", forward_first)

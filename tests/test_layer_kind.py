@@ -362,6 +362,20 @@ def test_hf_rmsnorms_on_meta_or_subclassed_are_read():
     assert [lay.name for lay in opt.fisher.layers] == ["0", "1", "2", "3", "4"]
 
 
+def test_a_listed_classs_subclass_with_its_own_forward_is_probed():
+    """A subclass of a listed class that overrides forward (scaling before normalising) is not
+    read as the listed class: the probe leaves it factor-free and the warning names it."""
+    class InputScaled(LlamaRMSNorm):
+        def forward(self, x):
+            y = x * self.weight
+            return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+
+    model = nn.Sequential(nn.Linear(5, 6), InputScaled(6), nn.Linear(6, 3))
+    with pytest.warns(UserWarning, match=r"1 \(InputScaled\)"):
+        opt = AdaFisher(model, preset="paper")
+    assert [lay.name for lay in opt.fisher.layers] == ["0", "2"]
+
+
 def test_a_weightless_hf_rmsnorm_is_no_layer():
     model = nn.Sequential(nn.Linear(5, 6), Gemma3nRMSNorm(6, with_scale=False),
                           Gemma3nRMSNorm(6), nn.Linear(6, 3))
