@@ -806,10 +806,10 @@ class HFRMSNormKind(NormKind):
 
     def probe(self, m):
         """The classes listed in _HF_RMSNORMS (and their subclasses that keep their forward:
-        FSDP2's FSDP<Name>) are read as they are.  Another class the name pattern matches is read only if its forward, called
-        on a probe input with a probe weight (once per module), computes weight * xhat or (1 +
-        weight) * xhat with the eps it holds; otherwise it is left factor-free and the
-        construction warning names it."""
+        FSDP2's FSDP<Name>) are read as they are.  Another class the name pattern matches is
+        read only if its forward, called on a probe input with a probe weight (once per module),
+        computes weight * xhat or (1 + weight) * xhat with the eps it holds; otherwise it is left
+        factor-free and the construction warning names it."""
         # the class whose forward runs: FSDP2's FSDP<Name> defines none, a user's subclass may
         own = next(c for c in type(m).__mro__ if "forward" in vars(c))
         if f"{own.__module__}.{own.__qualname__}" in _HF_LISTED:

@@ -277,8 +277,7 @@ class AdaFisher(Optimizer, Joinable):
         self.fisher = FisherState(model, PRESETS[preset], params)
         self._backend_request, self._check_ops = backend, check
         self._pick_backend(params[0].device if params else torch.device("cpu"))
-        self._dtype_probe = next((p for p in params if p.dtype == torch.float64), None)
-        self._seen = self._signature()          # NOTE: [following the model]
+        self._note_dtypes(params)               # NOTE: [following the model]
         self._hooks = self._hook()
         self._silent_checked = False        # NOTE: [silent layers]
         self._frozen = [p for p in model.parameters() if not p.requires_grad]   # NOTE: [unfrozen]
@@ -341,8 +340,7 @@ class AdaFisher(Optimizer, Joinable):
         hooks.remove()
         self._hooks = self._hook()
         self._hooks.set_steps(hooks.steps, self.TCov)
-        self._dtype_probe = next((p for p in params if p.dtype == torch.float64), None)
-        self._seen = self._signature()      # NOTE: [following the model], for the new layout
+        self._note_dtypes(params)           # NOTE: [following the model], for the new layout
 
     def _check_shards(self) -> None:
         """Every rank checks every rank's dim-0 shard of each FSDP2 parameter, so that a layout
@@ -471,7 +469,6 @@ class AdaFisher(Optimizer, Joinable):
             return
         params = [p for g in self.param_groups for p in g["params"]]
         dtype, dev = state_dtype(params), params[0].device
-        self._dtype_probe = next((p for p in params if p.dtype == torch.float64), None)
         moved = dev != fisher.buf.device
         devices = {p.device for p in params}
         if what is not None and not moved:
@@ -500,6 +497,12 @@ class AdaFisher(Optimizer, Joinable):
             elif st:
                 st["exp_avg"] = st["exp_avg"].to(dev, p.dtype)
                 st["step"] = st["step"].to(dev if self._device_steps else "cpu")
+        self._note_dtypes(params)
+
+    def _note_dtypes(self, params: List[torch.Tensor]) -> None:
+        """Remembers the signature _follow_model compares with, and the float64 parameter (if
+        any) it reads."""
+        self._dtype_probe = next((p for p in params if p.dtype == torch.float64), None)
         self._seen = self._signature()
 
     def _signature(self):
