@@ -399,7 +399,6 @@ class AdaFisher(Optimizer, Joinable):
         fisher, free_lam = self.fisher, PRESETS[self.preset].free_params_get_lambda
         state, free, rows = self.state, fisher.free, fisher.meta
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
-        self._follow_model()
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
             for p in group["params"]:
@@ -611,7 +610,7 @@ class AdaFisher(Optimizer, Joinable):
         loss = None
         if not torch.compiler.is_compiling():
             Join.notify_join_context(self)      # NOTE: [uneven inputs]
-            self._follow_model()                # (DCP's lr-0 step on a just materialised model)
+        self._follow_model()                    # (also DCP's lr-0 step after to_empty())
         if closure is not None:
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")

@@ -480,7 +480,7 @@ class FisherState:
                  "h_size": l.h_raw.stop - l.h_raw.start, "s_size": l.s_raw.stop - l.s_raw.start}
                 for l in self.layers]
 
-    _MOVED = ("grad_degree", "buf", "state", "fac", "initialized", "counters", "before", "table")
+    _MOVED = ("grad_degree", "buf", "state", "fac", "initialized", "counters", "before")
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Moves every tensor of the state to ``device``, its floating ones in ``dtype`` (NOTE:
@@ -494,7 +494,7 @@ class FisherState:
         def to(v):
             return v.to(device, dtype) if v.is_floating_point() else v.to(device)
         if device.type == "meta" and not self.buf.is_meta:
-            self._held_off_meta = {k: getattr(self, k) for k in self._MOVED}
+            self._held_off_meta = {k: getattr(self, k) for k in self._MOVED + ("table",)}
         elif device.type != "meta" and self.buf.is_meta:
             for k, v in self._held_off_meta.items():
                 setattr(self, k, v)
@@ -505,7 +505,7 @@ class FisherState:
                                         for v in self.table))._replace(
             term_pow=pw, term_coef=coef, term_q=q)
         self._tables[:] = [self.table]
-        for name in self._MOVED[:-1]:
+        for name in self._MOVED:
             v = getattr(self, name)
             setattr(self, name, None if v is None else to(v))
         self.held = None
