@@ -256,8 +256,17 @@ def map_indices(meta: Sequence[int], r: torch.Tensor, c: torch.Tensor):
 
 
 def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Tensor:
-    """F of one parameter as a (rows, cols) tensor, from its ``meta`` row (NOTE: [param map])."""
-    rows, cols = int(meta[0]), int(meta[1])
+    """F of one parameter as a (rows, cols) tensor, from its ``meta`` row (NOTE: [param map]).
+
+    ``fac`` is 1-D.  Both indices are affine in (group, row in group, column), so S and H are
+    read through strided views of ``fac``: no index tensors the parameter's size, which made
+    this the torch backend's costliest step (the index path stays for negative strides)."""
+    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = (int(v) for v in meta)
+    if min(s_r, s_c, h_r, h_c, h_gs) >= 0 and rows % h_gr == 0 and fac.stride(0) == 1:
+        shape, base = (rows // h_gr, h_gr, cols), fac.storage_offset()
+        s = fac.as_strided(shape, (h_gr * s_r, s_r, s_c), base + s_off)
+        h = fac.as_strided(shape, (h_gr * h_r + h_gs, h_r, h_c), base + h_off)
+        return (s * h + lam).reshape(rows, cols)
     s_idx, h_idx = map_indices(meta, torch.arange(rows, device=fac.device)[:, None],
                                torch.arange(cols, device=fac.device)[None, :])
     return fac[s_idx] * fac[h_idx] + lam
@@ -292,15 +301,18 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     for p, g, m, t, row, (lr, beta, wd, lam) in zip(params, grads, moms, steps, meta.tolist(), hyper):
         t += 1
         work = torch.float64 if p.dtype == torch.float64 else torch.float32
-        pw, gw, mw = p.to(work), g.to(work), m.to(work)
+        # p and m are updated in place, through a float32 copy where they are bfloat16/float16
+        pw, mw, gw = (p if p.dtype == work else p.to(work), m if m.dtype == work else m.to(work),
+                      g.to(work))
         if wd != 0 and not decoupled:
             gw = gw + wd * pw
-        mw = mw * beta + gw * (1 - beta)
+        mw.mul_(beta).add_(gw * (1 - beta))
         # a 0-dim tensor on the step's device: no host read of t (capturable, NOTE: [capturable])
         bc = 1 - torch.pow(beta, t.to(torch.float64))
-        fd = fisher_diag(fac.to(work), row, lam).reshape(p.shape)
-        upd = mw / bc / fd
+        upd = (mw / bc).div_(fisher_diag(fac.to(work), row, lam).view(p.shape))
         if decoupled and wd != 0:
-            upd = upd + wd * pw
-        m.copy_(mw)
-        p.copy_(pw - lr * upd)
+            upd.add_(wd * pw)
+        pw.sub_(upd.mul_(lr))
+        for dst, src in ((m, mw), (p, pw)):
+            if src is not dst:
+                dst.copy_(src)

@@ -277,6 +277,27 @@ def test_row_transpose():
     assert kernel_host.row_transpose((36, 1, 9, 0, 0, 9, 0, 0, 36, 0), e, e, e) == 0
 
 
+@pytest.mark.parametrize("row", [
+    (5, 7, 0, 1, 0, 5, 0, 1, 5, 0),            # Linear: S by row, H by column
+    (4, 6, 13, 1, 0, 17, 0, 1, 2, 7),          # grouped conv: H per group of 2 rows
+    (6, 10, 0, 1, 0, 12, 0, 1, 2, 10),         # transposed conv (layers.cross_matrix_map)
+    (3, 4, 20, 0, 1, 57, 1, 0, 3, 0),          # Embedding: H by row, S by column
+    (5, 3, 0, 1, 0, 10, 0, 1, 2, 3),           # a shard ending inside a group: 2 does not divide 5
+    (4, 1, 69, 0, 0, 69, 0, 0, 4, 0),          # factor-free
+    (0, 3, 0, 1, 0, 5, 0, 1, 1, 0)])           # zero-size
+def test_fisher_diag_reads_the_param_map(row):
+    """reference.fisher_diag (strided views of fac) against NOTE: [param map]'s two indices read
+    element by element, on a fac that is a slice of a larger buffer (a nonzero storage offset)."""
+    fac = (torch.rand(80, dtype=torch.float64) + 0.5)[5:75]
+    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = row
+    want = torch.empty(rows, cols, dtype=torch.float64)
+    for r in range(rows):
+        for c in range(cols):
+            want[r, c] = (fac[s_off + r * s_r + c * s_c]
+                          * fac[h_off + r * h_r + c * h_c + (r // h_gr) * h_gs] + 1e-3)
+    torch.testing.assert_close(reference.fisher_diag(fac, row, 1e-3), want, rtol=0, atol=0)
+
+
 def test_fused_step_memory_layouts(kernel_ops, monkeypatch):
     """channels_last parameters (NOTE: [row transpose]) are updated by the kernel in place: two
     steps equal the reference's on contiguous copies, with neither the reference nor a contiguous
