@@ -231,17 +231,20 @@ class StatHooks:
             if not (self.collecting and torch.is_grad_enabled()):
                 return
             x = inputs[0] if inputs else kwargs.get(first)
-            if not isinstance(x, torch.Tensor) or _transformed(x, output):
+            if _transformed(x, output):
                 return
             compiling = torch.compiler.is_compiling()
-            if not compiling:
-                fisher.note_forward()            # NOTE: [forward before zero_grad]
-            if x.device != fisher.buf.device:
-                follow = self.follow()
-                if follow is not None:
-                    follow(f"layer '{lay.name}' ran on {x.device}")
-            x = lay.kind.h_input(module, x.detach(), output)
-            if x is None:                        # a call the kind cannot read: gather nothing
+            if isinstance(x, torch.Tensor):
+                if not compiling:
+                    fisher.note_forward()        # NOTE: [forward before zero_grad]
+                if x.device != fisher.buf.device:
+                    follow = self.follow()
+                    if follow is not None:
+                        follow(f"layer '{lay.name}' ran on {x.device}")
+                x = lay.kind.h_input(module, x.detach(), output)
+            if not isinstance(x, torch.Tensor):  # a call the kind cannot read: gather nothing
+                if not compiling:                # (while compiling, reading lay would guard on it)
+                    lay.unread = True            # NOTE: [silent layers]
                 return
             # NOTE: [recomputation] A forward inside a backward pass is activation checkpointing
             # recomputing a segment.  Non-reentrant checkpointing (torch.utils.checkpoint's

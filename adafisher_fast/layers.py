@@ -777,7 +777,12 @@ _HF_RMSNORMS = (
     ("granitemoe", "GraniteMoeRMSNorm"), ("smollm3", "SmolLM3RMSNorm"), ("gpt_oss", "GptOssRMSNorm"),
     ("glm", "GlmRMSNorm"), ("glm4", "Glm4RMSNorm"), ("helium", "HeliumRMSNorm"),
     ("mamba", "MambaRMSNorm"), ("mamba2", "Mamba2RMSNorm"), ("jamba", "JambaRMSNorm"),
-    ("t5", "T5LayerNorm"))
+    # T5's form, named *LayerNorm
+    ("t5", "T5LayerNorm"), ("mt5", "MT5LayerNorm"), ("umt5", "UMT5LayerNorm"),
+    ("longt5", "LongT5LayerNorm"), ("switch_transformers", "SwitchTransformersLayerNorm"),
+    ("pop2piano", "Pop2PianoLayerNorm"), ("udop", "UdopLayerNorm"),
+    ("pix2struct", "Pix2StructLayerNorm"), ("kosmos2_5", "Kosmos2_5LayerNorm"),
+    ("cpmant", "CpmAntLayerNorm"))
 _HF_LISTED = tuple(f"transformers.models.{mod}.modeling_{mod}.{cls}" for mod, cls in _HF_RMSNORMS)
 _RMS_FORM = "_adafisher_rms_form"
 
@@ -885,9 +890,18 @@ class EmbeddingKind(LayerKind):
         names it.  When the probe cannot call the forward (it needs other arguments), the first
         eager statistics call is checked instead, and a class that fails gathers nothing, with
         one warning; compiled calls before that gather nothing, since values cannot be read
-        while tracing (a warning at construction says so)."""
+        while tracing (a warning at construction says so).  A call on input that is not
+        integer indices (Ovis2's visual embedding table multiplies soft tokens by its weight) gathers
+        nothing either, with one warning per class, whatever the probe found."""
         if type(m).forward is nn.Embedding.forward:
             return x
+        if x.dtype not in (torch.int32, torch.int64):
+            if type(m) not in _NOT_INDICES:
+                _NOT_INDICES.add(type(m))
+                warnings.warn(f"AdaFisher: {type(m).__name__} was called on {x.dtype} input, "
+                              f"not indices, so such calls gather no statistics (NOTE: "
+                              f"[embedding lookups])")
+            return None
         ok = _PROBED.get(type(m))
         if ok is None:
             ok = _CHECKED.get(type(m))
@@ -907,6 +921,7 @@ class EmbeddingKind(LayerKind):
 # its checkpoints, do not depend on what ran before in the process (NOTE: [embedding lookups])
 _PROBED: Dict[type, Optional[bool]] = {}
 _CHECKED: Dict[type, bool] = {}
+_NOT_INDICES: set = set()           # classes warned about a call on input that is not indices
 
 
 def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
@@ -917,7 +932,7 @@ def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
         return True
     if cls not in _PROBED:
         _PROBED[cls] = _try_lookup(m)
-        if _PROBED[cls] is None:
+        if _PROBED[cls] is None and m.weight.requires_grad:    # a frozen table is not a layer
             warnings.warn(f"AdaFisher: {cls.__name__}'s forward could not be tried on probe "
                           f"indices, so whether it looks up the indices it is given is checked "
                           f"at its first eager statistics call; until then compiled calls "

@@ -559,7 +559,9 @@ class AdaFisher(Optimizer, Joinable):
         layers, once: those with gradients and no rows in the all-reduced row counts (one read;
         a layer another rank ran has rows).  The same counts show S rows without H rows, a
         compiled model's forward before zero_grad() (NOTE: [forward before zero_grad]): named
-        too.  Not with capturable=True, whose step() reads
+        too.  A layer that was called, but only with input its kind could not read (Layer.unread:
+        a positional embedding whose forward takes a shape), is named with that cause.  Not with
+        capturable=True, whose step() reads
         nothing from the device (the construction warning still names an nn.MultiheadAttention),
         nor on the meta device."""
         self._silent_checked = True
@@ -569,8 +571,18 @@ class AdaFisher(Optimizer, Joinable):
         got = {fisher.owner[id(p)].name for g in self.param_groups for p in g["params"]
                if p.grad is not None and id(p) in fisher.owner}
         rows = fisher.buf[fisher.n_acc:].tolist()
-        silent = [lay.name for lay in fisher.layers
+        silent = [lay for lay in fisher.layers
                   if lay.name in got and not rows[lay.h_factor] and not rows[lay.s_factor]]
+        unread = sorted(lay.name for lay in silent if lay.unread)
+        silent = [lay.name for lay in silent if not lay.unread]
+        if unread:
+            warnings.warn(f"AdaFisher: layer(s) {', '.join(unread)} got gradients in a "
+                          f"statistics iteration but gathered no curvature statistics, so their "
+                          f"parameters step with F = 1 + Lambda: they were called, but with "
+                          f"input their layer kind cannot read (an nn.Embedding subclass that "
+                          f"does not look up the indices it is given, as a positional embedding "
+                          f"whose forward takes a shape or a mask; NOTE: [silent layers])",
+                          stacklevel=5)
         if silent:
             warnings.warn(f"AdaFisher: layer(s) {', '.join(sorted(silent))} got gradients in a "
                           f"statistics iteration but gathered no curvature statistics, so their "

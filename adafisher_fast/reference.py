@@ -123,10 +123,17 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
 
 
 def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
-    """Token frequencies: ``out[v] += number of tokens equal to v``.  idx: integer tensor, any shape.
-    (index_add_, not bincount: bincount sizes its output from the data, a host read on CUDA.)"""
-    flat = idx.reshape(-1)
-    out.index_add_(0, flat, torch.ones((), dtype=out.dtype, device=out.device).expand(flat.numel()))
+    """Token frequencies: ``out[v] += number of tokens equal to v`` for 0 <= v < len(out).
+    idx: int32/int64 tensor, any shape.  Tokens out of that range are not counted: an
+    Embedding subclass may send them elsewhere (Idefics' decoupled embedding adds a table).
+    (index_add_ of 0/1 weights, not bincount or a boolean mask: both read a size from the
+    device.)"""
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"embedding_stats: idx must be int32 or int64, got {idx.dtype}")
+    flat, n = idx.reshape(-1), out.numel()
+    ok = (flat >= 0) & (flat < n)
+    if n:
+        out.index_add_(0, torch.where(ok, flat, 0), ok.to(out.dtype))
 
 
 # ----------------------------------------------------------------------------------------------

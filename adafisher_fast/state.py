@@ -43,6 +43,8 @@ class Layer:
     s_raw: slice
     # modules of the same type whose parameters are this module's (NOTE: [shared parameters])
     aliases: List[nn.Module] = field(default_factory=list)
+    # an eager call its kind could not read (not a tensor, or h_input gave None) was seen
+    unread: bool = False
 
     @property
     def label(self) -> str:

@@ -1,7 +1,7 @@
 """Triton twin of ``reference.embedding_stats``: ``out[v] += number of tokens equal to v``.
 
-idx: integer tensor of any shape; out: float32 (float64 falls back to the reference).  One atomic
-add of 1 per token; out-of-range tokens are ignored here (the reference's bincount would fail).
+idx: int32/int64 tensor of any shape; out: float32 (float64 falls back to the reference).  One
+atomic add of 1 per token; out-of-range tokens are not counted, as in the reference.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def _embedding_stats_kernel(idx_ptr, out_ptr, n, V, BLOCK: tl.constexpr):
 @on_device
 def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
     """Same signature and semantics as ``reference.embedding_stats``."""
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"embedding_stats: idx must be int32 or int64, got {idx.dtype}")
     if out.dtype != torch.float32 or not out.is_contiguous():
         return reference.embedding_stats(idx, out)
     flat = idx.reshape(-1).contiguous()

@@ -10,7 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from adafisher_fast import AdaFisher, AdaFisherW, layers
-from conftest import assert_trajectories_close, backend_name, fisher_tensors
+from conftest import (assert_trajectories_close, backend_name, fisher_tensors, kernel_backends,
+                      kernel_module)
 
 
 class Block(nn.Module):
@@ -849,6 +850,124 @@ def test_an_empty_first_call_does_not_decide_the_lookup_check():
     with pytest.warns(UserWarning, match="_CachedPositions's forward does not look up"):
         model.positions(torch.zeros(2, 4, dtype=torch.long), 0)
     assert layers._CHECKED == {_CachedPositions: False}
+
+
+class _SoftTokenTable(nn.Embedding):
+    """Ovis2's visual embedding table: integer ids are looked up, soft tokens (probabilities over
+    the table) multiply the weight."""
+
+    def forward(self, x):
+        return super().forward(x) if x.dtype in (torch.int32, torch.int64) else x @ self.weight
+
+
+def test_soft_token_calls_of_a_lookup_table_gather_nothing():
+    """NOTE: [embedding lookups] The probe finds Ovis2's table a lookup of integer ids, and the
+    model feeds it probabilities: such calls crashed the torch and CUDA backends, and the Triton
+    kernel counted every soft token as token 0.  They gather nothing now, with one warning per
+    class, while integer calls still count their ids."""
+    layers._PROBED.clear()
+    layers._NOT_INDICES.clear()
+    torch.manual_seed(0)
+    model = nn.Sequential(_SoftTokenTable(7, 4), nn.Linear(4, 3)).double()
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    assert layers._PROBED == {_SoftTokenTable: True}
+    probs = torch.randn(2, 5, 7, dtype=torch.float64).softmax(-1)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model(probs).sum().backward()
+    assert [str(r.message) for r in rec if "AdaFisher" in str(r.message)] == [
+        "AdaFisher: _SoftTokenTable was called on torch.float64 input, not indices, so such calls "
+        "gather no statistics (NOTE: [embedding lookups])"]
+    fisher = opt.fisher
+    assert fisher.buf[fisher.n_acc + fisher.layers[0].h_factor] == 0         # no H rows
+    opt.zero_grad()
+    model(torch.tensor([[1, 1, 6]])).sum().backward()
+    torch.testing.assert_close(opt.raw_stats()["0"][0],
+                               torch.tensor([0, 2, 0, 0, 0, 0, 1], dtype=torch.float64) / 3)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _DecoupledWords(nn.Embedding):
+    """Idefics' decoupled embedding (fully trained): ids from num_embeddings on look up a second
+    table."""
+
+    def __init__(self, v, extra, d):
+        super().__init__(v, d)
+        self.additional = nn.Embedding(extra, d)
+
+    def forward(self, ids):
+        extra = ids >= self.num_embeddings
+        words = super().forward(torch.where(extra, 0, ids))
+        more = self.additional(torch.where(extra, ids - self.num_embeddings, 0))
+        return torch.where(extra[..., None], more, words)
+
+
+@pytest.mark.parametrize("backend", ["torch", *kernel_backends()])
+def test_tokens_another_table_looks_up_are_not_counted(backend, monkeypatch):
+    """NOTE: [embedding lookups] A token the table does not hold (Idefics sends it to a second
+    table) is not counted, on every backend: the torch backend raised IndexError and the kernels
+    skipped it."""
+    if backend != "torch":
+        kernel_module(backend, monkeypatch)
+    layers._PROBED.clear()
+    model = nn.Sequential(_DecoupledWords(6, 3, 4), nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                 # a composite layer (NOTE: [composite layers])
+        opt = AdaFisher(model, TCov=1, preset="paper", backend=backend)
+    ids = torch.tensor([[0, 7, 2, 2], [8, 5, 6, 1]])
+    want = torch.zeros(6, dtype=torch.float64)
+    for t in ids.reshape(-1).tolist():
+        if t < 6:
+            want[t] += 1
+    model(ids).sum().backward()
+    torch.testing.assert_close(opt.raw_stats()["0"][0].double().cpu(), want / ids.numel(),
+                               rtol=1e-6, atol=0)
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class _ShapePositions(nn.Embedding):
+    """Blenderbot's learned positional embedding: its forward takes the input's shape."""
+
+    def forward(self, input_shape):
+        return super().forward(torch.arange(input_shape[1]).expand(input_shape[0], -1))
+
+
+class _WithShapePositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pos, self.head = _ShapePositions(8, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x + self.pos(x.shape[:2]))
+
+
+def test_a_positional_embedding_given_a_shape_is_named_with_that_cause():
+    """NOTE: [silent layers] A positional embedding whose forward takes a shape (Blenderbot's,
+    LED's) gets hooks (the probe cannot call it) and gathers nothing: the first statistics step
+    named it with causes that were not this one (nn.MultiheadAttention, a model compiled before
+    the optimizer).  A frozen table of that class is not a layer: the construction no longer
+    warns that its forward could not be tried."""
+    layers._PROBED.clear()
+    model = _WithShapePositions().double()
+    model.pos.requires_grad_(False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    assert not [r for r in rec if "AdaFisher" in str(r.message)]
+    model.pos.requires_grad_(True)
+    layers._PROBED.clear()
+    with pytest.warns(UserWarning, match="_ShapePositions's forward could not be tried"):
+        opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    model(torch.randn(2, 3, 4, dtype=torch.float64)).sum().backward()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt.step()
+    named = [str(r.message) for r in rec if "gathered no curvature" in str(r.message)]
+    assert len(named) == 1 and "layer(s) pos got gradients" in named[0]
+    assert "input their layer kind cannot read" in named[0] and "MultiheadAttention" not in named[0]
 
 
 class _GemmaWords(nn.Embedding):
