@@ -614,19 +614,37 @@ def probe_on_cpu(m: nn.Module, x: torch.Tensor, params: Dict[str, torch.Tensor])
         return None
 
 
+def _own_result(m: nn.Module, x: torch.Tensor, params: Dict[str, torch.Tensor]):
+    """``probe_on_cpu``'s result where the layer's own operation ends, where the hooks take S:
+    the input of the first submodule its forward calls, unless that is x itself (timm's
+    LayerNormAct2d normalises, then calls its drop and act submodules, NOTE: [composite
+    layers]); else its output."""
+    first = []
+    handles = [c.register_forward_pre_hook(lambda mod, args: first.append(args[:1]))
+               for c in m.children()]
+    try:
+        out = probe_on_cpu(m, x, params)
+    finally:
+        for h in handles:
+            h.remove()
+    arg = first[0][0] if first and first[0] else None
+    return arg if isinstance(arg, torch.Tensor) and arg is not x and out is not None else out
+
+
 def _try_layout(m: nn.LayerNorm) -> Optional[int]:
     """The dim that ``type(m).forward`` normalises, tried on a (2, a, C) and a (2, C, a, a)
-    probe input (a != C) with probe parameters; None when neither fits."""
+    probe input (a != C) with float32 probe parameters (whatever the default dtype); None when
+    neither fits."""
     if len(m.normalized_shape) != 1:
         return None
     c = m.normalized_shape[0]
     a = 2 if c != 2 else 3
     g = torch.Generator().manual_seed(0)
-    params = {n: torch.rand(p.shape, generator=g) + 0.5
+    params = {n: torch.rand(p.shape, generator=g, dtype=torch.float32) + 0.5
               for n, p in m.named_parameters(recurse=False)}
     for dim, shape in ((-1, (2, a, c)), (1, (2, c, a, a))):
-        x = torch.randn(shape, generator=g)
-        out = probe_on_cpu(m, x, params)
+        x = torch.randn(shape, generator=g, dtype=torch.float32)
+        out = _own_result(m, x, params)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             continue
         want = torch.nn.functional.layer_norm(x.movedim(dim, -1), (c,), params.get("weight"),
@@ -841,8 +859,8 @@ def _rms_form(m: nn.Module) -> Optional[bool]:
     if not isinstance(w, nn.Parameter) or not isinstance(eps, float):
         return False
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, w.numel(), generator=g)
-    probe = torch.rand(w.shape, generator=g) + 0.5
+    x = torch.randn(2, 3, w.numel(), generator=g, dtype=torch.float32)     # whatever the default
+    probe = torch.rand(w.shape, generator=g, dtype=torch.float32) + 0.5
     out = probe_on_cpu(m, x, {"weight": probe})
     if out is None:
         return None

@@ -1172,6 +1172,40 @@ def test_channels_first_layernorm_subclass(preset, memory_format, width):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+class _LayerNormAct2d(_LayerNorm2d):
+    """timm's LayerNormAct2d: _LayerNorm2d, then its drop and act submodules."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+def test_channels_first_layernorm_with_an_activation_is_probed_at_its_own_result():
+    """NOTE: [channels-first LayerNorm] The layout probe compared a composite layer's output
+    (after its activation) with a plain layer_norm, so timm's LayerNormAct2d had no layout and a
+    (B, C, H, W = C) map was read as normalising the width: H and S off by 0.6.  The probe now
+    reads where the hooks take S, the input of its first submodule (NOTE: [composite layers]),
+    and it gathers what _LayerNorm2d then ReLU does."""
+    torch.manual_seed(0)
+    act = nn.Sequential(nn.Conv2d(3, 4, 1), _LayerNormAct2d(4)).double()
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), _LayerNorm2d(4), nn.ReLU()).double()
+    plain.load_state_dict(act.state_dict())
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    raw = []
+    for model in (act, plain):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # a composite layer
+            opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+        model(x).square().sum().backward()
+        raw.append(opt.raw_stats()["1"])
+    assert act[1].__dict__[layers._LAYOUT] == 1
+    for a, b in zip(*raw):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 class _FloatLayerNorm(nn.LayerNorm):
     """open_clip's LayerNormFp32: normalises the trailing dim in float32."""
 

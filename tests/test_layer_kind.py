@@ -362,6 +362,24 @@ def test_hf_rmsnorms_on_meta_or_subclassed_are_read():
     assert [lay.name for lay in opt.fisher.layers] == ["0", "1", "2", "3", "4"]
 
 
+def test_probes_run_under_a_float64_default_dtype():
+    """The construction probes (an unlisted HF RMSNorm's form, a LayerNorm subclass's layout)
+    made their inputs in the default dtype and compared them with float32 results: under
+    torch.set_default_dtype(torch.float64), as shared/golden/README.md runs, construction
+    raised 'Float did not match Double'."""
+    from test_model_zoo import LayerNorm2d
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), LayerNorm2d(4), nn.Flatten(2),
+                              Qwen3_5RMSNorm(4), nn.Linear(4, 2))
+        opt = AdaFisher(model, preset="paper", TCov=1)
+    finally:
+        torch.set_default_dtype(old)
+    assert [lay.name for lay in opt.fisher.layers] == ["0", "1", "3", "4"]
+    assert model[1].__dict__[layers._LAYOUT] == 1
+
+
 def test_a_listed_classs_subclass_with_its_own_forward_is_probed():
     """A subclass of a listed class that overrides forward (scaling before normalising) is not
     read as the listed class: the probe leaves it factor-free and the warning names it."""
