@@ -760,10 +760,12 @@ class GroupNormKind(NormKind):
 
 
 if hasattr(nn, "RMSNorm"):
-    @register_layer(nn.RMSNorm)
+    @register_layer(nn.RMSNorm, "timm.layers.norm.RmsNorm", "timm.layers.norm.RmsNormFp32")
     class RMSNormKind(LayerNormKind):
         """paper only: xhat = x / sqrt(mean(x^2) + eps) per row.  eps=None is the epsilon of the
-        type torch normalises in (float32 for float16/bfloat16 inputs, as F.rms_norm does)."""
+        type torch normalises in (float32 for float16/bfloat16 inputs, as F.rms_norm does).
+        timm's RmsNorm and RmsNormFp32 compute this with nn.RMSNorm's attributes (normalized_shape,
+        eps, weight or None), matched by name so that timm stays optional."""
         released = ()
 
         def h_stats(self, m, x, acc, preset, ops):

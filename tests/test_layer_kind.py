@@ -362,6 +362,38 @@ def test_hf_rmsnorms_on_meta_or_subclassed_are_read():
     assert [lay.name for lay in opt.fisher.layers] == ["0", "1", "2", "3", "4"]
 
 
+class _TimmRmsNorm(nn.Module):
+    """timm's RmsNorm (timm.layers.norm), rewritten: nn.RMSNorm's attributes and form."""
+    __module__, __qualname__ = "timm.layers.norm", "RmsNorm"
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.normalized_shape, self.eps = (dim,), eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return nn.functional.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+def test_timm_rmsnorm_trains_as_nn_rmsnorm():
+    """timm's RmsNorm is not an nn.RMSNorm subclass: it was factor-free under preset="paper".
+    Matched by name, it trains exactly as nn.RMSNorm does."""
+    torch.manual_seed(0)
+    timm_like = nn.Sequential(nn.Linear(5, 6), _TimmRmsNorm(6), nn.Linear(6, 3)).double()
+    with torch.no_grad():
+        timm_like[1].weight.uniform_(0.5, 1.5)
+    torch_rms = nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6, eps=1e-6), nn.Linear(6, 3)).double()
+    torch_rms.load_state_dict(timm_like.state_dict())
+    runs = []
+    for model in (timm_like, torch_rms):
+        opt = AdaFisher(model, TCov=1, preset="paper")
+        assert [lay.name for lay in opt.fisher.layers] == ["0", "1", "2"]
+        _train(model, opt, 3, torch.float64)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_probes_run_under_a_float64_default_dtype():
     """The construction probes (an unlisted HF RMSNorm's form, a LayerNorm subclass's layout)
     made their inputs in the default dtype and compared them with float32 results: under
