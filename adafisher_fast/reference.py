@@ -267,7 +267,8 @@ def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Ten
 
     ``fac`` is 1-D.  Both indices are affine in (group, row in group, column), so S and H are
     read through strided views of ``fac``: no index tensors the parameter's size, which made
-    this the torch backend's costliest step (the index path stays for negative strides)."""
+    this the torch backend's costliest step (indices remain for what views cannot express: a
+    shard that ends inside a conv group, a negative stride)."""
     rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = (int(v) for v in meta)
     if min(s_r, s_c, h_r, h_c, h_gs) >= 0 and rows % h_gr == 0 and fac.stride(0) == 1:
         shape, base = (rows // h_gr, h_gr, cols), fac.storage_offset()
