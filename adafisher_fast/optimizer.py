@@ -287,7 +287,8 @@ class AdaFisher(Optimizer, Joinable):
 
     @property
     def steps(self) -> int:
-        """Number of ``step()`` calls that updated the parameters (NOTE: [TCov gating])."""
+        """Number of ``step()`` calls that updated the parameters (NOTE: [TCov gating]); a step
+        without any gradient does not count (NOTE: [no gradient])."""
         return self._hooks.steps
 
     def set_steps(self, steps: int) -> None:
@@ -383,15 +384,19 @@ class AdaFisher(Optimizer, Joinable):
         ranks, then a division by world_size ** degree (DDP averages gradients, SPEC section 6).
         The loss scale is taken out before the sum, so that a rank that has joined (NOTE: [uneven
         inputs]) adds plain zeros."""
-        fisher, world, group = self.fisher, 1, self._stat_group
+        fisher, world, group = self.fisher, self._world(), self._stat_group
         if grad_scale is not None:
             fisher.buf.mul_(torch.pow(grad_scale.to(fisher.buf), -fisher.grad_degree))
-        if self.dist or (torch_dist.is_available() and torch_dist.is_initialized()):
-            world = torch_dist.get_world_size(group)        # NOTE: [statistics group]
         if world > 1:
             torch_dist.all_reduce(fisher.buf, group=group)
             fisher.buf.mul_(torch.pow(torch.full((), world, dtype=fisher.buf.dtype,
                                                  device=fisher.buf.device), -fisher.grad_degree))
+
+    def _world(self) -> int:
+        """Ranks of the statistics group (NOTE: [statistics group]); 1 without one."""
+        if self.dist or (torch_dist.is_available() and torch_dist.is_initialized()):
+            return torch_dist.get_world_size(self._stat_group)
+        return 1
 
     def _gather(self):
         """Lists for ``fused_step`` over the parameters that have a gradient (local shards of
@@ -651,6 +656,16 @@ class AdaFisher(Optimizer, Joinable):
                 self._shadow_step()
             return loss
         params, grads, moms, steps, meta, hyper = self._gather()
+        if not params and not torch.compiler.is_compiling() and self._world() == 1:
+            # NOTE: [no gradient] Not one gradient: a skipped batch (Lightning's training_step
+            # returning None still calls step(closure), whose forward gathered H), or a step
+            # before any backward.  torch's optimizers change nothing then; so this step folds
+            # nothing into the curvature state and does not count (TCov keeps its phase).  With
+            # a process group the step runs as usual: the other ranks' all-reduce needs this one.
+            if self._hooks.collecting:
+                self._check_replaced()          # statistics, and not one gradient: why?
+            fisher.clear()
+            return loss
         if grad_scale is not None and grads:
             # one launch; float32 arithmetic whatever the gradients' dtype, as GradScaler.unscale_
             # (a float16 copy of the default scale 2^16 is inf)
@@ -673,7 +688,7 @@ class AdaFisher(Optimizer, Joinable):
         if params:
             self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled)
         elif self._hooks.collecting and not torch.compiler.is_compiling():
-            self._check_replaced()              # statistics, and not one gradient: why?
+            self._check_replaced()
         fisher.clear()
         self._hooks.set_steps(self.steps + 1, self.TCov)
         return loss

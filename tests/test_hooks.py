@@ -282,6 +282,32 @@ def test_zero_grad_between_forward_and_backward_keeps_the_forwards_statistics(pr
     _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=2)
 
 
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_a_step_without_gradients_changes_nothing(preset):
+    """NOTE: [no gradient] Lightning skips a batch (training_step returns None) by still calling
+    step(closure), whose closure runs the forward and zero_grad() but no backward: that step
+    folded the forward's H into the EMA and counted, shifting the TCov phase (parameters 0.3
+    apart after 12 steps).  It changes nothing now: the run equals the run without that batch."""
+    torch.manual_seed(0)
+    ref = Block(inplace=True).double()
+    other = copy.deepcopy(ref)
+    opts = [AdaFisher(m, lr=1e-2, TCov=2, preset=preset, backend="torch") for m in (ref, other)]
+    batches = [(x.double(), y) for x, y in _batches(n=4)]
+    _train_order(ref, opts[0], batches, "closure")
+    _train_order(other, opts[1], batches[:1], "closure")
+    skipped = batches[1][0] * 100
+
+    def skip():
+        other(skipped)
+        opts[1].zero_grad()
+
+    opts[1].step(skip)
+    assert opts[1].steps == 1 and opts[1].fisher.buf.abs().sum() == 0
+    _train_order(other, opts[1], batches[1:], "closure")
+    assert opts[1].steps == opts[0].steps == 4
+    _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=2)
+
+
 @pytest.mark.parametrize("order", ["standard", "reversed", "closure"])
 def test_a_compiled_forward_before_zero_grad_is_named(order, recwarn):
     """NOTE: [forward before zero_grad] A compiled model's gradient hook cannot tell a call from
