@@ -2,6 +2,7 @@
 state (state.py), the hooks (hooks.py) and the backend's ops (backends.py)."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import sys
@@ -184,6 +185,22 @@ def _dim0_shard(p: "DTensor", name: str):
     return start, p.to_local().shape[0]
 
 
+def _on_wrapped(method):
+    """NOTE: [wrapped optimizers] Lightning's LightningOptimizer (what ``self.optimizers()``
+    returns in a LightningModule) derives its class from the optimizer's and reads the
+    optimizer's attributes through ``__getattr__``, so AdaFisher's methods called on it ran with
+    the wrapper as ``self``: ``add_param_group`` appended a group the optimizer had no layout
+    for, and whatever a method assigns (a new layout, a device move followed) landed on the
+    wrapper.  Such a method runs on the wrapped optimizer, found by the class's ``optimizer``
+    property (a lookup on the type, which torch.compile treats as a constant)."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if isinstance(getattr(type(self), "optimizer", None), property):
+            return getattr(self.optimizer, method.__name__)(*args, **kwargs)
+        return method(self, *args, **kwargs)
+    return run
+
+
 class AdaFisher(Optimizer, Joinable):
     """AdaFisher (Martins Gomes et al., ICLR 2025) with L2 weight decay added to the gradient.
 
@@ -291,6 +308,7 @@ class AdaFisher(Optimizer, Joinable):
         without any gradient does not count (NOTE: [no gradient])."""
         return self._hooks.steps
 
+    @_on_wrapped
     def set_steps(self, steps: int) -> None:
         """Set the step counter, and with it whether the next iteration gathers statistics
         (``steps % TCov == 0``).  For CUDA-graph loops, where replay runs no Python: capture the
@@ -313,6 +331,7 @@ class AdaFisher(Optimizer, Joinable):
                         f"built on the restored model")
 
     # ------------------------------------------------------------------------------------------
+    @_on_wrapped
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Adds a group of the model's trainable parameters, e.g. layers unfrozen after the
         optimizer was made (fine-tuning); "params" plus optional "lr", "beta", "weight_decay".
@@ -369,6 +388,7 @@ class AdaFisher(Optimizer, Joinable):
         weakref.finalize(self, hooks.remove)
         return hooks
 
+    @_on_wrapped
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears gradients AND the raw statistics gathered since the last step (SPEC 3), but
         not the H of forwards whose backward runs after it, nor anything inside step(closure)
@@ -624,6 +644,7 @@ class AdaFisher(Optimizer, Joinable):
                 and not bool(self.fisher.buf.any())
                 and not any(bool(g.any()) for g in grads))
 
+    @_on_wrapped
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -735,6 +756,7 @@ class AdaFisher(Optimizer, Joinable):
     # key: torch.distributed.checkpoint's get/set_optimizer_state_dict (FSDP2's checkpoints)
     # keep only "state" and "param_groups", and a top-level entry was dropped there.  Without
     # param groups it is top-level; checkpoints written that way load too.
+    @_on_wrapped
     def state_dict(self) -> Dict[str, Any]:
         self._follow_model()            # a model materialised or moved since the last step
         sd = super().state_dict()
@@ -748,6 +770,7 @@ class AdaFisher(Optimizer, Joinable):
             sd["adafisher"] = extra
         return sd
 
+    @_on_wrapped
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._follow_model()
         sd = dict(state_dict)
@@ -804,6 +827,7 @@ class AdaFisher(Optimizer, Joinable):
                                  f"the parameter {tuple(p.shape)}")
 
     # ------------------------------------------------------------------------------------------
+    @_on_wrapped
     def raw_stats(self) -> Dict[str, tuple]:
         """{module name ("<root>" for the model itself, as in every report): (H, S)}: the raw
         statistics gathered since the last step/zero_grad, finalised as SPEC section 2 defines
@@ -817,18 +841,21 @@ class AdaFisher(Optimizer, Joinable):
         raw = layer_raw(self.fisher.buf, self.fisher.table)
         return {l.label: (raw[l.h_raw].clone(), raw[l.s_raw].clone()) for l in self.fisher.layers}
 
+    @_on_wrapped
     def ema_state(self) -> Dict[str, tuple]:
         """{module name: (H state, S state)}: the EMA vectors of every hooked layer."""
         self._follow_model()
         st = self.fisher.state
         return {l.label: (st[l.h_raw].clone(), st[l.s_raw].clone()) for l in self.fisher.layers}
 
+    @_on_wrapped
     def curvature_report(self) -> List[dict]:
         """One flat dict per hooked layer: H', S' and F statistics and the curvature share
         (``adafisher_fast.report``; render with ``adafisher_fast.format_report``)."""
         self._follow_model()
         return curvature_report(self)
 
+    @_on_wrapped
     def diagnostics(self) -> Dict[str, Dict[str, int]]:
         """{module name: {"stat_iters": n, "nonfinite_skips": k}}: statistics iterations that
         updated the layer, and those it skipped because its raw statistics were not finite (its

@@ -226,3 +226,46 @@ def test_a_group_appended_by_hand_is_refused_by_name_before_any_change():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert opt.steps == 0          # (earlier parameters may have got their zero state)
     assert all(not st["exp_avg"].any() and st["step"] == 0 for st in opt.state.values())
+
+
+class _LightningOptimizer:
+    """Lightning's LightningOptimizer, rewritten: its class derives from the optimizer's, it
+    exposes the optimizer as a property and reads its other attributes through __getattr__."""
+
+    def __init__(self, optimizer):
+        self._optimizer = optimizer
+        self.__class__ = type("Lightning" + type(optimizer).__name__,
+                              (type(self), type(optimizer)), {})
+
+    @property
+    def optimizer(self):
+        return self._optimizer
+
+    def __getattr__(self, item):
+        return getattr(self._optimizer, item)
+
+
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_methods_called_through_lightnings_wrapper_run_on_the_optimizer(cls):
+    """NOTE: [wrapped optimizers] add_param_group through self.optimizers() (a layer unfrozen in
+    a LightningModule) ran with the wrapper as self: it appended a group without a curvature
+    layout, and the step raised.  Now every method runs on the wrapped optimizer: the run
+    equals one made on the optimizer itself."""
+    x, y = _data()
+    runs = []
+    for wrapped in (False, True):
+        model, opt = _frozen_then_trained(cls, "paper")
+        handle = _LightningOptimizer(opt) if wrapped else opt
+        assert isinstance(handle, cls)
+        model[0].requires_grad_(True)
+        handle.add_param_group({"params": list(model[0].parameters()), "lr": 5e-3})
+        handle.step()
+        _steps(model, handle, x, y, 2)
+        assert "fisher" not in vars(handle) or not wrapped
+        runs.append((model, opt, handle.state_dict(), handle.diagnostics()))
+    (m0, o0, sd0, d0), (m1, o1, sd1, d1) = runs
+    assert "0" in d1 and d1 == d0 and len(o1.param_groups) == 2
+    for a, b in zip(m0.parameters(), m1.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(sd1["param_groups"][0]["adafisher"]["state"],
+                               sd0["param_groups"][0]["adafisher"]["state"], rtol=0, atol=0)
