@@ -351,16 +351,52 @@ class AdaFisher(Optimizer, Joinable):
         group = _check_group("add_param_group", param_group, of_model, seen, self._names,
                              skip_frozen=False)
         super().add_param_group(group)
-        added = {id(p) for p in group["params"]}
-        self._frozen = [p for p in self._frozen if id(p) not in added]
+        self._relayout()
+
+    def _relayout(self) -> None:
+        """The curvature state laid out anew for the parameters that param_groups holds, every
+        layer that had state keeping all of it, and the hooks made anew (NOTE: [added groups])."""
         old, hooks = self.fisher, self._hooks
         old.flush_rows()                        # NOTE: [host row counts]
         params = [p for g in self.param_groups for p in g["params"]]
+        ids = {id(p) for p in params}
+        self._frozen = [p for p in self._frozen if id(p) not in ids]
         self.fisher = FisherState(self._model, PRESETS[self.preset], params, old)
         hooks.remove()
         self._hooks = self._hook()
         self._hooks.set_steps(hooks.steps, self.TCov)
         self._note_dtypes(params)           # NOTE: [following the model], for the new layout
+
+    def _adopt_groups(self) -> None:
+        """NOTE: [adopted groups] param_groups edited by hand: some training code appends a
+        group, and Lightning's BaseFinetuning (BackboneFinetuning) restores the groups of a
+        fine-tuning run on resume by assigning ``optimizer.param_groups`` before the checkpoint
+        loads.  Parameters of the model that have no curvature layout are laid out at the next
+        step(), state_dict() or load_state_dict(), as add_param_group would have (missing
+        hyper-parameters from the defaults); anything else in param_groups is an error that
+        names it, raised before any state changes."""
+        seen, new = set(), []
+        for g in self.param_groups:
+            for k, v in self.defaults.items():
+                g.setdefault(k, v)
+            for p in g["params"]:
+                if id(p) in seen:
+                    raise ValueError(f"param_groups holds parameter "
+                                     f"'{self._names.get(id(p), '?')}' twice")
+                seen.add(id(p))
+                if id(p) not in self.fisher.meta:
+                    new.append(p)
+        if not new:
+            return
+        self._names.update({id(p): n for n, p in self._model.named_parameters()})  # new modules
+        of_model = {id(p) for p in self._model.parameters()}
+        for p in new:
+            if id(p) not in of_model:
+                what = (f"a tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor)
+                        else type(p).__name__)
+                raise ValueError(f"param_groups holds {what} that is not a parameter of the "
+                                 f"model; add parameters with opt.add_param_group(...)")
+        self._relayout()
 
     def _check_shards(self) -> None:
         """Every rank checks every rank's dim-0 shard of each FSDP2 parameter, so that a layout
@@ -425,18 +461,20 @@ class AdaFisher(Optimizer, Joinable):
         state, free, rows = self.state, fisher.free, fisher.meta
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
         for group in self.param_groups:
+            if not all(k in group for k in _GROUP_KEYS):
+                self._adopt_groups()        # NOTE: [adopted groups]
+                return self._gather()
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
             for p in group["params"]:
+                if id(p) not in rows:       # NOTE: [adopted groups]
+                    self._adopt_groups()
+                    return self._gather()
                 g = p.grad
                 if g is None:
                     continue
                 if g.is_sparse:
                     raise ValueError(f"parameter '{self._names.get(id(p), '?')}' has a sparse "
                                      f"gradient; AdaFisher needs dense gradients")
-                if id(p) not in rows:       # appended to param_groups by hand
-                    raise ValueError(f"parameter '{self._names.get(id(p), '?')}' is in "
-                                     f"param_groups but has no curvature layout: add parameters "
-                                     f"with opt.add_param_group(...), not by editing param_groups")
                 st = state[p]
                 if not st:
                     if p.device != fisher.buf.device:   # a model spread over devices
@@ -677,6 +715,7 @@ class AdaFisher(Optimizer, Joinable):
                 self._shadow_step()
             return loss
         params, grads, moms, steps, meta, hyper = self._gather()
+        fisher = self.fisher                    # laid out anew for adopted groups
         if not params and not torch.compiler.is_compiling() and self._world() == 1:
             # NOTE: [no gradient] Not one gradient: a skipped batch (Lightning's training_step
             # returning None still calls step(closure), whose forward gathered H), or a step
@@ -759,6 +798,7 @@ class AdaFisher(Optimizer, Joinable):
     @_on_wrapped
     def state_dict(self) -> Dict[str, Any]:
         self._follow_model()            # a model materialised or moved since the last step
+        self._adopt_groups()
         sd = super().state_dict()
         extra = {"steps": self.steps, "preset": self.preset, "gamma": self.gamma,
                  "TCov": self.TCov, "Lambda": self.Lambda, "layers": self.fisher.describe(),
@@ -773,6 +813,7 @@ class AdaFisher(Optimizer, Joinable):
     @_on_wrapped
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         self._follow_model()
+        self._adopt_groups()
         sd = dict(state_dict)
         groups = [dict(g) for g in sd.get("param_groups", ())]
         extra = sd.pop("adafisher", None)

@@ -208,24 +208,80 @@ def test_unfreezing_without_add_param_group_is_named(recwarn):
     assert not [w for w in recwarn if "frozen" in str(w.message)]
 
 
-def test_a_group_appended_by_hand_is_refused_by_name_before_any_change():
-    """Some training libraries append to param_groups directly; AdaFisher must lay out the new
-    parameters' curvature first, so step() names the parameter and says to use add_param_group
-    (a bare KeyError before), before any parameter or state changes."""
+@pytest.mark.parametrize("full", [False, True])
+def test_a_group_appended_by_hand_trains_as_an_added_group(full):
+    """NOTE: [adopted groups] Some training code appends to param_groups directly (with torch's
+    optimizers that works): step() raised, naming the parameter.  The new parameters are now
+    laid out at the next step(), as add_param_group lays them out: the run equals that one."""
+    x, y = _data()
+    runs = []
+    for by_hand in (False, True):
+        model, opt = _frozen_then_trained(AdaFisher, "paper")
+        model[0].requires_grad_(True)
+        if by_hand:
+            opt.param_groups.append({**(opt.defaults if full else {}), "lr": 5e-3,
+                                     "params": list(model[0].parameters())})
+        else:
+            opt.add_param_group({"params": list(model[0].parameters()), "lr": 5e-3})
+        opt.step()
+        _steps(model, opt, x, y, 2)
+        runs.append((model, opt))
+    assert runs[1][1].param_groups[1]["beta"] == runs[1][1].defaults["beta"]
+    assert_trajectories_close(runs[1], runs[0])
+    for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_tensor_appended_by_hand_that_is_not_the_models_is_refused_before_any_change():
     model = _net()
-    model[0].requires_grad_(False)
     opt = AdaFisher(model, backend="torch")
-    model[0].requires_grad_(True)
-    opt.param_groups.append({**opt.defaults, "params": list(model[0].parameters())})
+    opt.param_groups.append({**opt.defaults, "params": [torch.zeros(3, requires_grad=True)]})
+    opt.param_groups[-1]["params"][0].grad = torch.ones(3)
     x, y = _data()
     _iteration(model, x, y)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"parameter '0.weight' is in param_groups but has no "
-                                         r"curvature layout: add parameters with opt.add_param_group"):
+    with pytest.raises(ValueError, match=r"param_groups holds a tensor of shape \(3,\) that is "
+                                         r"not a parameter of the model"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert opt.steps == 0          # (earlier parameters may have got their zero state)
-    assert all(not st["exp_avg"].any() and st["step"] == 0 for st in opt.state.values())
+    assert opt.steps == 0
+
+
+def test_groups_restored_by_assignment_resume_bit_for_bit():
+    """NOTE: [adopted groups] Lightning's BackboneFinetuning on resume: the backbone is frozen
+    again when the optimizer is made, then the callback assigns the saved groups to
+    ``optimizer.param_groups`` (the unfrozen backbone's group included) and the checkpoint
+    loads.  load_state_dict refused it (the checkpoint has one layer more); now the groups are
+    laid out first, and the run continues as if never stopped."""
+    x, y = _data()
+    model, opt = _frozen_then_trained(AdaFisher, "paper", steps=2)
+    opt.step()
+    model[0].requires_grad_(True)
+    opt.add_param_group({"params": list(model[0].parameters()), "lr": 5e-3})
+    _steps(model, opt, x, y, 2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    saved_groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    _steps(model, opt, x, y, 3)                               # the uninterrupted run
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    resumed = _net()
+    resumed.load_state_dict(ckpt["model"])
+    resumed[0].requires_grad_(False)
+    ropt = AdaFisher(resumed, lr=1e-2, Lambda=0.1, weight_decay=1e-2, TCov=1, preset="paper",
+                     backend="torch")
+    params = dict(resumed.named_parameters())
+    ropt.param_groups = [{**g, "params": [params[n] for n in ns]}
+                         for g, ns in zip(ckpt["opt"]["param_groups"], saved_groups)]
+    resumed[0].requires_grad_(True)
+    ropt.load_state_dict(ckpt["opt"])
+    _steps(resumed, ropt, x, y, 3)
+    for a, b in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+    for k, v in opt.fisher.tensors().items():
+        assert torch.equal(ropt.fisher.tensors()[k], v), k
 
 
 class _LightningOptimizer:
