@@ -265,17 +265,22 @@ def _train_order(model, opt, batches, order):
             opt.step(closure)
 
 
+def _twins(preset):
+    """Two float64 copies of one Block, an optimizer (TCov=2) for each, and 4 batches."""
+    torch.manual_seed(0)
+    ref = Block(inplace=True).double()
+    other = copy.deepcopy(ref)
+    opts = [AdaFisher(m, lr=1e-2, TCov=2, preset=preset, backend="torch") for m in (ref, other)]
+    return ref, other, opts, [(x.double(), y) for x, y in _batches(n=4)]
+
+
 @pytest.mark.parametrize("order,compiled", [("reversed", False), ("closure", False), ("closure", True)])
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_zero_grad_between_forward_and_backward_keeps_the_forwards_statistics(preset, order, compiled):
     """NOTE: [forward before zero_grad] zero_grad() between a forward and its backward (a common
     loop order; Lightning's closure) dropped the forward's H: the H state never left its initial
     ones.  Now the run equals the standard loop's exactly (compiled: with step(closure))."""
-    torch.manual_seed(0)
-    ref = Block(inplace=True).double()
-    other = copy.deepcopy(ref)
-    opts = [AdaFisher(m, lr=1e-2, TCov=2, preset=preset, backend="torch") for m in (ref, other)]
-    batches = [(x.double(), y) for x, y in _batches(n=4)]
+    ref, other, opts, batches = _twins(preset)
     _train_order(ref, opts[0], batches, "standard")
     net = torch.compile(other, backend="aot_eager") if compiled else other
     _train_order(net, opts[1], batches, order)
@@ -288,11 +293,7 @@ def test_a_step_without_gradients_changes_nothing(preset):
     step(closure), whose closure runs the forward and zero_grad() but no backward: that step
     folded the forward's H into the EMA and counted, shifting the TCov phase (parameters 0.3
     apart after 12 steps).  It changes nothing now: the run equals the run without that batch."""
-    torch.manual_seed(0)
-    ref = Block(inplace=True).double()
-    other = copy.deepcopy(ref)
-    opts = [AdaFisher(m, lr=1e-2, TCov=2, preset=preset, backend="torch") for m in (ref, other)]
-    batches = [(x.double(), y) for x, y in _batches(n=4)]
+    ref, other, opts, batches = _twins(preset)
     _train_order(ref, opts[0], batches, "closure")
     _train_order(other, opts[1], batches[:1], "closure")
     skipped = batches[1][0] * 100
