@@ -916,7 +916,7 @@ class EmbeddingKind(LayerKind):
         if type(m).forward is nn.Embedding.forward:
             return x
         if x.dtype not in (torch.int32, torch.int64):
-            if type(m) not in _NOT_INDICES:
+            if type(m) not in _NOT_INDICES and not torch.compiler.is_compiling():
                 _NOT_INDICES.add(type(m))
                 warnings.warn(f"AdaFisher: {type(m).__name__} was called on {x.dtype} input, "
                               f"not indices, so such calls gather no statistics (NOTE: "

@@ -6,7 +6,6 @@ import functools
 import math
 import numbers
 import sys
-import warnings
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
@@ -22,7 +21,7 @@ from .backends import resolve
 from .hooks import StatHooks
 from .presets import PRESETS
 from .report import curvature_report
-from .state import FisherState, state_dtype
+from .state import FisherState, state_dtype, warn_user
 
 _GROUP_KEYS = ("lr", "beta", "weight_decay")
 # what torch's LR schedulers ("initial_lr", for resuming with last_epoch) and users (a group's
@@ -296,6 +295,7 @@ class AdaFisher(Optimizer, Joinable):
         self._pick_backend(params[0].device if params else torch.device("cpu"))
         self._note_dtypes(params)               # NOTE: [following the model]
         self._hooks = self._hook()
+        self._laid_out = self._group_layout()   # NOTE: [adopted groups]
         self._silent_checked = False        # NOTE: [silent layers]
         self._frozen = [p for p in model.parameters() if not p.requires_grad]   # NOTE: [unfrozen]
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
@@ -366,19 +366,30 @@ class AdaFisher(Optimizer, Joinable):
         self._hooks = self._hook()
         self._hooks.set_steps(hooks.steps, self.TCov)
         self._note_dtypes(params)           # NOTE: [following the model], for the new layout
+        self._laid_out = self._group_layout()
+
+    def _group_layout(self) -> tuple:
+        """The param_groups list and its groups' sizes: what an edit by hand changes (a group
+        appended or removed, the list assigned, a parameter appended), read per zero_grad() and
+        step() in well under a microsecond (NOTE: [adopted groups])."""
+        return id(self.param_groups), tuple(len(g["params"]) for g in self.param_groups)
 
     def _adopt_groups(self) -> None:
         """NOTE: [adopted groups] param_groups edited by hand: some training code appends a
         group, and Lightning's BaseFinetuning (BackboneFinetuning) restores the groups of a
         fine-tuning run on resume by assigning ``optimizer.param_groups`` before the checkpoint
         loads.  Parameters of the model that have no curvature layout are laid out at the next
-        step(), state_dict() or load_state_dict(), as add_param_group would have (missing
-        hyper-parameters from the defaults); anything else in param_groups is an error that
-        names it, raised before any state changes."""
+        zero_grad() (so that the next forward gathers their statistics), step(), state_dict()
+        or load_state_dict(), as add_param_group would have (missing hyper-parameters from the
+        defaults, and checked); anything else in param_groups (a tensor not of the model, a
+        parameter twice) is an error that names it, raised before any state changes.  A parameter that left param_groups (a
+        group removed) leaves the layout too, as if the optimizer had been made without it.
+        Adopted groups may hold frozen parameters (Lightning's restored groups do)."""
         seen, new = set(), []
         for g in self.param_groups:
             for k, v in self.defaults.items():
                 g.setdefault(k, v)
+            _check_hparams(g["lr"], g["beta"], 1.0, 1.0, 1, g["weight_decay"])
             for p in g["params"]:
                 if id(p) in seen:
                     raise ValueError(f"param_groups holds parameter "
@@ -386,7 +397,8 @@ class AdaFisher(Optimizer, Joinable):
                 seen.add(id(p))
                 if id(p) not in self.fisher.meta:
                     new.append(p)
-        if not new:
+        if not new and len(seen) == len(self.fisher.meta):
+            self._laid_out = self._group_layout()
             return
         self._names.update({id(p): n for n, p in self._model.named_parameters()})  # new modules
         of_model = {id(p) for p in self._model.parameters()}
@@ -431,6 +443,8 @@ class AdaFisher(Optimizer, Joinable):
         (NOTE: [forward before zero_grad] in state.py)."""
         super().zero_grad(set_to_none)
         self._follow_model()
+        if self._group_layout() != self._laid_out:
+            self._adopt_groups()                # NOTE: [adopted groups]
         if not self.fisher.in_closure:
             self.fisher.clear(hold=True)
 
@@ -607,10 +621,10 @@ class AdaFisher(Optimizer, Joinable):
             return
         self._frozen = [p for p in self._frozen if not (p.requires_grad and p.grad is not None)]
         names = ", ".join(self._names.get(id(p), "?") for p in got)
-        warnings.warn(f"AdaFisher: parameter(s) {names} were frozen when the optimizer was made "
-                      f"and now have gradients, but the optimizer does not train them: add them "
-                      f"with opt.add_param_group({{'params': [...]}}) (their layers then get "
-                      f"curvature factors)")
+        warn_user(f"AdaFisher: parameter(s) {names} were frozen when the optimizer was made "
+                  f"and now have gradients, but the optimizer does not train them: add them "
+                  f"with opt.add_param_group({{'params': [...]}}) (their layers then get "
+                  f"curvature factors)")
 
     def _warn_silent_layers(self) -> None:
         """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module
@@ -639,35 +653,32 @@ class AdaFisher(Optimizer, Joinable):
         unread = sorted(lay.name for lay in silent if lay.unread)
         silent = [lay.name for lay in silent if not lay.unread]
         if unread:
-            warnings.warn(f"AdaFisher: layer(s) {', '.join(unread)} got gradients in a "
-                          f"statistics iteration but gathered no curvature statistics, so their "
-                          f"parameters step with F = 1 + Lambda: they were called, but with "
-                          f"input their layer kind cannot read (an nn.Embedding subclass that "
-                          f"does not look up the indices it is given, as a positional embedding "
-                          f"whose forward takes a shape or a mask; NOTE: [silent layers])",
-                          stacklevel=5)
+            warn_user(f"AdaFisher: layer(s) {', '.join(unread)} got gradients in a "
+                      f"statistics iteration but gathered no curvature statistics, so their "
+                      f"parameters step with F = 1 + Lambda: they were called, but with "
+                      f"input their layer kind cannot read (an nn.Embedding subclass that "
+                      f"does not look up the indices it is given, as a positional embedding "
+                      f"whose forward takes a shape or a mask; NOTE: [silent layers])")
         if silent:
-            warnings.warn(f"AdaFisher: layer(s) {', '.join(sorted(silent))} got gradients in a "
-                          f"statistics iteration but gathered no curvature statistics, so their "
-                          f"parameters step with F = 1 + Lambda.  Either the module was not "
-                          f"called, its weight used directly: an nn.MultiheadAttention "
-                          f"multiplies by out_proj.weight (adafisher_fast.expose_attention(model) "
-                          f"makes it call its projections); timm's BEiT, EVA and SwinV2 attention "
-                          f"calls F.linear on qkv.weight with separate q and v biases.  Or the "
-                          f"model was compiled and run before the optimizer "
-                          f"was made, and its graphs lack the optimizer's hooks: make the "
-                          f"optimizer first, or call torch._dynamo.reset() after making it.  "
-                          f"(A compiled nn.Embedding subclass whose lookups a construction "
-                          f"warning could not check gathers nothing too; NOTE: [silent layers])",
-                          stacklevel=5)
+            warn_user(f"AdaFisher: layer(s) {', '.join(sorted(silent))} got gradients in a "
+                      f"statistics iteration but gathered no curvature statistics, so their "
+                      f"parameters step with F = 1 + Lambda.  Either the module was not "
+                      f"called, its weight used directly: an nn.MultiheadAttention "
+                      f"multiplies by out_proj.weight (adafisher_fast.expose_attention(model) "
+                      f"makes it call its projections); timm's BEiT, EVA and SwinV2 attention "
+                      f"calls F.linear on qkv.weight with separate q and v biases.  Or the "
+                      f"model was compiled and run before the optimizer "
+                      f"was made, and its graphs lack the optimizer's hooks: make the "
+                      f"optimizer first, or call torch._dynamo.reset() after making it.  "
+                      f"(A compiled nn.Embedding subclass whose lookups a construction "
+                      f"warning could not check gathers nothing too; NOTE: [silent layers])")
         no_h = [lay.name for lay in fisher.layers if rows[lay.s_factor] and not rows[lay.h_factor]]
         if no_h:
-            warnings.warn(f"AdaFisher: layer(s) {', '.join(sorted(no_h))} got output-gradient "
-                          f"statistics but no activation statistics in a statistics iteration: "
-                          f"zero_grad() ran between their forward and backward in a compiled "
-                          f"model, which drops the forward's (NOTE: [forward before zero_grad]); "
-                          f"call zero_grad() before the forward, or use step(closure)",
-                          stacklevel=5)
+            warn_user(f"AdaFisher: layer(s) {', '.join(sorted(no_h))} got output-gradient "
+                      f"statistics but no activation statistics in a statistics iteration: "
+                      f"zero_grad() ran between their forward and backward in a compiled "
+                      f"model, which drops the forward's (NOTE: [forward before zero_grad]); "
+                      f"call zero_grad() before the forward, or use step(closure)")
 
     def _only_makes_state(self) -> bool:
         """NOTE: [checkpoint layout] torch.distributed.checkpoint's get/set_optimizer_state_dict
@@ -689,6 +700,8 @@ class AdaFisher(Optimizer, Joinable):
         if not torch.compiler.is_compiling():
             Join.notify_join_context(self)      # NOTE: [uneven inputs]
         self._follow_model()                    # (also DCP's lr-0 step after to_empty())
+        if not torch.compiler.is_compiling() and self._group_layout() != self._laid_out:
+            self._adopt_groups()                # NOTE: [adopted groups]
         if closure is not None:
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
@@ -716,7 +729,7 @@ class AdaFisher(Optimizer, Joinable):
             return loss
         params, grads, moms, steps, meta, hyper = self._gather()
         fisher = self.fisher                    # laid out anew for adopted groups
-        if not params and not torch.compiler.is_compiling() and self._world() == 1:
+        if not params and self._world() == 1:
             # NOTE: [no gradient] Not one gradient: a skipped batch (Lightning's training_step
             # returning None still calls step(closure), whose forward gathered H), or a step
             # before any backward.  torch's optimizers change nothing then; so this step folds

@@ -12,6 +12,7 @@ Everything is derived from the registry in ``layers.py``; nothing here knows a l
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 import weakref
@@ -27,6 +28,23 @@ from torch.nn.utils.weight_norm import WeightNorm
 from . import kernel_host
 from .layers import FactorSpec, LayerKind, kind_of, submodules
 from .reference import LayerTable, map_indices
+
+
+# frames that a warning skips to reach the user's line: this package and torch's optimizer and
+# no_grad wrappers around step()
+_OWN_FRAMES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+               os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep,
+               os.path.abspath(torch.utils._contextlib.__file__))
+
+
+def warn_user(msg: str) -> None:
+    """``warnings.warn(msg)`` attributed to the first caller outside this package and torch's
+    wrappers of step(): a fixed stacklevel was off wherever the call depth differs (a method
+    reached through a wrapper, or from add_param_group rather than the constructor)."""
+    level, f = 2, sys._getframe(1)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_OWN_FRAMES):
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, stacklevel=level)
 
 
 @dataclass
@@ -148,7 +166,7 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
     if sum(map(len, named.values())) < len(new):
         msg += (" Other module types (and bare nn.Parameters) need a layer kind "
                 "(adafisher_fast.register_layer) to be preconditioned.")
-    warnings.warn(msg, stacklevel=4)
+    warn_user(msg)
 
 
 def _warn_composite(layers: List[Layer], known: Set[str]) -> Set[str]:
@@ -170,12 +188,11 @@ def _warn_composite(layers: List[Layer], known: Set[str]) -> Set[str]:
             names.add(f"{lay.name} ({type(lay.module).__name__}: {', '.join(subs)})")
     new = sorted(names - known)
     if new:
-        warnings.warn(f"AdaFisher: hooked layers with submodules of their own: {', '.join(new)}. "
-                      f"Their output-gradient statistics (S) are taken at the input of the first "
-                      f"submodule their forward calls: exact when the submodules follow the "
-                      f"layer's own operation, as in timm's BatchNormAct2d (NOTE: [composite "
-                      f"layers]); a class whose forward does otherwise needs a layer kind.",
-                      stacklevel=4)
+        warn_user(f"AdaFisher: hooked layers with submodules of their own: {', '.join(new)}. "
+                  f"Their output-gradient statistics (S) are taken at the input of the first "
+                  f"submodule their forward calls: exact when the submodules follow the "
+                  f"layer's own operation, as in timm's BatchNormAct2d (NOTE: [composite "
+                  f"layers]); a class whose forward does otherwise needs a layer kind.")
     return names
 
 

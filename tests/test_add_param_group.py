@@ -177,8 +177,9 @@ def test_new_factor_free_module_is_named(recwarn):
     assert not recwarn.list
     model.append(nn.PReLU())
     opt.add_param_group({"params": model[5].parameters()})
-    (w,) = [str(r.message) for r in recwarn.list]
-    assert "no curvature factors for the parameters of 5 (PReLU)" in w
+    (w,) = recwarn.list
+    assert "no curvature factors for the parameters of 5 (PReLU)" in str(w.message)
+    assert w.filename == __file__           # the user's line, not the package's (warn_user)
 
 
 def test_unfreezing_without_add_param_group_is_named(recwarn):
@@ -230,6 +231,53 @@ def test_a_group_appended_by_hand_trains_as_an_added_group(full):
     assert_trajectories_close(runs[1], runs[0])
     for a, b in zip(runs[0][0].parameters(), runs[1][0].parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_group_appended_before_an_iteration_gathers_its_statistics(recwarn):
+    """NOTE: [adopted groups] Appended, then zero_grad, forward, backward, step: the group was
+    laid out only in step(), after the iteration, so its layer missed that statistics
+    iteration (F = 1 + Lambda for a whole TCov period; 3e3 apart after 3 steps) and the step
+    named it silent with a wrong cause.  zero_grad() lays it out: the run equals
+    add_param_group's, without a warning."""
+    x, y = _data()
+    runs = []
+    for by_hand in (False, True):
+        model = _net()
+        model[0].requires_grad_(False)
+        opt = AdaFisher(model, lr=1e-2, Lambda=0.1, TCov=5, preset="paper", backend="torch")
+        model[0].requires_grad_(True)
+        group = {"params": list(model[0].parameters()), "lr": 5e-3}
+        opt.param_groups.append(group) if by_hand else opt.add_param_group(group)
+        _steps(model, opt, x, y, 3)
+        runs.append(model)
+    for a, b in zip(*(m.parameters() for m in runs)):
+        assert torch.equal(a, b)
+    assert not [w for w in recwarn if "AdaFisher" in str(w.message)]
+
+
+def test_a_parameter_appended_twice_is_refused_before_any_change():
+    model = _net()
+    opt = AdaFisher(model, backend="torch")
+    opt.param_groups.append({**opt.defaults, "params": [model[0].weight]})
+    x, y = _data()
+    _iteration(model, x, y)
+    for call in (opt.step, opt.zero_grad):
+        with pytest.raises(ValueError, match="param_groups holds parameter '0.weight' twice"):
+            call()
+    assert opt.steps == 0 and not opt.state
+
+
+def test_a_group_removed_by_hand_leaves_the_layout():
+    """NOTE: [adopted groups] A layer whose group was removed kept its hooks and its place in
+    the checkpoint's layout, which then did not load into an optimizer made without it."""
+    model = _net()
+    opt = AdaFisher(model, backend="torch", param_groups=[{"params": model[0].parameters()}])
+    opt.param_groups = opt.param_groups[1:]
+    x, y = _data()
+    _steps(model, opt, x, y, 1)
+    assert "0" not in opt.diagnostics()
+    model[0].requires_grad_(False)
+    AdaFisher(model, backend="torch").load_state_dict(opt.state_dict())
 
 
 def test_a_tensor_appended_by_hand_that_is_not_the_models_is_refused_before_any_change():

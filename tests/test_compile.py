@@ -204,6 +204,22 @@ def test_compiled_step_matches_eager(preset):
     _assert_same(eager, (twin, opt), 1e-9)
 
 
+def test_a_compiled_step_without_gradients_changes_nothing():
+    """NOTE: [no gradient] A skipped batch (a forward, no backward) through a compiled step()
+    folded the forward's H into the EMA and counted, as eager steps did before."""
+    eager, (twin, opt) = _pair(AdaFisherW, "paper", torch.float64)
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    batches = _batches(4)
+    _train(*eager, batches)
+    _train(twin, opt, batches[:2], step=step)
+    opt.zero_grad()
+    twin(batches[2][0])                          # a statistics iteration (TCov=2), no backward
+    step()
+    assert opt.steps == 2
+    _train(twin, opt, batches[2:], step=step)
+    _assert_same(eager, (twin, opt), 1e-9)
+
+
 def test_compiled_step_reads_the_row_counts_eager_hooks_left_on_the_host():
     """NOTE: [host row counts] A forward without a backward (a validation loss computed with grad
     enabled) leaves its row counts on the host; only an eager step() moved them into the buffer,

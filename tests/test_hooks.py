@@ -916,6 +916,20 @@ def test_soft_token_calls_of_a_lookup_table_gather_nothing():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_soft_token_calls_compile_with_fullgraph():
+    """The soft-token warning ran while compiling: fullgraph=True raised Unsupported."""
+    layers._PROBED.clear()
+    model = nn.Sequential(_SoftTokenTable(7, 4), nn.Linear(4, 3)).double()
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    net = torch.compile(model, backend="aot_eager", fullgraph=True)
+    probs = torch.randn(2, 5, 7, dtype=torch.float64).softmax(-1)
+    for _ in range(2):
+        opt.zero_grad()
+        net(probs).sum().backward()
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class _DecoupledWords(nn.Embedding):
     """Idefics' decoupled embedding (fully trained): ids from num_embeddings on look up a second
     table."""
@@ -994,6 +1008,7 @@ def test_a_positional_embedding_given_a_shape_is_named_with_that_cause():
         opt.step()
     named = [str(r.message) for r in rec if "gathered no curvature" in str(r.message)]
     assert len(named) == 1 and "layer(s) pos got gradients" in named[0]
+    assert {r.filename for r in rec} == {__file__}     # step()'s caller (warn_user)
     assert "input their layer kind cannot read" in named[0] and "MultiheadAttention" not in named[0]
 
 
