@@ -382,9 +382,10 @@ class AdaFisher(Optimizer, Joinable):
         zero_grad() (so that the next forward gathers their statistics), step(), state_dict()
         or load_state_dict(), as add_param_group would have (missing hyper-parameters from the
         defaults, and checked); anything else in param_groups (a tensor not of the model, a
-        parameter twice) is an error that names it, raised before any state changes.  A parameter that left param_groups (a
-        group removed) leaves the layout too, as if the optimizer had been made without it.
-        Adopted groups may hold frozen parameters (Lightning's restored groups do)."""
+        parameter twice) is an error that names it, raised before any state changes.  A
+        parameter that left param_groups (a group removed) leaves the layout too, as if the
+        optimizer had been made without it.  Adopted groups may hold frozen parameters
+        (Lightning's restored groups do)."""
         seen, new = set(), []
         for g in self.param_groups:
             for k, v in self.defaults.items():
