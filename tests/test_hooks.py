@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from adafisher_fast import AdaFisher, AdaFisherW, layers
-from conftest import (assert_trajectories_close, backend_name, fisher_tensors, kernel_backends,
-                      kernel_module)
+from conftest import (assert_trajectories_close, backend_name, device, fisher_tensors,
+                      kernel_backends, kernel_module)
 
 
 class Block(nn.Module):
@@ -953,11 +953,11 @@ def test_tokens_another_table_looks_up_are_not_counted(backend, monkeypatch):
     if backend != "torch":
         kernel_module(backend, monkeypatch)
     layers._PROBED.clear()
-    model = nn.Sequential(_DecoupledWords(6, 3, 4), nn.Linear(4, 2))
+    model = nn.Sequential(_DecoupledWords(6, 3, 4), nn.Linear(4, 2)).to(device())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                 # a composite layer (NOTE: [composite layers])
         opt = AdaFisher(model, TCov=1, preset="paper", backend=backend)
-    ids = torch.tensor([[0, 7, 2, 2], [8, 5, 6, 1]])
+    ids = torch.tensor([[0, 7, 2, 2], [8, 5, 6, 1]], device=device())
     want = torch.zeros(6, dtype=torch.float64)
     for t in ids.reshape(-1).tolist():
         if t < 6:
