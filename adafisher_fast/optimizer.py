@@ -345,9 +345,8 @@ class AdaFisher(Optimizer, Joinable):
         if "fisher" not in self.__dict__:       # Optimizer.__init__ adding the constructor's groups
             return super().add_param_group(param_group)
         self._follow_model()        # a cast since the last step: the state and momentum first
-        self._names.update({id(p): n for n, p in self._model.named_parameters()})   # new modules
+        of_model = self._model_params()
         seen = {id(p) for g in self.param_groups for p in g["params"]}
-        of_model = {id(p) for p in self._model.parameters()}
         group = _check_group("add_param_group", param_group, of_model, seen, self._names,
                              skip_frozen=False)
         super().add_param_group(group)
@@ -367,6 +366,13 @@ class AdaFisher(Optimizer, Joinable):
         self._hooks.set_steps(hooks.steps, self.TCov)
         self._note_dtypes(params)           # NOTE: [following the model], for the new layout
         self._laid_out = self._group_layout()
+
+    def _model_params(self) -> set:
+        """Ids of the model's parameters now, their names noted (modules added since the
+        optimizer was made)."""
+        named = list(self._model.named_parameters())
+        self._names.update({id(p): n for n, p in named})
+        return {id(p) for _, p in named}
 
     def _group_layout(self) -> tuple:
         """The param_groups list and its groups' sizes: what an edit by hand changes (a group
@@ -401,8 +407,7 @@ class AdaFisher(Optimizer, Joinable):
         if not new and len(seen) == len(self.fisher.meta):
             self._laid_out = self._group_layout()
             return
-        self._names.update({id(p): n for n, p in self._model.named_parameters()})  # new modules
-        of_model = {id(p) for p in self._model.parameters()}
+        of_model = self._model_params()
         for p in new:
             if id(p) not in of_model:
                 what = (f"a tensor of shape {tuple(p.shape)}" if isinstance(p, torch.Tensor)
