@@ -776,6 +776,19 @@ if hasattr(nn, "RMSNorm"):
             ops.norm_stats(x3, acc, "sample", 1, eps, False)
             return x3.shape[0]
 
+    @register_layer("timm.layers.norm.RmsNorm2d", "timm.layers.norm.RmsNorm2dFp32")
+    class RmsNorm2dKind(RMSNormKind):
+        """paper only: timm's RmsNorm2d (MobileNetV5, Gemma 3n's vision tower, ConvNeXt's
+        rmsnorm variants) normalises dim 1 of (B, C, *spatial) as nn.RMSNorm would the last dim
+        of that tensor with dim 1 moved last, which is how it is read (a copy unless it is
+        channels_last).  Its subclasses (RmsNormAct2d: then an activation) match too."""
+
+        def h_input(self, m, x, output):
+            return x.movedim(1, -1)
+
+        def s_input(self, m, s):
+            return s.movedim(1, -1)
+
 
 # Hugging Face's RMSNorm classes (module, class): weight * x / sqrt(mean(x^2) + eps) over the last
 # dim, eps in variance_epsilon or eps; Gemma's and Qwen3-Next's scale by 1 + weight, which has the

@@ -394,6 +394,72 @@ def test_timm_rmsnorm_trains_as_nn_rmsnorm():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+class _TimmRmsNorm2d(nn.Module):
+    """timm's RmsNorm2d (timm.layers.norm), rewritten: RMS over dim 1 of (B, C, H, W)."""
+    __module__, __qualname__ = "timm.layers.norm", "RmsNorm2d"
+
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.normalized_shape, self.eps = (c,), eps
+        self.weight = nn.Parameter(torch.ones(c))
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+        return x * self.weight.reshape(1, -1, 1, 1)
+
+
+class _TimmRmsNormAct2d(_TimmRmsNorm2d):
+    """timm's RmsNormAct2d (timm.layers.norm_act): RmsNorm2d, then an activation submodule."""
+    __module__, __qualname__ = "timm.layers.norm_act", "RmsNormAct2d"
+
+    def __init__(self, c, eps=1e-6):
+        super().__init__(c, eps)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.act(super().forward(x))
+
+
+class _DimOneRMSNorm(nn.Module):
+    """The oracle: nn.RMSNorm applied to dim 1 moved last, then ``act``."""
+
+    def __init__(self, c, eps, act):
+        super().__init__()
+        self.norm, self.act = nn.RMSNorm(c, eps=eps), act
+
+    def forward(self, x):
+        return self.act(self.norm(x.movedim(1, -1)).movedim(-1, 1))
+
+
+@pytest.mark.parametrize("cls, act", [(_TimmRmsNorm2d, nn.Identity), (_TimmRmsNormAct2d, nn.GELU)])
+def test_timm_rmsnorm2d_trains_as_nn_rmsnorm_over_channels(cls, act):
+    """timm's RmsNorm2d (and its subclass RmsNormAct2d) normalises the channels of an NCHW map:
+    it was factor-free.  It trains as nn.RMSNorm applied to the map with channels moved last,
+    also when the map's width equals its channels (C = W = 4), where reading the trailing dim
+    would normalise the wrong one."""
+    g = torch.Generator().manual_seed(0)
+    runs = []
+    for norm in (cls(4), _DimOneRMSNorm(4, 1e-6, act())):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), norm, nn.Conv2d(4, 2, 1)).double()
+        with torch.no_grad():
+            next(norm.parameters()).uniform_(0.5, 1.5, generator=g.manual_seed(1))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            warnings.filterwarnings("ignore", "AdaFisher: hooked layers with submodules")
+            opt = AdaFisher(model, TCov=1, preset="paper", lr=1e-2)
+        assert len(opt.fisher.layers) == 3
+        data = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            x = torch.randn(2, 3, 5, 4, generator=data, dtype=torch.float64)
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_probes_run_under_a_float64_default_dtype():
     """The construction probes (an unlisted HF RMSNorm's form, a LayerNorm subclass's layout)
     made their inputs in the default dtype and compared them with float32 results: under
