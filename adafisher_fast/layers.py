@@ -969,7 +969,9 @@ def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
             warnings.warn(f"AdaFisher: {cls.__name__}'s forward could not be tried on probe "
                           f"indices, so whether it looks up the indices it is given is checked "
                           f"at its first eager statistics call; until then compiled calls "
-                          f"gather nothing (NOTE: [embedding lookups])")
+                          f"gather nothing, and so does any call given no tensor of indices "
+                          f"(a shape, as some positional embeddings take) (NOTE: [embedding "
+                          f"lookups])")
     return _PROBED[cls]
 
 

@@ -846,7 +846,8 @@ def test_embedding_subclasses_the_probe_cannot_call_are_checked_at_their_first_c
     assert [w for w in rec if "could not be tried" in w] == [
         "AdaFisher: _CachedPositions's forward could not be tried on probe indices, so whether it "
         "looks up the indices it is given is checked at its first eager statistics call; until "
-        "then compiled calls gather nothing (NOTE: [embedding lookups])"]
+        "then compiled calls gather nothing, and so does any call given no tensor of indices (a "
+        "shape, as some positional embeddings take) (NOTE: [embedding lookups])"]
     ids = torch.randint(0, 13, (3, 5))
     with warnings.catch_warnings(record=True) as calls:
         warnings.simplefilter("always")
