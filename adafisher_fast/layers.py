@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -185,6 +186,25 @@ def kind_of(module: nn.Module) -> Optional[LayerKind]:
             if fnmatch.fnmatchcase(f"{t.__module__}.{t.__qualname__}", pattern):
                 return kind
     return None
+
+
+# frames that a warning skips to reach the user's line: this package, torch's optimizer and
+# no_grad wrappers around step(), and torch.nn's modules (their calls run the hooks)
+_OWN_FRAMES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
+               os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep,
+               os.path.abspath(torch.utils._contextlib.__file__),
+               os.path.dirname(os.path.abspath(torch.nn.modules.module.__file__)) + os.sep)
+
+
+def warn_user(msg: str) -> None:
+    """``warnings.warn(msg)`` attributed to the first caller outside this package and torch's
+    wrappers of step() (for a hook: the line that called the model): a fixed stacklevel was off
+    wherever the call depth differs (a method reached through a wrapper, or from add_param_group
+    rather than the constructor)."""
+    level, f = 2, sys._getframe(1)
+    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_OWN_FRAMES):
+        f, level = f.f_back, level + 1
+    warnings.warn(msg, stacklevel=level)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -393,7 +413,7 @@ class ConvKind(LayerKind):
             return x
         if type(m) not in _WARNED_PADDING:
             _WARNED_PADDING.add(type(m))
-            warnings.warn(f"AdaFisher: {type(m).__name__}'s output is larger than its padding "
+            warn_user(f"AdaFisher: {type(m).__name__}'s output is larger than its padding "
                           f"{m.padding} gives, so its forward pads the input itself; the "
                           f"statistics assume zero padding, total // 2 before (TensorFlow's "
                           f"'SAME', as timm's Conv2dSame), NOTE: [padding inside forward]")
@@ -931,7 +951,7 @@ class EmbeddingKind(LayerKind):
         if x.dtype not in (torch.int32, torch.int64):
             if type(m) not in _NOT_INDICES and not torch.compiler.is_compiling():
                 _NOT_INDICES.add(type(m))
-                warnings.warn(f"AdaFisher: {type(m).__name__} was called on {x.dtype} input, "
+                warn_user(f"AdaFisher: {type(m).__name__} was called on {x.dtype} input, "
                               f"not indices, so such calls gather no statistics (NOTE: "
                               f"[embedding lookups])")
             return None
@@ -941,7 +961,7 @@ class EmbeddingKind(LayerKind):
         if ok is None and not torch.compiler.is_compiling() and x.numel():   # empty: cannot tell
             ok = _CHECKED[type(m)] = _looks_up(m, x, output)
             if not ok:
-                warnings.warn(f"AdaFisher: {type(m).__name__}'s forward does not look up the "
+                warn_user(f"AdaFisher: {type(m).__name__}'s forward does not look up the "
                               f"indices it is given (a positional embedding?), so it gathers no "
                               f"statistics and its weight steps with its current factors; "
                               f"register a LayerKind for it (NOTE: [embedding lookups])")
@@ -966,7 +986,7 @@ def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
     if cls not in _PROBED:
         _PROBED[cls] = _try_lookup(m)
         if _PROBED[cls] is None and m.weight.requires_grad:    # a frozen table is not a layer
-            warnings.warn(f"AdaFisher: {cls.__name__}'s forward could not be tried on probe "
+            warn_user(f"AdaFisher: {cls.__name__}'s forward could not be tried on probe "
                           f"indices, so whether it looks up the indices it is given is checked "
                           f"at its first eager statistics call; until then compiled calls "
                           f"gather nothing, and so does any call given no tensor of indices "

@@ -12,9 +12,7 @@ Everything is derived from the registry in ``layers.py``; nothing here knows a l
 from __future__ import annotations
 
 import math
-import os
 import sys
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set
@@ -26,25 +24,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import kernel_host
-from .layers import FactorSpec, LayerKind, kind_of, submodules
+from .layers import FactorSpec, LayerKind, kind_of, submodules, warn_user
 from .reference import LayerTable, map_indices
-
-
-# frames that a warning skips to reach the user's line: this package and torch's optimizer and
-# no_grad wrappers around step()
-_OWN_FRAMES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
-               os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep,
-               os.path.abspath(torch.utils._contextlib.__file__))
-
-
-def warn_user(msg: str) -> None:
-    """``warnings.warn(msg)`` attributed to the first caller outside this package and torch's
-    wrappers of step(): a fixed stacklevel was off wherever the call depth differs (a method
-    reached through a wrapper, or from add_param_group rather than the constructor)."""
-    level, f = 2, sys._getframe(1)
-    while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_OWN_FRAMES):
-        f, level = f.f_back, level + 1
-    warnings.warn(msg, stacklevel=level)
 
 
 @dataclass

@@ -907,6 +907,7 @@ def test_soft_token_calls_of_a_lookup_table_gather_nothing():
     assert [str(r.message) for r in rec if "AdaFisher" in str(r.message)] == [
         "AdaFisher: _SoftTokenTable was called on torch.float64 input, not indices, so such calls "
         "gather no statistics (NOTE: [embedding lookups])"]
+    assert {r.filename for r in rec if "AdaFisher" in str(r.message)} == {__file__}   # warn_user
     fisher = opt.fisher
     assert fisher.buf[fisher.n_acc + fisher.layers[0].h_factor] == 0         # no H rows
     opt.zero_grad()
@@ -1001,8 +1002,9 @@ def test_a_positional_embedding_given_a_shape_is_named_with_that_cause():
     assert not [r for r in rec if "AdaFisher" in str(r.message)]
     model.pos.requires_grad_(True)
     layers._PROBED.clear()
-    with pytest.warns(UserWarning, match="_ShapePositions's forward could not be tried"):
+    with pytest.warns(UserWarning, match="_ShapePositions's forward could not be tried") as told:
         opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    assert {r.filename for r in told if "could not be tried" in str(r.message)} == {__file__}
     model(torch.randn(2, 3, 4, dtype=torch.float64)).sum().backward()
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
@@ -1145,6 +1147,7 @@ def test_conv_subclass_padding_inside_forward(preset):
         stats.append(opt.raw_stats())
         told = [w for w in caught if "pads the input itself" in str(w.message)]
         assert len(told) == (1 if model is same else 0)
+        assert all(w.filename == __file__ for w in told)    # the line that called the layer
     for (name_s, got), (name_e, want) in zip(stats[0].items(), stats[1].items()):
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-6, atol=0, msg=name_s)
