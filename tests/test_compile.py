@@ -386,8 +386,11 @@ def _gpu_backends():
 
 
 def _cuda_model(fmt=torch.contiguous_format):
+    """An in-place activation after a hooked layer, smooth: with ReLU a last-bit difference
+    (float atomics) flipped one unit's sign within 50 steps in half the seeds tried on the CPU,
+    moving exp_avg 20x past NOTE: [trajectory tolerance]; with SiLU 8 of 8 stayed within 0.14."""
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.SiLU(inplace=True),
                          nn.Conv2d(8, 8, 3, stride=2), nn.Flatten(), nn.Linear(8 * 7 * 7, 10),
                          nn.LayerNorm(10)).cuda().to(memory_format=fmt)
 
