@@ -43,7 +43,7 @@ def test_every_op_and_e2e_measured(smoke):
             assert r["time_ms"] > 0 and r["q20_ms"] <= r["time_ms"] <= r["q80_ms"]
             assert r["bytes"] > 0 and r["gbps"] > 0 and r["pct_peak"] > 0
     conv = {r["backend"] for r in ok if r["op"] == "conv_stats"}
-    assert {"im2col", "torch"} <= conv
+    assert {"im2col", "floor", "x2sum", "torch"} <= conv
     assert any(r["backend"] == "adamw" for r in ok if r["op"] == "fused_step")
     e2e = [r for r in ok if r["kind"] == "e2e"]
     opts = {r["optimizer"] for r in e2e}
@@ -146,7 +146,7 @@ def test_deterministic_run_appends_det_rows(tmp_path, monkeypatch):
     rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines() if l]
     ops = [r for r in rows if r["kind"] == "op"]
     assert {r["backend"] for r in ops} == {"torch", "torch+det", "im2col", "im2col+det", "floor",
-                                           "floor+det"}
+                                           "floor+det", "x2sum", "x2sum+det"}
     assert all(r["status"] == "ok" for r in ops)
     assert "| torch+det |" in (tmp_path / "table.md").read_text()
 
@@ -162,3 +162,22 @@ def test_plots_are_skipped_without_matplotlib(smoke, monkeypatch, capsys):
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert plots(rows, out) == []
     assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_conv_stats_floor_and_x2sum_baselines_compute_the_square_sum():
+    """conv_stats' ``floor`` baseline (one reduction reading x once, float32 accumulation) and
+    ``x2sum`` (the expression SPEC 8's anchor times) both compute sum over the batch of x^2, the
+    floor as its square root: a baseline doing less work would flatter the kernels."""
+    import torch
+    from bench import bench_conv_stats
+    from bench.harness import Harness
+    h = Harness(torch.device("cpu"), True, "/tmp/adafisher-bench-unused", verbose=False)
+    case = bench_conv_stats.cases(h)[0]
+    base, got = dict(case.baselines), {}
+    for name in ("floor", "x2sum"):
+        torch.manual_seed(0)                    # the same x for both
+        got[name] = base[name]()()
+    torch.manual_seed(0)
+    want = torch.randn(case.shape).double().square().sum(0)
+    torch.testing.assert_close(got["floor"].double().square(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got["x2sum"].double(), want, rtol=1e-5, atol=1e-6)
