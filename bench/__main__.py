@@ -1,5 +1,5 @@
 """``python -m bench [--device cpu|cuda] [--smoke] [--out DIR] [--only ops|e2e] [--ops a,b]
-[--backends torch,triton,cuda] [--modes eager,compile,cudagraph] [--time-limit-s S]
+[--backends torch,triton,cuda] [--modes eager,cudagraph,compile] [--time-limit-s S]
 [--deterministic]``: the whole benchmark suite, one command (see bench/README.md)."""
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default=None, help="comma-separated subset of torch,triton,cuda")
     ap.add_argument("--modes", default=None,
                     help="end-to-end execution modes, comma-separated subset of "
-                         "eager,compile,cudagraph (default: all three on cuda; eager,compile on "
-                         "cpu, where cudagraph cannot run)")
+                         "eager,cudagraph,compile, run in the order given (default: all three, "
+                         "in that order, on cuda; eager,compile on cpu, where cudagraph cannot "
+                         "run)")
     ap.add_argument("--append", action="store_true",
                     help="add to the folder's results.jsonl instead of starting it afresh (to split "
                          "a run: --only ops, then --only e2e --append); the table covers all rows")

@@ -251,10 +251,11 @@ def dtype_name(dt: torch.dtype) -> str:
 
 def available_backends(h: Harness):
     """[(name, ops module)] of every backend that loads on this device, and [(name, why)] of
-    those that do not (reported as ``skipped`` rows by the callers)."""
+    those that do not (reported as ``skipped`` rows by the callers).  The kernel backends
+    first: a run cut short (NOTE: [run deadline]) loses the torch reference's rows first."""
     from adafisher_fast import backends
     ok, missing = [], []
-    for name in ("torch", "triton", "cuda"):
+    for name in ("cuda", "triton", "torch"):
         if h.backend_filter and name not in h.backend_filter:
             continue
         mod, why = backends._try_load(name, h.device)

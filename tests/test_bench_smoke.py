@@ -108,6 +108,21 @@ def test_time_limit_skips_what_it_cannot_start(tmp_path):
     assert "time-limit" in (tmp_path / "table.md").read_text()
 
 
+def test_e2e_modes_and_backends_run_in_the_order_that_keeps_what_matters(tmp_path):
+    """A run cut short keeps what comes first: the e2e modes run in the order given (the GPU
+    plan's second call asks for cudagraph before compile, which compiles 28 configurations), and
+    the kernel backends' rows come before the torch reference's."""
+    assert main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--quiet", "--only", "e2e",
+                 "--time-limit-s", "0", "--modes", "compile,eager"]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines() if l]
+    e2e = [r for r in rows if r["kind"] == "e2e" and "time-limit" in (r.get("note") or "")]
+    modes = [r["mode"] for r in e2e]
+    assert modes == sorted(modes, key=["compile", "eager"].index) and set(modes) == {"compile", "eager"}
+    order = [r["backend"] for r in e2e if r["mode"] == "eager" and r["workload"] == "resnet18"
+             and r["dtype"] == "float32" and r["optimizer"].startswith("AdaFisher")]
+    assert "torch" in order and order[-1] == "torch" and order[0] != "torch"
+
+
 def test_interrupt_still_writes_the_table(tmp_path, monkeypatch):
     """SIGINT (how .ci/gpu stops a stage at its deadline) mid-run: exit status 130, and the rows
     measured before it are in results.jsonl and table.md."""
