@@ -33,5 +33,16 @@ def test_the_plan_starves_no_stage():
     assert {"tests-gpu", "bench-ops", "bench-e2e"} <= {s.split(":")[0] for s in stages}
 
 
+def test_a_hung_test_is_stopped_before_its_stage():
+    """pytest-timeout's per-test limit must be under the tests-gpu stage's cap: at 240 s against a
+    220 s cap it could never fire, and a test hung on the GPU held its worker until the stage was
+    cut, unnamed in the junit XML, with no later test of that worker run."""
+    script = (ROOT / ".ci" / "gpu").read_text()
+    per_test = int(re.search(r"^TEST_TIMEOUT=\$\{TEST_TIMEOUT:-(\d+)\}", script, re.M).group(1))
+    stages = re.search(r'^PLAN="([^"]*)"', script, re.M).group(1).split()
+    caps = [int(s.split(":")[1]) for s in stages if s.startswith("tests") and ":" in s]
+    assert caps and per_test < min(caps), (per_test, caps)
+
+
 def test_the_plan_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / ".ci" / "gpu")], check=True)
