@@ -168,7 +168,10 @@ def check_curves(ref: Sequence[float], got: Sequence[float], name: str = "backen
 # ----------------------------------------------------------------------------------------------
 # GPU tests
 # ----------------------------------------------------------------------------------------------
+# one process per run: under pytest-xdist with --dist loadgroup (.ci/gpu) every test of the group
+# runs on one worker, so each reference curve is computed once, not once per worker
 _REF: Dict[Tuple[str, str], List[float]] = {}
+_ONE_WORKER = pytest.mark.xdist_group("resnet18_gpu")
 
 
 def _reference_curve(preset: str, opt_cls) -> List[float]:
@@ -185,6 +188,7 @@ def _need_cuda():
 
 
 @pytest.mark.gpu
+@_ONE_WORKER
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_resnet18_torch_reference_learns(preset, opt_cls):
@@ -193,6 +197,7 @@ def test_resnet18_torch_reference_learns(preset, opt_cls):
 
 
 @pytest.mark.gpu
+@_ONE_WORKER
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("preset", ["official", "paper"])
