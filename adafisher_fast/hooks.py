@@ -136,6 +136,20 @@ def _flush_rows(buf: torch.Tensor, hooks: int) -> None:
 _flush_rows.register_fake(lambda buf, hooks: None)
 
 
+# NOTE: [DataParallel] nn.DataParallel copies the model to every GPU at each forward and runs
+# the copies in threads, each on its slice of the batch; its replicas call the layers' hooks with
+# activations on their own GPUs, which the statistics buffer is not on.  Gathering them would
+# need a cross-device reduction per layer call, and one GPU is all our GPU tests have, so it is
+# refused by name (at construction when the wrapper spans devices; Hugging Face's Trainer wraps
+# the model itself when one process sees several GPUs, so a replica's first statistics call
+# raises too) rather than with "ran on cuda:1".
+_DATA_PARALLEL = ("AdaFisher: {}: DataParallel runs a copy of the model per GPU in threads, "
+                  "whose statistics cannot be gathered; use DistributedDataParallel, one process "
+                  "per GPU (torchrun; Hugging Face's Trainer and accelerate use it when launched "
+                  "with torchrun or `accelerate launch`), or one GPU (CUDA_VISIBLE_DEVICES=0) "
+                  "(NOTE: [DataParallel] in hooks.py)")
+
+
 class _Tap:
     """One composite layer's current call (NOTE: [composite layers]): armed by the layer's forward
     pre-hook, ``placed`` by the first submodule call with the output-gradient hook's pending list
@@ -234,6 +248,9 @@ class StatHooks:
             if _transformed(x, output):
                 return
             compiling = torch.compiler.is_compiling()
+            if not compiling and module.__dict__.get("_is_replica"):       # (no __getattr__)
+                raise RuntimeError(_DATA_PARALLEL.format(f"layer '{lay.name}' ran as an "
+                                                         f"nn.DataParallel replica"))
             if isinstance(x, torch.Tensor):
                 if not compiling:
                     fisher.note_forward()        # NOTE: [forward before zero_grad]

@@ -18,7 +18,7 @@ from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from .backends import resolve
-from .hooks import StatHooks
+from .hooks import _DATA_PARALLEL, StatHooks
 from .presets import PRESETS
 from .report import curvature_report
 from .state import FisherState, state_dtype, warn_user
@@ -142,7 +142,8 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside torch.compile's and DDP's wrappers, so that an optimizer made on a
     wrapper hooks and names the plain model (no "_orig_mod." or "module." prefix: its
     checkpoints and reports are the plain model's); FSDP (v1) refused: it flattens each
-    layer's parameters into one, which no factor layout can read."""
+    layer's parameters into one, which no factor layout can read; nn.DataParallel over several
+    GPUs refused (NOTE: [DataParallel] in hooks.py)."""
     compiled = sys.modules.get("torch._dynamo.eval_frame")
     ddp = getattr(sys.modules.get("torch.nn.parallel.distributed"), "DistributedDataParallel", None)
     while True:
@@ -152,6 +153,9 @@ def _unwrapped(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             break
+    if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+        raise NotImplementedError(_DATA_PARALLEL.format(
+            f"model: nn.DataParallel over devices {model.device_ids}"))
     fsdp = getattr(sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel"),
                    "FullyShardedDataParallel", None)
     # FSDP marks its flat parameters, and with use_orig_params the views into them, so

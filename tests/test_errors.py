@@ -212,6 +212,40 @@ def test_model_on_devices_the_state_cannot_follow():
     assert opt.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
+def _data_parallel_replica(model: nn.Module) -> nn.Module:
+    """What torch.nn.parallel.replicate makes of ``model`` for a second GPU (broadcast copies of
+    the parameters as plain tensors on replicas sharing the hooks), here on the CPU."""
+    rep = model._replicate_for_data_parallel()
+    for name, child in model._modules.items():
+        c = child._replicate_for_data_parallel()
+        for k, p in child._parameters.items():
+            setattr(c, k, p * 1)
+        rep._modules[name] = c
+    return rep
+
+
+def test_data_parallel_over_several_gpus_is_refused_by_name(monkeypatch):
+    """NOTE: [DataParallel] nn.DataParallel's replicas (one per GPU, in threads) reached the hooks
+    with activations on other GPUs and failed with "layer '0' ran on cuda:1", after gathering the
+    first replica's.  A wrapper over several devices is refused at construction, and a replica's
+    first statistics call (Hugging Face's Trainer wraps after the optimizer is made) names
+    DataParallel and what to use, before adding anything.  One device, or none, works as ever."""
+    m = _m()
+    opt = AdaFisher(m, backend="torch", TCov=1)
+    with pytest.raises(RuntimeError, match=r"layer '0' ran as an nn.DataParallel replica: .*use "
+                                           r"DistributedDataParallel"):
+        _data_parallel_replica(m)(torch.randn(2, 3))
+    assert not opt.fisher.buf.any() and not any(opt.fisher.pending)
+    dp = nn.DataParallel(_m())                  # no GPU: it calls the module itself
+    opt = AdaFisher(dp, backend="torch", TCov=1)
+    dp(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    assert opt.steps == 1 and all(opt.state[p] for p in dp.parameters())
+    monkeypatch.setattr(dp, "device_ids", [0, 1])
+    with pytest.raises(NotImplementedError, match=r"model: nn.DataParallel over devices \[0, 1\]"):
+        AdaFisher(dp)
+
+
 def test_fisher_state_moves_every_tensor():
     """FisherState.to (NOTE: [following the model]) leaves no tensor behind, nor a floating one
     in another dtype."""
