@@ -414,9 +414,9 @@ class ConvKind(LayerKind):
         if type(m) not in _WARNED_PADDING:
             _WARNED_PADDING.add(type(m))
             warn_user(f"AdaFisher: {type(m).__name__}'s output is larger than its padding "
-                          f"{m.padding} gives, so its forward pads the input itself; the "
-                          f"statistics assume zero padding, total // 2 before (TensorFlow's "
-                          f"'SAME', as timm's Conv2dSame), NOTE: [padding inside forward]")
+                      f"{m.padding} gives, so its forward pads the input itself; the "
+                      f"statistics assume zero padding, total // 2 before (TensorFlow's "
+                      f"'SAME', as timm's Conv2dSame), NOTE: [padding inside forward]")
         flat = [p for e in reversed(extra) for p in (e // 2, e - e // 2)]
         return torch.nn.functional.pad(x, flat)
 
@@ -952,8 +952,8 @@ class EmbeddingKind(LayerKind):
             if type(m) not in _NOT_INDICES and not torch.compiler.is_compiling():
                 _NOT_INDICES.add(type(m))
                 warn_user(f"AdaFisher: {type(m).__name__} was called on {x.dtype} input, "
-                              f"not indices, so such calls gather no statistics (NOTE: "
-                              f"[embedding lookups])")
+                          f"not indices, so such calls gather no statistics (NOTE: "
+                          f"[embedding lookups])")
             return None
         ok = _PROBED.get(type(m))
         if ok is None:
@@ -962,9 +962,9 @@ class EmbeddingKind(LayerKind):
             ok = _CHECKED[type(m)] = _looks_up(m, x, output)
             if not ok:
                 warn_user(f"AdaFisher: {type(m).__name__}'s forward does not look up the "
-                              f"indices it is given (a positional embedding?), so it gathers no "
-                              f"statistics and its weight steps with its current factors; "
-                              f"register a LayerKind for it (NOTE: [embedding lookups])")
+                          f"indices it is given (a positional embedding?), so it gathers no "
+                          f"statistics and its weight steps with its current factors; "
+                          f"register a LayerKind for it (NOTE: [embedding lookups])")
         return x if ok else None
 
 
@@ -987,11 +987,11 @@ def _probe_lookup(m: nn.Embedding) -> Optional[bool]:
         _PROBED[cls] = _try_lookup(m)
         if _PROBED[cls] is None and m.weight.requires_grad:    # a frozen table is not a layer
             warn_user(f"AdaFisher: {cls.__name__}'s forward could not be tried on probe "
-                          f"indices, so whether it looks up the indices it is given is checked "
-                          f"at its first eager statistics call; until then compiled calls "
-                          f"gather nothing, and so does any call given no tensor of indices "
-                          f"(a shape, as some positional embeddings take) (NOTE: [embedding "
-                          f"lookups])")
+                      f"indices, so whether it looks up the indices it is given is checked "
+                      f"at its first eager statistics call; until then compiled calls "
+                      f"gather nothing, and so does any call given no tensor of indices "
+                      f"(a shape, as some positional embeddings take) (NOTE: [embedding "
+                      f"lookups])")
     return _PROBED[cls]
 
 

@@ -21,7 +21,8 @@ from .backends import resolve
 from .hooks import _DATA_PARALLEL, StatHooks
 from .presets import PRESETS
 from .report import curvature_report
-from .state import FisherState, state_dtype, warn_user
+from .layers import warn_user
+from .state import FisherState, state_dtype
 
 _GROUP_KEYS = ("lr", "beta", "weight_decay")
 # what torch's LR schedulers ("initial_lr", for resuming with last_epoch) and users (a group's
