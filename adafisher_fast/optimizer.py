@@ -19,9 +19,9 @@ from torch.optim import Optimizer
 
 from .backends import resolve
 from .hooks import _DATA_PARALLEL, StatHooks
+from .layers import warn_user
 from .presets import PRESETS
 from .report import curvature_report
-from .layers import warn_user
 from .state import FisherState, state_dtype
 
 _GROUP_KEYS = ("lr", "beta", "weight_decay")
