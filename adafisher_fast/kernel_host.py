@@ -32,6 +32,30 @@ def _table_cached(build, table: LayerTable, anchor: torch.Tensor):
     return value
 
 
+# NOTE: [captured tables] A CUDA graph replays each launch with the addresses it was captured
+# with, and the device tables behind them (fused_step's pointer, block, step-address and
+# hyper-parameter tables and ticket; layer_ema's terms and factors by layer) live in caches that
+# evict their oldest entries: another optimizer's eager steps under an LR schedule, or new
+# gradient tensors, pushed a captured step's tables out, and its replays read freed memory.  So
+# the tables a launch uses while the stream is capturing are also kept here, for the life of the
+# process: a few per graph (the block tables are the largest, 12 B per 1024 parameters), nothing
+# more for a capture that uses tables already kept.  (The CUDA backend keeps its fused_step
+# tables in bindings.cpp's device_table the same way.)
+_CAPTURED: Dict[int, torch.Tensor] = {}
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def keep_if_captured(*tables: torch.Tensor) -> None:
+    """Keeps ``tables`` alive for good if a graph is being captured (NOTE: [captured tables])."""
+    if capturing():
+        for t in tables:
+            _CAPTURED.setdefault(id(t), t)
+
+
 def forget(tables: Sequence[LayerTable]) -> None:
     """Drops what the cache derived from these tables (a dropped optimizer's, a moved state's
     old one): each entry holds device tensors until 32 newer ones push it out."""

@@ -17,6 +17,12 @@ namespace adafisher {
 constexpr at::DeviceType kDeviceType = at::kCUDA;
 constexpr const char* kDeviceName = "CUDA";
 inline bool host_step(const at::Tensor& t) { return t.is_cpu(); }
+inline bool stream_capturing(cudaStream_t s) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  const cudaError_t err = cudaStreamIsCapturing(s, &status);
+  TORCH_CHECK(err == cudaSuccess, "adafisher: cudaStreamIsCapturing: ", cudaGetErrorString(err));
+  return status != cudaStreamCaptureStatusNone;
+}
 }  // namespace adafisher
 #endif
 
@@ -270,18 +276,30 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
 // so they upload every step, as before.)  The table ends with its launch's ticket counter (NOTE:
 // [step chunks]), uploaded as zero and left at zero by the kernel: a counter per table, not per
 // device, so that two optimizers stepping at once on two streams cannot take each other's tickets
-// (as the Triton twin's counter is cached with its tables, NOTE: [step tickets]).
-at::Tensor device_table(std::string bytes, const at::Device& dev) {
+// (as the Triton twin's counter is cached with its tables, NOTE: [step tickets]).  A table used
+// while the stream is capturing moves to a list that is never evicted, since the graph replays
+// its address (NOTE: [captured tables] in adafisher_fast/kernel_host.py); one the capture would
+// have to upload is refused, as the Triton twin's (the graph would replay a freed host copy).
+at::Tensor device_table(std::string bytes, const at::Device& dev, bool capturing) {
   static std::mutex mu;
   static std::list<std::pair<std::string, at::Tensor>> cache;      // most recent first, at most 8
+  static std::list<std::pair<std::string, at::Tensor>> captured;   // kept for good
   bytes.push_back(static_cast<char>(dev.index()));
   std::lock_guard<std::mutex> lock(mu);
+  for (const auto& entry : captured)
+    if (entry.first == bytes) return entry.second;
   for (auto it = cache.begin(); it != cache.end(); ++it) {
     if (it->first == bytes) {
-      cache.splice(cache.begin(), cache, it);
-      return cache.front().second;
+      auto& to = capturing ? captured : cache;
+      to.splice(to.begin(), cache, it);
+      return to.front().second;
     }
   }
+  TORCH_CHECK(!capturing, "adafisher::fused_step: a table would be uploaded inside this CUDA-graph "
+              "capture, and the graph would replay a freed host copy: step counts kept on the host "
+              "(capturable=False), or parameters, gradients or hyper-parameters that no eager step "
+              "before the capture used; capture with capturable=True after an eager step with the "
+              "same tensors and settings (NOTE: [capturable])");
   at::Tensor host = at::empty({static_cast<int64_t>(bytes.size())},
                               at::TensorOptions().dtype(at::kByte).pinned_memory(kDeviceType == at::kCUDA));
   std::memcpy(host.data_ptr(), bytes.data(), bytes.size());
@@ -377,7 +395,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     std::string bytes(tb + cb + 8, '\0');
     std::memcpy(&bytes[0], ts.data(), tb);
     if (cb) std::memcpy(&bytes[tb], chunks.data(), cb);
-    const at::Tensor dev = device_table(std::move(bytes), params[0].device());
+    const at::Tensor dev = device_table(std::move(bytes), params[0].device(), stream_capturing(stream));
     uint8_t* d = dev.data_ptr<uint8_t>();
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
                                    reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],

@@ -403,8 +403,11 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
     if not on_dev:
         step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32),
                              fac.device)
+    hyper_table = _hyper_table(work, hyper, fac.device)
+    kernel_host.keep_if_captured(block_param, block_start, ptrs, numels, rows, hyper_table,
+                                 step_table, ticket)            # NOTE: [captured tables]
     _fused_step_kernel[(n_blocks,)](
-        block_param, block_start, ptrs, numels, rows, _hyper_table(work, hyper, fac.device),
+        block_param, block_start, ptrs, numels, rows, hyper_table,
         step_table, len(steps), ticket, fac,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
         ALIGNED=aligned, DEVICE_STEPS=on_dev, STEP_BLOCK=STEP_BLOCK)

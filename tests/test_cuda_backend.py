@@ -250,6 +250,71 @@ def test_three_backends_agree_on_a_short_run(cuda, name, opt_cls, preset, monkey
         assert_trajectories_close(runs[be], runs["torch"])
 
 
+def _one_param_step(dev, n, seed):
+    """(params, grads, moms, steps) of one factor-free parameter of n elements, steps on dev."""
+    g = torch.Generator().manual_seed(seed)
+    return ([torch.randn(n, generator=g).to(dev)], [torch.randn(n, generator=g).to(dev)],
+            [torch.zeros(n, device=dev)], [torch.zeros((), device=dev)])
+
+
+_FREE_META = [[1, 1, 0, 0, 0, 0, 0, 0, 1, 0]]           # factor-free: F = 1 + Lambda
+
+
+def test_fused_step_table_used_while_capturing_is_kept(cuda, monkeypatch):
+    """NOTE: [captured tables] A CUDA graph replays the address of the table its fused_step
+    launch was captured with, and the binding's table cache keeps 8: eight steps of another
+    optimizer under an LR schedule (a table each) freed a captured step's table, which its
+    replays then read.  A table used while capturing is kept for good, and one the capture would
+    have to upload is refused.  Emulated: ADAFISHER_EMU_CAPTURING stands for a capturing stream
+    (a real capture: test_fused_step_graph_replays_after_table_churn)."""
+    if not cuda.emulated:
+        pytest.skip("the emulator's stand-in for capture; on a GPU the test below captures")
+    monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
+    fac, meta = torch.ones(1), torch.tensor(_FREE_META)
+    captured, other = _one_param_step(cuda.dev, 3000, 0), _one_param_step(cuda.dev, 500, 1)
+    cuda.ops.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)    # warm-up
+    monkeypatch.setenv("ADAFISHER_EMU_CAPTURING", "1")
+    cuda.ops.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)    # the capture
+    before = [t.clone() for t in other[0] + other[2]]
+    with pytest.raises(RuntimeError, match="would be uploaded inside this CUDA-graph capture"):
+        cuda.ops.fused_step(*other, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)
+    assert all(torch.equal(a, b) for a, b in zip(before, other[0] + other[2]))   # nothing ran
+    monkeypatch.delenv("ADAFISHER_EMU_CAPTURING")
+    for k in range(9):                                      # an LR schedule: 9 new tables
+        cuda.ops.fused_step(*other, fac, meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
+    monkeypatch.setenv("ADAFISHER_EMU_CAPTURING", "1")
+    cuda.ops.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)    # still there
+
+
+@pytest.mark.gpu
+def test_fused_step_graph_replays_after_table_churn(cuda):
+    """NOTE: [captured tables] on a GPU: a graph captured around one fused_step launch, replayed
+    after nine eager steps of another parameter set under an LR schedule (nine new tables, one
+    more than the cache keeps), updates as the reference does."""
+    if cuda.emulated:
+        pytest.skip("needs a GPU")
+    fac, meta = torch.ones(1, device=cuda.dev), torch.tensor(_FREE_META)   # meta: host, as step()'s
+    captured, other = _one_param_step(cuda.dev, 3000, 0), _one_param_step(cuda.dev, 500, 1)
+    hyper = [(1e-3, 0.9, 0.0, 1e-3)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        cuda.ops.fused_step(*captured, fac, meta, hyper, True)          # warm-up: the table
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cuda.ops.fused_step(*captured, fac, meta, hyper, True)
+    for k in range(9):
+        cuda.ops.fused_step(*other, fac, meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
+    torch.cuda.synchronize()
+    want = [[t.clone() for t in lst] for lst in captured]
+    reference.fused_step(*want, fac, meta, hyper, True)
+    graph.replay()
+    torch.cuda.synchronize()
+    for got, ref in zip(captured, want):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("step_on", ["host", "device"])

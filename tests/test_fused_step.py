@@ -1,8 +1,10 @@
 """fused_step kernels against the torch reference over several steps: every param-map kind,
 fp32/bf16/fp16 parameters, L2 and decoupled weight decay, non-contiguous tensors, a zero-size
 parameter last; parameters, momenta and step counts compared."""
+import gc
 import importlib
 import math
+import weakref
 
 import pytest
 import torch
@@ -425,6 +427,43 @@ def test_fused_step_two_streams(kernel_ops):
         assert side[3][0].item() == 30.0
         for a, b in zip(side[0] + side[2], want[0] + want[2]):
             assert torch.equal(a, b)
+
+
+def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
+    """NOTE: [captured tables] A CUDA graph replays the addresses of the tables its fused_step
+    launch was captured with, and the caches holding them evict their oldest entries: eight steps
+    of another parameter set under an LR schedule (a hyper-parameter table each) freed a captured
+    launch's pointer, step-address, ticket and hyper-parameter tables.  A launch while capturing
+    keeps every table it was given.  (kernel_host.capturing stands for a capturing stream.)"""
+    pytest.importorskip("triton")
+    fs = importlib.import_module("fisher_kernels.fused_step")
+    given = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: given.append(
+                [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)])
+
+    monkeypatch.setattr(fs, "_fused_step_kernel", Recorder())
+    for cache in ("_TABLES", "_BLOCKS", "_HYPER"):
+        monkeypatch.setattr(fs, cache, {})
+    monkeypatch.setattr(kernel_host, "_CAPTURED", {})
+    fac, meta = torch.ones(1), torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 1, 0]])
+
+    def param_set(n):
+        return [torch.randn(n)], [torch.randn(n)], [torch.zeros(n)], [torch.zeros(())]
+
+    captured, other = param_set(3000), param_set(500)
+    fs.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)     # eager warm-up
+    monkeypatch.setattr(kernel_host, "capturing", lambda: True)
+    fs.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)     # the capture
+    monkeypatch.setattr(kernel_host, "capturing", lambda: False)
+    tables = given[-1]
+    for k in range(2 * fs._MAX_TABLES):     # an LR schedule and zero_grad()'s new gradients
+        other[1][0] = torch.randn(500)
+        fs.fused_step(*other, fac, meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
+    gc.collect()
+    assert len(tables) == 9 and all(ref() is not None for ref in tables)
 
 
 @pytest.mark.parametrize("steps_on", ["device", "host"])

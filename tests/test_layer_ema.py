@@ -114,3 +114,19 @@ def test_a_dropped_optimizer_leaves_no_cached_tables(kernel_ops):
     del opt
     gc.collect()
     assert not set(kernel_host._TABLES) - before
+
+
+def test_a_launch_while_capturing_keeps_its_derived_tables(kernel_ops, monkeypatch):
+    """NOTE: [captured tables] layer_ema's terms by destination and factors by layer come from a
+    cache of 32 entries that evicts its oldest; a launch while a CUDA graph is captured keeps the
+    ones it was given, whose addresses the graph replays.  (kernel_host.capturing stands for a
+    capturing stream.)"""
+    from adafisher_fast import kernel_host
+    opt = AdaFisher(_model().to(device()), preset="paper", backend="torch")
+    f = opt.fisher
+    monkeypatch.setattr(kernel_host, "_CAPTURED", {})
+    monkeypatch.setattr(kernel_host, "capturing", lambda: True)
+    kernel_ops.layer_ema(torch.rand_like(f.buf), f.table, f.state, f.fac, f.initialized,
+                         f.counters, PRESETS["paper"].ema_rule(0.8))
+    kept = {id(t) for t in kernel_host._CAPTURED.values()}
+    assert {id(t) for t in kernel_host.term_csr(f.table)} <= kept

@@ -23,4 +23,6 @@ constexpr const char* kDeviceName = "CPU (CUDA emulator)";
 // Every tensor is a CPU tensor here, so where fused_step keeps the step cannot follow the device:
 // ADAFISHER_EMU_DEVICE_STEPS=1 emulates steps on the device (the capturable path), unset the host.
 inline bool host_step(const at::Tensor&) { return std::getenv("ADAFISHER_EMU_DEVICE_STEPS") == nullptr; }
+// ADAFISHER_EMU_CAPTURING=1 emulates a stream capturing a CUDA graph (NOTE: [captured tables])
+inline bool stream_capturing(cudaStream_t) { return std::getenv("ADAFISHER_EMU_CAPTURING") != nullptr; }
 }  // namespace adafisher
