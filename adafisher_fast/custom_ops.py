@@ -92,7 +92,10 @@ class CompileAwareOps:
     def _eager(self, op: str) -> bool:
         return op in self._traced or not torch.compiler.is_compiling()
 
-    def linear_stats(self, x, out, dim=-1, square=True, scale=1.0):
+    def linear_stats(self, x, out, dim=-1, square=True, scale=1):
+        # scale's default an int: under torch.compile(dynamic=True) dynamo makes a float default
+        # a graph input, read back with .item(), which a checkpointed region's subgraph could
+        # not use (the compile failed) and which cost every dynamic compile a second trace
         if self._eager("linear_stats"):
             return self._ops.linear_stats(x, out, dim, square, scale)
         if scale == 1.0:

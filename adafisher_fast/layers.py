@@ -411,7 +411,8 @@ class ConvKind(LayerKind):
             extra.append(need)
         if not any(extra):
             return x
-        if type(m) not in _WARNED_PADDING:
+        # not while tracing: the warning breaks the graph, and reading the set guards on it
+        if not torch.compiler.is_compiling() and type(m) not in _WARNED_PADDING:
             _WARNED_PADDING.add(type(m))
             warn_user(f"AdaFisher: {type(m).__name__}'s output is larger than its padding "
                       f"{m.padding} gives, so its forward pads the input itself; the "
@@ -949,7 +950,7 @@ class EmbeddingKind(LayerKind):
         if type(m).forward is nn.Embedding.forward:
             return x
         if x.dtype not in (torch.int32, torch.int64):
-            if type(m) not in _NOT_INDICES and not torch.compiler.is_compiling():
+            if not torch.compiler.is_compiling() and type(m) not in _NOT_INDICES:
                 _NOT_INDICES.add(type(m))
                 warn_user(f"AdaFisher: {type(m).__name__} was called on {x.dtype} input, "
                           f"not indices, so such calls gather no statistics (NOTE: "

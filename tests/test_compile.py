@@ -116,6 +116,69 @@ def test_compiled_model_matches_eager_without_graph_breaks(opt_cls, preset):
     assert all(d["stat_iters"] == 3 for d in opt.diagnostics().values())   # gathered in-graph
 
 
+class _CheckpointedHead(nn.Module):
+    """A Linear inside an activation-checkpointed region, then a Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.fc1, x, use_reentrant=False)
+        return self.fc2(h).mean(1)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_dynamic_true_compiles_a_checkpointed_region(preset):
+    """torch.compile(dynamic=True) made the float default of the statistics op's scale a graph
+    input read back with .item(), which the checkpointed region's subgraph could not use: the
+    first call raised (InternalTorchDynamoError).  It trains as in eager mode over changing
+    sequence lengths, in one frame."""
+    torch.manual_seed(0)
+    model = _CheckpointedHead().double()
+    twin = copy.deepcopy(model)
+    opts = [AdaFisherW(m, lr=1e-3, TCov=1, preset=preset, backend="torch") for m in (model, twin)]
+    counter = CompileCounterWithBackend("aot_eager")
+    net = torch.compile(twin, backend=counter, dynamic=True)
+    g = torch.Generator().manual_seed(1)
+    for t in (5, 7, 9):
+        x = torch.randn(3, t, 8, generator=g, dtype=torch.float64)
+        for m, o in ((model, opts[0]), (net, opts[1])):
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+    _assert_same((model, opts[0]), (twin, opts[1]), 1e-12)
+    assert counter.frame_count == 1
+
+
+def test_a_conv_padding_in_its_forward_compiles_with_fullgraph():
+    """NOTE: [padding inside forward] (timm's Conv2dSame) in a model compiled with fullgraph=True:
+    the once-per-class warning ran while tracing and raised Unsupported (without fullgraph, a
+    graph break: 7 graphs); it is given by eager calls only, and the model trains as eagerly."""
+    from adafisher_fast import layers
+    from test_hooks import _ConvSame
+    layers._WARNED_PADDING.discard(_ConvSame)      # not yet warned: the compiled call comes first
+    torch.manual_seed(0)
+    model = nn.Sequential(_ConvSame(2, 4, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3)).double()
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # the padding warning of the eager run
+        opts = [AdaFisher(m, lr=1e-3, TCov=1, preset="paper", backend="torch")
+                for m in (model, twin)]
+        counter = CompileCounterWithBackend("aot_eager")
+        net = torch.compile(twin, backend=counter, fullgraph=True)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+            for m, o in ((net, opts[1]), (model, opts[0])):
+                o.zero_grad()
+                m(x).square().sum().backward()
+                o.step()
+    _assert_same((model, opts[0]), (twin, opts[1]), 1e-12)
+    assert counter.frame_count == 1
+
+
 class _Broken(AllKinds):
     """AllKinds with a graph break between its hooked layers, as most real models have one."""
 
