@@ -188,7 +188,7 @@ def kind_of(module: nn.Module) -> Optional[LayerKind]:
     return None
 
 
-# frames that a warning skips to reach the user's line: this package, torch's optimizer and
+# frames that a warning skips to reach the caller's line: this package, torch's optimizer and
 # no_grad wrappers around step(), and torch.nn's modules (their calls run the hooks)
 _OWN_FRAMES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
                os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep,
@@ -198,7 +198,8 @@ _OWN_FRAMES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
 
 def warn_user(msg: str) -> None:
     """``warnings.warn(msg)`` attributed to the first caller outside this package and torch's
-    wrappers of step() (for a hook: the line that called the model): a fixed stacklevel was off
+    wrappers of step() (for a hook: the line that called the layer, in the user's model or a
+    library's, e.g. timm's): a fixed stacklevel was off
     wherever the call depth differs (a method reached through a wrapper, or from add_param_group
     rather than the constructor)."""
     level, f = 2, sys._getframe(1)

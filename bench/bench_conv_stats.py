@@ -6,7 +6,8 @@ identical input geometries merged, fp32 and bf16.  Baselines timed beside the ba
 * ``im2col``: what the released code does, ``F.unfold`` then square and sum (the SPEC 8 target is
   at least 30x faster than this);
 * ``floor``: ``torch.linalg.vector_norm(x, dim=0, dtype=torch.float32)``, one read of x (one
-  reduction kernel, float32 accumulation) and nothing else, the bandwidth floor;
+  reduction kernel, float32 accumulation) and nothing else, the bandwidth floor (on CUDA; the CPU
+  converts a bf16/fp16 x to float32 first);
 * ``x2sum``: ``x.square().sum(0)``, the expression SPEC 8's "one read" anchor times; eager torch
   writes and reads back the square (~3x x's bytes), so it is no floor.
 

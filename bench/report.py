@@ -43,7 +43,7 @@ def markdown(rows: List[Dict]) -> str:
                 ratio += f" (vs {r.get('ratio_to')})"
             note = r.get("note") or ""
             if r.get("anchor_im2col_ms"):
-                note += f" released: im2col {r['anchor_im2col_ms']} ms, x^2 sum {r['anchor_x2sum_ms']} ms (H100)"
+                note += f" released: im2col {r['anchor_im2col_ms']} ms, x^2 sum {r.get('anchor_x2sum_ms', r.get('anchor_floor_ms'))} ms (H100)"
             status = "" if r["status"] == "ok" else f"**{r['status']}** "
             lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | {_f(r.get('time_ms'), '{:.4f}')} "
                          f"| {_f(r.get('q20_ms'), '{:.4f}')}-{_f(r.get('q80_ms'), '{:.4f}')} "

@@ -179,14 +179,14 @@ def test_plots_are_skipped_without_matplotlib(smoke, monkeypatch, capsys):
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 
-def test_conv_stats_floor_and_x2sum_baselines_compute_the_square_sum():
+def test_conv_stats_floor_and_x2sum_baselines_compute_the_square_sum(tmp_path):
     """conv_stats' ``floor`` baseline (one reduction reading x once, float32 accumulation) and
     ``x2sum`` (the expression SPEC 8's anchor times) both compute sum over the batch of x^2, the
     floor as its square root: a baseline doing less work would flatter the kernels."""
     import torch
     from bench import bench_conv_stats
     from bench.harness import Harness
-    h = Harness(torch.device("cpu"), True, "/tmp/adafisher-bench-unused", verbose=False)
+    h = Harness(torch.device("cpu"), True, tmp_path, verbose=False)
     case = bench_conv_stats.cases(h)[0]
     base, got = dict(case.baselines), {}
     for name in ("floor", "x2sum"):
