@@ -196,3 +196,14 @@ def test_conv_stats_floor_and_x2sum_baselines_compute_the_square_sum(tmp_path):
     want = torch.randn(case.shape).double().square().sum(0)
     torch.testing.assert_close(got["floor"].double().square(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["x2sum"].double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_report_renders_rows_of_earlier_runs():
+    """``python -m bench.report`` re-renders an earlier results.jsonl, and ``--append`` adds to
+    one: conv_stats rows written before the x2sum baseline carry ``anchor_floor_ms`` (a KeyError
+    left no table.md)."""
+    from bench.report import markdown
+    row = {"kind": "op", "op": "conv_stats", "case": "resnet50 64x64x56x56 k3", "backend": "im2col",
+           "dtype": "float32", "status": "ok", "time_ms": 3.7, "anchor_im2col_ms": 3.76,
+           "anchor_floor_ms": 0.074}
+    assert "x^2 sum 0.074 ms (H100)" in markdown([row])
