@@ -251,13 +251,13 @@ def test_three_backends_agree_on_a_short_run(cuda, name, opt_cls, preset, monkey
 
 
 def _one_param_step(dev, n, seed):
-    """(params, grads, moms, steps) of one factor-free parameter of n elements, steps on dev."""
+    """(params, grads, moms, steps) of one factor-free parameter of n elements, steps on dev, and
+    its meta rows (on the host, as step() passes them): both indices at fac[0] = 1, so
+    F = 1 + Lambda (NOTE: [param map])."""
     g = torch.Generator().manual_seed(seed)
     return ([torch.randn(n, generator=g).to(dev)], [torch.randn(n, generator=g).to(dev)],
-            [torch.zeros(n, device=dev)], [torch.zeros((), device=dev)])
-
-
-_FREE_META = [[1, 1, 0, 0, 0, 0, 0, 0, 1, 0]]           # factor-free: F = 1 + Lambda
+            [torch.zeros(n, device=dev)], [torch.zeros((), device=dev)]), \
+        torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0]])
 
 
 def test_fused_step_table_used_while_capturing_is_kept(cuda, monkeypatch):
@@ -270,20 +270,21 @@ def test_fused_step_table_used_while_capturing_is_kept(cuda, monkeypatch):
     if not cuda.emulated:
         pytest.skip("the emulator's stand-in for capture; on a GPU the test below captures")
     monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
-    fac, meta = torch.ones(1), torch.tensor(_FREE_META)
-    captured, other = _one_param_step(cuda.dev, 3000, 0), _one_param_step(cuda.dev, 500, 1)
-    cuda.ops.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)    # warm-up
+    fac, hyper = torch.ones(1), [(1e-3, 0.9, 0.0, 1e-3)]
+    (captured, meta), (other, other_meta) = (_one_param_step(cuda.dev, 3000, 0),
+                                             _one_param_step(cuda.dev, 500, 1))
+    cuda.ops.fused_step(*captured, fac, meta, hyper, True)                        # warm-up
     monkeypatch.setenv("ADAFISHER_EMU_CAPTURING", "1")
-    cuda.ops.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)    # the capture
+    cuda.ops.fused_step(*captured, fac, meta, hyper, True)                        # the capture
     before = [t.clone() for t in other[0] + other[2]]
     with pytest.raises(RuntimeError, match="would be uploaded inside this CUDA-graph capture"):
-        cuda.ops.fused_step(*other, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)
+        cuda.ops.fused_step(*other, fac, other_meta, hyper, True)
     assert all(torch.equal(a, b) for a, b in zip(before, other[0] + other[2]))   # nothing ran
     monkeypatch.delenv("ADAFISHER_EMU_CAPTURING")
     for k in range(9):                                      # an LR schedule: 9 new tables
-        cuda.ops.fused_step(*other, fac, meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
+        cuda.ops.fused_step(*other, fac, other_meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
     monkeypatch.setenv("ADAFISHER_EMU_CAPTURING", "1")
-    cuda.ops.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)    # still there
+    cuda.ops.fused_step(*captured, fac, meta, hyper, True)                        # still there
 
 
 @pytest.mark.gpu
@@ -293,9 +294,9 @@ def test_fused_step_graph_replays_after_table_churn(cuda):
     more than the cache keeps), updates as the reference does."""
     if cuda.emulated:
         pytest.skip("needs a GPU")
-    fac, meta = torch.ones(1, device=cuda.dev), torch.tensor(_FREE_META)   # meta: host, as step()'s
-    captured, other = _one_param_step(cuda.dev, 3000, 0), _one_param_step(cuda.dev, 500, 1)
-    hyper = [(1e-3, 0.9, 0.0, 1e-3)]
+    fac, hyper = torch.ones(1, device=cuda.dev), [(1e-3, 0.9, 0.0, 1e-3)]
+    (captured, meta), (other, other_meta) = (_one_param_step(cuda.dev, 3000, 0),
+                                             _one_param_step(cuda.dev, 500, 1))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -305,7 +306,7 @@ def test_fused_step_graph_replays_after_table_churn(cuda):
     with torch.cuda.graph(graph):
         cuda.ops.fused_step(*captured, fac, meta, hyper, True)
     for k in range(9):
-        cuda.ops.fused_step(*other, fac, meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
+        cuda.ops.fused_step(*other, fac, other_meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
     torch.cuda.synchronize()
     want = [[t.clone() for t in lst] for lst in captured]
     reference.fused_step(*want, fac, meta, hyper, True)

@@ -448,12 +448,13 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
     for cache in ("_TABLES", "_BLOCKS", "_HYPER"):
         monkeypatch.setattr(fs, cache, {})
     monkeypatch.setattr(kernel_host, "_CAPTURED", {})
-    fac, meta = torch.ones(1), torch.tensor([[1, 1, 0, 0, 0, 0, 0, 0, 1, 0]])
+    fac = torch.ones(1)
 
-    def param_set(n):
-        return [torch.randn(n)], [torch.randn(n)], [torch.zeros(n)], [torch.zeros(())]
+    def param_set(n):          # one factor-free parameter (F = 1 + Lambda) and its meta rows
+        return ([torch.randn(n)], [torch.randn(n)], [torch.zeros(n)], [torch.zeros(())]), \
+            torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0]])
 
-    captured, other = param_set(3000), param_set(500)
+    (captured, meta), (other, other_meta) = param_set(3000), param_set(500)
     fs.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)     # eager warm-up
     monkeypatch.setattr(kernel_host, "capturing", lambda: True)
     fs.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)     # the capture
@@ -461,7 +462,7 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
     tables = given[-1]
     for k in range(2 * fs._MAX_TABLES):     # an LR schedule and zero_grad()'s new gradients
         other[1][0] = torch.randn(500)
-        fs.fused_step(*other, fac, meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
+        fs.fused_step(*other, fac, other_meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
     for cache in (fs._TABLES, fs._BLOCKS, fs._HYPER):     # whatever the churn left: gone too
         cache.clear()
     gc.collect()
