@@ -168,8 +168,8 @@ def check_curves(ref: Sequence[float], got: Sequence[float], name: str = "backen
 # ----------------------------------------------------------------------------------------------
 # GPU tests
 # ----------------------------------------------------------------------------------------------
-# one process per run: under pytest-xdist with --dist loadgroup (.ci/gpu) every test of the group
-# runs on one worker, so each reference curve is computed once, not once per worker
+# the reference curves are cached per process: under pytest-xdist with --dist loadgroup (.ci/gpu)
+# every test of the group runs on one worker, so each is computed once, not once per worker
 _REF: Dict[Tuple[str, str], List[float]] = {}
 _ONE_WORKER = pytest.mark.xdist_group("resnet18_gpu")
 
