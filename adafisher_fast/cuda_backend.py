@@ -99,7 +99,6 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
               initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
     """reference.layer_ema on the GPU in one launch (csrc/layer_ema.cu)."""
     ptr, src, pw, coef, q, factor = kernel_host.term_csr(table)
-    kernel_host.keep_if_captured(ptr, src, pw, coef, q, factor)     # NOTE: [captured tables]
     _ops.layer_ema(buf, int(table.n_acc), ptr, src, pw, coef, q, factor,
                    table.factor_start, table.factor_layer, int(table.n_layers), state, fac,
                    initialized, counters, float(rule.decay), float(rule.weight),

@@ -16,20 +16,20 @@ from .reference import LayerTable
 # one of the table's tensors and holding that tensor, so the address cannot be reused by another
 # table meanwhile.  An address key (not the tensor object) still hits when torch.compile hands the
 # op other tensor objects over the same storage, and a hit launches nothing, so CUDA-graph capture
-# may run it (the derivations sync: bincount sizes its output on the host).
+# may run it (the derivations sync: bincount sizes its output on the host), and keeps what it
+# returns (NOTE: [captured tables]).
 _TABLES: Dict[tuple, tuple] = {}
 
 
 def _table_cached(build, table: LayerTable, anchor: torch.Tensor):
     key = (build, anchor.data_ptr(), anchor.numel(), str(anchor.device))
     hit = _TABLES.get(key)
-    if hit is not None:
-        return hit[1]
-    value = build(table)
-    if len(_TABLES) >= 32:
-        _TABLES.pop(next(iter(_TABLES)))
-    _TABLES[key] = (anchor, value)
-    return value
+    if hit is None:
+        if len(_TABLES) >= 32:
+            _TABLES.pop(next(iter(_TABLES)))
+        hit = _TABLES[key] = (anchor, build(table))
+    keep_if_captured(*hit[1])
+    return hit[1]
 
 
 # NOTE: [captured tables] A CUDA graph replays each launch with the addresses it was captured
@@ -39,8 +39,9 @@ def _table_cached(build, table: LayerTable, anchor: torch.Tensor):
 # gradient tensors, pushed a captured step's tables out, and its replays read freed memory.  So
 # the tables a launch uses while the stream is capturing are also kept here, for the life of the
 # process: a few per graph (the block tables are the largest, 12 B per 1024 parameters), nothing
-# more for a capture that uses tables already kept.  (The CUDA backend keeps its fused_step
-# tables in bindings.cpp's device_table the same way.)
+# more for a capture that uses tables already kept.  The LayerTable cache keeps what it returns
+# during a capture itself (``_table_cached``), Triton's fused_step what its launch is given, and
+# the CUDA binding its fused_step tables in bindings.cpp's device_table.
 _CAPTURED: Dict[int, torch.Tensor] = {}
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from adafisher_fast.kernel_host import keep_if_captured, layer_factors, term_csr
+from adafisher_fast.kernel_host import layer_factors, term_csr
 from adafisher_fast.reference import EmaRule, LayerTable
 from .host import on_device
 
@@ -163,7 +163,6 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
             raise ValueError(f"layer_ema: {name} must be contiguous")
     ptr, src, pw, coef, q, factor = term_csr(table)     # NOTE: [term CSR]
     factors_by_layer, layer_fstart = layer_factors(table)
-    keep_if_captured(ptr, src, pw, coef, q, factor, factors_by_layer, layer_fstart)
     raw = torch.empty(state.numel(), dtype=torch.float32, device=buf.device)
     _layer_ema_kernel[(table.n_layers,)](
         buf, table.n_acc, ptr, src, *(t.to(torch.float32) for t in (pw, coef, q)), factor,
