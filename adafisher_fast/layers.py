@@ -199,9 +199,8 @@ _OWN_FRAMES = (os.path.dirname(os.path.abspath(__file__)) + os.sep,
 def warn_user(msg: str) -> None:
     """``warnings.warn(msg)`` attributed to the first caller outside this package and torch's
     wrappers of step() (for a hook: the line that called the layer, in the user's model or a
-    library's, e.g. timm's): a fixed stacklevel was off
-    wherever the call depth differs (a method reached through a wrapper, or from add_param_group
-    rather than the constructor)."""
+    library's, e.g. timm's): a fixed stacklevel was off wherever the call depth differs (a method
+    reached through a wrapper, or from add_param_group rather than the constructor)."""
     level, f = 2, sys._getframe(1)
     while f is not None and os.path.abspath(f.f_code.co_filename).startswith(_OWN_FRAMES):
         f, level = f.f_back, level + 1
