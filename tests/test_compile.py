@@ -128,6 +128,15 @@ class _CheckpointedHead(nn.Module):
         return self.fc2(h).mean(1)
 
 
+def _steps_side_by_side(inputs, *runs):
+    """One step on loss sum(out^2) per input of each (model, optimizer) run, in the order given."""
+    for x in inputs:
+        for m, o in runs:
+            o.zero_grad()
+            m(x).square().sum().backward()
+            o.step()
+
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_dynamic_true_compiles_a_checkpointed_region(preset):
     """torch.compile(dynamic=True) made the float default of the statistics op's scale a graph
@@ -141,12 +150,8 @@ def test_dynamic_true_compiles_a_checkpointed_region(preset):
     counter = CompileCounterWithBackend("aot_eager")
     net = torch.compile(twin, backend=counter, dynamic=True)
     g = torch.Generator().manual_seed(1)
-    for t in (5, 7, 9):
-        x = torch.randn(3, t, 8, generator=g, dtype=torch.float64)
-        for m, o in ((model, opts[0]), (net, opts[1])):
-            o.zero_grad()
-            m(x).square().sum().backward()
-            o.step()
+    _steps_side_by_side([torch.randn(3, t, 8, generator=g, dtype=torch.float64) for t in (5, 7, 9)],
+                        (model, opts[0]), (net, opts[1]))
     _assert_same((model, opts[0]), (twin, opts[1]), 1e-12)
     assert counter.frame_count == 1
 
@@ -169,12 +174,8 @@ def test_a_conv_padding_in_its_forward_compiles_with_fullgraph():
         counter = CompileCounterWithBackend("aot_eager")
         net = torch.compile(twin, backend=counter, fullgraph=True)
         g = torch.Generator().manual_seed(1)
-        for _ in range(3):
-            x = torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
-            for m, o in ((net, opts[1]), (model, opts[0])):
-                o.zero_grad()
-                m(x).square().sum().backward()
-                o.step()
+        _steps_side_by_side([torch.randn(2, 2, 8, 8, generator=g, dtype=torch.float64)
+                             for _ in range(3)], (net, opts[1]), (model, opts[0]))
     _assert_same((model, opts[0]), (twin, opts[1]), 1e-12)
     assert counter.frame_count == 1
 
