@@ -16,6 +16,7 @@ import weakref
 from typing import List, Optional
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from .layers import submodules
 from .state import FisherState, Layer
@@ -171,6 +172,30 @@ def _transformed(*values) -> bool:
     return any(isinstance(v, torch.Tensor) and wrapped(v) for v in values)
 
 
+def _computes_grad(params: List[torch.Tensor]) -> bool:
+    """NOTE: [gradient passes] Statistics follow the gradients (SPEC 3): an output gradient counts
+    when its backward pass computes the gradient of one of the layer's parameters (``params``, as
+    the call that made the output used them).  ``torch.autograd.grad(D(x).sum(), x,
+    create_graph=True)`` (WGAN-GP's and R1's penalties, a PINN's input derivatives) and
+    ``backward(inputs=...)`` without the layer's parameters also run the layer's gradient hooks,
+    with gradients of something other than the loss that never reach ``.grad``: they add
+    nothing.  ``autograd.grad(loss, params)`` does compute them (a loop that sets ``.grad`` by
+    hand).  Parameters that do not require gradients (a layer frozen after construction) decide
+    nothing, and a pass the engine cannot tell about counts, as before.  Eager calls only: a
+    compiled backward runs its hook op below autograd, where a parameter's gradient node cannot
+    be looked up, so a compiled model still counts such passes."""
+    asked = False
+    for p in params:
+        if p.requires_grad:
+            try:
+                if torch._C._will_engine_execute_node(get_gradient_edge(p).node):
+                    return True
+            except RuntimeError:        # p is an input of autograd.grad, or no engine runs
+                return True
+            asked = True
+    return not asked
+
+
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow):
         self.key = next(_KEYS)                  # NOTE: [backward statistics]
@@ -303,8 +328,11 @@ class StatHooks:
             return compiled_hook
 
         fisher, generation = self.fisher, self.fisher.generation
+        params = [getattr(lay.modules[which], pn) for pn in lay.pnames]
 
         def hook(grad):
+            if not _computes_grad(params):          # NOTE: [gradient passes]
+                return
             if generation != fisher.generation:     # NOTE: [forward before zero_grad]
                 fisher.adopt_held(lay, generation)
             for args in recomputed or ():

@@ -15,7 +15,7 @@ import math
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
@@ -44,6 +44,8 @@ class Layer:
     aliases: List[nn.Module] = field(default_factory=list)
     # an eager call its kind could not read (not a tensor, or h_input gave None) was seen
     unread: bool = False
+    # the names of the parameters the layer trains (NOTE: [gradient passes] in hooks.py)
+    pnames: Tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -226,7 +228,8 @@ class FisherState:
                 local_maps.append((getattr(m, pn), len(self.layers), mp, pn))
             h, s = kind.factors(m, preset)
             specs += [h, s]
-            self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0)))
+            self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0),
+                                     pnames=tuple(maps)))
         self.factor_free = {f"{name or '<root>'} ({type(m).__name__})": _factor_free_reason(m, preset)
                             for name, m in model.named_modules()
                             if any(id(p) in trainable and id(p) not in claimed

@@ -1666,3 +1666,87 @@ def test_torch_func_transforms_gather_nothing(preset):
     (model(x) - y).square().mean().backward()
     assert opt.fisher.buf.any()                         # an ordinary call still gathers
     opt.step()
+
+
+def _critic():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+
+
+def _expected_s(model, run):
+    """S of every Linear of ``model`` (paper preset: sum of s^2 over the rows of the gradients
+    that ``run(model, phase)`` marks "loss", over their row count), from hooks of the test's
+    own."""
+    seen = {name: [] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    phase = ["forward"]
+
+    def tap(name):
+        def hook(m, inputs, out):
+            out.register_hook(lambda g: seen[name].append(g.detach().clone())
+                              if phase[0] == "loss" else None)
+        return hook
+
+    handles = [m.register_forward_hook(tap(n)) for n, m in model.named_modules() if n in seen]
+    run(model, phase)
+    for h in handles:
+        h.remove()
+    return {n: (sum(g.square().sum(0) for g in gs) / sum(g.shape[0] for g in gs)) if gs else None
+            for n, gs in seen.items()}
+
+
+@pytest.mark.parametrize("penalty", ["wgan-gp", "r1"])
+def test_an_input_gradient_pass_adds_no_output_gradient_statistics(penalty):
+    """NOTE: [gradient passes] A gradient penalty's torch.autograd.grad(D(x).sum(), x,
+    create_graph=True) ran the critic's gradient hooks with the gradient of D(x).sum(), which
+    never reaches .grad, and added it to S (12x too large on the last layer).  S now comes from
+    the loss's backward only, as SPEC 3's "statistics follow the gradients" says."""
+    g = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(6, 3, generator=g).double(), torch.randn(6, 3, generator=g).double()
+    eps = torch.rand(6, 1, generator=g).double()
+
+    def run(model, phase):
+        if penalty == "wgan-gp":
+            loss = model(fake).mean() - model(real).mean()
+            x = (eps * real + (1 - eps) * fake).requires_grad_(True)
+        else:
+            x = real.clone().requires_grad_(True)
+            loss = nn.functional.softplus(-model(x)).mean() + nn.functional.softplus(model(fake)).mean()
+        phase[0] = "penalty"
+        (d,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        phase[0] = "loss"
+        (loss + 10 * (d.norm(dim=1) - 1).square().mean()).backward()
+
+    model = _critic()
+    expected = _expected_s(_critic(), run)
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    opt.zero_grad()
+    run(model, ["forward"])
+    raw = opt.raw_stats()
+    for name, s in expected.items():
+        torch.testing.assert_close(raw[name][1], s, rtol=1e-12, atol=0)
+
+
+def test_backward_with_inputs_gathers_s_for_the_layers_it_computes_gradients_of():
+    """NOTE: [gradient passes] backward(inputs=[the first layer's parameters]) computes no
+    gradient for the last layer: its S gathers nothing (a mean over no rows: NaN) and the
+    first layer's is its gradient's.  torch.autograd.grad(loss, parameters) computes every
+    layer's gradients: S is the plain backward's."""
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(2)).double()
+    model = _critic()
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+
+    def run(critic, phase):
+        phase[0] = "loss"
+        critic(x).square().sum().backward()
+
+    expected = _expected_s(_critic(), run)
+    opt.zero_grad()
+    model(x).square().sum().backward(inputs=list(model[0].parameters()))
+    raw = opt.raw_stats()
+    torch.testing.assert_close(raw["0"][1], expected["0"], rtol=1e-12, atol=0)
+    assert raw["2"][1].isnan().all() and model[2].weight.grad is None
+    opt.zero_grad()
+    torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    raw = opt.raw_stats()
+    for name, s in expected.items():
+        torch.testing.assert_close(raw[name][1], s, rtol=1e-12, atol=0)
