@@ -433,8 +433,9 @@ class FisherState:
     # gradients, and lost its H.  So zero_grad() after an eager statistics forward keeps a copy
     # of the buffer (one small device copy, no sync), and the first gradient hook of a call from
     # before it (the call's generation, counted in clears, is older) adds its layer's held H
-    # back: accumulators and row counts.  Held H that no gradient asks for is dropped at the next
-    # clear.  Only what forwards after the last finished backward added is held: the first
+    # back: accumulators and row counts.  Held H that no gradient asks for is dropped by the
+    # step, or by a zero_grad() after another forward (a second zero_grad() right after the
+    # first keeps it).  Only what forwards after the last finished backward added is held: the first
     # forward after a backward sets the buffer aside (a copy, then zero; gradient accumulation
     # pays one per micro-batch on statistics iterations) and the end of the next backward, or
     # any flush, adds it back; zero_grad() drops it.  So an abandoned forward + backward before
@@ -449,8 +450,10 @@ class FisherState:
         """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
         before zero_grad]."""
         if not torch.compiler.is_compiling():
-            self.held = (self.generation, self.buf.clone(), list(self.pending), set()) \
-                if hold and self.forwarded else None
+            if hold and self.forwarded:
+                self.held = (self.generation, self.buf.clone(), list(self.pending), set())
+            elif not hold:      # a second zero_grad() with no forward between keeps what it held
+                self.held = None
             self.generation += 1
             self.forwarded = self.backward_done = False
             self.before = None

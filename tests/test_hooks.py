@@ -246,19 +246,20 @@ def test_zero_grad_drops_abandoned_statistics():
 
 def _train_order(model, opt, batches, order):
     """The iteration in ``order``: "standard" (zero_grad, forward, backward, step), "reversed"
-    (forward, zero_grad, backward, step) or "closure" (Lightning's: step(closure) whose closure
-    runs forward, zero_grad, backward)."""
+    (forward, zero_grad, backward, step), "zero_grad twice" (the same with two zero_grad()) or
+    "closure" (Lightning's: step(closure) whose closure runs forward, zero_grad, backward)."""
     for x, y in batches:
         def closure():
             loss = nn.functional.cross_entropy(model(x), y)
-            opt.zero_grad()
+            for _ in range(2 if order == "zero_grad twice" else 1):
+                opt.zero_grad()
             loss.backward()
             return loss
         if order == "standard":
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-        elif order == "reversed":
+        elif order in ("reversed", "zero_grad twice"):
             closure()
             opt.step()
         else:
@@ -274,12 +275,15 @@ def _twins(preset):
     return ref, other, opts, [(x.double(), y) for x, y in _batches(n=4)]
 
 
-@pytest.mark.parametrize("order,compiled", [("reversed", False), ("closure", False), ("closure", True)])
+@pytest.mark.parametrize("order,compiled", [("reversed", False), ("zero_grad twice", False),
+                                            ("closure", False), ("closure", True)])
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_zero_grad_between_forward_and_backward_keeps_the_forwards_statistics(preset, order, compiled):
     """NOTE: [forward before zero_grad] zero_grad() between a forward and its backward (a common
     loop order; Lightning's closure) dropped the forward's H: the H state never left its initial
-    ones.  Now the run equals the standard loop's exactly (compiled: with step(closure))."""
+    ones.  Now the run equals the standard loop's exactly (compiled: with step(closure)); also
+    with a second zero_grad() (it dropped what the first held, with a warning that blamed
+    compilation)."""
     ref, other, opts, batches = _twins(preset)
     _train_order(ref, opts[0], batches, "standard")
     net = torch.compile(other, backend="aot_eager") if compiled else other
