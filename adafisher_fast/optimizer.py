@@ -456,7 +456,9 @@ class AdaFisher(Optimizer, Joinable):
         self._follow_model()
         if self._group_layout() != self._laid_out:
             self._adopt_groups()                # NOTE: [adopted groups]
-        if not self.fisher.in_closure:
+        if self.fisher.in_closure:
+            self.fisher.zero_grad_in_closure()
+        else:
             self.fisher.clear(hold=True)
 
     def _reduce_stats(self, grad_scale: Optional[torch.Tensor]) -> None:
@@ -718,12 +720,12 @@ class AdaFisher(Optimizer, Joinable):
         if closure is not None:
             if not callable(closure):
                 raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-            self.fisher.in_closure = True       # NOTE: [forward before zero_grad]
+            self.fisher.enter_closure()         # NOTE: [forward before zero_grad]
             try:
                 with torch.enable_grad():
                     loss = closure()
             finally:
-                self.fisher.in_closure = False
+                self.fisher.exit_closure()
         if not torch.compiler.is_compiling() and self._only_makes_state():
             self._gather()
             return loss

@@ -276,7 +276,8 @@ class FisherState:
         self._pending_any = self._flush_queued = False
         # NOTE: [forward before zero_grad]
         self.generation, self.forwarded, self.held, self.in_closure = 0, False, None, False
-        self.backward_done, self.before = False, None
+        self.backward_done, self.before, self.witness, self.stash = False, None, None, None
+        self.params = params
         self.state = torch.ones(raw_off, **fl)
         self.fac = torch.ones(raw_off + 1, **fl)
         self.initialized = torch.zeros(nf, dtype=torch.bool, device=device)
@@ -392,12 +393,15 @@ class FisherState:
     def _end_backward(self) -> None:
         self.flush_rows()
         self.backward_done = True           # NOTE: [forward before zero_grad]
+        self.witness = next((p for p in self.params if p.grad is not None), None)
 
     def note_forward(self) -> None:
         """An eager statistics forward (NOTE: [forward before zero_grad])."""
         # a backward that raised never ran its queued end-of-backward callback: finished too
         died = self._flush_queued and torch._C._current_graph_task_id() == -1
-        if self.backward_done or died:
+        if self.backward_done and self.witness is not None and self.witness.grad is None:
+            self.clear()                    # the module's zero_grad() ran
+        elif self.backward_done or died:
             self.flush_rows()
             self.before = self.buf.clone()
             self.buf.zero_()                # in place: compiled graphs hold this tensor
@@ -442,8 +446,21 @@ class FisherState:
     # the step's forward is dropped, as in the usual order (subtracting a copy instead turned an
     # overflowed batch's inf into NaN).  A grad-enabled forward without a backward (an
     # evaluation) cannot be told from the step's own: it is held with it.
-    # Inside step(closure), zero_grad() clears only the gradients: the closure's forward
-    # and backward are the step's.  A compiled model's gradient hook is one opaque op that knows
+    # A module's zero_grad() (``model.zero_grad()``: the pytorch/examples DCGAN loop zeroes the
+    # discriminator so, after the generator's backward ran through it) does not call ours.  The
+    # first forward after a backward finds it out: a parameter that had a gradient when that
+    # backward ended has none now, so the gradients were set to None, and what was gathered is
+    # dropped as zero_grad() drops it.  (A module's zero_grad(set_to_none=False) is not seen:
+    # DDP writes the all-reduced gradients in place after our end-of-backward callback.)
+    # Inside step(closure), zero_grad() clears only the gradients and what was gathered before
+    # step() began: the closure's forward before it is the step's (Lightning's closure runs
+    # forward, zero_grad(), backward), and a closure without zero_grad() (the last micro-batch
+    # of an accumulation) adds to what came before.  So step(closure) sets the buffer aside
+    # (``stash``, with its generation: the closure's calls are a newer one), a zero_grad() in
+    # the closure holds it as zero_grad() holds (a gradient of a call from before step() takes
+    # its H back), and the end of the closure adds back a stash no zero_grad() took.  (Eager
+    # forwards only: what a compiled model gathered before step(closure) is not seen.)  A
+    # compiled model's gradient hook is one opaque op that knows
     # no call's generation, so there a forward before zero_grad() still loses its H (outside a
     # closure): call zero_grad() before the forward.
     def clear(self, hold: bool = False) -> None:
@@ -463,6 +480,29 @@ class FisherState:
                 self.pending = [0] * len(self.pending)
             # also re-arms the callback of a backward pass that raised before running it
             self._pending_any = self._flush_queued = False
+
+    def enter_closure(self) -> None:
+        """step(closure) calls its closure (NOTE: [forward before zero_grad])."""
+        self.in_closure = True
+        if torch.compiler.is_compiling():
+            return
+        if self.forwarded or self.backward_done or self._pending_any or self.before is not None:
+            self.flush_rows()
+            self.stash = (self.generation, self.buf.clone())
+            self.buf.zero_()
+            self.generation += 1
+            self.forwarded = self.backward_done = False
+
+    def zero_grad_in_closure(self) -> None:
+        if self.stash is not None:
+            self.held = self.stash + ([0] * len(self.pending), set())
+            self.stash = None
+
+    def exit_closure(self) -> None:
+        self.in_closure = False
+        if self.stash is not None:
+            self.buf.add_(self.stash[1])
+            self.stash = None
 
     def adopt_held(self, lay: Layer, generation: int) -> None:
         """A gradient reached a call of ``lay`` from the forward of ``generation``, before the

@@ -1754,3 +1754,79 @@ def test_backward_with_inputs_gathers_s_for_the_layers_it_computes_gradients_of(
     raw = opt.raw_stats()
     for name, s in expected.items():
         torch.testing.assert_close(raw[name][1], s, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_a_modules_zero_grad_drops_statistics_as_the_optimizers_does(preset):
+    """NOTE: [forward before zero_grad] The pytorch/examples DCGAN loop zeroes with the modules'
+    zero_grad() (netD.zero_grad()), after the generator's backward ran through the critic: those
+    statistics stayed in D's next step (its D parameters 0.6 of an update apart after 10
+    iterations).  Now the loop trains exactly as with the optimizers' zero_grad()."""
+    torch.manual_seed(0)
+    gen = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    critic = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1)).double()
+
+    def train(module_zero_grad):
+        G, D = copy.deepcopy(gen), copy.deepcopy(critic)
+        oG, oD = (AdaFisher(m, lr=1e-2, TCov=1, preset=preset, backend="torch") for m in (G, D))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, z = torch.randn(8, 3, generator=g).double() + 1, torch.randn(8, 2, generator=g).double()
+            D.zero_grad() if module_zero_grad else oD.zero_grad()
+            nn.functional.softplus(-D(x)).mean().backward()
+            fake = G(z)
+            nn.functional.softplus(D(fake.detach())).mean().backward()
+            oD.step()
+            G.zero_grad() if module_zero_grad else oG.zero_grad()
+            nn.functional.softplus(-D(fake)).mean().backward()
+            oG.step()
+        return D, oD
+
+    _assert_same_training(train(True), train(False), stat_iters=4)
+
+
+@pytest.mark.parametrize("before", ["skipped batch", "grad-enabled evaluation", "forward outside"])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_zero_grad_in_a_closure_drops_what_came_before_the_step(preset, before):
+    """NOTE: [forward before zero_grad] Inside step(closure), zero_grad() dropped nothing, so a
+    batch skipped before it (forward and backward, then no step) or an evaluation forward with
+    autograd on went into the step's statistics (H of the first layer 440x off).  They are
+    dropped now, and the run equals the one without them.  "forward outside": a forward before
+    step() whose backward runs in the closure after its zero_grad() keeps its H, as zero_grad()
+    outside a closure keeps it."""
+    ref, other, opts, batches = _twins(preset)
+    _train_order(ref, opts[0], batches, "closure")
+    for i, (x, y) in enumerate(batches):
+        loss = nn.functional.cross_entropy(other(x), y)
+        if before == "skipped batch":
+            (loss * 100).backward()
+        elif before == "grad-enabled evaluation":
+            other(x.flip(0) * 3)
+
+        def closure():
+            out = loss if before == "forward outside" else nn.functional.cross_entropy(other(x), y)
+            opts[1].zero_grad()
+            out.backward()
+            return out
+        opts[1].step(closure)
+    _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=2)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_a_closure_without_zero_grad_adds_to_the_micro_batches_before_it(preset):
+    """Lightning's gradient accumulation: the window's first micro-batches run their closures
+    directly (the first one zeroes), the last runs through step(closure) without zero_grad().
+    The step folds every micro-batch's statistics, as the plain accumulation loop does."""
+    ref, other, opts, batches = _twins(preset)
+    for (net, opt), closure_last in (((ref, opts[0]), False), ((other, opts[1]), True)):
+        for k in range(0, len(batches), 2):
+            opt.zero_grad()
+            for j, (x, y) in enumerate(batches[k:k + 2]):
+                def closure():
+                    loss = nn.functional.cross_entropy(net(x), y)
+                    loss.backward()
+                    return loss
+                if not (closure_last and j == 1):
+                    closure()
+            opt.step(closure) if closure_last else opt.step()
+    _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=1)
