@@ -120,6 +120,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
     """reference.fused_step on the GPU: one launch per parameter dtype over all parameters
     (csrc/fused_step.cu); float64 (or otherwise unsupported) parameters go through the reference."""
+    reference.check_step_lists(params, grads, moms, steps, meta, hyper)
     n = len(params)
     if n == 0:
         return

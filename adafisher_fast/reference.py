@@ -33,6 +33,27 @@ MINMAX_EPS = 1e-6
 
 
 # ----------------------------------------------------------------------------------------------
+# argument checks the three backends share (the CUDA binding makes the same ones in C++)
+# ----------------------------------------------------------------------------------------------
+def check_dim(op: str, x: torch.Tensor, dim: int) -> None:
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"{op}: dim {dim} out of range for {x.dim()}-d x")
+
+
+def check_groups(op: str, channels: int, groups: int) -> None:
+    if groups < 1 or channels % groups:
+        raise ValueError(f"{op}: groups {groups} must divide the channel count {channels}")
+
+
+def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: torch.Tensor,
+                     hyper: list) -> None:
+    n = len(params)
+    if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
+        raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
+                         "same length")
+
+
+# ----------------------------------------------------------------------------------------------
 # statistics ops
 # ----------------------------------------------------------------------------------------------
 def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,
@@ -44,6 +65,7 @@ def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool
     Used for Linear H and S (SPEC 2, dim=-1), conv/BatchNorm output-gradient S (dim=1) and the
     released code's BatchNorm2d/LayerNorm batch sums (square=False).
     """
+    check_dim("linear_stats", x, dim)
     dim = dim % x.dim()
     k = x.shape[dim]
     x3 = x.reshape(math.prod(x.shape[:dim]), k, math.prod(x.shape[dim + 1:]))
@@ -74,6 +96,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     batch sum (it only copies or zeroes positions), so Q is padded instead of x; each kernel offset
     then sums Q over its output lattice, a strided slice.  Nothing of the patch matrix's size exists.
     """
+    check_groups("conv_stats", x.shape[1], groups)
     nd = len(kernel_size)
     q = x.to(out.dtype).square().sum(0)                         # (C, *spatial)
     flat_pad = [p for lo_hi in reversed(padding) for p in lo_hi]
@@ -113,6 +136,7 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
             var = (v - mean[None, :, None]).square().mean(dim=(0, 2))
         xhat = (v - mean.to(v.dtype)[None, :, None]) * torch.rsqrt(var.to(v.dtype) + eps)[None, :, None]
     elif mode == "sample":
+        check_groups("norm_stats", c, groups)
         vg = v.reshape(r, groups, (c // groups) * i)
         mu = vg.mean(dim=2, keepdim=True) if center else torch.zeros_like(vg[..., :1])
         ms = (vg - mu).square().mean(dim=2, keepdim=True)
@@ -305,6 +329,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
         p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled))
     """
+    check_step_lists(params, grads, moms, steps, meta, hyper)
     check_step_shapes(params, grads, moms)
     for p, g, m, t, row, (lr, beta, wd, lam) in zip(params, grads, moms, steps, meta.tolist(), hyper):
         t += 1

@@ -86,6 +86,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
                          f"shape {tuple(x.shape)}")
     if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
         raise ValueError(f"conv_stats: unknown padding_mode {padding_mode!r}")
+    reference.check_groups("conv_stats", x.shape[1], groups)
     b, c = x.shape[:2]
     spatial = list(x.shape[2:])
     sizes = [reference.conv_out_size(spatial[i], kernel_size[i], stride[i], dilation[i],

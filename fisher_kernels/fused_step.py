@@ -249,10 +249,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
                hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
     """Same signature and semantics as ``reference.fused_step`` (see the module docstring)."""
+    reference.check_step_lists(params, grads, moms, steps, meta, hyper)
     n = len(params)
-    if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
-        raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
-                         "same length")
     # NOTE: [step host path] One pass per step over the parameters, reading what the cached tables
     # are keyed by; everything else (shape checks, table building) happens on a cache miss.  A hit
     # means the same p/g/m memory, sizes, layouts (T), steps and meta rows as a checked step, so

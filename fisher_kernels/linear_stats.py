@@ -135,6 +135,7 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
 def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool = True,
                  scale: float = 1.0) -> None:
     """Same signature and semantics as ``reference.linear_stats`` (see the module docstring)."""
+    reference.check_dim("linear_stats", x, dim)
     if out.dtype == torch.float64 or x.dtype == torch.float64:
         return reference.linear_stats(x, out, dim, square, scale)
     k = x.shape[dim]

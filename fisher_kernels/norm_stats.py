@@ -69,6 +69,8 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
     """Same signature and semantics as ``reference.norm_stats`` (see the module docstring)."""
     if mode not in ("channel", "sample"):
         raise ValueError(f"norm_stats: mode must be 'channel' or 'sample', got {mode!r}")
+    if mode == "sample":
+        reference.check_groups("norm_stats", x.shape[1], groups)
     if out.dtype != torch.float32 or x.dtype == torch.float64 or not out.is_contiguous():
         return reference.norm_stats(x, out, mode, groups, eps, center, mean, var)
     r, c, i = x.shape

@@ -141,3 +141,13 @@ def test_transposed_conv_layers_on_kernels(kernel_ops, fmt):
         model(x).square().mean().backward()
         opt.step()
     assert opt.fisher.counters[:, 0].tolist() == [2, 2]
+
+
+def test_conv_stats_groups_must_divide_the_channels(kernel_ops):
+    """groups does not change the sums (C x kernel, laid out as a conv weight), but one that
+    cannot divide C is a caller's error: the CUDA binding refused it, now all three do."""
+    x, out = torch.ones(2, 6, 5, 5, device=device()), torch.zeros(54, device=device())
+    for ops in (reference, kernel_ops):
+        with pytest.raises((ValueError, RuntimeError), match="groups 4 must divide"):
+            ops.conv_stats(x, out, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 4)
+    assert not out.any()

@@ -114,6 +114,21 @@ def test_fused_step_bad_shape_changes_nothing(kernel_ops):
         assert [t.item() for t in steps] == [0.0, 0.0, 0.0]
 
 
+def test_fused_step_lists_of_different_lengths(kernel_ops):
+    """The reference zipped the lists and left the parameters past the shortest one unchanged;
+    the CUDA backend raised IndexError.  All three name the lists now."""
+    params = [torch.randn(3, device=device()) for _ in range(2)]
+    before = [p.clone() for p in params]
+    meta = torch.tensor([[3, 1, 0, 0, 0, 3, 0, 0, 3, 0]] * 2)
+    for ops in (reference, kernel_ops):
+        with pytest.raises(ValueError, match="must have the same length"):
+            ops.fused_step(params, [torch.ones_like(p) for p in params],
+                           [torch.zeros_like(p) for p in params], [torch.tensor(0.0)],
+                           torch.ones(1, device=device()), meta, [(0.1, 0.9, 0.0, 1e-3)] * 2,
+                           False)
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
 def test_fused_step_noncontiguous(kernel_ops):
     torch.manual_seed(1)
     p = torch.randn(6, 5, device=device()).t()               # (5, 6), non-contiguous

@@ -116,3 +116,12 @@ def test_triton_linear_stats_split_rows(monkeypatch, shape, dim, deterministic):
     reference.linear_stats(x, want, dim)
     ls.linear_stats(x, got, dim)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_linear_stats_dim_out_of_range(kernel_ops):
+    """The reference wrapped dim=5 of a 2-d x around (dim 1) and summed; the kernels refuse."""
+    x, out = torch.ones(3, 4, device=device()), torch.zeros(4, device=device())
+    for ops in (reference, kernel_ops):
+        with pytest.raises((ValueError, RuntimeError), match="dim 5 out of range for 2-d x"):
+            ops.linear_stats(x, out, dim=5)
+    assert not out.any()

@@ -120,3 +120,13 @@ def test_triton_channel_mode_reads_x_at_most_twice(running, monkeypatch):
     reference.norm_stats(x, want, "channel", 1, 1e-5, True, mean, var)
     assert len(passes) == (1 if running else 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_norm_stats_groups_must_divide_the_channels(kernel_ops):
+    """Triton read past its per-(row, group) scratch (garbage, an illegal read on a GPU) where
+    the reference and CUDA refused groups that do not divide C; now all three refuse."""
+    x, out = torch.ones(2, 6, 5, device=device()), torch.zeros(6, device=device())
+    for ops in (reference, kernel_ops):
+        with pytest.raises((ValueError, RuntimeError), match="groups 4 must divide"):
+            ops.norm_stats(x, out, "sample", 4, 1e-5)
+    assert not out.any()
