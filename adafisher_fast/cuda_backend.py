@@ -13,8 +13,10 @@ Fake implementations of every op are registered here so that the ops trace under
 (they mutate their ``out``/state arguments in place and return nothing).
 
 Documented fallbacks to the torch reference (the kernels do not cover them):
-* ``fused_step`` parameters in float64, non-contiguous, or whose grad/momentum dtype differs from
-  the parameter's (float64 models keep the reference's float64 arithmetic exactly).
+* ``fused_step`` parameters in float64, or whose grad/momentum dtype differs from the
+  parameter's (float64 models keep the reference's float64 arithmetic exactly).  Non-contiguous
+  layouts other than rows stored transposed (channels_last conv weights) are stepped through
+  contiguous copies, as in the Triton backend.
 """
 from __future__ import annotations
 
@@ -125,11 +127,9 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     if n == 0:
         return
     ok = [_kernel_ok(p, g, m, t) for p, g, m, t in zip(params, grads, moms, steps)]
-    grads, meta_key = list(grads), kernel_host.meta_token(meta)
-    for i, (p, g, m) in enumerate(zip(params, grads, moms)):
-        if ok[i] and not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
-            tr, grads[i] = kernel_host.layout(i, p, g, m, meta, meta_key)  # NOTE: [row transpose]
-            ok[i] = tr > 0
+    meta_key = kernel_host.meta_token(meta)
+    operands = [kernel_host.kernel_operands(i, p, g, m, meta, meta_key)[:3] if ok[i] else (p, g, m)
+                for i, (p, g, m) in enumerate(zip(params, grads, moms))]
     if all(ok):
         idx = None
     else:
@@ -140,8 +140,13 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                              [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled)
         if not idx:
             return
-        params, grads, moms, steps = ([lst[i] for i in idx] for lst in (params, grads, moms, steps))
+        params, moms, operands, steps = ([lst[i] for i in idx] for lst in (params, moms, operands, steps))
         hyper = [hyper[i] for i in idx]
         meta = meta[idx]
     lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
-    _ops.fused_step(params, grads, moms, steps, fac, meta, lr, beta, wd, lam, bool(decoupled))
+    pk, gk, mk = (list(t) for t in zip(*operands))
+    _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled))
+    for p, m, pc, mc in zip(params, moms, pk, mk):
+        if pc is not p:                 # contiguous copies of a layout the kernel cannot walk
+            p.copy_(pc)
+            m.copy_(mc)

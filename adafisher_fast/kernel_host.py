@@ -146,6 +146,19 @@ def layout(i: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, meta: torc
     return tr, g
 
 
+def kernel_operands(i: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, meta: torch.Tensor,
+                    meta_key: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(p, g, m, T) as the fused-step kernels take parameter i: the tensors themselves when they
+    are contiguous or store rows transposed (``layout``), else contiguous copies, which the
+    caller copies back into p and m after the launch."""
+    if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():
+        return p, g, m, 1
+    tr, g = layout(i, p, g, m, meta, meta_key)                  # NOTE: [row transpose]
+    if tr:
+        return p, g, m, tr
+    return p.contiguous(), g.contiguous(), m.contiguous(), 1
+
+
 _META_SEEN: Dict[int, tuple] = {}       # id -> (meta tensor, its _version, its token), 8 at most
 _META_TOKENS: Dict[tuple, int] = {}
 _NEXT_TOKEN = itertools.count()

@@ -266,11 +266,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
             work, sig, empty = grp
             nel = p.numel()
             if nel:
-                pc, gc, mc, tr = p, g, m, 1
-                if not (p.is_contiguous() and g.is_contiguous() and m.is_contiguous()):
-                    tr, gc = kernel_host.layout(i, p, g, m, meta, meta_key)  # [row transpose]
-                    if not tr:
-                        pc, gc, mc, tr = p.contiguous(), g.contiguous(), m.contiguous(), 1
+                pc, gc, mc, tr = kernel_host.kernel_operands(i, p, g, m, meta, meta_key)
                 work.append((i, pc, gc, mc, steps[i], p, m, tr))
                 sig.append((pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), nel, tr))
             else:

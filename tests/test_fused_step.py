@@ -145,6 +145,26 @@ def test_fused_step_noncontiguous(kernel_ops):
     assert tg[0].item() == 1.0
 
 
+@pytest.mark.parametrize("layout", ["p transposed, g and m not", "every other column"])
+def test_fused_step_other_layouts_run_in_the_kernel_through_copies(kernel_ops, layout, monkeypatch):
+    """A layout the kernels cannot walk in place is stepped through contiguous copies (README,
+    channels_last): the CUDA backend sent it to the per-parameter torch reference instead."""
+    torch.manual_seed(2)
+    if layout == "p transposed, g and m not":
+        p = torch.randn(6, 5, device=device()).t()
+        g, m = torch.randn(5, 6, device=device()), torch.randn(5, 6, device=device())
+    else:
+        p, g, m = (torch.randn(5, 12, device=device())[:, ::2] for _ in range(3))
+    fac = torch.rand(12, device=device())
+    meta = torch.tensor([[5, 6, 0, 1, 0, 5, 0, 1, 5, 0]])
+    pw, mw = p.clone(), m.clone()
+    reference.fused_step([pw], [g], [mw], [torch.tensor(0.0)], fac, meta, [(0.1, 0.9, 0.0, 1e-3)], False)
+    monkeypatch.setattr(reference, "fused_step", lambda *a: pytest.fail("reference fallback"))
+    kernel_ops.fused_step([p], [g], [m], [torch.tensor(0.0)], fac, meta, [(0.1, 0.9, 0.0, 1e-3)], False)
+    torch.testing.assert_close(p, pw)
+    torch.testing.assert_close(m, mw)
+
+
 @pytest.mark.parametrize("case", ["only_empty", "empty_own_dtype"])
 @pytest.mark.parametrize("steps_on", ["device", "host"])
 def test_fused_step_empty_group(kernel_ops, case, steps_on, monkeypatch):
