@@ -317,7 +317,7 @@ def _shifted(mp: ParamMap, s_off: int, h_off: int) -> ParamMap:
 _WARNED_PADDING: set = set()     # conv classes told about NOTE: [padding inside forward]
 
 
-def conv_padding(m: nn.modules.conv._ConvNd, dilation) -> List[Tuple[int, int]]:
+def conv_padding(m: nn.modules.conv._ConvNd) -> List[Tuple[int, int]]:
     """(lo, hi) padding per spatial dim, resolving padding='valid' / 'same' as the layer does."""
     k = m.kernel_size
     if m.padding == "valid":
@@ -372,7 +372,7 @@ class ConvKind(LayerKind):
             dilation, mode = m.dilation, m.padding_mode
         if x.dim() == len(m.kernel_size) + 1:       # unbatched input
             x = x.unsqueeze(0)
-        pad = conv_padding(m, m.dilation)
+        pad = conv_padding(m)
         positions = ops.conv_stats(x, acc, m.kernel_size, m.stride, pad, dilation, m.groups, mode)
         return x.shape[0] * positions
 
@@ -392,7 +392,7 @@ class ConvKind(LayerKind):
         nd = len(m.kernel_size)
         if not isinstance(output, torch.Tensor) or output.dim() != x.dim():
             return x
-        pad, extra = conv_padding(m, m.dilation), []
+        pad, extra = conv_padding(m), []
         for i in range(nd):
             size, out = x.shape[i - nd], output.shape[i - nd]
             k, st, d = m.kernel_size[i], m.stride[i], m.dilation[i]

@@ -696,7 +696,7 @@ class AdaFisher(Optimizer, Joinable):
                       f"call zero_grad() before the forward, or use step(closure)")
 
     def _only_makes_state(self) -> bool:
-        """NOTE: [checkpoint layout] torch.distributed.checkpoint's get/set_optimizer_state_dict
+        """NOTE: [DCP state step] torch.distributed.checkpoint's get/set_optimizer_state_dict
         make a fresh optimizer's state by a step with lr 0 and zero gradients.  Such a step
         can change nothing but the step count, and advancing that shifts the TCov schedule (the
         next TCov - 1 iterations gather nothing), so it only makes the state.  Checked on a

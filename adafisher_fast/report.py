@@ -27,9 +27,6 @@ import torch
 
 from .reference import fisher_diag
 
-_STAT_KEYS = ("h", "s", "f")
-
-
 def _mmm(t: torch.Tensor, prefix: str) -> Dict[str, float]:
     if t.numel() == 0:
         return {f"{prefix}_min": math.nan, f"{prefix}_mean": math.nan, f"{prefix}_max": math.nan}

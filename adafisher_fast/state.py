@@ -193,7 +193,7 @@ class FisherState:
         self.preset = preset
         dtype = state_dtype(params)
         device = params[0].device if params else torch.device("cpu")
-        # NOTE: [meta state] on the meta device the state is made on the CPU and then moved:
+        # on the meta device the state is made on the CPU and then moved (NOTE: [meta state]):
         # meta tensors hold no values, and the layout's tables must outlive the model's move off it
         on_meta, device = device.type == "meta", (torch.device("cpu") if device.type == "meta"
                                                   else device)

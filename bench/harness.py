@@ -30,9 +30,6 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-QUANTILES = (0.2, 0.5, 0.8)
-
-
 def _versions() -> Dict[str, Any]:
     try:
         import triton
@@ -243,10 +240,6 @@ class _Guard:
 def summarize(times: List[float]) -> Dict[str, float]:
     return {"time_ms": quantile(times, 0.5), "q20_ms": quantile(times, 0.2),
             "q80_ms": quantile(times, 0.8), "min_ms": min(times), "n_iters": len(times)}
-
-
-def dtype_name(dt: torch.dtype) -> str:
-    return str(dt).replace("torch.", "")
 
 
 def available_backends(h: Harness):

@@ -87,12 +87,6 @@ def targets(rows: List[Dict]) -> List[str]:
     out = ["## SPEC 8 targets in this run", "",
            "| target | " + " | ".join(kern) + " |", "|---|" + "---|" * len(kern)]
 
-    def cell(vals, fmt, good):
-        if not vals:
-            return "-"
-        v = vals
-        return f"{fmt.format(v)} {'PASS' if good(v) else 'FAIL'}"
-
     def worst(pred, key, agg):
         return {b: (agg([r[key] for r in ok if r["backend"] == b and pred(r) and r.get(key) is not None])
                     if any(r["backend"] == b and pred(r) and r.get(key) is not None for r in ok) else None)

@@ -269,7 +269,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
   check_launch(launch_layer_ema(a, ot, c10::cuda::getCurrentCUDAStream()), op);
 }
 
-// NOTE: [table cache] The fused_step tables (StepTensor + StepChunk bytes) are uploaded once and
+// NOTE: [step tables] The fused_step tables (StepTensor + StepChunk bytes) are uploaded once and
 // kept on the device, keyed by their bytes: a training loop with device steps (capturable) builds
 // the same bytes every step, so it makes no host-to-device copy after the first, and a CUDA graph
 // captured after a warm-up step replays a table that stays alive.  (Host steps put t in the bytes,
@@ -363,7 +363,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
     TORCH_CHECK(p.numel() / kStepChunk < (int64_t)INT32_MAX, "adafisher::fused_step: parameter too large");
     StepTensor s;
-    std::memset(&s, 0, sizeof(s));     // padding too: the bytes are a cache key (NOTE: [table cache])
+    std::memset(&s, 0, sizeof(s));     // padding too: the bytes are a cache key (NOTE: [step tables])
     s.p = p.data_ptr(); s.g = g.data_ptr(); s.m = m.data_ptr();
     if (host_step(t)) {
       s.step = nullptr; s.t_host = static_cast<double>(*t.data_ptr<float>()) + 1.0;
@@ -389,7 +389,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
       for (int64_t c = 0; c * kStepChunk < ts[i].numel; ++c)
         chunks.push_back(StepChunk{static_cast<int32_t>(i), static_cast<int32_t>(c)});
     // one block on the device: [StepTensor x n][StepChunk x n_chunks][ticket counter, 8 bytes]
-    // (NOTE: [table cache]); both sizes are multiples of 8, so the counter is aligned
+    // (NOTE: [step tables]); both sizes are multiples of 8, so the counter is aligned
     const size_t tb = ts.size() * sizeof(StepTensor), cb = chunks.size() * sizeof(StepChunk);
     static_assert(sizeof(StepTensor) % 8 == 0 && sizeof(StepChunk) % 8 == 0, "table alignment");
     std::string bytes(tb + cb + 8, '\0');

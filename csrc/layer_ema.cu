@@ -1,7 +1,7 @@
 // layer_ema (reference.layer_ema, SPEC 2 and 3): one launch for every layer's statistics iteration.
 // NOTE: [ema blocks] One block per layer (a layer's factors must agree on the non-finite guard):
 //  1. raw of each of its factors from the accumulators, raw[e] = sum over the terms with dst == e
-//     (CSR by destination, built once per LayerTable by cuda_backend.py) of
+//     (CSR by destination, built once per LayerTable by kernel_host.py) of
 //     buf[src]^pow * coef / count[factor]^q, written to raw_work; finiteness reduced per factor;
 //  2. the layer is bad if a factor with a non-zero row count is not finite; counters[layer] +=
 //     (took, bad);

@@ -9,9 +9,9 @@ reference.py).  Each element of p, g and m is read once and p, m written once; F
 the small fac vector, never materialised.
 
 NOTE: [pointer tables] The update is ONE launch per (param dtype, grad dtype) pair -- one launch
-for a model in one dtype: a block table maps each program to (parameter, block), an int64 table
-holds each parameter's data pointers (p, g, m) and its meta row, and a float32 table its
-hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta). The tables live on the device and are
+for a model in one dtype: block tables map each program to (parameter, block) and hold each
+parameter's size and meta row, an int64 table each parameter's data pointers (p, g, m), and a
+float32 table its hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta). The tables live on the device and are
 cached: the block and meta tables by sizes, layouts and meta rows, the pointers by the pointers and
 step addresses, the hyper-parameters by value, so a training loop uploads them once, new gradient
 tensors only the pointers, an LR schedule only the small hyper-parameter table, always from pinned
@@ -50,7 +50,7 @@ from adafisher_fast import kernel_host, reference
 from .host import cdiv, on_device
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
-N_META = 11           # a meta row (reference.META_COLS), then T (NOTE: [row transpose])
+N_META = len(reference.META_COLS) + 1      # a meta row, then T (NOTE: [row transpose])
 N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, ln(beta)
 STEP_BLOCK = 256      # step counts the last program increments per iteration (NOTE: [step tickets])
 
@@ -394,7 +394,6 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
     if not on_dev:
         for t in steps:
             t += 1
-    if not on_dev:
         step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32),
                              fac.device)
     hyper_table = _hyper_table(work, hyper, fac.device)

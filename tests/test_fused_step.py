@@ -435,7 +435,7 @@ def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
 @pytest.mark.gpu
 def test_fused_step_two_streams(kernel_ops):
     """Two optimizers' steps running at once on two streams (step counts on the GPU): each launch
-    takes tickets on its own counter (NOTE: [step tickets], NOTE: [table cache] in
+    takes tickets on its own counter (NOTE: [step tickets], NOTE: [step tables] in
     csrc/bindings.cpp), so after 30 steps every count is 30 and each side equals its own run on one
     stream.  With one counter per device the launches took each other's tickets."""
     torch.manual_seed(0)

@@ -107,7 +107,7 @@ def test_distributed_checkpoint_state_dicts_resume_bit_identically(preset, tmp_p
 
 
 def test_distributed_checkpoints_state_making_step_changes_nothing():
-    """NOTE: [checkpoint layout] DCP makes a fresh optimizer's state with a step at lr 0 and zero
+    """NOTE: [DCP state step] DCP makes a fresh optimizer's state with a step at lr 0 and zero
     gradients: it advanced the step count, so the first TCov - 1 iterations gathered nothing."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     batches = _batches()[:6]
