@@ -770,9 +770,7 @@ class AdaFisher(Optimizer, Joinable):
                     self._warn_silent_layers()
                 if self._frozen:
                     self._warn_unfrozen()
-            self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
-                                fisher.initialized, fisher.counters,
-                                PRESETS[self.preset].ema_rule(self.gamma))
+            self._fold_statistics()
         if params:
             self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled)
         elif self._hooks.collecting and not torch.compiler.is_compiling():
@@ -805,15 +803,19 @@ class AdaFisher(Optimizer, Joinable):
     def join_process_group(self):
         return self._stat_group if self._stat_group is not None else torch_dist.group.WORLD
 
+    def _fold_statistics(self) -> None:
+        """The layers' EMA of this statistics iteration (SPEC 2), one launch."""
+        f = self.fisher
+        self._ops.layer_ema(f.buf, f.table, f.state, f.fac, f.initialized, f.counters,
+                            PRESETS[self.preset].ema_rule(self.gamma))
+
     def _shadow_step(self) -> None:
         """What step() does on the other ranks, for a rank that has joined: NOTE: [uneven inputs]."""
         fisher = self.fisher
         if self._hooks.collecting:
             fisher.clear()
             self._reduce_stats(None)
-            self._ops.layer_ema(fisher.buf, fisher.table, fisher.state, fisher.fac,
-                                fisher.initialized, fisher.counters,
-                                PRESETS[self.preset].ema_rule(self.gamma))
+            self._fold_statistics()
             fisher.clear()
         self._hooks.set_steps(self.steps + 1, self.TCov)
 

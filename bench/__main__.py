@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats", "layer_ema", "fused_step")
+from adafisher_fast.backends import OPS
 
 
 def main(argv=None) -> int:
