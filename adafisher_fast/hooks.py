@@ -110,6 +110,25 @@ class _ModelHook:
 # functional update of the buffer is exact, and inductor fuses it into the model's kernels.
 _LIVE: "weakref.WeakValueDictionary[int, StatHooks]" = weakref.WeakValueDictionary()
 _KEYS = itertools.count()
+_KEYS_OF_LAYOUT: dict = {}
+
+
+def _key(fisher: FisherState) -> int:
+    """NOTE: [hook keys] The key by which compiled graphs find the live hooks (``_LIVE``).  It is
+    a constant of the graphs, with the layers' indices and buffer ranges, and dynamo guards on
+    it: a fresh key for every optimizer recompiled the model for each one re-made (LR finder then
+    training, a sweep, add_param_group), and from the 9th on dynamo's recompile limit ran it
+    uncompiled.  So a key no live hooks hold is reused for the same layout, whose graphs send
+    every statistic where this optimizer's layout expects it; another layout takes a new key."""
+    layout = (fisher.n_acc, getattr(fisher.preset, "name", fisher.preset), tuple(
+        (lay.name, type(lay.kind).__name__, lay.h_acc.start, lay.h_acc.stop, lay.s_acc.start,
+         lay.s_acc.stop, lay.h_factor, lay.s_factor, len(lay.aliases)) for lay in fisher.layers))
+    keys = _KEYS_OF_LAYOUT.setdefault(layout, [])
+    key = next((k for k in keys if k not in _LIVE), None)
+    if key is None:
+        key = next(_KEYS)
+        keys.append(key)
+    return key
 
 
 @torch.library.custom_op("adafisher::output_grad_stats", mutates_args=())
@@ -198,7 +217,7 @@ def _computes_grad(params: List[torch.Tensor]) -> bool:
 
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow):
-        self.key = next(_KEYS)                  # NOTE: [backward statistics]
+        self.key = _key(fisher)                 # NOTE: [backward statistics], [hook keys]
         _LIVE[self.key] = self
         self.fisher = fisher
         self.ops = ops                  # the backend's statistics ops (backends.py)
@@ -236,7 +255,9 @@ class StatHooks:
         def hook(module, inputs, kwargs):
             x = inputs[0] if inputs else kwargs.get(first)
             tap.armed = self.collecting and torch.is_grad_enabled() and not _transformed(x)
-            tap.x = x if tap.armed else None
+            # eagerly x's id, not x: a forward that raises before the layer's forward hook
+            # clears the tap would keep x, and the autograd graph behind it, alive
+            tap.x = (x if torch.compiler.is_compiling() else id(x)) if tap.armed else None
         return hook
 
     def _submodule_hook(self, lay: Layer, tap: _Tap):
@@ -248,7 +269,8 @@ class StatHooks:
                 return None
             tap.armed = False
             t = inputs[0] if inputs else None
-            if not isinstance(t, torch.Tensor) or t is tap.x or not t.requires_grad:
+            own = t is tap.x if torch.compiler.is_compiling() else id(t) == tap.x
+            if not isinstance(t, torch.Tensor) or own or not t.requires_grad:
                 return None
             if torch.compiler.is_compiling():
                 tap.placed = True

@@ -713,12 +713,14 @@ class LayerNormKind(NormKind):
         fits both readings.  For a class the probe could not call, trailing dims equal to
         normalized_shape are read as they are, first."""
         shape = tuple(m.normalized_shape)
-        first = len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]
-        if first and getattr(m, _LAYOUT, None) == 1:
+
+        def first():        # only asked where it decides: compiled, each question is a guard
+            return len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]
+        if getattr(m, _LAYOUT, None) == 1 and first():
             return t.movedim(1, -1)
         if tuple(t.shape[t.dim() - len(shape):]) == shape:
             return t
-        if first:
+        if first():
             return t.movedim(1, -1)
         raise ValueError(f"AdaFisher: {type(m).__name__}(normalized_shape={shape}) got a tensor of "
                          f"shape {tuple(t.shape)}: neither its trailing dims nor dim 1 are "

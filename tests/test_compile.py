@@ -558,3 +558,62 @@ def test_grad_scaler_inside_capture_raises_clearly():
     with torch.cuda.graph(g):
         with pytest.raises(RuntimeError, match="GradScaler"):
             opt.step()
+
+
+def test_remade_optimizers_reuse_the_compiled_graphs():
+    """NOTE: [hook keys] Each optimizer made on a compiled model recompiled it (its key is a
+    constant of the graph), and from the 9th on dynamo's recompile limit ran the model eagerly.
+    An optimizer with the layout of one that is gone reuses its key and its graphs, and they
+    gather its statistics as eager mode does; another layout, or a live optimizer, does not."""
+    import gc
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    twin = copy.deepcopy(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    net = torch.compile(twin, backend=counter)
+    x = torch.randn(3, 4, dtype=torch.float64)
+    keys = []
+    for _ in range(3):
+        opts = [AdaFisherW(m, TCov=1, preset="paper", backend="torch") for m in (model, twin)]
+        keys.append((opts[0]._hooks.key, opts[1]._hooks.key))
+        for m, o in ((model, opts[0]), (net, opts[1])):
+            o.zero_grad()
+            m(x).square().sum().backward()
+        for a, b in zip(opts[0].raw_stats().values(), opts[1].raw_stats().values()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        del opts, o
+        gc.collect()
+    assert counter.frame_count == 1 and len(set(keys)) == 1
+    live = AdaFisherW(twin, TCov=1, preset="paper", backend="torch")
+    other = AdaFisherW(model, TCov=1, preset="official", backend="torch")
+    assert live._hooks.key in keys[0] and other._hooks.key not in keys[0]
+    assert AdaFisherW(twin, TCov=1, preset="paper", backend="torch")._hooks.key != live._hooks.key
+
+
+def test_changing_sequence_lengths_compile_as_often_as_under_adamw():
+    """LayerNorm's reading of its tensors asked whether dim 1 equals normalized_shape also for
+    plain nn.LayerNorm, where the answer decides nothing: compiled, the question is a guard,
+    and a batch whose sequence length equals the width recompiled the model (3 graphs where
+    AdamW's loop compiles 2)."""
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.ln, self.head = nn.Embedding(11, 8), nn.LayerNorm(8), nn.Linear(8, 11)
+
+        def forward(self, x):
+            return self.head(self.ln(self.emb(x)))
+
+    frames = []
+    for make in (lambda m: torch.optim.AdamW(m.parameters()),
+                 lambda m: AdaFisherW(m, TCov=1, preset="paper", backend="torch")):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = Tiny()
+        opt, counter = make(model), CompileCounterWithBackend("aot_eager")
+        net = torch.compile(model, backend=counter)
+        for b, t in ((2, 5), (3, 7), (2, 8), (4, 9), (2, 8)):
+            opt.zero_grad()
+            net(torch.randint(0, 11, (b, t))).square().mean().backward()
+            opt.step()
+        frames.append(counter.frame_count)
+    assert frames[1] == frames[0]

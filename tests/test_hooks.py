@@ -1830,3 +1830,32 @@ def test_a_closure_without_zero_grad_adds_to_the_micro_batches_before_it(preset)
                     closure()
             opt.step(closure) if closure_last else opt.step()
     _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=1)
+
+
+def test_an_exception_inside_a_composite_layer_keeps_nothing_alive():
+    """NOTE: [composite layers] The tap of a layer with a submodule kept the layer's input from
+    its pre-hook until its forward hook; a forward that raised in between (an OOM, retried with
+    a smaller batch by accelerate's find_executable_batch_size) kept that input and the autograd
+    graph behind it alive until the layer ran again."""
+    import gc
+    import weakref
+
+    class BNAct(nn.BatchNorm2d):                # timm's BatchNormAct2d: its act is a submodule
+        def __init__(self, c):
+            super().__init__(c)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            return self.act(super().forward(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), BNAct(4))
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    _train(model, opt, [])
+    kept = {}
+    model[0].register_forward_hook(lambda m, i, out: kept.update(stem=weakref.ref(out)))
+    model[1].running_mean = torch.zeros(5)             # the layer's forward raises
+    with pytest.raises(RuntimeError, match="running_mean"):
+        model(torch.randn(2, 3, 5, 5))
+    gc.collect()
+    assert kept["stem"]() is None
