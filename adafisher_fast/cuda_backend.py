@@ -149,4 +149,5 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     for p, m, pc, mc in zip(params, moms, pk, mk):
         if pc is not p:                 # contiguous copies of a layout the kernel cannot walk
             p.copy_(pc)
+        if mc is not m:
             m.copy_(mc)

@@ -393,13 +393,13 @@ class FisherState:
     def _end_backward(self) -> None:
         self.flush_rows()
         self.backward_done = True           # NOTE: [forward before zero_grad]
-        self.witness = next((p for p in self.params if p.grad is not None), None)
+        self.witness = [p for p in self.params if p.grad is not None]
 
     def note_forward(self) -> None:
         """An eager statistics forward (NOTE: [forward before zero_grad])."""
         # a backward that raised never ran its queued end-of-backward callback: finished too
         died = self._flush_queued and torch._C._current_graph_task_id() == -1
-        if self.backward_done and self.witness is not None and self.witness.grad is None:
+        if self.backward_done and self.witness and all(p.grad is None for p in self.witness):
             self.clear()                    # the module's zero_grad() ran
         elif self.backward_done or died:
             self.flush_rows()
@@ -448,17 +448,20 @@ class FisherState:
     # evaluation) cannot be told from the step's own: it is held with it.
     # A module's zero_grad() (``model.zero_grad()``: the pytorch/examples DCGAN loop zeroes the
     # discriminator so, after the generator's backward ran through it) does not call ours.  The
-    # first forward after a backward finds it out: a parameter that had a gradient when that
-    # backward ended has none now, so the gradients were set to None, and what was gathered is
-    # dropped as zero_grad() drops it.  (A module's zero_grad(set_to_none=False) is not seen:
-    # DDP writes the all-reduced gradients in place after our end-of-backward callback.)
+    # first forward after a backward finds it out: the parameters that had gradients when that
+    # backward ended have none now (all of them: user code may drop one tensor's gradient), so
+    # the gradients were set to None, and what was gathered is dropped as zero_grad() drops it.
+    # Only there: a module's zero_grad() between a forward and its backward, or after a forward
+    # without one, is not seen, nor zero_grad(set_to_none=False) (DDP writes the all-reduced
+    # gradients in place after our end-of-backward callback).
     # Inside step(closure), zero_grad() clears only the gradients and what was gathered before
     # step() began: the closure's forward before it is the step's (Lightning's closure runs
     # forward, zero_grad(), backward), and a closure without zero_grad() (the last micro-batch
     # of an accumulation) adds to what came before.  So step(closure) sets the buffer aside
     # (``stash``, with its generation: the closure's calls are a newer one), a zero_grad() in
     # the closure holds it as zero_grad() holds (a gradient of a call from before step() takes
-    # its H back), and the end of the closure adds back a stash no zero_grad() took.  (Eager
+    # its H back; what a forward had set aside from an earlier backward is dropped, not held),
+    # and the end of the closure adds back a stash no zero_grad() took.  (Eager
     # forwards only: what a compiled model gathered before step(closure) is not seen.)  A
     # compiled model's gradient hook is one opaque op that knows
     # no call's generation, so there a forward before zero_grad() still loses its H (outside a
@@ -487,21 +490,24 @@ class FisherState:
         if torch.compiler.is_compiling():
             return
         if self.forwarded or self.backward_done or self._pending_any or self.before is not None:
+            before, self.before = self.before, None     # what a zero_grad() drops, not holds
             self.flush_rows()
-            self.stash = (self.generation, self.buf.clone())
+            self.stash = (self.generation, self.buf.clone(), before)
             self.buf.zero_()
             self.generation += 1
             self.forwarded = self.backward_done = False
 
     def zero_grad_in_closure(self) -> None:
         if self.stash is not None:
-            self.held = self.stash + ([0] * len(self.pending), set())
+            self.held = (self.stash[0], self.stash[1], [0] * len(self.pending), set())
             self.stash = None
 
     def exit_closure(self) -> None:
         self.in_closure = False
         if self.stash is not None:
-            self.buf.add_(self.stash[1])
+            for t in self.stash[1:]:
+                if t is not None:
+                    self.buf.add_(t)
             self.stash = None
 
     def adopt_held(self, lay: Layer, generation: int) -> None:

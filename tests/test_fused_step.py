@@ -145,14 +145,19 @@ def test_fused_step_noncontiguous(kernel_ops):
     assert tg[0].item() == 1.0
 
 
-@pytest.mark.parametrize("layout", ["p transposed, g and m not", "every other column"])
+@pytest.mark.parametrize("layout", ["p transposed, g and m not", "every other column",
+                                    "m alone transposed"])
 def test_fused_step_other_layouts_run_in_the_kernel_through_copies(kernel_ops, layout, monkeypatch):
     """A layout the kernels cannot walk in place is stepped through contiguous copies (README,
-    channels_last): the CUDA backend sent it to the per-parameter torch reference instead."""
+    channels_last): the CUDA backend sent it to the per-parameter torch reference instead (and,
+    once through copies, dropped the update of a momentum whose parameter was contiguous)."""
     torch.manual_seed(2)
     if layout == "p transposed, g and m not":
         p = torch.randn(6, 5, device=device()).t()
         g, m = torch.randn(5, 6, device=device()), torch.randn(5, 6, device=device())
+    elif layout == "m alone transposed":        # a channels_last checkpoint's momentum, loaded
+        p, g = torch.randn(5, 6, device=device()), torch.randn(5, 6, device=device())
+        m = torch.randn(6, 5, device=device()).t()
     else:
         p, g, m = (torch.randn(5, 12, device=device())[:, ::2] for _ in range(3))
     fac = torch.rand(12, device=device())
