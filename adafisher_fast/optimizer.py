@@ -178,13 +178,11 @@ def _chunk_span(n: int, size: int, rank: int) -> Tuple[int, int]:
 
 def _dim0_shard(p: "DTensor", name: str):
     """(start, length) along dim 0 of this rank's local shard of a DTensor parameter (FSDP2
-    shards dim 0 in torch.chunk pieces; replicated parameters are whole)."""
+    shards dim 0 in torch.chunk pieces)."""
     mesh, placements = p.device_mesh, p.placements
-    if len(placements) != 1 or not (placements[0].is_replicate() or placements[0].is_shard(0)):
+    if len(placements) != 1 or not placements[0].is_shard(0):
         raise NotImplementedError(f"parameter '{name}': placements {placements}; AdaFisher supports "
-                                  f"1-D meshes with Shard(0) (FSDP2) or Replicate")
-    if placements[0].is_replicate():
-        return 0, p.shape[0] if p.dim() else 1
+                                  f"1-D meshes with Shard(0) (FSDP2)")
     start, _ = _chunk_span(p.shape[0], mesh.size(), mesh.get_local_rank())
     return start, p.to_local().shape[0]
 
@@ -426,17 +424,27 @@ class AdaFisher(Optimizer, Joinable):
         the step cannot use (a grouped conv split inside a group) raises here on all ranks alike;
         found by the one rank whose shard it is, at its first step, it left the others waiting
         in the statistics all-reduce."""
-        fisher = self.fisher
+        from torch.distributed.fsdp import FSDPModule
+        fisher, sharded = self.fisher, None
         for p in (p for g in self.param_groups for p in g["params"]):
             if not isinstance(p, DTensor) or id(p) not in fisher.meta:
                 continue
             name = self._names.get(id(p), "?")
+            if sharded is None:
+                sharded = {id(q) for m in self._model.modules() if isinstance(m, FSDPModule)
+                           for q in m.parameters()}
+            if id(p) not in sharded:
+                # its gradients may be partial sums, its layers' activations DTensors, and its
+                # mesh is not a data-parallel group: nothing of it was checked
+                raise NotImplementedError(
+                    f"parameter '{name}' is a DTensor ({p.placements}) that fully_shard did not "
+                    f"make: tensor parallelism (parallelize_module) is not supported; AdaFisher "
+                    f"supports FSDP2 and DDP")
             _dim0_shard(p, name)                       # the placements
-            if p.placements[0].is_shard(0):
-                size = p.device_mesh.size()
-                for rank in range(size):
-                    start, length = _chunk_span(p.shape[0], size, rank)
-                    fisher.shard_meta(fisher.meta[id(p)], p.shape, start, length, name)
+            size = p.device_mesh.size()
+            for rank in range(size):
+                start, length = _chunk_span(p.shape[0], size, rank)
+                fisher.shard_meta(fisher.meta[id(p)], p.shape, start, length, name)
 
     def _hook(self) -> StatHooks:
         """NOTE: [hook lifetime] The model's hooks hold the optimizer only weakly, so an optimizer

@@ -372,6 +372,42 @@ def test_an_unsupported_shard_layout_raises_on_every_rank(tmp_path):
     assert all(m is not None and "starts inside a conv group" in m for m in msgs), msgs
 
 
+def _tp_worker(rank, init_file, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        mesh = init_device_mesh("cpu", (WORLD,))
+        msgs = []
+        for plan in ({"0": ColwiseParallel()}, {"1": SequenceParallel()}):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(4)).double()
+            parallelize_module(model, mesh, plan)
+            try:
+                AdaFisher(model, preset="paper", backend="torch")
+                msgs.append(None)
+            except NotImplementedError as e:
+                msgs.append(str(e))
+        torch.save(msgs, os.path.join(out_dir, f"tp{rank}.pt"))
+        _done(out_dir, rank)    # NOTE: [gloo teardown]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tensor_parallel_parameters_are_refused_by_name(tmp_path):
+    """parallelize_module's DTensor parameters were taken for FSDP2's: SequenceParallel's
+    replicated LayerNorm weight stepped with its partial-sum gradient (the "replicated" weights
+    drifted apart across ranks, silently), ColwiseParallel's Shard(0) Linear failed in the hook
+    with "mixed torch.Tensor and DTensor".  Both are refused at construction, by name."""
+    _spawn(_tp_worker, tmp_path)
+    for r in range(WORLD):
+        msgs = torch.load(tmp_path / f"tp{r}.pt")
+        assert [m is not None and "tensor parallelism" in m for m in msgs] == [True, True], msgs
+        assert "'0.weight'" in msgs[0] and "'1.weight'" in msgs[1]
+
+
 def _bn_model(norm):
     torch.manual_seed(0)
     # train-mode H_w[c] = var/(var + eps) is within eps/var of 1 for every channel, and min-max
