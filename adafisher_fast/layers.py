@@ -124,10 +124,16 @@ class LayerKind:
         return s
 
 
+# submodules that compute a weight or act on the output, not the layer's operation: torch's
+# parametrizations, and torch.ao's QAT fake quantisation (its weight_fake_quant is the first
+# submodule a qat.Linear calls: the output-gradient hook went on the weight)
+_NOT_PARTS = ("parametrizations", "weight_fake_quant", "activation_post_process")
+
+
 def submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """A hooked module's own (name, submodule) pairs (NOTE: [composite layers] in state.py);
-    torch's parametrizations compute the weight, not the output, and are not counted."""
-    return [(n, c) for n, c in module.named_children() if n != "parametrizations"]
+    """A hooked module's own (name, submodule) pairs (NOTE: [composite layers] in state.py),
+    but for ``_NOT_PARTS``."""
+    return [(n, c) for n, c in module.named_children() if n not in _NOT_PARTS]
 
 
 _REGISTRY: Dict[Union[type, str], LayerKind] = {}

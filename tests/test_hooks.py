@@ -1882,3 +1882,41 @@ def test_one_gradient_dropped_between_micro_batches_keeps_the_statistics():
     for name in raws[0]:
         for a, b in zip(raws[0][name], raws[1][name]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("width", [5, 64])
+def test_quantisation_aware_training_layers_gather_their_own_statistics(width):
+    """torch.ao's prepare_qat swaps in qat.Conv2d / qat.Linear, whose weight_fake_quant submodule
+    made them composite layers: S was read from the weight's gradient (silently wrong when the
+    Linear is square, a crash in backward otherwise).  S is the layers' output gradient's."""
+    import torch.ao.quantization as tq
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.quant, self.dequant = tq.QuantStub(), tq.DeQuantStub()
+            self.conv, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(64, width)
+
+        def forward(self, x):
+            return self.dequant(self.fc(torch.relu(self.conv(self.quant(x))).flatten(1)))
+
+    torch.manual_seed(0)
+    net = Net().train()
+    net.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    tq.prepare_qat(net, inplace=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # no composite-layer warning
+        opt = AdaFisher(net, TCov=1, preset="paper", backend="torch")
+    grads = {}
+
+    def tap(name):
+        def hook(m, inputs, out):
+            out.register_hook(lambda g: grads.update({name: g}))
+        return hook
+    for name in ("conv", "fc"):
+        getattr(net, name).register_forward_hook(tap(name))
+    opt.zero_grad()
+    net(torch.randn(8, 4, 4, 4)).square().mean().backward()
+    raw = opt.raw_stats()
+    torch.testing.assert_close(raw["conv"][1], grads["conv"].square().mean((0, 2, 3)))
+    torch.testing.assert_close(raw["fc"][1], grads["fc"].square().mean(0))
