@@ -140,7 +140,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                              [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled)
         if not idx:
             return
-        params, moms, operands, steps = ([lst[i] for i in idx] for lst in (params, moms, operands, steps))
+        params, moms, operands, steps = ([lst[i] for i in idx]
+                                         for lst in (params, moms, operands, steps))
         hyper = [hyper[i] for i in idx]
         meta = meta[idx]
     lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))

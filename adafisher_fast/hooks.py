@@ -117,8 +117,9 @@ def _key(fisher: FisherState) -> int:
     """NOTE: [hook keys] The key by which compiled graphs find the live hooks (``_LIVE``).  It is
     a constant of the graphs, with the layers' indices and buffer ranges, and dynamo guards on
     it: a fresh key for every optimizer recompiled the model for each one re-made (LR finder then
-    training, a sweep), and from the 9th on dynamo's recompile limit ran it uncompiled.  So a key no live hooks hold is reused for the same layout, whose graphs send
-    every statistic where this optimizer's layout expects it; another layout takes a new key."""
+    training, a sweep), and from the 9th on dynamo's recompile limit ran it uncompiled.  So a key
+    no live hooks hold is reused for the same layout, whose graphs send every statistic where
+    this optimizer's layout expects it; another layout takes a new key."""
     layout = (fisher.n_acc, getattr(fisher.preset, "name", fisher.preset), tuple(
         (lay.name, type(lay.kind).__name__, lay.h_acc.start, lay.h_acc.stop, lay.s_acc.start,
          lay.s_acc.stop, lay.h_factor, lay.s_factor, len(lay.aliases)) for lay in fisher.layers))

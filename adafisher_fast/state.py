@@ -439,8 +439,8 @@ class FisherState:
     # before it (the call's generation, counted in clears, is older) adds its layer's held H
     # back: accumulators and row counts.  Held H that no gradient asks for is dropped by the
     # step, or by a zero_grad() after another forward (a second zero_grad() right after the
-    # first keeps it).  Only what forwards after the last finished backward added is held: the first
-    # forward after a backward sets the buffer aside (a copy, then zero; gradient accumulation
+    # first keeps it).  Only what forwards after the last finished backward added is held: the
+    # first forward after a backward sets the buffer aside (a copy, then zero; gradient accumulation
     # pays one per micro-batch on statistics iterations) and the end of the next backward, or
     # any flush, adds it back; zero_grad() drops it.  So an abandoned forward + backward before
     # the step's forward is dropped, as in the usual order (subtracting a copy instead turned an
@@ -461,11 +461,10 @@ class FisherState:
     # (``stash``, with its generation: the closure's calls are a newer one), a zero_grad() in
     # the closure holds it as zero_grad() holds (a gradient of a call from before step() takes
     # its H back; what a forward had set aside from an earlier backward is dropped, not held),
-    # and the end of the closure adds back a stash no zero_grad() took.  (Eager
-    # forwards only: what a compiled model gathered before step(closure) is not seen.)  A
-    # compiled model's gradient hook is one opaque op that knows
-    # no call's generation, so there a forward before zero_grad() still loses its H (outside a
-    # closure): call zero_grad() before the forward.
+    # and the end of the closure adds back a stash no zero_grad() took.  (Eager forwards only:
+    # what a compiled model gathered before step(closure) is not seen.)  A compiled model's
+    # gradient hook is one opaque op that knows no call's generation, so there a forward before
+    # zero_grad() still loses its H (outside a closure): call zero_grad() before the forward.
     def clear(self, hold: bool = False) -> None:
         """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
         before zero_grad]."""

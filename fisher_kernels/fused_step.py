@@ -11,12 +11,12 @@ the small fac vector, never materialised.
 NOTE: [pointer tables] The update is ONE launch per (param dtype, grad dtype) pair -- one launch
 for a model in one dtype: block tables map each program to (parameter, block) and hold each
 parameter's size and meta row, an int64 table each parameter's data pointers (p, g, m), and a
-float32 table its hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta). The tables live on the device and are
-cached: the block and meta tables by sizes, layouts and meta rows, the pointers by the pointers and
-step addresses, the hyper-parameters by value, so a training loop uploads them once, new gradient
-tensors only the pointers, an LR schedule only the small hyper-parameter table, always from pinned
-memory without stalling the host; and a CUDA graph replays them safely (NOTE: [capturable] in
-optimizer.py). A dtype pair whose parameters are all zero-size launches nothing and uploads no
+float32 table its hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta). The tables live on
+the device and are cached: the block and meta tables by sizes, layouts and meta rows, the
+pointers by the pointers and step addresses, the hyper-parameters by value, so a training loop
+uploads them once, new gradient tensors only the pointers, an LR schedule only the small
+hyper-parameter table, always from pinned memory without stalling the host; and a CUDA graph
+replays them safely (NOTE: [capturable] in optimizer.py). A dtype pair whose parameters are all zero-size launches nothing and uploads no
 table; its step counts advance as the reference's.  The kernel computes the bias correction
 1 - beta^t = -expm1(t * ln beta) in float32 within a few roundings for every beta and t (relative
 error under 2e-7 measured, beta = 0.9999 included; NOTE: [bias correction]).  The Triton

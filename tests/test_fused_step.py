@@ -163,9 +163,10 @@ def test_fused_step_other_layouts_run_in_the_kernel_through_copies(kernel_ops, l
     fac = torch.rand(12, device=device())
     meta = torch.tensor([[5, 6, 0, 1, 0, 5, 0, 1, 5, 0]])
     pw, mw = p.clone(), m.clone()
-    reference.fused_step([pw], [g], [mw], [torch.tensor(0.0)], fac, meta, [(0.1, 0.9, 0.0, 1e-3)], False)
+    hyper = [(0.1, 0.9, 0.0, 1e-3)]
+    reference.fused_step([pw], [g], [mw], [torch.tensor(0.0)], fac, meta, hyper, False)
     monkeypatch.setattr(reference, "fused_step", lambda *a: pytest.fail("reference fallback"))
-    kernel_ops.fused_step([p], [g], [m], [torch.tensor(0.0)], fac, meta, [(0.1, 0.9, 0.0, 1e-3)], False)
+    kernel_ops.fused_step([p], [g], [m], [torch.tensor(0.0)], fac, meta, hyper, False)
     torch.testing.assert_close(p, pw)
     torch.testing.assert_close(m, mw)
 

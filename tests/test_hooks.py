@@ -1714,7 +1714,8 @@ def test_an_input_gradient_pass_adds_no_output_gradient_statistics(penalty):
             x = (eps * real + (1 - eps) * fake).requires_grad_(True)
         else:
             x = real.clone().requires_grad_(True)
-            loss = nn.functional.softplus(-model(x)).mean() + nn.functional.softplus(model(fake)).mean()
+            loss = (nn.functional.softplus(-model(x)).mean()
+                    + nn.functional.softplus(model(fake)).mean())
         phase[0] = "penalty"
         (d,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
         phase[0] = "loss"
@@ -1771,7 +1772,8 @@ def test_a_modules_zero_grad_drops_statistics_as_the_optimizers_does(preset):
         oG, oD = (AdaFisher(m, lr=1e-2, TCov=1, preset=preset, backend="torch") for m in (G, D))
         g = torch.Generator().manual_seed(1)
         for _ in range(4):
-            x, z = torch.randn(8, 3, generator=g).double() + 1, torch.randn(8, 2, generator=g).double()
+            x = torch.randn(8, 3, generator=g).double() + 1
+            z = torch.randn(8, 2, generator=g).double()
             D.zero_grad() if module_zero_grad else oD.zero_grad()
             nn.functional.softplus(-D(x)).mean().backward()
             fake = G(z)
@@ -1806,7 +1808,8 @@ def test_zero_grad_in_a_closure_drops_what_came_before_the_step(preset, before):
             other(x.flip(0) * 3)
 
         def closure():
-            out = loss if before.endswith("forward outside") else nn.functional.cross_entropy(other(x), y)
+            out = (loss if before.endswith("forward outside")
+                   else nn.functional.cross_entropy(other(x), y))
             opts[1].zero_grad()
             out.backward()
             return out
