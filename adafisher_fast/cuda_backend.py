@@ -148,7 +148,4 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     pk, gk, mk = (list(t) for t in zip(*operands))
     _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled))
     for p, m, pc, mc in zip(params, moms, pk, mk):
-        if pc is not p:                 # contiguous copies of a layout the kernel cannot walk
-            p.copy_(pc)
-        if mc is not m:
-            m.copy_(mc)
+        kernel_host.copy_back(p, m, pc, mc)

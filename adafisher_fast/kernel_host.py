@@ -159,6 +159,14 @@ def kernel_operands(i: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, m
     return p.contiguous(), g.contiguous(), m.contiguous(), 1
 
 
+def copy_back(p: torch.Tensor, m: torch.Tensor, pc: torch.Tensor, mc: torch.Tensor) -> None:
+    """After the launch: p and m from the copies ``kernel_operands`` made of either (each on
+    its own: a contiguous p may come with a copied m)."""
+    for dst, src in ((p, pc), (m, mc)):
+        if src is not dst:
+            dst.copy_(src)
+
+
 _META_SEEN: Dict[int, tuple] = {}       # id -> (meta tensor, its _version, its token), 8 at most
 _META_TOKENS: Dict[tuple, int] = {}
 _NEXT_TOKEN = itertools.count()

@@ -276,7 +276,7 @@ class FisherState:
         self._pending_any = self._flush_queued = False
         # NOTE: [forward before zero_grad]
         self.generation, self.forwarded, self.held, self.in_closure = 0, False, None, False
-        self.backward_done, self.before, self.witness, self.stash = False, None, None, None
+        self.backward_done, self.before, self.witness, self.stash = False, None, [], None
         self.params = params
         self.state = torch.ones(raw_off, **fl)
         self.fac = torch.ones(raw_off + 1, **fl)

@@ -289,10 +289,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     for pdt, gdt, work, t_all, tables in launches:
         _launch(work, t_all, tables, fac_c, hyper, decoupled, pdt, gdt)
         for _, pc, _, mc, _, p, m, _ in work:
-            if pc is not p:
-                p.copy_(pc)
-            if mc is not m:
-                m.copy_(mc)
+            kernel_host.copy_back(p, m, pc, mc)
 
 
 # NOTE: [pointer tables]: the pointer and step-address tables keyed by (dtype pair, device, step
