@@ -555,8 +555,10 @@ class BatchNormKind(NormKind):
 
     def moments(self, m, x3: torch.Tensor):
         """(mean, var) per channel that the layer normalised x3 (R, C, I) with, or (None, None)
-        for x3's own batch statistics: the running ones in eval mode."""
-        if not m.training and m.track_running_stats and m.running_mean is not None:
+        for x3's own batch statistics: the running ones in eval mode, whenever the buffers exist,
+        as torch's _BatchNorm.forward decides (also with track_running_stats set to False after
+        construction, the buffers kept)."""
+        if not m.training and m.running_mean is not None and m.running_var is not None:
             return m.running_mean, m.running_var
         return None, None
 

@@ -158,7 +158,7 @@ def norm_xhat(m, x, training):
     if isinstance(m, BN):
         dims = [0] + list(range(2, x.dim()))
         shape = [1, -1] + [1] * (x.dim() - 2)
-        if training or not m.track_running_stats or m.running_mean is None:
+        if training or m.running_mean is None:      # torch's rule: running buffers in eval mode
             mu = x.mean(dim=dims, keepdim=True)
             var = ((x - mu) ** 2).mean(dim=dims, keepdim=True)
         else:

@@ -469,3 +469,30 @@ def test_rmsnorm_default_eps_in_half_precision(dtype, rtol):
     with torch.no_grad():
         want = F.rms_norm(model[0](x), (16,)).double().square().mean(0)   # the layer, weight 1
     close(opt.raw_stats()["1"][0][:16].double(), want, rtol=rtol)
+
+
+@pytest.mark.parametrize("kind", [nn.BatchNorm1d, nn.BatchNorm2d])
+def test_eval_batchnorm_with_track_running_stats_switched_off_uses_its_buffers(kind):
+    """torch's _BatchNorm.forward normalises with the running buffers in eval mode whenever they
+    exist, track_running_stats or not (a flag set to False after construction keeps them): so
+    does H under preset="paper" (SPEC 2: the statistics the layer itself used)."""
+    torch.manual_seed(0)
+    bn = kind(3).to(D64)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(3, dtype=D64))
+        bn.running_var.copy_(torch.rand(3, dtype=D64) + 0.5)
+    bn.eval()
+    bn.track_running_stats = False
+    x = torch.randn(4, 3, 5, dtype=D64) * 2 + 1
+    if kind is nn.BatchNorm2d:
+        x = x[..., None]
+    model = Wrap(bn)
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    opt.zero_grad()
+    out = model(x)
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xhat = (x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+    torch.testing.assert_close(out, xhat * bn.weight.view(shape) + bn.bias.view(shape))
+    out.square().sum().backward()
+    close(opt.raw_stats()["layer"][0][:3], xhat.square().mean(dims))
