@@ -168,6 +168,11 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return model
 
 
+def _listed(names: List[str]) -> str:
+    """The first five names, and "and others" after them."""
+    return ", ".join(names[:5]) + (" and others" if len(names) > 5 else "")
+
+
 def _chunk_span(n: int, size: int, rank: int) -> Tuple[int, int]:
     """(start, length) of ``rank``'s piece of n rows split in ``size`` torch.chunk pieces, as
     FSDP2's Shard(0) splits dim 0."""
@@ -301,6 +306,7 @@ class AdaFisher(Optimizer, Joinable):
         self._laid_out = self._group_layout()   # NOTE: [adopted groups]
         self._silent_checked = False        # NOTE: [silent layers]
         self._frozen = [p for p in model.parameters() if not p.requires_grad]   # NOTE: [unfrozen]
+        self._no_grad, self._replaced_named = 0, set()     # NOTE: [replaced]
         self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
         self._check_shards()
         Joinable.__init__(self)             # NOTE: [uneven inputs]
@@ -503,6 +509,10 @@ class AdaFisher(Optimizer, Joinable):
                 self._adopt_groups()        # NOTE: [adopted groups]
                 return self._gather()
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
+            if any(isinstance(v, torch.Tensor) for v in (lr, beta, wd)):
+                # the kernels take them by value: the Triton backend caches its hyper-parameter
+                # table by them, so a tensor updated in place (an LR scheduler's fill_) went stale
+                _check_hparams(lr, beta, 1.0, 1.0, 1, wd)
             for p in group["params"]:
                 if id(p) not in rows:       # NOTE: [adopted groups]
                     self._adopt_groups()
@@ -628,9 +638,8 @@ class AdaFisher(Optimizer, Joinable):
                 if id(p) not in now]
         if gone:
             raise RuntimeError(
-                f"AdaFisher: the model's parameter(s) {', '.join(gone[:5])}"
-                f"{' and others' if len(gone) > 5 else ''} are not the ones the optimizer was made "
-                f"with: fully_shard, to_empty() (unless torch.__future__."
+                f"AdaFisher: the model's parameter(s) {_listed(gone)} are not the ones the "
+                f"optimizer was made with: fully_shard, to_empty() (unless torch.__future__."
                 f"set_swap_module_params_on_conversion(True)) and load_state_dict(assign=True) make "
                 f"new parameters. Make the optimizer after them (then load its checkpoint)")
 
@@ -649,6 +658,30 @@ class AdaFisher(Optimizer, Joinable):
                   f"and now have gradients, but the optimizer does not train them: add them "
                   f"with opt.add_param_group({{'params': [...]}}) (their layers then get "
                   f"curvature factors)")
+
+    def _warn_replaced(self) -> None:
+        """NOTE: [replaced] Parameters the optimizer holds that are no longer the model's: a module
+        replaced after the optimizer was made (``model.fc = nn.Linear(...)``), or part of the model
+        loaded with ``load_state_dict(..., strict=False, assign=True)``.  They get no gradient and
+        are never stepped, and the model's new parameters are not trained; _check_replaced raises
+        when no parameter has a gradient, this names a partial replacement, once per set.  Run at
+        statistics steps when the number of parameters without a gradient changed: one pass over
+        the model's parameters, not one per step."""
+        now = {id(p) for p in self._model.parameters()}
+        gone = [p for g in self.param_groups for p in g["params"]
+                if id(p) not in now and id(p) not in self._replaced_named]
+        if not gone:
+            return
+        self._replaced_named |= {id(p) for p in gone}
+        new = [n for n, q in self._model.named_parameters()
+               if q.requires_grad and id(q) not in self.fisher.meta]
+        warn_user(f"AdaFisher: parameter(s) {_listed([self._names.get(id(p), '?') for p in gone])} "
+                  f"that the optimizer trains are no longer the model's (a module replaced after "
+                  f"the optimizer was made, e.g. model.fc = nn.Linear(...), or "
+                  f"load_state_dict(assign=True) on part of the model): they are never stepped"
+                  + (f", and the model's parameter(s) {_listed(new)} are not trained: add them "
+                     f"with opt.add_param_group({{'params': [...]}}), or make the optimizer after "
+                     f"changing the model" if new else ""))
 
     def _warn_silent_layers(self) -> None:
         """NOTE: [silent layers] A hooked layer whose parameters get gradients although the module
@@ -781,6 +814,10 @@ class AdaFisher(Optimizer, Joinable):
                     self._warn_silent_layers()
                 if self._frozen:
                     self._warn_unfrozen()
+                no_grad = len(fisher.meta) - len(params)
+                if no_grad != self._no_grad:
+                    self._no_grad = no_grad
+                    self._warn_replaced()
             self._fold_statistics()
         if params:
             self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled)

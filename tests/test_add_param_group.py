@@ -389,3 +389,63 @@ def test_the_replaced_curvature_state_is_freed():
     opt.add_param_group({"params": list(model[0].parameters())})
     gc.collect()
     assert old() is None and opt.fisher is not None
+
+
+@pytest.mark.parametrize("how", ["head replaced", "part loaded with assign=True"])
+def test_parameters_replaced_in_part_of_the_model_are_named(how, recwarn):
+    """NOTE: [replaced] A module replaced after the optimizer was made (``model.fc = ...``), or
+    part of the model loaded with ``load_state_dict(strict=False, assign=True)``, leaves the
+    optimizer stepping nothing there and the new parameters untrained.  Some parameters still
+    have gradients, so _check_replaced (all of them gone) does not raise: the next statistics
+    step names both sides, once."""
+    model = _net()
+    opt = AdaFisher(model, TCov=2, backend="torch")
+    x, y = _data()
+    _steps(model, opt, x, y, 2)
+    if how == "head replaced":
+        model[4] = nn.Linear(6, 3).to(device())
+    else:
+        model.load_state_dict({k: v + 1 for k, v in model.state_dict().items()
+                               if k.startswith("4.")}, strict=False, assign=True)
+    before = model[4].weight.detach().clone()
+    _steps(model, opt, x, y, 1)                     # steps == 2: a statistics step
+    named = [w for w in recwarn if "no longer the model's" in str(w.message)]
+    assert len(named) == 1 and "4.weight, 4.bias that the optimizer trains" in str(named[0].message)
+    assert "add_param_group" in str(named[0].message)
+    recwarn.clear()
+    _steps(model, opt, x, y, 4)
+    assert not [w for w in recwarn if "no longer the model's" in str(w.message)]      # once
+    assert torch.equal(model[4].weight, before)
+    opt.param_groups[0]["params"] = [p for p in opt.param_groups[0]["params"]
+                                     if any(p is q for q in model.parameters())]
+    opt.add_param_group({"params": model[4].parameters()})
+    _steps(model, opt, x, y, 2)
+    assert not torch.equal(model[4].weight, before)
+    assert not [w for w in recwarn if "no longer the model's" in str(w.message)]
+
+
+def test_partial_freezing_names_nothing(recwarn):
+    model = _net()
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    x, y = _data()
+    _steps(model, opt, x, y, 1)
+    model[0].requires_grad_(False)
+    model[2].weight.requires_grad_(False)
+    _steps(model, opt, x, y, 2)
+    assert not [w for w in recwarn if "no longer the model's" in str(w.message)]
+
+
+def test_a_tensor_lr_assigned_to_a_group_is_refused_at_step():
+    """torch's optimizers take a 0-dim tensor lr, and torch's LR schedulers then update it in
+    place (fill_).  The constructor refuses one; assigned later, it reached the step, where the
+    Triton backend, caching its hyper-parameter table by value, kept the first value for good
+    (the schedule silently ignored), and state_dict() raised only at the next checkpoint."""
+    model = _net()
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    x, y = _data()
+    _steps(model, opt, x, y, 1)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(TypeError, match="lr must be a Python or NumPy real number, got a tensor"):
+        _steps(model, opt, x, y, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
