@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import numbers
 import weakref
 from typing import List, Optional
 
@@ -228,6 +229,16 @@ def _computes_grad(params: List[torch.Tensor], nodes: dict) -> bool:
     return not asked
 
 
+def _rows(lay: Layer, method: str, rows):
+    """``rows``, the row count a layer kind's h_stats/s_stats returned, if it is one (an int, a
+    SymInt while tracing, or a tensor); a kind that forgot to return it is named."""
+    if isinstance(rows, bool) or not isinstance(rows, (numbers.Integral, torch.SymInt,
+                                                       torch.Tensor)):
+        raise TypeError(f"AdaFisher: {type(lay.kind).__name__}.{method} of '{lay.label}' returned "
+                        f"{rows!r}: it must return the number of rows it added (an int)")
+    return rows
+
+
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow):
         self.key = _key(fisher)                 # NOTE: [backward statistics], [hook keys]
@@ -349,7 +360,7 @@ class StatHooks:
         fisher = self.fisher
         with torch.no_grad():
             rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
-            fisher.add_rows(lay.h_factor, rows)
+            fisher.add_rows(lay.h_factor, _rows(lay, "h_stats", rows))
 
     def _grad_hook(self, lay: Layer, which: int, recomputed: Optional[list] = None):
         """The output-gradient hook of a call of ``lay.modules[which]`` (the layer's module or an
@@ -382,7 +393,7 @@ class StatHooks:
         with torch.no_grad():
             s = lay.kind.s_input(module, grad.detach())
             rows = lay.kind.s_stats(module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
-            fisher.add_rows(lay.s_factor, rows)
+            fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows))
         fisher.flush_after_backward()
 
     def set_steps(self, steps: int, TCov: int) -> None:

@@ -172,6 +172,25 @@ def _exported(name: str) -> Optional[type]:
     return obj if isinstance(obj, type) else None
 
 
+_UNMATCHED_WARNED: set = set()
+
+
+def warn_unmatched_names() -> None:
+    """A name a user registered ("module.QualName") whose module is imported but has no such
+    attribute matches nothing, a misspelt name most likely: its modules then take their parent
+    type's kind, or none, silently.  Warned once per name, at construction; the package's own
+    names are left out (a library version may lack a class they name)."""
+    for name, kind in _REGISTRY.items():
+        if (not isinstance(name, str) or "*" in name or name in _UNMATCHED_WARNED
+                or type(kind).__module__.startswith(__package__ + ".")):
+            continue
+        path, _, attr = name.rpartition(".")
+        if path in sys.modules and not hasattr(sys.modules[path], attr):
+            _UNMATCHED_WARNED.add(name)
+            warn_user(f"AdaFisher: register_layer({name!r}) ({type(kind).__name__}) matches "
+                      f"nothing: {path} is imported and has no {attr!r} (a misspelt name?)")
+
+
 def kind_of(module: nn.Module) -> Optional[LayerKind]:
     exported, patterns = {}, []
     for name, kind in _REGISTRY.items():

@@ -45,6 +45,15 @@ def check_groups(op: str, channels: int, groups: int) -> None:
         raise ValueError(f"{op}: groups {groups} must divide the channel count {channels}")
 
 
+def check_out(op: str, out: torch.Tensor, n: int) -> None:
+    """``out`` must have the ``n`` entries the op adds into: it is a view of the flat statistics
+    buffer, so a kernel given a shorter one writes into the next factor's accumulators (a layer
+    kind whose FactorSpec.acc_size disagrees with what its h_stats/s_stats add)."""
+    if out.numel() != n:
+        raise ValueError(f"{op}: out has {out.numel()} entries, expected {n} (a layer kind's "
+                         f"FactorSpec.acc_size must match what its h_stats/s_stats add)")
+
+
 def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: torch.Tensor,
                      hyper: list) -> None:
     n = len(params)
@@ -68,6 +77,7 @@ def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool
     check_dim("linear_stats", x, dim)
     dim = dim % x.dim()
     k = x.shape[dim]
+    check_out("linear_stats", out, k)
     x3 = x.reshape(math.prod(x.shape[:dim]), k, math.prod(x.shape[dim + 1:]))
     v = x3.to(out.dtype)
     if square:
@@ -98,6 +108,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     """
     check_groups("conv_stats", x.shape[1], groups)
     nd = len(kernel_size)
+    check_out("conv_stats", out, x.shape[1] * math.prod(kernel_size))
     q = x.to(out.dtype).square().sum(0)                         # (C, *spatial)
     flat_pad = [p for lo_hi in reversed(padding) for p in lo_hi]
     if any(flat_pad):
@@ -128,6 +139,7 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
       (r, group of C/groups channels) statistics over (channel in group, i).
     Arithmetic in ``out.dtype``.
     """
+    check_out("norm_stats", out, x.shape[1])
     v = x.to(out.dtype)
     r, c, i = v.shape
     if mode == "channel":

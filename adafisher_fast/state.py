@@ -24,7 +24,8 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from . import kernel_host
-from .layers import FactorSpec, LayerKind, kind_of, submodules, warn_user
+from .layers import (FactorSpec, LayerKind, kind_of, submodules, warn_unmatched_names,
+                     warn_user)
 from .reference import LayerTable, map_indices
 
 
@@ -78,6 +79,22 @@ def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
                          f"of its layer's H and S, which hold {n_h} + {n_s} entries, H first")
 
 
+def _check_spec(sp: FactorSpec, side: str, kind: LayerKind, name: str, m: nn.Module) -> None:
+    """Raise ValueError unless every term of a layer kind's FactorSpec reads one of the factor's
+    own ``acc_size`` accumulators (pow 0 reads none) and writes one of its ``size`` raw entries:
+    a term outside them reads or writes another layer's statistics, or past the buffer in a
+    kernel."""
+    what = f"AdaFisher: {type(kind).__name__}.factors of '{name or '<root>'}' ({type(m).__name__})"
+    if sp.acc_size < 0 or sp.size < 0:
+        raise ValueError(f"{what}: {side} has acc_size={sp.acc_size}, size={sp.size}")
+    for t in sp.terms:
+        src, dst, pw = t[0], t[1], t[2]
+        if not 0 <= dst < sp.size or (pw != 0 and not 0 <= src < sp.acc_size):
+            raise ValueError(f"{what}: {side} term {t} reads accumulator {src} / writes raw entry "
+                             f"{dst}, but {side} has {sp.acc_size} accumulators and {sp.size} raw "
+                             f"entries")
+
+
 def _model_class(m: nn.Module) -> type:
     """The module's class as the model defines it: FSDP2's fully_shard swaps in a subclass
     FSDP<Name>, which named the layers of a sharded model's checkpoints otherwise than an
@@ -98,7 +115,8 @@ def _factor_free_reason(m: nn.Module, preset) -> str:
     """Why ``m``'s own trainable parameters have no factors: "released" (its kind is one the
     preset does not hook), "unreadable" (its kind cannot read its calls), "attention" (an
     nn.MultiheadAttention, which expose_attention would expose), "parametrized" (they compute a
-    weight through a torch parametrization) or "no kind"."""
+    weight through a torch parametrization), "unmapped" (its kind's param_maps leaves them out,
+    as a custom kind may leave a scale factor-free) or "no kind"."""
     kind = kind_of(m)
     if kind is not None and not kind.supported(m, preset):
         return "released"
@@ -109,7 +127,7 @@ def _factor_free_reason(m: nn.Module, preset) -> str:
     if isinstance(m, parametrize.ParametrizationList) or any(
             isinstance(h, _OLD_PARAMETRIZATIONS) for h in m._forward_pre_hooks.values()):
         return "parametrized"
-    return "no kind"
+    return "no kind" if kind is None else "unmapped"
 
 
 def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
@@ -129,7 +147,7 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
     msg = (f"AdaFisher(preset='{preset.name}'): no curvature factors for the parameters of "
            f"{', '.join(new)}: they take {step}.")
     named = {why: [n for n, w in new.items() if w == why]
-             for why in ("released", "unreadable", "attention", "parametrized")}
+             for why in ("released", "unreadable", "unmapped", "attention", "parametrized")}
     if named["released"]:
         msg += (f" The released code does not hook {', '.join(named['released'])}; "
                 f"preset='paper' preconditions them.")
@@ -139,6 +157,9 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
                 f"nn.Embedding subclass that looks up positions, not its input, NOTE: [embedding "
                 f"lookups]; an RMSNorm that scales its input before normalising it), or could "
                 f"not call it; a layer kind of their own would precondition them.")
+    if named["unmapped"]:
+        msg += (f" The layer kinds of {', '.join(named['unmapped'])} map no factors to them "
+                f"(their param_maps leaves them out).")
     if named["attention"]:
         msg += (f" adafisher_fast.expose_attention(model), before making the optimizer, "
                 f"preconditions {', '.join(named['attention'])} (NOTE: [exposed attention]).")
@@ -210,11 +231,18 @@ class FisherState:
         # an alias: its calls add to the layer's statistics, as calls of one module do.  The
         # others (a Linear head tied to an Embedding) gather no statistics for it.
         claimed: Dict[int, int] = {}            # id(param) -> index of the layer that owns it
+        warn_unmatched_names()
         for name, m in model.named_modules():
             kind = kind_of(m)
             if kind is None or not kind.supported(m, preset) or not kind.probe(m):
                 continue
-            mapped = {pn: mp for pn, mp in kind.param_maps(m, preset).items()
+            all_maps = kind.param_maps(m, preset)
+            unknown = [pn for pn in all_maps if not hasattr(m, pn)]
+            if unknown:
+                raise ValueError(f"AdaFisher: {type(kind).__name__}.param_maps of "
+                                 f"'{name or '<root>'}' ({type(m).__name__}) maps {unknown}, "
+                                 f"which {type(m).__name__} does not have")
+            mapped = {pn: mp for pn, mp in all_maps.items()
                       if isinstance(getattr(m, pn, None), nn.Parameter)
                       and id(getattr(m, pn)) in trainable}
             maps = {pn: mp for pn, mp in mapped.items() if id(getattr(m, pn)) not in claimed}
@@ -227,6 +255,8 @@ class FisherState:
                 claimed[id(getattr(m, pn))] = len(self.layers)
                 local_maps.append((getattr(m, pn), len(self.layers), mp, pn))
             h, s = kind.factors(m, preset)
+            _check_spec(h, "H", kind, name, m)
+            _check_spec(s, "S", kind, name, m)
             specs += [h, s]
             self.layers.append(Layer(name, m, kind, slice(0), slice(0), 0, 0, slice(0), slice(0),
                                      pnames=tuple(maps)))

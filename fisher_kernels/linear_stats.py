@@ -136,6 +136,7 @@ def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool
                  scale: float = 1.0) -> None:
     """Same signature and semantics as ``reference.linear_stats`` (see the module docstring)."""
     reference.check_dim("linear_stats", x, dim)
+    reference.check_out("linear_stats", out, x.shape[dim])
     if out.dtype == torch.float64 or x.dtype == torch.float64:
         return reference.linear_stats(x, out, dim, square, scale)
     k = x.shape[dim]

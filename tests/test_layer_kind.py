@@ -531,3 +531,128 @@ def test_register_layer_refuses_what_can_never_match(monkeypatch, types_, kind, 
     with pytest.raises(TypeError, match=pattern):
         layers.register_layer(*types_)(layers.LinearKind if kind == "kind" else kind)
     assert layers._REGISTRY == before
+
+
+# ----------------------------------------------------------------------------------------------
+# mistakes in a user's kind are named, never left to corrupt other layers' statistics
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("side, bad, match", [
+    # the bias entry forgotten in H's size: its constant term writes raw[in], which is S[0]
+    ("h", lambda i, o: layers.FactorSpec(i, i, layers.mean_terms(i) + [layers.const_term(i, 1.0)]),
+     r"H term \(0, 5, 0, 1\.0, 0\) reads accumulator 0 / writes raw entry 5, but H has 5 "
+     r"accumulators and 5 raw entries"),
+    # one term too many: it reads acc[in], the first accumulator of the layer's S
+    ("h", lambda i, o: layers.FactorSpec(i, i + 1, layers.mean_terms(i + 1)),
+     r"H term \(5, 5, 1, 1\.0, 1\) reads accumulator 5"),
+    ("s", lambda i, o: layers.FactorSpec(o, o, layers.mean_terms(o, dst0=1), 2),
+     r"S term \(6, 7, 1, 1\.0, 1\) reads accumulator 6 / writes raw entry 7"),
+])
+def test_a_factor_term_outside_its_factor_is_an_error(monkeypatch, side, bad, match):
+    """A FactorSpec term must read the factor's own accumulators and write its own raw entries:
+    otherwise layer_ema silently mixes another factor's statistics into this one (or writes into
+    the next layer's), and a kernel reads past the buffer for the last layer."""
+    good = layers.HFConv1DKind.factors
+
+    def factors(self, m, preset):
+        h, s = good(self, m, preset)
+        i, o = m.weight.shape
+        return (bad(i, o), s) if side == "h" else (h, bad(i, o))
+
+    monkeypatch.setattr(layers.HFConv1DKind, "factors", factors)
+    _, conv = _conv1d_models(torch.float64)
+    with pytest.raises(ValueError, match=r"HFConv1DKind\.factors of '0' \(Conv1D\): " + match):
+        AdaFisher(conv, preset="paper")
+
+
+@pytest.mark.parametrize("method", ["h_stats", "s_stats"])
+def test_a_kind_that_returns_no_row_count_is_named(monkeypatch, method):
+    good = getattr(layers.HFConv1DKind, method)
+
+    def forgot(self, m, t, acc, preset, ops):
+        good(self, m, t, acc, preset, ops)          # no `return`
+
+    monkeypatch.setattr(layers.HFConv1DKind, method, forgot)
+    _, conv = _conv1d_models(torch.float64)
+    opt = AdaFisher(conv, preset="paper")
+    with pytest.raises(TypeError, match=rf"HFConv1DKind\.{method} of '\d' returned None: it must "
+                                        rf"return the number of rows it added"):
+        _train(conv, opt, 1, torch.float64)
+
+
+def test_a_map_of_a_parameter_the_module_lacks_is_an_error(monkeypatch):
+    """A misspelt parameter name in param_maps left that parameter factor-free, with a warning
+    telling the user to register a layer kind."""
+    good = layers.HFConv1DKind.param_maps
+    monkeypatch.setattr(layers.HFConv1DKind, "param_maps", lambda self, m, preset: {
+        ("wieght" if k == "weight" else k): v for k, v in good(self, m, preset).items()})
+    _, conv = _conv1d_models(torch.float64)
+    with pytest.raises(ValueError, match=r"HFConv1DKind\.param_maps of '0' \(Conv1D\) maps "
+                                         r"\['wieght'\], which Conv1D does not have"):
+        AdaFisher(conv, preset="paper")
+
+
+def _refuses_a_short_accumulator(ops, op):
+    x = torch.randn(3, 5, 4, device=device())
+    buf = torch.zeros(20, device=device())
+    call = {"linear_stats": lambda out: ops.linear_stats(x, out, dim=1),
+            "norm_stats": lambda out: ops.norm_stats(x, out, "sample", 1, 1e-5, True),
+            "conv_stats": lambda out: ops.conv_stats(x, out, (3,), (1,), [(1, 1)], (1,), 1)}[op]
+    n = 15 if op == "conv_stats" else 5
+    with pytest.raises((ValueError, RuntimeError), match=f"out has {n - 1} entries, expected (.* = )?{n}"):
+        call(buf[:n - 1])
+    assert not buf.any()
+    call(buf[:n])
+    assert buf[:n].any() and not buf[n:].any()
+
+
+@pytest.mark.parametrize("op", ["linear_stats", "norm_stats", "conv_stats"])
+def test_stats_ops_refuse_an_accumulator_of_the_wrong_size(op):
+    """The accumulator is a view of the flat buffer: a kernel given one entry too few (a kind's
+    acc_size one short) wrote the last feature into the next factor's accumulators (Triton), and
+    the reference raised torch's broadcasting error."""
+    from adafisher_fast import reference
+    _refuses_a_short_accumulator(reference, op)
+
+
+@pytest.mark.parametrize("op", ["linear_stats", "norm_stats", "conv_stats"])
+def test_kernel_stats_ops_refuse_an_accumulator_of_the_wrong_size(kernel_ops, op):
+    _refuses_a_short_accumulator(kernel_ops, op)
+
+
+def test_a_parameter_its_kind_leaves_unmapped_is_named_as_such(monkeypatch):
+    """A kind may leave a parameter factor-free on purpose (a scale); the construction warning
+    said such a module needed a layer kind, which it has."""
+    good = layers.HFConv1DKind.param_maps
+    monkeypatch.setattr(layers.HFConv1DKind, "param_maps", lambda self, m, preset: {
+        k: v for k, v in good(self, m, preset).items() if k != "bias"})
+    _, conv = _conv1d_models(torch.float64)
+    with pytest.warns(UserWarning) as rec:
+        opt = AdaFisher(conv, preset="paper")
+    msg = " ".join(str(w.message) for w in rec)
+    assert "no curvature factors for the parameters of 0 (Conv1D), 2 (Conv1D)" in msg
+    assert "The layer kinds of 0 (Conv1D), 2 (Conv1D) map no factors to them" in msg
+    assert "need a layer kind" not in msg
+    assert [lay.name for lay in opt.fisher.layers] == ["0", "2"]
+
+
+def test_a_registered_name_that_matches_nothing_is_named(monkeypatch):
+    """register_layer("pkg.mod.Cls") with a misspelt class name matched nothing, silently: the
+    module then took its parent type's kind (a Linear subclass that changes its input, read
+    as a plain Linear).  The package's own names are not checked (a library version may lack
+    a class they name)."""
+    monkeypatch.setattr(layers, "_REGISTRY", dict(layers._REGISTRY))
+    monkeypatch.setattr(layers, "_UNMATCHED_WARNED", set())
+    mod = types.ModuleType("mylib.layers_x")
+    mod.HalfLinear = type("HalfLinear", (nn.Linear,), {})
+    monkeypatch.setitem(sys.modules, "mylib.layers_x", mod)
+    monkeypatch.setitem(sys.modules, "transformers.pytorch_utils", types.ModuleType("t"))
+    layers.register_layer("mylib.layers_x.HalfLinaer")(type("HalfKind", (layers.LinearKind,), {}))
+    model = nn.Sequential(mod.HalfLinear(3, 2))
+    with pytest.warns(UserWarning, match=r"register_layer\('mylib.layers_x.HalfLinaer'\) "
+                                         r"\(HalfKind\) matches nothing: mylib.layers_x is "
+                                         r"imported and has no 'HalfLinaer'") as rec:
+        AdaFisher(model)
+    assert len(rec) == 1                    # not Conv1D, which the fake transformers lacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AdaFisher(model)                    # once per name
