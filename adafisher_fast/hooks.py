@@ -306,6 +306,18 @@ class StatHooks:
             return None
         return hook
 
+    @torch.compiler.disable(reason=(
+        "AdaFisher: the model was moved after the optimizer was made, and the move is first seen "
+        "inside a compiled region; the optimizer's state follows it eagerly (a graph break). "
+        "With fullgraph=True, call opt.zero_grad() after moving the model "
+        "(NOTE: [following the model])"))
+    def _follow_eagerly(self, what: str) -> None:
+        """Moves the optimizer's state to where a hooked layer ran (NOTE: [following the
+        model]); under compile a graph break, so that the eager call can move it."""
+        follow = self.follow()
+        if follow is not None:
+            follow(what)
+
     def _forward_hook(self, lay: Layer, which: int, first: Optional[str], tap: Optional[_Tap]):
         """The forward hook of ``lay.modules[which]``."""
         fisher = self.fisher
@@ -327,9 +339,7 @@ class StatHooks:
                 if not compiling:
                     fisher.note_forward()        # NOTE: [forward before zero_grad]
                 if x.device != fisher.buf.device:
-                    follow = self.follow()
-                    if follow is not None:
-                        follow(f"layer '{lay.name}' ran on {x.device}")
+                    self._follow_eagerly(f"layer '{lay.name}' ran on {x.device}")
                 x = lay.kind.h_input(module, x.detach(), output)
             if not isinstance(x, torch.Tensor):  # a call the kind cannot read: gather nothing
                 if not compiling:                # (while compiling, reading lay would guard on it)

@@ -152,6 +152,8 @@ def _unwrapped(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         elif ddp is not None and isinstance(model, ddp):
             model = model.module
+        elif isinstance(model, nn.DataParallel) and len(model.device_ids) <= 1:
+            model = model.module         # one device (or none): it calls the module itself
         else:
             break
     if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
@@ -571,8 +573,10 @@ class AdaFisher(Optimizer, Joinable):
         the backend for that device again.  A model cast to or from float64 takes the state's
         dtype along (float64 where a parameter is, SPEC 3), and a model cast to any dtype its
         momentum to the parameters' dtypes, at the next zero_grad(), step() or load_state_dict()
-        (the momentum is kept in the parameter's dtype).  A model spread over several devices,
-        or a move seen first inside a compiled region, is an error that says what to do."""
+        (the momentum is kept in the parameter's dtype).  A model spread over several devices
+        is an error that says what to do; a move seen first by a hook in a compiled region is
+        followed through a graph break (StatHooks._follow_eagerly), or, with fullgraph=True,
+        an error that says what to do."""
         fisher = self.fisher
         seen = self._signature()
         if seen is None or (what is None and seen == self._seen):

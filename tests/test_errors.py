@@ -241,6 +241,10 @@ def test_data_parallel_over_several_gpus_is_refused_by_name(monkeypatch):
     dp(torch.randn(2, 3)).sum().backward()
     opt.step()
     assert opt.steps == 1 and all(opt.state[p] for p in dp.parameters())
+    # unwrapped as DDP's and torch.compile's wrappers are: the plain model's layer names, so its
+    # checkpoints load into an optimizer on the plain model (it refused 'module.0' for '0')
+    assert list(opt.raw_stats()) == ["0", "1"]
+    AdaFisher(dp.module, backend="torch").load_state_dict(opt.state_dict())
     monkeypatch.setattr(dp, "device_ids", [0, 1])
     with pytest.raises(NotImplementedError, match=r"model: nn.DataParallel over devices \[0, 1\]"):
         AdaFisher(dp)

@@ -1363,6 +1363,31 @@ def test_model_moved_after_construction_takes_the_state_along(steps_before, monk
     assert opt.steps == steps_before + 1
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_move_first_seen_while_compiling(fullgraph, monkeypatch):
+    """NOTE: [following the model] with the move first seen by a hook in a compiled model: the
+    hook reached the optimizer through a weak reference, which dynamo cannot trace, so
+    fullgraph=True failed inside weakref.py, far from the advice.  The move is now a graph break
+    that follows the model eagerly, and with fullgraph=True an error that says what to do."""
+    monkeypatch.setattr(torch.__future__, "get_swap_module_params_on_conversion", lambda: True)
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    opt.zero_grad()
+    compiled(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    model.to("meta")
+    x = torch.randn(2, 3, device="meta")
+    if fullgraph:
+        with pytest.raises(Exception, match=r"call opt.zero_grad\(\) after moving the model"):
+            compiled(x)
+    else:
+        compiled(x).sum().backward()
+        opt.step()
+        assert opt.fisher.buf.device.type == "meta" and opt.steps == 2
+
+
 @pytest.mark.parametrize("swap", [True, False])
 def test_model_built_on_meta_then_materialised(swap, monkeypatch):
     """NOTE: [meta state]: an optimizer made on a meta-device model (FSDP2's large-model
