@@ -159,15 +159,17 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
     pw = p.to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=zero).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=zero).to(tl.float32)
+    # NOTE: [no decay term] wd == 0 adds no term at all, as the reference and csrc (a 0 * p of an
+    # inf parameter element would be NaN and poison its momentum for good)
     if not DECOUPLED:
-        g = g + wd * pw
+        g = tl.where(wd != 0.0, g + wd * pw, g)
     m = m * beta + g * omb
     # NOTE: [division rounding] torch on CUDA divides a tensor by a CPU scalar as a multiply by its
     # correctly rounded reciprocal, and divides tensors with IEEE division; Triton's "/" is the
     # approximate div.full.f32.  div_rn reproduces the reference's rounding on the GPU.
     upd = tl.math.div_rn(m * tl.math.div_rn(1.0, bc), fd)
     if DECOUPLED:
-        upd = upd + wd * pw
+        upd = tl.where(wd != 0.0, upd + wd * pw, upd)
     tl.store(m_ptr + offs, m.to(p.dtype), mask=mask)
     tl.store(p_ptr + offs, (pw - lr * upd).to(p.dtype), mask=mask)
 

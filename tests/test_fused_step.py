@@ -596,3 +596,22 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     meta[0, 5] = 6                                          # meta rows changed in place
     _, args, _ = step(grads, hyper)
     assert uploads.count((3, fs.N_META)) == 1 and args[4][0].tolist() == meta[0].tolist() + [1]
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_step_no_decay_term_without_weight_decay(kernel_ops, decoupled):
+    """weight_decay = 0 adds no decay term: an inf parameter element keeps a finite momentum and
+    stays inf, as in the reference (0 * inf would be NaN; NOTE: [no decay term])."""
+    p = torch.tensor([float("inf"), 1.0, -float("inf"), 2.0], device=device())
+    g = torch.tensor([0.5, 0.5, 0.0, 1.0], device=device())
+    meta = torch.tensor([[4, 1, 0, 0, 0, 0, 0, 0, 4, 0]])
+    fac = torch.ones(1, device=device())
+    out = {}
+    for name, ops in (("ref", reference), ("kernel", kernel_ops)):
+        pp, mm = p.clone(), torch.zeros(4, device=device())
+        ops.fused_step([pp], [g.clone()], [mm], [torch.zeros(())], fac, meta, [(1e-2, 0.9, 0.0, 1e-3)],
+                       decoupled)
+        out[name] = (pp, mm)
+    assert not out["kernel"][1].isnan().any() and not out["kernel"][0].isnan().any()
+    torch.testing.assert_close(out["kernel"][0], out["ref"][0])
+    torch.testing.assert_close(out["kernel"][1], out["ref"][1])

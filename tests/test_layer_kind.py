@@ -546,6 +546,11 @@ def test_register_layer_refuses_what_can_never_match(monkeypatch, types_, kind, 
      r"H term \(5, 5, 1, 1\.0, 1\) reads accumulator 5"),
     ("s", lambda i, o: layers.FactorSpec(o, o, layers.mean_terms(o, dst0=1), 2),
      r"S term \(6, 7, 1, 1\.0, 1\) reads accumulator 6 / writes raw entry 7"),
+    # powers the kernels do not compute (Triton's layer_ema squared acc**3 and cubed count**4)
+    ("s", lambda i, o: layers.FactorSpec(o, o, [(j, j, 3, 1.0, 1) for j in range(o)], 2),
+     r"S term \(0, 0, 3, 1\.0, 1\) has pow=3, q=1; terms take pow 0, 1 or 2 and q 0, 1, 2 or 3"),
+    ("h", lambda i, o: layers.FactorSpec(i, i, [(j, j, 1, 1.0, 4) for j in range(i)]),
+     r"H term \(0, 0, 1, 1\.0, 4\) has pow=1, q=4"),
 ])
 def test_a_factor_term_outside_its_factor_is_an_error(monkeypatch, side, bad, match):
     """A FactorSpec term must read the factor's own accumulators and write its own raw entries:
