@@ -25,8 +25,8 @@ __device__ __forceinline__ int64_t pad_source(int64_t j, int64_t n, int mode) {
 }
 
 template <typename A>
-__global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out, ConvGeom g, int64_t kprod,
-                                    int64_t L, int64_t q_cstride, int64_t q_pstride) {
+__global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out, A* __restrict__ partials,
+                                    ConvGeom g, int64_t kprod, int64_t L, int64_t q_cstride, int64_t q_pstride) {
   __shared__ A sh[32];
   const int64_t c = blockIdx.x / kprod, kofs = blockIdx.x - c * kprod;
   int64_t off[3] = {0, 0, 0};
@@ -34,7 +34,8 @@ __global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out
   for (int d = g.nd - 1; d >= 0; --d) { off[d] = rem % g.kernel[d]; rem /= g.kernel[d]; }
   const A* qc = q + c * q_cstride;
   A acc = 0;
-  for (int64_t l = threadIdx.x; l < L; l += blockDim.x) {
+  // NOTE: [lattice split]: blockIdx.y takes every gridDim.y-th slice of blockDim.x positions
+  for (int64_t l = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; l < L; l += (int64_t)gridDim.y * blockDim.x) {
     int64_t r = l, src = 0, stride_src = 1;
     bool ok = true;
     int64_t coord[3];
@@ -48,7 +49,10 @@ __global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out
     if (ok) acc += qc[src * q_pstride];
   }
   acc = block_sum<A>(acc, sh);
-  if (threadIdx.x == 0) out[blockIdx.x] += acc;   // one block per entry: no atomic needed
+  if (threadIdx.x != 0) return;
+  if (gridDim.y == 1) out[blockIdx.x] += acc;                       // one block per entry
+  else if (partials != nullptr) partials[(int64_t)blockIdx.y * gridDim.x + blockIdx.x] = acc;
+  else atomicAdd(out + blockIdx.x, acc);
 }
 
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
@@ -62,10 +66,18 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
                           Affine{0, nullptr, nullptr, 1}, static_cast<A*>(partials), s));
     if (L > 0) {
       const int threads = L >= 256 ? 256 : (L >= 64 ? 64 : 32);
-      conv_lattice_kernel<A><<<(unsigned)(C * kprod), threads, 0, s>>>(static_cast<const A*>(work),
-                                                                        static_cast<A*>(out), g, kprod, L,
-                                                                        g.channels_last ? 1 : plane,
-                                                                        g.channels_last ? C : 1);
+      // NOTE: [lattice split] a few (channel, offset) entries over a large lattice (a 1-channel
+      // volume: 27 blocks for 512^3) are split over blockIdx.y, about 2048 blocks in all, each slice
+      // >= 64 positions per thread; partial sums meet atomically, or in order (deterministic)
+      const int64_t ck = C * kprod;
+      int64_t gy = std::max<int64_t>(1, std::min<int64_t>({cdiv(L, threads * 64), cdiv(2048, ck), 65535}));
+      if (partials != nullptr) gy = std::max<int64_t>(1, std::min(gy, reduce_partials_size(C * plane) / ck));
+      A* part = gy > 1 ? static_cast<A*>(partials) : nullptr;
+      conv_lattice_kernel<A><<<dim3((unsigned)ck, (unsigned)gy), threads, 0, s>>>(
+          static_cast<const A*>(work), static_cast<A*>(out), part, g, kprod, L,
+          g.channels_last ? 1 : plane, g.channels_last ? C : 1);
+      if (part != nullptr)
+        sum_partials_kernel<A><<<(unsigned)cdiv(ck, 256), 256, 0, s>>>(part, static_cast<A*>(out), gy, ck);
     });
   return cudaGetLastError();
 }

@@ -30,12 +30,13 @@ from .linear_stats import _launch as _sum_over_batch
 
 TILE = 2048     # (kernel offsets x output positions) per program
 MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
+TARGET_PROGRAMS = 8192   # lattice programs per launch, about (NOTE: [lattice groups])
 
 
 @triton.jit
 def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, K0, K1, K2,
-                        D0, D1, D2, T0, T1, T2, N0, N1, N2, N_LBLK, BLOCK_KO: tl.constexpr,
-                        BLOCK_L: tl.constexpr, PARTIAL: tl.constexpr):
+                        D0, D1, D2, T0, T1, T2, N0, N1, N2, N_LBLK, N_LGRP, LPG,
+                        BLOCK_KO: tl.constexpr, BLOCK_L: tl.constexpr, PARTIAL: tl.constexpr):
     """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
     l-block of the output lattice of Q[c, koff*dil + l*stride - pad], Q (C, S0, S1, S2) with
     strides (QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split]
@@ -43,8 +44,8 @@ def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, 
     layer with a handful of programs on a GPU of 132 SMs.  PARTIAL (deterministic algorithms):
     out is an (N_LBLK, C * K) scratch, the program's sums stored in row l-block (NOTE: [ordered
     partials] in linear_stats.py)."""
-    c = tl.program_id(0) // N_LBLK
-    lb = tl.program_id(0) % N_LBLK
+    c = tl.program_id(0) // N_LGRP
+    lg = tl.program_id(0) % N_LGRP
     K = K0 * K1 * K2
     koff = tl.program_id(1) * BLOCK_KO + tl.arange(0, BLOCK_KO)
     km = koff < K
@@ -52,24 +53,29 @@ def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, 
     k1 = (koff // K2) % K1
     k0 = koff // (K1 * K2)
     base = q_ptr + tl.cast(c, tl.int64) * QC
-    l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
-    lm = l < N0 * N1 * N2
-    i2 = l % N2
-    i1 = (l // N2) % N1
-    i0 = l // (N1 * N2)
-    y0 = k0[:, None] * D0 + (i0 * T0)[None, :] - P0
-    y1 = k1[:, None] * D1 + (i1 * T1)[None, :] - P1
-    y2 = k2[:, None] * D2 + (i2 * T2)[None, :] - P2
-    ok = (km[:, None] & lm[None, :] & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1)
-          & (y2 >= 0) & (y2 < S2))
-    v = tl.load(base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2, mask=ok,
-                other=0.0)
+    acc = tl.zeros((BLOCK_KO,), dtype=tl.float32)
+    # NOTE: [lattice groups] a program sums LPG consecutive l-blocks: the grid (and the ordered
+    # partials' scratch, one row per group) stays bounded however large the output lattice is
+    for lb in range(lg * LPG, tl.minimum(lg * LPG + LPG, N_LBLK)):
+        l = lb * BLOCK_L + tl.arange(0, BLOCK_L)
+        lm = l < N0 * N1 * N2
+        i2 = l % N2
+        i1 = (l // N2) % N1
+        i0 = l // (N1 * N2)
+        y0 = k0[:, None] * D0 + (i0 * T0)[None, :] - P0
+        y1 = k1[:, None] * D1 + (i1 * T1)[None, :] - P1
+        y2 = k2[:, None] * D2 + (i2 * T2)[None, :] - P2
+        ok = (km[:, None] & lm[None, :] & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1)
+              & (y2 >= 0) & (y2 < S2))
+        v = tl.load(base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2,
+                    mask=ok, other=0.0)
+        acc += tl.sum(v, axis=1)
     at = out_ptr + tl.cast(c, tl.int64) * K + koff
     if PARTIAL:
-        n_ch = tl.num_programs(0) // N_LBLK
-        tl.store(at + tl.cast(lb, tl.int64) * n_ch * K, tl.sum(v, axis=1), mask=km)
+        n_ch = tl.num_programs(0) // N_LGRP
+        tl.store(at + tl.cast(lg, tl.int64) * n_ch * K, acc, mask=km)
     else:
-        tl.atomic_add(at, tl.sum(v, axis=1), mask=km)
+        tl.atomic_add(at, acc, mask=km)
 
 
 @on_device
@@ -125,11 +131,15 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     block_ko = min(next_pow2(ktot), MAX_KO)
     block_l = max(1, min(next_pow2(n_pos), TILE // block_ko))
     n_lblk = cdiv(n_pos, block_l)
-    partial = n_lblk > 1 and torch.are_deterministic_algorithms_enabled()
-    dst = out.new_empty(n_lblk, out.numel()) if partial else out
-    _lattice_sum_kernel[(c * n_lblk, cdiv(ktot, block_ko))](
-        q, dst, q.stride(0), *Q, *S, *P, *K, *D, *T, *N, n_lblk, BLOCK_KO=block_ko, BLOCK_L=block_l,
-        PARTIAL=partial)
+    n_kob = cdiv(ktot, block_ko)
+    # NOTE: [lattice groups]: about TARGET_PROGRAMS programs, never fewer l-groups than needed
+    lpg = cdiv(n_lblk, max(1, min(n_lblk, cdiv(TARGET_PROGRAMS, c * n_kob))))
+    n_lgrp = cdiv(n_lblk, lpg)
+    partial = n_lgrp > 1 and torch.are_deterministic_algorithms_enabled()
+    dst = out.new_empty(n_lgrp, out.numel()) if partial else out
+    _lattice_sum_kernel[(c * n_lgrp, n_kob)](
+        q, dst, q.stride(0), *Q, *S, *P, *K, *D, *T, *N, n_lblk, n_lgrp, lpg, BLOCK_KO=block_ko,
+        BLOCK_L=block_l, PARTIAL=partial)
     if partial:
         out.add_(dst.sum(0))
     return n_pos

@@ -182,6 +182,12 @@ cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx) {
     stacks.reset(new char[n * kStack]);
   }
   n_threads = static_cast<unsigned>(n);
+  if (const char* log = std::getenv("ADAFISHER_EMU_LAUNCH_LOG")) {   // audit aid: grid of each launch
+    if (FILE* f = std::fopen(log, "a")) {
+      std::fprintf(f, "grid %u %u %u block %u\n", grid.x, grid.y, grid.z, static_cast<unsigned>(n));
+      std::fclose(f);
+    }
+  }
   const char* order = std::getenv("ADAFISHER_EMU_THREAD_ORDER");
   reverse_threads = order != nullptr && std::strcmp(order, "reverse") == 0;
   body = b;
