@@ -88,11 +88,11 @@ def _check_spec(sp: FactorSpec, side: str, kind: LayerKind, name: str, m: nn.Mod
     if sp.acc_size < 0 or sp.size < 0:
         raise ValueError(f"{what}: {side} has acc_size={sp.acc_size}, size={sp.size}")
     for t in sp.terms:
-        src, dst, pw = t[0], t[1], t[2]
-        if pw not in (0, 1, 2) or t[4] not in (0, 1, 2, 3):
-            # what every backend's layer_ema computes (fisher_kernels/layer_ema.py squares for any
-            # pow >= 2 and cubes the count for any q >= 3)
-            raise ValueError(f"{what}: {side} term {t} has pow={pw}, q={t[4]}; terms take pow 0, 1 "
+        src, dst, pw, _, q = t
+        if pw not in (0, 1, 2) or q not in (0, 1, 2, 3):
+            # the powers Triton's layer_ema computes (it squared for any pow >= 2, cubed the
+            # count for any q >= 3), so that all backends agree
+            raise ValueError(f"{what}: {side} term {t} has pow={pw}, q={q}; terms take pow 0, 1 "
                              f"or 2 and q 0, 1, 2 or 3")
         if not 0 <= dst < sp.size or (pw != 0 and not 0 <= src < sp.acc_size):
             raise ValueError(f"{what}: {side} term {t} reads accumulator {src} / writes raw entry "
