@@ -511,7 +511,8 @@ class AdaFisher(Optimizer, Joinable):
                 self._adopt_groups()        # NOTE: [adopted groups]
                 return self._gather()
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
-            if any(isinstance(v, torch.Tensor) for v in (lr, beta, wd)):
+            if (isinstance(lr, torch.Tensor) or isinstance(beta, torch.Tensor)
+                    or isinstance(wd, torch.Tensor)):     # (no generator: once per group and step)
                 # the kernels take them by value: the Triton backend caches its hyper-parameter
                 # table by them, so a tensor updated in place (an LR scheduler's fill_) went stale
                 _check_hparams(lr, beta, 1.0, 1.0, 1, wd)
@@ -630,6 +631,11 @@ class AdaFisher(Optimizer, Joinable):
         probe = first if self._dtype_probe is None else self._dtype_probe
         return first.device, first.dtype, probe.dtype
 
+    def _stale_params(self) -> List[torch.Tensor]:
+        """The parameters in param_groups that are no longer the model's (NOTE: [replaced])."""
+        now = {id(p) for p in self._model.parameters()}
+        return [p for g in self.param_groups for p in g["params"] if id(p) not in now]
+
     def _check_replaced(self) -> None:
         """Raises when parameters the optimizer holds are no longer the model's: fully_shard,
         to_empty() (without torch.__future__.set_swap_module_params_on_conversion(True)) and
@@ -637,9 +643,7 @@ class AdaFisher(Optimizer, Joinable):
         gathering statistics for layers whose parameters it never steps."""
         if torch.compiler.is_compiling():
             return
-        now = {id(p) for p in self._model.parameters()}
-        gone = [self._names.get(id(p), "?") for g in self.param_groups for p in g["params"]
-                if id(p) not in now]
+        gone = [self._names.get(id(p), "?") for p in self._stale_params()]
         if gone:
             raise RuntimeError(
                 f"AdaFisher: the model's parameter(s) {_listed(gone)} are not the ones the "
@@ -671,9 +675,7 @@ class AdaFisher(Optimizer, Joinable):
         when no parameter has a gradient, this names a partial replacement, once per set.  Run at
         statistics steps when the number of parameters without a gradient changed: one pass over
         the model's parameters, not one per step."""
-        now = {id(p) for p in self._model.parameters()}
-        gone = [p for g in self.param_groups for p in g["params"]
-                if id(p) not in now and id(p) not in self._replaced_named]
+        gone = [p for p in self._stale_params() if id(p) not in self._replaced_named]
         if not gone:
             return
         self._replaced_named |= {id(p) for p in gone}
