@@ -102,7 +102,7 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     """reference.layer_ema on the GPU in one launch (csrc/layer_ema.cu)."""
     ptr, src, pw, coef, q, factor = kernel_host.term_csr(table)
     _ops.layer_ema(buf, int(table.n_acc), ptr, src, pw, coef, q, factor,
-                   table.factor_start, table.factor_layer, int(table.n_layers), state, fac,
+                   table.factor_start, *kernel_host.layer_factors(table), state, fac,
                    initialized, counters, float(rule.decay), float(rule.weight),
                    float(rule.decay_first), float(rule.weight_first), bool(rule.normalise_raw),
                    bool(rule.normalise_state))

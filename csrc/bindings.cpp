@@ -228,20 +228,20 @@ void embedding_stats(const at::Tensor& idx, const at::Tensor& out) {
 
 void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr, const at::Tensor& term_src,
                const at::Tensor& term_pow, const at::Tensor& term_coef, const at::Tensor& term_q,
-               const at::Tensor& term_factor, const at::Tensor& factor_start, const at::Tensor& factor_layer,
-               int64_t n_layers, const at::Tensor& state, const at::Tensor& fac, const at::Tensor& initialized,
+               const at::Tensor& term_factor, const at::Tensor& factor_start, const at::Tensor& layer_factors,
+               const at::Tensor& layer_fstart, const at::Tensor& state, const at::Tensor& fac, const at::Tensor& initialized,
                const at::Tensor& counters, double decay, double weight, double decay_first, double weight_first,
                bool normalise_raw, bool normalise_state) {
   const char* op = "layer_ema";
   check_cuda(buf, buf, op, "buf");
   const DType ot = acc_dtype(buf, op, "buf");
-  const int64_t nf = factor_layer.numel(), n_raw = state.numel();
+  const int64_t nf = layer_factors.numel(), n_raw = state.numel(), n_layers = layer_fstart.numel() - 1;
   for (const auto* t : {&term_ptr, &term_src, &term_pow, &term_coef, &term_q, &term_factor, &factor_start,
-                        &factor_layer, &state, &fac, &initialized, &counters}) {
+                        &layer_factors, &layer_fstart, &state, &fac, &initialized, &counters}) {
     check_cuda(*t, buf, op, "table/state tensor");
     TORCH_CHECK(t->is_contiguous(), "adafisher::layer_ema: table and state tensors must be contiguous");
   }
-  for (const auto* t : {&term_ptr, &term_src, &term_factor, &factor_start, &factor_layer, &counters})
+  for (const auto* t : {&term_ptr, &term_src, &term_factor, &factor_start, &layer_factors, &layer_fstart, &counters})
     TORCH_CHECK(t->scalar_type() == at::kLong, "adafisher::layer_ema: index tensors and counters must be int64");
   for (const auto* t : {&term_pow, &term_coef, &term_q, &state, &fac})
     TORCH_CHECK(t->scalar_type() == buf.scalar_type(), "adafisher::layer_ema: term_pow/coef/q, state and fac must "
@@ -261,7 +261,8 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
   a.term_ptr = term_ptr.data_ptr<int64_t>(); a.term_src = term_src.data_ptr<int64_t>();
   a.term_pow = term_pow.data_ptr(); a.term_coef = term_coef.data_ptr(); a.term_q = term_q.data_ptr();
   a.term_factor = term_factor.data_ptr<int64_t>(); a.factor_start = factor_start.data_ptr<int64_t>();
-  a.factor_layer = factor_layer.data_ptr<int64_t>(); a.n_factors = nf; a.n_layers = n_layers;
+  a.n_factors = nf; a.layer_factors = layer_factors.data_ptr<int64_t>();
+  a.layer_fstart = layer_fstart.data_ptr<int64_t>(); a.n_layers = n_layers;
   a.state = state.data_ptr(); a.fac = fac.data_ptr(); a.initialized = initialized.data_ptr<bool>();
   a.counters = counters.data_ptr<int64_t>(); a.raw_work = raw.data_ptr();
   a.decay = decay; a.weight = weight; a.decay_first = decay_first; a.weight_first = weight_first;
@@ -419,7 +420,7 @@ TORCH_LIBRARY(adafisher, m) {
         "Tensor? var) -> ()");
   m.def("embedding_stats(Tensor idx, Tensor(a!) out) -> ()");
   m.def("layer_ema(Tensor buf, int n_acc, Tensor term_ptr, Tensor term_src, Tensor term_pow, Tensor term_coef, "
-        "Tensor term_q, Tensor term_factor, Tensor factor_start, Tensor factor_layer, int n_layers, "
+        "Tensor term_q, Tensor term_factor, Tensor factor_start, Tensor layer_factors, Tensor layer_fstart, "
         "Tensor(a!) state, Tensor(b!) fac, Tensor(c!) initialized, Tensor(d!) counters, float decay, float weight, "
         "float decay_first, float weight_first, bool normalise_raw, bool normalise_state) -> ()");
   m.def("fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, Tensor(c!)[] steps, Tensor fac, "

@@ -1,5 +1,6 @@
 // layer_ema (reference.layer_ema, SPEC 2 and 3): one launch for every layer's statistics iteration.
-// NOTE: [ema blocks] One block per layer (a layer's factors must agree on the non-finite guard):
+// NOTE: [ema blocks] One block per layer (a layer's factors must agree on the non-finite guard); the
+// block visits its own factors through the CSR by layer (kernel_host.layer_factors, as Triton's):
 //  1. raw of each of its factors from the accumulators, raw[e] = sum over the terms with dst == e
 //     (CSR by destination, built once per LayerTable by kernel_host.py) of
 //     buf[src]^pow * coef / count[factor]^q, written to raw_work; finiteness reduced per factor;
@@ -44,8 +45,9 @@ __global__ void layer_ema_kernel(EmaArgs a) {
   if (threadIdx.x == 0) bad_sh = 0;
   __syncthreads();
   // 1-2: raw values and the guard
-  for (int64_t f = 0; f < a.n_factors; ++f) {
-    if (a.factor_layer[f] != layer) continue;
+  const int64_t f0 = a.layer_fstart[layer], f1 = a.layer_fstart[layer + 1];
+  for (int64_t fi = f0; fi < f1; ++fi) {
+    const int64_t f = a.layer_factors[fi];
     const int64_t lo = a.factor_start[f], hi = a.factor_start[f + 1];
     A finite = 1;
     for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
@@ -62,8 +64,8 @@ __global__ void layer_ema_kernel(EmaArgs a) {
   const bool bad = bad_sh != 0;
   int took = 0;
   // 3-4: EMA and fac
-  for (int64_t f = 0; f < a.n_factors; ++f) {
-    if (a.factor_layer[f] != layer) continue;
+  for (int64_t fi = f0; fi < f1; ++fi) {
+    const int64_t f = a.layer_factors[fi];
     const int64_t lo = a.factor_start[f], hi = a.factor_start[f + 1];
     const bool upd = counts[f] > 0 && !bad;
     const bool init = a.initialized[f];
