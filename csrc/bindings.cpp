@@ -261,7 +261,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
   a.term_ptr = term_ptr.data_ptr<int64_t>(); a.term_src = term_src.data_ptr<int64_t>();
   a.term_pow = term_pow.data_ptr(); a.term_coef = term_coef.data_ptr(); a.term_q = term_q.data_ptr();
   a.term_factor = term_factor.data_ptr<int64_t>(); a.factor_start = factor_start.data_ptr<int64_t>();
-  a.n_factors = nf; a.layer_factors = layer_factors.data_ptr<int64_t>();
+  a.layer_factors = layer_factors.data_ptr<int64_t>();
   a.layer_fstart = layer_fstart.data_ptr<int64_t>(); a.n_layers = n_layers;
   a.state = state.data_ptr(); a.fac = fac.data_ptr(); a.initialized = initialized.data_ptr<bool>();
   a.counters = counters.data_ptr<int64_t>(); a.raw_work = raw.data_ptr();

@@ -66,7 +66,7 @@ struct EmaArgs {
   const void* buf; int64_t n_acc;
   const int64_t* term_ptr; const int64_t* term_src; const void* term_pow; const void* term_coef;
   const void* term_q; const int64_t* term_factor;
-  const int64_t* factor_start; int64_t n_factors;
+  const int64_t* factor_start;
   const int64_t* layer_factors; const int64_t* layer_fstart; int64_t n_layers;  // factors by layer (CSR)
   void* state; void* fac; bool* initialized; int64_t* counters; void* raw_work;
   double decay, weight, decay_first, weight_first; bool normalise_raw, normalise_state;
