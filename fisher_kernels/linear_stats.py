@@ -58,6 +58,12 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog
     km = offs_k < K
     kb = km[None, :, None] & (offs_b[None, None, :] < B)
     tile = offs_k[None, :, None].to(tl.int64) * B + offs_b[None, None, :]
+    if BLOCK_B == 1:
+        # NOTE: [contiguous K] B == 1 (a Linear's rows, and only then BLOCK_B == 1): the tile is
+        # BLOCK_K consecutive elements from a multiple of BLOCK_K, which the compiler does not see
+        # through the int64 product; told so, it loads 16 bytes per thread where the rows are
+        # 16-byte aligned (tests/test_triton_codegen.py checks the PTX), not one element
+        tile = tl.max_contiguous(tl.multiple_of(tile, [1, BLOCK_K, 1]), [1, BLOCK_K, 1])
     acc = tl.zeros((BLOCK_A, BLOCK_K, BLOCK_B), dtype=tl.float32)
     a0 = pid_a * rows_per_prog
     a1 = tl.minimum(a0 + rows_per_prog, A)

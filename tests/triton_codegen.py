@@ -32,8 +32,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
-from triton.runtime.jit import JITFunction  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -46,43 +46,26 @@ fs = importlib.import_module("fisher_kernels.fused_step")    # the module, not t
 
 # opt-in shared memory per block (bytes), CUDA C programming guide, compute capabilities table
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-        torch.float64: "*fp64", torch.int64: "*i64", torch.int32: "*i32", torch.uint8: "*u8",
-        torch.bool: "*i1"}
-
-
-def _arg_type(name, value) -> str:
-    if isinstance(value, torch.Tensor):
-        if value.dtype not in _PTR:
-            raise TypeError(f"argument {name}: no Triton pointer type for {value.dtype}")
-        return _PTR[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"argument {name}: unexpected runtime value {value!r}")
+# the JIT's own specialisation of a launch's arguments (what a GPU run compiles): pointers and
+# integers divisible by 16 get tt.divisibility 16, integers equal to 1 become constexprs; without
+# it the alignment and contiguity the vector loads rely on would be unknown here
+_SPECIALIZER = make_backend(GPUTarget("cuda", 90, 32))
 
 
 @contextmanager
 def recording():
-    """Within: launches are recorded into the yielded dict, keyed by their compile signature."""
+    """Within: launches are recorded into the yielded dict, keyed by their compile signature:
+    (kernel name, signature, constexprs, attrs) -> (JITFunction, signature, constexprs, attrs,
+    options), as JITFunction.run would compile them."""
     seen = {}
     orig = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        names = self.arg_names
-        bound = dict(zip(names, args), **kwargs)
-        sig, const = {}, {}
-        for p in self.params:
-            v = bound[p.name]
-            if p.is_constexpr:
-                sig[p.name], const[p.name] = "constexpr", v
-            else:
-                sig[p.name] = _arg_type(p.name, v)
-        key = (self.__name__, tuple(sig.items()), tuple((k, str(v)) for k, v in const.items()))
-        seen.setdefault(key, (self, sig, const))
+        binder = create_function_from_signature(self.signature, self.params, _SPECIALIZER)
+        bound, specialization, options = binder(*args, **kwargs)
+        _, sig, const, attrs = self._pack_args(_SPECIALIZER, kwargs, bound, specialization, options)
+        key = (self.__name__, str(sig), str(const), str(attrs))
+        seen.setdefault(key, (self, sig, const, attrs, options))
 
     JITFunction.run = run
     try:
@@ -178,16 +161,29 @@ def _resources(cubin: bytes) -> dict:
     return {"registers": found.get("reg"), "local_bytes": found.get("local")}
 
 
+def _memory_ops(ptx: str) -> dict:
+    """Global loads and stores by width: {"ld": {"v4": n, "b32": n, ...}, "st": {...}}."""
+    out = {}
+    for op in ("ld", "st"):
+        found = re.findall(rf"\b{op}\.global(?:\.[a-z]+)*\.(v[248]|[bfsu]\d+)", ptx)
+        out[op] = {w: found.count(w) for w in sorted(set(found))}
+    return out
+
+
 def compile_all(seen, arches):
     rows, ok = [], True
-    for (name, _, _), (fn, sig, const) in sorted(seen.items(), key=lambda kv: kv[0][0]):
+    for (name, _, _, _), (fn, sig, const, attrs, options) in sorted(seen.items(), key=lambda kv: kv[0][0]):
+        names = fn.arg_names
         for arch in arches:
             row = dict(kernel=name, arch=f"sm_{arch}", signature=sig,
-                       constexprs={k: str(v) for k, v in const.items()})
+                       constexprs={names[k[0]]: str(v) for k, v in const.items()},
+                       aligned=sorted(names[k[0]] for k, v in attrs.items()
+                                      if ["tt.divisibility", 16] in v))
             try:
-                k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", arch, 32))
+                k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
+                                   options=options)
                 row.update(shared=k.metadata.shared, num_warps=k.metadata.num_warps,
-                           **_resources(k.asm["cubin"]))
+                           **_resources(k.asm["cubin"]), **_memory_ops(k.asm["ptx"]))
                 limit = SMEM_LIMIT.get(arch)
                 if limit is not None and k.metadata.shared > limit:
                     row["error"] = f"needs {k.metadata.shared} B of shared memory, sm_{arch} has {limit}"
