@@ -2,7 +2,8 @@
 // norm_stats: x viewed as contiguous (A, K, I), out[k] += scale * sum_{a,i} f(x[a,k,i]) where
 // f(v) = (v - mu) * rs (optional affine, mu/rs per channel k or per (a, k / cpg)), then squared or
 // not.  Accumulation in A (float32 or float64, the buffer dtype); partial sums of each block meet
-// in `out` through atomicAdd, so out keeps its "ADD into" contract.
+// in `out` through atomicAdd, so out keeps its "ADD into" contract.  Rows of 16-byte aligned
+// features (I == 1) are read 16 bytes per thread (reduce_rows_vec_kernel), the rest one element.
 //
 // Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
 // `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
@@ -61,6 +62,44 @@ __global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out,
   }
 }
 
+// I == 1 with 16-byte rows (x 16-byte aligned, K a multiple of V = 16 / sizeof(T), T not double):
+// as reduce_rows_kernel, but each thread reads V consecutive features with one 16-byte load (a warp
+// reads 512 contiguous bytes, not 128 or, in bf16/fp16, 64); block (32, 8) covers 32 * V features.
+// Each feature's rows are summed by the same threads in the same order as there (same gridDim.y),
+// so the two kernels give the same bits.
+template <typename T, typename A>
+__global__ void reduce_rows_vec_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
+                                       int64_t R, int64_t K, bool square, A scale, Affine af) {
+  constexpr int V = 16 / sizeof(T);
+  __shared__ A sh[8][32 * V + 1];
+  const int64_t k0 = ((int64_t)blockIdx.x * 32 + threadIdx.x) * V;
+  A acc[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = 0;
+  if (k0 < K) {
+    for (int64_t r = blockIdx.y * 8 + threadIdx.y; r < R; r += (int64_t)gridDim.y * 8) {
+      union { uint4 u; T v[V]; } in;
+      in.u = *reinterpret_cast<const uint4*>(x + r * K + k0);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A v = affine_apply<A>(static_cast<A>(to_f<T>(in.v[j])), af, r, k0 + j, K);
+        acc[j] += square ? v * v : v;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) sh[threadIdx.y][threadIdx.x * V + j] = acc[j];
+  __syncthreads();
+  for (int f = threadIdx.y * 32 + threadIdx.x; f < 32 * V; f += 256) {
+    const int64_t k = (int64_t)blockIdx.x * 32 * V + f;
+    if (k < K) {
+      A t = 0;
+      for (int y = 0; y < 8; ++y) t += sh[y][f];
+      emit<A>(out, partials, K, k, t * scale);
+    }
+  }
+}
+
 // I > 1: one block per (feature k, split), threads stride over the (a, i) plane of that feature.
 template <typename T, typename A>
 __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
@@ -94,12 +133,17 @@ void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool sq
   if (Ar == 0 || K == 0 || I == 0) return;
   const int64_t gy = reduce_split(Ar, K, I);
   A* part = gy > 1 ? partials : nullptr;
-  if (I == 1)
-    reduce_rows_kernel<T, A><<<dim3((unsigned)cdiv(K, 32), (unsigned)gy), dim3(32, 8), 0, s>>>(
-        x, out, part, Ar, K, square, scale, af);
-  else
+  constexpr int64_t V = 16 / sizeof(T);
+  const bool wide = sizeof(T) < 8 && K % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  if (I > 1)
     reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I, square,
                                                                                scale, af);
+  else if (!wide)
+    reduce_rows_kernel<T, A><<<dim3((unsigned)cdiv(K, 32), (unsigned)gy), dim3(32, 8), 0, s>>>(
+        x, out, part, Ar, K, square, scale, af);
+  else if constexpr (sizeof(T) < 8)
+    reduce_rows_vec_kernel<T, A><<<dim3((unsigned)cdiv(K, 32 * V), (unsigned)gy), dim3(32, 8), 0, s>>>(
+        x, out, part, Ar, K, square, scale, af);
   if (part != nullptr)
     sum_partials_kernel<A><<<(unsigned)cdiv(K, 256), 256, 0, s>>>(part, out, gy, K);
 }

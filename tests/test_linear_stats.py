@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adafisher_fast import reference
-from conftest import device, tensor_copies
+from conftest import backend_name, device, tensor_copies
 
 # (dtype, rtol): low-precision inputs are upcast before squaring on both sides, so only the
 # float32 summation order differs (NOTE: [check tolerances] in adafisher_fast/check.py)
@@ -14,7 +14,7 @@ DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
 
 
 @pytest.mark.parametrize("dtype,rtol", DTYPES)
-@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((7, 13), -1), ((3, 5, 33), -1),
+@pytest.mark.parametrize("shape,dim", [((1, 1), -1), ((7, 13), -1), ((3, 5, 33), -1), ((11, 40), -1),
                                        ((2, 7, 5, 3), 1), ((13, 7), 0), ((4, 129, 3), 1)])
 @pytest.mark.parametrize("square,scale", [(True, 1.0), (False, 0.25)])
 def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
@@ -26,6 +26,43 @@ def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
     reference.linear_stats(x, want[1:1 + k], dim, square, scale)
     kernel_ops.linear_stats(x, got[1:1 + k], dim, square, scale)
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_stats_aligned_and_shifted_rows(kernel_ops, dtype, deterministic, tmp_path, monkeypatch):
+    """The same rows, once 16-byte aligned and once 1 element off.  On the CUDA backend the aligned
+    ones take reduce_rows_vec_kernel's 16-byte loads (32 * V features per block, V = 16 / element
+    size: the emulator's launch log shows the grid) and the shifted ones the scalar kernel (32 per
+    block).  Both match the reference, and each other bit for bit: the same sums in the same order."""
+    log = tmp_path / "launches.log"
+    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
+    torch.manual_seed(0)
+    a, k = 300, 256
+    x = torch.randn(a, k, device=device()).to(dtype)
+    room = torch.empty(a * k + 1, dtype=dtype, device=device())
+    room[1:] = x.flatten()
+    shifted = room[1:].view(a, k)
+    assert x.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0
+    outs = []
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        for rows in (x, shifted):
+            want, got = torch.zeros(k, device=device()), torch.zeros(k, device=device())
+            reference.linear_stats(rows, want, -1, True, 0.5)
+            kernel_ops.linear_stats(rows, got, -1, True, 0.5)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            outs.append(got)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    if backend_name(kernel_ops) == "cuda":
+        assert torch.equal(outs[0], outs[1])
+        if log.exists():                # the emulated CUDA backend logs its launches
+            grids = [line.split() for line in log.read_text().splitlines()]
+            blocks_x = [int(g[1]) for g in grids if g[2] == "5"]    # split over 5 row slices
+            v = 16 // x.element_size()
+            assert blocks_x[0] == k // (32 * v) and blocks_x[-1] == k // 32, blocks_x
 
 
 def test_linear_stats_noncontiguous_and_empty(kernel_ops):
