@@ -2,8 +2,9 @@
 // norm_stats: x viewed as contiguous (A, K, I), out[k] += scale * sum_{a,i} f(x[a,k,i]) where
 // f(v) = (v - mu) * rs (optional affine, mu/rs per channel k or per (a, k / cpg)), then squared or
 // not.  Accumulation in A (float32 or float64, the buffer dtype); partial sums of each block meet
-// in `out` through atomicAdd, so out keeps its "ADD into" contract.  Rows of 16-byte aligned
-// features (I == 1) are read 16 bytes per thread (reduce_rows_vec_kernel), the rest one element.
+// in `out` through atomicAdd, so out keeps its "ADD into" contract.  Rows (I == 1) or plane rows
+// (I > 1) that start 16-byte aligned are read 16 bytes per thread (the _vec kernels), the rest one
+// element at a time.
 //
 // Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
 // `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
@@ -117,6 +118,31 @@ __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ ou
   if (threadIdx.x == 0) emit<A>(out, partials, K, k, acc * scale);
 }
 
+// I > 1 with 16-byte planes (x 16-byte aligned, I a multiple of V = 16 / sizeof(T), T not double):
+// as reduce_planes_kernel, but each thread reads V consecutive positions of a plane row with one
+// 16-byte load (conv output gradients, BatchNorm inputs: most spatial sizes are multiples of 8).
+template <typename T, typename A>
+__global__ void reduce_planes_vec_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
+                                         int64_t Ar, int64_t K, int64_t I, bool square, A scale, Affine af) {
+  constexpr int V = 16 / sizeof(T);
+  __shared__ A sh[32];
+  const int64_t k = blockIdx.x;
+  const int64_t iv = I / V, n = Ar * iv;       // 16-byte pieces of the (a, i) plane
+  A acc = 0;
+  for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.y * blockDim.x) {
+    const int64_t a = j / iv, i = (j - a * iv) * V;
+    union { uint4 u; T v[V]; } in;
+    in.u = *reinterpret_cast<const uint4*>(x + (a * K + k) * I + i);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const A v = affine_apply<A>(static_cast<A>(to_f<T>(in.v[e])), af, a, k, K);
+      acc += square ? v * v : v;
+    }
+  }
+  acc = block_sum<A>(acc, sh);
+  if (threadIdx.x == 0) emit<A>(out, partials, K, k, acc * scale);
+}
+
 // out[k] += sum over rows y < n of partials[y * K + k], in order of y.
 template <typename A>
 __global__ void sum_partials_kernel(const A* __restrict__ partials, A* __restrict__ out, int64_t n, int64_t K) {
@@ -133,17 +159,23 @@ void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool sq
   if (Ar == 0 || K == 0 || I == 0) return;
   const int64_t gy = reduce_split(Ar, K, I);
   A* part = gy > 1 ? partials : nullptr;
+  // 16-byte loads where every row (I == 1) or plane row (I > 1) starts 16-byte aligned
   constexpr int64_t V = 16 / sizeof(T);
-  const bool wide = sizeof(T) < 8 && K % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
-  if (I > 1)
-    reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I, square,
-                                                                               scale, af);
-  else if (!wide)
+  const bool wide = sizeof(T) < 8 && (I == 1 ? K : I) % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+  if (!wide && I == 1)
     reduce_rows_kernel<T, A><<<dim3((unsigned)cdiv(K, 32), (unsigned)gy), dim3(32, 8), 0, s>>>(
         x, out, part, Ar, K, square, scale, af);
-  else if constexpr (sizeof(T) < 8)
-    reduce_rows_vec_kernel<T, A><<<dim3((unsigned)cdiv(K, 32 * V), (unsigned)gy), dim3(32, 8), 0, s>>>(
-        x, out, part, Ar, K, square, scale, af);
+  else if (!wide)
+    reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I, square,
+                                                                               scale, af);
+  else if constexpr (sizeof(T) < 8) {
+    if (I == 1)
+      reduce_rows_vec_kernel<T, A><<<dim3((unsigned)cdiv(K, 32 * V), (unsigned)gy), dim3(32, 8), 0, s>>>(
+          x, out, part, Ar, K, square, scale, af);
+    else
+      reduce_planes_vec_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I,
+                                                                                     square, scale, af);
+  }
   if (part != nullptr)
     sum_partials_kernel<A><<<(unsigned)cdiv(K, 256), 256, 0, s>>>(part, out, gy, K);
 }

@@ -30,39 +30,42 @@ def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_stats_aligned_and_shifted_rows(kernel_ops, dtype, deterministic, tmp_path, monkeypatch):
-    """The same rows, once 16-byte aligned and once 1 element off.  On the CUDA backend the aligned
-    ones take reduce_rows_vec_kernel's 16-byte loads (32 * V features per block, V = 16 / element
-    size: the emulator's launch log shows the grid) and the shifted ones the scalar kernel (32 per
-    block).  Both match the reference, and each other bit for bit: the same sums in the same order."""
+@pytest.mark.parametrize("shape,dim,kernel", [((300, 256), -1, "reduce_rows"),
+                                              ((70, 12, 40), 1, "reduce_planes")])
+def test_linear_stats_aligned_and_shifted(kernel_ops, shape, dim, kernel, dtype, deterministic, tmp_path,
+                                          monkeypatch):
+    """The same x, once 16-byte aligned and once 1 element off.  On the CUDA backend the aligned
+    one takes the column reduction's 16-byte loads (the _vec kernels: the emulator's launch log
+    names each kernel), the shifted one the element loads.  Both match the reference; rows
+    (I == 1) give the same bits both ways, the same sums in the same order."""
     log = tmp_path / "launches.log"
     monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     torch.manual_seed(0)
-    a, k = 300, 256
-    x = torch.randn(a, k, device=device()).to(dtype)
-    room = torch.empty(a * k + 1, dtype=dtype, device=device())
+    x = torch.randn(shape, device=device()).to(dtype)
+    room = torch.empty(x.numel() + 1, dtype=dtype, device=device())
     room[1:] = x.flatten()
-    shifted = room[1:].view(a, k)
+    shifted = room[1:].view(shape)
     assert x.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0
+    k = shape[dim]
     outs = []
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        for rows in (x, shifted):
+        for t in (x, shifted):
             want, got = torch.zeros(k, device=device()), torch.zeros(k, device=device())
-            reference.linear_stats(rows, want, -1, True, 0.5)
-            kernel_ops.linear_stats(rows, got, -1, True, 0.5)
+            reference.linear_stats(t, want, dim, True, 0.5)
+            kernel_ops.linear_stats(t, got, dim, True, 0.5)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
             outs.append(got)
     finally:
         torch.use_deterministic_algorithms(was)
     if backend_name(kernel_ops) == "cuda":
-        assert torch.equal(outs[0], outs[1])
+        if kernel == "reduce_rows":
+            assert torch.equal(outs[0], outs[1])
         if log.exists():                # the emulated CUDA backend logs its launches
-            grids = [line.split() for line in log.read_text().splitlines()]
-            blocks_x = [int(g[1]) for g in grids if g[2] == "5"]    # split over 5 row slices
-            v = 16 // x.element_size()
-            assert blocks_x[0] == k // (32 * v) and blocks_x[-1] == k // 32, blocks_x
+            names = [line.split()[6] for line in log.read_text().splitlines()]
+            ran = [n for n in names if kernel in n]
+            assert len(ran) == 2 and f"{kernel}_vec_kernel" in ran[0] and f"{kernel}_kernel" in ran[1], names
 
 
 def test_linear_stats_noncontiguous_and_empty(kernel_ops):

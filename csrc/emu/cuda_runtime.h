@@ -46,7 +46,7 @@ namespace af_emu {
 void syncthreads();
 void warp_exchange(void* value, size_t bytes, int lane_mask);   // value <- lane (lane ^ lane_mask)'s
 using Thunk = void (*)(void*);
-cudaError_t run_grid(dim3 grid, dim3 block, Thunk body, void* ctx);
+cudaError_t run_grid(dim3 grid, dim3 block, Thunk body, void* ctx, const void* kernel = nullptr);
 
 // `kernel<<<grid, block, smem, stream>>>(args...)`: args convert to the kernel's parameter types
 // once; every emulated thread calls the kernel with its own copies, as on the device.
@@ -58,7 +58,8 @@ struct Launch {
   void operator()(Args&&... args) const {
     std::tuple<std::decay_t<P>...> params(std::forward<Args>(args)...);
     auto call = [&] { std::apply(kernel, params); };
-    run_grid(grid, block, [](void* c) { (*static_cast<decltype(call)*>(c))(); }, &call);
+    run_grid(grid, block, [](void* c) { (*static_cast<decltype(call)*>(c))(); }, &call,
+             reinterpret_cast<const void*>(kernel));
   }
 };
 template <typename... P>
