@@ -78,7 +78,7 @@ __global__ void reduce_rows_vec_kernel(const T* __restrict__ x, A* __restrict__ 
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = 0;
   if (k0 < K) {
-    #pragma unroll 4   // four 16-byte loads in flight per thread, as the element kernels' unrolled loops have
+#pragma unroll 4  // four 16-byte loads in flight per thread, as in the element kernels' unrolled loops
     for (int64_t r = blockIdx.y * 8 + threadIdx.y; r < R; r += (int64_t)gridDim.y * 8) {
       union { uint4 u; T v[V]; } in;
       in.u = *reinterpret_cast<const uint4*>(x + r * K + k0);
@@ -130,7 +130,7 @@ __global__ void reduce_planes_vec_kernel(const T* __restrict__ x, A* __restrict_
   const int64_t k = blockIdx.x;
   const int64_t iv = I / V, n = Ar * iv;       // 16-byte pieces of the (a, i) plane
   A acc = 0;
-  #pragma unroll 4   // four 16-byte loads in flight per thread, as the element kernels' unrolled loops have
+#pragma unroll 4  // four 16-byte loads in flight per thread, as in the element kernels' unrolled loops
   for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.y * blockDim.x) {
     const int64_t a = j / iv, i = (j - a * iv) * V;
     union { uint4 u; T v[V]; } in;
