@@ -50,7 +50,6 @@ def test_layer_ema(kernel_ops, preset):
     assert int(want[3][:, 1].sum()) >= 1            # the non-finite event was counted
 
 
-
 def test_layer_ema_factors_in_any_layer_order(kernel_ops):
     """A LayerTable may number its layers in any order: the kernels find a layer's factors through
     the CSR by layer (kernel_host.layer_factors), not by position."""
@@ -69,6 +68,7 @@ def test_layer_ema_factors_in_any_layer_order(kernel_ops):
         reference.layer_ema(buf, table, *want, rule)
         kernel_ops.layer_ema(buf, table, *got, rule)
         _assert_same_state(got, want)
+
 
 @pytest.mark.gpu
 def test_layer_ema_gpu_many_layers(kernel_ops):
