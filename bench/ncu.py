@@ -1,5 +1,5 @@
-"""``python -m bench.ncu [--out DIR] [--ops a,b] [--backends cuda,triton] [--cases REGEX]
-[--time-limit-s S]``, then ``python -m bench.ncu --table DIR``: each op's kernels at SPEC 8's
+"""``python -m bench.ncu [--device cpu|cuda] [--out DIR] [--ops a,b] [--backends cuda,triton]
+[--cases REGEX] [--time-limit-s S]``, then ``python -m bench.ncu --table DIR``: each op's kernels at SPEC 8's
 shapes, one call per (case, backend), for Nsight Compute (issue 5: profile what misses a target).
 .ci/gpu's ``ncu`` stage runs it as::
 
@@ -17,7 +17,8 @@ cudaProfilerStart/Stop, as a marker kernel (``torch.cuda._sleep``: its ``spin_ke
 else) then the op's call.  In ncu's rows the kernels after the n-th marker are case n's, however many
 the call launches (a split reduction two, the torch reference many), with no NVTX to parse.
 
-On CPU (no profiler, no markers; `--backends torch`) it calls the smoke cases, so that it cannot rot.
+On CPU (``--device cpu --backends torch``: no profiler, no markers) it calls the smoke cases, so
+that it cannot rot.
 """
 from __future__ import annotations
 
@@ -57,6 +58,8 @@ COLUMNS = [("time us", "gpu__time_duration.sum", 1e-3),
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.ncu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                    help="default: cuda if available, else cpu (smoke cases, no profiler)")
     ap.add_argument("--out", type=Path, default=Path("results_local/ncu"))
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--backends", default="cuda,triton")
@@ -81,7 +84,7 @@ def run(args) -> list:
     """Call every selected case once per backend (warm, NOTE: [profile markers]); write and return
     [{op, case, backend, dtype, bytes[, error]}] in call order, one per marker kernel."""
     from .harness import Harness, LazyCase, available_backends
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as scratch:      # the harness writes no rows here
         h = Harness(dev, dev.type == "cpu", scratch, args.backends.split(","), verbose=False)
     backends, missing = available_backends(h)

@@ -39,7 +39,7 @@ def test_default_cases_are_spec8_shapes(tmp_path):
 
 
 def test_cpu_run_calls_every_op(tmp_path):
-    assert ncu.main(["--out", str(tmp_path), "--backends", "torch"]) == 0
+    assert ncu.main(["--device", "cpu", "--out", str(tmp_path), "--backends", "torch"]) == 0
     done = json.loads((tmp_path / "ncu_cases.json").read_text())
     assert [d["op"] for d in done] == list(OPS)
     assert all(d["backend"] == "torch" and d["bytes"] > 0 for d in done)

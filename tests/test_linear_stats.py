@@ -37,7 +37,8 @@ def test_linear_stats_aligned_and_shifted(kernel_ops, shape, dim, kernel, dtype,
     """The same x, once 16-byte aligned and once 1 element off.  On the CUDA backend the aligned
     one takes the column reduction's 16-byte loads (the _vec kernels: the emulator's launch log
     names each kernel), the shifted one the element loads.  Both match the reference; rows
-    (I == 1) give the same bits both ways, the same sums in the same order."""
+    (I == 1) give the same bits both ways under deterministic algorithms, the same sums in the same
+    order."""
     log = tmp_path / "launches.log"
     monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     torch.manual_seed(0)
@@ -60,7 +61,7 @@ def test_linear_stats_aligned_and_shifted(kernel_ops, shape, dim, kernel, dtype,
     finally:
         torch.use_deterministic_algorithms(was)
     if backend_name(kernel_ops) == "cuda":
-        if kernel == "reduce_rows":
+        if kernel == "reduce_rows" and deterministic:     # (else blocks add atomically, any order)
             assert torch.equal(outs[0], outs[1])
         if log.exists():                # the emulated CUDA backend logs its launches
             names = [line.split()[6] for line in log.read_text().splitlines()]
