@@ -3,8 +3,8 @@
 // f(v) = (v - mu) * rs (optional affine, mu/rs per channel k or per (a, k / cpg)), then squared or
 // not.  Accumulation in A (float32 or float64, the buffer dtype); partial sums of each block meet
 // in `out` through atomicAdd, so out keeps its "ADD into" contract.  Rows (I == 1) or plane rows
-// (I > 1) that start 16-byte aligned are read 16 bytes per thread (the _vec kernels), the rest one
-// element at a time.
+// (I > 1) that start 16- or 8-byte aligned are read 16 or 8 bytes per thread (the _vec kernels),
+// the rest one element at a time.
 //
 // Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
 // `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
@@ -63,25 +63,31 @@ __global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out,
   }
 }
 
-// I == 1 with 16-byte rows (x 16-byte aligned, K a multiple of V = 16 / sizeof(T), T not double):
-// as reduce_rows_kernel, but each thread reads V consecutive features with one 16-byte load (a warp
-// reads 512 contiguous bytes, not 128 or, in bf16/fp16, 64); block (32, 8) covers 32 * V features.
-// Each feature's rows are summed by the same threads in the same order as there (same gridDim.y),
-// so the two kernels give the same bits.
-template <typename T, typename A>
+// The VB-byte vector one thread loads at once.
+template <int VB> struct VecOf;
+template <> struct VecOf<16> { using type = uint4; };
+template <> struct VecOf<8> { using type = uint2; };
+
+// I == 1 with VB-byte rows (x VB-byte aligned, K a multiple of V = VB / sizeof(T), T not double):
+// as reduce_rows_kernel, but each thread reads V consecutive features with one VB-byte load (a warp
+// reads 32 * VB contiguous bytes, not 128 or, in bf16/fp16, 64); block (32, 8) covers 32 * V
+// features.  Each feature's rows are summed by the same threads in the same order as there (same
+// gridDim.y), so the two kernels give the same bits.
+template <typename T, typename A, int VB>
 __global__ void reduce_rows_vec_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
                                        int64_t R, int64_t K, bool square, A scale, Affine af) {
-  constexpr int V = 16 / sizeof(T);
+  using Vec = typename VecOf<VB>::type;
+  constexpr int V = VB / sizeof(T);
   __shared__ A sh[8][32 * V + 1];
   const int64_t k0 = ((int64_t)blockIdx.x * 32 + threadIdx.x) * V;
   A acc[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = 0;
   if (k0 < K) {
-#pragma unroll 4  // four 16-byte loads in flight per thread, as in the element kernels' unrolled loops
+#pragma unroll 4  // four vector loads in flight per thread, as in the element kernels' unrolled loops
     for (int64_t r = blockIdx.y * 8 + threadIdx.y; r < R; r += (int64_t)gridDim.y * 8) {
-      union { uint4 u; T v[V]; } in;
-      in.u = *reinterpret_cast<const uint4*>(x + r * K + k0);
+      union { Vec u; T v[V]; } in;
+      in.u = *reinterpret_cast<const Vec*>(x + r * K + k0);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         const A v = affine_apply<A>(static_cast<A>(to_f<T>(in.v[j])), af, r, k0 + j, K);
@@ -119,22 +125,23 @@ __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ ou
   if (threadIdx.x == 0) emit<A>(out, partials, K, k, acc * scale);
 }
 
-// I > 1 with 16-byte planes (x 16-byte aligned, I a multiple of V = 16 / sizeof(T), T not double):
-// as reduce_planes_kernel, but each thread reads V consecutive positions of a plane row with one
-// 16-byte load (conv output gradients, BatchNorm inputs: most spatial sizes are multiples of 8).
-template <typename T, typename A>
+// I > 1 with VB-byte plane rows (x VB-byte aligned, I a multiple of V = VB / sizeof(T), T not
+// double): as reduce_planes_kernel, but each thread reads V consecutive positions of a plane row
+// with one VB-byte load (conv output gradients, BatchNorm inputs).
+template <typename T, typename A, int VB>
 __global__ void reduce_planes_vec_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
                                          int64_t Ar, int64_t K, int64_t I, bool square, A scale, Affine af) {
-  constexpr int V = 16 / sizeof(T);
+  using Vec = typename VecOf<VB>::type;
+  constexpr int V = VB / sizeof(T);
   __shared__ A sh[32];
   const int64_t k = blockIdx.x;
-  const int64_t iv = I / V, n = Ar * iv;       // 16-byte pieces of the (a, i) plane
+  const int64_t iv = I / V, n = Ar * iv;       // VB-byte pieces of the (a, i) plane
   A acc = 0;
-#pragma unroll 4  // four 16-byte loads in flight per thread, as in the element kernels' unrolled loops
+#pragma unroll 4  // four vector loads in flight per thread, as in the element kernels' unrolled loops
   for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.y * blockDim.x) {
     const int64_t a = j / iv, i = (j - a * iv) * V;
-    union { uint4 u; T v[V]; } in;
-    in.u = *reinterpret_cast<const uint4*>(x + (a * K + k) * I + i);
+    union { Vec u; T v[V]; } in;
+    in.u = *reinterpret_cast<const Vec*>(x + (a * K + k) * I + i);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
       const A v = affine_apply<A>(static_cast<A>(to_f<T>(in.v[e])), af, a, k, K);
@@ -155,28 +162,40 @@ __global__ void sum_partials_kernel(const A* __restrict__ partials, A* __restric
   out[k] += t;
 }
 
+template <typename T, typename A, int VB>
+void launch_reduce_vec(const T* x, A* out, A* part, int64_t Ar, int64_t K, int64_t I, int64_t gy, bool square,
+                       A scale, Affine af, cudaStream_t s) {
+  if (I == 1)
+    reduce_rows_vec_kernel<T, A, VB><<<dim3((unsigned)cdiv(K, 32 * (VB / sizeof(T))), (unsigned)gy), dim3(32, 8),
+                                       0, s>>>(x, out, part, Ar, K, square, scale, af);
+  else
+    reduce_planes_vec_kernel<T, A, VB><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I,
+                                                                                         square, scale, af);
+}
+
 template <typename T, typename A>
 void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool square, A scale,
                    Affine af, A* partials, cudaStream_t s) {
   if (Ar == 0 || K == 0 || I == 0) return;
   const int64_t gy = reduce_split(Ar, K, I);
   A* part = gy > 1 ? partials : nullptr;
-  // 16-byte loads where every row (I == 1) or plane row (I > 1) starts 16-byte aligned
-  constexpr int64_t V = 16 / sizeof(T);
-  const bool wide = sizeof(T) < 8 && (I == 1 ? K : I) % V == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
-  if (!wide && I == 1)
+  // the widest load, 16 or 8 bytes, at which every row (I == 1) or plane row (I > 1) starts aligned
+  // (bf16 14x14 maps: 392-byte rows, 8-byte loads); 0: element by element
+  const int64_t row_bytes = (I == 1 ? K : I) * static_cast<int64_t>(sizeof(T));
+  const auto addr = reinterpret_cast<uintptr_t>(x);
+  int vb = 0;
+  if (sizeof(T) < 8)
+    for (int b : {16, 8})
+      if (vb == 0 && row_bytes % b == 0 && addr % b == 0) vb = b;
+  if (vb == 0 && I == 1)
     reduce_rows_kernel<T, A><<<dim3((unsigned)cdiv(K, 32), (unsigned)gy), dim3(32, 8), 0, s>>>(
         x, out, part, Ar, K, square, scale, af);
-  else if (!wide)
+  else if (vb == 0)
     reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I, square,
                                                                                scale, af);
   else if constexpr (sizeof(T) < 8) {
-    if (I == 1)
-      reduce_rows_vec_kernel<T, A><<<dim3((unsigned)cdiv(K, 32 * V), (unsigned)gy), dim3(32, 8), 0, s>>>(
-          x, out, part, Ar, K, square, scale, af);
-    else
-      reduce_planes_vec_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I,
-                                                                                     square, scale, af);
+    if (vb == 16) launch_reduce_vec<T, A, 16>(x, out, part, Ar, K, I, gy, square, scale, af, s);
+    else launch_reduce_vec<T, A, 8>(x, out, part, Ar, K, I, gy, square, scale, af, s);
   }
   if (part != nullptr)
     sum_partials_kernel<A><<<(unsigned)cdiv(K, 256), 256, 0, s>>>(part, out, gy, K);

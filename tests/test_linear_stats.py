@@ -30,32 +30,36 @@ def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
 
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,dim,kernel", [((300, 256), -1, "reduce_rows"),
-                                              ((70, 12, 40), 1, "reduce_planes")])
-def test_linear_stats_aligned_and_shifted(kernel_ops, shape, dim, kernel, dtype, deterministic, tmp_path,
-                                          monkeypatch):
-    """The same x, once 16-byte aligned and once 1 element off.  On the CUDA backend the aligned
-    one takes the column reduction's 16-byte loads (the _vec kernels: the emulator's launch log
-    names each kernel), the shifted one the element loads.  Both match the reference; rows
-    (I == 1) give the same bits both ways under deterministic algorithms, the same sums in the same
-    order."""
+@pytest.mark.parametrize("lead,row_bytes,dim,kernel,vb", [((300,), 1024, -1, "reduce_rows", 16),
+                                                         ((300,), 40, -1, "reduce_rows", 8),
+                                                         ((70, 12), 160, 2, "reduce_planes", 16),
+                                                         ((70, 12), 40, 2, "reduce_planes", 8)])
+def test_linear_stats_aligned_and_shifted(kernel_ops, lead, row_bytes, dim, kernel, vb, dtype, deterministic,
+                                          tmp_path, monkeypatch):
+    """The same x, once aligned and once 1 element off.  On the CUDA backend the aligned one takes
+    the column reduction's vector loads, 16 bytes per thread where its rows (I == 1) or plane rows
+    (I > 1) allow, else 8 (the _vec kernels' VB; the emulator's launch log names each kernel), the
+    shifted one the element loads.  Both match the reference (summed over dim 1); rows give the
+    same bits both ways under deterministic algorithms, the same sums in the same order."""
     log = tmp_path / "launches.log"
     monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     torch.manual_seed(0)
+    shape = lead + (row_bytes // torch.empty((), dtype=dtype).element_size(),)
     x = torch.randn(shape, device=device()).to(dtype)
     room = torch.empty(x.numel() + 1, dtype=dtype, device=device())
     room[1:] = x.flatten()
     shifted = room[1:].view(shape)
-    assert x.data_ptr() % 16 == 0 and shifted.data_ptr() % 16 != 0
-    k = shape[dim]
+    assert x.data_ptr() % 16 == 0 and shifted.data_ptr() % 8 != 0
+    k = shape[1 if dim == 2 else -1]
+    stat_dim = 1 if dim == 2 else -1
     outs = []
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
         for t in (x, shifted):
             want, got = torch.zeros(k, device=device()), torch.zeros(k, device=device())
-            reference.linear_stats(t, want, dim, True, 0.5)
-            kernel_ops.linear_stats(t, got, dim, True, 0.5)
+            reference.linear_stats(t, want, stat_dim, True, 0.5)
+            kernel_ops.linear_stats(t, got, stat_dim, True, 0.5)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
             outs.append(got)
     finally:
@@ -66,7 +70,9 @@ def test_linear_stats_aligned_and_shifted(kernel_ops, shape, dim, kernel, dtype,
         if log.exists():                # the emulated CUDA backend logs its launches
             names = [line.split()[6] for line in log.read_text().splitlines()]
             ran = [n for n in names if kernel in n]
-            assert len(ran) == 2 and f"{kernel}_vec_kernel" in ran[0] and f"{kernel}_kernel" in ran[1], names
+            # mangled: ..._vec_kernelI<T><A>Li16EE... (VB = 16) or ...Li8EE... (VB = 8)
+            assert len(ran) == 2 and f"{kernel}_vec_kernel" in ran[0] and f"Li{vb}EE" in ran[0], names
+            assert f"{kernel}_kernel" in ran[1], names
 
 
 def test_linear_stats_noncontiguous_and_empty(kernel_ops):
