@@ -41,13 +41,16 @@ TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 
 
 
 @triton.jit
-def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B, rows_per_prog, G, CG, RPS,
+def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B_Q, rows_per_prog, G, CG, RPS,
                           scale, SQUARE: tl.constexpr, AFFINE: tl.constexpr, BLOCK_A: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, PARTIAL: tl.constexpr):
+                          BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, B_DIV: tl.constexpr,
+                          PARTIAL: tl.constexpr):
     """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b]), with
     f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
     or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample); AFFINE 0 reads neither mu
-    nor rs.  PARTIAL: out is a (programs, K) scratch, this program's row stored, not added."""
+    nor rs.  PARTIAL: out is a (programs, K) scratch, this program's row stored, not added.
+    B = B_Q * B_DIV: NOTE: [plane alignment]."""
+    B = B_Q * B_DIV
     n_kb = tl.cdiv(K, BLOCK_K)
     pid_k = tl.program_id(0) % n_kb
     pid_b = tl.program_id(0) // n_kb
@@ -127,12 +130,18 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
     if x3.numel() == 0:
         return
     block_a, block_k, block_b, rows, grid = tiles(a, k, b)
+    # NOTE: [plane alignment] the JIT marks an integer argument divisible by 16 or not at all, so a
+    # 14x14 plane (B = 196 = 4 * 49) would read one element per thread; B passed as B_Q * B_DIV,
+    # B_DIV the power of two (up to 16) dividing it, tells the compiler that plane rows start
+    # B_DIV-element aligned, and it loads up to B_DIV elements at once (8 or 16 bytes)
+    b_div = min(b & -b, 16)
     n_rows = cdiv(b, block_b) * grid[1]              # programs per feature
     partial = n_rows > 1 and torch.are_deterministic_algorithms_enabled()
     dst = out.new_empty(n_rows, k) if partial else out     # NOTE: [ordered partials]
     _column_reduce_kernel[grid](x3, dst, out if mu is None else mu, out if rs is None else rs, a, k,
-                                b, rows, g, cg, rps, float(scale), SQUARE=square, AFFINE=affine,
-                                BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b, PARTIAL=partial)
+                                b // b_div, rows, g, cg, rps, float(scale), SQUARE=square,
+                                AFFINE=affine, BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b,
+                                B_DIV=b_div, PARTIAL=partial)
     if partial:
         out.add_(dst.sum(0))
 

@@ -80,7 +80,8 @@ def _stats_calls(dev="cpu", dtypes=(torch.float32, torch.bfloat16, torch.float16
     e = dict(device=dev)
     for dt in dtypes:
         for shape, dim in (((16 * 1024, 768), -1), ((16 * 1024, 3072), -1), ((7, 13), -1),
-                           ((256, 64, 1024), 1), ((33, 1, 7), 1), ((64, 2048, 49), 1)):
+                           ((256, 64, 1024), 1), ((33, 1, 7), 1), ((64, 2048, 49), 1),
+                           ((64, 1024, 196), 1)):
             x = torch.empty(shape, dtype=dt, **e)
             for square in (True, False):
                 fisher_kernels.linear_stats(x, torch.zeros(shape[dim], **e), dim, square, 0.5)
