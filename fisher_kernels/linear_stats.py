@@ -133,8 +133,9 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
     # NOTE: [plane alignment] the JIT marks an integer argument divisible by 16 or not at all, so a
     # 14x14 plane (B = 196 = 4 * 49) would read one element per thread; B passed as B_Q * B_DIV,
     # B_DIV the power of two (up to 16) dividing it, tells the compiler that plane rows start
-    # B_DIV-element aligned, and it loads up to B_DIV elements at once (8 or 16 bytes)
-    b_div = min(b & -b, 16)
+    # B_DIV-element aligned, and it loads up to B_DIV elements at once (8 or 16 bytes).  (B of 2^31
+    # and more stays whole: B_Q * B_DIV would be an int32 product there.)
+    b_div = min(b & -b, 16) if b < 2 ** 31 else 1
     n_rows = cdiv(b, block_b) * grid[1]              # programs per feature
     partial = n_rows > 1 and torch.are_deterministic_algorithms_enabled()
     dst = out.new_empty(n_rows, k) if partial else out     # NOTE: [ordered partials]

@@ -142,6 +142,23 @@ def test_triton_linear_stats_grid_fits_the_gpus_limits(monkeypatch):
         assert grid[0] * block_k * block_b >= k * b and grid[1] * rows >= a
 
 
+def test_triton_plane_length_is_passed_with_its_power_of_two_factor(monkeypatch):
+    """NOTE: [plane alignment]: B reaches the kernel as B_Q * B_DIV (B_DIV the power of two up to
+    16 that divides B), except from 2^31 on, where the int32 product would overflow."""
+    pytest.importorskip("triton")
+    ls = importlib.import_module("fisher_kernels.linear_stats")
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append((args[6], kw["B_DIV"]))
+
+    monkeypatch.setattr(ls, "_column_reduce_kernel", Kernel())
+    for b in (1, 196, 49, 3136, 2 ** 31 + 16):
+        ls._launch(torch.empty(1).expand(2, 3, b), torch.zeros(3), True, 1.0)
+    assert seen == [(1, 1), (49, 4), (49, 1), (196, 16), (2 ** 31 + 16, 1)]
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("shape,dim", [((4100, 3), -1), ((1100, 5, 3), 1), ((42, 3, 300), 1)])
 def test_triton_linear_stats_split_rows(monkeypatch, shape, dim, deterministic):
