@@ -70,8 +70,7 @@ def main(argv=None) -> int:
                     help="write DIR/ncu.md from DIR/ncu.csv and DIR/ncu_cases.json, and print it")
     args = ap.parse_args(argv)
     if args.table is not None:
-        text = table(args.table)
-        print(text)
+        print(table(args.table))
         return 0
     unknown = set(args.ops.split(",")) - set(OPS)
     if unknown:
@@ -182,6 +181,10 @@ def kernels_by_case(csv_text: str, n_cases: int) -> list:
     return out
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else (f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
+
+
 def table(folder: Path) -> str:
     """DIR/ncu.md (module docstring): one row per kernel; a case's first row carries its GB/s
     (bench bytes / the sum of its kernels' times)."""
@@ -189,7 +192,6 @@ def table(folder: Path) -> str:
     per_case = kernels_by_case((folder / "ncu.csv").read_text(errors="replace"), len(cases))
     head = ["op", "case", "backend", "GB/s", "kernel"] + [c for c, _, _ in COLUMNS]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    fmt = lambda v: "-" if v is None else (f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
     for c, rows in zip(cases, per_case):
         times = [_value(r, COLUMNS[0][1], COLUMNS[0][2]) for r in rows]
         gbps = (c["bytes"] / (sum(times) * 1e3) if rows and None not in times and sum(times) > 0
@@ -197,9 +199,9 @@ def table(folder: Path) -> str:
         for j, r in enumerate(rows or [{}]):
             name = (re.sub(r"^void |\(.*", "", _kernel(r))[:60]
                     or f"({c.get('error', 'no kernel')})")
-            lead = [c["op"], c["case"], c["backend"], fmt(gbps)] if j == 0 else ["", "", "", ""]
+            lead = [c["op"], c["case"], c["backend"], _fmt(gbps)] if j == 0 else ["", "", "", ""]
             out.append("| " + " | ".join(lead + [name.replace("|", "/")]
-                                        + [fmt(_value(r, m, s)) for _, m, s in COLUMNS]) + " |")
+                                        + [_fmt(_value(r, m, s)) for _, m, s in COLUMNS]) + " |")
     text = "\n".join(out) + "\n"
     (folder / "ncu.md").write_text(text)
     return text
