@@ -3,8 +3,8 @@
 // f(v) = (v - mu) * rs (optional affine, mu/rs per channel k or per (a, k / cpg)), then squared or
 // not.  Accumulation in A (float32 or float64, the buffer dtype); partial sums of each block meet
 // in `out` through atomicAdd, so out keeps its "ADD into" contract.  Rows (I == 1) or plane rows
-// (I > 1) that start 16- or 8-byte aligned are read 16 or 8 bytes per thread (the _vec kernels),
-// the rest one element at a time.
+// (I > 1) that start 16- or 8-byte aligned are read 16 or 8 bytes per thread, the rest one element
+// at a time (the kernels' VB).
 //
 // Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
 // `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
@@ -40,42 +40,21 @@ __device__ __forceinline__ void emit(A* out, A* partials, int64_t K, int64_t k, 
   else atomicAdd(out + k, t);
 }
 
-// I == 1: block (32, 8), one column tile of 32 features per blockIdx.x, rows split over
-// threadIdx.y and blockIdx.y (coalesced: a warp reads 32 consecutive features of one row).
-template <typename T, typename A>
-__global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
-                                   int64_t R, int64_t K, bool square, A scale, Affine af) {
-  __shared__ A sh[8][33];
-  const int64_t k = blockIdx.x * 32 + threadIdx.x;
-  A acc = 0;
-  if (k < K) {
-    for (int64_t r = blockIdx.y * 8 + threadIdx.y; r < R; r += (int64_t)gridDim.y * 8) {
-      A v = affine_apply<A>(load_as<A, T>(x, r * K + k), af, r, k, K);
-      acc += square ? v * v : v;
-    }
-  }
-  sh[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && k < K) {
-    A t = 0;
-    for (int y = 0; y < 8; ++y) t += sh[y][threadIdx.x];
-    emit<A>(out, partials, K, k, t * scale);
-  }
-}
-
-// The VB-byte vector one thread loads at once.
+// The VB-byte word one thread loads at once: a vector, or one element (VB = sizeof(T)).
 template <int VB> struct VecOf;
 template <> struct VecOf<16> { using type = uint4; };
 template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<4> { using type = uint32_t; };
+template <> struct VecOf<2> { using type = uint16_t; };
 
-// I == 1 with VB-byte rows (x VB-byte aligned, K a multiple of V = VB / sizeof(T), T not double):
-// as reduce_rows_kernel, but each thread reads V consecutive features with one VB-byte load (a warp
-// reads 32 * VB contiguous bytes, not 128 or, in bf16/fp16, 64); block (32, 8) covers 32 * V
-// features.  Each feature's rows are summed by the same threads in the same order as there (same
-// gridDim.y), so the two kernels give the same bits.
+// I == 1: block (32, 8), one column tile of 32 * V features per blockIdx.x (V = VB / sizeof(T)
+// consecutive features per thread, one VB-byte load: VB = 16 or 8 where every row starts so
+// aligned, else one element), rows split over threadIdx.y and blockIdx.y (coalesced: a warp reads
+// 32 * VB contiguous bytes of one row).  Each feature's rows are summed in the same order whatever
+// VB, so every width gives the same bits.
 template <typename T, typename A, int VB>
-__global__ void reduce_rows_vec_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
-                                       int64_t R, int64_t K, bool square, A scale, Affine af) {
+__global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
+                                   int64_t R, int64_t K, bool square, A scale, Affine af) {
   using Vec = typename VecOf<VB>::type;
   constexpr int V = VB / sizeof(T);
   __shared__ A sh[8][32 * V + 1];
@@ -84,13 +63,13 @@ __global__ void reduce_rows_vec_kernel(const T* __restrict__ x, A* __restrict__ 
 #pragma unroll
   for (int j = 0; j < V; ++j) acc[j] = 0;
   if (k0 < K) {
-#pragma unroll 4  // four vector loads in flight per thread, as in the element kernels' unrolled loops
+#pragma unroll 4  // four loads in flight per thread (nvcc left the vector loops at one)
     for (int64_t r = blockIdx.y * 8 + threadIdx.y; r < R; r += (int64_t)gridDim.y * 8) {
       union { Vec u; T v[V]; } in;
       in.u = *reinterpret_cast<const Vec*>(x + r * K + k0);
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const A v = affine_apply<A>(static_cast<A>(to_f<T>(in.v[j])), af, r, k0 + j, K);
+        const A v = affine_apply<A>(load_as<A, T>(in.v, j), af, r, k0 + j, K);
         acc[j] += square ? v * v : v;
       }
     }
@@ -108,43 +87,26 @@ __global__ void reduce_rows_vec_kernel(const T* __restrict__ x, A* __restrict__ 
   }
 }
 
-// I > 1: one block per (feature k, split), threads stride over the (a, i) plane of that feature.
-template <typename T, typename A>
+// I > 1: one block per (feature k, split), threads stride over the (a, i) plane of that feature,
+// V = VB / sizeof(T) consecutive positions of a plane row per VB-byte load (VB = 16 or 8 where
+// every plane row starts so aligned, else one element).
+template <typename T, typename A, int VB>
 __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
                                      int64_t Ar, int64_t K, int64_t I, bool square, A scale, Affine af) {
-  __shared__ A sh[32];
-  const int64_t k = blockIdx.x;
-  const int64_t n = Ar * I;
-  A acc = 0;
-  for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.y * blockDim.x) {
-    const int64_t a = j / I, i = j - a * I;
-    A v = affine_apply<A>(load_as<A, T>(x, (a * K + k) * I + i), af, a, k, K);
-    acc += square ? v * v : v;
-  }
-  acc = block_sum<A>(acc, sh);
-  if (threadIdx.x == 0) emit<A>(out, partials, K, k, acc * scale);
-}
-
-// I > 1 with VB-byte plane rows (x VB-byte aligned, I a multiple of V = VB / sizeof(T), T not
-// double): as reduce_planes_kernel, but each thread reads V consecutive positions of a plane row
-// with one VB-byte load (conv output gradients, BatchNorm inputs).
-template <typename T, typename A, int VB>
-__global__ void reduce_planes_vec_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
-                                         int64_t Ar, int64_t K, int64_t I, bool square, A scale, Affine af) {
   using Vec = typename VecOf<VB>::type;
   constexpr int V = VB / sizeof(T);
   __shared__ A sh[32];
   const int64_t k = blockIdx.x;
-  const int64_t iv = I / V, n = Ar * iv;       // VB-byte pieces of the (a, i) plane
+  const int64_t iv = I / V, n = Ar * iv;       // VB-byte words of the (a, i) plane
   A acc = 0;
-#pragma unroll 4  // four vector loads in flight per thread, as in the element kernels' unrolled loops
+#pragma unroll 4  // four loads in flight per thread (nvcc left the vector loops at one)
   for (int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; j < n; j += (int64_t)gridDim.y * blockDim.x) {
     const int64_t a = j / iv, i = (j - a * iv) * V;
     union { Vec u; T v[V]; } in;
     in.u = *reinterpret_cast<const Vec*>(x + (a * K + k) * I + i);
 #pragma unroll
     for (int e = 0; e < V; ++e) {
-      const A v = affine_apply<A>(static_cast<A>(to_f<T>(in.v[e])), af, a, k, K);
+      const A v = affine_apply<A>(load_as<A, T>(in.v, e), af, a, k, K);
       acc += square ? v * v : v;
     }
   }
@@ -163,14 +125,14 @@ __global__ void sum_partials_kernel(const A* __restrict__ partials, A* __restric
 }
 
 template <typename T, typename A, int VB>
-void launch_reduce_vec(const T* x, A* out, A* part, int64_t Ar, int64_t K, int64_t I, int64_t gy, bool square,
-                       A scale, Affine af, cudaStream_t s) {
+void launch_reduce_words(const T* x, A* out, A* part, int64_t Ar, int64_t K, int64_t I, int64_t gy, bool square,
+                         A scale, Affine af, cudaStream_t s) {
   if (I == 1)
-    reduce_rows_vec_kernel<T, A, VB><<<dim3((unsigned)cdiv(K, 32 * (VB / sizeof(T))), (unsigned)gy), dim3(32, 8),
-                                       0, s>>>(x, out, part, Ar, K, square, scale, af);
+    reduce_rows_kernel<T, A, VB><<<dim3((unsigned)cdiv(K, 32 * (VB / sizeof(T))), (unsigned)gy), dim3(32, 8), 0,
+                                   s>>>(x, out, part, Ar, K, square, scale, af);
   else
-    reduce_planes_vec_kernel<T, A, VB><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I,
-                                                                                         square, scale, af);
+    reduce_planes_kernel<T, A, VB><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I, square,
+                                                                                   scale, af);
 }
 
 template <typename T, typename A>
@@ -180,23 +142,18 @@ void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool sq
   const int64_t gy = reduce_split(Ar, K, I);
   A* part = gy > 1 ? partials : nullptr;
   // the widest load, 16 or 8 bytes, at which every row (I == 1) or plane row (I > 1) starts aligned
-  // (bf16 14x14 maps: 392-byte rows, 8-byte loads); 0: element by element
+  // (bf16 14x14 maps: 392-byte rows, 8-byte loads); else one element (float64 inputs always)
   const int64_t row_bytes = (I == 1 ? K : I) * static_cast<int64_t>(sizeof(T));
   const auto addr = reinterpret_cast<uintptr_t>(x);
   int vb = 0;
   if (sizeof(T) < 8)
     for (int b : {16, 8})
       if (vb == 0 && row_bytes % b == 0 && addr % b == 0) vb = b;
-  if (vb == 0 && I == 1)
-    reduce_rows_kernel<T, A><<<dim3((unsigned)cdiv(K, 32), (unsigned)gy), dim3(32, 8), 0, s>>>(
-        x, out, part, Ar, K, square, scale, af);
-  else if (vb == 0)
-    reduce_planes_kernel<T, A><<<dim3((unsigned)K, (unsigned)gy), 256, 0, s>>>(x, out, part, Ar, K, I, square,
-                                                                               scale, af);
-  else if constexpr (sizeof(T) < 8) {
-    if (vb == 16) launch_reduce_vec<T, A, 16>(x, out, part, Ar, K, I, gy, square, scale, af, s);
-    else launch_reduce_vec<T, A, 8>(x, out, part, Ar, K, I, gy, square, scale, af, s);
+  if constexpr (sizeof(T) < 8) {
+    if (vb == 16) launch_reduce_words<T, A, 16>(x, out, part, Ar, K, I, gy, square, scale, af, s);
+    if (vb == 8) launch_reduce_words<T, A, 8>(x, out, part, Ar, K, I, gy, square, scale, af, s);
   }
+  if (vb == 0) launch_reduce_words<T, A, sizeof(T)>(x, out, part, Ar, K, I, gy, square, scale, af, s);
   if (part != nullptr)
     sum_partials_kernel<A><<<(unsigned)cdiv(K, 256), 256, 0, s>>>(part, out, gy, K);
 }
