@@ -144,8 +144,9 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                                          for lst in (params, moms, operands, steps))
         hyper = [hyper[i] for i in idx]
         meta = meta[idx]
+    hyper, lrs = kernel_host.split_lr(hyper, params[0].device)    # NOTE: [tensor lr]
     lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
     pk, gk, mk = (list(t) for t in zip(*operands))
-    _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled))
+    _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled), lrs)
     for p, m, pc, mc in zip(params, moms, pk, mk):
         kernel_host.copy_back(p, m, pc, mc)

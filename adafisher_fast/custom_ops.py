@@ -10,7 +10,7 @@ arguments in place, returns nothing".  The torch backend's statistics ops are pl
 dynamo traces them (inductor fuses them into the model's kernels); its ``layer_ema`` and
 ``fused_step`` read their tables on the host and go through custom ops like every other backend's.
 Non-tensor arguments are flattened to schema types here (padding pairs, LayerTable, EmaRule,
-hyper-parameter tuples) and rebuilt inside the op.
+hyper-parameter tuples, with tensor lrs in a list of their own) and rebuilt inside the op.
 """
 from __future__ import annotations
 
@@ -57,8 +57,9 @@ def _register(ns: str, ops: Any) -> Any:
 
     def fused_step(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
                    steps: List[Tensor], fac: Tensor, meta: Tensor, hyper: List[float],
-                   decoupled: bool) -> None:
-        rows = [tuple(hyper[4 * i:4 * i + 4]) for i in range(len(params))]
+                   lrs: List[Optional[Tensor]], decoupled: bool) -> None:
+        rows = [(hyper[4 * i] if lr is None else lr, *hyper[4 * i + 1:4 * i + 4])
+                for i, lr in enumerate(lrs)]
         ops.fused_step(params, grads, moms, steps, fac, meta, rows, decoupled)
 
     for name, mutates, fn in (
@@ -138,5 +139,9 @@ class CompileAwareOps:
     def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled):
         if self._eager("fused_step"):
             return self._ops.fused_step(params, grads, moms, steps, fac, meta, hyper, decoupled)
+        # a tensor lr stays a tensor, a graph input: a new value needs no recompile (NOTE:
+        # [tensor lr] in kernel_host.py)
+        lrs = [lr if isinstance(lr, Tensor) else None for lr, *_ in hyper]
         self._lib.fused_step(params, grads, moms, steps, fac, meta,
-                             [float(v) for row in hyper for v in row], decoupled)
+                             [0.0 if isinstance(v, Tensor) else float(v) for row in hyper
+                              for v in row], lrs, decoupled)

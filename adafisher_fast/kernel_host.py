@@ -5,7 +5,7 @@ kernel."""
 from __future__ import annotations
 
 import itertools
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,11 +50,13 @@ def capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def keep_if_captured(*tables: torch.Tensor) -> None:
-    """Keeps ``tables`` alive for good if a graph is being captured (NOTE: [captured tables])."""
+def keep_if_captured(*tables: Optional[torch.Tensor]) -> None:
+    """Keeps ``tables`` (None: no table) alive for good if a graph is being captured (NOTE:
+    [captured tables])."""
     if capturing():
         for t in tables:
-            _CAPTURED.setdefault(id(t), t)
+            if t is not None:
+                _CAPTURED.setdefault(id(t), t)
 
 
 def forget(tables: Sequence[LayerTable]) -> None:
@@ -189,3 +191,22 @@ def meta_token(meta: torch.Tensor) -> int:
         _META_SEEN.pop(next(iter(_META_SEEN)))
     _META_SEEN[id(meta)] = (meta, meta._version, token)
     return token
+
+
+# NOTE: [tensor lr] A group's lr may be a one-element tensor, as for torch's optimizers: torch's LR
+# schedulers then update it in place (fill_), so a compiled step() takes each new value without
+# recompiling and a CUDA graph replays it.  A float32 lr on the kernels' device is read by the
+# kernel itself through a table of addresses (cached with the pointers: an address, unlike a
+# value, does not change with the schedule); an lr on the CPU is read on the host at each step, as
+# a float is (so a graph keeps the value it was captured with); reference.check_lr refuses others.
+def split_lr(hyper: list, dev: torch.device) -> Tuple[list, list]:
+    """(hyper with every lr a float, lrs): each parameter's lr tensor where the kernel reads it
+    (its row's lr then 0.0, unused), else None."""
+    if not any(isinstance(h[0], torch.Tensor) for h in hyper):
+        return hyper, [None] * len(hyper)
+    rows, lrs = [], []
+    for lr, *rest in hyper:
+        read = isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32
+        lrs.append(lr if read else None)
+        rows.append((0.0 if read else float(lr), *rest))
+    return rows, lrs

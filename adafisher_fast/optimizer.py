@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
+from . import reference
 from .backends import resolve
 from .hooks import _DATA_PARALLEL, StatHooks
 from .layers import warn_user
@@ -31,12 +32,17 @@ _GROUP_EXTRAS = ("initial_lr", "name")
 
 
 def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
+    """Types and ranges; a tensor lr's value is read (a sync for a GPU tensor) where a group is
+    made, not at each step (NOTE: [tensor lr] in kernel_host.py)."""
     def real(name, v):          # numbers.Real: NumPy's scalars too
         if isinstance(v, torch.Tensor):
-            raise TypeError(f"{name} must be a Python or NumPy real number, got a tensor: the "
-                            f"step's kernels take hyper-parameters by value")
+            raise TypeError(f"{name} must be a Python or NumPy real number, got a tensor: only "
+                            f"lr may be a tensor")
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
             raise TypeError(f"{name} must be a finite real number, got {v!r}")
+    if isinstance(lr, torch.Tensor):
+        reference.check_lr(lr, lr.device, "lr")    # its device is checked at each step
+        lr = lr.item()
     for name, v in (("lr", lr), ("beta", beta), ("Lambda", Lambda), ("gamma", gamma),
                     ("weight_decay", weight_decay)):
         real(name, v)
@@ -52,6 +58,12 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     if isinstance(TCov, bool) or not isinstance(TCov, numbers.Integral) or TCov < 1:
         raise ValueError(f"TCov must be an integer >= 1, got {TCov!r}")
+
+
+def _plain(v):
+    """A group's value as kept: a float, or a tensor lr as given, shared as torch's optimizers
+    share it (NOTE: [tensor lr] in kernel_host.py)."""
+    return v if isinstance(v, torch.Tensor) else float(v)
 
 
 def _check_params(params: List[torch.Tensor], names: Dict[int, str]) -> None:
@@ -113,7 +125,7 @@ def _check_group(where: str, g: Any, of_model: set, seen: set, names: Dict[int, 
     _check_params([it[1] if isinstance(it, tuple) else it for it in kept], names)
     _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
     # plain floats: a NumPy scalar would not load from a checkpoint with weights_only=True
-    out = {**g, **{k: float(g[k]) for k in _GROUP_KEYS if k in g}, "params": kept}
+    out = {**g, **{k: _plain(g[k]) for k in _GROUP_KEYS if k in g}, "params": kept}
     if not kept and any(isinstance(it, tuple) for it in items):
         out["param_names"] = []         # named, all frozen: torch names groups all or none
     return out
@@ -215,7 +227,10 @@ class AdaFisher(Optimizer, Joinable):
 
     Args (names and defaults of the authors' released code, so it is a drop-in replacement):
         model: the ``nn.Module`` to train (not a parameter list: the optimizer hooks its layers).
-        lr, beta: learning rate and momentum of m.
+        lr, beta: learning rate and momentum of m.  lr may be a one-element tensor, as for
+            torch's optimizers, which LR schedulers update in place: a compiled step() then
+            needs no recompile and a CUDA graph replays each new value (float32 on the
+            parameters' device for that; NOTE: [tensor lr] in kernel_host.py).
         Lambda: damping of F = S'[row] * H'[col] + Lambda.
         gamma: EMA factor of the curvature statistics (its meaning depends on ``preset``).
         TCov: statistics are gathered on iterations where ``steps % TCov == 0``.
@@ -286,7 +301,7 @@ class AdaFisher(Optimizer, Joinable):
                             f"{type(process_group).__name__}")
         groups, self._names = _build_groups(model, param_groups)
         # "capturable" as a group default makes torch's load_state_dict keep steps on the device
-        super().__init__(groups, dict(lr=float(lr), beta=float(beta),
+        super().__init__(groups, dict(lr=_plain(lr), beta=float(beta),
                                       weight_decay=float(weight_decay), capturable=capturable))
         self.capturable = capturable
         self.Lambda, self.gamma, self.TCov, self.preset = float(Lambda), float(gamma), int(TCov), preset
@@ -506,16 +521,15 @@ class AdaFisher(Optimizer, Joinable):
         fisher, free_lam = self.fisher, PRESETS[self.preset].free_params_get_lambda
         state, free, rows = self.state, fisher.free, fisher.meta
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
-        for group in self.param_groups:
+        for gi, group in enumerate(self.param_groups):
             if not all(k in group for k in _GROUP_KEYS):
                 self._adopt_groups()        # NOTE: [adopted groups]
                 return self._gather()
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
-            if (isinstance(lr, torch.Tensor) or isinstance(beta, torch.Tensor)
-                    or isinstance(wd, torch.Tensor)):     # (no generator: once per group and step)
-                # the kernels take them by value: the Triton backend caches its hyper-parameter
-                # table by them, so a tensor updated in place (an LR scheduler's fill_) went stale
-                _check_hparams(lr, beta, 1.0, 1.0, 1, wd)
+            if isinstance(beta, torch.Tensor) or isinstance(wd, torch.Tensor):
+                _check_hparams(0.0, beta, 1.0, 1.0, 1, wd)       # raises: only lr may be one
+            if isinstance(lr, torch.Tensor):                     # NOTE: [tensor lr]
+                reference.check_lr(lr, fisher.buf.device, f"param_groups[{gi}]")
             for p in group["params"]:
                 if id(p) not in rows:       # NOTE: [adopted groups]
                     self._adopt_groups()
@@ -750,8 +764,11 @@ class AdaFisher(Optimizer, Joinable):
         make a fresh optimizer's state by a step with lr 0 and zero gradients.  Such a step
         can change nothing but the step count, and advancing that shifts the TCov schedule (the
         next TCov - 1 iterations gather nothing), so it only makes the state.  Checked on a
-        fresh optimizer whose lrs are all 0 only (it reads the gradients, once)."""
-        if self.state or any(g["lr"] != 0 for g in self.param_groups) or self.fisher.forwarded:
+        fresh optimizer whose lrs are all 0 only (it reads the gradients, once); DCP sets a tensor
+        lr to a CPU zero, and a tensor lr elsewhere is not read (NOTE: [capturable])."""
+        if self.state or self.fisher.forwarded or any(
+                (not lr.is_cpu or bool(lr != 0)) if isinstance(lr, torch.Tensor) else lr != 0
+                for lr in (g["lr"] for g in self.param_groups)):
             return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         return (bool(grads) and not self.fisher._pending_any and self.fisher.before is None

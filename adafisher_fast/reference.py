@@ -54,12 +54,29 @@ def check_out(op: str, out: torch.Tensor, n: int) -> None:
                          f"FactorSpec.acc_size must match what its h_stats/s_stats add)")
 
 
+def check_lr(lr: torch.Tensor, device: torch.device, where: str) -> None:
+    """A tensor lr (NOTE: [tensor lr]): one floating element without grad, float32 on ``device``
+    (the kernels read it there when they run) or any floating dtype on the CPU (its value is read
+    on the host at each step, as a float's)."""
+    if lr.numel() != 1 or not lr.is_floating_point() or lr.requires_grad:
+        raise TypeError(f"{where}: a tensor lr must be one floating-point element without grad, "
+                        f"got {lr.dtype} of shape {tuple(lr.shape)}"
+                        f"{' requiring grad' if lr.requires_grad else ''}")
+    if not (lr.is_cpu or (lr.device == device and lr.dtype == torch.float32)):
+        raise ValueError(f"{where}: a tensor lr must be float32 on the parameters' device "
+                         f"({device}), where the step reads it, or on the CPU, got {lr.dtype} "
+                         f"on {lr.device}")
+
+
 def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: torch.Tensor,
                      hyper: list) -> None:
     n = len(params)
     if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
         raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
                          "same length")
+    for i, h in enumerate(hyper):
+        if isinstance(h[0], torch.Tensor):
+            check_lr(h[0], params[i].device, f"fused_step: parameter {i}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +354,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     here (on the CPU, or on the parameter's device when capturable); fac: H'/S' from ``layer_ema``;
     meta: int64 [P, 10] CPU tensor (NOTE: [param map]);
     hyper: per parameter (lr, beta, weight_decay, Lambda) where Lambda is 0 for the released code's
-    factor-free parameters (F = 1).  Per element:
+    factor-free parameters (F = 1); lr a float or a one-element tensor (``check_lr``), whose value
+    when the update runs is used (NOTE: [tensor lr]).  Per element:
         g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
         p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled))
     """
@@ -357,7 +375,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         upd = (mw / bc).div_(fisher_diag(fac.to(work), row, lam).view(p.shape))
         if decoupled and wd != 0:
             upd.add_(wd * pw)
-        pw.sub_(upd.mul_(lr))
+        pw.sub_(upd.mul_(lr.reshape(()) if isinstance(lr, torch.Tensor) else lr))
         for dst, src in ((m, mw), (p, pw)):
             if src is not dst:
                 dst.copy_(src)

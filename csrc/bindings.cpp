@@ -326,11 +326,13 @@ int64_t row_transpose(const int64_t* row, const at::Tensor& p, const at::Tensor&
 
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms, at::TensorList steps,
                 const at::Tensor& fac, const at::Tensor& meta, at::ArrayRef<double> lr, at::ArrayRef<double> beta,
-                at::ArrayRef<double> wd, at::ArrayRef<double> lam, bool decoupled) {
+                at::ArrayRef<double> wd, at::ArrayRef<double> lam, bool decoupled,
+                const c10::List<std::optional<at::Tensor>>& lr_tensor) {
   const char* op = "fused_step";
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && moms.size() == n && steps.size() == n && lr.size() == n && beta.size() == n &&
-              wd.size() == n && lam.size() == n, "adafisher::fused_step: params, grads, moms, steps and the ",
+              wd.size() == n && lam.size() == n && lr_tensor.size() == n,
+              "adafisher::fused_step: params, grads, moms, steps and the ",
               "hyper-parameter lists must have the same length");
   if (n == 0) return;
   check_cuda(fac, params[0], op, "fac");
@@ -376,6 +378,13 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     for (int j = 0; j < 10; ++j) s.meta[j] = mrows[i * 10 + j];
     s.meta[10] = tr;
     s.lr = lr[i]; s.beta = beta[i]; s.wd = wd[i]; s.lam = lam[i];
+    const std::optional<at::Tensor> lr_t = lr_tensor[i];
+    if (lr_t.has_value()) {        // read by the kernel (NOTE: [tensor lr] in kernel_host.py)
+      TORCH_CHECK(lr_t->device() == p.device() && lr_t->scalar_type() == at::kFloat && lr_t->numel() == 1,
+                  "adafisher::fused_step: lr_tensor ", i, " must be a one-element float32 tensor on the "
+                  "parameter's device");
+      s.lr_ptr = lr_t->data_ptr<float>();
+    }
     const int k = p.scalar_type() == at::kFloat ? 0 : (p.scalar_type() == at::kHalf ? 1 : 2);
     by_type[k].push_back(s);
   }
@@ -424,7 +433,7 @@ TORCH_LIBRARY(adafisher, m) {
         "Tensor(a!) state, Tensor(b!) fac, Tensor(c!) initialized, Tensor(d!) counters, float decay, float weight, "
         "float decay_first, float weight_first, bool normalise_raw, bool normalise_state) -> ()");
   m.def("fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, Tensor(c!)[] steps, Tensor fac, "
-        "Tensor meta, float[] lr, float[] beta, float[] wd, float[] lam, bool decoupled) -> ()");
+        "Tensor meta, float[] lr, float[] beta, float[] wd, float[] lam, bool decoupled, Tensor?[] lr_tensor) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adafisher, AF_DEVICE_KEY, m) {

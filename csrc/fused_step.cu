@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
     if (threadIdx.x < 11) mt[threadIdx.x] = ts.meta[threadIdx.x];
     const double t = ts.step != nullptr ? static_cast<double>(*ts.step) + 1.0 : ts.t_host;
     StepCoef k;
-    k.lr = (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);
+    k.lr = ts.lr_ptr != nullptr ? *ts.lr_ptr : (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);
     k.inv_bc = __fdiv_rn(1.0f, (float)(1.0 - pow(ts.beta, t)));  // as torch's CUDA div by a scalar
     k.wd = (float)ts.wd; k.lam = (float)ts.lam;
     k.l2 = ts.wd != 0.0 && !decoupled; k.dec = ts.wd != 0.0 && decoupled;

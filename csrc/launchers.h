@@ -85,6 +85,8 @@ struct StepTensor {
   int64_t meta[11];                 // the parameter's row of NOTE: [param map] (reference.py), then
                                     // its layout T (NOTE: [row transpose]: 1 row-major, > 1 transposed)
   double lr, beta, wd, lam;         // doubles: rounded to float32 exactly where torch rounds them
+  const float* lr_ptr;              // a device float32 lr tensor read at run time in place of lr, or
+                                    // nullptr (NOTE: [tensor lr] in adafisher_fast/kernel_host.py)
 };
 struct StepChunk { int32_t tensor; int32_t chunk; };
 constexpr int64_t kStepChunk = 65536;  // elements per chunk (see NOTE: [step chunks])

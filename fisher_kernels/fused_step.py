@@ -11,7 +11,8 @@ the small fac vector, never materialised.
 NOTE: [pointer tables] The update is ONE launch per (param dtype, grad dtype) pair -- one launch
 for a model in one dtype: block tables map each program to (parameter, block) and hold each
 parameter's size and meta row, an int64 table each parameter's data pointers (p, g, m), and a
-float32 table its hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta). The tables live on
+float32 table its hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta), and with tensor lrs
+an int64 table their addresses (NOTE: [tensor lr] in kernel_host.py). The tables live on
 the device and are cached: the block and meta tables by sizes, layouts and meta rows, the
 pointers by the pointers and step addresses, the hyper-parameters by value, so a training loop
 uploads them once, new gradient tensors only the pointers, an LR schedule only the small
@@ -188,13 +189,16 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd,
 
 
 @triton.jit
-def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, steps, n_steps, ticket,
-                       fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps,
+                       n_steps, ticket, fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
                        DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-                       ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr, STEP_BLOCK: tl.constexpr):
+                       ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr,
+                       STEP_BLOCK: tl.constexpr):
     """Every parameter of one dtype pair in one launch (NOTE: [pointer tables]).  ``steps``: the
     addresses of the n_steps float32 step counts (DEVICE_STEPS, NOTE: [step tickets]), else the
-    float32 values t of the parameters, already incremented on the host."""
+    float32 values t of the parameters, already incremented on the host.  ``lr_ptrs`` (LR_PTRS):
+    per parameter the address of its float32 lr tensor, or 0 for the hyper table's lr (NOTE:
+    [tensor lr] in adafisher_fast/kernel_host.py)."""
     pid = tl.program_id(0)
     i = tl.load(block_param + pid)
     start = tl.load(block_start + pid)
@@ -204,6 +208,10 @@ def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, step
     n = tl.load(numels + i)
     hp = hyper + N_HYPER_C * i
     lr = tl.load(hp)
+    if LR_PTRS:
+        lr_at = tl.load(lr_ptrs + i)
+        if lr_at != 0:
+            lr = tl.load(lr_at.to(tl.pointer_type(tl.float32)))
     beta = tl.load(hp + 1)
     omb = tl.load(hp + 2)
     wd = tl.load(hp + 3)
@@ -253,6 +261,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     """Same signature and semantics as ``reference.fused_step`` (see the module docstring)."""
     reference.check_step_lists(params, grads, moms, steps, meta, hyper)
     n = len(params)
+    by_value, lrs = kernel_host.split_lr(hyper, fac.device)      # NOTE: [tensor lr]
     # NOTE: [step host path] One pass per step over the parameters, reading what the cached tables
     # are keyed by; everything else (shape checks, table building) happens on a cache miss.  A hit
     # means the same p/g/m memory, sizes, layouts (T), steps and meta rows as a checked step, so
@@ -279,24 +288,26 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     launches = []                # (dtype pair, work, its step counts then the empty ones', tables)
     for (pdt, gdt), (work, sig, empty) in groups.items():
         t_all = [w[4] for w in work] + [steps[i] for i in empty]
+        lr_at = tuple(0 if lrs[w[0]] is None else lrs[w[0]].data_ptr() for w in work)
         key = (pdt, gdt, str(fac.device), tuple(t.data_ptr() for t in t_all), tuple(sig),
-               tuple(i for i, *_ in work), meta_key)
+               tuple(i for i, *_ in work), meta_key, lr_at)
         launches.append((pdt, gdt, work, t_all, _cached(_TABLES, key, lambda: _build(
-            work, empty, params, grads, moms, t_all, meta, meta_key, fac.device))))
+            work, empty, params, grads, moms, t_all, meta, meta_key, lr_at, fac.device))))
     if ref_idx:
         reference.check_step_shapes(params, grads, moms, ref_idx)
         reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
                              [moms[i] for i in ref_idx], [steps[i] for i in ref_idx], fac,
                              meta[ref_idx], [hyper[i] for i in ref_idx], decoupled)
     for pdt, gdt, work, t_all, tables in launches:
-        _launch(work, t_all, tables, fac_c, hyper, decoupled, pdt, gdt)
+        _launch(work, t_all, tables, fac_c, by_value, decoupled, pdt, gdt)
         for _, pc, _, mc, _, p, m, _ in work:
             kernel_host.copy_back(p, m, pc, mc)
 
 
-# NOTE: [pointer tables]: the pointer and step-address tables keyed by (dtype pair, device, step
-# addresses, pointers and sizes, meta rows), the block and meta tables by (device, sizes, layouts,
-# meta rows), the hyper-parameter table by value: an LR schedule re-uploads only the latter
+# NOTE: [pointer tables]: the pointer, step-address and lr-address tables keyed by (dtype pair,
+# device, step addresses, pointers and sizes, meta rows, lr addresses), the block and meta tables
+# by (device, sizes, layouts, meta rows), the hyper-parameter table by value: an LR schedule of
+# float lrs re-uploads only the latter, one of tensor lrs nothing
 _TABLES: Dict[tuple, tuple] = {}
 _BLOCKS: Dict[tuple, tuple] = {}
 _HYPER: Dict[tuple, torch.Tensor] = {}
@@ -333,9 +344,10 @@ def _device_steps(steps, dev) -> bool:
     return all(t.device == dev and t.dtype == torch.float32 for t in steps)
 
 
-def _build(work, empty, params, grads, moms, steps, meta, meta_key, dev):
+def _build(work, empty, params, grads, moms, steps, meta, meta_key, lr_at, dev):
     """The device tables of one dtype pair after checking its shapes: (block tables, pointer
-    table, step address table or None (host steps), ticket, aligned); () when every parameter of
+    table, step address table or None (host steps), lr address table or None (no tensor lr,
+    NOTE: [tensor lr]), ticket, aligned); () when every parameter of
     the pair is zero-size: no launch, so no tables (not None, which ``_cached`` would take for a
     miss every step).  The block tables (one entry per BLOCK elements: 80 MB for 7B parameters)
     depend on sizes, layouts and meta rows only, so new gradient tensors (``zero_grad()``'s
@@ -351,9 +363,10 @@ def _build(work, empty, params, grads, moms, steps, meta, meta_key, dev):
     step_ptrs = None
     if _device_steps(steps, dev):
         step_ptrs = _upload(torch.tensor([t.data_ptr() for t in steps], dtype=torch.int64), dev)
+    lr_ptrs = _upload(torch.tensor(lr_at, dtype=torch.int64), dev) if any(lr_at) else None
     aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
     ticket = torch.zeros(1, dtype=torch.int32, device=dev)
-    return blocks, ptrs, step_ptrs, ticket, aligned
+    return blocks, ptrs, step_ptrs, lr_ptrs, ticket, aligned
 
 
 def _block_tables(work, meta, dev):
@@ -387,7 +400,7 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
         for t in steps:
             t += 1                  # as the reference's, wherever they are kept
         return
-    blocks, ptrs, step_table, ticket, aligned = tables
+    blocks, ptrs, step_table, lr_ptrs, ticket, aligned = tables
     n_blocks, (block_param, block_start, numels, rows), wide = blocks
     on_dev = step_table is not None
     if not on_dev:
@@ -397,9 +410,10 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
                              fac.device)
     hyper_table = _hyper_table(work, hyper, fac.device)
     kernel_host.keep_if_captured(block_param, block_start, ptrs, numels, rows, hyper_table,
-                                 step_table, ticket)            # NOTE: [captured tables]
+                                 step_table, ticket, lr_ptrs)   # NOTE: [captured tables]
     _fused_step_kernel[(n_blocks,)](
-        block_param, block_start, ptrs, numels, rows, hyper_table,
+        block_param, block_start, ptrs, numels, rows, hyper_table, lr_ptrs,
         step_table, len(steps), ticket, fac,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
-        ALIGNED=aligned, DEVICE_STEPS=on_dev, STEP_BLOCK=STEP_BLOCK)
+        ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
+        STEP_BLOCK=STEP_BLOCK)

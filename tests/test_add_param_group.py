@@ -435,17 +435,22 @@ def test_partial_freezing_names_nothing(recwarn):
     assert not [w for w in recwarn if "no longer the model's" in str(w.message)]
 
 
-def test_a_tensor_lr_assigned_to_a_group_is_refused_at_step():
-    """torch's optimizers take a 0-dim tensor lr, and torch's LR schedulers then update it in
-    place (fill_).  The constructor refuses one; assigned later, it reached the step, where the
-    Triton backend, caching its hyper-parameter table by value, kept the first value for good
-    (the schedule silently ignored), and state_dict() raised only at the next checkpoint."""
+def test_a_bad_tensor_hyper_parameter_assigned_to_a_group_is_refused_at_step():
+    """A group's lr may become a tensor after construction (NOTE: [tensor lr] in kernel_host.py),
+    but not one the step cannot read, nor a tensor beta or weight_decay: refused at the step,
+    naming the group, before anything changes."""
     model = _net()
-    opt = AdaFisher(model, TCov=1, backend="torch")
+    opt = AdaFisher(model, TCov=1, backend="torch", param_groups=[
+        {"params": model[0].parameters()}, {"params": model[2:].parameters()}])
     x, y = _data()
     _steps(model, opt, x, y, 1)
-    opt.param_groups[0]["lr"] = torch.tensor(1e-3)
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(TypeError, match="lr must be a Python or NumPy real number, got a tensor"):
-        _steps(model, opt, x, y, 1)
+    for key, value, pattern in (
+            ("lr", torch.ones(2, device=device()), r"param_groups\[1\]: a tensor lr must be one"),
+            ("lr", torch.tensor(1e-3, requires_grad=True), "without grad"),
+            ("beta", torch.tensor(0.9), "beta must be .* got a tensor: only lr may be")):
+        opt.param_groups[1][key] = value
+        with pytest.raises(TypeError, match=pattern):
+            _steps(model, opt, x, y, 1)
+        opt.param_groups[1].update(lr=1e-3, beta=0.9)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -17,7 +17,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.backends import _try_load
-from conftest import assert_trajectories_close, backend_name
+from conftest import assert_trajectories_close, backend_name, kernel_backends, kernel_module
 
 
 @pytest.fixture(autouse=True)
@@ -268,6 +268,34 @@ def test_compiled_step_matches_eager(preset):
     _assert_same(eager, (twin, opt), 1e-9)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_a_scheduled_tensor_lr_compiles_the_step_once(backend, monkeypatch):
+    """NOTE: [tensor lr] in kernel_host.py: with a tensor lr, which LambdaLR updates in place, a
+    compiled step() takes every new value as a graph input (a float lr is a constant of the
+    graph: a recompile per value, eager after dynamo's limit of 8); it trains as eager steps with
+    a float lr under the same schedule (float32-exact values)."""
+    kernel_module(backend, monkeypatch) if backend != "torch" else None
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    (m0, o0), (m1, o1) = _pair(AdaFisherW, "paper", dtype, backend=backend)
+    lr = torch.tensor(1e-3).item()              # float32-exact, and so are its halvings
+    o0.param_groups[0]["lr"], o1.param_groups[0]["lr"] = lr, torch.tensor(lr)
+    counter = CompileCounterWithBackend("aot_eager")
+    # before the scheduler wraps opt.step in code dynamo skips (as torch's optimizers)
+    step = torch.compile(o1.step, fullgraph=True, backend=counter)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda e: 2.0 ** -e) for o in (o0, o1)]
+    for batch in _batches(10):
+        for (model, opt, st), sched in zip(((m0, o0, o0.step), (m1, o1, step)), scheds):
+            _train(model, opt, [batch], step=st)
+            sched.step()
+    assert isinstance(o1.param_groups[0]["lr"], torch.Tensor)
+    assert o1.param_groups[0]["lr"].item() == o0.param_groups[0]["lr"] == lr * 2 ** -10
+    # three graphs for ten lr values: the first step (state made), then TCov's two (NOTE: [TCov
+    # gating])
+    assert counter.frame_count == 3
+    _assert_same((m0, o0), (m1, o1), 1e-9 if dtype == torch.float64 else 1e-4)
+
+
 def test_a_compiled_step_without_gradients_changes_nothing():
     """NOTE: [no gradient] A skipped batch (a forward, no backward) through a compiled step()
     folded the forward's H into the EMA and counted, as eager steps did before."""
@@ -420,6 +448,7 @@ def test_capturable_step_never_reads_the_device(preset):
         warnings.simplefilter("ignore")
         opt = AdaFisherW(model, TCov=1, preset=preset, capturable=True, backend="torch",
                          weight_decay=1e-2)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3, device="meta")    # NOTE: [tensor lr]
     for _ in range(3):
         opt.zero_grad()
         model(torch.zeros(2, 8, dtype=torch.int64, device="meta")).square().sum().backward()
@@ -465,6 +494,41 @@ def _cuda_batches(n, fmt=torch.contiguous_format):
              torch.randint(0, 10, (16,), generator=g).cuda()) for _ in range(n)]
 
 
+def _iteration(m, o, x, y):
+    o.zero_grad(set_to_none=False)
+    nn.functional.cross_entropy(m(x), y).backward()
+    o.step()
+
+
+def _capture_and_replay(model, opt, batches, warm=3, after=lambda: None):
+    """Eager warm-up iterations 0..warm-1 on a side stream (torch's recipe), a graph per TCov
+    state captured, then the other iterations replayed (NOTE: [capturable]); ``after()`` runs
+    eagerly after every iteration (an LR scheduler's step)."""
+    n, TCov = len(batches), opt.TCov
+    sx, sy = batches[0][0].clone(), batches[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for i in range(warm):
+            sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
+            _iteration(model, opt, sx, sy)
+            after()
+    torch.cuda.current_stream().wait_stream(side)
+    # capture runs no kernel, so the device state stays at iteration `warm`; only Python moves
+    graphs = {}
+    for collect in sorted({i % TCov == 0 for i in range(warm, n)}, reverse=True):
+        opt.set_steps(0 if collect else 1)
+        graphs[collect] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[collect]):
+            _iteration(model, opt, sx, sy)
+    for i in range(warm, n):
+        sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
+        graphs[i % TCov == 0].replay()
+        after()
+    torch.cuda.synchronize()
+    opt.set_steps(n)                          # replay runs no Python: the counter is ours to move
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("TCov", [1, 4])
@@ -481,47 +545,45 @@ def test_cuda_graph_replay_equals_eager(backend, TCov, fmt):
     weights are updated in place (NOTE: [row transpose]), so no table upload lands in the capture."""
     if backend not in _gpu_backends():
         pytest.skip(f"backend {backend} is not available here")
-    n, warm = 50, 3
+    n = 50
     batches = _cuda_batches(n, fmt)
     ref = _cuda_model(fmt)
     model = copy.deepcopy(ref)
     kw = dict(lr=1e-3, Lambda=0.1, TCov=TCov, preset="paper", backend=backend, capturable=True)
     opt_ref, opt = AdaFisher(ref, **kw), AdaFisher(model, **kw)
-
-    def iteration(m, o, x, y):
-        o.zero_grad(set_to_none=False)
-        nn.functional.cross_entropy(m(x), y).backward()
-        o.step()
-
     for x, y in batches:
-        iteration(ref, opt_ref, x, y)
-
-    sx, sy = batches[0][0].clone(), batches[0][1].clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for i in range(warm):                   # eager warm-up iterations 0..warm-1
-            sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
-            iteration(model, opt, sx, sy)
-    torch.cuda.current_stream().wait_stream(side)
-    # capture runs no kernel, so the device state stays at iteration `warm`; only Python moves
-    graphs = {}
-    for collect in sorted({i % TCov == 0 for i in range(warm, n)}, reverse=True):
-        opt.set_steps(0 if collect else 1)
-        graphs[collect] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[collect]):
-            iteration(model, opt, sx, sy)
-    for i in range(warm, n):
-        sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
-        graphs[i % TCov == 0].replay()
-    torch.cuda.synchronize()
-    opt.set_steps(n)                          # replay runs no Python: the counter is ours to move
+        _iteration(ref, opt_ref, x, y)
+    _capture_and_replay(model, opt, batches)
     assert opt.steps == opt_ref.steps
     assert_trajectories_close((model, opt), (ref, opt_ref))
     for a, b in zip(ref.buffers(), model.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     for p_ref, p in zip(ref.parameters(), model.parameters()):
         assert torch.equal(opt.state[p]["step"], opt_ref.state[p_ref]["step"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_cuda_graph_replays_a_scheduled_tensor_lr(backend):
+    """NOTE: [tensor lr] in kernel_host.py: a float32 lr tensor on the GPU, which LambdaLR
+    updates in place between replays, is read by every replayed step; the run equals an eager one
+    with a float lr under the same schedule, within NOTE: [trajectory tolerance].  (A graph that
+    kept the captured lr would be 0.9^47 apart by the end.)"""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    batches = _cuda_batches(50)
+    ref = _cuda_model()
+    model = copy.deepcopy(ref)
+    kw = dict(Lambda=0.1, TCov=1, preset="paper", backend=backend, capturable=True)
+    opt_ref = AdaFisher(ref, lr=1e-3, **kw)
+    opt = AdaFisher(model, lr=torch.tensor(1e-3, device="cuda"), **kw)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.9 ** e) for o in (opt_ref, opt)]
+    for x, y in batches:
+        _iteration(ref, opt_ref, x, y)
+        scheds[0].step()
+    _capture_and_replay(model, opt, batches, after=scheds[1].step)
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(opt_ref.param_groups[0]["lr"], rel=1e-6)
+    assert_trajectories_close((model, opt), (ref, opt_ref))
 
 
 @pytest.mark.gpu

@@ -496,9 +496,10 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
             torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0]])
 
     (captured, meta), (other, other_meta) = param_set(3000), param_set(500)
-    fs.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)     # eager warm-up
+    hyper = [(torch.tensor(1e-3), 0.9, 0.0, 1e-3)]        # its lr-address table too
+    fs.fused_step(*captured, fac, meta, hyper, True)       # eager warm-up
     monkeypatch.setattr(kernel_host, "capturing", lambda: True)
-    fs.fused_step(*captured, fac, meta, [(1e-3, 0.9, 0.0, 1e-3)], True)     # the capture
+    fs.fused_step(*captured, fac, meta, hyper, True)       # the capture
     monkeypatch.setattr(kernel_host, "capturing", lambda: False)
     tables = given[-1]
     for k in range(2 * fs._MAX_TABLES):     # an LR schedule and zero_grad()'s new gradients
@@ -507,7 +508,7 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
     for cache in (fs._TABLES, fs._BLOCKS, fs._HYPER):     # whatever the churn left: gone too
         cache.clear()
     gc.collect()
-    assert len(tables) == 9 and all(ref() is not None for ref in tables)
+    assert len(tables) == 10 and all(ref() is not None for ref in tables)
 
 
 @pytest.mark.parametrize("steps_on", ["device", "host"])
@@ -554,8 +555,9 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
 
     grads = [torch.randn_like(p) for p in params]
     grid, args, kw = step(grads, hyper)
-    block_param, block_start, ptrs, numels, mrows, hyp, step_table, n_steps, ticket, fac_arg = args
-    assert fac_arg is fac
+    (block_param, block_start, ptrs, numels, mrows, hyp, _, step_table, n_steps, ticket,
+     fac_arg) = args
+    assert fac_arg is fac and not kw["LR_PTRS"]
     starts = {}
     for b in range(grid):
         starts.setdefault(int(block_param[b]), []).append(int(block_start[b]))
@@ -586,7 +588,16 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     torch.testing.assert_close(args[5][:, 0], hyp[:, 0] / 2)
     _, args, _ = step([g.clone() for g in grads], hyper)              # new gradient tensors:
     assert (3, 3) in uploads and args[2] is not ptrs and args[5] is hyp   # new pointers only
-    assert (grid,) not in uploads and args[0] is block_param and args[8] is not ticket
+    assert (grid,) not in uploads and args[0] is block_param and args[9] is not ticket
+
+    lr_t = torch.tensor(3e-3)                               # NOTE: [tensor lr]: its address
+    _, args, kw = step(grads, [(lr_t, *hyper[0][1:])] + hyper[1:])
+    assert kw["LR_PTRS"] and args[6].tolist() == [lr_t.data_ptr(), 0, 0]
+    assert args[5][0, 0] == 0 and args[5][1, 0] == hyper[1][0]    # its row's lr is unused
+    lr_t.fill_(1e-3)                                        # a scheduler's update: nothing new
+    _, again, _ = step(grads, [(lr_t, *hyper[0][1:])] + hyper[1:])
+    assert again[6] is args[6] and again[5] is args[5] and again[2] is args[2]
+    assert uploads == ([] if steps_on == "device" else [(3,)])
 
     params[1] = store[1: 2 * fs.BLOCK + 10]                 # a 4-byte offset: no 16-byte loads
     moms[1] = torch.zeros_like(params[1])
@@ -615,3 +626,47 @@ def test_fused_step_no_decay_term_without_weight_decay(kernel_ops, decoupled):
     assert not out["kernel"][1].isnan().any() and not out["kernel"][0].isnan().any()
     torch.testing.assert_close(out["kernel"][0], out["ref"][0])
     torch.testing.assert_close(out["kernel"][1], out["ref"][1])
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+def test_fused_step_tensor_lr(kernel_ops, dtype, rtol):
+    """A tensor lr (NOTE: [tensor lr] in kernel_host.py) updated in place between steps, as an LR
+    scheduler does: every step uses its value then, as a float lr of that value would; a float32
+    lr on the kernels' device is read by the kernel (a cached table holds its address), a float64
+    one of shape (1,) on the CPU by value; the other parameters keep float lrs."""
+    torch.manual_seed(0)
+    params, grads, moms, fac, meta, _ = _problem(dtype)
+    read, by_value = torch.zeros((), device=device()), torch.zeros(1, dtype=torch.float64)
+    want = ([p.clone() for p in params], [m.clone() for m in moms])
+    got = ([p.clone() for p in params], [m.clone() for m in moms])
+    steps = ([torch.zeros(()) for _ in params], [torch.zeros((), device=device()) for _ in params])
+    for lr_a, lr_b in ((1 / 64, 3 / 256), (0.0, 1 / 32), (5 / 128, 1 / 8)):   # float32-exact
+        read.fill_(lr_a)
+        by_value.fill_(lr_b)
+        lrs = [lr_a] * 3 + [lr_b] * 2 + [1e-2] * 3
+        reference.fused_step(want[0], grads, want[1], steps[0], fac, meta,
+                             [(lr, 0.9, 0.1, 1e-3) for lr in lrs], False)
+        kernel_ops.fused_step(got[0], grads, got[1], steps[1], fac, meta,
+                              [(read, 0.9, 0.1, 1e-3)] * 3 + [(by_value, 0.9, 0.1, 1e-3)] * 2
+                              + [(1e-2, 0.9, 0.1, 1e-3)] * 3, False)
+        for w, g in zip(want[0] + want[1], got[0] + got[1]):
+            scale = w.abs().max().item() if w.numel() else 0.0
+            torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale)
+        for a, b in zip(got[0] + got[1], want[0] + want[1]):
+            a.copy_(b)
+
+
+@pytest.mark.parametrize("lr,exc,pattern", [
+    (torch.zeros(2), TypeError, r"parameter 0: a tensor lr must be one floating-point element"),
+    (torch.zeros((), dtype=torch.int64), TypeError, "one floating-point element"),
+    (torch.zeros((), requires_grad=True), TypeError, "requiring grad"),
+])
+def test_fused_step_bad_tensor_lr_changes_nothing(kernel_ops, lr, exc, pattern):
+    p, g = torch.ones(3, device=device()), torch.ones(3, device=device())
+    meta = torch.tensor([[3, 1, 0, 0, 0, 0, 0, 0, 3, 0]])
+    for ops in (reference, kernel_ops):
+        m, t = torch.zeros(3, device=device()), torch.zeros(())
+        with pytest.raises(exc, match=pattern):
+            ops.fused_step([p], [g], [m], [t], torch.ones(1, device=device()), meta,
+                           [(lr, 0.9, 0.0, 1e-3)], False)
+        assert p.tolist() == [1.0] * 3 and m.tolist() == [0.0] * 3 and t.item() == 0

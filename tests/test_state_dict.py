@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW
+from conftest import kernel_backends, kernel_module
 
 
 def _model(width=6):
@@ -66,6 +67,45 @@ def test_resume_is_bit_identical(cls, preset):
         assert torch.equal(o1.state[p1]["step"], o3.state[p3]["step"])
 
 
+def _trained(cls, lr, backend, batches, ck=None):
+    """(model, opt, checkpoint after the first half) of a StepLR run over ``batches``; from
+    ``ck`` when given, into an optimizer made with a float lr."""
+    m = _model()
+    o = cls(m, lr=3e-3 if ck else lr, TCov=2, weight_decay=1e-2, backend=backend)
+    s = torch.optim.lr_scheduler.StepLR(o, 4, 0.5)
+    if ck:
+        m.load_state_dict(ck["model"])
+        o.load_state_dict(ck["opt"])
+        s.load_state_dict(ck["sched"])
+    half = len(batches) // 2
+    _run(m, o, batches[:half], s)
+    blob = io.BytesIO()
+    torch.save({"model": m.state_dict(), "opt": o.state_dict(), "sched": s.state_dict()}, blob)
+    _run(m, o, batches[half:], s)
+    blob.seek(0)
+    return m, o, torch.load(blob, weights_only=True)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+@pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
+def test_tensor_lr_follows_the_schedule_and_resumes(cls, backend, monkeypatch):
+    """A tensor lr (NOTE: [tensor lr] in kernel_host.py), which StepLR halves in place, trains
+    exactly as a float lr does; a checkpoint carries it into an optimizer made with a float lr,
+    whose group then holds the tensor (as torch's optimizers' do) and resumes bit-identically."""
+    kernel_module(backend, monkeypatch) if backend != "torch" else None
+    batches = _batches()[:16]
+    m1, o1, _ = _trained(cls, 3e-3, backend, batches)
+    lr = torch.tensor(3e-3)
+    m2, o2, ck = _trained(cls, lr, backend, batches)
+    assert o1.param_groups[0]["lr"] == 3e-3 / 16                   # four halvings
+    assert o2.param_groups[0]["lr"] is lr and lr.item() == torch.tensor(3e-3 / 16).item()
+    m3, o3, _ = _trained(cls, None, backend, batches[8:], ck)
+    assert isinstance(o3.param_groups[0]["lr"], torch.Tensor)
+    for m in (m2, m3):
+        for (n, a), b in zip(m1.state_dict().items(), m.state_dict().values()):
+            assert torch.equal(a, b), n
+
+
 def _same_run(a, b):
     (m1, o1), (m2, o2) = a, b
     for (n, x), y in zip(m1.state_dict().items(), m2.state_dict().values()):
@@ -106,17 +146,21 @@ def test_distributed_checkpoint_state_dicts_resume_bit_identically(preset, tmp_p
     _same_run((m1, o1), (m2, o2))
 
 
-def test_distributed_checkpoints_state_making_step_changes_nothing():
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_distributed_checkpoints_state_making_step_changes_nothing(tensor_lr):
     """NOTE: [DCP state step] DCP makes a fresh optimizer's state with a step at lr 0 and zero
-    gradients: it advanced the step count, so the first TCov - 1 iterations gathered nothing."""
+    gradients: it advanced the step count, so the first TCov - 1 iterations gathered nothing.
+    (A tensor lr it sets to a CPU tensor 0, NOTE: [tensor lr], and puts back after.)"""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     batches = _batches()[:6]
     runs = []
     for via_dcp in (False, True):
         m = _model()
-        o = AdaFisher(m, TCov=4, preset="paper", backend="torch")
+        lr = torch.tensor(1e-3) if tensor_lr else 1e-3
+        o = AdaFisher(m, lr=lr, TCov=4, preset="paper", backend="torch")
         if via_dcp:
             get_optimizer_state_dict(m, o)
+            assert o.param_groups[0]["lr"] is lr
             assert o.steps == 0 and all(torch.equal(o.state[p]["exp_avg"], torch.zeros_like(p))
                                         for p in m.parameters())
         _run(m, o, batches)

@@ -35,6 +35,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     # is given (NOTE: [plane alignment]; fisher_kernels/linear_stats.py)
     step = [r for r in rows if r["kernel"] == "_fused_step_kernel" and r["constexprs"]["ALIGNED"] == "True"]
     assert step and all(r["ld"].get("v4", 0) >= 3 and r["st"].get("v4", 0) >= 2 for r in step), step
+    assert {r["constexprs"]["LR_PTRS"] for r in step} == {"True", "False"}    # a tensor lr too
 
     def allowed(r) -> int:
         c = r["constexprs"]

@@ -146,6 +146,12 @@ def _optimizer_runs(dev="cpu"):
                             ps, [torch.zeros_like(p, dtype=gdt) for p in ps],
                             [torch.zeros_like(p) for p in ps], [torch.zeros(()) for _ in ps],
                             torch.ones(2), meta, [(1e-3, 0.9, 1e-4, 1e-3)] * 2, decoupled)
+            # a tensor lr, read by the kernel (LR_PTRS, NOTE: [tensor lr] in kernel_host.py)
+            ps = [torch.zeros(n) for n in (5, 3000)]
+            fisher_kernels.fused_step(
+                ps, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                [torch.zeros(()) for _ in ps], torch.ones(2), meta,
+                [(torch.tensor(1e-3, device=dev), 0.9, 1e-4, 1e-3), (1e-3, 0.9, 1e-4, 1e-3)], True)
     finally:
         fs._device_steps = device_steps
 
