@@ -12,6 +12,13 @@ Each program, for each of its factors (the H and S of the layer):
 
 NOTE: [one program per layer] the non-finite guard is per layer, across its factors, so the layer
 is the unit of work; factors are small (a few thousand entries) and the programs are independent.
+NOTE: [ema block] So a program walks each of its factors five or six times (raw, guard, min-max,
+EMA, fac), one BLOCK-wide step after another, each step a round trip to memory (three dependent
+loads in the raw pass): its time grows with the trips through its largest factor, not with the
+bytes.  BLOCK = 1024 over 8 warps (4 entries per thread, no spills: tests/triton_codegen.py)
+makes a vocabulary-sized factor (8192 entries in the bench's GPT, 50257 in GPT-2's embedding and
+head) 4x fewer trips than 256 over 4 warps; a small factor still takes one.  (A design argument:
+bench_layer_ema's GPT-2 case times it on a GPU.)
 float64 buffers fall back to the reference (parity runs); each layer's factors and the terms by
 destination are derived from the table once and cached (NOTE: [table cache]).
 """
@@ -26,7 +33,8 @@ from adafisher_fast.kernel_host import layer_factors, term_csr
 from adafisher_fast.reference import EmaRule, LayerTable
 from .host import on_device
 
-BLOCK = 256
+BLOCK = 1024          # NOTE: [ema block]
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -169,4 +177,5 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
         table.factor_start, factors_by_layer, layer_fstart,
         raw, state, fac, initialized.view(torch.uint8), counters,
         float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
-        NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state), BLOCK=BLOCK)
+        NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state), BLOCK=BLOCK,
+        num_warps=NUM_WARPS)

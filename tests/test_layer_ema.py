@@ -70,6 +70,28 @@ def test_layer_ema_factors_in_any_layer_order(kernel_ops):
         _assert_same_state(got, want)
 
 
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_layer_ema_factors_longer_than_a_block(kernel_ops, preset):
+    """Factors of several blocks of the kernels' loops (Triton's 1024 entries, NOTE: [ema block];
+    CUDA's 512 threads), a non-finite entry in a later block of one: raw sums, the guard, both
+    min-maxes and the EMA walk every block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2500, 3), nn.ReLU(), nn.Linear(3, 2100))
+    f = AdaFisher(model.to(device()), preset=preset, backend="torch").fisher
+    assert max((f.table.factor_start[1:] - f.table.factor_start[:-1]).tolist()) > 2048
+    rule = PRESETS[preset].ema_rule(0.8)
+    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
+    got = [t.clone() for t in want]
+    for it in range(3):
+        buf = torch.rand_like(f.buf) * 3
+        if it == 1:
+            buf[2300] = float("inf")                # the first layer keeps its state
+        reference.layer_ema(buf, f.table, *want, rule)
+        kernel_ops.layer_ema(buf, f.table, *got, rule)
+        _assert_same_state(got, want)
+    assert want[3][:, 1].tolist() == [1, 0]
+
+
 @pytest.mark.gpu
 def test_layer_ema_gpu_many_layers(kernel_ops):
     model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(32)], nn.Embedding(50257, 64))
