@@ -203,7 +203,7 @@ void norm_stats(const at::Tensor& x, const at::Tensor& out, int64_t mode, int64_
   const bool cl = mode == 1 && I > 1 && C > 1 && !x.is_contiguous() && x.stride(0) == C * I &&
                   x.stride(1) == 1 && x.stride(2) == C;
   const at::Tensor xc = mode == 0 ? columns_view(x, 1) : (cl ? x : x.contiguous());
-  at::Tensor work = at::empty({2 * std::max(C, R * groups) + 2}, out.options());
+  at::Tensor work = at::empty({mode == 1 ? norm_stats_work_size(R, C, I, groups) : 2 * C + 2}, out.options());
   const at::Tensor part = partials(out, C);
   check_launch(launch_norm_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), xc.size(0), C, xc.size(2),
                                  static_cast<int>(mode), groups, eps, center,

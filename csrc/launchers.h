@@ -48,7 +48,12 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
                               int64_t C, const ConvGeom& g, void* partials, cudaStream_t s);
 
 // norm_stats: x contiguous (R, C, I), or with channels_last (mode 1 only) strides (C*I, 1, C).
-// work: 2 * max(C, R * groups) + 2 entries of type ot.
+// work: entries of type ot, 2 * C + 2 (mode 0) or norm_stats_work_size(R, C, I, groups) (mode 1).
+constexpr int64_t kMomentChunk = 16384;   // entries of a sample row per block (NOTE: [moment chunks])
+inline int64_t norm_stats_work_size(int64_t R, int64_t C, int64_t I, int64_t groups) {
+  const int64_t rows = R * groups, nc = ((C / groups) * I + kMomentChunk - 1) / kMomentChunk;
+  return 2 * std::max(C, rows) + (nc > 1 ? 2 * rows * nc : 0) + 2;
+}
 // mode 0 = "channel" (mean/var given or NULL -> batch statistics), 1 = "sample".
 // mean/var (if given) have dtype mt and C entries.
 cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,

@@ -10,6 +10,9 @@
 //  * sample mode: one block per (r, group) computes mu (if center) and rsqrt(ms + eps) over its
 //    C/groups * I entries (contiguous; for a channels_last x, I runs of C/groups channels C apart,
 //    NOTE: [memory order]), then one reduce pass (over x as (R * I, C, 1) when channels_last).
+//    A row of more than kMomentChunk entries gets a block per chunk, each writing its chunk's mean
+//    and centred sum of squares, joined per row by sample_combine_kernel (NOTE: [moment chunks]
+//    in fisher_kernels/norm_stats.py: a 3-D U-Net's GroupNorm at batch 1 ran on 8 blocks).
 #include <algorithm>
 #include "reduce.cuh"
 
@@ -31,25 +34,50 @@ __global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs,
   }
 }
 
-// block (r, group): entry j of its row at xr + j, or (runs > 0, channels_last) at
-// xr + (j / runs) * C + j % runs with runs = C / groups
+// block (row, k), row = (r, group), k < nc: entries [k chunk, (k + 1) chunk) of the row's n, entry
+// j at xr + j, or (runs > 0, channels_last) at xr + (j / runs) * C + j % runs with runs = C / groups.
+// nc == 1: the row's mu and rs; else the chunk's mean to pm and centred sum of squares to pm2.
 template <typename T, typename A>
-__global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, int64_t n, A eps, bool center,
-                                     int64_t groups, int64_t C, int64_t runs) {
+__global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, A* pm, A* pm2, int64_t n,
+                                     int64_t nc, A eps, bool center, int64_t groups, int64_t C, int64_t runs) {
   __shared__ A sh[32];
-  const int64_t r = blockIdx.x / groups, grp = blockIdx.x - r * groups;
-  const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + (int64_t)blockIdx.x * n;
+  const int64_t row = blockIdx.x / nc, k = blockIdx.x - row * nc;
+  const int64_t r = row / groups, grp = row - r * groups;
+  const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + row * n;
   auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
+  const int64_t lo = k * kMomentChunk, hi = min(n, lo + kMomentChunk);
   A m = 0;
   if (center) {
     A s = 0;
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) s += load_as<A, T>(xr, at(j));
-    m = block_sum<A>(s, sh) / A(n);
+    for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) s += load_as<A, T>(xr, at(j));
+    m = block_sum<A>(s, sh) / A(hi - lo);
   }
   A s2 = 0;
-  for (int64_t j = threadIdx.x; j < n; j += blockDim.x) { A v = load_as<A, T>(xr, at(j)) - m; s2 += v * v; }
-  s2 = block_sum<A>(s2, sh) / A(n);
-  if (threadIdx.x == 0) { mu[blockIdx.x] = m; rs[blockIdx.x] = A(1) / sqrt(s2 + eps); }
+  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) { A v = load_as<A, T>(xr, at(j)) - m; s2 += v * v; }
+  s2 = block_sum<A>(s2, sh);
+  if (threadIdx.x != 0) return;
+  if (nc > 1) { pm[blockIdx.x] = m; pm2[blockIdx.x] = s2; }
+  else { mu[row] = m; rs[row] = A(1) / sqrt(s2 / A(n) + eps); }
+}
+
+// thread per row: mu = sum_k cnt_k m_k / n, M2 = sum_k M2_k + cnt_k (m_k - mu)^2 (NOTE: [moment chunks])
+template <typename A>
+__global__ void sample_combine_kernel(const A* pm, const A* pm2, A* mu, A* rs, int64_t rows, int64_t n,
+                                      int64_t nc, A eps) {
+  const int64_t row = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (row >= rows) return;
+  const A* m = pm + row * nc;
+  const A* m2 = pm2 + row * nc;
+  A s = 0;
+  for (int64_t k = 0; k < nc; ++k) s += A(min(kMomentChunk, n - k * kMomentChunk)) * m[k];
+  const A mean = s / A(n);
+  A q = 0;
+  for (int64_t k = 0; k < nc; ++k) {
+    const A d = m[k] - mean;
+    q += m2[k] + A(min(kMomentChunk, n - k * kMomentChunk)) * d * d;
+  }
+  mu[row] = mean;
+  rs[row] = A(1) / sqrt(q / A(n) + eps);
 }
 
 cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t R,
@@ -80,10 +108,12 @@ cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void
       }
     } else {
       if (groups <= 0 || C % groups != 0) return cudaErrorInvalidValue;
-      A* mu = w; A* rs = w + R * groups;
-      const int64_t n = (C / groups) * I;
-      sample_coeffs_kernel<T, A><<<(unsigned)(R * groups), 256, 0, s>>>(xp, mu, rs, n, A(eps), center, groups,
-                                                                       C, channels_last ? C / groups : 0);
+      const int64_t rows = R * groups, n = (C / groups) * I, nc = cdiv(n, kMomentChunk);
+      A* mu = w; A* rs = w + rows; A* pm = rs + rows; A* pm2 = pm + rows * nc;   // norm_stats_work_size
+      sample_coeffs_kernel<T, A><<<(unsigned)(rows * nc), 256, 0, s>>>(xp, mu, rs, pm, pm2, n, nc, A(eps), center,
+                                                                      groups, C, channels_last ? C / groups : 0);
+      if (nc > 1)
+        sample_combine_kernel<A><<<(unsigned)cdiv(rows, 256), 256, 0, s>>>(pm, pm2, mu, rs, rows, n, nc, A(eps));
       if (channels_last)
         launch_reduce<T, A>(xp, o, R * I, C, 1, true, A(1), Affine{2, mu, rs, groups, I}, part, s);
       else

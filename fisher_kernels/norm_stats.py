@@ -6,10 +6,19 @@ reference).  ``out[c] += sum_{r, i} xhat[r, c, i]^2`` in float32, xhat recompute
   normalises), or the given running ``mean``/``var``;
 * mode="sample" (LayerNorm, GroupNorm, RMSNorm with center=False): per (r, group) statistics.
 
-Kernels: ``_row_moments_kernel`` (one program per (r, group): mean and 1/sqrt(var + eps), two passes
-over its entries: one contiguous row, or for a channels_last input runs of C/G channels) and the
-tiled column reduction of ``linear_stats`` with the affine normalisation applied before squaring
-(its AFFINE modes, as csrc's NOTE: [column reduce]).
+Kernels: ``_row_moments_kernel`` (one program per CHUNK entries of an (r, group) row: mean and
+1/sqrt(var + eps), two passes over its entries: one contiguous row, or for a channels_last input
+runs of C/G channels; NOTE: [moment chunks]) and the tiled column reduction of ``linear_stats``
+with the affine normalisation applied before squaring (its AFFINE modes, as csrc's NOTE: [column
+reduce]).
+
+NOTE: [moment chunks] One program per (r, group) ran a 3-D U-Net's GroupNorm(8) at batch 1 on 8
+SMs, each walking 2^23 entries.  A row of more than CHUNK entries is split: each chunk's program
+writes its count's mean m_k and centred sum of squares M2_k (its second pass reads the chunk
+back from L2), and ``_combine_moments_kernel`` joins them per row (Chan et al.):
+mu = sum_k cnt_k m_k / n,  M2 = sum_k M2_k + sum_k cnt_k (m_k - mu)^2,  rs = 1/sqrt(M2 / n + eps)
+(m_k = 0 without centring).  Rows of at most CHUNK entries (LayerNorm, RMSNorm, most GroupNorms)
+keep one program, which writes mu and rs itself.  csrc/norm_stats.cu does the same.
 Channel statistics reuse the reduction itself: mean = sum x / N, var = sum (x - mean)^2 / N, as
 the reference computes them; then sum xhat^2 = N var / (var + eps) per channel, without a third
 pass over x (NOTE: [norm passes] in csrc/norm_stats.cu).
@@ -23,37 +32,70 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import columns_view, next_pow2, on_device
+from .host import cdiv, columns_view, next_pow2, on_device
 from .linear_stats import _launch
 
 BLOCK_ROW = 1024
+CHUNK = 16384         # entries of a row per program (NOTE: [moment chunks])
 
 
 @triton.jit
-def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, n, G, RS, GS, RUN, OS, eps, CENTER: tl.constexpr,
-                        RUNS: tl.constexpr, BLOCK: tl.constexpr):
-    """Program row = (r, group) of G: mean (CENTER) and 1/sqrt(var + eps) of its n entries,
-    entry j at r * RS + group * GS + j, or with RUNS (a channels_last x: runs of RUN = C/G
-    channels, OS = C apart) at r * RS + group * GS + (j // RUN) * OS + j % RUN."""
-    row = tl.program_id(0)
+def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, m2_ptr, n, G, RS, GS, RUN, OS, eps, NC,
+                        CHUNK: tl.constexpr, CENTER: tl.constexpr, RUNS: tl.constexpr,
+                        SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, k), row = (r, group) of G, k < NC: the entries [k CHUNK, (k + 1) CHUNK) of
+    the row's n, entry j at r * RS + group * GS + j, or with RUNS (a channels_last x: runs of
+    RUN = C/G channels, OS = C apart) at r * RS + group * GS + (j // RUN) * OS + j % RUN.  Their
+    mean (CENTER, else 0) to mu and centred sum of squares to m2, per program (SPLIT, NOTE:
+    [moment chunks]); else (NC = 1) the row's mean to mu and 1/sqrt(var + eps) to rs."""
+    pid = tl.program_id(0)
+    row = pid // NC
     base = x_ptr + (row // G).to(tl.int64) * RS + (row % G).to(tl.int64) * GS
+    lo = (n * 0 + pid % NC) * CHUNK         # (n's integer width: int64 when n is)
+    hi = tl.minimum(n, lo + CHUNK)
     mu = 0.0
     if CENTER:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, n, BLOCK):
+        for s in range(lo, hi, BLOCK):
             o = s + tl.arange(0, BLOCK)
             at = (o // RUN) * OS + o % RUN if RUNS else o
-            acc += tl.load(base + at, mask=o < n, other=0.0).to(tl.float32)
-        mu = tl.sum(acc, axis=0) / n
+            acc += tl.load(base + at, mask=o < hi, other=0.0).to(tl.float32)
+        mu = tl.sum(acc, axis=0) / (hi - lo)
     acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, n, BLOCK):
+    for s in range(lo, hi, BLOCK):
         o = s + tl.arange(0, BLOCK)
         at = (o // RUN) * OS + o % RUN if RUNS else o
-        v = tl.load(base + at, mask=o < n, other=0.0).to(tl.float32) - mu
-        acc2 += tl.where(o < n, v * v, 0.0)
-    ms = tl.sum(acc2, axis=0) / n
+        v = tl.load(base + at, mask=o < hi, other=0.0).to(tl.float32) - mu
+        acc2 += tl.where(o < hi, v * v, 0.0)
+    if SPLIT:
+        tl.store(mu_ptr + pid, mu)
+        tl.store(m2_ptr + pid, tl.sum(acc2, axis=0))
+    else:
+        tl.store(mu_ptr + row, mu)
+        tl.store(rs_ptr + row, 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / n + eps))
+
+
+@triton.jit
+def _combine_moments_kernel(pm_ptr, pm2_ptr, mu_ptr, rs_ptr, n, NC, eps, CHUNK: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """Program row: mu and 1/sqrt(var + eps) of the row from its NC chunks' means and centred
+    sums of squares (NOTE: [moment chunks])."""
+    row = tl.program_id(0)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, NC, BLOCK):
+        k = s + tl.arange(0, BLOCK)
+        cnt = tl.minimum(n - k.to(tl.int64) * CHUNK, CHUNK).to(tl.float32)
+        acc += tl.where(k < NC, cnt * tl.load(pm_ptr + row * NC + k, mask=k < NC, other=0.0), 0.0)
+    mu = tl.sum(acc, axis=0) / n
+    acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, NC, BLOCK):
+        k = s + tl.arange(0, BLOCK)
+        cnt = tl.minimum(n - k.to(tl.int64) * CHUNK, CHUNK).to(tl.float32)
+        d = tl.load(pm_ptr + row * NC + k, mask=k < NC, other=0.0) - mu
+        acc2 += tl.where(k < NC, tl.load(pm2_ptr + row * NC + k, mask=k < NC, other=0.0)
+                         + cnt * d * d, 0.0)
     tl.store(mu_ptr + row, mu)
-    tl.store(rs_ptr + row, 1.0 / tl.sqrt(ms + eps))
+    tl.store(rs_ptr + row, 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / n + eps))
 
 
 def _xhat_sq(x3, out, mu, rs, per_row, g, cg, rps=1):
@@ -101,10 +143,15 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
     cl = i > 1 and c > 1 and not x.is_contiguous() and x.stride() == (c * i, 1, c)
     if not cl:
         x = x.contiguous()
-    mu = torch.empty(r * groups, **f32)
-    rs = torch.empty(r * groups, **f32)
-    _row_moments_kernel[(r * groups,)](x, mu, rs, n, groups, c * i, cg if cl else n, cg, c,
-                                       float(eps), CENTER=bool(center), RUNS=cl,
-                                       BLOCK=min(BLOCK_ROW, next_pow2(n)))
+    rows, nc = r * groups, cdiv(n, CHUNK)               # NOTE: [moment chunks]
+    mu = torch.empty(rows, **f32)
+    rs = torch.empty(rows, **f32)
+    pm, pm2 = (torch.empty(rows * nc, **f32) for _ in range(2)) if nc > 1 else (mu, rs)
+    _row_moments_kernel[(rows * nc,)](x, pm, rs, pm2, n, groups, c * i, cg if cl else n, cg, c,
+                                      float(eps), nc, CHUNK=CHUNK, CENTER=bool(center), RUNS=cl,
+                                      SPLIT=nc > 1, BLOCK=min(BLOCK_ROW, next_pow2(n)))
+    if nc > 1:
+        _combine_moments_kernel[(rows,)](pm, pm2, mu, rs, n, nc, float(eps), CHUNK=CHUNK,
+                                         BLOCK=min(BLOCK_ROW, next_pow2(nc)))
     x3 = x.permute(0, 2, 1).reshape(r * i, c, 1) if cl else x
     _xhat_sq(x3, out, mu, rs, True, groups, cg, i if cl else 1)

@@ -130,3 +130,45 @@ def test_norm_stats_groups_must_divide_the_channels(kernel_ops):
         with pytest.raises((ValueError, RuntimeError), match="groups 4 must divide"):
             ops.norm_stats(x, out, "sample", 4, 1e-5)
     assert not out.any()
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, tmp_path,
+                                                   monkeypatch):
+    """GroupNorm rows of 3.3 chunks (NOTE: [moment chunks] in fisher_kernels/norm_stats.py): one
+    program / block per chunk, the chunks' moments joined per row, and the reference's sums (x
+    with a large mean, which a joined variance that dropped the chunks' mean differences would
+    miss).  The launches are checked: Triton's grid, the emulated CUDA backend's launch log."""
+    log = tmp_path / "launches.log"
+    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
+    ns = importlib.import_module("fisher_kernels.norm_stats")
+    grids, kernel = [], ns._row_moments_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(ns, "_row_moments_kernel", Recorder())
+    torch.manual_seed(6)
+    x = (torch.randn(2, 6, 30, 600, device=device()) * 2          # means that differ by channel
+         + torch.arange(6., device=device()).view(6, 1, 1) * 3     # and by row: every chunk's
+         + torch.linspace(-9, 9, 30, device=device()).view(30, 1))  # differs in either layout
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    x3 = x.reshape(2, 6, -1)                  # 2 groups: rows of 3 * 18000 entries
+    n = 3 * 30 * 600
+    chunks = -(-n // ns.CHUNK)
+    assert chunks == 4
+    want = torch.rand(6, device=device())
+    got = want.clone()
+    reference.norm_stats(x3, want, "sample", 2, 1e-5, center)
+    kernel_ops.norm_stats(x3, got, "sample", 2, 1e-5, center)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if kernel_ops.__name__.startswith("fisher_kernels"):
+        assert grids == [(2 * 2 * chunks,)]
+    else:
+        launched = [line.split() for line in log.read_text().splitlines()]
+        blocks = [int(g[1]) for g in launched if "sample_coeffs" in g[-1]]
+        assert blocks == [2 * 2 * chunks] and any("sample_combine" in g[-1] for g in launched)
