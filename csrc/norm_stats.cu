@@ -12,7 +12,7 @@
 //    NOTE: [memory order]), then one reduce pass (over x as (R * I, C, 1) when channels_last).
 //    A row of more than kMomentChunk entries gets a block per chunk, each writing its chunk's mean
 //    and centred sum of squares, joined per row by sample_combine_kernel (NOTE: [moment chunks]
-//    in fisher_kernels/norm_stats.py: a 3-D U-Net's GroupNorm at batch 1 ran on 8 blocks).
+//    in fisher_kernels/norm_stats.py: a 3-D U-Net's GroupNorm(8) at batch 1 would run on 8 blocks).
 #include <algorithm>
 #include "reduce.cuh"
 

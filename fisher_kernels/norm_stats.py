@@ -12,13 +12,16 @@ runs of C/G channels; NOTE: [moment chunks]) and the tiled column reduction of `
 with the affine normalisation applied before squaring (its AFFINE modes, as csrc's NOTE: [column
 reduce]).
 
-NOTE: [moment chunks] One program per (r, group) ran a 3-D U-Net's GroupNorm(8) at batch 1 on 8
-SMs, each walking 2^23 entries.  A row of more than CHUNK entries is split: each chunk's program
-writes its count's mean m_k and centred sum of squares M2_k (its second pass reads the chunk
-back from L2), and ``_combine_moments_kernel`` joins them per row (Chan et al.):
+NOTE: [moment chunks] With one program per (r, group), a 3-D U-Net's GroupNorm(8) at batch 1
+(256 channels over 64^3) would run on 8 SMs, each walking 2^23 entries twice.  A row of more than
+CHUNK entries is split: each chunk's program writes its entries' mean m_k and centred sum of
+squares M2_k (64 KiB of float32 per chunk, small enough that its second pass may be served from
+L2; not measured), and ``_combine_moments_kernel`` joins them per row (Chan et al.):
 mu = sum_k cnt_k m_k / n,  M2 = sum_k M2_k + sum_k cnt_k (m_k - mu)^2,  rs = 1/sqrt(M2 / n + eps)
-(m_k = 0 without centring).  Rows of at most CHUNK entries (LayerNorm, RMSNorm, most GroupNorms)
-keep one program, which writes mu and rs itself.  csrc/norm_stats.cu does the same.
+(m_k = 0 without centring).  Rows of at most CHUNK entries (LayerNorm, RMSNorm, GroupNorm on small
+maps) keep one program, which writes mu and rs itself, as before.  csrc/norm_stats.cu does the
+same.
+
 Channel statistics reuse the reduction itself: mean = sum x / N, var = sum (x - mean)^2 / N, as
 the reference computes them; then sum xhat^2 = N var / (var + eps) per channel, without a third
 pass over x (NOTE: [norm passes] in csrc/norm_stats.cu).

@@ -87,7 +87,8 @@ def test_norm_stats_bad_mode(kernel_ops):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,mode,groups", [((64, 256, 3136), "channel", 1),
                                                ((4096, 4096, 1), "sample", 1),
-                                               ((32, 512, 1025), "sample", 32)])
+                                               ((32, 512, 1025), "sample", 32),
+                                               ((1, 256, 32 ** 3), "sample", 8)])   # 64 chunks a row
 def test_norm_stats_gpu_large(kernel_ops, shape, mode, groups, dtype):
     x = torch.randn(shape, device="cuda").to(dtype)
     want = torch.zeros(shape[1], dtype=torch.float64, device="cuda")
