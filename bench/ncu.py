@@ -40,7 +40,7 @@ from adafisher_fast.backends import OPS
 DEFAULT_CASES = {
     "linear_stats": r"^gpt2 c_attn|^r18 conv1 ",
     "conv_stats": r"r50 layers\.0\.conv2 |r18 layers\.0\.conv1 ",
-    "norm_stats": r"^bn r18 256x64x|^ln gpt2",
+    "norm_stats": r"^bn r18 256x64x|^ln gpt2|^gn unet3d",
     "embedding_stats": r"vocab 50257",
     "layer_ema": r"r18 paper|gpt2-small paper",
     "fused_step": r"124M",

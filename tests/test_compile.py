@@ -275,7 +275,8 @@ def test_a_scheduled_tensor_lr_compiles_the_step_once(backend, monkeypatch):
     compiled step() takes every new value as a graph input (a float lr is a constant of the
     graph: a recompile per value, eager after dynamo's limit of 8); it trains as eager steps with
     a float lr under the same schedule (float32-exact values)."""
-    kernel_module(backend, monkeypatch) if backend != "torch" else None
+    if backend != "torch":
+        kernel_module(backend, monkeypatch)      # on a CPU: the emulated CUDA backend
     dtype = torch.float64 if backend == "torch" else torch.float32
     (m0, o0), (m1, o1) = _pair(AdaFisherW, "paper", dtype, backend=backend)
     lr = torch.tensor(1e-3).item()              # float32-exact, and so are its halvings

@@ -92,7 +92,8 @@ def test_tensor_lr_follows_the_schedule_and_resumes(cls, backend, monkeypatch):
     """A tensor lr (NOTE: [tensor lr] in kernel_host.py), which StepLR halves in place, trains
     exactly as a float lr does; a checkpoint carries it into an optimizer made with a float lr,
     whose group then holds the tensor (as torch's optimizers' do) and resumes bit-identically."""
-    kernel_module(backend, monkeypatch) if backend != "torch" else None
+    if backend != "torch":
+        kernel_module(backend, monkeypatch)      # on a CPU: the emulated CUDA backend
     batches = _batches()[:16]
     m1, o1, _ = _trained(cls, 3e-3, backend, batches)
     lr = torch.tensor(3e-3)
