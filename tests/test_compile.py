@@ -285,14 +285,14 @@ def test_a_scheduled_tensor_lr_compiles_the_step_once(backend, monkeypatch):
     # before the scheduler wraps opt.step in code dynamo skips (as torch's optimizers)
     step = torch.compile(o1.step, fullgraph=True, backend=counter)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda e: 2.0 ** -e) for o in (o0, o1)]
-    for batch in _batches(10):
+    for batch in _batches(6):
         for (model, opt, st), sched in zip(((m0, o0, o0.step), (m1, o1, step)), scheds):
             _train(model, opt, [batch], step=st)
             sched.step()
     assert isinstance(o1.param_groups[0]["lr"], torch.Tensor)
-    assert o1.param_groups[0]["lr"].item() == o0.param_groups[0]["lr"] == lr * 2 ** -10
-    # three graphs for ten lr values: the first step (state made), then TCov's two (NOTE: [TCov
-    # gating])
+    assert o1.param_groups[0]["lr"].item() == o0.param_groups[0]["lr"] == lr * 2 ** -6
+    # three graphs for six lr values: the first step (state made), then TCov's two (NOTE: [TCov
+    # gating]); a float lr makes one per value
     assert counter.frame_count == 3
     _assert_same((m0, o0), (m1, o1), 1e-9 if dtype == torch.float64 else 1e-4)
 

@@ -72,7 +72,7 @@ def _trained(cls, lr, backend, batches, ck=None):
     ``ck`` when given, into an optimizer made with a float lr."""
     m = _model()
     o = cls(m, lr=3e-3 if ck else lr, TCov=2, weight_decay=1e-2, backend=backend)
-    s = torch.optim.lr_scheduler.StepLR(o, 4, 0.5)
+    s = torch.optim.lr_scheduler.StepLR(o, 2, 0.5)
     if ck:
         m.load_state_dict(ck["model"])
         o.load_state_dict(ck["opt"])
@@ -94,13 +94,13 @@ def test_tensor_lr_follows_the_schedule_and_resumes(cls, backend, monkeypatch):
     whose group then holds the tensor (as torch's optimizers' do) and resumes bit-identically."""
     if backend != "torch":
         kernel_module(backend, monkeypatch)      # on a CPU: the emulated CUDA backend
-    batches = _batches()[:16]
+    batches = _batches()[:8]
     m1, o1, _ = _trained(cls, 3e-3, backend, batches)
     lr = torch.tensor(3e-3)
     m2, o2, ck = _trained(cls, lr, backend, batches)
     assert o1.param_groups[0]["lr"] == 3e-3 / 16                   # four halvings
     assert o2.param_groups[0]["lr"] is lr and lr.item() == torch.tensor(3e-3 / 16).item()
-    m3, o3, _ = _trained(cls, None, backend, batches[8:], ck)
+    m3, o3, _ = _trained(cls, None, backend, batches[4:], ck)
     assert isinstance(o3.param_groups[0]["lr"], torch.Tensor)
     for m in (m2, m3):
         for (n, a), b in zip(m1.state_dict().items(), m.state_dict().values()):
