@@ -201,12 +201,18 @@ def meta_token(meta: torch.Tensor) -> int:
 # a float is (so a graph keeps the value it was captured with); reference.check_lr refuses others.
 def split_lr(hyper: list, dev: torch.device) -> Tuple[list, list]:
     """(hyper with every lr a float, lrs): each parameter's lr tensor where the kernel reads it
-    (its row's lr then 0.0, unused), else None."""
+    (its row's lr then 0.0, unused), else None.  Each distinct row object is split once (the
+    optimizer passes one per group and Lambda)."""
     if not any(isinstance(h[0], torch.Tensor) for h in hyper):
         return hyper, [None] * len(hyper)
+    done: Dict[int, tuple] = {}
     rows, lrs = [], []
-    for lr, *rest in hyper:
-        read = isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32
-        lrs.append(lr if read else None)
-        rows.append((0.0 if read else float(lr), *rest))
+    for h in hyper:
+        split = done.get(id(h))
+        if split is None:
+            lr = h[0]
+            read = isinstance(lr, torch.Tensor) and lr.device == dev and lr.dtype == torch.float32
+            split = done[id(h)] = ((0.0 if read else float(lr), *h[1:]), lr if read else None)
+        rows.append(split[0])
+        lrs.append(split[1])
     return rows, lrs

@@ -530,6 +530,7 @@ class AdaFisher(Optimizer, Joinable):
                 _check_hparams(0.0, beta, 1.0, 1.0, 1, wd)       # raises: only lr may be one
             if isinstance(lr, torch.Tensor):                     # NOTE: [tensor lr]
                 reference.check_lr(lr, fisher.buf.device, f"param_groups[{gi}]")
+            group_rows = {}             # one hyper row per Lambda: backends split each once
             for p in group["params"]:
                 if id(p) not in rows:       # NOTE: [adopted groups]
                     self._adopt_groups()
@@ -561,7 +562,10 @@ class AdaFisher(Optimizer, Joinable):
                 moms.append(m)
                 steps.append(st["step"])
                 meta.append(row)
-                hyper.append((lr, beta, wd, lam))
+                h = group_rows.get(lam)
+                if h is None:
+                    h = group_rows[lam] = (lr, beta, wd, lam)
+                hyper.append(h)
         if torch.compiler.is_compiling():  # a constant of the graph (torch 2.11 rejects the setattr)
             return params, grads, moms, steps, torch.tensor(meta, dtype=torch.int64), hyper
         if meta != self._meta[0]:          # the same rows every step unless grads come and go

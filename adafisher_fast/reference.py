@@ -74,9 +74,11 @@ def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: t
     if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
         raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
                          "same length")
+    checked = set()                 # each tensor once: the groups' rows share theirs
     for i, h in enumerate(hyper):
-        if isinstance(h[0], torch.Tensor):
+        if isinstance(h[0], torch.Tensor) and id(h[0]) not in checked:
             check_lr(h[0], params[i].device, f"fused_step: parameter {i}")
+            checked.add(id(h[0]))
 
 
 # ----------------------------------------------------------------------------------------------
