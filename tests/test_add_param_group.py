@@ -435,6 +435,26 @@ def test_partial_freezing_names_nothing(recwarn):
     assert not [w for w in recwarn if "no longer the model's" in str(w.message)]
 
 
+def test_a_group_added_with_a_tensor_lr_keeps_it():
+    """add_param_group takes a tensor lr as the constructor does (NOTE: [tensor lr] in
+    kernel_host.py): kept, not copied to a float, so a scheduler's fill_ reaches the group."""
+    model = _net()
+    model[0].requires_grad_(False)
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    x, y = _data()
+    _steps(model, opt, x, y, 1)
+    model[0].requires_grad_(True)
+    lr = torch.tensor(0.0, device=device())
+    opt.add_param_group({"params": model[0].parameters(), "lr": lr})
+    assert opt.param_groups[1]["lr"] is lr
+    before = model[0].weight.detach().clone()
+    _steps(model, opt, x, y, 1)
+    assert torch.equal(model[0].weight, before)               # lr 0
+    lr.fill_(1e-2)
+    _steps(model, opt, x, y, 1)
+    assert not torch.equal(model[0].weight, before)
+
+
 def test_a_bad_tensor_hyper_parameter_assigned_to_a_group_is_refused_at_step():
     """A group's lr may become a tensor after construction (NOTE: [tensor lr] in kernel_host.py),
     but not one the step cannot read, nor a tensor beta or weight_decay: refused at the step,
