@@ -770,9 +770,10 @@ class AdaFisher(Optimizer, Joinable):
         next TCov - 1 iterations gather nothing), so it only makes the state.  Checked on a
         fresh optimizer whose lrs are all 0 only (it reads the gradients, once); DCP sets a tensor
         lr to a CPU zero, and a tensor lr elsewhere is not read (NOTE: [capturable])."""
+        lrs = [g["lr"] for g in self.param_groups]
         if self.state or self.fisher.forwarded or any(
                 (not lr.is_cpu or bool(lr != 0)) if isinstance(lr, torch.Tensor) else lr != 0
-                for lr in (g["lr"] for g in self.param_groups)):
+                for lr in lrs):
             return False
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         return (bool(grads) and not self.fisher._pending_any and self.fisher.before is None
