@@ -256,6 +256,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
               "adafisher::layer_ema: counters must be int64 [n_layers, 2]");
   c10::cuda::CUDAGuard guard(buf.device());
   at::Tensor raw = at::empty({std::max<int64_t>(n_raw, 1)}, buf.options());
+  at::Tensor minmax = at::empty({std::max<int64_t>(2 * nf, 1)}, buf.options());
   EmaArgs a{};
   a.buf = buf.data_ptr(); a.n_acc = n_acc;
   a.term_ptr = term_ptr.data_ptr<int64_t>(); a.term_src = term_src.data_ptr<int64_t>();
@@ -265,6 +266,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
   a.layer_fstart = layer_fstart.data_ptr<int64_t>(); a.n_layers = n_layers;
   a.state = state.data_ptr(); a.fac = fac.data_ptr(); a.initialized = initialized.data_ptr<bool>();
   a.counters = counters.data_ptr<int64_t>(); a.raw_work = raw.data_ptr();
+  a.minmax_work = minmax.data_ptr();
   a.decay = decay; a.weight = weight; a.decay_first = decay_first; a.weight_first = weight_first;
   a.normalise_raw = normalise_raw; a.normalise_state = normalise_state;
   check_launch(launch_layer_ema(a, ot, c10::cuda::getCurrentCUDAStream()), op);

@@ -73,7 +73,9 @@ struct EmaArgs {
   const void* term_q; const int64_t* term_factor;
   const int64_t* factor_start;
   const int64_t* layer_factors; const int64_t* layer_fstart; int64_t n_layers;  // factors by layer (CSR)
-  void* state; void* fac; bool* initialized; int64_t* counters; void* raw_work;
+  void* state; void* fac; bool* initialized; int64_t* counters;
+  void* raw_work;     // [n_raw] scratch
+  void* minmax_work;  // [2 * n_factors] scratch
   double decay, weight, decay_first, weight_first; bool normalise_raw, normalise_state;
 };
 cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s);

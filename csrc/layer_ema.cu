@@ -1,14 +1,17 @@
 // layer_ema (reference.layer_ema, SPEC 2 and 3): one launch for every layer's statistics iteration.
 // NOTE: [ema blocks] One block per layer (a layer's factors must agree on the non-finite guard); the
-// block visits its own factors through the CSR by layer (kernel_host.layer_factors, as Triton's):
+// block visits its own factors through the CSR by layer (kernel_host.layer_factors, as Triton's),
+// walking each two or three times (each reduction rides on a walk made anyway: NOTE: [ema block]
+// in fisher_kernels/layer_ema.py):
 //  1. raw of each of its factors from the accumulators, raw[e] = sum over the terms with dst == e
 //     (CSR by destination, built once per LayerTable by kernel_host.py) of
-//     buf[src]^pow * coef / count[factor]^q, written to raw_work; finiteness reduced per factor;
-//  2. the layer is bad if a factor with a non-zero row count is not finite; counters[layer] +=
-//     (took, bad);
-//  3. every factor with statistics in a good layer: state = prior * decay + v * weight, prior = state
-//     (or ones at the first iteration, with decay_first/weight_first), v = min-max(raw) or raw;
-//  4. fac = min-max(state) or state where initialized, else 1.
+//     buf[src]^pow * coef / count[factor]^q, written to raw_work; its finiteness and, when raw is
+//     normalised, its min and max (minmax_work) reduced on the way; the layer is bad if a factor
+//     with a non-zero row count is not finite; counters[layer] += (took, bad);
+//  2. every factor with statistics in a good layer: state = prior * decay + v * weight, prior = state
+//     (or ones at the first iteration, with decay_first/weight_first), v = min-max(raw) or raw; the
+//     new state's min and max reduced on the way, or, when the state is not normalised, fac written;
+//  3. otherwise fac = min-max(state) or state where initialized, else 1.
 // min-max = (v - min) / (max - min + 1e-6) after +inf -> 1 and -inf -> 0 (NOTE: [min-max epsilon]).
 // All arithmetic in the buffer dtype (float32 or float64).  NaN in a *state* (not reachable through
 // the guard) is ignored by the CUDA min/max where torch's amin/amax would propagate it.
@@ -39,66 +42,74 @@ __global__ void layer_ema_kernel(EmaArgs a) {
   const A* tcoef = static_cast<const A*>(a.term_coef);
   const A* tq = static_cast<const A*>(a.term_q);
   A* raw = static_cast<A*>(a.raw_work);
+  A* minmax = static_cast<A*>(a.minmax_work);
   A* state = static_cast<A*>(a.state);
   A* fac = static_cast<A*>(a.fac);
   const A inf = A(INFINITY);
   if (threadIdx.x == 0) bad_sh = 0;
   __syncthreads();
-  // 1-2: raw values and the guard
+  // 1: raw values, the guard and raw's min and max
   const int64_t f0 = a.layer_fstart[layer], f1 = a.layer_fstart[layer + 1];
   for (int64_t fi = f0; fi < f1; ++fi) {
     const int64_t f = a.layer_factors[fi];
     const int64_t lo = a.factor_start[f], hi = a.factor_start[f + 1];
-    A finite = 1;
+    A finite = 1, mn = inf, mx = -inf;
     for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
       A v = 0;
       for (int64_t t = a.term_ptr[e]; t < a.term_ptr[e + 1]; ++t)
         v += pw<A>(buf[a.term_src[t]], tpow[t]) * tcoef[t] / pw<A>(counts[a.term_factor[t]], tq[t]);
       raw[e] = v;
       if (!isfinite(v)) finite = 0;
+      if (a.normalise_raw) {
+        const A c = deinf<A>(v); mn = fmin(mn, c); mx = fmax(mx, c);
+      }
     }
     finite = block_min<A>(finite, sh);
     if (threadIdx.x == 0 && counts[f] > 0 && finite == A(0)) bad_sh = 1;
+    if (a.normalise_raw) {
+      mn = block_min<A>(mn, sh); mx = block_max<A>(mx, sh);
+      if (threadIdx.x == 0) { minmax[2 * f] = mn; minmax[2 * f + 1] = mx; }
+    }
   }
   __syncthreads();
   const bool bad = bad_sh != 0;
   int took = 0;
-  // 3-4: EMA and fac
+  // 2-3: EMA and fac
   for (int64_t fi = f0; fi < f1; ++fi) {
     const int64_t f = a.layer_factors[fi];
     const int64_t lo = a.factor_start[f], hi = a.factor_start[f + 1];
     const bool upd = counts[f] > 0 && !bad;
     const bool init = a.initialized[f];
+    A mn = inf, mx = -inf;
     if (upd) {
       took = 1;
       A rlo = 0, rden = 1;
-      if (a.normalise_raw) {
-        A mn = inf, mx = -inf;
-        for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
-          const A v = deinf<A>(raw[e]); mn = fmin(mn, v); mx = fmax(mx, v);
-        }
-        rlo = block_min<A>(mn, sh); rden = block_max<A>(mx, sh) - rlo + A(kMinMaxEps);
-      }
+      if (a.normalise_raw) { rlo = minmax[2 * f]; rden = minmax[2 * f + 1] - rlo + A(kMinMaxEps); }
       const A decay = init ? A(a.decay) : A(a.decay_first);
       const A weight = init ? A(a.weight) : A(a.weight_first);
       for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
         const A v = a.normalise_raw ? (deinf<A>(raw[e]) - rlo) / rden : raw[e];
         const A prior = init ? state[e] : A(1);
-        state[e] = prior * decay + v * weight;
+        const A s = prior * decay + v * weight;
+        state[e] = s;
+        if (a.normalise_state) {
+          const A c = deinf<A>(s); mn = fmin(mn, c); mx = fmax(mx, c);
+        } else {
+          fac[e] = s;       // fac = state: no third walk
+        }
+      }
+    } else if (a.normalise_state && init) {
+      for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+        const A c = deinf<A>(state[e]); mn = fmin(mn, c); mx = fmax(mx, c);
       }
     }
     const bool now_init = init || upd;
-    A slo = 0, sden = 1;
     if (a.normalise_state && now_init) {
-      A mn = inf, mx = -inf;
-      for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
-        const A v = deinf<A>(state[e]); mn = fmin(mn, v); mx = fmax(mx, v);
-      }
-      slo = block_min<A>(mn, sh); sden = block_max<A>(mx, sh) - slo + A(kMinMaxEps);
-    }
-    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
-      if (!now_init) fac[e] = A(1);
-      else fac[e] = a.normalise_state ? (deinf<A>(state[e]) - slo) / sden : state[e];
+      const A slo = block_min<A>(mn, sh), sden = block_max<A>(mx, sh) - slo + A(kMinMaxEps);
+      for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x)
+        fac[e] = (deinf<A>(state[e]) - slo) / sden;
+    } else if (!upd) {
+      for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) fac[e] = now_init ? state[e] : A(1);
     }
     __syncthreads();
     if (threadIdx.x == 0 && upd) a.initialized[f] = true;

@@ -1,23 +1,25 @@
 """Triton twin of ``reference.layer_ema``: one launch, one program per LAYER (SPEC 2-4).
 
-Each program, for each of its factors (the H and S of the layer):
+Each program walks each of its factors (the H and S of the layer) two or three times:
 1. finalises the raw statistic from the accumulators with the LayerTable's terms,
    ``raw[e] = sum over the terms with dst == e of buf[src] ** pow * coef / count ** q`` (each lane
-   sums its entries' terms in order: NOTE: [term CSR]) into a scratch vector, read back after a
-   barrier;
-2. checks that every counted factor is finite (a non-finite one makes the whole layer keep its
-   state and counts one skip);
-3. applies the preset's EmaRule (+inf -> 1, -inf -> 0 then min-max of raw or state), writes
-   ``state``, ``initialized``, ``fac`` (ones for factors without statistics) and ``counters``.
+   sums its entries' terms in order: NOTE: [term CSR]) into a scratch vector, and reduces on the
+   way whether it is finite and (official preset) its min and max after +inf -> 1, -inf -> 0;
+   a non-finite counted factor makes the whole layer keep its state and counts one skip;
+2. after a barrier, applies the preset's EmaRule to ``state`` and ``initialized``, reducing the new
+   state's min and max on the way (paper preset), or writing ``fac`` in the same walk (official);
+3. (paper preset, or a factor that took no update) writes ``fac``: ones for factors without
+   statistics; and the ``counters``.
 
 NOTE: [one program per layer] the non-finite guard is per layer, across its factors, so the layer
 is the unit of work; factors are small (a few thousand entries) and the programs are independent.
-NOTE: [ema block] So a program walks each of its factors five or six times (raw, guard, min-max,
-EMA, fac), one BLOCK-wide step after another, each step a round trip to memory (three dependent
-loads in the raw pass): its time grows with the trips through its largest factor, not with the
-bytes.  BLOCK = 1024 over 8 warps (4 entries per thread, no spills: tests/triton_codegen.py)
-makes a vocabulary-sized factor (8192 entries in the bench's GPT, 50257 in GPT-2's embedding and
-head) 4x fewer trips than 256 over 4 warps; a small factor still takes one.  (A design argument:
+NOTE: [ema block] So a program's time grows with the walks through its largest factor, one
+BLOCK-wide step after another, each step a round trip to memory (three dependent loads in the raw
+walk), not with the bytes.  Hence each reduction rides on a walk that is made anyway (two walks
+for the official preset, three for the paper's, where separate passes took five), and BLOCK =
+1024 over 8 warps (4 entries per thread, no spills: tests/triton_codegen.py) makes a
+vocabulary-sized factor (8192 entries in the bench's GPT, 50257 in GPT-2's embedding and head) 4x
+fewer steps than 256 over 4 warps; a small factor still takes one.  (A design argument:
 bench_layer_ema's GPT-2 case times it on a GPU.)
 float64 buffers fall back to the reference (parity runs); each layer's factors and the terms by
 destination are derived from the table once and cached (NOTE: [table cache]).
@@ -44,33 +46,32 @@ def _clip_inf(v):
 
 
 @triton.jit
-def _ema_minmax(v_ptr, start, end, BLOCK: tl.constexpr):
-    """(min, max) over v[start:end] after +inf -> 1, -inf -> 0."""
-    lo = tl.full((BLOCK,), float("inf"), tl.float32)
-    hi = tl.full((BLOCK,), float("-inf"), tl.float32)
-    for s in range(start, end, BLOCK):
-        o = s + tl.arange(0, BLOCK)
-        m = o < end
-        v = tl.load(v_ptr + o, mask=m, other=0.0, volatile=True)
-        v = _clip_inf(v)
-        lo = tl.minimum(lo, tl.where(m, v, float("inf")))
-        hi = tl.maximum(hi, tl.where(m, v, float("-inf")))
-    return tl.min(lo, axis=0), tl.max(hi, axis=0)
+def _lo_hi(lo, hi, v, m):
+    """Running (min, max) vectors with v's masked lanes, after +inf -> 1, -inf -> 0."""
+    v = _clip_inf(v)
+    return tl.minimum(lo, tl.where(m, v, float("inf"))), tl.maximum(hi, tl.where(m, v, float("-inf")))
 
 
 @triton.jit
 def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor,
-                      factor_start, layer_factors, layer_fstart, raw_ptr, state_ptr, fac_ptr,
+                      factor_start, layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr,
                       init_ptr, counters_ptr, decay, weight, decay_first, weight_first,
                       NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr):
     layer = tl.program_id(0)
     f0 = tl.load(layer_fstart + layer)
     f1 = tl.load(layer_fstart + layer + 1)
-    # 1. raw statistics of every factor of the layer: each lane sums its entries' terms in order
+    # 1. raw statistics of every factor of the layer (each lane sums its entries' terms in order),
+    # the guard over the counted factors and (NORM_RAW) each factor's min and max, into mm_ptr.
+    # Loop-carried flags start as int32 tensors (a Python 0 would be a constexpr, which compiled
+    # Triton refuses to re-assign inside loops / runtime ifs).
+    bad = layer * 0
     for fi in range(f0, f1):
         f = tl.load(layer_factors + fi)
         st = tl.load(factor_start + f)
         en = tl.load(factor_start + f + 1)
+        nbad = tl.zeros((BLOCK,), dtype=tl.int32)
+        lo = tl.full((BLOCK,), float("inf"), tl.float32)
+        hi = tl.full((BLOCK,), float("-inf"), tl.float32)
         for s in range(st, en, BLOCK):
             o = s + tl.arange(0, BLOCK)
             m = o < en
@@ -90,24 +91,15 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
                 cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt, tl.where(q == 2.0, c2, c2 * cnt)))
                 v += tl.where(tm, bp * tl.load(t_coef + t, mask=tm, other=0.0) / cq, 0.0)
             tl.store(raw_ptr + o, v, mask=m)
-    tl.debug_barrier()
-    # 2. non-finite guard over the counted factors
-    # loop-carried flags start as int32 tensors (a Python 0 would be a constexpr, which compiled
-    # Triton refuses to re-assign inside loops / runtime ifs)
-    bad = layer * 0
-    for fi in range(f0, f1):
-        f = tl.load(layer_factors + fi)
-        cnt = tl.load(buf_ptr + n_acc + f)
-        st = tl.load(factor_start + f)
-        en = tl.load(factor_start + f + 1)
-        nbad = tl.zeros((BLOCK,), dtype=tl.int32)
-        for s in range(st, en, BLOCK):
-            o = s + tl.arange(0, BLOCK)
-            m = o < en
-            v = tl.load(raw_ptr + o, mask=m, other=0.0, volatile=True)
             nbad += (m & ((v != v) | (v == float("inf")) | (v == float("-inf")))).to(tl.int32)
-        bad = bad | ((cnt > 0) & (tl.sum(nbad, axis=0) > 0)).to(tl.int32)
-    # 3. EMA, then H'/S'
+            if NORM_RAW:
+                lo, hi = _lo_hi(lo, hi, v, m)
+        bad = bad | ((tl.load(buf_ptr + n_acc + f) > 0) & (tl.sum(nbad, axis=0) > 0)).to(tl.int32)
+        if NORM_RAW:
+            tl.store(mm_ptr + 2 * f, tl.min(lo, axis=0))
+            tl.store(mm_ptr + 2 * f + 1, tl.max(hi, axis=0))
+    tl.debug_barrier()
+    # 2. EMA, then H'/S'
     took = layer * 0
     for fi in range(f0, f1):
         f = tl.load(layer_factors + fi)
@@ -116,12 +108,14 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
         en = tl.load(factor_start + f + 1)
         init = tl.load(init_ptr + f) != 0
         upd = (cnt > 0) & (bad == 0)
+        lo = tl.full((BLOCK,), float("inf"), tl.float32)
+        hi = tl.full((BLOCK,), float("-inf"), tl.float32)
         if upd:
-            lo = 0.0
+            rlo = 0.0
             scl = 1.0
             if NORM_RAW:
-                lo, hi = _ema_minmax(raw_ptr, st, en, BLOCK)
-                scl = hi - lo + 1e-6
+                rlo = tl.load(mm_ptr + 2 * f, volatile=True)
+                scl = tl.load(mm_ptr + 2 * f + 1, volatile=True) - rlo + 1e-6
             dc = tl.where(init, decay, decay_first)
             wt = tl.where(init, weight, weight_first)
             for s in range(st, en, BLOCK):
@@ -129,28 +123,37 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
                 m = o < en
                 v = tl.load(raw_ptr + o, mask=m, other=0.0, volatile=True)
                 if NORM_RAW:
-                    v = _clip_inf(v)
-                    v = (v - lo) / scl
+                    v = (_clip_inf(v) - rlo) / scl
                 old = tl.load(state_ptr + o, mask=m, other=1.0)
-                prior = tl.where(init, old, 1.0)
-                tl.store(state_ptr + o, prior * dc + v * wt, mask=m)
+                new = tl.where(init, old, 1.0) * dc + v * wt
+                tl.store(state_ptr + o, new, mask=m)
+                if NORM_STATE:
+                    lo, hi = _lo_hi(lo, hi, new, m)
+                else:
+                    tl.store(fac_ptr + o, new, mask=m)     # fac = state: no third walk
             tl.store(init_ptr + f, 1)
+        elif NORM_STATE:
+            if init:
+                for s in range(st, en, BLOCK):
+                    o = s + tl.arange(0, BLOCK)
+                    m = o < en
+                    lo, hi = _lo_hi(lo, hi, tl.load(state_ptr + o, mask=m, other=0.0), m)
         init = init | upd
         took = took | upd.to(tl.int32)
-        tl.debug_barrier()
-        lo2 = 0.0
-        scl2 = 1.0
-        if NORM_STATE:
-            lo2, hi2 = _ema_minmax(state_ptr, st, en, BLOCK)
-            scl2 = hi2 - lo2 + 1e-6
-        for s in range(st, en, BLOCK):
-            o = s + tl.arange(0, BLOCK)
-            m = o < en
-            v = tl.load(state_ptr + o, mask=m, other=0.0, volatile=True)
+        if NORM_STATE or not upd:
+            slo = 0.0
+            scl2 = 1.0
             if NORM_STATE:
-                v = _clip_inf(v)
-                v = (v - lo2) / scl2
-            tl.store(fac_ptr + o, tl.where(init, v, 1.0), mask=m)
+                tl.debug_barrier()
+                slo = tl.min(lo, axis=0)
+                scl2 = tl.max(hi, axis=0) - slo + 1e-6
+            for s in range(st, en, BLOCK):
+                o = s + tl.arange(0, BLOCK)
+                m = o < en
+                v = tl.load(state_ptr + o, mask=m, other=0.0, volatile=True)
+                if NORM_STATE:
+                    v = (_clip_inf(v) - slo) / scl2
+                tl.store(fac_ptr + o, tl.where(init, v, 1.0), mask=m)
     c0 = tl.load(counters_ptr + 2 * layer)
     c1 = tl.load(counters_ptr + 2 * layer + 1)
     tl.store(counters_ptr + 2 * layer, c0 + took)
@@ -172,10 +175,11 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     ptr, src, pw, coef, q, factor = term_csr(table)     # NOTE: [term CSR]
     factors_by_layer, layer_fstart = layer_factors(table)
     raw = torch.empty(state.numel(), dtype=torch.float32, device=buf.device)
+    minmax = torch.empty(2 * table.factor_layer.numel(), dtype=torch.float32, device=buf.device)
     _layer_ema_kernel[(table.n_layers,)](
         buf, table.n_acc, ptr, src, *(t.to(torch.float32) for t in (pw, coef, q)), factor,
         table.factor_start, factors_by_layer, layer_fstart,
-        raw, state, fac, initialized.view(torch.uint8), counters,
+        raw, minmax, state, fac, initialized.view(torch.uint8), counters,
         float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
         NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state), BLOCK=BLOCK,
         num_warps=NUM_WARPS)

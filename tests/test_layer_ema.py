@@ -50,6 +50,33 @@ def test_layer_ema(kernel_ops, preset):
     assert int(want[3][:, 1].sum()) >= 1            # the non-finite event was counted
 
 
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_layer_ema_writes_every_fac_entry(kernel_ops, preset):
+    """fac is derived from the state at every call (reference: ``fac[:-1].copy_``), also for the
+    factors that take no update: a module never called, one called before but not now, a layer
+    the guard skips.  The kernels write those in a walk of their own (NOTE: [ema block])."""
+    torch.manual_seed(0)
+    f = AdaFisher(_model().to(device()), preset=preset, backend="torch").fisher
+    rule = PRESETS[preset].ema_rule(0.8)
+    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
+    got = [t.clone() for t in want]
+    n_acc = f.table.n_acc
+    for it in range(3):
+        buf = torch.rand_like(f.buf) * 3
+        buf[n_acc] = 0                              # never called: fac stays ones
+        if it == 1:
+            buf[n_acc + 1] = 0                      # called before, not now
+        if it == 2:
+            buf[n_acc - 1] = float("inf")           # the last layer keeps its state
+        for fac in (want[1], got[1]):
+            fac[:-1] = float("nan")
+        reference.layer_ema(buf, f.table, *want, rule)
+        kernel_ops.layer_ema(buf, f.table, *got, rule)
+        assert not want[1].isnan().any()
+        _assert_same_state(got, want)
+    assert want[2].tolist().count(False) == 1 and int(want[3][:, 1].sum()) == 1
+
 def test_layer_ema_factors_in_any_layer_order(kernel_ops):
     """A LayerTable may number its layers in any order: the kernels find a layer's factors through
     the CSR by layer (kernel_host.layer_factors), not by position."""
