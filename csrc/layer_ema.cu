@@ -30,9 +30,14 @@ template <typename A> __device__ __forceinline__ A deinf(A v) {
   return isinf(v) ? (v > 0 ? A(1) : A(0)) : v;
 }
 constexpr double kMinMaxEps = 1e-6;  // reference.MINMAX_EPS
+// A block's time grows with the trips through its layer's largest factor, blockDim entries a trip
+// (latency-bound: one block per layer, few per SM), so a block takes the most threads it may:
+// 1024 x at most 64 registers fits an SM's 64K (float uses 47-48, double 61-64 on sm_80/sm_90, no
+// spills; __launch_bounds__(1024) made ptxas squeeze float into 32 registers, with spills).
+constexpr int kEmaThreads = 1024;
 
 template <typename A>
-__global__ void layer_ema_kernel(EmaArgs a) {
+__global__ void __maxnreg__(64) layer_ema_kernel(EmaArgs a) {
   __shared__ A sh[32];
   __shared__ int bad_sh;
   const int64_t layer = blockIdx.x;
@@ -122,7 +127,7 @@ __global__ void layer_ema_kernel(EmaArgs a) {
 
 cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s) {
   if (a.n_layers == 0) return cudaSuccess;
-  AF_DISPATCH_ACC(ot, A, layer_ema_kernel<A><<<(unsigned)a.n_layers, 512, 0, s>>>(a));
+  AF_DISPATCH_ACC(ot, A, layer_ema_kernel<A><<<(unsigned)a.n_layers, kEmaThreads, 0, s>>>(a));
   return cudaGetLastError();
 }
 

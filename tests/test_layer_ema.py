@@ -100,7 +100,7 @@ def test_layer_ema_factors_in_any_layer_order(kernel_ops):
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_layer_ema_factors_longer_than_a_block(kernel_ops, preset):
     """Factors of several blocks of the kernels' loops (Triton's 1024 entries, NOTE: [ema block];
-    CUDA's 512 threads), a non-finite entry in a later block of one: raw sums, the guard, both
+    CUDA's 1024 threads), a non-finite entry in a later block of one: raw sums, the guard, both
     min-maxes and the EMA walk every block."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2500, 3), nn.ReLU(), nn.Linear(3, 2100))
