@@ -35,9 +35,14 @@ constexpr double kMinMaxEps = 1e-6;  // reference.MINMAX_EPS
 // 1024 x at most 64 registers fits an SM's 64K (float uses 47-48, double 61-64 on sm_80/sm_90, no
 // spills; __launch_bounds__(1024) made ptxas squeeze float into 32 registers, with spills).
 constexpr int kEmaThreads = 1024;
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204)
+#define AF_EMA_BOUNDS __maxnreg__(64)
+#else  // __maxnreg__ came with CUDA 12.4
+#define AF_EMA_BOUNDS __launch_bounds__(kEmaThreads)
+#endif
 
 template <typename A>
-__global__ void __maxnreg__(64) layer_ema_kernel(EmaArgs a) {
+__global__ void AF_EMA_BOUNDS layer_ema_kernel(EmaArgs a) {
   __shared__ A sh[32];
   __shared__ int bad_sh;
   const int64_t layer = blockIdx.x;

@@ -16,7 +16,6 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __maxnreg__(...)
 // one block runs at a time (emu.cpp), so a function-local static is that block's shared memory
 #define __shared__ static
 
