@@ -18,23 +18,29 @@ def _model():
                          nn.Embedding(11, 3), nn.GroupNorm(2, 4), nn.Conv1d(4, 4, 3))
 
 
+def _states(make_model, preset):
+    """(FisherState, EMA rule, the reference's state, the kernel's copy) of a fresh optimizer."""
+    torch.manual_seed(0)
+    f = AdaFisher(make_model().to(device()), preset=preset, backend="torch").fisher
+    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
+    return f, PRESETS[preset].ema_rule(0.8), want, [t.clone() for t in want]
 
-def _assert_same_state(got, want):
-    """state, fac (float, to float32 rounding), initialized, counters (exact)."""
+
+def _step_both(kernel_ops, buf, table, want, got, rule):
+    """One layer_ema of the reference and of the kernel; then state, fac (float, to float32
+    rounding), initialized and counters (exact) must agree."""
+    reference.layer_ema(buf, table, *want, rule)
+    kernel_ops.layer_ema(buf, table, *got, rule)
     for w, g in zip(want, got):
         if w.is_floating_point():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(g, w)
 
+
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_layer_ema(kernel_ops, preset):
-    torch.manual_seed(0)
-    opt = AdaFisher(_model().to(device()), preset=preset, backend="torch")
-    f = opt.fisher
-    rule = PRESETS[preset].ema_rule(0.8)
-    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
-    got = [t.clone() for t in want]
+    f, rule, want, got = _states(_model, preset)
     n_acc = f.table.n_acc
     for it in range(4):
         buf = torch.rand_like(f.buf) * 3
@@ -44,11 +50,8 @@ def test_layer_ema(kernel_ops, preset):
             buf[1] = float("inf")                   # a non-finite statistic: layer keeps its state
         if it == 3:
             buf[n_acc:] = torch.randint(1, 5, (buf.numel() - n_acc,)).to(buf)
-        reference.layer_ema(buf, f.table, *want, rule)
-        kernel_ops.layer_ema(buf, f.table, *got, rule)
-        _assert_same_state(got, want)
+        _step_both(kernel_ops, buf, f.table, want, got, rule)
     assert int(want[3][:, 1].sum()) >= 1            # the non-finite event was counted
-
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
@@ -56,11 +59,7 @@ def test_layer_ema_writes_every_fac_entry(kernel_ops, preset):
     """fac is derived from the state at every call (reference: ``fac[:-1].copy_``), also for the
     factors that take no update: a module never called, one called before but not now, a layer
     the guard skips.  The kernels write those in a walk of their own (NOTE: [ema block])."""
-    torch.manual_seed(0)
-    f = AdaFisher(_model().to(device()), preset=preset, backend="torch").fisher
-    rule = PRESETS[preset].ema_rule(0.8)
-    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
-    got = [t.clone() for t in want]
+    f, rule, want, got = _states(_model, preset)
     n_acc = f.table.n_acc
     for it in range(3):
         buf = torch.rand_like(f.buf) * 3
@@ -71,30 +70,23 @@ def test_layer_ema_writes_every_fac_entry(kernel_ops, preset):
             buf[n_acc - 1] = float("inf")           # the last layer keeps its state
         for fac in (want[1], got[1]):
             fac[:-1] = float("nan")
-        reference.layer_ema(buf, f.table, *want, rule)
-        kernel_ops.layer_ema(buf, f.table, *got, rule)
+        _step_both(kernel_ops, buf, f.table, want, got, rule)
         assert not want[1].isnan().any()
-        _assert_same_state(got, want)
     assert want[2].tolist().count(False) == 1 and int(want[3][:, 1].sum()) == 1
+
 
 def test_layer_ema_factors_in_any_layer_order(kernel_ops):
     """A LayerTable may number its layers in any order: the kernels find a layer's factors through
     the CSR by layer (kernel_host.layer_factors), not by position."""
-    torch.manual_seed(0)
-    f = AdaFisher(_model().to(device()), preset="paper", backend="torch").fisher
+    f, rule, want, got = _states(_model, "paper")
     perm = torch.randperm(f.table.n_layers, device=f.table.factor_layer.device)
     assert perm.tolist() != sorted(perm.tolist())
     table = f.table._replace(factor_layer=perm[f.table.factor_layer].contiguous())
-    rule = PRESETS["paper"].ema_rule(0.8)
-    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
-    got = [t.clone() for t in want]
     for it in range(2):
         buf = torch.rand_like(f.buf) * 3
         if it == 1:
             buf[1] = float("inf")                   # one layer keeps its state: the guard's layer
-        reference.layer_ema(buf, table, *want, rule)
-        kernel_ops.layer_ema(buf, table, *got, rule)
-        _assert_same_state(got, want)
+        _step_both(kernel_ops, buf, table, want, got, rule)
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
@@ -102,36 +94,24 @@ def test_layer_ema_factors_longer_than_a_block(kernel_ops, preset):
     """Factors of several blocks of the kernels' loops (Triton's 1024 entries, NOTE: [ema block];
     CUDA's 1024 threads), a non-finite entry in a later block of one: raw sums, the guard, both
     min-maxes and the EMA walk every block."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(2500, 3), nn.ReLU(), nn.Linear(3, 2100))
-    f = AdaFisher(model.to(device()), preset=preset, backend="torch").fisher
+    f, rule, want, got = _states(
+        lambda: nn.Sequential(nn.Linear(2500, 3), nn.ReLU(), nn.Linear(3, 2100)), preset)
     assert max((f.table.factor_start[1:] - f.table.factor_start[:-1]).tolist()) > 2048
-    rule = PRESETS[preset].ema_rule(0.8)
-    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
-    got = [t.clone() for t in want]
     for it in range(3):
         buf = torch.rand_like(f.buf) * 3
         if it == 1:
             buf[2300] = float("inf")                # the first layer keeps its state
-        reference.layer_ema(buf, f.table, *want, rule)
-        kernel_ops.layer_ema(buf, f.table, *got, rule)
-        _assert_same_state(got, want)
+        _step_both(kernel_ops, buf, f.table, want, got, rule)
     assert want[3][:, 1].tolist() == [1, 0]
 
 
 @pytest.mark.gpu
 def test_layer_ema_gpu_many_layers(kernel_ops):
-    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(32)], nn.Embedding(50257, 64))
-    opt = AdaFisher(model.cuda(), preset="paper", backend="torch")
-    f = opt.fisher
-    rule = PRESETS["paper"].ema_rule(0.8)
-    want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
-    got = [t.clone() for t in want]
+    f, rule, want, got = _states(
+        lambda: nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(32)], nn.Embedding(50257, 64)),
+        "paper")
     for _ in range(3):
-        buf = torch.rand_like(f.buf) + 0.5
-        reference.layer_ema(buf, f.table, *want, rule)
-        kernel_ops.layer_ema(buf, f.table, *got, rule)
-    _assert_same_state(got, want)
+        _step_both(kernel_ops, torch.rand_like(f.buf) + 0.5, f.table, want, got, rule)
 
 
 def test_table_cache_derives_once_per_table(monkeypatch):
