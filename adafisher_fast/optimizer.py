@@ -31,31 +31,31 @@ _GROUP_KEYS = ("lr", "beta", "weight_decay")
 _GROUP_EXTRAS = ("initial_lr", "name")
 
 
-def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay) -> None:
-    """Types and ranges; a tensor lr's value is read (a sync for a GPU tensor) where a group is
-    made, not at each step (NOTE: [tensor lr] in kernel_host.py)."""
+def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay, where: str = "") -> None:
+    """Types and ranges, errors prefixed with ``where``; a tensor lr's value is read (a sync for
+    a GPU tensor) where a group is made, not at each step (NOTE: [tensor lr] in kernel_host.py)."""
     def real(name, v):          # numbers.Real: NumPy's scalars too
         if isinstance(v, torch.Tensor):
-            raise TypeError(f"{name} must be a Python or NumPy real number, got a tensor: only "
-                            f"lr may be a tensor")
+            raise TypeError(f"{where}{name} must be a Python or NumPy real number, got a tensor: "
+                            f"only lr may be a tensor")
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-            raise TypeError(f"{name} must be a finite real number, got {v!r}")
+            raise TypeError(f"{where}{name} must be a finite real number, got {v!r}")
     if isinstance(lr, torch.Tensor):
-        reference.check_lr(lr, lr.device, "lr")    # its device is checked at each step
+        reference.check_lr(lr, lr.device, where.rstrip(": ") or "lr")   # device: at each step
         lr = lr.item()
     for name, v in (("lr", lr), ("beta", beta), ("Lambda", Lambda), ("gamma", gamma),
                     ("weight_decay", weight_decay)):
         real(name, v)
     if lr < 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
+        raise ValueError(f"{where}lr must be >= 0, got {lr}")
     if not 0 <= beta < 1:
-        raise ValueError(f"beta must be in [0, 1), got {beta}")
+        raise ValueError(f"{where}beta must be in [0, 1), got {beta}")
     if Lambda <= 0:
         raise ValueError(f"Lambda must be > 0 (it damps F = S'H' + Lambda), got {Lambda}")
     if not 0 < gamma <= 1:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
     if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
     if isinstance(TCov, bool) or not isinstance(TCov, numbers.Integral) or TCov < 1:
         raise ValueError(f"TCov must be an integer >= 1, got {TCov!r}")
 
@@ -123,7 +123,8 @@ def _check_group(where: str, g: Any, of_model: set, seen: set, names: Dict[int, 
         mine.add(id(p))
         kept.append(item)
     _check_params([it[1] if isinstance(it, tuple) else it for it in kept], names)
-    _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0))
+    _check_hparams(g.get("lr", 0.0), g.get("beta", 0.0), 1.0, 1.0, 1, g.get("weight_decay", 0.0),
+                   f"{where}: ")
     # plain floats: a NumPy scalar would not load from a checkpoint with weights_only=True
     out = {**g, **{k: _plain(g[k]) for k in _GROUP_KEYS if k in g}, "params": kept}
     if not kept and any(isinstance(it, tuple) for it in items):
@@ -419,10 +420,11 @@ class AdaFisher(Optimizer, Joinable):
         optimizer had been made without it.  Adopted groups may hold frozen parameters
         (Lightning's restored groups do)."""
         seen, new = set(), []
-        for g in self.param_groups:
+        for gi, g in enumerate(self.param_groups):
             for k, v in self.defaults.items():
                 g.setdefault(k, v)
-            _check_hparams(g["lr"], g["beta"], 1.0, 1.0, 1, g["weight_decay"])
+            _check_hparams(g["lr"], g["beta"], 1.0, 1.0, 1, g["weight_decay"],
+                           f"param_groups[{gi}]: ")
             for p in g["params"]:
                 if id(p) in seen:
                     raise ValueError(f"param_groups holds parameter "
@@ -526,10 +528,12 @@ class AdaFisher(Optimizer, Joinable):
                 self._adopt_groups()        # NOTE: [adopted groups]
                 return self._gather()
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
-            if isinstance(beta, torch.Tensor) or isinstance(wd, torch.Tensor):
-                _check_hparams(0.0, beta, 1.0, 1.0, 1, wd)       # raises: only lr may be one
+            # at every step: a schedule or a hand edit that makes a value invalid (NaN, lr < 0,
+            # beta = 1) would poison the parameters or the momenta
             if isinstance(lr, torch.Tensor):                     # NOTE: [tensor lr]
                 reference.check_lr(lr, fisher.buf.device, f"param_groups[{gi}]")
+            _check_hparams(0.0 if isinstance(lr, torch.Tensor) else lr, beta, 1.0, 1.0, 1, wd,
+                           f"param_groups[{gi}]: ")
             group_rows = {}             # one hyper row per Lambda: backends split each once
             for p in group["params"]:
                 if id(p) not in rows:       # NOTE: [adopted groups]

@@ -474,3 +474,40 @@ def test_a_bad_tensor_hyper_parameter_assigned_to_a_group_is_refused_at_step():
             _steps(model, opt, x, y, 1)
         opt.param_groups[1].update(lr=1e-3, beta=0.9)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("key, value, exc, pattern", [
+    ("lr", float("nan"), TypeError, "lr must be a finite real number, got nan"),
+    ("lr", -1e-3, ValueError, "lr must be >= 0"),
+    ("lr", "1e-3", TypeError, "lr must be a finite real number, got '1e-3'"),
+    ("beta", 1.0, ValueError, r"beta must be in \[0, 1\)"),
+    ("beta", float("nan"), TypeError, "beta must be a finite real number"),
+    ("weight_decay", float("inf"), TypeError, "weight_decay must be a finite real number"),
+    ("weight_decay", -1.0, ValueError, "weight_decay must be >= 0"),
+])
+def test_a_bad_value_assigned_to_a_group_is_refused_at_step(key, value, exc, pattern):
+    """A schedule or a hand edit may change a group's values between steps; one the step cannot
+    use (a NaN lr, beta = 1: 1 - beta^t = 0) made NaN parameters or momenta.  It is refused at the
+    step, naming the group, before anything changes; the group trains on once it is mended."""
+    model = _net()
+    opt = AdaFisher(model, TCov=1, backend="torch", param_groups=[
+        {"params": model[0].parameters()}, {"params": model[2:].parameters()}])
+    x, y = _data()
+    _steps(model, opt, x, y, 1)
+    good = opt.param_groups[1][key]
+    opt.param_groups[1][key] = value
+    opt.zero_grad()
+    _iteration(model, x, y)
+
+    def state():
+        f = opt.fisher
+        return [*model.parameters(), f.state, f.fac, f.initialized, f.counters,
+                *(t for s in opt.state.values() for t in (s["exp_avg"], s["step"]))]
+    before = [t.clone() for t in state()]
+    with pytest.raises(exc, match=r"param_groups\[1\]: " + pattern):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, state()))
+    opt.param_groups[1][key] = good
+    opt.step()
+    params = list(model.parameters())
+    assert all(p.isfinite().all() and not torch.equal(p, b) for p, b in zip(params, before))
