@@ -51,13 +51,24 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay, where: str = "")
     if not 0 <= beta < 1:
         raise ValueError(f"{where}beta must be in [0, 1), got {beta}")
     if Lambda <= 0:
-        raise ValueError(f"Lambda must be > 0 (it damps F = S'H' + Lambda), got {Lambda}")
+        raise ValueError(f"{where}Lambda must be > 0 (it damps F = S'H' + Lambda), got {Lambda}")
     if not 0 < gamma <= 1:
-        raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        raise ValueError(f"{where}gamma must be in (0, 1], got {gamma}")
     if weight_decay < 0:
         raise ValueError(f"{where}weight_decay must be >= 0, got {weight_decay}")
     if isinstance(TCov, bool) or not isinstance(TCov, numbers.Integral) or TCov < 1:
-        raise ValueError(f"TCov must be an integer >= 1, got {TCov!r}")
+        raise ValueError(f"{where}TCov must be an integer >= 1, got {TCov!r}")
+
+
+def _setting(name: str, cast, check):
+    """An optimizer setting (Lambda, gamma, TCov) checked where it is set: the constructor, a hand
+    edit between steps (under the paper preset ``opt.Lambda = 0`` made F = S'H' = 0 where min-max
+    put an entry at 0, so non-finite parameters; ``opt.TCov = 0`` a ZeroDivisionError in step),
+    a loaded checkpoint (checked before anything loads)."""
+    def set_(self, v):
+        check(v)
+        setattr(self, "_" + name, cast(v))
+    return property(lambda self: getattr(self, "_" + name), set_)
 
 
 def _plain(v):
@@ -252,6 +263,9 @@ class AdaFisher(Optimizer, Joinable):
             iteration can be captured in a CUDA graph (NOTE: [capturable]).
     """
     decoupled = False
+    Lambda = _setting("Lambda", float, lambda v: _check_hparams(0.0, 0.0, v, 1.0, 1, 0.0))
+    gamma = _setting("gamma", float, lambda v: _check_hparams(0.0, 0.0, 1.0, v, 1, 0.0))
+    TCov = _setting("TCov", int, lambda v: _check_hparams(0.0, 0.0, 1.0, 1.0, v, 0.0))
     # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
     # torch.amp.GradScaler.step() sets ``self.grad_scale`` (None if the user already called
     # scaler.unscale_) and ``self.found_inf``.  With found_inf the whole step is skipped and that
@@ -947,6 +961,7 @@ class AdaFisher(Optimizer, Joinable):
             raise ValueError(f"state_dict: the checkpoint has {len(theirs)} hooked layers, this "
                              f"model {len(mine)}")
         self._check_state_shapes(sd)
+        _check_hparams(0.0, 0.0, extra["Lambda"], extra["gamma"], extra["TCov"], 0.0, "state_dict: ")
         # the groups keep this optimizer's capturable flag, and the loaded step counts go where
         # this optimizer keeps them (NOTE: [device steps])
         sd["param_groups"] = [{**g, "capturable": self.capturable} for g in sd["param_groups"]]

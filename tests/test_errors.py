@@ -47,6 +47,36 @@ def test_bad_hyperparameters(cls, kw, exc, pattern):
         cls(_m(), **kw)
 
 
+@pytest.mark.parametrize("name, bad, exc", [
+    ("Lambda", 0.0, ValueError), ("Lambda", float("nan"), TypeError), ("gamma", 1.5, ValueError),
+    ("TCov", 0, ValueError), ("TCov", 2.5, ValueError)])
+def test_settings_changed_after_construction_are_checked(name, bad, exc):
+    """Lambda, gamma and TCov are checked when set by hand (Lambda = 0 under the paper preset
+    made non-finite parameters, TCov = 0 a ZeroDivisionError in step) and when a checkpoint
+    brings them, before it loads anything; a good value takes effect."""
+    model = _m()
+    opt = AdaFisher(model, preset="paper", TCov=1, backend="torch")
+
+    def step():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(4, 3)), torch.randn(4, 2)).backward()
+        opt.step()
+    step()
+    good = getattr(opt, name)
+    with pytest.raises(exc, match=name):
+        setattr(opt, name, bad)
+    assert getattr(opt, name) == good
+    sd = copy.deepcopy(opt.state_dict())
+    sd["param_groups"][0]["adafisher"][name] = bad
+    step()                                  # the checkpoint's curvature state is now another
+    before = [t.clone() for t in fisher_tensors(opt.fisher)]
+    with pytest.raises(exc, match="state_dict: " + name):
+        opt.load_state_dict(sd)
+    assert getattr(opt, name) == good
+    assert all(torch.equal(a, b) for a, b in zip(before, fisher_tensors(opt.fisher)))
+    setattr(opt, name, {"Lambda": 1e-2, "gamma": 0.5, "TCov": 3}[name])
+    assert repr(opt).count(f"{name}={getattr(opt, name)}") == 1
+
 def test_parameter_iterable_instead_of_module():
     with pytest.raises(TypeError, match="model must be an nn.Module.*parameter iterable"):
         AdaFisher(_m().parameters())
