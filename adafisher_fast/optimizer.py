@@ -60,15 +60,24 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay, where: str = "")
         raise ValueError(f"{where}TCov must be an integer >= 1, got {TCov!r}")
 
 
-def _setting(name: str, cast, check):
+def _setting(name: str, cast, check, then=None):
     """An optimizer setting (Lambda, gamma, TCov) checked where it is set: the constructor, a hand
     edit between steps (under the paper preset ``opt.Lambda = 0`` made F = S'H' = 0 where min-max
     put an entry at 0, so non-finite parameters; ``opt.TCov = 0`` a ZeroDivisionError in step),
-    a loaded checkpoint (checked before anything loads)."""
+    a loaded checkpoint (checked before anything loads); then ``then(optimizer)``, if given."""
     def set_(self, v):
         check(v)
         setattr(self, "_" + name, cast(v))
+        if then is not None:
+            then(self)
     return property(lambda self: getattr(self, "_" + name), set_)
+
+
+def _regate(opt) -> None:
+    """After a new TCov: the next iteration's gating (NOTE: [TCov gating]), which step() set
+    with the old one."""
+    if hasattr(opt, "_hooks"):          # (not while the constructor runs)
+        opt._hooks.set_steps(opt.steps, opt.TCov)
 
 
 def _plain(v):
@@ -265,7 +274,7 @@ class AdaFisher(Optimizer, Joinable):
     decoupled = False
     Lambda = _setting("Lambda", float, lambda v: _check_hparams(0.0, 0.0, v, 1.0, 1, 0.0))
     gamma = _setting("gamma", float, lambda v: _check_hparams(0.0, 0.0, 1.0, v, 1, 0.0))
-    TCov = _setting("TCov", int, lambda v: _check_hparams(0.0, 0.0, 1.0, 1.0, v, 0.0))
+    TCov = _setting("TCov", int, lambda v: _check_hparams(0.0, 0.0, 1.0, 1.0, v, 0.0), _regate)
     # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
     # torch.amp.GradScaler.step() sets ``self.grad_scale`` (None if the user already called
     # scaler.unscale_) and ``self.found_inf``.  With found_inf the whole step is skipped and that

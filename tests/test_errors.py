@@ -76,6 +76,7 @@ def test_settings_changed_after_construction_are_checked(name, bad, exc):
     assert all(torch.equal(a, b) for a, b in zip(before, fisher_tensors(opt.fisher)))
     setattr(opt, name, {"Lambda": 1e-2, "gamma": 0.5, "TCov": 3}[name])
     assert repr(opt).count(f"{name}={getattr(opt, name)}") == 1
+    assert opt._hooks.collecting == (opt.steps % opt.TCov == 0)    # 2 steps: off at TCov 3
 
 def test_parameter_iterable_instead_of_module():
     with pytest.raises(TypeError, match="model must be an nn.Module.*parameter iterable"):
