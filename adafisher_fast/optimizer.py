@@ -60,13 +60,16 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay, where: str = "")
         raise ValueError(f"{where}TCov must be an integer >= 1, got {TCov!r}")
 
 
-def _setting(name: str, cast, check, then=None):
+_PASSING = dict(lr=0.0, beta=0.0, Lambda=1.0, gamma=1.0, TCov=1, weight_decay=0.0)
+
+
+def _setting(name: str, cast, then=None):
     """An optimizer setting (Lambda, gamma, TCov) checked where it is set: the constructor, a hand
     edit between steps (under the paper preset ``opt.Lambda = 0`` made F = S'H' = 0 where min-max
     put an entry at 0, so non-finite parameters; ``opt.TCov = 0`` a ZeroDivisionError in step),
     a loaded checkpoint (checked before anything loads); then ``then(optimizer)``, if given."""
     def set_(self, v):
-        check(v)
+        _check_hparams(**{**_PASSING, name: v})
         setattr(self, "_" + name, cast(v))
         if then is not None:
             then(self)
@@ -272,9 +275,8 @@ class AdaFisher(Optimizer, Joinable):
             iteration can be captured in a CUDA graph (NOTE: [capturable]).
     """
     decoupled = False
-    Lambda = _setting("Lambda", float, lambda v: _check_hparams(0.0, 0.0, v, 1.0, 1, 0.0))
-    gamma = _setting("gamma", float, lambda v: _check_hparams(0.0, 0.0, 1.0, v, 1, 0.0))
-    TCov = _setting("TCov", int, lambda v: _check_hparams(0.0, 0.0, 1.0, 1.0, v, 0.0), _regate)
+    Lambda, gamma = _setting("Lambda", float), _setting("gamma", float)
+    TCov = _setting("TCov", int, _regate)
     # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
     # torch.amp.GradScaler.step() sets ``self.grad_scale`` (None if the user already called
     # scaler.unscale_) and ``self.found_inf``.  With found_inf the whole step is skipped and that
@@ -970,7 +972,8 @@ class AdaFisher(Optimizer, Joinable):
             raise ValueError(f"state_dict: the checkpoint has {len(theirs)} hooked layers, this "
                              f"model {len(mine)}")
         self._check_state_shapes(sd)
-        _check_hparams(0.0, 0.0, extra["Lambda"], extra["gamma"], extra["TCov"], 0.0, "state_dict: ")
+        _check_hparams(**{**_PASSING, **{k: extra[k] for k in ("Lambda", "gamma", "TCov")}},
+                       where="state_dict: ")
         # the groups keep this optimizer's capturable flag, and the loaded step counts go where
         # this optimizer keeps them (NOTE: [device steps])
         sd["param_groups"] = [{**g, "capturable": self.capturable} for g in sd["param_groups"]]
