@@ -167,7 +167,8 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
     m = m * beta + g * omb
     # NOTE: [division rounding] torch on CUDA divides a tensor by a CPU scalar as a multiply by its
     # correctly rounded reciprocal, and divides tensors with IEEE division; Triton's "/" is the
-    # approximate div.full.f32.  div_rn reproduces the reference's rounding on the GPU.
+    # approximate div.full.f32.  div_rn reproduces the reference's rounding on the GPU (NOTE:
+    # [ieee rounding] in fisher_kernels/__init__.py).
     upd = tl.math.div_rn(m * tl.math.div_rn(1.0, bc), fd)
     if DECOUPLED:
         upd = tl.where(wd != 0.0, upd + wd * pw, upd)

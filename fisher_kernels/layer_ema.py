@@ -89,7 +89,7 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
                 bp = tl.where(pw == 0.0, 1.0, tl.where(pw == 1.0, b, b * b))
                 c2 = cnt * cnt
                 cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt, tl.where(q == 2.0, c2, c2 * cnt)))
-                v += tl.where(tm, bp * tl.load(t_coef + t, mask=tm, other=0.0) / cq, 0.0)
+                v += tl.where(tm, tl.math.div_rn(bp * tl.load(t_coef + t, mask=tm, other=0.0), cq), 0.0)
             tl.store(raw_ptr + o, v, mask=m)
             nbad += (m & ((v != v) | (v == float("inf")) | (v == float("-inf")))).to(tl.int32)
             if NORM_RAW:
@@ -123,7 +123,7 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
                 m = o < en
                 v = tl.load(raw_ptr + o, mask=m, other=0.0, volatile=True)
                 if NORM_RAW:
-                    v = (_clip_inf(v) - rlo) / scl
+                    v = tl.math.div_rn(_clip_inf(v) - rlo, scl)
                 old = tl.load(state_ptr + o, mask=m, other=1.0)
                 new = tl.where(init, old, 1.0) * dc + v * wt
                 tl.store(state_ptr + o, new, mask=m)
@@ -152,7 +152,7 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
                 m = o < en
                 v = tl.load(state_ptr + o, mask=m, other=0.0, volatile=True)
                 if NORM_STATE:
-                    v = (_clip_inf(v) - slo) / scl2
+                    v = tl.math.div_rn(_clip_inf(v) - slo, scl2)
                 tl.store(fac_ptr + o, tl.where(init, v, 1.0), mask=m)
     c0 = tl.load(counters_ptr + 2 * layer)
     c1 = tl.load(counters_ptr + 2 * layer + 1)

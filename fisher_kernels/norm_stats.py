@@ -43,6 +43,14 @@ CHUNK = 16384         # entries of a row per program (NOTE: [moment chunks])
 
 
 @triton.jit
+def _inv_sqrt(m2, n, eps):
+    """1 / sqrt(m2 / n + eps), each operation rounded as IEEE (NOTE: [ieee rounding] in
+    fisher_kernels/__init__.py).  ``n * 1.0``: n as float32, also where the JIT made n = 1 a
+    constexpr."""
+    return tl.math.div_rn(1.0, tl.sqrt_rn(tl.math.div_rn(m2, n * 1.0) + eps))
+
+
+@triton.jit
 def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, m2_ptr, n, G, RS, GS, RUN, OS, eps, NC,
                         CHUNK: tl.constexpr, CENTER: tl.constexpr, RUNS: tl.constexpr,
                         SPLIT: tl.constexpr, BLOCK: tl.constexpr):
@@ -63,7 +71,7 @@ def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, m2_ptr, n, G, RS, GS, RUN, OS, ep
             o = s + tl.arange(0, BLOCK)
             at = (o // RUN) * OS + o % RUN if RUNS else o
             acc += tl.load(base + at, mask=o < hi, other=0.0).to(tl.float32)
-        mu = tl.sum(acc, axis=0) / (hi - lo)
+        mu = tl.math.div_rn(tl.sum(acc, axis=0), (hi - lo).to(tl.float32))
     acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(lo, hi, BLOCK):
         o = s + tl.arange(0, BLOCK)
@@ -75,7 +83,7 @@ def _row_moments_kernel(x_ptr, mu_ptr, rs_ptr, m2_ptr, n, G, RS, GS, RUN, OS, ep
         tl.store(m2_ptr + pid, tl.sum(acc2, axis=0))
     else:
         tl.store(mu_ptr + row, mu)
-        tl.store(rs_ptr + row, 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / n + eps))
+        tl.store(rs_ptr + row, _inv_sqrt(tl.sum(acc2, axis=0), n, eps))
 
 
 @triton.jit
@@ -89,7 +97,7 @@ def _combine_moments_kernel(pm_ptr, pm2_ptr, mu_ptr, rs_ptr, n, NC, eps, CHUNK: 
         k = s + tl.arange(0, BLOCK)
         cnt = tl.minimum(n - k.to(tl.int64) * CHUNK, CHUNK).to(tl.float32)
         acc += tl.where(k < NC, cnt * tl.load(pm_ptr + row * NC + k, mask=k < NC, other=0.0), 0.0)
-    mu = tl.sum(acc, axis=0) / n
+    mu = tl.math.div_rn(tl.sum(acc, axis=0), n * 1.0)
     acc2 = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in range(0, NC, BLOCK):
         k = s + tl.arange(0, BLOCK)
@@ -98,7 +106,7 @@ def _combine_moments_kernel(pm_ptr, pm2_ptr, mu_ptr, rs_ptr, n, NC, eps, CHUNK: 
         acc2 += tl.where(k < NC, tl.load(pm2_ptr + row * NC + k, mask=k < NC, other=0.0)
                          + cnt * d * d, 0.0)
     tl.store(mu_ptr + row, mu)
-    tl.store(rs_ptr + row, 1.0 / tl.sqrt(tl.sum(acc2, axis=0) / n + eps))
+    tl.store(rs_ptr + row, _inv_sqrt(tl.sum(acc2, axis=0), n, eps))
 
 
 def _xhat_sq(x3, out, mu, rs, per_row, g, cg, rps=1):

@@ -177,6 +177,13 @@ def _memory_ops(ptx: str) -> dict:
     return out
 
 
+def _approx_ops(ptx: str) -> dict:
+    """Arithmetic the GPU rounds differently from IEEE (and so from the interpreter, which runs
+    numpy): {"div.full.f32": n, "sqrt.approx.f32": n, "ex2.approx.f32": n, ...}."""
+    found = re.findall(r"\b((?:div|sqrt|rsqrt|rcp|ex2|lg2|sin|cos|tanh)\.(?:full|approx)(?:\.ftz)?\.f\d+)", ptx)
+    return {op: found.count(op) for op in sorted(set(found))}
+
+
 def compile_all(seen, arches):
     rows, ok = [], True
     for (name, _, _, _), (fn, sig, const, attrs, options) in sorted(seen.items(), key=lambda kv: kv[0][0]):
@@ -190,7 +197,8 @@ def compile_all(seen, arches):
                 k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", arch, 32),
                                    options=options)
                 row.update(shared=k.metadata.shared, num_warps=k.metadata.num_warps,
-                           **_resources(k.asm["cubin"]), **_memory_ops(k.asm["ptx"]))
+                           **_resources(k.asm["cubin"]), **_memory_ops(k.asm["ptx"]),
+                           approx=_approx_ops(k.asm["ptx"]))
                 limit = SMEM_LIMIT.get(arch)
                 if limit is not None and k.metadata.shared > limit:
                     row["error"] = f"needs {k.metadata.shared} B of shared memory, sm_{arch} has {limit}"
