@@ -149,12 +149,12 @@ class CheckedOps:
             self._check("layer_ema", got, want, _rtol(got.dtype) if got.is_floating_point() else 0,
                         f"(tensor {nm})")
 
-    def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled):
+    def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled, found_inf=None):
         rp = [p.detach().clone() for p in params]
         rm = [m.detach().clone() for m in moms]
         rs = [t.clone() for t in steps]
-        reference.fused_step(rp, grads, rm, rs, fac, meta, hyper, decoupled)
-        self._ops.fused_step(params, grads, moms, steps, fac, meta, hyper, decoupled)
+        reference.fused_step(rp, grads, rm, rs, fac, meta, hyper, decoupled, found_inf)
+        self._ops.fused_step(params, grads, moms, steps, fac, meta, hyper, decoupled, found_inf)
         for i, (p, m, t) in enumerate(zip(params, moms, steps)):
             where = f"(parameter {i} of {len(params)}, shape {tuple(p.shape)}, meta row {meta[i].tolist()})"
             self._check("fused_step", p, rp[i], _rtol(p.dtype), where + " parameter")

@@ -21,7 +21,7 @@ Documented fallbacks to the torch reference (the kernels do not cover them):
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -119,10 +119,11 @@ def _kernel_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, t: torch.Tenso
 
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
-               hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
+               hyper: List[Tuple[float, float, float, float]], decoupled: bool,
+               found_inf: Optional[torch.Tensor] = None) -> None:
     """reference.fused_step on the GPU: one launch per parameter dtype over all parameters
     (csrc/fused_step.cu); float64 (or otherwise unsupported) parameters go through the reference."""
-    reference.check_step_lists(params, grads, moms, steps, meta, hyper)
+    reference.check_step_lists(params, grads, moms, steps, meta, hyper, found_inf)
     n = len(params)
     if n == 0:
         return
@@ -137,7 +138,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         rest = [i for i in range(n) if not ok[i]]
         reference.check_step_shapes(params, grads, moms)     # before the reference updates any
         reference.fused_step([params[i] for i in rest], [grads[i] for i in rest], [moms[i] for i in rest],
-                             [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled)
+                             [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled,
+                             found_inf)
         if not idx:
             return
         params, moms, operands, steps = ([lst[i] for i in idx]
@@ -147,6 +149,6 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     hyper, lrs = kernel_host.split_lr(hyper, params[0].device)    # NOTE: [tensor lr]
     lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
     pk, gk, mk = (list(t) for t in zip(*operands))
-    _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled), lrs)
+    _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled), lrs, found_inf)
     for p, m, pc, mc in zip(params, moms, pk, mk):
         kernel_host.copy_back(p, m, pc, mc)

@@ -57,10 +57,11 @@ def _register(ns: str, ops: Any) -> Any:
 
     def fused_step(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
                    steps: List[Tensor], fac: Tensor, meta: Tensor, hyper: List[float],
-                   lrs: List[Optional[Tensor]], decoupled: bool) -> None:
+                   lrs: List[Optional[Tensor]], decoupled: bool,
+                   found_inf: Optional[Tensor]) -> None:
         rows = [(hyper[4 * i] if lr is None else lr, *hyper[4 * i + 1:4 * i + 4])
                 for i, lr in enumerate(lrs)]
-        ops.fused_step(params, grads, moms, steps, fac, meta, rows, decoupled)
+        ops.fused_step(params, grads, moms, steps, fac, meta, rows, decoupled, found_inf)
 
     for name, mutates, fn in (
             ("linear_stats", ("out",), linear_stats), ("conv_stats", ("out",), conv_stats),
@@ -136,12 +137,13 @@ class CompileAwareOps:
                             [table.n_acc, table.n_layers, table.n_raw], state, fac, initialized,
                             counters, [float(c) for c in rule[:4]], [bool(b) for b in rule[4:]])
 
-    def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled):
+    def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled, found_inf=None):
         if self._eager("fused_step"):
-            return self._ops.fused_step(params, grads, moms, steps, fac, meta, hyper, decoupled)
+            return self._ops.fused_step(params, grads, moms, steps, fac, meta, hyper, decoupled,
+                                        found_inf)
         # a tensor lr stays a tensor, a graph input: a new value needs no recompile (NOTE:
         # [tensor lr] in kernel_host.py)
         lrs = [lr if isinstance(lr, Tensor) else None for lr, *_ in hyper]
         self._lib.fused_step(params, grads, moms, steps, fac, meta,
                              [0.0 if isinstance(v, Tensor) else float(v) for row in hyper
-                              for v in row], lrs, decoupled)
+                              for v in row], lrs, decoupled, found_inf)

@@ -279,9 +279,15 @@ class AdaFisher(Optimizer, Joinable):
     TCov = _setting("TCov", int, _regate)
     # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
     # torch.amp.GradScaler.step() sets ``self.grad_scale`` (None if the user already called
-    # scaler.unscale_) and ``self.found_inf``.  With found_inf the whole step is skipped and that
-    # iteration's statistics are dropped (steps does not advance, so the next iteration gathers
-    # again); otherwise gradients are unscaled here and the gradient-side statistics are divided by
+    # scaler.unscale_) and ``self.found_inf``.  With found_inf the whole step is skipped.  On a
+    # statistics iteration step() reads it on the host (one sync, as torch's non-fused
+    # optimizers do): that iteration's statistics are dropped and steps does not advance, so the
+    # next iteration gathers again.  On the other iterations (TCov - 1 of every TCov), when the
+    # step counts live on the device (the CUDA kernel backends, or capturable=True), the fused
+    # step reads it itself, as torch's fused Adam does: parameters, momenta and step counts stay
+    # as they were, nothing waits for the GPU, and such an iteration can be captured in a CUDA
+    # graph.  ``steps`` (the TCov phase, on the host) then advances, since the host cannot know.
+    # Otherwise gradients are unscaled here and the gradient-side statistics are divided by
     # grad_scale ** degree (the same rule as the DDP scale, FactorSpec.grad_degree).  After a manual
     # scaler.unscale_ the scale is unknown here and the gradient-side statistics keep it; min-max
     # normalisation removes such a constant factor up to its 1e-6 epsilon.
@@ -296,7 +302,8 @@ class AdaFisher(Optimizer, Joinable):
     # replay, so a captured graph always does what it did at capture.  With TCov > 1 capture two
     # graphs, one on a statistics iteration and one on a plain one (``set_steps``), and replay the
     # first every TCov iterations (README, "torch.compile and CUDA graphs").  GradScaler's skip
-    # reads found_inf on the host, so it cannot be captured (bf16 autocast needs no scaler).
+    # reads found_inf on the host on statistics iterations, which cannot be captured then (bf16
+    # autocast needs no scaler); plain iterations read it on the device (NOTE: [GradScaler]).
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, Lambda: float = 1e-3,
                  gamma: float = 0.8, TCov: int = 100, weight_decay: float = 0.0, dist: bool = False,
@@ -833,16 +840,20 @@ class AdaFisher(Optimizer, Joinable):
         fisher = self.fisher
         grad_scale = getattr(self, "grad_scale", None)          # NOTE: [GradScaler]
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and torch.cuda.is_available() and \
-                torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("AdaFisher.step: GradScaler's inf check reads found_inf on the host "
-                               "and cannot be captured in a CUDA graph; capture without a "
-                               "GradScaler (e.g. bf16 autocast) (NOTE: [capturable])")
-        if found_inf is not None and bool(found_inf):
-            fisher.clear()
-            if self._join_config.enable:    # a joined rank shadows this step: NOTE: [uneven inputs]
-                self._shadow_step()
-            return loss
+        if found_inf is not None and (self._hooks.collecting or not self._device_steps
+                                      or found_inf.device != fisher.buf.device):
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("AdaFisher.step: on a statistics iteration (or with step "
+                                   "counts on the host) GradScaler's inf check reads found_inf "
+                                   "on the host, which a CUDA graph cannot capture; capture a "
+                                   "plain iteration, or train without a GradScaler (e.g. bf16 "
+                                   "autocast) (NOTE: [GradScaler], [capturable])")
+            if bool(found_inf):
+                fisher.clear()
+                if self._join_config.enable:    # a joined rank shadows it: NOTE: [uneven inputs]
+                    self._shadow_step()
+                return loss
+            found_inf = None
         params, grads, moms, steps, meta, hyper = self._gather()
         fisher = self.fisher                    # laid out anew for adopted groups
         if not params and self._world() == 1:
@@ -877,7 +888,8 @@ class AdaFisher(Optimizer, Joinable):
                     self._warn_replaced()
             self._fold_statistics()
         if params:
-            self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled)
+            self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled,
+                                 found_inf)
         elif self._hooks.collecting and not torch.compiler.is_compiling():
             self._check_replaced()
         fisher.clear()

@@ -69,11 +69,20 @@ def check_lr(lr: torch.Tensor, device: torch.device, where: str) -> None:
 
 
 def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: torch.Tensor,
-                     hyper: list) -> None:
+                     hyper: list, found_inf: Optional[torch.Tensor] = None) -> None:
     n = len(params)
     if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
         raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
                          "same length")
+    if found_inf is not None:
+        if found_inf.numel() != 1 or found_inf.dtype != torch.float32:
+            raise ValueError(f"fused_step: found_inf must be one float32 element, got "
+                             f"{found_inf.dtype} of shape {tuple(found_inf.shape)}")
+        away = [i for i, t in enumerate(steps) if t.device != found_inf.device]
+        if away:
+            raise ValueError(f"fused_step: found_inf is on {found_inf.device} and the step count "
+                             f"of parameter {away[0]} on {steps[away[0]].device}: a skip read on "
+                             f"the device needs the step counts there (NOTE: [GradScaler])")
     checked = set()                 # each tensor once: the groups' rows share theirs
     for i, h in enumerate(hyper):
         if isinstance(h[0], torch.Tensor) and id(h[0]) not in checked:
@@ -348,7 +357,8 @@ def check_step_shapes(params: List[torch.Tensor], grads: List[torch.Tensor],
 
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
-               hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
+               hyper: List[Tuple[float, float, float, float]], decoupled: bool,
+               found_inf: Optional[torch.Tensor] = None) -> None:
     """The AdaFisher / AdaFisherW update of every parameter (SPEC 1), in place.
 
     params/grads/moms: same shapes, params float32/bfloat16/float16/float64 (m in the param dtype,
@@ -357,13 +367,17 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     meta: int64 [P, 10] CPU tensor (NOTE: [param map]);
     hyper: per parameter (lr, beta, weight_decay, Lambda) where Lambda is 0 for the released code's
     factor-free parameters (F = 1); lr a float or a one-element tensor (``check_lr``), whose value
-    when the update runs is used (NOTE: [tensor lr]).  Per element:
+    when the update runs is used (NOTE: [tensor lr]); found_inf: None, or GradScaler's one
+    float32 element on the step counts' device: where it is non-zero nothing changes (parameters,
+    momenta, step counts), decided on the device (NOTE: [GradScaler] in optimizer.py).  Per
+    element:
         g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
         p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled))
     """
-    check_step_lists(params, grads, moms, steps, meta, hyper)
+    check_step_lists(params, grads, moms, steps, meta, hyper, found_inf)
     check_step_shapes(params, grads, moms)
     for p, g, m, t, row, (lr, beta, wd, lam) in zip(params, grads, moms, steps, meta.tolist(), hyper):
+        before = None if found_inf is None else (p.clone(), m.clone(), t.clone())
         t += 1
         work = torch.float64 if p.dtype == torch.float64 else torch.float32
         # p and m are updated in place, through a float32 copy where they are bfloat16/float16
@@ -381,3 +395,6 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         for dst, src in ((m, mw), (p, pw)):
             if src is not dst:
                 dst.copy_(src)
+        if before is not None:          # skipped: every tensor back as it was
+            for dst, old in zip((p, m, t), before):
+                dst.copy_(torch.where(found_inf.reshape(()) != 0, old, dst))

@@ -329,7 +329,7 @@ int64_t row_transpose(const int64_t* row, const at::Tensor& p, const at::Tensor&
 void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms, at::TensorList steps,
                 const at::Tensor& fac, const at::Tensor& meta, at::ArrayRef<double> lr, at::ArrayRef<double> beta,
                 at::ArrayRef<double> wd, at::ArrayRef<double> lam, bool decoupled,
-                const c10::List<std::optional<at::Tensor>>& lr_tensor) {
+                const c10::List<std::optional<at::Tensor>>& lr_tensor, const std::optional<at::Tensor>& found_inf) {
   const char* op = "fused_step";
   const size_t n = params.size();
   TORCH_CHECK(grads.size() == n && moms.size() == n && steps.size() == n && lr.size() == n && beta.size() == n &&
@@ -390,6 +390,15 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const int k = p.scalar_type() == at::kFloat ? 0 : (p.scalar_type() == at::kHalf ? 1 : 2);
     by_type[k].push_back(s);
   }
+  const float* skip = nullptr;       // read by the kernel: no host read (NOTE: [GradScaler])
+  if (found_inf.has_value()) {
+    TORCH_CHECK(found_inf->device() == params[0].device() && found_inf->scalar_type() == at::kFloat &&
+                found_inf->numel() == 1, "adafisher::fused_step: found_inf must be one float32 element on the "
+                "parameters' device");
+    TORCH_CHECK(host_steps.empty(), "adafisher::fused_step: found_inf needs the step counts on the device, "
+                "where the skip is decided (NOTE: [GradScaler])");
+    skip = found_inf->data_ptr<float>();
+  }
   c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const DType types[3] = {DType::F32, DType::F16, DType::BF16};
@@ -412,7 +421,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
                                    reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],
                                    fac_c.data_ptr(), ft, decoupled,
-                                   reinterpret_cast<unsigned int*>(d + tb + cb), stream),
+                                   reinterpret_cast<unsigned int*>(d + tb + cb), skip, stream),
                  op);
   }
   for (const at::Tensor& t : host_steps) *t.data_ptr<float>() += 1.0f;   // as the reference's t += 1
@@ -435,7 +444,7 @@ TORCH_LIBRARY(adafisher, m) {
         "Tensor(a!) state, Tensor(b!) fac, Tensor(c!) initialized, Tensor(d!) counters, float decay, float weight, "
         "float decay_first, float weight_first, bool normalise_raw, bool normalise_state) -> ()");
   m.def("fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, Tensor(c!)[] steps, Tensor fac, "
-        "Tensor meta, float[] lr, float[] beta, float[] wd, float[] lam, bool decoupled, Tensor?[] lr_tensor) -> ()");
+        "Tensor meta, float[] lr, float[] beta, float[] wd, float[] lam, bool decoupled, Tensor?[] lr_tensor, Tensor? found_inf=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(adafisher, AF_DEVICE_KEY, m) {

@@ -11,6 +11,8 @@
 // block to finish (atomic ticket on done_counter) increments every step tensor and re-arms the
 // counter, so no block can see a half-updated step and the whole step stays one launch.  Steps
 // kept on the host (torch.optim's default, 0-dim CPU tensors) are read and incremented by the binding.
+// With `found_inf` (GradScaler's, on the device) non-zero every block returns at once: no tensor and
+// no step changes, no ticket is taken (NOTE: [GradScaler] in adafisher_fast/optimizer.py).
 // Python scalars are rounded to float32 where torch's reference rounds them (1 - beta and
 // 1 - beta^t computed in double; m / bc as m * (1 / bc) like torch's CUDA division by a
 // CPU scalar), and __fmul_rn/__fadd_rn keep the compiler from contracting the
@@ -58,8 +60,10 @@ template <typename T, typename F>
 __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __restrict__ tensors, int64_t n_tensors,
                                                          const StepChunk* __restrict__ chunks, int64_t n_chunks,
                                                          const F* __restrict__ fac,
-                                                         bool decoupled, unsigned int* done) {
+                                                         bool decoupled, unsigned int* done,
+                                                         const float* __restrict__ found_inf) {
   __shared__ int64_t mt[11];
+  if (found_inf != nullptr && *found_inf != 0.0f) return;   // the same for every block
   if (blockIdx.x < n_chunks) {
     const StepChunk ch = chunks[blockIdx.x];
     const StepTensor& ts = tensors[ch.tensor];
@@ -123,20 +127,21 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
 
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
                               int64_t n_chunks, DType pt, const void* fac, DType ft,
-                              bool decoupled, unsigned int* done_counter, cudaStream_t s) {
+                              bool decoupled, unsigned int* done_counter, const float* found_inf,
+                              cudaStream_t s) {
   if (n_tensors == 0) return cudaSuccess;
   const unsigned grid = (unsigned)std::max<int64_t>(n_chunks, 1);
   AF_DISPATCH_ACC(ft, F,
     switch (pt) {
       case DType::F32:
         fused_step_kernel<float, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), decoupled, done_counter); break;
+            static_cast<const F*>(fac), decoupled, done_counter, found_inf); break;
       case DType::F16:
         fused_step_kernel<__half, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), decoupled, done_counter); break;
+            static_cast<const F*>(fac), decoupled, done_counter, found_inf); break;
       case DType::BF16:
         fused_step_kernel<__nv_bfloat16, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), decoupled, done_counter); break;
+            static_cast<const F*>(fac), decoupled, done_counter, found_inf); break;
       default: return cudaErrorInvalidValue;
     });
   return cudaGetLastError();

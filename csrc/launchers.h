@@ -99,8 +99,10 @@ struct StepChunk { int32_t tensor; int32_t chunk; };
 constexpr int64_t kStepChunk = 65536;  // elements per chunk (see NOTE: [step chunks])
 // done_counter: one zero-initialised unsigned int in device memory, left at zero by the launch; one
 // per table (NOTE: [step tables] in bindings.cpp): launches that may run at once must not share it.
+// found_inf: nullptr, or one device float32 (GradScaler's): where non-zero the launch changes nothing.
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
                               int64_t n_chunks, DType pt, const void* fac, DType ft,
-                              bool decoupled, unsigned int* done_counter, cudaStream_t s);
+                              bool decoupled, unsigned int* done_counter, const float* found_inf,
+                              cudaStream_t s);
 
 }  // namespace adafisher

@@ -17,7 +17,8 @@ the device and are cached: the block and meta tables by sizes, layouts and meta 
 pointers by the pointers and step addresses, the hyper-parameters by value, so a training loop
 uploads them once, new gradient tensors only the pointers, an LR schedule only the small
 hyper-parameter table, always from pinned memory without stalling the host; and a CUDA graph
-replays them safely (NOTE: [capturable] in optimizer.py). A dtype pair whose parameters are all zero-size launches nothing and uploads no
+replays them safely (NOTE: [capturable] in optimizer.py).  GradScaler's ``found_inf``, when
+given, is read by every program, which all skip when it is non-zero (NOTE: [GradScaler]). A dtype pair whose parameters are all zero-size launches nothing and uploads no
 table; its step counts advance as the reference's.  The kernel computes the bias correction
 1 - beta^t = -expm1(t * ln beta) in float32 within a few roundings for every beta and t (relative
 error under 2e-7 measured, beta = 0.9999 included; NOTE: [bias correction]).  The Triton
@@ -41,7 +42,7 @@ contiguous and p, m copied back.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
@@ -190,16 +191,11 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd,
 
 
 @triton.jit
-def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps,
-                       n_steps, ticket, fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                       DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-                       ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr,
-                       STEP_BLOCK: tl.constexpr):
-    """Every parameter of one dtype pair in one launch (NOTE: [pointer tables]).  ``steps``: the
-    addresses of the n_steps float32 step counts (DEVICE_STEPS, NOTE: [step tickets]), else the
-    float32 values t of the parameters, already incremented on the host.  ``lr_ptrs`` (LR_PTRS):
-    per parameter the address of its float32 lr tensor, or 0 for the hyper table's lr (NOTE:
-    [tensor lr] in adafisher_fast/kernel_host.py)."""
+def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps, n_steps, ticket,
+             fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+             BLOCK: tl.constexpr, WIDE: tl.constexpr, ALIGNED: tl.constexpr,
+             DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr, STEP_BLOCK: tl.constexpr):
+    """One program's block of one parameter, then its step ticket (NOTE: [step tickets])."""
     pid = tl.program_id(0)
     i = tl.load(block_param + pid)
     start = tl.load(block_start + pid)
@@ -244,6 +240,27 @@ def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_p
             tl.store(ticket, 0)
 
 
+@triton.jit
+def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps,
+                       n_steps, ticket, fac_ptr, found_inf, P_DTYPE: tl.constexpr,
+                       G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr,
+                       WIDE: tl.constexpr, ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr,
+                       LR_PTRS: tl.constexpr, FOUND_INF: tl.constexpr, STEP_BLOCK: tl.constexpr):
+    """Every parameter of one dtype pair in one launch (NOTE: [pointer tables]), or (FOUND_INF,
+    ``found_inf`` non-zero) no change at all.  ``steps``: the addresses of the n_steps float32
+    step counts (DEVICE_STEPS, NOTE: [step tickets]), else the float32 values t of the
+    parameters, already incremented on the host.  ``lr_ptrs`` (LR_PTRS): per parameter the
+    address of its float32 lr tensor, or 0 for the hyper table's lr (NOTE: [tensor lr] in
+    adafisher_fast/kernel_host.py)."""
+    go = True
+    if FOUND_INF:               # every program reads the same value: all skip, no ticket taken
+        go = tl.load(found_inf) == 0.0
+    if go:
+        _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps, n_steps,
+                 ticket, fac_ptr, P_DTYPE, G_DTYPE, DECOUPLED, BLOCK, WIDE, ALIGNED, DEVICE_STEPS,
+                 LR_PTRS, STEP_BLOCK)
+
+
 I32_LIMIT = 2 ** 31 - BLOCK    # NOTE: [row division]: cols and h_gr below this divide in 32 bits
 
 
@@ -258,9 +275,10 @@ _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.
 @on_device
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
-               hyper: List[Tuple[float, float, float, float]], decoupled: bool) -> None:
+               hyper: List[Tuple[float, float, float, float]], decoupled: bool,
+               found_inf: Optional[torch.Tensor] = None) -> None:
     """Same signature and semantics as ``reference.fused_step`` (see the module docstring)."""
-    reference.check_step_lists(params, grads, moms, steps, meta, hyper)
+    reference.check_step_lists(params, grads, moms, steps, meta, hyper, found_inf)
     n = len(params)
     by_value, lrs = kernel_host.split_lr(hyper, fac.device)      # NOTE: [tensor lr]
     # NOTE: [step host path] One pass per step over the parameters, reading what the cached tables
@@ -294,13 +312,16 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                tuple(i for i, *_ in work), meta_key, lr_at)
         launches.append((pdt, gdt, work, t_all, _cached(_TABLES, key, lambda: _build(
             work, empty, params, grads, moms, t_all, meta, meta_key, lr_at, fac.device))))
+    if found_inf is not None and any(tables and tables[2] is None for *_, tables in launches):
+        raise ValueError(f"fused_step: found_inf needs the step counts as float32 on the kernel's "
+                         f"device ({fac.device}), where the skip is decided (NOTE: [GradScaler])")
     if ref_idx:
         reference.check_step_shapes(params, grads, moms, ref_idx)
         reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
                              [moms[i] for i in ref_idx], [steps[i] for i in ref_idx], fac,
-                             meta[ref_idx], [hyper[i] for i in ref_idx], decoupled)
+                             meta[ref_idx], [hyper[i] for i in ref_idx], decoupled, found_inf)
     for pdt, gdt, work, t_all, tables in launches:
-        _launch(work, t_all, tables, fac_c, by_value, decoupled, pdt, gdt)
+        _launch(work, t_all, tables, fac_c, by_value, decoupled, pdt, gdt, found_inf)
         for _, pc, _, mc, _, p, m, _ in work:
             kernel_host.copy_back(p, m, pc, mc)
 
@@ -393,13 +414,13 @@ def _hyper_table(work, hyper, dev) -> torch.Tensor:
          for lr, beta, wd, lam in hyp], dtype=torch.float32), dev))
 
 
-def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
+def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> None:
     """One launch over every parameter of the dtype pair (NOTE: [pointer tables]), which also
     increments the step counts (``work``'s, then the empty parameters') kept on the device
-    (NOTE: [step tickets])."""
+    (NOTE: [step tickets]), unless ``found_inf`` (not None) is non-zero."""
     if not tables:                  # only zero-size parameters: no launch, the counts advance
-        for t in steps:
-            t += 1                  # as the reference's, wherever they are kept
+        for t in steps:             # as the reference's, wherever they are kept
+            t += 1 if found_inf is None else (found_inf.reshape(()) == 0).to(t.dtype)
         return
     blocks, ptrs, step_table, lr_ptrs, ticket, aligned = tables
     n_blocks, (block_param, block_start, numels, rows), wide = blocks
@@ -414,7 +435,7 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt) -> None:
                                  step_table, ticket, lr_ptrs)   # NOTE: [captured tables]
     _fused_step_kernel[(n_blocks,)](
         block_param, block_start, ptrs, numels, rows, hyper_table, lr_ptrs,
-        step_table, len(steps), ticket, fac,
+        step_table, len(steps), ticket, fac, found_inf,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
         ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
-        STEP_BLOCK=STEP_BLOCK)
+        FOUND_INF=found_inf is not None, STEP_BLOCK=STEP_BLOCK)

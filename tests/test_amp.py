@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW
+from conftest import emulated, kernel_backends, kernel_module
 
 
 def _model():
@@ -92,6 +93,67 @@ def test_grad_scaler_overflow_skips_step_and_drops_statistics():
     scaler.step(opt)
     assert opt.steps == 1 and all(d["stat_iters"] == 1 for d in opt.diagnostics().values())
     assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class _NoHostRead(torch.Tensor):
+    """A found_inf whose value the host must not read (on a GPU, a sync)."""
+    def __bool__(self):
+        raise AssertionError("found_inf was read on the host")
+
+
+def _state(model, opt) -> list:
+    return [t.detach().clone() for p in model.parameters()
+            for t in (p, opt.state[p]["exp_avg"], opt.state[p]["step"])]
+
+
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_grad_scaler_skip_on_a_plain_iteration_is_decided_on_the_device(backend, monkeypatch):
+    """NOTE: [GradScaler]: with the step counts on the device (capturable=True here, the CUDA
+    kernel backends' default on a GPU), the fused step itself skips a plain iteration that
+    overflowed: parameters, momenta and step counts stay, found_inf is never read on the host
+    (bool() on it raises here), and steps, the TCov phase, advances.  A statistics iteration
+    reads it on the host and drops its statistics; steps stays, so the next one gathers."""
+    if backend != "torch":
+        kernel_module(backend, monkeypatch)
+        if emulated(backend):
+            monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
+    model = _model()
+    opt = AdaFisher(model, lr=1e-2, TCov=2, capturable=True, backend=backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    (x, y), = _batches(1)
+
+    def step(overflow: bool):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = model(x)
+        loss = nn.functional.cross_entropy(out.float(), y) * (1e36 if overflow else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    step(False)                                             # statistics iteration 0
+    before, scale = _state(model, opt), scaler.get_scale()
+    step(True)                                              # plain iteration 1 overflows
+    assert scaler.get_scale() < scale and opt.steps == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(model, opt)))
+    fisher_before = [t.clone() for t in (opt.fisher.state, opt.fisher.counters)]
+    step(True)                                              # statistics iteration 2 overflows
+    assert opt.steps == 2 and all(torch.equal(a, b) for a, b in
+                                  zip(before + fisher_before, _state(model, opt) + [
+                                      opt.fisher.state, opt.fisher.counters]))
+    step(False)                                             # gathers, and trains
+    assert opt.steps == 3 and all(d["stat_iters"] == 2 for d in opt.diagnostics().values())
+    assert not any(torch.equal(a, b) for a, b in zip(before[::3], _state(model, opt)[::3]))
+
+    opt.zero_grad()                                         # found_inf's value stays on the device
+    nn.functional.cross_entropy(model(x), y).backward()     # (plain iteration 3)
+    before = _state(model, opt)
+    opt.grad_scale, opt.found_inf = None, torch.ones(()).as_subclass(_NoHostRead)
+    opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(model, opt))) and opt.steps == 4
+    with pytest.raises(AssertionError, match="read on the host"):   # statistics iteration 4
+        opt.step()
+    del opt.grad_scale, opt.found_inf
 
 
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])

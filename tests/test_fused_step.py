@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from adafisher_fast import kernel_host, reference
-from conftest import backend_name, device
+from conftest import backend_name, device, emulated
 
 # (param dtype, rtol): one rounding of the stored parameter / momentum in its own dtype
 DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 2 * 2.0 ** -7), (torch.float16, 2 * 2.0 ** -10)]
@@ -556,8 +556,8 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     grads = [torch.randn_like(p) for p in params]
     grid, args, kw = step(grads, hyper)
     (block_param, block_start, ptrs, numels, mrows, hyp, _, step_table, n_steps, ticket,
-     fac_arg) = args
-    assert fac_arg is fac and not kw["LR_PTRS"]
+     fac_arg, found_inf) = args
+    assert fac_arg is fac and not kw["LR_PTRS"] and found_inf is None and not kw["FOUND_INF"]
     starts = {}
     for b in range(grid):
         starts.setdefault(int(block_param[b]), []).append(int(block_start[b]))
@@ -670,3 +670,71 @@ def test_fused_step_bad_tensor_lr_changes_nothing(kernel_ops, lr, exc, pattern):
             ops.fused_step([p], [g], [m], [t], torch.ones(1, device=device()), meta,
                            [(lr, 0.9, 0.0, 1e-3)], False)
         assert p.tolist() == [1.0] * 3 and m.tolist() == [0.0] * 3 and t.item() == 0
+
+
+def _device_steps_for(ops, monkeypatch) -> None:
+    """The emulated CUDA binding takes CPU step counts for the host's unless told (NOTE: [CUDA
+    emulator])."""
+    if ops is not reference and backend_name(ops) == "cuda" and emulated("cuda"):
+        monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
+
+
+@pytest.mark.parametrize("dtype,rtol", DTYPES)
+def test_fused_step_found_inf(kernel_ops, dtype, rtol, monkeypatch):
+    """GradScaler's found_inf, read on the device (NOTE: [GradScaler] in optimizer.py): non-zero
+    (1, or 2 from two devices' checks), nothing changes, parameters, momenta and step counts (a
+    dtype whose only parameter is zero-size too, which launches nothing); zero, the step is the
+    one without found_inf.  The reference and the kernel alike."""
+    _device_steps_for(kernel_ops, monkeypatch)
+    torch.manual_seed(0)
+    params, grads, moms, fac, meta, hyper = _problem(dtype)
+    params.append(torch.zeros(0, 2, device=device()))                # only zero-size float32
+    grads.append(torch.zeros(0, 2, device=device()))
+    moms.append(torch.zeros(0, 2, device=device()))
+    meta = torch.cat([meta, meta[-1:]])
+    hyper = hyper + hyper[-1:]
+    for ops in (reference, kernel_ops):
+        state = ([p.clone() for p in params], [m.clone() for m in moms],
+                 [torch.tensor(float(i), device=device()) for i in range(len(params))])
+        before = [t.clone() for ts in state for t in ts]
+        for flag in (1.0, 2.0):
+            ops.fused_step(state[0], grads, state[1], state[2], fac, meta, hyper, False,
+                           torch.tensor(flag, device=device()))
+            assert all(torch.equal(a, b) for a, b in zip([t for ts in state for t in ts], before))
+        want = tuple([t.clone() for t in ts] for ts in state)
+        reference.fused_step(want[0], grads, want[1], want[2], fac, meta, hyper, False)
+        ops.fused_step(state[0], grads, state[1], state[2], fac, meta, hyper, False,
+                       torch.zeros((), device=device()))
+        for w, g in zip(want[0] + want[1], state[0] + state[1]):
+            scale = w.abs().max().item() if w.numel() else 0.0
+            torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale)
+        assert [t.item() for t in state[2]] == [t.item() for t in want[2]]
+        assert [t.item() for t in state[2]] == [i + 1.0 for i in range(len(params))]
+
+
+def test_fused_step_found_inf_refused_where_it_cannot_be_read_on_the_device(kernel_ops,
+                                                                            monkeypatch):
+    """found_inf skips on the device, so the step counts must be there: step counts elsewhere, a
+    found_inf that is not one float32 element, are refused before anything changes."""
+    torch.manual_seed(0)
+    params, grads, moms, fac, meta, hyper = _problem(torch.float32)
+    steps = [torch.zeros((), device=device()) for _ in params]
+    before = [t.clone() for t in params + moms + steps]
+    flag = torch.zeros((), device=device())
+    for ops in (reference, kernel_ops):
+        with pytest.raises(ValueError, match="found_inf must be one float32 element"):
+            ops.fused_step(params, grads, moms, steps, fac, meta, hyper, False, flag.double())
+        with pytest.raises(ValueError, match="found_inf is on meta and the step count of "
+                                             "parameter 0 on"):
+            ops.fused_step(params, grads, moms, steps, fac, meta, hyper, False,
+                           torch.zeros((), device="meta"))
+    if backend_name(kernel_ops) == "triton":     # step counts the kernel would not increment
+        fs = importlib.import_module("fisher_kernels.fused_step")
+        monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
+        monkeypatch.setattr(fs, "_TABLES", {})
+        with pytest.raises(ValueError, match="found_inf needs the step counts as float32"):
+            kernel_ops.fused_step(params, grads, moms, steps, fac, meta, hyper, False, flag)
+    elif emulated("cuda"):                       # the emulated binding: CPU step counts
+        with pytest.raises(RuntimeError, match="found_inf needs the step counts on the device"):
+            kernel_ops.fused_step(params, grads, moms, steps, fac, meta, hyper, False, flag)
+    assert all(torch.equal(a, b) for a, b in zip(params + moms + steps, before))

@@ -152,6 +152,13 @@ def _optimizer_runs(dev="cpu"):
                 ps, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
                 [torch.zeros(()) for _ in ps], torch.ones(2), meta,
                 [(torch.tensor(1e-3, device=dev), 0.9, 1e-4, 1e-3), (1e-3, 0.9, 1e-4, 1e-3)], True)
+            # GradScaler's found_inf, read by the kernel (FOUND_INF, NOTE: [GradScaler])
+            for dt in (torch.float32, torch.bfloat16) if on_device else ():
+                ps = [torch.zeros(n, dtype=dt) for n in (5, 3000)]
+                fisher_kernels.fused_step(
+                    ps, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps],
+                    [torch.zeros(()) for _ in ps], torch.ones(2), meta,
+                    [(1e-3, 0.9, 1e-4, 1e-3)] * 2, False, torch.zeros(()))
     finally:
         fs._device_steps = device_steps
 
