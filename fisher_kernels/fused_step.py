@@ -18,8 +18,9 @@ pointers by the pointers and step addresses, the hyper-parameters by value, so a
 uploads them once, new gradient tensors only the pointers, an LR schedule only the small
 hyper-parameter table, always from pinned memory without stalling the host; and a CUDA graph
 replays them safely (NOTE: [capturable] in optimizer.py).  GradScaler's ``found_inf``, when
-given, is read by every program, which all skip when it is non-zero (NOTE: [GradScaler]). A dtype pair whose parameters are all zero-size launches nothing and uploads no
-table; its step counts advance as the reference's.  The kernel computes the bias correction
+given, is read by every program, which all skip when it is non-zero (NOTE: [GradScaler]).  A
+dtype pair whose parameters are all zero-size launches nothing and uploads no table; its step
+counts advance as the reference's.  The kernel computes the bias correction
 1 - beta^t = -expm1(t * ln beta) in float32 within a few roundings for every beta and t (relative
 error under 2e-7 measured, beta = 0.9999 included; NOTE: [bias correction]).  The Triton
 interpreter (TRITON_INTERPRET=1, CPU tests) runs this same kernel: it dereferences the tables'
