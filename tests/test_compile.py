@@ -501,18 +501,23 @@ def _iteration(m, o, x, y):
     o.step()
 
 
-def _capture_and_replay(model, opt, batches, warm=3, after=lambda: None):
+def _capture_and_replay(model, opt, batches, warm=3, after=lambda: None, iteration=_iteration):
     """Eager warm-up iterations 0..warm-1 on a side stream (torch's recipe), a graph per TCov
     state captured, then the other iterations replayed (NOTE: [capturable]); ``after()`` runs
-    eagerly after every iteration (an LR scheduler's step)."""
+    eagerly after every iteration (an LR scheduler's step).  A batch is a tuple of tensors,
+    copied into static ones that ``iteration(model, opt, *static)`` reads."""
     n, TCov = len(batches), opt.TCov
-    sx, sy = batches[0][0].clone(), batches[0][1].clone()
+    static = [t.clone() for t in batches[0]]
+
+    def load(i):
+        for s, t in zip(static, batches[i]):
+            s.copy_(t)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for i in range(warm):
-            sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
-            _iteration(model, opt, sx, sy)
+            load(i)
+            iteration(model, opt, *static)
             after()
     torch.cuda.current_stream().wait_stream(side)
     # capture runs no kernel, so the device state stays at iteration `warm`; only Python moves
@@ -521,9 +526,9 @@ def _capture_and_replay(model, opt, batches, warm=3, after=lambda: None):
         opt.set_steps(0 if collect else 1)
         graphs[collect] = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graphs[collect]):
-            _iteration(model, opt, sx, sy)
+            iteration(model, opt, *static)
     for i in range(warm, n):
-        sx.copy_(batches[i][0]); sy.copy_(batches[i][1])
+        load(i)
         graphs[i % TCov == 0].replay()
         after()
     torch.cuda.synchronize()
@@ -585,6 +590,50 @@ def test_cuda_graph_replays_a_scheduled_tensor_lr(backend):
     _capture_and_replay(model, opt, batches, after=scheds[1].step)
     assert opt.param_groups[0]["lr"].item() == pytest.approx(opt_ref.param_groups[0]["lr"], rel=1e-6)
     assert_trajectories_close((model, opt), (ref, opt_ref))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_cuda_graph_replays_grad_scaler_plain_iterations(backend):
+    """NOTE: [GradScaler]: under float16 autocast and a GradScaler, a plain iteration is captured
+    whole (its fused step reads found_inf on the GPU; scaler.step and scaler.update run on the
+    GPU too) and replayed, one replay overflowing (its loss times 1e30: the float16 backward
+    overflows, the forward and BatchNorm's running statistics stay finite).  Parameters, every
+    state tensor, the step counts and the scale equal an eager run's; the overflow skipped its
+    step there (the scale halved once)."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    n, bad = 12, 7
+    batches = [(x, y, torch.tensor(1e30 if i == bad else 1.0, device="cuda"))
+               for i, (x, y) in enumerate(_cuda_batches(n))]
+    ref = _cuda_model()
+    model = copy.deepcopy(ref)
+    kw = dict(lr=1e-3, Lambda=0.1, TCov=100, preset="paper", backend=backend, capturable=True)
+    opt_ref, opt = AdaFisher(ref, **kw), AdaFisher(model, **kw)
+    scalers = {id(o): torch.amp.GradScaler("cuda", init_scale=2.0 ** 10, growth_interval=1000)
+               for o in (opt_ref, opt)}
+
+    def iteration(m, o, x, y, mult):
+        o.zero_grad(set_to_none=False)
+        # autocast's cast cache off, as torch's CUDA-graph notes ask: a capture's cached
+        # casts would be freed when it ends
+        with torch.autocast("cuda", dtype=torch.float16, cache_enabled=False):
+            loss = nn.functional.cross_entropy(m(x).float(), y) * mult
+        scaler = scalers[id(o)]
+        scaler.scale(loss).backward()
+        scaler.step(o)
+        scaler.update()
+
+    for i, b in enumerate(batches):
+        before = [p.detach().clone() for p in ref.parameters()]
+        iteration(ref, opt_ref, *b)
+        assert all(torch.equal(a, p) for a, p in zip(before, ref.parameters())) == (i == bad)
+    _capture_and_replay(model, opt, batches, iteration=iteration)
+    assert scalers[id(opt)].get_scale() == scalers[id(opt_ref)].get_scale() == 2.0 ** 9
+    assert_trajectories_close((model, opt), (ref, opt_ref))
+    for p_ref, p in zip(ref.parameters(), model.parameters()):
+        assert torch.equal(opt.state[p]["step"], opt_ref.state[p_ref]["step"])
+        assert opt.state[p]["step"].item() == n - 1
 
 
 @pytest.mark.gpu
