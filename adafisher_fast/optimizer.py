@@ -364,7 +364,8 @@ class AdaFisher(Optimizer, Joinable):
     @property
     def steps(self) -> int:
         """Number of ``step()`` calls that updated the parameters (NOTE: [TCov gating]); a step
-        without any gradient does not count (NOTE: [no gradient])."""
+        without any gradient does not count (NOTE: [no gradient]), a plain iteration that
+        GradScaler's found_inf skips on the device does (NOTE: [GradScaler])."""
         return self._hooks.steps
 
     @_on_wrapped

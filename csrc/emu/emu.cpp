@@ -13,8 +13,9 @@
 //    a kernel without shared-memory races gives bitwise the same results either way (a
 //    racecheck-lite; test_cuda_emu.py compares whole training runs).
 //  * ADAFISHER_EMU_BLOCK_ORDER=shuffle:SEED runs the blocks of each launch in a random order drawn
-//    from SEED: partial sums meeting through atomicAdd are then added in another order, as on a GPU
-//    where blocks finish when they finish (how test_deterministic.py checks NOTE: [ordered partials]).
+//    from SEED and the launch's number since the setting changed: partial sums meeting through
+//    atomicAdd are then added in another order, as on a GPU where blocks finish when they finish
+//    (how test_deterministic.py checks NOTE: [ordered partials]).
 //  * Built with -ftrivial-auto-var-init=pattern: an uninitialised local reads as 0xFE bytes
 //    (-1.7e38 as a float), so a kernel that uses one produces garbage the tests see.
 // Not modelled: races between blocks and warp-synchronous timing (racecheck on the GPU),
@@ -31,6 +32,7 @@
 #include <memory>
 #include <mutex>
 #include <numeric>
+#include <string>
 #include <random>
 #include <string>
 #include <ucontext.h>
@@ -55,6 +57,7 @@ struct Fiber {
 
 std::mutex launch_mutex;
 uint64_t launch_count = 0;   // varies the block shuffle between the launches of one run
+std::string shuffle_spec;    // the ADAFISHER_EMU_BLOCK_ORDER that launch_count counts from
 std::vector<Fiber> fibers;
 std::unique_ptr<char[]> stacks;
 unsigned n_threads = 0, cur = 0;
@@ -201,6 +204,12 @@ cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx, const void* kern
   std::iota(blocks.rbegin(), blocks.rend(), uint64_t(0));
   const char* border = std::getenv("ADAFISHER_EMU_BLOCK_ORDER");
   if (border != nullptr && std::strncmp(border, "shuffle:", 8) == 0) {
+    // counted from the setting, not from the process's first launch: a seed gives the same
+    // orders whatever ran before it in the process (which other tests of a pytest worker did)
+    if (shuffle_spec != border) {
+      shuffle_spec = border;
+      launch_count = 0;
+    }
     std::mt19937_64 rng(std::strtoull(border + 8, nullptr, 10) + launch_count);
     std::shuffle(blocks.begin(), blocks.end(), rng);
   }
