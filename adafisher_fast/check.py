@@ -140,10 +140,10 @@ class CheckedOps:
     def embedding_stats(self, idx, out):
         return self._stats("embedding_stats", idx, out)
 
-    def layer_ema(self, buf, table, state, fac, initialized, counters, rule):
+    def layer_ema(self, buf, table, state, fac, initialized, counters, rule, found_inf=None):
         ref = [t.clone() for t in (state, fac, initialized, counters)]
-        reference.layer_ema(buf, table, *ref, rule)
-        self._ops.layer_ema(buf, table, state, fac, initialized, counters, rule)
+        reference.layer_ema(buf, table, *ref, rule, found_inf)
+        self._ops.layer_ema(buf, table, state, fac, initialized, counters, rule, found_inf)
         for nm, got, want in zip(("state", "fac", "initialized", "counters"),
                                  (state, fac, initialized, counters), ref):
             self._check("layer_ema", got, want, _rtol(got.dtype) if got.is_floating_point() else 0,

@@ -98,14 +98,17 @@ def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
 # step ops
 # ---------------------------------------------------------------------------------------------
 def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
-              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
+              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule,
+              found_inf: Optional[torch.Tensor] = None) -> None:
     """reference.layer_ema on the GPU in one launch (csrc/layer_ema.cu)."""
+    reference.check_found_inf("layer_ema", found_inf, (state, fac, initialized, counters),
+                              "the state tensor {}")
     ptr, src, pw, coef, q, factor = kernel_host.term_csr(table)
     _ops.layer_ema(buf, int(table.n_acc), ptr, src, pw, coef, q, factor,
                    table.factor_start, *kernel_host.layer_factors(table), state, fac,
                    initialized, counters, float(rule.decay), float(rule.weight),
                    float(rule.decay_first), float(rule.weight_first), bool(rule.normalise_raw),
-                   bool(rule.normalise_state))
+                   bool(rule.normalise_state), found_inf)
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

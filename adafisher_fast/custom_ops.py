@@ -50,10 +50,11 @@ def _register(ns: str, ops: Any) -> Any:
 
     def layer_ema(buf: Tensor, table: List[Tensor], sizes: List[int], state: Tensor, fac: Tensor,
                   initialized: Tensor, counters: Tensor, coefs: List[float],
-                  normalise: List[bool]) -> None:
+                  normalise: List[bool], found_inf: Optional[Tensor]) -> None:
         n_acc, n_layers, n_raw = sizes
         tab = LayerTable(n_acc, *table[:8], n_layers, table[8], n_raw)
-        ops.layer_ema(buf, tab, state, fac, initialized, counters, EmaRule(*coefs, *normalise))
+        ops.layer_ema(buf, tab, state, fac, initialized, counters, EmaRule(*coefs, *normalise),
+                      found_inf)
 
     def fused_step(params: List[Tensor], grads: List[Tensor], moms: List[Tensor],
                    steps: List[Tensor], fac: Tensor, meta: Tensor, hyper: List[float],
@@ -130,12 +131,14 @@ class CompileAwareOps:
             return self._ops.embedding_stats(idx, out)
         self._lib.embedding_stats(idx, out)
 
-    def layer_ema(self, buf, table, state, fac, initialized, counters, rule):
+    def layer_ema(self, buf, table, state, fac, initialized, counters, rule, found_inf=None):
         if self._eager("layer_ema"):
-            return self._ops.layer_ema(buf, table, state, fac, initialized, counters, rule)
+            return self._ops.layer_ema(buf, table, state, fac, initialized, counters, rule,
+                                       found_inf)
         self._lib.layer_ema(buf, list(table[1:9]) + [table.seg],
                             [table.n_acc, table.n_layers, table.n_raw], state, fac, initialized,
-                            counters, [float(c) for c in rule[:4]], [bool(b) for b in rule[4:]])
+                            counters, [float(c) for c in rule[:4]], [bool(b) for b in rule[4:]],
+                            found_inf)
 
     def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled, found_inf=None):
         if self._eager("fused_step"):

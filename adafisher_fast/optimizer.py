@@ -280,13 +280,15 @@ class AdaFisher(Optimizer, Joinable):
     # NOTE: [GradScaler] Like torch's fused optimizers, step() does its own AMP bookkeeping:
     # torch.amp.GradScaler.step() sets ``self.grad_scale`` (None if the user already called
     # scaler.unscale_) and ``self.found_inf``.  With found_inf the whole step is skipped.  On a
-    # statistics iteration step() reads it on the host (one sync, as torch's non-fused
-    # optimizers do): that iteration's statistics are dropped and steps does not advance, so the
-    # next iteration gathers again.  On the other iterations (TCov - 1 of every TCov), when the
-    # step counts live on the device (the CUDA kernel backends, or capturable=True), the fused
-    # step reads it itself, as torch's fused Adam does: parameters, momenta and step counts stay
-    # as they were, nothing waits for the GPU, and such an iteration can be captured in a CUDA
-    # graph.  ``steps`` (the TCov phase, on the host) then advances, since the host cannot know.
+    # statistics iteration with TCov > 1 step() reads it on the host (one sync, as torch's
+    # non-fused optimizers do): that iteration's statistics are dropped and steps does not
+    # advance, so the next iteration gathers again.  On the other iterations (all of them at
+    # TCov = 1, where the next iteration gathers anyway), when the step counts live on the device
+    # (the CUDA kernel backends, or capturable=True), the kernels read it themselves, as torch's
+    # fused Adam does: layer_ema and fused_step leave the curvature state, parameters, momenta
+    # and step counts as they were, nothing waits for the GPU, and such an iteration can be
+    # captured in a CUDA graph.  ``steps`` (the TCov phase, on the host) then advances, since the
+    # host cannot know.
     # Otherwise gradients are unscaled here and the gradient-side statistics are divided by
     # grad_scale ** degree (the same rule as the DDP scale, FactorSpec.grad_degree).  After a manual
     # scaler.unscale_ the scale is unknown here and the gradient-side statistics keep it; min-max
@@ -302,8 +304,9 @@ class AdaFisher(Optimizer, Joinable):
     # replay, so a captured graph always does what it did at capture.  With TCov > 1 capture two
     # graphs, one on a statistics iteration and one on a plain one (``set_steps``), and replay the
     # first every TCov iterations (README, "torch.compile and CUDA graphs").  GradScaler's skip
-    # reads found_inf on the host on statistics iterations, which cannot be captured then (bf16
-    # autocast needs no scaler); plain iterations read it on the device (NOTE: [GradScaler]).
+    # reads found_inf on the host on statistics iterations with TCov > 1, which cannot be
+    # captured then (bf16 autocast needs no scaler); the other iterations read it on the device
+    # (NOTE: [GradScaler]).
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, beta: float = 0.9, Lambda: float = 1e-3,
                  gamma: float = 0.8, TCov: int = 100, weight_decay: float = 0.0, dist: bool = False,
@@ -841,14 +844,15 @@ class AdaFisher(Optimizer, Joinable):
         fisher = self.fisher
         grad_scale = getattr(self, "grad_scale", None)          # NOTE: [GradScaler]
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and (self._hooks.collecting or not self._device_steps
+        if found_inf is not None and ((self._hooks.collecting and self.TCov > 1)
+                                      or not self._device_steps
                                       or found_inf.device != fisher.buf.device):
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("AdaFisher.step: on a statistics iteration (or with step "
-                                   "counts on the host) GradScaler's inf check reads found_inf "
-                                   "on the host, which a CUDA graph cannot capture; capture a "
-                                   "plain iteration, or train without a GradScaler (e.g. bf16 "
-                                   "autocast) (NOTE: [GradScaler], [capturable])")
+                raise RuntimeError("AdaFisher.step: on a statistics iteration with TCov > 1 (or "
+                                   "with step counts on the host) GradScaler's inf check reads "
+                                   "found_inf on the host, which a CUDA graph cannot capture; "
+                                   "capture a plain iteration, or train without a GradScaler "
+                                   "(e.g. bf16 autocast) (NOTE: [GradScaler], [capturable])")
             if bool(found_inf):
                 fisher.clear()
                 if self._join_config.enable:    # a joined rank shadows it: NOTE: [uneven inputs]
@@ -887,7 +891,7 @@ class AdaFisher(Optimizer, Joinable):
                 if no_grad != self._no_grad:
                     self._no_grad = no_grad
                     self._warn_replaced()
-            self._fold_statistics()
+            self._fold_statistics(found_inf)
         if params:
             self._ops.fused_step(params, grads, moms, steps, fisher.fac, meta, hyper, self.decoupled,
                                  found_inf)
@@ -921,11 +925,12 @@ class AdaFisher(Optimizer, Joinable):
     def join_process_group(self):
         return self._stat_group if self._stat_group is not None else torch_dist.group.WORLD
 
-    def _fold_statistics(self) -> None:
-        """The layers' EMA of this statistics iteration (SPEC 2), one launch."""
+    def _fold_statistics(self, found_inf: Optional[torch.Tensor] = None) -> None:
+        """The layers' EMA of this statistics iteration (SPEC 2), one launch; none where
+        ``found_inf`` is non-zero (NOTE: [GradScaler])."""
         f = self.fisher
         self._ops.layer_ema(f.buf, f.table, f.state, f.fac, f.initialized, f.counters,
-                            PRESETS[self.preset].ema_rule(self.gamma))
+                            PRESETS[self.preset].ema_rule(self.gamma), found_inf)
 
     def _shadow_step(self) -> None:
         """What step() does on the other ranks, for a rank that has joined: NOTE: [uneven inputs]."""

@@ -68,21 +68,38 @@ def check_lr(lr: torch.Tensor, device: torch.device, where: str) -> None:
                          f"on {lr.device}")
 
 
+def check_found_inf(op: str, found_inf: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
+                    what: str) -> None:
+    """GradScaler's found_inf, read where the op runs (NOTE: [GradScaler] in optimizer.py): one
+    float32 element on the device of every tensor the skip leaves unchanged (``what``, formatted
+    with a tensor's index, names one in the error)."""
+    if found_inf is None:
+        return
+    if found_inf.numel() != 1 or found_inf.dtype != torch.float32:
+        raise ValueError(f"{op}: found_inf must be one float32 element, got {found_inf.dtype} of "
+                         f"shape {tuple(found_inf.shape)}")
+    away = next((i for i, t in enumerate(tensors) if t.device != found_inf.device), None)
+    if away is not None:
+        raise ValueError(f"{op}: found_inf is on {found_inf.device} and {what.format(away)} on "
+                         f"{tensors[away].device}: a skip decided on the device needs them on one "
+                         f"device (NOTE: [GradScaler])")
+
+
+def _undo_where_found_inf(found_inf: torch.Tensor, tensors: Sequence[torch.Tensor],
+                          before: Sequence[torch.Tensor]) -> None:
+    """Every tensor back to ``before`` where found_inf is non-zero, decided on the device."""
+    skip = found_inf.reshape(()) != 0
+    for t, old in zip(tensors, before):
+        t.copy_(torch.where(skip, old, t))
+
+
 def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: torch.Tensor,
                      hyper: list, found_inf: Optional[torch.Tensor] = None) -> None:
     n = len(params)
     if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
         raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
                          "same length")
-    if found_inf is not None:
-        if found_inf.numel() != 1 or found_inf.dtype != torch.float32:
-            raise ValueError(f"fused_step: found_inf must be one float32 element, got "
-                             f"{found_inf.dtype} of shape {tuple(found_inf.shape)}")
-        away = [i for i, t in enumerate(steps) if t.device != found_inf.device]
-        if away:
-            raise ValueError(f"fused_step: found_inf is on {found_inf.device} and the step count "
-                             f"of parameter {away[0]} on {steps[away[0]].device}: a skip read on "
-                             f"the device needs the step counts there (NOTE: [GradScaler])")
+    check_found_inf("fused_step", found_inf, steps, "the step count of parameter {}")
     checked = set()                 # each tensor once: the groups' rows share theirs
     for i, h in enumerate(hyper):
         if isinstance(h[0], torch.Tensor) and id(h[0]) not in checked:
@@ -267,7 +284,8 @@ def layer_raw(buf: torch.Tensor, table: LayerTable) -> torch.Tensor:
 
 
 def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
-              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
+              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule,
+              found_inf: Optional[torch.Tensor] = None) -> None:
     """One statistics iteration for every layer at once (SPEC 2 and 3), updating in place:
 
     * ``state`` [n_raw]: the EMA of H and S of all layers (buffer dtype);
@@ -279,7 +297,12 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
 
     A factor with a zero row count (its module was not called) is left as it is.  A layer any of
     whose counted factors is not finite keeps all of its state and gets one skip counted.
+    found_inf: None, or GradScaler's one float32 element on the state's device: where it is
+    non-zero nothing changes, decided on the device (NOTE: [GradScaler] in optimizer.py).
     """
+    out = (state, fac, initialized, counters)
+    check_found_inf("layer_ema", found_inf, out, "the state tensor {}")
+    before = None if found_inf is None else [t.clone() for t in out]
     nf, seg = table.factor_layer.numel(), table.seg
     raw = layer_raw(buf, table)
     has = buf[table.n_acc:] > 0
@@ -301,8 +324,10 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     new = prior * decay + v * weight
     state.copy_(torch.where(upd[seg], new, state))
     initialized.logical_or_(upd)
-    out = _segment_minmax(state, seg, nf) if rule.normalise_state else state
-    fac[:-1].copy_(torch.where(initialized[seg], out, torch.ones_like(out)))
+    normed = _segment_minmax(state, seg, nf) if rule.normalise_state else state
+    fac[:-1].copy_(torch.where(initialized[seg], normed, torch.ones_like(normed)))
+    if before is not None:
+        _undo_where_found_inf(found_inf, out, before)
 
 
 # NOTE: [param map] Column layout of the int64 ``meta`` rows that ``fused_step`` reads, one row per
@@ -395,6 +420,5 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         for dst, src in ((m, mw), (p, pw)):
             if src is not dst:
                 dst.copy_(src)
-        if before is not None:          # skipped: every tensor back as it was
-            for dst, old in zip((p, m, t), before):
-                dst.copy_(torch.where(found_inf.reshape(()) != 0, old, dst))
+        if before is not None:
+            _undo_where_found_inf(found_inf, (p, m, t), before)

@@ -231,7 +231,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
                const at::Tensor& term_factor, const at::Tensor& factor_start, const at::Tensor& layer_factors,
                const at::Tensor& layer_fstart, const at::Tensor& state, const at::Tensor& fac, const at::Tensor& initialized,
                const at::Tensor& counters, double decay, double weight, double decay_first, double weight_first,
-               bool normalise_raw, bool normalise_state) {
+               bool normalise_raw, bool normalise_state, const std::optional<at::Tensor>& found_inf) {
   const char* op = "layer_ema";
   check_cuda(buf, buf, op, "buf");
   const DType ot = acc_dtype(buf, op, "buf");
@@ -254,6 +254,11 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
               "adafisher::layer_ema: factor_start [n_factors+1], fac [n_raw+1] and term_ptr [n_raw+1] expected");
   TORCH_CHECK(counters.dim() == 2 && counters.size(0) == n_layers && counters.size(1) == 2,
               "adafisher::layer_ema: counters must be int64 [n_layers, 2]");
+  if (found_inf.has_value()) {      // read by the kernel: no host read (NOTE: [GradScaler])
+    check_cuda(*found_inf, buf, op, "found_inf");
+    TORCH_CHECK(found_inf->scalar_type() == at::kFloat && found_inf->numel() == 1,
+                "adafisher::layer_ema: found_inf must be one float32 element");
+  }
   c10::cuda::CUDAGuard guard(buf.device());
   at::Tensor raw = at::empty({std::max<int64_t>(n_raw, 1)}, buf.options());
   at::Tensor minmax = at::empty({std::max<int64_t>(2 * nf, 1)}, buf.options());
@@ -267,6 +272,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
   a.state = state.data_ptr(); a.fac = fac.data_ptr(); a.initialized = initialized.data_ptr<bool>();
   a.counters = counters.data_ptr<int64_t>(); a.raw_work = raw.data_ptr();
   a.minmax_work = minmax.data_ptr();
+  a.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
   a.decay = decay; a.weight = weight; a.decay_first = decay_first; a.weight_first = weight_first;
   a.normalise_raw = normalise_raw; a.normalise_state = normalise_state;
   check_launch(launch_layer_ema(a, ot, c10::cuda::getCurrentCUDAStream()), op);
@@ -442,7 +448,7 @@ TORCH_LIBRARY(adafisher, m) {
   m.def("layer_ema(Tensor buf, int n_acc, Tensor term_ptr, Tensor term_src, Tensor term_pow, Tensor term_coef, "
         "Tensor term_q, Tensor term_factor, Tensor factor_start, Tensor layer_factors, Tensor layer_fstart, "
         "Tensor(a!) state, Tensor(b!) fac, Tensor(c!) initialized, Tensor(d!) counters, float decay, float weight, "
-        "float decay_first, float weight_first, bool normalise_raw, bool normalise_state) -> ()");
+        "float decay_first, float weight_first, bool normalise_raw, bool normalise_state, Tensor? found_inf=None) -> ()");
   m.def("fused_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] moms, Tensor(c!)[] steps, Tensor fac, "
         "Tensor meta, float[] lr, float[] beta, float[] wd, float[] lam, bool decoupled, Tensor?[] lr_tensor, Tensor? found_inf=None) -> ()");
 }

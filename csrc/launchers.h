@@ -76,6 +76,7 @@ struct EmaArgs {
   void* state; void* fac; bool* initialized; int64_t* counters;
   void* raw_work;     // [n_raw] scratch
   void* minmax_work;  // [2 * n_factors] scratch
+  const float* found_inf;  // nullptr, or one device float32 (GradScaler's): where non-zero, no change
   double decay, weight, decay_first, weight_first; bool normalise_raw, normalise_state;
 };
 cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s);

@@ -45,6 +45,7 @@ template <typename A>
 __global__ void AF_EMA_BOUNDS layer_ema_kernel(EmaArgs a) {
   __shared__ A sh[32];
   __shared__ int bad_sh;
+  if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;   // every block: NOTE: [GradScaler]
   const int64_t layer = blockIdx.x;
   const A* buf = static_cast<const A*>(a.buf);
   const A* counts = buf + a.n_acc;

@@ -26,6 +26,8 @@ destination are derived from the table once and cached (NOTE: [table cache]).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -53,10 +55,11 @@ def _lo_hi(lo, hi, v, m):
 
 
 @triton.jit
-def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor,
-                      factor_start, layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr,
-                      init_ptr, counters_ptr, decay, weight, decay_first, weight_first,
-                      NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr):
+def _layer_program(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor, factor_start,
+                   layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr, init_ptr,
+                   counters_ptr, decay, weight, decay_first, weight_first,
+                   NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr):
+    """Program ``layer``: its factors' walks (the module docstring)."""
     layer = tl.program_id(0)
     f0 = tl.load(layer_fstart + layer)
     f1 = tl.load(layer_fstart + layer + 1)
@@ -160,12 +163,32 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
     tl.store(counters_ptr + 2 * layer + 1, c1 + bad)
 
 
+@triton.jit
+def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor,
+                      factor_start, layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr,
+                      init_ptr, counters_ptr, decay, weight, decay_first, weight_first, found_inf,
+                      NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr,
+                      FOUND_INF: tl.constexpr):
+    """One program per layer, or (FOUND_INF, ``found_inf`` non-zero) no change at all."""
+    go = True
+    if FOUND_INF:               # every program reads the same value
+        go = tl.load(found_inf) == 0.0
+    if go:
+        _layer_program(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor, factor_start,
+                       layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr, init_ptr,
+                       counters_ptr, decay, weight, decay_first, weight_first, NORM_RAW,
+                       NORM_STATE, BLOCK)
+
+
 @on_device
 def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: torch.Tensor,
-              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule) -> None:
+              initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule,
+              found_inf: Optional[torch.Tensor] = None) -> None:
     """Same signature and semantics as ``reference.layer_ema`` (see the module docstring)."""
     if buf.dtype != torch.float32 or state.dtype != torch.float32:
-        return reference.layer_ema(buf, table, state, fac, initialized, counters, rule)
+        return reference.layer_ema(buf, table, state, fac, initialized, counters, rule, found_inf)
+    reference.check_found_inf("layer_ema", found_inf, (state, fac, initialized, counters),
+                              "the state tensor {}")
     if table.n_layers == 0 or table.factor_layer.numel() == 0:
         return
     for name, t in (("buf", buf), ("state", state), ("fac", fac), ("initialized", initialized),
@@ -181,5 +204,5 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
         table.factor_start, factors_by_layer, layer_fstart,
         raw, minmax, state, fac, initialized.view(torch.uint8), counters,
         float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
-        NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state), BLOCK=BLOCK,
-        num_warps=NUM_WARPS)
+        found_inf, NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state),
+        BLOCK=BLOCK, FOUND_INF=found_inf is not None, num_warps=NUM_WARPS)

@@ -156,6 +156,34 @@ def test_grad_scaler_skip_on_a_plain_iteration_is_decided_on_the_device(backend,
     del opt.grad_scale, opt.found_inf
 
 
+@pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
+def test_grad_scaler_at_tcov_1_reads_found_inf_only_on_the_device(backend, monkeypatch):
+    """NOTE: [GradScaler]: at TCov = 1 every iteration gathers, so a skipped one needs no host
+    decision either: layer_ema and fused_step read found_inf themselves.  A skip leaves the
+    curvature state (state, fac, initialized, counters), parameters, momenta and step counts as
+    they were; the iterations around it train.  found_inf is never read on the host."""
+    if backend != "torch":
+        kernel_module(backend, monkeypatch)
+        if emulated(backend):
+            monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
+    model = _model()
+    opt = AdaFisher(model, lr=1e-2, TCov=1, capturable=True, backend=backend)
+    f = opt.fisher
+    for x, y in _batches(3):
+        for flag in (1.0, 0.0):     # the same batch skipped, then taken
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            before = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)] + (
+                _state(model, opt) if opt.state else [])
+            opt.grad_scale, opt.found_inf = None, torch.tensor(flag).as_subclass(_NoHostRead)
+            opt.step()
+            after = [f.state, f.fac, f.initialized, f.counters] + _state(model, opt)
+            assert all(torch.equal(a, b) for a, b in zip(before, after)) == (flag == 1.0)
+    del opt.grad_scale, opt.found_inf
+    assert opt.steps == 6 and all(d["stat_iters"] == 3 for d in opt.diagnostics().values())
+    assert all(st["step"].item() == 3 for st in opt.state.values())
+
+
 @pytest.mark.parametrize("cls", [AdaFisher, AdaFisherW])
 def test_bf16_autocast_without_scaler_trains(cls):
     model = _model()

@@ -75,6 +75,33 @@ def test_layer_ema_writes_every_fac_entry(kernel_ops, preset):
     assert want[2].tolist().count(False) == 1 and int(want[3][:, 1].sum()) == 1
 
 
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_layer_ema_found_inf(kernel_ops, preset):
+    """GradScaler's found_inf, read on the device (NOTE: [GradScaler] in optimizer.py): non-zero
+    (1, or 2 from two devices' checks), nothing changes, state, fac, initialized and counters, at
+    the first statistics iteration and at a later one; zero, the call is the one without it.
+    The reference and the kernel alike."""
+    f, rule, want, got = _states(_model, preset)
+    for it in range(3):
+        buf = torch.rand_like(f.buf) * 3
+        for ops, state in ((reference, want), (kernel_ops, got)):
+            before = [t.clone() for t in state]
+            for flag in (1.0, 2.0):
+                ops.layer_ema(buf, f.table, *state, rule, torch.tensor(flag, device=device()))
+                assert all(torch.equal(a, b) for a, b in zip(state, before))
+        reference.layer_ema(buf, f.table, *want, rule)
+        kernel_ops.layer_ema(buf, f.table, *got, rule, torch.zeros((), device=device()))
+        for w, g in zip(want, got):
+            if w.is_floating_point():
+                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+            else:
+                assert torch.equal(g, w)
+    assert want[3][:, 0].tolist() == [3] * f.table.n_layers     # three calls took, none skipped
+    with pytest.raises(ValueError, match="layer_ema: found_inf must be one float32 element"):
+        kernel_ops.layer_ema(buf, f.table, *got, rule, torch.zeros((), dtype=torch.float64,
+                                                                   device=device()))
+
+
 def test_layer_ema_factors_in_any_layer_order(kernel_ops):
     """A LayerTable may number its layers in any order: the kernels find a layer's factors through
     the CSR by layer (kernel_host.layer_factors), not by position."""

@@ -40,6 +40,7 @@ sys.path.insert(0, ROOT)
 
 import fisher_kernels  # noqa: E402
 from adafisher_fast import AdaFisher, AdaFisherW  # noqa: E402
+from adafisher_fast.presets import PRESETS  # noqa: E402
 from bench import models  # noqa: E402
 
 fs = importlib.import_module("fisher_kernels.fused_step")    # the module, not the function
@@ -132,6 +133,10 @@ def _optimizer_runs(dev="cpu"):
                 out = model(inp().to(dev))
                 out.float().square().mean().backward()
                 opt.step()
+                f = opt.fisher          # GradScaler's found_inf, read by the kernel (FOUND_INF)
+                fisher_kernels.layer_ema(f.buf, f.table, f.state, f.fac, f.initialized,
+                                         f.counters, PRESETS[preset].ema_rule(0.8),
+                                         torch.zeros((), device=dev))
     meta = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 0, 0, 1]] * 2)
     device_steps = fs._device_steps
     try:
