@@ -106,6 +106,18 @@ def _state(model, opt) -> list:
             for t in (p, opt.state[p]["exp_avg"], opt.state[p]["step"])]
 
 
+def _on_device_steps(backend, monkeypatch, TCov):
+    """(model, optimizer) of ``backend`` with its step counts where its kernels run
+    (capturable=True; the emulated CUDA binding told so), as the CUDA kernel backends keep them
+    on a GPU."""
+    if backend != "torch":
+        kernel_module(backend, monkeypatch)
+        if emulated(backend):
+            monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
+    model = _model()
+    return model, AdaFisher(model, lr=1e-2, TCov=TCov, capturable=True, backend=backend)
+
+
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
 def test_grad_scaler_skip_on_a_plain_iteration_is_decided_on_the_device(backend, monkeypatch):
     """NOTE: [GradScaler]: with the step counts on the device (capturable=True here, the CUDA
@@ -113,12 +125,7 @@ def test_grad_scaler_skip_on_a_plain_iteration_is_decided_on_the_device(backend,
     overflowed: parameters, momenta and step counts stay, found_inf is never read on the host
     (bool() on it raises here), and steps, the TCov phase, advances.  A statistics iteration
     reads it on the host and drops its statistics; steps stays, so the next one gathers."""
-    if backend != "torch":
-        kernel_module(backend, monkeypatch)
-        if emulated(backend):
-            monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
-    model = _model()
-    opt = AdaFisher(model, lr=1e-2, TCov=2, capturable=True, backend=backend)
+    model, opt = _on_device_steps(backend, monkeypatch, TCov=2)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     (x, y), = _batches(1)
 
@@ -162,12 +169,7 @@ def test_grad_scaler_at_tcov_1_reads_found_inf_only_on_the_device(backend, monke
     decision either: layer_ema and fused_step read found_inf themselves.  A skip leaves the
     curvature state (state, fac, initialized, counters), parameters, momenta and step counts as
     they were; the iterations around it train.  found_inf is never read on the host."""
-    if backend != "torch":
-        kernel_module(backend, monkeypatch)
-        if emulated(backend):
-            monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
-    model = _model()
-    opt = AdaFisher(model, lr=1e-2, TCov=1, capturable=True, backend=backend)
+    model, opt = _on_device_steps(backend, monkeypatch, TCov=1)
     f = opt.fisher
     for x, y in _batches(3):
         for flag in (1.0, 0.0):     # the same batch skipped, then taken
