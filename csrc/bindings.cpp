@@ -71,6 +71,16 @@ void check_out(const at::Tensor& out, const at::Tensor& ref, const char* op, int
   TORCH_CHECK(out.numel() == n, "adafisher::", op, ": out has ", out.numel(), " entries, expected ", n);
 }
 
+// GradScaler's found_inf, which the kernel reads (no host read, NOTE: [GradScaler]): nullptr when
+// absent, else its address after checking it is one float32 element beside `ref`.
+const float* found_inf_ptr(const std::optional<at::Tensor>& found_inf, const at::Tensor& ref, const char* op) {
+  if (!found_inf.has_value()) return nullptr;
+  check_cuda(*found_inf, ref, op, "found_inf");
+  TORCH_CHECK(found_inf->scalar_type() == at::kFloat && found_inf->numel() == 1, "adafisher::", op,
+              ": found_inf must be one float32 element");
+  return found_inf->data_ptr<float>();
+}
+
 void check_launch(cudaError_t e, const char* op) {
   TORCH_CHECK(e == cudaSuccess, "adafisher::", op, ": kernel launch failed: ", cudaGetErrorString(e));
 }
@@ -254,11 +264,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
               "adafisher::layer_ema: factor_start [n_factors+1], fac [n_raw+1] and term_ptr [n_raw+1] expected");
   TORCH_CHECK(counters.dim() == 2 && counters.size(0) == n_layers && counters.size(1) == 2,
               "adafisher::layer_ema: counters must be int64 [n_layers, 2]");
-  if (found_inf.has_value()) {      // read by the kernel: no host read (NOTE: [GradScaler])
-    check_cuda(*found_inf, buf, op, "found_inf");
-    TORCH_CHECK(found_inf->scalar_type() == at::kFloat && found_inf->numel() == 1,
-                "adafisher::layer_ema: found_inf must be one float32 element");
-  }
+  const float* skip = found_inf_ptr(found_inf, buf, op);
   c10::cuda::CUDAGuard guard(buf.device());
   at::Tensor raw = at::empty({std::max<int64_t>(n_raw, 1)}, buf.options());
   at::Tensor minmax = at::empty({std::max<int64_t>(2 * nf, 1)}, buf.options());
@@ -272,7 +278,7 @@ void layer_ema(const at::Tensor& buf, int64_t n_acc, const at::Tensor& term_ptr,
   a.state = state.data_ptr(); a.fac = fac.data_ptr(); a.initialized = initialized.data_ptr<bool>();
   a.counters = counters.data_ptr<int64_t>(); a.raw_work = raw.data_ptr();
   a.minmax_work = minmax.data_ptr();
-  a.found_inf = found_inf.has_value() ? found_inf->data_ptr<float>() : nullptr;
+  a.found_inf = skip;
   a.decay = decay; a.weight = weight; a.decay_first = decay_first; a.weight_first = weight_first;
   a.normalise_raw = normalise_raw; a.normalise_state = normalise_state;
   check_launch(launch_layer_ema(a, ot, c10::cuda::getCurrentCUDAStream()), op);
@@ -396,15 +402,9 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const int k = p.scalar_type() == at::kFloat ? 0 : (p.scalar_type() == at::kHalf ? 1 : 2);
     by_type[k].push_back(s);
   }
-  const float* skip = nullptr;       // read by the kernel: no host read (NOTE: [GradScaler])
-  if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->device() == params[0].device() && found_inf->scalar_type() == at::kFloat &&
-                found_inf->numel() == 1, "adafisher::fused_step: found_inf must be one float32 element on the "
-                "parameters' device");
-    TORCH_CHECK(host_steps.empty(), "adafisher::fused_step: found_inf needs the step counts on the device, "
-                "where the skip is decided (NOTE: [GradScaler])");
-    skip = found_inf->data_ptr<float>();
-  }
+  const float* skip = found_inf_ptr(found_inf, params[0], op);
+  TORCH_CHECK(skip == nullptr || host_steps.empty(), "adafisher::fused_step: found_inf needs the step counts "
+              "on the device, where the skip is decided (NOTE: [GradScaler])");
   c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const DType types[3] = {DType::F32, DType::F16, DType::BF16};
