@@ -139,7 +139,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     dst = out.new_empty(n_lgrp, out.numel()) if partial else out
     _lattice_sum_kernel[(c * n_lgrp, n_kob)](
         q, dst, q.stride(0), *Q, *S, *P, *K, *D, *T, *N, n_lblk, n_lgrp, lpg, BLOCK_KO=block_ko,
-        BLOCK_L=block_l, PARTIAL=partial)
+        BLOCK_L=block_l, PARTIAL=partial, enable_fp_fusion=True)
     if partial:
         out.add_(dst.sum(0))
     return n_pos

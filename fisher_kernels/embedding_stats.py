@@ -36,4 +36,5 @@ def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
     n = flat.numel()
     if n == 0:
         return
-    _embedding_stats_kernel[(cdiv(n, BLOCK),)](flat, out, n, out.numel(), BLOCK=BLOCK)
+    _embedding_stats_kernel[(cdiv(n, BLOCK),)](flat, out, n, out.numel(), BLOCK=BLOCK,
+                                             enable_fp_fusion=True)

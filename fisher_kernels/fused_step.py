@@ -110,7 +110,7 @@ def _bias_correction(t, ln_beta):
     is under a fifth of the one before, so Horner's rule adds no cancellation), then
     1 - e^x = (1 - 2^n) - 2^n expm1(r) with 2^n built from its exponent bits: both products exact,
     one rounding.  No exp (ex2.approx on the GPU) is involved: the interpreter runs the GPU's
-    operations (up to the GPU's FMA contraction).  x itself carries two roundings (ln beta,
+    operations, rounded alike (no FMA contraction: NOTE: [fp fusion]).  x itself carries two roundings (ln beta,
     computed in float64 on the host and stored as float32, and the product t * ln beta), which
     expm1 passes on without growth for x <= 0.  x is clamped to [-40, 40]: 1 - e^-40 is 1 in
     float32, and beta = 0 (ln beta = -inf) gives 1 as the reference does.  Measured under the
@@ -439,4 +439,5 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
         step_table, len(steps), ticket, fac, found_inf,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
         ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
-        FOUND_INF=found_inf is not None, STEP_BLOCK=STEP_BLOCK)
+        FOUND_INF=found_inf is not None, STEP_BLOCK=STEP_BLOCK,
+        enable_fp_fusion=False)     # NOTE: [fp fusion] in fisher_kernels/__init__.py

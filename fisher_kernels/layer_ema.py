@@ -205,4 +205,5 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
         raw, minmax, state, fac, initialized.view(torch.uint8), counters,
         float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
         found_inf, NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state),
-        BLOCK=BLOCK, FOUND_INF=found_inf is not None, num_warps=NUM_WARPS)
+        BLOCK=BLOCK, FOUND_INF=found_inf is not None, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)     # NOTE: [fp fusion] in fisher_kernels/__init__.py

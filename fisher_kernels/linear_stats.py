@@ -142,7 +142,7 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
     _column_reduce_kernel[grid](x3, dst, out if mu is None else mu, out if rs is None else rs, a, k,
                                 b // b_div, rows, g, cg, rps, float(scale), SQUARE=square,
                                 AFFINE=affine, BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b,
-                                B_DIV=b_div, PARTIAL=partial)
+                                B_DIV=b_div, PARTIAL=partial, enable_fp_fusion=True)
     if partial:
         out.add_(dst.sum(0))
 

@@ -160,9 +160,11 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
     pm, pm2 = (torch.empty(rows * nc, **f32) for _ in range(2)) if nc > 1 else (mu, rs)
     _row_moments_kernel[(rows * nc,)](x, pm, rs, pm2, n, groups, c * i, cg if cl else n, cg, c,
                                       float(eps), nc, CHUNK=CHUNK, CENTER=bool(center), RUNS=cl,
-                                      SPLIT=nc > 1, BLOCK=min(BLOCK_ROW, next_pow2(n)))
+                                      SPLIT=nc > 1, BLOCK=min(BLOCK_ROW, next_pow2(n)),
+                                      enable_fp_fusion=True)
     if nc > 1:
         _combine_moments_kernel[(rows,)](pm, pm2, mu, rs, n, nc, float(eps), CHUNK=CHUNK,
-                                         BLOCK=min(BLOCK_ROW, next_pow2(nc)))
+                                         BLOCK=min(BLOCK_ROW, next_pow2(nc)),
+                                         enable_fp_fusion=True)
     x3 = x.permute(0, 2, 1).reshape(r * i, c, 1) if cl else x
     _xhat_sq(x3, out, mu, rs, True, groups, cg, i if cl else 1)

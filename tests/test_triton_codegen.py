@@ -55,6 +55,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     # them (NOTE: [ieee rounding] in fisher_kernels/__init__.py)
     approx = [(r["kernel"], r["arch"], r["approx"]) for r in rows if r["approx"]]
     assert not approx, approx
+    # every launch chooses FMA contraction (triton 3.9 warns where one does not), and the two
+    # elementwise kernels round each multiply and add as the reference does (NOTE: [fp fusion])
+    assert "TRITON_DEFAULT_FP_FUSION" not in proc.stdout + proc.stderr
+    exact = [r for r in rows if r["kernel"] in ("_fused_step_kernel", "_layer_ema_kernel")]
+    assert exact and all(r["fma"] == 0 for r in exact), [(r["kernel"], r["fma"]) for r in exact]
+    assert any(r["fma"] for r in rows if r["kernel"] == "_column_reduce_kernel")
     # the hot kernels stream memory, and layer_ema's latency-bound loops (NOTE: [ema block]) hold
     # 4 entries per thread: no spills to local memory
     hot = [r for r in rows

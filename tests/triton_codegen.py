@@ -196,6 +196,12 @@ def _approx_ops(ptx: str) -> dict:
     return {op: found.count(op) for op in sorted(set(found))}
 
 
+def _fma_ops(ptx: str) -> int:
+    """Fused multiply-adds: where the compiler contracted a multiply and an add, which the
+    interpreter rounds twice."""
+    return len(re.findall(r"\bfma\.rn(?:\.ftz)?\.f(?:32|64)\b", ptx))
+
+
 def compile_all(seen, arches):
     rows, ok = [], True
     for (name, _, _, _), (fn, sig, const, attrs, options) in sorted(seen.items(), key=lambda kv: kv[0][0]):
@@ -210,7 +216,7 @@ def compile_all(seen, arches):
                                    options=options)
                 row.update(shared=k.metadata.shared, num_warps=k.metadata.num_warps,
                            **_resources(k.asm["cubin"]), **_memory_ops(k.asm["ptx"]),
-                           approx=_approx_ops(k.asm["ptx"]))
+                           approx=_approx_ops(k.asm["ptx"]), fma=_fma_ops(k.asm["ptx"]))
                 limit = SMEM_LIMIT.get(arch)
                 if limit is not None and k.metadata.shared > limit:
                     row["error"] = f"needs {k.metadata.shared} B of shared memory, sm_{arch} has {limit}"
