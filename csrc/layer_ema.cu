@@ -20,11 +20,22 @@
 
 namespace adafisher {
 
+// x^p for the powers terms take (pow 0, 1, 2; q 0 to 3: state.py checks them), by multiplication as
+// Triton's kernel computes them
 template <typename A> __device__ __forceinline__ A pw(A x, A p) {
   if (p == A(0)) return A(1);
   if (p == A(1)) return x;
-  if (p == A(2)) return x * x;
-  return pow(x, p);
+  const A x2 = x * x;
+  return p == A(2) ? x2 : x2 * x;
+}
+// a * b + c * d rounded after each operation, as torch computes the reference's EMA: nvcc would
+// contract it into an FMA, and min-max normalisation magnifies that last bit (NOTE: [fp fusion] in
+// fisher_kernels/__init__.py)
+__device__ __forceinline__ float mul_add_rn(float a, float b, float c, float d) {
+  return __fadd_rn(__fmul_rn(a, b), __fmul_rn(c, d));
+}
+__device__ __forceinline__ double mul_add_rn(double a, double b, double c, double d) {
+  return __dadd_rn(__dmul_rn(a, b), __dmul_rn(c, d));
 }
 template <typename A> __device__ __forceinline__ A deinf(A v) {
   return isinf(v) ? (v > 0 ? A(1) : A(0)) : v;
@@ -101,7 +112,7 @@ __global__ void AF_EMA_BOUNDS layer_ema_kernel(EmaArgs a) {
       for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
         const A v = a.normalise_raw ? (deinf<A>(raw[e]) - rlo) / rden : raw[e];
         const A prior = init ? state[e] : A(1);
-        const A s = prior * decay + v * weight;
+        const A s = mul_add_rn(prior, decay, v, weight);
         state[e] = s;
         if (a.normalise_state) {
           const A c = deinf<A>(s); mn = fmin(mn, c); mx = fmax(mx, c);

@@ -87,6 +87,8 @@ inline T atomicAdd(T* p, T v) {
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __dadd_rn(double a, double b) { return a + b; }
 // the device's global math overloads
 using std::fmax;
 using std::fmin;
