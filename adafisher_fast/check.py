@@ -14,7 +14,14 @@ NOTE: [check tolerances] ``|kernel - ref| <= atol + rtol * |ref|`` elementwise w
 tensor's scale: parallel sums differ from torch's in summation order).  A plain sum
 (``linear_stats`` with square=False: the released code's BatchNorm2d/LayerNorm S) can cancel far
 below its terms, and does when a train-mode BatchNorm follows through a conv (its input gradient
-sums to zero per channel), so there ``atol = rtol * max sum |x|``, the scale its rounding has:
+sums to zero per channel), so there ``atol = rtol * max sum |x|``, the scale its rounding has.
+``norm_stats`` centres: a computed mean is off by some ulp of mean |x|, so xhat = (x - mean) * s
+(s = 1 / sqrt(var + eps)) is off by about e = rtol * s * mean |x|, which outgrows xhat itself
+where a channel or group is nearly constant (reflect padding of a 1-pixel map: x - mean is
+rounding noise, and s = 1 / sqrt(eps) magnifies it).  So each entry's atol there is at least
+``rtol * sum (2 |xhat| s mean|x| + rtol (s mean|x|)^2)``, the first-order and the squared error of
+its sum of xhat^2, over that entry's elements (running statistics and RMSNorm do not centre).
+The rtol:
 * float64 results: rtol 1e-9; float32 results from float32 inputs: rtol 1e-4 (sums over up to
   ~1e6 terms in a different order; float32 eps is 1.2e-7);
 * float16/bfloat16 inputs (statistics accumulate in float32, so the inputs' own rounding is shared
@@ -24,7 +31,7 @@ sums to zero per channel), so there ``atol = rtol * max sum |x|``, the scale its
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
@@ -44,9 +51,11 @@ def _rtol(result_dtype: torch.dtype, input_dtype: Optional[torch.dtype] = None) 
     return r
 
 
-def compare(got: torch.Tensor, ref: torch.Tensor, rtol: float, magnitude: float = 0.0):
+def compare(got: torch.Tensor, ref: torch.Tensor, rtol: float,
+            magnitude: Union[float, torch.Tensor] = 0.0):
     """(ok, max abs error, max rel error) of ``got`` against ``ref`` (NOTE: [check tolerances]);
-    ``magnitude``: that of the terms summed, when it exceeds max |ref|."""
+    ``magnitude``: that of the terms summed, when it exceeds max |ref| (a number, or a tensor
+    shaped like ``ref`` for a magnitude per entry)."""
     if got.shape != ref.shape:
         return False, float("inf"), float("inf")
     if got.dtype == torch.bool or not got.is_floating_point():
@@ -59,13 +68,37 @@ def compare(got: torch.Tensor, ref: torch.Tensor, rtol: float, magnitude: float 
     same = (g == r) | (torch.isnan(g) & torch.isnan(r))
     diff = torch.where(same, torch.zeros_like(g), (g - r).abs())
     finite = torch.isfinite(r)
-    scale = max(magnitude, float(r[finite].abs().max()) if bool(finite.any()) else 0.0)
+    scale = float(r[finite].abs().max()) if bool(finite.any()) else 0.0
+    if isinstance(magnitude, torch.Tensor):
+        scale = magnitude.to(r).clamp_min(scale)
+    else:
+        scale = max(magnitude, scale)
     tol = rtol * scale + rtol * r.abs()
     ok = bool((same | (diff <= tol)).all())
     abs_err = float(diff.max())
     rel = torch.where(same, torch.zeros_like(g), diff / r.abs().clamp_min(1e-300))
     rel_err = float(rel.max())
     return ok, abs_err, rel_err
+
+
+def _centring_magnitude(x: torch.Tensor, mode: str, groups: int, eps: float,
+                        rtol: float) -> torch.Tensor:
+    """Per entry of norm_stats' ``out`` (x: (R, C, I)), sum over its elements of
+    2 |xhat| e + rtol e^2 with e = s * mean |x| over the elements sharing its mean and s (NOTE:
+    [check tolerances]); float64, on x's device."""
+    v = x.detach().double()
+    r, c, i = v.shape
+    if mode == "channel":
+        vg = v.transpose(0, 1).reshape(c, 1, -1)        # one set per channel
+    else:
+        vg = v.reshape(r * groups, 1, -1)               # one set per (sample, group)
+    mu = vg.mean(dim=2, keepdim=True)
+    s = torch.rsqrt((vg - mu).square().mean(dim=2, keepdim=True) + eps)
+    e = s * vg.abs().mean(dim=2, keepdim=True)
+    per = 2 * ((vg - mu) * s).abs() * e + rtol * e.square()
+    if mode == "channel":
+        return per.reshape(c, -1).sum(dim=1)
+    return per.reshape(r, c, i).sum(dim=(0, 2))
 
 
 class CheckedOps:
@@ -135,7 +168,12 @@ class CheckedOps:
                            padding_mode)
 
     def norm_stats(self, x, out, mode, groups, eps, center=True, mean=None, var=None):
-        return self._stats("norm_stats", x, out, mode, groups, eps, center, mean, var)
+        magnitude = 0.0
+        if center and mean is None:          # a computed mean: NOTE: [check tolerances]
+            magnitude = _centring_magnitude(x, mode, groups, eps,
+                                            _rtol(out.dtype, x.dtype)).to(out.device)
+        return self._stats("norm_stats", x, out, mode, groups, eps, center, mean, var,
+                           magnitude=magnitude)
 
     def embedding_stats(self, idx, out):
         return self._stats("embedding_stats", idx, out)
