@@ -115,8 +115,9 @@ def _bias_correction(t, ln_beta):
     t * ln beta), which expm1 passes on without growth for x <= 0.  x is clamped to [-40, 40]:
     1 - e^-40 is 1 in float32, and beta = 0 (ln beta = -inf) gives 1 as the reference does.
     Measured under the interpreter against float64 over 40,000 (beta, t), beta from 0 to
-    1 - 1e-5 and t up to 1e7: at most 1.6e-7 relative (the former formula: 2.7e-3).  The csrc twin rounds 1 - pow(beta, t), computed in double, once
-    (csrc/fused_step.cu).  Once per program, on scalars: a dozen multiply-adds.  Registers per
+    1 - 1e-5 and t up to 1e7: at most 1.6e-7 relative (the former formula: 2.7e-3).  The csrc
+    twin rounds 1 - pow(beta, t), computed in double, once (csrc/fused_step.cu).  Once per
+    program, on scalars: a dozen multiply-adds.  Registers per
     thread (tests/triton_codegen.py, sm_80 and sm_90) as before in every configuration on triton
     3.6, and on 3.9 in all but two: sm_80 bf16/fp16 decoupled with host steps, 96 -> 128, what
     their device-step twins already used."""
