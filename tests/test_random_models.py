@@ -5,7 +5,7 @@ convolutions and transposed convolutions of 1 to 3 dims with random stride, dila
 padding and padding mode; batch, group, layer and RMS norms; ReLU in place; channels_last;
 embeddings with a padding index and a tied head; both presets and both optimizers; TCov 1 to 3;
 a float or a tensor lr; bf16 autocast; gradient accumulation, the forward-before-zero_grad loop
-order and step(closure).
+order and step(closure); bfloat16 parameters; self-attention, its projections exposed (expose_attention) or not.
 
 ADAFISHER_SWEEP=a:b runs seeds a to b - 1 instead (a longer sweep by hand: the CPU suite keeps a
 few; seed 61 of the first such sweep found NOTE: [check tolerances]' centring case)."""
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adafisher_fast import AdaFisher, AdaFisherW
+from adafisher_fast import AdaFisher, AdaFisherW, expose_attention
 from conftest import backend_name, device
 
 _a, _b = (int(v) for v in os.environ.get("ADAFISHER_SWEEP", "0:12").split(":"))
@@ -83,7 +83,8 @@ def _image_model(r: random.Random):
         model = model.to(memory_format=torch.channels_last)
         x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (batch,))
-    return model, lambda m, xb=x, yb=y: F.cross_entropy(m(xb.to(device())), yb.to(device()))
+    return model, lambda m, xb=x, yb=y: F.cross_entropy(
+        m(xb.to(device(), next(m.parameters()).dtype)).float(), yb.to(device()))
 
 
 class _TokenModel(nn.Module):
@@ -94,12 +95,20 @@ class _TokenModel(nn.Module):
         self.norm = r.choice([nn.LayerNorm(d), nn.RMSNorm(d), nn.Identity()])
         self.fc = nn.Linear(d, d, bias=r.random() < 0.5)
         self.twice = r.random() < 0.3           # one module called twice per forward
+        self.attn = None
+        if r.random() < 0.4:                    # self-attention, its projections exposed or not
+            self.attn = nn.MultiheadAttention(d, r.choice(_divisors(d)), bias=r.random() < 0.7,
+                                              add_bias_kv=r.random() < 0.3, batch_first=True)
+            if r.random() < 0.7:
+                expose_attention(self)
         self.head = nn.Linear(d, self.vocab, bias=False)
         if r.random() < 0.3:
             self.head.weight = self.emb.weight
 
     def forward(self, t):
         h = self.norm(self.emb(t))
+        if self.attn is not None:
+            h = self.attn(h, h, h, need_weights=False)[0] + h
         h = F.gelu(self.fc(h)) + h
         if self.twice:
             h = F.gelu(self.fc(h)) + h
@@ -109,7 +118,7 @@ class _TokenModel(nn.Module):
 def _token_model(r: random.Random):
     model = _TokenModel(r)
     t = torch.randint(0, model.vocab, (r.randint(1, 3), r.randint(1, 6)))
-    return model, lambda m, tb=t: F.cross_entropy(m(tb.to(device())).flatten(0, 1),
+    return model, lambda m, tb=t: F.cross_entropy(m(tb.to(device())).flatten(0, 1).float(),
                                                   tb.to(device()).flatten())
 
 
@@ -162,6 +171,8 @@ def test_random_model_agrees_with_the_reference(kernel_ops, seed):
     torch.manual_seed(seed)
     model, loss_fn = (_image_model if r.random() < 0.65 else _token_model)(r)
     model.to(device())
+    if r.random() < 0.15:                    # bfloat16 parameters and momenta
+        model.to(torch.bfloat16)
     if r.random() < 0.2:                     # a frozen parameter: no state, no update
         frozen = r.choice(list(model.parameters()))
         frozen.requires_grad_(False)
