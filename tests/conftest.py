@@ -4,6 +4,7 @@ Kernel tests are parametrised over ``kernel_backends()``: every non-reference ba
 here.  On a CPU-only machine Triton kernels run interpreted (TRITON_INTERPRET=1, set before triton is
 imported anywhere) and the CUDA backend's sources run under the CUDA emulator (tests/cuda_emu.py).
 """
+import contextlib
 import os
 
 import pytest
@@ -15,6 +16,17 @@ if not torch.cuda.is_available():
 from adafisher_fast import backends  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """Within: torch.use_deterministic_algorithms(on)."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
 
 
 def device() -> torch.device:

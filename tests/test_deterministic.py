@@ -6,7 +6,6 @@ On a CPU the order is shuffled where it runs one program at a time: the Triton i
 the GPU's split of the rows forced, which the interpreter would not pick on its own) and the CUDA
 emulator (ADAFISHER_EMU_BLOCK_ORDER, NOTE: [CUDA emulator]).  On a GPU the hardware's own
 scheduling varies it: the gpu test repeats a training run."""
-import contextlib
 import importlib
 import itertools
 import random
@@ -16,17 +15,8 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisherW, reference
-from conftest import assert_trajectories_close, emulated, kernel_backends, kernel_module
-
-
-@contextlib.contextmanager
-def deterministic(on: bool):
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was)
+from conftest import (assert_trajectories_close, deterministic, emulated, kernel_backends,
+                      kernel_module)
 
 
 def _split_reductions(ops, dtype=torch.float32):

@@ -1,17 +1,19 @@
-"""A seeded sweep of random small models, each trained a few steps with check=True on each kernel
-backend: every statistics op, layer_ema and fused_step is compared with the torch reference at every
-call (adafisher_fast/check.py).  It covers combinations the op tests do not enumerate one by one:
-convolutions and transposed convolutions of 1 to 3 dims with random stride, dilation, groups,
-padding and padding mode; batch, group, layer and RMS norms; ReLU in place; channels_last;
-embeddings with a padding index and a tied head; both presets and both optimizers; TCov 1 to 3;
-a float or a tensor lr; bf16 autocast; gradient accumulation, the forward-before-zero_grad loop
-order and step(closure); bfloat16 parameters; self-attention, its projections exposed (expose_attention) or not.
+"""A seeded sweep of random small models on each kernel backend: each trained a few steps with
+check=True (every statistics op, layer_ema and fused_step compared with the torch reference at every
+call, adafisher_fast/check.py), and each resumed from a checkpoint to the same bits.  It covers
+combinations the op tests do not enumerate one by one: convolutions and transposed convolutions of
+1 to 3 dims with random stride, dilation, groups, padding and padding mode; batch, group, layer and
+RMS norms; ReLU in place; channels_last; embeddings with a padding index and a tied head; a module
+called twice; self-attention with its projections exposed (expose_attention) or not; a frozen
+parameter; bfloat16 parameters; both presets and both optimizers; TCov 1 to 3; a float or a
+tensor lr; bf16 autocast; a GradScaler whose loss overflows; gradient accumulation; the
+zero_grad-first and forward-first loop orders and step(closure).
 
 ADAFISHER_SWEEP=a:b runs seeds a to b - 1 instead (a longer sweep by hand: the CPU suite keeps a
 few; seed 61 of the first such sweep found NOTE: [check tolerances]' centring case)."""
+import copy
 import os
 import random
-import warnings
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adafisher_fast import AdaFisher, AdaFisherW, expose_attention
-from conftest import backend_name, device
+from conftest import backend_name, deterministic, device
 
 _a, _b = (int(v) for v in os.environ.get("ADAFISHER_SWEEP", "0:12").split(":"))
 SEEDS = range(_a, _b)
@@ -122,12 +124,10 @@ def _token_model(r: random.Random):
                                                   tb.to(device()).flatten())
 
 
-def _train(r: random.Random, model, loss_fn, opt, steps: int = 4):
+def _train(r: random.Random, model, loss_fn, opt, scaler, steps: int):
     """``steps`` iterations, each in a random loop order, with 1 or 2 micro-batches, maybe under
-    bf16 autocast; or with a GradScaler, whose scale overflows on some iterations (inf in the
-    loss): those steps are skipped."""
-    scaler = torch.amp.GradScaler(device().type, init_scale=2.0 ** 8) if r.random() < 0.2 else None
-
+    bf16 autocast; with a GradScaler (if not None) the loss overflows on some iterations (inf in
+    it): those steps are skipped."""
     def loss():
         if r.random() < 0.15:
             with torch.autocast(device().type, dtype=torch.bfloat16):
@@ -165,8 +165,9 @@ def _train(r: random.Random, model, loss_fn, opt, steps: int = 4):
             scaler.update()
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_random_model_agrees_with_the_reference(kernel_ops, seed):
+def _setup(seed: int, backend: str, check: bool):
+    """(random driver, model, loss function, optimizer, GradScaler or None) of ``seed``: the
+    same model, data and settings every time."""
     r = random.Random(seed)
     torch.manual_seed(seed)
     model, loss_fn = (_image_model if r.random() < 0.65 else _token_model)(r)
@@ -181,8 +182,44 @@ def test_random_model_agrees_with_the_reference(kernel_ops, seed):
     kw = dict(lr=torch.tensor(lr) if r.random() < 0.2 else lr, TCov=r.choice([1, 2, 3]),
               preset=r.choice(["official", "paper"]), weight_decay=r.choice([0.0, 1e-2]),
               Lambda=r.choice([1e-3, 0.1]), gamma=r.choice([0.8, 0.5]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # layers the released code does not hook, etc.
-        opt = cls(model, backend=backend_name(kernel_ops), check=True, **kw)
-        _train(r, model, loss_fn, opt)
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), (seed, kw, model)
+    opt = cls(model, backend=backend, check=check, **kw)
+    scaler = torch.amp.GradScaler(device().type, init_scale=2.0 ** 8) if r.random() < 0.2 else None
+    return r, model, loss_fn, opt, scaler
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.filterwarnings("ignore")        # layers the released code does not hook, etc.
+def test_random_model_agrees_with_the_reference(kernel_ops, seed):
+    r, model, loss_fn, opt, scaler = _setup(seed, backend_name(kernel_ops), check=True)
+    _train(r, model, loss_fn, opt, scaler, steps=4)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), (seed, opt, model)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.filterwarnings("ignore")
+def test_random_model_resumes_bit_identically(kernel_ops, seed):
+    """Two steps, a checkpoint (model, optimizer, scaler), two more; a fresh model and optimizer
+    loaded from the checkpoint take the same two steps to the same bits: parameters, momenta and
+    step counts, and the curvature state (deterministic algorithms: on a GPU the statistics
+    kernels' atomics would otherwise add in any order)."""
+    backend = backend_name(kernel_ops)
+    with deterministic(True):
+        r, model, loss_fn, opt, scaler = _setup(seed, backend, check=False)
+        _train(r, model, loss_fn, opt, scaler, steps=2)
+        ckpt = copy.deepcopy((model.state_dict(), opt.state_dict(),
+                              scaler.state_dict() if scaler else None, r.getstate()))
+        _train(r, model, loss_fn, opt, scaler, steps=2)
+        r2, model2, loss_fn2, opt2, scaler2 = _setup(seed, backend, check=False)
+        model2.load_state_dict(ckpt[0])
+        opt2.load_state_dict(ckpt[1])
+        if scaler2 is not None:
+            scaler2.load_state_dict(ckpt[2])
+        r2.setstate(ckpt[3])
+        _train(r2, model2, loss_fn2, opt2, scaler2, steps=2)
+    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), name
+        for k, v in opt.state[a].items():
+            assert torch.equal(opt2.state[b][k].to(v.device), v), (name, k)
+    for k, v in opt.fisher.tensors().items():
+        assert torch.equal(opt2.fisher.tensors()[k], v), k
+    assert opt2.steps == opt.steps
