@@ -127,29 +127,47 @@ def test_check_judges_plain_sums_by_their_terms(kernel_ops):
         wrong.linear_stats(s, torch.zeros(8, device=device()), 1, False)
 
 
+def _sequential_norm_stats(x, out, mode, groups, eps, *rest):
+    """norm_stats with each mean summed from its last element to its first in float32, as one
+    thread of a kernel might: in a nearly constant group, another order than torch's rounds the
+    mean differently, and 1 / sqrt(eps) magnifies that."""
+    r, c, i = x.shape
+    sets = x.transpose(0, 1).reshape(c, -1) if mode == "channel" else x.reshape(r * groups, -1)
+    total = torch.zeros(sets.shape[0], device=x.device)
+    for j in reversed(range(sets.shape[1])):
+        total = total + sets[:, j]
+    d = sets - (total / sets.shape[1])[:, None]
+    xhat2 = (d * torch.rsqrt(d.square().mean(dim=1, keepdim=True) + eps)).square()
+    out += xhat2.sum(dim=1) if mode == "channel" else xhat2.reshape(r, c, i).sum(dim=(0, 2))
+
+
 @pytest.mark.parametrize("mode", ["sample", "channel"])
 def test_check_judges_centred_statistics_by_their_conditioning(kernel_ops, mode):
-    """NOTE: [check tolerances]: in a constant group (sample mode: every row's) or channel,
+    """NOTE: [check tolerances]: in a nearly constant group (sample mode: every row's) or channel,
     x - mean is rounding noise that 1 / sqrt(eps) magnifies, so the reference and a kernel may
     disagree there in every digit (a random-model sweep found it: a GroupNorm after a reflect-
     padded 1x1 conv on a 1-pixel map, 0 from the kernels, 7e-10 from the reference).  check
-    passes that, and still catches an error of 1 there (the statistic of a group that is not
-    constant is about its size, 8) and one of 1e-3 in the well-conditioned entry beside it."""
+    passes that (the kernels, and a mean summed in another order), and still catches an error of
+    1 there (the statistic of a group that is not constant is about its size, 8) and one of 1e-3
+    in the well-conditioned entry beside it."""
     torch.manual_seed(0)
     groups = 2 if mode == "sample" else 1
-    ref = torch.zeros(2, device=device())
-    for value in torch.randn(64).tolist():       # one whose centring the reference rounds
+    ref, seq = torch.zeros(2, device=device()), torch.zeros(2, device=device())
+    for value in torch.randn(64).tolist():       # one whose centring the two round differently
         x = torch.randn(3, 2, 8, device=device())
-        x[:, 0] = value
-        ref.zero_()
+        x[:, 0] = value * (1 + 1e-7 * torch.randn(3, 8, device=device()))   # a few ulp apart
+        ref.zero_(), seq.zero_()
         reference.norm_stats(x, ref, mode, groups, 1e-5)
-        if ref[0] > 0:
+        _sequential_norm_stats(x, seq, mode, groups, 1e-5)
+        if ref[0] != seq[0]:
             break
-    assert 0 < ref[0] < 1e-7 and ref[1] > 1               # noise beside a real statistic
-    checked = CheckedOps(kernel_ops, backend_name(kernel_ops))
-    checked.norm_stats(x, torch.zeros(2, device=device()), mode, groups, 1e-5)
-    # noise alone (the sweep's case): no real statistic sets the tolerance's scale
-    checked.norm_stats(x[:, :1], torch.zeros(1, device=device()), mode, 1, 1e-5)
+    assert ref[0] != seq[0] and max(ref[0], seq[0]) < 1e-5 and ref[1] > 1   # noise; a statistic
+    sequential = type("Sequential", (), {"norm_stats": staticmethod(_sequential_norm_stats)})()
+    for ops, name in ((kernel_ops, backend_name(kernel_ops)), (sequential, "sequential")):
+        checked = CheckedOps(ops, name)
+        checked.norm_stats(x, torch.zeros(2, device=device()), mode, groups, 1e-5)
+        # noise alone (the sweep's case): no real statistic sets the tolerance's scale
+        checked.norm_stats(x[:, :1], torch.zeros(1, device=device()), mode, 1, 1e-5)
     for entry, error in ((0, 1.0), (1, 1e-3 * float(ref[1]))):
         def norm_stats(x, o, *a, entry=entry, error=error):
             kernel_ops.norm_stats(x, o, *a)
