@@ -101,8 +101,7 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
               initialized: torch.Tensor, counters: torch.Tensor, rule: EmaRule,
               found_inf: Optional[torch.Tensor] = None) -> None:
     """reference.layer_ema on the GPU in one launch (csrc/layer_ema.cu)."""
-    reference.check_found_inf("layer_ema", found_inf, (state, fac, initialized, counters),
-                              "the state tensor {}")
+    reference.check_ema_found_inf(found_inf, state, fac, initialized, counters)
     ptr, src, pw, coef, q, factor = kernel_host.term_csr(table)
     _ops.layer_ema(buf, int(table.n_acc), ptr, src, pw, coef, q, factor,
                    table.factor_start, *kernel_host.layer_factors(table), state, fac,

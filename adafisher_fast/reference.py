@@ -85,6 +85,13 @@ def check_found_inf(op: str, found_inf: Optional[torch.Tensor], tensors: Sequenc
                          f"device (NOTE: [GradScaler])")
 
 
+def check_ema_found_inf(found_inf: Optional[torch.Tensor], state: torch.Tensor, fac: torch.Tensor,
+                        initialized: torch.Tensor, counters: torch.Tensor) -> None:
+    """``check_found_inf`` for layer_ema (every backend's): beside its four state tensors."""
+    check_found_inf("layer_ema", found_inf, (state, fac, initialized, counters),
+                    "the state tensor {}")
+
+
 def _undo_where_found_inf(found_inf: torch.Tensor, tensors: Sequence[torch.Tensor],
                           before: Sequence[torch.Tensor]) -> None:
     """Every tensor back to ``before`` where found_inf is non-zero, decided on the device."""
@@ -300,8 +307,8 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     found_inf: None, or GradScaler's one float32 element on the state's device: where it is
     non-zero nothing changes, decided on the device (NOTE: [GradScaler] in optimizer.py).
     """
+    check_ema_found_inf(found_inf, state, fac, initialized, counters)
     out = (state, fac, initialized, counters)
-    check_found_inf("layer_ema", found_inf, out, "the state tensor {}")
     before = None if found_inf is None else [t.clone() for t in out]
     nf, seg = table.factor_layer.numel(), table.seg
     raw = layer_raw(buf, table)

@@ -187,8 +187,7 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     """Same signature and semantics as ``reference.layer_ema`` (see the module docstring)."""
     if buf.dtype != torch.float32 or state.dtype != torch.float32:
         return reference.layer_ema(buf, table, state, fac, initialized, counters, rule, found_inf)
-    reference.check_found_inf("layer_ema", found_inf, (state, fac, initialized, counters),
-                              "the state tensor {}")
+    reference.check_ema_found_inf(found_inf, state, fac, initialized, counters)
     if table.n_layers == 0 or table.factor_layer.numel() == 0:
         return
     for name, t in (("buf", buf), ("state", state), ("fac", fac), ("initialized", initialized),
