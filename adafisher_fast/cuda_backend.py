@@ -129,14 +129,11 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     n = len(params)
     if n == 0:
         return
-    ok = [_kernel_ok(p, g, m, t) for p, g, m, t in zip(params, grads, moms, steps)]
-    meta_key = kernel_host.meta_token(meta)
-    operands = [kernel_host.kernel_operands(i, p, g, m, meta, meta_key)[:3] if ok[i] else (p, g, m)
-                for i, (p, g, m) in enumerate(zip(params, grads, moms))]
-    if all(ok):
-        idx = None
-    else:
-        idx = [i for i in range(n) if ok[i]]
+    ok = list(map(_kernel_ok, params, grads, moms, steps))
+    idx = range(n) if all(ok) else [i for i in range(n) if ok[i]]
+    pk, gk, mk, _, back = kernel_host.operands(idx, params, grads, moms, meta,
+                                               kernel_host.meta_token(meta))
+    if len(idx) < n:
         rest = [i for i in range(n) if not ok[i]]
         reference.check_step_shapes(params, grads, moms)     # before the reference updates any
         reference.fused_step([params[i] for i in rest], [grads[i] for i in rest], [moms[i] for i in rest],
@@ -144,13 +141,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                              found_inf)
         if not idx:
             return
-        params, moms, operands, steps = ([lst[i] for i in idx]
-                                         for lst in (params, moms, operands, steps))
-        hyper = [hyper[i] for i in idx]
-        meta = meta[idx]
-    hyper, lrs = kernel_host.split_lr(hyper, params[0].device)    # NOTE: [tensor lr]
+        steps, hyper, meta = [steps[i] for i in idx], [hyper[i] for i in idx], meta[idx]
+    hyper, lrs = kernel_host.split_lr(hyper, pk[0].device)       # NOTE: [tensor lr]
     lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
-    pk, gk, mk = (list(t) for t in zip(*operands))
     _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled), lrs, found_inf)
-    for p, m, pc, mc in zip(params, moms, pk, mk):
-        kernel_host.copy_back(p, m, pc, mc)
+    kernel_host.copy_back(back)

@@ -9,7 +9,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .reference import LayerTable
+from .reference import LayerTable, has_tensor_lr
 
 # NOTE: [table cache] What the kernels need of a LayerTable beyond its tensors (its terms by
 # destination, its factors by layer) is derived once per table and cached, keyed by the address of
@@ -161,12 +161,31 @@ def kernel_operands(i: int, p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, m
     return p.contiguous(), g.contiguous(), m.contiguous(), 1
 
 
-def copy_back(p: torch.Tensor, m: torch.Tensor, pc: torch.Tensor, mc: torch.Tensor) -> None:
-    """After the launch: p and m from the copies ``kernel_operands`` made of either (each on
-    its own: a contiguous p may come with a copied m)."""
-    for dst, src in ((p, pc), (m, mc)):
-        if src is not dst:
-            dst.copy_(src)
+_CONTIGUOUS = torch.Tensor.is_contiguous
+
+
+def operands(idx: Sequence[int], params: list, grads: list, moms: list, meta: torch.Tensor,
+             meta_key: int) -> Tuple[list, list, list, list, list]:
+    """(ps, gs, ms, trs, back): ``kernel_operands`` of parameters ``idx``, and the (p, m, pc, mc)
+    that ``copy_back`` must copy after the launch.  All contiguous (the usual case): three
+    C-level passes, no call per parameter (NOTE: [step host path] in fisher_kernels/fused_step.py)."""
+    ps, gs, ms = ((params, grads, moms) if len(idx) == len(params) else   # (all of them)
+                  ([lst[i] for i in idx] for lst in (params, grads, moms)))
+    if all(map(_CONTIGUOUS, ps)) and all(map(_CONTIGUOUS, gs)) and all(map(_CONTIGUOUS, ms)):
+        return ps, gs, ms, [1] * len(ps), []
+    got = [kernel_operands(i, p, g, m, meta, meta_key) for i, p, g, m in zip(idx, ps, gs, ms)]
+    back = [(p, m, pc, mc) for p, m, (pc, _, mc, _) in zip(ps, ms, got) if pc is not p or mc is not m]
+    pc, gc, mc, trs = (list(col) for col in zip(*got))
+    return pc, gc, mc, trs, back
+
+
+def copy_back(back: list) -> None:
+    """After the launch: p and m from the copies ``operands`` made of either (each on its own: a
+    contiguous p may come with a copied m)."""
+    for p, m, pc, mc in back:
+        for dst, src in ((p, pc), (m, mc)):
+            if src is not dst:
+                dst.copy_(src)
 
 
 _META_SEEN: Dict[int, tuple] = {}       # id -> (meta tensor, its _version, its token), 8 at most
@@ -203,7 +222,7 @@ def split_lr(hyper: list, dev: torch.device) -> Tuple[list, list]:
     """(hyper with every lr a float, lrs): each parameter's lr tensor where the kernel reads it
     (its row's lr then 0.0, unused), else None.  Each distinct row object is split once (the
     optimizer passes one per group and Lambda)."""
-    if not any(isinstance(h[0], torch.Tensor) for h in hyper):
+    if not has_tensor_lr(hyper):
         return hyper, [None] * len(hyper)
     done: Dict[int, tuple] = {}
     rows, lrs = [], []

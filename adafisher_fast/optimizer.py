@@ -556,7 +556,7 @@ class AdaFisher(Optimizer, Joinable):
     def _gather(self):
         """Lists for ``fused_step`` over the parameters that have a gradient (local shards of
         DTensors); raises on a bad gradient before any state changes."""
-        fisher, free_lam = self.fisher, PRESETS[self.preset].free_params_get_lambda
+        fisher, free_lam, lam = self.fisher, PRESETS[self.preset].free_params_get_lambda, self.Lambda
         state, free, rows = self.state, fisher.free, fisher.meta
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
         for gi, group in enumerate(self.param_groups):
@@ -570,9 +570,14 @@ class AdaFisher(Optimizer, Joinable):
                 reference.check_lr(lr, fisher.buf.device, f"param_groups[{gi}]")
             _check_hparams(0.0 if isinstance(lr, torch.Tensor) else lr, beta, 1.0, 1.0, 1, wd,
                            f"param_groups[{gi}]: ")
-            group_rows = {}             # one hyper row per Lambda: backends split each once
+            # one hyper row per Lambda: backends split each once.  Lambda is 0 for the
+            # released code's factor-free parameters (F = 1)
+            damped = (lr, beta, wd, lam)
+            undamped = damped if free_lam else (lr, beta, wd, 0.0)
             for p in group["params"]:
-                if id(p) not in rows:       # NOTE: [adopted groups]
+                pid = id(p)
+                row = rows.get(pid)
+                if row is None:             # NOTE: [adopted groups]
                     self._adopt_groups()
                     return self._gather()
                 g = p.grad
@@ -589,9 +594,7 @@ class AdaFisher(Optimizer, Joinable):
                     st["step"] = torch.zeros((), dtype=torch.float32,
                                              device=p.device if self._device_steps else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                # Lambda is 0 for the released code's factor-free parameters (F = 1)
-                lam = self.Lambda if (free_lam or id(p) not in free) else 0.0
-                row, m = rows[id(p)], st["exp_avg"]
+                m = st["exp_avg"]
                 if isinstance(p, DTensor):
                     name = self._names.get(id(p), "?")
                     start, length = _dim0_shard(p, name)
@@ -602,10 +605,7 @@ class AdaFisher(Optimizer, Joinable):
                 moms.append(m)
                 steps.append(st["step"])
                 meta.append(row)
-                h = group_rows.get(lam)
-                if h is None:
-                    h = group_rows[lam] = (lr, beta, wd, lam)
-                hyper.append(h)
+                hyper.append(undamped if pid in free else damped)
         if torch.compiler.is_compiling():  # a constant of the graph (torch 2.11 rejects the setattr)
             return params, grads, moms, steps, torch.tensor(meta, dtype=torch.int64), hyper
         if meta != self._meta[0]:          # the same rows every step unless grads come and go

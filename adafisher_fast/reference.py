@@ -100,6 +100,12 @@ def _undo_where_found_inf(found_inf: torch.Tensor, tensors: Sequence[torch.Tenso
         t.copy_(torch.where(skip, old, t))
 
 
+def has_tensor_lr(hyper: list) -> bool:
+    """Whether some row of ``hyper`` has a tensor lr; each distinct row object read once (the
+    optimizer passes one per group and Lambda, so this is a C-level pass and a few reads)."""
+    return any(isinstance(h[0], torch.Tensor) for h in dict(zip(map(id, hyper), hyper)).values())
+
+
 def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: torch.Tensor,
                      hyper: list, found_inf: Optional[torch.Tensor] = None) -> None:
     n = len(params)
@@ -107,6 +113,8 @@ def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: t
         raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
                          "same length")
     check_found_inf("fused_step", found_inf, steps, "the step count of parameter {}")
+    if not has_tensor_lr(hyper):
+        return
     checked = set()                 # each tensor once: the groups' rows share theirs
     for i, h in enumerate(hyper):
         if isinstance(h[0], torch.Tensor) and id(h[0]) not in checked:

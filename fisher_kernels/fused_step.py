@@ -43,7 +43,8 @@ contiguous and p, m copied back.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple
+import operator
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -273,6 +274,40 @@ def _wide(rows) -> bool:
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+class _Pair(NamedTuple):
+    """The parameters of one (param dtype, grad dtype) pair as the launch takes them."""
+    idx: List[int]                  # their indices in the op's lists, zero-size ones excluded
+    ps: list                        # p, g, m as the kernel walks them (kernel_host.operands)
+    gs: list
+    ms: list
+    trs: List[int]                  # NOTE: [row transpose]
+    steps: list                     # their step counts, then the zero-size parameters'
+    empty: List[int]                # the zero-size parameters' indices
+
+
+_DTYPE = operator.attrgetter("dtype")
+_PTR, _NUMEL = torch.Tensor.data_ptr, torch.Tensor.numel
+
+
+def _pairs(params: list, grads: list, moms: list) -> Tuple[Dict[tuple, tuple], List[int]]:
+    """({(param dtype, grad dtype): (indices, zero-size indices)} of the parameters the kernel
+    takes, the indices of the others (the reference steps them)); one dtype pair in C-level
+    passes (NOTE: [step host path])."""
+    pd, gd, md = (list(map(_DTYPE, lst)) for lst in (params, grads, moms))
+    numels = list(map(_NUMEL, params))
+    pset, gset = set(pd), set(gd)
+    if (len(pset) == len(gset) == 1 and pd[0] in _TL and gd[0] in _TL and set(md) == pset
+            and all(numels)):
+        return {(pd[0], gd[0]): (list(range(len(params))), [])}, []
+    pairs, ref_idx = {}, []
+    for i, pdt, gdt, mdt, nel in zip(range(len(params)), pd, gd, md, numels):
+        if pdt in _TL and gdt in _TL and mdt == pdt:
+            pairs.setdefault((pdt, gdt), ([], []))[nel == 0].append(i)
+        else:
+            ref_idx.append(i)
+    return pairs, ref_idx
+
+
 @on_device
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
@@ -280,39 +315,29 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                found_inf: Optional[torch.Tensor] = None) -> None:
     """Same signature and semantics as ``reference.fused_step`` (see the module docstring)."""
     reference.check_step_lists(params, grads, moms, steps, meta, hyper, found_inf)
-    n = len(params)
     by_value, lrs = kernel_host.split_lr(hyper, fac.device)      # NOTE: [tensor lr]
     # NOTE: [step host path] One pass per step over the parameters, reading what the cached tables
     # are keyed by; everything else (shape checks, table building) happens on a cache miss.  A hit
     # means the same p/g/m memory, sizes, layouts (T), steps and meta rows as a checked step, so
-    # the launch is safe as it was then.  All groups are looked up before any of them launches,
-    # so a bad shape raises before any state changes.
-    ref_idx, groups, meta_key = [], {}, kernel_host.meta_token(meta)
-    for i, p, g, m in zip(range(n), params, grads, moms):
-        pdt, gdt = p.dtype, g.dtype
-        if pdt in _TL and gdt in _TL and m.dtype == pdt:
-            grp = groups.get((pdt, gdt))
-            if grp is None:
-                grp = groups[pdt, gdt] = ([], [], [])
-            work, sig, empty = grp
-            nel = p.numel()
-            if nel:
-                pc, gc, mc, tr = kernel_host.kernel_operands(i, p, g, m, meta, meta_key)
-                work.append((i, pc, gc, mc, steps[i], p, m, tr))
-                sig.append((pc.data_ptr(), gc.data_ptr(), mc.data_ptr(), nel, tr))
-            else:
-                empty.append(i)
-        else:
-            ref_idx.append(i)
-    fac_c = fac.contiguous()
-    launches = []                # (dtype pair, work, its step counts then the empty ones', tables)
-    for (pdt, gdt), (work, sig, empty) in groups.items():
-        t_all = [w[4] for w in work] + [steps[i] for i in empty]
-        lr_at = tuple(0 if lrs[w[0]] is None else lrs[w[0]].data_ptr() for w in work)
-        key = (pdt, gdt, str(fac.device), tuple(t.data_ptr() for t in t_all), tuple(sig),
-               tuple(i for i, *_ in work), meta_key, lr_at)
-        launches.append((pdt, gdt, work, t_all, _cached(_TABLES, key, lambda: _build(
-            work, empty, params, grads, moms, t_all, meta, meta_key, lr_at, fac.device))))
+    # the launch is safe as it was then.  All pairs are looked up before any of them launches,
+    # so a bad shape raises before any state changes.  That pass is the step's host cost, about
+    # what AdamW(fused=True) spends per parameter (python -m bench.host), so the usual case (one
+    # dtype pair, all contiguous, float lrs) is recognised by C-level passes (map over the
+    # lists) rather than a Python call per parameter: on ResNet-18's 62 parameters, 1.21-1.24x
+    # AdamW's host time before, 0.87-0.88x after (the 2-core CI host, kernels stubbed).
+    meta_key = kernel_host.meta_token(meta)
+    pairs, ref_idx = _pairs(params, grads, moms)
+    launches = []               # (dtype pair, its parameters, what copy_back copies, tables)
+    for (pdt, gdt), (idx, empty) in pairs.items():
+        ps, gs, ms, trs, back = kernel_host.operands(idx, params, grads, moms, meta, meta_key)
+        pair = _Pair(idx, ps, gs, ms, trs, [steps[i] for i in idx + empty], empty)
+        lr_at = () if by_value is hyper else tuple(      # (split_lr's 'no tensor lr')
+            0 if lrs[i] is None else lrs[i].data_ptr() for i in idx)
+        key = (pdt, gdt, str(fac.device), tuple(map(_PTR, pair.steps)), tuple(map(_PTR, ps)),
+               tuple(map(_PTR, gs)), tuple(map(_PTR, ms)), tuple(map(_NUMEL, ps)), tuple(trs),
+               tuple(idx), meta_key, lr_at)
+        launches.append((pdt, gdt, pair, back, _cached(_TABLES, key, lambda: _build(
+            pair, params, grads, moms, meta, meta_key, lr_at, fac.device))))
     if found_inf is not None and any(tables and tables[2] is None for *_, tables in launches):
         raise ValueError(f"fused_step: found_inf needs the step counts as float32 on the kernel's "
                          f"device ({fac.device}), where the skip is decided (NOTE: [GradScaler])")
@@ -321,10 +346,10 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         reference.fused_step([params[i] for i in ref_idx], [grads[i] for i in ref_idx],
                              [moms[i] for i in ref_idx], [steps[i] for i in ref_idx], fac,
                              meta[ref_idx], [hyper[i] for i in ref_idx], decoupled, found_inf)
-    for pdt, gdt, work, t_all, tables in launches:
-        _launch(work, t_all, tables, fac_c, by_value, decoupled, pdt, gdt, found_inf)
-        for _, pc, _, mc, _, p, m, _ in work:
-            kernel_host.copy_back(p, m, pc, mc)
+    fac_c = fac.contiguous()
+    for pdt, gdt, pair, back, tables in launches:
+        _launch(pair, tables, fac_c, by_value, decoupled, pdt, gdt, found_inf)
+        kernel_host.copy_back(back)
 
 
 # NOTE: [pointer tables]: the pointer, step-address and lr-address tables keyed by (dtype pair,
@@ -367,7 +392,7 @@ def _device_steps(steps, dev) -> bool:
     return all(t.device == dev and t.dtype == torch.float32 for t in steps)
 
 
-def _build(work, empty, params, grads, moms, steps, meta, meta_key, lr_at, dev):
+def _build(pair: _Pair, params, grads, moms, meta, meta_key, lr_at, dev):
     """The device tables of one dtype pair after checking its shapes: (block tables, pointer
     table, step address table or None (host steps), lr address table or None (no tensor lr,
     NOTE: [tensor lr]), ticket, aligned); () when every parameter of
@@ -376,49 +401,51 @@ def _build(work, empty, params, grads, moms, steps, meta, meta_key, lr_at, dev):
     depend on sizes, layouts and meta rows only, so new gradient tensors (``zero_grad()``'s
     default) rebuild just the pointers; the ticket is per pointer set, so two optimizers stepping
     at once never share one (NOTE: [step tickets])."""
-    reference.check_step_shapes(params, grads, moms, [w[0] for w in work] + empty)
-    if not work:
+    reference.check_step_shapes(params, grads, moms, pair.idx + pair.empty)
+    if not pair.idx:
         return ()
-    shape_key = (str(dev), tuple((w[0], w[1].numel(), w[7]) for w in work), meta_key)
-    blocks = _cached(_BLOCKS, shape_key, lambda: _block_tables(work, meta, dev))
-    ptrs = _upload(torch.tensor([[w[1].data_ptr(), w[2].data_ptr(), w[3].data_ptr()] for w in work],
+    shape_key = (str(dev), tuple(pair.idx), tuple(map(_NUMEL, pair.ps)), tuple(pair.trs), meta_key)
+    blocks = _cached(_BLOCKS, shape_key, lambda: _block_tables(pair, meta, dev))
+    ptrs = _upload(torch.tensor(list(zip(*(map(_PTR, t) for t in (pair.ps, pair.gs, pair.ms)))),
                                 dtype=torch.int64).reshape(-1, 3), dev)
     step_ptrs = None
-    if _device_steps(steps, dev):
-        step_ptrs = _upload(torch.tensor([t.data_ptr() for t in steps], dtype=torch.int64), dev)
+    if _device_steps(pair.steps, dev):
+        step_ptrs = _upload(torch.tensor(list(map(_PTR, pair.steps)), dtype=torch.int64), dev)
     lr_ptrs = _upload(torch.tensor(lr_at, dtype=torch.int64), dev) if any(lr_at) else None
-    aligned = all(t.data_ptr() % 16 == 0 for w in work for t in w[1:4])
+    aligned = all(_PTR(t) % 16 == 0 for lst in (pair.ps, pair.gs, pair.ms) for t in lst)
     ticket = torch.zeros(1, dtype=torch.int32, device=dev)
     return blocks, ptrs, step_ptrs, lr_ptrs, ticket, aligned
 
 
-def _block_tables(work, meta, dev):
+def _block_tables(pair: _Pair, meta, dev):
     """(n_blocks, block_param, block_start, numels, meta rows with T, wide) on the device."""
-    rows = [meta[w[0]].tolist() + [w[7]] for w in work]
-    nblk = [cdiv(w[1].numel(), BLOCK) for w in work]
-    block_param = torch.repeat_interleave(torch.arange(len(work)),
+    rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
+    numels = [p.numel() for p in pair.ps]
+    nblk = [cdiv(n, BLOCK) for n in numels]
+    block_param = torch.repeat_interleave(torch.arange(len(nblk)),
                                           torch.tensor(nblk, dtype=torch.int64))
     block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk] or
                             [torch.zeros(0, dtype=torch.int64)])
-    numels = torch.tensor([w[1].numel() for w in work], dtype=torch.int64)
-    tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start, numels,
+    tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start,
+                                         torch.tensor(numels, dtype=torch.int64),
                                          torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
     return int(block_param.numel()), tables, _wide(rows)
 
 
-def _hyper_table(work, hyper, dev) -> torch.Tensor:
+def _hyper_table(pair: _Pair, hyper, dev) -> torch.Tensor:
     """float32 (P, N_HYPER): lr, beta, 1 - beta, wd, Lambda, ln beta (computed in float64, NOTE:
     [bias correction]) per parameter, cached."""
-    hyp = tuple(hyper[w[0]] for w in work)
+    hyp = tuple(map(hyper.__getitem__, pair.idx))
     return _cached(_HYPER, (str(dev),) + hyp, lambda: _upload(torch.tensor(
         [(lr, beta, 1 - beta, wd, lam, math.log(beta) if beta > 0 else -math.inf)
          for lr, beta, wd, lam in hyp], dtype=torch.float32), dev))
 
 
-def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> None:
+def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> None:
     """One launch over every parameter of the dtype pair (NOTE: [pointer tables]), which also
-    increments the step counts (``work``'s, then the empty parameters') kept on the device
-    (NOTE: [step tickets]), unless ``found_inf`` (not None) is non-zero."""
+    increments the step counts (``pair.steps``) kept on the device (NOTE: [step tickets]),
+    unless ``found_inf`` (not None) is non-zero."""
+    steps = pair.steps
     if not tables:                  # only zero-size parameters: no launch, the counts advance
         for t in steps:             # as the reference's, wherever they are kept
             t += 1 if found_inf is None else (found_inf.reshape(()) == 0).to(t.dtype)
@@ -429,9 +456,9 @@ def _launch(work, steps, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
     if not on_dev:
         for t in steps:
             t += 1
-        step_table = _upload(torch.tensor([float(w[4]) for w in work], dtype=torch.float32),
-                             fac.device)
-    hyper_table = _hyper_table(work, hyper, fac.device)
+        step_table = _upload(torch.tensor([float(t) for t in steps[:len(pair.idx)]],
+                                          dtype=torch.float32), fac.device)
+    hyper_table = _hyper_table(pair, hyper, fac.device)
     kernel_host.keep_if_captured(block_param, block_start, ptrs, numels, rows, hyper_table,
                                  step_table, ticket, lr_ptrs)   # NOTE: [captured tables]
     _fused_step_kernel[(n_blocks,)](

@@ -207,3 +207,28 @@ def test_report_renders_rows_of_earlier_runs():
            "dtype": "float32", "status": "ok", "time_ms": 3.7, "anchor_im2col_ms": 3.76,
            "anchor_floor_ms": 0.074}
     assert "x^2 sum 0.074 ms (H100)" in markdown([row])
+
+
+def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys):
+    """``python -m bench.host --smoke`` on CPU: one row per workload and TCov, measured on the
+    Triton backend with the kernels stubbed, and the stubs gone afterwards (a later launch runs
+    the real kernel).  No timing assertions."""
+    import sys
+    import torch
+    from bench import host
+    assert host.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(l) for l in (tmp_path / "host.jsonl").read_text().splitlines()]
+    assert [(r["workload"], r["TCov"]) for r in rows] == [
+        ("resnet18", 100), ("resnet18", 1), ("gpt4", 100), ("gpt4", 1)]
+    for r in rows:
+        assert r["backend"] == "triton" and r["kernels"] == "stubbed" and r["params"] > 20
+        assert r["adafisher_us"] > 0 and r["adamw_us"] > 0
+        assert r["ratio"] > 0
+    assert "| resnet18 |" in capsys.readouterr().out
+    fs = sys.modules["fisher_kernels.fused_step"]
+    assert not isinstance(fs._fused_step_kernel, host._NoLaunch)
+    p = torch.zeros(3)
+    p.grad = torch.ones(3)
+    opt = torch.optim.AdamW([p], lr=0.1, fused=True)
+    opt.step()
+    assert (p != 0).all()                       # torch._fused_adamw_ is the real one again

@@ -1,0 +1,141 @@
+"""Host cost of ``step()``: ``python -m bench.host [--device cpu|cuda] [--smoke] [--out DIR]``.
+
+SPEC 8 asks for ``step()`` in at most 0.8x AdamW(fused=True)'s time.  On the SPEC's ResNet-18
+both steps move ~0.1 ms of memory on an H100, about what their Python costs, so the host side
+decides that target as much as the kernels do.  This measures it apart from the GPU:
+
+- on the CPU (no GPU needed): the kernels are stubbed, AdaFisher's (the Triton launchers run with
+  ``TRITON_INTERPRET=1`` but launch nothing) and AdamW's (``torch._fused_adamw_``), so each row is
+  the optimizer's Python and table handling alone;
+- on CUDA: the real kernels, timed without synchronising (the launches queue behind each other
+  while the host runs ahead), so a row is the host time including the launches.
+
+Each row: the mean host time of one ``step()`` with the same gradients every step (the steady
+state of a training loop whose gradients stay at the same addresses, as the CUDA caching
+allocator keeps them; a CPU allocator moves new ones), the median over repeats, AdamW's in the
+same run, and their ratio.  TCov=1 adds the statistics iteration's host work (``layer_ema``'s
+launch, the row counts, the found-layers check).  One JSON line per row in ``DIR/host.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from adafisher_fast import AdaFisher
+from adafisher_fast.backends import _try_load
+
+from . import models
+
+KERNEL_MODULES = ("conv_stats", "linear_stats", "norm_stats", "embedding_stats", "layer_ema",
+                  "fused_step")
+
+
+def workloads(smoke: bool):
+    """[(label, model factory, input factory)]: SPEC 8's ResNet-18 and GPT (smoke: narrow ones
+    with the same parameter lists)."""
+    w, d = (8, 32) if smoke else (64, 512)
+    return [("resnet18", lambda: models.resnet18_cifar(width=w),
+             lambda dev: torch.randn(2, 3, 32, 32, device=dev)),
+            ("gpt4", lambda: models.GPT(vocab=256, d=d, n_layer=4, n_head=8, block_size=16),
+             lambda dev: torch.randint(0, 256, (2, 16), device=dev))]
+
+
+class _NoLaunch:
+    """A stand-in for a Triton kernel: ``kernel[grid](...)`` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def stubbed_kernels():
+    """Every Triton kernel of fisher_kernels/ and ``torch._fused_adamw_`` launch nothing."""
+    saved = []
+    for name in KERNEL_MODULES:
+        mod = importlib.import_module(f"fisher_kernels.{name}")
+        for attr, v in list(vars(mod).items()):
+            if type(v).__name__ in ("InterpretedFunction", "JITFunction"):
+                saved.append((mod, attr, v))
+                setattr(mod, attr, _NoLaunch())
+    saved.append((torch, "_fused_adamw_", torch._fused_adamw_))
+    torch._fused_adamw_ = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for mod, attr, v in saved:
+            setattr(mod, attr, v)
+
+
+def host_us(step, n: int) -> float:
+    """Mean host time of ``step()`` over n calls, in microseconds."""
+    t = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - t) / n * 1e6
+
+
+def measure(label, factory, inputs, dev, backend, tcov, n, repeats) -> dict:
+    torch.manual_seed(0)
+    model = factory().to(dev)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisher(model, lr=1e-4, TCov=tcov, backend=backend)
+    model(inputs(dev)).float().square().mean().backward()
+    adamw = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    for _ in range(3):                      # state made, tables cached
+        opt.step()
+        adamw.step()
+    ours, theirs = [], []
+    for _ in range(repeats):                # interleaved: both see the same machine state
+        ours.append(host_us(opt.step, n))
+        theirs.append(host_us(adamw.step, n))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return dict(kind="host_step", workload=label, backend=opt.backend, TCov=tcov,
+                params=sum(1 for _ in model.parameters()), device=str(dev),
+                adafisher_us=statistics.median(ours), adamw_us=statistics.median(theirs),
+                ratio=statistics.median(a / b for a, b in zip(ours, theirs)),
+                kernels="stubbed" if dev.type == "cpu" else "real")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--smoke", action="store_true", help="narrow models, few repeats (seconds)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for host.jsonl")
+    args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+    if dev.type == "cpu":           # the Triton backend's host path on CPU tensors, stubbed below
+        os.environ["TRITON_INTERPRET"] = "1"
+    backends = ["triton"] + (["cuda"] if _try_load("cuda", dev)[0] is not None else [])
+    n, repeats = (20, 3) if args.smoke else (200, 15)
+    rows = []
+    with stubbed_kernels() if dev.type == "cpu" else contextlib.nullcontext():
+        for label, factory, inputs in workloads(args.smoke):
+            for backend in backends:
+                for tcov in (100, 1):
+                    rows.append(measure(label, factory, inputs, dev, backend, tcov, n, repeats))
+    print("| workload | params | backend | TCov | step() host us | AdamW(fused) us | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['workload']} | {r['params']} | {r['backend']} | {r['TCov']} | "
+              f"{r['adafisher_us']:.0f} | {r['adamw_us']:.0f} | {r['ratio']:.2f} |")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "host.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
