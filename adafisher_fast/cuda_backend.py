@@ -21,6 +21,7 @@ Documented fallbacks to the torch reference (the kernels do not cover them):
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -119,6 +120,20 @@ def _kernel_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, t: torch.Tenso
             and t.dtype == torch.float32 and t.numel() == 1 and (t.is_cpu or t.device == p.device))
 
 
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+
+
+def _all_kernel_ok(params: list, grads: list, moms: list, steps: list) -> bool:
+    """Whether ``_kernel_ok`` holds for every parameter of a model in one dtype (checked in
+    C-level passes, NOTE: [step host path] in fisher_kernels/fused_step.py); False means "ask
+    each", not "none"."""
+    dt = set(map(_DTYPE, params))
+    return (len(dt) == 1 and dt <= set(_KERNEL_DTYPES) and set(map(_DTYPE, grads)) == dt
+            and set(map(_DTYPE, moms)) == dt and set(map(_DTYPE, steps)) == {torch.float32}
+            and set(map(torch.Tensor.numel, steps)) == {1}
+            and set(map(_DEVICE, steps)) <= {torch.device("cpu"), params[0].device})
+
+
 def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
                hyper: List[Tuple[float, float, float, float]], decoupled: bool,
@@ -129,7 +144,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     n = len(params)
     if n == 0:
         return
-    ok = list(map(_kernel_ok, params, grads, moms, steps))
+    ok = [True] * n if _all_kernel_ok(params, grads, moms, steps) else list(
+        map(_kernel_ok, params, grads, moms, steps))
     idx = range(n) if all(ok) else [i for i in range(n) if ok[i]]
     pk, gk, mk, _, back = kernel_host.operands(idx, params, grads, moms, meta,
                                                kernel_host.meta_token(meta))
@@ -143,6 +159,6 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
             return
         steps, hyper, meta = [steps[i] for i in idx], [hyper[i] for i in idx], meta[idx]
     hyper, lrs = kernel_host.split_lr(hyper, pk[0].device)       # NOTE: [tensor lr]
-    lr, beta, wd, lam = ([float(h[j]) for h in hyper] for j in range(4))
+    lr, beta, wd, lam = (list(map(float, col)) for col in zip(*hyper))
     _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled), lrs, found_inf)
     kernel_host.copy_back(back)
