@@ -59,8 +59,11 @@ class _NoLaunch:
 
 @contextlib.contextmanager
 def stubbed_kernels():
-    """Every Triton kernel of fisher_kernels/ and ``torch._fused_adamw_`` launch nothing."""
-    saved = []
+    """Every Triton kernel of fisher_kernels/ and ``torch._fused_adamw_`` launch nothing; one
+    intra-op thread (the statistics buffer's zero_(), a memset launch on a GPU, would otherwise
+    wake the CPU's thread pool every step: ~0.2 ms that no GPU run pays, measured)."""
+    saved, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)
     for name in KERNEL_MODULES:
         mod = importlib.import_module(f"fisher_kernels.{name}")
         for attr, v in list(vars(mod).items()):
@@ -74,6 +77,7 @@ def stubbed_kernels():
     finally:
         for mod, attr, v in saved:
             setattr(mod, attr, v)
+        torch.set_num_threads(threads)
 
 
 def host_us(step, n: int) -> float:

@@ -216,7 +216,9 @@ def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys):
     import sys
     import torch
     from bench import host
+    threads = torch.get_num_threads()
     assert host.main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads
     rows = [json.loads(l) for l in (tmp_path / "host.jsonl").read_text().splitlines()]
     assert [(r["workload"], r["TCov"]) for r in rows] == [
         ("resnet18", 100), ("resnet18", 1), ("gpt4", 100), ("gpt4", 1)]
