@@ -43,10 +43,10 @@ KERNEL_MODULES = ("conv_stats", "linear_stats", "norm_stats", "embedding_stats",
 def workloads(smoke: bool):
     """[(label, model factory, input factory)]: SPEC 8's ResNet-18 and GPT (smoke: narrow ones
     with the same parameter lists)."""
-    w, d = (8, 32) if smoke else (64, 512)
+    w, gpt = (8, dict(vocab=256, d=32, block_size=16)) if smoke else (64, {})
     return [("resnet18", lambda: models.resnet18_cifar(width=w),
              lambda dev: torch.randn(2, 3, 32, 32, device=dev)),
-            ("gpt4", lambda: models.GPT(vocab=256, d=d, n_layer=4, n_head=8, block_size=16),
+            ("gpt4", lambda: models.GPT(**gpt),
              lambda dev: torch.randint(0, 256, (2, 16), device=dev))]
 
 

@@ -324,7 +324,8 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     # what AdamW(fused=True) spends per parameter (python -m bench.host), so the usual case (one
     # dtype pair, all contiguous, float lrs) is recognised by C-level passes (map over the
     # lists) rather than a Python call per parameter: on ResNet-18's 62 parameters the step's
-    # host time went from 1.20-1.28x AdamW's to 0.79x (the 2-core CI host, kernels stubbed).
+    # host time went from 1.14-1.28x AdamW's to 0.78-0.83x (the 2-core CI host, kernels stubbed;
+    # bench/README.md).
     meta_key = kernel_host.meta_token(meta)
     pairs, ref_idx = _pairs(params, grads, moms)
     launches = []               # (dtype pair, its parameters, what copy_back copies, tables)
