@@ -59,25 +59,31 @@ class _NoLaunch:
 
 @contextlib.contextmanager
 def stubbed_kernels():
-    """Every Triton kernel of fisher_kernels/ and ``torch._fused_adamw_`` launch nothing; one
+    """Every Triton kernel of fisher_kernels/ and ``torch._fused_adamw_`` launch nothing, the
+    Triton backend accepts CPU tensors (TRITON_INTERPRET=1, restored after); one
     intra-op thread (the statistics buffer's zero_(), a memset launch on a GPU, would otherwise
     wake the CPU's thread pool every step: ~0.2 ms that no GPU run pays, measured)."""
-    saved, threads = [], torch.get_num_threads()
-    torch.set_num_threads(1)
-    for name in KERNEL_MODULES:
-        mod = importlib.import_module(f"fisher_kernels.{name}")
-        for attr, v in list(vars(mod).items()):
-            if type(v).__name__ in ("InterpretedFunction", "JITFunction"):
-                saved.append((mod, attr, v))
-                setattr(mod, attr, _NoLaunch())
-    saved.append((torch, "_fused_adamw_", torch._fused_adamw_))
-    torch._fused_adamw_ = lambda *args, **kwargs: None
+    saved, threads, interpret = [], torch.get_num_threads(), os.environ.get("TRITON_INTERPRET")
     try:
+        torch.set_num_threads(1)
+        os.environ["TRITON_INTERPRET"] = "1"    # the Triton backend on CPU tensors (backends.py)
+        for name in KERNEL_MODULES:
+            mod = importlib.import_module(f"fisher_kernels.{name}")
+            for attr, v in list(vars(mod).items()):
+                if type(v).__name__ in ("InterpretedFunction", "JITFunction"):
+                    saved.append((mod, attr, v))
+                    setattr(mod, attr, _NoLaunch())
+        saved.append((torch, "_fused_adamw_", torch._fused_adamw_))
+        torch._fused_adamw_ = lambda *args, **kwargs: None
         yield
     finally:
         for mod, attr, v in saved:
             setattr(mod, attr, v)
         torch.set_num_threads(threads)
+        if interpret is None:
+            os.environ.pop("TRITON_INTERPRET")
+        else:
+            os.environ["TRITON_INTERPRET"] = interpret
 
 
 def host_us(step, n: int) -> float:
@@ -119,8 +125,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder for host.jsonl")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
-    if dev.type == "cpu":           # the Triton backend's host path on CPU tensors, stubbed below
-        os.environ["TRITON_INTERPRET"] = "1"
     backends = ["triton"] + (["cuda"] if _try_load("cuda", dev)[0] is not None else [])
     n, repeats = (20, 3) if args.smoke else (200, 15)
     rows = []

@@ -209,16 +209,21 @@ def test_report_renders_rows_of_earlier_runs():
     assert "x^2 sum 0.074 ms (H100)" in markdown([row])
 
 
-def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys):
+def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch):
     """``python -m bench.host --smoke`` on CPU: one row per workload and TCov, measured on the
-    Triton backend with the kernels stubbed, and the stubs gone afterwards (a later launch runs
-    the real kernel).  No timing assertions."""
+    Triton backend with the kernels stubbed, and the stubs, thread count and environment as
+    they were afterwards (a later launch runs the real kernel; on a GPU machine a TRITON_INTERPRET
+    left set would let later tests put the Triton backend on CPU tensors).  No timing
+    assertions."""
+    import os
     import sys
     import torch
     from bench import host
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)   # as on a GPU machine
     threads = torch.get_num_threads()
     assert host.main(["--smoke", "--out", str(tmp_path)]) == 0
     assert torch.get_num_threads() == threads
+    assert "TRITON_INTERPRET" not in os.environ
     rows = [json.loads(l) for l in (tmp_path / "host.jsonl").read_text().splitlines()]
     assert [(r["workload"], r["TCov"]) for r in rows] == [
         ("resnet18", 100), ("resnet18", 1), ("gpt4", 100), ("gpt4", 1)]
