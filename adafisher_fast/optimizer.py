@@ -33,7 +33,8 @@ _GROUP_EXTRAS = ("initial_lr", "name")
 
 def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay, where: str = "") -> None:
     """Types and ranges, errors prefixed with ``where``; a tensor lr's value is read (a sync for
-    a GPU tensor) where a group is made, not at each step (NOTE: [tensor lr] in kernel_host.py)."""
+    a GPU tensor) where a group is made; at each step only a CPU one's (``_gather``; NOTE:
+    [tensor lr] in kernel_host.py)."""
     def real(name, v):          # numbers.Real: NumPy's scalars too
         if isinstance(v, torch.Tensor):
             raise TypeError(f"{where}{name} must be a Python or NumPy real number, got a tensor: "
@@ -566,10 +567,13 @@ class AdaFisher(Optimizer, Joinable):
             lr, beta, wd = group["lr"], group["beta"], group["weight_decay"]
             # at every step: a schedule or a hand edit that makes a value invalid (NaN, lr < 0,
             # beta = 1) would poison the parameters or the momenta
+            value = lr
             if isinstance(lr, torch.Tensor):                     # NOTE: [tensor lr]
                 reference.check_lr(lr, fisher.buf.device, f"param_groups[{gi}]")
-            _check_hparams(0.0 if isinstance(lr, torch.Tensor) else lr, beta, 1.0, 1.0, 1, wd,
-                           f"param_groups[{gi}]: ")
+                # a CPU lr is read on the host at each step anyway, so its value is checked as a
+                # float's; one on the device only where its group was made (reading it: a sync)
+                value = lr.item() if lr.is_cpu and not torch.compiler.is_compiling() else 0.0
+            _check_hparams(value, beta, 1.0, 1.0, 1, wd, f"param_groups[{gi}]: ")
             # one hyper row per Lambda: backends split each once.  Lambda is 0 for the
             # released code's factor-free parameters (F = 1)
             damped = (lr, beta, wd, lam)

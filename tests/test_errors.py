@@ -47,6 +47,37 @@ def test_bad_hyperparameters(cls, kw, exc, pattern):
         cls(_m(), **kw)
 
 
+@pytest.mark.parametrize("bad, exc, pattern", [
+    (float("nan"), TypeError, "lr must be a finite real number"),
+    (-1e-3, ValueError, "lr must be >= 0")])
+def test_a_cpu_tensor_lr_made_invalid_by_a_schedule_is_refused_at_the_step(bad, exc, pattern):
+    """A tensor lr on the CPU, which the step reads on the host, is checked at every step as a
+    float lr is: a scheduler's (or a hand's) fill_ with NaN or a negative value is refused, naming
+    the group, before anything changes; a good value then steps."""
+    torch.manual_seed(0)
+    model = _m()
+    lr = torch.tensor(1e-2)
+    opt = AdaFisher(model, lr=lr, TCov=1, backend="torch")
+
+    def backward():
+        opt.zero_grad()
+        nn.functional.mse_loss(model(torch.randn(4, 3)), torch.randn(4, 2)).backward()
+    backward()
+    opt.step()
+    backward()
+    lr.fill_(bad)
+    before = [p.clone() for p in model.parameters()] + [t.clone() for t in fisher_tensors(opt.fisher)]
+    with pytest.raises(exc, match=r"param_groups\[0\]: " + pattern):
+        opt.step()
+    after = [p.clone() for p in model.parameters()] + [t.clone() for t in fisher_tensors(opt.fisher)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert opt.steps == 1
+    lr.fill_(1e-2)
+    opt.step()
+    assert opt.steps == 2
+    assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
 @pytest.mark.parametrize("name, bad, exc", [
     ("Lambda", 0.0, ValueError), ("Lambda", float("nan"), TypeError), ("gamma", 1.5, ValueError),
     ("TCov", 0, ValueError), ("TCov", 2.5, ValueError)])
