@@ -144,13 +144,14 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     n = len(params)
     if n == 0:
         return
-    ok = [True] * n if _all_kernel_ok(params, grads, moms, steps) else list(
-        map(_kernel_ok, params, grads, moms, steps))
-    idx = range(n) if all(ok) else [i for i in range(n) if ok[i]]
+    if _all_kernel_ok(params, grads, moms, steps):
+        idx, rest = range(n), []
+    else:
+        ok = list(map(_kernel_ok, params, grads, moms, steps))
+        idx, rest = [i for i in range(n) if ok[i]], [i for i in range(n) if not ok[i]]
     pk, gk, mk, _, back = kernel_host.operands(idx, params, grads, moms, meta,
                                                kernel_host.meta_token(meta))
-    if len(idx) < n:
-        rest = [i for i in range(n) if not ok[i]]
+    if rest:
         reference.check_step_shapes(params, grads, moms)     # before the reference updates any
         reference.fused_step([params[i] for i in rest], [grads[i] for i in rest], [moms[i] for i in rest],
                              [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled,
