@@ -21,7 +21,7 @@ def load(out_dir: Path) -> List[Dict]:
 
 def markdown(rows: List[Dict]) -> str:
     env = next((r for r in rows), {})
-    lines = [f"# adafisher-fast benchmarks", "",
+    lines = ["# adafisher-fast benchmarks", "",
              f"device: **{env.get('gpu')}** | torch {env.get('torch')} | triton {env.get('triton')} "
              f"| CUDA {env.get('cuda')} | smoke: {env.get('smoke')} | {env.get('timestamp')}", ""]
     peak = [r for r in rows if r["kind"] == "peak_bw"]

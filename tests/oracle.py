@@ -7,7 +7,7 @@ spatial dim), the layer input x and output gradient s are captured with plain fo
 """
 import itertools
 import math
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -259,7 +259,6 @@ def raw_one(m, x, s, preset, training=True):
     # paper, normalisation layers
     xh = norm_xhat(m, x, training)
     if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
-        nd = len(m.normalized_shape)
         n = int(math.prod(m.normalized_shape))
         Hw = (xh.reshape(-1, n) ** 2).mean(0)
         S = (s.reshape(-1, n) ** 2).mean(0)
