@@ -197,7 +197,7 @@ def _setup(seed: int, backend: str, check: bool, monkeypatch, dtype=None):
     scaler = torch.amp.GradScaler(device().type, init_scale=2.0 ** 8) if r.random() < 0.2 else None
     capturable = r.random() < 0.25          # step counts on the device (NOTE: [capturable])
     opt = cls(model, backend=backend, check=check, capturable=capturable, **kw)
-    if capturable and backend == "cuda" and emulated(backend):
+    if capturable and emulated(backend):
         # the emulator's stand-in for "the step counts are on the GPU" (NOTE: [CUDA emulator])
         monkeypatch.setenv("ADAFISHER_EMU_DEVICE_STEPS", "1")
     return r, model, loss_fn, opt, scaler
@@ -247,12 +247,12 @@ def _compiled_and_eager(seed: int, backend: str, dtype: torch.dtype, tol: float,
     gradient taps included, raises): the same parameters, momenta, curvature state and counters
     to ``tol`` relative to each tensor's largest entry (a rounding difference in the compiled
     forward, one ulp of a layer's H, moves the update by more where Lambda is small: seed 116 on
-    the CUDA backend, two ulps of a weight of 6 in an entry near 0).  Without the forward-first order, whose H a
-    compiled model loses (NOTE: [forward before zero_grad]; tests/test_hooks.py checks the
-    warning that names such layers), and without autocast, under which the compiled graph's
-    bfloat16 roundings differ from eager mode's (seen: a gradient off by one bfloat16 ulp).
-    Under deterministic algorithms: on a GPU the kernels' atomics would otherwise add in any
-    order."""
+    the CUDA backend, two ulps of a weight of 6 in an entry near 0).  Without the forward-first
+    order, whose H a compiled model loses (NOTE: [forward before zero_grad];
+    tests/test_hooks.py checks the warning that names such layers), and without autocast, under
+    which the compiled graph's bfloat16 roundings differ from eager mode's (seen: a gradient off
+    by one bfloat16 ulp).  Under deterministic algorithms: on a GPU the kernels' atomics would
+    otherwise add in any order."""
     runs = []
     with deterministic(True):
         for compiled in (False, True):
