@@ -137,6 +137,7 @@ def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int) 
     """``module``: which of the layer's ``modules`` was called."""
     owner = _LIVE.get(hooks)
     if owner is not None:                   # None: the optimizer is gone
+        owner.fisher.compiled = True        # NOTE: [compiled forward before zero_grad]
         owner._s_stats(owner.fisher.layers[layer], module, grad)
 
 

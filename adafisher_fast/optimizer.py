@@ -532,6 +532,8 @@ class AdaFisher(Optimizer, Joinable):
         if self.fisher.in_closure:
             self.fisher.zero_grad_in_closure()
         else:
+            if self._hooks.collecting:
+                self.fisher.hold_h()            # NOTE: [compiled forward before zero_grad]
             self.fisher.clear(hold=True)
 
     def _reduce_stats(self, grad_scale: Optional[torch.Tensor]) -> None:
@@ -760,7 +762,7 @@ class AdaFisher(Optimizer, Joinable):
         Lambda, which nothing else would reveal, so the first eager statistics step names such
         layers, once: those with gradients and no rows in the all-reduced row counts (one read;
         a layer another rank ran has rows).  The same counts show S rows without H rows, a
-        compiled model's forward before zero_grad() (NOTE: [forward before zero_grad]): named
+        forward before a compiled zero_grad() (NOTE: [compiled forward before zero_grad]): named
         too.  A layer that was called, but only with input its kind could not read (Layer.unread:
         a positional embedding whose forward takes a shape), is named with that cause.  Not with
         capturable=True, whose step() reads
@@ -803,9 +805,10 @@ class AdaFisher(Optimizer, Joinable):
         if no_h:
             warn_user(f"AdaFisher: layer(s) {', '.join(sorted(no_h))} got output-gradient "
                       f"statistics but no activation statistics in a statistics iteration: "
-                      f"zero_grad() ran between their forward and backward in a compiled "
-                      f"model, which drops the forward's (NOTE: [forward before zero_grad]); "
-                      f"call zero_grad() before the forward, or use step(closure)")
+                      f"zero_grad() ran between their forward and backward inside a compiled "
+                      f"function, which drops the forward's (NOTE: [compiled forward before "
+                      f"zero_grad]); call zero_grad() before the forward, or outside the "
+                      f"compiled function, or use step(closure)")
 
     def _only_makes_state(self) -> bool:
         """NOTE: [DCP state step] torch.distributed.checkpoint's get/set_optimizer_state_dict
@@ -885,6 +888,7 @@ class AdaFisher(Optimizer, Joinable):
                 torch.ops.adafisher.flush_rows(fisher.buf, self._hooks.key)
             else:
                 fisher.flush_rows()
+            fisher.restore_h()          # NOTE: [compiled forward before zero_grad] in state.py
             self._reduce_stats(grad_scale)
             if not torch.compiler.is_compiling():
                 if not self._silent_checked:
@@ -1031,14 +1035,15 @@ class AdaFisher(Optimizer, Joinable):
     def raw_stats(self) -> Dict[str, tuple]:
         """{module name ("<root>" for the model itself, as in every report): (H, S)}: the raw
         statistics gathered since the last step/zero_grad, finalised as SPEC section 2 defines
-        them (before any EMA or normalisation).  A factor that gathered no rows (no forward or
-        no backward yet) is NaN: a mean over nothing, which the step leaves out of the EMA.
+        them (before any EMA or normalisation), with the H that zero_grad() held for the step
+        (NOTE: [compiled forward before zero_grad]).  A factor that gathered no rows (no forward
+        or no backward yet) is NaN: a mean over nothing, which the step leaves out of the EMA.
         Under DDP/FSDP2 they are this rank's, before the step's all-reduce and gradient scale
         (NOTE: [statistics group])."""
         from .reference import layer_raw
         self._follow_model()
         self.fisher.flush_rows()
-        raw = layer_raw(self.fisher.buf, self.fisher.table)
+        raw = layer_raw(self.fisher.with_held_h(), self.fisher.table)
         return {l.label: (raw[l.h_raw].clone(), raw[l.s_raw].clone()) for l in self.fisher.layers}
 
     @_on_wrapped

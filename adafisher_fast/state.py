@@ -312,6 +312,14 @@ class FisherState:
         # NOTE: [forward before zero_grad]
         self.generation, self.forwarded, self.held, self.in_closure = 0, False, None, False
         self.backward_done, self.before, self.witness, self.stash = False, None, [], None
+        # NOTE: [compiled forward before zero_grad]
+        self.compiled: Optional[bool] = None
+        self.held_h = None
+        owner = torch.full((n_acc + nf,), len(self.layers), dtype=torch.int64)
+        for i, lay in enumerate(self.layers):       # the layer of each H entry (accumulators
+            owner[lay.h_acc] = i                    # and row count), len(layers) elsewhere
+            owner[n_acc + lay.h_factor] = i
+        self.h_owner = owner.to(device)
         self.params = params
         self.state = torch.ones(raw_off, **fl)
         self.fac = torch.ones(raw_off + 1, **fl)
@@ -354,6 +362,7 @@ class FisherState:
     def _adopt(self, old: "FisherState") -> None:
         """Copy, for every layer that ``old`` has too (the same module), its raw statistics and
         row counts, EMA state, H'/S', initialized flags and counters (NOTE: [added groups])."""
+        self.compiled = old.compiled
         before = {id(l.module): (j, l) for j, l in enumerate(old.layers)}
         for i, new in enumerate(self.layers):
             j, lay = before.get(id(new.module), (None, None))
@@ -498,8 +507,25 @@ class FisherState:
     # its H back; what a forward had set aside from an earlier backward is dropped, not held),
     # and the end of the closure adds back a stash no zero_grad() took.  (Eager forwards only:
     # what a compiled model gathered before step(closure) is not seen.)  A compiled model's
-    # gradient hook is one opaque op that knows no call's generation, so there a forward before
-    # zero_grad() still loses its H (outside a closure): call zero_grad() before the forward.
+    # gradient hook is one opaque op that knows no call's generation: NOTE: [compiled forward
+    # before zero_grad].
+    #
+    # NOTE: [compiled forward before zero_grad] A compiled forward runs no Python that could note
+    # it, and its hooks cannot set a flag for it either (dynamo replays such a store after the
+    # graph, but refuses one inside activation checkpointing's subgraph; a flag set where the
+    # backward is traced misses graphs loaded from torch's compile caches).  So each
+    # zero_grad() of a statistics iteration keeps the buffer's H, ``held_h``, per layer where
+    # it has rows (the first after a step copies the buffer, later ones take what has rows
+    # since), and step() gives each layer with output-gradient rows but no activation rows the
+    # H and rows held for it (``restore_h``).  The loop order forward, zero_grad(), backward,
+    # step() then trains as the usual one.  Cost: about ten small launches per statistics
+    # iteration, no sync, for compiled models only (``compiled``: True once a compiled
+    # backward's statistics op has run, False after a first statistics step without one).  Per
+    # layer, not per call as in eager mode: held H never adds to H the step has, so a
+    # grad-enabled evaluation forward before zero_grad() in the usual order does not leak in,
+    # and with gradient accumulation in the forward-first order the first micro-batch's H gives
+    # way to the later micro-batches' (their mean stands for the step's).  A zero_grad() inside
+    # a compiled function keeps nothing.
     def clear(self, hold: bool = False) -> None:
         """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
         before zero_grad]."""
@@ -508,6 +534,8 @@ class FisherState:
                 self.held = (self.generation, self.buf.clone(), list(self.pending), set())
             elif not hold:      # a second zero_grad() with no forward between keeps what it held
                 self.held = None
+            if not hold:
+                self.held_h = None
             self.generation += 1
             self.forwarded = self.backward_done = False
             self.before = None
@@ -544,6 +572,39 @@ class FisherState:
                     self.buf.add_(t)
             self.stash = None
 
+    def _h_entries(self, per_layer: torch.Tensor) -> torch.Tensor:
+        """bool [n_layers] -> bool [len(buf)]: each layer's value on its H entries, False on the
+        others."""
+        return torch.cat([per_layer, per_layer.new_zeros(1)])[self.h_owner]
+
+    def hold_h(self) -> None:
+        """zero_grad() of a statistics iteration: NOTE: [compiled forward before zero_grad]."""
+        if self.compiled is False or torch.compiler.is_compiling():
+            return
+        if self.held_h is None:
+            self.held_h = self.buf.clone()
+        else:                               # factor 2i is layer i's H, 2i + 1 its S
+            has_h = self._h_entries(self.buf[self.n_acc::2] > 0)
+            self.held_h = torch.where(has_h, self.buf, self.held_h)
+
+    def with_held_h(self) -> torch.Tensor:
+        """``buf`` as step() reads it: each layer with output-gradient rows and no activation rows
+        takes the H accumulators and rows of ``held_h`` (NOTE: [compiled forward before
+        zero_grad]); ``buf`` itself when nothing is held."""
+        if self.held_h is None:
+            return self.buf
+        rows = self.buf[self.n_acc:]
+        missing = self._h_entries((rows[0::2] == 0) & (rows[1::2] > 0))
+        return torch.where(missing, self.held_h, self.buf)
+
+    def restore_h(self) -> None:
+        """step(): ``buf`` becomes ``with_held_h()``, and nothing stays held."""
+        if self.held_h is not None:
+            self.buf.copy_(self.with_held_h())
+            self.held_h = None
+        if self.compiled is None:           # this statistics iteration ran no compiled backward
+            self.compiled = False
+
     def adopt_held(self, lay: Layer, generation: int) -> None:
         """A gradient reached a call of ``lay`` from the forward of ``generation``, before the
         last clear: the layer takes back the H that clear held (NOTE: [forward before zero_grad])."""
@@ -566,7 +627,7 @@ class FisherState:
                  "h_size": l.h_raw.stop - l.h_raw.start, "s_size": l.s_raw.stop - l.s_raw.start}
                 for l in self.layers]
 
-    _MOVED = ("grad_degree", "buf", "state", "fac", "initialized", "counters", "before")
+    _MOVED = ("grad_degree", "buf", "state", "fac", "initialized", "counters", "before", "h_owner")
 
     def to(self, device: torch.device, dtype: torch.dtype) -> None:
         """Moves every tensor of the state to ``device``, its floating ones in ``dtype`` (NOTE:
@@ -594,7 +655,7 @@ class FisherState:
         for name in self._MOVED:
             v = getattr(self, name)
             setattr(self, name, None if v is None else to(v))
-        self.held = None
+        self.held = self.held_h = None
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {"state": self.state, "fac": self.fac, "initialized": self.initialized,

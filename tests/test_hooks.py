@@ -275,18 +275,19 @@ def _twins(preset):
     return ref, other, opts, [(x.double(), y) for x, y in _batches(n=4)]
 
 
-@pytest.mark.parametrize("order,compiled", [("reversed", False), ("zero_grad twice", False),
-                                            ("closure", False), ("closure", True)])
+@pytest.mark.parametrize("order", ["reversed", "zero_grad twice", "closure"])
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_zero_grad_between_forward_and_backward_keeps_the_forwards_statistics(preset, order, compiled):
     """NOTE: [forward before zero_grad] zero_grad() between a forward and its backward (a common
     loop order; Lightning's closure) dropped the forward's H: the H state never left its initial
-    ones.  Now the run equals the standard loop's exactly (compiled: with step(closure)); also
-    with a second zero_grad() (it dropped what the first held, with a warning that blamed
-    compilation)."""
+    ones.  Now the run equals the standard loop's exactly; also with a second zero_grad() (it
+    dropped what the first held, with a warning that blamed compilation); compiled too (NOTE:
+    [compiled forward before zero_grad]: the reversed orders lost H there)."""
     ref, other, opts, batches = _twins(preset)
     _train_order(ref, opts[0], batches, "standard")
-    net = torch.compile(other, backend="aot_eager") if compiled else other
+    torch._dynamo.reset()           # Block compiled by other tests: no recompile limit here
+    net = torch.compile(other, backend="aot_eager", fullgraph=True) if compiled else other
     _train_order(net, opts[1], batches, order)
     _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=2)
 
@@ -315,19 +316,90 @@ def test_a_step_without_gradients_changes_nothing(preset):
 
 @pytest.mark.parametrize("order", ["standard", "reversed", "closure"])
 def test_a_compiled_forward_before_zero_grad_is_named(order, recwarn):
-    """NOTE: [forward before zero_grad] A compiled model's gradient hook cannot tell a call from
-    before zero_grad(), so the reversed order still loses H there: the first statistics step
-    now says so (it was silent); the usual order and step(closure) say nothing."""
+    """NOTE: [compiled forward before zero_grad] A zero_grad() inside a compiled function keeps
+    nothing, so there the reversed order loses H: the first statistics step says so; the usual
+    order and step(closure) say nothing."""
     torch.manual_seed(0)
     model = Block(inplace=True).double()
     opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
-    net = torch.compile(model, backend="aot_eager")
+    torch._dynamo.reset()
+    net = torch.compile(model, backend="aot_eager", fullgraph=True)
+    # (torch's Optimizer.zero_grad is not traced: a graph break, after which ours is)
+    opt.zero_grad = torch.compile(opt.zero_grad, backend="aot_eager")
     _train_order(net, opt, [(x.double(), y) for x, y in _batches(n=2)], order)
     msgs = [str(w.message) for w in recwarn if "no activation statistics" in str(w.message)]
     if order == "reversed":
         assert len(msgs) == 1 and f"layer(s) {', '.join(sorted(opt.diagnostics()))} got" in msgs[0]
     else:
         assert not msgs
+
+
+@pytest.mark.parametrize("case", ["forward first", "evaluation", "accumulation"])
+def test_a_compiled_forward_before_zero_grad_gives_its_h_per_layer(case):
+    """NOTE: [compiled forward before zero_grad] After a compiled forward, zero_grad() keeps a
+    copy, and a layer without H at the step takes its H from it ("forward first"), per layer:
+    a grad-enabled evaluation forward before zero_grad() in the usual order adds nothing, and
+    with accumulation in the forward-first order H is the later micro-batch's, S both's.
+    raw_stats() shows what the step takes.  Oracle: an eager twin in the usual order, over the
+    batches that give each factor."""
+    torch.manual_seed(0)
+    model = Block(inplace=True).double()
+    twin = copy.deepcopy(model)
+    opt, ref = (AdaFisher(m, TCov=1, preset="paper", backend="torch") for m in (model, twin))
+    torch._dynamo.reset()
+    net = torch.compile(model, backend="aot_eager", fullgraph=True)
+    (x0, y0), (x1, y1) = [(x.double(), y) for x, y in _batches(n=2)]
+
+    def loss(m, x, y):
+        return nn.functional.cross_entropy(m(x), y)
+
+    def eager(*batches):
+        ref.zero_grad()
+        for x, y in batches:
+            loss(twin, x, y).backward()
+        return ref.raw_stats()
+
+    if case == "evaluation":
+        loss(net, x0 * 10, y0)
+        opt.zero_grad()
+        loss(net, x1, y1).backward()
+    else:
+        first = loss(net, *((x0, y0) if case == "accumulation" else (x1, y1)))
+        opt.zero_grad()
+        first.backward()
+        if case == "accumulation":
+            loss(net, x1, y1).backward()
+    got, want = opt.raw_stats(), eager((x1, y1))
+    s_want = eager((x0, y0), (x1, y1)) if case == "accumulation" else want
+    for name, (h, s) in got.items():
+        torch.testing.assert_close(h, want[name][0], rtol=1e-12, atol=0, msg=name)
+        torch.testing.assert_close(s, s_want[name][1], rtol=1e-12, atol=0, msg=name)
+    if case == "forward first":                  # and the step folds them
+        ref.zero_grad()
+        loss(twin, x1, y1).backward()
+        opt.step(), ref.step()
+        for name, (h, s) in opt.ema_state().items():
+            torch.testing.assert_close(h, ref.ema_state()[name][0], rtol=1e-12, atol=0, msg=name)
+
+
+def test_an_eager_model_stops_holding_after_its_first_statistics_step():
+    """NOTE: [compiled forward before zero_grad] Holding H for a compiled forward costs launches
+    at every statistics iteration: an eager model pays them until its first statistics step
+    shows that no compiled backward gathers statistics, a compiled one keeps paying."""
+    torch.manual_seed(0)
+    batches = [(x.double(), y) for x, y in _batches(n=3)]
+    for compiled in (False, True):
+        model = Block(inplace=True).double()
+        opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+        torch._dynamo.reset()
+        net = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+        held = []
+        for x, y in batches:
+            opt.zero_grad()
+            held.append(opt.fisher.held_h is not None)
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+        assert held == [True, compiled, compiled]
 
 
 @pytest.mark.parametrize("before", ["forward+backward", "overflow", "backward raised", "raw_stats"])

@@ -132,11 +132,12 @@ def _token_model(r: random.Random):
 _ORDERS = ("zero_grad first", "forward first", "closure")
 
 
-def _train(r: random.Random, model, loss_fn, opt, scaler, steps: int, orders=_ORDERS,
-           autocast: bool = True):
-    """``steps`` iterations, each in a random loop order of ``orders``, with 1 or 2 micro-batches,
-    maybe under bf16 autocast (if ``autocast``); with a GradScaler (if not None) the loss
-    overflows on some iterations (inf in it): those steps are skipped."""
+def _train(r: random.Random, model, loss_fn, opt, scaler, steps: int, autocast: bool = True,
+           accumulate_forward_first: bool = True):
+    """``steps`` iterations, each in a random loop order, with 1 or 2 micro-batches (1 in the
+    forward-first order unless ``accumulate_forward_first``), maybe under bf16 autocast (if
+    ``autocast``); with a GradScaler (if not None) the loss overflows on some iterations (inf
+    in it): those steps are skipped."""
     def loss():
         if r.random() < 0.15 and autocast:
             with torch.autocast(device().type, dtype=torch.bfloat16):
@@ -148,7 +149,9 @@ def _train(r: random.Random, model, loss_fn, opt, scaler, steps: int, orders=_OR
         return scaler.scale(out * (float("inf") if r.random() < 0.2 else 1.0))
 
     for _ in range(steps):
-        order, micro = r.choice(orders), r.randint(1, 2)
+        order, micro = r.choice(_ORDERS), r.randint(1, 2)
+        if order == "forward first" and not accumulate_forward_first:
+            micro = 1
         if order == "closure":
             def closure():
                 opt.zero_grad()
@@ -247,11 +250,11 @@ def _compiled_and_eager(seed: int, backend: str, dtype: torch.dtype, tol: float,
     gradient taps included, raises): the same parameters, momenta, curvature state and counters
     to ``tol`` relative to each tensor's largest entry (a rounding difference in the compiled
     forward, one ulp of a layer's H, moves the update by more where Lambda is small: seed 116 on
-    the CUDA backend, two ulps of a weight of 6 in an entry near 0).  Without the forward-first
-    order, whose H a compiled model loses (NOTE: [forward before zero_grad];
-    tests/test_hooks.py checks the warning that names such layers), and without autocast, under
-    which the compiled graph's bfloat16 roundings differ from eager mode's (seen: a gradient off
-    by one bfloat16 ulp).  Under deterministic algorithms: on a GPU the kernels' atomics would
+    the CUDA backend, two ulps of a weight of 6 in an entry near 0).  Without gradient
+    accumulation in the forward-first order, where a compiled model keeps the H of the
+    micro-batches after zero_grad() and an eager one all of it (NOTE: [compiled forward before
+    zero_grad]), and without autocast, under which the compiled graph's bfloat16 roundings
+    differ from eager mode's (seen: a gradient off by one bfloat16 ulp).  Under deterministic algorithms: on a GPU the kernels' atomics would
     otherwise add in any order."""
     runs = []
     with deterministic(True):
@@ -267,7 +270,7 @@ def _compiled_and_eager(seed: int, backend: str, dtype: torch.dtype, tol: float,
                     g["lr"] = min(g["lr"], 1e-3)
             fwd = torch.compile(model, fullgraph=True, backend="aot_eager") if compiled else model
             _train(r, model, lambda m, f=fwd: loss_fn(f), opt, scaler, steps=4,
-                   orders=("zero_grad first", "closure"), autocast=False)
+                   autocast=False, accumulate_forward_first=False)
             runs.append((model, opt))
     torch._dynamo.reset()
     (m0, o0), (m1, o1) = runs
