@@ -254,8 +254,8 @@ def _compiled_and_eager(seed: int, backend: str, dtype: torch.dtype, tol: float,
     accumulation in the forward-first order, where a compiled model keeps the H of the
     micro-batches after zero_grad() and an eager one all of it (NOTE: [compiled forward before
     zero_grad]), and without autocast, under which the compiled graph's bfloat16 roundings
-    differ from eager mode's (seen: a gradient off by one bfloat16 ulp).  Under deterministic algorithms: on a GPU the kernels' atomics would
-    otherwise add in any order."""
+    differ from eager mode's (seen: a gradient off by one bfloat16 ulp).  Under deterministic
+    algorithms: on a GPU the kernels' atomics would otherwise add in any order."""
     runs = []
     with deterministic(True):
         for compiled in (False, True):
