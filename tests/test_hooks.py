@@ -578,7 +578,8 @@ def test_no_silent_layer_warning_for_fully_hooked_models(recwarn):
     for compiled in (False, True):
         model = Block(inplace=False)
         opt = AdaFisher(model, TCov=1, backend="torch")
-        net = torch.compile(model, backend="aot_eager") if compiled else model
+        torch._dynamo.reset()       # (past the recompile limit, a compiled Block runs eagerly)
+        net = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
         net(torch.randn(2, 3, 5, 5)).sum().backward()
         opt.step()
     assert not [w for w in recwarn if "AdaFisher: layer(s)" in str(w.message)]
@@ -590,6 +591,7 @@ def test_silent_layers_of_compiled_models_are_named_from_their_row_counts(recwar
     model compiled and run before the optimizer was made (its graphs have no hooks: it trained
     with F = 1 + Lambda everywhere, silently)."""
     torch.manual_seed(0)
+    torch._dynamo.reset()
     mha = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
                                                                       batch_first=True))
     opt = AdaFisherW(mha, TCov=1, backend="torch")
