@@ -438,6 +438,8 @@ class FisherState:
         self.flush_rows()
         self.backward_done = True           # NOTE: [forward before zero_grad]
         self.witness = [p for p in self.params if p.grad is not None]
+        if self.compiled is None:   # an eager backward, no compiled one before it: NOTE:
+            self.compiled, self.held_h = False, None    # [compiled forward before zero_grad]
 
     def note_forward(self) -> None:
         """An eager statistics forward (NOTE: [forward before zero_grad])."""
@@ -520,12 +522,14 @@ class FisherState:
     # H and rows held for it (``restore_h``).  The loop order forward, zero_grad(), backward,
     # step() then trains as the usual one.  Cost: about ten small launches per statistics
     # iteration, no sync, for compiled models only (``compiled``: True once a compiled
-    # backward's statistics op has run, False after a first statistics step without one).  Per
-    # layer, not per call as in eager mode: held H never adds to H the step has, so a
-    # grad-enabled evaluation forward before zero_grad() in the usual order does not leak in,
-    # and with gradient accumulation in the forward-first order the first micro-batch's H gives
-    # way to the later micro-batches' (their mean stands for the step's).  A zero_grad() inside
-    # a compiled function keeps nothing.
+    # backward's statistics op has run, False once an eager statistics backward ended before
+    # any had; an eager model holds nothing from then on, so that a compiled step() sees the
+    # same held state at every statistics step and compiles once).  Per layer, not per call
+    # as in eager mode: held H never adds to H the step has, so a grad-enabled evaluation
+    # forward before zero_grad() in the usual order does not leak in, and with gradient
+    # accumulation in the forward-first order the first micro-batch's H gives way to the later
+    # micro-batches' (their mean stands for the step's).  A zero_grad() inside a compiled
+    # function keeps nothing.
     def clear(self, hold: bool = False) -> None:
         """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
         before zero_grad]."""
@@ -602,8 +606,6 @@ class FisherState:
         if self.held_h is not None:
             self.buf.copy_(self.with_held_h())
             self.held_h = None
-        if self.compiled is None:           # this statistics iteration ran no compiled backward
-            self.compiled = False
 
     def adopt_held(self, lay: Layer, generation: int) -> None:
         """A gradient reached a call of ``lay`` from the forward of ``generation``, before the
