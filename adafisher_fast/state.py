@@ -578,7 +578,7 @@ class FisherState:
 
     def _h_entries(self, per_layer: torch.Tensor) -> torch.Tensor:
         """bool [n_layers] -> bool [len(buf)]: each layer's value on its H entries, False on the
-        others."""
+        others (row counts buf[n_acc:]: factor 2i is layer i's H, 2i + 1 its S)."""
         return torch.cat([per_layer, per_layer.new_zeros(1)])[self.h_owner]
 
     def hold_h(self) -> None:
@@ -587,8 +587,8 @@ class FisherState:
             return
         if self.held_h is None:
             self.held_h = self.buf.clone()
-        else:                               # factor 2i is layer i's H, 2i + 1 its S
-            has_h = self._h_entries(self.buf[self.n_acc::2] > 0)
+        else:
+            has_h = self._h_entries(self.buf[self.n_acc:][0::2] > 0)
             self.held_h = torch.where(has_h, self.buf, self.held_h)
 
     def with_held_h(self) -> torch.Tensor:
