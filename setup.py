@@ -56,7 +56,8 @@ setup(
     install_requires=["torch>=2.4"],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark", "numpy", "ninja"],   # ninja: tests/cuda_emu.py builds csrc/
+        # ninja: tests/cuda_emu.py builds csrc/; pytest-xdist: the suite runs on two processes in CI
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "numpy", "ninja"],
         "demo": ["scikit-learn", "matplotlib", "tqdm", "numpy"],
     },
     ext_modules=ext_modules,
