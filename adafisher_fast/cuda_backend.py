@@ -13,8 +13,10 @@ Fake implementations of every op are registered here so that the ops trace under
 (they mutate their ``out``/state arguments in place and return nothing).
 
 Documented fallbacks to the torch reference (the kernels do not cover them):
-* ``fused_step`` parameters in float64, or whose grad/momentum dtype differs from the
-  parameter's (float64 models keep the reference's float64 arithmetic exactly).  Non-contiguous
+* ``fused_step`` parameters or gradients in float64, or momenta whose dtype differs from the
+  parameter's (float64 models keep the reference's float64 arithmetic exactly).  A gradient in
+  another kernel dtype (a bfloat16 parameter's float32 gradient) runs in the kernel: one launch
+  per (param dtype, grad dtype) pair, as in the Triton backend.  Non-contiguous
   layouts other than rows stored transposed (channels_last conv weights) are stepped through
   contiguous copies, as in the Triton backend.
 """
@@ -116,7 +118,7 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _kernel_ok(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, t: torch.Tensor) -> bool:
     """Whether the kernel takes this parameter (the binding checks devices and raises)."""
-    return (p.dtype in _KERNEL_DTYPES and g.dtype == p.dtype and m.dtype == p.dtype
+    return (p.dtype in _KERNEL_DTYPES and g.dtype in _KERNEL_DTYPES and m.dtype == p.dtype
             and t.dtype == torch.float32 and t.numel() == 1 and (t.is_cpu or t.device == p.device))
 
 
@@ -124,11 +126,11 @@ _DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
 def _all_kernel_ok(params: list, grads: list, moms: list, steps: list) -> bool:
-    """Whether ``_kernel_ok`` holds for every parameter of a model in one dtype (checked in
+    """Whether ``_kernel_ok`` holds for every parameter of a model in one dtype pair (checked in
     C-level passes, NOTE: [step host path] in fisher_kernels/fused_step.py); False means "ask
     each", not "none"."""
-    dt = set(map(_DTYPE, params))
-    return (len(dt) == 1 and dt <= set(_KERNEL_DTYPES) and set(map(_DTYPE, grads)) == dt
+    dt, gt = set(map(_DTYPE, params)), set(map(_DTYPE, grads))
+    return (len(dt) == len(gt) == 1 and dt | gt <= set(_KERNEL_DTYPES)
             and set(map(_DTYPE, moms)) == dt and set(map(_DTYPE, steps)) == {torch.float32}
             and set(map(torch.Tensor.numel, steps)) == {1}
             and set(map(_DEVICE, steps)) <= {torch.device("cpu"), params[0].device})
@@ -138,8 +140,9 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                steps: List[torch.Tensor], fac: torch.Tensor, meta: torch.Tensor,
                hyper: List[Tuple[float, float, float, float]], decoupled: bool,
                found_inf: Optional[torch.Tensor] = None) -> None:
-    """reference.fused_step on the GPU: one launch per parameter dtype over all parameters
-    (csrc/fused_step.cu); float64 (or otherwise unsupported) parameters go through the reference."""
+    """reference.fused_step on the GPU: one launch per (param dtype, grad dtype) pair over all
+    parameters (csrc/fused_step.cu); float64 (or otherwise unsupported) parameters go through the
+    reference."""
     reference.check_step_lists(params, grads, moms, steps, meta, hyper, found_inf)
     n = len(params)
     if n == 0:

@@ -360,18 +360,23 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
   const at::Tensor meta_h = meta.to(at::kCPU).contiguous();
   const int64_t* mrows = meta_h.data_ptr<int64_t>();
   std::vector<at::Tensor> host_steps;
-  std::vector<std::vector<StepTensor>> by_type(3);
+  // one launch per (param dtype, grad dtype) pair: kernel_dtype(p) * 3 + kernel_dtype(g)
+  std::vector<std::vector<StepTensor>> by_type(9);
+  const auto kernel_dtype = [](const at::Tensor& u) {
+    return u.scalar_type() == at::kFloat ? 0 : (u.scalar_type() == at::kHalf ? 1 : 2);
+  };
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = moms[i], &t = steps[i];
     for (const at::Tensor* u : {&p, &g, &m}) check_cuda(*u, params[0], op, "params/grads/moms");
     TORCH_CHECK(t.is_cpu() || t.device() == p.device(), "adafisher::fused_step: step ", i,
                 " must be on the CPU or on the parameter's device");
-    TORCH_CHECK(p.scalar_type() == at::kFloat || p.scalar_type() == at::kHalf || p.scalar_type() == at::kBFloat16,
-                "adafisher::fused_step: params must be float32/bfloat16/float16 (float64 goes through the torch "
-                "reference in cuda_backend.py), got ", p.scalar_type(), " for parameter ", i);
-    TORCH_CHECK(g.scalar_type() == p.scalar_type() && m.scalar_type() == p.scalar_type(),
-                "adafisher::fused_step: grad and momentum of parameter ", i, " must have the param dtype ",
-                p.scalar_type());
+    for (const at::Tensor* u : {&p, &g})
+      TORCH_CHECK(u->scalar_type() == at::kFloat || u->scalar_type() == at::kHalf ||
+                  u->scalar_type() == at::kBFloat16,
+                  "adafisher::fused_step: params and grads must be float32/bfloat16/float16 (float64 goes "
+                  "through the torch reference in cuda_backend.py), got ", u->scalar_type(), " for parameter ", i);
+    TORCH_CHECK(m.scalar_type() == p.scalar_type(), "adafisher::fused_step: the momentum of parameter ", i,
+                " must have the param dtype ", p.scalar_type());
     TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes(), "adafisher::fused_step: parameter ", i,
                 " has grad/momentum shapes that differ from ", p.sizes());
     const int64_t tr = row_transpose(mrows + i * 10, p, g, m);
@@ -399,8 +404,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
                   "parameter's device");
       s.lr_ptr = lr_t->data_ptr<float>();
     }
-    const int k = p.scalar_type() == at::kFloat ? 0 : (p.scalar_type() == at::kHalf ? 1 : 2);
-    by_type[k].push_back(s);
+    by_type[kernel_dtype(p) * 3 + kernel_dtype(g)].push_back(s);
   }
   const float* skip = found_inf_ptr(found_inf, params[0], op);
   TORCH_CHECK(skip == nullptr || host_steps.empty(), "adafisher::fused_step: found_inf needs the step counts "
@@ -408,7 +412,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
   c10::cuda::CUDAGuard guard(params[0].device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const DType types[3] = {DType::F32, DType::F16, DType::BF16};
-  for (int k = 0; k < 3; ++k) {
+  for (int k = 0; k < 9; ++k) {
     const auto& ts = by_type[k];
     if (ts.empty()) continue;
     std::vector<StepChunk> chunks;
@@ -425,8 +429,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const at::Tensor dev = device_table(std::move(bytes), params[0].device(), stream_capturing(stream));
     uint8_t* d = dev.data_ptr<uint8_t>();
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
-                                   reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), types[k],
-                                   fac_c.data_ptr(), ft, decoupled,
+                                   reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(),
+                                   types[k / 3], types[k % 3], fac_c.data_ptr(), ft, decoupled,
                                    reinterpret_cast<unsigned int*>(d + tb + cb), skip, stream),
                  op);
   }

@@ -1,12 +1,13 @@
 // fused_step (reference.fused_step, SPEC 1): the AdaFisher / AdaFisherW update of every parameter of
-// one dtype in ONE launch.  Per element, arithmetic in float32 (state in the param dtype):
+// one (param dtype, grad dtype) pair in ONE launch, as the Triton twin launches (a bfloat16 model
+// with float32 gradients: one launch).  Per element, arithmetic in float32 (state in the param dtype):
 //   g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
 //   p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled)),  F = S'[row] * H'[col] + Lambda
 // with F's indices from the parameter's `meta` row (NOTE: [param map] in reference.py).
 // NOTE: [step chunks] Multi-tensor apply as in ATen's MultiTensorApply.cuh: the binding lists every
 // (tensor, chunk of kStepChunk elements) pair; block b handles chunk b.  A chunk whose p/g/m are
 // 16-byte aligned moves 16 bytes per load (4 fp32 or 8 bf16/fp16), the rest (and the tail) goes
-// element by element.  F's index map (the meta row) travels in the tensor table.  Each block reads
+// element by element (a gradient of another width is read as V of its elements: 8 or 32 bytes).  F's index map (the meta row) travels in the tensor table.  Each block reads
 // its tensor's step t (the old value) and uses t + 1; the last
 // block to finish (atomic ticket on done_counter) increments every step tensor and re-arms the
 // counter, so no block can see a half-updated step and the whole step stays one launch.  Steps
@@ -56,7 +57,26 @@ __device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd,
   p = __fadd_rn(p, -__fmul_rn(k.lr, u));
 }
 
-template <typename T, typename F>
+// V consecutive gradient elements as floats; src is aligned to min(16, V * sizeof(G)) bytes
+template <typename G, int V>
+__device__ __forceinline__ void load_grads(const G* src, float (&out)[V]) {
+  constexpr int kBytes = V * static_cast<int>(sizeof(G));
+  static_assert(kBytes == 8 || kBytes % 16 == 0, "a vector of gradients is 8 bytes or whole uint4s");
+  if constexpr (kBytes == 8) {
+    union { uint2 u; G x[V]; } b;
+    b.u = *reinterpret_cast<const uint2*>(src);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = to_f<G>(b.x[j]);
+  } else {
+    union { uint4 u[kBytes / 16]; G x[V]; } b;
+#pragma unroll
+    for (int i = 0; i < kBytes / 16; ++i) b.u[i] = reinterpret_cast<const uint4*>(src)[i];
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = to_f<G>(b.x[j]);
+  }
+}
+
+template <typename T, typename G, typename F>
 __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __restrict__ tensors, int64_t n_tensors,
                                                          const StepChunk* __restrict__ chunks, int64_t n_chunks,
                                                          const F* __restrict__ fac,
@@ -76,7 +96,7 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
     k.l2 = ts.wd != 0.0 && !decoupled; k.dec = ts.wd != 0.0 && decoupled;
     __syncthreads();
     T* p = static_cast<T*>(ts.p);
-    const T* g = static_cast<const T*>(ts.g);
+    const G* g = static_cast<const G*>(ts.g);
     T* m = static_cast<T*>(ts.m);
     const int64_t lo = (int64_t)ch.chunk * kStepChunk;
     const int64_t hi = min(ts.numel, lo + kStepChunk);
@@ -88,14 +108,15 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
       const int64_t nv = (hi - lo) / V;
       for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
         const int64_t e = lo + v * V;
-        union U { uint4 u; T x[V]; } pu, gu, mu;
+        union U { uint4 u; T x[V]; } pu, mu;
+        float gf[V];
         pu.u = *reinterpret_cast<const uint4*>(p + e);
-        gu.u = *reinterpret_cast<const uint4*>(g + e);
+        load_grads<G, V>(g + e, gf);
         mu.u = *reinterpret_cast<const uint4*>(m + e);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           float pf = to_f<T>(pu.x[j]), mf = to_f<T>(mu.x[j]);
-          step_elem(pf, to_f<T>(gu.x[j]), mf, fisher_at<F>(fac, mt, e + j), k);
+          step_elem(pf, gf[j], mf, fisher_at<F>(fac, mt, e + j), k);
           pu.x[j] = from_f<T>(pf); mu.x[j] = from_f<T>(mf);
         }
         *reinterpret_cast<uint4*>(p + e) = pu.u;
@@ -105,7 +126,7 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
     }
     for (int64_t e = e0 + threadIdx.x; e < hi; e += blockDim.x) {
       float pf = to_f<T>(p[e]), mf = to_f<T>(m[e]);
-      step_elem(pf, to_f<T>(g[e]), mf, fisher_at<F>(fac, mt, e), k);
+      step_elem(pf, to_f<G>(g[e]), mf, fisher_at<F>(fac, mt, e), k);
       p[e] = from_f<T>(pf); m[e] = from_f<T>(mf);
     }
   }
@@ -125,25 +146,24 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
   }
 }
 
+// the kernel's dtypes: float64 parameters go through the torch reference (cuda_backend.py)
+#define AF_DISPATCH_STEP(dt, T, ...)                                            \
+  switch (dt) {                                                                 \
+    case DType::F32: { using T = float; __VA_ARGS__; break; }                   \
+    case DType::F16: { using T = __half; __VA_ARGS__; break; }                  \
+    case DType::BF16: { using T = __nv_bfloat16; __VA_ARGS__; break; }          \
+    default: return cudaErrorInvalidValue;                                      \
+  }
+
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
-                              int64_t n_chunks, DType pt, const void* fac, DType ft,
+                              int64_t n_chunks, DType pt, DType gt, const void* fac, DType ft,
                               bool decoupled, unsigned int* done_counter, const float* found_inf,
                               cudaStream_t s) {
   if (n_tensors == 0) return cudaSuccess;
   const unsigned grid = (unsigned)std::max<int64_t>(n_chunks, 1);
-  AF_DISPATCH_ACC(ft, F,
-    switch (pt) {
-      case DType::F32:
-        fused_step_kernel<float, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), decoupled, done_counter, found_inf); break;
-      case DType::F16:
-        fused_step_kernel<__half, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), decoupled, done_counter, found_inf); break;
-      case DType::BF16:
-        fused_step_kernel<__nv_bfloat16, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
-            static_cast<const F*>(fac), decoupled, done_counter, found_inf); break;
-      default: return cudaErrorInvalidValue;
-    });
+  AF_DISPATCH_ACC(ft, F, AF_DISPATCH_STEP(pt, T, AF_DISPATCH_STEP(gt, G,
+    fused_step_kernel<T, G, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
+        static_cast<const F*>(fac), decoupled, done_counter, found_inf))));
   return cudaGetLastError();
 }
 

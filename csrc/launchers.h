@@ -81,8 +81,8 @@ struct EmaArgs {
 };
 cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s);
 
-// fused_step: one launch over every parameter of one dtype (multi-tensor apply, NOTE in
-// fused_step.cu).  `tensors` and `chunks` live in device memory (built by the binding).
+// fused_step: one launch over every parameter of one (param dtype, grad dtype) pair (multi-tensor
+// apply, NOTE in fused_step.cu); momenta in the param dtype.  `tensors` and `chunks` live in device memory (built by the binding).
 struct StepTensor {
   void* p; const void* g; void* m;
   float* step;       // device 0-dim float32 step, read (t = step + 1) and incremented by the launch;
@@ -102,7 +102,7 @@ constexpr int64_t kStepChunk = 65536;  // elements per chunk (see NOTE: [step ch
 // per table (NOTE: [step tables] in bindings.cpp): launches that may run at once must not share it.
 // found_inf: nullptr, or one device float32 (GradScaler's): where non-zero the launch changes nothing.
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
-                              int64_t n_chunks, DType pt, const void* fac, DType ft,
+                              int64_t n_chunks, DType pt, DType gt, const void* fac, DType ft,
                               bool decoupled, unsigned int* done_counter, const float* found_inf,
                               cudaStream_t s);
 

@@ -381,8 +381,9 @@ def test_fused_step_float64_falls_back_to_reference(cuda):
 
 def test_fused_step_all_kernel_ok_never_admits_what_one_parameter_check_refuses(cuda):
     """``_all_kernel_ok``, the C-level check of a whole model (NOTE: [step host path]), says yes
-    for a model in one kernel dtype and no whenever ``_kernel_ok`` refuses any one parameter
-    (float64, another grad or momentum dtype, a float64 or 2-element step count)."""
+    for a model in one kernel dtype pair (a bfloat16 model with float32 gradients too) and no
+    whenever ``_kernel_ok`` refuses any one parameter (a float64 param or grad, another momentum
+    dtype, a float64 or 2-element step count)."""
     mod, dev = cuda.ops, cuda.dev
     def lists(n=3, dtype=torch.float32):
         ps = [torch.zeros(4, dtype=dtype, device=dev) for _ in range(n)]
@@ -390,8 +391,11 @@ def test_fused_step_all_kernel_ok_never_admits_what_one_parameter_check_refuses(
             [torch.zeros((), device=dev) for _ in range(n)]
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert mod._all_kernel_ok(*lists(dtype=dtype))
+        l = lists(dtype=dtype)
+        l[1][:] = [g.float() for g in l[1]]
+        assert mod._all_kernel_ok(*l)
     bad = {"float64 param": lambda l: l[0].__setitem__(1, l[0][1].double()),
-           "bf16 grad": lambda l: l[1].__setitem__(2, l[1][2].bfloat16()),
+           "float64 grad": lambda l: l[1].__setitem__(2, l[1][2].double()),
            "fp16 momentum": lambda l: l[2].__setitem__(0, l[2][0].half()),
            "float64 step": lambda l: l[3].__setitem__(1, l[3][1].double()),
            "2-element step": lambda l: l[3].__setitem__(2, torch.zeros(2, device=dev))}

@@ -95,6 +95,39 @@ def test_fused_step_mixed_dtypes(kernel_ops):
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * w.abs().max().item())
 
 
+_KERNEL_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("gdt", _KERNEL_DTYPES, ids=str)
+@pytest.mark.parametrize("pdt", _KERNEL_DTYPES, ids=str)
+def test_fused_step_grad_dtype_pairs_run_in_the_kernel(kernel_ops, pdt, gdt, monkeypatch):
+    """Every (param dtype, grad dtype) pair of the kernels' dtypes (a bfloat16 model with float32
+    gradients) runs in the kernel, as the reference computes it: the CUDA backend sent a gradient
+    of another dtype to the reference.  A (7, 11) weight has 16-byte vectors of every width and a
+    tail; a view one element in has the scalar path; two steps."""
+    torch.manual_seed(11)
+    base = [torch.randn(7, 11, device=device()), torch.randn(41, device=device())]
+    params = [base[0].to(pdt), base[1].to(pdt)[1:]]
+    grads = [torch.randn(7, 11, device=device()).to(gdt), torch.randn(41, device=device()).to(gdt)[1:]]
+    meta = torch.tensor([[7, 11, 0, 1, 0, 7, 0, 1, 7, 0], [40, 1, 18, 0, 0, 18, 0, 0, 40, 0]])
+    fac = torch.rand(19, device=device()) + 0.5
+    fac[18] = 1.0
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * 2
+    want = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    got = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
+    tw, tg = [torch.tensor(0.0) for _ in params], [torch.tensor(0.0) for _ in params]
+    for _ in range(2):
+        reference.fused_step(want[0], grads, want[1], tw, fac, meta, hyper, True)
+    monkeypatch.setattr(reference, "fused_step", lambda *a: pytest.fail("reference fallback"))
+    for _ in range(2):
+        kernel_ops.fused_step(got[0], grads, got[1], tg, fac, meta, hyper, True)
+    assert [t.item() for t in tg] == [2.0, 2.0]
+    rtol = {torch.float32: 1e-6, torch.bfloat16: 2 * 2.0 ** -7, torch.float16: 2 * 2.0 ** -10}[pdt]
+    for w, g in zip(want[0] + want[1], got[0] + got[1]):
+        assert g.dtype == pdt
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * w.abs().max().item())
+
+
 def test_fused_step_bad_shape_changes_nothing(kernel_ops):
     """A momentum whose shape is not its parameter's raises, naming the parameter, before any
     parameter (the float64 one the reference updates included) or step count changes."""
