@@ -6,12 +6,13 @@
 // with F's indices from the parameter's `meta` row (NOTE: [param map] in reference.py).
 // NOTE: [step chunks] Multi-tensor apply as in ATen's MultiTensorApply.cuh: the binding lists every
 // (tensor, chunk of kStepChunk elements) pair; block b handles chunk b.  A chunk whose p/g/m are
-// 16-byte aligned moves 16 bytes per load (4 fp32 or 8 bf16/fp16), the rest (and the tail) goes
-// element by element (a gradient of another width is read as V of its elements: 8 or 32 bytes).  F's index map (the meta row) travels in the tensor table.  Each block reads
-// its tensor's step t (the old value) and uses t + 1; the last
-// block to finish (atomic ticket on done_counter) increments every step tensor and re-arms the
-// counter, so no block can see a half-updated step and the whole step stays one launch.  Steps
-// kept on the host (torch.optim's default, 0-dim CPU tensors) are read and incremented by the binding.
+// 16-byte aligned moves 16 bytes per load (4 fp32 or 8 bf16/fp16; a gradient of another width
+// as many of its elements: 8 or 32 bytes), the rest (and the tail) goes element by element.  F's
+// index map (the meta row) travels in the tensor table.  Each block reads its tensor's step t (the
+// old value) and uses t + 1; the last block to finish (atomic ticket on done_counter) increments
+// every step tensor and re-arms the counter, so no block can see a half-updated step and the whole
+// step stays one launch.  Steps kept on the host (torch.optim's default, 0-dim CPU tensors) are
+// read and incremented by the binding.
 // With `found_inf` (GradScaler's, on the device) non-zero every block returns at once: no tensor and
 // no step changes, no ticket is taken (NOTE: [GradScaler] in adafisher_fast/optimizer.py).
 // Python scalars are rounded to float32 where torch's reference rounds them (1 - beta and
@@ -19,6 +20,7 @@
 // CPU scalar), and __fmul_rn/__fadd_rn keep the compiler from contracting the
 // reference's separate multiply and add into FMAs, so fp32 results match the reference closely.
 #include <algorithm>
+#include <type_traits>
 #include "common.cuh"
 
 namespace adafisher {
@@ -61,19 +63,14 @@ __device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd,
 template <typename G, int V>
 __device__ __forceinline__ void load_grads(const G* src, float (&out)[V]) {
   constexpr int kBytes = V * static_cast<int>(sizeof(G));
-  static_assert(kBytes == 8 || kBytes % 16 == 0, "a vector of gradients is 8 bytes or whole uint4s");
-  if constexpr (kBytes == 8) {
-    union { uint2 u; G x[V]; } b;
-    b.u = *reinterpret_cast<const uint2*>(src);
+  using W = std::conditional_t<kBytes == 8, uint2, uint4>;
+  static_assert(kBytes % sizeof(W) == 0, "a vector of gradients is 8 bytes or whole uint4s");
+  union { W u[kBytes / sizeof(W)]; G x[V]; } b;
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = to_f<G>(b.x[j]);
-  } else {
-    union { uint4 u[kBytes / 16]; G x[V]; } b;
+  for (int i = 0; i < kBytes / static_cast<int>(sizeof(W)); ++i)
+    b.u[i] = reinterpret_cast<const W*>(src)[i];
 #pragma unroll
-    for (int i = 0; i < kBytes / 16; ++i) b.u[i] = reinterpret_cast<const uint4*>(src)[i];
-#pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = to_f<G>(b.x[j]);
-  }
+  for (int j = 0; j < V; ++j) out[j] = to_f<G>(b.x[j]);
 }
 
 template <typename T, typename G, typename F>
