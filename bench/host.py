@@ -1,4 +1,5 @@
-"""Host cost of ``step()``: ``python -m bench.host [--device cpu|cuda] [--smoke] [--out DIR]``.
+"""Host cost of ``step()`` and of the statistics hooks: ``python -m bench.host [--device cpu|cuda]
+[--smoke] [--out DIR]``.
 
 SPEC 8 asks for ``step()`` in at most 0.8x AdamW(fused=True)'s time.  On the SPEC's ResNet-18
 both steps move ~0.1 ms of memory on an H100, about what their Python costs, so the host side
@@ -14,12 +15,19 @@ Each row: the mean host time of one ``step()`` with the same gradients every ste
 state of a training loop whose gradients stay at the same addresses, as the CUDA caching
 allocator keeps them; a CPU allocator moves new ones), the median over repeats, AdamW's in the
 same run, and their ratio.  TCov=1 adds the statistics iteration's host work (``layer_ema``'s
-launch, the row counts, the found-layers check).  One JSON line per row in ``DIR/host.jsonl``.
+launch, the row counts, the found-layers check).
+
+The hooks' rows (``kind: host_hooks``): the host time of ``zero_grad()`` + forward + backward of
+the model with AdaFisher's hooks against a copy without them (interleaved, the same inputs),
+with statistics (TCov=1) and on the other iterations (TCov=100: the hooks' early return), and
+the difference per hooked layer.  A compiled model or a CUDA-graph replay runs none of this
+Python (README, "torch.compile and CUDA graphs").  One JSON line per row in ``DIR/host.jsonl``.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import json
 import os
@@ -42,10 +50,10 @@ KERNEL_MODULES = ("conv_stats", "linear_stats", "norm_stats", "embedding_stats",
 
 def workloads(smoke: bool):
     """[(label, model factory, input factory)]: SPEC 8's ResNet-18 and GPT (smoke: narrow ones
-    with the same parameter lists)."""
-    w, gpt = (8, dict(vocab=256, d=32, block_size=16)) if smoke else (64, {})
+    with the same parameter lists, on 8x8 images)."""
+    w, hw, gpt = (8, 8, dict(vocab=256, d=32, block_size=16)) if smoke else (64, 32, {})
     return [("resnet18", lambda: models.resnet18_cifar(width=w),
-             lambda dev: torch.randn(2, 3, 32, 32, device=dev)),
+             lambda dev: torch.randn(2, 3, hw, hw, device=dev)),
             ("gpt4", lambda: models.GPT(**gpt),
              lambda dev: torch.randint(0, 256, (2, 16), device=dev))]
 
@@ -118,6 +126,42 @@ def measure(label, factory, inputs, dev, backend, tcov, n, repeats) -> dict:
                 kernels="stubbed" if dev.type == "cpu" else "real")
 
 
+def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dict:
+    torch.manual_seed(0)
+    plain = factory().to(dev)
+    model = copy.deepcopy(plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisher(model, lr=1e-4, TCov=tcov, backend=backend)
+    x = inputs(dev)
+
+    def iteration(m, zero_grad):
+        def run():
+            zero_grad()
+            m(x).float().square().mean().backward()
+        return run
+
+    ours, theirs = iteration(model, opt.zero_grad), iteration(plain, plain.zero_grad)
+    ours()
+    opt.step()              # steps = 1: TCov=100's next iterations gather nothing, TCov=1's do
+    for _ in range(2):
+        ours()
+        theirs()
+    hooked, bare = [], []
+    for _ in range(repeats):
+        hooked.append(host_us(ours, n))
+        bare.append(host_us(theirs, n))
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    layers = len(opt.fisher.layers)
+    h, b = statistics.median(hooked), statistics.median(bare)
+    return dict(kind="host_hooks", workload=label, backend=opt.backend, TCov=tcov,
+                layers=layers, device=str(dev), hooked_us=h, plain_us=b,
+                per_layer_us=(h - b) / layers, ratio=statistics.median(
+                    a / c for a, c in zip(hooked, bare)),
+                kernels="stubbed" if dev.type == "cpu" else "real")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -127,17 +171,32 @@ def main(argv=None) -> int:
     dev = torch.device(args.device)
     backends = ["triton"] + (["cuda"] if _try_load("cuda", dev)[0] is not None else [])
     n, repeats = (20, 3) if args.smoke else (200, 15)
-    rows = []
+    rows, hook_rows = [], []
     with stubbed_kernels() if dev.type == "cpu" else contextlib.nullcontext():
         for label, factory, inputs in workloads(args.smoke):
             for backend in backends:
                 for tcov in (100, 1):
                     rows.append(measure(label, factory, inputs, dev, backend, tcov, n, repeats))
+        # on the CPU the narrow models: the layers' own arithmetic runs there, unstubbed, and
+        # at full width its noise would swamp the hooks' tens of microseconds
+        for label, factory, inputs in workloads(args.smoke or dev.type == "cpu"):
+            for backend in backends:
+                for tcov in (100, 1):
+                    hook_rows.append(measure_hooks(label, factory, inputs, dev, backend, tcov,
+                                                   max(n // 4, 5), repeats))
     print("| workload | params | backend | TCov | step() host us | AdamW(fused) us | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['workload']} | {r['params']} | {r['backend']} | {r['TCov']} | "
               f"{r['adafisher_us']:.0f} | {r['adamw_us']:.0f} | {r['ratio']:.2f} |")
+    print("\n| workload | hooked layers | backend | TCov | zero_grad+fwd+bwd us | without hooks us "
+          "| ratio | per hooked layer us |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in hook_rows:
+        print(f"| {r['workload']} | {r['layers']} | {r['backend']} | {r['TCov']} | "
+              f"{r['hooked_us']:.0f} | {r['plain_us']:.0f} | {r['ratio']:.2f} | "
+              f"{r['per_layer_us']:.1f} |")
+    rows += hook_rows
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "host.jsonl", "w") as f:

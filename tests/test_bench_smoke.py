@@ -210,8 +210,9 @@ def test_report_renders_rows_of_earlier_runs():
 
 
 def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch):
-    """``python -m bench.host --smoke`` on CPU: one row per workload and TCov, measured on the
-    Triton backend with the kernels stubbed, and the stubs, thread count and environment as
+    """``python -m bench.host --smoke`` on CPU: one step() row and one hooks row per workload and
+    TCov, measured on the Triton backend with the kernels stubbed, and the stubs, thread count
+    and environment as
     they were afterwards (a later launch runs the real kernel; on a GPU machine a TRITON_INTERPRET
     left set would let later tests put the Triton backend on CPU tensors).  No timing
     assertions."""
@@ -225,13 +226,19 @@ def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch)
     assert torch.get_num_threads() == threads
     assert "TRITON_INTERPRET" not in os.environ
     rows = [json.loads(l) for l in (tmp_path / "host.jsonl").read_text().splitlines()]
-    assert [(r["workload"], r["TCov"]) for r in rows] == [
-        ("resnet18", 100), ("resnet18", 1), ("gpt4", 100), ("gpt4", 1)]
+    runs = [("resnet18", 100), ("resnet18", 1), ("gpt4", 100), ("gpt4", 1)]
+    assert [(r["kind"], r["workload"], r["TCov"]) for r in rows] == (
+        [("host_step", *run) for run in runs] + [("host_hooks", *run) for run in runs])
     for r in rows:
-        assert r["backend"] == "triton" and r["kernels"] == "stubbed" and r["params"] > 20
-        assert r["adafisher_us"] > 0 and r["adamw_us"] > 0
-        assert r["ratio"] > 0
-    assert "| resnet18 |" in capsys.readouterr().out
+        assert r["backend"] == "triton" and r["kernels"] == "stubbed" and r["ratio"] > 0
+        if r["kind"] == "host_step":
+            assert r["params"] > 20 and r["adafisher_us"] > 0 and r["adamw_us"] > 0
+        else:       # every hooked layer of bench/models.py's ResNet-18 and GPT
+            assert r["layers"] == {"resnet18": 41, "gpt4": 26}[r["workload"]]
+            assert r["hooked_us"] > 0 and r["plain_us"] > 0
+            assert r["per_layer_us"] == pytest.approx((r["hooked_us"] - r["plain_us"]) / r["layers"])
+    out = capsys.readouterr().out
+    assert "| resnet18 | 62 |" in out and "| resnet18 | 41 |" in out
     fs = sys.modules["fisher_kernels.fused_step"]
     assert not isinstance(fs._fused_step_kernel, host._NoLaunch)
     p = torch.zeros(3)
