@@ -82,7 +82,8 @@ struct EmaArgs {
 cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s);
 
 // fused_step: one launch over every parameter of one (param dtype, grad dtype) pair (multi-tensor
-// apply, NOTE in fused_step.cu); momenta in the param dtype.  `tensors` and `chunks` live in device memory (built by the binding).
+// apply, NOTE in fused_step.cu); momenta in the param dtype.  `tensors` and `chunks` live in
+// device memory (built by the binding).
 struct StepTensor {
   void* p; const void* g; void* m;
   float* step;       // device 0-dim float32 step, read (t = step + 1) and incremented by the launch;

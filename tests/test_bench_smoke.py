@@ -212,10 +212,9 @@ def test_report_renders_rows_of_earlier_runs():
 def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch):
     """``python -m bench.host --smoke`` on CPU: one step() row and one hooks row per workload and
     TCov, measured on the Triton backend with the kernels stubbed, and the stubs, thread count
-    and environment as
-    they were afterwards (a later launch runs the real kernel; on a GPU machine a TRITON_INTERPRET
-    left set would let later tests put the Triton backend on CPU tensors).  No timing
-    assertions."""
+    and environment as they were afterwards (a later launch runs the real kernel; on a GPU
+    machine a TRITON_INTERPRET left set would let later tests put the Triton backend on CPU
+    tensors).  No timing assertions."""
     import os
     import sys
     import torch
