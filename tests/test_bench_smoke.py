@@ -209,6 +209,19 @@ def test_report_renders_rows_of_earlier_runs():
     assert "x^2 sum 0.074 ms (H100)" in markdown([row])
 
 
+def test_report_says_when_the_released_figures_come_from_another_gpu():
+    """The released code's figures are an H100's; a table from another GPU says to compare
+    ratios, and one from an H100, or without released figures, does not."""
+    from bench.report import markdown
+    row = {"kind": "e2e", "op": "e2e", "case": "resnet18", "backend": "cuda", "dtype": "float32",
+           "status": "ok", "time_ms": 10.0, "ratio": 1.02, "anchor_time_ms": 41.0}
+    warn = "The `released` figures were measured on an H100, this run on NVIDIA H200"
+    assert warn in markdown([dict(row, gpu="NVIDIA H200")])
+    assert "The `released` figures" not in markdown([dict(row, gpu="NVIDIA H100 80GB HBM3")])
+    no_anchor = {k: v for k, v in row.items() if k != "anchor_time_ms"}
+    assert "The `released` figures" not in markdown([dict(no_anchor, gpu="NVIDIA H200")])
+
+
 def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch):
     """``python -m bench.host --smoke`` on CPU: one step() row and one hooks row per workload and
     TCov, measured on the Triton backend with the kernels stubbed, and the stubs, thread count
