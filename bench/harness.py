@@ -9,8 +9,9 @@ Timing (``Harness.time``): ``warmup`` untimed calls, then ``iters`` timed calls,
 * on CPU with ``time.perf_counter``.
 The row keeps the median (``time_ms``) and the 20%/80% quantiles and minimum.
 
-NOTE: [cold L2] The H100's L2 is 50 MiB: an op over a 10 MB tensor timed in a tight loop would read
-it from L2 and report more than the HBM bandwidth.  The flush is outside the timed region.
+NOTE: [cold L2] The H100's L2 is 50 MiB (an H200's 60 MB): an op over a 10 MB tensor timed in a
+tight loop would read it from L2 and report more than the HBM bandwidth.  The flush is outside the
+timed region.
 
 Peak bandwidth (``Harness.peak_bandwidth``): a device-to-device copy of 1 GiB (CUDA) or 64 MiB
 (CPU), bytes = read + write; its GB/s is the 100% of the ``pct_peak`` column of the same run.
