@@ -30,6 +30,17 @@ def close(a, b, rtol=1e-11, atol=1e-14):
     assert err <= rtol * scale + atol, f"max abs err {err:.3e}, scale {scale:.3e}\n got {a}\n want {b}"
 
 
+def close_trajectories(got, want, rtol=1e-10, atol=1e-13):
+    """Every parameter of every step of ``got`` close to ``want``'s (lists of name -> tensor)."""
+    assert len(got) == len(want), (len(got), len(want))
+    for step, (g, w) in enumerate(zip(got, want)):
+        for n in w:
+            try:
+                close(g[n], w[n], rtol=rtol, atol=atol)
+            except AssertionError as e:
+                raise AssertionError(f"step {step} param {n}: {e}")
+
+
 # ----------------------------------------------------------------------------------------------
 # (a) raw statistics per layer kind
 # ----------------------------------------------------------------------------------------------
@@ -300,12 +311,7 @@ def test_trajectory(kind, preset, cls, tcov):
     kw = dict(lr=3e-3, beta=0.9, Lambda=1e-3, gamma=0.8, TCov=tcov, weight_decay=0.05, preset=preset)
     got, _ = _run_package(m1, batches, cls, **kw)
     want, _ = oracle.trajectory(m2, batches, loss_fn, decoupled=(cls is AdaFisherW), **kw)
-    for step, (g, w) in enumerate(zip(got, want)):
-        for n in w:
-            try:
-                close(g[n], w[n], rtol=1e-10, atol=1e-13)
-            except AssertionError as e:
-                raise AssertionError(f"step {step} param {n}: {e}")
+    close_trajectories(got, want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,12 +368,7 @@ def test_trajectory_misc(preset, cls, tcov):
     kw = dict(lr=3e-3, beta=0.85, Lambda=2e-3, gamma=0.6, TCov=tcov, weight_decay=0.03, preset=preset)
     got, opt = _run_package(m1, batches, cls, loss=misc_loss, **kw)
     want, oopt = oracle.trajectory(m2, batches, misc_loss, decoupled=(cls is AdaFisherW), **kw)
-    for step, (g, w) in enumerate(zip(got, want)):
-        for n in w:
-            try:
-                close(g[n], w[n], rtol=1e-10, atol=1e-13)
-            except AssertionError as e:
-                raise AssertionError(f"step {step} param {n}: {e}")
+    close_trajectories(got, want)
     ema = opt.ema_state()
     for name, (Hs, Ss) in oopt.ema.items():
         close(ema[name][0], Hs, rtol=1e-10)
