@@ -182,17 +182,11 @@ def _reference_curve(preset: str, opt_cls) -> List[float]:
     return _REF[key]
 
 
-def _need_cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-
-
 @pytest.mark.gpu
 @_ONE_WORKER
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_resnet18_torch_reference_learns(preset, opt_cls):
-    _need_cuda()
     check_decrease(_reference_curve(preset, opt_cls))
 
 
@@ -202,7 +196,6 @@ def test_resnet18_torch_reference_learns(preset, opt_cls):
 @pytest.mark.parametrize("opt_cls", [AdaFisher, AdaFisherW], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_resnet18_backend_matches_torch_curve(preset, opt_cls, backend):
-    _need_cuda()
     mod, why = backends._try_load(backend, torch.device("cuda"))
     if mod is None:
         pytest.skip(f"{backend} backend unavailable: {why}")
