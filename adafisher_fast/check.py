@@ -89,9 +89,9 @@ def _centring_magnitude(x: torch.Tensor, mode: str, groups: int, eps: float,
     v = x.detach().double()
     r, c, i = v.shape
     if mode == "channel":
-        vg = v.transpose(0, 1).reshape(c, 1, -1)        # one set per channel
-    else:
-        vg = v.reshape(r * groups, 1, -1)               # one set per (sample, group)
+        vg = v.transpose(0, 1).reshape(c, 1, r * i)     # one set per channel
+    else:                                               # sizes explicit: -1 fails for 0 rows
+        vg = v.reshape(r * groups, 1, c // groups * i)  # one set per (sample, group)
     mu = vg.mean(dim=2, keepdim=True)
     s = torch.rsqrt((vg - mu).square().mean(dim=2, keepdim=True) + eps)
     e = s * vg.abs().mean(dim=2, keepdim=True)

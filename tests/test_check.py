@@ -177,6 +177,26 @@ def test_check_judges_centred_statistics_by_their_conditioning(kernel_ops, mode)
             wrong.norm_stats(x, torch.zeros(2, device=device()), mode, groups, 1e-5)
 
 
+@pytest.mark.parametrize("empty", [(0, 4, 3), (4, 0, 3)])
+def test_check_passes_on_empty_batches(kernel_ops, empty):
+    """An empty batch (or empty sequences) through GroupNorm or LayerNorm: check's tolerance for
+    their centred statistics reshaped with a -1 that 0 elements leave undecided, and raised in the
+    model's forward.  Checked or not, the steps give the same parameters."""
+    params = []
+    for check in (False, True):
+        torch.manual_seed(0)
+        norm = nn.GroupNorm(2, 4) if empty[1] else nn.LayerNorm(3)
+        model = nn.Sequential(norm, nn.Linear(3, 2)).to(device())
+        opt = AdaFisher(model, preset="paper", backend=backend_name(kernel_ops), check=check, TCov=1)
+        for x in (torch.randn(empty, device=device()), torch.randn(4, 4, 3, device=device())):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+        params.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("value, on", [("true", True), ("On", True), ("0", False), ("", False),
                                        ("off", False), ("2", None)])
 def test_check_env_var_values(monkeypatch, value, on):
