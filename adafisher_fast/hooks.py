@@ -346,6 +346,8 @@ class StatHooks:
                 if not compiling:                # (while compiling, reading lay would guard on it)
                     lay.unread = True            # NOTE: [silent layers]
                 return
+            if not compiling and not x.numel():
+                lay.empty = True                 # NOTE: [silent layers]
             # NOTE: [recomputation] A forward inside a backward pass is activation checkpointing
             # recomputing a segment.  Non-reentrant checkpointing (torch.utils.checkpoint's
             # use_reentrant=False) already ran this call in the forward pass, and the recomputed

@@ -764,7 +764,8 @@ class AdaFisher(Optimizer, Joinable):
         a layer another rank ran has rows).  The same counts show S rows without H rows, a
         forward before a compiled zero_grad() (NOTE: [compiled forward before zero_grad]): named
         too.  A layer that was called, but only with input its kind could not read (Layer.unread:
-        a positional embedding whose forward takes a shape), is named with that cause.  Not with
+        a positional embedding whose forward takes a shape), is named with that cause; one called
+        with an empty batch (Layer.empty) is not named: it was called.  Not with
         capturable=True, whose step() reads
         nothing from the device (the construction warning still names an nn.MultiheadAttention),
         nor on the meta device."""
@@ -776,7 +777,8 @@ class AdaFisher(Optimizer, Joinable):
                if p.grad is not None and id(p) in fisher.owner}
         rows = fisher.buf[fisher.n_acc:].tolist()
         silent = [lay for lay in fisher.layers
-                  if lay.name in got and not rows[lay.h_factor] and not rows[lay.s_factor]]
+                  if lay.name in got and not rows[lay.h_factor] and not rows[lay.s_factor]
+                  and not lay.empty]
         unread = sorted(lay.name for lay in silent if lay.unread)
         silent = [lay.name for lay in silent if not lay.unread]
         if unread:

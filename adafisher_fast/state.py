@@ -45,6 +45,8 @@ class Layer:
     aliases: List[nn.Module] = field(default_factory=list)
     # an eager call its kind could not read (not a tensor, or h_input gave None) was seen
     unread: bool = False
+    # an eager call with no rows (an empty batch) was seen: rows of 0 do not make it silent
+    empty: bool = False
     # the names of the parameters the layer trains (NOTE: [gradient passes] in hooks.py)
     pnames: Tuple[str, ...] = ()
 

@@ -572,6 +572,23 @@ def test_multihead_attention_out_proj_is_named_once(recwarn):
     assert opt.diagnostics()["1.linear1"]["stat_iters"] == 3
 
 
+def test_an_empty_first_batch_names_only_the_silent_layer(recwarn):
+    """NOTE: [silent layers]: layers called with an empty batch in the first statistics step
+    have no rows, but were called: only the out_proj that nn.MultiheadAttention never calls is
+    named (every layer was, wrongly, blamed on attention or compilation)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0,
+                                                                        batch_first=True))
+    opt = AdaFisherW(model, TCov=1, backend="torch")
+    for batch in (0, 2):
+        opt.zero_grad()
+        model(torch.randn(batch, 5, 8)).sum().backward()
+        opt.step()
+    msgs = [str(w.message) for w in recwarn if "AdaFisher: layer(s)" in str(w.message)]
+    assert len(msgs) == 1 and "layer(s) 1.self_attn.out_proj got gradients" in msgs[0]
+    assert opt.diagnostics()["0"]["stat_iters"] == 1
+
+
 def test_no_silent_layer_warning_for_fully_hooked_models(recwarn):
     """Every hooked layer called as a module, eager or compiled: nothing to say."""
     torch.manual_seed(0)
