@@ -46,7 +46,9 @@ def curvature_report(opt) -> List[dict]:
     rows = []
     for i, lay in enumerate(fisher.layers):
         h, s = fac[lay.h_raw], fac[lay.s_raw]
-        name, w = max(((n, p) for n, p in lay.module.named_parameters(recurse=False)
+        # the layer kind's mapped names, not named_parameters(): an exposed attention's
+        # in_proj reaches its owner's parameters through properties
+        name, w = max(((n, p) for n, p in ((n, getattr(lay.module, n)) for n in lay.pnames)
                        if fisher.owner.get(id(p)) is lay),
                       key=lambda np_: np_[1].numel(), default=(None, None))
         row = {"name": lay.label, "kind": type(lay.module).__name__,

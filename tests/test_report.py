@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from adafisher_fast import AdaFisher, AdaFisherW
+from adafisher_fast import AdaFisher, AdaFisherW, expose_attention
 from adafisher_fast.report import curvature_report, format_report
 
 LAM, GAMMA, EPS = 1e-3, 0.8, 1e-6
@@ -106,6 +106,19 @@ def test_report_before_any_statistics_and_plain_types():
         assert r["curvature_share"] == pytest.approx(1 / 1.5)
         assert all(isinstance(v, (str, int, float)) for v in r.values())
         assert r["f_param"] == "weight"
+
+
+@pytest.mark.parametrize("kdim, f_param", [(None, "weight"), (6, "k_proj_weight")])
+def test_report_of_exposed_attention_in_projections(kdim, f_param):
+    """An exposed attention's in_proj holds no parameters of its own: its owner's reach it through
+    properties, and F is still reported, over the packed weight or the largest of q/k/v's."""
+    mha = nn.MultiheadAttention(4, 2, kdim=kdim, vdim=kdim)
+    expose_attention(mha)
+    rows = {r["name"]: r for r in AdaFisher(mha, Lambda=0.5, preset="paper").curvature_report()}
+    r = rows["in_proj"]
+    assert r["f_param"] == f_param
+    assert r["f_min"] == r["f_max"] == pytest.approx(1.5)
+    assert r["curvature_share"] == pytest.approx(1 / 1.5)
 
 
 def test_report_counts_nonfinite_skips():
