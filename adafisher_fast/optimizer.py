@@ -424,6 +424,8 @@ class AdaFisher(Optimizer, Joinable):
         params = [p for g in self.param_groups for p in g["params"]]
         ids = {id(p) for p in params}
         self._frozen = [p for p in self._frozen if id(p) not in ids]
+        for p in [p for p in self.state if id(p) not in ids]:
+            del self.state[p]                   # left param_groups: state_dict() could not key it
         self.fisher = FisherState(self._model, PRESETS[self.preset], params, old)
         hooks.remove()
         self._hooks = self._hook()
@@ -453,8 +455,8 @@ class AdaFisher(Optimizer, Joinable):
         or load_state_dict(), as add_param_group would have (missing hyper-parameters from the
         defaults, and checked); anything else in param_groups (a tensor not of the model, a
         parameter twice) is an error that names it, raised before any state changes.  A
-        parameter that left param_groups (a group removed) leaves the layout too, as if the
-        optimizer had been made without it.  Adopted groups may hold frozen parameters
+        parameter that left param_groups (a group removed) leaves the layout and its momentum
+        too, as if the optimizer had been made without it.  Adopted groups may hold frozen parameters
         (Lightning's restored groups do)."""
         seen, new = set(), []
         for gi, g in enumerate(self.param_groups):

@@ -267,15 +267,19 @@ def test_a_parameter_appended_twice_is_refused_before_any_change():
     assert opt.steps == 0 and not opt.state
 
 
-def test_a_group_removed_by_hand_leaves_the_layout():
+@pytest.mark.parametrize("steps_before", [0, 1])
+def test_a_group_removed_by_hand_leaves_the_layout(steps_before):
     """NOTE: [adopted groups] A layer whose group was removed kept its hooks and its place in
-    the checkpoint's layout, which then did not load into an optimizer made without it."""
+    the checkpoint's layout, which then did not load into an optimizer made without it.  Removed
+    after a step, its momentum stayed in opt.state, and state_dict() raised a KeyError."""
     model = _net()
     opt = AdaFisher(model, backend="torch", param_groups=[{"params": model[0].parameters()}])
-    opt.param_groups = opt.param_groups[1:]
     x, y = _data()
+    _steps(model, opt, x, y, steps_before)
+    opt.param_groups = opt.param_groups[1:]
     _steps(model, opt, x, y, 1)
     assert "0" not in opt.diagnostics()
+    assert not any(p in opt.state for p in model[0].parameters())
     model[0].requires_grad_(False)
     AdaFisher(model, backend="torch").load_state_dict(opt.state_dict())
 
