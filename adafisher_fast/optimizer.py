@@ -39,7 +39,9 @@ def _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay, where: str = "")
         if isinstance(v, torch.Tensor):
             raise TypeError(f"{where}{name} must be a Python or NumPy real number, got a tensor: "
                             f"only lr may be a tensor")
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        # comparisons, not math.isfinite: a compiled step() traces them when dynamo has made an
+        # edited float symbolic (NaN fails both)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not -math.inf < v < math.inf:
             raise TypeError(f"{where}{name} must be a finite real number, got {v!r}")
     if isinstance(lr, torch.Tensor):
         reference.check_lr(lr, lr.device, where.rstrip(": ") or "lr")   # device: at each step

@@ -268,6 +268,21 @@ def test_compiled_step_matches_eager(preset):
     _assert_same(eager, (twin, opt), 1e-9)
 
 
+@pytest.mark.parametrize("key, value", [("lr", 5e-4), ("beta", 0.5), ("weight_decay", 0.1)])
+def test_a_hand_edit_of_a_group_between_fullgraph_compiled_steps(key, value):
+    """A group's float, edited once, becomes symbolic in dynamo's next compile; the step's check
+    of it (math.isfinite then) broke the graph, so a fullgraph step() raised.  It trains as
+    eager steps with the same edit."""
+    eager, (twin, opt) = _pair(AdaFisherW, "paper", torch.float64)
+    step = torch.compile(opt.step, fullgraph=True, backend="aot_eager")
+    batches = _batches(4)
+    for (model, o), st in ((eager, None), ((twin, opt), step)):
+        _train(model, o, batches[:2], step=st)
+        o.param_groups[0][key] = value
+        _train(model, o, batches[2:], step=st)
+    _assert_same(eager, (twin, opt), 1e-9)
+
+
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()` before")
 @pytest.mark.parametrize("backend", ["torch"] + kernel_backends())
 def test_a_scheduled_tensor_lr_compiles_the_step_once(backend, monkeypatch):
