@@ -280,7 +280,7 @@ class StatHooks:
     def _arm_hook(self, first: Optional[str], tap: _Tap):
         def hook(module, inputs, kwargs):
             x = inputs[0] if inputs else kwargs.get(first)
-            tap.armed = self.collecting and torch.is_grad_enabled() and not _transformed(x)
+            tap.armed = torch.is_grad_enabled() and self.collecting and not _transformed(x)
             # eagerly x's id, not x: a forward that raises before the layer's forward hook
             # clears the tap would keep x, and the autograd graph behind it, alive
             tap.x = (x if torch.compiler.is_compiling() else id(x)) if tap.armed else None
@@ -327,7 +327,9 @@ class StatHooks:
             placed = None
             if tap is not None:
                 placed, tap.placed, tap.armed, tap.x = tap.placed, None, False, None
-            if not (self.collecting and torch.is_grad_enabled()):
+            # grad mode first: a compiled no-grad forward (an evaluation) then does not read,
+            # and guard on, the TCov gating: one graph for both kinds of iteration
+            if not (torch.is_grad_enabled() and self.collecting):
                 return
             x = inputs[0] if inputs else kwargs.get(first)
             if _transformed(x, output):

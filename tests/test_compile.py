@@ -403,6 +403,19 @@ def test_tcov_gating_uses_at_most_two_graphs(TCov):
     assert opt.diagnostics()["lin"]["stat_iters"] == 3
 
 
+def test_an_evaluation_under_no_grad_compiles_one_graph():
+    """An evaluation forward under no_grad between training steps: one graph for both TCov
+    states, as under AdamW (the hooks read the gating before grad mode, and so guarded on it)."""
+    _, (twin, opt) = _pair(AdaFisher, "paper", torch.float64)
+    counter = CompileCounterWithBackend("aot_eager")
+    net = torch.compile(twin, fullgraph=True, backend=counter)
+    for batch in _batches(4):
+        _train(net, opt, [batch])
+        with torch.no_grad():
+            net(batch[0])
+    assert counter.frame_count == 3          # training with and without statistics, evaluation
+
+
 def test_kernel_ops_compile_as_custom_ops(kernel_ops):
     """The Triton launchers and the CUDA ops (emulated on a CPU) run inside compiled graphs as
     torch.ops.adafisher_<backend>.* ops (NOTE: [compiled ops]); float32 against the eager run of
