@@ -499,9 +499,11 @@ class FisherState:
     # first forward after a backward finds it out: the parameters that had gradients when that
     # backward ended have none now (all of them: user code may drop one tensor's gradient), so
     # the gradients were set to None, and what was gathered is dropped as zero_grad() drops it.
-    # Only there: a module's zero_grad() between a forward and its backward, or after a forward
-    # without one, is not seen, nor zero_grad(set_to_none=False) (DDP writes the all-reduced
-    # gradients in place after our end-of-backward callback).
+    # Only there, and only in an eager forward (a compiled one runs no Python before its
+    # statistics ops): a module's zero_grad() between a forward and its backward, after a
+    # forward without one, or before a compiled forward is not seen, nor
+    # zero_grad(set_to_none=False) (DDP writes the all-reduced gradients in place after our
+    # end-of-backward callback).
     # Inside step(closure), zero_grad() clears only the gradients and what was gathered before
     # step() began: the closure's forward before it is the step's (Lightning's closure runs
     # forward, zero_grad(), backward), and a closure without zero_grad() (the last micro-batch
