@@ -458,8 +458,8 @@ class AdaFisher(Optimizer, Joinable):
         defaults, and checked); anything else in param_groups (a tensor not of the model, a
         parameter twice) is an error that names it, raised before any state changes.  A
         parameter that left param_groups (a group removed) leaves the layout and its momentum
-        too, as if the optimizer had been made without it.  Adopted groups may hold frozen parameters
-        (Lightning's restored groups do)."""
+        too, as if the optimizer had been made without it.  Adopted groups may hold frozen
+        parameters (Lightning's restored groups do)."""
         seen, new = set(), []
         for gi, g in enumerate(self.param_groups):
             for k, v in self.defaults.items():
