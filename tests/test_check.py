@@ -187,7 +187,8 @@ def test_check_passes_on_empty_batches(kernel_ops, empty):
         torch.manual_seed(0)
         norm = nn.GroupNorm(2, 4) if empty[1] else nn.LayerNorm(3)
         model = nn.Sequential(norm, nn.Linear(3, 2)).to(device())
-        opt = AdaFisher(model, preset="paper", backend=backend_name(kernel_ops), check=check, TCov=1)
+        opt = AdaFisher(model, preset="paper", backend=backend_name(kernel_ops), check=check,
+                        TCov=1)
         for x in (torch.randn(empty, device=device()), torch.randn(4, 4, 3, device=device())):
             opt.zero_grad()
             model(x).square().sum().backward()
