@@ -232,11 +232,15 @@ def _computes_grad(params: List[torch.Tensor], nodes: dict) -> bool:
 
 def _rows(lay: Layer, method: str, rows):
     """``rows``, the row count a layer kind's h_stats/s_stats returned, if it is one (an int, a
-    SymInt while tracing, or a tensor); a kind that forgot to return it is named."""
+    SymInt while tracing, or a tensor); a kind that forgot to return it, or returned a negative
+    int, is named."""
     if isinstance(rows, bool) or not isinstance(rows, (numbers.Integral, torch.SymInt,
                                                        torch.Tensor)):
         raise TypeError(f"AdaFisher: {type(lay.kind).__name__}.{method} of '{lay.label}' returned "
                         f"{rows!r}: it must return the number of rows it added (an int)")
+    if isinstance(rows, numbers.Integral) and rows < 0:     # (a SymInt or tensor: not read)
+        raise ValueError(f"AdaFisher: {type(lay.kind).__name__}.{method} of '{lay.label}' "
+                         f"returned {rows} rows: a count is >= 0")
     return rows
 
 

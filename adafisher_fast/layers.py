@@ -94,16 +94,21 @@ class LayerKind:
                 or isinstance(module, self.released))
 
     def factors(self, module: nn.Module, preset) -> Tuple[FactorSpec, FactorSpec]:
-        raise NotImplementedError
+        raise self._missing("factors")
 
     def param_maps(self, module: nn.Module, preset) -> Dict[str, ParamMap]:
-        raise NotImplementedError
+        raise self._missing("param_maps")
 
     def h_stats(self, module: nn.Module, x: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
-        raise NotImplementedError
+        raise self._missing("h_stats")
 
     def s_stats(self, module: nn.Module, s: torch.Tensor, acc: torch.Tensor, preset, ops) -> int:
-        raise NotImplementedError
+        raise self._missing("s_stats")
+
+    def _missing(self, method: str) -> NotImplementedError:
+        return NotImplementedError(f"AdaFisher: layer kind {type(self).__name__} does not define "
+                                   f"{method}; a LayerKind defines factors, param_maps, h_stats "
+                                   f"and s_stats")
 
     def probe(self, module: nn.Module) -> bool:
         """Called for each module at construction, where a kind may try the module's class on

@@ -261,7 +261,13 @@ class FisherState:
             for pn, mp in maps.items():
                 claimed[id(getattr(m, pn))] = len(self.layers)
                 local_maps.append((getattr(m, pn), len(self.layers), mp, pn))
-            h, s = kind.factors(m, preset)
+            hs = kind.factors(m, preset)
+            if not (isinstance(hs, (tuple, list)) and len(hs) == 2
+                    and all(isinstance(sp, FactorSpec) for sp in hs)):
+                raise TypeError(f"AdaFisher: {type(kind).__name__}.factors of '{name or '<root>'}' "
+                                f"({type(m).__name__}) returned {hs!r}: it must return "
+                                f"(H, S), two FactorSpecs")
+            h, s = hs
             _check_spec(h, "H", kind, name, m)
             _check_spec(s, "S", kind, name, m)
             specs += [h, s]

@@ -569,19 +569,48 @@ def test_a_factor_term_outside_its_factor_is_an_error(monkeypatch, side, bad, ma
         AdaFisher(conv, preset="paper")
 
 
+@pytest.mark.parametrize("negative", [False, True])
 @pytest.mark.parametrize("method", ["h_stats", "s_stats"])
-def test_a_kind_that_returns_no_row_count_is_named(monkeypatch, method):
+def test_a_kind_that_returns_no_row_count_is_named(monkeypatch, method, negative):
+    """No count (a forgotten `return`), or a negative one, which left the factor as it was while
+    diagnostics() counted a statistics iteration."""
     good = getattr(layers.HFConv1DKind, method)
 
-    def forgot(self, m, t, acc, preset, ops):
-        good(self, m, t, acc, preset, ops)          # no `return`
+    def wrong(self, m, t, acc, preset, ops):
+        rows = good(self, m, t, acc, preset, ops)
+        if negative:
+            return -rows                            # no `return` otherwise
 
-    monkeypatch.setattr(layers.HFConv1DKind, method, forgot)
+    monkeypatch.setattr(layers.HFConv1DKind, method, wrong)
     _, conv = _conv1d_models(torch.float64)
     opt = AdaFisher(conv, preset="paper")
-    with pytest.raises(TypeError, match=rf"HFConv1DKind\.{method} of '\d' returned None: it must "
-                                        rf"return the number of rows it added"):
+    error, match = ((ValueError, r"returned -\d+ rows: a count is >= 0") if negative else
+                    (TypeError, "returned None: it must return the number of rows it added"))
+    with pytest.raises(error, match=rf"HFConv1DKind\.{method} of '\d' {match}"):
         _train(conv, opt, 1, torch.float64)
+
+
+@pytest.mark.parametrize("returned, shown", [
+    (lambda h, s: None, "None"),
+    (lambda h, s: h, "FactorSpec"),                  # one factor
+    (lambda h, s: tuple((f.acc_size, f.size, f.terms) for f in (h, s)), r"\(\("),   # tuples
+])
+def test_factors_that_are_not_two_factor_specs_are_named(monkeypatch, returned, shown):
+    good = layers.HFConv1DKind.factors
+    monkeypatch.setattr(layers.HFConv1DKind, "factors",
+                        lambda self, m, preset: returned(*good(self, m, preset)))
+    _, conv = _conv1d_models(torch.float64)
+    with pytest.raises(TypeError, match=rf"HFConv1DKind\.factors of '0' \(Conv1D\) returned "
+                                        rf"{shown}.*: it must return \(H, S\), two FactorSpecs"):
+        AdaFisher(conv, preset="paper")
+
+
+@pytest.mark.parametrize("method", ["factors", "param_maps", "h_stats", "s_stats"])
+def test_a_method_a_kind_leaves_undefined_is_named(method):
+    with pytest.raises(NotImplementedError, match=rf"layer kind LayerKind does not define "
+                                                  rf"{method}; a LayerKind defines"):
+        getattr(layers.LayerKind(), method)(*([None] * (2 if method in ("factors", "param_maps")
+                                                       else 5)))
 
 
 def test_a_map_of_a_parameter_the_module_lacks_is_an_error(monkeypatch):
