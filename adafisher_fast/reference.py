@@ -45,6 +45,15 @@ def check_groups(op: str, channels: int, groups: int) -> None:
         raise ValueError(f"{op}: groups {groups} must divide the channel count {channels}")
 
 
+def check_running(op: str, mean: Optional[torch.Tensor], var: Optional[torch.Tensor],
+                  channels: int) -> None:
+    """Given running statistics have one entry per channel each: a kernel reads ``channels`` of
+    each, past the end of a shorter one."""
+    if mean is not None and (var is None or mean.numel() != channels or var.numel() != channels):
+        got = "no var" if var is None else f"{mean.numel()} and {var.numel()}"
+        raise ValueError(f"{op}: mean and var need one entry per channel, {channels}; got {got}")
+
+
 def check_out(op: str, out: torch.Tensor, n: int) -> None:
     """``out`` must have the ``n`` entries the op adds into: it is a view of the flat statistics
     buffer, so a kernel given a shorter one writes into the next factor's accumulators (a layer
@@ -203,6 +212,7 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
     v = x.to(out.dtype)
     r, c, i = v.shape
     if mode == "channel":
+        check_running("norm_stats", mean, var, c)
         if mean is None:
             mean = v.mean(dim=(0, 2))
             var = (v - mean[None, :, None]).square().mean(dim=(0, 2))

@@ -124,6 +124,8 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
         raise ValueError(f"norm_stats: mode must be 'channel' or 'sample', got {mode!r}")
     if mode == "sample":
         reference.check_groups("norm_stats", x.shape[1], groups)
+    else:
+        reference.check_running("norm_stats", mean, var, x.shape[1])
     reference.check_out("norm_stats", out, x.shape[1])
     if out.dtype != torch.float32 or x.dtype == torch.float64 or not out.is_contiguous():
         return reference.norm_stats(x, out, mode, groups, eps, center, mean, var)

@@ -133,6 +133,18 @@ def test_norm_stats_groups_must_divide_the_channels(kernel_ops):
     assert not out.any()
 
 
+@pytest.mark.parametrize("short", ["mean", "var"])
+def test_norm_stats_running_statistics_must_have_a_channels_entries(kernel_ops, short):
+    """Triton read a short running mean/var past its end (a garbage statistic for the last
+    channel) where the reference and CUDA refused it; now all three refuse."""
+    x, out = torch.ones(2, 4, 5, device=device()), torch.zeros(4, device=device())
+    stats = {k: torch.ones(3 if k == short else 4, device=device()) for k in ("mean", "var")}
+    for ops in (reference, kernel_ops):
+        with pytest.raises((ValueError, RuntimeError), match=r"mean.*var need .*4"):
+            ops.norm_stats(x, out, "channel", 1, 1e-5, True, stats["mean"], stats["var"])
+    assert not out.any()
+
+
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, tmp_path,
