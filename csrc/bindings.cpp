@@ -164,6 +164,10 @@ void conv_stats(const at::Tensor& x, const at::Tensor& out, at::IntArrayRef kern
     if (padding_mode == 1)
       TORCH_CHECK(padding[2 * d] < g.size[d] && padding[2 * d + 1] < g.size[d],
                   "adafisher::conv_stats: reflect padding must be smaller than the input size");
+    if (padding_mode == 3)  // pad_source wraps once: as torch's circular pad, refuse more
+      TORCH_CHECK(padding[2 * d] <= g.size[d] && padding[2 * d + 1] <= g.size[d],
+                  "adafisher::conv_stats: circular padding must not exceed the input size "
+                  "(it would wrap around more than once)");
     g.out_size[d] = (g.size[d] + padding[2 * d] + padding[2 * d + 1] - g.dilation[d] * (g.kernel[d] - 1) - 1) /
                         g.stride[d] + 1;
     TORCH_CHECK(g.out_size[d] >= 1, "adafisher::conv_stats: empty output along spatial dim ", d);

@@ -153,6 +153,18 @@ def test_conv_stats_groups_must_divide_the_channels(kernel_ops):
     assert not out.any()
 
 
+def test_conv_stats_circular_padding_wraps_at_most_once(kernel_ops):
+    """Circular padding beyond the input size (torch's pad and conv refuse it): the CUDA binding
+    wrapped the index modulo the size and returned sums, where the reference and Triton raised."""
+    x, out = torch.ones(1, 1, 3, 3, device=device()), torch.zeros(9, device=device())
+    for ops in (reference, kernel_ops):
+        with pytest.raises((ValueError, RuntimeError), match="wrap"):
+            ops.conv_stats(x, out, (3, 3), (1, 1), [(4, 4), (4, 4)], (2, 2), 1, "circular")
+    assert not out.any()
+    ops.conv_stats(x, out, (3, 3), (1, 1), [(3, 3), (3, 3)], (2, 2), 1, "circular")  # once: fine
+    assert out.all()
+
+
 def _triton_conv_module():
     import sys
     import fisher_kernels  # noqa: F401
