@@ -159,6 +159,20 @@ def conv_out_size(size: int, k: int, stride: int, dilation: int, pad_lo: int, pa
     return (size + pad_lo + pad_hi - dilation * (k - 1) - 1) // stride + 1
 
 
+def conv_sizes(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int],
+               padding: Sequence[Tuple[int, int]], dilation: Sequence[int]) -> List[int]:
+    """conv_stats' output positions per spatial dim of x (B, C, *spatial).  None may be empty:
+    torch's conv refuses a kernel larger than the padded input, and so does every backend."""
+    sizes = [conv_out_size(x.shape[2 + i], kernel_size[i], stride[i], dilation[i], *padding[i])
+             for i in range(len(kernel_size))]
+    for d, n in enumerate(sizes):
+        if n < 1:
+            raise ValueError(f"conv_stats: empty output along spatial dim {d} (input size "
+                             f"{x.shape[2 + d]}, padding {tuple(padding[d])}, kernel "
+                             f"{kernel_size[d]}, dilation {dilation[d]})")
+    return sizes
+
+
 def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
                stride: Sequence[int], padding: Sequence[Tuple[int, int]],
                dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:
@@ -185,8 +199,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
             q = F.pad(q, flat_pad)
         else:
             q = F.pad(q.unsqueeze(0), flat_pad, mode=padding_mode).squeeze(0)
-    sizes = [conv_out_size(x.shape[2 + i], kernel_size[i], stride[i], dilation[i], *padding[i])
-             for i in range(nd)]
+    sizes = conv_sizes(x, kernel_size, stride, padding, dilation)
     cols = []
     for offs in itertools.product(*[range(k) for k in kernel_size]):
         idx = tuple(slice(o * d, o * d + s * (n - 1) + 1, s)

@@ -95,15 +95,14 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     reference.check_groups("conv_stats", x.shape[1], groups)
     b, c = x.shape[:2]
     spatial = list(x.shape[2:])
-    sizes = [reference.conv_out_size(spatial[i], kernel_size[i], stride[i], dilation[i],
-                                     *padding[i]) for i in range(nd)]
+    sizes = reference.conv_sizes(x, kernel_size, stride, padding, dilation)
     n_pos = math.prod(sizes)
     ktot = math.prod(kernel_size)
     if out.numel() != c * ktot:
         raise ValueError(f"conv_stats: out has {out.numel()} entries, expected C * prod(kernel) = "
                          f"{c * ktot}")
-    if x.numel() == 0 or n_pos <= 0:
-        return max(n_pos, 0)
+    if x.numel() == 0:
+        return n_pos
     # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
     # (*spatial, C)), read through its strides (NOTE: [memory order])
     order = None if x.is_contiguous() else memory_order(x)

@@ -165,6 +165,17 @@ def test_conv_stats_circular_padding_wraps_at_most_once(kernel_ops):
     assert out.all()
 
 
+@pytest.mark.parametrize("batch", [2, 0])
+def test_conv_stats_refuses_an_empty_output(kernel_ops, batch):
+    """A kernel larger than the padded input (torch's conv refuses it): the reference returned a
+    negative L, Triton 0, CUDA raised; now all three raise, on an empty batch too."""
+    x, out = torch.ones(batch, 3, 1, 6, device=device()), torch.zeros(45, device=device())
+    for ops in (reference, kernel_ops):
+        with pytest.raises((ValueError, RuntimeError), match="empty output along spatial dim 0"):
+            ops.conv_stats(x, out, (5, 3), (1, 1), [(0, 0), (1, 1)], (1, 1), 1)
+    assert not out.any()
+
+
 def _triton_conv_module():
     import sys
     import fisher_kernels  # noqa: F401
