@@ -78,8 +78,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     flat = [int(p) for lo_hi in padding for p in lo_hi]
     _ops.conv_stats(x, out, [int(k) for k in kernel_size], [int(s) for s in stride], flat,
                     [int(d) for d in dilation], int(groups), _PAD_MODES[padding_mode])
-    return math.prod(reference.conv_out_size(x.shape[2 + i], kernel_size[i], stride[i], dilation[i],
-                                             *padding[i]) for i in range(len(kernel_size)))
+    return math.prod(reference.conv_sizes(x, kernel_size, stride, padding, dilation))
 
 
 def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch import Tensor
 
-from .reference import EmaRule, LayerTable, conv_out_size
+from .reference import EmaRule, LayerTable, conv_sizes
 
 STATS_OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats")
 _REGISTERED: Dict[str, Any] = {}
@@ -118,8 +118,7 @@ class CompileAwareOps:
         self._lib.conv_stats(x, out, list(kernel_size), list(stride),
                              [p for lo_hi in padding for p in lo_hi], list(dilation), groups,
                              padding_mode)
-        return math.prod([conv_out_size(x.shape[2 + i], k, stride[i], dilation[i], *padding[i])
-                          for i, k in enumerate(kernel_size)])
+        return math.prod(conv_sizes(x, kernel_size, stride, padding, dilation))
 
     def norm_stats(self, x, out, mode, groups, eps, center=True, mean=None, var=None):
         if self._eager("norm_stats"):

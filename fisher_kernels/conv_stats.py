@@ -95,12 +95,10 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     reference.check_groups("conv_stats", x.shape[1], groups)
     b, c = x.shape[:2]
     spatial = list(x.shape[2:])
+    ktot = math.prod(kernel_size)
+    reference.check_out("conv_stats", out, c * ktot)
     sizes = reference.conv_sizes(x, kernel_size, stride, padding, dilation)
     n_pos = math.prod(sizes)
-    ktot = math.prod(kernel_size)
-    if out.numel() != c * ktot:
-        raise ValueError(f"conv_stats: out has {out.numel()} entries, expected C * prod(kernel) = "
-                         f"{c * ktot}")
     if x.numel() == 0:
         return n_pos
     # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
