@@ -313,6 +313,13 @@ def _segment_minmax(v: torch.Tensor, seg: torch.Tensor, n: int) -> torch.Tensor:
     return (v - lo[seg]) / (hi[seg] - lo[seg] + MINMAX_EPS)
 
 
+def _any_by(mask: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """[n] bool: out[i] = any(mask[index == i]).  Reduced as uint8: CUDA's scatter_reduce has
+    no bool kernel."""
+    out = torch.zeros(n, dtype=torch.uint8, device=mask.device)
+    return out.scatter_reduce(0, index, mask.to(torch.uint8), "amax").bool()
+
+
 def layer_raw(buf: torch.Tensor, table: LayerTable) -> torch.Tensor:
     """Raw H/S of every factor from the accumulators (flat, factor after factor)."""
     counts = buf[table.n_acc:]
@@ -344,13 +351,10 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     nf, seg = table.factor_layer.numel(), table.seg
     raw = layer_raw(buf, table)
     has = buf[table.n_acc:] > 0
-    bad_factor = has & torch.zeros(nf, dtype=torch.bool, device=buf.device).scatter_reduce(
-        0, seg, ~torch.isfinite(raw), "amax")
-    bad_layer = torch.zeros(table.n_layers, dtype=torch.bool, device=buf.device).scatter_reduce(
-        0, table.factor_layer, bad_factor, "amax")
+    bad_factor = has & _any_by(~torch.isfinite(raw), seg, nf)
+    bad_layer = _any_by(bad_factor, table.factor_layer, table.n_layers)
     upd = has & ~bad_layer[table.factor_layer]
-    took = torch.zeros(table.n_layers, dtype=torch.bool, device=buf.device).scatter_reduce(
-        0, table.factor_layer, upd, "amax")
+    took = _any_by(upd, table.factor_layer, table.n_layers)
     counters.add_(torch.stack([took, bad_layer], dim=1).to(counters.dtype))
     v = _segment_minmax(raw, seg, nf) if rule.normalise_raw else raw
     init_e = initialized[seg]

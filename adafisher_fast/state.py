@@ -472,7 +472,8 @@ class FisherState:
             self.before = None
         if not self._pending_any:
             return
-        counts = torch.tensor(self.pending, dtype=buf.dtype)
+        # on the host whatever torch's default device is: it is pinned and copied below
+        counts = torch.tensor(self.pending, dtype=buf.dtype, device="cpu")
         if buf.is_cuda:
             if torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("AdaFisher: row counts gathered before this CUDA-graph capture "

@@ -31,14 +31,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @contextlib.contextmanager
-def deterministic(on: bool):
-    """Within: torch.use_deterministic_algorithms(on)."""
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
+def deterministic(on: bool, warn_only: bool = False):
+    """Within: torch.use_deterministic_algorithms(on, warn_only=warn_only)."""
+    was = (torch.are_deterministic_algorithms_enabled(),
+           torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(on, warn_only=warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(was)
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
 
 
 def device() -> torch.device:

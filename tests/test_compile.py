@@ -17,7 +17,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.backends import _try_load
-from conftest import assert_trajectories_close, backend_name, kernel_backends, kernel_module
+from conftest import (assert_trajectories_close, backend_name, deterministic, kernel_backends,
+                      kernel_module)
 
 
 @pytest.fixture(autouse=True)
@@ -628,9 +629,19 @@ def test_cuda_graph_replays_grad_scaler_plain_iterations(backend):
     GPU too) and replayed, one replay overflowing (its loss times 1e30: the float16 backward
     overflows, the forward and BatchNorm's running statistics stay finite).  Parameters, every
     state tensor, the step counts and the scale equal an eager run's; the overflow skipped its
-    step there (the scale halved once)."""
+    step there (the scale halved once).
+
+    Under deterministic algorithms (torch's own ops only warn): float16 turns a last-bit
+    difference of Triton's atomic statistics sums into float16 ulps of the next forwards, which
+    left exp_avg 5e-4 of its largest entry apart on an H200 (2026-12-04); the statistics kernels'
+    ordered paths (NOTE: [ordered partials]) take that out of the comparison."""
     if backend not in _gpu_backends():
         pytest.skip(f"backend {backend} is not available here")
+    with deterministic(True, warn_only=True):
+        _grad_scaler_replay(backend)
+
+
+def _grad_scaler_replay(backend):
     n, bad = 12, 7
     batches = [(x, y, torch.tensor(1e30 if i == bad else 1.0, device="cuda"))
                for i, (x, y) in enumerate(_cuda_batches(n))]
