@@ -17,8 +17,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.backends import _try_load
-from conftest import (assert_trajectories_close, backend_name, deterministic, kernel_backends,
-                      kernel_module)
+from conftest import (assert_trajectories_close, backend_name, deterministic, device,
+                      kernel_backends, kernel_module)
 
 
 @pytest.fixture(autouse=True)
@@ -54,16 +54,22 @@ class AllKinds(nn.Module):
         return self.lin(h.mean(1).flatten(1)[:, :32])
 
 
-def _batches(n, b=3):
+def _batches(n, b=3, dev="cpu"):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randint(0, 11, (b, 8), generator=g), torch.randint(0, 5, (b,), generator=g))
-            for _ in range(n)]
+    return [(torch.randint(0, 11, (b, 8), generator=g).to(dev),
+             torch.randint(0, 5, (b,), generator=g).to(dev)) for _ in range(n)]
+
+
+def _kernel_device(backend):
+    """Where a backend's test model lives: the GPU, if any, for the kernel backends."""
+    return "cpu" if backend == "torch" else device()
 
 
 def _pair(opt_cls, preset, dtype, backend="torch", **kw):
-    """(eager model, eager opt), (model to compile, its opt): same initial weights."""
+    """(eager model, eager opt), (model to compile, its opt): same initial weights, on
+    ``_kernel_device(backend)``."""
     torch.manual_seed(0)
-    model = AllKinds().to(dtype)
+    model = AllKinds().to(_kernel_device(backend), dtype)
     twin = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # official: unhooked kinds warn
@@ -296,12 +302,13 @@ def test_a_scheduled_tensor_lr_compiles_the_step_once(backend, monkeypatch):
     dtype = torch.float64 if backend == "torch" else torch.float32
     (m0, o0), (m1, o1) = _pair(AdaFisherW, "paper", dtype, backend=backend)
     lr = torch.tensor(1e-3).item()              # float32-exact, and so are its halvings
-    o0.param_groups[0]["lr"], o1.param_groups[0]["lr"] = lr, torch.tensor(lr)
+    dev = _kernel_device(backend)
+    o0.param_groups[0]["lr"], o1.param_groups[0]["lr"] = lr, torch.tensor(lr, device=dev)
     counter = CompileCounterWithBackend("aot_eager")
     # before the scheduler wraps opt.step in code dynamo skips (as torch's optimizers)
     step = torch.compile(o1.step, fullgraph=True, backend=counter)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda e: 2.0 ** -e) for o in (o0, o1)]
-    for batch in _batches(6):
+    for batch in _batches(6, dev=dev):
         for (model, opt, st), sched in zip(((m0, o0, o0.step), (m1, o1, step)), scheds):
             _train(model, opt, [batch], step=st)
             sched.step()
@@ -424,7 +431,7 @@ def test_kernel_ops_compile_as_custom_ops(kernel_ops):
     name = backend_name(kernel_ops)
     eager, (twin, opt) = _pair(AdaFisher, "official", torch.float32, backend=name)
     assert opt.backend == name
-    batches = _batches(3)
+    batches = _batches(3, dev=_kernel_device(name))
     _train(*eager, batches)
     _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches,
            step=torch.compile(opt.step, fullgraph=True, backend="aot_eager"))
@@ -440,7 +447,7 @@ def test_kernel_ops_compile_once_for_every_image_size(kernel_ops):
     for compiled in (False, True):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).to(device())
         opt = AdaFisher(model, TCov=1, backend=name)
         counter = CompileCounterWithBackend("aot_eager")
         net = torch.compile(model, backend=counter, dynamic=True) if compiled else model
@@ -448,6 +455,7 @@ def test_kernel_ops_compile_once_for_every_image_size(kernel_ops):
         for size in (5, 6, 7, 9):
             opt.zero_grad()
             x, y = torch.randn(2, 3, size, size, generator=g), torch.randint(0, 3, (2,), generator=g)
+            x, y = x.to(device()), y.to(device())
             nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
         runs.append(opt.ema_state())

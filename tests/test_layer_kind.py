@@ -314,7 +314,9 @@ def test_hf_rmsnorm_trains_as_nn_rmsnorm(hf_cls):
     hf = nn.Sequential(nn.Linear(5, 6), hf_cls(6, eps=eps), nn.Linear(6, 3))
     gemma = hf_cls.forward is GemmaRMSNorm.forward
     hf.load_state_dict({k: v - (k == "1.weight") * gemma for k, v in ref.state_dict().items()})
-    _train_both(ref, hf, AdaFisher, torch.float32, 1e-5, preset="paper", TCov=1)
+    # 1e-4: transformers 5.17's Gemma classes round (1 + w) apart from nn's w by 1.3e-5 of an
+    # entry of the state (2026-12-04); eps 1e-6 for 1e-2 moves 27 of its 34 entries past 1e-4
+    _train_both(ref, hf, AdaFisher, torch.float32, 1e-4, preset="paper", TCov=1)
     off = 1.0 if gemma else 0.0
     assert not torch.equal(ref[1].weight, torch.ones(6))
     torch.testing.assert_close(hf[1].weight + off, ref[1].weight, rtol=1e-5, atol=1e-6)
@@ -456,8 +458,8 @@ def test_timm_rmsnorm2d_trains_as_nn_rmsnorm_over_channels(cls, act):
             model(x).square().mean().backward()
             opt.step()
         runs.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*runs):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for a, b in zip(*runs):     # a timm version's own formula rounds 4e-12 apart (2026-12-04)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_probes_run_under_a_float64_default_dtype():

@@ -7,19 +7,19 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW
-from conftest import kernel_backends, kernel_module
+from conftest import device, kernel_backends, kernel_module
 
 
-def _model(width=6):
+def _model(width=6, dev="cpu"):
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(3 * 16, width), nn.LayerNorm(width), nn.Linear(width, 3))
+                         nn.Linear(3 * 16, width), nn.LayerNorm(width), nn.Linear(width, 3)).to(dev)
 
 
-def _batches():
+def _batches(dev="cpu"):
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(5, 2, 4, 4, generator=g), torch.randint(0, 3, (5,), generator=g))
-            for _ in range(30)]
+    return [(torch.randn(5, 2, 4, 4, generator=g).to(dev),
+             torch.randint(0, 3, (5,), generator=g).to(dev)) for _ in range(30)]
 
 
 def _run(model, opt, batches, sched=None):
@@ -70,7 +70,7 @@ def test_resume_is_bit_identical(cls, preset):
 def _trained(cls, lr, backend, batches, ck=None):
     """(model, opt, checkpoint after the first half) of a StepLR run over ``batches``; from
     ``ck`` when given, into an optimizer made with a float lr."""
-    m = _model()
+    m = _model(dev=batches[0][0].device)
     o = cls(m, lr=3e-3 if ck else lr, TCov=2, weight_decay=1e-2, backend=backend)
     s = torch.optim.lr_scheduler.StepLR(o, 2, 0.5)
     if ck:
@@ -94,7 +94,7 @@ def test_tensor_lr_follows_the_schedule_and_resumes(cls, backend, monkeypatch):
     whose group then holds the tensor (as torch's optimizers' do) and resumes bit-identically."""
     if backend != "torch":
         kernel_module(backend, monkeypatch)      # on a CPU: the emulated CUDA backend
-    batches = _batches()[:8]
+    batches = _batches("cpu" if backend == "torch" else device())[:8]
     m1, o1, _ = _trained(cls, 3e-3, backend, batches)
     lr = torch.tensor(3e-3)
     m2, o2, ck = _trained(cls, lr, backend, batches)
