@@ -24,13 +24,15 @@ def test_gpu_files_cover_every_test_file_that_uses_the_device():
 def test_the_plan_starves_no_stage():
     """NOTE: [GPU plan] At DEADLINE=540, with every capped stage using its cap (and env ~15 s),
     the last stage of ``plan`` still gets 60 s or more: with tests capped at 300 s and the
-    end-to-end table at 180 s, the kernel benchmarks were left nothing."""
+    end-to-end table at 180 s, the kernel benchmarks were left nothing.  The tests and the
+    sanitizer come first (issues 3 and 4 need both), a benchmark last."""
     script = (ROOT / ".ci" / "gpu").read_text()
     stages = re.search(r'^PLAN="([^"]*)"', script, re.M).group(1).split()
     assert stages[0] == "env" and ":" not in stages[-1]
     assert all(":" in s for s in stages[1:-1]), stages
     assert 540 - 15 - sum(int(s.split(":")[1]) for s in stages[1:-1]) >= 60
-    assert {"tests-gpu", "bench-ops", "bench-e2e"} <= {s.split(":")[0] for s in stages}
+    assert {"tests-gpu", "sanitize"} <= {s.split(":")[0] for s in stages}
+    assert stages[-1].startswith("bench")
 
 
 def test_a_hung_test_is_stopped_before_its_stage():
