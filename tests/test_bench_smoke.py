@@ -258,3 +258,38 @@ def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch)
     opt = torch.optim.AdamW([p], lr=0.1, fused=True)
     opt.step()
     assert (p != 0).all()                       # torch._fused_adamw_ is the real one again
+
+
+def test_profile_rows_split_the_iteration_by_op(tmp_path):
+    """``python -m bench.profile_e2e`` on CPU (torch backend): per workload, AdamW, AdaFisher
+    TCov=1 and TCov=100; the ops' profiler ranges count each call: one conv_stats per Conv2d of
+    the model and one layer_ema per statistics iteration, one fused_step per step, no statistics
+    at TCov=100 after the warm-up.  No timing assertions."""
+    import torch
+    import torch.nn as nn
+    from bench import bench_e2e, profile_e2e
+    from bench.harness import Harness
+    profile_e2e.main(["--device", "cpu", "--out", str(tmp_path), "--iters", "2",
+                      "--backends", "torch"])
+    rows = [json.loads(l) for l in (tmp_path / "profile.jsonl").read_text().splitlines()]
+    assert [(r["workload"], r["optimizer"]) for r in rows] == [
+        (w, o) for w in ("resnet18", "gpt4") for o in profile_e2e.LABELS]
+    h = Harness(torch.device("cpu"), True, tmp_path / "h")
+    convs = {w: sum(isinstance(m, nn.Conv2d) for m in mk().modules())
+             for w, mk, _, _ in bench_e2e.workloads(h)}
+    for r in rows:
+        assert r["status"] == "ok" and r["wall_ms"] > 0, r
+        ops = r["ops"]
+        if r["optimizer"] == "adamw":
+            assert ops == {}
+            continue
+        assert ops["fused_step"]["calls"] == 1 and ops["fused_step"]["host_ms"] > 0
+        stats = {k for k in ops if k.endswith("_stats")}
+        if r["optimizer"].endswith("TCov=100"):
+            assert not stats and "layer_ema" not in ops
+        else:
+            assert ops["layer_ema"]["calls"] == 1
+            assert ops.get("conv_stats", {"calls": 0})["calls"] == convs[r["workload"]]
+            assert "linear_stats" in stats
+    table = (tmp_path / "profile.md").read_text().splitlines()
+    assert len(table) == 2 + len(rows) and "| resnet18 | AdaFisher TCov=1 | torch |" in table[3]
