@@ -47,11 +47,17 @@ WEIGHT_DECAY = 5e-4
 # 20 and 6.7% by step 50; the means of the last 20 losses were 0.303 and 0.294 (of the last 40:
 # 0.395 and 0.343); the final losses 0.18 and 0.35.  The trajectories decorrelate within ~20
 # steps, so only the first steps can be compared one by one, and the tail only as a mean, loosely:
-# the per-step noise of the tail (std ~0.1 around 0.3) gives a mean of 20 a ~10% spread. ---
+# the per-step noise of the tail (std ~0.1 around 0.3) gives a mean of 20 a ~10% spread.
+# The paper preset's tail spreads more: on an H200 (2026-12-04) the torch backend's means of the
+# last 20 losses were 0.196 (AdaFisher) and 0.280 (AdaFisherW), the kernel backends' 0.257, and
+# 0.189 and 0.193, each of which matched the reference over the first 10 steps; on a CPU the torch
+# reference (paper, AdaFisherW) gave 0.175 and 0.222 with and without the 1e-7 perturbation.  So
+# the tail allows half the reference's mean, and at least 0.15: a curve that stays near
+# ln 10 = 2.30 is 2 outside, a tail twice the reference's (one above 0.15) outside too. ---
 EARLY = 10                  # steps compared one by one
 EARLY_REL, EARLY_ABS = 0.02, 0.005
 TAIL = 20                   # steps whose mean is compared
-TAIL_REL, TAIL_ABS = 0.3, 0.05
+TAIL_REL, TAIL_ABS = 0.5, 0.15
 # --- the reference must learn: mean of the last TAIL losses < DECREASE * mean of the first 5 ---
 DECREASE = 0.5
 
@@ -210,8 +216,11 @@ def test_check_curves_accepts_noise_and_rejects_wrong_training():
     close = [v * (1.005 if t < EARLY else 1.2) for t, v in enumerate(ref)]
     check_curves(ref, close)
     check_decrease(ref)
+    # the H200's widest pair (paper preset, AdaFisherW: tail means 0.280 and 0.189) passes
+    check_curves(ref[:-TAIL] + [0.280] * TAIL, ref[:-TAIL] + [0.189] * TAIL)
     for wrong in ([2.3] * 200,                                          # does not learn
-                  [v * (1.05 if t < EARLY else 1.0) for t, v in enumerate(ref)]):   # step 0 on
+                  [v * (1.05 if t < EARLY else 1.0) for t, v in enumerate(ref)],    # step 0 on
+                  ref[:-TAIL] + [2 * v for v in ref[-TAIL:]]):          # a tail twice as high
         with pytest.raises(AssertionError):
             check_curves(ref, wrong)
     with pytest.raises(AssertionError):
