@@ -46,6 +46,12 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def backend_device(backend: str) -> torch.device:
+    """Where a test's model for ``backend`` lives: the CPU for the torch reference, the GPU (if
+    any) for the kernel backends, whose ops on a CPU-only machine are interpreted or emulated."""
+    return torch.device("cpu") if backend == "torch" else device()
+
+
 def kernel_backends():
     """Names of the backends other than the torch reference whose kernels run here: Triton
     (interpreted on a CPU) and CUDA (the built extension on a GPU; on a CPU-only machine csrc/

@@ -17,8 +17,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.backends import _try_load
-from conftest import (assert_trajectories_close, backend_name, deterministic, device,
-                      kernel_backends, kernel_module)
+from conftest import (assert_trajectories_close, backend_device, backend_name, deterministic,
+                      device, kernel_backends, kernel_module)
 
 
 @pytest.fixture(autouse=True)
@@ -60,16 +60,11 @@ def _batches(n, b=3, dev="cpu"):
              torch.randint(0, 5, (b,), generator=g).to(dev)) for _ in range(n)]
 
 
-def _kernel_device(backend):
-    """Where a backend's test model lives: the GPU, if any, for the kernel backends."""
-    return "cpu" if backend == "torch" else device()
-
-
 def _pair(opt_cls, preset, dtype, backend="torch", **kw):
     """(eager model, eager opt), (model to compile, its opt): same initial weights, on
-    ``_kernel_device(backend)``."""
+    ``backend_device(backend)``."""
     torch.manual_seed(0)
-    model = AllKinds().to(_kernel_device(backend), dtype)
+    model = AllKinds().to(backend_device(backend), dtype)
     twin = copy.deepcopy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # official: unhooked kinds warn
@@ -302,7 +297,7 @@ def test_a_scheduled_tensor_lr_compiles_the_step_once(backend, monkeypatch):
     dtype = torch.float64 if backend == "torch" else torch.float32
     (m0, o0), (m1, o1) = _pair(AdaFisherW, "paper", dtype, backend=backend)
     lr = torch.tensor(1e-3).item()              # float32-exact, and so are its halvings
-    dev = _kernel_device(backend)
+    dev = backend_device(backend)
     o0.param_groups[0]["lr"], o1.param_groups[0]["lr"] = lr, torch.tensor(lr, device=dev)
     counter = CompileCounterWithBackend("aot_eager")
     # before the scheduler wraps opt.step in code dynamo skips (as torch's optimizers)
@@ -431,7 +426,7 @@ def test_kernel_ops_compile_as_custom_ops(kernel_ops):
     name = backend_name(kernel_ops)
     eager, (twin, opt) = _pair(AdaFisher, "official", torch.float32, backend=name)
     assert opt.backend == name
-    batches = _batches(3, dev=_kernel_device(name))
+    batches = _batches(3, dev=backend_device(name))
     _train(*eager, batches)
     _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opt, batches,
            step=torch.compile(opt.step, fullgraph=True, backend="aot_eager"))

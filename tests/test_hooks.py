@@ -10,8 +10,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 from adafisher_fast import AdaFisher, AdaFisherW, layers
-from conftest import (assert_trajectories_close, backend_name, device, fisher_tensors,
-                      kernel_backends, kernel_module)
+from conftest import (assert_trajectories_close, backend_device, backend_name, device,
+                      fisher_tensors, kernel_backends, kernel_module)
 
 
 class Block(nn.Module):
@@ -1534,7 +1534,7 @@ def _cast_after_construction(backend, forward_first):
     cast model's first call is a forward (its statistics then wait for zero_grad()/step() to
     cast the state: one step's statistics are summed in float32); and model.float() back."""
     torch.manual_seed(0)
-    dev = "cpu" if backend == "torch" else device()     # the kernel backends: the GPU if any
+    dev = backend_device(backend)
     cast = Block(inplace=False).to(dev)
     made_after = copy.deepcopy(cast).double()
     opt = AdaFisherW(cast, lr=1e-2, TCov=1, backend=backend)
@@ -1552,7 +1552,7 @@ def _cast_after_construction(backend, forward_first):
     assert all(t.dtype == torch.float64 for t in fisher_tensors(opt.fisher) if t.is_floating_point())
     assert all(st["exp_avg"].dtype == torch.float64 for st in opt.state.values())
     # bitwise on the CPU; a GPU's float atomics may add the statistics in another order
-    exact = dict(rtol=0, atol=0) if torch.device(dev).type == "cpu" else dict(rtol=1e-12, atol=0)
+    exact = dict(rtol=0, atol=0) if dev.type == "cpu" else dict(rtol=1e-12, atol=0)
     tol = dict(rtol=1e-5, atol=1e-8) if forward_first else exact
     for a, b in zip(cast.parameters(), made_after.parameters()):
         torch.testing.assert_close(a, b, **tol)

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from adafisher_fast import AdaFisher, AdaFisherW
-from conftest import device, kernel_backends, kernel_module
+from conftest import backend_device, kernel_backends, kernel_module
 
 
 def _model(width=6, dev="cpu"):
@@ -94,7 +94,7 @@ def test_tensor_lr_follows_the_schedule_and_resumes(cls, backend, monkeypatch):
     whose group then holds the tensor (as torch's optimizers' do) and resumes bit-identically."""
     if backend != "torch":
         kernel_module(backend, monkeypatch)      # on a CPU: the emulated CUDA backend
-    batches = _batches("cpu" if backend == "torch" else device())[:8]
+    batches = _batches(backend_device(backend))[:8]
     m1, o1, _ = _trained(cls, 3e-3, backend, batches)
     lr = torch.tensor(3e-3)
     m2, o2, ck = _trained(cls, lr, backend, batches)
