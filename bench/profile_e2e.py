@@ -142,8 +142,9 @@ def _line(r: dict) -> str:
     if r["status"] != "ok":
         return f"[profile] {r['workload']} {r['optimizer']} {r['backend']}: {r['note']}"
     ops = ", ".join(f"{k} {v['device_ms']:.3f}/{v['host_ms']:.3f}" for k, v in r["ops"].items())
-    return (f"[profile] {r['workload']} {r['optimizer']} {r['backend']}: wall {r['wall_ms']:.3f} ms,"
-            f" device {r['device_ms']:.3f} ms, syncs {r['syncs']:g}; ops device/host ms: {ops}")
+    return (f"[profile] {r['workload']} {r['optimizer']} {r['backend']}: "
+            f"wall {r['wall_ms']:.3f} ms, device {r['device_ms']:.3f} ms, syncs {r['syncs']:g}; "
+            f"ops device/host ms: {ops}")
 
 
 def table(rows: list) -> str:

@@ -5,7 +5,9 @@
 // in fisher_kernels/layer_ema.py):
 //  1. raw of each of its factors from the accumulators, raw[e] = sum over the terms with dst == e
 //     (CSR by destination, built once per LayerTable by kernel_host.py) of
-//     buf[src]^pow * coef / count[factor]^q, written to raw_work; its finiteness and, when raw is
+//     buf[src]^pow * coef / count[factor]^q (a thread per entry; an entry of more than kWideTerms
+//     terms by the whole block: NOTE: [wide entries] in kernel_host.py), written to raw_work; its
+//     finiteness and, when raw is
 //     normalised, its min and max (minmax_work) reduced on the way; the layer is bad if a factor
 //     with a non-zero row count is not finite; counters[layer] += (took, bad);
 //  2. every factor with statistics in a good layer: state = prior * decay + v * weight, prior = state
@@ -41,10 +43,12 @@ template <typename A> __device__ __forceinline__ A deinf(A v) {
   return isinf(v) ? (v > 0 ? A(1) : A(0)) : v;
 }
 constexpr double kMinMaxEps = 1e-6;  // reference.MINMAX_EPS
+constexpr int64_t kWideTerms = 32;   // kernel_host.WIDE_TERMS (NOTE: [wide entries])
 // A block's time grows with the trips through its layer's largest factor, blockDim entries a trip
 // (latency-bound: one block per layer, few per SM), so a block takes the most threads it may:
-// 1024 x at most 64 registers fits an SM's 64K (float uses 47-48, double 61-64 on sm_80/sm_90, no
-// spills; __launch_bounds__(1024) made ptxas squeeze float into 32 registers, with spills).
+// 1024 x at most 64 registers fits an SM's 64K (float uses 60-63 on sm_80/sm_90 with the wide-entry
+// pass, no spills; double 64, spilling 8-24 bytes, nvcc 13.0; __launch_bounds__(1024) made ptxas
+// squeeze float into 32 registers, with spills).
 constexpr int kEmaThreads = 1024;
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204)
 #define AF_EMA_BOUNDS __maxnreg__(64)
@@ -52,17 +56,24 @@ constexpr int kEmaThreads = 1024;
 #define AF_EMA_BOUNDS __launch_bounds__(kEmaThreads)
 #endif
 
+// term t's value: buf[src]^pow * coef / count[factor]^q
+template <typename A>
+__device__ __forceinline__ A term_value(const EmaArgs& a, const A* buf, const A* counts, int64_t t) {
+  const A* tpow = static_cast<const A*>(a.term_pow);
+  const A* tcoef = static_cast<const A*>(a.term_coef);
+  const A* tq = static_cast<const A*>(a.term_q);
+  return pw<A>(buf[a.term_src[t]], tpow[t]) * tcoef[t] / pw<A>(counts[a.term_factor[t]], tq[t]);
+}
+
 template <typename A>
 __global__ void AF_EMA_BOUNDS layer_ema_kernel(EmaArgs a) {
   __shared__ A sh[32];
   __shared__ int bad_sh;
+  __shared__ int n_wide, wide_lane[kEmaThreads];     // NOTE: [wide entries] in kernel_host.py
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;   // every block: NOTE: [GradScaler]
   const int64_t layer = blockIdx.x;
   const A* buf = static_cast<const A*>(a.buf);
   const A* counts = buf + a.n_acc;
-  const A* tpow = static_cast<const A*>(a.term_pow);
-  const A* tcoef = static_cast<const A*>(a.term_coef);
-  const A* tq = static_cast<const A*>(a.term_q);
   A* raw = static_cast<A*>(a.raw_work);
   A* minmax = static_cast<A*>(a.minmax_work);
   A* state = static_cast<A*>(a.state);
@@ -76,14 +87,33 @@ __global__ void AF_EMA_BOUNDS layer_ema_kernel(EmaArgs a) {
     const int64_t f = a.layer_factors[fi];
     const int64_t lo = a.factor_start[f], hi = a.factor_start[f + 1];
     A finite = 1, mn = inf, mx = -inf;
-    for (int64_t e = lo + threadIdx.x; e < hi; e += blockDim.x) {
+    for (int64_t base = lo; base < hi; base += blockDim.x) {   // the same trips for every thread
+      const int64_t e = base + threadIdx.x;
+      const int64_t t0 = e < hi ? a.term_ptr[e] : 0, t1 = e < hi ? a.term_ptr[e + 1] : 0;
+      const bool wide = t1 - t0 > kWideTerms;
       A v = 0;
-      for (int64_t t = a.term_ptr[e]; t < a.term_ptr[e + 1]; ++t)
-        v += pw<A>(buf[a.term_src[t]], tpow[t]) * tcoef[t] / pw<A>(counts[a.term_factor[t]], tq[t]);
-      raw[e] = v;
-      if (!isfinite(v)) finite = 0;
-      if (a.normalise_raw) {
-        const A c = deinf<A>(v); mn = fmin(mn, c); mx = fmax(mx, c);
+      if (!wide)
+        for (int64_t t = t0; t < t1; ++t) v += term_value<A>(a, buf, counts, t);
+      if (__syncthreads_or(wide)) {       // the block sums each wide entry's terms
+        if (threadIdx.x == 0) n_wide = 0;
+        __syncthreads();
+        if (wide) wide_lane[atomicAdd(&n_wide, 1)] = threadIdx.x;   // any order: sums stay
+        __syncthreads();
+        for (int k = 0; k < n_wide; ++k) {
+          const int64_t ew = base + wide_lane[k], w1 = a.term_ptr[ew + 1];
+          A part = 0;
+          for (int64_t t = a.term_ptr[ew] + threadIdx.x; t < w1; t += blockDim.x)
+            part += term_value<A>(a, buf, counts, t);
+          part = block_sum<A>(part, sh);
+          if (threadIdx.x == wide_lane[k]) v = part;
+        }
+      }
+      if (e < hi) {
+        raw[e] = v;
+        if (!isfinite(v)) finite = 0;
+        if (a.normalise_raw) {
+          const A c = deinf<A>(v); mn = fmin(mn, c); mx = fmax(mx, c);
+        }
       }
     }
     finite = block_min<A>(finite, sh);

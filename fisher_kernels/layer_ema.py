@@ -3,8 +3,10 @@
 Each program walks each of its factors (the H and S of the layer) two or three times:
 1. finalises the raw statistic from the accumulators with the LayerTable's terms,
    ``raw[e] = sum over the terms with dst == e of buf[src] ** pow * coef / count ** q`` (each lane
-   sums its entries' terms in order: NOTE: [term CSR]) into a scratch vector, and reduces on the
-   way whether it is finite and (official preset) its min and max after +inf -> 1, -inf -> 0;
+   sums its entries' terms in order: NOTE: [term CSR]; the program sums an entry of more than
+   WIDE_TERMS terms: NOTE: [wide entries] in kernel_host.py) into a scratch vector, and reduces
+   on the way whether it is finite and (official preset) its min and max after +inf -> 1,
+   -inf -> 0;
    a non-finite counted factor makes the whole layer keep its state and counts one skip;
 2. after a barrier, applies the preset's EmaRule to ``state`` and ``initialized``, reducing the new
    state's min and max on the way (paper preset), or writing ``fac`` in the same walk (official);
@@ -33,7 +35,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from adafisher_fast.kernel_host import layer_factors, term_csr
+from adafisher_fast.kernel_host import WIDE_TERMS, layer_factors, term_csr
 from adafisher_fast.reference import EmaRule, LayerTable
 from .host import on_device
 
@@ -55,10 +57,25 @@ def _lo_hi(lo, hi, v, m):
 
 
 @triton.jit
+def _terms(buf_ptr, n_acc, t, tm, t_src, t_pow, t_coef, t_q, t_factor):
+    """The values of terms ``t`` (lanes ``tm``; 0 elsewhere): buf[src] ** pow * coef /
+    count ** q, the powers by multiplication."""
+    b = tl.load(buf_ptr + tl.load(t_src + t, mask=tm, other=0), mask=tm, other=0.0)
+    pw = tl.load(t_pow + t, mask=tm, other=0.0)
+    q = tl.load(t_q + t, mask=tm, other=0.0)
+    cnt = tl.load(buf_ptr + n_acc + tl.load(t_factor + t, mask=tm, other=0), mask=tm, other=1.0)
+    bp = tl.where(pw == 0.0, 1.0, tl.where(pw == 1.0, b, b * b))
+    c2 = cnt * cnt
+    cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt, tl.where(q == 2.0, c2, c2 * cnt)))
+    return tl.where(tm, tl.math.div_rn(bp * tl.load(t_coef + t, mask=tm, other=0.0), cq), 0.0)
+
+
+@triton.jit
 def _layer_program(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor, factor_start,
                    layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr, init_ptr,
                    counters_ptr, decay, weight, decay_first, weight_first,
-                   NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr):
+                   NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr,
+                   WIDE: tl.constexpr):
     """Program ``layer``: its factors' walks (the module docstring)."""
     layer = tl.program_id(0)
     f0 = tl.load(layer_fstart + layer)
@@ -80,19 +97,22 @@ def _layer_program(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor, f
             m = o < en
             t0 = tl.load(t_ptr + o, mask=m, other=0)
             nt = tl.load(t_ptr + o + 1, mask=m, other=0) - t0
+            wide = nt > WIDE                                # NOTE: [wide entries]
+            nt = tl.where(wide, 0, nt)
             v = tl.zeros((BLOCK,), dtype=tl.float32)
             for j in range(0, tl.max(nt, axis=0)):
-                tm = m & (j < nt)
-                t = t0 + j
-                b = tl.load(buf_ptr + tl.load(t_src + t, mask=tm, other=0), mask=tm, other=0.0)
-                pw = tl.load(t_pow + t, mask=tm, other=0.0)
-                q = tl.load(t_q + t, mask=tm, other=0.0)
-                cnt = tl.load(buf_ptr + n_acc + tl.load(t_factor + t, mask=tm, other=0), mask=tm,
-                              other=1.0)
-                bp = tl.where(pw == 0.0, 1.0, tl.where(pw == 1.0, b, b * b))
-                c2 = cnt * cnt
-                cq = tl.where(q == 0.0, 1.0, tl.where(q == 1.0, cnt, tl.where(q == 2.0, c2, c2 * cnt)))
-                v += tl.where(tm, tl.math.div_rn(bp * tl.load(t_coef + t, mask=tm, other=0.0), cq), 0.0)
+                v += _terms(buf_ptr, n_acc, t0 + j, m & (j < nt), t_src, t_pow, t_coef, t_q,
+                            t_factor)
+            while tl.max(wide.to(tl.int32), axis=0) > 0:    # lowest such entry first
+                e = tl.min(tl.where(wide, o, en), axis=0)
+                w0 = tl.load(t_ptr + e)
+                w1 = tl.load(t_ptr + e + 1)
+                acc = tl.zeros((BLOCK,), dtype=tl.float32)
+                for ws in range(w0, w1, BLOCK):
+                    t = ws + tl.arange(0, BLOCK)
+                    acc += _terms(buf_ptr, n_acc, t, t < w1, t_src, t_pow, t_coef, t_q, t_factor)
+                v = tl.where(o == e, tl.sum(acc, axis=0), v)
+                wide = wide & (o != e)
             tl.store(raw_ptr + o, v, mask=m)
             nbad += (m & ((v != v) | (v == float("inf")) | (v == float("-inf")))).to(tl.int32)
             if NORM_RAW:
@@ -168,7 +188,7 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
                       factor_start, layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr,
                       init_ptr, counters_ptr, decay, weight, decay_first, weight_first, found_inf,
                       NORM_RAW: tl.constexpr, NORM_STATE: tl.constexpr, BLOCK: tl.constexpr,
-                      FOUND_INF: tl.constexpr):
+                      WIDE: tl.constexpr, FOUND_INF: tl.constexpr):
     """One program per layer, or (FOUND_INF, ``found_inf`` non-zero) no change at all."""
     go = True
     if FOUND_INF:               # every program reads the same value
@@ -177,7 +197,7 @@ def _layer_ema_kernel(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor
         _layer_program(buf_ptr, n_acc, t_ptr, t_src, t_pow, t_coef, t_q, t_factor, factor_start,
                        layer_factors, layer_fstart, raw_ptr, mm_ptr, state_ptr, fac_ptr, init_ptr,
                        counters_ptr, decay, weight, decay_first, weight_first, NORM_RAW,
-                       NORM_STATE, BLOCK)
+                       NORM_STATE, BLOCK, WIDE)
 
 
 @on_device
@@ -204,5 +224,5 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
         raw, minmax, state, fac, initialized.view(torch.uint8), counters,
         float(rule.decay), float(rule.weight), float(rule.decay_first), float(rule.weight_first),
         found_inf, NORM_RAW=bool(rule.normalise_raw), NORM_STATE=bool(rule.normalise_state),
-        BLOCK=BLOCK, FOUND_INF=found_inf is not None, num_warps=NUM_WARPS,
+        BLOCK=BLOCK, WIDE=WIDE_TERMS, FOUND_INF=found_inf is not None, num_warps=NUM_WARPS,
         enable_fp_fusion=False)     # NOTE: [fp fusion] in fisher_kernels/__init__.py

@@ -43,6 +43,17 @@ __global__ void exited_lane_kernel(int* out) {
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 16);
 }
 
+// __syncthreads_or, called again and again: round r is true only where thread r % 70 says so
+// (rounds 70 and up: none), so a result left over from an earlier round shows
+__global__ void sync_or_kernel(int* out) {
+  int agree = 1;
+  for (int r = 0; r < 80; ++r) {
+    const int any = __syncthreads_or(r < 70 && (int)threadIdx.x == r % 70);
+    agree = agree && any == (r < 70 && r % 70 < (int)blockDim.x);
+  }
+  out[blockIdx.x * blockDim.x + threadIdx.x] = agree;
+}
+
 int main() {
   static int out[2 * 96], hits[2 * 3 * 2 * 6];
   block_sum_kernel<<<2, dim3(32, 3)>>>(out);
@@ -63,6 +74,11 @@ int main() {
   exited_lane_kernel<<<1, 32>>>(out);
   e = cudaGetLastError();
   std::printf("exited_lane %d %s\n", (int)e, cudaGetErrorString(e));
+
+  sync_or_kernel<<<2, 64>>>(out);
+  ok = cudaGetLastError() == cudaSuccess;
+  for (int i = 0; i < 2 * 64; ++i) ok = ok && out[i] == 1;
+  std::printf("sync_or %s\n", ok ? "ok" : "WRONG");
 
   block_sum_kernel<<<1, 2048>>>(out);
   e = cudaGetLastError();

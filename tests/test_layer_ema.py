@@ -132,6 +132,47 @@ def test_layer_ema_factors_longer_than_a_block(kernel_ops, preset):
     assert want[3][:, 1].tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_layer_ema_wide_entries(kernel_ops, preset):
+    """NOTE: [wide entries] in kernel_host.py: entries with more terms than WIDE_TERMS (the
+    released code's norm-layer H[0]/H[1]) are summed by the whole block / program, also where
+    they lie among one-term entries, next to each other, past a block (2100 terms), or with a
+    non-finite term; a synthetic table: its raw statistics against the reference's sums."""
+    from adafisher_fast.kernel_host import WIDE_TERMS
+    g = torch.Generator().manual_seed(3)
+    # entries' term counts, factor by factor; factors 0-1 are layer 0's, 2 is layer 1's
+    counts = [[1, 40, 3, 2100, 33, 34, 1], [2, WIDE_TERMS, WIDE_TERMS + 1], [64, 1]]
+    n_acc, dst = 600, []
+    for e, n in enumerate(c for f in counts for c in f):
+        dst += [e] * n
+    nt = len(dst)
+    order = torch.randperm(nt, generator=g)                 # the table's terms in any order
+    sizes = [len(f) for f in counts]
+    starts = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
+    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    term_dst = torch.tensor(dst)[order]
+    dev = device()
+    table = reference.LayerTable.build(
+        n_acc, torch.randint(0, n_acc, (nt,), generator=g).to(dev), term_dst.to(dev),
+        torch.randint(1, 3, (nt,), generator=g).float().to(dev),
+        (torch.rand(nt, generator=g) + 0.5).to(dev),
+        torch.randint(0, 3, (nt,), generator=g).float().to(dev), seg[term_dst].to(dev),
+        starts, torch.tensor([0, 0, 1], device=dev), 2)
+    rule = PRESETS[preset].ema_rule(0.8)
+    n_raw = starts[-1]
+    want = [torch.ones(n_raw, device=dev), torch.ones(n_raw + 1, device=dev),
+            torch.zeros(3, dtype=torch.bool, device=dev),
+            torch.zeros(2, 2, dtype=torch.int64, device=dev)]
+    got = [t.clone() for t in want]
+    for it in range(3):
+        buf = torch.rand(n_acc + 3, generator=g).to(dev) * 3
+        buf[n_acc:] = torch.tensor([2.0, 3.0, 5.0])
+        if it == 2:
+            buf[table.term_src[term_dst.tolist().index(3)]] = float("inf")   # in entry 3's terms
+        _step_both(kernel_ops, buf, table, want, got, rule)
+    assert want[3].tolist() == [[2, 1], [3, 0]]
+
+
 @pytest.mark.gpu
 def test_layer_ema_gpu_many_layers(kernel_ops):
     f, rule, want, got = _states(

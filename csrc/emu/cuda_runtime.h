@@ -45,6 +45,7 @@ extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace af_emu {
 void syncthreads();
+int syncthreads_or(int predicate);
 void warp_exchange(void* value, size_t bytes, int lane_mask);   // value <- lane (lane ^ lane_mask)'s
 using Thunk = void (*)(void*);
 cudaError_t run_grid(dim3 grid, dim3 block, Thunk body, void* ctx, const void* kernel = nullptr);
@@ -70,6 +71,7 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t = 0, cud
 }  // namespace af_emu
 
 inline void __syncthreads() { af_emu::syncthreads(); }
+inline int __syncthreads_or(int predicate) { return af_emu::syncthreads_or(predicate); }
 inline void __threadfence() {}   // one host thread: memory is always coherent
 template <typename T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {

@@ -159,6 +159,20 @@ bool run_block() {
 
 void syncthreads() { wait(State::kAtSync); }
 
+// a barrier that also ORs a predicate over the block: every thread adds, all read, then one resets
+// behind a third barrier, so that no thread's next call adds before the reset whatever the order
+// the threads run in (blocks run one at a time: one accumulator serves them all)
+int syncthreads_or(int predicate) {
+  static int any = 0;
+  if (predicate) any = 1;
+  syncthreads();
+  const int result = any;
+  syncthreads();
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) any = 0;
+  syncthreads();
+  return result;
+}
+
 void warp_exchange(void* value, size_t bytes, int lane_mask) {
   std::memcpy(&slots[cur], value, bytes);
   wait(State::kAtWarp);
