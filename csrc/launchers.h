@@ -98,7 +98,7 @@ struct StepTensor {
                                     // nullptr (NOTE: [tensor lr] in adafisher_fast/kernel_host.py)
 };
 struct StepChunk { int32_t tensor; int32_t chunk; };
-constexpr int64_t kStepChunk = 65536;  // elements per chunk (see NOTE: [step chunks])
+constexpr int64_t kStepChunk = 16384;  // elements per chunk (see NOTE: [step chunks])
 // done_counter: one zero-initialised unsigned int in device memory, left at zero by the launch; one
 // per table (NOTE: [step tables] in bindings.cpp): launches that may run at once must not share it.
 // found_inf: nullptr, or one device float32 (GradScaler's): where non-zero the launch changes nothing.

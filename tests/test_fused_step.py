@@ -478,7 +478,7 @@ def test_fused_step_two_streams(kernel_ops):
     csrc/bindings.cpp), so after 30 steps every count is 30 and each side equals its own run on one
     stream.  With one counter per device the launches took each other's tickets."""
     torch.manual_seed(0)
-    n_fac, shape = 2, (256, 65536)          # 256 chunks / 16384 programs per launch: they overlap
+    n_fac, shape = 2, (256, 65536)          # 1024 chunks / 16384 programs per launch: they overlap
     meta = torch.tensor([(shape[0] * shape[1], 1, n_fac, 0, 0, n_fac, 0, 0, shape[0] * shape[1], 0)],
                         dtype=torch.int64)
     fac = torch.cat([torch.rand(n_fac, device="cuda"), torch.ones(1, device="cuda")])
