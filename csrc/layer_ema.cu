@@ -7,9 +7,9 @@
 //     (CSR by destination, built once per LayerTable by kernel_host.py) of
 //     buf[src]^pow * coef / count[factor]^q (a thread per entry; an entry of more than kWideTerms
 //     terms by the whole block: NOTE: [wide entries] in kernel_host.py), written to raw_work; its
-//     finiteness and, when raw is
-//     normalised, its min and max (minmax_work) reduced on the way; the layer is bad if a factor
-//     with a non-zero row count is not finite; counters[layer] += (took, bad);
+//     finiteness and, when raw is normalised, its min and max (minmax_work) reduced on the way;
+//     the layer is bad if a factor with a non-zero row count is not finite; counters[layer] +=
+//     (took, bad);
 //  2. every factor with statistics in a good layer: state = prior * decay + v * weight, prior = state
 //     (or ones at the first iteration, with decay_first/weight_first), v = min-max(raw) or raw; the
 //     new state's min and max reduced on the way, or, when the state is not normalised, fac written;
