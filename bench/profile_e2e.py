@@ -71,12 +71,13 @@ def _summary(prof, iters: int, wall_s: float, cuda: bool) -> dict:
     per = 1e-3 / iters                                  # us in total -> ms per iteration
     events = prof.key_averages()
     # the device's own events (kernels, copies, memsets): a CPU operator's device time is that
-    # of the kernels it launched, counted again
-    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+    # of the kernels it launched, counted again, and a range's GPU-side twin spans its kernels
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA
+               and not getattr(e, "is_user_annotation", False)]
     device = sum(e.self_device_time_total for e in kernels) * per
     ops = {}
     for e in events:
-        if e.key.startswith("adafisher::"):
+        if e.key.startswith("adafisher::") and e.device_type == DeviceType.CPU:
             ops[e.key.split("::")[1]] = {"calls": e.count / iters,
                                          "host_ms": e.cpu_time_total * per,
                                          "device_ms": e.device_time_total * per}
