@@ -54,6 +54,14 @@ __global__ void sync_or_kernel(int* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = agree;
 }
 
+// the same after thread 0 has exited (it takes no part), then a later launch: nothing left over
+__global__ void sync_or_exited_kernel(int* out) {
+  if (threadIdx.x == 0) return;
+  const int a = __syncthreads_or(threadIdx.x == 5);
+  const int b = __syncthreads_or(0);
+  if (threadIdx.x == 1) out[blockIdx.x] = a * 10 + b;
+}
+
 int main() {
   static int out[2 * 96], hits[2 * 3 * 2 * 6];
   block_sum_kernel<<<2, dim3(32, 3)>>>(out);
@@ -79,6 +87,11 @@ int main() {
   ok = cudaGetLastError() == cudaSuccess;
   for (int i = 0; i < 2 * 64; ++i) ok = ok && out[i] == 1;
   std::printf("sync_or %s\n", ok ? "ok" : "WRONG");
+  sync_or_exited_kernel<<<2, 64>>>(out);
+  ok = cudaGetLastError() == cudaSuccess && out[0] == 10 && out[1] == 10;
+  sync_or_kernel<<<1, 64>>>(out);
+  for (int i = 0; i < 64; ++i) ok = ok && out[i] == 1;
+  std::printf("sync_or_exited %s\n", ok ? "ok" : "WRONG");
 
   block_sum_kernel<<<1, 2048>>>(out);
   e = cudaGetLastError();

@@ -31,7 +31,7 @@ def test_emulator_selftest(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "cuda_emu_selftest.cu")) as f:
         src, n = cuda_emu.rewrite_launches(f.read())
-    assert n == 6
+    assert n == 8
     (tmp_path / "selftest.cpp").write_text(src)
     emu = os.path.join(cuda_emu.CSRC, "emu")
     exe = tmp_path / "selftest"
@@ -42,6 +42,7 @@ def test_emulator_selftest(tmp_path):
     assert lines["block_sum"] == "ok"
     assert lines["coverage"] == "ok"
     assert lines["sync_or"] == "ok"
+    assert lines["sync_or_exited"] == "ok"
     assert lines["mixed_barrier"].startswith(
         "719 CUDA emulator: block (0,0,0): threads wait at different barriers")
     assert lines["exited_lane"].startswith("719 CUDA emulator: warp shuffle from lane 16")

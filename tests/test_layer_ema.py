@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from adafisher_fast import AdaFisher, reference
 from adafisher_fast.presets import PRESETS
-from conftest import backend_name, device
+from conftest import backend_name, device, emulated
 
 pytestmark = [pytest.mark.filterwarnings("ignore:.*released code does not hook"),
               pytest.mark.filterwarnings("ignore:divide by zero")]   # interpreter: 1/count with count 0
@@ -132,41 +132,56 @@ def test_layer_ema_factors_longer_than_a_block(kernel_ops, preset):
     assert want[3][:, 1].tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("order", ["forward", "reverse"])
 @pytest.mark.parametrize("preset", ["official", "paper"])
-def test_layer_ema_wide_entries(kernel_ops, preset):
+def test_layer_ema_wide_entries(kernel_ops, preset, order, monkeypatch):
     """NOTE: [wide entries] in kernel_host.py: entries with more terms than WIDE_TERMS (the
     released code's norm-layer H[0]/H[1]) are summed by the whole block / program, also where
-    they lie among one-term entries, next to each other, past a block (2100 terms), or with a
-    non-finite term; a synthetic table: its raw statistics against the reference's sums."""
+    they lie among one-term and term-less entries, next to each other, past a block of entries
+    (at 1023, 1024, 2047, 2048 and the last of 2100) or of terms (2100 terms), in a factor of
+    wide entries only, or with a non-finite term; a synthetic table: its raw statistics against
+    the reference's sums.  ``reverse``: the emulated CUDA block's threads in reverse order (a
+    missing barrier around the block's list of wide entries shows; NOTE: [CUDA emulator])."""
     from adafisher_fast.kernel_host import WIDE_TERMS
+    if order == "reverse":
+        if not emulated(backend_name(kernel_ops)):
+            pytest.skip("thread order is the CUDA emulator's")
+        monkeypatch.setenv("ADAFISHER_EMU_THREAD_ORDER", "reverse")
     g = torch.Generator().manual_seed(3)
-    # entries' term counts, factor by factor; factors 0-1 are layer 0's, 2 is layer 1's
-    counts = [[1, 40, 3, 2100, 33, 34, 1], [2, WIDE_TERMS, WIDE_TERMS + 1], [64, 1]]
+    long = [1 + (e % 3 == 0) for e in range(2100)]          # one or two terms, some none
+    for e in range(0, 2100, 7):
+        long[e] = 0
+    for e in (1023, 1024, 2047, 2048, 2099):
+        long[e] = WIDE_TERMS + 1 + e % 5
+    # entries' term counts, factor by factor; factors 0-1 and 3 are layer 0's, 2 is layer 1's
+    counts = [[1, 40, 3, 2100, 33, 34, 1, 0], [2, WIDE_TERMS, WIDE_TERMS + 1], [64, 1],
+              long, [WIDE_TERMS + 1 + e % 9 for e in range(40)]]
     n_acc, dst = 600, []
     for e, n in enumerate(c for f in counts for c in f):
         dst += [e] * n
     nt = len(dst)
-    order = torch.randperm(nt, generator=g)                 # the table's terms in any order
+    order_t = torch.randperm(nt, generator=g)               # the table's terms in any order
     sizes = [len(f) for f in counts]
-    starts = [0, sizes[0], sizes[0] + sizes[1], sum(sizes)]
-    seg = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
-    term_dst = torch.tensor(dst)[order]
+    starts = [0] + torch.tensor(sizes).cumsum(0).tolist()
+    nf = len(sizes)
+    seg = torch.repeat_interleave(torch.arange(nf), torch.tensor(sizes))
+    term_dst = torch.tensor(dst)[order_t]
     dev = device()
     table = reference.LayerTable.build(
         n_acc, torch.randint(0, n_acc, (nt,), generator=g).to(dev), term_dst.to(dev),
         torch.randint(1, 3, (nt,), generator=g).float().to(dev),
         (torch.rand(nt, generator=g) + 0.5).to(dev),
         torch.randint(0, 3, (nt,), generator=g).float().to(dev), seg[term_dst].to(dev),
-        starts, torch.tensor([0, 0, 1], device=dev), 2)
+        starts, torch.tensor([0, 0, 1, 0, 1], device=dev), 2)
     rule = PRESETS[preset].ema_rule(0.8)
     n_raw = starts[-1]
     want = [torch.ones(n_raw, device=dev), torch.ones(n_raw + 1, device=dev),
-            torch.zeros(3, dtype=torch.bool, device=dev),
+            torch.zeros(nf, dtype=torch.bool, device=dev),
             torch.zeros(2, 2, dtype=torch.int64, device=dev)]
     got = [t.clone() for t in want]
     for it in range(3):
-        buf = torch.rand(n_acc + 3, generator=g).to(dev) * 3
-        buf[n_acc:] = torch.tensor([2.0, 3.0, 5.0])
+        buf = torch.rand(n_acc + nf, generator=g).to(dev) * 3
+        buf[n_acc:] = torch.tensor([2.0, 3.0, 5.0, 4.0, 6.0])
         if it == 2:
             buf[table.term_src[term_dst.tolist().index(3)]] = float("inf")   # in entry 3's terms
         _step_both(kernel_ops, buf, table, want, got, rule)

@@ -159,7 +159,8 @@ bool run_block() {
 
 void syncthreads() { wait(State::kAtSync); }
 
-// a barrier that also ORs a predicate over the block: every thread adds, all read, then one resets
+// a barrier that also ORs a predicate over the block: every thread adds, all read, then every
+// thread resets (any of them may have exited, as on a GPU, where exited threads take no part),
 // behind a third barrier, so that no thread's next call adds before the reset whatever the order
 // the threads run in (blocks run one at a time: one accumulator serves them all)
 int syncthreads_or(int predicate) {
@@ -168,7 +169,7 @@ int syncthreads_or(int predicate) {
   syncthreads();
   const int result = any;
   syncthreads();
-  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) any = 0;
+  any = 0;
   syncthreads();
   return result;
 }
