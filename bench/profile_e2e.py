@@ -34,10 +34,11 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from adafisher_fast.backends import OPS
+
 from . import bench_e2e
 from .harness import Harness
 
-OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats", "layer_ema", "fused_step")
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 LABELS = ("adamw", "AdaFisher TCov=1", "AdaFisher TCov=100")
 
