@@ -158,16 +158,16 @@ def table(rows: list) -> str:
             out.append(f"| {r['workload']} | {r['optimizer']} | {r['backend']} | "
                        f"**{r['status']}** {r.get('note', '')} |" + " |" * 8)
             continue
-        ops = r["ops"]
-        stats = [v for k, v in ops.items() if k.endswith("_stats")]
-        cell = (lambda vs: f"{sum(v['device_ms'] for v in vs):.3f} / "
-                           f"{sum(v['host_ms'] for v in vs):.3f}" if vs else "")
+        def cell(ops_of):                   # device / host ms summed over the ops it takes
+            vs = [v for k, v in r["ops"].items() if ops_of(k)]
+            return (f"{sum(v['device_ms'] for v in vs):.3f} / {sum(v['host_ms'] for v in vs):.3f}"
+                    if vs else "")
         top = "; ".join(f"{k[:40]} {v:.3f}" for k, v in r["top"][:4])
         busy = "" if r["busy"] is None else f"{r['busy']:.2f}"
         out.append(f"| {r['workload']} | {r['optimizer']} | {r['backend']} | {r['wall_ms']:.3f} | "
-                   f"{r['device_ms']:.3f} | {busy} | {r['syncs']:g} | {cell(stats)} | "
-                   f"{cell([ops[k] for k in ('layer_ema',) if k in ops])} | "
-                   f"{cell([ops[k] for k in ('fused_step',) if k in ops])} | {top} |")
+                   f"{r['device_ms']:.3f} | {busy} | {r['syncs']:g} | "
+                   f"{cell(lambda k: k.endswith('_stats'))} | {cell('layer_ema'.__eq__)} | "
+                   f"{cell('fused_step'.__eq__)} | {top} |")
     return "\n".join(out) + "\n"
 
 
