@@ -1,7 +1,10 @@
 """DDP (SPEC section 6): one all-reduce of the flat statistics buffer per statistics iteration, with
 the output-gradient scale 1/world_size undone; 2 CPU processes on gloo must match one process on
 the concatenated batch."""
+import faulthandler
+import gc
 import os
+import time
 import warnings
 
 import pytest
@@ -13,23 +16,53 @@ import torch.nn as nn
 from adafisher_fast import AdaFisher, AdaFisherW
 
 STEPS, WORLD = 10, 2
-# NOTE: [gloo teardown] Each worker waits for its peer before destroy_process_group.  Once (in about
-# 35 runs of the FSDP2 test), rank 1, which tears gloo down while rank 0 is still saving, was killed
-# by SIGABRT ("terminate called without an active exception"); not reproduced in 25 runs under load.
-# A DDP case failed once more in a full-suite run (2026-11-30; not reproduced in 12 runs).  So a
-# rank killed by a signal after it wrote its "done" file (past the barrier: only gloo's teardown
-# was left) does not fail the test; the results it wrote are still checked in full.
+# NOTE: [gloo teardown] torch's gloo process group joins its worker threads in its destructor
+# without releasing the GIL when the last reference is not its Python handle (pytorch#56297).  A
+# worker's DDP wrapper held it: dropped at the worker's return, after destroy_process_group, it
+# deadlocked, about once in 100 runs under load, with a gloo thread that needed the GIL to free the
+# barrier's work (gdb: ~Reducer -> ~ProcessGroupGloo -> thread::join; the thread in
+# ~AsyncBarrierWork -> SafePyObject decref -> take_gil), and CI ran out of time.  So _rank frees
+# what the worker made (a gc pass for reference cycles) before the barrier and destroy_process_
+# group, and _spawn stops ranks that outlive RANK_LIMIT, each rank having printed where it
+# waited.  Earlier, once in about 35 runs of the FSDP2 test, rank 1 was killed by SIGABRT
+# ("terminate called without an active exception") in gloo's teardown, after its results were
+# written: a rank killed by a signal after its "done" file (past the barrier) does not fail the
+# test, and the results it wrote are still checked in full.
+RANK_LIMIT = 240
 
 
-def _done(out_dir, rank):
-    dist.barrier()
-    open(os.path.join(out_dir, f"done{rank}"), "w").close()
+def _rank(rank, fn, init_file, out_dir, *args):
+    """One rank of a test: ``fn(rank, out_dir, *args)`` in the default gloo group of WORLD ranks."""
+    faulthandler.dump_traceback_later(RANK_LIMIT - 20, exit=False)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        fn(rank, out_dir, *args)
+        gc.collect()
+        dist.barrier()
+        open(os.path.join(out_dir, f"done{rank}"), "w").close()
+    finally:
+        dist.destroy_process_group()
 
 
 def _spawn(fn, out_dir, *args):
+    """Runs ``fn`` on WORLD ranks (NOTE: [gloo teardown])."""
+    ctx = mp.spawn(_rank, args=(fn, str(out_dir / "init"), str(out_dir), *args), nprocs=WORLD,
+                   join=False)
+    deadline = time.monotonic() + RANK_LIMIT
     try:
-        mp.spawn(fn, args=(str(out_dir / "init"), str(out_dir), *args), nprocs=WORLD, join=True)
-    except mp.ProcessExitedException as e:       # NOTE: [gloo teardown]
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                done = [r for r in range(WORLD) if (out_dir / f"done{r}").exists()]
+                if len(done) < WORLD:
+                    pytest.fail(f"{fn.__name__}: ranks still running after {RANK_LIMIT} s, killed "
+                                f"(finished: {done}); their stacks are in the captured stderr")
+                warnings.warn(f"{fn.__name__}: a rank hung in gloo's teardown after it had "
+                              f"finished, killed")
+                return
+    except mp.ProcessExitedException as e:
         if not e.signal_name or not all((out_dir / f"done{r}").exists() for r in range(WORLD)):
             raise
         warnings.warn(f"rank {e.error_index} was killed by {e.signal_name} in gloo's teardown, "
@@ -59,20 +92,14 @@ def _train(model, opt, batches, rank=0, world=1):
         opt.step()
 
 
-def _worker(rank, init_file, out_dir, cls_name, preset, with_ln):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = _model(with_ln)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        cls = {"AdaFisher": AdaFisher, "AdaFisherW": AdaFisherW}[cls_name]
-        opt = cls(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset=preset, backend="torch")
-        _train(ddp, opt, _batches(), rank, WORLD)
-        torch.save({"params": [p.detach() for p in model.parameters()],
-                    "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, out_dir, cls_name, preset, with_ln):
+    model = _model(with_ln)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    cls = {"AdaFisher": AdaFisher, "AdaFisherW": AdaFisherW}[cls_name]
+    opt = cls(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset=preset, backend="torch")
+    _train(ddp, opt, _batches(), rank, WORLD)
+    torch.save({"params": [p.detach() for p in model.parameters()],
+                "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("cls_name, preset, with_ln", [("AdaFisher", "paper", True),
@@ -116,27 +143,21 @@ def _probed_batches():
             for _ in range(4)]
 
 
-def _fsdp_probe_worker(rank, init_file, out_dir):
+def _fsdp_probe_worker(rank, out_dir):
     from torch.distributed.fsdp import fully_shard
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = _probed_model()
-        for m in model:
-            if any(True for _ in m.parameters()):
-                fully_shard(m)
-        fully_shard(model)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")      # the probe cannot try sharded modules: it says so
-            opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
-        _train(model, opt, _probed_batches(), rank, WORLD)
-        full = [p.full_tensor().detach() for p in model.parameters()]
-        if rank == 0:
-            torch.save({"params": full, "state": opt.fisher.state.clone()},
-                       os.path.join(out_dir, "probe.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+    model = _probed_model()
+    for m in model:
+        if any(True for _ in m.parameters()):
+            fully_shard(m)
+    fully_shard(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # the probe cannot try sharded modules: it says so
+        opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
+    _train(model, opt, _probed_batches(), rank, WORLD)
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"params": full, "state": opt.fisher.state.clone()},
+                   os.path.join(out_dir, "probe.pt"))
 
 
 def test_fsdp2_modules_the_construction_probes_cannot_call(tmp_path):
@@ -165,23 +186,17 @@ class _Branchy(nn.Module):
         return self.head(self.branch(h) if use_branch else h)
 
 
-def _branch_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = _Branchy().double()
-        ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
-        with warnings.catch_warnings(record=True) as rec:
-            warnings.simplefilter("always")
-            ddp(torch.randn(3, 4, dtype=torch.float64), rank == 1).sum().backward()
-            opt.step()
-        torch.save({"warnings": [str(r.message) for r in rec],
-                    "iters": opt.diagnostics()["branch"]["stat_iters"]},
-                   os.path.join(out_dir, f"branch{rank}.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+def _branch_worker(rank, out_dir):
+    model = _Branchy().double()
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        ddp(torch.randn(3, 4, dtype=torch.float64), rank == 1).sum().backward()
+        opt.step()
+    torch.save({"warnings": [str(r.message) for r in rec],
+                "iters": opt.diagnostics()["branch"]["stat_iters"]},
+               os.path.join(out_dir, f"branch{rank}.pt"))
 
 
 def test_a_layer_only_another_rank_ran_is_not_called_silent(tmp_path):
@@ -195,20 +210,14 @@ def test_a_layer_only_another_rank_ran_is_not_called_silent(tmp_path):
         assert got["iters"] == 1
 
 
-def _alone_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        mine = [dist.new_group([r]) for r in range(WORLD)][rank]   # every rank makes every group
-        model = _model(with_ln=True)
-        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper",
-                         backend="torch", process_group=mine)
-        _train(model, opt, _batches()[rank::WORLD])
-        torch.save({"params": [p.detach() for p in model.parameters()],
-                    "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"alone{rank}.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+def _alone_worker(rank, out_dir):
+    mine = [dist.new_group([r]) for r in range(WORLD)][rank]   # every rank makes every group
+    model = _model(with_ln=True)
+    opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper",
+                     backend="torch", process_group=mine)
+    _train(model, opt, _batches()[rank::WORLD])
+    torch.save({"params": [p.detach() for p in model.parameters()],
+                "state": opt.fisher.state.clone()}, os.path.join(out_dir, f"alone{rank}.pt"))
 
 
 def test_a_one_rank_statistics_group_trains_each_rank_alone(tmp_path):
@@ -227,32 +236,26 @@ def test_a_one_rank_statistics_group_trains_each_rank_alone(tmp_path):
         torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
-def _wrapper_worker(rank, init_file, out_dir):
+def _wrapper_worker(rank, out_dir):
     from torch.distributed.fsdp import FullyShardedDataParallel
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        out = {}
-        model = _model(with_ln=False)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = AdaFisher(ddp, lr=1e-2, TCov=1, backend="torch")
-        _train(ddp, opt, _batches()[:2], rank, WORLD)
-        out["names"] = [lay.name for lay in opt.fisher.layers]
-        out["ckpt"] = opt.state_dict()
-        group, cpu = dist.new_group([0]), torch.device("cpu")
-        for what, make in (("nonmember", lambda: AdaFisher(_model(False), process_group=group)),
-                           ("fsdp1", lambda: AdaFisher(FullyShardedDataParallel(_model(False), device_id=cpu))),
-                           ("fsdp1_inner", lambda: AdaFisher(FullyShardedDataParallel(
-                               _model(False), device_id=cpu, use_orig_params=True).module))):
-            try:
-                make()
-                out[what] = None
-            except (ValueError, NotImplementedError) as e:
-                out[what] = f"{type(e).__name__}: {e}"
-        torch.save(out, os.path.join(out_dir, f"wrap{rank}.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+    out = {}
+    model = _model(with_ln=False)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = AdaFisher(ddp, lr=1e-2, TCov=1, backend="torch")
+    _train(ddp, opt, _batches()[:2], rank, WORLD)
+    out["names"] = [lay.name for lay in opt.fisher.layers]
+    out["ckpt"] = opt.state_dict()
+    group, cpu = dist.new_group([0]), torch.device("cpu")
+    for what, make in (("nonmember", lambda: AdaFisher(_model(False), process_group=group)),
+                       ("fsdp1", lambda: AdaFisher(FullyShardedDataParallel(_model(False), device_id=cpu))),
+                       ("fsdp1_inner", lambda: AdaFisher(FullyShardedDataParallel(
+                           _model(False), device_id=cpu, use_orig_params=True).module))):
+        try:
+            make()
+            out[what] = None
+        except (ValueError, NotImplementedError) as e:
+            out[what] = f"{type(e).__name__}: {e}"
+    torch.save(out, os.path.join(out_dir, f"wrap{rank}.pt"))
 
 
 def test_wrappers_made_on_and_groups_a_rank_is_not_in(tmp_path):
@@ -279,36 +282,30 @@ def test_wrappers_made_on_and_groups_a_rank_is_not_in(tmp_path):
                                         "ranks it leaves out); give each rank a group it belongs to")
 
 
-def _join_worker(rank, init_file, out_dir):
+def _join_worker(rank, out_dir):
     from torch.distributed.algorithms.join import Join
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = _model(with_ln=True)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = AdaFisherW(model, lr=1e-2, TCov=1, weight_decay=1e-3, preset="paper", backend="torch")
-        batches = _batches()
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
-        with Join([ddp, opt]):               # rank 0: 6 iterations, rank 1: 3
-            for i, (x, y) in enumerate(batches[:6 if rank == 0 else 3]):
-                sl = slice(rank * 4, (rank + 1) * 4)
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(ddp(x[sl]), y[sl])
-                scaler.scale(loss * (float("inf") if i == 4 else 1.0)).backward()
-                scaler.step(opt)
-                scaler.update()
-        out = {"params": [p.detach() for p in model.parameters()], "steps": opt.steps,
-               "state": opt.fisher.state.clone()}
-        x, y = batches[6]                   # after the context, a skipped step is skipped
-        sl = slice(rank * 4, (rank + 1) * 4)
-        opt.zero_grad()
-        scaler.scale(nn.functional.cross_entropy(ddp(x[sl]), y[sl]) * float("inf")).backward()
-        scaler.step(opt)
-        out["steps_after"] = opt.steps
-        torch.save(out, os.path.join(out_dir, f"join{rank}.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+    model = _model(with_ln=True)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = AdaFisherW(model, lr=1e-2, TCov=1, weight_decay=1e-3, preset="paper", backend="torch")
+    batches = _batches()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+    with Join([ddp, opt]):               # rank 0: 6 iterations, rank 1: 3
+        for i, (x, y) in enumerate(batches[:6 if rank == 0 else 3]):
+            sl = slice(rank * 4, (rank + 1) * 4)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(ddp(x[sl]), y[sl])
+            scaler.scale(loss * (float("inf") if i == 4 else 1.0)).backward()
+            scaler.step(opt)
+            scaler.update()
+    out = {"params": [p.detach() for p in model.parameters()], "steps": opt.steps,
+           "state": opt.fisher.state.clone()}
+    x, y = batches[6]                   # after the context, a skipped step is skipped
+    sl = slice(rank * 4, (rank + 1) * 4)
+    opt.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(ddp(x[sl]), y[sl]) * float("inf")).backward()
+    scaler.step(opt)
+    out["steps_after"] = opt.steps
+    torch.save(out, os.path.join(out_dir, f"join{rank}.pt"))
 
 
 def test_join_with_uneven_inputs(tmp_path):
@@ -344,23 +341,17 @@ def test_join_with_uneven_inputs(tmp_path):
     torch.testing.assert_close(got[0]["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
-def _bad_shard_worker(rank, init_file, out_dir):
+def _bad_shard_worker(rank, out_dir):
     from torch.distributed.fsdp import fully_shard
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 1, groups=3), nn.Flatten(), nn.Linear(6, 2)).double()
+    fully_shard(model)
     try:
-        torch.set_num_threads(1)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 6, 1, groups=3), nn.Flatten(), nn.Linear(6, 2)).double()
-        fully_shard(model)
-        try:
-            AdaFisher(model, preset="paper", backend="torch")
-            msg = None
-        except NotImplementedError as e:
-            msg = str(e)
-        torch.save(msg, os.path.join(out_dir, f"bad{rank}.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+        AdaFisher(model, preset="paper", backend="torch")
+        msg = None
+    except NotImplementedError as e:
+        msg = str(e)
+    torch.save(msg, os.path.join(out_dir, f"bad{rank}.pt"))
 
 
 def test_an_unsupported_shard_layout_raises_on_every_rank(tmp_path):
@@ -372,28 +363,22 @@ def test_an_unsupported_shard_layout_raises_on_every_rank(tmp_path):
     assert all(m is not None and "starts inside a conv group" in m for m in msgs), msgs
 
 
-def _tp_worker(rank, init_file, out_dir):
+def _tp_worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (ColwiseParallel, SequenceParallel,
                                                    parallelize_module)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        mesh = init_device_mesh("cpu", (WORLD,))
-        msgs = []
-        for plan in ({"0": ColwiseParallel()}, {"1": SequenceParallel()}):
-            torch.manual_seed(0)
-            model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(4)).double()
-            parallelize_module(model, mesh, plan)
-            try:
-                AdaFisher(model, preset="paper", backend="torch")
-                msgs.append(None)
-            except NotImplementedError as e:
-                msgs.append(str(e))
-        torch.save(msgs, os.path.join(out_dir, f"tp{rank}.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    msgs = []
+    for plan in ({"0": ColwiseParallel()}, {"1": SequenceParallel()}):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(4)).double()
+        parallelize_module(model, mesh, plan)
+        try:
+            AdaFisher(model, preset="paper", backend="torch")
+            msgs.append(None)
+        except NotImplementedError as e:
+            msgs.append(str(e))
+    torch.save(msgs, os.path.join(out_dir, f"tp{rank}.pt"))
 
 
 def test_tensor_parallel_parameters_are_refused_by_name(tmp_path):
@@ -429,22 +414,16 @@ def _sync_bn_forward(self, x):
     return xhat * self.weight.view(shape) + self.bias.view(shape)
 
 
-def _sync_bn_worker(rank, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        nn.SyncBatchNorm.forward = _sync_bn_forward
-        # DDP refuses SyncBatchNorm in CPU modules for the same reason; its check only checks
-        nn.parallel.DistributedDataParallel._passing_sync_batchnorm_handle = lambda *a: None
-        model = _bn_model(nn.SyncBatchNorm)
-        opt = AdaFisher(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
-        _train(nn.parallel.DistributedDataParallel(model), opt, _batches(), rank, WORLD)
-        if rank == 0:
-            torch.save({"params": [p.detach() for p in model.parameters()],
-                        "state": opt.fisher.state.clone()}, os.path.join(out_dir, "sync.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+def _sync_bn_worker(rank, out_dir):
+    nn.SyncBatchNorm.forward = _sync_bn_forward
+    # DDP refuses SyncBatchNorm in CPU modules for the same reason; its check only checks
+    nn.parallel.DistributedDataParallel._passing_sync_batchnorm_handle = lambda *a: None
+    model = _bn_model(nn.SyncBatchNorm)
+    opt = AdaFisher(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
+    _train(nn.parallel.DistributedDataParallel(model), opt, _batches(), rank, WORLD)
+    if rank == 0:
+        torch.save({"params": [p.detach() for p in model.parameters()],
+                    "state": opt.fisher.state.clone()}, os.path.join(out_dir, "sync.pt"))
 
 
 def test_sync_batchnorm_two_ranks_match_batchnorm_on_the_whole_batch(tmp_path):
@@ -460,25 +439,19 @@ def test_sync_batchnorm_two_ranks_match_batchnorm_on_the_whole_batch(tmp_path):
     torch.testing.assert_close(got["state"], opt.fisher.state, rtol=1e-11, atol=1e-13)
 
 
-def _fsdp_worker(rank, init_file, out_dir, preset):
+def _fsdp_worker(rank, out_dir, preset):
     from torch.distributed.fsdp import fully_shard
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = _model(with_ln=True)
-        for m in model:
-            if any(True for _ in m.parameters()):
-                fully_shard(m)
-        fully_shard(model)
-        opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset=preset, backend="torch")
-        _train(model, opt, _batches(), rank, WORLD)
-        full = [p.full_tensor().detach() for p in model.parameters()]
-        if rank == 0:
-            torch.save({"params": full, "state": opt.fisher.state.clone(),
-                        "layers": opt.fisher.describe()}, os.path.join(out_dir, "fsdp.pt"))
-        _done(out_dir, rank)    # NOTE: [gloo teardown]
-    finally:
-        dist.destroy_process_group()
+    model = _model(with_ln=True)
+    for m in model:
+        if any(True for _ in m.parameters()):
+            fully_shard(m)
+    fully_shard(model)
+    opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset=preset, backend="torch")
+    _train(model, opt, _batches(), rank, WORLD)
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"params": full, "state": opt.fisher.state.clone(),
+                    "layers": opt.fisher.describe()}, os.path.join(out_dir, "fsdp.pt"))
 
 
 @pytest.mark.parametrize("preset", ["paper", "official"])
