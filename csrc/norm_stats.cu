@@ -7,9 +7,10 @@
 //    sum ((x - mean) * rsqrt(var + eps))^2 over the N entries: no third pass over x (0 where var
 //    overflowed to inf around a finite mean: rsqrt(inf) = 0);
 //  * channel mode, running statistics given: one pass with the given mean/var;
-//  * sample mode: one block per (r, group) computes mu (if center) and rsqrt(ms + eps) over its
-//    C/groups * I entries (contiguous; for a channels_last x, I runs of C/groups channels C apart,
-//    NOTE: [memory order]), then one reduce pass (over x as (R * I, C, 1) when channels_last).
+//  * sample mode: one block (a warp for short rows, NOTE: [row warps]) per (r, group) computes mu
+//    (if center) and rsqrt(ms + eps) over its C/groups * I entries (contiguous; for a
+//    channels_last x, I runs of C/groups channels C apart, NOTE: [memory order]), then one reduce
+//    pass (over x as (R * I, C, 1) when channels_last).
 //    A row of more than kMomentChunk entries gets a block per chunk, each writing its chunk's mean
 //    and centred sum of squares, joined per row by sample_combine_kernel (NOTE: [moment chunks]
 //    in fisher_kernels/norm_stats.py: a 3-D U-Net's GroupNorm(8) at batch 1 would run on 8 blocks).
@@ -17,6 +18,8 @@
 #include "reduce.cuh"
 
 namespace adafisher {
+
+constexpr int64_t kWarpRow = 2048;      // NOTE: [row warps]
 
 template <typename A, typename M>
 __global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs, int64_t C, A inv_n, A eps,
@@ -34,30 +37,58 @@ __global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs,
   }
 }
 
-// block (row, k), row = (r, group), k < nc: entries [k chunk, (k + 1) chunk) of the row's n, entry
-// j at xr + j, or (runs > 0, channels_last) at xr + (j / runs) * C + j % runs with runs = C / groups.
-// nc == 1: the row's mu and rs; else the chunk's mean to pm and centred sum of squares to pm2.
+// Entries [lo, hi) of row = (r, group): entry j at xr + j, or (runs > 0, channels_last) at
+// xr + (j / runs) * C + j % runs with runs = C / groups.  Their mean m (0 without center) and
+// centred sum of squares s2, summed over the threads t < stride that share the row by `sum`.
+template <typename T, typename A, typename Sum>
+__device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row, int64_t n, int64_t lo,
+                                            int64_t hi, int t, int stride, bool center, int64_t groups,
+                                            int64_t C, int64_t runs, Sum sum, A& m, A& s2) {
+  const int64_t r = row / groups, grp = row - r * groups;
+  const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + row * n;
+  auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
+  m = 0;
+  if (center) {
+    A s = 0;
+    for (int64_t j = lo + t; j < hi; j += stride) s += load_as<A, T>(xr, at(j));
+    m = sum(s) / A(hi - lo);
+  }
+  A q = 0;
+  for (int64_t j = lo + t; j < hi; j += stride) { A v = load_as<A, T>(xr, at(j)) - m; q += v * v; }
+  s2 = sum(q);
+}
+
+// block (row, k), k < nc: entries [k chunk, (k + 1) chunk) of the row's n.  nc == 1: the row's
+// mu and rs; else the chunk's mean to pm and centred sum of squares to pm2.
 template <typename T, typename A>
 __global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, A* pm, A* pm2, int64_t n,
                                      int64_t nc, A eps, bool center, int64_t groups, int64_t C, int64_t runs) {
   __shared__ A sh[32];
   const int64_t row = blockIdx.x / nc, k = blockIdx.x - row * nc;
-  const int64_t r = row / groups, grp = row - r * groups;
-  const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + row * n;
-  auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
   const int64_t lo = k * kMomentChunk, hi = min(n, lo + kMomentChunk);
-  A m = 0;
-  if (center) {
-    A s = 0;
-    for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) s += load_as<A, T>(xr, at(j));
-    m = block_sum<A>(s, sh) / A(hi - lo);
-  }
-  A s2 = 0;
-  for (int64_t j = lo + threadIdx.x; j < hi; j += blockDim.x) { A v = load_as<A, T>(xr, at(j)) - m; s2 += v * v; }
-  s2 = block_sum<A>(s2, sh);
+  A m, s2;
+  row_moments<T, A>(x, row, n, lo, hi, threadIdx.x, blockDim.x, center, groups, C, runs,
+                    [&](A v) { return block_sum<A>(v, sh); }, m, s2);
   if (threadIdx.x != 0) return;
   if (nc > 1) { pm[blockIdx.x] = m; pm2[blockIdx.x] = s2; }
   else { mu[row] = m; rs[row] = A(1) / sqrt(s2 / A(n) + eps); }
+}
+
+// NOTE: [row warps] A row of at most kWarpRow entries (LayerNorm's features, a small GroupNorm
+// group) gets a warp, 8 rows a block: a block each made GPT-2's 16384 LayerNorm rows of 768 wait
+// on two block-wide sums and 16 waves of blocks (8% of bandwidth on an H200, Triton's programs of
+// 4 warps 22%).  Same sums as a block's, in another order.
+template <typename T, typename A>
+__global__ void sample_coeffs_warp_kernel(const T* __restrict__ x, A* mu, A* rs, int64_t rows, int64_t n,
+                                          A eps, bool center, int64_t groups, int64_t C, int64_t runs) {
+  const int64_t row = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row >= rows) return;            // a whole warp: the shuffles below involve no exited lane
+  A m, s2;
+  row_moments<T, A>(x, row, n, 0, n, threadIdx.x & 31, 32, center, groups, C, runs,
+                    [](A v) { return warp_sum<A>(v); }, m, s2);
+  if ((threadIdx.x & 31) != 0) return;
+  mu[row] = m;
+  rs[row] = A(1) / sqrt(s2 / A(n) + eps);
 }
 
 // thread per row: mu = sum_k cnt_k m_k / n, M2 = sum_k M2_k + cnt_k (m_k - mu)^2 (NOTE: [moment chunks])
@@ -110,8 +141,13 @@ cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void
       if (groups <= 0 || C % groups != 0) return cudaErrorInvalidValue;
       const int64_t rows = R * groups, n = (C / groups) * I, nc = cdiv(n, kMomentChunk);
       A* mu = w; A* rs = w + rows; A* pm = rs + rows; A* pm2 = pm + rows * nc;   // norm_stats_work_size
-      sample_coeffs_kernel<T, A><<<(unsigned)(rows * nc), 256, 0, s>>>(xp, mu, rs, pm, pm2, n, nc, A(eps), center,
-                                                                      groups, C, channels_last ? C / groups : 0);
+      const int64_t runs = channels_last ? C / groups : 0;
+      if (n <= kWarpRow)                // NOTE: [row warps]
+        sample_coeffs_warp_kernel<T, A><<<(unsigned)cdiv(rows, 8), 256, 0, s>>>(xp, mu, rs, rows, n, A(eps), center,
+                                                                               groups, C, runs);
+      else
+        sample_coeffs_kernel<T, A><<<(unsigned)(rows * nc), 256, 0, s>>>(xp, mu, rs, pm, pm2, n, nc, A(eps), center,
+                                                                        groups, C, runs);
       if (nc > 1)
         sample_combine_kernel<A><<<(unsigned)cdiv(rows, 256), 256, 0, s>>>(pm, pm2, mu, rs, rows, n, nc, A(eps));
       if (channels_last)

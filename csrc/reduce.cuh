@@ -29,7 +29,9 @@ template <typename A>
 __device__ __forceinline__ A affine_apply(A v, const Affine& af, int64_t a, int64_t k, int64_t K) {
   if (af.mode == 0) return v;
   if (af.mode == 3) return v - static_cast<const A*>(af.mu)[k];
-  int64_t j = af.mode == 1 ? k : (a / af.rows_per_sample) * af.groups + k / (K / af.groups);
+  // the common cases divide nothing: a 64-bit division per element is a long subroutine
+  const int64_t sample = af.rows_per_sample == 1 ? a : a / af.rows_per_sample;
+  const int64_t j = af.mode == 1 ? k : sample * af.groups + (af.groups == 1 ? 0 : k / (K / af.groups));
   return (v - static_cast<const A*>(af.mu)[j]) * static_cast<const A*>(af.rs)[j];
 }
 

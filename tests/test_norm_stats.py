@@ -186,3 +186,30 @@ def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, 
         launched = [line.split() for line in log.read_text().splitlines()]
         blocks = [int(g[1]) for g in launched if "sample_coeffs" in g[-1]]
         assert blocks == [2 * 2 * chunks] and any("sample_combine" in g[-1] for g in launched)
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("shape,groups,warp", [((11, 2, 1024), 1, True),    # 2048: a warp a row
+                                               ((11, 4, 1024), 2, True),    # (11 rows: a part block)
+                                               ((3, 2049, 1), 1, False),    # 2049: a block a row
+                                               ((2, 3, 700), 1, False)])
+def test_norm_stats_short_rows_take_a_warp(kernel_ops, shape, groups, warp, center, tmp_path,
+                                           monkeypatch):
+    """NOTE: [row warps] in csrc/norm_stats.cu: sample rows of at most 2048 entries are summed by
+    a warp each, longer ones by a block, both to the reference's sums (x with a large mean); the
+    emulated CUDA backend's launch log says which kernel ran."""
+    log = tmp_path / "launches.log"
+    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
+    torch.manual_seed(7)
+    x = torch.randn(shape, device=device()) * 2 + 5
+    want = torch.rand(shape[1], device=device())
+    got = want.clone()
+    reference.norm_stats(x, want, "sample", groups, 1e-5, center)
+    kernel_ops.norm_stats(x, got, "sample", groups, 1e-5, center)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    if emulated("cuda") and not kernel_ops.__name__.startswith("fisher_kernels"):
+        launched = [line.split() for line in log.read_text().splitlines()]
+        coeffs = [("warp" if "sample_coeffs_warp_kernel" in g[-1] else "block", int(g[1]))
+                  for g in launched if "sample_coeffs" in g[-1]]     # (mangled names)
+        rows = shape[0] * groups
+        assert coeffs == ([("warp", -(-rows // 8))] if warp else [("block", rows)]), coeffs
