@@ -75,9 +75,10 @@ __global__ void sample_coeffs_kernel(const T* __restrict__ x, A* mu, A* rs, A* p
 }
 
 // NOTE: [row warps] A row of at most kWarpRow entries (LayerNorm's features, a small GroupNorm
-// group) gets a warp, 8 rows a block: a block each made GPT-2's 16384 LayerNorm rows of 768 wait
-// on two block-wide sums and 16 waves of blocks (8% of bandwidth on an H200, Triton's programs of
-// 4 warps 22%).  Same sums as a block's, in another order.
+// group) gets a warp, 8 rows a block.  With a block each, GPT-2's 16384 LayerNorm rows of 768 ran
+// at 8% of bandwidth on an H200 (Triton's programs of 4 warps: 22%); not profiled, the suspects
+// are 3 entries per thread between two block-wide sums, in 16 waves of blocks.  Same sums as a
+// block's, in another order.
 template <typename T, typename A>
 __global__ void sample_coeffs_warp_kernel(const T* __restrict__ x, A* mu, A* rs, int64_t rows, int64_t n,
                                           A eps, bool center, int64_t groups, int64_t C, int64_t runs) {
