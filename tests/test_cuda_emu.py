@@ -61,7 +61,8 @@ def test_cuda_ops_under_address_sanitizer(tmp_path):
              "test_embedding_stats.py", "test_layer_ema.py", "test_fused_step.py", "test_deterministic.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton"]
                        + [os.path.join(here, t) for t in tests],
-                       cwd=os.path.dirname(here), env=env, capture_output=True, text=True, timeout=1200)
+                       cwd=os.path.dirname(here), env=env, capture_output=True, text=True,
+                       timeout=840)      # below pytest.ini's faulthandler_timeout, which would orphan it
     reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
     assert "ERROR: AddressSanitizer" not in reports, reports[:4000]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
