@@ -13,20 +13,26 @@ namespace adafisher {
 enum class DType : int { F16 = 0, BF16 = 1, F32 = 2, F64 = 3, I32 = 4, I64 = 5 };
 
 // The column reduction behind linear/conv/norm_stats (NOTE: [column reduce] in reduce.cuh) splits
-// (A, K, I) over reduce_split(A, K, I) blocks per feature: enough blocks to fill an H100 (132 SMs x
-// ~8 blocks), each row slice >= 64 rows (I == 1) or >= 2048 elements (I > 1).
-inline int64_t reduce_split(int64_t A, int64_t K, int64_t I) {
+// (A, K, I) of elem-byte entries over reduce_split(A, K, I, elem) blocks per feature: about 2048
+// blocks in all, to fill an H100 (132 SMs x ~8 blocks), each row slice >= 64 rows (I == 1) or >=
+// 2048 elements (I > 1).  NOTE: [row tiles] With I == 1 a block covers reduce_tile(elem) columns,
+// 32 threads x its widest load (16 bytes; one element for 8-byte types); the split counted 32, so
+// float32 rows got a quarter of the blocks planned (ResNet-18's conv batch sums, 256 x 65536: 512
+// blocks, one row split).  The widest load's tile whatever the load taken, so aligned and shifted
+// rows split alike (the same bits under deterministic algorithms).
+inline int64_t reduce_tile(int64_t elem) { return 32 * (elem < 8 ? 16 / elem : 1); }
+inline int64_t reduce_split(int64_t A, int64_t K, int64_t I, int64_t elem) {
   auto cdiv = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
-  const int64_t gy = I == 1 ? std::min(cdiv(A, 64), cdiv(2048, cdiv(K, 32)))
+  const int64_t gy = I == 1 ? std::min(cdiv(A, 64), cdiv(2048, cdiv(K, reduce_tile(elem))))
                             : std::min(cdiv(A * I, 256 * 8), cdiv(2048, K));
   return std::max<int64_t>(1, std::min<int64_t>(gy, 65535));
 }
 // `partials` (the statistics launchers): nullptr, so that blocks add their sums atomically, or
 // reduce_partials_size(K) entries of type ot for deterministic algorithms (NOTE: [ordered
 // partials]), K being the features of the op's reduction: linear_stats' K, C * prod(spatial) for
-// conv_stats, C for norm_stats.  Covers every split: I == 1 at most cdiv(2048, K/32) * K entries,
-// I > 1 at most cdiv(2048, K) * K.
-inline int64_t reduce_partials_size(int64_t K) { return 2048 * 32 + K + 32; }
+// conv_stats, C for norm_stats.  Covers every split: I == 1 at most cdiv(2048, cdiv(K, tile)) * K
+// <= 2048 * tile + K entries (tile <= 256, 2-byte entries), I > 1 at most cdiv(2048, K) * K.
+inline int64_t reduce_partials_size(int64_t K) { return 2048 * 256 + K + 32; }
 
 // linear_stats: x viewed as contiguous (A, K, I); out[k] += scale * sum_{a,i} f(x[a,k,i]),
 // f = square or identity.  out is float32 or float64 (acc). reference.linear_stats.

@@ -141,7 +141,7 @@ template <typename T, typename A>
 void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool square, A scale,
                    Affine af, A* partials, cudaStream_t s) {
   if (Ar == 0 || K == 0 || I == 0) return;
-  const int64_t gy = reduce_split(Ar, K, I);
+  const int64_t gy = reduce_split(Ar, K, I, sizeof(T));    // NOTE: [row tiles] in launchers.h
   A* part = gy > 1 ? partials : nullptr;
   // the widest load, 16 or 8 bytes, at which every row (I == 1) or plane row (I > 1) starts aligned
   // (bf16 14x14 maps: 392-byte rows, 8-byte loads); else one element (float64 inputs always)

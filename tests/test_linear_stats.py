@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adafisher_fast import reference
-from conftest import backend_name, device, tensor_copies
+from conftest import backend_name, deterministic, device, emulated, tensor_copies
 
 # (dtype, rtol): low-precision inputs are upcast before squaring on both sides, so only the
 # float32 summation order differs (NOTE: [check tolerances] in adafisher_fast/check.py)
@@ -190,3 +190,38 @@ def test_linear_stats_dim_out_of_range(kernel_ops):
         with pytest.raises((ValueError, RuntimeError), match="dim 5 out of range for 2-d x"):
             ops.linear_stats(x, out, dim=5)
     assert not out.any()
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_rows_are_split_for_the_widest_load(kernel_ops, det, tmp_path, monkeypatch):
+    """NOTE: [row tiles] in csrc/launchers.h: the CUDA column reduction of rows (I == 1) splits
+    the rows over blockIdx.y for about 2048 blocks, as far as slices of 64 rows allow, counting a
+    block's columns at its widest load (32 threads x 16 bytes: 128 float32).  Counted at 32 columns,
+    2048 x 4096 float32 ran on 16 row slices, 512 blocks, not 32.  Aligned and shifted rows split
+    alike (their deterministic sums are equal bitwise; the shifted one's partials fill their
+    buffer: 32 x 4096 entries)."""
+    if not emulated("cuda"):
+        pytest.skip("the launch log is the CUDA emulator's")
+    if backend_name(kernel_ops) != "cuda":
+        pytest.skip("the CUDA backend's split")
+    log = tmp_path / "launches.log"
+    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
+    a, k = 2048, 4096
+    torch.manual_seed(3)
+    x = torch.randn(a, k)
+    room = torch.empty(a * k + 1)
+    room[1:] = x.flatten()
+    outs = []
+    with deterministic(det):
+        for t in (x, room[1:].view(a, k)):                          # 16-byte aligned, shifted
+            got = torch.zeros(k)
+            kernel_ops.linear_stats(t, got, -1, True, 1.0)
+            outs.append(got)
+    want = torch.zeros(k, dtype=torch.float64)
+    reference.linear_stats(x.double(), want, -1, True, 1.0)
+    torch.testing.assert_close(outs[0].double(), want, rtol=1e-5, atol=0)
+    grids = [tuple(int(v) for v in line.split()[1:3]) for line in log.read_text().splitlines()
+             if "reduce_rows_kernel" in line]
+    assert grids == [(k // 128, 32), (k // 32, 32)], grids       # 64 rows a slice: 32 slices
+    if det:
+        assert torch.equal(outs[0], outs[1])
