@@ -199,7 +199,7 @@ def test_rows_are_split_for_the_widest_load(kernel_ops, det, tmp_path, monkeypat
     block's columns at its widest load (32 threads x 16 bytes: 128 float32).  Counted at 32 columns,
     2048 x 4096 float32 ran on 16 row slices, 512 blocks, not 32.  Aligned and shifted rows split
     alike (their deterministic sums are equal bitwise), each deterministic run with 32 x 4096
-    partial sums, twice the old buffer's 2048 x 32 + K (the emulated ASan run checks it)."""
+    partial sums, more than the old buffer's 2048 x 32 + K (the emulated ASan run checks it)."""
     if not emulated("cuda"):
         pytest.skip("the launch log is the CUDA emulator's")
     if backend_name(kernel_ops) != "cuda":
