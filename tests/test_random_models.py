@@ -211,9 +211,19 @@ def _setup(seed: int, backend: str, check: bool, monkeypatch, dtype=None):
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.filterwarnings("ignore")        # layers the released code does not hook, etc.
 def test_random_model_agrees_with_the_reference(kernel_ops, seed, monkeypatch):
+    """Four steps with check=True: every op of the kernel backend agrees with the torch
+    reference, and the parameters stay finite unless the reference's own run diverges too (lr
+    1e-2 over Lambda 1e-3 allows updates of 10x the momentum: seed 1411 overflows by step 4)."""
     r, model, loss_fn, opt, scaler = _setup(seed, backend_name(kernel_ops), True, monkeypatch)
     _train(r, model, loss_fn, opt, scaler, steps=4)
-    assert all(bool(torch.isfinite(p).all()) for p in model.parameters()), (seed, opt, model)
+    if not _finite(model):
+        r, ref, loss_fn, ref_opt, scaler = _setup(seed, "torch", False, monkeypatch)
+        _train(r, ref, loss_fn, ref_opt, scaler, steps=4)
+        assert not _finite(ref), (seed, "non-finite on the kernel backend only", opt, model)
+
+
+def _finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -238,12 +248,17 @@ def test_random_model_resumes_bit_identically(kernel_ops, seed, monkeypatch):
         r2.setstate(ckpt[3])
         _train(r2, model2, loss_fn2, opt2, scaler2, steps=2)
     for (name, a), b in zip(model.named_parameters(), model2.parameters()):
-        assert torch.equal(a, b), name
+        _same_bits(a, b, name)
         for k, v in opt.state[a].items():
-            assert torch.equal(opt2.state[b][k].to(v.device), v), (name, k)
+            _same_bits(opt2.state[b][k].to(v.device), v, (name, k))
     for k, v in opt.fisher.tensors().items():
-        assert torch.equal(opt2.fisher.tensors()[k], v), k
+        _same_bits(opt2.fisher.tensors()[k], v, k)
     assert opt2.steps == opt.steps
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor, what) -> None:
+    """Equal entries, NaN where the other has NaN (a seed that diverges, as 1411 does)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
 
 def _compiled_and_eager(seed: int, backend: str, dtype: torch.dtype, tol: float, monkeypatch):
