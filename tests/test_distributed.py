@@ -19,14 +19,14 @@ STEPS, WORLD = 10, 2
 # NOTE: [gloo teardown] torch's gloo process group joins its worker threads in its destructor, and
 # where that runs with the GIL held (its last holder not its Python handle: pytorch#56297) while a
 # worker thread frees a finished collective that holds a Python object, the two wait for each
-# other.  A rank's DDP wrapper, freed at the worker's return after destroy_process_group, did: once
-# in about 100 runs under load (gdb: ~Reducer -> ~ProcessGroupGloo -> thread::join; the gloo
-# thread in ~AsyncBarrierWork -> the prior all-reduce's ThreadLocalState -> SafePyObject decref ->
-# take_gil), and CI ran out of time.  Teardown, needed by no test, is skipped: a rank that has
-# passed the barrier and written its "done" file ends its process there (os._exit).  _spawn stops
-# ranks still running after RANK_LIMIT, each having printed its stack.  A rank killed by a signal
-# after its "done" file (earlier, once in about 35 runs: SIGABRT in gloo's teardown) does not fail
-# the test; the results it wrote are still checked in full.
+# other.  A rank's DDP wrapper, freed at the worker's return after destroy_process_group, did (the
+# Join test: once in 34 runs idle, once in ~130 under load), and CI ran out of time.  gdb: ~Reducer
+# -> ~ProcessGroupGloo -> thread::join; the gloo thread in ~AsyncBarrierWork -> the prior
+# all-reduce's ThreadLocalState -> SafePyObject decref -> take_gil.  Teardown, needed by no test,
+# is skipped: a rank that has passed the barrier and written its "done" file ends its process
+# there (os._exit).  _spawn stops ranks still running after RANK_LIMIT, each having printed its
+# stack.  A rank killed by a signal after its "done" file (earlier, once in about 35 runs: SIGABRT
+# in gloo's teardown) does not fail the test; the results it wrote are still checked in full.
 RANK_LIMIT = 240
 
 
