@@ -90,6 +90,21 @@ def kernel_ops(request, monkeypatch):
     return kernel_module(request.param, monkeypatch)
 
 
+@pytest.fixture
+def emu_launches(tmp_path, monkeypatch):
+    """The emulated CUDA backend's kernel launches from here on (its launch log,
+    ADAFISHER_EMU_LAUNCH_LOG): a callable giving [(mangled kernel symbol, grid x, grid y)]; []
+    where nothing was logged (a GPU's launches, the Triton backend's)."""
+    log = tmp_path / "launches.log"
+    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
+
+    def launches():             # lines "grid X Y Z block N symbol"
+        if not log.exists():
+            return []
+        return [(f[6], int(f[1]), int(f[2])) for f in map(str.split, log.read_text().splitlines())]
+    return launches
+
+
 def fisher_tensors(fisher) -> list:
     """Every tensor a FisherState holds, its LayerTable's included (not ``_terms``, the float
     columns of the table kept on the host in float64)."""

@@ -230,13 +230,11 @@ def test_triton_lattice_groups_match_reference(det, monkeypatch):
 
 
 @pytest.mark.parametrize("det", [False, True])
-def test_conv_stats_large_lattice_few_channels(kernel_ops, det, tmp_path, monkeypatch):
+def test_conv_stats_large_lattice_few_channels(kernel_ops, det, emu_launches):
     """One channel over a large volume: 27 (channel, offset) entries, 64,000 output positions
     each.  The sums are split over several blocks / program groups (the CUDA launcher ran 27
     blocks whatever the lattice size: NOTE: [lattice split]) and still match the reference, with
     and without deterministic algorithms."""
-    log = tmp_path / "launches.log"
-    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     torch.manual_seed(5)
     x = torch.randn(1, 1, 40, 40, 40, device=device())
     want = torch.rand(27, device=device())
@@ -249,7 +247,7 @@ def test_conv_stats_large_lattice_few_channels(kernel_ops, det, tmp_path, monkey
     finally:
         torch.use_deterministic_algorithms(was)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
-    if log.exists():                   # the emulated CUDA backend logs its launches
-        grids = [line.split() for line in log.read_text().splitlines()]
-        lattice = [g for g in grids if g[1] == "27"]
-        assert lattice and all(int(g[2]) > 1 for g in lattice), grids
+    grids = emu_launches()
+    if grids:                          # the emulated CUDA backend logs its launches
+        lattice = [g for g in grids if g[1] == 27]
+        assert lattice and all(g[2] > 1 for g in lattice), grids

@@ -35,14 +35,12 @@ def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
                                                          ((70, 12), 160, 2, "reduce_planes", 16),
                                                          ((70, 12), 40, 2, "reduce_planes", 8)])
 def test_linear_stats_aligned_and_shifted(kernel_ops, lead, row_bytes, dim, kernel, vb, dtype, deterministic,
-                                          tmp_path, monkeypatch):
+                                          emu_launches):
     """The same x, once aligned and once 1 element off.  On the CUDA backend the aligned one takes
     the column reduction's vector loads, 16 bytes per thread where its rows (I == 1) or plane rows
     (I > 1) allow, else 8 (the kernels' VB; the emulator's launch log names each instance), the
     shifted one the element loads.  Both match the reference (summed over dim 1); rows give the
     same bits both ways under deterministic algorithms, the same sums in the same order."""
-    log = tmp_path / "launches.log"
-    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     torch.manual_seed(0)
     shape = lead + (row_bytes // torch.empty((), dtype=dtype).element_size(),)
     x = torch.randn(shape, device=device()).to(dtype)
@@ -67,8 +65,8 @@ def test_linear_stats_aligned_and_shifted(kernel_ops, lead, row_bytes, dim, kern
     if backend_name(kernel_ops) == "cuda":
         if kernel == "reduce_rows" and deterministic:     # (else blocks add atomically, any order)
             assert torch.equal(outs[0], outs[1])
-        if log.exists():                # the emulated CUDA backend logs its launches
-            names = [line.split()[6] for line in log.read_text().splitlines()]
+        names = [name for name, _, _ in emu_launches()]
+        if names:                       # the emulated CUDA backend logs its launches
             ran = [n for n in names if kernel in n]
             # mangled: ..._kernelI<T><A>Li16EE... for VB = 16 (bytes per load), ...Li4EE... for
             # one float32 element
@@ -193,7 +191,7 @@ def test_linear_stats_dim_out_of_range(kernel_ops):
 
 
 @pytest.mark.parametrize("det", [False, True])
-def test_rows_are_split_for_the_widest_load(kernel_ops, det, tmp_path, monkeypatch):
+def test_rows_are_split_for_the_widest_load(kernel_ops, det, emu_launches):
     """NOTE: [row tiles] in csrc/launchers.h: the CUDA column reduction of rows (I == 1) splits
     the rows over blockIdx.y for about 2048 blocks, as far as slices of 64 rows allow, counting a
     block's columns at its widest load (32 threads x 16 bytes: 128 float32).  Counted at 32 columns,
@@ -204,8 +202,6 @@ def test_rows_are_split_for_the_widest_load(kernel_ops, det, tmp_path, monkeypat
         pytest.skip("the launch log is the CUDA emulator's")
     if backend_name(kernel_ops) != "cuda":
         pytest.skip("the CUDA backend's split")
-    log = tmp_path / "launches.log"
-    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     a, k = 2048, 4096
     torch.manual_seed(3)
     x = torch.randn(a, k)
@@ -220,8 +216,7 @@ def test_rows_are_split_for_the_widest_load(kernel_ops, det, tmp_path, monkeypat
     want = torch.zeros(k, dtype=torch.float64)
     reference.linear_stats(x.double(), want, -1, True, 1.0)
     torch.testing.assert_close(outs[0].double(), want, rtol=1e-5, atol=0)
-    grids = [tuple(int(v) for v in line.split()[1:3]) for line in log.read_text().splitlines()
-             if "reduce_rows_kernel" in line]
+    grids = [(gx, gy) for name, gx, gy in emu_launches() if "reduce_rows_kernel" in name]
     assert grids == [(k // 128, 32), (k // 32, 32)], grids       # 64 rows a slice: 32 slices
     if det:
         assert torch.equal(outs[0], outs[1])

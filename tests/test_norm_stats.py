@@ -147,15 +147,13 @@ def test_norm_stats_running_statistics_must_have_a_channels_entries(kernel_ops, 
 
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, tmp_path,
+def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, emu_launches,
                                                    monkeypatch):
     """GroupNorm rows of 3.3 chunks (NOTE: [moment chunks] in fisher_kernels/norm_stats.py): one
     program / block per chunk, the chunks' moments joined per row, and the reference's sums (x
     with a large mean, which a joined variance that dropped the chunks' mean differences would
     miss).  The launches are checked: Triton's grid, the emulated CUDA backend's launch log (not
     on a GPU)."""
-    log = tmp_path / "launches.log"
-    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     ns = importlib.import_module("fisher_kernels.norm_stats")
     grids, kernel = [], ns._row_moments_kernel
 
@@ -183,9 +181,9 @@ def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, 
     if kernel_ops.__name__.startswith("fisher_kernels"):
         assert grids == [(2 * 2 * chunks,)]
     elif emulated("cuda"):                   # a GPU's launches are not logged
-        launched = [line.split() for line in log.read_text().splitlines()]
-        blocks = [int(g[1]) for g in launched if "sample_coeffs" in g[-1]]
-        assert blocks == [2 * 2 * chunks] and any("sample_combine" in g[-1] for g in launched)
+        launched = emu_launches()
+        blocks = [gx for name, gx, _ in launched if "sample_coeffs" in name]
+        assert blocks == [2 * 2 * chunks] and any("sample_combine" in g[0] for g in launched)
 
 
 @pytest.mark.parametrize("center", [True, False])
@@ -193,13 +191,10 @@ def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, 
                                                ((11, 4, 1024), 2, True),    # (11 rows: a part block)
                                                ((3, 2049, 1), 1, False),    # 2049: a block a row
                                                ((2, 3, 700), 1, False)])
-def test_norm_stats_short_rows_take_a_warp(kernel_ops, shape, groups, warp, center, tmp_path,
-                                           monkeypatch):
+def test_norm_stats_short_rows_take_a_warp(kernel_ops, shape, groups, warp, center, emu_launches):
     """NOTE: [row warps] in csrc/norm_stats.cu: sample rows of at most 2048 entries are summed by
     a warp each, longer ones by a block, both to the reference's sums (x with a large mean); the
     emulated CUDA backend's launch log says which kernel ran."""
-    log = tmp_path / "launches.log"
-    monkeypatch.setenv("ADAFISHER_EMU_LAUNCH_LOG", str(log))
     torch.manual_seed(7)
     x = torch.randn(shape, device=device()) * 2 + 5
     want = torch.rand(shape[1], device=device())
@@ -208,8 +203,7 @@ def test_norm_stats_short_rows_take_a_warp(kernel_ops, shape, groups, warp, cent
     kernel_ops.norm_stats(x, got, "sample", groups, 1e-5, center)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     if emulated("cuda") and not kernel_ops.__name__.startswith("fisher_kernels"):
-        launched = [line.split() for line in log.read_text().splitlines()]
-        coeffs = [("warp" if "sample_coeffs_warp_kernel" in g[-1] else "block", int(g[1]))
-                  for g in launched if "sample_coeffs" in g[-1]]     # (mangled names)
+        coeffs = [("warp" if "sample_coeffs_warp_kernel" in name else "block", gx)
+                  for name, gx, _ in emu_launches() if "sample_coeffs" in name]   # (mangled)
         rows = shape[0] * groups
         assert coeffs == ([("warp", -(-rows // 8))] if warp else [("block", rows)]), coeffs
