@@ -5,8 +5,9 @@ wraps the chosen backend).  Each call runs the reference (``adafisher_fast.refer
 of the tensors the op writes, runs the backend on the real ones, and compares every written tensor
 (and ``conv_stats``' return value), and that a statistics op changed nothing of the flat
 statistics buffer outside its ``out`` slice.  A disagreement raises ``RuntimeError`` naming the backend, the
-op, where (the ``out`` slice offset in the flat statistics buffer, the parameter index, or the
-layer-state tensor) and the max abs/rel error.  It costs a second evaluation of every op: a
+op, the layer (and its H or S) or the parameter by name (NOTE: [check names] in hooks.py), where
+(the ``out`` slice offset in the flat statistics buffer, the parameter index, or the layer-state
+tensor and its worst entry) and the max abs/rel error.  It costs a second evaluation of every op: a
 debugging switch, not a production mode.
 
 NOTE: [check tolerances] ``|kernel - ref| <= atol + rtol * |ref|`` elementwise with
@@ -53,17 +54,18 @@ def _rtol(result_dtype: torch.dtype, input_dtype: Optional[torch.dtype] = None) 
 
 def compare(got: torch.Tensor, ref: torch.Tensor, rtol: float,
             magnitude: Union[float, torch.Tensor] = 0.0):
-    """(ok, max abs error, max rel error) of ``got`` against ``ref`` (NOTE: [check tolerances]);
-    ``magnitude``: that of the terms summed, when it exceeds max |ref| (a number, or a tensor
-    shaped like ``ref`` for a magnitude per entry)."""
+    """(ok, max abs error, max rel error, worst) of ``got`` against ``ref`` (NOTE: [check
+    tolerances]); ``magnitude``: that of the terms summed, when it exceeds max |ref| (a number,
+    or a tensor shaped like ``ref`` for a magnitude per entry); ``worst``: the flat index of the
+    entry farthest out of tolerance (None when ok)."""
     if got.shape != ref.shape:
-        return False, float("inf"), float("inf")
+        return False, float("inf"), float("inf"), None
     if got.dtype == torch.bool or not got.is_floating_point():
         diff = (got.to(torch.int64) - ref.to(torch.int64)).abs()
         err = float(diff.max()) if diff.numel() else 0.0
-        return err == 0, err, err
+        return err == 0, err, err, (int(diff.reshape(-1).argmax()) if err else None)
     if got.numel() == 0:
-        return True, 0.0, 0.0
+        return True, 0.0, 0.0, None
     g, r = got.double(), ref.double()
     same = (g == r) | (torch.isnan(g) & torch.isnan(r))
     diff = torch.where(same, torch.zeros_like(g), (g - r).abs())
@@ -74,11 +76,16 @@ def compare(got: torch.Tensor, ref: torch.Tensor, rtol: float,
     else:
         scale = max(magnitude, scale)
     tol = rtol * scale + rtol * r.abs()
-    ok = bool((same | (diff <= tol)).all())
+    bad = ~(same | (diff <= tol))
+    ok = not bool(bad.any())
     abs_err = float(diff.max())
-    rel = torch.where(same, torch.zeros_like(g), diff / r.abs().clamp_min(1e-300))
+    rel = torch.where(same, torch.zeros_like(g), diff / r.abs())     # inf where ref is 0
     rel_err = float(rel.max())
-    return ok, abs_err, rel_err
+    if ok:
+        return True, abs_err, rel_err, None
+    # farthest out of tolerance; NaN (one side NaN) first
+    excess = torch.where(bad, (diff - tol).nan_to_num(float("inf")), -torch.inf)
+    return False, abs_err, rel_err, int(excess.reshape(-1).argmax())
 
 
 def _centring_magnitude(x: torch.Tensor, mode: str, groups: int, eps: float,
@@ -101,6 +108,13 @@ def _centring_magnitude(x: torch.Tensor, mode: str, groups: int, eps: float,
     return per.reshape(r, c, i).sum(dim=(0, 2))
 
 
+def _located(t: torch.Tensor, entry: Optional[int] = None) -> str:
+    """" at <the layer or parameter t belongs to>" (NOTE: [check names] in hooks.py), or ""."""
+    from .hooks import describe         # (the hooks import the layer registry: at errors only)
+    who = describe(t, entry)
+    return f" at {who}" if who else ""
+
+
 class CheckedOps:
     """A backend's ops module wrapped so that each op is checked against the torch reference."""
 
@@ -115,15 +129,17 @@ class CheckedOps:
         return f"CheckedOps({self.name})"
 
     # ------------------------------------------------------------------------------------------
-    def _fail(self, op: str, where: str, abs_err: float, rel_err: float, rtol: float):
-        raise RuntimeError(f"adafisher check: backend {self.name!r} op {op} disagrees with the "
-                           f"torch reference {where}: max abs error {abs_err:.3g}, max rel error "
-                           f"{rel_err:.3g} (rtol {rtol:.3g}, NOTE: [check tolerances] in check.py)")
-
-    def _check(self, op, got, ref, rtol, where, magnitude=0.0):
-        ok, a, r = compare(got, ref, rtol, magnitude)
+    def _check(self, op, got, ref, rtol, where, magnitude=0.0, owner=None):
+        """Raises unless ``got`` agrees with ``ref``, naming the layer or parameter of ``owner``
+        (default: got) and the worst entry."""
+        ok, a, r, worst = compare(got, ref, rtol, magnitude)
         if not ok:
-            self._fail(op, where, a, r, rtol)
+            at = "" if worst is None else f", worst at entry {worst}"
+            raise RuntimeError(
+                f"adafisher check: backend {self.name!r} op {op} disagrees with the torch "
+                f"reference{_located(got if owner is None else owner, worst)} {where}{at}: max "
+                f"abs error {a:.3g}, max rel error {r:.3g} (rtol {rtol:.3g}, NOTE: [check "
+                f"tolerances] in check.py)")
 
     @staticmethod
     def _where_out(out: torch.Tensor) -> str:
@@ -137,7 +153,6 @@ class CheckedOps:
             and out.is_contiguous() else None
         before = base.detach().clone() if base is not None else None
         ret = getattr(self._ops, op)(x, out, *args)
-        where = self._where_out(out)
         if before is not None:
             lo = out.storage_offset() - base.storage_offset()
             hi = lo + out.numel()
@@ -146,12 +161,14 @@ class CheckedOps:
                 if not torch.equal(before[part].view(_BITS[before.dtype]),
                                    base.detach()[part].view(_BITS[before.dtype])):
                     raise RuntimeError(f"adafisher check: backend {self.name!r} op {op} wrote "
-                                       f"outside its slice of the statistics buffer {where}")
+                                       f"outside its slice of the statistics buffer"
+                                       f"{_located(out)} {self._where_out(out)}")
         if ret != ref_ret:
             raise RuntimeError(f"adafisher check: backend {self.name!r} op {op} returned {ret!r}, "
-                               f"the torch reference {ref_ret!r} {where}")
+                               f"the torch reference {ref_ret!r}{_located(out)} "
+                               f"{self._where_out(out)}")
         in_dtype = x.dtype if x.is_floating_point() else None
-        self._check(op, out, ref_out, _rtol(out.dtype, in_dtype), where, magnitude)
+        self._check(op, out, ref_out, _rtol(out.dtype, in_dtype), self._where_out(out), magnitude)
         return ret
 
     def linear_stats(self, x, out, dim=-1, square=True, scale=1.0):
@@ -185,7 +202,7 @@ class CheckedOps:
         for nm, got, want in zip(("state", "fac", "initialized", "counters"),
                                  (state, fac, initialized, counters), ref):
             self._check("layer_ema", got, want, _rtol(got.dtype) if got.is_floating_point() else 0,
-                        f"(tensor {nm})")
+                        f"(tensor {nm} {tuple(got.shape)})")
 
     def fused_step(self, params, grads, moms, steps, fac, meta, hyper, decoupled, found_inf=None):
         rp = [p.detach().clone() for p in params]
@@ -196,5 +213,5 @@ class CheckedOps:
         for i, (p, m, t) in enumerate(zip(params, moms, steps)):
             where = f"(parameter {i} of {len(params)}, shape {tuple(p.shape)}, meta row {meta[i].tolist()})"
             self._check("fused_step", p, rp[i], _rtol(p.dtype), where + " parameter")
-            self._check("fused_step", m, rm[i], _rtol(m.dtype), where + " momentum")
-            self._check("fused_step", t, rs[i], 0.0, where + " step count")
+            self._check("fused_step", m, rm[i], _rtol(m.dtype), where + " momentum", owner=p)
+            self._check("fused_step", t, rs[i], 0.0, where + " step count", owner=p)

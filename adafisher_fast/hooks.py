@@ -132,6 +132,61 @@ def _key(fisher: FisherState) -> int:
     return key
 
 
+def _shares(t: torch.Tensor, other: torch.Tensor, copies: bool = False) -> bool:
+    """Whether t is a view of other's memory (``copies``: or of a copy of all of it)."""
+    if t.device != other.device or t.dtype != other.dtype:
+        return False
+    mine, theirs = t.untyped_storage(), other.untyped_storage()
+    return mine.data_ptr() == theirs.data_ptr() or (copies and mine.nbytes() == theirs.nbytes())
+
+
+def describe(t: torch.Tensor, entry: Optional[int] = None) -> Optional[str]:
+    """NOTE: [check names] What ``t``, a tensor an op wrote, is to a live optimizer, for
+    check=True's errors (check.py), which find a disagreement where only the op's arguments are
+    at hand: a statistics op's ``out`` names the layer and factor its offset in the flat buffer
+    falls in; an entry of the curvature state (``entry``: the flat index of the worst error) its
+    layer and factor; a parameter its name.  Found by memory, at the error only.  In a compiled
+    forward the statistics ops write a functional copy of the whole buffer (seen with
+    aot_eager), which has the buffer's size and t's offset in it: looked for when nothing holds
+    t's own memory.  None when nothing does (an op called by hand)."""
+    live = list(_LIVE.values())
+    for copies in (False, True):
+        for hooks in live:
+            found = _describe_in(hooks, t, entry, copies)
+            if found is not None:
+                return found
+    return None
+
+
+def _describe_in(hooks: "StatHooks", t: torch.Tensor, entry: Optional[int],
+                 copies: bool) -> Optional[str]:
+    f = hooks.fisher
+
+    def layer(lay: Layer, what: str) -> str:
+        return f"layer '{lay.label}' ({type(lay.module).__name__}), {what}"
+
+    if _shares(t, f.buf, copies):
+        at = t.storage_offset() - f.buf.storage_offset()
+        return next((layer(lay, f"{w} statistics") for lay in f.layers
+                     for w, acc in (("H", lay.h_acc), ("S", lay.s_acc))
+                     if acc.start <= at < acc.stop), None)
+    if copies:
+        return None
+    if entry is not None:
+        if _shares(t, f.state) or _shares(t, f.fac):    # (fac's last entry: the constant 1)
+            return next((layer(lay, f"{w} factor") for lay in f.layers
+                         for w, raw in (("H", lay.h_raw), ("S", lay.s_raw))
+                         if raw.start <= entry < raw.stop), None)
+        if _shares(t, f.initialized):
+            return next((layer(lay, f"{w} factor") for lay in f.layers
+                         for w, k in (("H", lay.h_factor), ("S", lay.s_factor)) if k == entry),
+                        None)
+        if _shares(t, f.counters) and entry // 2 < len(f.layers):
+            return layer(f.layers[entry // 2], "counters")
+    name = hooks.names.get(id(t))
+    return None if name is None else f"parameter '{name}'"
+
+
 @torch.library.custom_op("adafisher::output_grad_stats", mutates_args=())
 def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int) -> None:
     """``module``: which of the layer's ``modules`` was called."""
@@ -250,6 +305,7 @@ class StatHooks:
         _LIVE[self.key] = self
         self.fisher = fisher
         self.ops = ops                  # the backend's statistics ops (backends.py)
+        self.names: dict = {}           # id(parameter) -> name, the optimizer's (NOTE: [check names])
         self._grad_nodes: dict = {}     # NOTE: [gradient passes]
         # follow(): the optimizer's method (or None once it is gone: NOTE: [hook lifetime]) that
         # moves its state to where the model now is, or raises (NOTE: [following the model])

@@ -518,6 +518,7 @@ class AdaFisher(Optimizer, Joinable):
         optimizer ever made on a model stayed alive, with its momentum, and kept gathering
         statistics on every forward and backward (LR finders, sweeps, re-made optimizers)."""
         hooks = StatHooks(self.fisher, self._ops, weakref.WeakMethod(self._follow_model))
+        hooks.names = self._names
         old = self.__dict__.get("_hooks_finalizer")
         if old is not None:         # hooks replaced by _relayout: the finalizer kept them alive
             old.detach()

@@ -1,4 +1,6 @@
 """CheckedOps (check=True / ADAFISHER_CHECK=1): passes on the real kernels, catches a wrong one."""
+import re
+
 import pytest
 import torch
 import torch.nn as nn
@@ -32,18 +34,93 @@ def test_check_passes_on_kernels(kernel_ops, preset):
     _train(opt, model)
 
 
-def test_check_catches_wrong_kernel(kernel_ops, monkeypatch):
+# (which linear_stats call of _model() is wrong, the layer the error must name); the layers'
+# inputs and output gradients: 0 Conv2d (4,3,6,6) -> 1 BatchNorm2d (4,4,4,4) -> 4 Linear (4,64)
+# -> 5 LayerNorm (4,5) -> 6 Linear (4,5) -> (4,3)
+WRONG_CALLS = [(lambda x: tuple(x.shape) == (4, 64), "layer '4' (Linear), H statistics"),
+               (lambda x: tuple(x.shape) == (4, 3), "layer '6' (Linear), S statistics"),
+               (lambda x: x.dim() == 3 and x.shape[1] == 4, "layer '1' (BatchNorm2d), S statistics")]
+
+
+@pytest.mark.parametrize("wrong_call", range(len(WRONG_CALLS)))
+@pytest.mark.parametrize("compiled", [False, True])
+def test_check_catches_wrong_kernel(kernel_ops, monkeypatch, wrong_call, compiled):
+    """A statistics op wrong on one layer's calls is named by layer, H or S, op and error (NOTE:
+    [check names]); compiled, also where the forward writes a copy of the statistics buffer."""
     name = backend_name(kernel_ops)
     real = kernel_ops.linear_stats
+    hits, layer = WRONG_CALLS[wrong_call]
 
     def wrong(x, out, *args, **kw):
         real(x, out, *args, **kw)
-        out.add_(1e-3)
+        if hits(x):
+            out.add_(1e-3)
 
     monkeypatch.setattr(kernel_ops, "linear_stats", wrong)
     model = _model()
     opt = AdaFisher(model, preset="paper", backend=name, check=True)
-    with pytest.raises(RuntimeError, match=r"linear_stats.*offset \d+.*max abs error"):
+    run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
+    x, y = torch.randn(4, 3, 6, 6, device=device()), torch.randint(0, 3, (4,), device=device())
+    with pytest.raises(RuntimeError, match=rf"linear_stats disagrees with the torch reference at "
+                       rf"{re.escape(layer)} \(out = buffer slice at offset \d+.*max abs error"):
+        nn.functional.cross_entropy(run(x), y).backward()
+
+
+def _wrong_reference(**wrong):
+    """The torch reference with ``wrong[op](*args)`` run after its op."""
+    class Wrong:
+        def __getattr__(self, op):
+            return getattr(reference, op)
+
+    for op, spoil in wrong.items():
+        def spoiled(*args, op=op, spoil=spoil):
+            getattr(reference, op)(*args)
+            spoil(*args)
+        setattr(Wrong, op, staticmethod(spoiled))
+    return Wrong()
+
+
+@pytest.mark.parametrize("tensor, layer", [("state", "5"), ("initialized", "4"),
+                                           ("counters", "1")])
+def test_check_names_the_layer_of_a_wrong_layer_ema(tensor, layer):
+    """layer_ema wrong in one layer's S factor (its EMA state or its initialized flag) or counts:
+    the error names that layer (NOTE: [check names])."""
+    model = _model()
+    opt = AdaFisher(model, preset="paper", backend="torch", check=True, TCov=1)
+    lay = next(lay for lay in opt.fisher.layers if lay.name == layer)
+
+    def spoil(buf, table, state, fac, initialized, counters, *rest):
+        if tensor == "state":
+            state[lay.s_raw.start + 1] += 1.0
+        elif tensor == "initialized":
+            initialized[lay.s_factor] = False
+        else:
+            counters[opt.fisher.layers.index(lay), 1] += 1
+
+    opt._ops._ops._ops = _wrong_reference(layer_ema=spoil)
+    kind = {"state": "S factor", "initialized": "S factor", "counters": "counters"}[tensor]
+    name = type(model[int(layer)]).__name__
+    with pytest.raises(RuntimeError, match=rf"layer_ema disagrees with the torch reference at "
+                       rf"layer '{layer}' \({name}\), {kind} \(tensor {tensor} "):
+        _train(opt, model, steps=1)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_check_names_the_parameter_of_a_wrong_step(which):
+    """fused_step wrong in one parameter (its value, or its momentum): named (NOTE: [check
+    names]), as the model names it."""
+    model = _model()
+    opt = AdaFisher(model, backend="torch", check=True)
+    target = model[4].weight
+
+    def spoil(params, grads, moms, *rest):
+        i = next(i for i, p in enumerate(params) if p is target)
+        (params if which == 1 else moms)[i].add_(1e-3)
+
+    opt._ops._ops._ops = _wrong_reference(fused_step=spoil)
+    part = "parameter" if which == 1 else "momentum"
+    with pytest.raises(RuntimeError, match=rf"fused_step disagrees with the torch reference at "
+                       rf"parameter '4.weight' \(parameter \d+ of \d+, shape \(5, 64\).*\) {part}"):
         _train(opt, model, steps=1)
 
 
@@ -123,8 +200,9 @@ def test_check_judges_plain_sums_by_their_terms(kernel_ops):
     real = kernel_ops.linear_stats
     wrong = CheckedOps(type("Wrong", (), {"linear_stats": staticmethod(
         lambda x, o, *a: (real(x, o, *a), o.add_(1e-3 * x.abs().sum(dim=(0, 2)).max())))})(), "wrong")
-    with pytest.raises(RuntimeError, match="linear_stats"):
+    with pytest.raises(RuntimeError, match="linear_stats") as caught:
         wrong.linear_stats(s, torch.zeros(8, device=device()), 1, False)
+    assert " at " not in str(caught.value).split("(out")[0]     # no optimizer's buffer: no layer
 
 
 def _sequential_norm_stats(x, out, mode, groups, eps, *rest):
