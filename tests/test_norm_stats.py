@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adafisher_fast import reference
 from conftest import device, emulated, tensor_copies
@@ -121,6 +122,36 @@ def test_triton_channel_mode_reads_x_at_most_twice(running, monkeypatch):
     reference.norm_stats(x, want, "channel", 1, 1e-5, True, mean, var)
     assert len(passes) == (1 if running else 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+class _AtenOps(TorchDispatchMode):
+    """The aten ops run within, by name."""
+
+    def __enter__(self):
+        self.seen = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func).split(".")[1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_triton_channel_mode_does_no_torch_arithmetic(monkeypatch):
+    """NOTE: [channel launches]: batch statistics cost the Triton launcher one allocation and its
+    kernels (stubbed here: the interpreter runs its own aten ops), not a dozen small torch ops on
+    the C entries between the passes, each one a launch and host time on a GPU."""
+    pytest.importorskip("triton")
+    ns = importlib.import_module("fisher_kernels.norm_stats")
+    kernels = []
+    monkeypatch.setattr(ns, "_launch", lambda *a: kernels.append("reduce"))
+    monkeypatch.setattr(ns, "_channel_finish_kernel",
+                        type("Stub", (), {"__getitem__": lambda self, grid: (
+                            lambda *a, **k: kernels.append("finish"))})())
+    x, out = torch.randn(3, 5, 7, device=device()), torch.zeros(5, device=device())
+    with _AtenOps() as ops:
+        ns.norm_stats(x, out, "channel", 1, 1e-5)
+    assert kernels == ["reduce", "reduce", "finish"]
+    assert ops.seen.count("zeros") == 1 and set(ops.seen) <= {"zeros", "select", "view"}, ops.seen
 
 
 def test_norm_stats_groups_must_divide_the_channels(kernel_ops):
