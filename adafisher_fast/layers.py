@@ -327,7 +327,7 @@ class InProjectionKind(LayerKind):
         ops.linear_stats(t, sums)
         sums /= t.shape[0]
         for start, size in blocks:
-            acc[start:start + size] += sums
+            acc[start:start + size].add_(sums)     # (+= on a slice copies it back: a launch)
         return t.shape[1] if m.block in (None, 0) else 0
 
     def h_stats(self, m, x, acc, preset, ops):
@@ -787,8 +787,10 @@ class LayerNormKind(NormKind):
         reduced = math.prod(x.shape[2:])          # M: reduced dims other than dim 0
         u = torch.zeros(t, dtype=acc.dtype, device=acc.device)
         ops.linear_stats(x, u, dim=1, square=False, scale=1.0 / reduced ** 2)
-        acc[0] += u.square().sum()
-        acc[1] += t * b
+        # sum u^2 by the op too: acc[0] += u.square().sum() was four launches (an indexed
+        # augmented assignment copies back), on every LayerNorm call
+        ops.linear_stats(u.view(t, 1), acc[:1], dim=1)
+        acc[1:].add_(t * b)
         return b
 
     def s_stats(self, m, s, acc, preset, ops):

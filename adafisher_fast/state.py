@@ -628,8 +628,8 @@ class FisherState:
         adopted.add(lay.h_factor)
         count = slice(self.n_acc + lay.h_factor, self.n_acc + lay.h_factor + 1)
         with torch.no_grad():
-            self.buf[lay.h_acc] += buf[lay.h_acc]
-            self.buf[count] += buf[count]
+            self.buf[lay.h_acc].add_(buf[lay.h_acc])
+            self.buf[count].add_(buf[count])
         if pending[lay.h_factor]:
             self.pending[lay.h_factor] += pending[lay.h_factor]
             self._pending_any = True
