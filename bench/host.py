@@ -20,8 +20,12 @@ launch, the row counts, the found-layers check).
 The hooks' rows (``kind: host_hooks``): the host time of ``zero_grad()`` + forward + backward of
 the model with AdaFisher's hooks against a copy without them (interleaved, the same inputs),
 with statistics (TCov=1) and on the other iterations (TCov=100: the hooks' early return), and
-the difference per hooked layer.  A compiled model or a CUDA-graph replay runs none of this
-Python (README, "torch.compile and CUDA graphs").  One JSON line per row in ``DIR/host.jsonl``.
+the difference per hooked layer, and what one such iteration launches beyond the copy's
+(``launches``: the backend's kernels, Triton's counted at their launchers and the CUDA
+backend's custom ops, plus the torch ops that do device work, not views or bare allocations; a
+count that does not depend on the host, where the times do).  A compiled model or a CUDA-graph
+replay runs none of this Python (README, "torch.compile and CUDA graphs").  One JSON line per
+row in ``DIR/host.jsonl``.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from adafisher_fast import AdaFisher
 from adafisher_fast.backends import _try_load
@@ -92,6 +97,59 @@ def stubbed_kernels():
             os.environ.pop("TRITON_INTERPRET")
         else:
             os.environ["TRITON_INTERPRET"] = interpret
+
+
+# aten ops that only make views, read metadata or allocate without writing: no device work
+_NO_LAUNCH = {"view", "_unsafe_view", "_reshape_alias", "reshape", "slice", "select", "detach",
+              "permute", "alias", "as_strided", "expand", "unsqueeze", "squeeze", "t",
+              "transpose", "unflatten", "narrow", "split", "unbind", "empty", "new_empty",
+              "empty_strided", "lift_fresh", "_record_function_enter_new",
+              "_record_function_exit"}
+
+
+class _Launches(TorchDispatchMode):
+    """Counts, within, the torch ops that do device work and the Triton kernels launched
+    (``kernels``: fisher_kernels' JIT functions, wrapped so that each launch counts)."""
+
+    def __enter__(self):
+        self.n, self._saved = 0, []
+        for name in KERNEL_MODULES:
+            mod = importlib.import_module(f"fisher_kernels.{name}")
+            for attr, v in list(vars(mod).items()):
+                if type(v).__name__ in ("InterpretedFunction", "JITFunction", "_NoLaunch"):
+                    self._saved.append((mod, attr, v))
+                    setattr(mod, attr, self._counted(v))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for mod, attr, v in self._saved:
+            setattr(mod, attr, v)
+        return super().__exit__(*exc)
+
+    def _counted(self, kernel):
+        mode = self
+
+        class Counted:
+            def __getitem__(self, grid):
+                launch = kernel[grid]
+
+                def run(*args, **kwargs):
+                    mode.n += 1
+                    return launch(*args, **kwargs)
+                return run
+        return Counted()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] not in _NO_LAUNCH:
+            self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def launches(run) -> int:
+    """What one call of ``run`` launches (``_Launches``)."""
+    with _Launches() as counted:
+        run()
+    return counted.n
 
 
 def host_us(step, n: int) -> float:
@@ -155,8 +213,9 @@ def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dic
             torch.cuda.synchronize()
     layers = len(opt.fisher.layers)
     h, b = statistics.median(hooked), statistics.median(bare)
+    extra = launches(ours) - launches(theirs)
     return dict(kind="host_hooks", workload=label, backend=opt.backend, TCov=tcov,
-                layers=layers, device=str(dev), hooked_us=h, plain_us=b,
+                layers=layers, device=str(dev), hooked_us=h, plain_us=b, launches=extra,
                 per_layer_us=(h - b) / layers, ratio=statistics.median(
                     a / c for a, c in zip(hooked, bare)),
                 kernels="stubbed" if dev.type == "cpu" else "real")
@@ -190,12 +249,12 @@ def main(argv=None) -> int:
         print(f"| {r['workload']} | {r['params']} | {r['backend']} | {r['TCov']} | "
               f"{r['adafisher_us']:.0f} | {r['adamw_us']:.0f} | {r['ratio']:.2f} |")
     print("\n| workload | hooked layers | backend | TCov | zero_grad+fwd+bwd us | without hooks us "
-          "| ratio | per hooked layer us |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| ratio | per hooked layer us | launches |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in hook_rows:
         print(f"| {r['workload']} | {r['layers']} | {r['backend']} | {r['TCov']} | "
               f"{r['hooked_us']:.0f} | {r['plain_us']:.0f} | {r['ratio']:.2f} | "
-              f"{r['per_layer_us']:.1f} |")
+              f"{r['per_layer_us']:.1f} | {r['launches']} |")
     rows += hook_rows
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
