@@ -7,6 +7,7 @@ large to emulate are ``gpu``-marked params (``pytest -m "gpu or not gpu"`` on a 
 The generic per-op sweeps live in tests/test_<op>.py (the ``kernel_ops`` fixture includes this
 backend, emulated or real)."""
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -446,3 +447,28 @@ def test_ops_pass_opcheck(cuda):
     torch.library.opcheck(torch.ops.adafisher.conv_stats.default,
                           (torch.randn(2, 3, 7, 7, device=cuda.dev), torch.zeros(27, device=cuda.dev), [3, 3],
                            [1, 1], [1, 1, 1, 1], [1, 1], 1, 0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,groups", [((5, 96, 1), 2), ((3, 18000, 1), 1), ((4, 21, 1), 1)])
+def test_cuda_row_words_do_not_change_the_bits(cuda, shape, groups, dtype):
+    """NOTE: [row words] in csrc/norm_stats.cu: a sample row read 16 bytes at a time (it starts
+    16-byte aligned) and the same row one element at a time (shifted by one element) sum the
+    same entries per thread in the same order: equal bits, on warp rows, chunked block rows and
+    rows of odd length, and the reference's sums.  (I = 1, LayerNorm's layout: the xhat pass
+    then sums rows, in an order that does not depend on the alignment either, NOTE: [row tiles];
+    its planes for I > 1 do.)"""
+    torch.manual_seed(8)
+    n = math.prod(shape)
+    values = torch.randn(n, device=cuda.dev).to(dtype) * 3 + 2
+    outs = []
+    for at in (0, 1):                                           # aligned, shifted by one entry
+        x = torch.zeros(n + 8, dtype=dtype, device=cuda.dev)[at:at + n].view(shape)
+        x.view(-1).copy_(values)
+        out = torch.zeros(shape[1], device=cuda.dev)
+        cuda.ops.norm_stats(x, out, "sample", groups, 1e-5)
+        want = torch.zeros(shape[1], device=cuda.dev)
+        reference.norm_stats(x, want, "sample", groups, 1e-5)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])

@@ -238,3 +238,4 @@ def test_norm_stats_short_rows_take_a_warp(kernel_ops, shape, groups, warp, cent
                   for name, gx, _ in emu_launches() if "sample_coeffs" in name]   # (mangled)
         rows = shape[0] * groups
         assert coeffs == ([("warp", -(-rows // 8))] if warp else [("block", rows)]), coeffs
+
