@@ -296,3 +296,45 @@ def test_profile_rows_split_the_iteration_by_op(tmp_path):
             assert "linear_stats" in stats
     table = (tmp_path / "profile.md").read_text().splitlines()
     assert len(table) == 2 + len(rows) and "| resnet18 | AdaFisher TCov=1 | torch |" in table[3]
+
+
+def test_stats_floor_counts_what_the_statistics_read():
+    """bench.floor: one iteration's statistics read each hooked layer's input and output
+    gradient, counted from the shapes (float32, 4 bytes an entry)."""
+    import torch
+    import torch.nn as nn
+    from bench import floor
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5))
+
+    def batch():
+        return torch.randn(2, 3, 6, 6, device="meta"), torch.randint(0, 5, (2,), device="meta")
+
+    # conv: x 2x3x6x6, its output gradient 2x4x4x4; BatchNorm: its input and output gradient,
+    # 2x4x4x4 each; Linear: x 2x64, output gradient 2x5
+    want = 4 * (2 * 3 * 36 + 3 * 2 * 4 * 16 + 2 * 64 + 2 * 5)
+    for preset in ("official", "paper"):
+        assert floor.stats_bytes("tiny", model, batch, preset) == want
+
+
+def test_stats_floor_rows_against_a_run(tmp_path, capsys):
+    """bench.floor with a results folder: the floor at its peak bandwidth, and its AdamW and
+    AdaFisher TCov=1 rows as the time SPEC 8 allows and the time measured beyond AdamW's."""
+    from bench import floor
+    run = tmp_path / "run"
+    run.mkdir()
+    common = dict(status="ok", mode="eager", dtype="float32", workload="resnet18")
+    rows = [dict(kind="peak_bw", status="ok", gbps=2000.0),
+            dict(kind="e2e", optimizer="adamw", backend="torch", time_ms=10.0, **common),
+            dict(kind="e2e", optimizer="AdaFisher TCov=1", backend="cuda", time_ms=12.5, **common)]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert floor.main(["--results", str(run), "--out", str(tmp_path)]) == 0
+    out = [json.loads(l) for l in (tmp_path / "floor.jsonl").read_text().splitlines()]
+    r18 = next(r for r in out if r["workload"] == "resnet18" and r["preset"] == "official")
+    assert r18["stats_bytes"] > 2e9          # ResNet-18 at batch 256: 2.57 GB
+    assert r18["floor_ms"] == pytest.approx(r18["stats_bytes"] / 2e12 * 1e3)
+    assert r18["floor_share"] == pytest.approx(r18["floor_ms"] / 10.0)
+    assert r18["allowed_ms"] == pytest.approx(0.6) and r18["extra_ms_cuda"] == pytest.approx(2.5)
+    assert "extra_ms_triton" not in r18
+    assert "| resnet18 b256 3x32x32 | official |" in capsys.readouterr().out
