@@ -41,9 +41,10 @@ __global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs,
 // xr + (j / runs) * C + j % runs with runs = C / groups.  Their mean m (0 without center) and
 // centred sum of squares s2, summed over the threads t < stride that share the row by `sum`.
 // NOTE: [row words] Thread t takes V = 16 / sizeof(T) consecutive entries at a time (lo a
-// multiple of V), read as one 16-byte load where the row is contiguous and starts 16-byte
-// aligned, else one element at a time: the same entries per thread in the same order either
-// way, so the bits do not depend on the alignment.  One element per thread per step left a
+// multiple of V), read as one 16-byte load where the row starts 16-byte aligned and is
+// contiguous (or channels_last with C/groups and C multiples of V), else one element at a
+// time: the same entries per thread in the same order either way, so the bits do not depend
+// on the alignment.  One element per thread per step left a
 // bfloat16 GroupNorm row at 2 bytes a load (1x256x32768: 0.059 ms, Triton's 0.029; H200).
 template <typename T, typename A, typename Sum>
 __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row, int64_t n, int64_t lo,
@@ -52,17 +53,20 @@ __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row
   constexpr int V = 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
   const int64_t r = row / groups, grp = row - r * groups;
   const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + row * n;
-  const bool words = runs == 0 && reinterpret_cast<uintptr_t>(xr) % 16 == 0;
+  auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
+  // channels_last: a word stays in one run of C/groups channels when runs and C are multiples
+  // of V (j is), and starts aligned with xr
+  const bool words = (runs == 0 || (runs % V == 0 && C % V == 0)) &&
+                     reinterpret_cast<uintptr_t>(xr) % 16 == 0;
   // f(v) for each of the entries [j, min(j + V, hi)), in order
   auto each = [&](int64_t j, auto f) {
     if (words && j + V <= hi) {
       union { uint4 u; T v[V]; } in;
-      in.u = *reinterpret_cast<const uint4*>(xr + j);
+      in.u = *reinterpret_cast<const uint4*>(xr + at(j));
 #pragma unroll
       for (int e = 0; e < V; ++e) f(load_as<A, T>(in.v, e));
     } else {
-      for (int64_t e = j; e < min(j + V, hi); ++e)
-        f(load_as<A, T>(xr, runs > 0 ? (e / runs) * C + e % runs : e));
+      for (int64_t e = j; e < min(j + V, hi); ++e) f(load_as<A, T>(xr, at(e)));
     }
   };
   m = 0;

@@ -450,25 +450,35 @@ def test_ops_pass_opcheck(cuda):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape,groups", [((5, 96, 1), 2), ((3, 18000, 1), 1), ((4, 21, 1), 1)])
+@pytest.mark.parametrize("shape,groups", [((5, 96, 1), 2), ((3, 18000, 1), 1), ((4, 21, 1), 1),
+                                          ((2, 16, 5, 5), 2), ((2, 12, 3, 3), 2)])
 def test_cuda_row_words_do_not_change_the_bits(cuda, shape, groups, dtype):
     """NOTE: [row words] in csrc/norm_stats.cu: a sample row read 16 bytes at a time (it starts
     16-byte aligned) and the same row one element at a time (shifted by one element) sum the
     same entries per thread in the same order: equal bits, on warp rows, chunked block rows and
     rows of odd length, and the reference's sums.  (I = 1, LayerNorm's layout: the xhat pass
     then sums rows, in an order that does not depend on the alignment either, NOTE: [row tiles];
-    its planes for I > 1 do.)"""
+    its planes for I > 1 do.)  4-D shapes: a channels_last GroupNorm input, whose xhat pass
+    also sums rows; its words stay in a run of C/groups channels where C/groups and C are
+    multiples of the word (16 channels, 2 groups), element by element where not (12)."""
     torch.manual_seed(8)
     n = math.prod(shape)
     values = torch.randn(n, device=cuda.dev).to(dtype) * 3 + 2
     outs = []
     for at in (0, 1):                                           # aligned, shifted by one entry
-        x = torch.zeros(n + 8, dtype=dtype, device=cuda.dev)[at:at + n].view(shape)
-        x.view(-1).copy_(values)
+        mem = torch.zeros(n + 8, dtype=dtype, device=cuda.dev)[at:at + n]
+        if len(shape) == 4:                                     # channels_last (B, C, H, W)
+            b, c, hh, ww = shape
+            mem.copy_(values.view(shape).permute(0, 2, 3, 1).reshape(-1))
+            x = mem.view(b, hh, ww, c).permute(0, 3, 1, 2).reshape(b, c, hh * ww)
+            assert x.stride() == (c * hh * ww, 1, c)
+        else:
+            mem.copy_(values)
+            x = mem.view(shape)
         out = torch.zeros(shape[1], device=cuda.dev)
         cuda.ops.norm_stats(x, out, "sample", groups, 1e-5)
         want = torch.zeros(shape[1], device=cuda.dev)
-        reference.norm_stats(x, want, "sample", groups, 1e-5)
+        reference.norm_stats(values.view(shape).reshape(x.shape), want, "sample", groups, 1e-5)
         torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
         outs.append(out)
     assert torch.equal(outs[0], outs[1])
