@@ -244,8 +244,10 @@ def _transformed(*values) -> bool:
     raised).  Not checked while compiling: dynamo traces transforms itself, on fake tensors."""
     if torch.compiler.is_compiling():
         return False
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(v, torch.Tensor) and wrapped(v) for v in values)
+    for v in values:        # (a loop: a generator cost a microsecond of every hook call)
+        if isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v):
+            return True
+    return False
 
 
 def _computes_grad(params: List[torch.Tensor], nodes: dict) -> bool:
@@ -285,10 +287,31 @@ def _computes_grad(params: List[torch.Tensor], nodes: dict) -> bool:
     return not asked
 
 
+class _EagerNoGrad:
+    """``torch.no_grad()`` through the grad mode's C binding: 0.2 us a use against no_grad's
+    1.2 us (its decorator machinery), twice per hooked layer and statistics iteration."""
+    __slots__ = ("prev",)
+
+    def __enter__(self):
+        self.prev = torch.is_grad_enabled()
+        torch._C._set_grad_enabled(False)
+
+    def __exit__(self, *exc):
+        torch._C._set_grad_enabled(self.prev)
+
+
+def _no_grad():
+    """The hook bodies' no-grad context: ``torch.no_grad()`` while compiling (dynamo traces
+    it), else ``_EagerNoGrad``."""
+    return torch.no_grad() if torch.compiler.is_compiling() else _EagerNoGrad()
+
+
 def _rows(lay: Layer, method: str, rows):
     """``rows``, the row count a layer kind's h_stats/s_stats returned, if it is one (an int, a
     SymInt while tracing, or a tensor); a kind that forgot to return it, or returned a negative
     int, is named."""
+    if type(rows) is int and rows >= 0:     # the common case, first: this runs on every call
+        return rows
     if isinstance(rows, bool) or not isinstance(rows, (numbers.Integral, torch.SymInt,
                                                        torch.Tensor)):
         raise TypeError(f"AdaFisher: {type(lay.kind).__name__}.{method} of '{lay.label}' returned "
@@ -433,7 +456,7 @@ class StatHooks:
 
     def _h_stats(self, lay: Layer, module, x: torch.Tensor) -> None:
         fisher = self.fisher
-        with torch.no_grad():
+        with _no_grad():
             rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
             fisher.add_rows(lay.h_factor, _rows(lay, "h_stats", rows))
 
@@ -450,7 +473,8 @@ class StatHooks:
             return compiled_hook
 
         fisher, generation = self.fisher, self.fisher.generation
-        params = [getattr(lay.modules[which], pn) for pn in lay.pnames]
+        module = lay.module_at(which)
+        params = [getattr(module, pn) for pn in lay.pnames]
 
         def hook(grad):
             if not _computes_grad(params, self._grad_nodes):    # NOTE: [gradient passes]
@@ -464,8 +488,8 @@ class StatHooks:
         return hook
 
     def _s_stats(self, lay: Layer, which: int, grad: torch.Tensor) -> None:
-        fisher, module = self.fisher, lay.modules[which]
-        with torch.no_grad():
+        fisher, module = self.fisher, lay.module_at(which)
+        with _no_grad():
             s = lay.kind.s_input(module, grad.detach())
             rows = lay.kind.s_stats(module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
             fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows))

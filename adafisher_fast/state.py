@@ -60,6 +60,10 @@ class Layer:
         """The modules whose calls gather this layer's statistics: its own, then the aliases."""
         return [self.module] + self.aliases
 
+    def module_at(self, which: int) -> nn.Module:
+        """``modules[which]`` without making the list (the hooks ask on every call)."""
+        return self.module if which == 0 else self.aliases[which - 1]
+
 
 def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
     """Raise ValueError unless the global map ``row`` of ``p`` (NOTE: [param map] in reference.py)

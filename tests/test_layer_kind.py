@@ -692,3 +692,38 @@ def test_a_registered_name_that_matches_nothing_is_named(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AdaFisher(model)                    # once per name
+
+
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_a_kinds_statistics_run_without_grad(monkeypatch, create_graph):
+    """A kind's h_stats and s_stats run with grad mode off, even in a forward under grad mode and
+    a backward that builds a graph (create_graph=True turns it on in the gradient hooks), so that
+    a kind computing with its module's parameters records nothing into the statistics buffer's
+    history; grad mode is back on after each hook."""
+    seen = []
+
+    def recording(method):
+        good = getattr(layers.HFConv1DKind, method)
+
+        def stats(self, m, t, acc, preset, ops):
+            seen.append((method, torch.is_grad_enabled()))
+            acc.add_(m.weight.sum() * 0)        # a parameter's value: history if grad were on
+            return good(self, m, t, acc, preset, ops)
+        return stats
+
+    for method in ("h_stats", "s_stats"):
+        monkeypatch.setattr(layers.HFConv1DKind, method, recording(method))
+    _, conv = _conv1d_models(torch.float64)
+    opt = AdaFisher(conv, preset="paper")
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    out = conv(x)
+    assert torch.is_grad_enabled()
+    grad, = torch.autograd.grad(out.square().sum(), x, create_graph=create_graph)
+    if create_graph:
+        assert grad.requires_grad               # the hooks left the double-backward graph alone
+    assert {m for m, _ in seen} == {"h_stats"}  # autograd.grad(loss, x): S waits for .grad
+    out = conv(x)
+    out.square().sum().backward(create_graph=create_graph)
+    assert {m for m, _ in seen} == {"h_stats", "s_stats"}
+    assert not any(on for _, on in seen), seen
+    assert not opt.fisher.buf.requires_grad and opt.fisher.buf.grad_fn is None
