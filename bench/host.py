@@ -24,8 +24,12 @@ the difference per hooked layer, and what one such iteration launches beyond the
 (``launches``: the backend's kernels, Triton's counted at their launchers and the CUDA
 backend's custom ops, plus the torch ops that do device work, not views or bare allocations; a
 count that does not depend on the host, where the times do).  A compiled model or a CUDA-graph
-replay runs none of this Python (README, "torch.compile and CUDA graphs").  One JSON line per
-row in ``DIR/host.jsonl``.
+replay runs none of this Python (README, "torch.compile and CUDA graphs").
+
+The launchers' rows (``kind: host_op``): one call of each statistics op of each backend at a
+layer of those models, its host time (on CUDA with the launch; how much of a hook's time the
+launch itself takes, Triton's against the CUDA extension's).  One JSON line per row in
+``DIR/host.jsonl``.
 """
 from __future__ import annotations
 
@@ -221,6 +225,52 @@ def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dic
                 kernels="stubbed" if dev.type == "cpu" else "real")
 
 
+def op_cases(small: bool):
+    """[(op, case, make(dev) -> args)]: one statistics call of each kind at a layer of SPEC 8's
+    ResNet-18 (batch 256) and GPT (16 x 256 tokens), or (small) at a few entries, where the
+    kernels are stubbed and only the launcher's Python counts."""
+    b, hw, t = (2, 4, 8) if small else (256, 32, 4096)
+
+    def f32(*shape):
+        return lambda dev: torch.randn(*shape, device=dev)
+    return [
+        ("conv_stats", f"{b}x64x{hw}x{hw} k3s1", lambda dev: (
+            f32(b, 64, hw, hw)(dev), torch.zeros(64 * 9, device=dev), (3, 3), (1, 1),
+            ((1, 1), (1, 1)), (1, 1), 1)),
+        ("linear_stats", f"conv S {b}x64x{hw}x{hw} dim 1", lambda dev: (
+            f32(b, 64, hw, hw)(dev), torch.zeros(64, device=dev), 1)),
+        ("linear_stats", f"{t}x512", lambda dev: (f32(t, 512)(dev), torch.zeros(512, device=dev))),
+        ("norm_stats", f"BatchNorm {b}x64x{hw * hw}", lambda dev: (
+            f32(b, 64, hw * hw)(dev), torch.zeros(64, device=dev), "channel", 1, 1e-5)),
+        ("norm_stats", f"LayerNorm {t}x512", lambda dev: (
+            f32(t, 512, 1)(dev), torch.zeros(512, device=dev), "sample", 1, 1e-5)),
+        ("embedding_stats", f"{t} tokens of 8192", lambda dev: (
+            torch.randint(0, 8192, (t,), device=dev), torch.zeros(8192, device=dev))),
+    ]
+
+
+def measure_ops(dev, backends, small: bool, n: int, repeats: int) -> list:
+    """Host time of one call of each backend's statistics launcher (``kind: host_op``): on the
+    CPU the Python alone (kernels stubbed), on CUDA with the launch, timed without synchronising
+    as the hooks call them."""
+    rows = []
+    for op, case, make in op_cases(small):
+        args = make(dev)
+        for backend in backends:
+            fn = getattr(_try_load(backend, dev)[0], op)
+            call = lambda: fn(*args)        # noqa: E731
+            call()                          # compiled, tables made
+            times = []
+            for _ in range(repeats):
+                times.append(host_us(call, n))
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+            rows.append(dict(kind="host_op", op=op, case=case, backend=backend, device=str(dev),
+                             host_us=statistics.median(times),
+                             kernels="stubbed" if dev.type == "cpu" else "real"))
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n")[0])
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -243,6 +293,7 @@ def main(argv=None) -> int:
                 for tcov in (100, 1):
                     hook_rows.append(measure_hooks(label, factory, inputs, dev, backend, tcov,
                                                    max(n // 4, 5), repeats))
+        op_rows = measure_ops(dev, backends, args.smoke or dev.type == "cpu", n, repeats)
     print("| workload | params | backend | TCov | step() host us | AdamW(fused) us | ratio |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -255,7 +306,11 @@ def main(argv=None) -> int:
         print(f"| {r['workload']} | {r['layers']} | {r['backend']} | {r['TCov']} | "
               f"{r['hooked_us']:.0f} | {r['plain_us']:.0f} | {r['ratio']:.2f} | "
               f"{r['per_layer_us']:.1f} | {r['launches']} |")
-    rows += hook_rows
+    print("\n| op | case | backend | host us per call |")
+    print("|---|---|---|---|")
+    for r in op_rows:
+        print(f"| {r['op']} | {r['case']} | {r['backend']} | {r['host_us']:.1f} |")
+    rows += hook_rows + op_rows
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "host.jsonl", "w") as f:

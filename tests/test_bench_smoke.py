@@ -239,8 +239,14 @@ def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch)
     assert "TRITON_INTERPRET" not in os.environ
     rows = [json.loads(l) for l in (tmp_path / "host.jsonl").read_text().splitlines()]
     runs = [("resnet18", 100), ("resnet18", 1), ("gpt4", 100), ("gpt4", 1)]
+    ops = [r for r in rows if r["kind"] == "host_op"]
+    rows = [r for r in rows if r["kind"] != "host_op"]
     assert [(r["kind"], r["workload"], r["TCov"]) for r in rows] == (
         [("host_step", *run) for run in runs] + [("host_hooks", *run) for run in runs])
+    # one row per statistics op case, each launcher timed
+    assert {r["op"] for r in ops} == {"conv_stats", "linear_stats", "norm_stats", "embedding_stats"}
+    assert len(ops) == len(host.op_cases(True)) and all(r["host_us"] > 0 for r in ops)
+    assert all(r["backend"] == "triton" and r["kernels"] == "stubbed" for r in ops)
     for r in rows:
         assert r["backend"] == "triton" and r["kernels"] == "stubbed" and r["ratio"] > 0
         if r["kind"] == "host_step":
