@@ -1,7 +1,9 @@
 """Helpers shared by the kernel benchmarks."""
 from __future__ import annotations
 
-from typing import List
+import json
+from pathlib import Path
+from typing import Iterable, List
 
 import torch
 
@@ -27,3 +29,10 @@ def nbytes(shape, dtype: torch.dtype) -> int:
     for s in shape:
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    """``rows`` as JSON lines in ``path`` (its folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)

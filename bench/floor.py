@@ -28,6 +28,7 @@ import torch
 from adafisher_fast import AdaFisher
 
 from . import bench_e2e
+from .common import write_jsonl
 
 STATS_OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats")
 
@@ -119,9 +120,7 @@ def main(argv=None) -> int:
               f"{fmt(r.get('allowed_ms'), '.2f')} | "
               f"{extra if r['preset'] == 'official' and 'adamw_ms' in r else '-'} |")
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "floor.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(args.out / "floor.jsonl", rows)
     return 0
 
 

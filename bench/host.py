@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import copy
 import importlib
-import json
 import os
 import statistics
 import sys
@@ -52,6 +51,7 @@ from adafisher_fast import AdaFisher
 from adafisher_fast.backends import _try_load
 
 from . import models
+from .common import write_jsonl
 
 KERNEL_MODULES = ("conv_stats", "linear_stats", "norm_stats", "embedding_stats", "layer_ema",
                   "fused_step")
@@ -312,9 +312,7 @@ def main(argv=None) -> int:
         print(f"| {r['op']} | {r['case']} | {r['backend']} | {r['host_us']:.1f} |")
     rows += hook_rows + op_rows
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        with open(args.out / "host.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_jsonl(args.out / "host.jsonl", rows)
     return 0
 
 

@@ -25,7 +25,6 @@ CI, through tests/test_bench_smoke.py) runs the narrow models of ``bench_e2e``'s
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from adafisher_fast.backends import OPS
 
 from . import bench_e2e
+from .common import write_jsonl
 from .harness import Harness
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -185,9 +185,7 @@ def main(argv=None) -> None:
         h = Harness(device, a.smoke or device.type != "cuda", Path(scratch), verbose=False,
                     backends=a.backends.split(",") if a.backends else None)
         rows = run(h, a.iters or (2 if h.smoke else 20))
-    with open(out / "profile.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+    write_jsonl(out / "profile.jsonl", rows)
     (out / "profile.md").write_text(table(rows))
     print(f"# {len(rows)} rows: {out / 'profile.jsonl'}, {out / 'profile.md'}")
 
