@@ -74,6 +74,23 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def _swap_kernels(replace, saved: list) -> None:
+    """Every Triton kernel of fisher_kernels/ (JIT, interpreted, or a ``_NoLaunch`` stub) set to
+    ``replace(kernel)``, each (module, name, kernel) appended to ``saved`` as it goes (for
+    ``_put_back``, also after an error midway)."""
+    for name in KERNEL_MODULES:
+        mod = importlib.import_module(f"fisher_kernels.{name}")
+        for attr, v in list(vars(mod).items()):
+            if type(v).__name__ in ("InterpretedFunction", "JITFunction", "_NoLaunch"):
+                saved.append((mod, attr, v))
+                setattr(mod, attr, replace(v))
+
+
+def _put_back(saved: list) -> None:
+    for mod, attr, v in saved:
+        setattr(mod, attr, v)
+
+
 @contextlib.contextmanager
 def stubbed_kernels():
     """Every Triton kernel of fisher_kernels/ and ``torch._fused_adamw_`` launch nothing, the
@@ -84,18 +101,12 @@ def stubbed_kernels():
     try:
         torch.set_num_threads(1)
         os.environ["TRITON_INTERPRET"] = "1"    # the Triton backend on CPU tensors (backends.py)
-        for name in KERNEL_MODULES:
-            mod = importlib.import_module(f"fisher_kernels.{name}")
-            for attr, v in list(vars(mod).items()):
-                if type(v).__name__ in ("InterpretedFunction", "JITFunction"):
-                    saved.append((mod, attr, v))
-                    setattr(mod, attr, _NoLaunch())
+        _swap_kernels(lambda kernel: _NoLaunch(), saved)
         saved.append((torch, "_fused_adamw_", torch._fused_adamw_))
         torch._fused_adamw_ = lambda *args, **kwargs: None
         yield
     finally:
-        for mod, attr, v in saved:
-            setattr(mod, attr, v)
+        _put_back(saved)
         torch.set_num_threads(threads)
         if interpret is None:
             os.environ.pop("TRITON_INTERPRET")
@@ -117,17 +128,11 @@ class _Launches(TorchDispatchMode):
 
     def __enter__(self):
         self.n, self._saved = 0, []
-        for name in KERNEL_MODULES:
-            mod = importlib.import_module(f"fisher_kernels.{name}")
-            for attr, v in list(vars(mod).items()):
-                if type(v).__name__ in ("InterpretedFunction", "JITFunction", "_NoLaunch"):
-                    self._saved.append((mod, attr, v))
-                    setattr(mod, attr, self._counted(v))
+        _swap_kernels(self._counted, self._saved)
         return super().__enter__()
 
     def __exit__(self, *exc):
-        for mod, attr, v in self._saved:
-            setattr(mod, attr, v)
+        _put_back(self._saved)
         return super().__exit__(*exc)
 
     def _counted(self, kernel):
