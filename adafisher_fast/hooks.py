@@ -323,12 +323,12 @@ def _rows(lay: Layer, method: str, rows):
 
 
 class StatHooks:
-    def __init__(self, fisher: FisherState, ops, follow):
+    def __init__(self, fisher: FisherState, ops, follow, names: dict):
         self.key = _key(fisher)                 # NOTE: [backward statistics], [hook keys]
         _LIVE[self.key] = self
         self.fisher = fisher
         self.ops = ops                  # the backend's statistics ops (backends.py)
-        self.names: dict = {}           # id(parameter) -> name, the optimizer's (NOTE: [check names])
+        self.names = names              # id(parameter) -> name, the optimizer's (NOTE: [check names])
         self._grad_nodes: dict = {}     # NOTE: [gradient passes]
         # follow(): the optimizer's method (or None once it is gone: NOTE: [hook lifetime]) that
         # moves its state to where the model now is, or raises (NOTE: [following the model])

@@ -517,8 +517,8 @@ class AdaFisher(Optimizer, Joinable):
         the user drops is freed, and then its finalizer removes its hooks.  Before, every
         optimizer ever made on a model stayed alive, with its momentum, and kept gathering
         statistics on every forward and backward (LR finders, sweeps, re-made optimizers)."""
-        hooks = StatHooks(self.fisher, self._ops, weakref.WeakMethod(self._follow_model))
-        hooks.names = self._names
+        hooks = StatHooks(self.fisher, self._ops, weakref.WeakMethod(self._follow_model),
+                          self._names)
         old = self.__dict__.get("_hooks_finalizer")
         if old is not None:         # hooks replaced by _relayout: the finalizer kept them alive
             old.detach()

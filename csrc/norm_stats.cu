@@ -44,13 +44,14 @@ __global__ void channel_coeffs_kernel(const M* mean, const M* var, A* mu, A* rs,
 // multiple of V), read as one 16-byte load where the row starts 16-byte aligned and is
 // contiguous (or channels_last with C/groups and C multiples of V), else one element at a
 // time: the same entries per thread in the same order either way, so the bits do not depend
-// on the alignment.  One element per thread per step left a
-// bfloat16 GroupNorm row at 2 bytes a load (1x256x32768: 0.059 ms, Triton's 0.029; H200).
+// on the alignment.  One element per thread per step left a bfloat16 GroupNorm row at 2 bytes a
+// load (1x256x32768: 0.059 ms, Triton's 0.029; H200).
 template <typename T, typename A, typename Sum>
 __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row, int64_t n, int64_t lo,
                                             int64_t hi, int t, int stride, bool center, int64_t groups,
                                             int64_t C, int64_t runs, Sum sum, A& m, A& s2) {
-  constexpr int V = 16 / sizeof(T) > 0 ? 16 / sizeof(T) : 1;
+  constexpr int V = 16 / sizeof(T);
+  using Word = VecOf<16>::type;
   const int64_t r = row / groups, grp = row - r * groups;
   const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + row * n;
   auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
@@ -61,8 +62,8 @@ __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row
   // f(v) for each of the entries [j, min(j + V, hi)), in order
   auto each = [&](int64_t j, auto f) {
     if (words && j + V <= hi) {
-      union { uint4 u; T v[V]; } in;
-      in.u = *reinterpret_cast<const uint4*>(xr + at(j));
+      union { Word u; T v[V]; } in;
+      in.u = *reinterpret_cast<const Word*>(xr + at(j));
 #pragma unroll
       for (int e = 0; e < V; ++e) f(load_as<A, T>(in.v, e));
     } else {
