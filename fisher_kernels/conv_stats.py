@@ -6,9 +6,12 @@ conv weight (channel, *kernel).  Returns L, the output positions per sample.
 
 Two launches, neither of the patch matrix's size:
 1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x,
-   in x's memory order, so a channels_last x is not copied: NOTE: [memory order] in host.py);
-2. one program per (channel, block of output positions, block of kernel offsets) sums Q over
-   that part of each offset's output lattice (strided, dilated) and adds it atomically (stores it
+   in x's memory order, so a channels_last x is not copied: NOTE: [memory order] in host.py),
+   left as R rows of partial sums over parts of the batch (``partial_sums``): every entry is
+   stored, none added, so Q needs no zero fill (a launch per conv call) and its sums do not
+   depend on the order the programs run in;
+2. one program per (channel, block of output positions, block of kernel offsets) sums Q's rows
+   over that part of each offset's output lattice (strided, dilated) and adds it atomically (stores it
    for an ordered sum under deterministic algorithms: NOTE: [ordered partials] in
    linear_stats.py).  Zero padding is applied by masking; reflect/replicate/circular pad the
    small map Q with torch first (padding commutes with the square and the batch sum: it only
@@ -26,7 +29,7 @@ import triton.language as tl
 
 from adafisher_fast import reference
 from .host import cdiv, memory_order, next_pow2, on_device
-from .linear_stats import _launch as _sum_over_batch
+from .linear_stats import partial_sums
 
 TILE = 2048     # (kernel offsets x output positions) per program
 MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
@@ -34,12 +37,12 @@ TARGET_PROGRAMS = 8192   # lattice programs per launch, about (NOTE: [lattice gr
 
 
 @triton.jit
-def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, K0, K1, K2,
-                        D0, D1, D2, T0, T1, T2, N0, N1, N2, N_LBLK, N_LGRP, LPG,
+def _lattice_sum_kernel(q_ptr, out_ptr, R, QR, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, K0, K1,
+                        K2, D0, D1, D2, T0, T1, T2, N0, N1, N2, N_LBLK, N_LGRP, LPG,
                         BLOCK_KO: tl.constexpr, BLOCK_L: tl.constexpr, PARTIAL: tl.constexpr):
     """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
-    l-block of the output lattice of Q[c, koff*dil + l*stride - pad], Q (C, S0, S1, S2) with
-    strides (QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split]
+    l-block of the output lattice of sum_r Q[r, c, koff*dil + l*stride - pad], Q (R, C, S0, S1,
+    S2) with strides (QR, QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split]
     one tile per program, added atomically: a channel per program would leave a 3-channel first
     layer with a handful of programs on a GPU of 132 SMs.  PARTIAL (deterministic algorithms):
     out is an (N_LBLK, C * K) scratch, the program's sums stored in row l-block (NOTE: [ordered
@@ -67,8 +70,10 @@ def _lattice_sum_kernel(q_ptr, out_ptr, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, 
         y2 = k2[:, None] * D2 + (i2 * T2)[None, :] - P2
         ok = (km[:, None] & lm[None, :] & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1)
               & (y2 >= 0) & (y2 < S2))
-        v = tl.load(base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2,
-                    mask=ok, other=0.0)
+        at = base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2
+        v = tl.load(at, mask=ok, other=0.0)
+        for r in range(1, R):
+            v += tl.load(at + tl.cast(r, tl.int64) * QR, mask=ok, other=0.0)
         acc += tl.sum(v, axis=1)
     at = out_ptr + tl.cast(c, tl.int64) * K + koff
     if PARTIAL:
@@ -107,18 +112,17 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     if order is None or order[0] != 0:
         x, order = x.contiguous(), list(range(nd + 2))
     xp = x.permute(order)
-    q = torch.zeros(c * math.prod(spatial), dtype=torch.float32, device=x.device)
-    _sum_over_batch(xp.reshape(b, -1, 1), q, True, 1.0)
-    q = q.view(xp.shape[1:]).permute([order.index(d) - 1 for d in range(1, nd + 2)])
+    q = partial_sums(xp.reshape(b, -1, 1), True, 1.0)
+    q = q.view(-1, *xp.shape[1:]).permute([0] + [order.index(d) for d in range(1, nd + 2)])
     pads = [tuple(p) for p in padding]
     if padding_mode != "zeros" and any(p for lo_hi in pads for p in lo_hi):
         flat_pad = [p for lo_hi in reversed(pads) for p in lo_hi]
-        q = F.pad(q.unsqueeze(0), flat_pad, mode=padding_mode).squeeze(0)
-        spatial = list(q.shape[1:])
+        q = F.pad(q, flat_pad, mode=padding_mode)        # (R, C, *spatial): a batch of R
+        spatial = list(q.shape[2:])
         pads = [(0, 0)] * nd
     # run as 3-D: unit leading dims
     lead = 3 - nd
-    Q = [0] * lead + list(q.stride()[1:])
+    Q = [0] * lead + list(q.stride()[2:])
     S = [1] * lead + spatial
     P = [0] * lead + [p[0] for p in pads]
     K = [1] * lead + list(kernel_size)
@@ -135,8 +139,8 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     partial = n_lgrp > 1 and torch.are_deterministic_algorithms_enabled()
     dst = out.new_empty(n_lgrp, out.numel()) if partial else out
     _lattice_sum_kernel[(c * n_lgrp, n_kob)](
-        q, dst, q.stride(0), *Q, *S, *P, *K, *D, *T, *N, n_lblk, n_lgrp, lpg, BLOCK_KO=block_ko,
-        BLOCK_L=block_l, PARTIAL=partial, enable_fp_fusion=True)
+        q, dst, q.shape[0], q.stride(0), q.stride(1), *Q, *S, *P, *K, *D, *T, *N, n_lblk, n_lgrp,
+        lpg, BLOCK_KO=block_ko, BLOCK_L=block_l, PARTIAL=partial, enable_fp_fusion=True)
     if partial:
         out.add_(dst.sum(0))
     return n_pos

@@ -130,9 +130,34 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
             rps: int = 1) -> None:
     """x3: contiguous (A, K, B); out: contiguous float32 (K,); affine/mu/rs/g/cg/rps: see the
     kernel."""
-    a, k, b = x3.shape
     if x3.numel() == 0:
         return
+    args = (square, scale, affine, mu, rs, g, cg, rps)
+    if _n_partials(*x3.shape) > 1 and torch.are_deterministic_algorithms_enabled():
+        out.add_(partial_sums(x3, *args).sum(0))
+    else:
+        _run(x3, out, False, *args)
+
+
+def partial_sums(x3: torch.Tensor, square: bool, scale: float, affine: int = 0,
+                 mu: torch.Tensor = None, rs: torch.Tensor = None, g: int = 1, cg: int = 1,
+                 rps: int = 1) -> torch.Tensor:
+    """``_launch``'s sums before the programs' partial sums meet: (R, K) float32, one row per
+    program along A and B (NOTE: [ordered partials]), each entry stored once, so the scratch
+    needs no zero fill; x3 non-empty."""
+    dst = torch.empty(_n_partials(*x3.shape), x3.shape[1], dtype=torch.float32, device=x3.device)
+    _run(x3, dst, True, square, scale, affine, mu, rs, g, cg, rps)
+    return dst
+
+
+def _n_partials(a: int, k: int, b: int) -> int:
+    """Programs that sum parts of one feature: the rows of ``partial_sums``."""
+    _, _, block_b, _, grid = tiles(a, k, b)
+    return cdiv(b, block_b) * grid[1]
+
+
+def _run(x3, dst, partial, square, scale, affine, mu, rs, g, cg, rps) -> None:
+    a, k, b = x3.shape
     block_a, block_k, block_b, rows, grid = tiles(a, k, b)
     # NOTE: [plane alignment] the JIT marks an integer argument divisible by 16 or not at all, so a
     # 14x14 plane (B = 196 = 4 * 49) would read one element per thread; B passed as B_Q * B_DIV,
@@ -140,15 +165,10 @@ def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, aff
     # B_DIV-element aligned, and it loads up to B_DIV elements at once (8 or 16 bytes).  (B of 2^31
     # and more stays whole: B_Q * B_DIV would be an int32 product there.)
     b_div = min(b & -b, 16) if b < 2 ** 31 else 1
-    n_rows = cdiv(b, block_b) * grid[1]              # programs per feature
-    partial = n_rows > 1 and torch.are_deterministic_algorithms_enabled()
-    dst = out.new_empty(n_rows, k) if partial else out     # NOTE: [ordered partials]
-    _column_reduce_kernel[grid](x3, dst, out if mu is None else mu, out if rs is None else rs, a, k,
+    _column_reduce_kernel[grid](x3, dst, dst if mu is None else mu, dst if rs is None else rs, a, k,
                                 b // b_div, rows, g, cg, rps, float(scale), SQUARE=square,
                                 AFFINE=affine, BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b,
                                 B_DIV=b_div, PARTIAL=partial, enable_fp_fusion=True)
-    if partial:
-        out.add_(dst.sum(0))
 
 
 @on_device

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -159,3 +160,15 @@ def assert_trajectories_close(got, want):
             close(og.state[a][k], v, f"state {k} of {n}")
     for k, v in ow.fisher.tensors().items():
         close(og.fisher.tensors()[k], v, f"fisher {k}", rtol=FISHER_RTOL)
+
+
+class AtenOps(TorchDispatchMode):
+    """The aten ops run within, by name (``seen``)."""
+
+    def __enter__(self):
+        self.seen = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func).split(".")[1])
+        return func(*args, **(kwargs or {}))

@@ -1,11 +1,13 @@
 """conv_stats kernels (no im2col) against the torch reference: Conv1d/2d/3d, stride, dilation,
 groups (1, 2, depthwise), every padding_mode, fp32/bf16/fp16 inputs; the transposed-conv layers
 that call it on their output gradient."""
+import importlib
+
 import pytest
 import torch
 
 from adafisher_fast import AdaFisherW, reference
-from conftest import backend_name, device, tensor_copies
+from conftest import AtenOps, backend_name, device, tensor_copies
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 CASES = [
@@ -195,7 +197,7 @@ def test_triton_lattice_grid_and_scratch_bounded_at_volume_sizes(det, monkeypatc
         def __getitem__(self, grid):
             return lambda *a, **kw: seen.append((tuple(grid), a[1]))
     monkeypatch.setattr(cs, "_lattice_sum_kernel", Rec())
-    monkeypatch.setattr(cs, "_sum_over_batch", lambda *a, **kw: None)
+    monkeypatch.setattr(cs, "partial_sums", lambda x3, *a: x3.new_empty(1, x3.shape[1]))
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(det)
     try:
@@ -208,6 +210,46 @@ def test_triton_lattice_grid_and_scratch_bounded_at_volume_sizes(det, monkeypatc
     assert grid[0] < 2 ** 31 and grid[1] <= 65535
     assert grid[0] * grid[1] <= 4 * cs.TARGET_PROGRAMS
     assert dst.numel() <= (cs.TARGET_PROGRAMS + 1) * out.numel()
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_triton_conv_batch_map_in_partial_rows(mode, fmt, monkeypatch):
+    """The batch map Q split over programs as on a GPU (the interpreter would not split it):
+    R rows of partial sums, padded as a batch of R maps and added up by the lattice kernel,
+    give the reference's sums in every padding mode and memory format."""
+    cs = _triton_conv_module()
+    monkeypatch.setattr(importlib.import_module("fisher_kernels.linear_stats"), "interpreting",
+                        lambda: False)
+    rows, real = [], cs.partial_sums
+    monkeypatch.setattr(cs, "partial_sums", lambda *a: rows.append(real(*a)) or rows[-1])
+    torch.manual_seed(4)
+    x = torch.randn(70, 3, 9, 11, device=device()).to(memory_format=fmt)
+    args = ((3, 3), (2, 1), [(1, 1), (2, 2)], (1, 2), 1, mode)
+    want = torch.rand(27, device=device())
+    got = want.clone()
+    reference.conv_stats(x, want, *args)
+    cs.conv_stats(x, got, *args)
+    assert rows[0].shape[0] > 1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_triton_conv_stats_fills_no_scratch(monkeypatch):
+    """The launcher's torch work is allocation and views: the batch map's partial sums are
+    stored, not added into a zeroed map (a fill launch on every conv call), and the lattice adds
+    into ``out``.  Kernels stubbed (the interpreter runs its own aten ops)."""
+    cs = _triton_conv_module()
+    ls = importlib.import_module("fisher_kernels.linear_stats")
+    kernels = []
+    stub = type("Stub", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **k: kernels.append(grid))})()
+    monkeypatch.setattr(ls, "_column_reduce_kernel", stub)
+    monkeypatch.setattr(cs, "_lattice_sum_kernel", stub)
+    x, out = torch.randn(4, 3, 9, 11, device=device()), torch.zeros(27, device=device())
+    with AtenOps() as ops:
+        cs.conv_stats(x, out, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1)
+    assert len(kernels) == 2
+    assert set(ops.seen) <= {"empty", "view", "permute", "_reshape_alias", "reshape"}, ops.seen
 
 
 @pytest.mark.parametrize("det", [False, True])

@@ -4,10 +4,9 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from adafisher_fast import reference
-from conftest import device, emulated, tensor_copies
+from conftest import AtenOps, device, emulated, tensor_copies
 
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]
 
@@ -124,18 +123,6 @@ def test_triton_channel_mode_reads_x_at_most_twice(running, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
-class _AtenOps(TorchDispatchMode):
-    """The aten ops run within, by name."""
-
-    def __enter__(self):
-        self.seen = []
-        return super().__enter__()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func).split(".")[1])
-        return func(*args, **(kwargs or {}))
-
-
 def test_triton_channel_mode_does_no_torch_arithmetic(monkeypatch):
     """NOTE: [channel launches]: batch statistics cost the Triton launcher one allocation and its
     kernels (stubbed here: the interpreter runs its own aten ops), not a dozen small torch ops on
@@ -148,7 +135,7 @@ def test_triton_channel_mode_does_no_torch_arithmetic(monkeypatch):
                         type("Stub", (), {"__getitem__": lambda self, grid: (
                             lambda *a, **k: kernels.append("finish"))})())
     x, out = torch.randn(3, 5, 7, device=device()), torch.zeros(5, device=device())
-    with _AtenOps() as ops:
+    with AtenOps() as ops:
         ns.norm_stats(x, out, "channel", 1, 1e-5)
     assert kernels == ["reduce", "reduce", "finish"]
     assert ops.seen.count("zeros") == 1 and set(ops.seen) <= {"zeros", "select", "view"}, ops.seen
