@@ -4,8 +4,9 @@
 // float64.
 // NOTE: [conv lattice sums] Two launches:
 //  1. Q[c, pos] = sum_b x[b, c, pos]^2 (the column reduce of reduce.cuh over B rows, one read of x,
-//     in x's memory order: Q is (pos, c) for a channels_last x, NOTE: [memory order]);
-//  2. one block per (channel, kernel offset) sums Q over that offset's output lattice.  Padding
+//     in x's memory order: Q is (pos, c) for a channels_last x, NOTE: [memory order]), left as the
+//     stored partial sums of its row blocks (`work`, launchers.h: no fill, no atomics);
+//  2. one block per (channel, kernel offset) sums Q's rows over that offset's output lattice.  Padding
 //     commutes with the square and the batch sum (it only copies or zeroes positions), so it is
 //     applied to Q's coordinates on the fly: zeros -> skipped, reflect/replicate/circular -> the
 //     source position torch.nn.functional.pad would copy.  Nothing of the patch matrix's size exists.
@@ -26,7 +27,8 @@ __device__ __forceinline__ int64_t pad_source(int64_t j, int64_t n, int mode) {
 
 template <typename A>
 __global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out, A* __restrict__ partials,
-                                    ConvGeom g, int64_t kprod, int64_t L, int64_t q_cstride, int64_t q_pstride) {
+                                    ConvGeom g, int64_t kprod, int64_t L, int64_t q_rows, int64_t q_rstride,
+                                    int64_t q_cstride, int64_t q_pstride) {
   __shared__ A sh[32];
   const int64_t c = blockIdx.x / kprod, kofs = blockIdx.x - c * kprod;
   int64_t off[3] = {0, 0, 0};
@@ -46,7 +48,8 @@ __global__ void conv_lattice_kernel(const A* __restrict__ q, A* __restrict__ out
       src += j * stride_src;
       stride_src *= g.size[d];
     }
-    if (ok) acc += qc[src * q_pstride];
+    if (ok)
+      for (int64_t r = 0; r < q_rows; ++r) acc += qc[r * q_rstride + src * q_pstride];
   }
   acc = block_sum<A>(acc, sh);
   if (threadIdx.x != 0) return;
@@ -59,11 +62,13 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
                               int64_t C, const ConvGeom& g, void* partials, cudaStream_t s) {
   int64_t plane = 1, kprod = 1, L = 1;
   for (int d = 0; d < g.nd; ++d) { plane *= g.size[d]; kprod *= g.kernel[d]; L *= g.out_size[d]; }
-  if (C == 0 || kprod == 0) return cudaSuccess;
+  if (B == 0 || C == 0 || plane == 0 || kprod == 0) return cudaSuccess;    // adds nothing
+  int64_t rows = 1;     // conv_work_rows: `work`'s rows of Q
   AF_DISPATCH_ACC(ot, A,
     AF_DISPATCH_IN(xt, T,
-      launch_reduce<T, A>(static_cast<const T*>(x), static_cast<A*>(work), B, C * plane, 1, true, A(1),
-                          Affine{0, nullptr, nullptr, 1}, static_cast<A*>(partials), s));
+      rows = conv_work_rows(B, C * plane, sizeof(T));
+      launch_reduce_blocks<T, A>(static_cast<const T*>(x), nullptr, static_cast<A*>(work), B, C * plane, 1,
+                                 rows, true, A(1), Affine{0, nullptr, nullptr, 1}, s));
     if (L > 0) {
       const int threads = L >= 256 ? 256 : (L >= 64 ? 64 : 32);
       // NOTE: [lattice split] a few (channel, offset) entries over a large lattice (a 1-channel
@@ -74,7 +79,7 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
       if (partials != nullptr) gy = std::max<int64_t>(1, std::min(gy, reduce_partials_size(C * plane) / ck));
       A* part = gy > 1 ? static_cast<A*>(partials) : nullptr;
       conv_lattice_kernel<A><<<dim3((unsigned)ck, (unsigned)gy), threads, 0, s>>>(
-          static_cast<const A*>(work), static_cast<A*>(out), part, g, kprod, L,
+          static_cast<const A*>(work), static_cast<A*>(out), part, g, kprod, L, rows, C * plane,
           g.channels_last ? 1 : plane, g.channels_last ? C : 1);
       if (part != nullptr)
         sum_partials_kernel<A><<<(unsigned)cdiv(ck, 256), 256, 0, s>>>(part, static_cast<A*>(out), gy, ck);

@@ -41,8 +41,10 @@ cudaError_t launch_linear_stats(const void* x, DType xt, void* out, DType ot, in
 
 // conv_stats (SPEC 4.2, im2col-free): x (B, C, *spatial) with nd = 1..3 spatial dims, contiguous or
 // channels_last (memory order B, *spatial, C).
-// work: n = C * prod(spatial) zero-initialised entries of type ot (the batch-reduced map Q, laid out
-// like one sample of x).
+// work: conv_work_rows(B, n, x's element size) rows of n = C * prod(spatial) entries of type ot, no
+// initialisation needed: the batch-reduced map Q (laid out like one sample of x) as the stored
+// partial sums of the row blocks the batch is split over, which the lattice kernel adds up; so Q
+// needs no fill launch and its sums do not depend on the order the blocks run in.
 // out: (C * prod(kernel)) entries, layout (channel, *kernel) == (group, C/g, *kernel).
 struct ConvGeom {
   int nd;
@@ -50,6 +52,7 @@ struct ConvGeom {
   int mode;  // 0 zeros, 1 reflect, 2 replicate, 3 circular
   bool channels_last;
 };
+inline int64_t conv_work_rows(int64_t B, int64_t n, int64_t elem) { return reduce_split(B, n, 1, elem); }
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
                               int64_t C, const ConvGeom& g, void* partials, cudaStream_t s);
 

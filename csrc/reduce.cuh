@@ -2,9 +2,10 @@
 // norm_stats: x viewed as contiguous (A, K, I), out[k] += scale * sum_{a,i} f(x[a,k,i]) where
 // f(v) = (v - mu) * rs (optional affine, mu/rs per channel k or per (a, k / cpg)), then squared or
 // not.  Accumulation in A (float32 or float64, the buffer dtype); partial sums of each block meet
-// in `out` through atomicAdd, so out keeps its "ADD into" contract.  Rows (I == 1) or plane rows
-// (I > 1) that start 16- or 8-byte aligned are read 16 or 8 bytes per thread, the rest one element
-// at a time (the kernels' VB).
+// in `out` through atomicAdd, so out keeps its "ADD into" contract (conv_stats' batch map keeps
+// them stored, one row per row block: launch_reduce_blocks, `work` in launchers.h).  Rows (I == 1)
+// or plane rows (I > 1) that start 16- or 8-byte aligned are read 16 or 8 bytes per thread, the
+// rest one element at a time (the kernels' VB).
 //
 // Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
 // `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
@@ -137,12 +138,11 @@ void launch_reduce_words(const T* x, A* out, A* part, int64_t Ar, int64_t K, int
                                                                                    scale, af);
 }
 
+// The blocks' sums of the (A, K, I) reduction split over gy blocks per feature: added into out, or,
+// given part, stored in its rows (gy rows of K, each entry written once: no fill needed).
 template <typename T, typename A>
-void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool square, A scale,
-                   Affine af, A* partials, cudaStream_t s) {
-  if (Ar == 0 || K == 0 || I == 0) return;
-  const int64_t gy = reduce_split(Ar, K, I, sizeof(T));    // NOTE: [row tiles] in launchers.h
-  A* part = gy > 1 ? partials : nullptr;
+void launch_reduce_blocks(const T* x, A* out, A* part, int64_t Ar, int64_t K, int64_t I, int64_t gy, bool square,
+                          A scale, Affine af, cudaStream_t s) {
   // the widest load, 16 or 8 bytes, at which every row (I == 1) or plane row (I > 1) starts aligned
   // (bf16 14x14 maps: 392-byte rows, 8-byte loads); else one element (float64 inputs always)
   const int64_t row_bytes = (I == 1 ? K : I) * static_cast<int64_t>(sizeof(T));
@@ -156,6 +156,15 @@ void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool sq
     if (vb == 8) launch_reduce_words<T, A, 8>(x, out, part, Ar, K, I, gy, square, scale, af, s);
   }
   if (vb == 0) launch_reduce_words<T, A, sizeof(T)>(x, out, part, Ar, K, I, gy, square, scale, af, s);
+}
+
+template <typename T, typename A>
+void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool square, A scale,
+                   Affine af, A* partials, cudaStream_t s) {
+  if (Ar == 0 || K == 0 || I == 0) return;
+  const int64_t gy = reduce_split(Ar, K, I, sizeof(T));    // NOTE: [row tiles] in launchers.h
+  A* part = gy > 1 ? partials : nullptr;
+  launch_reduce_blocks<T, A>(x, out, part, Ar, K, I, gy, square, scale, af, s);
   if (part != nullptr)
     sum_partials_kernel<A><<<(unsigned)cdiv(K, 256), 256, 0, s>>>(part, out, gy, K);
 }

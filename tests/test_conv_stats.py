@@ -214,24 +214,33 @@ def test_triton_lattice_grid_and_scratch_bounded_at_volume_sizes(det, monkeypatc
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_triton_conv_batch_map_in_partial_rows(mode, fmt, monkeypatch):
-    """The batch map Q split over programs as on a GPU (the interpreter would not split it):
-    R rows of partial sums, padded as a batch of R maps and added up by the lattice kernel,
-    give the reference's sums in every padding mode and memory format."""
-    cs = _triton_conv_module()
-    monkeypatch.setattr(importlib.import_module("fisher_kernels.linear_stats"), "interpreting",
-                        lambda: False)
-    rows, real = [], cs.partial_sums
-    monkeypatch.setattr(cs, "partial_sums", lambda *a: rows.append(real(*a)) or rows[-1])
+def test_conv_stats_batch_map_in_partial_rows(kernel_ops, mode, fmt, monkeypatch, emu_launches):
+    """The batch map Q as the stored sums of several row blocks (a batch of 130 splits on both
+    backends; the Triton interpreter made to split it as on a GPU), padded as a batch of maps
+    (Triton) or through its coordinates (CUDA), then added up by the lattice kernel: the
+    reference's sums in every padding mode and memory format."""
+    rows = []
+    if backend_name(kernel_ops) == "triton":
+        cs = _triton_conv_module()
+        monkeypatch.setattr(importlib.import_module("fisher_kernels.linear_stats"), "interpreting",
+                            lambda: False)
+        real = cs.partial_sums
+
+        def spy(*a):
+            q = real(*a)
+            rows.append(q.shape[0])
+            return q
+        monkeypatch.setattr(cs, "partial_sums", spy)
     torch.manual_seed(4)
-    x = torch.randn(70, 3, 9, 11, device=device()).to(memory_format=fmt)
+    x = torch.randn(130, 3, 9, 11, device=device()).to(memory_format=fmt)
     args = ((3, 3), (2, 1), [(1, 1), (2, 2)], (1, 2), 1, mode)
     want = torch.rand(27, device=device())
     got = want.clone()
     reference.conv_stats(x, want, *args)
-    cs.conv_stats(x, got, *args)
-    assert rows[0].shape[0] > 1
+    kernel_ops.conv_stats(x, got, *args)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    rows += [y for name, _, y in emu_launches() if "reduce_rows" in name]
+    assert rows and all(r > 1 for r in rows), rows
 
 
 def test_triton_conv_stats_fills_no_scratch(monkeypatch):

@@ -62,7 +62,10 @@ def _shuffle_triton_programs(monkeypatch):
 def test_program_order_does_not_change_deterministic_results(name, monkeypatch):
     """Three program orders give the same bits under deterministic algorithms, equal to the
     float64 reference to float32 rounding, and three different results without (which shows that
-    every case splits and that the orders reorder its atomic partial sums)."""
+    every case splits and that the orders reorder its atomic partial sums).  Except CUDA's
+    conv_stats, which has none at this size: its batch map's row blocks store their sums for the
+    lattice kernel to add up, and that kernel gives each (channel, offset) entry one block
+    (Triton's splits the output positions over programs: NOTE: [lattice split])."""
     if name == "triton" and "triton" not in kernel_backends():
         pytest.skip("needs triton")
     if name == "triton" and torch.cuda.is_available() or name == "cuda" and not emulated("cuda"):
@@ -78,7 +81,7 @@ def test_program_order_does_not_change_deterministic_results(name, monkeypatch):
         want[case] = torch.zeros(n, dtype=torch.float64)
         call(want[case])
         want[case] = want[case].float()
-    differ = set()
+    differ, order_free = set(), {"conv_stats"} if name == "cuda" else set()
     for det in (True, False):
         with deterministic(det):
             for case, n, call in _split_reductions(ops):
@@ -89,12 +92,14 @@ def test_program_order_does_not_change_deterministic_results(name, monkeypatch):
                     call(out)
                     results.append(out)
                 same = all(torch.equal(results[0], r) for r in results[1:])
-                assert same or not det, f"{case}: program order changed the result"
+                assert same or not (det or case in order_free), \
+                    f"{case}: program order changed the result"
                 torch.testing.assert_close(results[0], want[case], rtol=1e-5, atol=1e-5)
                 if not same:
                     differ.add(case)
     cases = {case for case, _, _ in _split_reductions(ops)}
-    assert differ == cases, f"{cases - differ}: program order did not matter without determinism"
+    assert differ == cases - order_free, \
+        f"{cases - differ}: program order did not matter without determinism"
 
 
 @pytest.mark.parametrize("name", ["torch", "triton", "cuda"])
