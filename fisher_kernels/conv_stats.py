@@ -11,8 +11,8 @@ Two launches, neither of the patch matrix's size:
    stored, none added, so Q needs no zero fill (a launch per conv call) and its sums do not
    depend on the order the programs run in;
 2. one program per (channel, block of output positions, block of kernel offsets) sums Q's rows
-   over that part of each offset's output lattice (strided, dilated) and adds it atomically (stores it
-   for an ordered sum under deterministic algorithms: NOTE: [ordered partials] in
+   over that part of each offset's output lattice (strided, dilated) and adds it atomically
+   (stores it for an ordered sum under deterministic algorithms: NOTE: [ordered partials] in
    linear_stats.py).  Zero padding is applied by masking; reflect/replicate/circular pad the
    small map Q with torch first (padding commutes with the square and the batch sum: it only
    copies or zeroes positions).  1-D/2-D convs run as 3-D ones with unit leading dims.
@@ -42,11 +42,11 @@ def _lattice_sum_kernel(q_ptr, out_ptr, R, QR, QC, Q0, Q1, Q2, S0, S1, S2, P0, P
                         BLOCK_KO: tl.constexpr, BLOCK_L: tl.constexpr, PARTIAL: tl.constexpr):
     """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
     l-block of the output lattice of sum_r Q[r, c, koff*dil + l*stride - pad], Q (R, C, S0, S1,
-    S2) with strides (QR, QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).  NOTE: [lattice split]
-    one tile per program, added atomically: a channel per program would leave a 3-channel first
-    layer with a handful of programs on a GPU of 132 SMs.  PARTIAL (deterministic algorithms):
-    out is an (N_LBLK, C * K) scratch, the program's sums stored in row l-block (NOTE: [ordered
-    partials] in linear_stats.py)."""
+    S2) with strides (QR, QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).
+    NOTE: [lattice split] one tile per program, added atomically: a channel per program would
+    leave a 3-channel first layer with a handful of programs on a GPU of 132 SMs.  PARTIAL
+    (deterministic algorithms): out is an (N_LBLK, C * K) scratch, the program's sums stored in
+    row l-block (NOTE: [ordered partials] in linear_stats.py)."""
     c = tl.program_id(0) // N_LGRP
     lg = tl.program_id(0) % N_LGRP
     K = K0 * K1 * K2

@@ -49,7 +49,8 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B_Q, rows_per_pr
     f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
     or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample), or of v - mu[k] / G
     (AFFINE 3: mu holds RPS rows of partial sums of the channel, ``partial_sums``' output, added
-    in order, G its count; norm_stats' centred pass); AFFINE 0 reads neither mu nor rs.  PARTIAL: out is a (programs, K) scratch, this program's row stored, not added.
+    in order, G its count; norm_stats' centred pass); AFFINE 0 reads neither mu nor rs.
+    PARTIAL: out is a (programs, K) scratch, this program's row stored, not added.
     B = B_Q * B_DIV: NOTE: [plane alignment]."""
     B = B_Q * B_DIV
     n_kb = tl.cdiv(K, BLOCK_K)

@@ -27,10 +27,10 @@ the reference computes them; then sum xhat^2 = N var / (var + eps) per channel, 
 pass over x (NOTE: [norm passes] in csrc/norm_stats.cu).  NOTE: [channel launches] Three
 launches and two allocations, no fill: the sums and the centred squares (the mean taken from the
 sums inside the pass), each as the stored partial sums of its programs (``partial_sums``: the
-same in any program order), then ``_channel_finish_kernel`` adds each one's rows up.  Done in torch between the passes, the arithmetic on C
-entries was a dozen small ops, each a launch on a GPU and host time: an H200 run timed this
-launcher at 0.17-0.48 ms on every BatchNorm shape (small ones too), the CUDA backend at
-0.02-0.14 ms.
+same in any program order), then ``_channel_finish_kernel`` adds each one's rows up.  Done in
+torch between the passes, the arithmetic on C entries was a dozen small ops, each a launch on a
+GPU and host time: an H200 run timed this launcher at 0.17-0.48 ms on every BatchNorm shape
+(small ones too), the CUDA backend at 0.02-0.14 ms.
 """
 from __future__ import annotations
 
@@ -168,9 +168,9 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
             squares = partial_sums(x3, True, 1.0, 3, sums, None, n, 1, sums.shape[0])
             block = min(next_pow2(c), BLOCK_ROW)
             # separate rounding of n * q and the add, as torch's ops (no FMA)
-            _channel_finish_kernel[(cdiv(c, block),)](sums, squares, out, c, n, sums.shape[0],
-                                                      float(eps), BLOCK=block,
-                                                      enable_fp_fusion=False)
+            _channel_finish_kernel[(cdiv(c, block),)](
+                sums, squares, out, c, n, sums.shape[0], float(eps), BLOCK=block,
+                enable_fp_fusion=False)
             return
         rs = torch.rsqrt(var.to(torch.float32) + eps).contiguous()
         _xhat_sq(x3, out, mean.to(torch.float32).contiguous(), rs, False, 1, 1)
