@@ -109,11 +109,12 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
     # (*spatial, C)), read through its strides (NOTE: [memory order])
     order = None if x.is_contiguous() else memory_order(x)
-    if order is None or order[0] != 0:
-        x, order = x.contiguous(), list(range(nd + 2))
-    xp = x.permute(order)
-    q = partial_sums(xp.reshape(b, -1, 1), True, 1.0)
-    q = q.view(-1, *xp.shape[1:]).permute([0] + [order.index(d) for d in range(1, nd + 2)])
+    if order is not None and order[0] != 0:
+        x, order = x.contiguous(), None
+    xp = x if order is None else x.permute(order)     # (an identity permute costs 1 us a call)
+    q = partial_sums(xp.reshape(b, -1, 1), True, 1.0).view(-1, *xp.shape[1:])
+    if order is not None:
+        q = q.permute([0] + [order.index(d) for d in range(1, nd + 2)])
     pads = [tuple(p) for p in padding]
     if padding_mode != "zeros" and any(p for lo_hi in pads for p in lo_hi):
         flat_pad = [p for lo_hi in reversed(pads) for p in lo_hi]
