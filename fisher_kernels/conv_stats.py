@@ -109,7 +109,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
     # (*spatial, C)), read through its strides (NOTE: [memory order])
     order = None if x.is_contiguous() else memory_order(x)
-    if order is not None and order[0] != 0:
+    if not x.is_contiguous() and (order is None or order[0] != 0):
         x, order = x.contiguous(), None
     xp = x if order is None else x.permute(order)     # (an identity permute costs 1 us a call)
     q = partial_sums(xp.reshape(b, -1, 1), True, 1.0).view(-1, *xp.shape[1:])

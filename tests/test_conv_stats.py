@@ -73,6 +73,24 @@ def test_conv_stats_channels_last_not_copied(kernel_ops, spatial, kernel, stride
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("layout", ["every other sample", "cropped", "batch innermost"])
+def test_conv_stats_strided_inputs(kernel_ops, layout):
+    """Inputs that are not dense in any dim order, or dense with the batch inside: a view of
+    every other sample (its rows a view could merge, 2 x C x H x W apart), a spatial crop, and
+    a (B, C, H, W) view of a (C, H, W, B) tensor; each gives the reference's sums."""
+    torch.manual_seed(8)
+    base = torch.randn(10, 4, 9, 11, device=device())
+    x = {"every other sample": base[::2],
+         "cropped": base[:, :, 1:8, 2:],
+         "batch innermost": base.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)}[layout]
+    want = torch.rand(36, device=device())
+    got = want.clone()
+    args = ((3, 3), (1, 2), [(1, 1), (0, 1)], (1, 1), 1, "zeros")
+    reference.conv_stats(x.contiguous(), want, *args)
+    kernel_ops.conv_stats(x, got, *args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_conv_stats_matches_unfold_definition(kernel_ops):
     """The patch statistic by its definition (explicit unfold, float64) for a strided dilated conv."""
     torch.manual_seed(2)
