@@ -15,7 +15,9 @@ iterations), then ``iters`` timed iterations, each timed whole and its ``step()`
 around both, one sync at the end).  Columns: ``time_ms`` = median iteration, ``step_ms`` = median
 ``step()``, ``peak_mem_mib`` = torch.cuda.max_memory_allocated over warm-up and timed iterations
 (model, activations, gradients, optimizer state), ``ratio`` = time / AdamW time of the same
-workload and dtype (the headline), ``step_ratio`` = step_ms / AdamW step_ms.  Anchor figures of
+workload and dtype (the headline), ``step_ratio`` = step_ms / AdamW step_ms, ``host_ms`` (eager
+and compile modes) = the host time of one iteration, zero_grad included, from an idle device
+(NOTE: [host-bound iterations]).  Anchor figures of
 the released code (SPEC 8, H100, fp32) are added to the matching eager rows as ``anchor_*``.
 
 Execution modes (column ``mode``; ``--modes``; NOTE: [e2e modes]):
@@ -237,6 +239,24 @@ def _time_config(h, wname, mk_model, mk_batch, make_opt, amp, mode="eager"):
             it_ms.append((t2 - t0) * 1e3)
             st_ms.append((t2 - t1) * 1e3)
     peak = h.peak_memory_mib()
+    # NOTE: [host-bound iterations] The events time the device.  The host runs ahead of it, so its
+    # Python and launches cost nothing while they take less time than the kernels they queue; past
+    # that the device waits for them and every microsecond of host work is a microsecond of
+    # iteration.  ``host_ms`` is how long the host takes to queue one iteration from an idle
+    # device (a sync before each, none inside: the launches do not wait): a row whose host_ms
+    # reaches its ms/iter is host-bound, and there AdaFisher's hooks and launchers (bench.host)
+    # are what its extra time is made of.  (Median of 5 after the timed loop, which they do not
+    # disturb.)
+    host = []
+    for i in range(1 if h.smoke else 5):
+        h.sync()
+        t0 = time.perf_counter()
+        fwd_bwd(i)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        host.append(time.perf_counter() - t0)
+    h.sync()
+    extra["host_ms"] = sorted(host)[len(host) // 2] * 1e3
     n = sum(p.numel() for p in model.parameters())
     del model, opt, batches, net
     gc.collect()

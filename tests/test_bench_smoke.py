@@ -54,7 +54,7 @@ def test_every_op_and_e2e_measured(smoke):
     assert {(r["mode"], r["dtype"], r["optimizer"]) for r in cl} == \
         {("eager", "bf16-autocast", "adamw"), ("eager", "bf16-autocast", "AdaFisher TCov=1")}
     for r in e2e:
-        assert r["time_ms"] > 0 and r["step_ms"] > 0 and r["ratio"] > 0
+        assert r["time_ms"] > 0 and r["step_ms"] > 0 and r["ratio"] > 0 and r["host_ms"] > 0
         if r["optimizer"] == "adamw":
             assert r["ratio"] == pytest.approx(1.0)
     assert any(r.get("anchor_time_ms") == 70.5 for r in e2e)
