@@ -6,8 +6,8 @@
 //  1. Q[c, pos] = sum_b x[b, c, pos]^2 (the column reduce of reduce.cuh over B rows, one read of x,
 //     in x's memory order: Q is (pos, c) for a channels_last x, NOTE: [memory order]), left as the
 //     stored partial sums of its row blocks (`work`, launchers.h: no fill, no atomics);
-//  2. one block per (channel, kernel offset) sums Q's rows over that offset's output lattice.  Padding
-//     commutes with the square and the batch sum (it only copies or zeroes positions), so it is
+//  2. one block per (channel, kernel offset) sums Q's rows over that offset's output lattice.
+//     Padding commutes with the square and the batch sum (it only copies or zeroes positions), so it is
 //     applied to Q's coordinates on the fly: zeros -> skipped, reflect/replicate/circular -> the
 //     source position torch.nn.functional.pad would copy.  Nothing of the patch matrix's size exists.
 #include <algorithm>
