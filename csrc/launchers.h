@@ -44,7 +44,8 @@ cudaError_t launch_linear_stats(const void* x, DType xt, void* out, DType ot, in
 // work: conv_work_rows(B, n, x's element size) rows of n = C * prod(spatial) entries of type ot, no
 // initialisation needed: the batch-reduced map Q (laid out like one sample of x) as the stored
 // partial sums of the row blocks the batch is split over, which the lattice kernel adds up; so Q
-// needs no fill launch and its sums do not depend on the order the blocks run in.
+// needs no fill launch and its sums do not depend on the order the blocks run in.  At most
+// 2048 * reduce_tile + n entries (reduce_split's bound), about 2 MB more than Q itself.
 // out: (C * prod(kernel)) entries, layout (channel, *kernel) == (group, C/g, *kernel).
 struct ConvGeom {
   int nd;
