@@ -10,7 +10,7 @@ Two launches, neither of the patch matrix's size:
    left as R rows of partial sums over parts of the batch (``partial_sums``): every entry is
    stored, none added, so Q needs no zero fill (a launch per conv call) and its sums do not
    depend on the order the programs run in.  The split aims at ~1024 programs of up to 128
-   columns, so R x C x prod(spatial) stays under 2^17 entries or R is 1;
+   columns, so R x C x prod(spatial) stays under 2^18 entries (1 MiB) or R is 1;
 2. one program per (channel, block of output positions, block of kernel offsets) sums Q's rows
    over that part of each offset's output lattice (strided, dilated) and adds it atomically
    (stores it for an ordered sum under deterministic algorithms: NOTE: [ordered partials] in
