@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adafisher_fast import AdaFisherW, reference
-from conftest import AtenOps, backend_name, device, tensor_copies
+from conftest import AtenOps, backend_name, device, emulated, tensor_copies
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 CASES = [
@@ -258,7 +258,8 @@ def test_conv_stats_batch_map_in_partial_rows(kernel_ops, mode, fmt, monkeypatch
     kernel_ops.conv_stats(x, got, *args)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     rows += [y for name, _, y in emu_launches() if "reduce_rows" in name]
-    assert rows and all(r > 1 for r in rows), rows
+    if backend_name(kernel_ops) == "triton" or emulated("cuda"):   # (a GPU logs no launches)
+        assert rows and all(r > 1 for r in rows), rows
 
 
 def test_triton_conv_stats_fills_no_scratch(monkeypatch):
