@@ -184,7 +184,8 @@ void conv_stats(const at::Tensor& x, const at::Tensor& out, at::IntArrayRef kern
   g.channels_last = !x.is_contiguous() && memory_order(x) == cl;
   const at::Tensor xc = g.channels_last ? x : x.contiguous();
   const int64_t n = x.size(1) * plane;
-  at::Tensor work = at::empty({conv_work_rows(x.size(0), n, x.element_size()) * n}, out.options());
+  at::Tensor work = at::empty({conv_pointwise(g) ? 0 : conv_work_rows(x.size(0), n, x.element_size()) * n},
+                              out.options());
   const at::Tensor part = partials(out, n);
   check_launch(launch_conv_stats(xc.data_ptr(), xt, out.data_ptr(), ot, work.data_ptr(), x.size(0), x.size(1), g,
                                  ptr_or_null(part), c10::cuda::getCurrentCUDAStream()), "conv_stats");

@@ -2,7 +2,7 @@
 //   out[c * K + kofs] += sum_{b, l} xpad[b, c, l * stride + kofs * dilation]^2
 // x: (B, C, *spatial) contiguous or channels_last, nd = 1..3, fp16/bf16/fp32/fp64; out/work: float32 or
 // float64.
-// NOTE: [conv lattice sums] Two launches:
+// NOTE: [conv lattice sums] Two launches (one for a pointwise conv: NOTE: [pointwise convs]):
 //  1. Q[c, pos] = sum_b x[b, c, pos]^2 (the column reduce of reduce.cuh over B rows, one read of x,
 //     in x's memory order: Q is (pos, c) for a channels_last x, NOTE: [memory order]), left as the
 //     stored partial sums of its row blocks (`work`, launchers.h: no fill, no atomics);
@@ -63,6 +63,14 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
   int64_t plane = 1, kprod = 1, L = 1;
   for (int d = 0; d < g.nd; ++d) { plane *= g.size[d]; kprod *= g.kernel[d]; L *= g.out_size[d]; }
   if (B == 0 || C == 0 || plane == 0 || kprod == 0) return cudaSuccess;    // adds nothing
+  if (conv_pointwise(g)) {  // NOTE: [pointwise convs]: x as (B, C, plane), channels_last (B * plane, C, 1)
+    AF_DISPATCH_ACC(ot, A,
+      AF_DISPATCH_IN(xt, T,
+        launch_reduce<T, A>(static_cast<const T*>(x), static_cast<A*>(out), g.channels_last ? B * plane : B, C,
+                            g.channels_last ? 1 : plane, true, A(1), Affine{0, nullptr, nullptr, 1},
+                            static_cast<A*>(partials), s)));
+    return cudaGetLastError();
+  }
   int64_t rows = 1;     // conv_work_rows: `work`'s rows of Q
   AF_DISPATCH_ACC(ot, A,
     AF_DISPATCH_IN(xt, T,

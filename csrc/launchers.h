@@ -54,6 +54,13 @@ struct ConvGeom {
   bool channels_last;
 };
 inline int64_t conv_work_rows(int64_t B, int64_t n, int64_t elem) { return reduce_split(B, n, 1, elem); }
+// NOTE: [pointwise convs] (fisher_kernels/conv_stats.py) a 1x1 conv at stride 1 without padding: the
+// per-channel sum of squares, the column reduce straight into out (one launch, `work` unused).
+inline bool conv_pointwise(const ConvGeom& g) {
+  for (int d = 0; d < g.nd; ++d)
+    if (g.kernel[d] != 1 || g.stride[d] != 1 || g.pad_lo[d] != 0 || g.out_size[d] != g.size[d]) return false;
+  return true;
+}
 cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void* work, int64_t B,
                               int64_t C, const ConvGeom& g, void* partials, cudaStream_t s);
 

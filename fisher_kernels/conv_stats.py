@@ -4,7 +4,8 @@ x: (B, C, *spatial), d = 1, 2 or 3 spatial dims, float16/bfloat16/float32 (float
 back to the reference).  out: (groups * D,) float32, D = C/groups * prod(kernel), laid out like a
 conv weight (channel, *kernel).  Returns L, the output positions per sample.
 
-Two launches, neither of the patch matrix's size:
+Two launches, neither of the patch matrix's size (one for a pointwise conv: NOTE: [pointwise
+convs]):
 1. Q[c, *spatial] = sum_b x[b, c, *spatial]^2 (``linear_stats`` over the batch: one read of x,
    in x's memory order, so a channels_last x is not copied: NOTE: [memory order] in host.py),
    left as R rows of partial sums over parts of the batch (``partial_sums``): every entry is
@@ -29,8 +30,8 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, memory_order, next_pow2, on_device
-from .linear_stats import partial_sums
+from .host import cdiv, columns_view, memory_order, next_pow2, on_device
+from .linear_stats import _launch as _column_sums, partial_sums
 
 TILE = 2048     # (kernel offsets x output positions) per program
 MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
@@ -84,6 +85,16 @@ def _lattice_sum_kernel(q_ptr, out_ptr, R, QR, QC, Q0, Q1, Q2, S0, S1, S2, P0, P
         tl.atomic_add(at, acc, mask=km)
 
 
+def pointwise(kernel_size: Sequence[int], stride: Sequence[int], padding) -> bool:
+    """NOTE: [pointwise convs] A 1x1 conv at stride 1 without padding (ResNet bottlenecks',
+    MobileNet's and EfficientNet's pointwise convs) sees each input position once: its patch
+    statistic is the per-channel sum of squares over batch and positions, linear_stats' column
+    sum, one launch straight into ``out`` with no batch map (dilation, groups and padding_mode do
+    not change it).  csrc's conv_stats takes the same path (``conv_pointwise``)."""
+    return (all(k == 1 for k in kernel_size) and all(s == 1 for s in stride)
+            and not any(p for lo_hi in padding for p in lo_hi))
+
+
 @on_device
 def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
                stride: Sequence[int], padding: Sequence[Tuple[int, int]],
@@ -106,6 +117,9 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     sizes = reference.conv_sizes(x, kernel_size, stride, padding, dilation)
     n_pos = math.prod(sizes)
     if x.numel() == 0:
+        return n_pos
+    if pointwise(kernel_size, stride, padding):
+        _column_sums(columns_view(x, 1), out, True, 1.0)
         return n_pos
     # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
     # (*spatial, C)), read through its strides (NOTE: [memory order])

@@ -2,12 +2,13 @@
 groups (1, 2, depthwise), every padding_mode, fp32/bf16/fp16 inputs; the transposed-conv layers
 that call it on their output gradient."""
 import importlib
+import math
 
 import pytest
 import torch
 
 from adafisher_fast import AdaFisherW, reference
-from conftest import AtenOps, backend_name, device, emulated, tensor_copies
+from conftest import AtenOps, backend_name, deterministic, device, emulated, tensor_copies
 
 MODES = ["zeros", "reflect", "replicate", "circular"]
 CASES = [
@@ -19,6 +20,9 @@ CASES = [
     ((9, 9), (3, 3), (2, 2), [(2, 2), (2, 2)], (2, 2), 6, 6),      # depthwise
     ((1, 7), (1, 3), (1, 2), [(0, 0), (1, 1)], (1, 1), 3, 1),
     ((5, 6, 7), (3, 3, 3), (1, 2, 1), [(1, 1), (1, 1), (1, 1)], (1, 1, 2), 4, 2),
+    # 1x1 convs that are not pointwise (NOTE: [pointwise convs]): strided, padded
+    ((9, 9), (1, 1), (2, 2), [(0, 0), (0, 0)], (1, 1), 4, 1),
+    ((7,), (1,), (1,), [(1, 1)], (1,), 3, 1),
     # more output positions than one program's tile (NOTE: [lattice split])
     ((40, 40), (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 3, 1),
     ((1500,), (3,), (2,), [(1, 1)], (1,), 2, 1),
@@ -89,6 +93,39 @@ def test_conv_stats_strided_inputs(kernel_ops, layout):
     reference.conv_stats(x.contiguous(), want, *args)
     kernel_ops.conv_stats(x, got, *args)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("spatial,groups,dilation", [((13,), 1, (1,)), ((7, 9), 2, (2, 3)),
+                                                     ((3, 4, 5), 4, (1, 1, 1))])
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("det", [False, True])
+def test_conv_stats_pointwise_convs(kernel_ops, spatial, groups, dilation, fmt, det,
+                                    monkeypatch, emu_launches):
+    """NOTE: [pointwise convs] A 1x1 conv at stride 1 without padding (any dilation, groups or
+    padding_mode) takes one launch, the per-channel column sum, no batch map and no lattice, and
+    gives the reference's sums; with deterministic algorithms too."""
+    launched = []
+    if backend_name(kernel_ops) == "triton":
+        cs = _triton_conv_module()
+        real = cs._lattice_sum_kernel
+        monkeypatch.setattr(cs, "_lattice_sum_kernel", type("Spy", (), {
+            "__getitem__": lambda self, grid: launched.append("lattice") or real[grid]})())
+    torch.manual_seed(9)
+    x = torch.randn((70, 4) + spatial, device=device())
+    if fmt == "channels_last" and len(spatial) > 1:
+        x = x.to(memory_format=torch.channels_last if len(spatial) == 2
+                 else torch.channels_last_3d)
+    k = (1,) * len(spatial)
+    args = (k, k, [(0, 0)] * len(spatial), dilation, groups, "circular")
+    want = torch.rand(4, device=device())
+    got = want.clone()
+    reference.conv_stats(x, want, *args)
+    with deterministic(det):
+        n = kernel_ops.conv_stats(x, got, *args)
+    assert n == math.prod(spatial)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    launched += [name for name, _, _ in emu_launches() if "lattice" in name]
+    assert not launched, launched
 
 
 def test_conv_stats_matches_unfold_definition(kernel_ops):
