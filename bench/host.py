@@ -20,7 +20,10 @@ launch, the row counts, the found-layers check).
 The hooks' rows (``kind: host_hooks``): the host time of ``zero_grad()`` + forward + backward of
 the model with AdaFisher's hooks against a copy without them (interleaved, the same inputs),
 with statistics (TCov=1) and on the other iterations (TCov=100: the hooks' early return), and
-the difference per hooked layer, and what one such iteration launches beyond the copy's
+the difference per hooked layer; how much of that the backend's statistics ops take (their
+launchers' Python, and on CUDA the launches: ``launcher_us`` per layer, the hooked model timed
+again, interleaved, with those ops as no-ops: ``_NoOps``), the rest being the hooks' own
+bookkeeping; and what one such iteration launches beyond the copy's
 (``launches``: the backend's kernels, Triton's counted at their launchers and the CUDA
 backend's custom ops, plus the torch ops that do device work, not views or bare allocations; a
 count that does not depend on the host, where the times do).  A compiled model or a CUDA-graph
@@ -154,6 +157,28 @@ class _Launches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _NoOps:
+    """A backend's statistics ops that do nothing (``conv_stats`` says one output position); its
+    other attributes are the backend's.  The hooks' rows time the hooks with these in place of
+    the real ops, to split the hooks' host time into launchers and bookkeeping."""
+
+    def __init__(self, ops):
+        self._ops = ops
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    @staticmethod
+    def conv_stats(*args, **kwargs) -> int:
+        return 1
+
+    @staticmethod
+    def linear_stats(*args, **kwargs) -> None:
+        return None
+
+    norm_stats = embedding_stats = linear_stats
+
+
 def launches(run) -> int:
     """What one call of ``run`` launches (``_Launches``)."""
     with _Launches() as counted:
@@ -214,19 +239,25 @@ def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dic
     for _ in range(2):
         ours()
         theirs()
-    hooked, bare = [], []
+    hooked, bare, no_ops = [], [], []
+    real_ops = opt._hooks.ops
     for _ in range(repeats):
         hooked.append(host_us(ours, n))
         bare.append(host_us(theirs, n))
+        opt._hooks.ops = _NoOps(real_ops)
+        try:
+            no_ops.append(host_us(ours, n))
+        finally:
+            opt._hooks.ops = real_ops
         if dev.type == "cuda":
             torch.cuda.synchronize()
     layers = len(opt.fisher.layers)
-    h, b = statistics.median(hooked), statistics.median(bare)
+    h, b, z = statistics.median(hooked), statistics.median(bare), statistics.median(no_ops)
     extra = launches(ours) - launches(theirs)
     return dict(kind="host_hooks", workload=label, backend=opt.backend, TCov=tcov,
                 layers=layers, device=str(dev), hooked_us=h, plain_us=b, launches=extra,
-                per_layer_us=(h - b) / layers, ratio=statistics.median(
-                    a / c for a, c in zip(hooked, bare)),
+                per_layer_us=(h - b) / layers, no_ops_us=z, launcher_us=(h - z) / layers,
+                ratio=statistics.median(a / c for a, c in zip(hooked, bare)),
                 kernels="stubbed" if dev.type == "cpu" else "real")
 
 
@@ -305,12 +336,12 @@ def main(argv=None) -> int:
         print(f"| {r['workload']} | {r['params']} | {r['backend']} | {r['TCov']} | "
               f"{r['adafisher_us']:.0f} | {r['adamw_us']:.0f} | {r['ratio']:.2f} |")
     print("\n| workload | hooked layers | backend | TCov | zero_grad+fwd+bwd us | without hooks us "
-          "| ratio | per hooked layer us | launches |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| ratio | per hooked layer us | of which launchers | launches |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in hook_rows:
         print(f"| {r['workload']} | {r['layers']} | {r['backend']} | {r['TCov']} | "
               f"{r['hooked_us']:.0f} | {r['plain_us']:.0f} | {r['ratio']:.2f} | "
-              f"{r['per_layer_us']:.1f} | {r['launches']} |")
+              f"{r['per_layer_us']:.1f} | {r['launcher_us']:.1f} | {r['launches']} |")
     print("\n| op | case | backend | host us per call |")
     print("|---|---|---|---|")
     for r in op_rows:

@@ -255,6 +255,9 @@ def test_host_benchmark_rows_and_restored_kernels(tmp_path, capsys, monkeypatch)
             assert r["layers"] == {"resnet18": 41, "gpt4": 26}[r["workload"]]
             assert r["hooked_us"] > 0 and r["plain_us"] > 0
             assert r["per_layer_us"] == pytest.approx((r["hooked_us"] - r["plain_us"]) / r["layers"])
+            # the launchers' share: the same model timed with the statistics ops as no-ops
+            assert r["no_ops_us"] > 0
+            assert r["launcher_us"] == pytest.approx((r["hooked_us"] - r["no_ops_us"]) / r["layers"])
             # a statistics iteration launches at least each layer's H and S kernels; the others
             # at most zero_grad()'s clearing of the statistics buffer
             assert r["launches"] >= 2 * r["layers"] if r["TCov"] == 1 else r["launches"] <= 1
