@@ -9,7 +9,8 @@ decides that target as much as the kernels do.  This measures it apart from the 
   ``TRITON_INTERPRET=1`` but launch nothing) and AdamW's (``torch._fused_adamw_``), so each row is
   the optimizer's Python and table handling alone;
 - on CUDA: the real kernels, timed without synchronising (the launches queue behind each other
-  while the host runs ahead), so a row is the host time including the launches.
+  while the host runs ahead), so a row is the host time including the launches (the hooks' rows
+  one iteration a sample, from an idle device: NOTE: [launch queue]).
 
 Each row: the mean host time of one ``step()`` with the same gradients every step (the steady
 state of a training loop whose gradients stay at the same addresses, as the CUDA caching
@@ -218,6 +219,14 @@ def measure(label, factory, inputs, dev, backend, tcov, n, repeats) -> dict:
                 kernels="stubbed" if dev.type == "cpu" else "real")
 
 
+# NOTE: [launch queue] A CUDA stream takes about a thousand pending kernels; past that a launch
+# waits for the device.  A whole iteration launches hundreds (ResNet-18 at TCov=1: its model's
+# and 105 statistics ones), so the hooks' rows time one iteration per sample on CUDA, each
+# after a sync: timed over many, the host would wait on the device and the row would
+# read the device's time, not the host's.
+HOOK_ITERS_CUDA = 1
+
+
 def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dict:
     torch.manual_seed(0)
     plain = factory().to(dev)
@@ -239,18 +248,21 @@ def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dic
     for _ in range(2):
         ours()
         theirs()
+    def sample(run) -> float:       # NOTE: [launch queue]
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return host_us(run, n)
+
     hooked, bare, no_ops = [], [], []
     real_ops = opt._hooks.ops
     for _ in range(repeats):
-        hooked.append(host_us(ours, n))
-        bare.append(host_us(theirs, n))
+        hooked.append(sample(ours))
+        bare.append(sample(theirs))
         opt._hooks.ops = _NoOps(real_ops)
         try:
-            no_ops.append(host_us(ours, n))
+            no_ops.append(sample(ours))
         finally:
             opt._hooks.ops = real_ops
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
     layers = len(opt.fisher.layers)
     h, b, z = statistics.median(hooked), statistics.median(bare), statistics.median(no_ops)
     extra = launches(ours) - launches(theirs)
@@ -328,7 +340,8 @@ def main(argv=None) -> int:
             for backend in backends:
                 for tcov in (100, 1):
                     hook_rows.append(measure_hooks(label, factory, inputs, dev, backend, tcov,
-                                                   max(n // 4, 5), repeats))
+                                                   HOOK_ITERS_CUDA if dev.type == "cuda"
+                                                   else max(n // 4, 5), repeats))
         op_rows = measure_ops(dev, backends, args.smoke or dev.type == "cpu", n, repeats)
     print("| workload | params | backend | TCov | step() host us | AdamW(fused) us | ratio |")
     print("|---|---|---|---|---|---|---|")
