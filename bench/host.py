@@ -248,6 +248,7 @@ def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dic
     for _ in range(2):
         ours()
         theirs()
+
     def sample(run) -> float:       # NOTE: [launch queue]
         if dev.type == "cuda":
             torch.cuda.synchronize()
