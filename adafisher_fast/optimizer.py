@@ -321,6 +321,10 @@ class AdaFisher(Optimizer, Joinable):
             raise TypeError(f"model must be an nn.Module (AdaFisher hooks its layers), got {kind}; "
                             f"pass the model itself, e.g. AdaFisher(model)")
         model = _unwrapped(model)
+        if next(model.parameters(), None) is None:  # as torch's "empty parameter list"
+            raise ValueError(f"model: this {type(model).__name__} holds no parameters, so there is "
+                             f"nothing to train; pass the module that holds them (frozen ones "
+                             f"are fine: NOTE: [unfrozen])")
         _check_hparams(lr, beta, Lambda, gamma, TCov, weight_decay)
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")

@@ -1,6 +1,7 @@
 """Bad input gets a clear error naming the argument (SPEC section 7)."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -112,6 +113,19 @@ def test_settings_changed_after_construction_are_checked(name, bad, exc):
 def test_parameter_iterable_instead_of_module():
     with pytest.raises(TypeError, match="model must be an nn.Module.*parameter iterable"):
         AdaFisher(_m().parameters())
+
+
+def test_module_without_parameters_is_refused_frozen_ones_are_not():
+    """torch's optimizers refuse an empty parameter list; a module with none (an activation, a
+    container left empty) is a wrong argument, named so.  A frozen model is kept: its parameters
+    may be unfrozen later (NOTE: [unfrozen])."""
+    for empty in (nn.ReLU(), nn.Sequential(), nn.ModuleList([nn.Identity()])):
+        with pytest.raises(ValueError, match=f"model: this {type(empty).__name__} holds no parameters"):
+            AdaFisher(empty)
+    frozen = nn.Linear(3, 2).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert AdaFisher(frozen).param_groups[0]["params"] == []
 
 
 def test_parameter_in_two_groups_or_foreign():
