@@ -5,7 +5,9 @@ here.  On a CPU-only machine Triton kernels run interpreted (TRITON_INTERPRET=1,
 imported anywhere) and the CUDA backend's sources run under the CUDA emulator (tests/cuda_emu.py).
 """
 import contextlib
+import importlib.util
 import os
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from adafisher_fast import backends  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+    import fisher_kernels
+    import triton_bounds
+    triton_bounds.install([(fisher_kernels, "fused_step"),
+                           (sys.modules["fisher_kernels.fused_step"], "_launch")])
 
 torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
