@@ -1,5 +1,6 @@
-"""The interpreter's bounds check (tests/triton_bounds.py, NOTE: [interpreter bounds]) catches a
-kernel that reads, writes or adds past its tensors, and lets in-bounds and masked-off ones run."""
+"""The interpreter's sanitizer (tests/triton_sanitizer.py, NOTE: [interpreter sanitizer]) catches
+a kernel that reads, writes or adds past its tensors, or whose programs race on an address, and
+lets in-bounds, masked-off, atomic and ticket-ordered accesses run."""
 import os
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-import triton_bounds  # noqa: E402
+import triton_sanitizer  # noqa: E402
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="checks the interpreter (TRITON_INTERPRET=1)")
@@ -61,6 +62,45 @@ def test_a_view_bounds_its_kernel_not_its_storage():
     out of bounds although its storage goes on."""
     m = torch.zeros(4, 3)
     col = m[:2, 0]
-    assert triton_bounds.span(col) == (m.data_ptr(), m.data_ptr() + 4 * 4)
+    assert triton_sanitizer.span(col) == (m.data_ptr(), m.data_ptr() + 4 * 4)
     with pytest.raises(Exception, match="store of"):
         _copy_kernel[(1,)](torch.ones(8), col, 5, 0, MASKED=True, BLOCK=8)
+
+
+@triton.jit
+def _neighbour_kernel(x, out, MODE: tl.constexpr):
+    """Program i: MODE 0 stores x[i] to out[0] (all programs, one address); 1 stores x[i] + 1 to
+    x[i] after loading x[i + 1] (its neighbour's); 2 adds x[i] to out[0] atomically; 3 adds
+    atomically, then loads out[0]; 4 loads out[0] first."""
+    i = tl.program_id(0)
+    n = tl.num_programs(0)
+    if MODE == 0:
+        tl.store(out, tl.load(x + i))
+    elif MODE == 1:
+        v = tl.load(x + (i + 1) % n)
+        tl.store(x + i, v + 1.0)
+    elif MODE == 2:
+        tl.atomic_add(out, tl.load(x + i))
+    elif MODE == 3:
+        tl.atomic_add(out, tl.load(x + i))
+        tl.store(out + 1 + i, tl.load(out))
+    else:
+        tl.store(out + 1 + i, tl.load(out))
+        tl.atomic_add(out, tl.load(x + i))
+
+
+@pytest.mark.parametrize("mode, race", [
+    (0, "1 addresses .* program 0 store, program 1 store, program 2 store"),
+    (1, "3 addresses .* program 0 store, program 2 load"),       # x[0]: stored by 0, read by 2
+    (4, "1 addresses .* program 0 atomic, program 0 load, program 1 atomic, program 1 load, "
+        "program 2 atomic")])
+def test_programs_that_race_are_caught(mode, race):
+    with pytest.raises(triton_sanitizer.Race, match=f"_neighbour_kernel: {race}"):
+        _neighbour_kernel[(3,)](torch.arange(1.0, 4.0), torch.zeros(4), MODE=mode)
+
+
+@pytest.mark.parametrize("mode", [2, 3])    # atomics between themselves; after a program's
+def test_ordered_programs_run(mode):        # atomic, its accesses are ordered
+    out = torch.zeros(4)
+    _neighbour_kernel[(3,)](torch.arange(1.0, 4.0), out, MODE=mode)
+    assert out[0] == 6.0

@@ -1,0 +1,236 @@
+"""A memory and race check for interpreted Triton kernels (TRITON_INTERPRET=1): what
+compute-sanitizer's memcheck does on a GPU, and a check of global memory between programs, which
+its racecheck (shared memory only) does not make.
+
+NOTE: [interpreter sanitizer] The interpreter loads, stores and does atomics through raw
+addresses without checking them, and runs a launch's programs one after another.  So a kernel
+that reaches outside its tensors (a wrong mask, an offset in too narrow an integer type, a
+partial-sums buffer one row short) corrupts the CPU heap, which crashes later, somewhere else, or
+not at all; and one whose programs depend on each other's order (one stores what another loads
+or stores, unordered) gives the right answer here and any answer on a GPU.  ``install()``
+(conftest, whenever kernels are interpreted) checks both:
+
+- bounds, before each access: every active address of a load, store or atomic must lie, with
+  its element, inside the span of a tensor the kernel may reach -- its tensor arguments and, for
+  kernels that read pointers out of a table (fused_step), every tensor that its launchers were
+  given.  A span runs from a tensor's first element to one past its last (its view, not its
+  storage), so a kernel that strays from its slice of a flat buffer into the next is caught.
+  ``OutOfBounds`` names the kernel, the access and the nearest tensor, and the access does not
+  happen.
+- races, after each launch: an address that one program stores and another loads, stores or
+  updates atomically, or that one program updates atomically and another loads, is a race.
+  Atomics between themselves are not.  A program's accesses after its first atomic are not
+  counted: that is how a kernel orders its programs (the last to take a ticket finishes the
+  work, NOTE: [step tickets]), and the interpreter cannot see the ordering itself.  ``Race``
+  names the kernel, the address, the accesses and the programs.
+"""
+import contextlib
+import dataclasses
+import functools
+import threading
+
+import numpy as np
+import torch
+import triton.runtime.interpreter as interp
+
+_LOAD, _STORE, _ATOMIC = 0, 1, 2
+_KINDS = ("load", "store", "atomic")
+
+
+class OutOfBounds(AssertionError):
+    """A kernel's load, store or atomic touched memory outside the tensors it may reach."""
+
+
+class Race(AssertionError):
+    """Two programs of one launch accessed an address without an order between them."""
+
+
+class _Launch:
+    """The accesses of one launch's programs: (kind, program, addresses) as they happen."""
+
+    def __init__(self, kernel):
+        self.kernel, self.accesses, self.ordered = kernel, [], set()
+
+    def record(self, kind: int, addr: np.ndarray) -> None:
+        gx, gy, _ = interp.interpreter_builder.grid_dim
+        x, y, z = interp.interpreter_builder.grid_idx
+        pid = x + gx * (y + gy * z)
+        if pid in self.ordered:
+            return
+        if kind == _ATOMIC:
+            self.ordered.add(pid)
+        self.accesses.append((kind, pid, addr))
+
+    def check(self) -> None:
+        if not self.accesses:
+            return
+        addr = np.concatenate([a for _, _, a in self.accesses])
+        pid = np.concatenate([np.full(a.size, p, np.int64) for _, p, a in self.accesses])
+        kind = np.concatenate([np.full(a.size, k, np.int8) for k, _, a in self.accesses])
+        at, group = np.unique(addr, return_inverse=True)
+
+        stride = int(pid.max()) + 1
+
+        def programs(sel):          # per address: how many programs made the selected accesses
+            pairs = np.unique(group[sel] * stride + pid[sel])
+            return np.bincount(pairs // stride, minlength=at.size)
+
+        def has(k):
+            return np.bincount(group[kind == k], minlength=at.size) > 0
+
+        racy = ((has(_STORE) & (programs(slice(None)) > 1))
+                | (has(_LOAD) & has(_ATOMIC) & (programs(kind != _STORE) > 1)))
+        if not racy.any():
+            return
+        first = at[racy][0]
+        who = sorted({(int(p), _KINDS[k]) for p, k in zip(pid[addr == first], kind[addr == first])})
+        raise Race(f"{self.kernel}: {int(racy.sum())} addresses accessed by several programs "
+                   f"without an order between them; first {int(first):#x}: "
+                   + ", ".join(f"program {p} {k}" for p, k in who)
+                   + " (NOTE: [interpreter sanitizer])")
+
+
+_state = threading.local()          # .spans: stack of lists of (lo, hi); .launch: a _Launch
+
+
+def _spans():
+    if not hasattr(_state, "spans"):
+        _state.spans, _state.launch = [], None
+    return _state.spans
+
+
+def tensors_in(obj, out=None):
+    """Every tensor in obj: a tensor, or nested lists, tuples, dicts and dataclasses of them."""
+    out = [] if out is None else out
+    if isinstance(obj, torch.Tensor):
+        out.append(obj)
+    elif isinstance(getattr(obj, "base", None), torch.Tensor):     # triton's TensorWrapper
+        out.append(obj.base)
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            tensors_in(o, out)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            tensors_in(o, out)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            tensors_in(getattr(obj, f.name), out)
+    return out
+
+
+def span(t: torch.Tensor):
+    """[lo, hi) of the bytes t's elements occupy (None when it has none)."""
+    if t.numel() == 0:
+        return None
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    lo = t.data_ptr()
+    return lo, lo + (last + 1) * t.element_size()
+
+
+@contextlib.contextmanager
+def reachable(objs):
+    """Within: the tensors in objs are in bounds."""
+    stack = _spans()
+    stack.append([s for s in map(span, tensors_in(objs)) if s is not None])
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _merged():
+    """(starts, ends) of the union of the reachable spans, sorted and disjoint."""
+    starts, ends = [], []
+    for lo, hi in sorted(s for level in _spans() for s in level):
+        if starts and lo <= ends[-1]:
+            ends[-1] = max(ends[-1], hi)
+        else:
+            starts.append(lo)
+            ends.append(hi)
+    return np.array(starts, dtype=np.uint64), np.array(ends, dtype=np.uint64)
+
+
+def _active(ptrs, mask) -> np.ndarray:
+    addr = np.asarray(ptrs.data, dtype=np.uint64).ravel()
+    if mask is None:
+        return addr
+    return addr[np.broadcast_to(np.asarray(mask.data, dtype=bool), ptrs.data.shape).ravel()]
+
+
+def check_bounds(ptrs, addr: np.ndarray, what: str) -> None:
+    """Raise OutOfBounds unless every address in ``addr`` (of ``ptrs``, a TensorHandle of
+    pointers) lies, with its element, inside a reachable span."""
+    if addr.size == 0:
+        return
+    size = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
+    starts, ends = _merged()
+    at = np.searchsorted(starts, addr, side="right").astype(np.int64) - 1
+    ok = at >= 0
+    ok[ok] = addr[ok] + size <= ends[at[ok]]
+    if ok.all():
+        return
+    bad = addr[~ok]
+    first = int(bad[0])
+    near = min(zip(starts.tolist(), ends.tolist()),
+               key=lambda se: min(abs(first - se[0]), abs(first - se[1])), default=None)
+    where = ("no tensor is reachable" if near is None else
+             f"the nearest reachable tensor spans [{near[0]:#x}, {near[1]:#x}): the address is "
+             f"{first - near[0]:+d} bytes from its start, {first - near[1]:+d} from its end")
+    launch = getattr(_state, "launch", None)
+    raise OutOfBounds(f"{launch.kernel if launch else 'a Triton kernel'}: {what} of {bad.size} "
+                      f"of {addr.size} active addresses out of bounds; first {first:#x}, "
+                      f"{int(size)}-byte elements; {where} (NOTE: [interpreter sanitizer])")
+
+
+def _checked(name, kind, ptr_arg, mask_arg):
+    original = getattr(interp.InterpreterBuilder, name)
+
+    @functools.wraps(original)
+    def method(self, *args):
+        ptrs = args[ptr_arg]
+        addr = _active(ptrs, None if mask_arg is None else args[mask_arg])
+        check_bounds(ptrs, addr, _KINDS[kind])
+        launch = getattr(_state, "launch", None)
+        if launch is not None:
+            launch.record(kind, addr)
+        return original(self, *args)
+
+    return method
+
+
+# (builder method, access kind, index of its pointer argument, of its mask argument or None)
+_ACCESSES = (("create_masked_load", _LOAD, 0, 1), ("create_masked_store", _STORE, 0, 2),
+             ("create_atomic_rmw", _ATOMIC, 1, 3), ("create_atomic_cas", _ATOMIC, 0, None))
+
+
+def install(launchers=()) -> None:
+    """Check every interpreted kernel's accesses (once per process).  ``launchers``: (module,
+    name) pairs of functions whose tensor arguments the kernels they launch may reach through
+    pointer tables."""
+    if getattr(interp.GridExecutor, "_sanitized", False):
+        return
+    interp.GridExecutor._sanitized = True
+    for name, kind, p, m in _ACCESSES:
+        setattr(interp.InterpreterBuilder, name, _checked(name, kind, p, m))
+    run = interp.GridExecutor.__call__
+
+    @functools.wraps(run)
+    def call(self, *args, **kwargs):
+        _spans()
+        outer, _state.launch = _state.launch, _Launch(getattr(self.fn, "__name__", "a kernel"))
+        try:
+            with reachable([args, kwargs]):
+                run(self, *args, **kwargs)
+            _state.launch.check()
+        finally:
+            _state.launch = outer
+
+    interp.GridExecutor.__call__ = call
+    for module, name in launchers:
+        fn = getattr(module, name)
+
+        def launcher(*args, _fn=fn, **kwargs):
+            with reachable([args, kwargs]):
+                return _fn(*args, **kwargs)
+
+        setattr(module, name, functools.wraps(fn)(launcher))
