@@ -21,8 +21,8 @@ from adafisher_fast import backends  # noqa: E402
 if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
     import fisher_kernels
     import triton_sanitizer
-    triton_sanitizer.install([(fisher_kernels, "fused_step"),
-                           (sys.modules["fisher_kernels.fused_step"], "_launch")])
+    triton_sanitizer.install([(fisher_kernels, op) for op in backends.OPS],
+                             [(sys.modules["fisher_kernels.fused_step"], "_launch")])
 
 # NOTE: [one CPU thread] oneDNN's multi-threaded weight gradient of a channels_last 1x1 Conv2d
 # with stride 2 crashes (SIGSEGV in jit_avx512_common_1x1_convolution_bwd_weights; torch 2.11 and

@@ -23,6 +23,11 @@ or stores, unordered) gives the right answer here and any answer on a GPU.  ``in
   counted: that is how a kernel orders its programs (the last to take a ticket finishes the
   work, NOTE: [step tickets]), and the interpreter cannot see the ordering itself.  ``Race``
   names the kernel, the address, the accesses and the programs.
+- uninitialised memory: inside the backend's ops, ``torch.empty``, ``torch.empty_like`` and
+  ``Tensor.new_empty`` return NaN (integers: their largest value, as torch's own
+  ``fill_uninitialized_memory`` does), so a kernel that reads scratch no program wrote -- a
+  partial-sums row that no program of the first launch stored -- gives NaN here, where the CPU's
+  fresh pages would often give zeros and the right answer.
 """
 import contextlib
 import dataclasses
@@ -90,13 +95,14 @@ class _Launch:
                    + " (NOTE: [interpreter sanitizer])")
 
 
-_state = threading.local()          # .spans: stack of lists of (lo, hi); .launch: a _Launch
+class _State(threading.local):
+    def __init__(self):
+        self.spans = []         # a stack of lists of reachable (lo, hi) address pairs
+        self.launch = None      # the _Launch running
+        self.ops = 0            # how many backend ops are running (new empties poisoned)
 
 
-def _spans():
-    if not hasattr(_state, "spans"):
-        _state.spans, _state.launch = [], None
-    return _state.spans
+_state = _State()
 
 
 def tensors_in(obj, out=None):
@@ -130,18 +136,17 @@ def span(t: torch.Tensor):
 @contextlib.contextmanager
 def reachable(objs):
     """Within: the tensors in objs are in bounds."""
-    stack = _spans()
-    stack.append([s for s in map(span, tensors_in(objs)) if s is not None])
+    _state.spans.append([s for s in map(span, tensors_in(objs)) if s is not None])
     try:
         yield
     finally:
-        stack.pop()
+        _state.spans.pop()
 
 
 def _merged():
     """(starts, ends) of the union of the reachable spans, sorted and disjoint."""
     starts, ends = [], []
-    for lo, hi in sorted(s for level in _spans() for s in level):
+    for lo, hi in sorted(s for level in _state.spans for s in level):
         if starts and lo <= ends[-1]:
             ends[-1] = max(ends[-1], hi)
         else:
@@ -176,7 +181,7 @@ def check_bounds(ptrs, addr: np.ndarray, what: str) -> None:
     where = ("no tensor is reachable" if near is None else
              f"the nearest reachable tensor spans [{near[0]:#x}, {near[1]:#x}): the address is "
              f"{first - near[0]:+d} bytes from its start, {first - near[1]:+d} from its end")
-    launch = getattr(_state, "launch", None)
+    launch = _state.launch
     raise OutOfBounds(f"{launch.kernel if launch else 'a Triton kernel'}: {what} of {bad.size} "
                       f"of {addr.size} active addresses out of bounds; first {first:#x}, "
                       f"{int(size)}-byte elements; {where} (NOTE: [interpreter sanitizer])")
@@ -190,9 +195,8 @@ def _checked(name, kind, ptr_arg, mask_arg):
         ptrs = args[ptr_arg]
         addr = _active(ptrs, None if mask_arg is None else args[mask_arg])
         check_bounds(ptrs, addr, _KINDS[kind])
-        launch = getattr(_state, "launch", None)
-        if launch is not None:
-            launch.record(kind, addr)
+        if _state.launch is not None:
+            _state.launch.record(kind, addr)
         return original(self, *args)
 
     return method
@@ -203,20 +207,37 @@ _ACCESSES = (("create_masked_load", _LOAD, 0, 1), ("create_masked_store", _STORE
              ("create_atomic_rmw", _ATOMIC, 1, 3), ("create_atomic_cas", _ATOMIC, 0, None))
 
 
-def install(launchers=()) -> None:
-    """Check every interpreted kernel's accesses (once per process).  ``launchers``: (module,
-    name) pairs of functions whose tensor arguments the kernels they launch may reach through
-    pointer tables."""
+def _poisoned(fn):
+    """fn, returning its new tensor filled with NaN (integers: their largest value; bool: True)
+    while a backend op runs."""
+    @functools.wraps(fn)
+    def make(*args, **kwargs):
+        t = fn(*args, **kwargs)
+        if _state.ops:
+            info = torch.finfo if t.is_floating_point() or t.is_complex() else torch.iinfo
+            t.fill_(True if t.dtype == torch.bool else
+                    float("nan") if info is torch.finfo else info(t.dtype).max)
+        return t
+
+    return make
+
+
+def install(ops=(), launchers=()) -> None:
+    """Check every interpreted kernel's accesses (once per process).  ``ops``: (module, name)
+    pairs of the backend's ops, inside which new empty tensors are poisoned and whose tensor
+    arguments their kernels may reach through pointer tables; ``launchers``: more functions
+    whose tensor arguments their kernels may reach so."""
     if getattr(interp.GridExecutor, "_sanitized", False):
         return
     interp.GridExecutor._sanitized = True
+    torch.empty, torch.empty_like = _poisoned(torch.empty), _poisoned(torch.empty_like)
+    torch.Tensor.new_empty = _poisoned(torch.Tensor.new_empty)
     for name, kind, p, m in _ACCESSES:
         setattr(interp.InterpreterBuilder, name, _checked(name, kind, p, m))
     run = interp.GridExecutor.__call__
 
     @functools.wraps(run)
     def call(self, *args, **kwargs):
-        _spans()
         outer, _state.launch = _state.launch, _Launch(getattr(self.fn, "__name__", "a kernel"))
         try:
             with reachable([args, kwargs]):
@@ -226,11 +247,22 @@ def install(launchers=()) -> None:
             _state.launch = outer
 
     interp.GridExecutor.__call__ = call
+    for module, name in ops:
+        setattr(module, name, wrap(getattr(module, name), op=True))
     for module, name in launchers:
-        fn = getattr(module, name)
+        setattr(module, name, wrap(getattr(module, name), op=False))
 
-        def launcher(*args, _fn=fn, **kwargs):
+
+def wrap(fn, op: bool):
+    """fn, whose tensor arguments are reachable (NOTE: [interpreter sanitizer]) while it runs,
+    and inside which, if ``op``, new empty tensors are poisoned."""
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        _state.ops += op
+        try:
             with reachable([args, kwargs]):
-                return _fn(*args, **kwargs)
+                return fn(*args, **kwargs)
+        finally:
+            _state.ops -= op
 
-        setattr(module, name, functools.wraps(fn)(launcher))
+    return launcher

@@ -1,0 +1,43 @@
+// NOTE: [emulated poison] A CUDA op's scratch (at::empty in bindings.cpp: partial-sum rows, the
+// conv batch map, layer_ema's raw and min/max vectors) holds whatever the GPU's memory held.  A
+// kernel that reads an entry no block wrote (one row block too few stored) reads garbage there;
+// on the CPU it would often read a fresh page's zeros and pass.  While af_emu_poison's count is
+// above zero, every CPU allocation is filled with 0xFF bytes first: NaN in float32, float16,
+// bfloat16 and float64, -1 in the integer types.  tests/cuda_emu.py raises the count around each
+// op of the emulated backend, so what the op allocates (and the torch code it runs) starts as
+// NaN, and a read of unwritten scratch shows in the results.
+#include <c10/core/CPUAllocator.h>
+
+#include <atomic>
+#include <cstring>
+
+namespace {
+
+std::atomic<int> poison_count{0};
+
+struct PoisonAllocator final : c10::Allocator {
+  explicit PoisonAllocator(c10::Allocator* base) : base(base) {}
+
+  c10::DataPtr allocate(size_t n) override {
+    c10::DataPtr p = base->allocate(n);
+    if (n != 0 && poison_count.load() > 0) std::memset(p.get(), 0xFF, n);
+    return p;
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return base->raw_deleter(); }
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    base->copy_data(dest, src, count);
+  }
+
+  c10::Allocator* base;
+};
+
+}  // namespace
+
+// on != 0: one more poisoned scope (the first call puts the allocator in front of torch's CPU
+// allocator, which it calls for the memory); on == 0: one fewer
+extern "C" void af_emu_poison(int on) {
+  static PoisonAllocator allocator(c10::GetCPUAllocator());
+  static const bool installed = (c10::SetCPUAllocator(&allocator, /*priority=*/1), true);
+  (void)installed;
+  poison_count += on ? 1 : -1;
+}
