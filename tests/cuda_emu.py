@@ -15,8 +15,6 @@ changes.  The library registers the ``adafisher`` ops for CPU tensors; ``backend
 """
 from __future__ import annotations
 
-import ctypes
-import functools
 import glob
 import importlib
 import os
@@ -25,6 +23,7 @@ import subprocess
 import sys
 import types
 
+import poison
 from adafisher_fast.backends import OPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +43,7 @@ def rewrite_launches(src: str) -> tuple:
 
 def _sources() -> list:
     os.makedirs(os.path.join(BUILD, "src"), exist_ok=True)
-    out = [os.path.join(CSRC, "emu", name) for name in ("emu.cpp", "poison.cpp")]
-    out.append(os.path.join(CSRC, "bindings.cpp"))
+    out = [os.path.join(CSRC, "emu", "emu.cpp"), os.path.join(CSRC, "bindings.cpp")]
     # headers launch kernels too; the copies sit beside the .cpp files, so `#include "reduce.cuh"`
     # finds the rewritten one first
     for path in sorted(glob.glob(os.path.join(CSRC, "*.cu")) + glob.glob(os.path.join(CSRC, "*.cuh"))):
@@ -110,24 +108,9 @@ def backend():
                     sys.modules[k] = v
             for attr in ("_C", "cuda_backend"):
                 adafisher_fast.__dict__.pop(attr, None)
-        poison = ctypes.CDLL(_state["lib"]).af_emu_poison
-        for name in OPS:
-            setattr(_state["mod"], name, _poisoned(getattr(_state["mod"], name), poison))
+        for name in OPS:        # scratch starts as NaN (NOTE: [poisoned allocations])
+            setattr(_state["mod"], name, poison.poisoned(getattr(_state["mod"], name)))
     return _state["mod"]
-
-
-def _poisoned(op, poison):
-    """op, with the CPU memory allocated while it runs filled with 0xFF bytes (NaN in the float
-    types): NOTE: [emulated poison] in csrc/emu/poison.cpp."""
-    @functools.wraps(op)
-    def run(*args, **kwargs):
-        poison(1)
-        try:
-            return op(*args, **kwargs)
-        finally:
-            poison(0)
-
-    return run
 
 
 if __name__ == "__main__":

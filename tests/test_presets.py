@@ -30,8 +30,11 @@ def close(a, b, rtol=1e-11, atol=1e-14):
     assert err <= rtol * scale + atol, f"max abs err {err:.3e}, scale {scale:.3e}\n got {a}\n want {b}"
 
 
-def close_trajectories(got, want, rtol=1e-10, atol=1e-13):
-    """Every parameter of every step of ``got`` close to ``want``'s (lists of name -> tensor)."""
+def close_trajectories(got, want, rtol=3e-10, atol=1e-13):
+    """Every parameter of every step of ``got`` close to ``want``'s (lists of name -> tensor).
+    20 steps amplify float64 rounding, which the summation order of torch's CPU kernels moves:
+    with one thread (NOTE: [one CPU thread]) conv-paper-AdaFisher-1's bn.weight differs by
+    1.01e-10 relative to its scale at step 19, with two by less than 1e-10."""
     assert len(got) == len(want), (len(got), len(want))
     for step, (g, w) in enumerate(zip(got, want)):
         for n in w:

@@ -23,11 +23,8 @@ or stores, unordered) gives the right answer here and any answer on a GPU.  ``in
   counted: that is how a kernel orders its programs (the last to take a ticket finishes the
   work, NOTE: [step tickets]), and the interpreter cannot see the ordering itself.  ``Race``
   names the kernel, the address, the accesses and the programs.
-- uninitialised memory: inside the backend's ops, ``torch.empty``, ``torch.empty_like`` and
-  ``Tensor.new_empty`` return NaN (integers: their largest value, as torch's own
-  ``fill_uninitialized_memory`` does), so a kernel that reads scratch no program wrote -- a
-  partial-sums row that no program of the first launch stored -- gives NaN here, where the CPU's
-  fresh pages would often give zeros and the right answer.
+- uninitialised memory: the backend's ops run poisoned (tests/poison.py), so a kernel that
+  reads scratch no program wrote gives NaN.
 """
 import contextlib
 import dataclasses
@@ -37,6 +34,8 @@ import threading
 import numpy as np
 import torch
 import triton.runtime.interpreter as interp
+
+import poison
 
 _LOAD, _STORE, _ATOMIC = 0, 1, 2
 _KINDS = ("load", "store", "atomic")
@@ -99,7 +98,6 @@ class _State(threading.local):
     def __init__(self):
         self.spans = []         # a stack of lists of reachable (lo, hi) address pairs
         self.launch = None      # the _Launch running
-        self.ops = 0            # how many backend ops are running (new empties poisoned)
 
 
 _state = _State()
@@ -207,31 +205,14 @@ _ACCESSES = (("create_masked_load", _LOAD, 0, 1), ("create_masked_store", _STORE
              ("create_atomic_rmw", _ATOMIC, 1, 3), ("create_atomic_cas", _ATOMIC, 0, None))
 
 
-def _poisoned(fn):
-    """fn, returning its new tensor filled with NaN (integers: their largest value; bool: True)
-    while a backend op runs."""
-    @functools.wraps(fn)
-    def make(*args, **kwargs):
-        t = fn(*args, **kwargs)
-        if _state.ops:
-            info = torch.finfo if t.is_floating_point() or t.is_complex() else torch.iinfo
-            t.fill_(True if t.dtype == torch.bool else
-                    float("nan") if info is torch.finfo else info(t.dtype).max)
-        return t
-
-    return make
-
-
 def install(ops=(), launchers=()) -> None:
     """Check every interpreted kernel's accesses (once per process).  ``ops``: (module, name)
-    pairs of the backend's ops, inside which new empty tensors are poisoned and whose tensor
-    arguments their kernels may reach through pointer tables; ``launchers``: more functions
-    whose tensor arguments their kernels may reach so."""
+    pairs of the backend's ops, which run poisoned and whose tensor arguments their kernels may
+    reach through pointer tables; ``launchers``: more functions whose tensor arguments their
+    kernels may reach so."""
     if getattr(interp.GridExecutor, "_sanitized", False):
         return
     interp.GridExecutor._sanitized = True
-    torch.empty, torch.empty_like = _poisoned(torch.empty), _poisoned(torch.empty_like)
-    torch.Tensor.new_empty = _poisoned(torch.Tensor.new_empty)
     for name, kind, p, m in _ACCESSES:
         setattr(interp.InterpreterBuilder, name, _checked(name, kind, p, m))
     run = interp.GridExecutor.__call__
@@ -248,21 +229,16 @@ def install(ops=(), launchers=()) -> None:
 
     interp.GridExecutor.__call__ = call
     for module, name in ops:
-        setattr(module, name, wrap(getattr(module, name), op=True))
+        setattr(module, name, poison.poisoned(wrap(getattr(module, name))))
     for module, name in launchers:
-        setattr(module, name, wrap(getattr(module, name), op=False))
+        setattr(module, name, wrap(getattr(module, name)))
 
 
-def wrap(fn, op: bool):
-    """fn, whose tensor arguments are reachable (NOTE: [interpreter sanitizer]) while it runs,
-    and inside which, if ``op``, new empty tensors are poisoned."""
+def wrap(fn):
+    """fn, whose tensor arguments are reachable (NOTE: [interpreter sanitizer]) while it runs."""
     @functools.wraps(fn)
     def launcher(*args, **kwargs):
-        _state.ops += op
-        try:
-            with reachable([args, kwargs]):
-                return fn(*args, **kwargs)
-        finally:
-            _state.ops -= op
+        with reachable([args, kwargs]):
+            return fn(*args, **kwargs)
 
     return launcher

@@ -18,6 +18,9 @@
 //    (how test_deterministic.py checks NOTE: [ordered partials]).
 //  * Built with -ftrivial-auto-var-init=pattern: an uninitialised local reads as 0xFE bytes
 //    (-1.7e38 as a float), so a kernel that uses one produces garbage the tests see.
+//  * tests/cuda_emu.py runs each op with the CPU memory it allocates filled with 0xFF bytes (NaN):
+//    a kernel that reads scratch no block wrote shows (NOTE: [poisoned allocations] in
+//    tests/poison.cpp).
 // Not modelled: races between blocks and warp-synchronous timing (racecheck on the GPU),
 // out-of-bounds accesses except past a whole allocation under the ASan build (NOTE: [emulated
 // memcheck] in tests/cuda_emu.py), and uninitialised shared memory (statics start at zero).

@@ -1,11 +1,8 @@
-// NOTE: [emulated poison] A CUDA op's scratch (at::empty in bindings.cpp: partial-sum rows, the
-// conv batch map, layer_ema's raw and min/max vectors) holds whatever the GPU's memory held.  A
-// kernel that reads an entry no block wrote (one row block too few stored) reads garbage there;
-// on the CPU it would often read a fresh page's zeros and pass.  While af_emu_poison's count is
-// above zero, every CPU allocation is filled with 0xFF bytes first: NaN in float32, float16,
-// bfloat16 and float64, -1 in the integer types.  tests/cuda_emu.py raises the count around each
-// op of the emulated backend, so what the op allocates (and the torch code it runs) starts as
-// NaN, and a read of unwritten scratch shows in the results.
+// NOTE: [poisoned allocations] built and used by tests/poison.py: while af_poison's count is above
+// zero, every CPU allocation is filled with 0xFF bytes first (NaN in float32, float16, bfloat16
+// and float64, -1 in the integer types).  An allocator in front of torch's CPU allocator, which
+// it calls for the memory: below Python, so torch.compile, fake and meta tensors and the
+// torch.device context see torch's own functions.
 #include <c10/core/CPUAllocator.h>
 
 #include <atomic>
@@ -35,7 +32,7 @@ struct PoisonAllocator final : c10::Allocator {
 
 // on != 0: one more poisoned scope (the first call puts the allocator in front of torch's CPU
 // allocator, which it calls for the memory); on == 0: one fewer
-extern "C" void af_emu_poison(int on) {
+extern "C" void af_poison(int on) {
   static PoisonAllocator allocator(c10::GetCPUAllocator());
   static const bool installed = (c10::SetCPUAllocator(&allocator, /*priority=*/1), true);
   (void)installed;
