@@ -9,6 +9,8 @@ import poison
 from adafisher_fast.backends import OPS
 from conftest import emulated, kernel_backends, kernel_module
 
+pytestmark = pytest.mark.skipif(not poison.available(), reason="no C++ compiler to build poison.cpp")
+
 
 def _scratch():
     return (torch.empty(5), torch.empty(3, dtype=torch.bfloat16), torch.empty(2, dtype=torch.float64),
