@@ -156,5 +156,5 @@ def test_launchers_run_on_their_tensors_device(monkeypatch):
     for name in OPS:
         op = getattr(fisher_kernels, name)
         while op.__code__ is not probe.__code__ and hasattr(op, "__wrapped__"):
-            op = op.__wrapped__             # the test's own wrappers (triton_sanitizer.wrap)
+            op = op.__wrapped__     # the tests' own wrappers (triton_sanitizer, poison)
         assert op.__code__ is probe.__code__ and op.__wrapped__.__name__ == name, name
