@@ -97,6 +97,7 @@ class _Launch:
 class _State(threading.local):
     def __init__(self):
         self.spans = []         # a stack of lists of reachable (lo, hi) address pairs
+        self.merged = []        # per level of spans: _merged() of it and the levels below
         self.launch = None      # the _Launch running
 
 
@@ -135,9 +136,11 @@ def span(t: torch.Tensor):
 def reachable(objs):
     """Within: the tensors in objs are in bounds."""
     _state.spans.append([s for s in map(span, tensors_in(objs)) if s is not None])
+    _state.merged.append(_merged())
     try:
         yield
     finally:
+        _state.merged.pop()
         _state.spans.pop()
 
 
@@ -166,7 +169,7 @@ def check_bounds(ptrs, addr: np.ndarray, what: str) -> None:
     if addr.size == 0:
         return
     size = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
-    starts, ends = _merged()
+    starts, ends = _state.merged[-1] if _state.merged else _merged()
     at = np.searchsorted(starts, addr, side="right").astype(np.int64) - 1
     ok = at >= 0
     ok[ok] = addr[ok] + size <= ends[at[ok]]
