@@ -319,7 +319,10 @@ def test_hf_rmsnorm_trains_as_nn_rmsnorm(hf_cls):
     _train_both(ref, hf, AdaFisher, torch.float32, 1e-4, preset="paper", TCov=1)
     off = 1.0 if gemma else 0.0
     assert not torch.equal(ref[1].weight, torch.ones(6))
-    torch.testing.assert_close(hf[1].weight + off, ref[1].weight, rtol=1e-5, atol=1e-6)
+    # rtol 1e-4, as the state's: the weights grow to |w| ~ 45 in 5 steps here, so (1 + w)'s
+    # rounding is amplified; on an AVX-512 Xeon (2026-12-05) Gemma's w = 9.5 ended 1.9e-5 apart
+    # (a wrong eps, 1e-6 or 2e-2 for 1e-2, moves the weights by over 700x)
+    torch.testing.assert_close(hf[1].weight + off, ref[1].weight, rtol=1e-4, atol=1e-5)
     with pytest.warns(UserWarning, match=r"The released code does not hook 1 \(" + hf_cls.__name__):
         AdaFisher(hf)
 
