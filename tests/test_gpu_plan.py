@@ -48,3 +48,24 @@ def test_a_hung_test_is_stopped_before_its_stage():
 
 def test_the_plan_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / ".ci" / "gpu")], check=True)
+
+
+def test_the_sanitizer_stages_run_each_tool_and_report_its_failure(tmp_path):
+    """``sanitize`` runs memcheck then racecheck, ``initcheck`` initcheck, each over the CUDA op
+    tests, and a tool's error exit (here a stand-in compute-sanitizer whose racecheck fails) is the
+    stage's status and the script's."""
+    fake = tmp_path / "bin" / "compute-sanitizer"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho "ran $2 on ${@: -3:1}"\n[ "$2" = racecheck ] && exit 9\n'
+                    'exit 0\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "OUT": str(tmp_path / "out"),
+           "BENCH": str(tmp_path / "bench"), "DEADLINE": "100"}
+    run = subprocess.run(["bash", str(ROOT / ".ci" / "gpu"), "sanitize", "initcheck"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 9, run.stdout + run.stderr
+    logs = {n: (tmp_path / "out" / f"{n}.log").read_text() for n in ("sanitize", "initcheck")}
+    assert "ran memcheck on tests/test_cuda_backend.py" in logs["sanitize"]
+    assert "ran racecheck on tests/test_cuda_backend.py" in logs["sanitize"]
+    assert logs["initcheck"].count("ran ") == 1 and "ran initcheck" in logs["initcheck"]
+    assert "=== sanitize: rc=9" in run.stdout and "=== initcheck: rc=0" in run.stdout
