@@ -9,8 +9,9 @@ test_cuda_emu.py runs the CUDA op tests that way.  (A reduce_rows_kernel changed
 past K was caught.)  Stack checks stay off: ASan cannot follow the emulator's fiber stacks.
 
 The kernel files are copied with each ``kernel<<<config>>>(args)`` rewritten to
-``::af_emu::launch(kernel, config)(args)`` (the one construct C++ cannot parse); nothing else
-changes.  The library registers the ``adafisher`` ops for CPU tensors; ``backend()`` then imports
+``::af_emu::launch(kernel, config)(args)`` (the one construct C++ cannot parse) and each
+``__shared__`` variable passed to ``af_emu::shared`` after its declaration (NOTE: [poisoned shared
+memory] in csrc/emu/emu.cpp); nothing else changes.  The library registers the ``adafisher`` ops for CPU tensors; ``backend()`` then imports
 ``adafisher_fast.cuda_backend`` over it (a stub stands in for the ``_C`` module it imports).
 """
 from __future__ import annotations
@@ -36,9 +37,22 @@ FLAGS = ["-DADAFISHER_EMULATE", "-O1", "-g0", "-ffp-contract=off", "-ftrivial-au
 _state = {}
 
 
+SHARED = re.compile(r"__shared__\s+[\w:]+(?:\s*<[^;]*?>)?\s+([^;]+);")
+
+
 def rewrite_launches(src: str) -> tuple:
     """(source with every triple-chevron launch rewritten, number of launches)."""
     return LAUNCH.subn(lambda m: f"::af_emu::launch({m[1]}, {m[2]})(", src)
+
+
+def poison_shared(src: str) -> tuple:
+    """(source with each variable of every ``__shared__`` declaration passed to af_emu::shared
+    after it, on the same line, number of declarations): NOTE: [poisoned shared memory] in
+    csrc/emu/emu.cpp."""
+    def mark(m):
+        names = [d.split("[")[0].strip() for d in m[1].split(",")]
+        return m[0] + "".join(f" ::af_emu::shared(&{v}, sizeof {v});" for v in names)
+    return SHARED.subn(mark, src)
 
 
 def _sources() -> list:
@@ -48,7 +62,7 @@ def _sources() -> list:
     # finds the rewritten one first
     for path in sorted(glob.glob(os.path.join(CSRC, "*.cu")) + glob.glob(os.path.join(CSRC, "*.cuh"))):
         with open(path) as f:
-            src, _ = rewrite_launches(f.read())
+            src, _ = rewrite_launches(poison_shared(f.read())[0])
         if "<<<" in src:
             raise RuntimeError(f"{path}: a launch the emulator's rewrite does not recognise")
         name = os.path.basename(path)

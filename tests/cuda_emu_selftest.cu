@@ -62,6 +62,39 @@ __global__ void sync_or_exited_kernel(int* out) {
   if (threadIdx.x == 1) out[blockIdx.x] = a * 10 + b;
 }
 
+// the two halves of the block at two different __syncthreads: undefined on the device
+__global__ void two_barriers_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// every lane shuffles, but half of them at another call site
+__global__ void shuffle_sites_kernel(int* out) {
+  int v = threadIdx.x;
+  if (threadIdx.x < 16) v = __shfl_xor_sync(0xffffffffu, v, 1);
+  else v = __shfl_xor_sync(0xffffffffu, v, 1);
+  out[threadIdx.x] = v;
+}
+
+// lanes 16-31 take part but the mask names only 0-15
+__global__ void shuffle_mask_kernel(int* out) {
+  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, (int)threadIdx.x, 16);
+}
+
+// reads its shared variable before any thread of its block wrote it: garbage on the device
+__global__ void shared_unwritten_kernel(int* out) {
+  __shared__ int v, w[2];
+  out[2 * blockIdx.x] = v;
+  out[2 * blockIdx.x + 1] = w[1];
+  __syncthreads();
+  v = 7;
+  w[1] = 8;
+}
+
 int main() {
   static int out[2 * 96], hits[2 * 3 * 2 * 6];
   block_sum_kernel<<<2, dim3(32, 3)>>>(out);
@@ -92,6 +125,19 @@ int main() {
   sync_or_kernel<<<1, 64>>>(out);
   for (int i = 0; i < 64; ++i) ok = ok && out[i] == 1;
   std::printf("sync_or_exited %s\n", ok ? "ok" : "WRONG");
+
+  two_barriers_kernel<<<1, 64>>>(out);
+  e = cudaGetLastError();
+  std::printf("two_barriers %d %s\n", (int)e, cudaGetErrorString(e));
+  shuffle_sites_kernel<<<1, 32>>>(out);
+  e = cudaGetLastError();
+  std::printf("shuffle_sites %d %s\n", (int)e, cudaGetErrorString(e));
+  shuffle_mask_kernel<<<1, 32>>>(out);
+  e = cudaGetLastError();
+  std::printf("shuffle_mask %d %s\n", (int)e, cudaGetErrorString(e));
+  shared_unwritten_kernel<<<2, 1>>>(out);
+  e = cudaGetLastError();
+  std::printf("shared_unwritten %d %d %d %d %d\n", (int)e, out[0], out[1], out[2], out[3]);
 
   block_sum_kernel<<<1, 2048>>>(out);
   e = cudaGetLastError();

@@ -5,6 +5,7 @@ barriers or shuffle with an exited lane, or that ask for too many threads, with 
 Then the CUDA op tests under AddressSanitizer (NOTE: [emulated memcheck]), and a training run on
 the emulated backend with each block's threads run forward and in reverse (a racecheck-lite)."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,8 +31,9 @@ def test_rewrite_turns_every_launch_into_a_call():
 def test_emulator_selftest(tmp_path):
     here = os.path.dirname(os.path.abspath(__file__))
     with open(os.path.join(here, "cuda_emu_selftest.cu")) as f:
-        src, n = cuda_emu.rewrite_launches(f.read())
-    assert n == 8
+        src, n_shared = cuda_emu.poison_shared(f.read())
+    src, n = cuda_emu.rewrite_launches(src)
+    assert (n, n_shared) == (12, 2)
     (tmp_path / "selftest.cpp").write_text(src)
     emu = os.path.join(cuda_emu.CSRC, "emu")
     exe = tmp_path / "selftest"
@@ -47,6 +49,16 @@ def test_emulator_selftest(tmp_path):
         "719 CUDA emulator: block (0,0,0): threads wait at different barriers")
     assert lines["exited_lane"].startswith("719 CUDA emulator: warp shuffle from lane 16")
     assert lines["too_many_threads"].startswith("9 CUDA emulator: invalid launch configuration")
+    # NOTE: [CUDA emulator]: barriers and shuffles matched by call site, shuffle masks checked
+    assert re.fullmatch(r"719 CUDA emulator: block \(0,0,0\): threads wait at different __syncthreads "
+                        r"\(\S+selftest\.cpp:(\d+) and \S+selftest\.cpp:(?!\1)\d+\)", lines["two_barriers"])
+    assert re.fullmatch(r"719 CUDA emulator: block \(0,0,0\): lanes of warp 0 shuffle at different sites "
+                        r"\(\S+:(\d+) and \S+:(?!\1)\d+\)", lines["shuffle_sites"])
+    assert lines["shuffle_mask"].startswith("719 CUDA emulator: warp shuffle of lane 0 from lane 16 with "
+                                            "mask 65535, which leaves one of them out")
+    # NOTE: [poisoned shared memory]: unwritten shared memory reads as 0xFF bytes in every block,
+    # not as zeros (a static's first value) or the previous block's 7 and 8
+    assert lines["shared_unwritten"] == "0 -1 -1 -1 -1"
 
 
 def test_cuda_ops_under_address_sanitizer(tmp_path):

@@ -17,6 +17,7 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 // one block runs at a time (emu.cpp), so a function-local static is that block's shared memory
+// (filled with 0xFF at each block's start: NOTE: [poisoned shared memory] in emu.cpp)
 #define __shared__ static
 
 struct dim3 {
@@ -44,9 +45,12 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
 extern dim3 threadIdx, blockIdx, blockDim, gridDim;
 
 namespace af_emu {
-void syncthreads();
-int syncthreads_or(int predicate);
-void warp_exchange(void* value, size_t bytes, int lane_mask);   // value <- lane (lane ^ lane_mask)'s
+// (file, line): the call site, so that threads at two different barriers are told apart
+void syncthreads(const char* file, int line);
+int syncthreads_or(int predicate, const char* file, int line);
+// value <- lane (lane ^ lane_mask)'s, both lanes in mask
+void warp_exchange(void* value, size_t bytes, unsigned mask, int lane_mask, const char* file, int line);
+void shared(void* p, size_t bytes);     // after each __shared__ declaration (NOTE: [poisoned shared memory])
 using Thunk = void (*)(void*);
 cudaError_t run_grid(dim3 grid, dim3 block, Thunk body, void* ctx, const void* kernel = nullptr);
 
@@ -70,12 +74,17 @@ Launch<P...> launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t = 0, cud
 }
 }  // namespace af_emu
 
-inline void __syncthreads() { af_emu::syncthreads(); }
-inline int __syncthreads_or(int predicate) { return af_emu::syncthreads_or(predicate); }
+inline void __syncthreads(const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  af_emu::syncthreads(file, line);
+}
+inline int __syncthreads_or(int predicate, const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  return af_emu::syncthreads_or(predicate, file, line);
+}
 inline void __threadfence() {}   // one host thread: memory is always coherent
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
-  af_emu::warp_exchange(&v, sizeof(T), lane_mask);
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, const char* file = __builtin_FILE(),
+                         int line = __builtin_LINE()) {
+  af_emu::warp_exchange(&v, sizeof(T), mask, lane_mask, file, line);
   return v;
 }
 // one host thread runs every emulated thread, so a read-modify-write cannot interleave

@@ -5,10 +5,12 @@
 //    _setjmp/_longjmp) on one host thread.  Blocks run one at a time, in reverse order (a kernel
 //    may not depend on block order); a block's fibers run in thread order until each finishes or
 //    waits at a barrier.
-//  * __syncthreads releases when every unfinished thread of the block waits there; a warp shuffle
-//    is two warp barriers around an exchange slot.  Threads that wait at different barriers (a
-//    __syncthreads under a divergent branch, a shuffle with missing lanes) stop the kernel with
-//    cudaErrorLaunchFailure and a message, which the binding's check_launch raises.
+//  * __syncthreads releases when every unfinished thread of the block waits there, at the same
+//    call site; a warp shuffle is two warp barriers around an exchange slot, every unfinished
+//    lane of the warp at the same call site, its own lane and its partner's in the mask.  Threads
+//    that wait at different barriers (a __syncthreads under a divergent branch, or two of them on
+//    either side of one; a shuffle with missing lanes) stop the kernel with
+//    cudaErrorLaunchFailure and a message naming the sites, which the binding's check_launch raises.
 //  * ADAFISHER_EMU_THREAD_ORDER=reverse runs a block's threads in reverse order between barriers:
 //    a kernel without shared-memory races gives bitwise the same results either way (a
 //    racecheck-lite; test_cuda_emu.py compares whole training runs).
@@ -21,9 +23,14 @@
 //  * tests/cuda_emu.py runs each op with the CPU memory it allocates filled with 0xFF bytes (NaN):
 //    a kernel that reads scratch no block wrote shows (NOTE: [poisoned allocations] in
 //    tests/poison.cpp).
+//  * NOTE: [poisoned shared memory] A __shared__ variable is a function-local static (one block
+//    runs at a time), which would hold the previous block's values (zeros in the first).  So
+//    tests/cuda_emu.py follows each __shared__ declaration with af_emu::shared(&v, sizeof v), and
+//    the first thread of each block to pass it fills v with 0xFF bytes (NaN, -1): a kernel that
+//    reads shared memory no thread of its block wrote shows, as on a GPU, where it reads garbage.
 // Not modelled: races between blocks and warp-synchronous timing (racecheck on the GPU),
 // out-of-bounds accesses except past a whole allocation under the ASan build (NOTE: [emulated
-// memcheck] in tests/cuda_emu.py), and uninitialised shared memory (statics start at zero).
+// memcheck] in tests/cuda_emu.py).
 #include "cuda_runtime.h"
 
 #include <algorithm>
@@ -39,6 +46,7 @@
 #include <random>
 #include <string>
 #include <ucontext.h>
+#include <unordered_map>
 #include <vector>
 
 dim3 threadIdx, blockIdx, blockDim, gridDim;
@@ -50,12 +58,20 @@ enum class State { kReady, kAtSync, kAtWarp, kDone };
 constexpr size_t kStack = 256 * 1024;   // per thread; pages are committed only where touched
 constexpr unsigned kMaxThreads = 1024;
 
+struct Site {        // where a thread waits: a barrier's or shuffle's source file and line
+  const char* file;
+  int line;
+  bool operator==(const Site& o) const { return line == o.line && std::strcmp(file, o.file) == 0; }
+  std::string str() const { return std::string(file) + ":" + std::to_string(line); }
+};
+
 struct Fiber {
   jmp_buf jb;
   ucontext_t uc;
   dim3 tid;
   State state;
   bool started;
+  Site site;
 };
 
 std::mutex launch_mutex;
@@ -69,12 +85,15 @@ jmp_buf scheduler;
 Thunk body = nullptr;
 void* body_ctx = nullptr;
 uint64_t slots[kMaxThreads];            // warp exchange values
+uint64_t block_serial = 0;              // counts the blocks run, for the shared-memory poison
+std::unordered_map<void*, uint64_t> poisoned_in;   // __shared__ address -> the block that filled it
 cudaError_t last_error = cudaSuccess;
 std::string last_message;
 
-void wait(State s) {
+void wait(State s, Site site) {
   Fiber& f = fibers[cur];
   f.state = s;
+  f.site = site;
   if (!_setjmp(f.jb)) _longjmp(scheduler, 1);
 }
 
@@ -99,13 +118,39 @@ void resume(unsigned t) {
   setcontext(&f.uc);
 }
 
-// Release the threads waiting at a barrier every unfinished member of their group reached
-// (run_block calls this only while some thread is unfinished).
+bool fail(const std::string& msg, cudaError_t e = cudaErrorLaunchFailure) {
+  if (last_error == cudaSuccess) {     // the first error is the one reported
+    last_error = e;
+    last_message = "CUDA emulator: " + msg;
+  }
+  return false;
+}
+
+std::string block_name() {
+  return "block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
+         std::to_string(blockIdx.z) + ")";
+}
+
+// The first waiting thread of [lo, hi) whose site differs from the first's, as "a and b", or "".
+std::string sites_apart(unsigned lo, unsigned hi, State s) {
+  const Fiber* first = nullptr;
+  for (unsigned t = lo; t < hi; ++t) {
+    if (fibers[t].state != s) continue;
+    if (first == nullptr) first = &fibers[t];
+    else if (!(fibers[t].site == first->site)) return first->site.str() + " and " + fibers[t].site.str();
+  }
+  return "";
+}
+
+// Release the threads waiting at a barrier every unfinished member of their group reached, at one
+// site (run_block calls this only while some thread is unfinished).
 bool release() {
   bool all_sync = true;
   for (unsigned t = 0; t < n_threads; ++t)
     all_sync = all_sync && (fibers[t].state == State::kDone || fibers[t].state == State::kAtSync);
   if (all_sync) {
+    const std::string apart = sites_apart(0, n_threads, State::kAtSync);
+    if (!apart.empty()) return fail(block_name() + ": threads wait at different __syncthreads (" + apart + ")");
     for (unsigned t = 0; t < n_threads; ++t)
       if (fibers[t].state == State::kAtSync) fibers[t].state = State::kReady;
     return true;
@@ -120,6 +165,10 @@ bool release() {
       all_warp = all_warp && fibers[t].state == State::kAtWarp;
     }
     if (some && all_warp) {
+      const std::string apart = sites_apart(w, hi, State::kAtWarp);
+      if (!apart.empty())
+        return fail(block_name() + ": lanes of warp " + std::to_string(w / 32) + " shuffle at different sites (" +
+                    apart + ")");
       for (unsigned t = w; t < hi; ++t)
         if (fibers[t].state == State::kAtWarp) fibers[t].state = State::kReady;
       released = true;
@@ -128,15 +177,8 @@ bool release() {
   return released;
 }
 
-bool fail(const std::string& msg, cudaError_t e = cudaErrorLaunchFailure) {
-  if (last_error == cudaSuccess) {     // the first error is the one reported
-    last_error = e;
-    last_message = "CUDA emulator: " + msg;
-  }
-  return false;
-}
-
 bool run_block() {
+  ++block_serial;
   for (unsigned t = 0; t < n_threads; ++t) {
     fibers[t].tid = dim3(t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y));
     fibers[t].state = State::kReady;
@@ -151,42 +193,54 @@ bool run_block() {
     bool done = true;
     for (unsigned t = 0; t < n_threads; ++t) done = done && fibers[t].state == State::kDone;
     if (done) return true;
-    if (!release())
-      return fail("block (" + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) + "," +
-                  std::to_string(blockIdx.z) + "): threads wait at different barriers (__syncthreads "
-                  "in divergent code, or a warp shuffle some lanes of the warp never reach)");
+    if (!release())   // (the first error stands: release()'s, where it names the sites apart)
+      return fail(block_name() + ": threads wait at different barriers (__syncthreads in divergent "
+                  "code, or a warp shuffle some lanes of the warp never reach)");
   }
 }
 
 }  // namespace
 
-void syncthreads() { wait(State::kAtSync); }
+void syncthreads(const char* file, int line) { wait(State::kAtSync, Site{file, line}); }
+
+void shared(void* p, size_t bytes) {      // NOTE: [poisoned shared memory]
+  uint64_t& filled = poisoned_in[p];
+  if (filled != block_serial) {
+    std::memset(p, 0xFF, bytes);
+    filled = block_serial;
+  }
+}
 
 // a barrier that also ORs a predicate over the block: every thread adds, all read, then every
 // thread resets (any of them may have exited, as on a GPU, where exited threads take no part),
 // behind a third barrier, so that no thread's next call adds before the reset whatever the order
 // the threads run in (blocks run one at a time: one accumulator serves them all)
-int syncthreads_or(int predicate) {
+int syncthreads_or(int predicate, const char* file, int line) {
   static int any = 0;
   if (predicate) any = 1;
-  syncthreads();
+  syncthreads(file, line);
   const int result = any;
-  syncthreads();
+  syncthreads(file, line);
   any = 0;
-  syncthreads();
+  syncthreads(file, line);
   return result;
 }
 
-void warp_exchange(void* value, size_t bytes, int lane_mask) {
+void warp_exchange(void* value, size_t bytes, unsigned mask, int lane_mask, const char* file, int line) {
   std::memcpy(&slots[cur], value, bytes);
-  wait(State::kAtWarp);
+  wait(State::kAtWarp, Site{file, line});
   const unsigned src = cur ^ static_cast<unsigned>(lane_mask);
   if (lane_mask < 0 || lane_mask > 31 || src >= n_threads || fibers[src].state == State::kDone) {
     fail("warp shuffle from lane " + std::to_string(src) + ", which is outside the block or has exited");
     _longjmp(scheduler, 1);
   }
+  if (!(mask >> (cur % 32) & 1u) || !(mask >> (src % 32) & 1u)) {   // undefined on the device
+    fail("warp shuffle of lane " + std::to_string(cur % 32) + " from lane " + std::to_string(src % 32) +
+         " with mask " + std::to_string(mask) + ", which leaves one of them out (" + Site{file, line}.str() + ")");
+    _longjmp(scheduler, 1);
+  }
   std::memcpy(value, &slots[src], bytes);
-  wait(State::kAtWarp);
+  wait(State::kAtWarp, Site{file, line});
 }
 
 cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx, const void* kernel) {
