@@ -11,13 +11,17 @@ import triton.language as tl
 
 from adafisher_fast import reference
 from .host import cdiv, on_device
+from .linear_stats import WIDE_FROM
 
 BLOCK = 1024   # tokens per program: a large batch x sequence fills the GPU with few programs
 
 
 @triton.jit
-def _embedding_stats_kernel(idx_ptr, out_ptr, n, V, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _embedding_stats_kernel(idx_ptr, out_ptr, n, V, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+    pid = tl.program_id(0)
+    if WIDE:        # NOTE: [wide offsets] in linear_stats.py
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     tok = tl.load(idx_ptr + offs, mask=m, other=0).to(tl.int64)
     ok = m & (tok >= 0) & (tok < V)
@@ -37,4 +41,4 @@ def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
     if n == 0:
         return
     _embedding_stats_kernel[(cdiv(n, BLOCK),)](flat, out, n, out.numel(), BLOCK=BLOCK,
-                                             enable_fp_fusion=True)
+                                             WIDE=n >= WIDE_FROM, enable_fp_fusion=True)

@@ -38,25 +38,28 @@ from .host import cdiv, columns_view, interpreting, next_pow2, on_device
 TARGET_PROGRAMS = 1024
 MAX_BLOCK_K = 128
 TILE = 2048     # elements per program step: 8 KiB of float32 in registers over 4 warps
+WIDE_FROM = 2 ** 31 - 2 * TILE   # A or B from here: int64 program offsets (NOTE: [wide offsets])
 
 
 @triton.jit
 def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B_Q, rows_per_prog, G, CG, RPS,
                           scale, SQUARE: tl.constexpr, AFFINE: tl.constexpr, BLOCK_A: tl.constexpr,
                           BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, B_DIV: tl.constexpr,
-                          PARTIAL: tl.constexpr):
+                          PARTIAL: tl.constexpr, WIDE: tl.constexpr):
     """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b]), with
     f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
     or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample), or of v - mu[k] / G
     (AFFINE 3: mu holds RPS rows of partial sums of the channel, ``partial_sums``' output, added
     in order, G its count; norm_stats' centred pass); AFFINE 0 reads neither mu nor rs.
     PARTIAL: out is a (programs, K) scratch, this program's row stored, not added.
-    B = B_Q * B_DIV: NOTE: [plane alignment]."""
+    B = B_Q * B_DIV: NOTE: [plane alignment].  WIDE: NOTE: [wide offsets]."""
     B = B_Q * B_DIV
     n_kb = tl.cdiv(K, BLOCK_K)
     pid_k = tl.program_id(0) % n_kb
     pid_b = tl.program_id(0) // n_kb
     pid_a = tl.program_id(1)
+    if WIDE:
+        pid_b, pid_a = pid_b.to(tl.int64), pid_a.to(tl.int64)
     offs_a = tl.arange(0, BLOCK_A)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -170,10 +173,14 @@ def _run(x3, dst, partial, square, scale, affine, mu, rs, g, cg, rps) -> None:
     # B_DIV-element aligned, and it loads up to B_DIV elements at once (8 or 16 bytes).  (B of 2^31
     # and more stays whole: B_Q * B_DIV would be an int32 product there.)
     b_div = min(b & -b, 16) if b < 2 ** 31 else 1
+    # NOTE: [wide offsets] a program id is int32, and so are pid * BLOCK_B and pid * rows, which
+    # wrap (to negative offsets, inside the mask) once A or B nears 2^31: such a launch widens them
+    # to int64 first.  Only there: 64-bit row indices cost divisions in AFFINE 2's loop.
+    wide = max(a, b) >= WIDE_FROM
     _column_reduce_kernel[grid](x3, dst, dst if mu is None else mu, dst if rs is None else rs, a, k,
                                 b // b_div, rows, g, cg, rps, float(scale), SQUARE=square,
                                 AFFINE=affine, BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b,
-                                B_DIV=b_div, PARTIAL=partial, enable_fp_fusion=True)
+                                B_DIV=b_div, PARTIAL=partial, WIDE=wide, enable_fp_fusion=True)
 
 
 @on_device

@@ -56,3 +56,16 @@ def test_embedding_stats_gpu_large(kernel_ops):
     reference.embedding_stats(idx, want)
     kernel_ops.embedding_stats(idx, got)
     assert torch.equal(got, want)
+
+
+def test_triton_wide_offsets_count_as_the_reference(monkeypatch):
+    """NOTE: [wide offsets] in fisher_kernels/linear_stats.py: the int64 path (forced), interpreted."""
+    pytest.importorskip("triton")
+    import importlib
+    es = importlib.import_module("fisher_kernels.embedding_stats")
+    monkeypatch.setattr(es, "WIDE_FROM", 0)
+    idx = torch.randint(-2, 40, (3, 700))
+    want, got = torch.zeros(37), torch.zeros(37)
+    reference.embedding_stats(idx, want)
+    es.embedding_stats(idx, got)
+    assert torch.equal(got, want)

@@ -28,6 +28,51 @@ def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
+def test_triton_wide_offsets_from_2_31(monkeypatch):
+    """NOTE: [wide offsets]: a column reduction with A or B near 2^31 widens its program offsets
+    to int64 (pid * BLOCK_B and pid * rows wrapped to negative offsets inside the mask), and only
+    such a launch does; the embedding count the same for its tokens."""
+    pytest.importorskip("triton")
+    ls = importlib.import_module("fisher_kernels.linear_stats")
+    es = importlib.import_module("fisher_kernels.embedding_stats")
+    seen = []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: seen.append(kw["WIDE"])
+
+    monkeypatch.setattr(ls, "_column_reduce_kernel", Kernel())
+    monkeypatch.setattr(es, "_embedding_stats_kernel", Kernel())
+    one = torch.empty(1)
+    for a, b in ((2, 1000), (2, 2 ** 31 - 5000), (2, 2 ** 31 - 4000), (2 ** 31 + 7, 1)):
+        ls._launch(one.expand(a, 3, b), torch.zeros(3), True, 1.0)
+    for n in (1000, 2 ** 31 + 5):
+        es.embedding_stats(torch.empty(n, dtype=torch.int64, device="meta"),
+                           torch.zeros(8, device="meta"))
+    assert seen == [False, False, True, True, False, True]
+
+
+@pytest.mark.parametrize("affine", ["plain", "channel", "sample"])
+def test_triton_wide_offsets_sum_as_the_reference(monkeypatch, affine):
+    """The int64 path itself (every launch forced wide), interpreted, against the reference: the
+    plain column sums, BatchNorm's centred pass (AFFINE 3) and GroupNorm's (AFFINE 2)."""
+    pytest.importorskip("triton")
+    import fisher_kernels
+    ls = importlib.import_module("fisher_kernels.linear_stats")
+    monkeypatch.setattr(ls, "WIDE_FROM", 0)
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, 33)
+    want, got = torch.zeros(6), torch.zeros(6)
+    if affine == "plain":
+        reference.linear_stats(x, want, 1)
+        fisher_kernels.linear_stats(x, got, 1)
+    else:
+        mode, groups = ("channel", 1) if affine == "channel" else ("sample", 3)
+        reference.norm_stats(x, want, mode, groups, 1e-5)
+        fisher_kernels.norm_stats(x, got, mode, groups, 1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lead,row_bytes,dim,kernel,vb", [((300,), 1024, -1, "reduce_rows", 16),

@@ -115,6 +115,11 @@ def _stats_calls(dev="cpu", dtypes=(torch.float32, torch.bfloat16, torch.float16
                                       1e-5)
     for idt in (torch.int64, torch.int32):
         fisher_kernels.embedding_stats(torch.zeros(16, 1024, dtype=idt, **e), torch.zeros(50257, **e))
+    # int64 program offsets, A or B near 2^31 (NOTE: [wide offsets]); on meta: only launched
+    m = dict(device="meta")
+    fisher_kernels.linear_stats(torch.empty(2, 1, 2 ** 31 + 4096, **m), torch.zeros(1, **m), 1)
+    fisher_kernels.embedding_stats(torch.empty(2 ** 31 + 5, dtype=torch.int64, **m),
+                                   torch.zeros(8, **m))
 
 
 def _optimizer_runs(dev="cpu"):
