@@ -745,6 +745,34 @@ def test_fused_step_found_inf(kernel_ops, dtype, rtol, monkeypatch):
         assert [t.item() for t in state[2]] == [i + 1.0 for i in range(len(params))]
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_fused_step_device_steps_whatever_order_blocks_finish(kernel_ops, seed, monkeypatch):
+    """Step counts on the device: the last block to finish increments them, after every block has
+    read them (the ticket: NOTE: [step chunks] in csrc/fused_step.cu).  Emulated CUDA blocks run
+    in shuffled orders here (ADAFISHER_EMU_BLOCK_ORDER; by default the emulator runs them in
+    reverse, so block 0 is always last), over a parameter of four chunks: a kernel that let a
+    fixed block increment them gave the blocks after it the next step's bias correction."""
+    _device_steps_for(kernel_ops, monkeypatch)
+    monkeypatch.setenv("ADAFISHER_EMU_BLOCK_ORDER", f"shuffle:{seed}")
+    torch.manual_seed(seed)
+    n, n_fac = 3 * 16384 + 5, 4
+    shapes = [(n,), (7,)]
+    meta = torch.tensor([(k, 1, n_fac, 0, 0, n_fac, 0, 0, k, 0) for (k,) in shapes])
+    fac = torch.cat([torch.rand(n_fac, device=device()), torch.ones(1, device=device())])
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(shapes)
+    got = ([torch.randn(s, device=device()) for s in shapes],
+           [torch.zeros(s, device=device()) for s in shapes],
+           [torch.zeros((), device=device()) for _ in shapes])
+    want = tuple([t.clone() for t in ts] for ts in got)
+    for step in range(1, 4):
+        grads = [torch.randn(s, device=device()) for s in shapes]
+        reference.fused_step(want[0], grads, want[1], want[2], fac, meta, hyper, False)
+        kernel_ops.fused_step(got[0], grads, got[1], got[2], fac, meta, hyper, False)
+        assert [t.item() for t in got[2]] == [float(step)] * len(shapes)
+        for w, g in zip(want[0] + want[1], got[0] + got[1]):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item())
+
+
 def test_fused_step_found_inf_refused_where_it_cannot_be_read_on_the_device(kernel_ops,
                                                                             monkeypatch):
     """found_inf skips on the device, so the step counts must be there: step counts elsewhere, a

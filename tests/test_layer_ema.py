@@ -22,8 +22,20 @@ def _states(make_model, preset):
     """(FisherState, EMA rule, the reference's state, the kernel's copy) of a fresh optimizer."""
     torch.manual_seed(0)
     f = AdaFisher(make_model().to(device()), preset=preset, backend="torch").fisher
+    # not ones: a factor's first update must not read its state, which a kernel that marked it
+    # initialised before all its threads had read the flag would (the reference ignores it)
+    f.state.uniform_(0.5, 2.0)
     want = [t.clone() for t in (f.state, f.fac, f.initialized, f.counters)]
     return f, PRESETS[preset].ema_rule(0.8), want, [t.clone() for t in want]
+
+
+def _thread_orders(kernel_ops, monkeypatch):
+    """Yields once, and on the emulated CUDA backend a second time with each block's threads in
+    reverse order (a missing barrier shows; NOTE: [CUDA emulator])."""
+    yield
+    if emulated(backend_name(kernel_ops)):
+        monkeypatch.setenv("ADAFISHER_EMU_THREAD_ORDER", "reverse")
+        yield
 
 
 def _step_both(kernel_ops, buf, table, want, got, rule):
@@ -39,40 +51,42 @@ def _step_both(kernel_ops, buf, table, want, got, rule):
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
-def test_layer_ema(kernel_ops, preset):
-    f, rule, want, got = _states(_model, preset)
-    n_acc = f.table.n_acc
-    for it in range(4):
-        buf = torch.rand_like(f.buf) * 3
-        if it == 1:
-            buf[n_acc] = 0                          # first factor's module not called
-        if it == 2 and n_acc > 1:
-            buf[1] = float("inf")                   # a non-finite statistic: layer keeps its state
-        if it == 3:
-            buf[n_acc:] = torch.randint(1, 5, (buf.numel() - n_acc,)).to(buf)
-        _step_both(kernel_ops, buf, f.table, want, got, rule)
-    assert int(want[3][:, 1].sum()) >= 1            # the non-finite event was counted
+def test_layer_ema(kernel_ops, preset, monkeypatch):
+    for _ in _thread_orders(kernel_ops, monkeypatch):
+        f, rule, want, got = _states(_model, preset)
+        n_acc = f.table.n_acc
+        for it in range(4):
+            buf = torch.rand_like(f.buf) * 3
+            if it == 1:
+                buf[n_acc] = 0                      # first factor's module not called
+            if it == 2 and n_acc > 1:
+                buf[1] = float("inf")               # a non-finite statistic: layer keeps its state
+            if it == 3:
+                buf[n_acc:] = torch.randint(1, 5, (buf.numel() - n_acc,)).to(buf)
+            _step_both(kernel_ops, buf, f.table, want, got, rule)
+        assert int(want[3][:, 1].sum()) >= 1        # the non-finite event was counted
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
-def test_layer_ema_writes_every_fac_entry(kernel_ops, preset):
+def test_layer_ema_writes_every_fac_entry(kernel_ops, preset, monkeypatch):
     """fac is derived from the state at every call (reference: ``fac[:-1].copy_``), also for the
     factors that take no update: a module never called, one called before but not now, a layer
     the guard skips.  The kernels write those in a walk of their own (NOTE: [ema block])."""
-    f, rule, want, got = _states(_model, preset)
-    n_acc = f.table.n_acc
-    for it in range(3):
-        buf = torch.rand_like(f.buf) * 3
-        buf[n_acc] = 0                              # never called: fac stays ones
-        if it == 1:
-            buf[n_acc + 1] = 0                      # called before, not now
-        if it == 2:
-            buf[n_acc - 1] = float("inf")           # the last layer keeps its state
-        for fac in (want[1], got[1]):
-            fac[:-1] = float("nan")
-        _step_both(kernel_ops, buf, f.table, want, got, rule)
-        assert not want[1].isnan().any()
-    assert want[2].tolist().count(False) == 1 and int(want[3][:, 1].sum()) == 1
+    for _ in _thread_orders(kernel_ops, monkeypatch):
+        f, rule, want, got = _states(_model, preset)
+        n_acc = f.table.n_acc
+        for it in range(3):
+            buf = torch.rand_like(f.buf) * 3
+            buf[n_acc] = 0                          # never called: fac stays as derived
+            if it == 1:
+                buf[n_acc + 1] = 0                  # called before, not now
+            if it == 2:
+                buf[n_acc - 1] = float("inf")       # the last layer keeps its state
+            for fac in (want[1], got[1]):
+                fac[:-1] = float("nan")
+            _step_both(kernel_ops, buf, f.table, want, got, rule)
+            assert not want[1].isnan().any()
+        assert want[2].tolist().count(False) == 1 and int(want[3][:, 1].sum()) == 1
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
