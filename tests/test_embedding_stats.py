@@ -1,4 +1,6 @@
 """embedding_stats kernels against the torch reference."""
+import importlib
+
 import pytest
 import torch
 
@@ -61,7 +63,6 @@ def test_embedding_stats_gpu_large(kernel_ops):
 def test_triton_wide_offsets_count_as_the_reference(monkeypatch):
     """NOTE: [wide offsets] in fisher_kernels/linear_stats.py: the int64 path (forced), interpreted."""
     pytest.importorskip("triton")
-    import importlib
     es = importlib.import_module("fisher_kernels.embedding_stats")
     monkeypatch.setattr(es, "WIDE_FROM", 0)
     idx = torch.randint(-2, 40, (3, 700))

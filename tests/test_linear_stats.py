@@ -28,6 +28,17 @@ def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
+class _Recorder:
+    """A stand-in Triton kernel: each launch ``kernel[grid](*args, **kw)`` appends
+    ``pick(args, kw)`` to ``seen`` and runs nothing."""
+
+    def __init__(self, seen: list, pick):
+        self.seen, self.pick = seen, pick
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.seen.append(self.pick(args, kw))
+
+
 def test_triton_wide_offsets_from_2_31(monkeypatch):
     """NOTE: [wide offsets]: a column reduction with A or B near 2^31 widens its program offsets
     to int64 (pid * BLOCK_B and pid * rows wrapped to negative offsets inside the mask), and only
@@ -36,13 +47,8 @@ def test_triton_wide_offsets_from_2_31(monkeypatch):
     ls = importlib.import_module("fisher_kernels.linear_stats")
     es = importlib.import_module("fisher_kernels.embedding_stats")
     seen = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: seen.append(kw["WIDE"])
-
-    monkeypatch.setattr(ls, "_column_reduce_kernel", Kernel())
-    monkeypatch.setattr(es, "_embedding_stats_kernel", Kernel())
+    monkeypatch.setattr(ls, "_column_reduce_kernel", _Recorder(seen, lambda args, kw: kw["WIDE"]))
+    monkeypatch.setattr(es, "_embedding_stats_kernel", _Recorder(seen, lambda args, kw: kw["WIDE"]))
     one = torch.empty(1)
     for a, b in ((2, 1000), (2, 2 ** 31 - 5000), (2, 2 ** 31 - 4000), (2 ** 31 + 7, 1)):
         ls._launch(one.expand(a, 3, b), torch.zeros(3), True, 1.0)
@@ -192,12 +198,8 @@ def test_triton_plane_length_is_passed_with_its_power_of_two_factor(monkeypatch)
     pytest.importorskip("triton")
     ls = importlib.import_module("fisher_kernels.linear_stats")
     seen = []
-
-    class Kernel:
-        def __getitem__(self, grid):
-            return lambda *args, **kw: seen.append((args[6], kw["B_DIV"]))
-
-    monkeypatch.setattr(ls, "_column_reduce_kernel", Kernel())
+    monkeypatch.setattr(ls, "_column_reduce_kernel",
+                        _Recorder(seen, lambda args, kw: (args[6], kw["B_DIV"])))
     for b in (1, 196, 49, 3136, 2 ** 31 + 16):
         ls._launch(torch.empty(1).expand(2, 3, b), torch.zeros(3), True, 1.0)
     assert seen == [(1, 1), (49, 4), (49, 1), (196, 16), (2 ** 31 + 16, 1)]
