@@ -48,9 +48,8 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B_Q, rows_per_pr
                           PARTIAL: tl.constexpr, WIDE: tl.constexpr):
     """out[k] += scale * sum over this program's rows a and its B block of f(x[a, k, b]), with
     f(v) = v or v^2 (SQUARE) of v, or of (v - mu[s]) * rs[s] (norm_stats' xhat): s = k (AFFINE 1)
-    or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample), or of v - mu[k] / G
-    (AFFINE 3: mu holds RPS rows of partial sums of the channel, ``partial_sums``' output, added
-    in order, G its count; norm_stats' centred pass); AFFINE 0 reads neither mu nor rs.
+    or s = (a // RPS) * G + k // CG (AFFINE 2: RPS rows per sample), or of v - mu[k] (AFFINE 3:
+    norm_stats' centred pass); AFFINE 0 reads neither mu nor rs.
     PARTIAL: out is a (programs, K) scratch, this program's row stored, not added.
     B = B_Q * B_DIV: NOTE: [plane alignment].  WIDE: NOTE: [wide offsets]."""
     B = B_Q * B_DIV
@@ -77,10 +76,7 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B_Q, rows_per_pr
     a1 = tl.minimum(a0 + rows_per_prog, A)
     row_stride = tl.cast(K, tl.int64) * B
     if AFFINE == 3:
-        mu_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for r in range(RPS):
-            mu_sum += tl.load(mu_ptr + tl.cast(r, tl.int64) * K + offs_k, mask=km, other=0.0)
-        mu3 = tl.math.div_rn(mu_sum, G * 1.0)[None, :, None]
+        mu3 = tl.load(mu_ptr + offs_k, mask=km, other=0.0)[None, :, None]
     for s in range(a0, a1, BLOCK_A):
         rows = s + offs_a
         rm = rows < a1

@@ -24,13 +24,19 @@ same.
 
 Channel statistics reuse the reduction itself: mean = sum x / N, var = sum (x - mean)^2 / N, as
 the reference computes them; then sum xhat^2 = N var / (var + eps) per channel, without a third
-pass over x (NOTE: [norm passes] in csrc/norm_stats.cu).  NOTE: [channel launches] Three
-launches and two allocations, no fill: the sums and the centred squares (the mean taken from the
-sums inside the pass), each as the stored partial sums of its programs (``partial_sums``: the
-same in any program order), then ``_channel_finish_kernel`` adds each one's rows up.  Done in
-torch between the passes, the arithmetic on C entries was a dozen small ops, each a launch on a
-GPU and host time: an H200 run timed this launcher at 0.17-0.48 ms on every BatchNorm shape
-(small ones too), the CUDA backend at 0.02-0.14 ms.
+pass over x (NOTE: [norm passes] in csrc/norm_stats.cu).  NOTE: [channel launches] Four
+launches, two allocations and no fill: the sums, each program's stored in a row of a (R, C)
+scratch (``partial_sums``: the same in any program order); ``_channel_rows_kernel`` adds the rows
+up into the mean, written over the first row; the centred squares, stored the same way; and
+``_channel_rows_kernel`` again for N var / (var + eps).  Done in torch between the passes, the
+arithmetic on C entries was a dozen small ops, each a launch on a GPU and host time: an H200 run
+timed this launcher at 0.17-0.48 ms on every BatchNorm shape (small ones too), the CUDA backend
+at 0.02-0.14 ms.  The mean has a launch of its own because every program of the centred pass
+needs it: each one adding up the R rows itself (three launches, 2026-12-04, not timed) read
+R x R x C floats, 134 MB at ResNet-18's 256x512x4x4 (R = 256) against its 8.4 MB input, and its
+compiled loop waited on one 4-byte load per row; the extra launch reads them once (0.5 MB there).
+The rows are summed as (BLOCK_R, BLOCK_C) tiles, not one row after the other, for the same
+reason (both not yet timed on a GPU).
 """
 from __future__ import annotations
 
@@ -116,24 +122,29 @@ def _combine_moments_kernel(pm_ptr, pm2_ptr, mu_ptr, rs_ptr, n, NC, eps, CHUNK: 
 
 
 @triton.jit
-def _channel_finish_kernel(s_ptr, q_ptr, out_ptr, C, n, R, eps, BLOCK: tl.constexpr):
-    """out[c] += n * var / (var + eps), var = q[c] / n, or 0 where var overflowed around a finite
-    mean s[c] / n (xhat is 0 there, as the layer's rsqrt(inf)); s and q, the channel's sum and
-    centred sum of squares, each as R rows of partial sums (R, C), added in order; NOTE: [norm
-    passes]."""
-    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _channel_rows_kernel(p_ptr, mu_ptr, out_ptr, C, R, n, eps, FINISH: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Column sums t[c] of p, R rows of partial sums (R, C) (NOTE: [channel launches]), then
+    without FINISH mu[c] = t[c] / n (mu may be p's first row: a program reads only its own
+    columns); with FINISH (t: the centred sums of squares) out[c] += n * var / (var + eps),
+    var = t[c] / n, or 0 where var overflowed around a finite mean mu[c] (xhat is 0 there, as the
+    layer's rsqrt(inf)); NOTE: [norm passes]."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = c < C
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(p_ptr + r[:, None].to(tl.int64) * C + c[None, :],
+                       mask=(r < R)[:, None] & m[None, :], other=0.0)
     nf = n * 1.0
-    s = tl.zeros((BLOCK,), dtype=tl.float32)
-    q = tl.zeros((BLOCK,), dtype=tl.float32)
-    for r in range(R):
-        s += tl.load(s_ptr + tl.cast(r, tl.int64) * C + c, mask=m, other=0.0)
-        q += tl.load(q_ptr + tl.cast(r, tl.int64) * C + c, mask=m, other=0.0)
-    mu = tl.math.div_rn(s, nf)
-    var = tl.math.div_rn(q, nf)
-    add = tl.where((var == float("inf")) & (tl.abs(mu) < float("inf")), 0.0,
-                   nf * tl.math.div_rn(var, var + eps))
-    tl.store(out_ptr + c, tl.load(out_ptr + c, mask=m, other=0.0) + add, mask=m)
+    t = tl.math.div_rn(tl.sum(acc, axis=0), nf)
+    if FINISH:
+        mu = tl.load(mu_ptr + c, mask=m, other=0.0)
+        add = tl.where((t == float("inf")) & (tl.abs(mu) < float("inf")), 0.0,
+                       nf * tl.math.div_rn(t, t + eps))
+        tl.store(out_ptr + c, tl.load(out_ptr + c, mask=m, other=0.0) + add, mask=m)
+    else:
+        tl.store(mu_ptr + c, t, mask=m)
 
 
 def _xhat_sq(x3, out, mu, rs, per_row, g, cg, rps=1):
@@ -165,12 +176,15 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
         if mean is None:                # NOTE: [channel launches]
             n = r * i
             sums = partial_sums(x3, False, 1.0)
-            squares = partial_sums(x3, True, 1.0, 3, sums, None, n, 1, sums.shape[0])
-            block = min(next_pow2(c), BLOCK_ROW)
-            # separate rounding of n * q and the add, as torch's ops (no FMA)
-            _channel_finish_kernel[(cdiv(c, block),)](
-                sums, squares, out, c, n, sums.shape[0], float(eps), BLOCK=block,
-                enable_fp_fusion=False)
+            rows, mu = sums.shape[0], sums          # the mean: over sums' first row
+            block_c = min(next_pow2(c), 128)
+            grid = (cdiv(c, block_c),)
+            meta = dict(BLOCK_R=max(1, min(next_pow2(rows), 2048 // block_c)), BLOCK_C=block_c,
+                        enable_fp_fusion=False)     # separate roundings, as torch's ops (no FMA)
+            _channel_rows_kernel[grid](sums, mu, out, c, rows, n, float(eps), FINISH=False, **meta)
+            squares = partial_sums(x3, True, 1.0, 3, mu)
+            _channel_rows_kernel[grid](squares, mu, out, c, rows, n, float(eps), FINISH=True,
+                                       **meta)
             return
         rs = torch.rsqrt(var.to(torch.float32) + eps).contiguous()
         _xhat_sq(x3, out, mean.to(torch.float32).contiguous(), rs, False, 1, 1)

@@ -66,7 +66,7 @@ def test_program_order_does_not_change_deterministic_results(name, monkeypatch):
     backend has none: CUDA's conv_stats at this size (its batch map's row blocks store their sums
     for the lattice kernel to add up, and that kernel gives each (channel, offset) entry one
     block; Triton's splits the output positions over programs: NOTE: [lattice split]), and
-    Triton's channel statistics (both passes store their programs' sums for the finishing kernel:
+    Triton's channel statistics (both passes store their programs' sums for _channel_rows_kernel:
     NOTE: [channel launches])."""
     if name == "triton" and "triton" not in kernel_backends():
         pytest.skip("needs triton")

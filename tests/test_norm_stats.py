@@ -126,8 +126,9 @@ def test_triton_channel_mode_reads_x_at_most_twice(running, monkeypatch):
 
 def test_triton_channel_mode_does_no_torch_arithmetic(monkeypatch):
     """NOTE: [channel launches]: batch statistics cost the Triton launcher two allocations and its
-    kernels (stubbed here: the interpreter runs its own aten ops), not a dozen small torch ops on
-    the C entries between the passes, each one a launch and host time on a GPU, nor a fill."""
+    four kernels (stubbed here: the interpreter runs its own aten ops), not a dozen small torch
+    ops on the C entries between the passes, each one a launch and host time on a GPU, nor a
+    fill."""
     pytest.importorskip("triton")
     ns = importlib.import_module("fisher_kernels.norm_stats")
     ls = importlib.import_module("fisher_kernels.linear_stats")
@@ -135,12 +136,42 @@ def test_triton_channel_mode_does_no_torch_arithmetic(monkeypatch):
     stub = type("Stub", (), {"__getitem__": lambda self, grid: (
         lambda *a, **k: kernels.append(a[0].shape))})()
     monkeypatch.setattr(ls, "_column_reduce_kernel", stub)
-    monkeypatch.setattr(ns, "_channel_finish_kernel", stub)
+    monkeypatch.setattr(ns, "_channel_rows_kernel", stub)
     x, out = torch.randn(3, 5, 7, device=device()), torch.zeros(5, device=device())
     with AtenOps() as ops:
         ns.norm_stats(x, out, "channel", 1, 1e-5)
-    assert len(kernels) == 3
+    assert len(kernels) == 4
     assert set(ops.seen) <= {"empty", "view", "reshape", "_reshape_alias"}, ops.seen
+
+
+@pytest.mark.parametrize("finish", [False, True])
+def test_triton_channel_rows_kernel_adds_every_row(finish):
+    """NOTE: [channel launches]: _channel_rows_kernel over more rows and channels than one tile
+    (R = 37 rows in tiles of 16, C = 200 in blocks of 128), against float64: the mean written
+    over p's first row in place, or out += N var / (var + eps) with var from the rows, 0 where
+    var is inf around a finite mean (channel 3) and NaN where the mean is inf (channel 5)."""
+    pytest.importorskip("triton")
+    ns = importlib.import_module("fisher_kernels.norm_stats")
+    torch.manual_seed(0)
+    r, c, n, eps = 37, 200, 1000, 1e-2
+    p = torch.rand(r, c, device=device()) * 50
+    mu = torch.randn(c, device=device())
+    p[5, 3] = p[5, 5] = mu[5] = float("inf")
+    out = torch.rand(c, device=device())
+    t = p.double().sum(0) / n
+    if finish:
+        want = out.double() + n * t / (t + eps)
+        want[3] = out[3]
+        ns._channel_rows_kernel[(2,)](p, mu, out, c, r, n, eps, FINISH=True, BLOCK_R=16,
+                                      BLOCK_C=128)
+        got = out
+    else:
+        want = t
+        ns._channel_rows_kernel[(2,)](p, p, out, c, r, n, eps, FINISH=False, BLOCK_R=16,
+                                      BLOCK_C=128)
+        got = p[0]
+    assert got[5].isnan() == finish and got[3].isinf() != finish
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, equal_nan=True)
 
 
 def test_norm_stats_groups_must_divide_the_channels(kernel_ops):
