@@ -51,7 +51,6 @@ __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row
                                             int64_t hi, int t, int stride, bool center, int64_t groups,
                                             int64_t C, int64_t runs, Sum sum, A& m, A& s2) {
   constexpr int V = 16 / sizeof(T);
-  using Word = VecOf<16>::type;
   const int64_t r = row / groups, grp = row - r * groups;
   const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + row * n;
   auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
@@ -62,25 +61,41 @@ __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row
   // f(v) for each of the entries [j, min(j + V, hi)), in order
   auto each = [&](int64_t j, auto f) {
     if (words && j + V <= hi) {
-      union { Word u; T v[V]; } in;
-      in.u = *reinterpret_cast<const Word*>(xr + at(j));
+      Word<T, 16> in;
+      in.u = *reinterpret_cast<const VecOf<16>::type*>(xr + at(j));
 #pragma unroll
       for (int e = 0; e < V; ++e) f(load_as<A, T>(in.v, e));
     } else {
       for (int64_t e = j; e < min(j + V, hi); ++e) f(load_as<A, T>(xr, at(e)));
     }
   };
+  // f over the thread's entries in order, the loads of kWordsInFlight whole words issued first
+  // (NOTE: [words in flight] in reduce.cuh), the rest through `each`
+  const int64_t step = (int64_t)stride * V;
+  auto pass = [&](auto f) {
+    for (int64_t j = lo + (int64_t)t * V; j < hi; j += kWordsInFlight * step) {
+      if (words && j + (kWordsInFlight - 1) * step + V <= hi) {
+        Word<T, 16> in[kWordsInFlight];
+#pragma unroll
+        for (int u = 0; u < kWordsInFlight; ++u)
+          in[u].u = *reinterpret_cast<const VecOf<16>::type*>(xr + at(j + u * step));
+#pragma unroll
+        for (int u = 0; u < kWordsInFlight; ++u)
+#pragma unroll
+          for (int e = 0; e < V; ++e) f(load_as<A, T>(in[u].v, e));
+      } else {
+        for (int u = 0; u < kWordsInFlight && j + u * step < hi; ++u) each(j + u * step, f);
+      }
+    }
+  };
   m = 0;
   if (center) {
     A s = 0;
-#pragma unroll 4  // loads in flight per thread, as reduce.cuh's loops
-    for (int64_t j = lo + (int64_t)t * V; j < hi; j += (int64_t)stride * V) each(j, [&](A v) { s += v; });
+    pass([&](A v) { s += v; });
     m = sum(s) / A(hi - lo);
   }
   A q = 0;
-#pragma unroll 4
-  for (int64_t j = lo + (int64_t)t * V; j < hi; j += (int64_t)stride * V)
-    each(j, [&](A v) { v -= m; q += v * v; });
+  pass([&](A v) { v -= m; q += v * v; });
   s2 = sum(q);
 }
 

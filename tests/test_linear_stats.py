@@ -28,6 +28,24 @@ def test_linear_stats(kernel_ops, shape, dim, dtype, rtol, square, scale):
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,dim", [((1000, 36), -1), ((1000, 33), -1), ((64, 3, 49), 1)])
+def test_linear_stats_threads_take_several_words(kernel_ops, shape, dim, dtype):
+    """NOTE: [words in flight] in csrc/reduce.cuh: on the CUDA backend's grid a thread here takes
+    5 to 8 words, a batch of four and a part batch: rows of 36 float32 (16-byte words) or of 33
+    (single elements), split over 16 row slices; 64 planes of 49 over two blocks a channel, whose
+    thread's next word is 512 on, 10 plane rows and 22 entries further (the carried coordinates
+    wrap across a row).  Against the float64 sums."""
+    torch.manual_seed(4)
+    x = (torch.randn(shape, device=device()) + 0.5).to(dtype)
+    k = x.shape[dim]
+    want = torch.zeros(k, dtype=torch.float64, device=device())
+    reference.linear_stats(x.double(), want, dim)
+    got = torch.zeros(k, device=device())
+    kernel_ops.linear_stats(x, got, dim)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
 class _Recorder:
     """A stand-in Triton kernel: each launch ``kernel[grid](*args, **kw)`` appends
     ``pick(args, kw)`` to ``seen`` and runs nothing."""
