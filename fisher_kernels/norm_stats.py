@@ -36,7 +36,9 @@ needs it: each one adding up the R rows itself (three launches, 2026-12-04, not 
 R x R x C floats, 134 MB at ResNet-18's 256x512x4x4 (R = 256) against its 8.4 MB input, and its
 compiled loop waited on one 4-byte load per row; the extra launch reads them once (0.5 MB there).
 The rows are summed as (BLOCK_R, BLOCK_C) tiles, not one row after the other, for the same
-reason (both not yet timed on a GPU).
+reason; tiles of 32 channels, so that C = 512 runs on 16 programs, each with two (128, 32) tiles
+at R = 256 (128-channel tiles left 4 programs there, 16 dependent loads each, in a launch on
+its own).  Neither is timed on a GPU yet.
 """
 from __future__ import annotations
 
@@ -177,9 +179,9 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
             n = r * i
             sums = partial_sums(x3, False, 1.0)
             rows, mu = sums.shape[0], sums          # the mean: over sums' first row
-            block_c = min(next_pow2(c), 128)
+            block_c = min(next_pow2(c), 32)         # one 128-byte line of a row per tile row
             grid = (cdiv(c, block_c),)
-            meta = dict(BLOCK_R=max(1, min(next_pow2(rows), 2048 // block_c)), BLOCK_C=block_c,
+            meta = dict(BLOCK_R=max(1, min(next_pow2(rows), 4096 // block_c)), BLOCK_C=block_c,
                         enable_fp_fusion=False)     # separate roundings, as torch's ops (no FMA)
             _channel_rows_kernel[grid](sums, mu, out, c, rows, n, float(eps), FINISH=False, **meta)
             squares = partial_sums(x3, True, 1.0, 3, mu)

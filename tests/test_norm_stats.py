@@ -147,9 +147,10 @@ def test_triton_channel_mode_does_no_torch_arithmetic(monkeypatch):
 @pytest.mark.parametrize("finish", [False, True])
 def test_triton_channel_rows_kernel_adds_every_row(finish):
     """NOTE: [channel launches]: _channel_rows_kernel over more rows and channels than one tile
-    (R = 37 rows in tiles of 16, C = 200 in blocks of 128), against float64: the mean written
-    over p's first row in place, or out += N var / (var + eps) with var from the rows, 0 where
-    var is inf around a finite mean (channel 3) and NaN where the mean is inf (channel 5)."""
+    (R = 37 rows in tiles of 16, C = 200 in blocks of 32, the launcher's width), against
+    float64: the mean written over p's first row in place, or out += N var / (var + eps) with
+    var from the rows, 0 where var is inf around a finite mean (channel 3) and NaN where the
+    mean is inf (channel 5)."""
     pytest.importorskip("triton")
     ns = importlib.import_module("fisher_kernels.norm_stats")
     torch.manual_seed(0)
@@ -162,13 +163,13 @@ def test_triton_channel_rows_kernel_adds_every_row(finish):
     if finish:
         want = out.double() + n * t / (t + eps)
         want[3] = out[3]
-        ns._channel_rows_kernel[(2,)](p, mu, out, c, r, n, eps, FINISH=True, BLOCK_R=16,
-                                      BLOCK_C=128)
+        ns._channel_rows_kernel[(7,)](p, mu, out, c, r, n, eps, FINISH=True, BLOCK_R=16,
+                                      BLOCK_C=32)
         got = out
     else:
         want = t
-        ns._channel_rows_kernel[(2,)](p, p, out, c, r, n, eps, FINISH=False, BLOCK_R=16,
-                                      BLOCK_C=128)
+        ns._channel_rows_kernel[(7,)](p, p, out, c, r, n, eps, FINISH=False, BLOCK_R=16,
+                                      BLOCK_C=32)
         got = p[0]
     assert got[5].isnan() == finish and got[3].isinf() != finish
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, equal_nan=True)
