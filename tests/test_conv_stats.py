@@ -336,6 +336,25 @@ def test_triton_lattice_groups_match_reference(det, monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_conv_stats_stem_lattice_is_split(kernel_ops, emu_launches):
+    """NOTE: [lattice split] in csrc/conv_stats.cu: ResNet-50's stem (3 channels, 7x7 at stride
+    2 and padding 3: 147 entries over a 112 x 112 lattice) runs each entry on 4 blocks of 256
+    threads, about 12 positions a thread (at 64 positions a thread it ran 147 blocks, 49
+    positions a thread one after another); its sums match the reference (the positions walked
+    with carried coordinates, NOTE: [lattice walk])."""
+    if not emulated("cuda") or backend_name(kernel_ops) != "cuda":
+        pytest.skip("the launch log is the emulated CUDA backend's")
+    torch.manual_seed(8)
+    x = torch.randn(1, 3, 224, 224)
+    want = torch.zeros(147, dtype=torch.float64)
+    got = torch.zeros(147)
+    reference.conv_stats(x.double(), want, (7, 7), (2, 2), [(3, 3), (3, 3)], (1, 1), 1)
+    kernel_ops.conv_stats(x, got, (7, 7), (2, 2), [(3, 3), (3, 3)], (1, 1), 1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    lattice = [(gx, gy) for name, gx, gy in emu_launches() if "conv_lattice_kernel" in name]
+    assert lattice == [(147, 4)], lattice
+
+
 @pytest.mark.parametrize("det", [False, True])
 def test_conv_stats_large_lattice_few_channels(kernel_ops, det, emu_launches):
     """One channel over a large volume: 27 (channel, offset) entries, 64,000 output positions
