@@ -111,7 +111,7 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
           static_cast<const A*>(work), static_cast<A*>(out), part, g, kprod, L, rows, C * plane,
           g.channels_last ? 1 : plane, g.channels_last ? C : 1);
       if (part != nullptr)
-        sum_partials_kernel<A><<<(unsigned)cdiv(ck, 256), 256, 0, s>>>(part, static_cast<A*>(out), gy, ck);
+        launch_sum_partials<A>(part, static_cast<A*>(out), gy, ck, s);
     });
   return cudaGetLastError();
 }

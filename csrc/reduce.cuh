@@ -10,7 +10,7 @@
 // Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
 // `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
 // sums in row blockIdx.y of a (gridDim.y, K) scratch and sum_partials_kernel adds the rows to out in
-// order: same grid, same bits on every run.  An unsplit one (gridDim.y == 1) adds directly: one add
+// a fixed order: same grid, same bits on every run.  An unsplit one (gridDim.y == 1) adds directly: one add
 // per entry.  The other statistics kernels are deterministic as they are (conv's lattice and norm's
 // coefficients: one block per entry; embedding's counts: equal addends of 1).
 #pragma once
@@ -146,14 +146,28 @@ __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ ou
   if (threadIdx.x == 0) emit<A>(out, partials, K, k, acc * scale);
 }
 
-// out[k] += sum over rows y < n of partials[y * K + k], in order of y.
+// out[k] += sum over rows y < n of partials[y * K + k]: block (32, 8), 32 columns a block, warp
+// w adding rows w, w + 8, ... in order, then the 8 warps' sums in order: the same bits on every
+// run.  (A thread a column over all n rows left GPT-2's 768 columns on 3 blocks, each thread 256
+// rows long.)
 template <typename A>
 __global__ void sum_partials_kernel(const A* __restrict__ partials, A* __restrict__ out, int64_t n, int64_t K) {
-  const int64_t k = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (k >= K) return;
+  __shared__ A sh[8][32];
+  const int64_t k = (int64_t)blockIdx.x * 32 + threadIdx.x;
   A t = 0;
-  for (int64_t y = 0; y < n; ++y) t += partials[y * K + k];
-  out[k] += t;
+  if (k < K)
+    for (int64_t y = threadIdx.y; y < n; y += 8) t += partials[y * K + k];
+  sh[threadIdx.y][threadIdx.x] = t;
+  __syncthreads();
+  if (threadIdx.y != 0 || k >= K) return;
+  A sum = 0;
+  for (int w = 0; w < 8; ++w) sum += sh[w][threadIdx.x];
+  out[k] += sum;
+}
+
+template <typename A>
+void launch_sum_partials(const A* partials, A* out, int64_t n, int64_t K, cudaStream_t s) {
+  sum_partials_kernel<A><<<(unsigned)cdiv(K, 32), dim3(32, 8), 0, s>>>(partials, out, n, K);
 }
 
 template <typename T, typename A, int VB>
@@ -195,7 +209,7 @@ void launch_reduce(const T* x, A* out, int64_t Ar, int64_t K, int64_t I, bool sq
   A* part = gy > 1 ? partials : nullptr;
   launch_reduce_blocks<T, A>(x, out, part, Ar, K, I, gy, square, scale, af, s);
   if (part != nullptr)
-    sum_partials_kernel<A><<<(unsigned)cdiv(K, 256), 256, 0, s>>>(part, out, gy, K);
+    launch_sum_partials<A>(part, out, gy, K, s);
 }
 
 }  // namespace adafisher

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adafisher_fast import reference
-from conftest import AtenOps, device, emulated, tensor_copies
+from conftest import AtenOps, backend_name, device, emulated, tensor_copies
 
 DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-4), (torch.float16, 1e-4)]
 
@@ -236,6 +236,26 @@ def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, 
         launched = emu_launches()
         blocks = [gx for name, gx, _ in launched if "sample_coeffs" in name]
         assert blocks == [2 * 2 * chunks] and any("sample_combine" in g[0] for g in launched)
+
+
+def test_norm_stats_rows_of_more_chunks_than_a_warp(kernel_ops, emu_launches):
+    """A sample row of 33 chunks (NOTE: [moment chunks]): the CUDA combine takes a warp a row,
+    lane 0 joining chunks 0 and 32.  The chunks' means differ (a ramp along the row), so a chunk
+    dropped or counted twice moves the mean and the variance.  Against the float64 reference.
+    (Triton's combine takes a row's chunks as one vector: a 15 s interpreted run that adds
+    nothing to the long-rows test above.)"""
+    if backend_name(kernel_ops) != "cuda":
+        pytest.skip("the CUDA combine's warp")
+    torch.manual_seed(9)
+    x = torch.randn(1, 2, 270000, device=device()) + torch.linspace(-20, 20, 270000, device=device())
+    want = torch.zeros(2, dtype=torch.float64, device=device())
+    got = torch.zeros(2, device=device())
+    reference.norm_stats(x.double(), want, "sample", 1, 1e-5, True)
+    kernel_ops.norm_stats(x, got, "sample", 1, 1e-5, True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    if emulated("cuda"):
+        launched = [gx for name, gx, _ in emu_launches() if "sample_c" in name]
+        assert launched == [33, 1], launched          # a block a chunk; one warp joins them
 
 
 @pytest.mark.parametrize("center", [True, False])
