@@ -58,6 +58,14 @@ template <typename A> __device__ A block_max(A v, A* sh) { return -block_min<A>(
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// a / b for 0 <= a and 0 < b: a 32-bit division where both fit (about a dozen instructions),
+// the 64-bit one (a long subroutine) where not
+__device__ __forceinline__ int64_t div_nonneg(int64_t a, int64_t b) {
+  return ((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0
+             ? static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b))
+             : a / b;
+}
+
 }  // namespace adafisher
 
 // Dispatch helpers: bind `using T = ...` for an input dtype / `using A = ...` for an acc dtype.

@@ -53,7 +53,11 @@ __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row
   constexpr int V = 16 / sizeof(T);
   const int64_t r = row / groups, grp = row - r * groups;
   const T* xr = runs > 0 ? x + r * n * groups + grp * runs : x + row * n;
-  auto at = [&](int64_t j) { return runs > 0 ? (j / runs) * C + j % runs : j; };
+  auto at = [&](int64_t j) {
+    if (runs == 0) return j;
+    const int64_t run = div_nonneg(j, runs);
+    return run * C + (j - run * runs);
+  };
   // channels_last: a word stays in one run of C/groups channels when runs and C are multiples
   // of V (j is), and starts aligned with xr
   const bool words = (runs == 0 || (runs % V == 0 && C % V == 0)) &&
