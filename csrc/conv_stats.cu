@@ -85,7 +85,7 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
     AF_DISPATCH_ACC(ot, A,
       AF_DISPATCH_IN(xt, T,
         launch_reduce<T, A>(static_cast<const T*>(x), static_cast<A*>(out), g.channels_last ? B * plane : B, C,
-                            g.channels_last ? 1 : plane, true, A(1), Affine{0, nullptr, nullptr, 1},
+                            g.channels_last ? 1 : plane, true, A(1), NoAffine{},
                             static_cast<A*>(partials), s)));
     return cudaGetLastError();
   }
@@ -94,7 +94,7 @@ cudaError_t launch_conv_stats(const void* x, DType xt, void* out, DType ot, void
     AF_DISPATCH_IN(xt, T,
       rows = conv_work_rows(B, C * plane, sizeof(T));
       launch_reduce_blocks<T, A>(static_cast<const T*>(x), nullptr, static_cast<A*>(work), B, C * plane, 1,
-                                 rows, true, A(1), Affine{0, nullptr, nullptr, 1}, s));
+                                 rows, true, A(1), NoAffine{}, s));
     if (L > 0) {
       const int threads = L >= 256 ? 256 : (L >= 64 ? 64 : 32);
       // NOTE: [lattice split] a few (channel, offset) entries over a large lattice (a 1-channel

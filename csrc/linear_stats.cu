@@ -10,7 +10,7 @@ cudaError_t launch_linear_stats(const void* x, DType xt, void* out, DType ot, in
                                 int64_t I, bool square, double scale, void* partials, cudaStream_t s) {
   AF_DISPATCH_ACC(ot, A, AF_DISPATCH_IN(xt, T,
       launch_reduce<T, A>(static_cast<const T*>(x), static_cast<A*>(out), A_, K, I, square,
-                          static_cast<A>(scale), Affine{0, nullptr, nullptr, 1}, static_cast<A*>(partials), s)));
+                          static_cast<A>(scale), NoAffine{}, static_cast<A*>(partials), s)));
   return cudaGetLastError();
 }
 

@@ -179,7 +179,7 @@ cudaError_t launch_norm_stats(const void* x, DType xt, void* out, DType ot, void
       if (mean == nullptr) {
         cudaMemsetAsync(w, 0, 2 * C * sizeof(A), s);
         const A inv_n = A(1) / A(R * I);
-        launch_reduce<T, A>(xp, mu, R, C, I, false, A(1), Affine{0, nullptr, nullptr, 1}, part, s);
+        launch_reduce<T, A>(xp, mu, R, C, I, false, A(1), NoAffine{}, part, s);
         channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(nullptr, nullptr, mu, rs, C, inv_n, A(eps), 0);
         launch_reduce<T, A>(xp, rs, R, C, I, true, A(1), Affine{3, mu, nullptr, 1}, part, s);
         channel_coeffs_kernel<A, A><<<g, 256, 0, s>>>(mu, nullptr, o, rs, C, inv_n, A(eps), 1);
