@@ -1,5 +1,6 @@
 """CI compile check of csrc/ (SPEC section 9): CMakeLists.txt builds the CUDA kernels and their
 launchers (no torch) with the machine's nvcc for the target architectures."""
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -76,3 +77,55 @@ def test_bindings_cuda_branch_type_checks(tmp_path):
            str(ROOT / "csrc" / "bindings.cpp")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _cuobjdump() -> Path:
+    """The cuobjdump that triton's wheel ships (the toolkit here has none)."""
+    try:
+        import triton
+    except ImportError:
+        return Path("/nonexistent")
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _loads_before_first_use(sass: str, kernel: str) -> int:
+    """In the SASS of the (first) function whose mangled name contains ``kernel``: the global
+    loads its innermost loop holding any issues before its first floating-point add or
+    multiply-add, the instruction that consumes a load (a backward branch marks a loop)."""
+    body = next(part for part in re.split(r"\n\s*Function : ", sass)
+                if kernel in part.split("\n")[0])
+    at = r"/\*([0-9a-f]{4,})\*/"
+    ins = [(int(a, 16), op) for a, op in re.findall(at + r"\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", body)]
+    loops = [(int(t, 16), int(a, 16)) for a, t in re.findall(at + r"[^;]*?\bBRA (0x[0-9a-f]+)", body)
+             if int(t, 16) < int(a, 16)]
+    holding = [(s, e) for s, e in loops
+               if any(s <= a <= e and op.startswith("LDG") for a, op in ins)]
+    start, end = min(holding, key=lambda se: se[1] - se[0])
+    n = 0
+    for a, op in ins:
+        if start <= a <= end:
+            if op.startswith("LDG"):
+                n += 1
+            elif op.startswith(("FADD", "FFMA", "DADD", "DFMA")):
+                return n
+    return n
+
+
+@needs_nvcc
+@pytest.mark.skipif(not _cuobjdump().exists(), reason="triton's cuobjdump is not installed")
+def test_column_reduce_keeps_four_loads_in_flight(tmp_path):
+    """NOTE: [words in flight] in csrc/reduce.cuh: in the sm_90 SASS of the plain column sums
+    (16-byte words of float32 rows, single float32 elements of planes), each thread issues four
+    loads before the loop adds the first of them.  The strided loop with ``#pragma unroll 4``
+    it replaced issued one: a GPU-only slowdown (half of Triton's rate at 64x2048x7x7) that no
+    CPU result shows, so the compiled code is read here."""
+    cubin = tmp_path / "linear_stats.cubin"
+    proc = subprocess.run([NVCC, "-O3", "--expt-relaxed-constexpr", "-std=c++17", "-arch=sm_90",
+                           f"-I{ROOT / 'csrc'}", "-cubin", str(ROOT / "csrc" / "linear_stats.cu"),
+                           "-o", str(cubin)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sass = subprocess.run([str(_cuobjdump()), "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    for kernel in ("reduce_rows_kernelIffLi16ENS_8NoAffine",
+                   "reduce_planes_kernelIffLi4ENS_8NoAffine"):
+        assert _loads_before_first_use(sass, kernel) >= 4, kernel
