@@ -65,8 +65,7 @@ __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row
   // f(v) for each of the entries [j, min(j + V, hi)), in order
   auto each = [&](int64_t j, auto f) {
     if (words && j + V <= hi) {
-      Word<T, 16> in;
-      in.u = *reinterpret_cast<const VecOf<16>::type*>(xr + at(j));
+      const Word<T, 16> in = load_word<T, 16>(xr + at(j));
 #pragma unroll
       for (int e = 0; e < V; ++e) f(load_as<A, T>(in.v, e));
     } else {
@@ -82,7 +81,7 @@ __device__ __forceinline__ void row_moments(const T* __restrict__ x, int64_t row
         Word<T, 16> in[kWordsInFlight];
 #pragma unroll
         for (int u = 0; u < kWordsInFlight; ++u)
-          in[u].u = *reinterpret_cast<const VecOf<16>::type*>(xr + at(j + u * step));
+          in[u] = load_word<T, 16>(xr + at(j + u * step));
 #pragma unroll
         for (int u = 0; u < kWordsInFlight; ++u)
 #pragma unroll

@@ -10,9 +10,9 @@
 // Deterministic algorithms (NOTE: [ordered partials] in fisher_kernels/linear_stats.py): given
 // `partials` (reduce_partials_size(K) entries, launchers.h), a split reduction's blocks store their
 // sums in row blockIdx.y of a (gridDim.y, K) scratch and sum_partials_kernel adds the rows to out in
-// a fixed order: same grid, same bits on every run.  An unsplit one (gridDim.y == 1) adds directly: one add
-// per entry.  The other statistics kernels are deterministic as they are (conv's lattice and norm's
-// coefficients: one block per entry; embedding's counts: equal addends of 1).
+// a fixed order: same grid, same bits on every run.  An unsplit one (gridDim.y == 1) adds directly:
+// one add per entry.  The other statistics kernels are deterministic as they are (conv's lattice
+// and norm's coefficients: one block per entry; embedding's counts: equal addends of 1).
 #pragma once
 #include "common.cuh"
 
@@ -59,6 +59,14 @@ template <> struct VecOf<4> { using type = uint32_t; };
 template <> struct VecOf<2> { using type = uint16_t; };
 template <typename T, int VB> union Word { typename VecOf<VB>::type u; T v[VB / sizeof(T)]; };
 
+// The VB-byte word at p (p VB-byte aligned), one load.
+template <typename T, int VB>
+__device__ __forceinline__ Word<T, VB> load_word(const T* p) {
+  Word<T, VB> w;
+  w.u = *reinterpret_cast<const typename VecOf<VB>::type*>(p);
+  return w;
+}
+
 // NOTE: [words in flight] A thread issues the loads of its next kWordsInFlight words before it
 // uses any of them (the column reduces here, norm_stats' row_moments).  `#pragma unroll 4` over
 // the strided loop did not: each copy's exit test and affine branches sat between the loads, and
@@ -75,7 +83,6 @@ constexpr int kWordsInFlight = 4;
 template <typename T, typename A, int VB, typename F>
 __global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
                                    int64_t R, int64_t K, bool square, A scale, F f) {
-  using Vec = typename VecOf<VB>::type;
   constexpr int V = VB / sizeof(T);
   __shared__ A sh[8][32 * V + 1];
   const int64_t k0 = ((int64_t)blockIdx.x * 32 + threadIdx.x) * V;
@@ -88,7 +95,7 @@ __global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out,
       Word<T, VB> in[kWordsInFlight];     // NOTE: [words in flight]
 #pragma unroll
       for (int u = 0; u < kWordsInFlight; ++u)
-        if (r + u * step < R) in[u].u = *reinterpret_cast<const Vec*>(x + (r + u * step) * K + k0);
+        if (r + u * step < R) in[u] = load_word<T, VB>(x + (r + u * step) * K + k0);
 #pragma unroll
       for (int u = 0; u < kWordsInFlight; ++u)
         if (r + u * step < R) {
@@ -119,7 +126,6 @@ __global__ void reduce_rows_kernel(const T* __restrict__ x, A* __restrict__ out,
 template <typename T, typename A, int VB, typename F>
 __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ out, A* __restrict__ partials,
                                      int64_t Ar, int64_t K, int64_t I, bool square, A scale, F f) {
-  using Vec = typename VecOf<VB>::type;
   constexpr int V = VB / sizeof(T);
   __shared__ A sh[32];
   const int64_t k = blockIdx.x;
@@ -135,7 +141,7 @@ __global__ void reduce_planes_kernel(const T* __restrict__ x, A* __restrict__ ou
 #pragma unroll
     for (int u = 0; u < kWordsInFlight; ++u) {
       row[u] = a;
-      if (a < Ar) in[u].u = *reinterpret_cast<const Vec*>(x + (a * K + k) * I + i * V);
+      if (a < Ar) in[u] = load_word<T, VB>(x + (a * K + k) * I + i * V);
       i += di;
       a += da;
       if (i >= iv) { i -= iv; ++a; }

@@ -80,12 +80,13 @@ def test_bindings_cuda_branch_type_checks(tmp_path):
 
 
 def _cuobjdump() -> Path:
-    """The cuobjdump that triton's wheel ships (the toolkit here has none)."""
+    """The cuobjdump that triton's wheel ships (the toolkit here has none), as
+    tests/triton_codegen.py finds it."""
     try:
         import triton
     except ImportError:
         return Path("/nonexistent")
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return Path(triton.knobs.nvidia.cuobjdump.path)
 
 
 def _loads_before_first_use(sass: str, kernel: str) -> int:
