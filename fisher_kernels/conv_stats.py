@@ -21,8 +21,10 @@ convs]):
 """
 from __future__ import annotations
 
+import functools
 import math
-from typing import Sequence, Tuple
+import sys
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +32,10 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, columns_view, memory_order, next_pow2, on_device
-from .linear_stats import _launch as _column_sums, partial_sums
+from .host import cdiv, column_layout, memory_order, next_pow2, on_device
+from .linear_stats import _launch as _column_sums, _n_partials, partial_sums
+
+_column_module = sys.modules[partial_sums.__module__]   # (its interpreting(), which tests patch)
 
 TILE = 2048     # (kernel offsets x output positions) per program
 MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
@@ -95,68 +99,117 @@ def pointwise(kernel_size: Sequence[int], stride: Sequence[int], padding) -> boo
             and not any(p for lo_hi in padding for p in lo_hi))
 
 
-@on_device
-def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
-               stride: Sequence[int], padding: Sequence[Tuple[int, int]],
-               dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:
-    """Same signature and semantics as ``reference.conv_stats`` (see the module docstring)."""
+def _padded(q: torch.Tensor, pad: list, mode: str) -> torch.Tensor:
+    """Q (R, C, *spatial), a batch of R maps, padded (reflect/replicate/circular), contiguous:
+    the layout the plan's strides assume (F.pad's output layout for a channels_last Q differs
+    between the meta device, where the plan is made, and the CPU)."""
+    return F.pad(q, pad, mode=mode).contiguous()
+
+
+class _Plan(NamedTuple):
+    """What a conv_stats call does, worked out from its metadata once (NOTE: [launch plans])."""
+    n_pos: int                  # output positions per sample (the return value)
+    dense: bool                 # x read where it lies, else from a contiguous copy
+    columns: Optional[tuple]    # a pointwise conv's (A, K, B) column sum, else None
+    rows: tuple                 # the batch map's sums: x's memory as (B, C * spatial, 1)
+    q_view: tuple               # (shape, strides) of Q (R, C, *spatial) over those sums
+    pad: Optional[list]         # F.pad's flat padding of Q (reflect/replicate/circular), or None
+    grid: tuple
+    args: tuple                 # the lattice kernel's arguments after q and dst
+    meta: dict                  # and its constexprs
+    partial: int                # rows of the ordered partial sums' scratch, 0: atomic adds
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(shape: torch.Size, strides: tuple, n_out: int, kernel_size: tuple, stride: tuple,
+          padding: tuple, dilation: tuple, groups: int, padding_mode: str, det: bool,
+          target: int, interpret: bool) -> Optional[_Plan]:
+    """The call's checks, and its plan (None: x is empty), on a meta x of that shape and those
+    strides.  ``target`` (TARGET_PROGRAMS) and ``interpret`` (the column sum's split) are part of
+    the key, so that a changed tuning constant is not answered from the cache."""
     nd = len(kernel_size)
-    if out.dtype != torch.float32 or x.dtype == torch.float64 or not out.is_contiguous():
-        return reference.conv_stats(x, out, kernel_size, stride, padding, dilation, groups,
-                                    padding_mode)
-    if nd not in (1, 2, 3) or x.dim() != nd + 2:
+    if nd not in (1, 2, 3) or len(shape) != nd + 2:
         raise ValueError(f"conv_stats: x must be (B, C, *spatial) with {nd} spatial dims, got "
-                         f"shape {tuple(x.shape)}")
+                         f"shape {tuple(shape)}")
     if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
         raise ValueError(f"conv_stats: unknown padding_mode {padding_mode!r}")
-    reference.check_groups("conv_stats", x.shape[1], groups)
-    b, c = x.shape[:2]
-    spatial = list(x.shape[2:])
+    x = torch.empty_strided(shape, strides, device="meta")
+    reference.check_groups("conv_stats", shape[1], groups)
     ktot = math.prod(kernel_size)
-    reference.check_out("conv_stats", out, c * ktot)
+    if n_out != shape[1] * ktot:
+        reference.check_out("conv_stats", x.new_empty(n_out), shape[1] * ktot)
     sizes = reference.conv_sizes(x, kernel_size, stride, padding, dilation)
     n_pos = math.prod(sizes)
     if x.numel() == 0:
-        return n_pos
+        return _Plan(n_pos, True, None, (), (), None, (), (), {}, 0)
     if pointwise(kernel_size, stride, padding):
-        _column_sums(columns_view(x, 1), out, True, 1.0)
-        return n_pos
+        dense, abk = column_layout(shape, strides, 1)
+        return _Plan(n_pos, dense, abk, (), (), None, (), (), {}, 0)
     # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
     # (*spatial, C)), read through its strides (NOTE: [memory order])
     order = None if x.is_contiguous() else memory_order(x)
-    if not x.is_contiguous() and (order is None or order[0] != 0):
+    dense = order is None and x.is_contiguous() or order is not None and order[0] == 0
+    if not dense:
         x, order = x.contiguous(), None
-    xp = x if order is None else x.permute(order)     # (an identity permute costs 1 us a call)
-    q = partial_sums(xp.reshape(b, -1, 1), True, 1.0).view(-1, *xp.shape[1:])
+    xp = x if order is None else x.permute(order)
+    b, c, spatial = shape[0], shape[1], list(shape[2:])
+    rows = (b, x.numel() // b, 1)
+    q = x.new_empty(_n_partials(*rows), rows[1]).view(-1, *xp.shape[1:])
     if order is not None:
         q = q.permute([0] + [order.index(d) for d in range(1, nd + 2)])
-    pads = [tuple(p) for p in padding]
+    q_view, pad, pads = (tuple(q.shape), q.stride()), None, list(padding)
     if padding_mode != "zeros" and any(p for lo_hi in pads for p in lo_hi):
-        flat_pad = [p for lo_hi in reversed(pads) for p in lo_hi]
-        q = F.pad(q, flat_pad, mode=padding_mode)        # (R, C, *spatial): a batch of R
-        spatial = list(q.shape[2:])
-        pads = [(0, 0)] * nd
+        pad = [p for lo_hi in reversed(pads) for p in lo_hi]
+        q = _padded(q, pad, padding_mode)
+        spatial, pads = list(q.shape[2:]), [(0, 0)] * nd
     # run as 3-D: unit leading dims
-    lead = 3 - nd
-    Q = [0] * lead + list(q.stride()[2:])
-    S = [1] * lead + spatial
-    P = [0] * lead + [p[0] for p in pads]
-    K = [1] * lead + list(kernel_size)
-    D = [1] * lead + list(dilation)
-    T = [1] * lead + list(stride)
-    N = [1] * lead + sizes
+    lead = [0] * (3 - nd)
+    Q = lead + list(q.stride()[2:])
+    S = [1 for _ in lead] + spatial
+    P = lead + [p[0] for p in pads]
+    K = [1 for _ in lead] + list(kernel_size)
+    D = [1 for _ in lead] + list(dilation)
+    T = [1 for _ in lead] + list(stride)
+    N = [1 for _ in lead] + sizes
     block_ko = min(next_pow2(ktot), MAX_KO)
     block_l = max(1, min(next_pow2(n_pos), TILE // block_ko))
     n_lblk = cdiv(n_pos, block_l)
     n_kob = cdiv(ktot, block_ko)
     # NOTE: [lattice groups]: about TARGET_PROGRAMS programs, never fewer l-groups than needed
-    lpg = cdiv(n_lblk, max(1, min(n_lblk, cdiv(TARGET_PROGRAMS, c * n_kob))))
+    lpg = cdiv(n_lblk, max(1, min(n_lblk, cdiv(target, c * n_kob))))
     n_lgrp = cdiv(n_lblk, lpg)
-    partial = n_lgrp > 1 and torch.are_deterministic_algorithms_enabled()
-    dst = out.new_empty(n_lgrp, out.numel()) if partial else out
-    _lattice_sum_kernel[(c * n_lgrp, n_kob)](
-        q, dst, q.shape[0], q.stride(0), q.stride(1), *Q, *S, *P, *K, *D, *T, *N, n_lblk, n_lgrp,
-        lpg, BLOCK_KO=block_ko, BLOCK_L=block_l, PARTIAL=partial, enable_fp_fusion=True)
-    if partial:
+    return _Plan(n_pos, dense, None, rows, q_view, pad, (c * n_lgrp, n_kob),
+                 (q.shape[0], q.stride(0), q.stride(1), *Q, *S, *P, *K, *D, *T, *N, n_lblk,
+                  n_lgrp, lpg),
+                 dict(BLOCK_KO=block_ko, BLOCK_L=block_l, PARTIAL=n_lgrp > 1 and det,
+                      enable_fp_fusion=True),
+                 n_lgrp if n_lgrp > 1 and det else 0)
+
+
+@on_device
+def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
+               stride: Sequence[int], padding: Sequence[Tuple[int, int]],
+               dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:
+    """Same signature and semantics as ``reference.conv_stats`` (see the module docstring)."""
+    if out.dtype != torch.float32 or x.dtype == torch.float64 or not out.is_contiguous():
+        return reference.conv_stats(x, out, kernel_size, stride, padding, dilation, groups,
+                                    padding_mode)
+    plan = _plan(x.shape, x.stride(), out.numel(), tuple(kernel_size), tuple(stride),
+                 tuple(map(tuple, padding)), tuple(dilation), groups, padding_mode,
+                 torch.are_deterministic_algorithms_enabled(), TARGET_PROGRAMS,
+                 _column_module.interpreting())
+    if not plan.args and plan.columns is None:          # x is empty
+        return plan.n_pos
+    if not plan.dense:
+        x = x.contiguous()
+    if plan.columns is not None:
+        _column_sums(x, out, True, 1.0, abk=plan.columns)
+        return plan.n_pos
+    q = partial_sums(x, True, 1.0, abk=plan.rows)
+    if plan.pad is not None:
+        q = _padded(q.as_strided(*plan.q_view), plan.pad, padding_mode)
+    dst = out.new_empty(plan.partial, out.numel()) if plan.partial else out
+    _lattice_sum_kernel[plan.grid](q, dst, *plan.args, **plan.meta)
+    if plan.partial:
         out.add_(dst.sum(0))
-    return n_pos
+    return plan.n_pos

@@ -66,12 +66,29 @@ def memory_order(x: torch.Tensor) -> Optional[List[int]]:
     return order if x.permute(order).is_contiguous() else None
 
 
-def columns_view(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Contiguous (A, K, B), K = x.shape[dim], whose sums over A and B are x's sums over every other
-    dim: a view of x's memory when x is dense in some dim order (NOTE: [memory order]), else of a
-    contiguous copy."""
-    if not x.is_contiguous():
+def columns(x: torch.Tensor, dim: int):
+    """(t, (A, K, B)), K = x.shape[dim]: t is x, or x's contiguous copy, whose memory is a
+    contiguous (A, K, B) whose sums over A and B are x's sums over every other dim.  x itself
+    when it is dense in some dim order (NOTE: [memory order]); no view is made (a launcher
+    passes only the address, NOTE: [launch plans])."""
+    dense, abk = column_layout(x.shape, x.stride(), dim)
+    return (x if dense else x.contiguous()), abk
+
+
+# NOTE: [launch plans] What a launcher derives from its arguments' shapes, strides and scalars
+# (views, memory order, tile shapes, grids) is the same on every iteration of a training loop,
+# and its torch calls cost microseconds each on the host (a view 2 us on the 2-core CI host):
+# the Triton conv launcher spent 35 us a call before its first launch.  Such derivations are
+# memoised on those values (on meta tensors where torch works them out), so that a call
+# computes its key, looks it up and launches.
+@functools.lru_cache(maxsize=4096)
+def column_layout(shape: torch.Size, strides: tuple, dim: int):
+    """(dense, (A, K, B)) of ``columns(x, dim)`` for an x of this shape and these strides (NOTE:
+    [launch plans])."""
+    x = torch.empty_strided(shape, strides, device="meta")
+    dense = x.is_contiguous()
+    if not dense:
         order = memory_order(x)
         if order is not None:
-            x, dim = x.permute(order), order.index(dim)
-    return x.reshape(math.prod(x.shape[:dim]), x.shape[dim], math.prod(x.shape[dim + 1:])).contiguous()
+            dense, shape, dim = True, [shape[d] for d in order], order.index(dim)
+    return dense, (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))

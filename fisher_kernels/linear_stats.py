@@ -14,13 +14,15 @@ for a sum in a fixed order under deterministic algorithms (NOTE: [ordered partia
 from __future__ import annotations
 
 import functools
+import math
+from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, columns_view, interpreting, next_pow2, on_device
+from .host import cdiv, columns, interpreting, next_pow2, on_device
 
 # NOTE: [atomic partial sums] the A axis (rows: batch x positions) is split so that the grid
 # has about TARGET_PROGRAMS programs (the CUDA kernel's ~2048 blocks of 256 threads, in programs
@@ -131,26 +133,29 @@ def _tiles(a: int, k: int, b: int, interpret: bool):
 
 def _launch(x3: torch.Tensor, out: torch.Tensor, square: bool, scale: float, affine: int = 0,
             mu: torch.Tensor = None, rs: torch.Tensor = None, g: int = 1, cg: int = 1,
-            rps: int = 1) -> None:
-    """x3: contiguous (A, K, B); out: contiguous float32 (K,); affine/mu/rs/g/cg/rps: see the
-    kernel."""
-    if x3.numel() == 0:
+            rps: int = 1, abk: Tuple[int, int, int] = None) -> None:
+    """x3: contiguous (A, K, B), or (``abk`` given) any tensor whose memory is that (A, K, B)
+    (``host.columns``: no view made, NOTE: [launch plans]); out: contiguous float32 (K,);
+    affine/mu/rs/g/cg/rps: see the kernel."""
+    abk = abk or tuple(x3.shape)
+    if not math.prod(abk):
         return
     args = (square, scale, affine, mu, rs, g, cg, rps)
-    if _n_partials(*x3.shape) > 1 and torch.are_deterministic_algorithms_enabled():
-        out.add_(partial_sums(x3, *args).sum(0))
+    if _n_partials(*abk) > 1 and torch.are_deterministic_algorithms_enabled():
+        out.add_(partial_sums(x3, *args, abk=abk).sum(0))
     else:
-        _run(x3, out, False, *args)
+        _run(x3, abk, out, False, *args)
 
 
 def partial_sums(x3: torch.Tensor, square: bool, scale: float, affine: int = 0,
                  mu: torch.Tensor = None, rs: torch.Tensor = None, g: int = 1, cg: int = 1,
-                 rps: int = 1) -> torch.Tensor:
+                 rps: int = 1, abk: Tuple[int, int, int] = None) -> torch.Tensor:
     """``_launch``'s sums before the programs' partial sums meet: (R, K) float32, one row per
     program along A and B (NOTE: [ordered partials]), each entry stored once, so the scratch
-    needs no zero fill; x3 non-empty."""
-    dst = torch.empty(_n_partials(*x3.shape), x3.shape[1], dtype=torch.float32, device=x3.device)
-    _run(x3, dst, True, square, scale, affine, mu, rs, g, cg, rps)
+    needs no zero fill; x3 (or abk) non-empty."""
+    abk = abk or tuple(x3.shape)
+    dst = torch.empty(_n_partials(*abk), abk[1], dtype=torch.float32, device=x3.device)
+    _run(x3, abk, dst, True, square, scale, affine, mu, rs, g, cg, rps)
     return dst
 
 
@@ -160,8 +165,8 @@ def _n_partials(a: int, k: int, b: int) -> int:
     return cdiv(b, block_b) * grid[1]
 
 
-def _run(x3, dst, partial, square, scale, affine, mu, rs, g, cg, rps) -> None:
-    a, k, b = x3.shape
+def _run(x3, abk, dst, partial, square, scale, affine, mu, rs, g, cg, rps) -> None:
+    a, k, b = abk
     block_a, block_k, block_b, rows, grid = tiles(a, k, b)
     # NOTE: [plane alignment] the JIT marks an integer argument divisible by 16 or not at all, so a
     # 14x14 plane (B = 196 = 4 * 49) would read one element per thread; B passed as B_Q * B_DIV,
@@ -187,11 +192,10 @@ def linear_stats(x: torch.Tensor, out: torch.Tensor, dim: int = -1, square: bool
     reference.check_out("linear_stats", out, x.shape[dim])
     if out.dtype == torch.float64 or x.dtype == torch.float64:
         return reference.linear_stats(x, out, dim, square, scale)
-    k = x.shape[dim]
-    x3 = columns_view(x, dim % x.dim())          # NOTE: [memory order]
+    x3, abk = columns(x, dim % x.dim())          # NOTE: [memory order], [launch plans]
     if out.is_contiguous() and out.dtype == torch.float32:
-        _launch(x3, out, square, scale)
+        _launch(x3, out, square, scale, abk=abk)
     else:
-        tmp = torch.zeros(k, dtype=torch.float32, device=out.device)
-        _launch(x3, tmp, square, scale)
+        tmp = torch.zeros(abk[1], dtype=torch.float32, device=out.device)
+        _launch(x3, tmp, square, scale, abk=abk)
         out.add_(tmp.to(out.dtype))

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, columns_view, next_pow2, on_device
+from .host import cdiv, columns, next_pow2, on_device
 from .linear_stats import _launch, partial_sums
 
 BLOCK_ROW = 1024
@@ -149,10 +149,10 @@ def _channel_rows_kernel(p_ptr, mu_ptr, out_ptr, C, R, n, eps, FINISH: tl.conste
         tl.store(mu_ptr + c, t, mask=m)
 
 
-def _xhat_sq(x3, out, mu, rs, per_row, g, cg, rps=1):
-    """out[k] += sum of ((x - mu) * rs)^2, mu/rs per channel or per (row, group), rps rows of
-    x3 per row of x."""
-    _launch(x3, out, True, 1.0, 2 if per_row else 1, mu, rs, g, cg, rps)
+def _xhat_sq(x3, abk, out, mu, rs, per_row, g, cg, rps=1):
+    """out[k] += sum of ((x - mu) * rs)^2 over x3's memory as (A, K, B) = abk, mu/rs per channel
+    or per (row, group), rps rows of (A, K, B) per row of x."""
+    _launch(x3, out, True, 1.0, 2 if per_row else 1, mu, rs, g, cg, rps, abk=abk)
 
 
 @on_device
@@ -174,22 +174,23 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
         return
     f32 = dict(dtype=torch.float32, device=x.device)
     if mode == "channel":
-        x3 = columns_view(x, 1)        # per-channel statistics: any (A, C, B) (NOTE: [memory order])
+        # per-channel statistics: any (A, C, B) (NOTE: [memory order], [launch plans])
+        x3, abk = columns(x, 1)
         if mean is None:                # NOTE: [channel launches]
             n = r * i
-            sums = partial_sums(x3, False, 1.0)
+            sums = partial_sums(x3, False, 1.0, abk=abk)
             rows, mu = sums.shape[0], sums          # the mean: over sums' first row
             block_c = min(next_pow2(c), 32)         # one 128-byte line of a row per tile row
             grid = (cdiv(c, block_c),)
             meta = dict(BLOCK_R=max(1, min(next_pow2(rows), 4096 // block_c)), BLOCK_C=block_c,
                         enable_fp_fusion=False)     # separate roundings, as torch's ops (no FMA)
             _channel_rows_kernel[grid](sums, mu, out, c, rows, n, float(eps), FINISH=False, **meta)
-            squares = partial_sums(x3, True, 1.0, 3, mu)
+            squares = partial_sums(x3, True, 1.0, 3, mu, abk=abk)
             _channel_rows_kernel[grid](squares, mu, out, c, rows, n, float(eps), FINISH=True,
                                        **meta)
             return
         rs = torch.rsqrt(var.to(torch.float32) + eps).contiguous()
-        _xhat_sq(x3, out, mean.to(torch.float32).contiguous(), rs, False, 1, 1)
+        _xhat_sq(x3, abk, out, mean.to(torch.float32).contiguous(), rs, False, 1, 1)
         return
     cg = c // groups
     n = cg * i
@@ -210,5 +211,5 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
         _combine_moments_kernel[(rows,)](pm, pm2, mu, rs, n, nc, float(eps), CHUNK=CHUNK,
                                          BLOCK=min(BLOCK_ROW, next_pow2(nc)),
                                          enable_fp_fusion=True)
-    x3 = x.permute(0, 2, 1).reshape(r * i, c, 1) if cl else x
-    _xhat_sq(x3, out, mu, rs, True, groups, cg, i if cl else 1)
+    # channels_last: x's memory as (B * H*W, C, 1)
+    _xhat_sq(x, (r * i, c, 1) if cl else (r, c, i), out, mu, rs, True, groups, cg, i if cl else 1)

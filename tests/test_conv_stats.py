@@ -252,7 +252,7 @@ def test_triton_lattice_grid_and_scratch_bounded_at_volume_sizes(det, monkeypatc
         def __getitem__(self, grid):
             return lambda *a, **kw: seen.append((tuple(grid), a[1]))
     monkeypatch.setattr(cs, "_lattice_sum_kernel", Rec())
-    monkeypatch.setattr(cs, "partial_sums", lambda x3, *a: x3.new_empty(1, x3.shape[1]))
+    monkeypatch.setattr(cs, "partial_sums", lambda x, *a, abk: x.new_empty(1, abk[1]))
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(det)
     try:
@@ -281,8 +281,8 @@ def test_conv_stats_batch_map_in_partial_rows(kernel_ops, mode, fmt, monkeypatch
                             lambda: False)
         real = cs.partial_sums
 
-        def spy(*a):
-            q = real(*a)
+        def spy(*a, **kw):
+            q = real(*a, **kw)
             rows.append(q.shape[0])
             return q
         monkeypatch.setattr(cs, "partial_sums", spy)
@@ -300,9 +300,10 @@ def test_conv_stats_batch_map_in_partial_rows(kernel_ops, mode, fmt, monkeypatch
 
 
 def test_triton_conv_stats_fills_no_scratch(monkeypatch):
-    """The launcher's torch work is allocation and views: the batch map's partial sums are
-    stored, not added into a zeroed map (a fill launch on every conv call), and the lattice adds
-    into ``out``.  Kernels stubbed (the interpreter runs its own aten ops)."""
+    """The launcher's torch work is one allocation: the batch map's partial sums are stored, not
+    added into a zeroed map (a fill launch on every conv call), the lattice adds into ``out``,
+    and the views and tile shapes are the memoised plan's (NOTE: [launch plans]).  Kernels
+    stubbed (the interpreter runs its own aten ops)."""
     cs = _triton_conv_module()
     ls = importlib.import_module("fisher_kernels.linear_stats")
     kernels = []
@@ -311,10 +312,11 @@ def test_triton_conv_stats_fills_no_scratch(monkeypatch):
     monkeypatch.setattr(ls, "_column_reduce_kernel", stub)
     monkeypatch.setattr(cs, "_lattice_sum_kernel", stub)
     x, out = torch.randn(4, 3, 9, 11, device=device()), torch.zeros(27, device=device())
+    cs.conv_stats(x, out, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1)  # plan made (meta tensors)
     with AtenOps() as ops:
         cs.conv_stats(x, out, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1)
-    assert len(kernels) == 2
-    assert set(ops.seen) <= {"empty", "view", "permute", "_reshape_alias", "reshape"}, ops.seen
+    assert len(kernels) == 4
+    assert set(ops.seen) == {"empty"}, ops.seen     # the partial sums' scratch
 
 
 @pytest.mark.parametrize("det", [False, True])
@@ -377,3 +379,58 @@ def test_conv_stats_large_lattice_few_channels(kernel_ops, det, emu_launches):
     if grids:                          # the emulated CUDA backend logs its launches
         lattice = [g for g in grids if g[1] == 27]
         assert lattice and all(g[2] > 1 for g in lattice), grids
+
+
+def test_conv_stats_plans_follow_every_argument(kernel_ops, monkeypatch):
+    """NOTE: [launch plans] One x shape, called again and again with one thing changed each time
+    (memory format, a non-dense slice, kernel, stride, padding, padding_mode, dilation, groups,
+    the input's dtype, an empty batch), each against the reference: a plan memoised on less than
+    all of them is reused where it does not apply and reads the wrong positions.  On Triton also
+    the tuning constants: the ordered partial sums (deterministic algorithms) on, which the
+    lattice launch's PARTIAL follows where a channel's positions span several programs, then
+    TARGET_PROGRAMS made so small that they do not."""
+    partial = []
+    if backend_name(kernel_ops) == "triton":
+        cs = _triton_conv_module()
+        real = cs._lattice_sum_kernel
+        monkeypatch.setattr(cs, "_lattice_sum_kernel", type("Spy", (), {"__getitem__": (
+            lambda self, grid: lambda *a, **kw: partial.append(kw["PARTIAL"]) or real[grid](
+                *a, **kw))})())
+    torch.manual_seed(12)
+    base = torch.randn(3, 4, 12, 14, device=device())    # 168 positions: two l-blocks
+    wide = torch.randn(3, 4, 12, 28, device=device())
+    calls = [(base, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros"),
+             (base.to(memory_format=torch.channels_last),) + ((3, 3), (1, 1), [(1, 1), (1, 1)],
+                                                              (1, 1), 1, "zeros"),
+             (wide[..., ::2], (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros"),
+             (base, (3, 2), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros"),
+             (base, (2, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros"),
+             (base, (3, 3), (2, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros"),
+             (base, (3, 3), (1, 1), [(0, 2), (1, 1)], (1, 1), 1, "zeros"),
+             (base, (3, 3), (1, 1), [(0, 2), (1, 1)], (1, 1), 1, "reflect"),
+             (base, (3, 3), (1, 1), [(0, 2), (1, 1)], (1, 1), 1, "circular"),
+             (base, (3, 3), (1, 1), [(1, 1), (1, 1)], (2, 1), 1, "zeros"),
+             (base, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 2, "zeros"),
+             (base.to(torch.bfloat16), (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros"),
+             (base, (1, 1), (1, 1), [(0, 0), (0, 0)], (1, 1), 1, "zeros"),
+             (base.to(memory_format=torch.channels_last),) + ((1, 1), (1, 1), [(0, 0), (0, 0)],
+                                                              (1, 1), 1, "zeros"),
+             (base[:0], (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1, "zeros")]
+    for step in range(3):   # the defaults, deterministic mode, and that with TARGET_PROGRAMS 2
+        if step == 2 and backend_name(kernel_ops) == "triton":
+            monkeypatch.setattr(cs, "TARGET_PROGRAMS", 2)
+        with deterministic(step > 0):
+            for x, *args in calls:
+                want = torch.rand(4 * math.prod(args[0]), device=device())
+                got = want.clone()
+                assert kernel_ops.conv_stats(x, got, *args) == reference.conv_stats(x, want,
+                                                                                     *args)
+                torch.testing.assert_close(got, want, rtol=1e-5,
+                                           atol=1e-5 * want.abs().max().item())
+            with pytest.raises((ValueError, RuntimeError), match="groups 3"):   # checked each call
+                kernel_ops.conv_stats(base, got, (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 3)
+            with pytest.raises((ValueError, RuntimeError), match="out has 5 entries"):
+                kernel_ops.conv_stats(base, got[:5], (3, 3), (1, 1), [(1, 1), (1, 1)], (1, 1), 1)
+    if backend_name(kernel_ops) == "triton":
+        assert len(partial) == 3 * 12, partial
+        assert not any(partial[:12]) and any(partial[12:24]) and not any(partial[24:]), partial
