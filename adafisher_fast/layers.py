@@ -13,6 +13,7 @@ layer kind with ``@register_layer(MyModule)`` (or the type's name, "module.QualN
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 import os
 import sys
@@ -349,13 +350,41 @@ _WARNED_PADDING: set = set()     # conv classes told about NOTE: [padding inside
 
 def conv_padding(m: nn.modules.conv._ConvNd) -> List[Tuple[int, int]]:
     """(lo, hi) padding per spatial dim, resolving padding='valid' / 'same' as the layer does."""
-    k = m.kernel_size
-    if m.padding == "valid":
-        return [(0, 0)] * len(k)
-    if m.padding == "same":
-        tot = [d * (kk - 1) for d, kk in zip(m.dilation, k)]
+    return padding_pairs(m.padding, m.kernel_size, m.dilation)
+
+
+def padding_pairs(padding, kernel_size, dilation) -> List[Tuple[int, int]]:
+    """``conv_padding`` of a conv with these attributes."""
+    if padding == "valid":
+        return [(0, 0)] * len(kernel_size)
+    if padding == "same":
+        tot = [d * (kk - 1) for d, kk in zip(dilation, kernel_size)]
         return [(t // 2, t - t // 2) for t in tot]
-    return [(p, p) for p in m.padding]
+    return [(p, p) for p in padding]
+
+
+@functools.lru_cache(maxsize=1024)
+def _extra_padding(name: str, kernel_size, stride, dilation, padding, size, out_size) -> tuple:
+    """F.pad's padding of an input of spatial ``size`` whose conv (the module's geometry)
+    returned ``out_size`` (NOTE: [padding inside forward]): () when the geometry gives it."""
+    nd = len(kernel_size)
+    pad = padding_pairs(padding, kernel_size, dilation)
+    extra = []
+    for i in range(nd):
+        k, st, d = kernel_size[i], stride[i], dilation[i]
+        if conv_out_size(size[i], k, st, d, *pad[i]) == out_size[i]:
+            extra.append(0)
+            continue
+        need = (out_size[i] - 1) * st + d * (k - 1) + 1 - size[i] - sum(pad[i])
+        if need < 0:
+            raise ValueError(
+                f"AdaFisher: {name}(kernel_size={kernel_size}, stride={stride}, "
+                f"padding={padding}, dilation={dilation}) returned spatial size {out_size} for "
+                f"input {size}, smaller than its geometry gives: its forward is not a "
+                f"convolution of its input; register a LayerKind for it "
+                f"(adafisher_fast.register_layer)")
+        extra.append(need)
+    return tuple(p for e in reversed(extra) for p in (e // 2, e - e // 2)) if any(extra) else ()
 
 
 @register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -422,24 +451,13 @@ class ConvKind(LayerKind):
         nd = len(m.kernel_size)
         if not isinstance(output, torch.Tensor) or output.dim() != x.dim():
             return x
-        pad, extra = conv_padding(m), []
-        for i in range(nd):
-            size, out = x.shape[i - nd], output.shape[i - nd]
-            k, st, d = m.kernel_size[i], m.stride[i], m.dilation[i]
-            if conv_out_size(size, k, st, d, *pad[i]) == out:
-                extra.append(0)
-                continue
-            need = (out - 1) * st + d * (k - 1) + 1 - size - sum(pad[i])
-            if need < 0:
-                raise ValueError(
-                    f"AdaFisher: {type(m).__name__}(kernel_size={m.kernel_size}, "
-                    f"stride={m.stride}, padding={m.padding}, dilation={m.dilation}) returned "
-                    f"spatial size "
-                    f"{tuple(output.shape[-nd:])} for input {tuple(x.shape[-nd:])}, smaller than "
-                    f"its geometry gives: its forward is not a convolution of its input; register "
-                    f"a LayerKind for it (adafisher_fast.register_layer)")
-            extra.append(need)
-        if not any(extra):
+        geometry = (type(m).__name__, m.kernel_size, m.stride, m.dilation, m.padding,
+                    tuple(x.shape[-nd:]), tuple(output.shape[-nd:]))
+        try:        # memoised (NOTE: [launch plans]), unless a traced shape's SymInts do not hash
+            flat = _extra_padding(*geometry)
+        except TypeError:
+            flat = _extra_padding.__wrapped__(*geometry)
+        if not flat:
             return x
         # not while tracing: the warning breaks the graph, and reading the set guards on it
         if not torch.compiler.is_compiling() and type(m) not in _WARNED_PADDING:
@@ -448,7 +466,6 @@ class ConvKind(LayerKind):
                       f"{m.padding} gives, so its forward pads the input itself; the "
                       f"statistics assume zero padding, total // 2 before (TensorFlow's "
                       f"'SAME', as timm's Conv2dSame), NOTE: [padding inside forward]")
-        flat = [p for e in reversed(extra) for p in (e // 2, e - e // 2)]
         return torch.nn.functional.pad(x, flat)
 
 
@@ -570,10 +587,12 @@ class BatchNormKind(NormKind):
         return {"weight": row_map(c, h_off=0, h_r=0), "bias": row_map(c, h_off=1, h_r=0)}
 
     def h_stats(self, m, x, acc, preset, ops):
-        x3 = self.view(m, x)
+        # the column sums over dim 1 read x as it is: no (B, C, positions) view (2 us of host
+        # time a call, NOTE: [launch plans] in fisher_kernels/host.py)
         if preset.only_released_layers:
-            ops.linear_stats(x3, acc, dim=1, square=False, scale=1.0 / x3.shape[2] ** 2)
-            return x3.shape[0]
+            ops.linear_stats(x, acc, dim=1, square=False, scale=1.0 / math.prod(x.shape[2:]) ** 2)
+            return x.shape[0]
+        x3 = self.view(m, x)
         ops.norm_stats(x3, acc, "channel", 1, m.eps, True, *self.moments(m, x3))
         return x3.shape[0] * x3.shape[2]
 
@@ -587,10 +606,8 @@ class BatchNormKind(NormKind):
         return None, None
 
     def s_stats(self, m, s, acc, preset, ops):
-        if not preset.only_released_layers:
-            return super().s_stats(m, s, acc, preset, ops)
-        ops.linear_stats(self.view(m, s), acc, dim=1, square=False)
-        return s.shape[0]
+        ops.linear_stats(s, acc, dim=1, square=not preset.only_released_layers)
+        return s.shape[0] if preset.only_released_layers else s.numel() // m.num_features
 
 
 def _synced(m: nn.SyncBatchNorm) -> bool:
