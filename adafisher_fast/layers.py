@@ -606,8 +606,10 @@ class BatchNormKind(NormKind):
         return None, None
 
     def s_stats(self, m, s, acc, preset, ops):
-        ops.linear_stats(s, acc, dim=1, square=not preset.only_released_layers)
-        return s.shape[0] if preset.only_released_layers else s.numel() // m.num_features
+        if not preset.only_released_layers:
+            return super().s_stats(m, s, acc, preset, ops)
+        ops.linear_stats(s, acc, dim=1, square=False)       # (no view, as h_stats)
+        return s.shape[0]
 
 
 def _synced(m: nn.SyncBatchNorm) -> bool:
