@@ -300,12 +300,6 @@ class _EagerNoGrad:
         torch._C._set_grad_enabled(self.prev)
 
 
-def _no_grad():
-    """The hook bodies' no-grad context: ``torch.no_grad()`` while compiling (dynamo traces
-    it), else ``_EagerNoGrad``."""
-    return torch.no_grad() if torch.compiler.is_compiling() else _EagerNoGrad()
-
-
 def _rows(lay: Layer, method: str, rows):
     """``rows``, the row count a layer kind's h_stats/s_stats returned, if it is one (an int, a
     SymInt while tracing, or a tensor); a kind that forgot to return it, or returned a negative
@@ -443,7 +437,7 @@ class StatHooks:
             # recomputed call twice).  Compiled models recompute in the graph, not through hooks.
             recompute = not compiling and torch._C._current_graph_task_id() != -1
             if not recompute:
-                self._h_stats(lay, module, x)
+                self._h_stats(lay, module, x, compiling)
             if placed is not None:               # on a submodule's input (composite layers)
                 if recompute:
                     placed.append((module, x))
@@ -454,11 +448,14 @@ class StatHooks:
 
         return hook
 
-    def _h_stats(self, lay: Layer, module, x: torch.Tensor) -> None:
+    def _h_stats(self, lay: Layer, module, x: torch.Tensor, compiling: bool = False) -> None:
+        """``compiling``: torch.compile traces this call (the forward hook's), else it runs
+        eagerly."""
         fisher = self.fisher
-        with _no_grad():
-            rows = lay.kind.h_stats(module, x, fisher.buf[lay.h_acc], fisher.preset, self.ops)
-            fisher.add_rows(lay.h_factor, _rows(lay, "h_stats", rows))
+        with torch.no_grad() if compiling else _EagerNoGrad():
+            acc = fisher.acc(lay.h_factor, lay.h_acc, compiling)
+            rows = lay.kind.h_stats(module, x, acc, fisher.preset, self.ops)
+            fisher.add_rows(lay.h_factor, _rows(lay, "h_stats", rows), compiling)
 
     def _grad_hook(self, lay: Layer, which: int, recomputed: Optional[list] = None):
         """The output-gradient hook of a call of ``lay.modules[which]`` (the layer's module or an
@@ -488,11 +485,14 @@ class StatHooks:
         return hook
 
     def _s_stats(self, lay: Layer, which: int, grad: torch.Tensor) -> None:
-        fisher, module = self.fisher, lay.module_at(which)
-        with _no_grad():
+        # traced only by compiled autograd: a compiled model's hook is an opaque op that runs
+        # this eagerly (NOTE: [backward statistics])
+        fisher, module, compiling = self.fisher, lay.module_at(which), torch.compiler.is_compiling()
+        with torch.no_grad() if compiling else _EagerNoGrad():
             s = lay.kind.s_input(module, grad.detach())
-            rows = lay.kind.s_stats(module, s, fisher.buf[lay.s_acc], fisher.preset, self.ops)
-            fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows))
+            acc = fisher.acc(lay.s_factor, lay.s_acc, compiling)
+            rows = lay.kind.s_stats(module, s, acc, fisher.preset, self.ops)
+            fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows), compiling)
         fisher.flush_after_backward()
 
     def set_steps(self, steps: int, TCov: int) -> None:

@@ -318,6 +318,7 @@ class FisherState:
         weakref.finalize(self, kernel_host.forget, self._tables)
         self.grad_degree = torch.tensor(degree + [0] * nf, **fl)
         self.buf = torch.zeros(n_acc + nf, **fl)
+        self._acc_views = (None, {})        # (buf, {factor: buf[its accumulators]}): acc()
         self.n_acc = n_acc
         self.pending = [0] * nf             # row counts not yet in buf (NOTE: [host row counts])
         self._pending_any = self._flush_queued = False
@@ -430,10 +431,24 @@ class FisherState:
     # an eager ``step()`` and ``raw_stats()`` for counts of a forward without a backward.  A
     # compiled model or a CUDA-graph capture runs no Python on replay, so there the hooks add
     # on the device, inside the graph, as before.
-    def add_rows(self, f: int, rows) -> None:
-        """Add ``rows`` to the row count of factor ``f`` (NOTE: [host row counts])."""
-        if torch.compiler.is_compiling() or (self.buf.is_cuda and
-                                             torch.cuda.is_current_stream_capturing()):
+    def acc(self, f: int, where: slice, compiling: bool = False) -> torch.Tensor:
+        """``buf[where]``, factor f's accumulators.  Eagerly a view made once per buffer (a
+        slice cost the hooks 2-3 us a call; NOTE: [launch plans] in fisher_kernels/host.py);
+        ``compiling``: traced, the slice itself."""
+        if compiling:
+            return self.buf[where]
+        if self._acc_views[0] is not self.buf:
+            self._acc_views = (self.buf, {})
+        views = self._acc_views[1]
+        v = views.get(f)
+        if v is None:
+            v = views[f] = self.buf[where]
+        return v
+
+    def add_rows(self, f: int, rows, compiling: bool = False) -> None:
+        """Add ``rows`` to the row count of factor ``f`` (NOTE: [host row counts]);
+        ``compiling``: torch.compile traces this call."""
+        if compiling or (self.buf.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.buf[self.n_acc + f:self.n_acc + f + 1].add_(rows)
         else:
             self.pending[f] += rows
