@@ -22,6 +22,7 @@ Documented fallbacks to the torch reference (the kernels do not cover them):
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import List, Optional, Sequence, Tuple
@@ -73,12 +74,26 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
                stride: Sequence[int], padding: Sequence[Tuple[int, int]],
                dilation: Sequence[int], groups: int, padding_mode: str = "zeros") -> int:
     """reference.conv_stats on the GPU (csrc/conv_stats.cu); returns L, the output positions."""
+    args, n_pos = _conv_args(x.shape, tuple(kernel_size), tuple(stride),
+                             tuple(map(tuple, padding)), tuple(dilation), groups, padding_mode)
+    _ops.conv_stats(x, out, *args)
+    return n_pos
+
+
+@functools.lru_cache(maxsize=1024)
+def _conv_args(shape: torch.Size, kernel_size: tuple, stride: tuple, padding: tuple,
+               dilation: tuple, groups: int, padding_mode: str):
+    """(the op's arguments after x and out, output positions) of a conv_stats call, memoised
+    (NOTE: [launch plans] in fisher_kernels/host.py; the binding makes its own checks)."""
     if padding_mode not in _PAD_MODES:
         raise ValueError(f"conv_stats: padding_mode must be one of {tuple(_PAD_MODES)}, got {padding_mode!r}")
     flat = [int(p) for lo_hi in padding for p in lo_hi]
-    _ops.conv_stats(x, out, [int(k) for k in kernel_size], [int(s) for s in stride], flat,
-                    [int(d) for d in dilation], int(groups), _PAD_MODES[padding_mode])
-    return math.prod(reference.conv_sizes(x, kernel_size, stride, padding, dilation))
+    args = ([int(k) for k in kernel_size], [int(s) for s in stride], flat,
+            [int(d) for d in dilation], int(groups), _PAD_MODES[padding_mode])
+    if len(shape) != len(kernel_size) + 2:      # the binding names it
+        return args, 0
+    x = torch.empty(shape, device="meta")
+    return args, math.prod(reference.conv_sizes(x, kernel_size, stride, padding, dilation))
 
 
 def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: float,
