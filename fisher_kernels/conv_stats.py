@@ -109,6 +109,7 @@ def _padded(q: torch.Tensor, pad: list, mode: str) -> torch.Tensor:
 class _Plan(NamedTuple):
     """What a conv_stats call does, worked out from its metadata once (NOTE: [launch plans])."""
     n_pos: int                  # output positions per sample (the return value)
+    empty: bool                 # x has no entries: nothing to launch
     dense: bool                 # x read where it lies, else from a contiguous copy
     columns: Optional[tuple]    # a pointwise conv's (A, K, B) column sum, else None
     rows: tuple                 # the batch map's sums: x's memory as (B, C * spatial, 1)
@@ -123,8 +124,8 @@ class _Plan(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _plan(shape: torch.Size, strides: tuple, n_out: int, kernel_size: tuple, stride: tuple,
           padding: tuple, dilation: tuple, groups: int, padding_mode: str, det: bool,
-          target: int, interpret: bool) -> Optional[_Plan]:
-    """The call's checks, and its plan (None: x is empty), on a meta x of that shape and those
+          target: int, interpret: bool) -> _Plan:
+    """The call's checks, and its plan, worked out on a meta x of that shape and those
     strides.  ``target`` (TARGET_PROGRAMS) and ``interpret`` (the column sum's split) are part of
     the key, so that a changed tuning constant is not answered from the cache."""
     nd = len(kernel_size)
@@ -141,10 +142,10 @@ def _plan(shape: torch.Size, strides: tuple, n_out: int, kernel_size: tuple, str
     sizes = reference.conv_sizes(x, kernel_size, stride, padding, dilation)
     n_pos = math.prod(sizes)
     if x.numel() == 0:
-        return _Plan(n_pos, True, None, (), (), None, (), (), {}, 0)
+        return _Plan(n_pos, True, True, None, (), (), None, (), (), {}, 0)
     if pointwise(kernel_size, stride, padding):
         dense, abk = column_layout(shape, strides, 1)
-        return _Plan(n_pos, dense, abk, (), (), None, (), (), {}, 0)
+        return _Plan(n_pos, False, dense, abk, (), (), None, (), (), {}, 0)
     # Q in x's memory order when x is dense with the batch outermost (channels_last: Q is
     # (*spatial, C)), read through its strides (NOTE: [memory order])
     order = None if x.is_contiguous() else memory_order(x)
@@ -163,14 +164,14 @@ def _plan(shape: torch.Size, strides: tuple, n_out: int, kernel_size: tuple, str
         q = _padded(q, pad, padding_mode)
         spatial, pads = list(q.shape[2:]), [(0, 0)] * nd
     # run as 3-D: unit leading dims
-    lead = [0] * (3 - nd)
-    Q = lead + list(q.stride()[2:])
-    S = [1 for _ in lead] + spatial
-    P = lead + [p[0] for p in pads]
-    K = [1 for _ in lead] + list(kernel_size)
-    D = [1 for _ in lead] + list(dilation)
-    T = [1 for _ in lead] + list(stride)
-    N = [1 for _ in lead] + sizes
+    zeros, ones = [0] * (3 - nd), [1] * (3 - nd)
+    Q = zeros + list(q.stride()[2:])
+    S = ones + spatial
+    P = zeros + [p[0] for p in pads]
+    K = ones + list(kernel_size)
+    D = ones + list(dilation)
+    T = ones + list(stride)
+    N = ones + sizes
     block_ko = min(next_pow2(ktot), MAX_KO)
     block_l = max(1, min(next_pow2(n_pos), TILE // block_ko))
     n_lblk = cdiv(n_pos, block_l)
@@ -178,7 +179,7 @@ def _plan(shape: torch.Size, strides: tuple, n_out: int, kernel_size: tuple, str
     # NOTE: [lattice groups]: about TARGET_PROGRAMS programs, never fewer l-groups than needed
     lpg = cdiv(n_lblk, max(1, min(n_lblk, cdiv(target, c * n_kob))))
     n_lgrp = cdiv(n_lblk, lpg)
-    return _Plan(n_pos, dense, None, rows, q_view, pad, (c * n_lgrp, n_kob),
+    return _Plan(n_pos, False, dense, None, rows, q_view, pad, (c * n_lgrp, n_kob),
                  (q.shape[0], q.stride(0), q.stride(1), *Q, *S, *P, *K, *D, *T, *N, n_lblk,
                   n_lgrp, lpg),
                  dict(BLOCK_KO=block_ko, BLOCK_L=block_l, PARTIAL=n_lgrp > 1 and det,
@@ -198,7 +199,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
                  tuple(map(tuple, padding)), tuple(dilation), groups, padding_mode,
                  torch.are_deterministic_algorithms_enabled(), TARGET_PROGRAMS,
                  _column_module.interpreting())
-    if not plan.args and plan.columns is None:          # x is empty
+    if plan.empty:
         return plan.n_pos
     if not plan.dense:
         x = x.contiguous()
