@@ -78,11 +78,11 @@ def columns(x: torch.Tensor, dim: int):
 # NOTE: [launch plans] What a launcher derives from its arguments' shapes, strides and scalars
 # (views, memory order, tile shapes, grids) is the same on every iteration of a training loop,
 # and its torch calls cost microseconds each on the host (a view 2 us on the 2-core CI host):
-# the Triton conv launcher spent 35 us a call before its first launch.  Such derivations are
+# the Triton conv launcher spent 21-22 us a call before its first launch.  Such derivations are
 # memoised on those values (on meta tensors where torch works them out), so that a call
-# computes its key, looks it up and launches: 7.7 us there, the column sums 4.5 not 7.8.  The
-# caches are bounded (LRU): a model fed ever new shapes (variable sequence lengths) pays the
-# derivation, ~0.1 ms, once per shape while it stays in the cache.
+# computes its key, looks it up and launches: 8 us there, the column sums 5 not 8
+# (bench/README.md).  The caches are bounded (LRU): a model fed ever new shapes (variable
+# sequence lengths) pays the derivation, ~0.1 ms, once per shape while it stays in the cache.
 @functools.lru_cache(maxsize=4096)
 def column_layout(shape: torch.Size, strides: tuple, dim: int):
     """(dense, (A, K, B)) of ``columns(x, dim)`` for an x of this shape and these strides (NOTE:
