@@ -448,9 +448,8 @@ class StatHooks:
 
         return hook
 
-    def _h_stats(self, lay: Layer, module, x: torch.Tensor, compiling: bool = False) -> None:
-        """``compiling``: torch.compile traces this call (the forward hook's), else it runs
-        eagerly."""
+    def _h_stats(self, lay: Layer, module, x: torch.Tensor, compiling: bool) -> None:
+        """``compiling``: torch.compile traces this call, else it runs eagerly."""
         fisher = self.fisher
         with torch.no_grad() if compiling else _EagerNoGrad():
             acc = fisher.acc(lay.h_factor, lay.h_acc, compiling)
@@ -478,8 +477,8 @@ class StatHooks:
                 return
             if generation != fisher.generation:     # NOTE: [forward before zero_grad]
                 fisher.adopt_held(lay, generation)
-            for args in recomputed or ():
-                self._h_stats(lay, *args)
+            for args in recomputed or ():       # (traced under compiled autograd)
+                self._h_stats(lay, *args, torch.compiler.is_compiling())
             self._s_stats(lay, which, grad)
 
         return hook
