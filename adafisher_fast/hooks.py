@@ -300,6 +300,12 @@ class _EagerNoGrad:
         torch._C._set_grad_enabled(self.prev)
 
 
+def _no_grad(compiling: bool):
+    """The hook bodies' no-grad context: ``torch.no_grad()`` while compiling (dynamo traces
+    it), else ``_EagerNoGrad``."""
+    return torch.no_grad() if compiling else _EagerNoGrad()
+
+
 def _rows(lay: Layer, method: str, rows):
     """``rows``, the row count a layer kind's h_stats/s_stats returned, if it is one (an int, a
     SymInt while tracing, or a tensor); a kind that forgot to return it, or returned a negative
@@ -451,7 +457,7 @@ class StatHooks:
     def _h_stats(self, lay: Layer, module, x: torch.Tensor, compiling: bool) -> None:
         """``compiling``: torch.compile traces this call, else it runs eagerly."""
         fisher = self.fisher
-        with torch.no_grad() if compiling else _EagerNoGrad():
+        with _no_grad(compiling):
             acc = fisher.acc(lay.h_factor, lay.h_acc, compiling)
             rows = lay.kind.h_stats(module, x, acc, fisher.preset, self.ops)
             fisher.add_rows(lay.h_factor, _rows(lay, "h_stats", rows), compiling)
@@ -487,7 +493,7 @@ class StatHooks:
         # traced only by compiled autograd: a compiled model's hook is an opaque op that runs
         # this eagerly (NOTE: [backward statistics])
         fisher, module, compiling = self.fisher, lay.module_at(which), torch.compiler.is_compiling()
-        with torch.no_grad() if compiling else _EagerNoGrad():
+        with _no_grad(compiling):
             s = lay.kind.s_input(module, grad.detach())
             acc = fisher.acc(lay.s_factor, lay.s_acc, compiling)
             rows = lay.kind.s_stats(module, s, acc, fisher.preset, self.ops)

@@ -431,7 +431,7 @@ class FisherState:
     # an eager ``step()`` and ``raw_stats()`` for counts of a forward without a backward.  A
     # compiled model or a CUDA-graph capture runs no Python on replay, so there the hooks add
     # on the device, inside the graph, as before.
-    def acc(self, f: int, where: slice, compiling: bool = False) -> torch.Tensor:
+    def acc(self, f: int, where: slice, compiling: bool) -> torch.Tensor:
         """``buf[where]``, factor f's accumulators.  Eagerly a view made once per buffer (a
         slice cost the hooks 2-3 us a call; NOTE: [launch plans] in fisher_kernels/host.py);
         ``compiling``: traced, the slice itself."""
@@ -445,7 +445,7 @@ class FisherState:
             v = views[f] = self.buf[where]
         return v
 
-    def add_rows(self, f: int, rows, compiling: bool = False) -> None:
+    def add_rows(self, f: int, rows, compiling: bool) -> None:
         """Add ``rows`` to the row count of factor ``f`` (NOTE: [host row counts]);
         ``compiling``: torch.compile traces this call."""
         if compiling or (self.buf.is_cuda and torch.cuda.is_current_stream_capturing()):
