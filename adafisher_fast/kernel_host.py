@@ -16,8 +16,8 @@ from .reference import LayerTable, has_tensor_lr
 # one of the table's tensors and holding that tensor, so the address cannot be reused by another
 # table meanwhile.  An address key (not the tensor object) still hits when torch.compile hands the
 # op other tensor objects over the same storage, and a hit launches nothing, so CUDA-graph capture
-# may run it (the derivations sync: bincount sizes its output on the host), and keeps what it
-# returns (NOTE: [captured tables]).
+# may run it, and keeps what it returns (NOTE: [captured tables]).  A derivation reads nothing on
+# the host either (``_sorted_starts``): no sync, also where the cache misses.
 _TABLES: Dict[tuple, tuple] = {}
 
 
@@ -81,11 +81,17 @@ def forget(tables: Sequence[LayerTable]) -> None:
 WIDE_TERMS = 32
 
 
+def _sorted_starts(keys: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(order, starts [n + 1]) of int64 keys in [0, n): their stable sort order, and where each
+    value's run starts in the sorted keys (starts[n] = keys.numel()).  By searchsorted, whose
+    output size is known: bincount reads max(keys) on the host to size its own (a sync)."""
+    order = torch.argsort(keys, stable=True)
+    values = torch.arange(n + 1, dtype=keys.dtype, device=keys.device)
+    return order, torch.searchsorted(keys[order], values)
+
+
 def _build_term_csr(table: LayerTable) -> tuple:
-    dst = table.term_dst
-    order = torch.argsort(dst, stable=True)
-    ptr = torch.zeros(table.n_raw + 1, dtype=torch.int64, device=dst.device)
-    ptr[1:] = torch.cumsum(torch.bincount(dst, minlength=table.n_raw), 0)
+    order, ptr = _sorted_starts(table.term_dst, table.n_raw)
     return (ptr,) + tuple(t[order].contiguous() for t in (table.term_src, table.term_pow,
                                                           table.term_coef, table.term_q,
                                                           table.term_factor))
@@ -98,10 +104,8 @@ def term_csr(table: LayerTable) -> tuple:
 
 
 def _build_layer_factors(table: LayerTable) -> tuple:
-    fl = table.factor_layer
-    fstart = torch.zeros(table.n_layers + 1, dtype=torch.int64, device=fl.device)
-    fstart[1:] = torch.cumsum(torch.bincount(fl, minlength=table.n_layers), 0)
-    return torch.argsort(fl, stable=True).contiguous(), fstart
+    order, fstart = _sorted_starts(table.factor_layer, table.n_layers)
+    return order.contiguous(), fstart
 
 
 def layer_factors(table: LayerTable) -> tuple:

@@ -7,6 +7,7 @@ the graph count over 3 * TCov steps; a capturable step on the meta device, where
 device value on the host raises.  GPU (``-m gpu``): CUDA-graph replay against eager, and
 ``mode="reduce-overhead"``.
 """
+import contextlib
 import copy
 import warnings
 
@@ -489,6 +490,33 @@ def test_capturable_step_never_reads_the_device(preset):
     assert all(st["step"].device.type == "meta" for st in opt.state.values())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_eager_iterations_never_read_the_device(backend, preset):
+    """The default eager iteration (capturable=False, step counts on the host) on the meta device:
+    hooks, launchers and step() read no device value on the host (item, bool, tolist, a
+    data-dependent size all raise there), statistics and plain iterations alike, the first
+    ones included (the layer_ema table derivations: NOTE: [table cache]).  A read would
+    synchronise: the host would wait for the GPU to drain at every statistics call.  The Triton
+    backend runs its launchers' host code with the kernels stubbed (bench.host); the CUDA
+    backend's binding refuses the meta device, and host-to-device copies from pageable memory
+    sync without reading a value: ``test_eager_iterations_do_not_synchronise`` (GPU) checks both."""
+    from bench.host import launches, stubbed_kernels
+    with torch.device("meta"):
+        model = AllKinds()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, TCov=2, preset=preset, backend=backend, weight_decay=1e-2)
+
+    def iteration():
+        opt.zero_grad()
+        model(torch.zeros(2, 8, dtype=torch.int64, device="meta")).square().sum().backward()
+        opt.step()
+    with stubbed_kernels() if backend == "triton" else contextlib.nullcontext():
+        n = [launches(iteration) for _ in range(4)]
+    assert opt.steps == 4 and n[0] > n[1] and n[2] > n[3]    # statistics on steps 0 and 2
+
+
 def test_capturable_is_a_bool_and_survives_load_state_dict():
     model = nn.Linear(3, 2)
     with pytest.raises(TypeError, match="capturable must be a bool"):
@@ -598,6 +626,44 @@ def test_cuda_graph_replay_equals_eager(backend, TCov, fmt):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
     for p_ref, p in zip(ref.parameters(), model.parameters()):
         assert torch.equal(opt.state[p]["step"], opt_ref.state[p_ref]["step"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_eager_iterations_do_not_synchronise(backend, preset):
+    """The default eager iteration (capturable=False) makes no host synchronisation once warm:
+    ``torch.cuda.set_sync_debug_mode("error")`` raises at any (an item() or bool() of a device
+    value, a copy from pageable memory), with the line that made it.  A sync in a hook would
+    stall the host at every statistics call until the GPU drained, a suspect for the TCov=1
+    gap (README).  The bare model's iteration is checked first, so a sync of torch's own ops is
+    told apart from ours."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"backend {backend} is not available here")
+    torch.manual_seed(0)
+    model = AllKinds().cuda()
+    idx = torch.randint(0, 11, (3, 8), device="cuda")
+
+    def iteration(opt=None):
+        model.zero_grad() if opt is None else opt.zero_grad()
+        model(idx).square().sum().backward()
+        if opt is not None:
+            opt.step()
+    iteration()                                         # warm: cuDNN's and the caches' setup
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = AdaFisherW(model, TCov=2, preset=preset, backend=backend, weight_decay=1e-2)
+    for _ in range(4):                                  # warm: Triton's JIT, the first step's checks
+        iteration(opt)
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        iteration()
+        for _ in range(4):                              # statistics on steps 4 and 6
+            iteration(opt)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert opt.steps == 8
 
 
 @pytest.mark.gpu

@@ -214,7 +214,8 @@ def test_layer_ema_gpu_many_layers(kernel_ops):
 def test_table_cache_derives_once_per_table(monkeypatch):
     """kernel_host.term_csr / layer_factors against loops over the table, and NOTE: [table cache]:
     a table of other tensor objects over the same storage (what torch.compile hands an op) hits
-    the cache without deriving anything (a derivation syncs, which breaks CUDA-graph capture)."""
+    the cache without deriving anything; a derivation reads no value on the host (on the meta
+    device, where such a read raises: bincount, sizing its output by max(keys), did)."""
     from adafisher_fast import kernel_host
     f = AdaFisher(_model(), preset="paper", backend="torch").fisher
     t = f.table
@@ -230,12 +231,17 @@ def test_table_cache_derives_once_per_table(monkeypatch):
 
     same_storage = t._replace(**{k: v.view_as(v) for k, v in t._asdict().items()
                                  if isinstance(v, torch.Tensor)})
-    monkeypatch.setattr(torch, "bincount", None)            # any derivation would fail
+    monkeypatch.setattr(torch, "searchsorted", None)        # any derivation would fail
     assert kernel_host.term_csr(same_storage)[0] is ptr
     assert kernel_host.layer_factors(same_storage)[0] is order
     other = f.table._replace(term_dst=t.term_dst.clone(), factor_layer=t.factor_layer.clone())
     with pytest.raises(TypeError):                          # a table elsewhere is derived anew
         kernel_host.term_csr(other)
+    monkeypatch.undo()
+    on_meta = t._replace(**{k: v.to("meta") for k, v in t._asdict().items()
+                            if isinstance(v, torch.Tensor)})
+    assert kernel_host.term_csr(on_meta)[0].shape == (t.n_raw + 1,)
+    assert kernel_host.layer_factors(on_meta)[1].shape == (t.n_layers + 1,)
 
 
 def test_a_dropped_optimizer_leaves_no_cached_tables(kernel_ops):
