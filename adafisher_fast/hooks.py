@@ -500,9 +500,12 @@ class StatHooks:
             fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows), compiling)
         fisher.flush_after_backward()
 
-    def set_steps(self, steps: int, TCov: int) -> None:
+    def set_steps(self, steps: int, TCov: int, cleared: bool = False) -> None:
+        """``cleared``: step() zeroed the buffer just before (NOTE: [clean buffer] in state.py)."""
         self.steps = steps
-        self.collecting = steps % TCov == 0
+        self.collecting = self.fisher.gathering = steps % TCov == 0
+        if not cleared:
+            self.fisher.dirty = True
 
     def remove(self) -> None:
         for h in self.handles:

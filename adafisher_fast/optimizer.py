@@ -917,7 +917,7 @@ class AdaFisher(Optimizer, Joinable):
         elif self._hooks.collecting and not torch.compiler.is_compiling():
             self._check_replaced()
         fisher.clear()
-        self._hooks.set_steps(self.steps + 1, self.TCov)
+        self._hooks.set_steps(self.steps + 1, self.TCov, cleared=True)
         return loss
 
     # ------------------------------------------------------------------------------------------
@@ -959,7 +959,7 @@ class AdaFisher(Optimizer, Joinable):
             self._reduce_stats(None)
             self._fold_statistics()
             fisher.clear()
-        self._hooks.set_steps(self.steps + 1, self.TCov)
+        self._hooks.set_steps(self.steps + 1, self.TCov, cleared=self._hooks.collecting)
 
     # ------------------------------------------------------------------------------------------
     # NOTE: [checkpoint layout] The curvature state (steps, EMA factors, H'/S', counters and the

@@ -318,6 +318,7 @@ class FisherState:
         weakref.finalize(self, kernel_host.forget, self._tables)
         self.grad_degree = torch.tensor(degree + [0] * nf, **fl)
         self.buf = torch.zeros(n_acc + nf, **fl)
+        self.dirty = self.gathering = True      # NOTE: [clean buffer]
         self._acc_views = (None, {})        # (buf, {factor: buf[its accumulators]}): acc()
         self.n_acc = n_acc
         self.pending = [0] * nf             # row counts not yet in buf (NOTE: [host row counts])
@@ -375,7 +376,7 @@ class FisherState:
     def _adopt(self, old: "FisherState") -> None:
         """Copy, for every layer that ``old`` has too (the same module), its raw statistics and
         row counts, EMA state, H'/S', initialized flags and counters (NOTE: [added groups])."""
-        self.compiled = old.compiled
+        self.compiled, self.dirty = old.compiled, True
         before = {id(l.module): (j, l) for j, l in enumerate(old.layers)}
         for i, new in enumerate(self.layers):
             j, lay = before.get(id(new.module), (None, None))
@@ -437,6 +438,7 @@ class FisherState:
         ``compiling``: traced, the slice itself."""
         if compiling:
             return self.buf[where]
+        self.dirty = True                   # NOTE: [clean buffer]
         if self._acc_views[0] is not self.buf:
             self._acc_views = (self.buf, {})
         views = self._acc_views[1]
@@ -450,6 +452,8 @@ class FisherState:
         ``compiling``: torch.compile traces this call."""
         if compiling or (self.buf.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.buf[self.n_acc + f:self.n_acc + f + 1].add_(rows)
+            if not compiling:
+                self.dirty = True
         else:
             self.pending[f] += rows
             self._pending_any = True
@@ -488,9 +492,10 @@ class FisherState:
         self._flush_queued = False
         if self.before is not None:
             buf.add_(self.before)
-            self.before = None
+            self.before, self.dirty = None, True
         if not self._pending_any:
             return
+        self.dirty = True
         # on the host whatever torch's default device is: it is pinned and copied below
         counts = torch.tensor(self.pending, dtype=buf.dtype, device="cpu")
         if buf.is_cuda:
@@ -560,10 +565,21 @@ class FisherState:
     # accumulation in the forward-first order the first micro-batch's H gives way to the later
     # micro-batches' (their mean stands for the step's).  A zero_grad() inside a compiled
     # function keeps nothing.
+    # NOTE: [clean buffer] A plain iteration (steps % TCov != 0) gathers nothing, so its
+    # zero_grad() and step() found the buffer zero already, and each zeroed it again: two memset
+    # launches per iteration that AdamW does not make, all the extra launches of TCov = 100.
+    # So ``clear`` zeroes the buffer only where it may hold something: while statistics are
+    # gathered (``gathering``, StatHooks.set_steps: a compiled forward writes them with no Python
+    # to say so), or when ``dirty``, which every eager write sets (the hooks' ``acc``, row counts,
+    # held and stashed buffers, a move or adoption) and so does a change of the gating from
+    # outside step() (set_steps after CUDA-graph replays, which write with no Python either; a
+    # new TCov; a loaded checkpoint); and always while torch.compile traces or a CUDA graph is
+    # captured, which record the memset for every replay.
     def clear(self, hold: bool = False) -> None:
-        """Zero the buffer and the pending row counts; ``hold`` (zero_grad()): NOTE: [forward
-        before zero_grad]."""
-        if not torch.compiler.is_compiling():
+        """Zero the buffer (where it may hold anything: NOTE: [clean buffer]) and the pending row
+        counts; ``hold`` (zero_grad()): NOTE: [forward before zero_grad]."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
             if hold and self.forwarded:
                 self.held = (self.generation, self.buf.clone(), list(self.pending), set())
             elif not hold:      # a second zero_grad() with no forward between keeps what it held
@@ -573,8 +589,11 @@ class FisherState:
             self.generation += 1
             self.forwarded = self.backward_done = False
             self.before = None
-        self.buf.zero_()
-        if not torch.compiler.is_compiling():
+        if (compiling or self.dirty or self.gathering
+                or (self.buf.is_cuda and torch.cuda.is_current_stream_capturing())):
+            self.buf.zero_()
+        if not compiling:
+            self.dirty = False
             if self._pending_any:
                 self.pending = [0] * len(self.pending)
             # also re-arms the callback of a backward pass that raised before running it
@@ -604,7 +623,7 @@ class FisherState:
             for t in self.stash[1:]:
                 if t is not None:
                     self.buf.add_(t)
-            self.stash = None
+            self.stash, self.dirty = None, True
 
     def _h_entries(self, per_layer: torch.Tensor) -> torch.Tensor:
         """bool [n_layers] -> bool [len(buf)]: each layer's value on its H entries, False on the
@@ -635,7 +654,7 @@ class FisherState:
         """step(): ``buf`` becomes ``with_held_h()``, and nothing stays held."""
         if self.held_h is not None:
             self.buf.copy_(self.with_held_h())
-            self.held_h = None
+            self.held_h, self.dirty = None, True
 
     def adopt_held(self, lay: Layer, generation: int) -> None:
         """A gradient reached a call of ``lay`` from the forward of ``generation``, before the
@@ -645,6 +664,7 @@ class FisherState:
             return
         _, buf, pending, adopted = held
         adopted.add(lay.h_factor)
+        self.dirty = True
         count = slice(self.n_acc + lay.h_factor, self.n_acc + lay.h_factor + 1)
         with torch.no_grad():
             self.buf[lay.h_acc].add_(buf[lay.h_acc])
@@ -688,6 +708,7 @@ class FisherState:
             v = getattr(self, name)
             setattr(self, name, None if v is None else to(v))
         self.held = self.held_h = None
+        self.dirty = True
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {"state": self.state, "fac": self.fac, "initialized": self.initialized,

@@ -244,6 +244,90 @@ def test_zero_grad_drops_abandoned_statistics():
     assert opt.fisher.buf.abs().sum() == 0
 
 
+class _BufferZeroes(TorchDispatchMode):
+    """Records ``opt.steps`` at each in-place zeroing of the whole statistics buffer."""
+
+    def __init__(self, opt):
+        super().__init__()
+        self.opt, self.at = opt, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        t, buf = (args[0] if args else None), self.opt.fisher.buf
+        if (func.overloadpacket in (torch.ops.aten.zero_, torch.ops.aten.fill_)
+                and isinstance(t, torch.Tensor) and t.numel() == buf.numel()
+                and t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()):
+            self.at.append(self.opt.steps)
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_iterations_leave_the_clean_buffer_alone():
+    """NOTE: [clean buffer] Over 7 iterations at TCov=3 only the statistics iterations (steps 0,
+    3 and 6) zero the statistics buffer, in their zero_grad() and step(): the plain ones find it
+    zero and launch no memset, as AdamW's iterations launch none.  The run equals, bit for bit,
+    a twin's whose every clear zeroes the buffer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3)).double()
+    twin = copy.deepcopy(model)
+    opt, twin_opt = (AdaFisher(m, lr=1e-2, TCov=3, backend="torch") for m in (model, twin))
+    zeroes = _BufferZeroes(opt)
+
+    class AlwaysDirty(type(twin_opt.fisher)):       # the old clear: it always zeroes
+        dirty = property(lambda self: True, lambda self, value: None)
+    twin_opt.fisher.__class__ = AlwaysDirty
+
+    def iteration(m, o, x, y):
+        o.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    for _ in range(7):
+        x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+        with zeroes:
+            iteration(model, opt, x, y)
+        iteration(twin, twin_opt, x, y)
+    assert zeroes.at == [0, 0, 3, 3, 6, 6]
+    for a, b in zip(fisher_tensors(opt.fisher) + list(model.parameters()),
+                    fisher_tensors(twin_opt.fisher) + list(twin.parameters())):
+        assert torch.equal(a, b)
+
+
+def test_statistics_added_after_the_step_are_cleared_in_a_plain_iteration():
+    """NOTE: [clean buffer] The output-gradient hooks of a statistics forward whose backward
+    runs after the step (in a plain iteration) still write the buffer: the writes mark it, and
+    the plain iteration's step zeroes it, as before."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    opt = AdaFisher(model, TCov=2, backend="torch")
+    x = torch.randn(5, 4)
+    opt.zero_grad()
+    model(x).sum().backward()
+    late = model(x).square().sum()          # a statistics forward, its backward after the step
+    opt.step()
+    opt.zero_grad()                         # a plain iteration: nothing to zero
+    late.backward()
+    assert opt.fisher.buf.abs().sum() > 0
+    opt.step()
+    assert opt.fisher.buf.abs().sum() == 0
+
+
+@pytest.mark.parametrize("then", ["zero_grad", "set_steps(1), zero_grad"])
+def test_zero_grad_after_a_compiled_statistics_forward_zeroes_the_buffer(then):
+    """NOTE: [clean buffer] A compiled forward (or a replayed CUDA graph) writes its statistics
+    with no Python to mark the buffer: a statistics iteration's zero_grad() zeroes it anyway,
+    and so does a plain one's after set_steps() moved the gating there."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5))
+    opt = AdaFisher(model, TCov=2, backend="torch")
+    torch._dynamo.reset()
+    net = torch.compile(model, backend="aot_eager", fullgraph=True)
+    opt.zero_grad()
+    net(torch.randn(3, 4) * 10)             # an evaluation with grad enabled: no backward
+    assert opt.fisher.buf.abs().sum() > 0
+    if then.startswith("set_steps"):
+        opt.set_steps(1)
+    opt.zero_grad()
+    assert opt.fisher.buf.abs().sum() == 0
+
+
 def _train_order(model, opt, batches, order):
     """The iteration in ``order``: "standard" (zero_grad, forward, backward, step), "reversed"
     (forward, zero_grad, backward, step), "zero_grad twice" (the same with two zero_grad()) or
