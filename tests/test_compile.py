@@ -7,6 +7,7 @@ the graph count over 3 * TCov steps; a capturable step on the meta device, where
 device value on the host raises.  GPU (``-m gpu``): CUDA-graph replay against eager, and
 ``mode="reduce-overhead"``.
 """
+import collections
 import contextlib
 import copy
 import warnings
@@ -632,12 +633,13 @@ def test_cuda_graph_replay_equals_eager(backend, TCov, fmt):
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_eager_iterations_do_not_synchronise(backend, preset):
-    """The default eager iteration (capturable=False) makes no host synchronisation once warm:
-    ``torch.cuda.set_sync_debug_mode("error")`` raises at any (an item() or bool() of a device
-    value, a copy from pageable memory), with the line that made it.  A sync in a hook would
-    stall the host at every statistics call until the GPU drained, a suspect for the TCov=1
-    gap (README).  The bare model's iteration is checked first, so a sync of torch's own ops is
-    told apart from ours."""
+    """The default eager iteration (capturable=False) makes no host synchronisation once warm,
+    beyond those of the model's own ops: under ``torch.cuda.set_sync_debug_mode("warn")`` each
+    sync (an item() or bool() of a device value, a copy from pageable memory) warns, from the
+    Python line that made it.  A sync in a hook would stall the host at every statistics call
+    until the GPU drained, a suspect for the TCov=1 gap (README).  The bare model's iteration
+    (zero_grad, forward, backward) gives the syncs that are torch's own (an embedding's
+    backward may read a size); the optimizer's iterations, statistics ones included, add none."""
     if backend not in _gpu_backends():
         pytest.skip(f"backend {backend} is not available here")
     torch.manual_seed(0)
@@ -649,21 +651,30 @@ def test_eager_iterations_do_not_synchronise(backend, preset):
         model(idx).square().sum().backward()
         if opt is not None:
             opt.step()
+
+    def syncs(run, n):
+        """Where the syncs of n calls of ``run`` came from: {(file, line): count}."""
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(n):
+                    run()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return collections.Counter((w.filename, w.lineno) for w in seen
+                                   if "synchroniz" in str(w.message))
     iteration()                                         # warm: cuDNN's and the caches' setup
+    bare = syncs(iteration, 4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opt = AdaFisherW(model, TCov=2, preset=preset, backend=backend, weight_decay=1e-2)
     for _ in range(4):                                  # warm: Triton's JIT, the first step's checks
         iteration(opt)
-    torch.cuda.synchronize()
-    try:
-        torch.cuda.set_sync_debug_mode("error")
-        iteration()
-        for _ in range(4):                              # statistics on steps 4 and 6
-            iteration(opt)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    ours = syncs(lambda: iteration(opt), 4)             # statistics on steps 4 and 6
     assert opt.steps == 8
+    assert ours - bare == collections.Counter(), f"syncs beyond the model's own {bare}: {ours - bare}"
 
 
 @pytest.mark.gpu
