@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, column_layout, memory_order, next_pow2, on_device
+from .host import cdiv, column_layout, launch, memory_order, next_pow2, on_device
 from .linear_stats import _launch as _column_sums, _n_partials, partial_sums
 
 _column_module = sys.modules[partial_sums.__module__]   # (its interpreting(), which tests patch)
@@ -210,7 +210,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     if plan.pad is not None:
         q = _padded(q.as_strided(*plan.q_view), plan.pad, padding_mode)
     dst = out.new_empty(plan.partial, out.numel()) if plan.partial else out
-    _lattice_sum_kernel[plan.grid](q, dst, *plan.args, **plan.meta)
+    launch(_lattice_sum_kernel, plan.grid, q, dst, *plan.args, **plan.meta)
     if plan.partial:
         out.add_(dst.sum(0))
     return plan.n_pos

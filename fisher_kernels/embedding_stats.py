@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, on_device
+from .host import cdiv, launch, on_device
 from .linear_stats import WIDE_FROM
 
 BLOCK = 1024   # tokens per program: a large batch x sequence fills the GPU with few programs
@@ -40,5 +40,5 @@ def embedding_stats(idx: torch.Tensor, out: torch.Tensor) -> None:
     n = flat.numel()
     if n == 0:
         return
-    _embedding_stats_kernel[(cdiv(n, BLOCK),)](flat, out, n, out.numel(), BLOCK=BLOCK,
-                                             WIDE=n >= WIDE_FROM, enable_fp_fusion=True)
+    launch(_embedding_stats_kernel, (cdiv(n, BLOCK),), flat, out, n, out.numel(), BLOCK=BLOCK,
+           WIDE=n >= WIDE_FROM, enable_fp_fusion=True)

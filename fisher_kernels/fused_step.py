@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import kernel_host, reference
-from .host import cdiv, on_device
+from .host import cdiv, launch, on_device
 
 BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
 N_META = len(reference.META_COLS) + 1      # a meta row, then T (NOTE: [row transpose])
@@ -462,7 +462,8 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
     hyper_table = _hyper_table(pair, hyper, fac.device)
     kernel_host.keep_if_captured(block_param, block_start, ptrs, numels, rows, hyper_table,
                                  step_table, ticket, lr_ptrs)   # NOTE: [captured tables]
-    _fused_step_kernel[(n_blocks,)](
+    launch(
+        _fused_step_kernel, (n_blocks,),
         block_param, block_start, ptrs, numels, rows, hyper_table, lr_ptrs,
         step_table, len(steps), ticket, fac, found_inf,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,

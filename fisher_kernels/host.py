@@ -12,6 +12,7 @@ import os
 from typing import List, Optional
 
 import torch
+from triton.runtime.jit import JITFunction
 
 
 def cdiv(a: int, b: int) -> int:
@@ -94,3 +95,65 @@ def column_layout(shape: torch.Size, strides: tuple, dim: int):
         if order is not None:
             dense, shape, dim = True, [shape[d] for d in order], order.index(dim)
     return dense, (math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:]))
+
+
+# NOTE: [direct launch] ``kernel[grid](*args)`` through Triton's JIT runs its binder on every call:
+# it specialises each argument (dtype and 16-byte alignment of a tensor, size and divisibility by
+# 16 of an int), builds the cache key from that and the options, and looks the compiled kernel
+# up: 7.5-9 us a launch on the 2-core CI host for the column reduction's 20 parameters (binder
+# and key alone, triton 3.9; the rest of JITFunction.run and the launch proper come on top),
+# where a statistics iteration of ResNet-18 makes ~100 launches.  ``launch`` keeps the
+# CompiledKernel that the JIT's first launch of each argument key returned and launches it
+# through its own handle (``compiled[grid](*every parameter)``, Triton's API for a compiled
+# kernel, the same in 3.6 and 3.9), after 4 us of its own key and lookup there.  That key holds
+# at least what the JIT specialises on: every tensor's dtype and alignment, every other
+# argument's value (a float's type only, which is all the JIT reads of it), the constexprs and
+# options, and the device; so a hit launches the kernel the JIT would have picked
+# (tests/test_triton_backend.py checks it against the JIT's own specialiser).  Only for
+# JITFunctions on CUDA tensors: not under the interpreter, nor for the stand-ins of tests and
+# benchmarks, nor for tests/triton_codegen.py's recorded launches; ADAFISHER_TRITON_DIRECT=0
+# turns it off.  Not yet timed on a GPU.
+DIRECT = os.environ.get("ADAFISHER_TRITON_DIRECT", "1") != "0"
+_COMPILED: dict = {}
+
+
+def arg_key(args: tuple) -> tuple:
+    """What ``launch`` keys a launch's positional arguments by (NOTE: [direct launch])."""
+    key = []
+    for a in args:
+        t = type(a)
+        if t is float:
+            key.append(float)
+        elif t is int or t is bool or a is None:
+            key.append(a)
+        elif isinstance(a, torch.Tensor):
+            key.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            key.append(a)
+    return tuple(key)
+
+
+def launch(kernel, grid: tuple, *args, **consts) -> None:
+    """``kernel[grid](*args, **consts)``: the constexprs and options by keyword, every other
+    parameter positionally (NOTE: [direct launch])."""
+    if not DIRECT or type(kernel) is not JITFunction or not args[0].is_cuda:
+        kernel[grid](*args, **consts)
+        return
+    # (the first tensor's device is the current one: NOTE: [launch device])
+    key = (kernel, arg_key(args), tuple(consts.items()), args[0].get_device())
+    hit = _COMPILED.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **consts)
+        tail = param_tail(kernel, len(args), consts)
+        if len(_COMPILED) >= 4096:      # ever new shapes: start over
+            _COMPILED.clear()
+        _COMPILED[key] = compiled, tail
+        return
+    compiled, tail = hit
+    compiled[grid + (1,) * (3 - len(grid))](*args, *tail)
+
+
+def param_tail(kernel, n: int, consts: dict) -> tuple:
+    """The values of ``kernel``'s parameters after its first n: each from ``consts``, else its
+    default (the compiled kernel takes every parameter positionally)."""
+    return tuple(consts[p.name] if p.name in consts else p.default for p in kernel.params[n:])

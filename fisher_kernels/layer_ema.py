@@ -37,7 +37,7 @@ import triton.language as tl
 from adafisher_fast import reference
 from adafisher_fast.kernel_host import WIDE_TERMS, layer_factors, term_csr
 from adafisher_fast.reference import EmaRule, LayerTable
-from .host import on_device
+from .host import launch, on_device
 
 BLOCK = 1024          # NOTE: [ema block]
 NUM_WARPS = 8
@@ -218,7 +218,8 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
     factors_by_layer, layer_fstart = layer_factors(table)
     raw = torch.empty(state.numel(), dtype=torch.float32, device=buf.device)
     minmax = torch.empty(2 * table.factor_layer.numel(), dtype=torch.float32, device=buf.device)
-    _layer_ema_kernel[(table.n_layers,)](
+    launch(
+        _layer_ema_kernel, (table.n_layers,),
         buf, table.n_acc, ptr, src, *(t.to(torch.float32) for t in (pw, coef, q)), factor,
         table.factor_start, factors_by_layer, layer_fstart,
         raw, minmax, state, fac, initialized.view(torch.uint8), counters,

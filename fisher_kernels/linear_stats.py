@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, columns, interpreting, next_pow2, on_device
+from .host import cdiv, columns, interpreting, launch, next_pow2, on_device
 
 # NOTE: [atomic partial sums] the A axis (rows: batch x positions) is split so that the grid
 # has about TARGET_PROGRAMS programs (the CUDA kernel's ~2048 blocks of 256 threads, in programs
@@ -178,10 +178,11 @@ def _run(x3, abk, dst, partial, square, scale, affine, mu, rs, g, cg, rps) -> No
     # wrap (to negative offsets, inside the mask) once A or B nears 2^31: such a launch widens them
     # to int64 first.  Only there: 64-bit row indices cost divisions in AFFINE 2's loop.
     wide = max(a, b) >= WIDE_FROM
-    _column_reduce_kernel[grid](x3, dst, dst if mu is None else mu, dst if rs is None else rs, a, k,
-                                b // b_div, rows, g, cg, rps, float(scale), SQUARE=square,
-                                AFFINE=affine, BLOCK_A=block_a, BLOCK_K=block_k, BLOCK_B=block_b,
-                                B_DIV=b_div, PARTIAL=partial, WIDE=wide, enable_fp_fusion=True)
+    launch(_column_reduce_kernel, grid,
+           x3, dst, dst if mu is None else mu, dst if rs is None else rs, a, k, b // b_div, rows,
+           g, cg, rps, float(scale), SQUARE=square, AFFINE=affine, BLOCK_A=block_a,
+           BLOCK_K=block_k, BLOCK_B=block_b, B_DIV=b_div, PARTIAL=partial, WIDE=wide,
+           enable_fp_fusion=True)
 
 
 @on_device

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from adafisher_fast import reference
-from .host import cdiv, columns, next_pow2, on_device
+from .host import cdiv, columns, launch, next_pow2, on_device
 from .linear_stats import _launch, partial_sums
 
 BLOCK_ROW = 1024
@@ -184,10 +184,11 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
             grid = (cdiv(c, block_c),)
             meta = dict(BLOCK_R=max(1, min(next_pow2(rows), 4096 // block_c)), BLOCK_C=block_c,
                         enable_fp_fusion=False)     # separate roundings, as torch's ops (no FMA)
-            _channel_rows_kernel[grid](sums, mu, out, c, rows, n, float(eps), FINISH=False, **meta)
+            launch(_channel_rows_kernel, grid, sums, mu, out, c, rows, n, float(eps), FINISH=False,
+                   **meta)
             squares = partial_sums(x3, True, 1.0, 3, mu, abk=abk)
-            _channel_rows_kernel[grid](squares, mu, out, c, rows, n, float(eps), FINISH=True,
-                                       **meta)
+            launch(_channel_rows_kernel, grid, squares, mu, out, c, rows, n, float(eps),
+                   FINISH=True, **meta)
             return
         rs = torch.rsqrt(var.to(torch.float32) + eps).contiguous()
         _xhat_sq(x3, abk, out, mean.to(torch.float32).contiguous(), rs, False, 1, 1)
@@ -203,13 +204,12 @@ def norm_stats(x: torch.Tensor, out: torch.Tensor, mode: str, groups: int, eps: 
     mu = torch.empty(rows, **f32)
     rs = torch.empty(rows, **f32)
     pm, pm2 = (torch.empty(rows * nc, **f32) for _ in range(2)) if nc > 1 else (mu, rs)
-    _row_moments_kernel[(rows * nc,)](x, pm, rs, pm2, n, groups, c * i, cg if cl else n, cg, c,
-                                      float(eps), nc, CHUNK=CHUNK, CENTER=bool(center), RUNS=cl,
-                                      SPLIT=nc > 1, BLOCK=min(BLOCK_ROW, next_pow2(n)),
-                                      enable_fp_fusion=True)
+    launch(_row_moments_kernel, (rows * nc,),
+           x, pm, rs, pm2, n, groups, c * i, cg if cl else n, cg, c, float(eps), nc, CHUNK=CHUNK,
+           CENTER=bool(center), RUNS=cl, SPLIT=nc > 1, BLOCK=min(BLOCK_ROW, next_pow2(n)),
+           enable_fp_fusion=True)
     if nc > 1:
-        _combine_moments_kernel[(rows,)](pm, pm2, mu, rs, n, nc, float(eps), CHUNK=CHUNK,
-                                         BLOCK=min(BLOCK_ROW, next_pow2(nc)),
-                                         enable_fp_fusion=True)
+        launch(_combine_moments_kernel, (rows,), pm, pm2, mu, rs, n, nc, float(eps), CHUNK=CHUNK,
+               BLOCK=min(BLOCK_ROW, next_pow2(nc)), enable_fp_fusion=True)
     # channels_last: x's memory as (B * H*W, C, 1)
     _xhat_sq(x, (r * i, c, 1) if cl else (r, c, i), out, mu, rs, True, groups, cg, i if cl else 1)
