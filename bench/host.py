@@ -32,7 +32,8 @@ replay runs none of this Python (README, "torch.compile and CUDA graphs").
 
 The launchers' rows (``kind: host_op``): one call of each statistics op of each backend at a
 layer of those models, its host time (on CUDA with the launch; how much of a hook's time the
-launch itself takes, Triton's against the CUDA extension's).  One JSON line per row in
+launch itself takes, Triton's against the CUDA extension's; on CUDA Triton's again through its
+JIT dispatch, backend "triton, JIT dispatch": NOTE: [direct launch]).  One JSON line per row in
 ``DIR/host.jsonl``.
 """
 from __future__ import annotations
@@ -302,21 +303,29 @@ def measure_ops(dev, backends, small: bool, n: int, repeats: int) -> list:
     """Host time of one call of each backend's statistics launcher (``kind: host_op``): on the
     CPU the Python alone (kernels stubbed), on CUDA with the launch, timed without synchronising
     as the hooks call them."""
+    from fisher_kernels import host
     rows = []
     for op, case, make in op_cases(small):
         args = make(dev)
         for backend in backends:
             fn = getattr(_try_load(backend, dev)[0], op)
             call = lambda: fn(*args)        # noqa: E731
-            call()                          # compiled, tables made
-            times = []
-            for _ in range(repeats):
-                times.append(host_us(call, n))
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-            rows.append(dict(kind="host_op", op=op, case=case, backend=backend, device=str(dev),
-                             host_us=statistics.median(times),
-                             kernels="stubbed" if dev.type == "cpu" else "real"))
+            # Triton's real kernels also through its JIT dispatch: NOTE: [direct launch]
+            for direct in (True, False) if backend == "triton" and dev.type == "cuda" else (True,):
+                host.DIRECT, was = direct, host.DIRECT
+                try:
+                    call()                  # compiled, tables made
+                    times = []
+                    for _ in range(repeats):
+                        times.append(host_us(call, n))
+                        if dev.type == "cuda":
+                            torch.cuda.synchronize()
+                finally:
+                    host.DIRECT = was
+                rows.append(dict(kind="host_op", op=op, case=case, device=str(dev),
+                                 backend=backend if direct else f"{backend}, JIT dispatch",
+                                 host_us=statistics.median(times),
+                                 kernels="stubbed" if dev.type == "cpu" else "real"))
     return rows
 
 
