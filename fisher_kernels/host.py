@@ -121,14 +121,11 @@ def arg_key(args: tuple) -> tuple:
     """What ``launch`` keys a launch's positional arguments by (NOTE: [direct launch])."""
     key = []
     for a in args:
-        t = type(a)
-        if t is float:
+        if type(a) is float:
             key.append(float)
-        elif t is int or t is bool or a is None:
-            key.append(a)
         elif isinstance(a, torch.Tensor):
             key.append((a.dtype, a.data_ptr() % 16 == 0))
-        else:
+        else:                               # ints, bools, None: by value
             key.append(a)
     return tuple(key)
 
