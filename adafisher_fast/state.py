@@ -589,8 +589,7 @@ class FisherState:
             self.generation += 1
             self.forwarded = self.backward_done = False
             self.before = None
-        if (compiling or self.dirty or self.gathering
-                or (self.buf.is_cuda and torch.cuda.is_current_stream_capturing())):
+        if compiling or self.dirty or self.gathering or kernel_host.capturing():
             self.buf.zero_()
         if not compiling:
             self.dirty = False
