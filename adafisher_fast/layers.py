@@ -804,11 +804,12 @@ class LayerNormKind(NormKind):
             x = x.unsqueeze(0)
         b, t = x.shape[0], x.shape[1]
         reduced = math.prod(x.shape[2:])          # M: reduced dims other than dim 0
-        u = torch.zeros(t, dtype=acc.dtype, device=acc.device)
-        ops.linear_stats(x, u, dim=1, square=False, scale=1.0 / reduced ** 2)
-        # sum u^2 by the op too: acc[0] += u.square().sum() was four launches (an indexed
-        # augmented assignment copies back), on every LayerNorm call
-        ops.linear_stats(u.view(t, 1), acc[:1], dim=1)
+        # u * M^2 by torch's reduction, which writes its output: our column sums add into
+        # theirs, so u took a zero fill too (a launch more on every LayerNorm call); sum u^2 by
+        # the op (acc[0] += u.square().sum() was four launches: an indexed augmented assignment
+        # copies back)
+        u = x.sum([0, *range(2, x.dim())], dtype=acc.dtype)
+        ops.linear_stats(u.view(t, 1), acc[:1], dim=1, scale=1.0 / reduced ** 4)
         acc[1:].add_(t * b)
         return b
 
