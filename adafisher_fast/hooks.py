@@ -19,6 +19,7 @@ from typing import List, Optional
 import torch
 from torch.autograd.graph import get_gradient_edge
 
+from .custom_ops import CompileAwareOps
 from .layers import submodules
 from .state import FisherState, Layer
 
@@ -237,17 +238,25 @@ class _Tap:
         self.armed, self.x, self.placed = False, None, None
 
 
-def _transformed(*values) -> bool:
+def _transformed(compiling: bool, *values) -> bool:
     """Whether a call runs inside a torch.func transform (grad, vmap, jacrev, ...): its tensors
     are functorch wrappers, and the gradients it computes never reach ``.grad``, so the step
     does not use them and the call gathers nothing (adding wrappers into the buffer in place
-    raised).  Not checked while compiling: dynamo traces transforms itself, on fake tensors."""
-    if torch.compiler.is_compiling():
+    raised).  Not checked while ``compiling``: dynamo traces transforms itself, on fake tensors."""
+    if compiling:
         return False
     for v in values:        # (a loop: a generator cost a microsecond of every hook call)
         if isinstance(v, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(v):
             return True
     return False
+
+
+def _params(module: torch.nn.Module, names) -> List[torch.Tensor]:
+    """``getattr(module, name)`` for each name: a registered parameter straight from
+    ``_parameters`` (``Module.__getattr__`` cost 1.4 us a name on every statistics call), anything
+    else (a parametrized weight's property) by getattr."""
+    own = module._parameters
+    return [own[n] if n in own else getattr(module, n) for n in names]
 
 
 def _computes_grad(params: List[torch.Tensor], nodes: dict) -> bool:
@@ -362,11 +371,12 @@ class StatHooks:
 
     def _arm_hook(self, first: Optional[str], tap: _Tap):
         def hook(module, inputs, kwargs):
-            x = inputs[0] if inputs else kwargs.get(first)
-            tap.armed = torch.is_grad_enabled() and self.collecting and not _transformed(x)
+            x, compiling = inputs[0] if inputs else kwargs.get(first), torch.compiler.is_compiling()
+            tap.armed = (torch.is_grad_enabled() and self.collecting
+                         and not _transformed(compiling, x))
             # eagerly x's id, not x: a forward that raises before the layer's forward hook
             # clears the tap would keep x, and the autograd graph behind it, alive
-            tap.x = (x if torch.compiler.is_compiling() else id(x)) if tap.armed else None
+            tap.x = (x if compiling else id(x)) if tap.armed else None
         return hook
 
     def _submodule_hook(self, lay: Layer, tap: _Tap):
@@ -377,16 +387,16 @@ class StatHooks:
             if not tap.armed:
                 return None
             tap.armed = False
-            t = inputs[0] if inputs else None
-            own = t is tap.x if torch.compiler.is_compiling() else id(t) == tap.x
+            t, compiling = inputs[0] if inputs else None, torch.compiler.is_compiling()
+            own = t is tap.x if compiling else id(t) == tap.x
             if not isinstance(t, torch.Tensor) or own or not t.requires_grad:
                 return None
-            if torch.compiler.is_compiling():
+            if compiling:
                 tap.placed = True
-                tapped = _GradTap.apply(t, self._grad_hook(lay, 0))      # NOTE: [grad tap]
+                tapped = _GradTap.apply(t, self._grad_hook(lay, 0, True))    # NOTE: [grad tap]
                 return (tapped,) + inputs[1:], kwargs
             tap.placed = []          # the parent's hook adds a recomputed call's input here
-            t.register_hook(self._grad_hook(lay, 0, tap.placed))
+            t.register_hook(self._grad_hook(lay, 0, False, tap.placed))
             return None
         return hook
 
@@ -414,10 +424,9 @@ class StatHooks:
             # and guard on, the TCov gating: one graph for both kinds of iteration
             if not (torch.is_grad_enabled() and self.collecting):
                 return
-            x = inputs[0] if inputs else kwargs.get(first)
-            if _transformed(x, output):
+            x, compiling = inputs[0] if inputs else kwargs.get(first), torch.compiler.is_compiling()
+            if _transformed(compiling, x, output):
                 return
-            compiling = torch.compiler.is_compiling()
             if not compiling and module.__dict__.get("_is_replica"):       # (no __getattr__)
                 raise RuntimeError(_DATA_PARALLEL.format(f"layer '{lay.name}' ran as an "
                                                          f"nn.DataParallel replica"))
@@ -448,26 +457,34 @@ class StatHooks:
                 if recompute:
                     placed.append((module, x))
             elif isinstance(output, torch.Tensor) and output.requires_grad:
-                if compiling:
-                    return _GradTap.apply(output, self._grad_hook(lay, which))   # NOTE: [grad tap]
-                _register_grad_hook(output, self._grad_hook(lay, which, [(module, x)] if recompute else None))
+                if compiling:   # NOTE: [grad tap]
+                    return _GradTap.apply(output, self._grad_hook(lay, which, True))
+                _register_grad_hook(output, self._grad_hook(lay, which, False,
+                                                            [(module, x)] if recompute else None))
 
         return hook
+
+    def _stats_ops(self, compiling: bool):
+        """The ops the layer kinds call: eagerly the backend's own, not through CompileAwareOps,
+        whose compile check cost 1.5 us a call (two or three calls per hooked layer)."""
+        ops = self.ops
+        return ops._ops if not compiling and type(ops) is CompileAwareOps else ops
 
     def _h_stats(self, lay: Layer, module, x: torch.Tensor, compiling: bool) -> None:
         """``compiling``: torch.compile traces this call, else it runs eagerly."""
         fisher = self.fisher
         with _no_grad(compiling):
             acc = fisher.acc(lay.h_factor, lay.h_acc, compiling)
-            rows = lay.kind.h_stats(module, x, acc, fisher.preset, self.ops)
+            rows = lay.kind.h_stats(module, x, acc, fisher.preset, self._stats_ops(compiling))
             fisher.add_rows(lay.h_factor, _rows(lay, "h_stats", rows), compiling)
 
-    def _grad_hook(self, lay: Layer, which: int, recomputed: Optional[list] = None):
+    def _grad_hook(self, lay: Layer, which: int, compiling: bool,
+                   recomputed: Optional[list] = None):
         """The output-gradient hook of a call of ``lay.modules[which]`` (the layer's module or an
         alias, NOTE: [shared parameters]); ``recomputed``: [(module, input)] of a recomputed call
         whose H statistics wait for this gradient (NOTE: [recomputation]), or None.  While
-        compiling, the hook is one opaque op (NOTE: [backward statistics])."""
-        if torch.compiler.is_compiling():
+        ``compiling``, the hook is one opaque op (NOTE: [backward statistics])."""
+        if compiling:
             key, index = self.key, self.fisher.layers.index(lay)
 
             def compiled_hook(grad):
@@ -476,7 +493,7 @@ class StatHooks:
 
         fisher, generation = self.fisher, self.fisher.generation
         module = lay.module_at(which)
-        params = [getattr(module, pn) for pn in lay.pnames]
+        params = _params(module, lay.pnames)
 
         def hook(grad):
             if not _computes_grad(params, self._grad_nodes):    # NOTE: [gradient passes]
@@ -496,7 +513,7 @@ class StatHooks:
         with _no_grad(compiling):
             s = lay.kind.s_input(module, grad.detach())
             acc = fisher.acc(lay.s_factor, lay.s_acc, compiling)
-            rows = lay.kind.s_stats(module, s, acc, fisher.preset, self.ops)
+            rows = lay.kind.s_stats(module, s, acc, fisher.preset, self._stats_ops(compiling))
             fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows), compiling)
         fisher.flush_after_backward()
 
