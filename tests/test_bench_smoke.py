@@ -347,3 +347,27 @@ def test_stats_floor_rows_against_a_run(tmp_path, capsys):
     assert r18["allowed_ms"] == pytest.approx(0.6) and r18["extra_ms_cuda"] == pytest.approx(2.5)
     assert "extra_ms_triton" not in r18
     assert "| resnet18 b256 3x32x32 | official |" in capsys.readouterr().out
+
+
+def test_instruction_counts_phases_and_rows(tmp_path, monkeypatch, capsys):
+    """``python -m bench.instructions`` (NOTE: [instruction counts]): the child runs each phase
+    between two marks, where callgrind dumps its counters (here without valgrind: the marks
+    counted), and a workload's row divides each dump by the iterations and the layers."""
+    from bench import instructions
+    marks = []
+    monkeypatch.setattr(instructions, "_mark", lambda: marks.append(1))
+    instructions.child("resnet18", 1)
+    meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert meta == {"workload": "resnet18", "layers": 41, "backend": "triton"}
+    assert len(marks) == len(instructions.PHASES) + 1
+    # dumps as callgrind writes them: the warm-up's, then one per phase
+    counts = [999, 1000, 1500, 5000, 9000, 700, 300]
+    for n, c in enumerate(counts, 1):
+        (tmp_path / f"w.{n}").write_text(f"version: 1\ncreator: callgrind\nsummary: {c}\ntotals: {c}\n")
+    row = instructions.row(meta, instructions.read_dumps(tmp_path / "w"), iters=10)
+    assert row["per_iteration"] == {"bare": 100, "plain": 150, "no_ops": 500, "stats": 900,
+                                    "step1": 70, "adamw": 30}
+    assert row["plain_per_layer"] == pytest.approx(50 / 41)
+    assert row["stats_per_layer"] == pytest.approx(800 / 41)
+    with pytest.raises(RuntimeError, match="6 callgrind dumps, expected 7"):
+        instructions.row(meta, counts[:6], iters=10)
