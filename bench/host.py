@@ -181,6 +181,25 @@ class _NoOps:
     norm_stats = embedding_stats = linear_stats
 
 
+@contextlib.contextmanager
+def no_ops(opt):
+    """``opt``'s hooks with their statistics ops as no-ops (``_NoOps``) inside the block."""
+    real = opt._hooks.ops
+    opt._hooks.ops = _NoOps(real)
+    try:
+        yield
+    finally:
+        opt._hooks.ops = real
+
+
+def iteration(model, x, zero_grad):
+    """One zero_grad() + forward + backward of ``model`` on ``x``, as the hooks' rows time it."""
+    def run():
+        zero_grad()
+        model(x).float().square().mean().backward()
+    return run
+
+
 def launches(run) -> int:
     """What one call of ``run`` launches (``_Launches``)."""
     with _Launches() as counted:
@@ -236,14 +255,7 @@ def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dic
         warnings.simplefilter("ignore")
         opt = AdaFisher(model, lr=1e-4, TCov=tcov, backend=backend)
     x = inputs(dev)
-
-    def iteration(m, zero_grad):
-        def run():
-            zero_grad()
-            m(x).float().square().mean().backward()
-        return run
-
-    ours, theirs = iteration(model, opt.zero_grad), iteration(plain, plain.zero_grad)
+    ours, theirs = iteration(model, x, opt.zero_grad), iteration(plain, x, plain.zero_grad)
     ours()
     opt.step()              # steps = 1: TCov=100's next iterations gather nothing, TCov=1's do
     for _ in range(2):
@@ -255,18 +267,14 @@ def measure_hooks(label, factory, inputs, dev, backend, tcov, n, repeats) -> dic
             torch.cuda.synchronize()
         return host_us(run, n)
 
-    hooked, bare, no_ops = [], [], []
-    real_ops = opt._hooks.ops
+    hooked, bare, zeroed = [], [], []
     for _ in range(repeats):
         hooked.append(sample(ours))
         bare.append(sample(theirs))
-        opt._hooks.ops = _NoOps(real_ops)
-        try:
-            no_ops.append(sample(ours))
-        finally:
-            opt._hooks.ops = real_ops
+        with no_ops(opt):
+            zeroed.append(sample(ours))
     layers = len(opt.fisher.layers)
-    h, b, z = statistics.median(hooked), statistics.median(bare), statistics.median(no_ops)
+    h, b, z = statistics.median(hooked), statistics.median(bare), statistics.median(zeroed)
     extra = launches(ours) - launches(theirs)
     return dict(kind="host_hooks", workload=label, backend=opt.backend, TCov=tcov,
                 layers=layers, device=str(dev), hooked_us=h, plain_us=b, launches=extra,

@@ -31,6 +31,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -64,29 +65,20 @@ def child(workload: str, iters: int, backend: str = "triton") -> None:
             m = copy.deepcopy(bare)
             models[tcov] = (m, AdaFisher(m, lr=1e-4, TCov=tcov, backend=backend))
 
-        def iteration(m, zero_grad):
-            def run():
-                zero_grad()
-                m(x).float().square().mean().backward()
-            return run
-
         for m, opt in models.values():          # steps = 1: TCov=100 gathers nothing now
-            iteration(m, opt.zero_grad)()
+            host.iteration(m, x, opt.zero_grad)()
             opt.step()
         m1, opt1 = models[1]
         adamw = torch.optim.AdamW(m1.parameters(), lr=1e-4, fused=True)
-        stats = iteration(m1, opt1.zero_grad)
+        stats = host.iteration(m1, x, opt1.zero_grad)
 
         def no_ops():
-            real = opt1._hooks.ops
-            opt1._hooks.ops = host._NoOps(real)
-            try:
+            with host.no_ops(opt1):
                 stats()
-            finally:
-                opt1._hooks.ops = real
         # the bare model's zero_grad() an optimizer's too: Module.zero_grad() walks the modules
-        runs = {"bare": iteration(bare, torch.optim.SGD(bare.parameters(), lr=0.1).zero_grad),
-                "plain": iteration(models[100][0], models[100][1].zero_grad),
+        sgd = torch.optim.SGD(bare.parameters(), lr=0.1)
+        runs = {"bare": host.iteration(bare, x, sgd.zero_grad),
+                "plain": host.iteration(models[100][0], x, models[100][1].zero_grad),
                 "no_ops": no_ops, "stats": stats, "step1": opt1.step, "adamw": adamw.step}
         for run in runs.values():               # warm-up: caches, plans, AdamW's state
             for _ in range(3):
@@ -97,7 +89,8 @@ def child(workload: str, iters: int, backend: str = "triton") -> None:
             for _ in range(iters):
                 runs[name]()
             _mark()
-    print(json.dumps({"workload": label, "layers": len(opt1.fisher.layers), "backend": opt1.backend}))
+    print(json.dumps({"workload": label, "layers": len(opt1.fisher.layers),
+                      "backend": opt1.backend}))
 
 
 def read_dumps(prefix: Path) -> list:
@@ -126,7 +119,8 @@ def row(meta: dict, counts: list, iters: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.instructions",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=50, help="iterations per phase")
     ap.add_argument("--out", type=Path, default=None, help="folder for instructions.jsonl")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -134,7 +128,7 @@ def main(argv=None) -> int:
     if args.child:
         child(args.child, args.iters)
         return 0
-    if subprocess.run(["which", "valgrind"], capture_output=True).returncode:
+    if shutil.which("valgrind") is None:
         print("bench.instructions: valgrind is not installed", file=sys.stderr)
         return 2
     env = dict(os.environ, PYTHONHASHSEED="0")
