@@ -75,9 +75,7 @@ def child(workload: str, iters: int, backend: str = "triton") -> None:
         def no_ops():
             with host.no_ops(opt1):
                 stats()
-        # the bare model's zero_grad() an optimizer's too: Module.zero_grad() walks the modules
-        sgd = torch.optim.SGD(bare.parameters(), lr=0.1)
-        runs = {"bare": host.iteration(bare, x, sgd.zero_grad),
+        runs = {"bare": host.bare_iteration(bare, x),
                 "plain": host.iteration(models[100][0], x, models[100][1].zero_grad),
                 "no_ops": no_ops, "stats": stats, "step1": opt1.step, "adamw": adamw.step}
         for run in runs.values():               # warm-up: caches, plans, AdamW's state
