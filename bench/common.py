@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterable, List
+from typing import Iterable, List, Sequence
 
 import torch
 
@@ -29,6 +29,12 @@ def nbytes(shape, dtype: torch.dtype) -> int:
     for s in shape:
         n *= s
     return n * torch.empty((), dtype=dtype).element_size()
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence]) -> List[str]:
+    """The lines of a markdown table: ``header``'s titles, then a line per row of cells."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def write_jsonl(path: Path, rows: Iterable[dict]) -> None:

@@ -28,7 +28,7 @@ import torch
 from adafisher_fast import AdaFisher
 
 from . import bench_e2e
-from .common import write_jsonl
+from .common import md_table, write_jsonl
 
 STATS_OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats")
 
@@ -110,15 +110,16 @@ def main(argv=None) -> int:
         return "-" if v is None else format(v, spec)
     print(f"peak bandwidth: {fmt(peak, '.0f')} GB/s"
           + (f" ({args.results})" if args.results is not None else ""))
-    print("| workload | preset | statistics read GB | floor ms | floor / AdamW iteration | "
-          "SPEC 8 allows ms | measured extra ms (cuda, triton) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        extra = ", ".join(fmt(r.get(f"extra_ms_{b}"), ".2f") for b in ("cuda", "triton"))
-        print(f"| {r['case']} | {r['preset']} | {r['stats_bytes'] / 1e9:.3f} | "
-              f"{fmt(r['floor_ms'], '.3f')} | {fmt(r.get('floor_share'), '.1%')} | "
-              f"{fmt(r.get('allowed_ms'), '.2f')} | "
-              f"{extra if r['preset'] == 'official' and 'adamw_ms' in r else '-'} |")
+    def extra(r):
+        if r["preset"] != "official" or "adamw_ms" not in r:
+            return "-"
+        return ", ".join(fmt(r.get(f"extra_ms_{b}"), ".2f") for b in ("cuda", "triton"))
+    print("\n".join(md_table(
+        ["workload", "preset", "statistics read GB", "floor ms", "floor / AdamW iteration",
+         "SPEC 8 allows ms", "measured extra ms (cuda, triton)"],
+        [(r["case"], r["preset"], f"{r['stats_bytes'] / 1e9:.3f}", fmt(r["floor_ms"], ".3f"),
+          fmt(r.get("floor_share"), ".1%"), fmt(r.get("allowed_ms"), ".2f"), extra(r))
+         for r in rows])))
     if args.out is not None:
         write_jsonl(args.out / "floor.jsonl", rows)
     return 0

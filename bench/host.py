@@ -56,7 +56,7 @@ from adafisher_fast import AdaFisher
 from adafisher_fast.backends import _try_load
 
 from . import models
-from .common import write_jsonl
+from .common import md_table, write_jsonl
 
 KERNEL_MODULES = ("conv_stats", "linear_stats", "norm_stats", "embedding_stats", "layer_ema",
                   "fused_step")
@@ -368,22 +368,20 @@ def main(argv=None) -> int:
                                                    HOOK_ITERS_CUDA if dev.type == "cuda"
                                                    else max(n // 4, 5), repeats))
         op_rows = measure_ops(dev, backends, args.smoke or dev.type == "cpu", n, repeats)
-    print("| workload | params | backend | TCov | step() host us | AdamW(fused) us | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['workload']} | {r['params']} | {r['backend']} | {r['TCov']} | "
-              f"{r['adafisher_us']:.0f} | {r['adamw_us']:.0f} | {r['ratio']:.2f} |")
-    print("\n| workload | hooked layers | backend | TCov | zero_grad+fwd+bwd us | without hooks us "
-          "| ratio | per hooked layer us | of which launchers | launches |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in hook_rows:
-        print(f"| {r['workload']} | {r['layers']} | {r['backend']} | {r['TCov']} | "
-              f"{r['hooked_us']:.0f} | {r['plain_us']:.0f} | {r['ratio']:.2f} | "
-              f"{r['per_layer_us']:.1f} | {r['launcher_us']:.1f} | {r['launches']} |")
-    print("\n| op | case | backend | host us per call |")
-    print("|---|---|---|---|")
-    for r in op_rows:
-        print(f"| {r['op']} | {r['case']} | {r['backend']} | {r['host_us']:.1f} |")
+    tables = [
+        md_table(["workload", "params", "backend", "TCov", "step() host us", "AdamW(fused) us",
+                  "ratio"],
+                 [(r["workload"], r["params"], r["backend"], r["TCov"], f"{r['adafisher_us']:.0f}",
+                   f"{r['adamw_us']:.0f}", f"{r['ratio']:.2f}") for r in rows]),
+        md_table(["workload", "hooked layers", "backend", "TCov", "zero_grad+fwd+bwd us",
+                  "without hooks us", "ratio", "per hooked layer us", "of which launchers",
+                  "launches"],
+                 [(r["workload"], r["layers"], r["backend"], r["TCov"], f"{r['hooked_us']:.0f}",
+                   f"{r['plain_us']:.0f}", f"{r['ratio']:.2f}", f"{r['per_layer_us']:.1f}",
+                   f"{r['launcher_us']:.1f}", r["launches"]) for r in hook_rows]),
+        md_table(["op", "case", "backend", "host us per call"],
+                 [(r["op"], r["case"], r["backend"], f"{r['host_us']:.1f}") for r in op_rows])]
+    print("\n\n".join("\n".join(t) for t in tables))
     rows += hook_rows + op_rows
     if args.out is not None:
         write_jsonl(args.out / "host.jsonl", rows)

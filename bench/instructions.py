@@ -38,7 +38,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from .common import write_jsonl
+from .common import md_table, write_jsonl
 
 PHASES = ("bare", "plain", "no_ops", "stats", "step1", "adamw")
 
@@ -145,15 +145,12 @@ def main(argv=None) -> int:
                 raise RuntimeError(f"bench.instructions: {w} failed:\n{err[-2000:]}")
             rows.append(row(json.loads(out.strip().splitlines()[-1]), read_dumps(Path(tmp) / w),
                             args.iters))
-    print("| workload | hooked layers | bare | plain | no-op ops | statistics | step TCov=1 "
-          "| AdamW step | plain / layer | bookkeeping / layer | launchers / layer |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        p = r["per_iteration"]
-        print(f"| {r['workload']} | {r['layers']} | "
-              + " | ".join(f"{p[k] / 1e3:.0f}k" for k in PHASES)
-              + f" | {r['plain_per_layer'] / 1e3:.1f}k | {r['no_ops_per_layer'] / 1e3:.1f}k | "
-              f"{(r['stats_per_layer'] - r['no_ops_per_layer']) / 1e3:.1f}k |")
+    print("\n".join(md_table(
+        ["workload", "hooked layers", "bare", "plain", "no-op ops", "statistics", "step TCov=1",
+         "AdamW step", "plain / layer", "bookkeeping / layer", "launchers / layer"],
+        [(r["workload"], r["layers"], *(f"{r['per_iteration'][k] / 1e3:.0f}k" for k in PHASES),
+          f"{r['plain_per_layer'] / 1e3:.1f}k", f"{r['no_ops_per_layer'] / 1e3:.1f}k",
+          f"{(r['stats_per_layer'] - r['no_ops_per_layer']) / 1e3:.1f}k") for r in rows])))
     if args.out is not None:
         write_jsonl(args.out / "instructions.jsonl", rows)
     return 0

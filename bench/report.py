@@ -10,9 +10,15 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List
 
+from .common import md_table
+
 
 def _f(v, fmt="{:.3f}"):
     return "" if v is None else fmt.format(v)
+
+
+def _status(r: Dict) -> str:
+    return "" if r["status"] == "ok" else f"**{r['status']}** "
 
 
 def load(out_dir: Path) -> List[Dict]:
@@ -38,9 +44,7 @@ def markdown(rows: List[Dict]) -> str:
     for r in ops:
         by_op.setdefault(r["op"], []).append(r)
     for op, rs in by_op.items():
-        lines += [f"## {op}", "",
-                  "| case | dtype | backend | median ms | q20-q80 ms | GB/s | % peak | ratio | note |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        cells = []
         for r in rs:
             ratio = _f(r.get("ratio"), "{:.3f}")
             if r.get("ratio") is not None:
@@ -48,12 +52,13 @@ def markdown(rows: List[Dict]) -> str:
             note = r.get("note") or ""
             if r.get("anchor_im2col_ms"):
                 note += f" released: im2col {r['anchor_im2col_ms']} ms, x^2 sum {r.get('anchor_x2sum_ms', r.get('anchor_floor_ms'))} ms (H100)"
-            status = "" if r["status"] == "ok" else f"**{r['status']}** "
-            lines.append(f"| {r['case']} | {r['dtype']} | {r['backend']} | {_f(r.get('time_ms'), '{:.4f}')} "
-                         f"| {_f(r.get('q20_ms'), '{:.4f}')}-{_f(r.get('q80_ms'), '{:.4f}')} "
-                         f"| {_f(r.get('gbps'), '{:.1f}')} | {_f(r.get('pct_peak'), '{:.1f}')} | {ratio} "
-                         f"| {status}{note} |")
-        lines.append("")
+            cells.append((r["case"], r["dtype"], r["backend"], _f(r.get("time_ms"), "{:.4f}"),
+                          f"{_f(r.get('q20_ms'), '{:.4f}')}-{_f(r.get('q80_ms'), '{:.4f}')}",
+                          _f(r.get("gbps"), "{:.1f}"), _f(r.get("pct_peak"), "{:.1f}"), ratio,
+                          _status(r) + note))
+        lines += [f"## {op}", ""] + md_table(["case", "dtype", "backend", "median ms",
+                                              "q20-q80 ms", "GB/s", "% peak", "ratio", "note"],
+                                             cells) + [""]
     e2e = [r for r in rows if r["kind"] == "e2e"]
     if e2e:
         lines += ["## End to end (forward + backward + step)", "",
@@ -63,25 +68,23 @@ def markdown(rows: List[Dict]) -> str:
                   "and replayed; step() not timed apart); `host ms`: the host's time to queue one "
                   "iteration from an idle device, where it reaches ms/iter the iteration is "
                   "host-bound (NOTE: [host-bound iterations] in bench_e2e.py); `released` = the "
-                  "authors' code on an H100 in fp32, eager (SPEC 8).", "",
-                  "| workload | dtype | mode | optimizer | backend | ms/iter | **ratio to AdamW** "
-                  "| host ms | step() ms | step ratio | peak MiB | released ms/iter "
-                  "| released step ms | released peak MiB | note |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "authors' code on an H100 in fp32, eager (SPEC 8).", ""]
+        cells = []
         for r in e2e:
             ratio = _f(r.get("ratio"))
             if r.get("target_ratio"):
                 ratio += f" (<= {r['target_ratio']})"
-            status = "" if r["status"] == "ok" else f"**{r['status']}** "
-            lines.append(
-                f"| {r['case']} | {r['dtype']} | {r.get('mode', 'eager')} "
-                f"| {r.get('optimizer', '')} | {r['backend']} "
-                f"| {_f(r.get('time_ms'), '{:.2f}')} | {ratio} | {_f(r.get('host_ms'), '{:.2f}')} "
-                f"| {_f(r.get('step_ms'), '{:.3f}')} "
-                f"| {_f(r.get('step_ratio'), '{:.2f}')} | {_f(r.get('peak_mem_mib'), '{:.0f}')} "
-                f"| {_f(r.get('anchor_time_ms'), '{}')} | {_f(r.get('anchor_step_ms'), '{}')} "
-                f"| {_f(r.get('anchor_peak_mem_mib'), '{}')} | {status}{r.get('note') or ''} |")
-        lines.append("")
+            cells.append((r["case"], r["dtype"], r.get("mode", "eager"), r.get("optimizer", ""),
+                          r["backend"], _f(r.get("time_ms"), "{:.2f}"), ratio,
+                          _f(r.get("host_ms"), "{:.2f}"), _f(r.get("step_ms"), "{:.3f}"),
+                          _f(r.get("step_ratio"), "{:.2f}"), _f(r.get("peak_mem_mib"), "{:.0f}"),
+                          _f(r.get("anchor_time_ms"), "{}"), _f(r.get("anchor_step_ms"), "{}"),
+                          _f(r.get("anchor_peak_mem_mib"), "{}"),
+                          _status(r) + (r.get("note") or "")))
+        lines += md_table(["workload", "dtype", "mode", "optimizer", "backend", "ms/iter",
+                           "**ratio to AdamW**", "host ms", "step() ms", "step ratio", "peak MiB",
+                           "released ms/iter", "released step ms", "released peak MiB", "note"],
+                          cells) + [""]
     return "\n".join(lines)
 
 
@@ -91,8 +94,7 @@ def targets(rows: List[Dict]) -> List[str]:
     ok = [r for r in rows if r["status"] == "ok" and r.get("mode", "eager") == "eager"]
     kern = sorted({r["backend"] for r in ok if r["backend"] in ("torch", "triton", "cuda")},
                   key=("cuda", "triton", "torch").index)
-    out = ["## SPEC 8 targets in this run", "",
-           "| target | " + " | ".join(kern) + " |", "|---|" + "---|" * len(kern)]
+    out = ["## SPEC 8 targets in this run", ""]
 
     def worst(pred, key, agg):
         return {b: (agg([r[key] for r in ok if r["backend"] == b and pred(r) and r.get(key) is not None])
@@ -132,13 +134,10 @@ def targets(rows: List[Dict]) -> List[str]:
                                 and r["dtype"] == "float32"
                                 and "TCov" in (r.get("optimizer") or ""), "peak_mem_mib", max),
                           "{:.0f}", lambda v, a=adam[0]: v <= a, None))
-    for name, vals, fmt, good, show in specs:
-        cells = []
-        for b in kern:
-            v = vals[b]
-            cells.append("-" if v is None else
-                         f"{fmt.format(show(v) if show else v)} {'PASS' if good(v) else 'FAIL'}")
-        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    def verdict(v, fmt, good, show):
+        return "-" if v is None else f"{fmt.format(show(v) if show else v)} {'PASS' if good(v) else 'FAIL'}"
+    out += md_table(["target"] + kern, [[name] + [verdict(vals[b], fmt, good, show) for b in kern]
+                                        for name, vals, fmt, good, show in specs])
     return out + ["", "(`smoke` runs: tiny shapes on whatever device, the verdicts mean nothing.)", ""]
 
 

@@ -47,6 +47,8 @@ from tqdm import tqdm
 from adafisher_fast import AdaFisher, AdaFisherW
 from adafisher_fast.report import curvature_report
 
+from .common import md_table
+
 OFFICIAL_HOOKED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm)
 
 
@@ -250,23 +252,23 @@ def write_outputs(recs, out, tasks, args):
     for t in tasks:
         metric = t["metric"]
         lines += [f"## {t['name']} ({t.get('info', 'sklearn digits, 1437 train / 360 test')}, "
-                  f"{args.steps[t['name']]} steps)", "",
-                  f"| optimizer | Lambda | lr | final train loss | {metric} | curvature share | "
-                  f"diverged |", "|---|---|---|---|---|---|---|"]
+                  f"{args.steps[t['name']]} steps)", ""]
+        cells = []
         for (task, arm, lam, lr), rs in sorted(groups.items(), key=lambda kv: (
                 kv[0][1], kv[0][2] or 0, kv[0][3])):
             if task != t["name"]:
                 continue
             ok = [r for r in rs if not r["diverged"]]
-            lines.append(f"| {arm} | {lam if lam is not None else '-'} | {lr:g} | "
-                         f"{fmt([r['final_train_loss'] for r in ok])} | "
-                         f"{fmt([r[metric] for r in ok])} | "
-                         f"{fmt([r.get('curvature_share') for r in ok])} | "
-                         f"{len(rs) - len(ok)}/{len(rs)} |")
+            cells.append((arm, lam if lam is not None else "-", f"{lr:g}",
+                          fmt([r["final_train_loss"] for r in ok]), fmt([r[metric] for r in ok]),
+                          fmt([r.get("curvature_share") for r in ok]),
+                          f"{len(rs) - len(ok)}/{len(rs)}"))
+        lines += md_table(["optimizer", "Lambda", "lr", "final train loss", metric,
+                           "curvature share", "diverged"], cells)
         # does official track its twin?  mean |loss_official - loss_twin| along the curve, same seed
         lines += ["", "Official preset vs its predicted twin (same seed and batches): mean absolute "
-                  "difference of the logged training-loss curves, and of the final train loss.", "",
-                  "| optimizer | lr | mean abs curve diff | final train loss diff |", "|---|---|---|---|"]
+                  "difference of the logged training-loss curves, and of the final train loss.", ""]
+        cells = []
         for arm in ("AdaFisher-official", "AdaFisherW-official"):
             for lr in args.lrs:
                 diffs, fdiffs = [], []
@@ -278,8 +280,9 @@ def write_outputs(recs, out, tasks, args):
                         diffs.append(sum(abs(x - y) for x, y in zip(ca, cb)) / len(ca))
                         fdiffs.append(abs(a[0]["final_train_loss"] - b[0]["final_train_loss"]))
                 if diffs:
-                    lines.append(f"| {arm} | {lr:g} | {fmt(diffs, 4)} | {fmt(fdiffs, 4)} |")
-        lines.append("")
+                    cells.append((arm, f"{lr:g}", fmt(diffs, 4), fmt(fdiffs, 4)))
+        lines += md_table(["optimizer", "lr", "mean abs curve diff", "final train loss diff"],
+                          cells) + [""]
     with open(os.path.join(out, "study.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 
