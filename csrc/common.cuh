@@ -23,6 +23,22 @@ template <typename T> __device__ __forceinline__ T from_f(float v) { return stat
 template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
+// The VB-byte word one thread loads at once: a vector, or one element (VB = sizeof(T)).
+template <int VB> struct VecOf;
+template <> struct VecOf<16> { using type = uint4; };
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<4> { using type = uint32_t; };
+template <> struct VecOf<2> { using type = uint16_t; };
+template <typename T, int VB> union Word { typename VecOf<VB>::type u; T v[VB / sizeof(T)]; };
+
+// The VB-byte word at p (p VB-byte aligned), one load.
+template <typename T, int VB>
+__device__ __forceinline__ Word<T, VB> load_word(const T* p) {
+  Word<T, VB> w;
+  w.u = *reinterpret_cast<const typename VecOf<VB>::type*>(p);
+  return w;
+}
+
 // Warp-wide sum (all 32 lanes take part); every lane gets the result.
 template <typename A> __device__ __forceinline__ A warp_sum(A v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -25,7 +25,6 @@
 // CPU scalar), and __fmul_rn/__fadd_rn keep the compiler from contracting the
 // reference's separate multiply and add into FMAs, so fp32 results match the reference closely.
 #include <algorithm>
-#include <type_traits>
 #include "common.cuh"
 
 namespace adafisher {
@@ -67,15 +66,15 @@ __device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd,
 // V consecutive gradient elements as floats; src is aligned to min(16, V * sizeof(G)) bytes
 template <typename G, int V>
 __device__ __forceinline__ void load_grads(const G* src, float (&out)[V]) {
-  constexpr int kBytes = V * static_cast<int>(sizeof(G));
-  using W = std::conditional_t<kBytes == 8, uint2, uint4>;
-  static_assert(kBytes % sizeof(W) == 0, "a vector of gradients is 8 bytes or whole uint4s");
-  union { W u[kBytes / sizeof(W)]; G x[V]; } b;
+  constexpr int kBytes = V * static_cast<int>(sizeof(G)), kWord = kBytes < 16 ? kBytes : 16;
+  constexpr int kPer = kWord / static_cast<int>(sizeof(G));
+  static_assert(kBytes == 8 || kBytes % 16 == 0, "a vector of gradients is 8 bytes or whole 16-byte words");
 #pragma unroll
-  for (int i = 0; i < kBytes / static_cast<int>(sizeof(W)); ++i)
-    b.u[i] = reinterpret_cast<const W*>(src)[i];
+  for (int i = 0; i < kBytes / kWord; ++i) {
+    const Word<G, kWord> w = load_word<G, kWord>(src + i * kPer);
 #pragma unroll
-  for (int j = 0; j < V; ++j) out[j] = to_f<G>(b.x[j]);
+    for (int j = 0; j < kPer; ++j) out[i * kPer + j] = to_f<G>(w.v[j]);
+  }
 }
 
 template <typename T, typename G, typename F>
@@ -110,16 +109,16 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
       const int64_t nv = (hi - lo) / V;
       for (int64_t v = threadIdx.x; v < nv; v += blockDim.x) {
         const int64_t e = lo + v * V;
-        union U { uint4 u; T x[V]; } pu, mu;
+        Word<T, 16> pu, mu;
         float gf[V];
         pu.u = *reinterpret_cast<const uint4*>(p + e);
         load_grads<G, V>(g + e, gf);
         mu.u = *reinterpret_cast<const uint4*>(m + e);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          float pf = to_f<T>(pu.x[j]), mf = to_f<T>(mu.x[j]);
+          float pf = to_f<T>(pu.v[j]), mf = to_f<T>(mu.v[j]);
           step_elem(pf, gf[j], mf, fisher_at<F>(fac, mt, e + j), k);
-          pu.x[j] = from_f<T>(pf); mu.x[j] = from_f<T>(mf);
+          pu.v[j] = from_f<T>(pf); mu.v[j] = from_f<T>(mf);
         }
         *reinterpret_cast<uint4*>(p + e) = pu.u;
         *reinterpret_cast<uint4*>(m + e) = mu.u;

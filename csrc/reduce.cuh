@@ -51,22 +51,6 @@ __device__ __forceinline__ void emit(A* out, A* partials, int64_t K, int64_t k, 
   else atomicAdd(out + k, t);
 }
 
-// The VB-byte word one thread loads at once: a vector, or one element (VB = sizeof(T)).
-template <int VB> struct VecOf;
-template <> struct VecOf<16> { using type = uint4; };
-template <> struct VecOf<8> { using type = uint2; };
-template <> struct VecOf<4> { using type = uint32_t; };
-template <> struct VecOf<2> { using type = uint16_t; };
-template <typename T, int VB> union Word { typename VecOf<VB>::type u; T v[VB / sizeof(T)]; };
-
-// The VB-byte word at p (p VB-byte aligned), one load.
-template <typename T, int VB>
-__device__ __forceinline__ Word<T, VB> load_word(const T* p) {
-  Word<T, VB> w;
-  w.u = *reinterpret_cast<const typename VecOf<VB>::type*>(p);
-  return w;
-}
-
 // NOTE: [words in flight] A thread issues the loads of its next kWordsInFlight words before it
 // uses any of them (the column reduces here, norm_stats' row_moments).  `#pragma unroll 4` over
 // the strided loop did not: each copy's exit test and affine branches sat between the loads, and
