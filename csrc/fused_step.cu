@@ -31,29 +31,55 @@ namespace adafisher {
 
 struct StepCoef { float lr, beta, omb, inv_bc, wd, lam; bool l2, dec; };
 
-template <typename F>
-__device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int64_t e) {
-  const int64_t cols = mt[1];
-  int64_t r;
-  if (e <= INT32_MAX && cols <= INT32_MAX)   // 32-bit division: ~4x cheaper than 64-bit on the GPU
-    r = cols > 0 ? static_cast<int64_t>(static_cast<uint32_t>(e) / static_cast<uint32_t>(cols)) : 0;
-  else
-    r = cols > 0 ? e / cols : 0;
-  int64_t c = e - r * cols;
-  const int64_t tr = mt[10];
-  if (tr > 1) {     // position c of a row stored transposed (NOTE: [row transpose], kernel_host.py)
-    if (cols <= INT32_MAX) {
-      const uint32_t c32 = static_cast<uint32_t>(c), t32 = static_cast<uint32_t>(tr);
-      c = static_cast<int64_t>((c32 % t32) * static_cast<uint32_t>(cols / tr) + c32 / t32);
-    } else {
-      c = (c % tr) * (cols / tr) + c / tr;
-    }
-  }
-  const int64_t s_idx = mt[2] + r * mt[3] + c * mt[4];
-  const int64_t gr = mt[8] > 1 ? mt[8] : 1;
-  const int64_t h_idx = mt[5] + r * mt[6] + c * mt[7] + (r / gr) * mt[9];
-  return static_cast<float>(fac[s_idx]) * static_cast<float>(fac[h_idx]);
+// q = a / b (b >= 1) by a 32-bit division where both fit: ~4x cheaper than a 64-bit one on the GPU.
+__device__ __forceinline__ int64_t div_index(int64_t a, int64_t b) {
+  if (a <= INT32_MAX && b <= INT32_MAX)
+    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  return a / b;
 }
+
+// NOTE: [F walk] F's indices of element e (NOTE: [param map] in reference.py) take divisions: its
+// row r = e / cols, its row group r / h_gr and, for a row stored transposed (tr > 1, NOTE: [row
+// transpose] in kernel_host.py), its column's digits c / tr and c % tr (F's column is
+// (c % tr) * (cols / tr) + c / tr).  The elements of a vector are consecutive, so the walk divides
+// for the first and steps to the next by adding one to the column's digits, carrying into the row
+// (and its group) at a row's end: per element a few integer adds and compares, where each element
+// took up to four divisions (a 32-bit one is ~20 instructions, a 64-bit one a subroutine).
+template <typename F>
+struct FisherWalk {
+  const F* fac;
+  const int64_t* mt;
+  int64_t r, g, rg, cq, cm, per;     // row, row group and row within it, column digits, cols / tr
+
+  __device__ __forceinline__ FisherWalk(const F* fac_, const int64_t* mt_, int64_t e) : fac(fac_), mt(mt_) {
+    const int64_t cols = mt[1], gr = mt[8] > 1 ? mt[8] : 1, tr = mt[10] > 1 ? mt[10] : 1;
+    r = div_index(e, cols);                       // cols >= 1 (state.py checks the meta rows)
+    const int64_t c = e - r * cols;
+    g = gr > 1 ? div_index(r, gr) : r;
+    rg = r - g * gr;
+    cq = tr > 1 ? div_index(c, tr) : c;
+    cm = c - cq * tr;
+    per = tr > 1 ? div_index(cols, tr) : cols;
+  }
+
+  __device__ __forceinline__ float value() const {
+    const int64_t c = cm * per + cq;
+    return static_cast<float>(fac[mt[2] + r * mt[3] + c * mt[4]]) *
+           static_cast<float>(fac[mt[5] + r * mt[6] + c * mt[7] + g * mt[9]]);
+  }
+
+  __device__ __forceinline__ void next() {
+    const int64_t tr = mt[10] > 1 ? mt[10] : 1;
+    if (++cm < tr) return;
+    cm = 0;
+    if (++cq < per) return;
+    cq = 0;
+    ++r;
+    if (++rg < (mt[8] > 1 ? mt[8] : 1)) return;
+    rg = 0;
+    ++g;
+  }
+};
 
 __device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd, const StepCoef& k) {
   if (k.l2) g = __fadd_rn(g, __fmul_rn(k.wd, p));
@@ -114,11 +140,13 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
         pu.u = *reinterpret_cast<const uint4*>(p + e);
         load_grads<G, V>(g + e, gf);
         mu.u = *reinterpret_cast<const uint4*>(m + e);
+        FisherWalk<F> fw(fac, mt, e);    // NOTE: [F walk]
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           float pf = to_f<T>(pu.v[j]), mf = to_f<T>(mu.v[j]);
-          step_elem(pf, gf[j], mf, fisher_at<F>(fac, mt, e + j), k);
+          step_elem(pf, gf[j], mf, fw.value(), k);
           pu.v[j] = from_f<T>(pf); mu.v[j] = from_f<T>(mf);
+          fw.next();
         }
         *reinterpret_cast<uint4*>(p + e) = pu.u;
         *reinterpret_cast<uint4*>(m + e) = mu.u;
@@ -127,7 +155,7 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
     }
     for (int64_t e = e0 + threadIdx.x; e < hi; e += blockDim.x) {
       float pf = to_f<T>(p[e]), mf = to_f<T>(m[e]);
-      step_elem(pf, to_f<G>(g[e]), mf, fisher_at<F>(fac, mt, e), k);
+      step_elem(pf, to_f<G>(g[e]), mf, FisherWalk<F>(fac, mt, e).value(), k);
       p[e] = from_f<T>(pf); m[e] = from_f<T>(mf);
     }
   }
