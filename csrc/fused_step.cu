@@ -38,48 +38,43 @@ __device__ __forceinline__ int64_t div_index(int64_t a, int64_t b) {
   return a / b;
 }
 
-// NOTE: [F walk] F's indices of element e (NOTE: [param map] in reference.py) take divisions: its
-// row r = e / cols, its row group r / h_gr and, for a row stored transposed (tr > 1, NOTE: [row
-// transpose] in kernel_host.py), its column's digits c / tr and c % tr (F's column is
-// (c % tr) * (cols / tr) + c / tr).  The elements of a vector are consecutive, so the walk divides
-// for the first and steps to the next by adding one to the column's digits, carrying into the row
-// (and its group) at a row's end: per element a few integer adds and compares, where each element
-// took up to four divisions (a 32-bit one is ~20 instructions, a 64-bit one a subroutine).
+// F of element e (NOTE: [param map] in reference.py): its row r = e / cols, its column c, for a
+// row stored transposed (tr > 1, NOTE: [row transpose] in kernel_host.py) read through c's
+// digits c / tr and c % tr, and its row group r / h_gr.
 template <typename F>
-struct FisherWalk {
-  const F* fac;
-  const int64_t* mt;
-  int64_t r, g, rg, cq, cm, per;     // row, row group and row within it, column digits, cols / tr
-
-  __device__ __forceinline__ FisherWalk(const F* fac_, const int64_t* mt_, int64_t e) : fac(fac_), mt(mt_) {
-    const int64_t cols = mt[1], gr = mt[8] > 1 ? mt[8] : 1, tr = mt[10] > 1 ? mt[10] : 1;
-    r = div_index(e, cols);                       // cols >= 1 (state.py checks the meta rows)
-    const int64_t c = e - r * cols;
-    g = gr > 1 ? div_index(r, gr) : r;
-    rg = r - g * gr;
-    cq = tr > 1 ? div_index(c, tr) : c;
-    cm = c - cq * tr;
-    per = tr > 1 ? div_index(cols, tr) : cols;
+__device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int64_t e) {
+  const int64_t cols = mt[1], tr = mt[10];
+  const int64_t r = div_index(e, cols);          // cols >= 1 (state.py checks the meta rows)
+  int64_t c = e - r * cols;
+  if (tr > 1) {
+    const int64_t q = div_index(c, tr);
+    c = (c - q * tr) * div_index(cols, tr) + q;
   }
+  const int64_t gr = mt[8] > 1 ? mt[8] : 1;
+  return static_cast<float>(fac[mt[2] + r * mt[3] + c * mt[4]]) *
+         static_cast<float>(fac[mt[5] + r * mt[6] + c * mt[7] + div_index(r, gr) * mt[9]]);
+}
 
-  __device__ __forceinline__ float value() const {
-    const int64_t c = cm * per + cq;
-    return static_cast<float>(fac[mt[2] + r * mt[3] + c * mt[4]]) *
-           static_cast<float>(fac[mt[5] + r * mt[6] + c * mt[7] + g * mt[9]]);
+// NOTE: [F word] F of the V consecutive elements of a word from e on.  Each element's F took its
+// own divisions (fisher_at: up to four, a 32-bit one ~20 instructions, a 64-bit one a
+// subroutine); a word that lies in one row, stored as it is, takes them once, for its first
+// element, and steps its indices by S's and H's column strides.  Other words (across a row's end,
+// or a transposed row) go element by element.
+template <typename F, int V>
+__device__ __forceinline__ void fisher_word(const F* fac, const int64_t* mt, int64_t e, float (&fd)[V]) {
+  const int64_t cols = mt[1];
+  const int64_t r = div_index(e, cols), c = e - r * cols;
+  if (mt[10] > 1 || c + V > cols) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) fd[j] = fisher_at<F>(fac, mt, e + j);
+    return;
   }
-
-  __device__ __forceinline__ void next() {
-    const int64_t tr = mt[10] > 1 ? mt[10] : 1;
-    if (++cm < tr) return;
-    cm = 0;
-    if (++cq < per) return;
-    cq = 0;
-    ++r;
-    if (++rg < (mt[8] > 1 ? mt[8] : 1)) return;
-    rg = 0;
-    ++g;
-  }
-};
+  const int64_t gr = mt[8] > 1 ? mt[8] : 1, sc = mt[4], hc = mt[7];
+  const F* s = fac + mt[2] + r * mt[3] + c * sc;
+  const F* h = fac + mt[5] + r * mt[6] + c * hc + div_index(r, gr) * mt[9];
+#pragma unroll
+  for (int j = 0; j < V; ++j) fd[j] = static_cast<float>(s[j * sc]) * static_cast<float>(h[j * hc]);
+}
 
 __device__ __forceinline__ void step_elem(float& p, float g, float& m, float fd, const StepCoef& k) {
   if (k.l2) g = __fadd_rn(g, __fmul_rn(k.wd, p));
@@ -140,13 +135,13 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
         pu.u = *reinterpret_cast<const uint4*>(p + e);
         load_grads<G, V>(g + e, gf);
         mu.u = *reinterpret_cast<const uint4*>(m + e);
-        FisherWalk<F> fw(fac, mt, e);    // NOTE: [F walk]
+        float fd[V];
+        fisher_word<F, V>(fac, mt, e, fd);     // NOTE: [F word]
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           float pf = to_f<T>(pu.v[j]), mf = to_f<T>(mu.v[j]);
-          step_elem(pf, gf[j], mf, fw.value(), k);
+          step_elem(pf, gf[j], mf, fd[j], k);
           pu.v[j] = from_f<T>(pf); mu.v[j] = from_f<T>(mf);
-          fw.next();
         }
         *reinterpret_cast<uint4*>(p + e) = pu.u;
         *reinterpret_cast<uint4*>(m + e) = mu.u;
@@ -155,7 +150,7 @@ __global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __res
     }
     for (int64_t e = e0 + threadIdx.x; e < hi; e += blockDim.x) {
       float pf = to_f<T>(p[e]), mf = to_f<T>(m[e]);
-      step_elem(pf, to_f<G>(g[e]), mf, FisherWalk<F>(fac, mt, e).value(), k);
+      step_elem(pf, to_f<G>(g[e]), mf, fisher_at<F>(fac, mt, e), k);
       p[e] = from_f<T>(pf); m[e] = from_f<T>(mf);
     }
   }
