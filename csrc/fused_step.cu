@@ -38,6 +38,12 @@ __device__ __forceinline__ int64_t div_index(int64_t a, int64_t b) {
   return a / b;
 }
 
+// (r / h_gr) * h_gs, the H offset of row r's group: no division where there are no groups (h_gs = 0,
+// every layer kind but grouped convs and the exposed attention's q/k/v).
+__device__ __forceinline__ int64_t group_offset(const int64_t* mt, int64_t r) {
+  return mt[9] == 0 ? 0 : div_index(r, mt[8] > 1 ? mt[8] : 1) * mt[9];
+}
+
 // F of element e (NOTE: [param map] in reference.py): its row r = e / cols, its column c, for a
 // row stored transposed (tr > 1, NOTE: [row transpose] in kernel_host.py) read through c's
 // digits c / tr and c % tr, and its row group r / h_gr.
@@ -50,9 +56,8 @@ __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int6
     const int64_t q = div_index(c, tr);
     c = (c - q * tr) * div_index(cols, tr) + q;
   }
-  const int64_t gr = mt[8] > 1 ? mt[8] : 1;
   return static_cast<float>(fac[mt[2] + r * mt[3] + c * mt[4]]) *
-         static_cast<float>(fac[mt[5] + r * mt[6] + c * mt[7] + div_index(r, gr) * mt[9]]);
+         static_cast<float>(fac[mt[5] + r * mt[6] + c * mt[7] + group_offset(mt, r)]);
 }
 
 // NOTE: [F word] F of the V consecutive elements of a word from e on.  Each element's F took its
@@ -69,9 +74,9 @@ __device__ __forceinline__ void fisher_word(const F* fac, const int64_t* mt, int
     for (int j = 0; j < V; ++j) fd[j] = fisher_at<F>(fac, mt, e + j);
     return;
   }
-  const int64_t gr = mt[8] > 1 ? mt[8] : 1, sc = mt[4], hc = mt[7];
+  const int64_t sc = mt[4], hc = mt[7];
   const F* s = fac + mt[2] + r * mt[3] + c * sc;
-  const F* h = fac + mt[5] + r * mt[6] + c * hc + div_index(r, gr) * mt[9];
+  const F* h = fac + mt[5] + r * mt[6] + c * hc + group_offset(mt, r);
 #pragma unroll
   for (int j = 0; j < V; ++j) fd[j] = static_cast<float>(s[j * sc]) * static_cast<float>(h[j * hc]);
 }
@@ -98,8 +103,12 @@ __device__ __forceinline__ void load_grads(const G* src, float (&out)[V]) {
   }
 }
 
+// NOTE: [step registers] 4 blocks of 256 threads an SM for float32 parameters (at most 64
+// registers), 3 for 16-bit ones: without the bound ptxas gave the float32 kernels 63-66 registers
+// as the index code changed (66: 3 blocks, a quarter fewer loads in flight), and 63 with an 8-byte
+// spill; with it, 64 and no spill (nvcc 13.0, sm_80 and sm_90; the 16-bit ones 74, none).
 template <typename T, typename G, typename F>
-__global__ void __launch_bounds__(256) fused_step_kernel(const StepTensor* __restrict__ tensors, int64_t n_tensors,
+__global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel(const StepTensor* __restrict__ tensors, int64_t n_tensors,
                                                          const StepChunk* __restrict__ chunks, int64_t n_chunks,
                                                          const F* __restrict__ fac,
                                                          bool decoupled, unsigned int* done,
