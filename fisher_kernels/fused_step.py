@@ -64,10 +64,15 @@ N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
 
 
 @triton.jit
-def _rows_cols(start, cols, h_gr, tr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+def _rows_cols(start, cols, h_gr, tr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+               GROUPS: tl.constexpr):
     """(r, c, r // h_gr) of elements start + [0, BLOCK) in memory order of a (rows x cols)
     parameter whose rows are stored row-major (tr = 1) or transposed (tr = T > 1, NOTE: [row
-    transpose] in adafisher_fast/kernel_host.py).
+    transpose] in adafisher_fast/kernel_host.py); r // h_gr only if GROUPS, else 0.
+
+    NOTE: [no groups] r // h_gr serves H's group term (r // h_gr) * h_gs, and h_gs is 0 but for
+    grouped convs and the exposed attention's q/k/v: a launch whose parameters have none
+    (GROUPS false, chosen on the host) skips that 32-bit division per element.
 
     NOTE: [row division] A 64-bit integer division compiles to a 32-bit fast path plus a
     subroutine for wide operands, and per element that code cost the kernel 168 registers per
@@ -80,7 +85,9 @@ def _rows_cols(start, cols, h_gr, tr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
         offs = start + tl.arange(0, BLOCK)
         r = offs // cols
         c = offs - r * cols
-        rg = r // h_gr
+        rg = 0
+        if GROUPS:
+            rg = r // h_gr
         if tr > 1:
             c = (c % tr) * (cols // tr) + c // tr
     else:
@@ -90,8 +97,10 @@ def _rows_cols(start, cols, h_gr, tr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
         dr = local // cols32
         c = local - dr * cols32
         r = r0 + dr
-        g0 = r0 // h_gr
-        rg = g0 + ((r0 - g0 * h_gr).to(tl.int32) + dr) // h_gr.to(tl.int32)
+        rg = 0
+        if GROUPS:
+            g0 = r0 // h_gr
+            rg = g0 + ((r0 - g0 * h_gr).to(tl.int32) + dr) // h_gr.to(tl.int32)
         if tr > 1:
             tr32 = tr.to(tl.int32)
             c = (c % tr32) * (cols32 // tr32) + c // tr32
@@ -139,7 +148,7 @@ def _bias_correction(t, ln_beta):
 @triton.jit
 def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
                   DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  GROUPS: tl.constexpr, MASKED: tl.constexpr):
     offs = start + tl.arange(0, BLOCK)
     mask = (offs < n) if MASKED else None            # unmasked: a full block (NOTE: [vector loads])
     zero = 0.0 if MASKED else None
@@ -153,7 +162,7 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
     h_c = tl.load(meta_ptr + 7)
     h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
     h_gs = tl.load(meta_ptr + 9)
-    r, c, rg = _rows_cols(start, cols, h_gr, tl.load(meta_ptr + 10), BLOCK, WIDE)
+    r, c, rg = _rows_cols(start, cols, h_gr, tl.load(meta_ptr + 10), BLOCK, WIDE, GROUPS)
     s_idx = s_off + r * s_r + c * s_c
     h_idx = h_off + r * h_r + c * h_c + rg * h_gs
     fs = tl.load(fac_ptr + s_idx, mask=mask, other=one).to(tl.float32)
@@ -181,22 +190,24 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
 
 @triton.jit
 def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-            DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr):
+            DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
+            GROUPS: tl.constexpr):
     """The block [start, start + BLOCK) of one parameter: unmasked when it is full, masked when
     it is the parameter's ragged last block (NOTE: [vector loads])."""
     if start + BLOCK <= n:
         _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
-                      bc, DECOUPLED, BLOCK, WIDE, False)
+                      bc, DECOUPLED, BLOCK, WIDE, GROUPS, False)
     else:
         _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
-                      bc, DECOUPLED, BLOCK, WIDE, True)
+                      bc, DECOUPLED, BLOCK, WIDE, GROUPS, True)
 
 
 @triton.jit
 def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps, n_steps, ticket,
              fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
-             BLOCK: tl.constexpr, WIDE: tl.constexpr, ALIGNED: tl.constexpr,
-             DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr, STEP_BLOCK: tl.constexpr):
+             BLOCK: tl.constexpr, WIDE: tl.constexpr, GROUPS: tl.constexpr,
+             ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr,
+             STEP_BLOCK: tl.constexpr):
     """One program's block of one parameter, then its step ticket (NOTE: [step tickets])."""
     pid = tl.program_id(0)
     i = tl.load(block_param + pid)
@@ -230,7 +241,7 @@ def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
     _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
-            bc, DECOUPLED, BLOCK, WIDE)
+            bc, DECOUPLED, BLOCK, WIDE, GROUPS)
     if DEVICE_STEPS:
         tl.debug_barrier()                      # every thread of the program has read its t
         if tl.atomic_add(ticket, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -246,8 +257,9 @@ def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps
 def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps,
                        n_steps, ticket, fac_ptr, found_inf, P_DTYPE: tl.constexpr,
                        G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr,
-                       WIDE: tl.constexpr, ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr,
-                       LR_PTRS: tl.constexpr, FOUND_INF: tl.constexpr, STEP_BLOCK: tl.constexpr):
+                       WIDE: tl.constexpr, GROUPS: tl.constexpr, ALIGNED: tl.constexpr,
+                       DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr,
+                       FOUND_INF: tl.constexpr, STEP_BLOCK: tl.constexpr):
     """Every parameter of one dtype pair in one launch (NOTE: [pointer tables]), or (FOUND_INF,
     ``found_inf`` non-zero) no change at all.  ``steps``: the addresses of the n_steps float32
     step counts (DEVICE_STEPS, NOTE: [step tickets]), else the float32 values t of the
@@ -259,8 +271,8 @@ def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_p
         go = tl.load(found_inf) == 0.0
     if go:
         _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps, n_steps,
-                 ticket, fac_ptr, P_DTYPE, G_DTYPE, DECOUPLED, BLOCK, WIDE, ALIGNED, DEVICE_STEPS,
-                 LR_PTRS, STEP_BLOCK)
+                 ticket, fac_ptr, P_DTYPE, G_DTYPE, DECOUPLED, BLOCK, WIDE, GROUPS, ALIGNED,
+                 DEVICE_STEPS, LR_PTRS, STEP_BLOCK)
 
 
 I32_LIMIT = 2 ** 31 - BLOCK    # NOTE: [row division]: cols and h_gr below this divide in 32 bits
@@ -419,7 +431,8 @@ def _build(pair: _Pair, params, grads, moms, meta, meta_key, lr_at, dev):
 
 
 def _block_tables(pair: _Pair, meta, dev):
-    """(n_blocks, block_param, block_start, numels, meta rows with T, wide) on the device."""
+    """(n_blocks, block_param, block_start, numels, meta rows with T, wide, groups) on the
+    device; groups: whether some parameter has an H group term (NOTE: [no groups])."""
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
     numels = [p.numel() for p in pair.ps]
     nblk = [cdiv(n, BLOCK) for n in numels]
@@ -430,7 +443,7 @@ def _block_tables(pair: _Pair, meta, dev):
     tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start,
                                          torch.tensor(numels, dtype=torch.int64),
                                          torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
-    return int(block_param.numel()), tables, _wide(rows)
+    return int(block_param.numel()), tables, _wide(rows), any(row[9] != 0 for row in rows)
 
 
 def _hyper_table(pair: _Pair, hyper, dev) -> torch.Tensor:
@@ -452,7 +465,7 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
             t += 1 if found_inf is None else (found_inf.reshape(()) == 0).to(t.dtype)
         return
     blocks, ptrs, step_table, lr_ptrs, ticket, aligned = tables
-    n_blocks, (block_param, block_start, numels, rows), wide = blocks
+    n_blocks, (block_param, block_start, numels, rows), wide, groups = blocks
     on_dev = step_table is not None
     if not on_dev:
         for t in steps:
@@ -467,6 +480,6 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
         block_param, block_start, ptrs, numels, rows, hyper_table, lr_ptrs,
         step_table, len(steps), ticket, fac, found_inf,
         P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
-        ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
+        GROUPS=groups, ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
         FOUND_INF=found_inf is not None, STEP_BLOCK=STEP_BLOCK,
         enable_fp_fusion=False)     # NOTE: [fp fusion] in fisher_kernels/__init__.py
