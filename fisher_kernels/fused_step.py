@@ -163,8 +163,21 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
     h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
     h_gs = tl.load(meta_ptr + 9)
     r, c, rg = _rows_cols(start, cols, h_gr, tl.load(meta_ptr + 10), BLOCK, WIDE, GROUPS)
-    s_idx = s_off + r * s_r + c * s_c
-    h_idx = h_off + r * h_r + c * h_c + rg * h_gs
+    if WIDE:
+        s_idx = s_off + r * s_r + c * s_c
+        h_idx = h_off + r * h_r + c * h_c + rg * h_gs
+    else:
+        # NOTE: [32-bit indices] fac holds every layer's H and S (at most a few million entries),
+        # so every index into it fits 32 bits, and 32-bit arithmetic, which wraps, gets it
+        # right from operands taken modulo 2^32 (a row past 2^31 included).  64-bit indices
+        # held two registers an element each and took 64-bit multiply-adds: 96-128 registers a
+        # thread on triton 3.9, 72-80 with these (tests/triton_codegen.py).  A fac of 2^31 - BLOCK
+        # entries or more launches WIDE (``_launch``).
+        r = r.to(tl.int32)
+        s_idx = s_off.to(tl.int32) + r * s_r.to(tl.int32) + c * s_c.to(tl.int32)
+        h_idx = h_off.to(tl.int32) + r * h_r.to(tl.int32) + c * h_c.to(tl.int32)
+        if GROUPS:
+            h_idx += rg.to(tl.int32) * h_gs.to(tl.int32)
     fs = tl.load(fac_ptr + s_idx, mask=mask, other=one).to(tl.float32)
     fh = tl.load(fac_ptr + h_idx, mask=mask, other=one).to(tl.float32)
     fd = fs * fh + lam
@@ -466,6 +479,7 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
         return
     blocks, ptrs, step_table, lr_ptrs, ticket, aligned = tables
     n_blocks, (block_param, block_start, numels, rows), wide, groups = blocks
+    wide = wide or fac.numel() >= I32_LIMIT         # NOTE: [32-bit indices]
     on_dev = step_table is not None
     if not on_dev:
         for t in steps:
