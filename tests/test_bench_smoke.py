@@ -371,3 +371,12 @@ def test_instruction_counts_phases_and_rows(tmp_path, monkeypatch, capsys):
     assert row["stats_per_layer"] == pytest.approx(800 / 41)
     with pytest.raises(RuntimeError, match="6 callgrind dumps, expected 7"):
         instructions.row(meta, counts[:6], iters=10)
+
+
+def test_md_table_lines():
+    """Every table the suite prints or writes goes through ``md_table``: a header, the separator
+    with one cell per column, then a row per line with its cells as str() gives them."""
+    from bench.common import md_table
+    assert md_table(["a", "b c"], [(1, None), ("x", 2.5)]) == [
+        "| a | b c |", "|---|---|", "| 1 | None |", "| x | 2.5 |"]
+    assert md_table(["only"], []) == ["| only |", "|---|"]
