@@ -77,7 +77,7 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // a / b for 0 <= a and 0 < b: a 32-bit division where both fit (about a dozen instructions),
 // the 64-bit one (a long subroutine) where not
 __device__ __forceinline__ int64_t div_nonneg(int64_t a, int64_t b) {
-  return ((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0
+  return a <= INT32_MAX && b <= INT32_MAX
              ? static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b))
              : a / b;
 }
