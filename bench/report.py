@@ -135,7 +135,9 @@ def targets(rows: List[Dict]) -> List[str]:
                                 and "TCov" in (r.get("optimizer") or ""), "peak_mem_mib", max),
                           "{:.0f}", lambda v, a=adam[0]: v <= a, None))
     def verdict(v, fmt, good, show):
-        return "-" if v is None else f"{fmt.format(show(v) if show else v)} {'PASS' if good(v) else 'FAIL'}"
+        if v is None:
+            return "-"
+        return f"{fmt.format(show(v) if show else v)} {'PASS' if good(v) else 'FAIL'}"
     out += md_table(["target"] + kern, [[name] + [verdict(vals[b], fmt, good, show) for b in kern]
                                         for name, vals, fmt, good, show in specs])
     return out + ["", "(`smoke` runs: tiny shapes on whatever device, the verdicts mean nothing.)", ""]
