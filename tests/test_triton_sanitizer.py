@@ -71,7 +71,9 @@ def test_a_view_bounds_its_kernel_not_its_storage():
 def _neighbour_kernel(x, out, MODE: tl.constexpr):
     """Program i: MODE 0 stores x[i] to out[0] (all programs, one address); 1 stores x[i] + 1 to
     x[i] after loading x[i + 1] (its neighbour's); 2 adds x[i] to out[0] atomically; 3 adds
-    atomically, then loads out[0]; 4 loads out[0] first."""
+    atomically, then loads out[0]; 4 loads out[0] first; 5 reads a count out[0], takes a ticket
+    (out[1]) and stores the count to x[i], and the last to take one increments the count (NOTE:
+    [step tickets]); 6 the same, reading the count after its ticket."""
     i = tl.program_id(0)
     n = tl.num_programs(0)
     if MODE == 0:
@@ -84,24 +86,45 @@ def _neighbour_kernel(x, out, MODE: tl.constexpr):
     elif MODE == 3:
         tl.atomic_add(out, tl.load(x + i))
         tl.store(out + 1 + i, tl.load(out))
-    else:
+    elif MODE == 4:
         tl.store(out + 1 + i, tl.load(out))
         tl.atomic_add(out, tl.load(x + i))
+    else:
+        if MODE == 5:
+            t = tl.load(out)
+        last = tl.atomic_add(out + 1, 1.0) == n - 1
+        if MODE == 6:
+            t = tl.load(out)
+        tl.store(x + i, t)
+        if last:
+            tl.store(out, t + 1.0)
 
 
 @pytest.mark.parametrize("mode, race", [
     (0, "1 addresses .* program 0 store, program 1 store, program 2 store"),
     (1, "3 addresses .* program 0 store, program 2 load"),       # x[0]: stored by 0, read by 2
     (4, "1 addresses .* program 0 atomic, program 0 load, program 1 atomic, program 1 load, "
-        "program 2 atomic")])
+        "program 2 atomic"),
+    # after their atomics programs 0 and 1 read a sum that program 2 has yet to add to
+    (3, "1 addresses .* program 0 atomic, program 0 load, program 1 atomic, program 1 load, "
+        "program 2 atomic"),
+    # a count read after the ticket: the last ticket-taker's increment may come first
+    (6, "1 addresses .* program 0 load, program 1 load, program 2 load, program 2 store")])
 def test_programs_that_race_are_caught(mode, race):
     with pytest.raises(triton_sanitizer.Race, match=f"_neighbour_kernel: {race}"):
         _neighbour_kernel[(3,)](torch.arange(1.0, 4.0), torch.zeros(4), MODE=mode)
 
 
-@pytest.mark.parametrize("mode", [2, 3])    # atomics between themselves; after a program's
-def test_ordered_programs_run(mode):        # atomic, its accesses are ordered
+def test_atomics_between_themselves_run():
     out = torch.zeros(4)
-    _neighbour_kernel[(3,)](torch.arange(1.0, 4.0), out, MODE=mode)
+    _neighbour_kernel[(3,)](torch.arange(1.0, 4.0), out, MODE=2)
     assert out[0] == 6.0
+
+
+def test_a_ticket_orders_what_the_last_program_does_after_it():
+    """Every program reads the count before its ticket; the last one to take a ticket may then
+    write it (NOTE: [step tickets])."""
+    x, out = torch.full((3,), -1.0), torch.zeros(4)
+    _neighbour_kernel[(3,)](x, out, MODE=5)
+    assert x.tolist() == [0.0] * 3 and out[:2].tolist() == [1.0, 3.0]
 

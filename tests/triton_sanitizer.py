@@ -19,10 +19,11 @@ or stores, unordered) gives the right answer here and any answer on a GPU.  ``in
   happen.
 - races, after each launch: an address that one program stores and another loads, stores or
   updates atomically, or that one program updates atomically and another loads, is a race.
-  Atomics between themselves are not.  A program's accesses after its first atomic are not
-  counted: that is how a kernel orders its programs (the last to take a ticket finishes the
-  work, NOTE: [step tickets]), and the interpreter cannot see the ordering itself.  ``Race``
-  names the kernel, the address, the accesses and the programs.
+  Atomics between themselves are not.  A kernel orders its programs by a ticket, each program's
+  first atomic: the last program to take one may touch, after it, what the others touched before
+  theirs (it finishes the work, NOTE: [step tickets]).  So the last ticket-taker's accesses after
+  its ticket are checked against the other programs' accesses after theirs only; every other
+  pair is checked.  ``Race`` names the kernel, the address, the accesses and the programs.
 - uninitialised memory: the backend's ops run poisoned (tests/poison.py), so a kernel that
   reads scratch no program wrote gives NaN.
 """
@@ -50,27 +51,40 @@ class Race(AssertionError):
 
 
 class _Launch:
-    """The accesses of one launch's programs: (kind, program, addresses) as they happen."""
+    """The accesses of one launch's programs: (kind, program, after its ticket, addresses) as
+    they happen; the programs run one after another, so the last to take a ticket (its first
+    atomic) is the last program seen taking one."""
 
     def __init__(self, kernel):
-        self.kernel, self.accesses, self.ordered = kernel, [], set()
+        self.kernel, self.accesses, self.ticketed, self.last = kernel, [], set(), None
 
     def record(self, kind: int, addr: np.ndarray) -> None:
         gx, gy, _ = interp.interpreter_builder.grid_dim
         x, y, z = interp.interpreter_builder.grid_idx
         pid = x + gx * (y + gy * z)
-        if pid in self.ordered:
-            return
-        if kind == _ATOMIC:
-            self.ordered.add(pid)
-        self.accesses.append((kind, pid, addr))
+        after = pid in self.ticketed
+        if kind == _ATOMIC and not after:
+            self.ticketed.add(pid)
+            self.last = pid
+        self.accesses.append((kind, pid, after, addr))
 
     def check(self) -> None:
         if not self.accesses:
             return
-        addr = np.concatenate([a for _, _, a in self.accesses])
-        pid = np.concatenate([np.full(a.size, p, np.int64) for _, p, a in self.accesses])
-        kind = np.concatenate([np.full(a.size, k, np.int8) for k, _, a in self.accesses])
+        addr = np.concatenate([a for *_, a in self.accesses])
+
+        def each(field):
+            return np.concatenate([np.full(acc[3].size, acc[field], np.int64)
+                                   for acc in self.accesses])
+
+        kind, pid, after = each(0), each(1), each(2).astype(bool)
+        finisher = after & (pid == (-1 if self.last is None else self.last))
+        for sel in (~finisher, after):      # NOTE: [interpreter sanitizer]: the ticket's order
+            self._check(addr[sel], pid[sel], kind[sel])
+
+    def _check(self, addr, pid, kind) -> None:
+        if not addr.size:
+            return
         at, group = np.unique(addr, return_inverse=True)
 
         stride = int(pid.max()) + 1
