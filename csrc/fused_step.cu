@@ -9,9 +9,9 @@
 // 16-byte aligned moves 16 bytes per load (4 fp32 or 8 bf16/fp16; a gradient of another width
 // as many of its elements: 8 or 32 bytes), the rest (and the tail) goes element by element.  F's
 // index map (the meta row) travels in the tensor table.  Each block reads its tensor's step t (the
-// old value) and uses t + 1; the last block to finish (atomic ticket on done_counter) increments
-// every step tensor and re-arms the counter, so no block can see a half-updated step and the whole
-// step stays one launch.  Steps kept on the host (torch.optim's default, 0-dim CPU tensors) are
+// old value) and uses t + 1, then takes a ticket (an atomic add on done_counter, take_ticket); the
+// last block to take one increments every step tensor after its chunk and re-arms the counter, so
+// no block can see a half-updated step and the whole step stays one launch.  Steps kept on the host (torch.optim's default, 0-dim CPU tensors) are
 // read and incremented by the binding.
 // Chunks of 16384 elements, not ATen's 65536: on an H200 (2026-12-04) ResNet-18's 11M parameters
 // in 62 tensors (about 200 chunks of 65536, 1.5 blocks of 256 threads per SM, each thread's loads
@@ -96,6 +96,17 @@ __device__ __forceinline__ void load_grads(const G* src, float (&out)[V]) {
   }
 }
 
+// The ticket (NOTE: [step chunks]), once every thread of the block has read its step t: the fence
+// orders those reads before it.  Taken before the update, not after it, so that no block's fence
+// waits for its stores to drain (NOTE: [step tickets] in fisher_kernels/fused_step.py); only
+// warp 0 waits for the atomic.
+__device__ __forceinline__ void take_ticket(unsigned int* done, bool* last) {
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *last = atomicAdd(done, 1u) == gridDim.x - 1;
+  }
+}
+
 // NOTE: [step registers] 4 blocks of 256 threads an SM for float32 parameters (at most 64
 // registers), 3 for 16-bit ones: without the bound ptxas gave the float32 kernels 63-66 registers
 // as the index code changed (66: 3 blocks, a quarter fewer loads in flight), and 63 with an 8-byte
@@ -107,7 +118,9 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
                                                          bool decoupled, unsigned int* done,
                                                          const float* __restrict__ found_inf) {
   __shared__ int64_t mt[11];
+  __shared__ bool last;
   if (found_inf != nullptr && *found_inf != 0.0f) return;   // the same for every block
+  if (blockIdx.x >= n_chunks) take_ticket(done, &last);     // (no chunk: n_chunks = 0, grid 1)
   if (blockIdx.x < n_chunks) {
     const StepChunk ch = chunks[blockIdx.x];
     const StepTensor& ts = tensors[ch.tensor];
@@ -118,7 +131,8 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
     k.inv_bc = __fdiv_rn(1.0f, (float)(1.0 - pow(ts.beta, t)));  // as torch's CUDA div by a scalar
     k.wd = (float)ts.wd; k.lam = (float)ts.lam;
     k.l2 = ts.wd != 0.0 && !decoupled; k.dec = ts.wd != 0.0 && decoupled;
-    __syncthreads();
+    __syncthreads();                    // mt is in shared memory, and every thread has read t
+    take_ticket(done, &last);
     T* p = static_cast<T*>(ts.p);
     const G* g = static_cast<const G*>(ts.g);
     T* m = static_cast<T*>(ts.m);
@@ -156,15 +170,8 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
       p[e] = from_f<T>(pf); m[e] = from_f<T>(mf);
     }
   }
-  // last block out increments every step (NOTE: [step chunks])
-  __syncthreads();
-  __shared__ bool last;
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(done, 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (last) {
+  __syncthreads();                      // last, as thread 0 set it
+  if (last) {                           // the last block to take a ticket increments every step
     __threadfence();
     for (int64_t i = threadIdx.x; i < n_tensors; i += blockDim.x)
       if (tensors[i].step != nullptr) *tensors[i].step += 1.0f;

@@ -29,9 +29,14 @@ of its programs).
 
 NOTE: [step tickets] Step counts kept on the kernel's device (float32, as the optimizer keeps them
 for the GPU kernels, NOTE: [device steps]) are read through a table of their addresses: every
-program uses its parameter's t + 1, then takes a ticket (an atomic add on a counter cached with the
-tables); the last program to take one increments every step count and re-arms the counter.  So the
-step is one launch, no program can see a half-updated count, and there is no host read of t.  Step
+program reads its parameter's t, then takes a ticket (an atomic add on a counter cached with the
+tables) before its update; the last program to take one re-arms the counter and, after its own
+update, increments every step count.  So the step is one launch, no program can see a
+half-updated count, and there is no host read of t.  The ticket orders the reads of t (release;
+only the last program needs acquire), not the update: taken after it, as at first, it put a full
+fence (MEMBAR.ALL.GPU) behind each program's stores, so every program waited for its 4-8 KB of
+stores to drain, and, with acquire, an L1 invalidation (CCTL.IVALL) that dropped the cached fac
+and table lines of the other programs on its SM (sm_90 SASS, triton 3.9; not timed on a GPU).  Step
 counts kept on the host are incremented there and their values uploaded (the csrc twin does the
 same, NOTE: [step chunks] in csrc/fused_step.cu).
 
@@ -253,17 +258,20 @@ def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
+    last = False
+    if DEVICE_STEPS:                            # NOTE: [step tickets]
+        tl.debug_barrier()                      # every thread of the program has read its t
+        last = tl.atomic_add(ticket, 1, sem="release") == tl.num_programs(0) - 1
     _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
             bc, DECOUPLED, BLOCK, WIDE, GROUPS)
     if DEVICE_STEPS:
-        tl.debug_barrier()                      # every thread of the program has read its t
-        if tl.atomic_add(ticket, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        if last:
+            tl.atomic_xchg(ticket, 0, sem="acquire")        # re-armed; then every t was read
             for k in range(0, n_steps, STEP_BLOCK):
                 j = k + tl.arange(0, STEP_BLOCK)
                 on = j < n_steps
                 sp = tl.load(steps + j, mask=on, other=0).to(tl.pointer_type(tl.float32))
                 tl.store(sp, tl.load(sp, mask=on) + 1.0, mask=on)
-            tl.store(ticket, 0)
 
 
 @triton.jit
