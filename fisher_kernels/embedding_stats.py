@@ -26,7 +26,8 @@ def _embedding_stats_kernel(idx_ptr, out_ptr, n, V, BLOCK: tl.constexpr, WIDE: t
     tok = tl.load(idx_ptr + offs, mask=m, other=0).to(tl.int64)
     ok = m & (tok >= 0) & (tok < V)
     ones = tl.full((BLOCK,), 1.0, tl.float32)
-    tl.atomic_add(out_ptr + tok, ones, mask=ok)
+    # NOTE: [relaxed atomics] in linear_stats.py
+    tl.atomic_add(out_ptr + tok, ones, mask=ok, sem="relaxed")
 
 
 @on_device

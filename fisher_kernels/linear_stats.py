@@ -32,6 +32,14 @@ from .host import cdiv, columns, interpreting, launch, next_pow2, on_device
 # tile narrow in K when B is small, so that the split costs few atomics (one per feature per
 # program).  Unmeasured yet on a GPU: the benchmark's linear_stats rows decide.
 #
+# NOTE: [relaxed atomics] Triton's atomics default to acq_rel: on sm_90 each compiles to a full
+# fence (MEMBAR.ALL.GPU: the warp waits for all its memory operations in flight), an atomic that
+# returns its old value, and an L1 invalidation (CCTL.IVALL) that drops every cached line of the
+# SM, the other programs' too; the embedding counts made eight of each per program, one per
+# vector of tokens.  A sum that no program of the launch reads back needs no order (the launch's
+# end orders it for the next one), so the statistics kernels add with sem="relaxed": a plain
+# reduction (REDG), nothing waited for (tests/triton_codegen.py checks the SASS).
+#
 # NOTE: [ordered partials] Atomic adds meet in whatever order the programs finish, so the last bits
 # of a sum change from run to run.  Under torch.use_deterministic_algorithms(True) each program
 # stores its partial sums in a row of a (programs, K) scratch instead, and the rows are summed in a
@@ -105,7 +113,7 @@ def _column_reduce_kernel(x_ptr, out_ptr, mu_ptr, rs_ptr, A, K, B_Q, rows_per_pr
         row = pid_a * tl.cdiv(B, BLOCK_B) + pid_b
         tl.store(out_ptr + row.to(tl.int64) * K + offs_k, tot, mask=km)
     else:
-        tl.atomic_add(out_ptr + offs_k, tot, mask=km)
+        tl.atomic_add(out_ptr + offs_k, tot, mask=km, sem="relaxed")   # NOTE: [relaxed atomics]
 
 
 def tiles(a: int, k: int, b: int):

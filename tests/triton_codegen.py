@@ -194,6 +194,15 @@ def _memory_ops(ptx: str) -> dict:
     return out
 
 
+def _atomic_ops(ptx: str) -> dict:
+    """Atomics by kind and memory order: {"red.relaxed": n, "atom.acq_rel": n, ...} (an ordered
+    one fences the warp and, with acquire, invalidates the SM's L1: NOTE: [relaxed atomics] in
+    fisher_kernels/linear_stats.py)."""
+    found = [f"{op}.{sem}" for op, sem in re.findall(
+        r"\b(atom|red)\.global(?:\.\w+)*?\.(relaxed|acquire|release|acq_rel)\b", ptx)]
+    return {k: found.count(k) for k in sorted(set(found))}
+
+
 def _approx_ops(ptx: str) -> dict:
     """Arithmetic the GPU rounds differently from IEEE (and so from the interpreter, which runs
     numpy): {"div.full.f32": n, "sqrt.approx.f32": n, "ex2.approx.f32": n, ...}."""
@@ -221,7 +230,8 @@ def compile_all(seen, arches):
                                    options=options)
                 row.update(shared=k.metadata.shared, num_warps=k.metadata.num_warps,
                            **_resources(k.asm["cubin"]), **_memory_ops(k.asm["ptx"]),
-                           approx=_approx_ops(k.asm["ptx"]), fma=_fma_ops(k.asm["ptx"]))
+                           approx=_approx_ops(k.asm["ptx"]), fma=_fma_ops(k.asm["ptx"]),
+                           atomics=_atomic_ops(k.asm["ptx"]))
                 limit = SMEM_LIMIT.get(arch)
                 if limit is not None and k.metadata.shared > limit:
                     row["error"] = f"needs {k.metadata.shared} B of shared memory, sm_{arch} has {limit}"
