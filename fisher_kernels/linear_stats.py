@@ -38,7 +38,7 @@ from .host import cdiv, columns, interpreting, launch, next_pow2, on_device
 # SM, the other programs' too; the embedding counts made eight of each per program, one per
 # vector of tokens.  A sum that no program of the launch reads back needs no order (the launch's
 # end orders it for the next one), so the statistics kernels add with sem="relaxed": a plain
-# reduction (REDG), nothing waited for (tests/triton_codegen.py checks the SASS).
+# reduction (REDG), nothing waited for (tests/test_triton_codegen.py checks the PTX).
 #
 # NOTE: [ordered partials] Atomic adds meet in whatever order the programs finish, so the last bits
 # of a sum change from run to run.  Under torch.use_deterministic_algorithms(True) each program

@@ -63,9 +63,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert exact and all(r["fma"] == 0 for r in exact), [(r["kernel"], r["fma"]) for r in exact]
     assert any(r["fma"] for r in rows if r["kernel"] == "_column_reduce_kernel")
     # sums that no program reads back add with relaxed atomics (a plain reduction, red, on
-    # triton 3.9; 3.6 keeps atom); the step's ticket alone orders (NOTE: [relaxed atomics] in linear_stats.py, [step tickets])
+    # triton 3.9; 3.6 keeps atom); the step's ticket alone orders (NOTE: [relaxed atomics] in
+    # linear_stats.py, [step tickets] in fused_step.py)
     ordered = {(r["kernel"], k) for r in rows for k in r["atomics"] if not k.endswith(".relaxed")}
-    assert ordered == {("_fused_step_kernel", "atom.release"), ("_fused_step_kernel", "atom.acquire")}
+    assert ordered == {("_fused_step_kernel", "atom.release"),
+                       ("_fused_step_kernel", "atom.acquire")}
     # the hot kernels stream memory, and layer_ema's latency-bound loops (NOTE: [ema block]) hold
     # 4 entries per thread: no spills to local memory
     hot = [r for r in rows
