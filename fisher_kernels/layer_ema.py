@@ -19,10 +19,12 @@ NOTE: [ema block] So a program's time grows with the walks through its largest f
 BLOCK-wide step after another, each step a round trip to memory (three dependent loads in the raw
 walk), not with the bytes.  Hence each reduction rides on a walk that is made anyway (two walks
 for the official preset, three for the paper's, where separate passes took five), and BLOCK =
-1024 over 8 warps (4 entries per thread, no spills: tests/triton_codegen.py) makes a
-vocabulary-sized factor (8192 entries in the bench's GPT, 50257 in GPT-2's embedding and head) 4x
-fewer steps than 256 over 4 warps; a small factor still takes one.  (A design argument:
-bench_layer_ema's GPT-2 case times it on a GPU.)
+1024 over 8 warps (4 entries per thread) makes a vocabulary-sized factor (8192 entries in the
+bench's GPT, 50257 in GPT-2's embedding and head) 4x fewer steps than 256 over 4 warps; a small
+factor still takes one.  (A design argument: bench_layer_ema's GPT-2 case times it on a GPU.)
+ptxas gives these 256 threads 128 registers each; the official preset's walk spills 56-72 bytes
+to the stack there (triton 3.9 on sm_90, 3.6 on sm_80 and sm_90: tests/triton_codegen.py), all
+of it outside the walks' loops (the SASS): the values kept from one walk to the next.
 float64 buffers fall back to the reference (parity runs); each layer's factors and the terms by
 destination are derived from the table once and cached (NOTE: [table cache]).
 """

@@ -174,15 +174,17 @@ def _optimizer_runs(dev="cpu"):
 
 
 def _resources(cubin: bytes) -> dict:
-    """Registers per thread and local memory (spills) per thread, read by cuobjdump."""
+    """Registers per thread, local memory per thread and the stack frame (where ptxas puts
+    spilled registers too), read by cuobjdump."""
     tool = triton.knobs.nvidia.cuobjdump.path
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
                              text=True).stdout
-    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL):(\d+)", out)}
-    return {"registers": found.get("reg"), "local_bytes": found.get("local")}
+    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", out)}
+    return {"registers": found.get("reg"), "local_bytes": found.get("local"),
+            "stack_bytes": found.get("stack")}
 
 
 def _memory_ops(ptx: str) -> dict:
@@ -261,9 +263,9 @@ def main(argv=None) -> int:
     print(f"triton {triton.__version__}: {len(seen)} launch configurations of {len(kernels)} kernels "
           f"({', '.join(kernels)}), {len(rows)} compilations")
     for r in rows:
-        if r.get("local_bytes"):
+        if r.get("local_bytes") or r.get("stack_bytes"):
             print(f"spills: {r['kernel']} {r['arch']} {r['constexprs']}: {r['registers']} registers, "
-                  f"{r['local_bytes']} B local memory per thread")
+                  f"{r['local_bytes']} B local memory and {r['stack_bytes']} B stack per thread")
         if "error" in r:
             print(f"FAILED {r['kernel']} {r['arch']} {r['constexprs']}: {r['error']}")
     if a.json:
