@@ -267,6 +267,7 @@ def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps
     if DEVICE_STEPS:
         if last:
             tl.atomic_xchg(ticket, 0, sem="acquire")        # re-armed; then every t was read
+            tl.debug_barrier()                      # by one thread: the others wait for it
             for k in range(0, n_steps, STEP_BLOCK):
                 j = k + tl.arange(0, STEP_BLOCK)
                 on = j < n_steps
