@@ -36,6 +36,8 @@ import torch
 
 from adafisher_fast.backends import OPS
 
+from .common import md_table
+
 # the cases SPEC 8's targets are stated on (fp32): conv's two im2col anchors, the 124M step, ...
 DEFAULT_CASES = {
     "linear_stats": r"^gpt2 c_attn|^r18 conv1 ",
@@ -190,8 +192,7 @@ def table(folder: Path) -> str:
     (bench bytes / the sum of its kernels' times)."""
     cases = json.loads((folder / "ncu_cases.json").read_text())
     per_case = kernels_by_case((folder / "ncu.csv").read_text(errors="replace"), len(cases))
-    head = ["op", "case", "backend", "GB/s", "kernel"] + [c for c, _, _ in COLUMNS]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for c, rows in zip(cases, per_case):
         times = [_value(r, COLUMNS[0][1], COLUMNS[0][2]) for r in rows]
         gbps = (c["bytes"] / (sum(times) * 1e3) if rows and None not in times and sum(times) > 0
@@ -200,9 +201,10 @@ def table(folder: Path) -> str:
             name = (re.sub(r"^void |\(.*", "", _kernel(r))[:60]
                     or f"({c.get('error', 'no kernel')})")
             lead = [c["op"], c["case"], c["backend"], _fmt(gbps)] if j == 0 else ["", "", "", ""]
-            out.append("| " + " | ".join(lead + [name.replace("|", "/")]
-                                        + [_fmt(_value(r, m, s)) for _, m, s in COLUMNS]) + " |")
-    text = "\n".join(out) + "\n"
+            body.append(lead + [name.replace("|", "/")]
+                        + [_fmt(_value(r, m, s)) for _, m, s in COLUMNS])
+    head = ["op", "case", "backend", "GB/s", "kernel"] + [c for c, _, _ in COLUMNS]
+    text = "\n".join(md_table(head, body)) + "\n"
     (folder / "ncu.md").write_text(text)
     return text
 

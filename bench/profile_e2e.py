@@ -36,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from adafisher_fast.backends import OPS
 
 from . import bench_e2e
-from .common import write_jsonl
+from .common import md_table, write_jsonl
 from .harness import Harness
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
@@ -150,13 +150,15 @@ def _line(r: dict) -> str:
 
 
 def table(rows: list) -> str:
-    out = ["| workload | optimizer | backend | wall ms | device ms | busy | syncs | "
-           "statistics ops device / host ms | layer_ema device / host ms | "
-           "fused_step device / host ms | top kernels (ms) |", "|" + "---|" * 11]
+    head = ["workload", "optimizer", "backend", "wall ms", "device ms", "busy", "syncs",
+            "statistics ops device / host ms", "layer_ema device / host ms",
+            "fused_step device / host ms", "top kernels (ms)"]
+    body = []
     for r in rows:
+        lead = [r["workload"], r["optimizer"], r["backend"]]
         if r["status"] != "ok":
-            out.append(f"| {r['workload']} | {r['optimizer']} | {r['backend']} | "
-                       f"**{r['status']}** {r.get('note', '')} |" + " |" * 8)
+            body.append(lead + [f"**{r['status']}** {r.get('note', '')}"]
+                        + [""] * (len(head) - len(lead) - 1))
             continue
         def cell(ops_of):                   # device / host ms summed over the ops it takes
             vs = [v for k, v in r["ops"].items() if ops_of(k)]
@@ -164,11 +166,10 @@ def table(rows: list) -> str:
                     if vs else "")
         top = "; ".join(f"{k[:40]} {v:.3f}" for k, v in r["top"][:4])
         busy = "" if r["busy"] is None else f"{r['busy']:.2f}"
-        out.append(f"| {r['workload']} | {r['optimizer']} | {r['backend']} | {r['wall_ms']:.3f} | "
-                   f"{r['device_ms']:.3f} | {busy} | {r['syncs']:g} | "
-                   f"{cell(lambda k: k.endswith('_stats'))} | {cell('layer_ema'.__eq__)} | "
-                   f"{cell('fused_step'.__eq__)} | {top} |")
-    return "\n".join(out) + "\n"
+        body.append(lead + [f"{r['wall_ms']:.3f}", f"{r['device_ms']:.3f}", busy,
+                            f"{r['syncs']:g}", cell(lambda k: k.endswith("_stats")),
+                            cell("layer_ema".__eq__), cell("fused_step".__eq__), top])
+    return "\n".join(md_table(head, body)) + "\n"
 
 
 def main(argv=None) -> None:

@@ -120,7 +120,6 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
   __shared__ int64_t mt[11];
   __shared__ bool last;
   if (found_inf != nullptr && *found_inf != 0.0f) return;   // the same for every block
-  if (blockIdx.x >= n_chunks) take_ticket(done, &last);     // (no chunk: n_chunks = 0, grid 1)
   if (blockIdx.x < n_chunks) {
     const StepChunk ch = chunks[blockIdx.x];
     const StepTensor& ts = tensors[ch.tensor];
@@ -169,6 +168,8 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
       step_elem(pf, to_f<G>(g[e]), mf, fisher_at<F>(fac, mt, e), k);
       p[e] = from_f<T>(pf); m[e] = from_f<T>(mf);
     }
+  } else {
+    take_ticket(done, &last);           // a block with no chunk (n_chunks = 0: a grid of 1)
   }
   __syncthreads();                      // last, as thread 0 set it
   if (last) {                           // the last block to take a ticket increments every step
