@@ -9,23 +9,22 @@ reference.py).  Each element of p, g and m is read once and p, m written once; F
 the small fac vector, never materialised.
 
 NOTE: [pointer tables] The update is ONE launch per (param dtype, grad dtype) pair -- one launch
-for a model in one dtype: block tables map each program to (parameter, block) and hold each
-parameter's size and meta row, an int64 table each parameter's data pointers (p, g, m), and a
-float32 table its hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta), and with tensor lrs
-an int64 table their addresses (NOTE: [tensor lr] in kernel_host.py). The tables live on
-the device and are cached: the block and meta tables by sizes, layouts and meta rows, the
-pointers by the pointers and step addresses, the hyper-parameters by value, so a training loop
-uploads them once, new gradient tensors only the pointers, an LR schedule only the small
-hyper-parameter table, always from pinned memory without stalling the host; and a CUDA graph
-replays them safely (NOTE: [capturable] in optimizer.py).  GradScaler's ``found_inf``, when
-given, is read by every program, which all skip when it is non-zero (NOTE: [GradScaler]).  A
-dtype pair whose parameters are all zero-size launches nothing and uploads no table; its step
-counts advance as the reference's.  The kernel computes the bias correction
-1 - beta^t = -expm1(t * ln beta) in float32 within a few roundings for every beta and t (relative
-error under 2e-7 measured, beta = 0.9999 included; NOTE: [bias correction]).  The Triton
-interpreter (TRITON_INTERPRET=1, CPU tests) runs this same kernel: it dereferences the tables'
-integers as host addresses, so the CPU tests check the GPU's code path (all but the concurrency
-of its programs).
+for a model in one dtype: chunk tables map each program to (parameter, chunk: NOTE: [chunk size])
+and hold each parameter's size and meta row, an int64 table each parameter's data pointers (p, g,
+m), and a float32 table its hyper-parameters (lr, beta, 1 - beta, wd, Lambda, ln beta), and with
+tensor lrs an int64 table their addresses (NOTE: [tensor lr] in kernel_host.py). The tables live on
+the device and are cached: the chunk and meta tables by sizes, layouts and meta rows, the pointers
+by the pointers and step addresses, the hyper-parameters by value, so a training loop uploads them
+once, new gradient tensors only the pointers, an LR schedule only the small hyper-parameter table,
+always from pinned memory without stalling the host; and a CUDA graph replays them safely (NOTE:
+[capturable] in optimizer.py). GradScaler's ``found_inf``, when given, is read by every program,
+which all skip when it is non-zero (NOTE: [GradScaler]). A dtype pair whose parameters are all
+zero-size launches nothing and uploads no table; its step counts advance as the reference's. The
+kernel computes the bias correction 1 - beta^t = -expm1(t * ln beta) in float32 within a few
+roundings for every beta and t (relative error under 2e-7 measured, beta = 0.9999 included; NOTE:
+[bias correction]). The Triton interpreter (TRITON_INTERPRET=1, CPU tests) runs this same kernel:
+it dereferences the tables' integers as host addresses, so the CPU tests check the GPU's code path
+(all but the concurrency of its programs).
 
 NOTE: [step tickets] Step counts kept on the kernel's device (float32, as the optimizer keeps them
 for the GPU kernels, NOTE: [device steps]) are read through a table of their addresses: every
@@ -58,7 +57,12 @@ import triton.language as tl
 from adafisher_fast import kernel_host, reference
 from .host import cdiv, launch, on_device
 
-BLOCK = 1024          # elements per program: 4 KiB of float32 per tensor, a few waves on an H100
+NUM_WARPS = 8         # 256 threads a program, as csrc's blocks
+MAX_REGISTERS = {4: 64, 2: 80}     # by parameter element size: 4 or 3 programs an SM (NOTE: [chunk
+                                   # size]), csrc's launch bounds (NOTE: [step registers])
+BLOCK_BYTES = 4096    # of each parameter a program updates at a time: a 16-byte word a thread
+MAX_CHUNK_BLOCKS = 16  # NOTE: [chunk size]: a program's chunk is at most 16 blocks
+TARGET_PROGRAMS = 8192      # and the chunks a launch has, about, when it has more blocks
 N_META = len(reference.META_COLS) + 1      # a meta row, then T (NOTE: [row transpose])
 N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, ln(beta)
 STEP_BLOCK = 256      # step counts the last program increments per iteration (NOTE: [step tickets])
@@ -66,50 +70,6 @@ STEP_BLOCK = 256      # step counts the last program increments per iteration (N
 
 N_META_C: tl.constexpr = tl.constexpr(N_META)     # the same numbers, visible inside kernels
 N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
-
-
-@triton.jit
-def _rows_cols(start, cols, h_gr, tr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-               GROUPS: tl.constexpr):
-    """(r, c, r // h_gr) of elements start + [0, BLOCK) in memory order of a (rows x cols)
-    parameter whose rows are stored row-major (tr = 1) or transposed (tr = T > 1, NOTE: [row
-    transpose] in adafisher_fast/kernel_host.py); r // h_gr only if GROUPS, else 0.
-
-    NOTE: [no groups] r // h_gr serves H's group term (r // h_gr) * h_gs, and h_gs is 0 but for
-    grouped convs and the exposed attention's q/k/v: a launch whose parameters have none
-    (GROUPS false, chosen on the host) skips that 32-bit division per element.
-
-    NOTE: [row division] A 64-bit integer division compiles to a 32-bit fast path plus a
-    subroutine for wide operands, and per element that code cost the kernel 168 registers per
-    thread (under 100 without it; tests/triton_codegen.py reports them).  So the 64-bit
-    divisions happen once per program, on the block's first element, and each element divides
-    only its 32-bit offset:
-    c0 + j < cols + BLOCK and rem0 + dr < h_gr + BLOCK fit 32 bits unless WIDE (cols or h_gr
-    of 2^31 - BLOCK or more, chosen on the host), which divides in 64 bits per element."""
-    if WIDE:
-        offs = start + tl.arange(0, BLOCK)
-        r = offs // cols
-        c = offs - r * cols
-        rg = 0
-        if GROUPS:
-            rg = r // h_gr
-        if tr > 1:
-            c = (c % tr) * (cols // tr) + c // tr
-    else:
-        r0 = start // cols
-        cols32 = cols.to(tl.int32)
-        local = (start - r0 * cols).to(tl.int32) + tl.arange(0, BLOCK)
-        dr = local // cols32
-        c = local - dr * cols32
-        r = r0 + dr
-        rg = 0
-        if GROUPS:
-            g0 = r0 // h_gr
-            rg = g0 + ((r0 - g0 * h_gr).to(tl.int32) + dr) // h_gr.to(tl.int32)
-        if tr > 1:
-            tr32 = tr.to(tl.int32)
-            c = (c % tr32) * (cols32 // tr32) + c // tr32
-    return r, c, rg
 
 
 @triton.jit
@@ -151,45 +111,39 @@ def _bias_correction(t, ln_beta):
 
 
 @triton.jit
-def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
-                  DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
-                  GROUPS: tl.constexpr, MASKED: tl.constexpr):
-    offs = start + tl.arange(0, BLOCK)
-    mask = (offs < n) if MASKED else None            # unmasked: a full block (NOTE: [vector loads])
+def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, lo, left, cols, cols_tr, tr, s_base, s_r, s_c,
+                  h_base, h_r, h_c, gr0, h_gr, h_gs, lr, beta, omb, wd, lam, rbc,
+                  DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """A block of BLOCK elements (p_ptr, g_ptr, m_ptr: its first element's), of which ``left``
+    are the parameter's when MASKED, else all (NOTE: [vector loads]): the formula of the module
+    docstring, ``rbc`` = 1 / (1 - beta^t).  F's indices from the chunk's origin (``_update``):
+    element j of the block lies dr = (lo + j) // cols rows below the chunk's first row, and its
+    row's H group is (gr0 + dr) // h_gr groups below the first row's.
+
+    NOTE: [no groups] the group term serves H's (r // h_gr) * h_gs, and h_gs is 0 but for grouped
+    convs and the exposed attention's q/k/v: a launch whose parameters have none (GROUPS false,
+    chosen on the host) skips that division per element."""
+    j = tl.arange(0, BLOCK)
+    mask = (j < left) if MASKED else None
     zero = 0.0 if MASKED else None
     one = 1.0 if MASKED else None
-    cols = tl.load(meta_ptr + 1)
-    s_off = tl.load(meta_ptr + 2)
-    s_r = tl.load(meta_ptr + 3)
-    s_c = tl.load(meta_ptr + 4)
-    h_off = tl.load(meta_ptr + 5)
-    h_r = tl.load(meta_ptr + 6)
-    h_c = tl.load(meta_ptr + 7)
-    h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
-    h_gs = tl.load(meta_ptr + 9)
-    r, c, rg = _rows_cols(start, cols, h_gr, tl.load(meta_ptr + 10), BLOCK, WIDE, GROUPS)
-    if WIDE:
-        s_idx = s_off + r * s_r + c * s_c
-        h_idx = h_off + r * h_r + c * h_c + rg * h_gs
-    else:
-        # NOTE: [32-bit indices] fac holds every layer's H and S (at most a few million entries),
-        # so every index into it fits 32 bits, and 32-bit arithmetic, which wraps, gets it
-        # right from operands taken modulo 2^32 (a row past 2^31 included).  64-bit indices
-        # held two registers an element each and took 64-bit multiply-adds: 96-128 registers a
-        # thread on triton 3.9, 72-80 with these (tests/triton_codegen.py).  A fac of 2^31 - BLOCK
-        # entries or more launches WIDE (``_launch``).
-        r = r.to(tl.int32)
-        s_idx = s_off.to(tl.int32) + r * s_r.to(tl.int32) + c * s_c.to(tl.int32)
-        h_idx = h_off.to(tl.int32) + r * h_r.to(tl.int32) + c * h_c.to(tl.int32)
-        if GROUPS:
-            h_idx += rg.to(tl.int32) * h_gs.to(tl.int32)
+    local = lo + j
+    dr = local // cols
+    c = local - dr * cols
+    if tr > 1:                                      # NOTE: [row transpose] in kernel_host.py
+        c = (c % tr) * cols_tr + c // tr
+    s_idx = s_base + dr * s_r + c * s_c
+    h_idx = h_base + dr * h_r + c * h_c
+    if GROUPS:
+        h_idx += ((gr0 + dr) // h_gr) * h_gs
     fs = tl.load(fac_ptr + s_idx, mask=mask, other=one).to(tl.float32)
     fh = tl.load(fac_ptr + h_idx, mask=mask, other=one).to(tl.float32)
     fd = fs * fh + lam
-    p = tl.load(p_ptr + offs, mask=mask, other=zero)
+    p = tl.load(p_ptr + j, mask=mask, other=zero)
     pw = p.to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=zero).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask, other=zero).to(tl.float32)
+    g = tl.load(g_ptr + j, mask=mask, other=zero).to(tl.float32)
+    m = tl.load(m_ptr + j, mask=mask, other=zero).to(tl.float32)
     # NOTE: [no decay term] wd == 0 adds no term at all, as the reference and csrc (a 0 * p of an
     # inf parameter element would be NaN and poison its momentum for good)
     if not DECOUPLED:
@@ -199,37 +153,99 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, om
     # correctly rounded reciprocal, and divides tensors with IEEE division; Triton's "/" is the
     # approximate div.full.f32.  div_rn reproduces the reference's rounding on the GPU (NOTE:
     # [ieee rounding] in fisher_kernels/__init__.py).
-    upd = tl.math.div_rn(m * tl.math.div_rn(1.0, bc), fd)
+    upd = tl.math.div_rn(m * rbc, fd)
     if DECOUPLED:
         upd = tl.where(wd != 0.0, upd + wd * pw, upd)
-    tl.store(m_ptr + offs, m.to(p.dtype), mask=mask)
-    tl.store(p_ptr + offs, (pw - lr * upd).to(p.dtype), mask=mask)
+    tl.store(m_ptr + j, m.to(p.dtype), mask=mask)
+    tl.store(p_ptr + j, (pw - lr * upd).to(p.dtype), mask=mask)
 
 
 @triton.jit
-def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam, bc,
+def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta_ptr, lr, beta, omb, wd, lam, bc,
             DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, WIDE: tl.constexpr,
             GROUPS: tl.constexpr):
-    """The block [start, start + BLOCK) of one parameter: unmasked when it is full, masked when
-    it is the parameter's ragged last block (NOTE: [vector loads])."""
-    if start + BLOCK <= n:
-        _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
-                      bc, DECOUPLED, BLOCK, WIDE, GROUPS, False)
-    else:
-        _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta_ptr, lr, beta, omb, wd, lam,
-                      bc, DECOUPLED, BLOCK, WIDE, GROUPS, True)
+    """The chunk [start, min(start + chunk, n)) of one parameter, BLOCK elements at a time: its
+    full blocks unmasked, the parameter's ragged last block masked (NOTE: [vector loads],
+    [chunk size]).  Element start + j is at (r, c) of the parameter's (rows x cols) view, stored
+    row-major (tr = 1) or transposed (tr = T > 1, NOTE: [row transpose] in kernel_host.py).
+
+    NOTE: [row division] A 64-bit integer division compiles to a 32-bit fast path plus a
+    subroutine for wide operands, and per element that code cost the kernel 168 registers per
+    thread (under 100 without it; tests/triton_codegen.py reports them).  So the 64-bit divisions
+    happen once per program, for the chunk's first element (its row r0, column offset o0 and r0's
+    H group), and each element divides only its 32-bit offset from the chunk's first row:
+    o0 + j < cols + CHUNK and (r0 % h_gr) + dr < h_gr + CHUNK fit 32 bits unless WIDE (cols or
+    h_gr of I32_LIMIT or more, chosen on the host), where every element divides its 64-bit
+    offset from the parameter's first element (r0 = 0).
+
+    NOTE: [32-bit indices] fac holds every layer's H and S (at most a few million entries), so
+    every index into it fits 32 bits, and 32-bit arithmetic, which wraps, gets it right from
+    operands taken modulo 2^32 (a row past 2^31 included).  64-bit indices held two registers an
+    element each and took 64-bit multiply-adds: 96-128 registers a thread on triton 3.9, 72-80
+    with these (tests/triton_codegen.py).  A fac of I32_LIMIT entries or more launches WIDE
+    (``_launch``)."""
+    cols = tl.load(meta_ptr + 1)
+    s_base = tl.load(meta_ptr + 2)
+    s_r = tl.load(meta_ptr + 3)
+    s_c = tl.load(meta_ptr + 4)
+    h_base = tl.load(meta_ptr + 5)
+    h_r = tl.load(meta_ptr + 6)
+    h_c = tl.load(meta_ptr + 7)
+    h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
+    h_gs = tl.load(meta_ptr + 9)
+    tr = tl.load(meta_ptr + 10)
+    o0 = start
+    gr0 = 0
+    if not WIDE:
+        r0 = start // cols
+        o0 = (start - r0 * cols).to(tl.int32)
+        s_base = (s_base + r0 * s_r).to(tl.int32)
+        h_base = h_base + r0 * h_r
+        if GROUPS:
+            g0 = r0 // h_gr
+            gr0 = (r0 - g0 * h_gr).to(tl.int32)
+            h_base += g0 * h_gs
+        h_base = h_base.to(tl.int32)
+        cols = cols.to(tl.int32)
+        s_r = s_r.to(tl.int32)
+        s_c = s_c.to(tl.int32)
+        h_r = h_r.to(tl.int32)
+        h_c = h_c.to(tl.int32)
+        h_gr = h_gr.to(tl.int32)
+        h_gs = h_gs.to(tl.int32)
+        tr = tr.to(tl.int32)
+    cols_tr = cols // tr
+    rbc = tl.math.div_rn(1.0, bc)
+    p_ptr += start
+    g_ptr += start
+    m_ptr += start
+    size = tl.minimum(chunk, n - start).to(tl.int32)
+    n_full = size // BLOCK
+    for _ in range(0, n_full):
+        _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, o0, BLOCK, cols, cols_tr, tr, s_base, s_r, s_c,
+                      h_base, h_r, h_c, gr0, h_gr, h_gs, lr, beta, omb, wd, lam, rbc, DECOUPLED,
+                      BLOCK, GROUPS, False)
+        p_ptr += BLOCK
+        g_ptr += BLOCK
+        m_ptr += BLOCK
+        o0 += BLOCK
+    if n_full * BLOCK < size:
+        _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, o0, size - n_full * BLOCK, cols, cols_tr, tr,
+                      s_base, s_r, s_c, h_base, h_r, h_c, gr0, h_gr, h_gs, lr, beta, omb, wd, lam,
+                      rbc, DECOUPLED, BLOCK, GROUPS, True)
 
 
 @triton.jit
-def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps, n_steps, ticket,
-             fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
+def _program(chunk_param, chunk_start, chunk, ptrs, numels, meta, hyper, lr_ptrs, steps, n_steps,
+             ticket, fac_ptr, P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr,
              BLOCK: tl.constexpr, WIDE: tl.constexpr, GROUPS: tl.constexpr,
              ALIGNED: tl.constexpr, DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr,
              STEP_BLOCK: tl.constexpr):
-    """One program's block of one parameter, then its step ticket (NOTE: [step tickets])."""
+    """One program's chunk of one parameter (NOTE: [chunk size]), after its step ticket (NOTE:
+    [step tickets])."""
     pid = tl.program_id(0)
-    i = tl.load(block_param + pid)
-    start = tl.load(block_start + pid)
+    i = tl.load(chunk_param + pid)
+    start = tl.load(chunk_start + pid)
     p_ptr = tl.load(ptrs + 3 * i).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(ptrs + 3 * i + 1).to(tl.pointer_type(G_DTYPE))
     m_ptr = tl.load(ptrs + 3 * i + 2).to(tl.pointer_type(P_DTYPE))
@@ -252,7 +268,8 @@ def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps
     # NOTE: [vector loads] pointers from a table carry no alignment, and a mask bound of unknown
     # divisibility varies per element: either makes every load and store 4 bytes wide.  With
     # every p/g/m pointer 16-byte aligned (ALIGNED, checked on the host) and the bound of a full
-    # block a multiple of BLOCK, they move 16 bytes; only each parameter's last block is ragged.
+    # block a multiple of BLOCK (chunks start at multiples of BLOCK), they move 16 bytes; only
+    # each parameter's last block is ragged.
     start = tl.multiple_of(start, BLOCK)
     if ALIGNED:
         p_ptr = tl.multiple_of(p_ptr, 16)
@@ -262,8 +279,8 @@ def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps
     if DEVICE_STEPS:                            # NOTE: [step tickets]
         tl.debug_barrier()                      # every thread of the program has read its t
         last = tl.atomic_add(ticket, 1, sem="release") == tl.num_programs(0) - 1
-    _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, n, meta + N_META_C * i, lr, beta, omb, wd, lam,
-            bc, DECOUPLED, BLOCK, WIDE, GROUPS)
+    _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta + N_META_C * i, lr, beta, omb, wd,
+            lam, bc, DECOUPLED, BLOCK, WIDE, GROUPS)
     if DEVICE_STEPS:
         if last:
             tl.atomic_xchg(ticket, 0, sem="acquire")        # re-armed; then every t was read
@@ -276,8 +293,8 @@ def _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps
 
 
 @triton.jit
-def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps,
-                       n_steps, ticket, fac_ptr, found_inf, P_DTYPE: tl.constexpr,
+def _fused_step_kernel(chunk_param, chunk_start, chunk, ptrs, numels, meta, hyper, lr_ptrs,
+                       steps, n_steps, ticket, fac_ptr, found_inf, P_DTYPE: tl.constexpr,
                        G_DTYPE: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr,
                        WIDE: tl.constexpr, GROUPS: tl.constexpr, ALIGNED: tl.constexpr,
                        DEVICE_STEPS: tl.constexpr, LR_PTRS: tl.constexpr,
@@ -292,12 +309,18 @@ def _fused_step_kernel(block_param, block_start, ptrs, numels, meta, hyper, lr_p
     if FOUND_INF:               # every program reads the same value: all skip, no ticket taken
         go = tl.load(found_inf) == 0.0
     if go:
-        _program(block_param, block_start, ptrs, numels, meta, hyper, lr_ptrs, steps, n_steps,
-                 ticket, fac_ptr, P_DTYPE, G_DTYPE, DECOUPLED, BLOCK, WIDE, GROUPS, ALIGNED,
-                 DEVICE_STEPS, LR_PTRS, STEP_BLOCK)
+        _program(chunk_param, chunk_start, chunk, ptrs, numels, meta, hyper, lr_ptrs, steps,
+                 n_steps, ticket, fac_ptr, P_DTYPE, G_DTYPE, DECOUPLED, BLOCK, WIDE, GROUPS,
+                 ALIGNED, DEVICE_STEPS, LR_PTRS, STEP_BLOCK)
 
 
-I32_LIMIT = 2 ** 31 - BLOCK    # NOTE: [row division]: cols and h_gr below this divide in 32 bits
+I32_LIMIT = 2 ** 31 - MAX_CHUNK_BLOCKS * BLOCK_BYTES // 2    # NOTE: [row division]: cols and h_gr
+                                                            # below this divide in 32 bits
+
+
+def block_size(dtype: torch.dtype) -> int:
+    """Elements of a parameter of ``dtype`` a program updates at a time (NOTE: [chunk size])."""
+    return BLOCK_BYTES // dtype.itemsize
 
 
 def _wide(rows) -> bool:
@@ -388,11 +411,11 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
 
 
 # NOTE: [pointer tables]: the pointer, step-address and lr-address tables keyed by (dtype pair,
-# device, step addresses, pointers and sizes, meta rows, lr addresses), the block and meta tables
+# device, step addresses, pointers and sizes, meta rows, lr addresses), the chunk and meta tables
 # by (device, sizes, layouts, meta rows), the hyper-parameter table by value: an LR schedule of
 # float lrs re-uploads only the latter, one of tensor lrs nothing
 _TABLES: Dict[tuple, tuple] = {}
-_BLOCKS: Dict[tuple, tuple] = {}
+_CHUNKS: Dict[tuple, tuple] = {}
 _HYPER: Dict[tuple, torch.Tensor] = {}
 _MAX_TABLES = 8
 
@@ -428,19 +451,20 @@ def _device_steps(steps, dev) -> bool:
 
 
 def _build(pair: _Pair, params, grads, moms, meta, meta_key, lr_at, dev):
-    """The device tables of one dtype pair after checking its shapes: (block tables, pointer
+    """The device tables of one dtype pair after checking its shapes: (chunk tables, pointer
     table, step address table or None (host steps), lr address table or None (no tensor lr,
     NOTE: [tensor lr]), ticket, aligned); () when every parameter of
     the pair is zero-size: no launch, so no tables (not None, which ``_cached`` would take for a
-    miss every step).  The block tables (one entry per BLOCK elements: 80 MB for 7B parameters)
-    depend on sizes, layouts and meta rows only, so new gradient tensors (``zero_grad()``'s
-    default) rebuild just the pointers; the ticket is per pointer set, so two optimizers stepping
-    at once never share one (NOTE: [step tickets])."""
+    miss every step).  The chunk tables (12 bytes a chunk: 5 MB for 7B parameters) depend on
+    sizes, layouts and meta rows only, so new gradient tensors (``zero_grad()``'s default)
+    rebuild just the pointers; the ticket is per pointer set, so two optimizers stepping at once
+    never share one (NOTE: [step tickets])."""
     reference.check_step_shapes(params, grads, moms, pair.idx + pair.empty)
     if not pair.idx:
         return ()
-    shape_key = (str(dev), tuple(pair.idx), tuple(map(_NUMEL, pair.ps)), tuple(pair.trs), meta_key)
-    blocks = _cached(_BLOCKS, shape_key, lambda: _block_tables(pair, meta, dev))
+    shape_key = (str(dev), pair.ps[0].dtype, tuple(pair.idx), tuple(map(_NUMEL, pair.ps)),
+                 tuple(pair.trs), meta_key, MAX_CHUNK_BLOCKS, TARGET_PROGRAMS, I32_LIMIT)
+    chunks = _cached(_CHUNKS, shape_key, lambda: _chunk_tables(pair, meta, dev))
     ptrs = _upload(torch.tensor(list(zip(*(map(_PTR, t) for t in (pair.ps, pair.gs, pair.ms)))),
                                 dtype=torch.int64).reshape(-1, 3), dev)
     step_ptrs = None
@@ -449,23 +473,48 @@ def _build(pair: _Pair, params, grads, moms, meta, meta_key, lr_at, dev):
     lr_ptrs = _upload(torch.tensor(lr_at, dtype=torch.int64), dev) if any(lr_at) else None
     aligned = all(_PTR(t) % 16 == 0 for lst in (pair.ps, pair.gs, pair.ms) for t in lst)
     ticket = torch.zeros(1, dtype=torch.int32, device=dev)
-    return blocks, ptrs, step_ptrs, lr_ptrs, ticket, aligned
+    return chunks, ptrs, step_ptrs, lr_ptrs, ticket, aligned
 
 
-def _block_tables(pair: _Pair, meta, dev):
-    """(n_blocks, block_param, block_start, numels, meta rows with T, wide, groups) on the
-    device; groups: whether some parameter has an H group term (NOTE: [no groups])."""
+def _chunk_tables(pair: _Pair, meta, dev):
+    """(n_chunks, block, chunk, [chunk_param, chunk_start, numels, meta rows with T], wide,
+    groups), the tables on the device; groups: whether some parameter has an H group term (NOTE:
+    [no groups]).
+
+    NOTE: [chunk size] The Triton step is csrc's (NOTE: [step chunks] in csrc/fused_step.cu): a
+    program of 256 threads steps a chunk of one parameter a block at a time, a block being a
+    16-byte word of p a thread (1024 float32 elements, 2048 bfloat16 or float16).  A chunk is one
+    block while the launch has fewer than 2 * TARGET_PROGRAMS blocks (ResNet-18's 11M float32
+    parameters: 11k programs), else as many as make about TARGET_PROGRAMS chunks, at most
+    MAX_CHUNK_BLOCKS (16384 float32 elements, csrc's chunk).  So what a program does before its
+    first load of p -- its chain of table loads (chunk, then pointers, size and
+    hyper-parameters, then meta row and step count), the bias correction and the step ticket's
+    atomic on the one counter every program shares -- is paid per chunk: GPT-2 small's 124M
+    parameters take about 9k programs and tickets, where the former 1024-element programs of 128
+    threads took 121k.  On an H200 (2026-12-04) those programs moved 67-68% of the copy
+    bandwidth on 124M and 1.1B parameters, csrc's 65536-element chunks 80-86%; on 11M 58%, where
+    those chunks, too few to fill the GPU, moved 35% (hence the target).  256 threads with a
+    word each, not 128 with two: in a loop, the compiler keeps each thread's per-element
+    addresses live across iterations, and 128 threads with two float32 words took 80-96
+    registers a thread on sm_90.  MAX_REGISTERS bounds them as csrc's launch bounds do: by
+    tests/triton_codegen.py (triton 3.9, sm_80 and sm_90) 60-64 for float32 parameters, 78-80
+    for 16-bit ones, no spills; without the bound ptxas took 48-58 and 74-98 with 8-byte stack
+    spills in 12 of the 48 configurations.  Not yet timed."""
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
     numels = [p.numel() for p in pair.ps]
-    nblk = [cdiv(n, BLOCK) for n in numels]
-    block_param = torch.repeat_interleave(torch.arange(len(nblk)),
-                                          torch.tensor(nblk, dtype=torch.int64))
-    block_start = torch.cat([torch.arange(k, dtype=torch.int64) * BLOCK for k in nblk] or
+    block = block_size(pair.ps[0].dtype)
+    n_blocks = sum(cdiv(n, block) for n in numels)
+    chunk = block * max(1, min(MAX_CHUNK_BLOCKS, n_blocks // TARGET_PROGRAMS))
+    n_chunks = [cdiv(n, chunk) for n in numels]
+    chunk_param = torch.repeat_interleave(torch.arange(len(n_chunks)),
+                                          torch.tensor(n_chunks, dtype=torch.int64))
+    chunk_start = torch.cat([torch.arange(k, dtype=torch.int64) * chunk for k in n_chunks] or
                             [torch.zeros(0, dtype=torch.int64)])
-    tables = [_upload(t, dev) for t in (block_param.to(torch.int32), block_start,
+    tables = [_upload(t, dev) for t in (chunk_param.to(torch.int32), chunk_start,
                                          torch.tensor(numels, dtype=torch.int64),
                                          torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
-    return int(block_param.numel()), tables, _wide(rows), any(row[9] != 0 for row in rows)
+    return (int(chunk_param.numel()), block, chunk, tables, _wide(rows),
+            any(row[9] != 0 for row in rows))
 
 
 def _hyper_table(pair: _Pair, hyper, dev) -> torch.Tensor:
@@ -486,8 +535,8 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
         for t in steps:             # as the reference's, wherever they are kept
             t += 1 if found_inf is None else (found_inf.reshape(()) == 0).to(t.dtype)
         return
-    blocks, ptrs, step_table, lr_ptrs, ticket, aligned = tables
-    n_blocks, (block_param, block_start, numels, rows), wide, groups = blocks
+    chunks, ptrs, step_table, lr_ptrs, ticket, aligned = tables
+    n_chunks, block, chunk, (chunk_param, chunk_start, numels, rows), wide, groups = chunks
     wide = wide or fac.numel() >= I32_LIMIT         # NOTE: [32-bit indices]
     on_dev = step_table is not None
     if not on_dev:
@@ -496,13 +545,14 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
         step_table = _upload(torch.tensor([float(t) for t in steps[:len(pair.idx)]],
                                           dtype=torch.float32), fac.device)
     hyper_table = _hyper_table(pair, hyper, fac.device)
-    kernel_host.keep_if_captured(block_param, block_start, ptrs, numels, rows, hyper_table,
+    kernel_host.keep_if_captured(chunk_param, chunk_start, ptrs, numels, rows, hyper_table,
                                  step_table, ticket, lr_ptrs)   # NOTE: [captured tables]
     launch(
-        _fused_step_kernel, (n_blocks,),
-        block_param, block_start, ptrs, numels, rows, hyper_table, lr_ptrs,
+        _fused_step_kernel, (n_chunks,),
+        chunk_param, chunk_start, chunk, ptrs, numels, rows, hyper_table, lr_ptrs,
         step_table, len(steps), ticket, fac, found_inf,
-        P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=BLOCK, WIDE=wide,
+        P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=block, WIDE=wide,
         GROUPS=groups, ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
         FOUND_INF=found_inf is not None, STEP_BLOCK=STEP_BLOCK,
+        num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS[pdt.itemsize],
         enable_fp_fusion=False)     # NOTE: [fp fusion] in fisher_kernels/__init__.py

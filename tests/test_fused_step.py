@@ -409,23 +409,33 @@ def test_fused_step_memory_layouts(kernel_ops, monkeypatch):
     assert [t.item() for t in steps] == [2.0] * len(params)
 
 
-@pytest.mark.parametrize("wide", [False, True])
-def test_fused_step_blocks_across_rows(kernel_ops, wide, monkeypatch):
+@pytest.mark.parametrize("wide,chunked", [(False, False), (True, False), (False, True),
+                                          (True, True)])
+@pytest.mark.parametrize("dtype,rtol", DTYPES[:2])
+def test_fused_step_blocks_across_rows(kernel_ops, wide, chunked, dtype, rtol, monkeypatch):
     """Parameters of several kernel blocks whose rows and groups straddle block boundaries, so
-    each block starts mid-row and mid-group (NOTE: [row division] in fisher_kernels/fused_step.py);
-    wide=True forces the Triton kernel's 64-bit per-element division path."""
-    if wide:
+    each block starts mid-row and mid-group (NOTE: [row division] in fisher_kernels/fused_step.py;
+    Triton's blocks are 1024 float32 or 2048 bfloat16 elements); wide=True forces the Triton
+    kernel's 64-bit per-element division path, chunked=True its programs to step two blocks each
+    (NOTE: [chunk size]): a chunk of two full blocks, then one of a ragged block that starts
+    mid-row and mid-group."""
+    if wide or chunked:
         if backend_name(kernel_ops) != "triton":
-            pytest.skip("the 64-bit division switch is the Triton kernel's")
-        monkeypatch.setattr(importlib.import_module("fisher_kernels.fused_step"), "I32_LIMIT", 1)
+            pytest.skip("the 64-bit division and chunk size switches are the Triton kernel's")
+        fs = importlib.import_module("fisher_kernels.fused_step")
+        if wide:
+            monkeypatch.setattr(fs, "I32_LIMIT", 1)
+        if chunked:
+            monkeypatch.setattr(fs, "TARGET_PROGRAMS", 1)
+            monkeypatch.setattr(fs, "MAX_CHUNK_BLOCKS", 2)
     torch.manual_seed(2)
     specs = [((300, 7), (300, 7, 0, 1, 0, 300, 0, 1, 30, 7)),      # grouped-conv H: 10 groups
              ((3, 1000), (3, 1000, 370, 1, 0, 373, 0, 1, 3, 0)),    # rows longer than a block
              ((250, 9), (250, 9, 1373, 0, 1, 1382, 1, 0, 250, 0))]  # Embedding: H by row
     fac = torch.rand(1632, device=device()) + 0.1
     meta = torch.tensor([m for _, m in specs], dtype=torch.int64)
-    params = [torch.randn(s, device=device()) for s, _ in specs]
-    grads = [torch.randn(s, device=device()) for s, _ in specs]
+    params = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
+    grads = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
     hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(specs)
     want = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
     got = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
@@ -434,7 +444,7 @@ def test_fused_step_blocks_across_rows(kernel_ops, wide, monkeypatch):
     kernel_ops.fused_step(*got[:1], grads, got[1], [torch.tensor(0.0) for _ in specs], fac, meta,
                           hyper, False)
     for w, g in zip(want[0] + want[1], got[0] + got[1]):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6 * w.abs().max().item())
+        torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * w.abs().max().item())
 
 
 @pytest.mark.gpu
@@ -519,7 +529,7 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
                 [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)])
 
     monkeypatch.setattr(fs, "_fused_step_kernel", Recorder())
-    for cache in ("_TABLES", "_BLOCKS", "_HYPER"):
+    for cache in ("_TABLES", "_CHUNKS", "_HYPER"):
         monkeypatch.setattr(fs, cache, {})
     monkeypatch.setattr(kernel_host, "_CAPTURED", {})
     fac = torch.ones(1)
@@ -538,17 +548,18 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
     for k in range(2 * fs._MAX_TABLES):     # an LR schedule and zero_grad()'s new gradients
         other[1][0] = torch.randn(500)
         fs.fused_step(*other, fac, other_meta, [(1e-3 * (k + 1), 0.9, 0.0, 1e-3)], True)
-    for cache in (fs._TABLES, fs._BLOCKS, fs._HYPER):     # whatever the churn left: gone too
+    for cache in (fs._TABLES, fs._CHUNKS, fs._HYPER):     # whatever the churn left: gone too
         cache.clear()
     gc.collect()
     assert len(tables) == 10 and all(ref() is not None for ref in tables)
 
 
-@pytest.mark.parametrize("steps_on", ["device", "host"])
-def test_triton_fused_step_tables(monkeypatch, steps_on):
+@pytest.mark.parametrize("steps_on,chunk_blocks", [("device", 1), ("host", 1), ("device", 2)])
+def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     """The host side of Triton's one launch (NOTE: [pointer tables]): the tables given to the
-    launch cover every element of every parameter once, with its pointers, meta row,
-    hyper-parameters and step count (the addresses of device steps, the incremented values of
+    launch cover every element of every parameter once, in chunks of one block, or of two when
+    the launch has 2 * TARGET_PROGRAMS blocks or more (NOTE: [chunk size]), with its pointers,
+    meta row, hyper-parameters and step count (the addresses of device steps, the incremented values of
     host steps); they are cached, an LR change uploads only the hyper-parameter table, and new
     gradient tensors or changed meta rows rebuild the pointer tables (NOTE: [step host path])."""
     pytest.importorskip("triton")
@@ -562,15 +573,20 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     upload = fs._upload
     monkeypatch.setattr(fs, "_fused_step_kernel", Recorder())
     monkeypatch.setattr(fs, "_TABLES", {})
-    monkeypatch.setattr(fs, "_BLOCKS", {})
+    monkeypatch.setattr(fs, "_CHUNKS", {})
     monkeypatch.setattr(fs, "_HYPER", {})
     monkeypatch.setattr(fs, "_upload",
                         lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
     if steps_on == "host":
         monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
-    store = torch.randn(2 * fs.BLOCK + 10)
-    params = [torch.randn(5, 7), store[: 2 * fs.BLOCK + 9], torch.randn(1), torch.randn(0)]
-    meta = torch.tensor([[5, 7, 0, 1, 0, 5, 0, 1, 5, 0], [2057, 1, 0, 0, 0, 0, 0, 0, 2057, 0],
+    if chunk_blocks > 1:                        # 5 blocks: 5 per target program, at most 2
+        monkeypatch.setattr(fs, "TARGET_PROGRAMS", 1)
+        monkeypatch.setattr(fs, "MAX_CHUNK_BLOCKS", 2)
+    block = fs.block_size(torch.float32)        # 16 bytes a thread: 1024 (NOTE: [chunk size])
+    store = torch.randn(2 * block + 10)
+    params = [torch.randn(5, 7), store[: 2 * block + 9], torch.randn(1), torch.randn(0)]
+    n1 = 2 * block + 9
+    meta = torch.tensor([[5, 7, 0, 1, 0, 5, 0, 1, 5, 0], [n1, 1, 0, 0, 0, 0, 0, 0, n1, 0],
                          [1, 1, 0, 0, 0, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 0, 1, 0]])
     moms = [torch.zeros_like(p) for p in params]
     steps = [torch.tensor(float(k)) for k in (0, 4, 9, 2)]
@@ -588,15 +604,16 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
 
     grads = [torch.randn_like(p) for p in params]
     grid, args, kw = step(grads, hyper)
-    (block_param, block_start, ptrs, numels, mrows, hyp, _, step_table, n_steps, ticket,
+    (chunk_param, chunk_start, chunk, ptrs, numels, mrows, hyp, _, step_table, n_steps, ticket,
      fac_arg, found_inf) = args
     assert fac_arg is fac and not kw["LR_PTRS"] and found_inf is None and not kw["FOUND_INF"]
+    assert chunk == chunk_blocks * block
     starts = {}
     for b in range(grid):
-        starts.setdefault(int(block_param[b]), []).append(int(block_start[b]))
-    assert sorted(starts) == [0, 1, 2]                                # the empty one has no block
+        starts.setdefault(int(chunk_param[b]), []).append(int(chunk_start[b]))
+    assert sorted(starts) == [0, 1, 2]                                # the empty one has no chunk
     for i, p in enumerate(params[:3]):
-        assert sorted(starts[i]) == list(range(0, p.numel(), fs.BLOCK))
+        assert sorted(starts[i]) == list(range(0, p.numel(), chunk))
         assert ptrs[i].tolist() == [p.data_ptr(), grads[i].data_ptr(), moms[i].data_ptr()]
         assert int(numels[i]) == p.numel() and mrows[i].tolist() == meta[i].tolist() + [1]
         lr, beta, wd, lam = hyper[i]
@@ -614,32 +631,32 @@ def test_triton_fused_step_tables(monkeypatch, steps_on):
     assert sorted(uploads) == sorted(tables + [(4,) if steps_on == "device" else (3,)])
 
     _, args, _ = step(grads, hyper)                                   # same tensors: no upload
-    assert uploads == ([] if steps_on == "device" else [(3,)]) and args[5] is hyp
+    assert uploads == ([] if steps_on == "device" else [(3,)]) and args[6] is hyp
     halved = [(lr / 2, *rest) for lr, *rest in hyper]                 # an LR schedule
     _, args, _ = step(grads, halved)
-    assert (3, 6) in uploads and (3, 3) not in uploads and args[2] is ptrs
-    torch.testing.assert_close(args[5][:, 0], hyp[:, 0] / 2)
+    assert (3, 6) in uploads and (3, 3) not in uploads and args[3] is ptrs
+    torch.testing.assert_close(args[6][:, 0], hyp[:, 0] / 2)
     _, args, _ = step([g.clone() for g in grads], hyper)              # new gradient tensors:
-    assert (3, 3) in uploads and args[2] is not ptrs and args[5] is hyp   # new pointers only
-    assert (grid,) not in uploads and args[0] is block_param and args[9] is not ticket
+    assert (3, 3) in uploads and args[3] is not ptrs and args[6] is hyp   # new pointers only
+    assert args[0] is chunk_param and args[1] is chunk_start and args[10] is not ticket
 
     lr_t = torch.tensor(3e-3)                               # NOTE: [tensor lr]: its address
     _, args, kw = step(grads, [(lr_t, *hyper[0][1:])] + hyper[1:])
-    assert kw["LR_PTRS"] and args[6].tolist() == [lr_t.data_ptr(), 0, 0]
-    assert args[5][0, 0] == 0 and args[5][1, 0] == hyper[1][0]    # its row's lr is unused
+    assert kw["LR_PTRS"] and args[7].tolist() == [lr_t.data_ptr(), 0, 0]
+    assert args[6][0, 0] == 0 and args[6][1, 0] == hyper[1][0]    # its row's lr is unused
     lr_t.fill_(1e-3)                                        # a scheduler's update: nothing new
     _, again, _ = step(grads, [(lr_t, *hyper[0][1:])] + hyper[1:])
-    assert again[6] is args[6] and again[5] is args[5] and again[2] is args[2]
+    assert again[7] is args[7] and again[6] is args[6] and again[3] is args[3]
     assert uploads == ([] if steps_on == "device" else [(3,)])
 
-    params[1] = store[1: 2 * fs.BLOCK + 10]                 # a 4-byte offset: no 16-byte loads
+    params[1] = store[1: 2 * block + 10]                 # a 4-byte offset: no 16-byte loads
     moms[1] = torch.zeros_like(params[1])
     grads = [torch.randn_like(p) for p in params]
     _, _, kw = step(grads, hyper)
     assert not kw["ALIGNED"]
     meta[0, 5] = 6                                          # meta rows changed in place
     _, args, _ = step(grads, hyper)
-    assert uploads.count((3, fs.N_META)) == 1 and args[4][0].tolist() == meta[0].tolist() + [1]
+    assert uploads.count((3, fs.N_META)) == 1 and args[5][0].tolist() == meta[0].tolist() + [1]
 
 
 @pytest.mark.parametrize("decoupled", [False, True])

@@ -38,6 +38,13 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     step = [r for r in rows if r["kernel"] == "_fused_step_kernel" and r["constexprs"]["ALIGNED"] == "True"]
     assert step and all(r["ld"].get("v4", 0) >= 3 and r["st"].get("v4", 0) >= 2 for r in step), step
     assert {r["constexprs"]["LR_PTRS"] for r in step} == {"True", "False"}    # a tensor lr too
+    # the step's 256-thread programs fit 4 an SM (float32 parameters) or 3 (16-bit), as csrc's
+    # blocks (NOTE: [chunk size] in fused_step.py)
+    bound = {"fp32": 64, "bf16": 80, "fp16": 80}
+    wide = [(r["arch"], r["constexprs"], r["registers"]) for r in rows
+            if r["kernel"] == "_fused_step_kernel"
+            and (r["num_warps"] != 8 or r["registers"] > bound[r["constexprs"]["P_DTYPE"]])]
+    assert not wide, wide
 
     def allowed(r) -> int:
         c = r["constexprs"]
