@@ -389,7 +389,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     TORCH_CHECK(tr > 0, "adafisher::fused_step: parameter ", i, " and its grad/momentum must be contiguous ",
                 "or share channels_last strides (NOTE: [row transpose])");
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
-    TORCH_CHECK(p.numel() / kStepChunk < (int64_t)INT32_MAX, "adafisher::fused_step: parameter too large");
+    TORCH_CHECK(p.numel() / (kStepBlockBytes / 4) < (int64_t)INT32_MAX, "adafisher::fused_step: parameter too large");
     StepTensor s;
     std::memset(&s, 0, sizeof(s));     // padding too: the bytes are a cache key (NOTE: [step tables])
     s.p = p.data_ptr(); s.g = g.data_ptr(); s.m = m.data_ptr();
@@ -421,9 +421,14 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
   for (int k = 0; k < 9; ++k) {
     const auto& ts = by_type[k];
     if (ts.empty()) continue;
+    // NOTE: [step chunks]: blocks of a 16-byte word a thread, about kStepTargetPrograms chunks
+    const int64_t block = kStepBlockBytes / (types[k / 3] == DType::F32 ? 4 : 2);
+    int64_t n_blocks = 0;
+    for (const StepTensor& t : ts) n_blocks += (t.numel + block - 1) / block;
+    const int64_t chunk = block * std::max<int64_t>(1, std::min(kStepMaxChunkBlocks, n_blocks / kStepTargetPrograms));
     std::vector<StepChunk> chunks;
     for (size_t i = 0; i < ts.size(); ++i)
-      for (int64_t c = 0; c * kStepChunk < ts[i].numel; ++c)
+      for (int64_t c = 0; c * chunk < ts[i].numel; ++c)
         chunks.push_back(StepChunk{static_cast<int32_t>(i), static_cast<int32_t>(c)});
     // one block on the device: [StepTensor x n][StepChunk x n_chunks][ticket counter, 8 bytes]
     // (NOTE: [step tables]); both sizes are multiples of 8, so the counter is aligned
@@ -435,7 +440,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
     const at::Tensor dev = device_table(std::move(bytes), params[0].device(), stream_capturing(stream));
     uint8_t* d = dev.data_ptr<uint8_t>();
     check_launch(launch_fused_step(reinterpret_cast<const StepTensor*>(d), (int64_t)ts.size(),
-                                   reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(),
+                                   reinterpret_cast<const StepChunk*>(d + tb), (int64_t)chunks.size(), chunk,
                                    types[k / 3], types[k % 3], fac_c.data_ptr(), ft, decoupled,
                                    reinterpret_cast<unsigned int*>(d + tb + cb), skip, stream),
                  op);

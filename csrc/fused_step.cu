@@ -5,7 +5,7 @@
 //   p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled)),  F = S'[row] * H'[col] + Lambda
 // with F's indices from the parameter's `meta` row (NOTE: [param map] in reference.py).
 // NOTE: [step chunks] Multi-tensor apply as in ATen's MultiTensorApply.cuh: the binding lists every
-// (tensor, chunk of kStepChunk elements) pair; block b handles chunk b.  A chunk whose p/g/m are
+// (tensor, chunk of `chunk` elements) pair; block b handles chunk b.  A chunk whose p/g/m are
 // 16-byte aligned moves 16 bytes per load (4 fp32 or 8 bf16/fp16; a gradient of another width
 // as many of its elements: 8 or 32 bytes), the rest (and the tail) goes element by element.  F's
 // index map (the meta row) travels in the tensor table.  Each block reads its tensor's step t (the
@@ -13,11 +13,16 @@
 // last block to take one increments every step tensor after its chunk and re-arms the counter, so
 // no block can see a half-updated step and the whole step stays one launch.  Steps kept on the
 // host (torch.optim's default, 0-dim CPU tensors) are read and incremented by the binding.
-// Chunks of 16384 elements, not ATen's 65536: on an H200 (2026-12-04) ResNet-18's 11M parameters
-// in 62 tensors (about 200 chunks of 65536, 1.5 blocks of 256 threads per SM, each thread's loads
-// one after another) took 0.150 ms, 35% of the copy bandwidth, where Triton's 1024-element
-// programs took 0.092 ms; four times the blocks fill the SMs (the table grows by 8 bytes a chunk:
-// 540 KB for 1.1B parameters).  A design argument until bench_fused_step times it.
+// The chunk is sized per launch (launchers.h): a block's 256 threads step it a 16-byte word each at a
+// time (1024 float32 elements, 2048 16-bit), and it is as many such blocks as make about 8192
+// chunks, at least one, at most 16.  ATen's fixed 65536 elements left ResNet-18's 11M parameters in
+// 62 tensors about 200 chunks on an H200 (2026-12-04): 1.5 blocks of 256 threads per SM, 0.150 ms,
+// 35% of the copy bandwidth, where Triton's 1024-element programs took 0.092 ms; now 11k chunks of
+// 1024.  On 124M and 1.1B parameters those chunks moved 80-86%; their size is kept there (14 and
+// 16 blocks), so that a block's table reads, bias correction and ticket are paid per 14-16k
+// elements.  The Triton step uses the same chunks (NOTE: [chunk size] in fused_step.py).  The
+// table grows by 8 bytes a chunk (540 KB for 1.1B parameters).  A design argument until
+// bench_fused_step times it.
 // With `found_inf` (GradScaler's, on the device) non-zero every block returns at once: no tensor and
 // no step changes, no ticket is taken (NOTE: [GradScaler] in adafisher_fast/optimizer.py).
 // Python scalars are rounded to float32 where torch's reference rounds them (1 - beta and
@@ -114,7 +119,7 @@ __device__ __forceinline__ void take_ticket(unsigned int* done, bool* last) {
 template <typename T, typename G, typename F>
 __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel(const StepTensor* __restrict__ tensors, int64_t n_tensors,
                                                          const StepChunk* __restrict__ chunks, int64_t n_chunks,
-                                                         const F* __restrict__ fac,
+                                                         int64_t chunk, const F* __restrict__ fac,
                                                          bool decoupled, unsigned int* done,
                                                          const float* __restrict__ found_inf) {
   __shared__ int64_t mt[11];
@@ -135,8 +140,8 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
     T* p = static_cast<T*>(ts.p);
     const G* g = static_cast<const G*>(ts.g);
     T* m = static_cast<T*>(ts.m);
-    const int64_t lo = (int64_t)ch.chunk * kStepChunk;
-    const int64_t hi = min(ts.numel, lo + kStepChunk);
+    const int64_t lo = (int64_t)ch.chunk * chunk;
+    const int64_t hi = min(ts.numel, lo + chunk);
     constexpr int V = 16 / sizeof(T);
     const bool aligned = ((reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |
                            reinterpret_cast<uintptr_t>(m)) & 15) == 0;
@@ -190,13 +195,13 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
   }
 
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
-                              int64_t n_chunks, DType pt, DType gt, const void* fac, DType ft,
+                              int64_t n_chunks, int64_t chunk, DType pt, DType gt, const void* fac, DType ft,
                               bool decoupled, unsigned int* done_counter, const float* found_inf,
                               cudaStream_t s) {
   if (n_tensors == 0) return cudaSuccess;
   const unsigned grid = (unsigned)std::max<int64_t>(n_chunks, 1);
   AF_DISPATCH_ACC(ft, F, AF_DISPATCH_STEP(pt, T, AF_DISPATCH_STEP(gt, G,
-    fused_step_kernel<T, G, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks,
+    fused_step_kernel<T, G, F><<<grid, 256, 0, s>>>(tensors, n_tensors, chunks, n_chunks, chunk,
         static_cast<const F*>(fac), decoupled, done_counter, found_inf))));
   return cudaGetLastError();
 }

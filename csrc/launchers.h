@@ -115,12 +115,22 @@ struct StepTensor {
                                     // nullptr (NOTE: [tensor lr] in adafisher_fast/kernel_host.py)
 };
 struct StepChunk { int32_t tensor; int32_t chunk; };
-constexpr int64_t kStepChunk = 16384;  // elements per chunk (see NOTE: [step chunks])
+// A launch's chunk: as many blocks of kStepBlockBytes of each parameter (a 16-byte word a thread)
+// as make about kStepTargetPrograms chunks, at least one, at most kStepMaxChunkBlocks (NOTE: [step
+// chunks]); the same policy and numbers as the Triton step's (fisher_kernels/fused_step.py,
+// NOTE: [chunk size]; tests/test_fused_step.py checks that they agree).  The emulated build
+// (tests/cuda_emu.py) sets a target of 2, so that its tests step chunks of several blocks.
+#ifndef AF_STEP_TARGET_PROGRAMS
+#define AF_STEP_TARGET_PROGRAMS 8192
+#endif
+constexpr int64_t kStepTargetPrograms = AF_STEP_TARGET_PROGRAMS;
+constexpr int64_t kStepMaxChunkBlocks = 16;
+constexpr int64_t kStepBlockBytes = 4096;
 // done_counter: one zero-initialised unsigned int in device memory, left at zero by the launch; one
 // per table (NOTE: [step tables] in bindings.cpp): launches that may run at once must not share it.
 // found_inf: nullptr, or one device float32 (GradScaler's): where non-zero the launch changes nothing.
 cudaError_t launch_fused_step(const StepTensor* tensors, int64_t n_tensors, const StepChunk* chunks,
-                              int64_t n_chunks, DType pt, DType gt, const void* fac, DType ft,
+                              int64_t n_chunks, int64_t chunk, DType pt, DType gt, const void* fac, DType ft,
                               bool decoupled, unsigned int* done_counter, const float* found_inf,
                               cudaStream_t s);
 

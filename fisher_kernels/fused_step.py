@@ -481,25 +481,25 @@ def _chunk_tables(pair: _Pair, meta, dev):
     groups), the tables on the device; groups: whether some parameter has an H group term (NOTE:
     [no groups]).
 
-    NOTE: [chunk size] The Triton step is csrc's (NOTE: [step chunks] in csrc/fused_step.cu): a
-    program of 256 threads steps a chunk of one parameter a block at a time, a block being a
-    16-byte word of p a thread (1024 float32 elements, 2048 bfloat16 or float16).  A chunk is one
-    block while the launch has fewer than 2 * TARGET_PROGRAMS blocks (ResNet-18's 11M float32
-    parameters: 11k programs), else as many as make about TARGET_PROGRAMS chunks, at most
-    MAX_CHUNK_BLOCKS (16384 float32 elements, csrc's chunk).  So what a program does before its
-    first load of p -- its chain of table loads (chunk, then pointers, size and
-    hyper-parameters, then meta row and step count), the bias correction and the step ticket's
-    atomic on the one counter every program shares -- is paid per chunk: GPT-2 small's 124M
-    parameters take about 9k programs and tickets, where the former 1024-element programs of 128
-    threads took 121k.  On an H200 (2026-12-04) those programs moved 67-68% of the copy
-    bandwidth on 124M and 1.1B parameters, csrc's 65536-element chunks 80-86%; on 11M 58%, where
-    those chunks, too few to fill the GPU, moved 35% (hence the target).  256 threads with a
-    word each, not 128 with two: in a loop, the compiler keeps each thread's per-element
-    addresses live across iterations, and 128 threads with two float32 words took 80-96
-    registers a thread on sm_90.  MAX_REGISTERS bounds them as csrc's launch bounds do: by
-    tests/triton_codegen.py (triton 3.9, sm_80 and sm_90) 60-64 for float32 parameters, 78-80
-    for 16-bit ones, no spills; without the bound ptxas took 48-58 and 74-98 with 8-byte stack
-    spills in 12 of the 48 configurations.  Not yet timed."""
+    NOTE: [chunk size] Both steps split a launch alike (csrc: NOTE: [step chunks] in
+    csrc/fused_step.cu, the same constants in csrc/launchers.h): a program (block) of 256 threads
+    steps a chunk of one parameter a block at a time, a block being a 16-byte word of p a thread
+    (1024 float32 elements, 2048 bfloat16 or float16).  A chunk is one block while the launch has
+    fewer than 2 * TARGET_PROGRAMS blocks (ResNet-18's 11M float32 parameters: 11k programs),
+    else as many as make about TARGET_PROGRAMS chunks, at most MAX_CHUNK_BLOCKS (16384 float32
+    elements).  So what a program does before its first load of p -- its chain of table loads
+    (chunk, then pointers, size and hyper-parameters, then meta row and step count), the bias
+    correction and the step ticket's atomic on the one counter every program shares -- is paid
+    per chunk: GPT-2 small's 124M parameters take about 9k programs and tickets, where Triton's
+    former 1024-element programs of 128 threads took 121k.  On an H200 (2026-12-04) those
+    programs moved 67-68% of the copy bandwidth on 124M and 1.1B parameters, csrc's then
+    65536-element chunks 80-86%; on 11M 58%, where those chunks, too few to fill the GPU, moved
+    35% (hence the target).  256 threads with a word each, not 128 with two: in a loop, the
+    compiler keeps each thread's per-element addresses live across iterations, and 128 threads
+    with two float32 words took 80-96 registers a thread on sm_90.  MAX_REGISTERS bounds them as
+    csrc's launch bounds do: by tests/triton_codegen.py (triton 3.9, sm_80 and sm_90) 60-64 for
+    float32 parameters, 78-80 for 16-bit ones, no spills; without the bound ptxas took 48-58
+    and 74-98 with 8-byte stack spills in 12 of the 48 configurations.  Not yet timed."""
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
     numels = [p.numel() for p in pair.ps]
     block = block_size(pair.ps[0].dtype)

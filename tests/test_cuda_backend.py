@@ -325,7 +325,7 @@ def test_fused_step_one_launch_many_tensors(cuda, dtype, decoupled, step_on, mon
     tensor last; steps on the host (the binding counts) or on the device (the last block counts)."""
     ops = cuda.ops
     torch.manual_seed(0)
-    big = (129, 1031) if cuda.emulated else (4096, 4096)          # 9 chunks emulated, 1024 on a GPU
+    big = (129, 1031) if cuda.emulated else (4096, 4096)   # chunks of several blocks (NOTE: [step chunks])
     sizes = [(1, 1), (7, 13), (33, 5), big, (1, 65537), (13,), (0, 3)]
     step_dev = cuda.dev if step_on == "device" else torch.device("cpu")
     if cuda.emulated and step_on == "device":                     # CPU tensors either way

@@ -554,6 +554,24 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
     assert len(tables) == 10 and all(ref() is not None for ref in tables)
 
 
+def test_both_steps_size_their_chunks_alike():
+    """The Triton and CUDA steps split a launch into the same chunks (NOTE: [chunk size] in
+    fisher_kernels/fused_step.py, [step chunks] in csrc/fused_step.cu): csrc's constants, read
+    from launchers.h, are the Triton step's."""
+    pytest.importorskip("triton")
+    import re
+    from pathlib import Path
+    fs = importlib.import_module("fisher_kernels.fused_step")
+    text = (Path(__file__).parents[1] / "csrc" / "launchers.h").read_text()
+
+    def const(pattern):
+        return int(re.search(pattern + r"\s+(\d+)", text)[1])
+
+    assert const(r"#define AF_STEP_TARGET_PROGRAMS") == fs.TARGET_PROGRAMS
+    assert const(r"kStepMaxChunkBlocks =") == fs.MAX_CHUNK_BLOCKS
+    assert const(r"kStepBlockBytes =") == fs.BLOCK_BYTES == 32 * fs.NUM_WARPS * 16
+
+
 @pytest.mark.parametrize("steps_on,chunk_blocks", [("device", 1), ("host", 1), ("device", 2)])
 def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     """The host side of Triton's one launch (NOTE: [pointer tables]): the tables given to the
