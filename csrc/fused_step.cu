@@ -18,9 +18,9 @@
 // chunks, at least one, at most 16.  ATen's fixed 65536 elements left ResNet-18's 11M parameters in
 // 62 tensors about 200 chunks on an H200 (2026-12-04): 1.5 blocks of 256 threads per SM, 0.150 ms,
 // 35% of the copy bandwidth, where Triton's 1024-element programs took 0.092 ms; now 11k chunks of
-// 1024.  On 124M and 1.1B parameters those chunks moved 80-86%; their size is kept there (14 and
-// 16 blocks), so that a block's table reads, bias correction and ticket are paid per 14-16k
-// elements.  The Triton step uses the same chunks (NOTE: [chunk size] in fused_step.py).  The
+// 1024.  On 124M and 1.1B parameters the 65536-element chunks moved 80-86%; chunks stay large
+// there (14 and 16 blocks, 14-16k elements), so that a block's table reads, bias correction and
+// ticket are paid per that many elements.  The Triton step uses the same chunks (NOTE: [chunk size] in fused_step.py).  The
 // table grows by 8 bytes a chunk (540 KB for 1.1B parameters).  A design argument until
 // bench_fused_step times it.
 // With `found_inf` (GradScaler's, on the device) non-zero every block returns at once: no tensor and
@@ -109,11 +109,12 @@ __device__ __forceinline__ void load_grads(const G* src, float (&out)[V]) {
 // SM's L1 (CCTL.IVALL in the sm_90 SASS, nvcc 13.0) once per block, 11k times a step on ResNet-18.
 __device__ __forceinline__ void take_ticket(unsigned int* done, bool* last) {
   if (threadIdx.x == 0) {
-#ifdef ADAFISHER_EMULATE
-    const unsigned int old = atomicAdd(done, 1u);     // one host thread: always ordered
-#else
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
     unsigned int old;
     asm volatile("atom.release.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(done) : "memory");
+#else       // the emulator (one host thread: always ordered), or a GPU before sm_70 (no atom.release)
+    __threadfence();
+    const unsigned int old = atomicAdd(done, 1u);
 #endif
     *last = old == gridDim.x - 1;
   }

@@ -31,7 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 BUILD = os.path.join(ROOT, "build", "cuda_emu")
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
-FLAGS = ["-DADAFISHER_EMULATE", "-DAF_STEP_TARGET_PROGRAMS=2", "-O1", "-g0", "-ffp-contract=off", "-ftrivial-auto-var-init=pattern",
+FLAGS = ["-DADAFISHER_EMULATE", "-O1", "-g0", "-ffp-contract=off", "-ftrivial-auto-var-init=pattern",
+         "-DAF_STEP_TARGET_PROGRAMS=2",     # fused_step chunks of several blocks (launchers.h)
          "-U_FORTIFY_SOURCE",       # fortified longjmp refuses to jump between fiber stacks
          "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 _state = {}
