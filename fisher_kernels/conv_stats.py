@@ -40,19 +40,28 @@ _column_module = sys.modules[partial_sums.__module__]   # (its interpreting(), w
 TILE = 2048     # (kernel offsets x output positions) per program
 MAX_KO = 32     # kernel offsets per program (a 3x3x3 kernel's 27 in one)
 TARGET_PROGRAMS = 8192   # lattice programs per launch, about (NOTE: [lattice groups])
+WIDE_FROM = 2 ** 31      # a channel's map extent from here: int64 offsets (NOTE: [map offsets])
 
 
 @triton.jit
 def _lattice_sum_kernel(q_ptr, out_ptr, R, QR, QC, Q0, Q1, Q2, S0, S1, S2, P0, P1, P2, K0, K1,
                         K2, D0, D1, D2, T0, T1, T2, N0, N1, N2, N_LBLK, N_LGRP, LPG,
-                        BLOCK_KO: tl.constexpr, BLOCK_L: tl.constexpr, PARTIAL: tl.constexpr):
+                        BLOCK_KO: tl.constexpr, BLOCK_L: tl.constexpr, PARTIAL: tl.constexpr,
+                        WIDE: tl.constexpr):
     """Program (c * N_LBLK + l-block, block of kernel offsets): out[c * K + koff] += sum over the
     l-block of the output lattice of sum_r Q[r, c, koff*dil + l*stride - pad], Q (R, C, S0, S1,
     S2) with strides (QR, QC, Q0, Q1, Q2), read as 0 outside the map (zero padding).
     NOTE: [lattice split] one tile per program, added atomically: a channel per program would
     leave a 3-channel first layer with a handful of programs on a GPU of 132 SMs.  PARTIAL
     (deterministic algorithms): out is an (N_LBLK, C * K) scratch, the program's sums stored in
-    row l-block (NOTE: [ordered partials] in linear_stats.py)."""
+    row l-block (NOTE: [ordered partials] in linear_stats.py).
+
+    NOTE: [map offsets] An entry's offset within its channel's map, y0 * Q0 + y1 * Q1 + y2 * Q2,
+    is an int32 unless the map's extent (its padded size, or C times it in channels_last order)
+    reaches 2^31 (WIDE, chosen on the host): in int64, two registers for each of a thread's 16
+    entries, the 15 launch configurations per arch of the tests and benchmarks that fill the tile
+    took 77-96 registers a thread on sm_80 and sm_90 (triton 3.9, tests/triton_codegen.py), most
+    of them 88-96 (20 warps an SM); in int32 72-80 (24 warps), one of them 95-96."""
     c = tl.program_id(0) // N_LGRP
     lg = tl.program_id(0) % N_LGRP
     K = K0 * K1 * K2
@@ -76,7 +85,10 @@ def _lattice_sum_kernel(q_ptr, out_ptr, R, QR, QC, Q0, Q1, Q2, S0, S1, S2, P0, P
         y2 = k2[:, None] * D2 + (i2 * T2)[None, :] - P2
         ok = (km[:, None] & lm[None, :] & (y0 >= 0) & (y0 < S0) & (y1 >= 0) & (y1 < S1)
               & (y2 >= 0) & (y2 < S2))
-        at = base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2
+        if WIDE:
+            at = base + y0.to(tl.int64) * Q0 + y1.to(tl.int64) * Q1 + y2.to(tl.int64) * Q2
+        else:
+            at = base + (y0 * Q0 + y1 * Q1 + y2 * Q2)
         v = tl.load(at, mask=ok, other=0.0)
         for r in range(1, R):
             v += tl.load(at + tl.cast(r, tl.int64) * QR, mask=ok, other=0.0)
@@ -125,10 +137,11 @@ class _Plan(NamedTuple):
 @functools.lru_cache(maxsize=1024)
 def _plan(shape: torch.Size, strides: tuple, n_out: int, kernel_size: tuple, stride: tuple,
           padding: tuple, dilation: tuple, groups: int, padding_mode: str, det: bool,
-          target: int, interpret: bool) -> _Plan:
+          target: int, interpret: bool, wide_from: int) -> _Plan:
     """The call's checks, and its plan, worked out on a meta x of that shape and those
-    strides.  ``target`` (TARGET_PROGRAMS) and ``interpret`` (the column sum's split) are part of
-    the key, so that a changed tuning constant is not answered from the cache."""
+    strides.  ``target`` (TARGET_PROGRAMS), ``interpret`` (the column sum's split) and
+    ``wide_from`` (WIDE_FROM) are part of the key, so that a changed tuning constant is not
+    answered from the cache."""
     nd = len(kernel_size)
     if nd not in (1, 2, 3) or len(shape) != nd + 2:
         raise ValueError(f"conv_stats: x must be (B, C, *spatial) with {nd} spatial dims, got "
@@ -184,6 +197,7 @@ def _plan(shape: torch.Size, strides: tuple, n_out: int, kernel_size: tuple, str
                  (q.shape[0], q.stride(0), q.stride(1), *Q, *S, *P, *K, *D, *T, *N, n_lblk,
                   n_lgrp, lpg),
                  dict(BLOCK_KO=block_ko, BLOCK_L=block_l, PARTIAL=n_lgrp > 1 and det,
+                      WIDE=sum((n - 1) * q for n, q in zip(S, Q)) >= wide_from,
                       enable_fp_fusion=True),
                  n_lgrp if n_lgrp > 1 and det else 0)
 
@@ -199,7 +213,7 @@ def conv_stats(x: torch.Tensor, out: torch.Tensor, kernel_size: Sequence[int],
     plan = _plan(x.shape, x.stride(), out.numel(), tuple(kernel_size), tuple(stride),
                  tuple(map(tuple, padding)), tuple(dilation), groups, padding_mode,
                  torch.are_deterministic_algorithms_enabled(), TARGET_PROGRAMS,
-                 _column_module.interpreting())
+                 _column_module.interpreting(), WIDE_FROM)
     if plan.empty:
         return plan.n_pos
     if not plan.dense:

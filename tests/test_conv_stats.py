@@ -319,6 +319,29 @@ def test_triton_conv_stats_fills_no_scratch(monkeypatch):
     assert set(ops.seen) == {"empty"}, ops.seen     # the partial sums' scratch
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_triton_lattice_wide_offsets_match_reference(mode, fmt, monkeypatch):
+    """The lattice's int64 map offsets (WIDE, for a channel's map of 2^31 entries or more: NOTE:
+    [map offsets]), made to run on small maps, sum as the reference does."""
+    cs = _triton_conv_module()
+    monkeypatch.setattr(cs, "WIDE_FROM", 0)
+    wide, launch = [], cs.launch
+    monkeypatch.setattr(cs, "launch", lambda kernel, grid, *args, **kw:
+                        wide.append(kw["WIDE"]) or launch(kernel, grid, *args, **kw))
+    torch.manual_seed(4)
+    for spatial, kernel, stride, padding, dilation, c, groups in CASES:
+        x = torch.randn((2, c) + spatial, device=device())
+        if len(spatial) == 2:
+            x = x.to(memory_format=fmt)
+        want = torch.rand(c * torch.Size(kernel).numel(), device=device())
+        got = want.clone()
+        reference.conv_stats(x, want, kernel, stride, padding, dilation, groups, mode)
+        cs.conv_stats(x, got, kernel, stride, padding, dilation, groups, mode)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert len(wide) == len(CASES) and all(wide)
+
+
 @pytest.mark.parametrize("det", [False, True])
 def test_triton_lattice_groups_match_reference(det, monkeypatch):
     """Several l-blocks per program (TARGET_PROGRAMS made tiny) sum as the reference does."""
