@@ -16,6 +16,8 @@ Bytes model (``es`` = parameter element size, N = parameter elements):
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from adafisher_fast import reference
@@ -61,9 +63,19 @@ def cases(h: Harness):
             return dict(label=f"{label} ({s.numel / 1e6:.1f}M, {len(s.params)} tensors)",
                         shape=[s.numel], dtype=str(s.params[0].dtype)[6:],
                         bytes=5 * s.numel * s.elsize, build=build, baselines=[("adamw", adamw)],
-                        extra=dict(n_tensors=len(s.params)), keep=s)
+                        extra=dict(n_tensors=len(s.params), chunk=_chunk(s)), keep=s)
         out.append(LazyCase(label, setup))
     return out
+
+
+def _chunk(s: OptSetup) -> Optional[int]:
+    """Elements a program or block of the kernel steps (both backends size them alike: NOTE:
+    [chunk size] in fisher_kernels/fused_step.py); None without Triton."""
+    try:
+        from fisher_kernels.fused_step import chunk_size
+    except ImportError:
+        return None
+    return chunk_size([p.numel() for p in s.params], s.params[0].dtype)
 
 
 def run(h: Harness) -> None:

@@ -323,6 +323,14 @@ def block_size(dtype: torch.dtype) -> int:
     return BLOCK_BYTES // dtype.itemsize
 
 
+def chunk_size(numels: List[int], dtype: torch.dtype) -> int:
+    """Elements a program steps in one launch over parameters of these sizes and ``dtype``
+    (NOTE: [chunk size]; csrc's binding sizes its chunks alike)."""
+    block = block_size(dtype)
+    n_blocks = sum(cdiv(n, block) for n in numels)
+    return block * max(1, min(MAX_CHUNK_BLOCKS, n_blocks // TARGET_PROGRAMS))
+
+
 def _wide(rows) -> bool:
     """Whether some meta row (NOTE: [param map]) needs 64-bit per-element division."""
     return any(max(row[1], row[8]) >= I32_LIMIT for row in rows)
@@ -502,9 +510,7 @@ def _chunk_tables(pair: _Pair, meta, dev):
     and 74-98 with 8-byte stack spills in 12 of the 48 configurations.  Not yet timed."""
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
     numels = [p.numel() for p in pair.ps]
-    block = block_size(pair.ps[0].dtype)
-    n_blocks = sum(cdiv(n, block) for n in numels)
-    chunk = block * max(1, min(MAX_CHUNK_BLOCKS, n_blocks // TARGET_PROGRAMS))
+    block, chunk = block_size(pair.ps[0].dtype), chunk_size(numels, pair.ps[0].dtype)
     n_chunks = [cdiv(n, chunk) for n in numels]
     chunk_param = torch.repeat_interleave(torch.arange(len(n_chunks)),
                                           torch.tensor(n_chunks, dtype=torch.int64))

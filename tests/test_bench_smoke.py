@@ -45,6 +45,13 @@ def test_every_op_and_e2e_measured(smoke):
     conv = {r["backend"] for r in ok if r["op"] == "conv_stats"}
     assert {"im2col", "floor", "x2sum", "torch"} <= conv
     assert any(r["backend"] == "adamw" for r in ok if r["op"] == "fused_step")
+    chunks = {r["chunk"] for r in ok if r["op"] == "fused_step"}
+    try:                                    # one-block chunks at smoke sizes (float32 parameters)
+        from fisher_kernels.fused_step import BLOCK_BYTES
+    except ImportError:
+        assert chunks == {None}
+    else:
+        assert chunks == {BLOCK_BYTES // 4}
     e2e = [r for r in ok if r["kind"] == "e2e"]
     opts = {r["optimizer"] for r in e2e}
     assert {"sgd", "adamw", "AdaFisher TCov=1", "AdaFisher TCov=100", "AdaFisherW TCov=1",
