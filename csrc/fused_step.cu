@@ -13,16 +13,16 @@
 // last block to take one increments every step tensor after its chunk and re-arms the counter, so
 // no block can see a half-updated step and the whole step stays one launch.  Steps kept on the
 // host (torch.optim's default, 0-dim CPU tensors) are read and incremented by the binding.
-// The chunk is sized per launch (launchers.h): a block's 256 threads step it a 16-byte word each at a
-// time (1024 float32 elements, 2048 16-bit), and it is as many such blocks as make about 8192
-// chunks, at least one, at most 16.  ATen's fixed 65536 elements left ResNet-18's 11M parameters in
+// The chunk is sized per launch (launchers.h): a block's 256 threads step it a 16-byte word each at
+// a time (1024 float32 elements, 2048 16-bit), and it is as many such blocks as make about 8192
+// chunks, at least one, at most 16. ATen's fixed 65536 elements left ResNet-18's 11M parameters in
 // 62 tensors about 200 chunks on an H200 (2026-12-04): 1.5 blocks of 256 threads per SM, 0.150 ms,
 // 35% of the copy bandwidth, where Triton's 1024-element programs took 0.092 ms; now 11k chunks of
-// 1024.  On 124M and 1.1B parameters the 65536-element chunks moved 80-86%; chunks stay large
-// there (14 and 16 blocks, 14-16k elements), so that a block's table reads, bias correction and
-// ticket are paid per that many elements.  The Triton step uses the same chunks (NOTE: [chunk size] in fused_step.py).  The
-// table grows by 8 bytes a chunk (540 KB for 1.1B parameters).  A design argument until
-// bench_fused_step times it.
+// 1024. On 124M and 1.1B parameters the 65536-element chunks moved 80-86%; chunks stay large there
+// (14 and 16 blocks, 14-16k elements), so that a block's table reads, bias correction and ticket
+// are paid per that many elements. The Triton step uses the same chunks (NOTE: [chunk size] in
+// fused_step.py). The table grows by 8 bytes a chunk (540 KB for 1.1B parameters). A design
+// argument until bench_fused_step times it.
 // With `found_inf` (GradScaler's, on the device) non-zero every block returns at once: no tensor and
 // no step changes, no ticket is taken (NOTE: [GradScaler] in adafisher_fast/optimizer.py).
 // Python scalars are rounded to float32 where torch's reference rounds them (1 - beta and

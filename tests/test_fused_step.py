@@ -577,8 +577,8 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     """The host side of Triton's one launch (NOTE: [pointer tables]): the tables given to the
     launch cover every element of every parameter once, in chunks of one block, or of two when
     the launch has 2 * TARGET_PROGRAMS blocks or more (NOTE: [chunk size]), with its pointers,
-    meta row, hyper-parameters and step count (the addresses of device steps, the incremented values of
-    host steps); they are cached, an LR change uploads only the hyper-parameter table, and new
+    meta row, hyper-parameters and step count (the addresses of device steps, the incremented
+    values of host steps); they are cached, an LR change uploads only the hyper-parameter table, and new
     gradient tensors or changed meta rows rebuild the pointer tables (NOTE: [step host path])."""
     pytest.importorskip("triton")
     fs = importlib.import_module("fisher_kernels.fused_step")
