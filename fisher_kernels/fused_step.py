@@ -485,8 +485,8 @@ def _build(pair: _Pair, params, grads, moms, meta, meta_key, lr_at, dev):
 
 
 def _chunk_tables(pair: _Pair, meta, dev):
-    """(n_chunks, block, chunk, [chunk_param, chunk_start, numels, meta rows with T], wide,
-    groups), the tables on the device; groups: whether some parameter has an H group term (NOTE:
+    """(n_chunks, chunk, [chunk_param, chunk_start, numels, meta rows with T], wide, groups),
+    the tables on the device; groups: whether some parameter has an H group term (NOTE:
     [no groups]).
 
     NOTE: [chunk size] Both steps split a launch alike (csrc: NOTE: [step chunks] in
@@ -510,7 +510,7 @@ def _chunk_tables(pair: _Pair, meta, dev):
     and 74-98 with 8-byte stack spills in 12 of the 48 configurations.  Not yet timed."""
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
     numels = [p.numel() for p in pair.ps]
-    block, chunk = block_size(pair.ps[0].dtype), chunk_size(numels, pair.ps[0].dtype)
+    chunk = chunk_size(numels, pair.ps[0].dtype)
     n_chunks = [cdiv(n, chunk) for n in numels]
     chunk_param = torch.repeat_interleave(torch.arange(len(n_chunks)),
                                           torch.tensor(n_chunks, dtype=torch.int64))
@@ -519,7 +519,7 @@ def _chunk_tables(pair: _Pair, meta, dev):
     tables = [_upload(t, dev) for t in (chunk_param.to(torch.int32), chunk_start,
                                          torch.tensor(numels, dtype=torch.int64),
                                          torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
-    return (int(chunk_param.numel()), block, chunk, tables, _wide(rows),
+    return (int(chunk_param.numel()), chunk, tables, _wide(rows),
             any(row[9] != 0 for row in rows))
 
 
@@ -542,7 +542,7 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
             t += 1 if found_inf is None else (found_inf.reshape(()) == 0).to(t.dtype)
         return
     chunks, ptrs, step_table, lr_ptrs, ticket, aligned = tables
-    n_chunks, block, chunk, (chunk_param, chunk_start, numels, rows), wide, groups = chunks
+    n_chunks, chunk, (chunk_param, chunk_start, numels, rows), wide, groups = chunks
     wide = wide or fac.numel() >= I32_LIMIT         # NOTE: [32-bit indices]
     on_dev = step_table is not None
     if not on_dev:
@@ -557,8 +557,8 @@ def _launch(pair: _Pair, tables, fac, hyper, decoupled, pdt, gdt, found_inf) -> 
         _fused_step_kernel, (n_chunks,),
         chunk_param, chunk_start, chunk, ptrs, numels, rows, hyper_table, lr_ptrs,
         step_table, len(steps), ticket, fac, found_inf,
-        P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=block, WIDE=wide,
-        GROUPS=groups, ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
+        P_DTYPE=_TL[pdt], G_DTYPE=_TL[gdt], DECOUPLED=bool(decoupled), BLOCK=block_size(pdt),
+        WIDE=wide, GROUPS=groups, ALIGNED=aligned, DEVICE_STEPS=on_dev, LR_PTRS=lr_ptrs is not None,
         FOUND_INF=found_inf is not None, STEP_BLOCK=STEP_BLOCK,
         num_warps=NUM_WARPS, maxnreg=MAX_REGISTERS[pdt.itemsize],
         enable_fp_fusion=False)     # NOTE: [fp fusion] in fisher_kernels/__init__.py
