@@ -101,10 +101,20 @@ def targets(rows: List[Dict]) -> List[str]:
                     if any(r["backend"] == b and pred(r) and r.get(key) is not None for r in ok) else None)
                 for b in kern}
 
+    def slowest_speedup(base):
+        """Per backend, the least over conv_stats cases of ``base``'s time / the backend's."""
+        conv = [r for r in ok if r["op"] == "conv_stats"]
+        t = {(r["case"], r["dtype"]): r["time_ms"] for r in conv if r["backend"] == base}
+        return {b: min((t[r["case"], r["dtype"]] / r["time_ms"] for r in conv
+                        if r["backend"] == b and (r["case"], r["dtype"]) in t), default=None)
+                for b in kern}
+
     specs = [
-        ("conv_stats: slowest speedup vs im2col (>= 30x)",
-         worst(lambda r: r["op"] == "conv_stats", "ratio", max), "{:.1f}x", lambda v: v <= 1 / 30,
-         lambda v: 1 / v),
+        # SPEC 8's im2col is the released code's; the leaner F.unfold one is the harder mark
+        ("conv_stats: slowest speedup vs the released code's im2col (>= 30x)",
+         slowest_speedup("released"), "{:.1f}x", lambda v: v >= 30, None),
+        ("conv_stats: slowest speedup vs F.unfold im2col (>= 30x)",
+         slowest_speedup("im2col"), "{:.1f}x", lambda v: v >= 30, None),
         ("conv_stats: lowest % of peak bandwidth (> 70%)",
          worst(lambda r: r["op"] == "conv_stats", "pct_peak", min), "{:.0f}%", lambda v: v > 70, None),
         ("fused_step 100M+ params: lowest % of peak (> 80%)",

@@ -43,7 +43,8 @@ def test_every_op_and_e2e_measured(smoke):
             assert r["time_ms"] > 0 and r["q20_ms"] <= r["time_ms"] <= r["q80_ms"]
             assert r["bytes"] > 0 and r["gbps"] > 0 and r["pct_peak"] > 0
     conv = {r["backend"] for r in ok if r["op"] == "conv_stats"}
-    assert {"im2col", "floor", "x2sum", "torch"} <= conv
+    assert {"released", "im2col", "floor", "x2sum", "torch"} <= conv
+    assert {r["ratio_to"] for r in ok if r["op"] == "conv_stats"} == {"released"}
     assert any(r["backend"] == "adamw" for r in ok if r["op"] == "fused_step")
     chunks = {r["chunk"] for r in ok if r["op"] == "fused_step"}
     try:                                    # one-block chunks at smoke sizes (float32 parameters)
@@ -167,8 +168,9 @@ def test_deterministic_run_appends_det_rows(tmp_path, monkeypatch):
     assert not torch.are_deterministic_algorithms_enabled()
     rows = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines() if l]
     ops = [r for r in rows if r["kind"] == "op"]
-    assert {r["backend"] for r in ops} == {"torch", "torch+det", "im2col", "im2col+det", "floor",
-                                           "floor+det", "x2sum", "x2sum+det"}
+    assert {r["backend"] for r in ops} == {"torch", "torch+det", "released", "released+det",
+                                           "im2col", "im2col+det", "floor", "floor+det", "x2sum",
+                                           "x2sum+det"}
     assert all(r["status"] == "ok" for r in ops)
     assert "| torch+det |" in (tmp_path / "table.md").read_text()
 
@@ -203,6 +205,59 @@ def test_conv_stats_floor_and_x2sum_baselines_compute_the_square_sum(tmp_path):
     want = torch.randn(case.shape).double().square().sum(0)
     torch.testing.assert_close(got["floor"].double().square(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got["x2sum"].double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("geometry", [dict(k=(3, 3), s=(1, 1), pad=1, g=1),
+                                      dict(k=(3, 2), s=(2, 1), pad=(1, 0), g=1),
+                                      dict(k=(1, 1), s=(2, 2), pad=0, g=1),
+                                      dict(k=(3, 3), s=(2, 2), pad=1, g=2)])
+def test_conv_stats_im2col_baselines_compute_the_patch_square_sums(geometry):
+    """Both im2col baselines (``released``: the released code's op sequence; ``im2col``:
+    F.unfold) add up the squares of the zero-padded patches per (channel, kh, kw), summed over
+    groups' positions for ``released`` (its per-group feature index), by a loop over positions."""
+    import torch
+    from bench.bench_conv_stats import im2col_stats, released_stats
+    k, s, g = geometry["k"], geometry["s"], geometry["g"]
+    pad = geometry["pad"] if isinstance(geometry["pad"], tuple) else (geometry["pad"],) * 2
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 7, 6, dtype=torch.float64)
+    xp = torch.nn.functional.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+    want = torch.zeros(4, *k, dtype=torch.float64)
+    for i in range(0, xp.shape[2] - k[0] + 1, s[0]):
+        for j in range(0, xp.shape[3] - k[1] + 1, s[1]):
+            want += xp[:, :, i:i + k[0], j:j + k[1]].square().sum(0)
+    got = {}
+    for name, fn, args in (("released", released_stats, (g,)),
+                           ("im2col", im2col_stats, ((1, 1), g))):
+        out = torch.zeros(4 * k[0] * k[1], dtype=torch.float64)
+        fn(x, out, k, s, [(p, p) for p in pad], *args)
+        got[name] = out.view(4, *k)
+    torch.testing.assert_close(got["im2col"], want)
+    # the released code's feature index is (C/g, kh, kw): each group's channels land on the same
+    torch.testing.assert_close(got["released"][:4 // g], want.view(g, 4 // g, *k).sum(0))
+    assert not got["released"][4 // g:].any()
+
+
+def test_report_conv_targets_take_each_case_s_own_baselines():
+    """The SPEC 8 conv_stats line divides each case's released-im2col time by a backend's time in
+    that case (the slowest such speedup per backend), the stricter line F.unfold's; rows of a run
+    without ``released`` rows (2026-12-04) leave that line empty rather than misname the other."""
+    from bench.report import targets
+
+    def row(case, backend, ms):
+        return {"kind": "op", "op": "conv_stats", "case": case, "dtype": "float32",
+                "backend": backend, "status": "ok", "time_ms": ms}
+    rows = [row("a", "released", 6.0), row("a", "im2col", 3.0), row("a", "cuda", 0.1),
+            row("a", "triton", 0.3), row("b", "released", 1.0), row("b", "im2col", 0.5),
+            row("b", "cuda", 0.04), row("b", "triton", 0.02)]
+    text = "\n".join(targets(rows))
+    # cuda: min(6/0.1, 1/0.04) = 25, min(3/0.1, 0.5/0.04) = 12.5; triton: min(20, 50), min(10, 25)
+    assert "| conv_stats: slowest speedup vs the released code's im2col (>= 30x) | 25.0x FAIL | " \
+           "20.0x FAIL |" in text
+    assert "| conv_stats: slowest speedup vs F.unfold im2col (>= 30x) | 12.5x FAIL | " \
+           "10.0x FAIL |" in text
+    old = "\n".join(targets([r for r in rows if r["backend"] != "released"]))
+    assert "| conv_stats: slowest speedup vs the released code's im2col (>= 30x) | - | - |" in old
 
 
 def test_report_renders_rows_of_earlier_runs():
