@@ -453,10 +453,15 @@ class ConvKind(LayerKind):
             return x
         geometry = (type(m).__name__, m.kernel_size, m.stride, m.dilation, m.padding,
                     tuple(x.shape[-nd:]), tuple(output.shape[-nd:]))
-        try:        # memoised (NOTE: [launch plans]), unless a traced shape's SymInts do not hash
-            flat = _extra_padding(*geometry)
-        except TypeError:
+        # memoised in eager mode (NOTE: [launch plans]); a traced forward derives it once per
+        # graph, and through the cache dynamo would warn of "silent incorrectness" on every conv
+        if torch.compiler.is_compiling():
             flat = _extra_padding.__wrapped__(*geometry)
+        else:
+            try:
+                flat = _extra_padding(*geometry)
+            except TypeError:       # a subclass's unhashable geometry (a list)
+                flat = _extra_padding.__wrapped__(*geometry)
         if not flat:
             return x
         # not while tracing: the warning breaks the graph, and reading the set guards on it
