@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import poison
 from adafisher_fast.backends import OPS
@@ -69,7 +70,7 @@ def _sources() -> list:
         name = os.path.basename(path)
         dst = os.path.join(BUILD, "src", name[:-3] + ".cpp" if name.endswith(".cu") else name)
         text = f'#line 1 "{path}"\n{src}'
-        if not os.path.exists(dst) or open(dst).read() != text:   # keep ninja's timestamps
+        if not os.path.exists(dst) or Path(dst).read_text() != text:   # keep ninja's timestamps
             with open(dst, "w") as f:
                 f.write(text)
         if name.endswith(".cu"):
