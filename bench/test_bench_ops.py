@@ -28,7 +28,7 @@ def _params():
     for op in OPS:
         for c in importlib.import_module(f"bench.bench_{op}").cases(_H):
             label = c.label
-            for b in list(_BACKENDS) + (["im2col"] if op == "conv_stats" else []) + \
+            for b in list(_BACKENDS) + (["released", "im2col"] if op == "conv_stats" else []) + \
                     (["adamw"] if op == "fused_step" else []):
                 dt = getattr(c, "dtype", "")
                 out.append(pytest.param(op, c, b, id=f"{op}-{label}-{dt}-{b}".replace(" ", "_")))
@@ -55,6 +55,7 @@ def test_op(benchmark, op, case, backend):
         _H.sync()
 
     benchmark.pedantic(call, rounds=_H.iters(50, 10, 3), warmup_rounds=2, iterations=1)
-    med = benchmark.stats.stats.median
+    # --benchmark-disable runs each call once, untimed: no stats, no GB/s
+    med = benchmark.stats.stats.median if benchmark.stats else None
     benchmark.extra_info.update(op=op, backend=backend, dtype=c.dtype, shape=c.shape, bytes=nbytes,
                                 gbps=nbytes / med / 1e9 if med else None, **_H.env)

@@ -260,6 +260,27 @@ def test_report_conv_targets_take_each_case_s_own_baselines():
     assert "| conv_stats: slowest speedup vs the released code's im2col (>= 30x) | - | - |" in old
 
 
+def test_pytest_benchmark_entry_point_runs_every_op(tmp_path):
+    """``pytest bench`` (bench/test_bench_ops.py, outside CI's testpaths) on the smoke shapes,
+    with --benchmark-disable (each call once, untimed; its missing stats crashed every case):
+    every op on the torch backend, and conv_stats' two im2col baselines."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("pytest_benchmark")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, BENCH_SMOKE="1", BENCH_PYTEST_OUT=str(tmp_path))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-p", "no:xdist", "--benchmark-disable", "-rA", "bench/test_bench_ops.py"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    passed = [l for l in run.stdout.splitlines() if l.startswith("PASSED")]
+    for op in OPS:
+        assert any(f"[{op}-" in l and l.endswith("-torch]") for l in passed), op
+    for base in ("released", "im2col"):
+        assert any("[conv_stats-" in l and l.endswith(f"-{base}]") for l in passed), base
+
+
 def test_report_renders_rows_of_earlier_runs():
     """``python -m bench.report`` re-renders an earlier results.jsonl, and ``--append`` adds to
     one: conv_stats rows written before the x2sum baseline carry ``anchor_floor_ms`` (a KeyError
