@@ -76,14 +76,40 @@ def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
     assert ordered == {("_fused_step_kernel", "atom.release"),
                        ("_fused_step_kernel", "atom.acquire")}
     # the hot kernels stream memory, and layer_ema's latency-bound loops (NOTE: [ema block]) hold
-    # 4 entries per thread: no spills to local memory; nor to the stack for the streaming ones
-    # (the step with its counts on the device, as the optimizer keeps them for the kernels).
-    # layer_ema's official-preset walk may spill there: ptxas gives a 256-thread kernel 128
-    # registers, and its values kept across the walks go to the stack outside the loops
+    # 4 entries per thread: no spills to local memory; nor to the stack inside a loop for the
+    # streaming ones (the step with its counts on the device, as the optimizer keeps them for the
+    # kernels). Outside the loops a few bytes may go there once a thread (triton 3.8, which torch
+    # 2.14 installs: the 16-bit step's tail, 8 B). layer_ema's official-preset walk may spill
+    # more: ptxas gives a 256-thread kernel 128 registers, and its values kept across the walks
+    # go to the stack at the turns of its loop over a layer's factors, not in the walks over
+    # their entries (sm_90, triton 3.9: 56 B, 22 accesses)
     hot = [r for r in rows
            if r["kernel"] in ("_fused_step_kernel", "_column_reduce_kernel", "_layer_ema_kernel")]
     assert hot and all(r["local_bytes"] == 0 for r in hot), [r for r in hot if r["local_bytes"]]
     streaming = [r for r in hot if r["kernel"] == "_column_reduce_kernel"
                  or r["constexprs"].get("DEVICE_STEPS") == "True"]
-    assert streaming and all(r["stack_bytes"] == 0 for r in streaming), \
-        [r for r in streaming if r["stack_bytes"]]
+    assert streaming and all(r["loop_spills"] == 0 for r in streaming), \
+        [r for r in streaming if r["loop_spills"]]
+
+
+def test_loop_spills_counts_local_accesses_inside_loops_only():
+    from triton_codegen import _loop_spills
+    sass = """
+        /*0000*/                   STL.64 [R1], R4 ;                  /* 0x0 */
+        /*0010*/                   IMAD R2, R3, R4, RZ ;              /* 0x0 */
+        /*0020*/               @P1 STL [R1+0x8], R2 ;                 /* 0x0 */
+        /*0030*/                   CALL.REL.NOINC 0x0090 ;            /* 0x0 */
+        /*0040*/              @!P0 BRA 0x0020 ;                       /* 0x0 */
+        /*0050*/                   LDL.LU.64 R4, [R1] ;               /* 0x0 */
+        /*0060*/                   BRA 0x0080 ;                       /* 0x0 */
+        /*0070*/                   EXIT ;                             /* 0x0 */
+        /*0080*/                   LDL R6, [R1+0x8] ;                 /* 0x0 */
+        /*0090*/                   LDL R7, [R1+0xc] ;                 /* 0x0 */
+        /*00a0*/                   RET.REL.NODEC R20 0x0 ;            /* 0x0 */
+        /*00b0*/                   STL [R1+0x10], R7 ;                /* 0x0 */
+    """
+    # in the loop 0x20-0x40: the predicated STL at 0x20; in the subroutine it calls (0x90 up to
+    # its RET): the LDL at 0x90.  Not: the prologue's STL, the tail's LDLs, what follows the RET
+    # (forward branches make no loop)
+    assert _loop_spills(sass) == 2
+    assert _loop_spills(sass.replace("@!P0 BRA 0x0020", "@!P0 BRA 0x0070")) == 0

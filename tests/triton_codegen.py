@@ -26,14 +26,10 @@ import traceback
 from contextlib import contextmanager
 
 import torch
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    sys.exit("triton_codegen.py compiles real kernels: run it without TRITON_INTERPRET=1")
-
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource, make_backend  # noqa: E402
-from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -175,16 +171,38 @@ def _optimizer_runs(dev="cpu"):
 
 def _resources(cubin: bytes) -> dict:
     """Registers per thread, local memory per thread and the stack frame (where ptxas puts
-    spilled registers too), read by cuobjdump."""
+    spilled registers too), read by cuobjdump; where a kernel has either, ``loop_spills``: its
+    local-memory loads and stores that run inside a loop (``_loop_spills``)."""
     tool = triton.knobs.nvidia.cuobjdump.path
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
                              text=True).stdout
-    found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", out)}
+        found = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|LOCAL|STACK):(\d+)", out)}
+        spills = 0
+        if found.get("local") or found.get("stack"):
+            spills = _loop_spills(subprocess.run([tool, "-sass", f.name], capture_output=True,
+                                                 text=True).stdout)
     return {"registers": found.get("reg"), "local_bytes": found.get("local"),
-            "stack_bytes": found.get("stack")}
+            "stack_bytes": found.get("stack"), "loop_spills": spills}
+
+
+def _loop_spills(sass: str) -> int:
+    """Local-memory accesses (STL, LDL) of a kernel's SASS that lie inside a loop: between a
+    backward branch and its target, or in a subroutine that such a loop calls (up to its RET).
+    One spill around a kernel's prologue or tail costs a few bytes a thread once; one in a loop
+    costs local-memory traffic per iteration, which a streaming kernel cannot afford."""
+    code = [(int(a, 16), ins) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    spans = [(int(t, 16), a) for a, ins in code
+             for t in re.findall(r"\bBRA\b.*?(0x[0-9a-f]+)", ins) if int(t, 16) < a]
+    called = {int(t, 16) for a, ins in code if any(lo <= a <= hi for lo, hi in spans)
+              for t in re.findall(r"\bCALL\.\S+\s+(0x[0-9a-f]+)", ins)}
+    for start in called:        # a subroutine runs from its entry to its first RET
+        end = next((a for a, ins in code if a >= start and re.match(r"RET\b", ins)), start)
+        spans.append((start, end))
+    return sum(1 for a, ins in code if re.match(r"(?:@!?U?P\w+\s+)?(?:STL|LDL)\b", ins)
+               and any(lo <= a <= hi for lo, hi in spans))
 
 
 def _memory_ops(ptx: str) -> dict:
@@ -249,6 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90")
     ap.add_argument("--json", help="write one JSON line per compilation here")
     a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("triton_codegen.py compiles real kernels: run it without TRITON_INTERPRET=1")
     torch.manual_seed(0)
     with recording() as seen:
         _stats_calls()
