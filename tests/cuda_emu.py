@@ -25,12 +25,13 @@ import sys
 import types
 from pathlib import Path
 
+import jit_build
 import poison
 from adafisher_fast.backends import OPS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-BUILD = os.path.join(ROOT, "build", "cuda_emu")
+BUILD = jit_build.build_dir("cuda_emu")
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 FLAGS = ["-DADAFISHER_EMULATE", "-O1", "-g0", "-ffp-contract=off", "-ftrivial-auto-var-init=pattern",
          "-DAF_STEP_TARGET_PROGRAMS=2",     # fused_step chunks of several blocks (launchers.h)
@@ -57,8 +58,8 @@ def poison_shared(src: str) -> tuple:
     return SHARED.subn(mark, src)
 
 
-def _sources() -> list:
-    os.makedirs(os.path.join(BUILD, "src"), exist_ok=True)
+def _sources(build_dir: str) -> list:
+    os.makedirs(os.path.join(build_dir, "src"), exist_ok=True)
     out = [os.path.join(CSRC, "emu", "emu.cpp"), os.path.join(CSRC, "bindings.cpp")]
     # headers launch kernels too; the copies sit beside the .cpp files, so `#include "reduce.cuh"`
     # finds the rewritten one first
@@ -68,7 +69,7 @@ def _sources() -> list:
         if "<<<" in src:
             raise RuntimeError(f"{path}: a launch the emulator's rewrite does not recognise")
         name = os.path.basename(path)
-        dst = os.path.join(BUILD, "src", name[:-3] + ".cpp" if name.endswith(".cu") else name)
+        dst = os.path.join(build_dir, "src", name[:-3] + ".cpp" if name.endswith(".cu") else name)
         text = f'#line 1 "{path}"\n{src}'
         if not os.path.exists(dst) or Path(dst).read_text() != text:   # keep ninja's timestamps
             with open(dst, "w") as f:
@@ -87,11 +88,11 @@ def build(verbose: bool = False) -> str:
         asan = os.environ.get("ADAFISHER_EMU_ASAN") == "1"
         name = "adafisher_cuda_emu" + ("_asan" if asan else "")
         san = ["-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer"] if asan else []
-        build_dir = BUILD + ("_asan" if asan else "")
-        os.makedirs(build_dir, exist_ok=True)
-        load(name=name, sources=_sources(), extra_include_paths=[CSRC, os.path.join(CSRC, "emu")],
-             extra_cflags=FLAGS + san, extra_ldflags=san, build_directory=build_dir, is_python_module=False,
-             verbose=verbose)
+        build_dir = os.path.join(BUILD, "asan" if asan else "plain")
+        with jit_build.locked(build_dir):   # the rewritten sources too (NOTE: [build locks])
+            load(name=name, sources=_sources(build_dir), extra_include_paths=[CSRC, os.path.join(CSRC, "emu")],
+                 extra_cflags=FLAGS + san, extra_ldflags=san, build_directory=build_dir,
+                 is_python_module=False, verbose=verbose)
         _state["lib"] = os.path.join(build_dir, name + ".so")
     return _state["lib"]
 

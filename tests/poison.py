@@ -14,8 +14,10 @@ import functools
 import os
 import shutil
 
+import jit_build
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD = os.path.join(ROOT, "build", "poison")
+BUILD = jit_build.build_dir("poison")
 _lib = {}
 
 
@@ -23,9 +25,9 @@ def switch():
     """af_poison(on): on != 0 opens a poisoned scope, 0 closes one (built on first use)."""
     if "fn" not in _lib:
         from torch.utils.cpp_extension import load
-        os.makedirs(BUILD, exist_ok=True)
-        load(name="adafisher_poison", sources=[os.path.join(ROOT, "tests", "poison.cpp")],
-             extra_cflags=["-O1"], build_directory=BUILD, is_python_module=False)
+        with jit_build.locked(BUILD):
+            load(name="adafisher_poison", sources=[os.path.join(ROOT, "tests", "poison.cpp")],
+                 extra_cflags=["-O1"], build_directory=BUILD, is_python_module=False)
         _lib["fn"] = ctypes.CDLL(os.path.join(BUILD, "adafisher_poison.so")).af_poison
     return _lib["fn"]
 
