@@ -321,6 +321,12 @@ class AdaFisher(Optimizer, Joinable):
             raise TypeError(f"model must be an nn.Module (AdaFisher hooks its layers), got {kind}; "
                             f"pass the model itself, e.g. AdaFisher(model)")
         model = _unwrapped(model)
+        if isinstance(model, torch.jit.ScriptModule):
+            raise TypeError("model is a TorchScript module (torch.jit.script or trace): its forward "
+                            "runs as TorchScript, which calls no Python hooks, so no layer could "
+                            "gather curvature statistics; make the optimizer on the eager model "
+                            "and train that (torch.compile compiles it with the hooks), then "
+                            "script or trace it for deployment")
         if next(model.parameters(), None) is None:  # as torch's "empty parameter list"
             raise ValueError(f"model: this {type(model).__name__} holds no parameters, so there is "
                              f"nothing to train; pass the module that holds them (frozen ones "

@@ -127,7 +127,10 @@ def _factor_free_reason(m: nn.Module, preset) -> str:
     preset does not hook), "unreadable" (its kind cannot read its calls), "attention" (an
     nn.MultiheadAttention, which expose_attention would expose), "parametrized" (they compute a
     weight through a torch parametrization), "unmapped" (its kind's param_maps leaves them out,
-    as a custom kind may leave a scale factor-free) or "no kind"."""
+    as a custom kind may leave a scale factor-free), "scripted" (a TorchScript module: its
+    forward calls no Python hooks) or "no kind"."""
+    if isinstance(m, torch.jit.ScriptModule):
+        return "scripted"
     kind = kind_of(m)
     if kind is not None and not kind.supported(m, preset):
         return "released"
@@ -158,7 +161,8 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
     msg = (f"AdaFisher(preset='{preset.name}'): no curvature factors for the parameters of "
            f"{', '.join(new)}: they take {step}.")
     named = {why: [n for n, w in new.items() if w == why]
-             for why in ("released", "unreadable", "unmapped", "attention", "parametrized")}
+             for why in ("released", "unreadable", "unmapped", "attention", "parametrized",
+                         "scripted")}
     if named["released"]:
         msg += (f" The released code does not hook {', '.join(named['released'])}; "
                 f"preset='paper' preconditions them.")
@@ -178,6 +182,10 @@ def _warn_factor_free(owners: Dict[str, str], preset, known) -> None:
         msg += (f" {', '.join(named['parametrized'])} compute a weight through a torch "
                 f"parametrization (weight_norm, spectral_norm, ...): its curvature factors are "
                 f"not theirs.")
+    if named["scripted"]:
+        msg += (f" TorchScript modules (torch.jit.script or trace) call no Python hooks: keep "
+                f"{', '.join(named['scripted'])} eager to precondition them (torch.compile "
+                f"compiles with the hooks).")
     if sum(map(len, named.values())) < len(new):
         msg += (" Other module types (and bare nn.Parameters) need a layer kind "
                 "(adafisher_fast.register_layer) to be preconditioned.")

@@ -115,6 +115,17 @@ def test_parameter_iterable_instead_of_module():
         AdaFisher(_m().parameters())
 
 
+@pytest.mark.parametrize("jit", ["script", "trace"])
+def test_torchscript_model_is_refused(jit):
+    """A TorchScript model's forward calls no Python hooks: no layer could gather statistics,
+    so AdaFisher would silently be momentum SGD; it says so and what to do instead."""
+    m = _m()
+    sm = torch.jit.script(m) if jit == "script" else torch.jit.trace(m, torch.randn(2, 3))
+    with pytest.raises(TypeError, match=r"model is a TorchScript module.*make the optimizer on "
+                                        r"the eager model"):
+        AdaFisher(sm)
+
+
 def test_module_without_parameters_is_refused_frozen_ones_are_not():
     """torch's optimizers refuse an empty parameter list; a module with none (an activation, a
     container left empty) is a wrong argument, named so.  A frozen model is kept: its parameters

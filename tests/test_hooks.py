@@ -1265,6 +1265,21 @@ def test_parameters_behind_a_parametrized_weight_are_named_as_such(preset, recwa
     assert "register_layer" not in w and "released code" not in w
 
 
+def test_torchscript_submodules_are_named_as_such(recwarn):
+    """A scripted submodule's forward calls no Python hooks: its layers stay factor-free, named
+    as TorchScript rather than as a module type that needs a layer kind; the eager layers train
+    with their factors."""
+    model = nn.Sequential(nn.Linear(4, 8), torch.jit.script(nn.Sequential(nn.ReLU(), nn.Linear(8, 2))))
+    opt = AdaFisher(model, preset="paper", backend="torch", TCov=1)
+    (w,) = [str(r.message) for r in recwarn.list if "AdaFisher" in str(r.message)]
+    assert "of 1.1 (RecursiveScriptModule): they take" in w
+    assert "TorchScript modules (torch.jit.script or trace) call no Python hooks: keep 1.1 (RecursiveScriptModule) eager" in w
+    assert "register_layer" not in w
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    assert list(opt.raw_stats()) == ["0"]
+
+
 @pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
 def test_old_style_weight_norm_is_named_as_a_parametrization(wrap, recwarn):
     """torch.nn.utils.weight_norm / spectral_norm (before parametrizations, still common in
