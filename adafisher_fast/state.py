@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn as nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
@@ -115,6 +115,26 @@ def _model_class(m: nn.Module) -> type:
     if wrapper is None or not isinstance(m, wrapper):
         return type(m)
     return next(c for c in type(m).__mro__ if not issubclass(c, wrapper))
+
+
+def mapped_param(m: nn.Module, pname: str) -> Optional[nn.Parameter]:
+    """The parameter that a layer kind's map for ``m.<pname>`` applies to: that attribute when it
+    is a parameter, else None.  NOTE: [pruned parameters] torch.nn.utils.prune turns a parameter
+    ``weight`` into ``weight_orig``, from which a forward pre-hook computes ``weight =
+    weight_orig * weight_mask``; so weight_orig's gradient is weight's, zero where masked, and
+    weight's factors precondition it entry for entry.  A model pruned before the optimizer is
+    made gets them as one pruned after does (the same parameter object, renamed).  Other
+    reparametrisations compute the weight from parameters of other shapes or meanings and stay
+    factor-free (``_factor_free_reason``)."""
+    p = getattr(m, pname, None)
+    if isinstance(p, nn.Parameter):
+        return p
+    if any(isinstance(h, prune.BasePruningMethod) and h._tensor_name == pname
+           for h in m._forward_pre_hooks.values()):
+        orig = m._parameters.get(pname + "_orig")
+        if isinstance(orig, nn.Parameter):
+            return orig
+    return None
 
 
 # torch.nn.utils.weight_norm / spectral_norm before parametrizations: a forward pre-hook
@@ -261,18 +281,18 @@ class FisherState:
                 raise ValueError(f"AdaFisher: {type(kind).__name__}.param_maps of "
                                  f"'{name or '<root>'}' ({type(m).__name__}) maps {unknown}, "
                                  f"which {type(m).__name__} does not have")
+            found = {pn: mapped_param(m, pn) for pn in all_maps}     # NOTE: [pruned parameters]
             mapped = {pn: mp for pn, mp in all_maps.items()
-                      if isinstance(getattr(m, pn, None), nn.Parameter)
-                      and id(getattr(m, pn)) in trainable}
-            maps = {pn: mp for pn, mp in mapped.items() if id(getattr(m, pn)) not in claimed}
+                      if found[pn] is not None and id(found[pn]) in trainable}
+            maps = {pn: mp for pn, mp in mapped.items() if id(found[pn]) not in claimed}
             if not maps:
-                owner = {claimed[id(getattr(m, pn))] for pn in mapped}
+                owner = {claimed[id(found[pn])] for pn in mapped}
                 if len(owner) == 1 and self._alias(m, kind, preset, self.layers[min(owner)]):
                     self.layers[min(owner)].aliases.append(m)
                 continue
             for pn, mp in maps.items():
-                claimed[id(getattr(m, pn))] = len(self.layers)
-                local_maps.append((getattr(m, pn), len(self.layers), mp, pn))
+                claimed[id(found[pn])] = len(self.layers)
+                local_maps.append((found[pn], len(self.layers), mp, pn))
             hs = kind.factors(m, preset)
             if not (isinstance(hs, (tuple, list)) and len(hs) == 2
                     and all(isinstance(sp, FactorSpec) for sp in hs)):
@@ -379,7 +399,7 @@ class FisherState:
         maps = kind.param_maps(m, preset)
         return (maps == kind.param_maps(own, preset)
                 and kind.factors(m, preset) == kind.factors(own, preset)
-                and all(getattr(m, pn, None) is getattr(own, pn, None) for pn in maps))
+                and all(mapped_param(m, pn) is mapped_param(own, pn) for pn in maps))
 
     def _adopt(self, old: "FisherState") -> None:
         """Copy, for every layer that ``old`` has too (the same module), its raw statistics and

@@ -1265,6 +1265,40 @@ def test_parameters_behind_a_parametrized_weight_are_named_as_such(preset, recwa
     assert "register_layer" not in w and "released code" not in w
 
 
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_pruned_layers_keep_their_factors(preset):
+    """torch.nn.utils.prune renames a weight to weight_orig and computes weight = weight_orig *
+    mask before each forward: the layer's factors precondition weight_orig (NOTE: [pruned
+    parameters]) whether the model was pruned before the optimizer was made or after, to the
+    same bits; masked entries stay zero."""
+    from torch.nn.utils import prune
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    runs = []
+    for before in (True, False):
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 2)).double()
+
+        def prune_all():
+            for i in (0, 3):
+                prune.l1_unstructured(m[i], "weight", amount=0.5)
+        if before:
+            prune_all()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")      # no layer left without factors
+            opt = AdaFisher(m, preset=preset, backend="torch", TCov=1)
+        if not before:
+            prune_all()
+        assert "hooked_layers=2" in repr(opt)
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+        assert all(int((l.weight == 0).sum()) == l.weight.numel() // 2 for l in (m[0], m[3]))
+        runs.append([t.clone() for t in (m[0].weight_orig, m[3].weight_orig, opt.fisher.fac)])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not torch.equal(runs[0][2], torch.ones_like(runs[0][2]))      # factors were used
+
+
 def test_torchscript_submodules_are_named_as_such(recwarn):
     """A scripted submodule's forward calls no Python hooks: its layers stay factor-free, named
     as TorchScript rather than as a module type that needs a layer kind; the eager layers train
