@@ -117,7 +117,7 @@ def _model_class(m: nn.Module) -> type:
     return next(c for c in type(m).__mro__ if not issubclass(c, wrapper))
 
 
-def mapped_param(m: nn.Module, pname: str) -> Optional[nn.Parameter]:
+def _mapped_param(m: nn.Module, pname: str) -> Optional[nn.Parameter]:
     """The parameter that a layer kind's map for ``m.<pname>`` applies to: that attribute when it
     is a parameter, else None.  NOTE: [pruned parameters] torch.nn.utils.prune turns a parameter
     ``weight`` into ``weight_orig``, from which a forward pre-hook computes ``weight =
@@ -281,7 +281,7 @@ class FisherState:
                 raise ValueError(f"AdaFisher: {type(kind).__name__}.param_maps of "
                                  f"'{name or '<root>'}' ({type(m).__name__}) maps {unknown}, "
                                  f"which {type(m).__name__} does not have")
-            found = {pn: mapped_param(m, pn) for pn in all_maps}     # NOTE: [pruned parameters]
+            found = {pn: _mapped_param(m, pn) for pn in all_maps}     # NOTE: [pruned parameters]
             mapped = {pn: mp for pn, mp in all_maps.items()
                       if found[pn] is not None and id(found[pn]) in trainable}
             maps = {pn: mp for pn, mp in mapped.items() if id(found[pn]) not in claimed}
@@ -399,7 +399,7 @@ class FisherState:
         maps = kind.param_maps(m, preset)
         return (maps == kind.param_maps(own, preset)
                 and kind.factors(m, preset) == kind.factors(own, preset)
-                and all(mapped_param(m, pn) is mapped_param(own, pn) for pn in maps))
+                and all(_mapped_param(m, pn) is _mapped_param(own, pn) for pn in maps))
 
     def _adopt(self, old: "FisherState") -> None:
         """Copy, for every layer that ``old`` has too (the same module), its raw statistics and
