@@ -101,6 +101,27 @@ class _ModelHook:
         return _ModelHook, (_inert,)
 
 
+def _eager_outside_compiled_code(code) -> None:
+    """NOTE: [hooks outside compiled code] A compiled forward inlines the hooks into its graph.
+    A hook that runs outside one while dynamo is active, it would compile as a frame of its own:
+    ``nn.Sequential(...).compile()`` compiles no frame of torch's own modules (torch.compile's
+    skip rules), only the Python they call, i.e. our hooks, once per layer (a guard on the
+    layer), until dynamo's recompile limit (8) stopped it with a warning pointing at this file
+    (a 12-layer Sequential: 10 graphs and 4 s of compiling, 2026-12-06, torch 2.13).  So when
+    dynamo meets ``code`` as a frame of its own, it runs it and what it calls eagerly, as a
+    model that is not compiled runs them; inlining is unaffected.  (A private torch API, present
+    in torch 2.11 to 2.14; without it, as before.)"""
+    try:
+        from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+    except ImportError:
+        return
+    set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+
+
+_eager_outside_compiled_code(_ModelHook.__call__.__code__)
+
+
 # NOTE: [backward statistics] A compiled graph's backward cannot add into the statistics buffer
 # as traced code: AOT autograd makes a mutation of a forward input functional, so the backward
 # would write "the buffer as this graph's forward left it, plus its statistics" back into it,

@@ -125,6 +125,24 @@ def test_compiled_model_matches_eager_without_graph_breaks(opt_cls, preset):
     assert all(d["stat_iters"] == 3 for d in opt.diagnostics().values())   # gathered in-graph
 
 
+def test_module_compile_of_a_sequential_leaves_the_hooks_eager():
+    """``nn.Sequential(...).compile()``: torch compiles no frame of its own modules, only what
+    they call; our hooks, compiled per layer, hit dynamo's recompile limit (10 graphs for 12
+    layers).  They run eagerly there (NOTE: [hooks outside compiled code]) and train as the eager
+    twin does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[m for _ in range(12) for m in (nn.Linear(6, 6), nn.Tanh())]).double()
+    twin = copy.deepcopy(model)
+    opts = [AdaFisher(m, TCov=1, preset="paper", backend="torch") for m in (model, twin)]
+    counter = CompileCounterWithBackend("aot_eager")
+    twin.compile(backend=counter)
+    _steps_side_by_side([torch.randn(4, 6, dtype=torch.float64) for _ in range(3)],
+                        (model, opts[0]), (twin, opts[1]))
+    assert counter.frame_count <= 2         # torch's Linear.forward, with and without grad input
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    assert all(d["stat_iters"] == 3 for d in opts[1].diagnostics().values())
+
+
 class _CheckpointedHead(nn.Module):
     """A Linear inside an activation-checkpointed region, then a Linear."""
 
