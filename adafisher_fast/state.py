@@ -121,11 +121,12 @@ def _mapped_param(m: nn.Module, pname: str) -> Optional[nn.Parameter]:
     """The parameter that a layer kind's map for ``m.<pname>`` applies to: that attribute when it
     is a parameter, else None.  NOTE: [pruned parameters] torch.nn.utils.prune turns a parameter
     ``weight`` into ``weight_orig``, from which a forward pre-hook computes ``weight =
-    weight_orig * weight_mask``; so weight_orig's gradient is weight's, zero where masked, and
-    weight's factors precondition it entry for entry.  A model pruned before the optimizer is
-    made gets them as one pruned after does (the same parameter object, renamed).  Other
-    reparametrisations compute the weight from parameters of other shapes or meanings and stay
-    factor-free (``_factor_free_reason``)."""
+    weight_orig * weight_mask``; torch.ao.pruning's sparsifiers parametrize it (FakeSparsity:
+    ``weight = mask * parametrizations.weight.original``).  Either way the parameter's gradient
+    is weight's, zero where masked, and weight's factors precondition it entry for entry.  A
+    model pruned before the optimizer is made gets them as one pruned after does (the same
+    parameter object, renamed).  Other reparametrisations compute the weight from parameters of
+    other shapes or meanings and stay factor-free (``_factor_free_reason``)."""
     p = getattr(m, pname, None)
     if isinstance(p, nn.Parameter):
         return p
@@ -133,6 +134,13 @@ def _mapped_param(m: nn.Module, pname: str) -> Optional[nn.Parameter]:
            for h in m._forward_pre_hooks.values()):
         orig = m._parameters.get(pname + "_orig")
         if isinstance(orig, nn.Parameter):
+            return orig
+    # (torch.ao.pruning is imported by whoever sparsifies, not here)
+    masks = getattr(sys.modules.get("torch.ao.pruning.sparsifier.utils"), "FakeSparsity", None)
+    if masks is not None and parametrize.is_parametrized(m, pname):
+        plist = m.parametrizations[pname]
+        orig = getattr(plist, "original", None)
+        if all(type(q) is masks for q in plist) and isinstance(orig, nn.Parameter):
             return orig
     return None
 

@@ -1265,36 +1265,50 @@ def test_parameters_behind_a_parametrized_weight_are_named_as_such(preset, recwa
     assert "register_layer" not in w and "released code" not in w
 
 
+def _prune(m: nn.Sequential, how: str) -> list:
+    """Half the weights of layers 0 and 3 masked, by torch.nn.utils.prune (weight_orig and a
+    pre-hook) or by a torch.ao.pruning sparsifier (a FakeSparsity parametrization, on Linear
+    weights: layers 3 and 5); returns the pruned layers."""
+    if how == "nn.utils.prune":
+        from torch.nn.utils import prune
+        for i in (0, 3):
+            prune.l1_unstructured(m[i], "weight", amount=0.5)
+        return [m[0], m[3]]
+    from torch.ao.pruning import WeightNormSparsifier
+    sparsifier = WeightNormSparsifier(sparsity_level=1.0, sparse_block_shape=(1, 4),
+                                      zeros_per_block=2)
+    sparsifier.prepare(m, [{"tensor_fqn": f"{i}.weight"} for i in (3, 5)])
+    sparsifier.step()
+    return [m[3], m[5]]
+
+
+@pytest.mark.parametrize("how", ["nn.utils.prune", "ao.pruning"])
 @pytest.mark.parametrize("preset", ["official", "paper"])
-def test_pruned_layers_keep_their_factors(preset):
-    """torch.nn.utils.prune renames a weight to weight_orig and computes weight = weight_orig *
-    mask before each forward: the layer's factors precondition weight_orig (NOTE: [pruned
-    parameters]) whether the model was pruned before the optimizer was made or after, to the
-    same bits; masked entries stay zero."""
-    from torch.nn.utils import prune
+def test_pruned_layers_keep_their_factors(preset, how):
+    """Pruning computes weight = mask * its parameter before each forward (torch.nn.utils.prune:
+    weight_orig; torch.ao.pruning: parametrizations.weight.original): the layer's factors
+    precondition that parameter (NOTE: [pruned parameters]) whether the model was pruned before
+    the optimizer was made or after, to the same bits; masked entries stay zero."""
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
     runs = []
     for before in (True, False):
         torch.manual_seed(0)
-        m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(27, 2)).double()
-
-        def prune_all():
-            for i in (0, 3):
-                prune.l1_unstructured(m[i], "weight", amount=0.5)
-        if before:
-            prune_all()
+        m = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(36, 8), nn.ReLU(),
+                          nn.Linear(8, 4)).double()
+        pruned = _prune(m, how) if before else None
         with warnings.catch_warnings():
             warnings.simplefilter("error")      # no layer left without factors
             opt = AdaFisher(m, preset=preset, backend="torch", TCov=1)
-        if not before:
-            prune_all()
-        assert "hooked_layers=2" in repr(opt)
+        pruned = pruned or _prune(m, how)
+        assert "hooked_layers=3" in repr(opt)
         for _ in range(3):
             opt.zero_grad()
             m(x).square().sum().backward()
             opt.step()
-        assert all(int((l.weight == 0).sum()) == l.weight.numel() // 2 for l in (m[0], m[3]))
-        runs.append([t.clone() for t in (m[0].weight_orig, m[3].weight_orig, opt.fisher.fac)])
+        assert all(int((l.weight == 0).sum()) == l.weight.numel() // 2 for l in pruned)
+        masked = [l.weight_orig if how == "nn.utils.prune" else l.parametrizations.weight.original
+                  for l in pruned]
+        runs.append([t.clone() for t in (*masked, opt.fisher.fac)])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert not torch.equal(runs[0][2], torch.ones_like(runs[0][2]))      # factors were used
 
