@@ -103,7 +103,7 @@ class _ModelHook:
 
 def _eager_outside_compiled_code(code) -> None:
     """NOTE: [hooks outside compiled code] A compiled forward inlines the hooks into its graph.
-    A hook that runs outside one while dynamo is active, it would compile as a frame of its own:
+    A hook that runs outside one while dynamo is active would compile as a frame of its own:
     ``nn.Sequential(...).compile()`` compiles no frame of torch's own modules (torch.compile's
     skip rules), only the Python they call, i.e. our hooks, once per layer (a guard on the
     layer), until dynamo's recompile limit (8) stopped it with a warning pointing at this file

@@ -136,11 +136,11 @@ def _mapped_param(m: nn.Module, pname: str) -> Optional[nn.Parameter]:
         if isinstance(orig, nn.Parameter):
             return orig
     # (torch.ao.pruning is imported by whoever sparsifies, not here)
-    masks = getattr(sys.modules.get("torch.ao.pruning.sparsifier.utils"), "FakeSparsity", None)
-    if masks is not None and parametrize.is_parametrized(m, pname):
+    sparsity = getattr(sys.modules.get("torch.ao.pruning.sparsifier.utils"), "FakeSparsity", None)
+    if sparsity is not None and parametrize.is_parametrized(m, pname):
         plist = m.parametrizations[pname]
         orig = getattr(plist, "original", None)
-        if all(type(q) is masks for q in plist) and isinstance(orig, nn.Parameter):
+        if all(type(q) is sparsity for q in plist) and isinstance(orig, nn.Parameter):
             return orig
     return None
 
