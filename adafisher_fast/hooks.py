@@ -110,13 +110,14 @@ def _eager_outside_compiled_code(code) -> None:
     (a 12-layer Sequential: 10 graphs and 4 s of compiling, 2026-12-06, torch 2.13).  So when
     dynamo meets ``code`` as a frame of its own, it runs it and what it calls eagerly, as a
     model that is not compiled runs them; inlining is unaffected.  (A private torch API, present
-    in torch 2.11 to 2.14; without it, as before.)"""
+    in torch 2.11 to 2.14; where it is missing or has changed, as before, and the package still
+    imports.)"""
     try:
         from torch._C._dynamo.eval_frame import _FrameAction, _FrameExecStrategy
         from torch._dynamo.eval_frame import set_code_exec_strategy
-    except ImportError:
-        return
-    set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+        set_code_exec_strategy(code, _FrameExecStrategy(_FrameAction.SKIP, _FrameAction.SKIP))
+    except (ImportError, AttributeError, TypeError):
+        pass
 
 
 _eager_outside_compiled_code(_ModelHook.__call__.__code__)
