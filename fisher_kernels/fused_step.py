@@ -63,7 +63,8 @@ MAX_REGISTERS = {4: 64, 2: 80}     # by parameter element size: 4 or 3 programs 
 BLOCK_BYTES = 4096    # of each parameter a program updates at a time: a 16-byte word a thread
 MAX_CHUNK_BLOCKS = 16  # NOTE: [chunk size]: a program's chunk is at most 16 blocks
 TARGET_PROGRAMS = 8192      # and the chunks a launch has, about, when it has more blocks
-N_META = len(reference.META_COLS) + 1      # a meta row, then T (NOTE: [row transpose])
+N_META = len(reference.META_COLS) + 7      # a meta row, then T (NOTE: [row transpose]), then
+                                           # (m, s) for cols, T and h_gr (NOTE: [magic division])
 N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, ln(beta)
 STEP_BLOCK = 256      # step counts the last program increments per iteration (NOTE: [step tickets])
 
@@ -110,16 +111,43 @@ def _bias_correction(t, ln_beta):
     return (1.0 - two_n) - two_n * (r * p)
 
 
+def magic(d: int) -> Tuple[int, int]:
+    """(m, s) with n // d == (n * m) >> s for every 0 <= n < 2^31, and m < 2^32, for 1 <= d < 2^31.
+
+    NOTE: [magic division] A 32-bit integer division by a value the compiler does not know is a
+    float reciprocal plus a dozen integer corrections, signed ones more, and per element the
+    step's row and group divisions were a fifth to a third of its main loop.  Instructions an
+    iteration (a 16-byte word a thread; sm_90 SASS, triton 3.9), before and with this: float32
+    238 and 187, float32 with groups 315 and 213, bfloat16 with groups 484 and 388; registers a
+    thread 60-64 and 60-63 for float32 parameters, 78-80 and 64-72 for 16-bit ones (sm_80 and
+    sm_90, tests/triton_codegen.py); not yet timed on a GPU.  Division by an
+    invariant d is instead a multiply and a shift (Granlund and Montgomery, 1994, theorem 4.2):
+    with l = ceil(log2 d) and m = ceil(2^(31 + l) / d), m d = 2^(31 + l) + e with 0 <= e < d
+    <= 2^l, so n m / 2^(31 + l) = n / d + n e / (d 2^(31 + l)), the last term under 1 / d for
+    n < 2^31: it cannot reach the next integer.  m <= 2^32 - 1, so the kernel's product of two
+    32-bit operands is one wide multiply.  Computed here, once per parameter, into its meta row;
+    ``_div`` is the kernel's side."""
+    l = (d - 1).bit_length()
+    return -(-(1 << (31 + l)) // d), 31 + l
+
+
+@triton.jit
+def _div(n, m, s):
+    """n // d for int32 0 <= n < 2^31, from d's ``magic`` (m, s) (NOTE: [magic division])."""
+    return ((n.to(tl.uint32).to(tl.uint64) * m.to(tl.uint32).to(tl.uint64)) >> s).to(tl.int32)
+
+
 @triton.jit
 def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, lo, left, cols, cols_tr, tr, s_base, s_r, s_c,
-                  h_base, h_r, h_c, gr0, h_gr, h_gs, lr, beta, omb, wd, lam, rbc,
+                  h_base, h_r, h_c, gr0, h_gr, h_gs, magics, lr, beta, omb, wd, lam, rbc,
                   DECOUPLED: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  MASKED: tl.constexpr, WIDE: tl.constexpr):
     """A block of BLOCK elements (p_ptr, g_ptr, m_ptr: its first element's), of which ``left``
     are the parameter's when MASKED, else all (NOTE: [vector loads]): the formula of the module
     docstring, ``rbc`` = 1 / (1 - beta^t).  F's indices from the chunk's origin (``_update``):
     element j of the block lies dr = (lo + j) // cols rows below the chunk's first row, and its
-    row's H group is (gr0 + dr) // h_gr groups below the first row's.
+    row's H group is (gr0 + dr) // h_gr groups below the first row's.  ``magics``: (m, s) of
+    cols, tr and h_gr, by which a launch that is not WIDE divides (NOTE: [magic division]).
 
     NOTE: [no groups] the group term serves H's (r // h_gr) * h_gs, and h_gs is 0 but for grouped
     convs and the exposed attention's q/k/v: a launch whose parameters have none (GROUPS false,
@@ -129,14 +157,16 @@ def _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, lo, left, cols, cols_tr, tr, s_b
     zero = 0.0 if MASKED else None
     one = 1.0 if MASKED else None
     local = lo + j
-    dr = local // cols
+    cm, cs, tm, ts, gm, gs = magics
+    dr = local // cols if WIDE else _div(local, cm, cs)
     c = local - dr * cols
     if tr > 1:                                      # NOTE: [row transpose] in kernel_host.py
-        c = (c % tr) * cols_tr + c // tr
+        q = c // tr if WIDE else _div(c, tm, ts)
+        c = (c - q * tr) * cols_tr + q
     s_idx = s_base + dr * s_r + c * s_c
     h_idx = h_base + dr * h_r + c * h_c
     if GROUPS:
-        h_idx += ((gr0 + dr) // h_gr) * h_gs
+        h_idx += ((gr0 + dr) // h_gr if WIDE else _div(gr0 + dr, gm, gs)) * h_gs
     fs = tl.load(fac_ptr + s_idx, mask=mask, other=one).to(tl.float32)
     fh = tl.load(fac_ptr + h_idx, mask=mask, other=one).to(tl.float32)
     fd = fs * fh + lam
@@ -174,9 +204,10 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta_ptr, lr, beta, o
     thread (under 100 without it; tests/triton_codegen.py reports them).  So the 64-bit divisions
     happen once per program, for the chunk's first element (its row r0, column offset o0 and r0's
     H group), and each element divides only its 32-bit offset from the chunk's first row:
-    o0 + j < cols + CHUNK and (r0 % h_gr) + dr < h_gr + CHUNK fit 32 bits unless WIDE (cols or
-    h_gr of I32_LIMIT or more, chosen on the host), where every element divides its 64-bit
-    offset from the parameter's first element (r0 = 0).
+    o0 + j < cols + CHUNK and (r0 % h_gr) + dr < h_gr + CHUNK fit 31 bits, which a multiply
+    and a shift divide (NOTE: [magic division]), unless WIDE (cols or h_gr of I32_LIMIT or
+    more, chosen on the host), where every element divides its 64-bit offset from the
+    parameter's first element (r0 = 0).
 
     NOTE: [32-bit indices] fac holds every layer's H and S (at most a few million entries), so
     every index into it fits 32 bits, and 32-bit arithmetic, which wraps, gets it right from
@@ -194,6 +225,8 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta_ptr, lr, beta, o
     h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
     h_gs = tl.load(meta_ptr + 9)
     tr = tl.load(meta_ptr + 10)
+    magics = (tl.load(meta_ptr + 11), tl.load(meta_ptr + 12), tl.load(meta_ptr + 13),
+              tl.load(meta_ptr + 14), tl.load(meta_ptr + 15), tl.load(meta_ptr + 16))
     o0 = start
     gr0 = 0
     if not WIDE:
@@ -223,16 +256,16 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta_ptr, lr, beta, o
     n_full = size // BLOCK
     for _ in range(0, n_full):
         _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, o0, BLOCK, cols, cols_tr, tr, s_base, s_r, s_c,
-                      h_base, h_r, h_c, gr0, h_gr, h_gs, lr, beta, omb, wd, lam, rbc, DECOUPLED,
-                      BLOCK, GROUPS, False)
+                      h_base, h_r, h_c, gr0, h_gr, h_gs, magics, lr, beta, omb, wd, lam, rbc,
+                      DECOUPLED, BLOCK, GROUPS, False, WIDE)
         p_ptr += BLOCK
         g_ptr += BLOCK
         m_ptr += BLOCK
         o0 += BLOCK
     if n_full * BLOCK < size:
         _update_block(p_ptr, g_ptr, m_ptr, fac_ptr, o0, size - n_full * BLOCK, cols, cols_tr, tr,
-                      s_base, s_r, s_c, h_base, h_r, h_c, gr0, h_gr, h_gs, lr, beta, omb, wd, lam,
-                      rbc, DECOUPLED, BLOCK, GROUPS, True)
+                      s_base, s_r, s_c, h_base, h_r, h_c, gr0, h_gr, h_gs, magics, lr, beta, omb,
+                      wd, lam, rbc, DECOUPLED, BLOCK, GROUPS, True, WIDE)
 
 
 @triton.jit
@@ -507,8 +540,13 @@ def _chunk_tables(pair: _Pair, meta, dev):
     with two float32 words took 80-96 registers a thread on sm_90.  MAX_REGISTERS bounds them as
     csrc's launch bounds do: by tests/triton_codegen.py (triton 3.9, sm_80 and sm_90) 60-64 for
     float32 parameters, 78-80 for 16-bit ones, no spills; without the bound ptxas took 48-58
-    and 74-98 with 8-byte stack spills in 12 of the 48 configurations.  Not yet timed."""
+    and 74-98 with 8-byte stack spills in 12 of the 48 configurations.  Not yet timed.  (Since
+    NOTE: [magic division], the 16-bit ones take 64-72, and a bound of 64 would fit 4 programs
+    an SM without a spill, as float32's: 16 more instructions an iteration, untimed, not made.)"""
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
+    wide = _wide(rows)
+    for row in rows:                # NOTE: [magic division]; a WIDE launch divides as it is
+        row += [x for d in (row[1], row[10], max(row[8], 1)) for x in magic(1 if wide else d)]
     numels = [p.numel() for p in pair.ps]
     chunk = chunk_size(numels, pair.ps[0].dtype)
     n_chunks = [cdiv(n, chunk) for n in numels]
@@ -519,7 +557,7 @@ def _chunk_tables(pair: _Pair, meta, dev):
     tables = [_upload(t, dev) for t in (chunk_param.to(torch.int32), chunk_start,
                                          torch.tensor(numels, dtype=torch.int64),
                                          torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
-    return (int(chunk_param.numel()), chunk, tables, _wide(rows),
+    return (int(chunk_param.numel()), chunk, tables, wide,
             any(row[9] != 0 for row in rows))
 
 

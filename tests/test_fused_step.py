@@ -633,7 +633,8 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     for i, p in enumerate(params[:3]):
         assert sorted(starts[i]) == list(range(0, p.numel(), chunk))
         assert ptrs[i].tolist() == [p.data_ptr(), grads[i].data_ptr(), moms[i].data_ptr()]
-        assert int(numels[i]) == p.numel() and mrows[i].tolist() == meta[i].tolist() + [1]
+        assert int(numels[i]) == p.numel() and mrows[i, :11].tolist() == meta[i].tolist() + [1]
+        _assert_divides(mrows[i], cols=1, T=10, h_gr=8)
         lr, beta, wd, lam = hyper[i]
         want = torch.tensor([lr, beta, 1 - beta, wd, lam, math.log(beta)])
         torch.testing.assert_close(hyp[i], want)
@@ -674,7 +675,61 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     assert not kw["ALIGNED"]
     meta[0, 5] = 6                                          # meta rows changed in place
     _, args, _ = step(grads, hyper)
-    assert uploads.count((3, fs.N_META)) == 1 and args[5][0].tolist() == meta[0].tolist() + [1]
+    assert uploads.count((3, fs.N_META)) == 1 and args[5][0, :11].tolist() == meta[0].tolist() + [1]
+
+
+def _quotient_edges(d: int) -> set:
+    """Dividends 0 <= n < 2^31 where n // d steps (k d - 1, k d) for the first and the last
+    quotients, where a magic multiplier's error is largest, and 2^31 - 1."""
+    top = 2 ** 31 - 1
+    ks = {1, 2, 3, top // d - 1, top // d}
+    return {n for k in ks for n in (k * d - 1, k * d) if 0 <= n <= top} | {0, top}
+
+
+def _assert_divides(row, **cols):
+    """The (m, s) pairs after a Triton meta row's T (columns 11-16, NOTE: [magic division]) divide
+    by the row's cols, T and h_gr (at the columns named) as integer division does."""
+    for k, at in enumerate(cols.values()):
+        d, m, s = max(int(row[at]), 1), int(row[11 + 2 * k]), int(row[12 + 2 * k])
+        assert all((n * m) >> s == n // d for n in _quotient_edges(d)), (d, m, s)
+
+
+def test_magic_division():
+    """NOTE: [magic division]: n // d is (n * m) >> s with a 32-bit m for every dividend below
+    2^31, checked at the quotient steps and on random dividends, for every divisor up to 4096,
+    powers of two and their neighbours, and the largest divisor the kernel takes (I32_LIMIT - 1)."""
+    pytest.importorskip("triton")
+    fs = importlib.import_module("fisher_kernels.fused_step")
+    gen = torch.Generator().manual_seed(0)
+    divisors = set(range(1, 4097)) | {2 ** e + k for e in range(12, 31) for k in (-1, 0, 1)}
+    divisors |= {641, 6700417, 3 * 2 ** 29 - 1, fs.I32_LIMIT - 1}
+    for d in sorted(divisors):
+        m, s = fs.magic(d)
+        assert 0 < m < 2 ** 32
+        rand = torch.randint(0, 2 ** 31, (8,), generator=gen).tolist()
+        for n in _quotient_edges(d) | set(rand):
+            assert (n * m) >> s == n // d, (n, d)
+
+
+def test_magic_division_in_the_kernel(monkeypatch):
+    """The kernel's side of NOTE: [magic division] (``_div``) on int32 dividends up to 2^31 - 1,
+    run by Triton (the interpreter on the CPU)."""
+    triton = pytest.importorskip("triton")
+    import triton.language as tl
+    fs = importlib.import_module("fisher_kernels.fused_step")
+    monkeypatch.setitem(globals(), "_kernel_div", fs._div)     # a kernel sees its module's names
+
+    @triton.jit
+    def divide(n_ptr, out_ptr, m, s, N: tl.constexpr):
+        j = tl.arange(0, N)
+        tl.store(out_ptr + j, _kernel_div(tl.load(n_ptr + j), m, s))  # noqa: F821
+
+    for d in (1, 3, 1000, 2 ** 24 + 1, fs.I32_LIMIT - 1):
+        n = sorted(_quotient_edges(d))
+        n = torch.tensor(n + [n[-1]] * (16 - len(n)), dtype=torch.int32, device=device())
+        out = torch.empty_like(n)
+        divide[(1,)](n, out, *fs.magic(d), N=16)
+        assert out.tolist() == [k // d for k in n.tolist()], d
 
 
 @pytest.mark.parametrize("decoupled", [False, True])
