@@ -120,7 +120,32 @@ def _eager_outside_compiled_code(code) -> None:
         pass
 
 
-_eager_outside_compiled_code(_ModelHook.__call__.__code__)
+def _follow(hooks: "StatHooks", what: str) -> None:
+    """Moves the optimizer's state to where a hooked layer ran (NOTE: [following the model])."""
+    follow = hooks.follow()
+    if follow is not None:
+        follow(what)
+
+
+_follow_eagerly = _follow      # compile-disabled by _compile_support
+
+
+def _compile_support() -> None:
+    """NOTE: [lazy imports] What compiled models need from torch._dynamo, made once, at the first
+    StatHooks, not when the package is imported: importing torch._dynamo (and
+    torch.distributed.tensor, for a DTensor check: ``layers.is_dtensor``) took
+    ``import adafisher_fast`` from torch's own 0.9 s to 2.1 s (2026-12-06, torch 2.13, the
+    2-core CI host), which every process that imports it (a spawned DataLoader worker that
+    re-imports the training script) paid.  ``_follow_eagerly`` becomes a graph break under
+    compile, so that the eager call can move the state."""
+    global _follow_eagerly
+    if _follow_eagerly is _follow:
+        _eager_outside_compiled_code(_ModelHook.__call__.__code__)
+        _follow_eagerly = torch.compiler.disable(_follow, reason=(
+            "AdaFisher: the model was moved after the optimizer was made, and the move is first "
+            "seen inside a compiled region; the optimizer's state follows it eagerly (a graph "
+            "break). With fullgraph=True, call opt.zero_grad() after moving the model "
+            "(NOTE: [following the model])"))
 
 
 # NOTE: [backward statistics] A compiled graph's backward cannot add into the statistics buffer
@@ -355,6 +380,7 @@ def _rows(lay: Layer, method: str, rows):
 
 class StatHooks:
     def __init__(self, fisher: FisherState, ops, follow, names: dict):
+        _compile_support()
         self.key = _key(fisher)                 # NOTE: [backward statistics], [hook keys]
         _LIVE[self.key] = self
         self.fisher = fisher
@@ -422,18 +448,6 @@ class StatHooks:
             return None
         return hook
 
-    @torch.compiler.disable(reason=(
-        "AdaFisher: the model was moved after the optimizer was made, and the move is first seen "
-        "inside a compiled region; the optimizer's state follows it eagerly (a graph break). "
-        "With fullgraph=True, call opt.zero_grad() after moving the model "
-        "(NOTE: [following the model])"))
-    def _follow_eagerly(self, what: str) -> None:
-        """Moves the optimizer's state to where a hooked layer ran (NOTE: [following the
-        model]); under compile a graph break, so that the eager call can move it."""
-        follow = self.follow()
-        if follow is not None:
-            follow(what)
-
     def _forward_hook(self, lay: Layer, which: int, first: Optional[str], tap: Optional[_Tap]):
         """The forward hook of ``lay.modules[which]``."""
         fisher = self.fisher
@@ -456,7 +470,7 @@ class StatHooks:
                 if not compiling:
                     fisher.note_forward()        # NOTE: [forward before zero_grad]
                 if x.device != fisher.buf.device:
-                    self._follow_eagerly(f"layer '{lay.name}' ran on {x.device}")
+                    _follow_eagerly(self, f"layer '{lay.name}' ran on {x.device}")
                 x = lay.kind.h_input(module, x.detach(), output)
             if not isinstance(x, torch.Tensor):  # a call the kind cannot read: gather nothing
                 if not compiling:                # (while compiling, reading lay would guard on it)

@@ -13,14 +13,13 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
-from torch.distributed.tensor import DTensor
 from torch.nn.parameter import is_lazy
 from torch.optim import Optimizer
 
 from . import reference
 from .backends import resolve
 from .hooks import _DATA_PARALLEL, StatHooks
-from .layers import warn_user
+from .layers import is_dtensor, warn_user
 from .presets import PRESETS
 from .report import curvature_report
 from .state import FisherState, state_dtype
@@ -359,7 +358,7 @@ class AdaFisher(Optimizer, Joinable):
         # NOTE: [statistics group] the group the statistics are averaged over; None: the default
         # group, once one is initialised.  FSDP2 shards a parameter over its mesh's group, which
         # is the data-parallel group even when other groups exist.
-        meshes = [p.device_mesh for g in groups for p in g["params"] if isinstance(p, DTensor)]
+        meshes = [p.device_mesh for g in groups for p in g["params"] if is_dtensor(p)]
         if process_group is None and meshes and meshes[0].ndim == 1:
             process_group = meshes[0].get_group()
         self._stat_group = process_group
@@ -500,13 +499,13 @@ class AdaFisher(Optimizer, Joinable):
         the step cannot use (a grouped conv split inside a group) raises here on all ranks alike;
         found by the one rank whose shard it is, at its first step, it left the others waiting
         in the statistics all-reduce."""
-        from torch.distributed.fsdp import FSDPModule
         fisher, sharded = self.fisher, None
         for p in (p for g in self.param_groups for p in g["params"]):
-            if not isinstance(p, DTensor) or id(p) not in fisher.meta:
+            if not is_dtensor(p) or id(p) not in fisher.meta:
                 continue
             name = self._names.get(id(p), "?")
             if sharded is None:
+                from torch.distributed.fsdp import FSDPModule
                 sharded = {id(q) for m in self._model.modules() if isinstance(m, FSDPModule)
                            for q in m.parameters()}
             if id(p) not in sharded:
@@ -616,7 +615,7 @@ class AdaFisher(Optimizer, Joinable):
                                              device=p.device if self._device_steps else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 m = st["exp_avg"]
-                if isinstance(p, DTensor):
+                if is_dtensor(p):
                     name = self._names.get(id(p), "?")
                     start, length = _dim0_shard(p, name)
                     row = fisher.shard_meta(row, p.shape, start, length, name)
@@ -655,7 +654,7 @@ class AdaFisher(Optimizer, Joinable):
         momentum to the parameters' dtypes, at the next zero_grad(), step() or load_state_dict()
         (the momentum is kept in the parameter's dtype).  A model spread over several devices
         is an error that says what to do; a move seen first by a hook in a compiled region is
-        followed through a graph break (StatHooks._follow_eagerly), or, with fullgraph=True,
+        followed through a graph break (hooks._follow_eagerly), or, with fullgraph=True,
         an error that says what to do."""
         fisher = self.fisher
         seen = self._signature()
