@@ -50,8 +50,10 @@ setup(
     name="adafisher-fast",
     version="0.1.0",
     description="AdaFisher optimizer (ICLR 2025) with fused Triton and CUDA C++ kernels",
+    # bench/ runs from a checkout (python -m bench in the repository root), not from the wheel,
+    # which would install a top-level package named "bench" beside the user's own
     packages=find_packages(include=["adafisher_fast", "adafisher_fast.*", "fisher_kernels",
-                                    "fisher_kernels.*", "bench", "bench.*"]),
+                                    "fisher_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     extras_require={

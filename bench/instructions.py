@@ -129,7 +129,9 @@ def main(argv=None) -> int:
     if shutil.which("valgrind") is None:
         print("bench.instructions: valgrind is not installed", file=sys.stderr)
         return 2
-    env = dict(os.environ, PYTHONHASHSEED="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))     # bench's parent:
+    path = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))  # not installed
+    env = dict(os.environ, PYTHONHASHSEED="0", PYTHONPATH=path)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}

@@ -84,6 +84,22 @@ def test_setup_skips_cuda_extension_without_nvcc_or_when_asked():
         assert "CPU-only build; skipping the CUDA extension" in run(env)
 
 
+def test_setup_installs_the_package_and_its_kernels_but_not_the_benchmarks(monkeypatch):
+    """setup.py's packages: every package under adafisher_fast/ and fisher_kernels/, and not the
+    benchmark suite, whose top-level name ``bench`` would sit beside the user's own packages."""
+    import runpy
+    import setuptools
+    got = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: got.update(kw))
+    monkeypatch.setenv("ADAFISHER_NO_CUDA", "1")
+    monkeypatch.chdir(ROOT)
+    runpy.run_path(os.path.join(ROOT, "setup.py"))
+    want = {os.path.relpath(d, ROOT).replace(os.sep, ".")
+            for top in ("adafisher_fast", "fisher_kernels")
+            for d, _, files in os.walk(os.path.join(ROOT, top)) if "__init__.py" in files}
+    assert sorted(got["packages"]) == sorted(want) and "adafisher_fast" in want
+
+
 # ---------------------------------------------------------------------------------------------
 # ops against the reference: on a GPU the built extension, elsewhere csrc/ under the CUDA emulator
 # ---------------------------------------------------------------------------------------------
