@@ -133,7 +133,7 @@ _follow_eagerly = _follow      # compile-disabled by _compile_support
 def _compile_support() -> None:
     """NOTE: [lazy imports] What compiled models need from torch._dynamo, made once, at the first
     StatHooks, not when the package is imported: importing torch._dynamo (and
-    torch.distributed.tensor, for a DTensor check: ``layers.is_dtensor``) took
+    torch.distributed.tensor, for DTensor checks: ``layers.dtensor_types``) took
     ``import adafisher_fast`` from torch's own 0.9 s to 2.1 s (2026-12-06, torch 2.13, the
     2-core CI host), which every process that imports it (a spawned DataLoader worker that
     re-imports the training script) paid.  ``_follow_eagerly`` becomes a graph break under

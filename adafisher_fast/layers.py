@@ -650,19 +650,19 @@ class SyncBatchNormKind(BatchNormKind):
         return _global_moments(x3, m.process_group) if _synced(m) else super().moments(m, x3)
 
 
-def is_dtensor(t) -> bool:
-    """``isinstance(t, DTensor)`` without importing torch.distributed.tensor, which takes 0.4 s
-    (it loads sympy; NOTE: [lazy imports]): no tensor is a DTensor before that module is
-    imported."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, getattr(module, "DTensor", ()))
+def dtensor_types() -> tuple:
+    """(DTensor,), or () before torch.distributed.tensor is imported, when no tensor can be one:
+    ``isinstance(t, dtensor_types())`` without importing that module, which takes 0.4 s (it
+    loads sympy; NOTE: [lazy imports])."""
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return () if cls is None else (cls,)
 
 
 def probe_call(m: nn.Module, x: torch.Tensor):
     """``type(m).forward(m, x)`` eagerly, without hooks or grad (``LayerKind.probe``); None when
     it raises (any failure means only that the probe cannot tell) or when a parameter of m is
     sharded (FSDP2's DTensors: a forward outside FSDP's hooks cannot use them)."""
-    if any(is_dtensor(p) for p in m.parameters(recurse=False)):
+    if any(isinstance(p, dtensor_types()) for p in m.parameters(recurse=False)):
         return None
     try:
         with torch.no_grad():
@@ -1070,7 +1070,7 @@ def _try_lookup(m: nn.Embedding) -> Optional[bool]:
     weight without values or with equal probed rows, or max_norm (a lookup would renormalise
     the rows in place)."""
     v, w = m.num_embeddings, m.weight
-    if (v < 2 or w.is_meta or is_dtensor(w) or m.max_norm is not None
+    if (v < 2 or w.is_meta or isinstance(w, dtensor_types()) or m.max_norm is not None
             or tuple(w.shape) != (v, m.embedding_dim)):
         return None             # DTensor: FSDP2's shard (probe_call)
     row = (torch.arange(min(v, 5), device=w.device) + 1) % v      # not positions 0, 1, ...

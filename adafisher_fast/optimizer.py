@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from . import reference
 from .backends import resolve
 from .hooks import _DATA_PARALLEL, StatHooks
-from .layers import is_dtensor, warn_user
+from .layers import dtensor_types, warn_user
 from .presets import PRESETS
 from .report import curvature_report
 from .state import FisherState, state_dtype
@@ -358,7 +358,8 @@ class AdaFisher(Optimizer, Joinable):
         # NOTE: [statistics group] the group the statistics are averaged over; None: the default
         # group, once one is initialised.  FSDP2 shards a parameter over its mesh's group, which
         # is the data-parallel group even when other groups exist.
-        meshes = [p.device_mesh for g in groups for p in g["params"] if is_dtensor(p)]
+        meshes = [p.device_mesh for g in groups for p in g["params"]
+                  if isinstance(p, dtensor_types())]
         if process_group is None and meshes and meshes[0].ndim == 1:
             process_group = meshes[0].get_group()
         self._stat_group = process_group
@@ -501,7 +502,7 @@ class AdaFisher(Optimizer, Joinable):
         in the statistics all-reduce."""
         fisher, sharded = self.fisher, None
         for p in (p for g in self.param_groups for p in g["params"]):
-            if not is_dtensor(p) or id(p) not in fisher.meta:
+            if not isinstance(p, dtensor_types()) or id(p) not in fisher.meta:
                 continue
             name = self._names.get(id(p), "?")
             if sharded is None:
@@ -574,7 +575,7 @@ class AdaFisher(Optimizer, Joinable):
         """Lists for ``fused_step`` over the parameters that have a gradient (local shards of
         DTensors); raises on a bad gradient before any state changes."""
         fisher, free_lam, lam = self.fisher, PRESETS[self.preset].free_params_get_lambda, self.Lambda
-        state, free, rows = self.state, fisher.free, fisher.meta
+        state, free, rows, dtensors = self.state, fisher.free, fisher.meta, dtensor_types()
         params, grads, moms, steps, meta, hyper = [], [], [], [], [], []
         for gi, group in enumerate(self.param_groups):
             if not all(k in group for k in _GROUP_KEYS):
@@ -615,7 +616,7 @@ class AdaFisher(Optimizer, Joinable):
                                              device=p.device if self._device_steps else "cpu")
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 m = st["exp_avg"]
-                if is_dtensor(p):
+                if isinstance(p, dtensors):
                     name = self._names.get(id(p), "?")
                     start, length = _dim0_shard(p, name)
                     row = fisher.shard_meta(row, p.shape, start, length, name)
