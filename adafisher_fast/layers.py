@@ -881,10 +881,10 @@ if hasattr(nn, "RMSNorm"):
 
 # Hugging Face's RMSNorm classes (module, class): weight * x / sqrt(mean(x^2) + eps) over the last
 # dim, eps in variance_epsilon or eps; Gemma's and Qwen3-Next's scale by 1 + weight, which has the
-# same gradient.  Each was checked against transformers 5.24.0 by running it on random input.  The
-# other classes of transformers.models named *RMSNorm are probed (HFRMSNormKind.probe): 186 of
-# its 198 such classes compute one of these two forms (ten have no weight, one scales its input
-# before normalising, one is gated).
+# same gradient.  Each was checked against transformers 5.24.0 and 5.25.0 by running it on random
+# input.  The other classes of transformers.models named *RMSNorm are probed
+# (HFRMSNormKind.probe): 189 of 5.25.0's 203 such classes compute one of these two forms (eleven
+# have no weight, one scales its input before normalising, one is gated, one is conditioned).
 _HF_RMSNORMS = (
     ("llama", "LlamaRMSNorm"), ("llama4", "Llama4TextRMSNorm"), ("mllama", "MllamaTextRMSNorm"),
     ("mistral", "MistralRMSNorm"), ("mistral3", "Mistral3RMSNorm"),
