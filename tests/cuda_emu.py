@@ -3,10 +3,16 @@ load it as the CUDA backend, so that tests/test_cuda_backend.py runs the real ke
 bindings.cpp on a machine without a GPU.
 
 NOTE: [emulated memcheck] With ADAFISHER_EMU_ASAN=1 the library is built with AddressSanitizer on
-heap accesses (``asan_env()`` gives the environment a process needs: libasan and libstdc++
-preloaded), so a kernel reading or writing past a tensor's allocation stops with a report;
-test_cuda_emu.py runs the CUDA op tests that way.  (A reduce_rows_kernel changed to read one column
-past K was caught.)  Stack checks stay off: ASan cannot follow the emulator's fiber stacks.
+heap accesses and UndefinedBehaviorSanitizer (``asan_env()`` gives the environment a process needs:
+libasan and libstdc++ preloaded), so a kernel reading or writing past a tensor's allocation stops
+with a report in the log file, and one with undefined behaviour stops with a "runtime error:" on
+stderr; test_cuda_emu.py runs the CUDA op tests that way.  (A reduce_rows_kernel changed to read one
+column past K was caught.)  UBSan's alignment check is the GPU's "misaligned address" fault, which
+x86 does not raise: norm_stats changed to take 16-byte words at any row address passed every plain
+emulated test and stops here, as would the fused step's words at a 4-byte-aligned parameter.  Its
+other checks (signed overflow, shifts, array bounds, invalid bool values) stop too.  Stack checks
+stay off: ASan cannot follow the emulator's fiber stacks.  So does UBSan's vptr check, which would
+need the RTTI of every torch type the bindings touch.
 
 The kernel files are copied with each ``kernel<<<config>>>(args)`` rewritten to
 ``::af_emu::launch(kernel, config)(args)`` (the one construct C++ cannot parse) and each
@@ -37,6 +43,9 @@ FLAGS = ["-DADAFISHER_EMULATE", "-O1", "-g0", "-ffp-contract=off", "-ftrivial-au
          "-DAF_STEP_TARGET_PROGRAMS=2",     # fused_step chunks of several blocks (launchers.h)
          "-U_FORTIFY_SOURCE",       # fortified longjmp refuses to jump between fiber stacks
          "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
+# NOTE: [emulated memcheck]; UBSan's errors stop the process (as ASan's do: halt_on_error)
+SANITIZE = ["-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer",
+            "-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
 _state = {}
 
 
@@ -81,13 +90,13 @@ def _sources(build_dir: str) -> list:
 
 def build(verbose: bool = False) -> str:
     """Compile and load the emulated library once per process; returns the library path.
-    ADAFISHER_EMU_ASAN=1 builds it with AddressSanitizer on heap accesses (NOTE: [emulated
-    memcheck]); the process must then run with libasan preloaded."""
+    ADAFISHER_EMU_ASAN=1 builds it with AddressSanitizer on heap accesses and UBSan (NOTE:
+    [emulated memcheck]); the process must then run with libasan preloaded."""
     if "lib" not in _state:
         from torch.utils.cpp_extension import load
         asan = os.environ.get("ADAFISHER_EMU_ASAN") == "1"
         name = "adafisher_cuda_emu" + ("_asan" if asan else "")
-        san = ["-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer"] if asan else []
+        san = SANITIZE if asan else []
         build_dir = os.path.join(BUILD, "asan" if asan else "plain")
         with jit_build.locked(build_dir):   # the rewritten sources too (NOTE: [build locks])
             load(name=name, sources=_sources(build_dir), extra_include_paths=[CSRC, os.path.join(CSRC, "emu")],
@@ -99,13 +108,16 @@ def build(verbose: bool = False) -> str:
 
 def asan_env(log_path: str) -> dict:
     """os.environ plus what a process needs to run the ASan build (NOTE: [emulated memcheck]), or
-    {} where gcc has no libasan."""
+    {} where gcc has no libasan or libubsan.  ASan writes to ``log_path``.*; UBSan, linked beside
+    ASan, writes to stderr whatever its log_path says."""
     libs = [subprocess.run(["gcc", f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
-            for lib in ("libasan.so", "libstdc++.so")]    # libstdc++ first: ASan hooks __cxa_throw
+            for lib in ("libasan.so", "libstdc++.so", "libubsan.so")]
     if not all(os.path.isabs(lib) for lib in libs):
         return {}
-    return dict(os.environ, ADAFISHER_EMU_ASAN="1", LD_PRELOAD=" ".join(libs),
-                ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={log_path}")
+    # libstdc++ preloaded after libasan: ASan hooks __cxa_throw; libubsan is linked, not preloaded
+    return dict(os.environ, ADAFISHER_EMU_ASAN="1", LD_PRELOAD=" ".join(libs[:2]),
+                ASAN_OPTIONS=f"detect_leaks=0:halt_on_error=1:log_path={log_path}",
+                UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1")
 
 
 def backend():

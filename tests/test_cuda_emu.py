@@ -2,7 +2,7 @@
 g++ after the launch rewrite of tests/cuda_emu.py, must reduce through shuffles and shared memory
 correctly, visit every thread of a 3-d grid once, and stop kernels whose threads meet at different
 barriers or shuffle with an exited lane, or that ask for too many threads, with a clear error.
-Then the CUDA op tests under AddressSanitizer (NOTE: [emulated memcheck]), and a training run on
+Then the CUDA op tests under AddressSanitizer and UBSan (NOTE: [emulated memcheck]), and a training run on
 the emulated backend with each block's threads run forward and in reverse (a racecheck-lite)."""
 import os
 import re
@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.utils.cpp_extension import include_paths
 
 import cuda_emu
 from adafisher_fast import AdaFisherW
@@ -61,22 +62,51 @@ def test_emulator_selftest(tmp_path):
     assert lines["shared_unwritten"] == "0 -1 -1 -1 -1"
 
 
-def test_cuda_ops_under_address_sanitizer(tmp_path):
-    """The CUDA backend's op tests and per-op sweeps, emulated, with every heap access checked."""
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_sanitizers_stop_a_misaligned_word(tmp_path):
+    """The sanitized build's flags (NOTE: [emulated memcheck]) turn a 16-byte word taken at a
+    4-byte-aligned address through csrc/'s load_word into an error, as a GPU does."""
+    if not cuda_emu.asan_env(str(tmp_path / "asan")):
+        pytest.skip("gcc has no libasan or libubsan here")
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "cuda_emu_misaligned.cu")) as f:
+        src, n = cuda_emu.rewrite_launches(f.read())
+    assert n == 1
+    (tmp_path / "misaligned.cpp").write_text(src)
+    emu, exe = os.path.join(cuda_emu.CSRC, "emu"), tmp_path / "misaligned"
+    includes = [f"-I{d}" for d in [emu, cuda_emu.CSRC] + include_paths()]   # c10's Half, BFloat16
+    subprocess.run(["g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", *cuda_emu.SANITIZE, *includes,
+                    os.path.join(emu, "emu.cpp"), str(tmp_path / "misaligned.cpp"), "-o", str(exe)],
+                   check=True, timeout=300)
+    env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="halt_on_error=1")
+    ok = subprocess.run([str(exe), "0"], capture_output=True, text=True, timeout=60, env=env)
+    assert (ok.returncode, ok.stdout) == (0, "sum 10\n"), ok.stderr[-2000:]
+    bad = subprocess.run([str(exe), "1"], capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode != 0 and "sum" not in bad.stdout
+    assert re.search(r"common\.cuh:\d+:\d+: runtime error: .*misaligned address 0x[0-9a-f]+ for type "
+                     r"'const (struct )?uint4', which requires 16 byte alignment", bad.stderr), bad.stderr[-2000:]
+
+
+def test_cuda_ops_under_sanitizers(tmp_path):
+    """The CUDA backend's op tests and per-op sweeps, emulated, with every heap access checked
+    (ASan) and undefined behaviour stopped (UBSan: misaligned words, signed overflow, ...)."""
     if not emulated("cuda"):
         pytest.skip("with a GPU the op tests run the real kernels: compute-sanitizer checks those")
     env = cuda_emu.asan_env(str(tmp_path / "asan"))
     if not env:
-        pytest.skip("gcc has no libasan here")
+        pytest.skip("gcc has no libasan or libubsan here")
     here = os.path.dirname(os.path.abspath(__file__))
     tests = ["test_cuda_backend.py", "test_linear_stats.py", "test_conv_stats.py", "test_norm_stats.py",
              "test_embedding_stats.py", "test_layer_ema.py", "test_fused_step.py", "test_deterministic.py"]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton"]
+    # -s: UBSan reports on stderr, which a test's capture would take down with the process
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-k", "not triton"]
                        + [os.path.join(here, t) for t in tests],
                        cwd=os.path.dirname(here), env=env, capture_output=True, text=True,
                        timeout=840)      # below pytest.ini's faulthandler_timeout, which would orphan it
     reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
     assert "ERROR: AddressSanitizer" not in reports, reports[:4000]
+    ub = r.stderr.find("runtime error:")
+    assert ub < 0, r.stderr[max(0, ub - 200):ub + 3000]
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout
 
