@@ -2,8 +2,8 @@
 g++ after the launch rewrite of tests/cuda_emu.py, must reduce through shuffles and shared memory
 correctly, visit every thread of a 3-d grid once, and stop kernels whose threads meet at different
 barriers or shuffle with an exited lane, or that ask for too many threads, with a clear error.
-Then the CUDA op tests under AddressSanitizer and UBSan (NOTE: [emulated memcheck]), and a training run on
-the emulated backend with each block's threads run forward and in reverse (a racecheck-lite)."""
+Then the CUDA op tests under AddressSanitizer and UBSan (NOTE: [emulated memcheck]), and a training
+run on the emulated backend with each block's threads run forward and in reverse (a racecheck-lite)."""
 import os
 import re
 import shutil
