@@ -1,6 +1,7 @@
 """The interpreter's sanitizer (tests/triton_sanitizer.py, NOTE: [interpreter sanitizer]) catches
-a kernel that reads, writes or adds past its tensors, or whose programs race on an address, and
-lets in-bounds, masked-off, atomic and ticket-ordered accesses run."""
+a kernel that reads, writes or adds past its tensors, whose programs race on an address, or whose
+multiple_of / max_contiguous hints are false, and lets in-bounds, masked-off, atomic and
+ticket-ordered accesses and true hints run."""
 import os
 
 import pytest
@@ -128,3 +129,44 @@ def test_a_ticket_orders_what_the_last_program_does_after_it():
     _neighbour_kernel[(3,)](x, out, MODE=5)
     assert x.tolist() == [0.0] * 3 and out[:2].tolist() == [1.0, 3.0]
 
+
+
+@triton.jit
+def _hinted_kernel(x, out, at, MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """Copies BLOCK floats from x + at to out through a hint: MODE 0 x 16-byte aligned, 1 ``at`` a
+    multiple of BLOCK, 2 the offsets at + (0, 1, ..., BLOCK - 1) runs of BLOCK from a multiple of
+    BLOCK, 3 the same said of at + (0, 2, 4, ...) (a stride-2 gather)."""
+    start = tl.load(at + tl.program_id(0))
+    i = tl.arange(0, BLOCK)
+    if MODE == 0:
+        x = tl.multiple_of(x, 16)
+    if MODE == 1:
+        start = tl.multiple_of(start, BLOCK)
+    offs = start + i
+    if MODE == 3:
+        offs = start + 2 * i
+    if MODE >= 2:
+        offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
+    tl.store(out + tl.program_id(0) * BLOCK + i, tl.load(x + offs))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+def test_true_hints_run(mode):
+    x = torch.arange(32.0)
+    out = torch.zeros(16)
+    _hinted_kernel[(2,)](x, out, torch.tensor([8, 16], dtype=torch.int32), MODE=mode, BLOCK=8)
+    assert out.tolist() == list(range(8, 24))
+
+
+@pytest.mark.parametrize("mode, bad", [
+    (0, r"tl.multiple_of\(16\) on a value of \(1,\) addresses .* that is 0x[0-9a-f]*4\b"),
+    (1, r"tl.multiple_of\(8\) on a value of \(1,\) entries .* that is 12 "),
+    (2, r"tl.multiple_of\(8\) on a value of \(8,\) entries \(dim 0, runs of 8\) that is 12 "),
+    (3, r"tl.max_contiguous\(8\) on a value of \(8,\) entries \(dim 0\) whose runs step by 2, not 1")])
+def test_a_false_hint_is_caught(mode, bad):
+    """What the compiled kernel would trust and the interpreter ignores: x 4 bytes past a 16-byte
+    boundary, a second program's start of 12, not a multiple of 8, or offsets that skip."""
+    x = torch.arange(64.0)[1 if mode == 0 else 0:]
+    at = torch.tensor([8, 12 if mode in (1, 2) else 16], dtype=torch.int32)
+    with pytest.raises(triton_sanitizer.BadHint, match=f"_hinted_kernel: {bad}"):
+        _hinted_kernel[(2,)](x, torch.zeros(16), at, MODE=mode, BLOCK=8)

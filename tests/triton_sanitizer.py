@@ -26,6 +26,13 @@ or stores, unordered) gives the right answer here and any answer on a GPU.  ``in
   pair is checked.  ``Race`` names the kernel, the address, the accesses and the programs.
 - uninitialised memory: the backend's ops run poisoned (tests/poison.py), so a kernel that
   reads scratch no program wrote gives NaN.
+- hints, after each launch: what a kernel tells the compiler of a value with ``tl.multiple_of``
+  and ``tl.max_contiguous`` must hold for every program, since the compiled kernel trusts it (a
+  pointer said to be 16-byte aligned gets 16-byte loads, which fault on a GPU where it is not)
+  and the interpreter ignores it.  Per dimension d of divisibility v and contiguity c (1 when
+  not given): the entries at indices 0, c, 2c, ... along d are multiples of v (bytes, for
+  pointers), and each run of c entries from there counts up by one (one element, for
+  pointers).  ``BadHint`` names the kernel, the hint and the first value that breaks it.
 """
 import contextlib
 import dataclasses
@@ -50,6 +57,10 @@ class Race(AssertionError):
     """Two programs of one launch accessed an address without an order between them."""
 
 
+class BadHint(AssertionError):
+    """A kernel's tl.multiple_of or tl.max_contiguous said what a value is not."""
+
+
 class _Launch:
     """The accesses of one launch's programs: (kind, program, after its ticket, addresses) as
     they happen; the programs run one after another, so the last to take a ticket (its first
@@ -57,6 +68,7 @@ class _Launch:
 
     def __init__(self, kernel):
         self.kernel, self.accesses, self.ticketed, self.last = kernel, [], set(), None
+        self.hinted = {}        # id -> TensorHandle given a hint (checked at the launch's end)
 
     def record(self, kind: int, addr: np.ndarray) -> None:
         gx, gy, _ = interp.interpreter_builder.grid_dim
@@ -69,6 +81,8 @@ class _Launch:
         self.accesses.append((kind, pid, after, addr))
 
     def check(self) -> None:
+        for h in self.hinted.values():
+            check_hints(h, self.kernel)
         if not self.accesses:
             return
         addr = np.concatenate([a for *_, a in self.accesses])
@@ -202,6 +216,45 @@ def check_bounds(ptrs, addr: np.ndarray, what: str) -> None:
                       f"{int(size)}-byte elements; {where} (NOTE: [interpreter sanitizer])")
 
 
+def check_hints(h, kernel: str) -> None:
+    """Raise BadHint unless the TensorHandle h is what its divisibility and contiguity hints say
+    (NOTE: [interpreter sanitizer])."""
+    d = np.asarray(h.data)
+    if d.ndim == 0:
+        d = d.reshape(1)
+    ptr = h.dtype.is_ptr()
+    step = max(1, h.get_element_ty().primitive_bitwidth // 8) if ptr else 1
+    what = f"a value of {d.shape} {'addresses' if ptr else 'entries'}"
+    ones = [1] * d.ndim
+    div, con = h.attr.get("tt.divisibility", ones), h.attr.get("tt.contiguity", ones)
+    for ax in range(d.ndim):
+        v, c = int(div[ax]), int(con[ax])
+        heads = np.take(d, np.arange(0, d.shape[ax], c), axis=ax).astype(np.int64)
+        bad = heads[heads % v != 0]
+        if bad.size:
+            first = int(bad.ravel()[0])
+            raise BadHint(f"{kernel}: tl.multiple_of({v}) on {what} (dim {ax}, runs of {c}) that "
+                          f"is {f'{first:#x}' if ptr else first} (NOTE: [interpreter sanitizer])")
+        if c > 1:
+            gaps = np.diff(d.astype(np.int64), axis=ax)
+            inside = (np.arange(gaps.shape[ax]) + 1) % c != 0     # within a run of c
+            gaps = np.compress(inside, gaps, axis=ax)
+            if (gaps != step).any():
+                raise BadHint(f"{kernel}: tl.max_contiguous({c}) on {what} (dim {ax}) whose runs "
+                              f"step by {int(gaps[gaps != step].ravel()[0])}, not {step} "
+                              f"(NOTE: [interpreter sanitizer])")
+
+
+def _hinted(original):
+    @functools.wraps(original)
+    def set_attr(self, key, value):
+        original(self, key, value)
+        if key in ("tt.divisibility", "tt.contiguity") and _state.launch is not None:
+            _state.launch.hinted[id(self)] = self
+
+    return set_attr
+
+
 def _checked(name, kind, ptr_arg, mask_arg):
     original = getattr(interp.InterpreterBuilder, name)
 
@@ -232,6 +285,7 @@ def install(ops=(), launchers=()) -> None:
     interp.GridExecutor._sanitized = True
     for name, kind, p, m in _ACCESSES:
         setattr(interp.InterpreterBuilder, name, _checked(name, kind, p, m))
+    interp.TensorHandle.set_attr = _hinted(interp.TensorHandle.set_attr)
     run = interp.GridExecutor.__call__
 
     @functools.wraps(run)
