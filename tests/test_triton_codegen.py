@@ -113,3 +113,13 @@ def test_loop_spills_counts_local_accesses_inside_loops_only():
     # (forward branches make no loop)
     assert _loop_spills(sass) == 2
     assert _loop_spills(sass.replace("@!P0 BRA 0x0020", "@!P0 BRA 0x0070")) == 0
+
+
+def test_a_grid_past_cudas_limits_is_refused():
+    """What the launchers' recorded launches are checked against (the interpreter runs any grid)."""
+    from triton_codegen import check_grid
+    check_grid("k", (2 ** 31 - 1, 65535, 65535))
+    check_grid("k", (0,))
+    for grid in ((2 ** 31,), (1, 65536), (1, 1, 65536), (1, 1, 1, 1)):
+        with pytest.raises(ValueError, match=r"k: grid \(.*\) is past CUDA's"):
+            check_grid("k", grid)

@@ -9,8 +9,9 @@ GPU tests and benchmarks use, and compiles each distinct (kernel, argument types
 each target with ``triton.compile(..., target=GPUTarget("cuda", sm, 32))`` down to a cubin (ptxas).
 
 Usage: ``python tests/triton_codegen.py --arch 80 --arch 90 [--json FILE]``; exit status 1 if any
-compilation failed or a kernel needs more shared memory than the target has.  Must run without
-TRITON_INTERPRET (tests/test_triton_codegen.py runs it in a subprocess).
+compilation failed or a kernel needs more shared memory than the target has; a launch over a grid
+past CUDA's limits stops it with an error.  Must run without TRITON_INTERPRET
+(tests/test_triton_codegen.py runs it in a subprocess).
 """
 from __future__ import annotations
 
@@ -47,6 +48,15 @@ SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 # integers divisible by 16 get tt.divisibility 16, integers equal to 1 become constexprs; without
 # it the alignment and contiguity the vector loads rely on would be unknown here
 _SPECIALIZER = make_backend(GPUTarget("cuda", 90, 32))
+# programs per grid axis a CUDA launch takes (x, y, z; CUDA C programming guide): the interpreter
+# runs any grid, a GPU refuses the launch
+GRID_LIMIT = (2 ** 31 - 1, 65535, 65535)
+
+
+def check_grid(kernel: str, grid: tuple) -> None:
+    """Raise ValueError, naming the kernel, if a GPU would refuse a launch over ``grid``."""
+    if len(grid) > 3 or any(g > lim for g, lim in zip(grid, GRID_LIMIT)):
+        raise ValueError(f"{kernel}: grid {tuple(grid)} is past CUDA's {GRID_LIMIT} programs per axis")
 
 
 @contextmanager
@@ -58,6 +68,7 @@ def recording():
     orig = JITFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
+        check_grid(self.__name__, grid)
         binder = create_function_from_signature(self.signature, self.params, _SPECIALIZER)
         bound, specialization, options = binder(*args, **kwargs)
         _, sig, const, attrs = self._pack_args(_SPECIALIZER, kwargs, bound, specialization, options)
