@@ -18,6 +18,8 @@
 //    from SEED and the launch's number since the setting changed: partial sums meeting through
 //    atomicAdd are then added in another order, as on a GPU where blocks finish when they finish
 //    (how test_deterministic.py checks NOTE: [ordered partials]).
+//  * ADAFISHER_EMU_DRY=1 checks and logs each launch's configuration and runs none of its blocks:
+//    the launchers' grids at GPU-size shapes, which no CPU could compute (test_cuda_emu.py).
 //  * Built with -ftrivial-auto-var-init=pattern: an uninitialised local reads as 0xFE bytes
 //    (-1.7e38 as a float), so a kernel that uses one produces garbage the tests see.
 //  * tests/cuda_emu.py runs each op with the CPU memory it allocates filled with 0xFF bytes (NaN):
@@ -247,7 +249,7 @@ cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx, const void* kern
   std::lock_guard<std::mutex> lock(launch_mutex);
   const uint64_t n = static_cast<uint64_t>(block.x) * block.y * block.z;
   const uint64_t nb = static_cast<uint64_t>(grid.x) * grid.y * grid.z;
-  if (n == 0 || n > kMaxThreads || nb == 0 || grid.y > 65535 || grid.z > 65535) {
+  if (n == 0 || n > kMaxThreads || nb == 0 || grid.x > 2147483647u || grid.y > 65535 || grid.z > 65535) {
     fail("invalid launch configuration: grid (" + std::to_string(grid.x) + "," + std::to_string(grid.y) +
              "," + std::to_string(grid.z) + "), block of " + std::to_string(n) + " threads",
          cudaErrorInvalidConfiguration);
@@ -266,6 +268,8 @@ cudaError_t run_grid(dim3 grid, dim3 block, Thunk b, void* ctx, const void* kern
       std::fclose(f);
     }
   }
+  if (const char* dry = std::getenv("ADAFISHER_EMU_DRY"); dry != nullptr && std::strcmp(dry, "1") == 0)
+    return last_error;
   const char* order = std::getenv("ADAFISHER_EMU_THREAD_ORDER");
   reverse_threads = order != nullptr && std::strcmp(order, "reverse") == 0;
   body = b;
