@@ -157,7 +157,6 @@ def test_thread_order_does_not_change_results(preset, monkeypatch):
         assert torch.equal(a, b)
 
 
-
 def test_launch_configurations_at_gpu_sizes(emu_launches, monkeypatch):
     """The CUDA launchers over the GPU tests' and benchmarks' layer shapes (ResNet-50 at batch 64,
     a GPT-2 block's 16 x 1024 tokens) in every input dtype, deterministic or not, with
