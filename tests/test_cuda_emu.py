@@ -4,7 +4,6 @@ correctly, visit every thread of a 3-d grid once, and stop kernels whose threads
 barriers or shuffle with an exited lane, or that ask for too many threads, with a clear error.
 Then the CUDA op tests under AddressSanitizer and UBSan (NOTE: [emulated memcheck]), and a training
 run on the emulated backend with each block's threads run forward and in reverse (a racecheck-lite)."""
-import math
 import os
 import re
 import shutil
@@ -19,6 +18,7 @@ from torch.utils.cpp_extension import include_paths
 import cuda_emu
 from adafisher_fast import AdaFisherW
 from conftest import emulated, kernel_module
+from launch_shapes import stats_calls
 
 
 def test_rewrite_turns_every_launch_into_a_call():
@@ -158,35 +158,19 @@ def test_thread_order_does_not_change_results(preset, monkeypatch):
 
 
 def test_launch_configurations_at_gpu_sizes(emu_launches, monkeypatch):
-    """The CUDA launchers over the GPU tests' and benchmarks' layer shapes (ResNet-50 at batch 64,
-    a GPT-2 block's 16 x 1024 tokens) in every input dtype, deterministic or not, with
+    """The CUDA launchers over the launches tests/triton_codegen.py compiles for Triton (the GPU
+    tests' and benchmarks' shapes, tests/launch_shapes.py), deterministic or not, with
     ADAFISHER_EMU_DRY=1 (NOTE: [CUDA emulator]): each launch's grid and block are what a GPU takes
     (the emulator refuses others), and no kernel runs, so no input is read."""
     if not emulated("cuda"):
         pytest.skip("emulator test; on a GPU the GPU tests launch these shapes")
     ops = kernel_module("cuda")
     monkeypatch.setenv("ADAFISHER_EMU_DRY", "1")
-    for det in (False, True):
-        torch.use_deterministic_algorithms(det)
-        try:
-            for dt in (torch.float32, torch.bfloat16, torch.float16):
-                for shape, dim in (((16 * 1024, 3072), -1), ((16 * 1024, 768), -1), ((256, 64, 1024), 1),
-                                   ((64, 2048, 49), 1)):
-                    ops.linear_stats(torch.empty(shape, dtype=dt), torch.zeros(shape[dim]), dim)
-                for c, sp, k, st, pad, dil, g, mode in (
-                        (3, (224, 224), (7, 7), (2, 2), ((3, 3),) * 2, (1, 1), 1, "zeros"),
-                        (64, (56, 56), (3, 3), (1, 1), ((1, 1),) * 2, (1, 1), 1, "zeros"),
-                        (256, (56, 56), (1, 1), (1, 1), ((0, 0),) * 2, (1, 1), 1, "zeros"),
-                        (512, (28, 28), (3, 3), (2, 2), ((1, 1),) * 2, (2, 2), 32, "circular"),
-                        (32, (16, 64, 64), (3, 3, 3), (1, 1, 1), ((1, 1),) * 3, (1, 1, 1), 1, "zeros")):
-                    ops.conv_stats(torch.empty(64 if len(sp) == 2 else 4, c, *sp, dtype=dt),
-                                   torch.zeros(c * math.prod(k)), k, st, pad, dil, g, mode)
-                for r, c, i in ((16 * 1024, 768, 1), (64, 256, 56 * 56)):
-                    x = torch.empty(r, c, i, dtype=dt)
-                    ops.norm_stats(x, torch.zeros(c), "channel", 1, 1e-5)
-                    ops.norm_stats(x, torch.zeros(c), "sample", 32, 1e-5)
-        finally:
-            torch.use_deterministic_algorithms(False)
-    ops.embedding_stats(torch.empty(16, 1024, dtype=torch.int64), torch.zeros(50257))
+    stats_calls(ops)
+    torch.use_deterministic_algorithms(True)    # the partial-sums kernels (NOTE: [ordered partials])
+    try:
+        stats_calls(ops, dtypes=(torch.float32,))
+    finally:
+        torch.use_deterministic_algorithms(False)
     grids = [(x, y) for _, x, y in emu_launches()]
     assert len(grids) > 100 and max(y for _, y in grids) > 1
