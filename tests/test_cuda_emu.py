@@ -29,18 +29,25 @@ def test_rewrite_turns_every_launch_into_a_call():
                    "::af_emu::launch(f, n, 32)(a);")
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
-def test_emulator_selftest(tmp_path):
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "cuda_emu_selftest.cu")) as f:
+def _program(name: str, tmp_path, flags=()):
+    """(executable, launches, __shared__ declarations) of tests/<name>.cu built with g++ and the
+    emulator after cuda_emu's rewrites, as csrc/ is."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name + ".cu")) as f:
         src, n_shared = cuda_emu.poison_shared(f.read())
     src, n = cuda_emu.rewrite_launches(src)
+    (tmp_path / f"{name}.cpp").write_text(src)
+    emu, exe = os.path.join(cuda_emu.CSRC, "emu"), tmp_path / name
+    includes = [f"-I{d}" for d in [emu, cuda_emu.CSRC] + include_paths()]   # c10's Half, BFloat16
+    subprocess.run(["g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", *flags, *includes,
+                    os.path.join(emu, "emu.cpp"), str(tmp_path / f"{name}.cpp"), "-o", str(exe)],
+                   check=True, timeout=300)
+    return exe, n, n_shared
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_emulator_selftest(tmp_path):
+    exe, n, n_shared = _program("cuda_emu_selftest", tmp_path)
     assert (n, n_shared) == (12, 2)
-    (tmp_path / "selftest.cpp").write_text(src)
-    emu = os.path.join(cuda_emu.CSRC, "emu")
-    exe = tmp_path / "selftest"
-    subprocess.run(["g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", "-I", emu, os.path.join(emu, "emu.cpp"),
-                    str(tmp_path / "selftest.cpp"), "-o", str(exe)], check=True, timeout=300)
     lines = dict(line.split(" ", 1) for line in subprocess.run([str(exe)], capture_output=True, text=True,
                                                                  check=True, timeout=60).stdout.splitlines())
     assert lines["block_sum"] == "ok"
@@ -69,16 +76,8 @@ def test_sanitizers_stop_a_misaligned_word(tmp_path):
     4-byte-aligned address through csrc/'s load_word into an error, as a GPU does."""
     if not cuda_emu.asan_env(str(tmp_path / "asan")):
         pytest.skip("gcc has no libasan or libubsan here")
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(os.path.join(here, "cuda_emu_misaligned.cu")) as f:
-        src, n = cuda_emu.rewrite_launches(f.read())
+    exe, n, _ = _program("cuda_emu_misaligned", tmp_path, cuda_emu.SANITIZE)
     assert n == 1
-    (tmp_path / "misaligned.cpp").write_text(src)
-    emu, exe = os.path.join(cuda_emu.CSRC, "emu"), tmp_path / "misaligned"
-    includes = [f"-I{d}" for d in [emu, cuda_emu.CSRC] + include_paths()]   # c10's Half, BFloat16
-    subprocess.run(["g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", *cuda_emu.SANITIZE, *includes,
-                    os.path.join(emu, "emu.cpp"), str(tmp_path / "misaligned.cpp"), "-o", str(exe)],
-                   check=True, timeout=300)
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="halt_on_error=1")
     ok = subprocess.run([str(exe), "0"], capture_output=True, text=True, timeout=60, env=env)
     assert (ok.returncode, ok.stdout) == (0, "sum 10\n"), ok.stderr[-2000:]
