@@ -5,6 +5,17 @@ them, tests/test_cuda_emu.py checks the CUDA launches in the emulator's dry mode
 import torch
 
 
+def gpu_launches(ops):
+    """``stats_calls(ops)``, then its float32 calls again under deterministic algorithms, which
+    launch the partial-sums kernels instead (NOTE: [ordered partials])."""
+    stats_calls(ops)
+    torch.use_deterministic_algorithms(True)
+    try:
+        stats_calls(ops, dtypes=(torch.float32,))
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
 def stats_calls(ops, dev="cpu", dtypes=(torch.float32, torch.bfloat16, torch.float16)):
     """Direct launcher calls of a backend's ``ops``: every statistics op in ``dtypes`` over odd
     and large shapes, every conv dimensionality and padding mode, both norm modes."""

@@ -39,7 +39,7 @@ import fisher_kernels  # noqa: E402
 from adafisher_fast import AdaFisher, AdaFisherW  # noqa: E402
 from adafisher_fast.presets import PRESETS  # noqa: E402
 from bench import models  # noqa: E402
-from launch_shapes import stats_calls  # noqa: E402
+from launch_shapes import gpu_launches  # noqa: E402
 
 fs = importlib.import_module("fisher_kernels.fused_step")    # the module, not the function
 
@@ -236,12 +236,7 @@ def main(argv=None) -> int:
         sys.exit("triton_codegen.py compiles real kernels: run it without TRITON_INTERPRET=1")
     torch.manual_seed(0)
     with recording() as seen:
-        stats_calls(fisher_kernels)
-        torch.use_deterministic_algorithms(True)    # the PARTIAL kernels (NOTE: [ordered partials])
-        try:
-            stats_calls(fisher_kernels, dtypes=(torch.float32,))
-        finally:
-            torch.use_deterministic_algorithms(False)
+        gpu_launches(fisher_kernels)
         _optimizer_runs()
     rows, ok = compile_all(seen, a.arch or [80, 90])
     kernels = sorted({r["kernel"] for r in rows})
