@@ -372,10 +372,9 @@ class FisherState:
         self.h_owner = owner.to(device)
         self.params = params
         self.state = torch.ones(raw_off, **fl)
-        self.fac = torch.ones(raw_off + 1, **fl)
+        self.fac = torch.ones(raw_off + 1, **fl)    # fac[raw_off] = 1: factor-free params' S and H
         self.initialized = torch.zeros(nf, dtype=torch.bool, device=device)
         self.counters = torch.zeros(len(self.layers), 2, **i64)   # stat iters, non-finite skips
-        self.one_slot = raw_off
 
         # per-parameter index maps, made global; everything else is factor-free
         self.meta: Dict[int, tuple] = {}
