@@ -41,7 +41,6 @@ BUILD = jit_build.build_dir("cuda_emu")
 LAUNCH = re.compile(r"([A-Za-z_]\w*(?:<[^<>;(){}]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
 FLAGS = ["-DADAFISHER_EMULATE", "-O1", "-g0", "-ffp-contract=off", "-ftrivial-auto-var-init=pattern",
          "-DAF_STEP_TARGET_PROGRAMS=2",     # fused_step chunks of several blocks (launchers.h)
-         "-U_FORTIFY_SOURCE",       # fortified longjmp refuses to jump between fiber stacks
          "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas"]
 # NOTE: [emulated memcheck]; UBSan's errors stop the process (as ASan's do: halt_on_error)
 SANITIZE = ["-fsanitize=address", "--param=asan-stack=0", "-fno-omit-frame-pointer",

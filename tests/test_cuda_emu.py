@@ -38,7 +38,7 @@ def _program(name: str, tmp_path, flags=()):
     (tmp_path / f"{name}.cpp").write_text(src)
     emu, exe = os.path.join(cuda_emu.CSRC, "emu"), tmp_path / name
     includes = [f"-I{d}" for d in [emu, cuda_emu.CSRC] + include_paths()]   # c10's Half, BFloat16
-    subprocess.run(["g++", "-std=c++17", "-O1", "-U_FORTIFY_SOURCE", *flags, *includes,
+    subprocess.run(["g++", "-std=c++17", "-O1", *flags, *includes,
                     os.path.join(emu, "emu.cpp"), str(tmp_path / f"{name}.cpp"), "-o", str(exe)],
                    check=True, timeout=300)
     return exe, n, n_shared

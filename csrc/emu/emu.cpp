@@ -2,9 +2,9 @@
 // run on the CPU, so that CPU CI executes the CUDA backend's code against the torch reference
 // (tests/cuda_emu.py builds it; tests/test_cuda_backend.py uses it where no GPU is present).
 //  * Every CUDA thread of a block is a fiber (its own stack, started with makecontext, switched with
-//    _setjmp/_longjmp) on one host thread.  Blocks run one at a time, in reverse order (a kernel
-//    may not depend on block order); a block's fibers run in thread order until each finishes or
-//    waits at a barrier.
+//    the compiler's __builtin_setjmp/__builtin_longjmp: jump() says why) on one host thread.  Blocks
+//    run one at a time, in reverse order (a kernel may not depend on block order); a block's fibers
+//    run in thread order until each finishes or waits at a barrier.
 //  * __syncthreads releases when every unfinished thread of the block waits there, at the same
 //    call site; a warp shuffle is two warp barriers around an exchange slot, every unfinished
 //    lane of the warp at the same call site, its own lane and its partner's in the mask.  Threads
@@ -36,7 +36,6 @@
 #include "cuda_runtime.h"
 
 #include <algorithm>
-#include <csetjmp>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -67,8 +66,11 @@ struct Site {        // where a thread waits: a barrier's or shuffle's source fi
   std::string str() const { return std::string(file) + ":" + std::to_string(line); }
 };
 
+// GCC's (and clang's) five-word setjmp buffer: frame pointer, resume address, stack pointer.
+using Context = void* [5];
+
 struct Fiber {
-  jmp_buf jb;
+  Context jb;
   ucontext_t uc;
   dim3 tid;
   State state;
@@ -83,7 +85,7 @@ std::vector<Fiber> fibers;
 std::unique_ptr<char[]> stacks;
 unsigned n_threads = 0, cur = 0;
 bool reverse_threads = false;
-jmp_buf scheduler;
+Context scheduler;
 Thunk body = nullptr;
 void* body_ctx = nullptr;
 uint64_t slots[kMaxThreads];            // warp exchange values
@@ -92,25 +94,33 @@ std::unordered_map<void*, uint64_t> poisoned_in;   // __shared__ address -> the 
 cudaError_t last_error = cudaSuccess;
 std::string last_message;
 
-void wait(State s, Site site) {
+// Fiber switches use the compiler's builtins, not libc's _setjmp/_longjmp, and the functions that
+// switch are left out of ASan's instrumentation (SWITCH): ASan unpoisons the whole stack before
+// each _longjmp and each call of a noreturn function (a sigaltstack syscall and a memset of the
+// stack's shadow), which took half the sanitized op tests' time; with asan-stack=0 no fiber stack
+// holds poison to clear.  A function may not hold both builtins, so the jump is one of its own.
+#define SWITCH __attribute__((no_sanitize_address))
+[[noreturn]] SWITCH __attribute__((noinline)) void jump(Context& to) { __builtin_longjmp(to, 1); }
+
+SWITCH void wait(State s, Site site) {
   Fiber& f = fibers[cur];
   f.state = s;
   f.site = site;
-  if (!_setjmp(f.jb)) _longjmp(scheduler, 1);
+  if (!__builtin_setjmp(f.jb)) jump(scheduler);
 }
 
-void entry() {
+SWITCH void entry() {
   body(body_ctx);
   fibers[cur].state = State::kDone;
-  _longjmp(scheduler, 1);
+  jump(scheduler);
 }
 
-void resume(unsigned t) {
+SWITCH void resume(unsigned t) {
   Fiber& f = fibers[t];
   cur = t;
   threadIdx = f.tid;
-  if (_setjmp(scheduler)) return;
-  if (f.started) _longjmp(f.jb, 1);
+  if (__builtin_setjmp(scheduler)) return;
+  if (f.started) jump(f.jb);
   f.started = true;
   getcontext(&f.uc);
   f.uc.uc_stack.ss_sp = stacks.get() + static_cast<size_t>(t) * kStack;
@@ -234,12 +244,12 @@ void warp_exchange(void* value, size_t bytes, unsigned mask, int lane_mask, cons
   const unsigned src = cur ^ static_cast<unsigned>(lane_mask);
   if (lane_mask < 0 || lane_mask > 31 || src >= n_threads || fibers[src].state == State::kDone) {
     fail("warp shuffle from lane " + std::to_string(src) + ", which is outside the block or has exited");
-    _longjmp(scheduler, 1);
+    jump(scheduler);
   }
   if (!(mask >> (cur % 32) & 1u) || !(mask >> (src % 32) & 1u)) {   // undefined on the device
     fail("warp shuffle of lane " + std::to_string(cur % 32) + " from lane " + std::to_string(src % 32) +
          " with mask " + std::to_string(mask) + ", which leaves one of them out (" + Site{file, line}.str() + ")");
-    _longjmp(scheduler, 1);
+    jump(scheduler);
   }
   std::memcpy(value, &slots[src], bytes);
   wait(State::kAtWarp, Site{file, line});
