@@ -11,8 +11,9 @@ column past K was caught.)  UBSan's alignment check is the GPU's "misaligned add
 x86 does not raise: norm_stats changed to take 16-byte words at any row address passed every plain
 emulated test and stops here, as would the fused step's words at a 4-byte-aligned parameter.  Its
 other checks (signed overflow, shifts, array bounds, invalid bool values) stop too.  Stack checks
-stay off: ASan cannot follow the emulator's fiber stacks.  So does UBSan's vptr check, which would
-need the RTTI of every torch type the bindings touch.
+stay off: ASan cannot follow the emulator's fiber stacks (which is also why its fiber switches may
+skip ASan's stack unpoisoning: jump() in csrc/emu/emu.cpp).  So does UBSan's vptr check, which
+would need the RTTI of every torch type the bindings touch.
 
 The kernel files are copied with each ``kernel<<<config>>>(args)`` rewritten to
 ``::af_emu::launch(kernel, config)(args)`` (the one construct C++ cannot parse) and each
