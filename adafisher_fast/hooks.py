@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+from collections import OrderedDict
 import numbers
 import weakref
 from typing import List, Optional
@@ -64,9 +65,28 @@ def _register_grad_hook(t: torch.Tensor, hook) -> None:
     if (base is not None and base.numel() == t.numel() and t.is_contiguous() and base.is_contiguous()
             and t.storage_offset() == base.storage_offset()):
         shape = t.shape
-        base.register_hook(lambda grad: hook(grad.reshape(shape)))
+        _tensor_hook(base, lambda grad: hook(grad.reshape(shape)))
     else:
+        _tensor_hook(t, hook)
+
+
+def _tensor_hook(t: torch.Tensor, hook) -> None:
+    """``t.register_hook(hook)`` without the RemovableHandle that nobody removes (the hook goes
+    with t and its node).  On a plain tensor made by an op and without hooks yet, register_hook
+    gives t a hook dict, registers that dict with t's node, makes a handle and adds the hook under
+    the handle's id; here the dict is made with the hook in it, under a key no handle has: the
+    same C++ hook, run (and traced by compiled autograd) the same way, in a third of the time
+    (1.3 us a call against 4.2, warm, on the 2-core CI host).  Anything else (a tensor subclass,
+    a leaf, a tensor that has hooks) takes register_hook."""
+    node = t.grad_fn
+    if type(t) is not torch.Tensor or node is None or t._backward_hooks is not None:
         t.register_hook(hook)
+        return
+    t._backward_hooks = OrderedDict(((_HOOK_KEY, hook),))     # (a user's handle weakrefs it)
+    node._register_hook_dict(t)
+
+
+_HOOK_KEY = "adafisher"     # (a handle's id is an int)
 
 
 def _first_param(module: torch.nn.Module) -> Optional[str]:
@@ -444,7 +464,7 @@ class StatHooks:
                 tapped = _GradTap.apply(t, self._grad_hook(lay, 0, True))    # NOTE: [grad tap]
                 return (tapped,) + inputs[1:], kwargs
             tap.placed = []          # the parent's hook adds a recomputed call's input here
-            t.register_hook(self._grad_hook(lay, 0, False, tap.placed))
+            _tensor_hook(t, self._grad_hook(lay, 0, False, tap.placed))
             return None
         return hook
 

@@ -386,7 +386,10 @@ def _extra_padding(name: str, kernel_size, stride, dilation, padding, size, out_
     return tuple(p for e in reversed(extra) for p in (e // 2, e - e // 2)) if any(extra) else ()
 
 
-@register_layer(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TORCH_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@register_layer(*_TORCH_CONVS)
 class ConvKind(LayerKind):
     """Patch statistics without im2col; D = C_in/groups * prod(kernel).
 
@@ -447,6 +450,8 @@ class ConvKind(LayerKind):
         are those of the padded input: x is zero-padded by the missing amount, total // 2 before
         (as "SAME" and timm do), with one warning per class.  An output smaller than the declared
         geometry gives is an error: such a forward is not a convolution of x."""
+        if type(m) in _TORCH_CONVS:     # its output has its geometry: no need to look (6 us)
+            return x
         nd = len(m.kernel_size)
         if not isinstance(output, torch.Tensor) or output.dim() != x.dim():
             return x
@@ -779,7 +784,10 @@ class LayerNormKind(NormKind):
 
         def first():        # only asked where it decides: compiled, each question is a guard
             return len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]
-        if getattr(m, _LAYOUT, None) == 1 and first():
+        # (not getattr(m, _LAYOUT, None): Module.__getattr__ raises for a name it lacks, 2.5 us)
+        layout = getattr(m, _LAYOUT, None) if torch.compiler.is_compiling() else \
+            m.__dict__.get(_LAYOUT)
+        if layout == 1 and first():
             return t.movedim(1, -1)
         if tuple(t.shape[t.dim() - len(shape):]) == shape:
             return t

@@ -594,6 +594,31 @@ def test_a_users_forward_hook_does_not_change_what_the_statistics_see():
     torch.testing.assert_close(opt.raw_stats()["<root>"][1], g.square().mean(0), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("removed", [False, True])
+def test_users_tensor_hooks_on_a_hooked_output(removed):
+    """The statistics hook goes on a layer's output without a handle (hooks._tensor_hook): a
+    user's tensor hook added after it, on the same tensor, still runs after it (S is the output's
+    own gradient, the parameters' gradients are the user's), and removing the user's handle
+    removes only the user's hook."""
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3).double()
+    seen = []
+
+    def users(m, i, o):
+        handle = o.register_hook(lambda g: seen.append(g.clone()) or g * 2.0)
+        if removed:
+            handle.remove()
+    lin.register_forward_hook(users)
+    opt = AdaFisher(lin, TCov=1, preset="paper", backend="torch")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    lin(x).sin().sum().backward()
+    out = nn.functional.linear(x, lin.weight, lin.bias).detach().requires_grad_()
+    (g,) = torch.autograd.grad(out.sin().sum(), out)
+    torch.testing.assert_close(opt.raw_stats()["<root>"][1], g.square().mean(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(lin.weight.grad, (1.0 if removed else 2.0) * g.T @ x)
+    assert len(seen) == (0 if removed else 1)
+
+
 def test_nonfinite_statistics_keep_layer_state_and_are_counted():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
