@@ -337,9 +337,9 @@ def _computes_grad(params: List[torch.Tensor], nodes: dict) -> bool:
     hand).  Parameters that do not require gradients (a layer frozen after construction) decide
     nothing, and a pass the engine cannot tell about counts, as before.  Eager calls only: a
     compiled backward runs its hook op below autograd, where a parameter's gradient node cannot
-    be looked up, so a compiled model still counts such passes.  A parameter's gradient node
-    (its AccumulateGrad) is looked up once and kept in ``nodes``: the lookup costs a view, 7 us
-    per layer and statistics iteration.  torch reuses a node that is kept, as DDP's reducer
+    be looked up, so a compiled model still counts such passes (so does compiled autograd: NOTE:
+    [compiled autograd]).  A parameter's gradient node (its AccumulateGrad) is looked up once
+    and kept in ``nodes``: the lookup costs a view, 7 us per layer and statistics iteration.  torch reuses a node that is kept, as DDP's reducer
     relies on, until the parameter's dtype or device changes (``p.data = ...`` in
     ``model.to()``), which the cache key follows."""
     asked = False
@@ -551,7 +551,22 @@ class StatHooks:
         module = lay.module_at(which)
         params = _params(module, lay.pnames)
 
+        # NOTE: [compiled autograd] Compiled autograd traces an eager model's gradient hooks into
+        # its backward graph.  Traced as they run eagerly, they broke that graph at the engine
+        # query of _computes_grad, and dynamo then compiled each hook, _computes_grad and the
+        # resume function as frames of their own, again for each layer (guards on the closure's
+        # parameters), up to its recompile limit, with the warning: twice the time of compiled
+        # autograd on a compiled model (tests/test_compile.py).  So while traced, the hook is
+        # the compiled model's opaque op (NOTE: [backward statistics]), and, as for a compiled
+        # model, an input-gradient pass counts (NOTE: [gradient passes]).  Not where a forward
+        # before zero_grad() holds H for this call (``fisher.held``, NOTE: [forward before
+        # zero_grad]) or a recomputed call's H waits: those need this call's generation and
+        # inputs, which a graph would guard on, new at each iteration.
         def hook(grad):
+            if torch.compiler.is_compiling() and recomputed is None and fisher.held is None:
+                torch.ops.adafisher.output_grad_stats(grad, self.key, fisher.layers.index(lay),
+                                                      which)
+                return
             if not _computes_grad(params, self._grad_nodes):    # NOTE: [gradient passes]
                 return
             if generation != fisher.generation:     # NOTE: [forward before zero_grad]

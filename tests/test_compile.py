@@ -373,22 +373,34 @@ def test_compiled_step_reads_the_row_counts_eager_hooks_left_on_the_host():
     _assert_same((m0, o0), (m1, o1), 1e-9)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_compiled_autograd_matches_eager(compiled):
+@pytest.mark.parametrize("compiled, order", [(False, "zero_grad first"), (True, "zero_grad first"),
+                                             (False, "zero_grad before backward")])
+def test_compiled_autograd_matches_eager(compiled, order):
     """Under compiled autograd without fullgraph, an eager model's gradient hook queued the
     row-count flush, which compiled autograd refuses ("queue_callback() is only supported ...
-    fullgraph=True"); now compiled backward passes leave the flush to step()."""
+    fullgraph=True"); now compiled backward passes leave the flush to step().  An eager model's
+    hooks trace as one opaque op each (NOTE: [compiled autograd]): no graph break.  With
+    zero_grad() between the forward and the backward they trace as they run eagerly (graph
+    breaks), which keeps the forward's H (NOTE: [forward before zero_grad])."""
+    from torch._dynamo.utils import counters
     eager, (twin, opt) = _pair(AdaFisher, "paper", torch.float64)
     net = torch.compile(twin, backend="aot_eager") if compiled else twin
-    batches = _batches(4)
-    _train(*eager, batches)
-    for idx, y in batches:
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(idx), y)
-        with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
-            loss.backward()
-        opt.step()
+    batches = _batches(4 if order == "zero_grad first" else 3)     # (3: two statistics steps)
+    counters.clear()
+    for (model, o), ca in ((eager, False), ((net, opt), True)):
+        for idx, y in batches:
+            if order == "zero_grad first":
+                o.zero_grad()
+            loss = nn.functional.cross_entropy(model(idx), y)
+            if order != "zero_grad first":
+                o.zero_grad()
+            with (torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager"))
+                  if ca else contextlib.nullcontext()):
+                loss.backward()
+            o.step()
     _assert_same(eager, (twin, opt), 1e-9)
+    if not compiled and order == "zero_grad first":
+        assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 def test_inductor_step_updates_in_place():
