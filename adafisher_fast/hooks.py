@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections import OrderedDict
 import numbers
 import weakref
+from collections import OrderedDict
 from typing import List, Optional
 
 import torch
@@ -339,9 +339,9 @@ def _computes_grad(params: List[torch.Tensor], nodes: dict) -> bool:
     compiled backward runs its hook op below autograd, where a parameter's gradient node cannot
     be looked up, so a compiled model still counts such passes (so does compiled autograd: NOTE:
     [compiled autograd]).  A parameter's gradient node (its AccumulateGrad) is looked up once
-    and kept in ``nodes``: the lookup costs a view, 7 us per layer and statistics iteration.  torch reuses a node that is kept, as DDP's reducer
-    relies on, until the parameter's dtype or device changes (``p.data = ...`` in
-    ``model.to()``), which the cache key follows."""
+    and kept in ``nodes``: the lookup costs a view, 7 us per layer and statistics iteration.
+    torch reuses a node that is kept, as DDP's reducer relies on, until the parameter's dtype
+    or device changes (``p.data = ...`` in ``model.to()``), which the cache key follows."""
     asked = False
     for p in params:
         if p.requires_grad:

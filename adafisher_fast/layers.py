@@ -450,7 +450,7 @@ class ConvKind(LayerKind):
         are those of the padded input: x is zero-padded by the missing amount, total // 2 before
         (as "SAME" and timm do), with one warning per class.  An output smaller than the declared
         geometry gives is an error: such a forward is not a convolution of x."""
-        if type(m) in _TORCH_CONVS:     # its output has its geometry: no need to look (6 us)
+        if type(m) in _TORCH_CONVS:     # its output has its geometry: skip the key and lookup
             return x
         nd = len(m.kernel_size)
         if not isinstance(output, torch.Tensor) or output.dim() != x.dim():
