@@ -256,15 +256,23 @@ def _describe_in(hooks: "StatHooks", t: torch.Tensor, entry: Optional[int],
 
 
 @torch.library.custom_op("adafisher::output_grad_stats", mutates_args=())
-def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int) -> None:
-    """``module``: which of the layer's ``modules`` was called."""
+def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int,
+                       generation: Optional[torch.Tensor] = None) -> None:
+    """``module``: which of the layer's ``modules`` was called; ``generation``: None from a
+    compiled model, the call's forward generation from an eager model's hook that compiled
+    autograd traced (NOTE: [compiled autograd])."""
     owner = _LIVE.get(hooks)
-    if owner is not None:                   # None: the optimizer is gone
-        owner.fisher.compiled = True        # NOTE: [compiled forward before zero_grad]
-        owner._s_stats(owner.fisher.layers[layer], module, grad)
+    if owner is None:                       # the optimizer is gone
+        return
+    fisher, lay = owner.fisher, owner.fisher.layers[layer]
+    if generation is None:
+        fisher.compiled = True              # NOTE: [compiled forward before zero_grad]
+    elif int(generation) != fisher.generation:      # NOTE: [forward before zero_grad]
+        fisher.adopt_held(lay, int(generation))
+    owner._s_stats(lay, module, grad)
 
 
-_output_grad_stats.register_fake(lambda grad, hooks, layer, module: None)
+_output_grad_stats.register_fake(lambda grad, hooks, layer, module, generation=None: None)
 torch.fx.node.has_side_effect(torch.ops.adafisher.output_grad_stats.default)
 
 
@@ -547,7 +555,8 @@ class StatHooks:
                 torch.ops.adafisher.output_grad_stats(grad, key, index, which)
             return compiled_hook
 
-        fisher, generation = self.fisher, self.fisher.generation
+        fisher, generation, generation_t = self.fisher, self.fisher.generation, \
+            self.fisher.generation_t
         module = lay.module_at(which)
         params = _params(module, lay.pnames)
 
@@ -558,14 +567,15 @@ class StatHooks:
         # parameters), up to its recompile limit, with the warning: twice the time of compiled
         # autograd on a compiled model (tests/test_compile.py).  So while traced, the hook is
         # the compiled model's opaque op (NOTE: [backward statistics]), and, as for a compiled
-        # model, an input-gradient pass counts (NOTE: [gradient passes]).  Not where a forward
-        # before zero_grad() holds H for this call (``fisher.held``, NOTE: [forward before
-        # zero_grad]) or a recomputed call's H waits: those need this call's generation and
-        # inputs, which a graph would guard on, new at each iteration.
+        # model, an input-gradient pass counts (NOTE: [gradient passes]).  The op takes the
+        # call's forward generation (NOTE: [forward before zero_grad]) as a CPU tensor, made
+        # once per generation: as an int the graph would guard on it, new at each iteration.
+        # A recomputed call's hook is traced as it runs (NOTE: [recomputation]): its H waits on
+        # inputs the op cannot take.
         def hook(grad):
-            if torch.compiler.is_compiling() and recomputed is None and fisher.held is None:
+            if torch.compiler.is_compiling() and recomputed is None:
                 torch.ops.adafisher.output_grad_stats(grad, self.key, fisher.layers.index(lay),
-                                                      which)
+                                                      which, generation_t)
                 return
             if not _computes_grad(params, self._grad_nodes):    # NOTE: [gradient passes]
                 return

@@ -361,6 +361,7 @@ class FisherState:
         self._pending_any = self._flush_queued = False
         # NOTE: [forward before zero_grad]
         self.generation, self.forwarded, self.held, self.in_closure = 0, False, None, False
+        self.generation_t = torch.tensor(0, device="cpu")      # NOTE: [compiled autograd]
         self.backward_done, self.before, self.witness, self.stash = False, None, [], None
         # NOTE: [compiled forward before zero_grad]
         self.compiled: Optional[bool] = None
@@ -621,7 +622,7 @@ class FisherState:
                 self.held = None
             if not hold:
                 self.held_h = None
-            self.generation += 1
+            self.new_generation()
             self.forwarded = self.backward_done = False
             self.before = None
         if compiling or self.dirty or self.gathering or kernel_host.capturing():
@@ -643,7 +644,7 @@ class FisherState:
             self.flush_rows()
             self.stash = (self.generation, self.buf.clone(), before)
             self.buf.zero_()
-            self.generation += 1
+            self.new_generation()
             self.forwarded = self.backward_done = False
 
     def zero_grad_in_closure(self) -> None:
@@ -689,6 +690,13 @@ class FisherState:
         if self.held_h is not None:
             self.buf.copy_(self.with_held_h())
             self.held_h, self.dirty = None, True
+
+    def new_generation(self) -> None:
+        """A clear: the forwards after it are a new generation (NOTE: [forward before
+        zero_grad]); ``generation_t``, the count in a CPU tensor of its own, for the gradient
+        hooks compiled autograd traces (NOTE: [compiled autograd] in hooks.py)."""
+        self.generation += 1
+        self.generation_t = torch.tensor(self.generation, device="cpu")
 
     def adopt_held(self, lay: Layer, generation: int) -> None:
         """A gradient reached a call of ``lay`` from the forward of ``generation``, before the

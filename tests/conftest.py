@@ -127,9 +127,10 @@ def emu_launches(tmp_path, monkeypatch):
 
 def fisher_tensors(fisher) -> list:
     """Every tensor a FisherState holds, its LayerTable's included (not ``_terms``, the float
-    columns of the table kept on the host in float64)."""
+    columns of the table kept on the host in float64, nor ``generation_t``, the host's count of
+    clears: NOTE: [compiled autograd])."""
     return [v for k, v in (*vars(fisher).items(), *fisher.table._asdict().items())
-            if isinstance(v, torch.Tensor) and k != "_terms"]
+            if isinstance(v, torch.Tensor) and k not in ("_terms", "generation_t")]
 
 
 COPY_OPS = {"aten::clone", "aten::contiguous"}     # not copy_: the Triton interpreter's own

@@ -379,13 +379,13 @@ def test_compiled_autograd_matches_eager(compiled, order):
     """Under compiled autograd without fullgraph, an eager model's gradient hook queued the
     row-count flush, which compiled autograd refuses ("queue_callback() is only supported ...
     fullgraph=True"); now compiled backward passes leave the flush to step().  An eager model's
-    hooks trace as one opaque op each (NOTE: [compiled autograd]): no graph break.  With
-    zero_grad() between the forward and the backward they trace as they run eagerly (graph
-    breaks), which keeps the forward's H (NOTE: [forward before zero_grad])."""
+    hooks trace as one opaque op each (NOTE: [compiled autograd]): no graph break, also with
+    zero_grad() between the forward and the backward, which keeps the forward's H (NOTE:
+    [forward before zero_grad])."""
     from torch._dynamo.utils import counters
     eager, (twin, opt) = _pair(AdaFisher, "paper", torch.float64)
     net = torch.compile(twin, backend="aot_eager") if compiled else twin
-    batches = _batches(4 if order == "zero_grad first" else 3)     # (3: two statistics steps)
+    batches = _batches(4)
     counters.clear()
     for (model, o), ca in ((eager, False), ((net, opt), True)):
         for idx, y in batches:
@@ -399,7 +399,7 @@ def test_compiled_autograd_matches_eager(compiled, order):
                 loss.backward()
             o.step()
     _assert_same(eager, (twin, opt), 1e-9)
-    if not compiled and order == "zero_grad first":
+    if not compiled:
         assert not counters["graph_break"], dict(counters["graph_break"])
 
 
