@@ -555,8 +555,10 @@ class StatHooks:
                 torch.ops.adafisher.output_grad_stats(grad, key, index, which)
             return compiled_hook
 
-        fisher, generation, generation_t = self.fisher, self.fisher.generation, \
-            self.fisher.generation_t
+        fisher = self.fisher
+        generation, generation_t = fisher.generation, fisher.generation_t
+        if generation_t is None:
+            generation_t = fisher.generation_tensor()
         module = lay.module_at(which)
         params = _params(module, lay.pnames)
 
