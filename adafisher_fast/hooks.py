@@ -267,8 +267,10 @@ def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int,
     fisher, lay = owner.fisher, owner.fisher.layers[layer]
     if generation is None:
         fisher.compiled = True              # NOTE: [compiled forward before zero_grad]
-    elif int(generation) != fisher.generation:      # NOTE: [forward before zero_grad]
-        fisher.adopt_held(lay, int(generation))
+    else:
+        gen = int(generation)
+        if gen != fisher.generation:                # NOTE: [forward before zero_grad]
+            fisher.adopt_held(lay, gen)
     owner._s_stats(lay, module, grad)
 
 
@@ -556,9 +558,7 @@ class StatHooks:
             return compiled_hook
 
         fisher = self.fisher
-        generation, generation_t = fisher.generation, fisher.generation_t
-        if generation_t is None:
-            generation_t = fisher.generation_tensor()
+        generation, generation_t = fisher.generation, fisher.generation_tensor()
         module = lay.module_at(which)
         params = _params(module, lay.pnames)
 
