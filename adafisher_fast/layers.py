@@ -785,8 +785,7 @@ class LayerNormKind(NormKind):
         def first():        # only asked where it decides: compiled, each question is a guard
             return len(shape) == 1 and t.dim() >= 3 and t.shape[1] == shape[0]
         # (not getattr(m, _LAYOUT, None): Module.__getattr__ raises for a name it lacks, 2.5 us)
-        layout = getattr(m, _LAYOUT, None) if torch.compiler.is_compiling() else \
-            m.__dict__.get(_LAYOUT)
+        layout = m.__dict__.get(_LAYOUT)
         if layout == 1 and first():
             return t.movedim(1, -1)
         if tuple(t.shape[t.dim() - len(shape):]) == shape:

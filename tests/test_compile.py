@@ -886,3 +886,23 @@ def test_changing_sequence_lengths_compile_as_often_as_under_adamw():
             opt.step()
         frames.append(counter.frame_count)
     assert frames[1] == frames[0]
+
+
+def test_a_channels_first_layer_norm_compiles_with_fullgraph():
+    """ConvNeXt's LayerNorm2d normalises dim 1 (NOTE: [channels-first LayerNorm]); on its
+    (B, 8, 8, 8) maps both readings fit, so only the probed layout, read from the module's
+    ``__dict__`` inside the graph too, picks dim 1."""
+    from test_model_zoo import convnext
+    torch.manual_seed(0)
+    model = convnext().double()
+    twin = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64),
+                torch.randint(0, 5, (2,), generator=g)) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # ConvNeXtBlock's gamma has no layer kind
+        opts = [AdaFisherW(m, lr=1e-3, TCov=1, preset="paper", backend="torch")
+                for m in (model, twin)]
+    _train(model, opts[0], batches)
+    _train(torch.compile(twin, fullgraph=True, backend="aot_eager"), opts[1], batches)
+    _assert_same((model, opts[0]), (twin, opts[1]), 1e-9)
