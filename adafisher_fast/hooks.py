@@ -15,7 +15,7 @@ import itertools
 import numbers
 import weakref
 from collections import OrderedDict
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 from torch.autograd.graph import get_gradient_edge
@@ -257,10 +257,12 @@ def _describe_in(hooks: "StatHooks", t: torch.Tensor, entry: Optional[int],
 
 @torch.library.custom_op("adafisher::output_grad_stats", mutates_args=())
 def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int,
-                       generation: Optional[torch.Tensor] = None) -> None:
+                       generation: Optional[torch.Tensor], recomputed: Sequence[torch.Tensor],
+                       recomputed_at: Sequence[int]) -> None:
     """``module``: which of the layer's ``modules`` was called; ``generation``: None from a
     compiled model, the call's forward generation from an eager model's hook that compiled
-    autograd traced (NOTE: [compiled autograd])."""
+    autograd traced (NOTE: [compiled autograd]); ``recomputed``: the H inputs of that hook's
+    recomputed calls, of ``modules[recomputed_at[i]]`` (NOTE: [recomputation])."""
     owner = _LIVE.get(hooks)
     if owner is None:                       # the optimizer is gone
         return
@@ -271,10 +273,13 @@ def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int,
         gen = int(generation)
         if gen != fisher.generation:                # NOTE: [forward before zero_grad]
             fisher.adopt_held(lay, gen)
+    for which, x in zip(recomputed_at, recomputed):
+        owner._h_stats(lay, lay.module_at(which), x, False)
     owner._s_stats(lay, module, grad)
 
 
-_output_grad_stats.register_fake(lambda grad, hooks, layer, module, generation=None: None)
+_output_grad_stats.register_fake(lambda grad, hooks, layer, module, generation, recomputed,
+                                 recomputed_at: None)
 torch.fx.node.has_side_effect(torch.ops.adafisher.output_grad_stats.default)
 
 
@@ -521,12 +526,12 @@ class StatHooks:
                 self._h_stats(lay, module, x, compiling)
             if placed is not None:               # on a submodule's input (composite layers)
                 if recompute:
-                    placed.append((module, x))
+                    placed.append((which, x))
             elif isinstance(output, torch.Tensor) and output.requires_grad:
                 if compiling:   # NOTE: [grad tap]
                     return _GradTap.apply(output, self._grad_hook(lay, which, True))
                 _register_grad_hook(output, self._grad_hook(lay, which, False,
-                                                            [(module, x)] if recompute else None))
+                                                            [(which, x)] if recompute else None))
 
         return hook
 
@@ -547,14 +552,14 @@ class StatHooks:
     def _grad_hook(self, lay: Layer, which: int, compiling: bool,
                    recomputed: Optional[list] = None):
         """The output-gradient hook of a call of ``lay.modules[which]`` (the layer's module or an
-        alias, NOTE: [shared parameters]); ``recomputed``: [(module, input)] of a recomputed call
+        alias, NOTE: [shared parameters]); ``recomputed``: [(which, input)] of a recomputed call
         whose H statistics wait for this gradient (NOTE: [recomputation]), or None.  While
         ``compiling``, the hook is one opaque op (NOTE: [backward statistics])."""
         if compiling:
             key, index = self.key, self.fisher.layers.index(lay)
 
             def compiled_hook(grad):
-                torch.ops.adafisher.output_grad_stats(grad, key, index, which)
+                torch.ops.adafisher.output_grad_stats(grad, key, index, which, None, [], [])
             return compiled_hook
 
         fisher = self.fisher
@@ -572,19 +577,21 @@ class StatHooks:
         # model, an input-gradient pass counts (NOTE: [gradient passes]).  The op takes the
         # call's forward generation (NOTE: [forward before zero_grad]) as a CPU tensor, made
         # once per generation: as an int the graph would guard on it, new at each iteration.
-        # A recomputed call's hook is traced as it runs (NOTE: [recomputation]): its H waits on
-        # inputs the op cannot take.
+        # A recomputed call's H (NOTE: [recomputation]) waits for this hook: the op takes its
+        # inputs too (traced as it ran eagerly, its hook broke the graph twice and compiled 3
+        # more graphs than AdamW's, under reentrant checkpointing).
         def hook(grad):
-            if torch.compiler.is_compiling() and recomputed is None:
-                torch.ops.adafisher.output_grad_stats(grad, self.key, fisher.layers.index(lay),
-                                                      which, generation_t)
+            if torch.compiler.is_compiling():
+                torch.ops.adafisher.output_grad_stats(
+                    grad, self.key, fisher.layers.index(lay), which, generation_t,
+                    [x for _, x in recomputed or ()], [w for w, _ in recomputed or ()])
                 return
             if not _computes_grad(params, self._grad_nodes):    # NOTE: [gradient passes]
                 return
             if generation != fisher.generation:     # NOTE: [forward before zero_grad]
                 fisher.adopt_held(lay, generation)
-            for args in recomputed or ():       # (traced under compiled autograd)
-                self._h_stats(lay, *args, torch.compiler.is_compiling())
+            for w, x in recomputed or ():
+                self._h_stats(lay, lay.module_at(w), x, False)
             self._s_stats(lay, which, grad)
 
         return hook
