@@ -404,7 +404,6 @@ def test_compiled_autograd_matches_eager(compiled, order):
         assert not counters["graph_break"], dict(counters["graph_break"])
 
 
-
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_compiled_autograd_through_checkpointing_breaks_as_under_adamw(reentrant):
     """Checkpointing breaks compiled autograd's graph itself (torch's checkpoint functions are
@@ -433,6 +432,7 @@ def test_compiled_autograd_through_checkpointing_breaks_as_under_adamw(reentrant
         runs[name] = (m, o, sum(counters["graph_break"].values()))
     _assert_same(runs["eager"][:2], runs["compiled"][:2], 1e-12)
     assert runs["compiled"][2] == runs["adamw"][2] > 0
+
 
 def test_inductor_step_updates_in_place():
     """The ops mutate parameters, momenta and state in place (custom ops with mutates_args);
