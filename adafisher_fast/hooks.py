@@ -578,8 +578,8 @@ class StatHooks:
         # call's forward generation (NOTE: [forward before zero_grad]) as a CPU tensor, made
         # once per generation: as an int the graph would guard on it, new at each iteration.
         # A recomputed call's H (NOTE: [recomputation]) waits for this hook: the op takes its
-        # inputs too (traced as it ran eagerly, its hook broke the graph twice and compiled 3
-        # more graphs than AdamW's, under reentrant checkpointing).
+        # inputs too (traced as it runs eagerly, such a hook broke the graph twice more than
+        # AdamW's backward has, under reentrant checkpointing).
         def hook(grad):
             if torch.compiler.is_compiling():
                 torch.ops.adafisher.output_grad_stats(
@@ -597,14 +597,14 @@ class StatHooks:
         return hook
 
     def _s_stats(self, lay: Layer, which: int, grad: torch.Tensor) -> None:
-        # traced only by compiled autograd: a compiled model's hook is an opaque op that runs
-        # this eagerly (NOTE: [backward statistics])
-        fisher, module, compiling = self.fisher, lay.module_at(which), torch.compiler.is_compiling()
-        with _no_grad(compiling):
+        # never traced: compiled, the hook is an opaque op that runs this eagerly (NOTE:
+        # [backward statistics], [compiled autograd])
+        fisher, module = self.fisher, lay.module_at(which)
+        with _no_grad(False):
             s = lay.kind.s_input(module, grad.detach())
-            acc = fisher.acc(lay.s_factor, lay.s_acc, compiling)
-            rows = lay.kind.s_stats(module, s, acc, fisher.preset, self._stats_ops(compiling))
-            fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows), compiling)
+            acc = fisher.acc(lay.s_factor, lay.s_acc, False)
+            rows = lay.kind.s_stats(module, s, acc, fisher.preset, self._stats_ops(False))
+            fisher.add_rows(lay.s_factor, _rows(lay, "s_stats", rows), False)
         fisher.flush_after_backward()
 
     def set_steps(self, steps: int, TCov: int, cleared: bool = False) -> None:
