@@ -9,11 +9,13 @@ parameter; bfloat16 parameters; both presets and both optimizers; TCov 1 to 3; a
 tensor lr; step counts on the device (capturable); bf16 autocast; a GradScaler whose loss
 overflows; gradient accumulation; the zero_grad-first and forward-first loop orders and
 step(closure).  A third test compiles each model (fullgraph, aot_eager) and trains it beside its
-eager twin, on the torch backend in float64 and on each kernel backend in float32.
+eager twin, on the torch backend in float64 and on each kernel backend in float32; a fourth trains
+it with random parts under activation checkpointing, reentrant or not, beside the plain model.
 
 ADAFISHER_SWEEP=a:b runs seeds a to b - 1 instead (a longer sweep by hand: the CPU suite keeps a
 few; seed 61 of the first such sweep found NOTE: [check tolerances]' centring case)."""
 import copy
+import functools
 import os
 import random
 
@@ -177,13 +179,16 @@ def _train(r: random.Random, model, loss_fn, opt, scaler, steps: int, autocast: 
             scaler.update()
 
 
-def _setup(seed: int, backend: str, check: bool, monkeypatch, dtype=None):
+def _setup(seed: int, backend: str, check: bool, monkeypatch, dtype=None, wrap=None):
     """(random driver, model, loss function, optimizer, GradScaler or None) of ``seed``: the
     same model, data and settings every time; ``dtype``, if given, for every parameter in place of
-    the seed's choice."""
+    the seed's choice; ``wrap(model)``, if given, changes the model before the optimizer is made
+    (the driver's draws stay the same)."""
     r = random.Random(seed)
     torch.manual_seed(seed)
     model, loss_fn = (_image_model if r.random() < 0.65 else _token_model)(r)
+    if wrap is not None:
+        model = wrap(model)
     model.to(device())
     if r.random() < 0.15:                    # bfloat16 parameters and momenta
         model.to(torch.bfloat16)
@@ -324,3 +329,58 @@ def test_random_model_compiles_as_eager_on_the_kernels(kernel_ops, seed, monkeyp
     """Each kernel backend in float32: its ops called from the compiled graph as custom ops
     (NOTE: [compiled ops])."""
     _compiled_and_eager(seed, backend_name(kernel_ops), torch.float32, 1e-5, monkeypatch)
+
+
+class _Checkpointed(nn.Module):
+    """``inner`` through activation checkpointing: reentrant (if ``reentrant`` and the first
+    input needs a gradient, without which reentrant checkpointing passes none on) or not."""
+
+    def __init__(self, inner: nn.Module, reentrant: bool):
+        super().__init__()
+        self.inner, self.reentrant = inner, reentrant
+
+    def forward(self, x, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(
+            functools.partial(self.inner, **kwargs), x, *args,
+            use_reentrant=self.reentrant and x.requires_grad)
+
+
+def _checkpoint_some(seed: int):
+    """A ``wrap`` for ``_setup``: random parts of the model run checkpointed (their own draws)."""
+    def wrap(model):
+        r = random.Random(-1 - seed)
+        if isinstance(model, nn.Sequential):    # the image model: a tail, and maybe its convs
+            if r.random() < 0.5:
+                model[0] = _Checkpointed(model[0], r.random() < 0.5)
+            i = r.randint(1, len(model) - 1)
+            model = nn.Sequential(*model[:i], _Checkpointed(nn.Sequential(*model[i:]),
+                                                            r.random() < 0.5))
+        else:
+            for name in ("norm", "attn", "fc"):
+                if getattr(model, name) is not None and r.random() < 0.6:
+                    setattr(model, name, _Checkpointed(getattr(model, name), r.random() < 0.5))
+        return model
+    return wrap
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.filterwarnings("ignore")
+def test_random_model_checkpointed_trains_as_without(seed, monkeypatch):
+    """The seed's model with random parts under activation checkpointing, reentrant or not
+    (NOTE: [recomputation] in hooks.py), trains as the same model without: each call's H once,
+    also where its hooks run again in the backward pass, in every loop order.  The torch
+    backend in float64, without autocast (whose roundings may differ in a recomputation)."""
+    runs = []
+    for wrap in (None, _checkpoint_some(seed)):
+        r, model, loss_fn, opt, scaler = _setup(seed, "torch", False, monkeypatch,
+                                                torch.float64, wrap)
+        _train(r, model, loss_fn, opt, scaler, steps=4, autocast=False)
+        runs.append((model, opt))
+    (m0, o0), (m1, o1) = runs
+    for (name, a), b in zip(m0.named_parameters(), m1.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+    for k, v in o0.fisher.tensors().items():
+        torch.testing.assert_close(o1.fisher.tensors()[k], v, rtol=1e-12, atol=1e-12, msg=k)
+    # (layer names differ: the checkpointed ones are inside wrappers)
+    assert list(o1.diagnostics().values()) == list(o0.diagnostics().values())
+    assert o1.steps == o0.steps
