@@ -203,6 +203,17 @@ def copy_back(back: list) -> None:
                 dst.copy_(src)
 
 
+def mark_written(params: Sequence[torch.Tensor], moms: Sequence[torch.Tensor],
+                 steps: Sequence[torch.Tensor]) -> None:
+    """NOTE: [version counters] A kernel writes through pointers, which autograd does not see:
+    ``fused_step`` bumps the version counters of what it wrote, as the reference's in-place ops
+    and torch's fused AdamW do.  Otherwise a graph that saved a parameter before the step (a
+    GAN loop's retained graph, backward again after ``step()``) read the new values silently,
+    where torch's optimizers raise "modified by an inplace operation" (tests/test_fused_step.py).
+    A second bump (the reference's parameters, a custom op's) is harmless."""
+    torch.autograd.graph.increment_version([*params, *moms, *steps])
+
+
 _META_SEEN: Dict[int, tuple] = {}       # id -> (meta tensor, its _version, its token), 8 at most
 _META_TOKENS: Dict[tuple, int] = {}
 _NEXT_TOKEN = itertools.count()

@@ -147,6 +147,24 @@ def test_fused_step_bad_shape_changes_nothing(kernel_ops):
         assert [t.item() for t in steps] == [0.0, 0.0, 0.0]
 
 
+def test_fused_step_bumps_version_counters(kernel_ops):
+    """NOTE: [version counters]: a backward through a graph that saved the parameter before the
+    step raises, as after torch's optimizers.  The kernels wrote through pointers without
+    telling autograd, so such a backward read the new values silently (the Triton backend)."""
+    meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0]])
+    for ops in (reference, kernel_ops):
+        w = torch.randn(4, 3, device=device(), requires_grad=True)
+        loss = (torch.randn(2, 3, device=device(), requires_grad=True) @ w.t()).square().sum()
+        m, step = torch.zeros(4, 3, device=device()), torch.tensor(0.0)
+        before = [t._version for t in (w, m, step)]
+        with torch.no_grad():
+            ops.fused_step([w], [torch.randn(4, 3, device=device())], [m], [step],
+                           torch.rand(8, device=device()), meta, [(0.1, 0.9, 0.0, 1e-3)], False)
+        assert all(t._version > v for t, v in zip((w, m, step), before)), ops
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
 def test_fused_step_lists_of_different_lengths(kernel_ops):
     """The reference zipped the lists and left the parameters past the shortest one unchanged;
     the CUDA backend raised IndexError.  All three name the lists now."""
