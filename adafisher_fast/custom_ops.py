@@ -11,11 +11,21 @@ dynamo traces them (inductor fuses them into the model's kernels); its ``layer_e
 ``fused_step`` read their tables on the host and go through custom ops like every other backend's.
 Non-tensor arguments are flattened to schema types here (padding pairs, LayerTable, EmaRule,
 hyper-parameter tuples, with tensor lrs in a list of their own) and rebuilt inside the op.
+
+NOTE: [op dispatch] The ops are defined with ``torch.library.Library`` and one Python kernel for
+every device (``define_op``), not with ``torch.library.custom_op``: that one wraps the kernel in
+Python autograd and version-bump kernels of its own, and a call of an op that returns at once
+took 18.7 us against 4.7 (torch 2.13, 2-core CI host; 23.9 against 9.9 on torch 2.11).  A
+compiled model calls two such ops per hooked layer on a statistics iteration (its H in the
+forward graph, its S from the backward), and a compiled ``step()`` two more.  What custom_op
+added is not needed here: the ops return nothing, so autograd's fallback has no output to
+attach a gradient to; it still bumps the version counters of the arguments the schema marks as
+written, and refuses an in-place write to a leaf that requires grad, as for any in-place op.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -24,14 +34,24 @@ from .reference import EmaRule, LayerTable, conv_sizes
 
 STATS_OPS = ("linear_stats", "conv_stats", "norm_stats", "embedding_stats")
 _REGISTERED: Dict[str, Any] = {}
+_LIBRARIES: Dict[str, torch.library.Library] = {}      # an op lives as long as its Library
+
+
+def define_op(qualname: str, mutates_args: Sequence[str], fn: Callable,
+              fake: Callable = lambda *args, **kwargs: None) -> None:
+    """``ns::name`` with the schema of ``fn``'s annotations, ``fn`` its kernel on every device
+    and ``fake`` its fake implementation (NOTE: [op dispatch])."""
+    ns, name = qualname.split("::")
+    lib = _LIBRARIES.get(ns)
+    if lib is None:
+        lib = _LIBRARIES[ns] = torch.library.Library(ns, "FRAGMENT")
+    lib.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+    lib.impl(name, fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(qualname, fake, lib=lib)
 
 
 def _register(ns: str, ops: Any) -> Any:
     """Define ``ns::<op>`` for the six ops, each calling ``ops.<op>`` (looked up at call time)."""
-    def define(name, mutates, fn):
-        op = torch.library.custom_op(f"{ns}::{name}", mutates_args=mutates)(fn)
-        op.register_fake(lambda *args, **kwargs: None)
-
     def linear_stats(x: Tensor, out: Tensor, dim: int, square: bool, scale: float) -> None:
         ops.linear_stats(x, out, dim, square, scale)
 
@@ -69,7 +89,7 @@ def _register(ns: str, ops: Any) -> Any:
             ("norm_stats", ("out",), norm_stats), ("embedding_stats", ("out",), embedding_stats),
             ("layer_ema", ("state", "fac", "initialized", "counters"), layer_ema),
             ("fused_step", ("params", "moms", "steps"), fused_step)):
-        define(name, mutates, fn)
+        define_op(f"{ns}::{name}", mutates, fn)
     return getattr(torch.ops, ns)
 
 

@@ -20,7 +20,7 @@ from typing import List, Optional, Sequence
 import torch
 from torch.autograd.graph import get_gradient_edge
 
-from .custom_ops import CompileAwareOps
+from .custom_ops import CompileAwareOps, define_op
 from .layers import submodules
 from .state import FisherState, Layer
 
@@ -255,7 +255,6 @@ def _describe_in(hooks: "StatHooks", t: torch.Tensor, entry: Optional[int],
     return None if name is None else f"parameter '{name}'"
 
 
-@torch.library.custom_op("adafisher::output_grad_stats", mutates_args=())
 def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int,
                        generation: Optional[torch.Tensor], recomputed: Sequence[torch.Tensor],
                        recomputed_at: Sequence[int]) -> None:
@@ -278,12 +277,10 @@ def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int,
     owner._s_stats(lay, module, grad)
 
 
-_output_grad_stats.register_fake(lambda grad, hooks, layer, module, generation, recomputed,
-                                 recomputed_at: None)
+define_op("adafisher::output_grad_stats", (), _output_grad_stats)    # NOTE: [op dispatch]
 torch.fx.node.has_side_effect(torch.ops.adafisher.output_grad_stats.default)
 
 
-@torch.library.custom_op("adafisher::flush_rows", mutates_args=("buf",))
 def _flush_rows(buf: torch.Tensor, hooks: int) -> None:
     """A compiled step()'s ``FisherState.flush_rows``: the row counts that eager hooks left on
     the host (a forward without a backward, or compiled autograd's backward) reach ``buf``
@@ -293,7 +290,7 @@ def _flush_rows(buf: torch.Tensor, hooks: int) -> None:
         owner.fisher.flush_rows(buf)
 
 
-_flush_rows.register_fake(lambda buf, hooks: None)
+define_op("adafisher::flush_rows", ("buf",), _flush_rows)
 
 
 # NOTE: [DataParallel] nn.DataParallel copies the model to every GPU at each forward and runs
