@@ -180,4 +180,4 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     lr, beta, wd, lam = (list(map(float, col)) for col in zip(*hyper))
     _ops.fused_step(pk, gk, mk, steps, fac, meta, lr, beta, wd, lam, bool(decoupled), lrs, found_inf)
     kernel_host.copy_back(back)
-    kernel_host.mark_written(pk, mk, steps)              # NOTE: [version counters]
+    kernel_host.mark_written(pk)              # NOTE: [version counters]

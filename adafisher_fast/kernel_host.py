@@ -203,15 +203,17 @@ def copy_back(back: list) -> None:
                 dst.copy_(src)
 
 
-def mark_written(params: Sequence[torch.Tensor], moms: Sequence[torch.Tensor],
-                 steps: Sequence[torch.Tensor]) -> None:
+def mark_written(params: Sequence[torch.Tensor]) -> None:
     """NOTE: [version counters] A kernel writes through pointers, which autograd does not see:
-    ``fused_step`` bumps the version counters of what it wrote, as the reference's in-place ops
-    and torch's fused AdamW do.  Otherwise a graph that saved a parameter before the step (a
-    GAN loop's retained graph, backward again after ``step()``) read the new values silently,
-    where torch's optimizers raise "modified by an inplace operation" (tests/test_fused_step.py).
-    A second bump (the reference's parameters, a custom op's) is harmless."""
-    torch.autograd.graph.increment_version([*params, *moms, *steps])
+    ``fused_step`` bumps the version counters of the parameters it wrote, as the reference's
+    in-place ops and torch's fused AdamW do.  Otherwise a graph that saved a parameter before the
+    step (a GAN loop's retained graph, backward again after ``step()``) read the new values
+    silently, where torch's optimizers raise "modified by an inplace operation"
+    (tests/test_fused_step.py).  Not the momenta and step counts, which no graph saves: 0.125 us
+    a tensor, 23 us a step for ResNet-18's 62 parameters with them (75k instructions of step()'s
+    1.69M, bench.instructions), 8 us without.  A second bump (the reference's parameters, a
+    custom op's) is harmless."""
+    torch.autograd.graph.increment_version(params)
 
 
 _META_SEEN: Dict[int, tuple] = {}       # id -> (meta tensor, its _version, its token), 8 at most

@@ -449,7 +449,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     for pdt, gdt, pair, back, tables in launches:
         _launch(pair, tables, fac_c, by_value, decoupled, pdt, gdt, found_inf)
         kernel_host.copy_back(back)
-    kernel_host.mark_written(params, moms, steps)        # NOTE: [version counters]
+    kernel_host.mark_written(params)        # NOTE: [version counters]
 
 
 # NOTE: [pointer tables]: the pointer, step-address and lr-address tables keyed by (dtype pair,
