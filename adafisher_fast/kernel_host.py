@@ -211,7 +211,7 @@ def mark_written(params: Sequence[torch.Tensor]) -> None:
     silently, where torch's optimizers raise "modified by an inplace operation"
     (tests/test_fused_step.py).  Not the momenta and step counts, which no graph saves: 0.125 us
     a tensor, 23 us a step for ResNet-18's 62 parameters with them (75k instructions of step()'s
-    1.69M, bench.instructions), 8 us without.  A second bump (the reference's parameters, a
+    1.69M, bench.instructions), 8 us and 18k without.  A second bump (the reference's parameters, a
     custom op's) is harmless."""
     torch.autograd.graph.increment_version(params)
 
