@@ -263,18 +263,10 @@ def _output_grad_stats(grad: torch.Tensor, hooks: int, layer: int, module: int,
     autograd traced (NOTE: [compiled autograd]); ``recomputed``: the H inputs of that hook's
     recomputed calls, of ``modules[recomputed_at[i]]`` (NOTE: [recomputation])."""
     owner = _LIVE.get(hooks)
-    if owner is None:                       # the optimizer is gone
-        return
-    fisher, lay = owner.fisher, owner.fisher.layers[layer]
-    if generation is None:
-        fisher.compiled = True              # NOTE: [compiled forward before zero_grad]
-    else:
-        gen = int(generation)
-        if gen != fisher.generation:                # NOTE: [forward before zero_grad]
-            fisher.adopt_held(lay, gen)
-    for which, x in zip(recomputed_at, recomputed):
-        owner._h_stats(lay, lay.module_at(which), x, False)
-    owner._s_stats(lay, module, grad)
+    if owner is not None:                   # (else the optimizer is gone)
+        owner._backward_stats(owner.fisher.layers[layer], module, grad,
+                              None if generation is None else int(generation),
+                              zip(recomputed_at, recomputed))
 
 
 define_op("adafisher::output_grad_stats", (), _output_grad_stats)    # NOTE: [op dispatch]
@@ -583,20 +575,26 @@ class StatHooks:
                     grad, self.key, fisher.layers.index(lay), which, generation_t,
                     [x for _, x in recomputed or ()], [w for w, _ in recomputed or ()])
                 return
-            if not _computes_grad(params, self._grad_nodes):    # NOTE: [gradient passes]
-                return
-            if generation != fisher.generation:     # NOTE: [forward before zero_grad]
-                fisher.adopt_held(lay, generation)
-            for w, x in recomputed or ():
-                self._h_stats(lay, lay.module_at(w), x, False)
-            self._s_stats(lay, which, grad)
+            if _computes_grad(params, self._grad_nodes):        # NOTE: [gradient passes]
+                self._backward_stats(lay, which, grad, generation, recomputed or ())
 
         return hook
 
-    def _s_stats(self, lay: Layer, which: int, grad: torch.Tensor) -> None:
-        # never traced: compiled, the hook is an opaque op that runs this eagerly (NOTE:
-        # [backward statistics], [compiled autograd])
-        fisher, module = self.fisher, lay.module_at(which)
+    def _backward_stats(self, lay: Layer, which: int, grad: torch.Tensor,
+                        generation: Optional[int], recomputed) -> None:
+        """What a gradient hook of a call of ``lay.modules[which]`` adds, eagerly or inside the
+        op: ``generation``, its forward's (None: a compiled model's, which knows none);
+        ``recomputed``: (which, input) of the recomputed calls whose H waited for it.  Never
+        traced: compiled, the hook is an opaque op that runs this (NOTE: [backward
+        statistics], [compiled autograd])."""
+        fisher = self.fisher
+        if generation is None:
+            fisher.compiled = True              # NOTE: [compiled forward before zero_grad]
+        elif generation != fisher.generation:   # NOTE: [forward before zero_grad]
+            fisher.adopt_held(lay, generation)
+        for w, x in recomputed:
+            self._h_stats(lay, lay.module_at(w), x, False)
+        module = lay.module_at(which)
         with _no_grad(False):
             s = lay.kind.s_input(module, grad.detach())
             acc = fisher.acc(lay.s_factor, lay.s_acc, False)
