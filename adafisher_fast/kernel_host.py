@@ -130,7 +130,7 @@ def row_transpose(row: Sequence[int], p: torch.Tensor, g: torch.Tensor, m: torch
         return 1
     if g.stride() != p.stride() or m.stride() != p.stride():
         return 0
-    rows, cols, _, s_r, s_c, _, h_r, h_c, _, h_gs = (int(v) for v in row)
+    rows, cols, _, s_r, s_c, _, h_r, h_c, _, h_gs, _ = (int(v) for v in row)
     if s_r == s_c == h_r == h_c == h_gs == 0:
         order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
         return int(p.permute(order).is_contiguous())

@@ -373,7 +373,7 @@ class AdaFisher(Optimizer, Joinable):
         self._silent_checked = False        # NOTE: [silent layers]
         self._frozen = [p for p in model.parameters() if not p.requires_grad]   # NOTE: [unfrozen]
         self._no_grad, self._replaced_named = 0, set()     # NOTE: [replaced]
-        self._meta = ([], torch.zeros((0, 10), dtype=torch.int64))   # rows, tensor of _gather
+        self._meta = ([], torch.zeros((0, len(reference.META_COLS)), dtype=torch.int64))  # _gather
         self._check_shards()
         Joinable.__init__(self)             # NOTE: [uneven inputs]
 
@@ -497,9 +497,9 @@ class AdaFisher(Optimizer, Joinable):
 
     def _check_shards(self) -> None:
         """Every rank checks every rank's dim-0 shard of each FSDP2 parameter, so that a layout
-        the step cannot use (a grouped conv split inside a group) raises here on all ranks alike;
-        found by the one rank whose shard it is, at its first step, it left the others waiting
-        in the statistics all-reduce."""
+        the step cannot use (a layer kind's map whose shard is neither whole rows of its Fisher
+        view nor within one row) raises here on all ranks alike; found by the one rank whose shard
+        it is, at its first step, it left the others waiting in the statistics all-reduce."""
         fisher, sharded = self.fisher, None
         for p in (p for g in self.param_groups for p in g["params"]):
             if not isinstance(p, dtensor_types()) or id(p) not in fisher.meta:

@@ -121,6 +121,9 @@ def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: t
     if not (len(grads) == len(moms) == len(steps) == len(hyper) == n) or meta.shape[0] != n:
         raise ValueError("fused_step: params, grads, moms, steps, meta and hyper must have the "
                          "same length")
+    if meta.dim() != 2 or meta.shape[1] != len(META_COLS):
+        raise ValueError(f"fused_step: meta must be [P, {len(META_COLS)}] (NOTE: [param map]), "
+                         f"got {tuple(meta.shape)}")
     check_found_inf("fused_step", found_inf, steps, "the step count of parameter {}")
     if not has_tensor_lr(hyper):
         return
@@ -374,23 +377,27 @@ def layer_ema(buf: torch.Tensor, table: LayerTable, state: torch.Tensor, fac: to
 
 # NOTE: [param map] Column layout of the int64 ``meta`` rows that ``fused_step`` reads, one row per
 # parameter viewed as a (rows x cols) matrix: element (r, c) uses
-#   F = fac[s_off + r*s_r + c*s_c] * fac[h_off + r*h_r + c*h_c + (r // h_gr) * h_gs] + Lambda
+#   F = fac[s_off + r*s_r + c*s_c] * fac[h_off + r*h_r + c*h_c + ((r + h_ph) // h_gr) * h_gs]
+#       + Lambda
 # which covers Linear/Conv (S by row, H by column, grouped conv H per group), norm layers
 # (one H entry per row, or H[0]/H[1] for the released code), Embedding (H by row, S by column)
 # and factor-free parameters (both indices at the constant-1 slot).  A layer kind gives s_off and
 # h_off from the start of its layer's S and H; a layer's H and S lie next to each other, H first,
 # and F is a product, so either side may index the other factor: a transposed conv's weight takes
 # H per row on the S side and S per group on the H side, the one with a group term
-# (layers.cross_matrix_map).  state.py checks that every index stays in the layer's H and S.
-META_COLS = ("rows", "cols", "s_off", "s_r", "s_c", "h_off", "h_r", "h_c", "h_gr", "h_gs")
+# (layers.cross_matrix_map).  state.py checks that every index stays in the layer's H and S.  A
+# layer kind's map (layers.ParamMap) has the first ten columns.  h_ph, row 0's place in its group
+# of h_gr rows, is 0 but for an FSDP2 shard that starts inside a group (state.shard_meta).
+META_COLS = ("rows", "cols", "s_off", "s_r", "s_c", "h_off", "h_r", "h_c", "h_gr", "h_gs", "h_ph")
 
 
 def map_indices(meta: Sequence[int], r: torch.Tensor, c: torch.Tensor):
     """(S index, H index) into ``fac`` of elements (r, c) (broadcast) of the parameter with this
     ``meta`` row (NOTE: [param map])."""
-    _, _, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = (int(v) for v in meta)
+    _, _, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = (int(v) for v in meta)
     return (s_off + r * s_r + c * s_c,
-            h_off + r * h_r + c * h_c + torch.div(r, max(h_gr, 1), rounding_mode="floor") * h_gs)
+            h_off + r * h_r + c * h_c
+            + torch.div(r + h_ph, max(h_gr, 1), rounding_mode="floor") * h_gs)
 
 
 def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Tensor:
@@ -399,9 +406,9 @@ def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Ten
     ``fac`` is 1-D.  Both indices are affine in (group, row in group, column), so S and H are
     read through strided views of ``fac``: no index tensors the parameter's size, which made
     this the torch backend's costliest step (indices remain for what views cannot express: a
-    shard that ends inside a conv group, a negative stride)."""
-    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = (int(v) for v in meta)
-    if min(s_r, s_c, h_r, h_c, h_gs) >= 0 and rows % h_gr == 0 and fac.stride(0) == 1:
+    shard that starts or ends inside a conv group, a negative stride)."""
+    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = (int(v) for v in meta)
+    if min(s_r, s_c, h_r, h_c, h_gs) >= 0 and rows % h_gr == 0 and h_ph == 0 and fac.stride(0) == 1:
         shape, base = (rows // h_gr, h_gr, cols), fac.storage_offset()
         s = fac.as_strided(shape, (h_gr * s_r, s_r, s_c), base + s_off)
         h = fac.as_strided(shape, (h_gr * h_r + h_gs, h_r, h_c), base + h_off)
@@ -431,7 +438,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     params/grads/moms: same shapes, params float32/bfloat16/float16/float64 (m in the param dtype,
     arithmetic in float32, or float64 for float64 params); steps: 0-dim float32 tensors, incremented
     here (on the CPU, or on the parameter's device when capturable); fac: H'/S' from ``layer_ema``;
-    meta: int64 [P, 10] CPU tensor (NOTE: [param map]);
+    meta: int64 [P, 11] CPU tensor (NOTE: [param map]);
     hyper: per parameter (lr, beta, weight_decay, Lambda) where Lambda is 0 for the released code's
     factor-free parameters (F = 1); lr a float or a one-element tensor (``check_lr``), whose value
     when the update runs is used (NOTE: [tensor lr]); found_inf: None, or GradScaler's one

@@ -382,14 +382,14 @@ class FisherState:
         for p, li, (rows, cols_, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs), pn in local_maps:
             lay = self.layers[li]
             self.meta[id(p)] = (rows, cols_, lay.s_raw.start + s_off, s_r, s_c,
-                                lay.h_raw.start + h_off, h_r, h_c, h_gr, h_gs)
+                                lay.h_raw.start + h_off, h_r, h_c, h_gr, h_gs, 0)
             _check_map(self.meta[id(p)], p, lay, pn)
         self.owner: Dict[int, Layer] = {id(p): self.layers[li] for p, li, _, _ in local_maps}
         self.free = {id(p) for p in params} - set(self.meta)
         for p in params:
             if id(p) in self.free:
                 n = p.numel()
-                self.meta[id(p)] = (n, 1, raw_off, 0, 0, raw_off, 0, 0, max(n, 1), 0)
+                self.meta[id(p)] = (n, 1, raw_off, 0, 0, raw_off, 0, 0, max(n, 1), 0, 0)
         if previous is not None:
             self._adopt(previous)
         self._held_off_meta: Optional[dict] = None
@@ -431,13 +431,15 @@ class FisherState:
     # ------------------------------------------------------------------------------------------
     @staticmethod
     def shard_meta(row: tuple, full_shape, start: int, length: int, name: str) -> tuple:
-        """The map row of the dim-0 slice [start, start + length) of a parameter (an FSDP2 shard).
+        """The meta row of the dim-0 slice [start, start + length) of a parameter (an FSDP2
+        shard).
 
-        The shard is rows [ro, ro + n) of the (rows x cols) view when dim-0 slices are whole rows;
-        the offsets shift by ro.  A grouped-conv shard must start on a group boundary or lie within
-        one group.  A shard inside one row (a vector viewed as one row: preset="official"'s
-        LayerNorm weight) is that row's columns [c0, c0 + size): the offsets shift by c0."""
-        rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = row
+        The shard is rows [ro, ro + n) of the (rows x cols) view when dim-0 slices are whole rows:
+        the offsets shift by ro, and a grouped map (grouped convs, the exposed attention's packed
+        q/k/v) by ro's group, the phase h_ph taking ro's row in it.  A shard inside one row (a
+        vector viewed as one row: preset="official"'s LayerNorm weight) is that row's columns
+        [c0, c0 + size): the offsets shift by c0."""
+        rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = row
         inner = math.prod(full_shape[1:])
         if inner % cols:
             lo, size = start * inner, length * inner
@@ -447,17 +449,11 @@ class FisherState:
                                           f"rows of its ({rows} x {cols}) Fisher view nor lies "
                                           f"within one row")
             return (1 if size else 0, max(size, 1), s_off + r0 * s_r + c0 * s_c, s_r, s_c,
-                    h_off + r0 * h_r + (r0 // h_gr) * h_gs + c0 * h_c, h_r, h_c, 1, 0)
+                    h_off + r0 * h_r + ((r0 + h_ph) // h_gr) * h_gs + c0 * h_c, h_r, h_c, 1, 0, 0)
         ro, n = start * inner // cols, length * inner // cols
-        h_off += ro * h_r + (ro // h_gr) * h_gs
-        if h_gs and ro % h_gr:
-            if (ro + n - 1) // h_gr != ro // h_gr:
-                raise NotImplementedError(
-                    f"parameter '{name}': its dim-0 shard (rows {ro}..{ro + n - 1}) starts inside a "
-                    f"conv group of {h_gr} rows and spans the next; shard grouped convs on group "
-                    f"boundaries (or use preset='official')")
-            h_gr, h_gs = max(n, 1), 0           # the shard lies within one group
-        return (n, cols, s_off + ro * s_r, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs)
+        group, phase = divmod(ro + h_ph, h_gr)
+        return (n, cols, s_off + ro * s_r, s_r, s_c, h_off + ro * h_r + group * h_gs, h_r, h_c,
+                h_gr, h_gs, phase if h_gs else 0)
 
     # NOTE: [host row counts] Each statistics call also counts the rows it added (a Python int
     # from the shapes).  Added on the device, that was one one-element kernel per hook (82 per

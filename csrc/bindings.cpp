@@ -365,8 +365,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
   // the kernel indexes fac as a dense vector (NOTE: [param map]); a strided view is read through a
   // contiguous copy, as the reference and the Triton twin read it (fac is only read here, like meta)
   const at::Tensor fac_c = fac.contiguous();
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == 10,
-              "adafisher::fused_step: meta must be int64 [P, 10]");
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == 11,
+              "adafisher::fused_step: meta must be int64 [P, 11]");
   // the meta rows travel inside the tensor table (one H2D copy); a CUDA meta costs a sync here
   const at::Tensor meta_h = meta.to(at::kCPU).contiguous();
   const int64_t* mrows = meta_h.data_ptr<int64_t>();
@@ -390,7 +390,7 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
                 " must have the param dtype ", p.scalar_type());
     TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes(), "adafisher::fused_step: parameter ", i,
                 " has grad/momentum shapes that differ from ", p.sizes());
-    const int64_t tr = row_transpose(mrows + i * 10, p, g, m);
+    const int64_t tr = row_transpose(mrows + i * 11, p, g, m);
     TORCH_CHECK(tr > 0, "adafisher::fused_step: parameter ", i, " and its grad/momentum must be contiguous ",
                 "or share channels_last strides (NOTE: [row transpose])");
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
@@ -405,8 +405,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
       s.step = t.data_ptr<float>(); s.t_host = 0.0;
     }
     s.numel = p.numel();
-    for (int j = 0; j < 10; ++j) s.meta[j] = mrows[i * 10 + j];
-    s.meta[10] = tr;
+    for (int j = 0; j < 11; ++j) s.meta[j] = mrows[i * 11 + j];
+    s.meta[11] = tr;
     s.lr = lr[i]; s.beta = beta[i]; s.wd = wd[i]; s.lam = lam[i];
     const std::optional<at::Tensor> lr_t = lr_tensor[i];
     if (lr_t.has_value()) {        // read by the kernel (NOTE: [tensor lr] in kernel_host.py)

@@ -108,7 +108,7 @@ struct StepTensor {
                      // increments the host tensor
   double t_host;
   int64_t numel;
-  int64_t meta[11];                 // the parameter's row of NOTE: [param map] (reference.py), then
+  int64_t meta[12];                 // the parameter's row of NOTE: [param map] (reference.py), then
                                     // its layout T (NOTE: [row transpose]: 1 row-major, > 1 transposed)
   double lr, beta, wd, lam;         // doubles: rounded to float32 exactly where torch rounds them
   const float* lr_ptr;              // a device float32 lr tensor read at run time in place of lr, or

@@ -2,7 +2,8 @@
 
 Per element (SPEC 1), math in float32, state (m) in the parameter dtype:
     g = grad (+ wd * p unless decoupled);  m = beta * m + (1 - beta) * g
-    F = fac[s_off + r*s_r + c*s_c] * fac[h_off + r*h_r + c*h_c + (r // h_gr) * h_gs] + Lambda
+    F = fac[s_off + r*s_r + c*s_c] * fac[h_off + r*h_r + c*h_c + ((r + h_ph) // h_gr) * h_gs]
+        + Lambda
     p -= lr * (m / (1 - beta^t) / F (+ wd * p if decoupled))
 with (r, c) the element's position in the parameter's (rows x cols) view (NOTE: [param map] in
 reference.py).  Each element of p, g and m is read once and p, m written once; F is computed from
@@ -204,9 +205,9 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta_ptr, lr, beta, o
     thread (under 100 without it; tests/triton_codegen.py reports them).  So the 64-bit divisions
     happen once per program, for the chunk's first element (its row r0, column offset o0 and r0's
     H group), and each element divides only its 32-bit offset from the chunk's first row:
-    o0 + j < cols + CHUNK and (r0 % h_gr) + dr < h_gr + CHUNK fit 31 bits, which a multiply
-    and a shift divide (NOTE: [magic division]), unless WIDE (cols or h_gr of I32_LIMIT or
-    more, chosen on the host), where every element divides its 64-bit offset from the
+    o0 + j < cols + CHUNK and (r0 + h_ph) % h_gr + dr < h_gr + CHUNK fit 31 bits, which a
+    multiply and a shift divide (NOTE: [magic division]), unless WIDE (cols or h_gr of I32_LIMIT
+    or more, chosen on the host), where every element divides its 64-bit offset from the
     parameter's first element (r0 = 0).
 
     NOTE: [32-bit indices] fac holds every layer's H and S (at most a few million entries), so
@@ -224,19 +225,19 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta_ptr, lr, beta, o
     h_c = tl.load(meta_ptr + 7)
     h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
     h_gs = tl.load(meta_ptr + 9)
-    tr = tl.load(meta_ptr + 10)
-    magics = (tl.load(meta_ptr + 11), tl.load(meta_ptr + 12), tl.load(meta_ptr + 13),
-              tl.load(meta_ptr + 14), tl.load(meta_ptr + 15), tl.load(meta_ptr + 16))
+    gr0 = tl.load(meta_ptr + 10)        # h_ph: row 0's row in its group (WIDE: the chunk's too)
+    tr = tl.load(meta_ptr + 11)
+    magics = (tl.load(meta_ptr + 12), tl.load(meta_ptr + 13), tl.load(meta_ptr + 14),
+              tl.load(meta_ptr + 15), tl.load(meta_ptr + 16), tl.load(meta_ptr + 17))
     o0 = start
-    gr0 = 0
     if not WIDE:
         r0 = start // cols
         o0 = (start - r0 * cols).to(tl.int32)
         s_base = (s_base + r0 * s_r).to(tl.int32)
         h_base = h_base + r0 * h_r
         if GROUPS:
-            g0 = r0 // h_gr
-            gr0 = (r0 - g0 * h_gr).to(tl.int32)
+            g0 = (r0 + gr0) // h_gr
+            gr0 = (r0 + gr0 - g0 * h_gr).to(tl.int32)
             h_base += g0 * h_gs
         h_base = h_base.to(tl.int32)
         cols = cols.to(tl.int32)
@@ -547,7 +548,7 @@ def _chunk_tables(pair: _Pair, meta, dev):
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
     wide = _wide(rows)
     for row in rows:                # NOTE: [magic division]; a WIDE launch divides as it is
-        row += [x for d in (row[1], row[10], max(row[8], 1)) for x in magic(1 if wide else d)]
+        row += [x for d in (row[1], row[11], max(row[8], 1)) for x in magic(1 if wide else d)]
     numels = [p.numel() for p in pair.ps]
     chunk = chunk_size(numels, pair.ps[0].dtype)
     n_chunks = [cdiv(n, chunk) for n in numels]

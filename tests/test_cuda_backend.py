@@ -274,7 +274,7 @@ def _one_param_step(dev, n, seed):
     g = torch.Generator().manual_seed(seed)
     return ([torch.randn(n, generator=g).to(dev)], [torch.randn(n, generator=g).to(dev)],
             [torch.zeros(n, device=dev)], [torch.zeros((), device=dev)]), \
-        torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0]])
+        torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0, 0]])
 
 
 def test_fused_step_table_used_while_capturing_is_kept(cuda, monkeypatch):
@@ -352,8 +352,8 @@ def test_fused_step_one_launch_many_tensors(cuda, dtype, decoupled, step_on, mon
     meta = []
     for s in sizes:
         rows, cols = (s[0], s[1]) if len(s) == 2 else (1, s[0])
-        meta.append([rows, cols, 0, 1, 0, 100, 0, 1, 1, 0] if rows * cols < 4000 else
-                    [rows, cols, n_fac, 0, 0, n_fac, 0, 0, 1, 0])
+        meta.append([rows, cols, 0, 1, 0, 100, 0, 1, 1, 0, 0] if rows * cols < 4000 else
+                    [rows, cols, n_fac, 0, 0, n_fac, 0, 0, 1, 0, 0])
     meta = torch.tensor(meta, device=cuda.dev, dtype=torch.int64)
     hyper = [(1e-2, 0.9, 1e-2, 1e-3)] * len(sizes)
 
@@ -389,7 +389,7 @@ def test_fused_step_float64_falls_back_to_reference(cuda):
     def args():
         return [p.clone()], [p.clone()], [torch.zeros_like(p)], [torch.zeros((), device=cuda.dev)]
     fac = torch.ones(2, device=cuda.dev, dtype=torch.float64)
-    meta = torch.tensor([[7, 13, 1, 0, 0, 1, 0, 0, 1, 0]], device=cuda.dev)
+    meta = torch.tensor([[7, 13, 1, 0, 0, 1, 0, 0, 1, 0, 0]], device=cuda.dev)
     a, b = args(), args()
     reference.fused_step(*a, fac, meta, [(1e-2, 0.9, 0.0, 0.0)], False)
     ops.fused_step(*b, fac, meta, [(1e-2, 0.9, 0.0, 0.0)], False)

@@ -17,26 +17,27 @@ DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 2 * 2.0 ** -7), (torch.float16
 
 
 def _problem(dtype):
-    """Parameters with map rows like layers.py builds: Linear weight/bias, grouped conv weight,
-    norm weight (H per row), Embedding (H by row, S by column), released-code H'[0] maps, a
-    factor-free parameter and a zero-size one."""
+    """Parameters with map rows like layers.py builds: Linear weight/bias, grouped conv weight (and
+    an FSDP2 shard of one that starts inside a group), norm weight (H per row), Embedding (H by
+    row, S by column), released-code H'[0] maps, a factor-free parameter and a zero-size one."""
     n_fac = 64
     specs = [  # shape, meta row
-        ((5, 7), (5, 7, 0, 1, 0, 5, 0, 1, 5, 0)),
-        ((5,), (5, 1, 0, 1, 0, 12, 0, 0, 5, 0)),
-        ((4, 2, 3, 1), (4, 6, 13, 1, 0, 17, 0, 1, 2, 7)),
-        ((13,), (13, 1, 31, 1, 0, 44, 1, 0, 13, 0)),
-        ((3, 4), (3, 4, 20, 0, 1, 57, 1, 0, 3, 0)),
-        ((6,), (6, 1, 24, 1, 0, 60, 0, 0, 6, 0)),
-        ((33, 1), (33, 1, n_fac, 0, 0, n_fac, 0, 0, 33, 0)),
-        ((0, 3), (0, 3, n_fac, 0, 0, n_fac, 0, 0, 1, 0)),
+        ((5, 7), (5, 7, 0, 1, 0, 5, 0, 1, 5, 0, 0)),
+        ((5,), (5, 1, 0, 1, 0, 12, 0, 0, 5, 0, 0)),
+        ((4, 2, 3, 1), (4, 6, 13, 1, 0, 17, 0, 1, 2, 7, 0)),
+        ((5, 3), (5, 3, 0, 1, 0, 10, 0, 1, 3, 3, 2)),       # rows 2, 0 1 2, 0 1 of groups of 3
+        ((13,), (13, 1, 31, 1, 0, 44, 1, 0, 13, 0, 0)),
+        ((3, 4), (3, 4, 20, 0, 1, 57, 1, 0, 3, 0, 0)),
+        ((6,), (6, 1, 24, 1, 0, 60, 0, 0, 6, 0, 0)),
+        ((33, 1), (33, 1, n_fac, 0, 0, n_fac, 0, 0, 33, 0, 0)),
+        ((0, 3), (0, 3, n_fac, 0, 0, n_fac, 0, 0, 1, 0, 0)),
     ]
     params = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
     grads = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
     moms = [torch.randn(s, device=device()).to(dtype) * 0.1 for s, _ in specs]
     fac = torch.cat([torch.rand(n_fac, device=device()), torch.ones(1, device=device())])
     meta = torch.tensor([m for _, m in specs], dtype=torch.int64)
-    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * 6 + [(1e-2, 0.8, 0.0, 0.0), (1e-2, 0.9, 0.1, 1e-3)]
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * 7 + [(1e-2, 0.8, 0.0, 0.0), (1e-2, 0.9, 0.1, 1e-3)]
     return params, grads, moms, fac, meta, hyper
 
 
@@ -79,7 +80,7 @@ def test_fused_step_mixed_dtypes(kernel_ops):
              (torch.float32, torch.bfloat16, 700), (torch.float32, torch.float32, 5)]
     params = [torch.randn(n, device=device()).to(pd) for pd, _, n in specs]
     grads = [torch.randn(n, device=device()).to(gd) for _, gd, n in specs]
-    meta = torch.tensor([[n, 1, 0, 1, 0, 0, 0, 0, n, 0] for *_, n in specs])
+    meta = torch.tensor([[n, 1, 0, 1, 0, 0, 0, 0, n, 0, 0] for *_, n in specs])
     fac = torch.rand(2100, device=device()) + 0.5
     hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(specs)
     want = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
@@ -109,7 +110,7 @@ def test_fused_step_grad_dtype_pairs_run_in_the_kernel(kernel_ops, pdt, gdt, mon
     base = [torch.randn(7, 11, device=device()), torch.randn(41, device=device())]
     params = [base[0].to(pdt), base[1].to(pdt)[1:]]
     grads = [torch.randn(7, 11, device=device()).to(gdt), torch.randn(41, device=device()).to(gdt)[1:]]
-    meta = torch.tensor([[7, 11, 0, 1, 0, 7, 0, 1, 7, 0], [40, 1, 18, 0, 0, 18, 0, 0, 40, 0]])
+    meta = torch.tensor([[7, 11, 0, 1, 0, 7, 0, 1, 7, 0, 0], [40, 1, 18, 0, 0, 18, 0, 0, 40, 0, 0]])
     fac = torch.rand(19, device=device()) + 0.5
     fac[18] = 1.0
     hyper = [(1e-2, 0.9, 0.1, 1e-3)] * 2
@@ -137,8 +138,8 @@ def test_fused_step_bad_shape_changes_nothing(kernel_ops):
     moms = [torch.zeros_like(p) for p in params[:2]] + [torch.zeros(3, 2, device=device())]
     steps = [torch.tensor(0.0) for _ in params]
     before = [p.clone() for p in params]
-    meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0], [5, 1, 0, 1, 0, 5, 0, 0, 5, 0],
-                         [2, 3, 0, 1, 0, 2, 0, 1, 2, 0]])
+    meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0, 0], [5, 1, 0, 1, 0, 5, 0, 0, 5, 0, 0],
+                         [2, 3, 0, 1, 0, 2, 0, 1, 2, 0, 0]])
     for ops in (reference, kernel_ops):
         with pytest.raises((ValueError, RuntimeError), match="parameter 2 has"):
             ops.fused_step(params, grads, moms, steps, torch.rand(8, device=device()), meta,
@@ -151,7 +152,7 @@ def test_fused_step_bumps_version_counters(kernel_ops):
     """NOTE: [version counters]: a backward through a graph that saved the parameter before the
     step raises, as after torch's optimizers.  The kernels wrote through pointers without
     telling autograd, so such a backward read the new values silently (the Triton backend)."""
-    meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0]])
+    meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0, 0]])
     for ops in (reference, kernel_ops):
         w = torch.randn(4, 3, device=device(), requires_grad=True)
         loss = (torch.randn(2, 3, device=device(), requires_grad=True) @ w.t()).square().sum()
@@ -170,7 +171,7 @@ def test_fused_step_lists_of_different_lengths(kernel_ops):
     the CUDA backend raised IndexError.  All three name the lists now."""
     params = [torch.randn(3, device=device()) for _ in range(2)]
     before = [p.clone() for p in params]
-    meta = torch.tensor([[3, 1, 0, 0, 0, 3, 0, 0, 3, 0]] * 2)
+    meta = torch.tensor([[3, 1, 0, 0, 0, 3, 0, 0, 3, 0, 0]] * 2)
     for ops in (reference, kernel_ops):
         with pytest.raises(ValueError, match="must have the same length"):
             ops.fused_step(params, [torch.ones_like(p) for p in params],
@@ -186,7 +187,7 @@ def test_fused_step_noncontiguous(kernel_ops):
     g = torch.randn(6, 5, device=device()).t()
     m = torch.zeros(6, 5, device=device()).t()
     fac = torch.rand(12, device=device())
-    meta = torch.tensor([[5, 6, 0, 1, 0, 5, 0, 1, 5, 0]])
+    meta = torch.tensor([[5, 6, 0, 1, 0, 5, 0, 1, 5, 0, 0]])
     pw, mw, tw = p.clone(), m.clone(), [torch.tensor(0.0)]
     reference.fused_step([pw], [g], [mw], tw, fac, meta, [(0.1, 0.9, 0.0, 1e-3)], False)
     tg = [torch.tensor(0.0)]
@@ -212,7 +213,7 @@ def test_fused_step_other_layouts_run_in_the_kernel_through_copies(kernel_ops, l
     else:
         p, g, m = (torch.randn(5, 12, device=device())[:, ::2] for _ in range(3))
     fac = torch.rand(12, device=device())
-    meta = torch.tensor([[5, 6, 0, 1, 0, 5, 0, 1, 5, 0]])
+    meta = torch.tensor([[5, 6, 0, 1, 0, 5, 0, 1, 5, 0, 0]])
     pw, mw = p.clone(), m.clone()
     hyper = [(0.1, 0.9, 0.0, 1e-3)]
     reference.fused_step([pw], [g], [mw], [torch.tensor(0.0)], fac, meta, hyper, False)
@@ -232,11 +233,11 @@ def test_fused_step_empty_group(kernel_ops, case, steps_on, monkeypatch):
     torch.manual_seed(5)
     if case == "only_empty":
         params = [torch.zeros(0, 3, device=device())]
-        meta = torch.tensor([[0, 3, 7, 0, 0, 7, 0, 0, 1, 0]])
+        meta = torch.tensor([[0, 3, 7, 0, 0, 7, 0, 0, 1, 0, 0]])
     else:
         params = [torch.randn(4, 3, device=device()), torch.zeros(0, 3, device=device(),
                                                                   dtype=torch.bfloat16)]
-        meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0], [0, 3, 7, 0, 0, 7, 0, 0, 1, 0]])
+        meta = torch.tensor([[4, 3, 0, 1, 0, 4, 0, 1, 4, 0, 0], [0, 3, 7, 0, 0, 7, 0, 0, 1, 0, 0]])
     grads = [torch.randn_like(p) for p in params]
     fac = torch.rand(8, device=device()) + 0.5
     hyper = [(0.1, 0.9, 0.01, 1e-3)] * len(params)
@@ -281,7 +282,7 @@ def test_fused_step_bias_correction(kernel_ops, steps_on, monkeypatch):
     grads = [torch.randn(n, device=device()) for _ in cases]
     moms = [torch.randn(n, device=device()) * 0.1 for _ in cases]
     fac = torch.ones(1, device=device())
-    meta = torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0]] * len(cases))       # F = 1 * 1 + 0
+    meta = torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0, 0]] * len(cases))       # F = 1 * 1 + 0
     hyper = [(1.0, beta, 0.0, 0.0) for beta, _ in cases]
     if steps_on == "host" and backend_name(kernel_ops) == "triton":
         fs = importlib.import_module("fisher_kernels.fused_step")
@@ -303,7 +304,7 @@ def test_fused_step_strided_fac(kernel_ops):
     torch.manual_seed(7)
     base = torch.rand(28, device=device()) + 0.5
     fac = base[::2]
-    meta = torch.tensor([[5, 8, 0, 1, 0, 5, 0, 1, 5, 0]])       # S'[row] * H'[col], a Linear's
+    meta = torch.tensor([[5, 8, 0, 1, 0, 5, 0, 1, 5, 0, 0]])       # S'[row] * H'[col], a Linear's
     p, g = torch.randn(5, 8, device=device()), torch.randn(5, 8, device=device())
     hyper = [(0.1, 0.9, 0.0, 1e-3)]
     pw, mw, tw = p.clone(), torch.zeros_like(p), [torch.tensor(0.0)]
@@ -321,11 +322,11 @@ def _layouts_problem():
     whose gradient is contiguous."""
     cl, cl3 = torch.channels_last, torch.channels_last_3d
     specs = [  # shape, meta row, memory format of p and m, of g
-        ((5, 3, 3, 3), (5, 27, 0, 1, 0, 5, 0, 1, 5, 0), cl, cl),
-        ((40, 6, 3, 3), (40, 54, 32, 1, 0, 72, 0, 1, 20, 54), cl, cl),  # 2 groups, 2160 elements
-        ((4, 3, 2, 2, 3), (4, 36, 180, 1, 0, 184, 0, 1, 4, 0), cl3, cl3),
-        ((6, 4, 2, 2), (96, 1, 220, 0, 0, 220, 0, 0, 96, 0), cl, cl),   # factor-free
-        ((3, 2, 2, 2), (3, 8, 0, 1, 0, 5, 0, 1, 3, 0), cl, torch.contiguous_format),
+        ((5, 3, 3, 3), (5, 27, 0, 1, 0, 5, 0, 1, 5, 0, 0), cl, cl),
+        ((40, 6, 3, 3), (40, 54, 32, 1, 0, 72, 0, 1, 20, 54, 0), cl, cl),  # 2 groups, 2160 elements
+        ((4, 3, 2, 2, 3), (4, 36, 180, 1, 0, 184, 0, 1, 4, 0, 0), cl3, cl3),
+        ((6, 4, 2, 2), (96, 1, 220, 0, 0, 220, 0, 0, 96, 0, 0), cl, cl),   # factor-free
+        ((3, 2, 2, 2), (3, 8, 0, 1, 0, 5, 0, 1, 3, 0, 0), cl, torch.contiguous_format),
     ]
     fac = torch.cat([torch.rand(220, device=device()) + 0.1, torch.ones(1, device=device())])
     meta = torch.tensor([m for _, m, _, _ in specs], dtype=torch.int64)
@@ -366,29 +367,30 @@ def test_row_transpose():
     w = torch.randn(4, 3, 3, 3)
     assert kernel_host.row_transpose(rows[0], w, w, w) == 1
     t = torch.randn(3, 3, 3, 4).permute(3, 2, 1, 0)       # dense but not channels_last: copied
-    assert kernel_host.row_transpose((4, 27, 0, 1, 0, 4, 0, 1, 4, 0), t, t, t) == 0
+    assert kernel_host.row_transpose((4, 27, 0, 1, 0, 4, 0, 1, 4, 0, 0), t, t, t) == 0
     e = torch.randn(4, 6, 3, 3)[:, ::2]                    # not dense: copied even factor-free
-    assert kernel_host.row_transpose((36, 1, 9, 0, 0, 9, 0, 0, 36, 0), e, e, e) == 0
+    assert kernel_host.row_transpose((36, 1, 9, 0, 0, 9, 0, 0, 36, 0, 0), e, e, e) == 0
 
 
 @pytest.mark.parametrize("row", [
-    (5, 7, 0, 1, 0, 5, 0, 1, 5, 0),            # Linear: S by row, H by column
-    (4, 6, 13, 1, 0, 17, 0, 1, 2, 7),          # grouped conv: H per group of 2 rows
-    (6, 10, 0, 1, 0, 12, 0, 1, 2, 10),         # transposed conv (layers.cross_matrix_map)
-    (3, 4, 20, 0, 1, 57, 1, 0, 3, 0),          # Embedding: H by row, S by column
-    (5, 3, 0, 1, 0, 10, 0, 1, 2, 3),           # a shard ending inside a group: 2 does not divide 5
-    (4, 1, 69, 0, 0, 69, 0, 0, 4, 0),          # factor-free
-    (0, 3, 0, 1, 0, 5, 0, 1, 1, 0)])           # zero-size
+    (5, 7, 0, 1, 0, 5, 0, 1, 5, 0, 0),         # Linear: S by row, H by column
+    (4, 6, 13, 1, 0, 17, 0, 1, 2, 7, 0),       # grouped conv: H per group of 2 rows
+    (6, 10, 0, 1, 0, 12, 0, 1, 2, 10, 0),      # transposed conv (layers.cross_matrix_map)
+    (3, 4, 20, 0, 1, 57, 1, 0, 3, 0, 0),       # Embedding: H by row, S by column
+    (5, 3, 0, 1, 0, 10, 0, 1, 2, 3, 0),        # a shard ending inside a group: 2 does not divide 5
+    (5, 3, 0, 1, 0, 10, 0, 1, 3, 3, 2),        # a shard starting at row 2 of a group of 3
+    (4, 1, 69, 0, 0, 69, 0, 0, 4, 0, 0),       # factor-free
+    (0, 3, 0, 1, 0, 5, 0, 1, 1, 0, 0)])        # zero-size
 def test_fisher_diag_reads_the_param_map(row):
     """reference.fisher_diag (strided views of fac) against NOTE: [param map]'s two indices read
     element by element, on a fac that is a slice of a larger buffer (a nonzero storage offset)."""
     fac = (torch.rand(80, dtype=torch.float64) + 0.5)[5:75]
-    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs = row
+    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = row
     want = torch.empty(rows, cols, dtype=torch.float64)
     for r in range(rows):
         for c in range(cols):
             want[r, c] = (fac[s_off + r * s_r + c * s_c]
-                          * fac[h_off + r * h_r + c * h_c + (r // h_gr) * h_gs] + 1e-3)
+                          * fac[h_off + r * h_r + c * h_c + ((r + h_ph) // h_gr) * h_gs] + 1e-3)
     torch.testing.assert_close(reference.fisher_diag(fac, row, 1e-3), want, rtol=0, atol=0)
 
 
@@ -447,9 +449,10 @@ def test_fused_step_blocks_across_rows(kernel_ops, wide, chunked, dtype, rtol, m
             monkeypatch.setattr(fs, "TARGET_PROGRAMS", 1)
             monkeypatch.setattr(fs, "MAX_CHUNK_BLOCKS", 2)
     torch.manual_seed(2)
-    specs = [((300, 7), (300, 7, 0, 1, 0, 300, 0, 1, 30, 7)),      # grouped-conv H: 10 groups
-             ((3, 1000), (3, 1000, 370, 1, 0, 373, 0, 1, 3, 0)),    # rows longer than a block
-             ((250, 9), (250, 9, 1373, 0, 1, 1382, 1, 0, 250, 0))]  # Embedding: H by row
+    specs = [((300, 7), (300, 7, 0, 1, 0, 300, 0, 1, 30, 7, 0)),      # grouped-conv H: 10 groups
+             ((290, 7), (290, 7, 0, 1, 0, 300, 0, 1, 30, 7, 17)),     # a shard from row 17 of one
+             ((3, 1000), (3, 1000, 370, 1, 0, 373, 0, 1, 3, 0, 0)),    # rows longer than a block
+             ((250, 9), (250, 9, 1373, 0, 1, 1382, 1, 0, 250, 0, 0))]  # Embedding: H by row
     fac = torch.rand(1632, device=device()) + 0.1
     meta = torch.tensor([m for _, m in specs], dtype=torch.int64)
     params = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
@@ -478,9 +481,9 @@ def test_fused_step_gpu_1e8(kernel_ops, dtype, rtol):
     for s in shapes:
         r, c = (s[0], s[1]) if len(s) == 2 else (s[0], 1)
         if s == (4096, 4096):
-            rows.append((r, c, 0, 1, 0, 4096, 0, 1, r, 0))
+            rows.append((r, c, 0, 1, 0, 4096, 0, 1, r, 0, 0))
         else:
-            rows.append((r * c, 1, n_fac, 0, 0, n_fac, 0, 0, max(r * c, 1), 0))
+            rows.append((r * c, 1, n_fac, 0, 0, n_fac, 0, 0, max(r * c, 1), 0, 0))
     params = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
     grads = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
     moms = [torch.zeros(s, device="cuda").to(dtype) for s in shapes]
@@ -507,7 +510,8 @@ def test_fused_step_two_streams(kernel_ops):
     stream.  With one counter per device the launches took each other's tickets."""
     torch.manual_seed(0)
     n_fac, shape = 2, (256, 65536)          # 1024 chunks / 16384 programs per launch: they overlap
-    meta = torch.tensor([(shape[0] * shape[1], 1, n_fac, 0, 0, n_fac, 0, 0, shape[0] * shape[1], 0)],
+    meta = torch.tensor([(shape[0] * shape[1], 1, n_fac, 0, 0, n_fac, 0, 0, shape[0] * shape[1], 0,
+                          0)],
                         dtype=torch.int64)
     fac = torch.cat([torch.rand(n_fac, device="cuda"), torch.ones(1, device="cuda")])
     hyper = [(1e-3, 0.9, 0.0, 1e-3)]
@@ -554,7 +558,7 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
 
     def param_set(n):          # one factor-free parameter (F = 1 + Lambda) and its meta rows
         return ([torch.randn(n)], [torch.randn(n)], [torch.zeros(n)], [torch.zeros(())]), \
-            torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0]])
+            torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0, 0]])
 
     (captured, meta), (other, other_meta) = param_set(3000), param_set(500)
     hyper = [(torch.tensor(1e-3), 0.9, 0.0, 1e-3)]        # its lr-address table too
@@ -622,8 +626,8 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     store = torch.randn(2 * block + 10)
     params = [torch.randn(5, 7), store[: 2 * block + 9], torch.randn(1), torch.randn(0)]
     n1 = 2 * block + 9
-    meta = torch.tensor([[5, 7, 0, 1, 0, 5, 0, 1, 5, 0], [n1, 1, 0, 0, 0, 0, 0, 0, n1, 0],
-                         [1, 1, 0, 0, 0, 0, 0, 0, 1, 0], [0, 1, 0, 0, 0, 0, 0, 0, 1, 0]])
+    meta = torch.tensor([[5, 7, 0, 1, 0, 5, 0, 1, 5, 0, 0], [n1, 1, 0, 0, 0, 0, 0, 0, n1, 0, 0],
+                         [1, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0], [0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0]])
     moms = [torch.zeros_like(p) for p in params]
     steps = [torch.tensor(float(k)) for k in (0, 4, 9, 2)]
     fac = torch.rand(16)
@@ -651,8 +655,8 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     for i, p in enumerate(params[:3]):
         assert sorted(starts[i]) == list(range(0, p.numel(), chunk))
         assert ptrs[i].tolist() == [p.data_ptr(), grads[i].data_ptr(), moms[i].data_ptr()]
-        assert int(numels[i]) == p.numel() and mrows[i, :11].tolist() == meta[i].tolist() + [1]
-        _assert_divides(mrows[i], cols=1, T=10, h_gr=8)
+        assert int(numels[i]) == p.numel() and mrows[i, :12].tolist() == meta[i].tolist() + [1]
+        _assert_divides(mrows[i], cols=1, T=11, h_gr=8)
         lr, beta, wd, lam = hyper[i]
         want = torch.tensor([lr, beta, 1 - beta, wd, lam, math.log(beta)])
         torch.testing.assert_close(hyp[i], want)
@@ -693,7 +697,7 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     assert not kw["ALIGNED"]
     meta[0, 5] = 6                                          # meta rows changed in place
     _, args, _ = step(grads, hyper)
-    assert uploads.count((3, fs.N_META)) == 1 and args[5][0, :11].tolist() == meta[0].tolist() + [1]
+    assert uploads.count((3, fs.N_META)) == 1 and args[5][0, :12].tolist() == meta[0].tolist() + [1]
 
 
 def _quotient_edges(d: int) -> set:
@@ -705,10 +709,10 @@ def _quotient_edges(d: int) -> set:
 
 
 def _assert_divides(row, **cols):
-    """The (m, s) pairs after a Triton meta row's T (columns 11-16, NOTE: [magic division]) divide
+    """The (m, s) pairs after a Triton meta row's T (columns 12-17, NOTE: [magic division]) divide
     by the row's cols, T and h_gr (at the columns named) as integer division does."""
     for k, at in enumerate(cols.values()):
-        d, m, s = max(int(row[at]), 1), int(row[11 + 2 * k]), int(row[12 + 2 * k])
+        d, m, s = max(int(row[at]), 1), int(row[12 + 2 * k]), int(row[13 + 2 * k])
         assert all((n * m) >> s == n // d for n in _quotient_edges(d)), (d, m, s)
 
 
@@ -756,7 +760,7 @@ def test_fused_step_no_decay_term_without_weight_decay(kernel_ops, decoupled):
     stays inf, as in the reference (0 * inf would be NaN; NOTE: [no decay term])."""
     p = torch.tensor([float("inf"), 1.0, -float("inf"), 2.0], device=device())
     g = torch.tensor([0.5, 0.5, 0.0, 1.0], device=device())
-    meta = torch.tensor([[4, 1, 0, 0, 0, 0, 0, 0, 4, 0]])
+    meta = torch.tensor([[4, 1, 0, 0, 0, 0, 0, 0, 4, 0, 0]])
     fac = torch.ones(1, device=device())
     out = {}
     for name, ops in (("ref", reference), ("kernel", kernel_ops)):
@@ -784,12 +788,12 @@ def test_fused_step_tensor_lr(kernel_ops, dtype, rtol):
     for lr_a, lr_b in ((1 / 64, 3 / 256), (0.0, 1 / 32), (5 / 128, 1 / 8)):   # float32-exact
         read.fill_(lr_a)
         by_value.fill_(lr_b)
-        lrs = [lr_a] * 3 + [lr_b] * 2 + [1e-2] * 3
+        lrs = [lr_a] * 3 + [lr_b] * 2 + [1e-2] * 4
         reference.fused_step(want[0], grads, want[1], steps[0], fac, meta,
                              [(lr, 0.9, 0.1, 1e-3) for lr in lrs], False)
         kernel_ops.fused_step(got[0], grads, got[1], steps[1], fac, meta,
                               [(read, 0.9, 0.1, 1e-3)] * 3 + [(by_value, 0.9, 0.1, 1e-3)] * 2
-                              + [(1e-2, 0.9, 0.1, 1e-3)] * 3, False)
+                              + [(1e-2, 0.9, 0.1, 1e-3)] * 4, False)
         for w, g in zip(want[0] + want[1], got[0] + got[1]):
             scale = w.abs().max().item() if w.numel() else 0.0
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale)
@@ -804,7 +808,7 @@ def test_fused_step_tensor_lr(kernel_ops, dtype, rtol):
 ])
 def test_fused_step_bad_tensor_lr_changes_nothing(kernel_ops, lr, exc, pattern):
     p, g = torch.ones(3, device=device()), torch.ones(3, device=device())
-    meta = torch.tensor([[3, 1, 0, 0, 0, 0, 0, 0, 3, 0]])
+    meta = torch.tensor([[3, 1, 0, 0, 0, 0, 0, 0, 3, 0, 0]])
     for ops in (reference, kernel_ops):
         m, t = torch.zeros(3, device=device()), torch.zeros(())
         with pytest.raises(exc, match=pattern):
@@ -865,7 +869,7 @@ def test_fused_step_device_steps_whatever_order_blocks_finish(kernel_ops, seed, 
     torch.manual_seed(seed)
     n, n_fac = 3 * 16384 + 5, 4
     shapes = [(n,), (7,)]
-    meta = torch.tensor([(k, 1, n_fac, 0, 0, n_fac, 0, 0, k, 0) for (k,) in shapes])
+    meta = torch.tensor([(k, 1, n_fac, 0, 0, n_fac, 0, 0, k, 0, 0) for (k,) in shapes])
     fac = torch.cat([torch.rand(n_fac, device=device()), torch.ones(1, device=device())])
     hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(shapes)
     got = ([torch.randn(s, device=device()) for s in shapes],

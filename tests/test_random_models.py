@@ -11,7 +11,8 @@ overflows; gradient accumulation; the zero_grad-first and forward-first loop ord
 step(closure).  A third test compiles each model (fullgraph, aot_eager) and trains it beside its
 eager twin, on the torch backend in float64 and on each kernel backend in float32; a fourth trains
 it with random parts under activation checkpointing, reentrant or not, beside the plain model; a
-fifth under DDP on two gloo ranks, beside one process on both halves of their batch.
+fifth under DDP and under FSDP2 on two gloo ranks, beside one process on both halves of
+their batch.
 
 ADAFISHER_SWEEP=a:b runs seeds a to b - 1 instead (a longer sweep by hand: the CPU suite keeps a
 few; seed 61 of the first such sweep found NOTE: [check tolerances]' centring case)."""
@@ -193,14 +194,14 @@ def _setup(seed: int, backend: str, check: bool, monkeypatch, dtype=None, wrap=N
     r = random.Random(seed)
     torch.manual_seed(seed)
     model, batch, loss = (_image_model if r.random() < 0.65 else _token_model)(r)
-    if wrap is not None:
-        model = wrap(model)
     batches = [batch] if data is None else data(batch)
     model.to(device())
     if r.random() < 0.15:                    # bfloat16 parameters and momenta
         model.to(torch.bfloat16)
     if dtype is not None:
         model.to(dtype)
+    if wrap is not None:
+        model = wrap(model)
     if r.random() < 0.2:                     # a frozen parameter: no state, no update
         frozen = r.choice(list(model.parameters()))
         frozen.requires_grad_(False)
@@ -416,37 +417,52 @@ def _halves(seed: int):
     return halves
 
 
-def _ddp_worker(rank, out_dir, seeds):
+def _contiguous(model):
+    """A ``wrap``: parameters in the contiguous memory format (FSDP2 refuses channels_last ones)."""
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def _rank_worker(rank, out_dir, seeds, parallel):
+    """One rank of test_random_models_on_two_ranks_train_as_one_process: each seed's model under
+    DDP or FSDP2 (``parallel``), trained on this rank's half of the batch."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
     for seed in seeds:
-        r, model, loss_fn, opt, scaler = _setup(seed, "torch", False, None, torch.float64,
-                                                data=lambda b, s=seed: _halves(s)(b)[rank:rank + 1])
+        r, model, loss_fn, opt, scaler = _setup(
+            seed, "torch", False, None, torch.float64,
+            wrap=None if parallel == "ddp" else lambda m: fully_shard(_contiguous(m)),
+            data=lambda b, s=seed: _halves(s)(b)[rank:rank + 1])
         _at_most_1e_3(opt)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        _train(r, model, lambda m, d=ddp: loss_fn(d), opt, scaler, steps=4, autocast=False)
-        torch.save({"params": [p.detach() for p in model.parameters()],
-                    "fisher": opt.fisher.tensors()}, os.path.join(out_dir, f"{seed}-{rank}.pt"))
+        run = nn.parallel.DistributedDataParallel(model) if parallel == "ddp" else model
+        _train(r, model, lambda m: loss_fn(run), opt, scaler, steps=4, autocast=False)
+        params = [p.full_tensor() if isinstance(p, DTensor) else p for p in model.parameters()]
+        torch.save({"params": [p.detach() for p in params], "fisher": opt.fisher.tensors()},
+                   os.path.join(out_dir, f"{seed}-{rank}.pt"))
 
 
 @pytest.mark.parametrize("seeds", [SEEDS[i:i + 12] for i in range(0, len(SEEDS), 12)], ids=str)
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
 @pytest.mark.filterwarnings("ignore")
-def test_random_models_under_ddp_train_as_one_process(tmp_path, seeds):
-    """Each seed's model under DistributedDataParallel on 2 gloo ranks, each with a half of the
-    batch, trains as one process whose loss is the mean of the halves' (SPEC section 6), in every
-    loop order, with micro-batches, GradScaler overflows and step(closure): the same parameters
-    (to 1e-9 of the model's largest one) and curvature state (to 1e-9 of each tensor's largest
-    entry), in float64.  Not to the bit: DDP adds a micro-batch's gradients to the last ones
-    before it averages them.  One process calls the model on each half, as the ranks do: one call
-    on the whole batch rounds otherwise, which a dead ReLU channel after a norm turns into
-    gradients of 1e2 against 0 (seeds 117 and 255, whose trajectories then differ under any
-    optimizer); and its BatchNorms normalise each half, as the ranks' do.  The tolerance covers
-    BatchNorm's H, var / (var + eps), whose rounding min-max normalisation amplifies by var /
-    eps (seed 66: 2e-10), and parameters whose gradient is rounding noise (113: biases of 1e-15
-    before a GroupNorm over one position)."""
+def test_random_models_on_two_ranks_train_as_one_process(tmp_path, seeds, parallel):
+    """Each seed's model under DistributedDataParallel, or fully_shard (FSDP2: every parameter
+    split on dim 0, grouped convs and the exposed attention's q/k/v inside a group too), on 2 gloo
+    ranks, each with a half of the batch, trains as one process whose loss is the mean of the
+    halves' (SPEC section 6), in every loop order, with micro-batches, GradScaler overflows and
+    step(closure): the same parameters (to 1e-9 of the model's largest one) and curvature state
+    (to 1e-9 of each tensor's largest entry), in float64.  Not to the bit: DDP adds a
+    micro-batch's gradients to the last ones before it averages them.  One process calls the
+    model on each half, as the ranks do: one call on the whole batch rounds otherwise, which a
+    dead ReLU channel after a norm turns into gradients of 1e2 against 0 (seeds 117 and 255,
+    whose trajectories then differ under any optimizer); and its BatchNorms normalise each half,
+    as the ranks' do.  The tolerance covers BatchNorm's H, var / (var + eps), whose rounding
+    min-max normalisation amplifies by var / eps (seed 66: 2e-10), and parameters whose gradient
+    is rounding noise (113: biases of 1e-15 before a GroupNorm over one position)."""
     from test_distributed import _spawn
-    _spawn(_ddp_worker, tmp_path, seeds)
+    _spawn(_rank_worker, tmp_path, seeds, parallel)
     for seed in seeds:
-        r, model, loss_fn, opt, scaler = _setup(seed, "torch", False, None, torch.float64,
-                                                data=_halves(seed))
+        r, model, loss_fn, opt, scaler = _setup(
+            seed, "torch", False, None, torch.float64,
+            wrap=None if parallel == "ddp" else _contiguous, data=_halves(seed))
         _at_most_1e_3(opt)
         _train(r, model, loss_fn, opt, scaler, steps=4, autocast=False)
         r0, r1 = (torch.load(tmp_path / f"{seed}-{rank}.pt") for rank in range(2))
