@@ -16,6 +16,7 @@ their batch.
 
 ADAFISHER_SWEEP=a:b runs seeds a to b - 1 instead (a longer sweep by hand: the CPU suite keeps a
 few; seed 61 of the first such sweep found NOTE: [check tolerances]' centring case)."""
+import collections
 import copy
 import functools
 import os
@@ -422,15 +423,32 @@ def _contiguous(model):
     return model.to(memory_format=torch.contiguous_format)
 
 
+def _fully_shard(model, per_layer: bool):
+    """FSDP2's fully_shard of the model, and first, if ``per_layer``, of every module with
+    parameters of its own that no other module holds (so not a tied head, nor an exposed
+    attention's q/k/v), children first, except inside an nn.MultiheadAttention, which uses its
+    out_proj's weight without calling it."""
+    from torch.distributed.fsdp import fully_shard
+    holders = collections.Counter(id(p) for m in model.modules() for p in m.parameters(False))
+    inside = {id(c) for m in model.modules() if isinstance(m, nn.MultiheadAttention)
+              for c in m.modules()}
+    layers = [m for m in list(model.modules())[1:] if per_layer and id(m) not in inside
+              and list(m.parameters(False))
+              and all(holders[id(p)] == 1 for p in m.parameters(False))]
+    for m in reversed(layers):
+        fully_shard(m)
+    return fully_shard(model)
+
+
 def _rank_worker(rank, out_dir, seeds, parallel):
     """One rank of test_random_models_on_two_ranks_train_as_one_process: each seed's model under
     DDP or FSDP2 (``parallel``), trained on this rank's half of the batch."""
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
     for seed in seeds:
         r, model, loss_fn, opt, scaler = _setup(
             seed, "torch", False, None, torch.float64,
-            wrap=None if parallel == "ddp" else lambda m: fully_shard(_contiguous(m)),
+            wrap=None if parallel == "ddp" else lambda m, s=seed: _fully_shard(_contiguous(m),
+                                                                               s % 2),
             data=lambda b, s=seed: _halves(s)(b)[rank:rank + 1])
         _at_most_1e_3(opt)
         run = nn.parallel.DistributedDataParallel(model) if parallel == "ddp" else model
@@ -445,18 +463,19 @@ def _rank_worker(rank, out_dir, seeds, parallel):
 @pytest.mark.filterwarnings("ignore")
 def test_random_models_on_two_ranks_train_as_one_process(tmp_path, seeds, parallel):
     """Each seed's model under DistributedDataParallel, or fully_shard (FSDP2: every parameter
-    split on dim 0, grouped convs and the exposed attention's q/k/v inside a group too), on 2 gloo
-    ranks, each with a half of the batch, trains as one process whose loss is the mean of the
-    halves' (SPEC section 6), in every loop order, with micro-batches, GradScaler overflows and
-    step(closure): the same parameters (to 1e-9 of the model's largest one) and curvature state
-    (to 1e-9 of each tensor's largest entry), in float64.  Not to the bit: DDP adds a
-    micro-batch's gradients to the last ones before it averages them.  One process calls the
-    model on each half, as the ranks do: one call on the whole batch rounds otherwise, which a
-    dead ReLU channel after a norm turns into gradients of 1e2 against 0 (seeds 117 and 255,
-    whose trajectories then differ under any optimizer); and its BatchNorms normalise each half,
-    as the ranks' do.  The tolerance covers BatchNorm's H, var / (var + eps), whose rounding
-    min-max normalisation amplifies by var / eps (seed 66: 2e-10), and parameters whose gradient
-    is rounding noise (113: biases of 1e-15 before a GroupNorm over one position)."""
+    split on dim 0, grouped convs and the exposed attention's q/k/v inside a group too; for odd
+    seeds each layer on its own, resharded after its forward), on 2 gloo ranks, each with a half
+    of the batch, trains as one process whose loss is the mean of the halves' (SPEC section 6),
+    in every loop order, with micro-batches, GradScaler overflows and step(closure): the same
+    parameters (to 1e-9 of the model's largest one) and curvature state (to 1e-9 of each
+    tensor's largest entry), in float64.  Not to the bit: DDP adds a micro-batch's gradients to
+    the last ones before it averages them.  One process calls the model on each half, as the
+    ranks do: one call on the whole batch rounds otherwise, which a dead ReLU channel after a
+    norm turns into gradients of 1e2 against 0 (seeds 117 and 255, whose trajectories then
+    differ under any optimizer); and its BatchNorms normalise each half, as the ranks' do.  The
+    tolerance covers BatchNorm's H, var / (var + eps), whose rounding min-max normalisation
+    amplifies by var / eps (seed 66: 2e-10), and parameters whose gradient is rounding noise
+    (113: biases of 1e-15 before a GroupNorm over one position)."""
     from test_distributed import _spawn
     _spawn(_rank_worker, tmp_path, seeds, parallel)
     for seed in seeds:
