@@ -137,6 +137,14 @@ def _probed_batches():
             for _ in range(4)]
 
 
+def _save_full(rank, model, opt, path, **more):
+    """Rank 0 saves an FSDP2 model's whole parameters (every rank gathers them) and the
+    curvature state, and ``more``."""
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    if rank == 0:
+        torch.save({"params": full, "state": opt.fisher.state.clone(), **more}, path)
+
+
 def _fsdp_probe_worker(rank, out_dir):
     from torch.distributed.fsdp import fully_shard
     model = _probed_model()
@@ -148,10 +156,7 @@ def _fsdp_probe_worker(rank, out_dir):
         warnings.simplefilter("ignore")      # the probe cannot try sharded modules: it says so
         opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
     _train(model, opt, _probed_batches(), rank, WORLD)
-    full = [p.full_tensor().detach() for p in model.parameters()]
-    if rank == 0:
-        torch.save({"params": full, "state": opt.fisher.state.clone()},
-                   os.path.join(out_dir, "probe.pt"))
+    _save_full(rank, model, opt, os.path.join(out_dir, "probe.pt"))
 
 
 def test_fsdp2_modules_the_construction_probes_cannot_call(tmp_path):
@@ -442,10 +447,7 @@ def _fsdp_worker(rank, out_dir, preset):
     fully_shard(model)
     opt = AdaFisherW(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset=preset, backend="torch")
     _train(model, opt, _batches(), rank, WORLD)
-    full = [p.full_tensor().detach() for p in model.parameters()]
-    if rank == 0:
-        torch.save({"params": full, "state": opt.fisher.state.clone(),
-                    "layers": opt.fisher.describe()}, os.path.join(out_dir, "fsdp.pt"))
+    _save_full(rank, model, opt, os.path.join(out_dir, "fsdp.pt"), layers=opt.fisher.describe())
 
 
 @pytest.mark.parametrize("preset", ["paper", "official"])
@@ -506,10 +508,7 @@ def _grouped_fsdp_worker(rank, out_dir):
     model = fully_shard(_GroupedRows())
     opt = AdaFisher(model, lr=1e-2, TCov=2, weight_decay=1e-3, preset="paper", backend="torch")
     _train(model, opt, _batches(), rank, WORLD)
-    full = [p.full_tensor().detach() for p in model.parameters()]
-    if rank == 0:
-        torch.save({"params": full, "state": opt.fisher.state.clone()},
-                   os.path.join(out_dir, "grouped.pt"))
+    _save_full(rank, model, opt, os.path.join(out_dir, "grouped.pt"))
 
 
 def test_fsdp2_shards_inside_a_group_of_rows_match_single_process(tmp_path):
