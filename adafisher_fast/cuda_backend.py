@@ -170,6 +170,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
                                                kernel_host.meta_token(meta))
     if rest:
         reference.check_step_shapes(params, grads, moms)     # before the reference updates any
+        reference.check_meta(meta, params, fac.numel())
         reference.fused_step([params[i] for i in rest], [grads[i] for i in rest], [moms[i] for i in rest],
                              [steps[i] for i in rest], fac, meta[rest], [hyper[i] for i in rest], decoupled,
                              found_inf)

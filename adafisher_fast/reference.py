@@ -134,6 +134,30 @@ def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: t
             checked.add(id(h[0]))
 
 
+def check_meta(meta: torch.Tensor, params: Sequence[torch.Tensor], fac_numel: int) -> None:
+    """Raise ValueError unless every meta row (NOTE: [param map]) maps its parameter into fac:
+    rows * cols = numel, cols >= 1, 0 <= h_ph < h_gr, offsets and strides >= 0 (so the extreme
+    indices are the corners') and every index below fac_numel.  The kernels trust the rows: a
+    wrong one read past fac, or divided by zero.  (The optimizer's rows are checked when they are
+    made, state._check_map; this guards the ops called directly.)"""
+    m = meta.to("cpu", torch.int64)
+    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = m.unbind(1)
+    last_r, last_c = (rows - 1).clamp(min=0), (cols - 1).clamp(min=0)
+    s_max = s_off + last_r * s_r + last_c * s_c
+    h_max = (h_off + last_r * h_r + last_c * h_c
+             + torch.div(last_r + h_ph, h_gr.clamp(min=1), rounding_mode="floor") * h_gs)
+    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    bad = ((rows * cols != numels) | (cols < 1) | (h_ph < 0) | (h_ph >= h_gr)
+           | (m[:, 2:10] < 0).any(1) | ((rows > 0) & ((s_max >= fac_numel) | (h_max >= fac_numel))))
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"fused_step: meta row {i} {m[i].tolist()} does not map parameter {i} "
+            f"({int(numels[i])} elements) into fac ({fac_numel} entries): expected rows * cols = "
+            f"numel, cols >= 1, 0 <= h_ph < h_gr, offsets and strides >= 0 and every S and H "
+            f"index below fac.numel() (NOTE: [param map], columns {', '.join(META_COLS)})")
+
+
 # ----------------------------------------------------------------------------------------------
 # statistics ops
 # ----------------------------------------------------------------------------------------------
@@ -406,7 +430,7 @@ def fisher_diag(fac: torch.Tensor, meta: Sequence[int], lam: float) -> torch.Ten
     ``fac`` is 1-D.  Both indices are affine in (group, row in group, column), so S and H are
     read through strided views of ``fac``: no index tensors the parameter's size, which made
     this the torch backend's costliest step (indices remain for what views cannot express: a
-    shard that starts or ends inside a conv group, a negative stride)."""
+    shard that starts or ends inside a conv group)."""
     rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = (int(v) for v in meta)
     if min(s_r, s_c, h_r, h_c, h_gs) >= 0 and rows % h_gr == 0 and h_ph == 0 and fac.stride(0) == 1:
         shape, base = (rows // h_gr, h_gr, cols), fac.storage_offset()
@@ -438,7 +462,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     params/grads/moms: same shapes, params float32/bfloat16/float16/float64 (m in the param dtype,
     arithmetic in float32, or float64 for float64 params); steps: 0-dim float32 tensors, incremented
     here (on the CPU, or on the parameter's device when capturable); fac: H'/S' from ``layer_ema``;
-    meta: int64 [P, 11] CPU tensor (NOTE: [param map]);
+    meta: int64 [P, len(META_COLS)] CPU tensor (NOTE: [param map]);
     hyper: per parameter (lr, beta, weight_decay, Lambda) where Lambda is 0 for the released code's
     factor-free parameters (F = 1); lr a float or a one-element tensor (``check_lr``), whose value
     when the update runs is used (NOTE: [tensor lr]); found_inf: None, or GradScaler's one
@@ -450,6 +474,7 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
     """
     check_step_lists(params, grads, moms, steps, meta, hyper, found_inf)
     check_step_shapes(params, grads, moms)
+    check_meta(meta, params, fac.numel())
     for p, g, m, t, row, (lr, beta, wd, lam) in zip(params, grads, moms, steps, meta.tolist(), hyper):
         before = None if found_inf is None else (p.clone(), m.clone(), t.clone())
         t += 1

@@ -334,15 +334,30 @@ at::Tensor device_table(std::string key, const at::Device& dev, bool capturing,
   return cache.front().second;
 }
 
+// reference.check_meta of one row: the kernel trusts it (a wrong one reads past fac, or divides by 0)
+void check_meta_row(const int64_t* row, int64_t numel, int64_t fac_numel, size_t i) {
+  bool ok = row[kRows] * row[kCols] == numel && row[kCols] >= 1 && row[kHPh] >= 0 && row[kHPh] < row[kHGr];
+  for (int j = kSOff; j <= kHGs; ++j) ok = ok && row[j] >= 0;
+  if (ok && row[kRows] > 0) {       // the indices are affine and non-decreasing: the last is the largest
+    const int64_t r = row[kRows] - 1, c = row[kCols] - 1;
+    ok = row[kSOff] + r * row[kSR] + c * row[kSC] < fac_numel &&
+         row[kHOff] + r * row[kHR] + c * row[kHC] + (r + row[kHPh]) / row[kHGr] * row[kHGs] < fac_numel;
+  }
+  TORCH_CHECK_VALUE(ok, "fused_step: meta row ", i, " does not map parameter ", i, " (", numel,
+                    " elements) into fac (", fac_numel, " entries): expected rows * cols = numel, cols >= 1, ",
+                    "0 <= h_ph < h_gr, offsets and strides >= 0 and every S and H index below fac.numel() ",
+                    "(NOTE: [param map])");
+}
+
 // kernel_host.row_transpose: how the kernel walks p, g, m in memory order (NOTE: [row transpose]):
 // 1 row-major (or any dense layout for a factor-free row), T > 1 rows stored transposed, 0 neither
 int64_t row_transpose(const int64_t* row, const at::Tensor& p, const at::Tensor& g, const at::Tensor& m) {
   if (p.is_contiguous() && g.is_contiguous() && m.is_contiguous()) return 1;
   if (g.strides() != p.strides() || m.strides() != p.strides()) return 0;
-  if (row[3] == 0 && row[4] == 0 && row[6] == 0 && row[7] == 0 && row[9] == 0)
+  if (row[kSR] == 0 && row[kSC] == 0 && row[kHR] == 0 && row[kHC] == 0 && row[kHGs] == 0)
     return p.is_non_overlapping_and_dense() ? 1 : 0;
   const int64_t n = p.dim();
-  if (n < 3 || p.size(1) <= 1 || row[0] != p.size(0) || row[0] * row[1] != p.numel()) return 0;
+  if (n < 3 || p.size(1) <= 1 || row[kRows] != p.size(0) || row[kRows] * row[kCols] != p.numel()) return 0;
   std::vector<int64_t> perm{0};
   for (int64_t d = 2; d < n; ++d) perm.push_back(d);
   perm.push_back(1);
@@ -365,8 +380,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
   // the kernel indexes fac as a dense vector (NOTE: [param map]); a strided view is read through a
   // contiguous copy, as the reference and the Triton twin read it (fac is only read here, like meta)
   const at::Tensor fac_c = fac.contiguous();
-  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == 11,
-              "adafisher::fused_step: meta must be int64 [P, 11]");
+  TORCH_CHECK(meta.scalar_type() == at::kLong && meta.dim() == 2 && meta.size(0) == (int64_t)n && meta.size(1) == kMapCols,
+              "adafisher::fused_step: meta must be int64 [P, ", int(kMapCols), "]");
   // the meta rows travel inside the tensor table (one H2D copy); a CUDA meta costs a sync here
   const at::Tensor meta_h = meta.to(at::kCPU).contiguous();
   const int64_t* mrows = meta_h.data_ptr<int64_t>();
@@ -390,7 +405,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
                 " must have the param dtype ", p.scalar_type());
     TORCH_CHECK(g.sizes() == p.sizes() && m.sizes() == p.sizes(), "adafisher::fused_step: parameter ", i,
                 " has grad/momentum shapes that differ from ", p.sizes());
-    const int64_t tr = row_transpose(mrows + i * 11, p, g, m);
+    check_meta_row(mrows + i * kMapCols, p.numel(), fac_c.numel(), i);
+    const int64_t tr = row_transpose(mrows + i * kMapCols, p, g, m);
     TORCH_CHECK(tr > 0, "adafisher::fused_step: parameter ", i, " and its grad/momentum must be contiguous ",
                 "or share channels_last strides (NOTE: [row transpose])");
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1, "adafisher::fused_step: steps must be 0-dim float32");
@@ -405,8 +421,8 @@ void fused_step(at::TensorList params, at::TensorList grads, at::TensorList moms
       s.step = t.data_ptr<float>(); s.t_host = 0.0;
     }
     s.numel = p.numel();
-    for (int j = 0; j < 11; ++j) s.meta[j] = mrows[i * 11 + j];
-    s.meta[11] = tr;
+    std::copy_n(mrows + i * kMapCols, kMapCols, s.meta);
+    s.meta[kT] = tr;
     s.lr = lr[i]; s.beta = beta[i]; s.wd = wd[i]; s.lam = lam[i];
     const std::optional<at::Tensor> lr_t = lr_tensor[i];
     if (lr_t.has_value()) {        // read by the kernel (NOTE: [tensor lr] in kernel_host.py)

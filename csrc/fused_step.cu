@@ -39,7 +39,7 @@ struct StepCoef { float lr, beta, omb, inv_bc, wd, lam; bool l2, dec; };
 // ((r + h_ph) / h_gr) * h_gs, the H offset of row r's group: no division where there are no groups
 // (h_gs = 0, every layer kind but grouped convs and the exposed attention's q/k/v).
 __device__ __forceinline__ int64_t group_offset(const int64_t* mt, int64_t r) {
-  return mt[9] == 0 ? 0 : div_nonneg(r + mt[10], mt[8] > 1 ? mt[8] : 1) * mt[9];
+  return mt[kHGs] == 0 ? 0 : div_nonneg(r + mt[kHPh], mt[kHGr] > 1 ? mt[kHGr] : 1) * mt[kHGs];
 }
 
 // F of element e (NOTE: [param map] in reference.py): its row r = e / cols, its column c, for a
@@ -47,15 +47,15 @@ __device__ __forceinline__ int64_t group_offset(const int64_t* mt, int64_t r) {
 // digits c / tr and c % tr, and its row group (r + h_ph) / h_gr.
 template <typename F>
 __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int64_t e) {
-  const int64_t cols = mt[1], tr = mt[11];
-  const int64_t r = div_nonneg(e, cols);          // cols >= 1 (state.py checks the meta rows)
+  const int64_t cols = mt[kCols], tr = mt[kT];
+  const int64_t r = div_nonneg(e, cols);          // cols >= 1 (the binding checks the meta rows)
   int64_t c = e - r * cols;
   if (tr > 1) {
     const int64_t q = div_nonneg(c, tr);
     c = (c - q * tr) * div_nonneg(cols, tr) + q;
   }
-  return static_cast<float>(fac[mt[2] + r * mt[3] + c * mt[4]]) *
-         static_cast<float>(fac[mt[5] + r * mt[6] + c * mt[7] + group_offset(mt, r)]);
+  return static_cast<float>(fac[mt[kSOff] + r * mt[kSR] + c * mt[kSC]]) *
+         static_cast<float>(fac[mt[kHOff] + r * mt[kHR] + c * mt[kHC] + group_offset(mt, r)]);
 }
 
 // NOTE: [F word] F of the V consecutive elements of a word from e on.  Each element's F took its
@@ -65,16 +65,16 @@ __device__ __forceinline__ float fisher_at(const F* fac, const int64_t* mt, int6
 // or a transposed row) go element by element.
 template <typename F, int V>
 __device__ __forceinline__ void fisher_word(const F* fac, const int64_t* mt, int64_t e, float (&fd)[V]) {
-  const int64_t cols = mt[1];
+  const int64_t cols = mt[kCols];
   const int64_t r = div_nonneg(e, cols), c = e - r * cols;
-  if (mt[11] > 1 || c + V > cols) {
+  if (mt[kT] > 1 || c + V > cols) {
 #pragma unroll
     for (int j = 0; j < V; ++j) fd[j] = fisher_at<F>(fac, mt, e + j);
     return;
   }
-  const int64_t sc = mt[4], hc = mt[7];
-  const F* s = fac + mt[2] + r * mt[3] + c * sc;
-  const F* h = fac + mt[5] + r * mt[6] + c * hc + group_offset(mt, r);
+  const int64_t sc = mt[kSC], hc = mt[kHC];
+  const F* s = fac + mt[kSOff] + r * mt[kSR] + c * sc;
+  const F* h = fac + mt[kHOff] + r * mt[kHR] + c * hc + group_offset(mt, r);
 #pragma unroll
   for (int j = 0; j < V; ++j) fd[j] = static_cast<float>(s[j * sc]) * static_cast<float>(h[j * hc]);
 }
@@ -130,13 +130,13 @@ __global__ void __launch_bounds__(256, sizeof(T) == 4 ? 4 : 3) fused_step_kernel
                                                          int64_t chunk, const F* __restrict__ fac,
                                                          bool decoupled, unsigned int* done,
                                                          const float* __restrict__ found_inf) {
-  __shared__ int64_t mt[12];
+  __shared__ int64_t mt[kMetaCols];
   __shared__ bool last;
   if (found_inf != nullptr && *found_inf != 0.0f) return;   // the same for every block
   if (blockIdx.x < n_chunks) {
     const StepChunk ch = chunks[blockIdx.x];
     const StepTensor& ts = tensors[ch.tensor];
-    if (threadIdx.x < 12) mt[threadIdx.x] = ts.meta[threadIdx.x];
+    if (threadIdx.x < kMetaCols) mt[threadIdx.x] = ts.meta[threadIdx.x];
     const double t = ts.step != nullptr ? static_cast<double>(*ts.step) + 1.0 : ts.t_host;
     StepCoef k;
     k.lr = ts.lr_ptr != nullptr ? *ts.lr_ptr : (float)ts.lr; k.beta = (float)ts.beta; k.omb = (float)(1.0 - ts.beta);

@@ -98,6 +98,14 @@ struct EmaArgs {
 };
 cudaError_t launch_layer_ema(const EmaArgs& a, DType ot, cudaStream_t s);
 
+// The columns of a StepTensor's meta row: NOTE: [param map]'s META_COLS (reference.py), in its
+// order, then T (tests/test_fused_step.py checks that the names agree).
+enum MetaCol : int {
+  kRows, kCols, kSOff, kSR, kSC, kHOff, kHR, kHC, kHGr, kHGs, kHPh,
+  kMapCols,                         // the width of a meta row as the binding receives it
+  kT = kMapCols,
+  kMetaCols
+};
 // fused_step: one launch over every parameter of one (param dtype, grad dtype) pair (multi-tensor
 // apply, NOTE in fused_step.cu); momenta in the param dtype.  `tensors` and `chunks` live in
 // device memory (built by the binding).
@@ -108,7 +116,7 @@ struct StepTensor {
                      // increments the host tensor
   double t_host;
   int64_t numel;
-  int64_t meta[12];                 // the parameter's row of NOTE: [param map] (reference.py), then
+  int64_t meta[kMetaCols];          // the parameter's row of NOTE: [param map] (reference.py), then
                                     // its layout T (NOTE: [row transpose]: 1 row-major, > 1 transposed)
   double lr, beta, wd, lam;         // doubles: rounded to float32 exactly where torch rounds them
   const float* lr_ptr;              // a device float32 lr tensor read at run time in place of lr, or

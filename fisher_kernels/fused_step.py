@@ -64,13 +64,18 @@ MAX_REGISTERS = {4: 64, 2: 80}     # by parameter element size: 4 or 3 programs 
 BLOCK_BYTES = 4096    # of each parameter a program updates at a time: a 16-byte word a thread
 MAX_CHUNK_BLOCKS = 16  # NOTE: [chunk size]: a program's chunk is at most 16 blocks
 TARGET_PROGRAMS = 8192      # and the chunks a launch has, about, when it has more blocks
-N_META = len(reference.META_COLS) + 7      # a meta row, then T (NOTE: [row transpose]), then
-                                           # (m, s) for cols, T and h_gr (NOTE: [magic division])
+# A row of the meta table: NOTE: [param map]'s columns, then T (NOTE: [row transpose]), then (m, s)
+# for cols, T and h_gr (NOTE: [magic division]).  ``_update`` loads the map's columns by position
+# (tests/test_fused_step.py pins their order).
+COL = {name: i for i, name in enumerate(reference.META_COLS + ("T", "magics"))}
+N_META = COL["magics"] + 6
 N_HYPER = 6           # lr, beta, 1 - beta, wd, Lambda, ln(beta)
 STEP_BLOCK = 256      # step counts the last program increments per iteration (NOTE: [step tickets])
 
 
 N_META_C: tl.constexpr = tl.constexpr(N_META)     # the same numbers, visible inside kernels
+T_COL: tl.constexpr = tl.constexpr(COL["T"])
+MAGIC_COL: tl.constexpr = tl.constexpr(COL["magics"])
 N_HYPER_C: tl.constexpr = tl.constexpr(N_HYPER)
 
 
@@ -226,9 +231,10 @@ def _update(p_ptr, g_ptr, m_ptr, fac_ptr, start, chunk, n, meta_ptr, lr, beta, o
     h_gr = tl.maximum(tl.load(meta_ptr + 8), 1)
     h_gs = tl.load(meta_ptr + 9)
     gr0 = tl.load(meta_ptr + 10)        # h_ph: row 0's row in its group (WIDE: the chunk's too)
-    tr = tl.load(meta_ptr + 11)
-    magics = (tl.load(meta_ptr + 12), tl.load(meta_ptr + 13), tl.load(meta_ptr + 14),
-              tl.load(meta_ptr + 15), tl.load(meta_ptr + 16), tl.load(meta_ptr + 17))
+    tr = tl.load(meta_ptr + T_COL)
+    magic_ptr = meta_ptr + MAGIC_COL
+    magics = (tl.load(magic_ptr), tl.load(magic_ptr + 1), tl.load(magic_ptr + 2),
+              tl.load(magic_ptr + 3), tl.load(magic_ptr + 4), tl.load(magic_ptr + 5))
     o0 = start
     if not WIDE:
         r0 = start // cols
@@ -367,7 +373,7 @@ def chunk_size(numels: List[int], dtype: torch.dtype) -> int:
 
 def _wide(rows) -> bool:
     """Whether some meta row (NOTE: [param map]) needs 64-bit per-element division."""
-    return any(max(row[1], row[8]) >= I32_LIMIT for row in rows)
+    return any(max(row[COL["cols"]], row[COL["h_gr"]]) >= I32_LIMIT for row in rows)
 
 
 _TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -433,11 +439,11 @@ def fused_step(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List
         pair = _Pair(idx, ps, gs, ms, trs, [steps[i] for i in idx + empty], empty)
         lr_at = () if by_value is hyper else tuple(      # (split_lr's 'no tensor lr')
             0 if lrs[i] is None else lrs[i].data_ptr() for i in idx)
-        key = (pdt, gdt, str(fac.device), tuple(map(_PTR, pair.steps)), tuple(map(_PTR, ps)),
-               tuple(map(_PTR, gs)), tuple(map(_PTR, ms)), tuple(map(_NUMEL, ps)), tuple(trs),
-               tuple(idx), meta_key, lr_at)
+        key = (pdt, gdt, str(fac.device), fac.numel(), tuple(map(_PTR, pair.steps)),
+               tuple(map(_PTR, ps)), tuple(map(_PTR, gs)), tuple(map(_PTR, ms)),
+               tuple(map(_NUMEL, ps)), tuple(trs), tuple(idx), meta_key, lr_at)
         launches.append((pdt, gdt, pair, back, _cached(_TABLES, key, lambda: _build(
-            pair, params, grads, moms, meta, meta_key, lr_at, fac.device))))
+            pair, params, grads, moms, meta, meta_key, lr_at, fac.numel(), fac.device))))
     if found_inf is not None and any(tables and tables[2] is None for *_, tables in launches):
         raise ValueError(f"fused_step: found_inf needs the step counts as float32 on the kernel's "
                          f"device ({fac.device}), where the skip is decided (NOTE: [GradScaler])")
@@ -493,16 +499,18 @@ def _device_steps(steps, dev) -> bool:
     return all(t.device == dev and t.dtype == torch.float32 for t in steps)
 
 
-def _build(pair: _Pair, params, grads, moms, meta, meta_key, lr_at, dev):
-    """The device tables of one dtype pair after checking its shapes: (chunk tables, pointer
-    table, step address table or None (host steps), lr address table or None (no tensor lr,
-    NOTE: [tensor lr]), ticket, aligned); () when every parameter of
-    the pair is zero-size: no launch, so no tables (not None, which ``_cached`` would take for a
+def _build(pair: _Pair, params, grads, moms, meta, meta_key, lr_at, fac_numel, dev):
+    """The device tables of one dtype pair after checking its shapes and meta rows: (chunk
+    tables, pointer table, step address table or None (host steps), lr address table or None (no
+    tensor lr, NOTE: [tensor lr]), ticket, aligned); () when every parameter of the pair is
+    zero-size: no launch, so no tables (not None, which ``_cached`` would take for a
     miss every step).  The chunk tables (12 bytes a chunk: 5 MB for 7B parameters) depend on
     sizes, layouts and meta rows only, so new gradient tensors (``zero_grad()``'s default)
     rebuild just the pointers; the ticket is per pointer set, so two optimizers stepping at once
     never share one (NOTE: [step tickets])."""
-    reference.check_step_shapes(params, grads, moms, pair.idx + pair.empty)
+    every = pair.idx + pair.empty
+    reference.check_step_shapes(params, grads, moms, every)
+    reference.check_meta(meta[every], [params[i] for i in every], fac_numel)
     if not pair.idx:
         return ()
     shape_key = (str(dev), pair.ps[0].dtype, tuple(pair.idx), tuple(map(_NUMEL, pair.ps)),
@@ -548,7 +556,8 @@ def _chunk_tables(pair: _Pair, meta, dev):
     rows = [row + [tr] for row, tr in zip(meta[pair.idx].tolist(), pair.trs)]
     wide = _wide(rows)
     for row in rows:                # NOTE: [magic division]; a WIDE launch divides as it is
-        row += [x for d in (row[1], row[11], max(row[8], 1)) for x in magic(1 if wide else d)]
+        divisors = (row[COL["cols"]], row[COL["T"]], max(row[COL["h_gr"]], 1))
+        row += [x for d in divisors for x in magic(1 if wide else d)]
     numels = [p.numel() for p in pair.ps]
     chunk = chunk_size(numels, pair.ps[0].dtype)
     n_chunks = [cdiv(n, chunk) for n in numels]
@@ -560,7 +569,7 @@ def _chunk_tables(pair: _Pair, meta, dev):
                                          torch.tensor(numels, dtype=torch.int64),
                                          torch.tensor(rows, dtype=torch.int64).reshape(-1, N_META))]
     return (int(chunk_param.numel()), chunk, tables, wide,
-            any(row[9] != 0 for row in rows))
+            any(row[COL["h_gs"]] != 0 for row in rows))
 
 
 def _hyper_table(pair: _Pair, hyper, dev) -> torch.Tensor:

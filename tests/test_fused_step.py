@@ -1,6 +1,7 @@
 """fused_step kernels against the torch reference over several steps: every param-map kind,
 fp32/bf16/fp16 parameters, L2 and decoupled weight decay, non-contiguous tensors, a zero-size
 parameter last; parameters, momenta and step counts compared."""
+import functools
 import gc
 import importlib
 import math
@@ -146,6 +147,49 @@ def test_fused_step_bad_shape_changes_nothing(kernel_ops):
                            [(0.1, 0.9, 0.0, 1e-3)] * 3, False)
         assert all(torch.equal(a, b) for a, b in zip(params, before))
         assert [t.item() for t in steps] == [0.0, 0.0, 0.0]
+
+
+_GOOD_ROW = [4, 3, 0, 1, 0, 4, 0, 1, 4, 0, 0]        # a (4, 3) weight: S by row, H by column
+
+
+@pytest.mark.parametrize("column,value", [
+    ("cols", 2),        # 4 x 2 is not the parameter's 12 elements
+    ("s_off", 5),       # S index 5 + 3 reaches fac[8] of 8 entries
+    ("h_c", 2),         # H index 4 + 2 * 2 too
+    ("h_gs", 1),        # with h_gr 1 (below), H index 4 + 2 + 3 * 1 reaches fac[9]
+    ("s_r", -1),        # a negative stride
+    ("h_ph", 4),        # row 0's place in a group of 4 rows
+])
+def test_fused_step_bad_meta_row_changes_nothing(kernel_ops, column, value):
+    """The kernels trust the meta rows (NOTE: [param map]): each op checks that a row covers its
+    parameter and indexes only fac, and names the row, before anything changes.  s_off 4 reaches
+    fac[7], the last entry, and is accepted."""
+    params = [torch.randn(5, device=device()), torch.randn(4, 3, device=device())]
+    before = [p.clone() for p in params]
+    row = list(_GOOD_ROW)
+    row[reference.META_COLS.index(column)] = value
+    if column == "h_gs":
+        row[reference.META_COLS.index("h_gr")] = 1
+    good_edge = list(_GOOD_ROW)
+    good_edge[reference.META_COLS.index("s_off")] = 4
+    for ops in (reference, kernel_ops):
+        steps = [torch.tensor(0.0) for _ in params]
+        moms = [torch.zeros_like(p) for p in params]
+        for r, fails in ((row, True), (good_edge, False)):
+            meta = torch.tensor([[5, 1, 0, 1, 0, 5, 0, 0, 5, 0, 0], r])
+            call = functools.partial(ops.fused_step, params, [torch.ones_like(p) for p in params],
+                                     moms, steps, torch.rand(8, device=device()) + 1, meta,
+                                     [(0.1, 0.9, 0.0, 1e-3)] * 2, False)
+            if fails:
+                with pytest.raises(ValueError, match=r"fused_step: meta row 1 .*parameter 1 \(12 "):
+                    call()
+                assert all(torch.equal(a, b) for a, b in zip(params, before)), ops
+                assert [t.item() for t in steps] == [0.0, 0.0], ops
+            else:
+                call()
+                assert not torch.equal(params[1], before[1]), ops
+        for p, b in zip(params, before):
+            p.copy_(b)
 
 
 def test_fused_step_bumps_version_counters(kernel_ops):
@@ -594,6 +638,22 @@ def test_both_steps_size_their_chunks_alike():
     assert const(r"kStepBlockBytes =") == fs.BLOCK_BYTES == 32 * fs.NUM_WARPS * 16
 
 
+def test_kernels_meta_columns_are_the_references():
+    """csrc names a meta row's columns (launchers.h's MetaCol) in the order of the reference's
+    META_COLS (NOTE: [param map]), then T: a column added on one side only fails here.  The
+    Triton step loads them by position, in this order."""
+    import re
+    from pathlib import Path
+    assert reference.META_COLS == ("rows", "cols", "s_off", "s_r", "s_c", "h_off", "h_r", "h_c",
+                                   "h_gr", "h_gs", "h_ph")
+    text = (Path(__file__).parents[1] / "csrc" / "launchers.h").read_text()
+    body = re.sub(r"//[^\n]*", "", re.search(r"enum MetaCol : int \{(.*?)\};", text, re.S)[1])
+    names = [e.split()[0] for e in body.split(",") if e.strip()]
+    n = len(reference.META_COLS)
+    assert [x[1:].lower() for x in names[:n]] == [c.replace("_", "") for c in reference.META_COLS]
+    assert names[n:] == ["kMapCols", "kT", "kMetaCols"] and "kT = kMapCols" in body
+
+
 @pytest.mark.parametrize("steps_on,chunk_blocks", [("device", 1), ("host", 1), ("device", 2)])
 def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     """The host side of Triton's one launch (NOTE: [pointer tables]): the tables given to the
@@ -655,7 +715,8 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     for i, p in enumerate(params[:3]):
         assert sorted(starts[i]) == list(range(0, p.numel(), chunk))
         assert ptrs[i].tolist() == [p.data_ptr(), grads[i].data_ptr(), moms[i].data_ptr()]
-        assert int(numels[i]) == p.numel() and mrows[i, :12].tolist() == meta[i].tolist() + [1]
+        assert int(numels[i]) == p.numel()
+        assert mrows[i, :fs.COL["magics"]].tolist() == meta[i].tolist() + [1]
         _assert_divides(mrows[i], cols=1, T=11, h_gr=8)
         lr, beta, wd, lam = hyper[i]
         want = torch.tensor([lr, beta, 1 - beta, wd, lam, math.log(beta)])
@@ -697,7 +758,8 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
     assert not kw["ALIGNED"]
     meta[0, 5] = 6                                          # meta rows changed in place
     _, args, _ = step(grads, hyper)
-    assert uploads.count((3, fs.N_META)) == 1 and args[5][0, :12].tolist() == meta[0].tolist() + [1]
+    assert uploads.count((3, fs.N_META)) == 1
+    assert args[5][0, :fs.COL["magics"]].tolist() == meta[0].tolist() + [1]
 
 
 def _quotient_edges(d: int) -> set:

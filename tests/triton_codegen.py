@@ -103,7 +103,7 @@ def _optimizer_runs(dev="cpu"):
                 fisher_kernels.layer_ema(f.buf, f.table, f.state, f.fac, f.initialized,
                                          f.counters, PRESETS[preset].ema_rule(0.8),
                                          torch.zeros((), device=dev))
-    meta = torch.tensor([[1, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0]] * 2)
+    meta = torch.tensor([[n, 1, 0, 0, 0, 1, 0, 0, n, 1, 0] for n in (5, 3000)])   # h_gs 1: GROUPS
     device_steps = fs._device_steps
     try:
         for on_device in (True, False):
