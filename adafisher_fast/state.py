@@ -69,11 +69,15 @@ def _check_map(row: tuple, p: torch.Tensor, lay: Layer, pname: str) -> None:
     """Raise ValueError unless the global map ``row`` of ``p`` (NOTE: [param map] in reference.py)
     covers p's elements and indexes only its layer's H and S: a layer kind's wrong map would
     otherwise read other layers' factors, or past the buffer in a kernel."""
-    rows, cols, h_gr = row[0], row[1], row[8]
+    rows, cols, _, s_r, s_c, _, h_r, h_c, h_gr, h_gs, _ = row
     what = f"AdaFisher: {type(lay.kind).__name__}.param_maps of '{lay.name}' maps '{pname}'"
     if rows * cols != p.numel() or cols < 1 or h_gr < 1:
         raise ValueError(f"{what} as ({rows} x {cols}) with h_gr={h_gr}: expected rows * cols = "
                          f"{p.numel()} (its shape {tuple(p.shape)}), cols >= 1 and h_gr >= 1")
+    negative = [f"{n}={v}" for n, v in zip(("s_r", "s_c", "h_r", "h_c", "h_gs"),
+                                           (s_r, s_c, h_r, h_c, h_gs)) if v < 0]
+    if negative:        # the ops bound a row's indices by its last element's (reference.check_meta)
+        raise ValueError(f"{what} with {', '.join(negative)}: expected strides >= 0")
     if rows == 0:
         return
     # indices are affine in c, so the first and last column bound them

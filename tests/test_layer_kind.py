@@ -130,6 +130,9 @@ def test_hf_kinds_run_on_the_kernel_backends(kernel_ops):
     # H read from S's start with the wrong H size: -7 is one entry before H[0]
     (lambda nx, nf: layers.cross_matrix_map(nx, nf, nx + 2),
      r"'0' maps 'weight' to factor entries -1\.\.13 of its layer's H and S"),
+    # S read backwards: in the layer's S, but the ops bound indices by a row's last element's
+    (lambda nx, nf: (nx, nf, nf - 1, 0, -1, 0, 1, 0, nx, 0),
+     r"'0' maps 'weight' with s_c=-1: expected strides >= 0"),
 ])
 def test_a_map_outside_its_layer_is_an_error(monkeypatch, bad, match):
     """A layer kind's parameter map must cover the parameter and index only its own layer's H and
