@@ -30,10 +30,11 @@ STEPS, WORLD = 10, 2
 RANK_LIMIT = 240
 
 
-def _rank(rank, fn, init_file, out_dir, *args):
-    """One rank of a test: ``fn(rank, out_dir, *args)`` in the default gloo group of WORLD ranks."""
+def _rank(rank, fn, init_file, out_dir, world, *args):
+    """One rank of a test: ``fn(rank, out_dir, *args)`` in the default gloo group of ``world``
+    ranks."""
     faulthandler.dump_traceback_later(RANK_LIMIT - 20, exit=False)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     fn(rank, out_dir, *args)
     dist.barrier()
@@ -43,21 +44,21 @@ def _rank(rank, fn, init_file, out_dir, *args):
     os._exit(0)                         # NOTE: [gloo teardown]
 
 
-def _spawn(fn, out_dir, *args):
-    """Runs ``fn`` on WORLD ranks (NOTE: [gloo teardown])."""
-    ctx = mp.spawn(_rank, args=(fn, str(out_dir / "init"), str(out_dir), *args), nprocs=WORLD,
-                   join=False)
+def _spawn(fn, out_dir, *args, world: int = WORLD):
+    """Runs ``fn`` on ``world`` ranks (NOTE: [gloo teardown])."""
+    ctx = mp.spawn(_rank, args=(fn, str(out_dir / "init"), str(out_dir), world, *args),
+                   nprocs=world, join=False)
     deadline = time.monotonic() + RANK_LIMIT
     try:
         while not ctx.join(timeout=1):
             if time.monotonic() > deadline:
                 for p in ctx.processes:
                     p.kill()
-                done = [r for r in range(WORLD) if (out_dir / f"done{r}").exists()]
+                done = [r for r in range(world) if (out_dir / f"done{r}").exists()]
                 pytest.fail(f"{fn.__name__}: ranks still running after {RANK_LIMIT} s, killed "
                             f"(finished: {done}); their stacks are in the captured stderr")
     except mp.ProcessExitedException as e:
-        if not e.signal_name or not all((out_dir / f"done{r}").exists() for r in range(WORLD)):
+        if not e.signal_name or not all((out_dir / f"done{r}").exists() for r in range(world)):
             raise
         warnings.warn(f"rank {e.error_index} was killed by {e.signal_name} after it had "
                       f"finished")

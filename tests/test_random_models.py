@@ -11,8 +11,8 @@ overflows; gradient accumulation; the zero_grad-first and forward-first loop ord
 step(closure).  A third test compiles each model (fullgraph, aot_eager) and trains it beside its
 eager twin, on the torch backend in float64 and on each kernel backend in float32; a fourth trains
 it with random parts under activation checkpointing, reentrant or not, beside the plain model; a
-fifth under DDP and under FSDP2 on two gloo ranks, beside one process on both halves of
-their batch.
+fifth under DDP and under FSDP2 on 2 gloo ranks, and under FSDP2 on 4, beside one process on
+all the ranks' batches.
 
 ADAFISHER_SWEEP=a:b runs seeds a to b - 1 instead (a longer sweep by hand: the CPU suite keeps a
 few; seed 61 of the first such sweep found NOTE: [check tolerances]' centring case)."""
@@ -412,14 +412,14 @@ def test_random_model_checkpointed_trains_as_without(seed, monkeypatch):
     assert o1.steps == o0.steps
 
 
-def _halves(seed: int):
-    """A ``data`` for _setup: [the seed's batch, another drawn alike]."""
-    def halves(batch):
+def _parts(seed: int, world: int):
+    """A ``data`` for _setup: [the seed's batch, then world - 1 others drawn alike]."""
+    def parts(batch):
         g = torch.Generator().manual_seed(seed)
-        return [batch, tuple(torch.empty_like(b).normal_(generator=g) if b.is_floating_point()
-                             else torch.empty_like(b).random_(0, int(b.max()) + 1, generator=g)
-                             for b in batch)]
-    return halves
+        return [batch] + [tuple(torch.empty_like(b).normal_(generator=g) if b.is_floating_point()
+                                else torch.empty_like(b).random_(0, int(b.max()) + 1, generator=g)
+                                for b in batch) for _ in range(world - 1)]
+    return parts
 
 
 def _contiguous(model):
@@ -444,16 +444,42 @@ def _fully_shard(model, per_layer: bool):
     return fully_shard(model)
 
 
-def _rank_worker(rank, out_dir, seeds, parallel):
-    """One rank of test_random_models_on_two_ranks_train_as_one_process: each seed's model under
-    DDP or FSDP2 (``parallel``), trained on this rank's half of the batch."""
+def _norm_biases(model, seed: int):
+    """The model with its norm layers' biases drawn from N(0, 0.5^2), not zeros.  A norm over one
+    element a group (a GroupNorm after convs down to one position) outputs its bias, so a ReLU
+    after a zero bias sits at exactly 0, where an ulp of the input decides the mask.  The ranks'
+    convs round otherwise than one process's (under FSDP2 they read gathered weights), and seed
+    49 on 4 ranks got a bias gradient of 0.055 against 0.027 at its first backward, under SGD
+    too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)) \
+                    and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype) * 0.5)
+    return model
+
+
+def _rank_wrap(seed: int, parallel: str, shard: bool):
+    """A ``wrap`` for the rank tests: norm biases off zero, and under FSDP2 contiguous
+    parameters, sharded if ``shard`` (per layer for odd seeds)."""
+    def wrap(model):
+        model = _norm_biases(model, seed)
+        if parallel == "ddp":
+            return model
+        return _fully_shard(_contiguous(model), seed % 2) if shard else _contiguous(model)
+    return wrap
+
+
+def _rank_worker(rank, out_dir, seeds, parallel, world):
+    """One rank of test_random_models_on_ranks_train_as_one_process: each seed's model under
+    DDP or FSDP2 (``parallel``), trained on this rank's part of the batches."""
     from torch.distributed.tensor import DTensor
     for seed in seeds:
         r, model, loss_fn, opt, scaler = _setup(
             seed, "torch", False, None, torch.float64,
-            wrap=None if parallel == "ddp" else lambda m, s=seed: _fully_shard(_contiguous(m),
-                                                                               s % 2),
-            data=lambda b, s=seed: _halves(s)(b)[rank:rank + 1])
+            wrap=_rank_wrap(seed, parallel, shard=True),
+            data=lambda b, s=seed: _parts(s, world)(b)[rank:rank + 1])
         _at_most_1e_3(opt)
         run = nn.parallel.DistributedDataParallel(model) if parallel == "ddp" else model
         _train(r, model, lambda m: loss_fn(run), opt, scaler, steps=4, autocast=False)
@@ -463,35 +489,39 @@ def _rank_worker(rank, out_dir, seeds, parallel):
 
 
 @pytest.mark.parametrize("seeds", [SEEDS[i:i + 12] for i in range(0, len(SEEDS), 12)], ids=str)
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("parallel,world", [("ddp", 2), ("fsdp2", 2), ("fsdp2", 4)])
 @pytest.mark.filterwarnings("ignore")
-def test_random_models_on_two_ranks_train_as_one_process(tmp_path, seeds, parallel):
+def test_random_models_on_ranks_train_as_one_process(tmp_path, seeds, parallel, world):
     """Each seed's model under DistributedDataParallel, or fully_shard (FSDP2: every parameter
-    split on dim 0, grouped convs and the exposed attention's q/k/v inside a group too; for odd
-    seeds each layer on its own, resharded after its forward), on 2 gloo ranks, each with a half
-    of the batch, trains as one process whose loss is the mean of the halves' (SPEC section 6),
+    split on dim 0, grouped convs and the exposed attention's q/k/v inside a group too, on 4
+    ranks a parameter of fewer rows than ranks into empty shards; for odd seeds each layer on its
+    own, resharded after its forward), on 2 or 4 gloo ranks, each with a part of the batches
+    (the seed's batch and others drawn alike), trains as one process whose loss is the mean of
+    the parts' (SPEC section 6),
     in every loop order, with micro-batches, GradScaler overflows and step(closure): the same
     parameters (to 1e-9 of the model's largest one) and curvature state (to 1e-9 of each
     tensor's largest entry), in float64.  Not to the bit: DDP adds a micro-batch's gradients to
-    the last ones before it averages them.  One process calls the model on each half, as the
+    the last ones before it averages them.  One process calls the model on each part, as the
     ranks do: one call on the whole batch rounds otherwise, which a dead ReLU channel after a
     norm turns into gradients of 1e2 against 0 (seeds 117 and 255, whose trajectories then
-    differ under any optimizer); and its BatchNorms normalise each half, as the ranks' do.  The
+    differ under any optimizer); and its BatchNorms normalise each part, as the ranks' do.
+    Norm layers' biases start off zero (``_norm_biases``: seed 49 on 4 ranks).  The
     tolerance covers BatchNorm's H, var / (var + eps), whose rounding min-max normalisation
     amplifies by var / eps (seed 66: 2e-10), and parameters whose gradient is rounding noise
     (113: biases of 1e-15 before a GroupNorm over one position)."""
     from test_distributed import _spawn
-    _spawn(_rank_worker, tmp_path, seeds, parallel)
+    _spawn(_rank_worker, tmp_path, seeds, parallel, world, world=world)
     for seed in seeds:
         r, model, loss_fn, opt, scaler = _setup(
             seed, "torch", False, None, torch.float64,
-            wrap=None if parallel == "ddp" else _contiguous, data=_halves(seed))
+            wrap=_rank_wrap(seed, parallel, shard=False), data=_parts(seed, world))
         _at_most_1e_3(opt)
         _train(r, model, loss_fn, opt, scaler, steps=4, autocast=False)
-        r0, r1 = (torch.load(tmp_path / f"{seed}-{rank}.pt") for rank in range(2))
+        r0, *rest = (torch.load(tmp_path / f"{seed}-{rank}.pt") for rank in range(world))
         scale = max(p.abs().max().item() for p in model.parameters())
-        for (name, p), a, b in zip(model.named_parameters(), r0["params"], r1["params"]):
-            assert torch.equal(a, b), (seed, name, "the ranks differ")
-            _close(a, p.detach(), 1e-9, (seed, name), scale)
+        for i, (name, p) in enumerate(model.named_parameters()):
+            assert all(torch.equal(r0["params"][i], o["params"][i]) for o in rest), \
+                (seed, name, "the ranks differ")
+            _close(r0["params"][i], p.detach(), 1e-9, (seed, name), scale)
         for k, v in opt.fisher.tensors().items():
             _close(r0["fisher"][k], v, 1e-9, (seed, k))
