@@ -137,25 +137,22 @@ def check_step_lists(params: list, grads: list, moms: list, steps: list, meta: t
 def check_meta(meta: torch.Tensor, params: Sequence[torch.Tensor], fac_numel: int) -> None:
     """Raise ValueError unless every meta row (NOTE: [param map]) maps its parameter into fac:
     rows * cols = numel, cols >= 1, 0 <= h_ph < h_gr, offsets and strides >= 0 (so the extreme
-    indices are the corners') and every index below fac_numel.  The kernels trust the rows: a
-    wrong one read past fac, or divided by zero.  (The optimizer's rows are checked when they are
-    made, state._check_map; this guards the ops called directly.)"""
-    m = meta.to("cpu", torch.int64)
-    rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = m.unbind(1)
-    last_r, last_c = (rows - 1).clamp(min=0), (cols - 1).clamp(min=0)
-    s_max = s_off + last_r * s_r + last_c * s_c
-    h_max = (h_off + last_r * h_r + last_c * h_c
-             + torch.div(last_r + h_ph, h_gr.clamp(min=1), rounding_mode="floor") * h_gs)
-    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
-    bad = ((rows * cols != numels) | (cols < 1) | (h_ph < 0) | (h_ph >= h_gr)
-           | (m[:, 2:10] < 0).any(1) | ((rows > 0) & ((s_max >= fac_numel) | (h_max >= fac_numel))))
-    if bad.any():
-        i = int(bad.nonzero()[0])
+    indices are the last element's) and every index below fac_numel, in Python integers (int64
+    products of absurd strides would wrap below it).  The kernels trust the rows: a wrong one
+    read past fac, or divided by zero.  (The optimizer's rows are checked when they are made,
+    state._check_map; this guards the ops called directly.)"""
+    for i, (row, p) in enumerate(zip(meta.to("cpu", torch.int64).tolist(), params)):
+        rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = row
+        r, c = rows - 1, cols - 1
+        if (rows * cols == p.numel() and cols >= 1 and 0 <= h_ph < h_gr and min(row[2:10]) >= 0
+                and (rows == 0 or max(s_off + r * s_r + c * s_c, h_off + r * h_r + c * h_c
+                                      + (r + h_ph) // h_gr * h_gs) < fac_numel)):
+            continue
         raise ValueError(
-            f"fused_step: meta row {i} {m[i].tolist()} does not map parameter {i} "
-            f"({int(numels[i])} elements) into fac ({fac_numel} entries): expected rows * cols = "
-            f"numel, cols >= 1, 0 <= h_ph < h_gr, offsets and strides >= 0 and every S and H "
-            f"index below fac.numel() (NOTE: [param map], columns {', '.join(META_COLS)})")
+            f"fused_step: meta row {i} {row} does not map parameter {i} ({p.numel()} elements) "
+            f"into fac ({fac_numel} entries): expected rows * cols = numel, cols >= 1, "
+            f"0 <= h_ph < h_gr, offsets and strides >= 0 and every S and H index below "
+            f"fac.numel() (NOTE: [param map], columns {', '.join(META_COLS)})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ inline bool stream_capturing(cudaStream_t s) {
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <initializer_list>
 #include <list>
 #include <numeric>
 #include <mutex>
@@ -334,14 +335,27 @@ at::Tensor device_table(std::string key, const at::Device& dev, bool capturing,
   return cache.front().second;
 }
 
+// Whether off + the sum of k * s over ``terms`` is below limit, for off, k, s >= 0, in int64 without
+// wrapping (an absurd stride's product would wrap below it).
+bool index_below(int64_t off, std::initializer_list<std::pair<int64_t, int64_t>> terms, int64_t limit) {
+  int64_t left = limit - 1 - off;
+  for (const auto& [k, s] : terms) {
+    if (left < 0 || (k != 0 && s > left / k)) return false;
+    left -= k * s;
+  }
+  return left >= 0;
+}
+
 // reference.check_meta of one row: the kernel trusts it (a wrong one reads past fac, or divides by 0)
 void check_meta_row(const int64_t* row, int64_t numel, int64_t fac_numel, size_t i) {
-  bool ok = row[kRows] * row[kCols] == numel && row[kCols] >= 1 && row[kHPh] >= 0 && row[kHPh] < row[kHGr];
+  bool ok = row[kCols] >= 1 && numel % row[kCols] == 0 && row[kRows] == numel / row[kCols] &&
+            row[kHPh] >= 0 && row[kHPh] < row[kHGr];
   for (int j = kSOff; j <= kHGs; ++j) ok = ok && row[j] >= 0;
   if (ok && row[kRows] > 0) {       // the indices are affine and non-decreasing: the last is the largest
     const int64_t r = row[kRows] - 1, c = row[kCols] - 1;
-    ok = row[kSOff] + r * row[kSR] + c * row[kSC] < fac_numel &&
-         row[kHOff] + r * row[kHR] + c * row[kHC] + (r + row[kHPh]) / row[kHGr] * row[kHGs] < fac_numel;
+    const int64_t g = static_cast<int64_t>((static_cast<uint64_t>(r) + row[kHPh]) / row[kHGr]);  // r's group
+    ok = index_below(row[kSOff], {{r, row[kSR]}, {c, row[kSC]}}, fac_numel) &&
+         index_below(row[kHOff], {{r, row[kHR]}, {c, row[kHC]}, {g, row[kHGs]}}, fac_numel);
   }
   TORCH_CHECK_VALUE(ok, "fused_step: meta row ", i, " does not map parameter ", i, " (", numel,
                     " elements) into fac (", fac_numel, " entries): expected rows * cols = numel, cols >= 1, ",

@@ -158,6 +158,8 @@ _GOOD_ROW = [4, 3, 0, 1, 0, 4, 0, 1, 4, 0, 0]        # a (4, 3) weight: S by row
     ("h_c", 2),         # H index 4 + 2 * 2 too
     ("h_gs", 1),        # with h_gr 1 (below), H index 4 + 2 + 3 * 1 reaches fac[9]
     ("s_r", -1),        # a negative stride
+    ("s_r", 2 ** 62),   # S index 3 * 2^62, which wraps int64 below fac's size
+    ("h_c", 2 ** 62),   # H index 4 + 2 * 2^62, which wraps int64 to a negative one
     ("h_ph", 4),        # row 0's place in a group of 4 rows
 ])
 def test_fused_step_bad_meta_row_changes_nothing(kernel_ops, column, value):
