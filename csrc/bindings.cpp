@@ -371,7 +371,8 @@ int64_t row_transpose(const int64_t* row, const at::Tensor& p, const at::Tensor&
   if (row[kSR] == 0 && row[kSC] == 0 && row[kHR] == 0 && row[kHC] == 0 && row[kHGs] == 0)
     return p.is_non_overlapping_and_dense() ? 1 : 0;
   const int64_t n = p.dim();
-  if (n < 3 || p.size(1) <= 1 || row[kRows] != p.size(0) || row[kRows] * row[kCols] != p.numel()) return 0;
+  // (rows * cols = numel: check_meta_row ran first)
+  if (n < 3 || p.size(1) <= 1 || row[kRows] != p.size(0)) return 0;
   std::vector<int64_t> perm{0};
   for (int64_t d = 2; d < n; ++d) perm.push_back(d);
   perm.push_back(1);
