@@ -348,11 +348,16 @@ def _at_most_1e_3(opt) -> None:
             g["lr"] = min(g["lr"], 1e-3)
 
 
+def _largest(t: torch.Tensor) -> float:
+    """The largest magnitude of a floating-point tensor's entries; 0 for others and empty ones."""
+    return t.abs().max().item() if t.is_floating_point() and t.numel() else 0.0
+
+
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float, what, scale=None) -> None:
     """Within ``tol`` relative to each entry and to ``scale``, by default ``want``'s largest
     entry."""
     if scale is None:
-        scale = want.abs().max().item() if want.is_floating_point() and want.numel() else 0.0
+        scale = _largest(want)
     torch.testing.assert_close(got, want, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
 
 
@@ -564,5 +569,4 @@ def test_random_models_on_ranks_train_as_one_process(tmp_path, seeds, parallel, 
             _close(r0["params"][i], p.detach(), tol, (seed, name), scale)
         twin_state = twin_opt.fisher.tensors()
         for k, v in opt.fisher.tensors().items():
-            v_scale = v.abs().max().item() if v.is_floating_point() and v.numel() else 0.0
-            _close(r0["fisher"][k], v, _rounding_tol(v, twin_state[k], v_scale), (seed, k))
+            _close(r0["fisher"][k], v, _rounding_tol(v, twin_state[k], _largest(v)), (seed, k))
