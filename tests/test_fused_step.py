@@ -451,11 +451,17 @@ def test_fisher_diag_reads_the_param_map(row):
     torch.testing.assert_close(reference.fisher_diag(fac, row, 1e-3), want, rtol=0, atol=0)
 
 
-def test_fused_step_memory_layouts(kernel_ops, monkeypatch):
+@pytest.mark.parametrize("wide", [False, True])
+def test_fused_step_memory_layouts(kernel_ops, wide, monkeypatch):
     """channels_last parameters (NOTE: [row transpose]) are updated by the kernel in place: two
     steps equal the reference's on contiguous copies, with neither the reference nor a contiguous
     copy of p/g/m involved, and p/m keep their layouts; a gradient whose strides differ from its
-    parameter's is read through a copy in the parameter's layout."""
+    parameter's is read through a copy in the parameter's layout.  wide=True: the Triton
+    kernel's 64-bit division path (as in test_fused_step_blocks_across_rows) transposes too."""
+    if wide:
+        if backend_name(kernel_ops) != "triton":
+            pytest.skip("the 64-bit division switch is the Triton kernel's")
+        monkeypatch.setattr(importlib.import_module("fisher_kernels.fused_step"), "I32_LIMIT", 1)
     torch.manual_seed(4)
     params, grads, moms, fac, meta = _layouts_problem()
     hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(params)
