@@ -432,16 +432,19 @@ def test_row_transpose():
 @pytest.mark.parametrize("row", [
     (5, 7, 0, 1, 0, 5, 0, 1, 5, 0, 0),         # Linear: S by row, H by column
     (4, 6, 13, 1, 0, 17, 0, 1, 2, 7, 0),       # grouped conv: H per group of 2 rows
+    (4, 9, 0, 1, 0, 4, 0, 1, 1, 9, 0),         # depthwise conv: a group a row
     (6, 10, 0, 1, 0, 12, 0, 1, 2, 10, 0),      # transposed conv (layers.cross_matrix_map)
     (3, 4, 20, 0, 1, 57, 1, 0, 3, 0, 0),       # Embedding: H by row, S by column
     (5, 3, 0, 1, 0, 10, 0, 1, 2, 3, 0),        # a shard ending inside a group: 2 does not divide 5
     (5, 3, 0, 1, 0, 10, 0, 1, 3, 3, 2),        # a shard starting at row 2 of a group of 3
     (4, 1, 69, 0, 0, 69, 0, 0, 4, 0, 0),       # factor-free
     (0, 3, 0, 1, 0, 5, 0, 1, 1, 0, 0)])        # zero-size
-def test_fisher_diag_reads_the_param_map(row):
+@pytest.mark.parametrize("fac_step", [1, 2])
+def test_fisher_diag_reads_the_param_map(row, fac_step):
     """reference.fisher_diag (strided views of fac) against NOTE: [param map]'s two indices read
-    element by element, on a fac that is a slice of a larger buffer (a nonzero storage offset)."""
-    fac = (torch.rand(80, dtype=torch.float64) + 0.5)[5:75]
+    element by element, on a fac that is a slice of a larger buffer (a nonzero storage offset);
+    every other entry of one (fac_step 2) takes the index path (reference.map_indices) for all."""
+    fac = (torch.rand(80 * fac_step, dtype=torch.float64) + 0.5)[5 * fac_step:75 * fac_step:fac_step]
     rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = row
     want = torch.empty(rows, cols, dtype=torch.float64)
     for r in range(rows):
