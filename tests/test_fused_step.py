@@ -19,7 +19,7 @@ DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 2 * 2.0 ** -7), (torch.float16
 
 def _problem(dtype):
     """Parameters with map rows like layers.py builds: Linear weight/bias, grouped conv weight (and
-    an FSDP2 shard of one that starts inside a group), norm weight (H per row), Embedding (H by
+    an FSDP2 shard of one that starts inside a group), depthwise conv weight, norm weight (H per row), Embedding (H by
     row, S by column), released-code H'[0] maps, a factor-free parameter and a zero-size one."""
     n_fac = 64
     specs = [  # shape, meta row
@@ -27,6 +27,7 @@ def _problem(dtype):
         ((5,), (5, 1, 0, 1, 0, 12, 0, 0, 5, 0, 0)),
         ((4, 2, 3, 1), (4, 6, 13, 1, 0, 17, 0, 1, 2, 7, 0)),
         ((5, 3), (5, 3, 0, 1, 0, 10, 0, 1, 3, 3, 2)),       # rows 2, 0 1 2, 0 1 of groups of 3
+        ((4, 1, 3, 3), (4, 9, 0, 1, 0, 4, 0, 1, 1, 9, 0)),  # a group a row
         ((13,), (13, 1, 31, 1, 0, 44, 1, 0, 13, 0, 0)),
         ((3, 4), (3, 4, 20, 0, 1, 57, 1, 0, 3, 0, 0)),
         ((6,), (6, 1, 24, 1, 0, 60, 0, 0, 6, 0, 0)),
@@ -38,7 +39,7 @@ def _problem(dtype):
     moms = [torch.randn(s, device=device()).to(dtype) * 0.1 for s, _ in specs]
     fac = torch.cat([torch.rand(n_fac, device=device()), torch.ones(1, device=device())])
     meta = torch.tensor([m for _, m in specs], dtype=torch.int64)
-    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * 7 + [(1e-2, 0.8, 0.0, 0.0), (1e-2, 0.9, 0.1, 1e-3)]
+    hyper = [(1e-2, 0.9, 0.1, 1e-3)] * 8 + [(1e-2, 0.8, 0.0, 0.0), (1e-2, 0.9, 0.1, 1e-3)]
     return params, grads, moms, fac, meta, hyper
 
 
@@ -518,8 +519,9 @@ def test_fused_step_blocks_across_rows(kernel_ops, wide, chunked, dtype, rtol, m
     specs = [((300, 7), (300, 7, 0, 1, 0, 300, 0, 1, 30, 7, 0)),      # grouped-conv H: 10 groups
              ((290, 7), (290, 7, 0, 1, 0, 300, 0, 1, 30, 7, 17)),     # a shard from row 17 of one
              ((3, 1000), (3, 1000, 370, 1, 0, 373, 0, 1, 3, 0, 0)),    # rows longer than a block
-             ((250, 9), (250, 9, 1373, 0, 1, 1382, 1, 0, 250, 0, 0))]  # Embedding: H by row
-    fac = torch.rand(1632, device=device()) + 0.1
+             ((250, 9), (250, 9, 1373, 0, 1, 1382, 1, 0, 250, 0, 0)),  # Embedding: H by row
+             ((400, 9), (400, 9, 1632, 1, 0, 2032, 0, 1, 1, 9, 0))]    # depthwise: a group a row
+    fac = torch.rand(5632, device=device()) + 0.1
     meta = torch.tensor([m for _, m in specs], dtype=torch.int64)
     params = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
     grads = [torch.randn(s, device=device()).to(dtype) for s, _ in specs]
@@ -872,12 +874,12 @@ def test_fused_step_tensor_lr(kernel_ops, dtype, rtol):
     for lr_a, lr_b in ((1 / 64, 3 / 256), (0.0, 1 / 32), (5 / 128, 1 / 8)):   # float32-exact
         read.fill_(lr_a)
         by_value.fill_(lr_b)
-        lrs = [lr_a] * 3 + [lr_b] * 2 + [1e-2] * 4
+        lrs = [lr_a] * 3 + [lr_b] * 2 + [1e-2] * 5
         reference.fused_step(want[0], grads, want[1], steps[0], fac, meta,
                              [(lr, 0.9, 0.1, 1e-3) for lr in lrs], False)
         kernel_ops.fused_step(got[0], grads, got[1], steps[1], fac, meta,
                               [(read, 0.9, 0.1, 1e-3)] * 3 + [(by_value, 0.9, 0.1, 1e-3)] * 2
-                              + [(1e-2, 0.9, 0.1, 1e-3)] * 4, False)
+                              + [(1e-2, 0.9, 0.1, 1e-3)] * 5, False)
         for w, g in zip(want[0] + want[1], got[0] + got[1]):
             scale = w.abs().max().item() if w.numel() else 0.0
             torch.testing.assert_close(g, w, rtol=rtol, atol=rtol * scale)
