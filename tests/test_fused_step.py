@@ -440,6 +440,7 @@ def test_row_transpose():
     (5, 3, 0, 1, 0, 10, 0, 1, 2, 3, 0),        # a shard ending inside a group: 2 does not divide 5
     (5, 3, 0, 1, 0, 10, 0, 1, 3, 3, 2),        # a shard starting at row 2 of a group of 3
     (6, 3, 0, 1, 0, 10, 0, 1, 3, 3, 1),        # one from row 1, as many rows as 2 groups
+    (2, 3, 0, 1, 0, 10, 0, 1, 3, 3, 0),        # a shard of fewer rows than a group
     (4, 1, 69, 0, 0, 69, 0, 0, 4, 0, 0),       # factor-free
     (0, 3, 0, 1, 0, 5, 0, 1, 1, 0, 0)])        # zero-size
 @pytest.mark.parametrize("fac_step", [1, 2])
