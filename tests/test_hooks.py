@@ -1370,14 +1370,14 @@ def test_old_style_weight_norm_is_named_as_a_parametrization(wrap, recwarn):
 
 class _ConvSame(nn.Conv2d):
     """timm's Conv2dSame, rewritten: pads TensorFlow's "SAME" way in forward, convolves with
-    padding 0."""
+    padding 0 (batched or not)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, padding=0, **kwargs)
 
     def forward(self, x):
         pads = []
-        for size, k, s, d in zip(reversed(x.shape[2:]), reversed(self.kernel_size),
+        for size, k, s, d in zip(reversed(x.shape[-2:]), reversed(self.kernel_size),
                                  reversed(self.stride), reversed(self.dilation)):
             tot = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
             pads += [tot // 2, tot - tot // 2]
@@ -1394,7 +1394,8 @@ class _ConvCrop(nn.Conv2d):
 def test_conv_subclass_padding_inside_forward(preset):
     """NOTE: [padding inside forward]: a conv subclass that pads in its forward (timm's
     Conv2dSame) gathers the statistics of the explicitly padded input, as ZeroPad2d + Conv2d
-    does (odd and even sizes, stride 1 and 2, dilation 2), with one warning for the class."""
+    does (odd and even sizes, stride 1 and 2, dilation 2, an unbatched input), with one warning
+    for the class."""
     from adafisher_fast import layers
     layers._WARNED_PADDING.discard(_ConvSame)
     torch.manual_seed(0)
@@ -1406,8 +1407,8 @@ def test_conv_subclass_padding_inside_forward(preset):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             opt = AdaFisher(model, TCov=1, preset=preset, backend="torch")
-            for size in (8, 9):
-                x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
+            for size, batch in ((8, (2,)), (9, (2,)), (7, ())):
+                x = torch.randn(*batch, 3, size, size, generator=torch.Generator().manual_seed(size))
                 y = model[0](x) if model is same else model[0](nn.functional.pad(
                     x, [size % 2, 1] * 2 if size % 2 == 0 else [1, 1] * 2))
                 z = model[1](y) if model is same else model[1](nn.functional.pad(y, [3, 3] * 2))
