@@ -344,11 +344,13 @@ def test_triton_lattice_wide_offsets_match_reference(mode, fmt, monkeypatch):
     assert len(wide) == len(CASES) and all(wide)
 
 
+@pytest.mark.parametrize("target", [2, 12])
 @pytest.mark.parametrize("det", [False, True])
-def test_triton_lattice_groups_match_reference(det, monkeypatch):
-    """Several l-blocks per program (TARGET_PROGRAMS made tiny) sum as the reference does."""
+def test_triton_lattice_groups_match_reference(det, target, monkeypatch):
+    """Several l-blocks per program (TARGET_PROGRAMS made tiny) sum as the reference does: 13
+    l-blocks of 128 positions in one group (target 2), or in groups of 4, 4, 4 and 1 (12)."""
     cs = _triton_conv_module()
-    monkeypatch.setattr(cs, "TARGET_PROGRAMS", 2)
+    monkeypatch.setattr(cs, "TARGET_PROGRAMS", target)
     torch.manual_seed(3)
     x = torch.randn(2, 3, 40, 41, device=device())
     want = torch.rand(27, device=device())
