@@ -61,6 +61,7 @@ def test_layer_ema(kernel_ops, preset, monkeypatch):
                 buf[n_acc] = 0                      # first factor's module not called
             if it == 2 and n_acc > 1:
                 buf[1] = float("inf")               # a non-finite statistic: layer keeps its state
+                buf[n_acc:] = 1.0                   # of a factor with one row (batch 1)
             if it == 3:
                 buf[n_acc:] = torch.randint(1, 5, (buf.numel() - n_acc,)).to(buf)
             _step_both(kernel_ops, buf, f.table, want, got, rule)
