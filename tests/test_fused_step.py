@@ -20,8 +20,9 @@ DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 2 * 2.0 ** -7), (torch.float16
 
 def _problem(dtype):
     """Parameters with map rows like layers.py builds: Linear weight/bias, grouped conv weight (and
-    an FSDP2 shard of one that starts inside a group), depthwise conv weight, norm weight (H per row), Embedding (H by
-    row, S by column), released-code H'[0] maps, a factor-free parameter and a zero-size one."""
+    an FSDP2 shard of one that starts inside a group), depthwise conv weight, norm weight (H per
+    row), Embedding (H by row, S by column), released-code H'[0] maps, a factor-free parameter and
+    a zero-size one."""
     n_fac = 64
     specs = [  # shape, meta row
         ((5, 7), (5, 7, 0, 1, 0, 5, 0, 1, 5, 0, 0)),
@@ -448,7 +449,8 @@ def test_fisher_diag_reads_the_param_map(row, fac_step):
     """reference.fisher_diag (strided views of fac) against NOTE: [param map]'s two indices read
     element by element, on a fac that is a slice of a larger buffer (a nonzero storage offset);
     every other entry of one (fac_step 2) takes the index path (reference.map_indices) for all."""
-    fac = (torch.rand(80 * fac_step, dtype=torch.float64) + 0.5)[5 * fac_step:75 * fac_step:fac_step]
+    k = fac_step
+    fac = (torch.rand(80 * k, dtype=torch.float64) + 0.5)[5 * k:75 * k:k]
     rows, cols, s_off, s_r, s_c, h_off, h_r, h_c, h_gr, h_gs, h_ph = row
     want = torch.empty(rows, cols, dtype=torch.float64)
     for r in range(rows):

@@ -1408,7 +1408,8 @@ def test_conv_subclass_padding_inside_forward(preset):
             warnings.simplefilter("always")
             opt = AdaFisher(model, TCov=1, preset=preset, backend="torch")
             for size, batch in ((8, (2,)), (9, (2,)), (7, ())):
-                x = torch.randn(*batch, 3, size, size, generator=torch.Generator().manual_seed(size))
+                x = torch.randn(*batch, 3, size, size,
+                                generator=torch.Generator().manual_seed(size))
                 y = model[0](x) if model is same else model[0](nn.functional.pad(
                     x, [size % 2, 1] * 2 if size % 2 == 0 else [1, 1] * 2))
                 z = model[1](y) if model is same else model[1](nn.functional.pad(y, [3, 3] * 2))
