@@ -18,6 +18,22 @@ from conftest import backend_name, device, emulated, kernel_backends, kernel_mod
 DTYPES = [(torch.float32, 1e-6), (torch.bfloat16, 2 * 2.0 ** -7), (torch.float16, 2 * 2.0 ** -10)]
 
 
+def _triton_step(monkeypatch, **attrs):
+    """fisher_kernels.fused_step with module attributes replaced for one test: I32_LIMIT=1 forces
+    the 64-bit per-element division path, TARGET_PROGRAMS=1 with MAX_CHUNK_BLOCKS=2 chunks of two
+    blocks (NOTE: [chunk size]), empty caches a cold start."""
+    fs = importlib.import_module("fisher_kernels.fused_step")
+    for name, value in attrs.items():
+        monkeypatch.setattr(fs, name, value)
+    return fs
+
+
+def _host_steps(monkeypatch):
+    """The Triton backend told that the step counts are not on its device (on a CPU machine they
+    always are), so it takes their host path (NOTE: [step host path])."""
+    return _triton_step(monkeypatch, _device_steps=lambda steps, dev: False, _TABLES={})
+
+
 def _problem(dtype):
     """Parameters with map rows like layers.py builds: Linear weight/bias, grouped conv weight (and
     an FSDP2 shard of one that starts inside a group), depthwise conv weight, norm weight (H per
@@ -56,9 +72,7 @@ def test_fused_step(kernel_ops, dtype, rtol, decoupled, steps_on, monkeypatch):
     params, grads, moms, fac, meta, hyper = _problem(dtype)
     where = device() if steps_on == "device" else "cpu"
     if steps_on == "host" and backend_name(kernel_ops) == "triton":
-        fs = importlib.import_module("fisher_kernels.fused_step")
-        monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
-        monkeypatch.setattr(fs, "_TABLES", {})
+        _host_steps(monkeypatch)
     want = ([p.clone() for p in params], [m.clone() for m in moms],
             [torch.tensor(float(i)) for i in range(len(params))])
     got = ([p.clone() for p in params], [m.clone() for m in moms],
@@ -292,13 +306,11 @@ def test_fused_step_empty_group(kernel_ops, case, steps_on, monkeypatch):
     hyper = [(0.1, 0.9, 0.01, 1e-3)] * len(params)
     uploads = []
     if backend_name(kernel_ops) == "triton":
-        fs = importlib.import_module("fisher_kernels.fused_step")
-        monkeypatch.setattr(fs, "_TABLES", {})
-        upload = fs._upload
-        monkeypatch.setattr(fs, "_upload",
-                            lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
+        upload = importlib.import_module("fisher_kernels.fused_step")._upload
+        _triton_step(monkeypatch, _TABLES={},
+                     _upload=lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
         if steps_on == "host":
-            monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
+            _host_steps(monkeypatch)
     where = device() if steps_on == "device" else "cpu"
     want = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
     got = [p.clone() for p in params], [torch.zeros_like(p) for p in params]
@@ -345,9 +357,7 @@ def test_fused_step_bias_correction(kernel_ops, steps_on, monkeypatch):
     meta = torch.tensor([[n, 1, 0, 0, 0, 0, 0, 0, n, 0, 0]] * len(cases))       # F = 1 * 1 + 0
     hyper = [(1.0, beta, 0.0, 0.0) for beta, _ in cases]
     if steps_on == "host" and backend_name(kernel_ops) == "triton":
-        fs = importlib.import_module("fisher_kernels.fused_step")
-        monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
-        monkeypatch.setattr(fs, "_TABLES", {})
+        _host_steps(monkeypatch)
     where = device() if steps_on == "device" else "cpu"
     steps = [torch.tensor(t - 1.0, device=where) for _, t in cases]
     kernel_ops.fused_step(params, grads, moms, steps, fac, meta, hyper, False)
@@ -470,7 +480,7 @@ def test_fused_step_memory_layouts(kernel_ops, wide, monkeypatch):
     if wide:
         if backend_name(kernel_ops) != "triton":
             pytest.skip("the 64-bit division switch is the Triton kernel's")
-        monkeypatch.setattr(importlib.import_module("fisher_kernels.fused_step"), "I32_LIMIT", 1)
+        _triton_step(monkeypatch, I32_LIMIT=1)
     torch.manual_seed(4)
     params, grads, moms, fac, meta = _layouts_problem()
     hyper = [(1e-2, 0.9, 0.1, 1e-3)] * len(params)
@@ -514,12 +524,8 @@ def test_fused_step_blocks_across_rows(kernel_ops, wide, chunked, dtype, rtol, m
     if wide or chunked:
         if backend_name(kernel_ops) != "triton":
             pytest.skip("the 64-bit division and chunk size switches are the Triton kernel's")
-        fs = importlib.import_module("fisher_kernels.fused_step")
-        if wide:
-            monkeypatch.setattr(fs, "I32_LIMIT", 1)
-        if chunked:
-            monkeypatch.setattr(fs, "TARGET_PROGRAMS", 1)
-            monkeypatch.setattr(fs, "MAX_CHUNK_BLOCKS", 2)
+        _triton_step(monkeypatch, **({"I32_LIMIT": 1} if wide else {}),
+                     **({"TARGET_PROGRAMS": 1, "MAX_CHUNK_BLOCKS": 2} if chunked else {}))
     torch.manual_seed(2)
     specs = [((300, 7), (300, 7, 0, 1, 0, 300, 0, 1, 30, 7, 0)),      # grouped-conv H: 10 groups
              ((290, 7), (290, 7, 0, 1, 0, 300, 0, 1, 30, 7, 17)),     # a shard from row 17 of one
@@ -623,9 +629,7 @@ def test_triton_launch_while_capturing_keeps_its_tables(monkeypatch):
             return lambda *args, **kw: given.append(
                 [weakref.ref(a) for a in args if isinstance(a, torch.Tensor)])
 
-    monkeypatch.setattr(fs, "_fused_step_kernel", Recorder())
-    for cache in ("_TABLES", "_CHUNKS", "_HYPER"):
-        monkeypatch.setattr(fs, cache, {})
+    _triton_step(monkeypatch, _fused_step_kernel=Recorder(), _TABLES={}, _CHUNKS={}, _HYPER={})
     monkeypatch.setattr(kernel_host, "_CAPTURED", {})
     fac = torch.ones(1)
 
@@ -700,17 +704,12 @@ def test_triton_fused_step_tables(monkeypatch, steps_on, chunk_blocks):
             return lambda *args, **kw: launches.append((grid, args, kw))
 
     upload = fs._upload
-    monkeypatch.setattr(fs, "_fused_step_kernel", Recorder())
-    monkeypatch.setattr(fs, "_TABLES", {})
-    monkeypatch.setattr(fs, "_CHUNKS", {})
-    monkeypatch.setattr(fs, "_HYPER", {})
-    monkeypatch.setattr(fs, "_upload",
-                        lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
+    _triton_step(monkeypatch, _fused_step_kernel=Recorder(), _TABLES={}, _CHUNKS={}, _HYPER={},
+                 _upload=lambda t, dev: uploads.append(tuple(t.shape)) or upload(t, dev))
     if steps_on == "host":
-        monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
+        _host_steps(monkeypatch)
     if chunk_blocks > 1:                        # 5 blocks: 5 per target program, at most 2
-        monkeypatch.setattr(fs, "TARGET_PROGRAMS", 1)
-        monkeypatch.setattr(fs, "MAX_CHUNK_BLOCKS", 2)
+        _triton_step(monkeypatch, TARGET_PROGRAMS=1, MAX_CHUNK_BLOCKS=2)
     block = fs.block_size(torch.float32)        # 16 bytes a thread: 1024 (NOTE: [chunk size])
     store = torch.randn(2 * block + 10)
     params = [torch.randn(5, 7), store[: 2 * block + 9], torch.randn(1), torch.randn(0)]
@@ -993,9 +992,7 @@ def test_fused_step_found_inf_refused_where_it_cannot_be_read_on_the_device(kern
             ops.fused_step(params, grads, moms, steps, fac, meta, hyper, False,
                            torch.zeros((), device="meta"))
     if backend_name(kernel_ops) == "triton":     # step counts the kernel would not increment
-        fs = importlib.import_module("fisher_kernels.fused_step")
-        monkeypatch.setattr(fs, "_device_steps", lambda steps, dev: False)
-        monkeypatch.setattr(fs, "_TABLES", {})
+        _host_steps(monkeypatch)
         with pytest.raises(ValueError, match="found_inf needs the step counts as float32"):
             kernel_ops.fused_step(params, grads, moms, steps, fac, meta, hyper, False, flag)
     elif emulated("cuda"):                       # the emulated binding: CPU step counts
