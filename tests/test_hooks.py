@@ -619,6 +619,28 @@ def test_users_tensor_hooks_on_a_hooked_output(removed):
     assert len(seen) == (0 if removed else 1)
 
 
+def test_tensor_hook_a_layer_put_on_its_own_output():
+    """A layer whose forward puts a tensor hook on its output (a per-layer gradient scale) has it
+    before the statistics hook: both run, the layer's first, so S is of the gradient that reaches
+    the parameters (hooks._tensor_hook adds to the tensor's hooks rather than replacing them)."""
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            out = super().forward(x)
+            out.register_hook(lambda g: g * 2.0)
+            return out
+
+    torch.manual_seed(0)
+    lin = Scaled(4, 3).double()
+    opt = AdaFisher(lin, TCov=1, preset="paper", backend="torch")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    lin(x).sin().sum().backward()
+    out = nn.functional.linear(x, lin.weight, lin.bias).detach().requires_grad_()
+    (g,) = torch.autograd.grad(out.sin().sum(), out)
+    torch.testing.assert_close(opt.raw_stats()["<root>"][1], (2.0 * g).square().mean(0),
+                               rtol=1e-12, atol=0)
+    torch.testing.assert_close(lin.weight.grad, 2.0 * g.T @ x)
+
+
 def test_nonfinite_statistics_keep_layer_state_and_are_counted():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
