@@ -909,6 +909,58 @@ def test_activation_checkpointing_counts_each_call_once(preset, mode):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
 
 
+class _Trident(nn.Module):
+    """TridentNet's branches: one 3x3 convolution's weight and bias at dilations 1, 2 and 3
+    (padding = dilation), so that its layer has two aliases (NOTE: [shared parameters]) of other
+    geometries than its own, and of each other's; each branch has an input and a gradient of its
+    own."""
+
+    def __init__(self, use_reentrant=None):
+        super().__init__()
+        self.use_reentrant = use_reentrant        # None: no checkpointing
+        self.branches = nn.ModuleList(nn.Conv2d(2, 4, 3, padding=d, dilation=d) for d in (1, 2, 3))
+        for b in self.branches[1:]:
+            b.weight, b.bias = self.branches[0].weight, self.branches[0].bias
+        self.head = nn.Linear(4, 3)
+
+    def trunk(self, x):
+        return sum(b(x + i) * (i + 1) for i, b in enumerate(self.branches)).relu().mean((2, 3))
+
+    def forward(self, x):
+        if self.use_reentrant is None:
+            return self.head(self.trunk(x))
+        return self.head(checkpoint(self.trunk, x, use_reentrant=self.use_reentrant))
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_activation_checkpointing_of_aliases_of_other_geometries(preset, reentrant):
+    """NOTE: [recomputation] with NOTE: [shared parameters]: a recomputed call of an alias has
+    its H (which waits for its output's gradient under reentrant checkpointing) computed with its
+    own module's geometry: statistics and a 3-step trajectory equal those without checkpointing."""
+    runs = []
+    for ckpt in (None, reentrant):
+        torch.manual_seed(0)
+        model = _Trident(ckpt).double()
+        opt = AdaFisher(model, preset=preset, backend="torch", TCov=1)
+        assert opt.fisher.layers[0].aliases == list(model.branches[1:])
+        raw = []
+        for _ in range(3):
+            opt.zero_grad()
+            x = torch.randn(3, 2, 7, 6, dtype=torch.float64, requires_grad=ckpt is True)
+            model(x).pow(2).sum().backward()
+            raw.append(opt.raw_stats())
+            opt.step()
+        runs.append((model, raw))
+    (plain, want), (ckpt, got) = runs
+    for g, w in zip(got, want):
+        for name in w:
+            for a, b in zip(g[name], w[name]):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=name)
+    for a, b in zip(ckpt.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 class _TiedLM(nn.Module):
     def __init__(self):
         super().__init__()
