@@ -120,21 +120,24 @@ def test_hf_kinds_run_on_the_kernel_backends(kernel_ops):
     assert opt.fisher.counters[:, 0].tolist() == [3, 3, 3]
 
 
-@pytest.mark.parametrize("bad,match", [
+@pytest.mark.parametrize("pname,bad,match", [
     # the weight map, one column too many: 5 x 8 is not the weight's 35 elements
-    (lambda nx, nf: layers.matrix_map(nx, nf + 1, transposed=True),
+    ("weight", lambda nx, nf: layers.matrix_map(nx, nf + 1, transposed=True),
      r"'0' maps 'weight' as \(5 x 8\) with h_gr=5: expected rows \* cols = 35"),
     # the S side pointed one entry past the layer's S, into the next layer's factors
-    (lambda nx, nf: (nx, nf, 1, 0, 1, 0, 1, 0, nx, 0),
+    ("weight", lambda nx, nf: (nx, nf, 1, 0, 1, 0, 1, 0, nx, 0),
      r"'0' maps 'weight' to factor entries 0..13 of its layer's H and S, which hold 6 \+ 7"),
     # H read from S's start with the wrong H size: -7 is one entry before H[0]
-    (lambda nx, nf: layers.cross_matrix_map(nx, nf, nx + 2),
+    ("weight", lambda nx, nf: layers.cross_matrix_map(nx, nf, nx + 2),
      r"'0' maps 'weight' to factor entries -1\.\.13 of its layer's H and S"),
     # S read backwards: in the layer's S, but the ops bound indices by a row's last element's
-    (lambda nx, nf: (nx, nf, nf - 1, 0, -1, 0, 1, 0, nx, 0),
+    ("weight", lambda nx, nf: (nx, nf, nf - 1, 0, -1, 0, 1, 0, nx, 0),
      r"'0' maps 'weight' with s_c=-1: expected strides >= 0"),
+    # the bias as one row of nf columns, its S one entry on: one-row maps are checked too
+    ("bias", lambda nx, nf: (1, nf, 1, 0, 1, 0, 0, 0, 1, 0),
+     r"'0' maps 'bias' to factor entries 0..13 of its layer's H and S, which hold 6 \+ 7"),
 ])
-def test_a_map_outside_its_layer_is_an_error(monkeypatch, bad, match):
+def test_a_map_outside_its_layer_is_an_error(monkeypatch, pname, bad, match):
     """A layer kind's parameter map must cover the parameter and index only its own layer's H and
     S (NOTE: [param map]): otherwise the update would read other layers' factors, or read past the
     factor buffer in a kernel.  The Conv1D kind with one map broken is refused at construction,
@@ -143,7 +146,7 @@ def test_a_map_outside_its_layer_is_an_error(monkeypatch, bad, match):
 
     def param_maps(self, m, preset):
         maps = good(self, m, preset)
-        maps["weight"] = bad(*m.weight.shape)
+        maps[pname] = bad(*m.weight.shape)
         return maps
 
     monkeypatch.setattr(layers.HFConv1DKind, "param_maps", param_maps)
