@@ -1041,6 +1041,39 @@ def test_modules_tied_to_a_layer_add_to_its_statistics(cls):
     torch.testing.assert_close(opts[1].fisher.state, opts[0].fisher.state, rtol=1e-12, atol=1e-14)
 
 
+class _TiedBiasFree(nn.Module):
+    """A bias-free Linear tied to a Linear's weight: same type and the same mapped parameter, but
+    other factors and maps (H has no bias entry).  ``functional`` calls the weight directly."""
+
+    def __init__(self, functional=False):
+        super().__init__()
+        self.functional = functional
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x, y):
+        return self.a(x) + (nn.functional.linear(y, self.a.weight) if self.functional else self.b(y))
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
+def test_a_tied_module_of_other_factors_is_no_alias(preset):
+    """NOTE: [shared parameters] A module tied to a layer's parameters is an alias only when its
+    factors and maps are the layer's too: the bias-free Linear's calls gather nothing, as a
+    functional call of the weight does not."""
+    raw = []
+    for functional in (False, True):
+        torch.manual_seed(0)
+        model = _TiedBiasFree(functional).double()
+        opt = AdaFisher(model, preset=preset, backend="torch", TCov=1)
+        assert [(lay.name, lay.aliases) for lay in opt.fisher.layers] == [("a", [])]
+        g = torch.Generator().manual_seed(1)
+        x, y = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        model(x, y).square().sum().backward()
+        raw.append(opt.raw_stats()["a"])
+    for a, b in zip(*raw):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 class _LearnedPositions(nn.Embedding):
     """Hugging Face's BartLearnedPositionalEmbedding: its input gives only the shape; it looks up
     positions (offset by 2)."""
