@@ -552,7 +552,9 @@ def test_shard_meta_row_offsets():
     ((12, 5, 0, 0, 1, 7, 0, 0, 12, 0, 0), (3, 4, 5)),      # LayerNorm (official)
     # LayerNorm(6) (official): a vector viewed as one row, every shard inside it (it raised)
     ((1, 6, 0, 0, 1, 7, 0, 0, 1, 0, 0), (6,)),
-    ((1, 6, 10, 0, 1, 7, 0, 1, 1, 0, 0), (6,))])           # a row map with H by column too
+    ((1, 6, 10, 0, 1, 7, 0, 1, 1, 0, 0), (6,)),            # a row map with H by column too
+    # a (2, 3) parameter viewed as one row: its dim-0 slices are runs of 3 columns of it
+    ((1, 6, 10, 0, 1, 7, 0, 1, 1, 0, 0), (2, 3))])
 def test_shard_meta_gives_the_rows_of_the_whole_f(row, shape):
     """Every dim-0 shard gets F of exactly its rows: reference.fisher_diag of the shard's row
     against the same rows of fisher_diag of the whole parameter's.  (A shard neither of whole rows
