@@ -2219,6 +2219,29 @@ def test_zero_grad_in_a_closure_drops_what_came_before_the_step(preset, before):
 
 
 @pytest.mark.parametrize("preset", ["official", "paper"])
+def test_a_closure_loss_of_forwards_before_and_inside_it(preset):
+    """NOTE: [forward before zero_grad] A closure whose loss adds a forward made before step()
+    (held by the closure's zero_grad()) to a forward of its own: the step has the H of both, as
+    the plain loop with the same loss has, also after a statistics step's backward (whose
+    gradients the closure's zero_grad() clears before its forward)."""
+    ref, other, opts, batches = _twins(preset)
+    for x, y in batches:
+        opts[0].zero_grad()
+        (nn.functional.cross_entropy(ref(x), y)
+         + nn.functional.cross_entropy(ref(x.flip(0)), y)).backward()
+        opts[0].step()
+        outside = nn.functional.cross_entropy(other(x), y)
+
+        def closure():
+            opts[1].zero_grad()
+            loss = outside + nn.functional.cross_entropy(other(x.flip(0)), y)
+            loss.backward()
+            return loss
+        opts[1].step(closure)
+    _assert_same_training((ref, opts[0]), (other, opts[1]), stat_iters=2)
+
+
+@pytest.mark.parametrize("preset", ["official", "paper"])
 def test_a_closure_without_zero_grad_adds_to_the_micro_batches_before_it(preset):
     """Lightning's gradient accumulation: the window's first micro-batches run their closures
     directly (the first one zeroes), the last runs through step(closure) without zero_grad().
