@@ -1840,8 +1840,11 @@ def _cast_after_construction(backend, forward_first):
     cast.float()
     opt.add_param_group({"params": []})     # a cast seen first by add_param_group
     assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
+    iters = [d["stat_iters"] for d in opt.diagnostics().values()]
     _train(cast, opt, [(x.float(), y) for x, y in batches])
     assert opt.fisher.buf.dtype == torch.float32
+    # the cast parameters' new gradient nodes are asked whether they run (NOTE: [gradient passes])
+    assert [d["stat_iters"] for d in opt.diagnostics().values()] == [i + len(batches) for i in iters]
     assert all(st["exp_avg"].dtype == torch.float32 for st in opt.state.values())
     cast.bfloat16()                     # the momentum in the parameters' dtype, the state float32
     opt.zero_grad()
