@@ -539,6 +539,23 @@ def test_a_still_frozen_parameter_with_an_old_grad_is_not_named(recwarn):
     assert not [w for w in recwarn if "were frozen" in str(w.message)]
 
 
+def test_a_frozen_parameter_with_an_old_grad_is_named_when_unfrozen_later():
+    """NOTE: [unfrozen] Two layers frozen after training, each with its old .grad: unfreezing
+    one names only it, and the other, still frozen then, is named when it is unfrozen in turn."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 3), nn.Linear(3, 2))
+    model(torch.randn(2, 4)).sum().backward()
+    model[:2].requires_grad_(False)
+    opt = AdaFisher(model, TCov=1, backend="torch")
+    for layer in (1, 0):
+        model[layer].requires_grad_(True)
+        opt.zero_grad()
+        model(torch.randn(2, 4)).sum().backward()
+        with pytest.warns(UserWarning, match=rf"parameter\(s\) {layer}.weight, {layer}.bias were "
+                                             rf"frozen") as seen:
+            opt.step()
+        assert len([w for w in seen if "were frozen" in str(w.message)]) == 1
+
+
 @pytest.mark.parametrize("abandoned", ["forward", "forward+backward"])
 def test_zero_grad_still_drops_abandoned_statistics(abandoned):
     """NOTE: [forward before zero_grad] What zero_grad() holds comes back only to a gradient of a
