@@ -890,6 +890,18 @@ class _Checkpointed(nn.Module):
         return self.head(checkpoint(self.seg, x, use_reentrant=self.use_reentrant))
 
 
+def _assert_checkpointed_as_plain(runs):
+    """runs: (model, raw_stats() of each step) without, then with checkpointing: the same
+    statistics at every step, and the same parameters at the end."""
+    (plain, want), (ckpt, got) = runs
+    for g, w in zip(got, want):
+        for name in w:
+            for a, b in zip(g[name], w[name]):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=0, equal_nan=True, msg=name)
+    for a, b in zip(ckpt.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("mode", ["non-reentrant", "reentrant", "compiled"])
 @pytest.mark.parametrize("preset", ["official", "paper"])
 def test_activation_checkpointing_counts_each_call_once(preset, mode):
@@ -917,13 +929,7 @@ def test_activation_checkpointing_counts_each_call_once(preset, mode):
             raw.append(opt.raw_stats())
             opt.step()
         runs.append((model, raw))
-    (plain, want), (ckpt, got) = runs
-    for g, w in zip(got, want):
-        for name in w:
-            for a, b in zip(g[name], w[name]):
-                torch.testing.assert_close(a, b, rtol=1e-12, atol=0, equal_nan=True, msg=name)
-    for a, b in zip(ckpt.parameters(), plain.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    _assert_checkpointed_as_plain(runs)
 
 
 class _Trident(nn.Module):
@@ -969,13 +975,7 @@ def test_activation_checkpointing_of_aliases_of_other_geometries(preset, reentra
             raw.append(opt.raw_stats())
             opt.step()
         runs.append((model, raw))
-    (plain, want), (ckpt, got) = runs
-    for g, w in zip(got, want):
-        for name in w:
-            for a, b in zip(g[name], w[name]):
-                torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=name)
-    for a, b in zip(ckpt.parameters(), plain.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    _assert_checkpointed_as_plain(runs)
 
 
 class _TiedLM(nn.Module):
