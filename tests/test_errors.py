@@ -303,7 +303,6 @@ def test_model_on_devices_the_state_cannot_follow():
     assert opt.steps == 0 and all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
 
 
-
 def test_many_replaced_parameters_are_listed_as_five_and_others():
     """The error that names parameters which are not the optimizer's any more (as in the test
     above) lists the first five of them and says that there are others."""
@@ -312,6 +311,7 @@ def test_many_replaced_parameters_are_listed_as_five_and_others():
     with pytest.raises(RuntimeError, match=r"parameter\(s\) 0.weight, 0.bias, 1.weight, 1.bias, "
                                            r"2.weight and others are not the ones"):
         m.to("meta")(torch.randn(2, 3, device="meta"))
+
 
 def _data_parallel_replica(model: nn.Module) -> nn.Module:
     """What torch.nn.parallel.replicate makes of ``model`` for a second GPU (broadcast copies of
