@@ -639,7 +639,7 @@ def test_users_tensor_hooks_on_a_hooked_output(removed):
 def test_tensor_hook_a_layer_put_on_its_own_output():
     """A layer whose forward puts a tensor hook on its output (a per-layer gradient scale) has it
     before the statistics hook: both run, the layer's first, so S is of the gradient that reaches
-    the parameters (hooks._tensor_hook adds to the tensor's hooks rather than replacing them)."""
+    the parameters (hooks._tensor_hook leaves a tensor that has hooks to register_hook)."""
     class Scaled(nn.Linear):
         def forward(self, x):
             out = super().forward(x)
