@@ -109,7 +109,10 @@ def _cases():
                          ("_op_ge_stride", dict(kernel_size=2, dilation=3, output_padding=2)),
                          ("_op_eq_stride", dict(kernel_size=2, stride=2, dilation=3, output_padding=2)),
                          ("_op_ge_stride_p3", dict(kernel_size=2, dilation=3, output_padding=2,
-                                                   padding=3))):
+                                                   padding=3)),
+                         # ... and above the padding: s is cut by the difference, no padding after
+                         ("_op_ge_stride_p1", dict(kernel_size=2, dilation=3, output_padding=2,
+                                                   padding=1))):
             c_out = 4 if "depthwise" in name else 6
             c.append((f"convT{nd}d{name}", lambda cls=cls, kw=kw, c_out=c_out: cls(4, c_out, **kw),
                       lambda sp=sp: torch.randn(2, 4, *sp), True, ("paper", "official")))
@@ -187,6 +190,33 @@ def test_raw_stats(mf, xf, train, preset):
     Hw, Sw = want["layer"]
     close(H, Hw)
     close(S, Sw)
+
+
+@pytest.mark.parametrize("mf,xf,train,preset", _cases())
+def test_grad_degree_is_the_power_of_s_in_the_accumulators(mf, xf, train, preset):
+    """FactorSpec.grad_degree, by whose power of the world size the distributed all-reduce and
+    of the loss scale GradScaler's unscaling divide (SPEC section 6), is how each accumulator
+    scales with the output gradient: a loss twice as large multiplies it by 2 ** degree (H's
+    and the counts by 1)."""
+    torch.manual_seed(0)
+    model = Wrap(mf()).to(D64).train(train)
+    x = xf()
+    if x.is_floating_point():
+        x = x.to(D64)
+    w = None
+    bufs = []
+    for scale in (1.0, 2.0):
+        m = copy.deepcopy(model)
+        opt = AdaFisher(m, TCov=1, preset=preset, backend="torch")
+        out = m(x)
+        w = torch.randn_like(out) if w is None else w
+        (out * w * scale).sum().backward()
+        bufs.append(opt.fisher.buf.clone())
+    degree = opt.fisher.grad_degree
+    if oracle.hooked(model.layer, preset):
+        assert bufs[0][degree > 0].abs().max() > 0
+    # exactly: a factor of 2 scales every product, square and sum without rounding
+    assert torch.equal(bufs[1], bufs[0] * 2.0 ** degree)
 
 
 # ----------------------------------------------------------------------------------------------
