@@ -1700,6 +1700,73 @@ def test_layernorm_subclass_of_another_layout_is_an_error():
         model(torch.randn(2, 3, 4))
 
 
+class _LayerNorm1d(nn.LayerNorm):
+    """A channels-first LayerNorm of (B, C, L) sequences (a 1-D ConvNeXt's)."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, -1)).transpose(1, -1)
+
+
+class _ResidualLayerNorm2d(_LayerNorm2d):
+    """_LayerNorm2d with a second argument, which the construction's probe cannot give."""
+
+    def forward(self, x, residual):
+        return super().forward(x) + residual
+
+
+class _MovedLayerNorm(nn.Module):
+    """The oracle: nn.LayerNorm on dim 1 moved last."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.ln = nn.LayerNorm(c)
+
+    def forward(self, x, residual=0.0):
+        return self.ln(x.movedim(1, -1)).movedim(-1, 1) + residual
+
+
+class _ConvNorm(nn.Module):
+    def __init__(self, conv, norm, *args):
+        super().__init__()
+        self.conv, self.norm, self.args = conv, norm, args
+
+    def forward(self, x):
+        return self.norm(self.conv(x), *self.args).tanh().flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("norm,x_shape,args,layout", [
+    (_LayerNorm1d, (3, 2, 6), (), 1),           # probed on a 4-D map, called on sequences
+    (_ResidualLayerNorm2d, (3, 2, 5, 6), (0.5,), None)])       # not probed: by the shape rule
+def test_channels_first_layernorms_of_other_ranks_or_unprobed(norm, x_shape, args, layout):
+    """NOTE: [channels-first LayerNorm] A subclass probed as normalising dim 1 is read so on
+    (B, C, L) sequences too, and one the probe cannot call (its forward needs another argument)
+    by the shape rule: dim 1 moved last when the trailing dim is not C.  Both gather and train
+    as nn.LayerNorm on dim 1 moved last."""
+    conv = (nn.Conv1d if len(x_shape) == 3 else nn.Conv2d)(2, 4, 3, padding=1)
+    models = [_ConvNorm(copy.deepcopy(conv), n(4), *args).double()
+              for n in (norm, _MovedLayerNorm)]
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(x_shape, generator=g, dtype=torch.float64) for _ in range(2)]
+    runs = []
+    for model in models:
+        opt = AdaFisher(model, lr=1e-2, TCov=1, preset="paper", backend="torch")
+        raws = []
+        for x in batches:
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            raws.append(list(opt.raw_stats().values()))
+            opt.step()
+        runs.append(raws)
+    assert models[0].norm.__dict__.get(layers._LAYOUT) == layout
+    for got, want in zip(*runs):
+        assert len(got) == len(want) == 2
+        for g_, w_ in zip(got, want):
+            for a, b in zip(g_, w_):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("steps_on_cpu", [0, 1])
