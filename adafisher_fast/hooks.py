@@ -322,6 +322,13 @@ def _transformed(compiling: bool, *values) -> bool:
     return False
 
 
+def _result(output):
+    """What a layer's call returns as its result, whose gradient S reads: its output, or the
+    first of a plain tuple or list it returns (a norm that also returns its residual; the
+    RMSNorm probe reads the same, ``layers._rms_form``)."""
+    return output[0] if type(output) in (tuple, list) and output else output
+
+
 def _params(module: torch.nn.Module, names) -> List[torch.Tensor]:
     """``getattr(module, name)`` for each name: a registered parameter straight from
     ``_parameters`` (``Module.__getattr__`` cost 1.4 us a name on every statistics call), anything
@@ -485,7 +492,8 @@ class StatHooks:
             if not (torch.is_grad_enabled() and self.collecting):
                 return
             x, compiling = inputs[0] if inputs else kwargs.get(first), torch.compiler.is_compiling()
-            if _transformed(compiling, x, output):
+            result = _result(output)
+            if _transformed(compiling, x, result):
                 return
             if not compiling and module.__dict__.get("_is_replica"):       # (no __getattr__)
                 raise RuntimeError(_DATA_PARALLEL.format(f"layer '{lay.name}' ran as an "
@@ -495,7 +503,7 @@ class StatHooks:
                     fisher.note_forward()        # NOTE: [forward before zero_grad]
                 if x.device != fisher.buf.device:
                     _follow_eagerly(self, f"layer '{lay.name}' ran on {x.device}")
-                x = lay.kind.h_input(module, x.detach(), output)
+                x = lay.kind.h_input(module, x.detach(), result)
             if not isinstance(x, torch.Tensor):  # a call the kind cannot read: gather nothing
                 if not compiling:                # (while compiling, reading lay would guard on it)
                     lay.unread = True            # NOTE: [silent layers]
@@ -516,10 +524,11 @@ class StatHooks:
             if placed is not None:               # on a submodule's input (composite layers)
                 if recompute:
                     placed.append((which, x))
-            elif isinstance(output, torch.Tensor) and output.requires_grad:
+            elif isinstance(result, torch.Tensor) and result.requires_grad:
                 if compiling:   # NOTE: [grad tap]
-                    return _GradTap.apply(output, self._grad_hook(lay, which, True))
-                _register_grad_hook(output, self._grad_hook(lay, which, False,
+                    tapped = _GradTap.apply(result, self._grad_hook(lay, which, True))
+                    return tapped if result is output else type(output)((tapped, *output[1:]))
+                _register_grad_hook(result, self._grad_hook(lay, which, False,
                                                             [(which, x)] if recompute else None))
 
         return hook

@@ -210,6 +210,26 @@ def test_a_conv_padding_in_its_forward_compiles_with_fullgraph():
     assert counter.frame_count == 1
 
 
+def test_a_layer_returning_a_tuple_compiles_with_fullgraph():
+    """A layer whose call returns a tuple (a norm that also returns its residual) gathers S of
+    the tuple's first output; compiled with fullgraph=True, the grad tap replaces that output in
+    the tuple, and the model trains as eagerly."""
+    from test_layer_kind import _First, _pair_class
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), _First(_pair_class("PairsRMSNorm")(6)),
+                          nn.Linear(6, 3)).double()
+    twin = copy.deepcopy(model)
+    opts = [AdaFisher(m, lr=1e-3, TCov=1, preset="paper", backend="torch") for m in (model, twin)]
+    counter = CompileCounterWithBackend("aot_eager")
+    net = torch.compile(twin, backend=counter, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    _steps_side_by_side([torch.randn(4, 5, generator=g, dtype=torch.float64) for _ in range(3)],
+                        (net, opts[1]), (model, opts[0]))
+    assert opts[0].diagnostics()["1.layer"]["stat_iters"] == 3
+    _assert_same((model, opts[0]), (twin, opts[1]), 1e-12)
+    assert counter.frame_count == 1
+
+
 class _Broken(AllKinds):
     """AllKinds with a graph break between its hooked layers, as most real models have one."""
 

@@ -359,6 +359,51 @@ def test_an_hf_rmsnorm_of_another_form_is_left_factor_free_and_named():
     assert torch.equal(model[1].weight, torch.zeros(6))        # the probe left it alone
 
 
+class _First(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)[0]
+
+
+def _pair_class(name):
+    """An unlisted class (``_unlisted``) whose forward returns (LlamaRMSNorm's, its input), as
+    residual-returning norms do."""
+    def forward(self, x):
+        return LlamaRMSNorm.forward(self, x), x
+    cls = _unlisted(LlamaRMSNorm, "pairs", name)
+    cls.forward = forward
+    return cls
+
+
+def test_an_hf_rmsnorm_returning_a_tuple_is_probed_at_its_first_output():
+    """The probe reads a tuple's first output, and so do the hooks (its second is its input): it
+    trains as nn.RMSNorm.  Its S was never gathered, silently: the output-gradient hook went on
+    tensor outputs only."""
+    eps = 1e-2
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(5, 6), nn.RMSNorm(6, eps=eps), nn.Linear(6, 3))
+    hf = nn.Sequential(nn.Linear(5, 6), _First(_pair_class("PairsRMSNorm")(6, eps=eps)),
+                       nn.Linear(6, 3))
+    hf.load_state_dict({k.replace("1.weight", "1.layer.weight"): v
+                        for k, v in ref.state_dict().items()})
+    _train_both(ref, hf, AdaFisher, torch.float32, 1e-5, preset="paper", TCov=1)
+    torch.testing.assert_close(hf[1].layer.weight, ref[1].weight, rtol=1e-5, atol=1e-6)
+
+
+def test_an_hf_rmsnorm_the_probe_cannot_call_is_left_factor_free_and_named():
+    """A class the name pattern matches whose forward needs another argument cannot be probed:
+    it is not read (its form is unknown), and the construction warning names it."""
+    cls = _unlisted(LlamaRMSNorm, "args", "ArgsRMSNorm")
+    cls.forward = lambda self, x, position_ids: LlamaRMSNorm.forward(self, x)
+    model = nn.Sequential(nn.Linear(5, 6), cls(6), nn.Linear(6, 3))
+    with pytest.warns(UserWarning, match=r"1 \(ArgsRMSNorm\)"):
+        opt = AdaFisher(model, preset="paper", TCov=1)
+    assert [lay.name for lay in opt.fisher.layers] == ["0", "2"]
+
+
 def test_hf_rmsnorms_on_meta_or_subclassed_are_read():
     """The probe calls the class's forward on a CPU probe weight, whatever the module's own is
     (on meta: the large-model initialisation; a DTensor: FSDP2), and a subclass of a listed class
