@@ -21,7 +21,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from .custom_ops import CompileAwareOps, define_op
-from .layers import submodules
+from .layers import call_result, submodules
 from .state import FisherState, Layer
 
 class _GradTap(torch.autograd.Function):
@@ -322,13 +322,6 @@ def _transformed(compiling: bool, *values) -> bool:
     return False
 
 
-def _result(output):
-    """What a layer's call returns as its result, whose gradient S reads: its output, or the
-    first of a plain tuple or list it returns (a norm that also returns its residual; the
-    RMSNorm probe reads the same, ``layers._rms_form``)."""
-    return output[0] if type(output) in (tuple, list) and output else output
-
-
 def _params(module: torch.nn.Module, names) -> List[torch.Tensor]:
     """``getattr(module, name)`` for each name: a registered parameter straight from
     ``_parameters`` (``Module.__getattr__`` cost 1.4 us a name on every statistics call), anything
@@ -492,7 +485,7 @@ class StatHooks:
             if not (torch.is_grad_enabled() and self.collecting):
                 return
             x, compiling = inputs[0] if inputs else kwargs.get(first), torch.compiler.is_compiling()
-            result = _result(output)
+            result = call_result(output)
             if _transformed(compiling, x, result):
                 return
             if not compiling and module.__dict__.get("_is_replica"):       # (no __getattr__)

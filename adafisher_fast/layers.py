@@ -663,6 +663,12 @@ def dtensor_types() -> tuple:
     return () if cls is None else (cls,)
 
 
+def call_result(output):
+    """A layer call's result, whose gradient S reads and which the probes compare: its output,
+    or the first of a plain tuple or list it returns (a norm that also returns its residual)."""
+    return output[0] if type(output) in (tuple, list) and output else output
+
+
 def probe_call(m: nn.Module, x: torch.Tensor):
     """``type(m).forward(m, x)`` eagerly, without hooks or grad (``LayerKind.probe``); None when
     it raises (any failure means only that the probe cannot tell) or when a parameter of m is
@@ -707,7 +713,7 @@ def _own_result(m: nn.Module, x: torch.Tensor, params: Dict[str, torch.Tensor]):
     """``probe_on_cpu``'s result where the layer's own operation ends, where the hooks take S:
     the input of the first submodule its forward calls, unless that is x itself (timm's
     LayerNormAct2d normalises, then calls its drop and act submodules, NOTE: [composite
-    layers]); else its output."""
+    layers]); else its ``call_result``."""
     first = []
     handles = [c.register_forward_pre_hook(lambda mod, args: first.append(args[:1]))
                for c in m.children()]
@@ -717,7 +723,9 @@ def _own_result(m: nn.Module, x: torch.Tensor, params: Dict[str, torch.Tensor]):
         for h in handles:
             h.remove()
     arg = first[0][0] if first and first[0] else None
-    return arg if isinstance(arg, torch.Tensor) and arg is not x and out is not None else out
+    if isinstance(arg, torch.Tensor) and arg is not x and out is not None:
+        return arg
+    return call_result(out)
 
 
 def _try_layout(m: nn.LayerNorm) -> Optional[int]:
@@ -975,8 +983,7 @@ def _rms_form(m: nn.Module) -> Optional[bool]:
     out = probe_on_cpu(m, x, {"weight": probe})
     if out is None:
         return None
-    if isinstance(out, tuple) and out:
-        out = out[0]
+    out = call_result(out)
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         return False
     xhat = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)

@@ -1714,6 +1714,13 @@ class _ResidualLayerNorm2d(_LayerNorm2d):
         return super().forward(x) + residual
 
 
+class _PairLayerNorm2d(_LayerNorm2d):
+    """_LayerNorm2d that also returns its input, as residual-returning norms do."""
+
+    def forward(self, x):
+        return super().forward(x), x
+
+
 class _MovedLayerNorm(nn.Module):
     """The oracle: nn.LayerNorm on dim 1 moved last."""
 
@@ -1731,17 +1738,20 @@ class _ConvNorm(nn.Module):
         self.conv, self.norm, self.args = conv, norm, args
 
     def forward(self, x):
-        return self.norm(self.conv(x), *self.args).tanh().flatten(1).sum(1)
+        h = self.norm(self.conv(x), *self.args)
+        return (h[0] if isinstance(h, tuple) else h).tanh().flatten(1).sum(1)
 
 
 @pytest.mark.parametrize("norm,x_shape,args,layout", [
     (_LayerNorm1d, (3, 2, 6), (), 1),           # probed on a 4-D map, called on sequences
-    (_ResidualLayerNorm2d, (3, 2, 5, 6), (0.5,), None)])       # not probed: by the shape rule
+    (_ResidualLayerNorm2d, (3, 2, 5, 6), (0.5,), None),      # not probed: by the shape rule
+    (_PairLayerNorm2d, (3, 2, 5, 4), (), 1)])       # its first output probed; W = C
 def test_channels_first_layernorms_of_other_ranks_or_unprobed(norm, x_shape, args, layout):
     """NOTE: [channels-first LayerNorm] A subclass probed as normalising dim 1 is read so on
     (B, C, L) sequences too, and one the probe cannot call (its forward needs another argument)
-    by the shape rule: dim 1 moved last when the trailing dim is not C.  Both gather and train
-    as nn.LayerNorm on dim 1 moved last."""
+    by the shape rule: dim 1 moved last when the trailing dim is not C.  One that returns a
+    tuple is probed at its first output, which its hooks read.  All gather and train as
+    nn.LayerNorm on dim 1 moved last."""
     conv = (nn.Conv1d if len(x_shape) == 3 else nn.Conv2d)(2, 4, 3, padding=1)
     models = [_ConvNorm(copy.deepcopy(conv), n(4), *args).double()
               for n in (norm, _MovedLayerNorm)]
