@@ -1209,6 +1209,33 @@ def test_an_empty_first_call_does_not_decide_the_lookup_check():
     assert layers._CHECKED == {_CachedPositions: False}
 
 
+class _ScaledWordsWithCache(_ScaledWords):
+    """_ScaledWords with an argument the construction's probe cannot give."""
+
+    def forward(self, input_ids, cache_length):
+        return super().forward(input_ids)
+
+
+def test_lookups_of_index_zero_are_lookups():
+    """NOTE: [embedding lookups] Index 0 is in range: a table of 4 rows, whose probe indices
+    include 0, and a class checked at a first eager call that looks up 0, are lookups and gather
+    their token frequencies."""
+    layers._PROBED.clear()
+    layers._CHECKED.clear()
+    model = nn.ModuleList([_ScaledWords(4, 3), _ScaledWordsWithCache(13, 3)]).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # the second "could not be tried on probe indices"
+        opt = AdaFisher(model, TCov=1, preset="paper", backend="torch")
+    assert layers._PROBED == {_ScaledWords: True, _ScaledWordsWithCache: None}
+    ids = torch.tensor([[0, 1, 0], [3, 0, 2]])
+    (model[0](ids).sum() + model[1](ids, 0).sin().sum()).backward()
+    assert layers._CHECKED == {_ScaledWordsWithCache: True}
+    for name, rows in (("0", 4), ("1", 13)):
+        torch.testing.assert_close(opt.raw_stats()[name][0],
+                                   torch.bincount(ids.reshape(-1), minlength=rows).double() / 6,
+                                   rtol=1e-12, atol=0)
+
+
 class _SoftTokenTable(nn.Embedding):
     """Ovis2's visual embedding table: integer ids are looked up, soft tokens (probabilities over
     the table) multiply the weight."""
