@@ -58,19 +58,22 @@ def test_norm_stats_overflowing_variance(kernel_ops, dtype):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want[1].item(), equal_nan=True)
 
 
-@pytest.mark.parametrize("mode,groups,center,running", [
-    ("channel", 1, True, False), ("channel", 1, True, True),       # BatchNorm2d
-    ("sample", 1, True, False), ("sample", 3, True, False),        # GroupNorm
-    ("sample", 6, False, False)])
-def test_norm_stats_channels_last_not_copied(kernel_ops, mode, groups, center, running):
+@pytest.mark.parametrize("mode,groups,center,running,c", [
+    ("channel", 1, True, False, 6), ("channel", 1, True, True, 6),       # BatchNorm2d
+    ("sample", 1, True, False, 6), ("sample", 3, True, False, 6),        # GroupNorm
+    ("sample", 6, False, False, 6),
+    # C a multiple of a 16-byte word of float32 (4), runs of C/groups channels one (loaded a
+    # word at a time in csrc) or not (an element at a time: a word would cross into the next run)
+    ("sample", 2, True, False, 8), ("sample", 4, True, False, 8)])
+def test_norm_stats_channels_last_not_copied(kernel_ops, mode, groups, center, running, c):
     """A BatchNorm2d or GroupNorm input in channels_last, viewed (B, C, H*W) as their layer kinds
     do, gives the statistics without a copy (NOTE: [memory order] in fisher_kernels/host.py)."""
     torch.manual_seed(5)
-    x = (torch.randn(3, 6, 5, 4, device=device()) * 2 + 1).to(memory_format=torch.channels_last)
-    x3 = x.reshape(3, 6, -1)
+    x = (torch.randn(3, c, 5, 4, device=device()) * 2 + 1).to(memory_format=torch.channels_last)
+    x3 = x.reshape(3, c, -1)
     assert not x3.is_contiguous() and x3.data_ptr() == x.data_ptr()
-    mv = (torch.randn(6, device=device()), torch.rand(6, device=device()) + 0.1) if running else (None, None)
-    want = torch.zeros(6, device=device())
+    mv = (torch.randn(c, device=device()), torch.rand(c, device=device()) + 0.1) if running else (None, None)
+    want = torch.zeros(c, device=device())
     got = want.clone()
     reference.norm_stats(x3.contiguous(), want, mode, groups, 1e-5, center, *mv)
     assert tensor_copies(lambda: kernel_ops.norm_stats(x3, got, mode, groups, 1e-5, center, *mv)) == []
@@ -239,16 +242,17 @@ def test_norm_stats_long_rows_are_split_into_chunks(kernel_ops, center, layout, 
         assert blocks == [2 * 2 * chunks] and any("sample_combine" in g[0] for g in launched)
 
 
-def test_norm_stats_rows_of_more_chunks_than_a_warp(kernel_ops, emu_launches):
+@pytest.mark.parametrize("length,chunks", [(270000, 33), (10000, 2)])
+def test_norm_stats_rows_of_more_chunks_than_a_warp(kernel_ops, emu_launches, length, chunks):
     """A sample row of 33 chunks (NOTE: [moment chunks]): the CUDA combine takes a warp a row,
-    lane 0 joining chunks 0 and 32.  The chunks' means differ (a ramp along the row), so a chunk
+    lane 0 joining chunks 0 and 32; and one of 2 (the fewest that are joined).  The chunks' means differ (a ramp along the row), so a chunk
     dropped or counted twice moves the mean and the variance.  Against the float64 reference.
     (Triton's combine takes a row's chunks as one vector: a 15 s interpreted run that adds
     nothing to the long-rows test above.)"""
     if backend_name(kernel_ops) != "cuda":
         pytest.skip("the CUDA combine's warp")
     torch.manual_seed(9)
-    x = torch.randn(1, 2, 270000, device=device()) + torch.linspace(-20, 20, 270000, device=device())
+    x = torch.randn(1, 2, length, device=device()) + torch.linspace(-20, 20, length, device=device())
     want = torch.zeros(2, dtype=torch.float64, device=device())
     got = torch.zeros(2, device=device())
     reference.norm_stats(x.double(), want, "sample", 1, 1e-5, True)
@@ -256,12 +260,12 @@ def test_norm_stats_rows_of_more_chunks_than_a_warp(kernel_ops, emu_launches):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
     if emulated("cuda"):
         launched = [gx for name, gx, _ in emu_launches() if "sample_c" in name]
-        assert launched == [33, 1], launched          # a block a chunk; one warp joins them
+        assert launched == [chunks, 1], launched      # a block a chunk; one warp joins them
 
 
 @pytest.mark.parametrize("center", [True, False])
-@pytest.mark.parametrize("shape,groups,warp", [((11, 2, 1024), 1, True),    # 2048: a warp a row
-                                               ((11, 4, 1024), 2, True),    # (11 rows: a part block)
+@pytest.mark.parametrize("shape,groups,warp", [((23, 2, 1024), 1, True),    # 2048: a warp a row
+                                               ((11, 4, 1024), 2, True),    # (23, 22 rows: part blocks)
                                                ((3, 2049, 1), 1, False),    # 2049: a block a row
                                                ((2, 3, 700), 1, False)])
 def test_norm_stats_short_rows_take_a_warp(kernel_ops, shape, groups, warp, center, emu_launches):
